@@ -1,0 +1,743 @@
+# -*- test-case-name: migrate.test.test_state -*-
+"""
+Protocol-state persistence: what a connection's protocol takes with it
+when the connection moves to new code.
+
+Two things travel, gathered in a L{ProtocolState}:
+
+  - the application's own state, for protocols that provide
+    L{IMigratable}: what C{getMigrationState()} returns (plain data) and
+    the C{migrationVersion} of the code that returned it;
+
+  - the input Twisted's own base protocols hold for the protocol and have
+    not delivered yet: a half-received line (C{LineReceiver},
+    C{LineOnlyReceiver}), a half-received frame (the C{IntNStringReceiver}
+    family, C{NetstringReceiver}), or whole messages held back while the
+    protocol was paused.  Every protocol has these, migratable or not, and
+    no application has to save them itself.
+
+On the new side, L{restoreProtocolState} rebuilds a freshly made protocol
+of the new code from a L{ProtocolState}, upgrading the application state
+first when the versions differ; once the connection reads again,
+L{replayBufferedInput} delivers the messages already complete in the
+restored buffers.
+
+Base-protocol buffers are read from (and written to) private attributes of
+Twisted's classes; all of that is in this module, in one small adapter per
+base class (L{_BufferKind}), so that a Twisted upgrade that changes them
+breaks this one place.  Buffers are stored as the raw, unparsed bytes still
+to be parsed (a half netstring is stored as the bytes that were received,
+not as the parser's internal state), so that the new code parses them
+afresh, against its own limits.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+from io import BytesIO
+from typing import Any, Callable, Mapping
+
+from attrs import field, frozen
+from twisted.protocols import basic
+
+from migrate._codec import (
+    MAX_DEPTH,
+    MAX_STATE_BYTES,
+    StateError,
+    decodeState,
+    encodeState,
+)
+from migrate.interfaces import IMigratable
+
+__all__ = [
+    "ProtocolState",
+    "RestoreError",
+    "StateError",
+    "captureProtocolState",
+    "isMigratable",
+    "replayBufferedInput",
+    "restoreProtocolState",
+]
+
+
+class RestoreError(StateError):
+    """
+    A protocol could not be restored from a L{ProtocolState}: the new code
+    refused the state (its C{upgradeMigrationState} or
+    C{restoreMigrationState} raised), or the state does not fit the new
+    protocol class.
+
+    The protocol it was raised for is half restored and must not be used;
+    the connection stays with the old code (or is closed, where there is no
+    old code to go back to).  The original exception, if any, is the
+    C{__cause__}.
+    """
+
+
+def _className(cls: type) -> str:
+    """
+    @param cls: a class.
+
+    @return: its qualified name, module included.
+    """
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _describe(error: BaseException) -> str:
+    """
+    Describe an exception raised by application code for an error message.
+
+    @param error: the exception.
+
+    @return: its C{repr}, shortened to a bounded length; its type's name if
+        its C{repr} itself fails.
+    """
+    try:
+        text = repr(error)
+    except Exception:
+        text = f"{type(error).__qualname__} (whose repr failed)"
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _bytesAttribute(protocol: object, name: str, default: bytes = b"") -> bytes:
+    """
+    Read a buffer attribute of a base protocol, checking its type.
+
+    @param protocol: the protocol.
+    @param name: the attribute's name.
+    @param default: its value when unset (the protocol was never connected).
+
+    @return: the buffer.
+
+    @raise StateError: if it is not C{bytes}.
+    """
+    value = getattr(protocol, name, default)
+    if type(value) is not bytes:
+        raise StateError(
+            f"{_className(type(protocol))}.{name} is "
+            f"{type(value).__qualname__}, not bytes"
+        )
+    return value
+
+
+@frozen
+class _BufferKind:
+    """
+    How to carry the input buffer of one of Twisted's base protocols.
+
+    @ivar name: the key in L{ProtocolState.buffers}.
+    @ivar base: the base class.
+    @ivar fields: the names of the values saved besides C{"buffer"} (the
+        raw bytes still to parse, which every kind saves), with their types.
+    @ivar capture: returns the values to save from a protocol, C{"buffer"}
+        included; raises L{StateError} when the buffer is not consistent.
+    @ivar restore: writes saved values into a freshly made protocol.
+    @ivar pending: returns the bytes a protocol holds unparsed.
+    @ivar initial: for a base class whose parser is set up by
+        C{makeConnection} (which a restored protocol does not go through),
+        the values to restore when the old protocol had no such buffer;
+        L{None} when the class's own defaults do.
+    """
+
+    name: str
+    base: type
+    fields: Mapping[str, type]
+    capture: Callable[[Any], dict[str, Any]]
+    restore: Callable[[Any, Mapping[str, Any]], None]
+    pending: Callable[[Any], bytes]
+    initial: Mapping[str, Any] | None = None
+
+
+def _captureLineReceiver(protocol: basic.LineReceiver) -> dict[str, Any]:
+    """
+    Save a L{basic.LineReceiver}'s buffer and mode.
+
+    @param protocol: the protocol.
+
+    @return: C{{"buffer": bytes, "lineMode": bool}}.
+
+    @raise StateError: if the protocol is inside C{dataReceived}: lines
+        already taken from the buffer would then be lost or delivered twice.
+    """
+    if protocol._busyReceiving:
+        raise StateError(
+            f"{_className(type(protocol))} is inside dataReceived: its "
+            "LineReceiver buffer is not consistent; capture it from outside "
+            "the read path"
+        )
+    return {
+        "buffer": _bytesAttribute(protocol, "_buffer"),
+        "lineMode": bool(protocol.line_mode),
+    }
+
+
+def _restoreLineReceiver(
+    protocol: basic.LineReceiver, saved: Mapping[str, Any]
+) -> None:
+    """
+    Restore a L{basic.LineReceiver}'s buffer and mode.
+
+    @param protocol: the protocol.
+    @param saved: what L{_captureLineReceiver} returned.
+    """
+    protocol._buffer = saved["buffer"]
+    protocol.line_mode = 1 if saved["lineMode"] else 0
+
+
+def _captureLineOnlyReceiver(protocol: basic.LineOnlyReceiver) -> dict[str, Any]:
+    """
+    Save a L{basic.LineOnlyReceiver}'s buffer (it has no busy flag: capture
+    it from outside C{dataReceived}).
+
+    @param protocol: the protocol.
+
+    @return: C{{"buffer": bytes}}.
+    """
+    return {"buffer": _bytesAttribute(protocol, "_buffer")}
+
+
+def _restoreLineOnlyReceiver(
+    protocol: basic.LineOnlyReceiver, saved: Mapping[str, Any]
+) -> None:
+    """
+    Restore a L{basic.LineOnlyReceiver}'s buffer.
+
+    @param protocol: the protocol.
+    @param saved: what L{_captureLineOnlyReceiver} returned.
+    """
+    protocol._buffer = saved["buffer"]
+
+
+def _captureIntNStringReceiver(protocol: basic.IntNStringReceiver) -> dict[str, Any]:
+    """
+    Save the unparsed input of an L{basic.IntNStringReceiver} (C{Int32},
+    C{Int16} or C{Int8StringReceiver}).
+
+    C{_compatibilityOffset} is non-zero only while C{dataReceived} is
+    delivering a string (the strings after it are still to be delivered by
+    the old code), after a length over C{MAX_LENGTH} or after
+    C{stringReceived} raised (the connection is then being dropped): in all
+    these cases the buffer is not consistent.
+
+    @param protocol: the protocol.
+
+    @return: C{{"buffer": bytes}}.
+
+    @raise StateError: if the buffer is not consistent.
+    """
+    offset = getattr(protocol, "_compatibilityOffset", 0)
+    if offset != 0 or "recvd" in getattr(protocol, "__dict__", {}):
+        raise StateError(
+            f"{_className(type(protocol))} is inside dataReceived (or its "
+            "last string failed): its IntNStringReceiver buffer is not "
+            "consistent; capture it from outside the read path"
+        )
+    return {"buffer": _bytesAttribute(protocol, "_unprocessed")}
+
+
+def _restoreIntNStringReceiver(
+    protocol: basic.IntNStringReceiver, saved: Mapping[str, Any]
+) -> None:
+    """
+    Restore the unparsed input of an L{basic.IntNStringReceiver}.
+
+    @param protocol: the protocol.
+    @param saved: what L{_captureIntNStringReceiver} returned.
+    """
+    protocol._unprocessed = saved["buffer"]
+    protocol._compatibilityOffset = 0
+
+
+def _captureNetstringReceiver(protocol: basic.NetstringReceiver) -> dict[str, Any]:
+    """
+    Save the unparsed input of a L{basic.NetstringReceiver}, as the bytes
+    received.
+
+    Its parser keeps a partial netstring in pieces: the length, already
+    parsed, in C{_expectedPayloadSize}; the payload so far in C{_payload};
+    what follows in C{_remainingData}.  They are put back together into
+    the bytes that were received, which the new side parses afresh (there
+    is no busy flag: capture from outside C{dataReceived}).
+
+    @param protocol: the protocol.
+
+    @return: C{{"buffer": bytes}}.
+
+    @raise StateError: if the peer sent an invalid netstring (the
+        connection is being dropped) or the parser's state is not
+        consistent.
+    """
+    name = _className(type(protocol))
+    if getattr(protocol, "brokenPeer", 0):
+        raise StateError(
+            f"{name} received an invalid netstring; its connection is closing"
+        )
+    remaining = _bytesAttribute(protocol, "_remainingData")
+    if (
+        getattr(protocol, "_state", protocol._PARSING_LENGTH)
+        != protocol._PARSING_PAYLOAD
+    ):
+        return {"buffer": remaining}
+    expected = getattr(protocol, "_expectedPayloadSize", None)
+    current = getattr(protocol, "_currentPayloadSize", None)
+    payload = getattr(protocol, "_payload", None)
+    if (
+        type(expected) is not int
+        or type(current) is not int
+        or not isinstance(payload, BytesIO)
+        or not 0 <= current < expected
+    ):
+        raise StateError(f"{name}'s NetstringReceiver state is not consistent")
+    received = payload.getvalue()[:current]
+    if len(received) != current:
+        raise StateError(f"{name}'s NetstringReceiver state is not consistent")
+    # _expectedPayloadSize counts the trailing comma.
+    return {"buffer": b"%d:" % (expected - 1,) + received + remaining}
+
+
+def _restoreNetstringReceiver(
+    protocol: basic.NetstringReceiver, saved: Mapping[str, Any]
+) -> None:
+    """
+    Restore the unparsed input of a L{basic.NetstringReceiver}, and set up
+    its parser as C{makeConnection} does (the restored protocol was not
+    necessarily connected with it).
+
+    @param protocol: the protocol.
+    @param saved: what L{_captureNetstringReceiver} returned.
+    """
+    protocol._remainingData = saved["buffer"]
+    protocol._currentPayloadSize = 0
+    protocol._payload = BytesIO()
+    protocol._state = protocol._PARSING_LENGTH
+    protocol._expectedPayloadSize = 0
+    protocol.brokenPeer = 0
+
+
+_KINDS: tuple[_BufferKind, ...] = (
+    _BufferKind(
+        name="LineReceiver",
+        base=basic.LineReceiver,
+        fields={"lineMode": bool},
+        capture=_captureLineReceiver,
+        restore=_restoreLineReceiver,
+        pending=lambda protocol: protocol._buffer,
+    ),
+    _BufferKind(
+        name="LineOnlyReceiver",
+        base=basic.LineOnlyReceiver,
+        fields={},
+        capture=_captureLineOnlyReceiver,
+        restore=_restoreLineOnlyReceiver,
+        pending=lambda protocol: protocol._buffer,
+    ),
+    _BufferKind(
+        name="IntNStringReceiver",
+        base=basic.IntNStringReceiver,
+        fields={},
+        capture=_captureIntNStringReceiver,
+        restore=_restoreIntNStringReceiver,
+        pending=lambda protocol: protocol._unprocessed,
+    ),
+    _BufferKind(
+        name="NetstringReceiver",
+        base=basic.NetstringReceiver,
+        fields={},
+        capture=_captureNetstringReceiver,
+        restore=_restoreNetstringReceiver,
+        pending=lambda protocol: getattr(protocol, "_remainingData", b""),
+        initial={"buffer": b""},
+    ),
+)
+
+_KINDS_BY_NAME = {kind.name: kind for kind in _KINDS}
+
+_PLAIN_KEYS = frozenset(["className", "migratable", "version", "appState", "buffers"])
+
+
+def _validateBuffers(buffers: object, *, encoded: bool) -> dict[str, dict[str, Any]]:
+    """
+    Check the structure of L{ProtocolState.buffers} (or of its plain form)
+    strictly, running no foreign code.
+
+    @param buffers: the candidate buffers.
+    @param encoded: whether each C{"buffer"} is base64 text (the plain form)
+        rather than C{bytes}.
+
+    @return: a new dict of the buffers, with C{bytes} buffers.
+
+    @raise StateError: if C{buffers} is not exactly a C{dict} from known
+        kind names to C{dict}s of exactly that kind's values, each of the
+        right type.
+    """
+    if type(buffers) is not dict:
+        raise StateError(
+            f"protocol state: buffers must be a dict, not {type(buffers).__qualname__}"
+        )
+    result: dict[str, dict[str, Any]] = {}
+    for name, saved in buffers.items():
+        if type(name) is not str or name not in _KINDS_BY_NAME:
+            raise StateError(
+                f"protocol state: unknown buffer kind {_safeRepr(name)}; "
+                f"known: {', '.join(sorted(_KINDS_BY_NAME))}"
+            )
+        kind = _KINDS_BY_NAME[name]
+        where = f"protocol state: buffers[{name!r}]"
+        if type(saved) is not dict:
+            raise StateError(f"{where} must be a dict, not {type(saved).__qualname__}")
+        expected = {"buffer": bytes, **kind.fields}
+        for key in saved:
+            if type(key) is not str or key not in expected:
+                raise StateError(f"{where}: unexpected key {_safeRepr(key)}")
+        values: dict[str, Any] = {}
+        for key, wanted in expected.items():
+            if key not in saved:
+                raise StateError(f"{where}: missing {key!r}")
+            value = saved[key]
+            if key == "buffer" and encoded:
+                value = _decodeBase64(value, f"{where}[{key!r}]")
+            elif type(value) is not wanted:
+                raise StateError(
+                    f"{where}[{key!r}] must be {wanted.__qualname__}, not "
+                    f"{type(value).__qualname__}"
+                )
+            values[key] = value
+        result[name] = values
+    return result
+
+
+def _safeRepr(value: object) -> str:
+    """
+    Describe a value of unknown type for an error message without running
+    its code.
+
+    @param value: anything.
+
+    @return: a short C{repr} for a C{str}, the type's name otherwise.
+    """
+    if type(value) is str:
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return f"of type {type(value).__qualname__}"
+
+
+def _decodeBase64(value: object, where: str) -> bytes:
+    """
+    Decode base64 text strictly: only the canonical encoding of some bytes
+    is accepted.
+
+    @param value: the candidate text.
+    @param where: where it is, for the error message.
+
+    @return: the bytes.
+
+    @raise StateError: if C{value} is not a C{str} holding canonical base64.
+    """
+    if type(value) is not str:
+        raise StateError(f"{where} must be base64 text, not {type(value).__qualname__}")
+    try:
+        encoded = value.encode("ascii")
+        decoded = base64.b64decode(encoded, validate=True)
+    except (UnicodeEncodeError, binascii.Error) as e:
+        raise StateError(f"{where} is not valid base64: {e}") from e
+    if base64.b64encode(decoded) != encoded:
+        raise StateError(f"{where} is not canonical base64")
+    return decoded
+
+
+@frozen
+class ProtocolState:
+    """
+    What one connection's protocol carries to new code.
+
+    @ivar className: the qualified name of the old protocol's class (for
+        messages and reports; the new class is whatever the new code's
+        factory builds).
+    @ivar migratable: whether the old protocol provided L{IMigratable}.
+    @ivar version: the old code's C{migrationVersion}, or L{None} if not
+        C{migratable}.
+    @ivar appState: the plain data C{getMigrationState()} returned (a
+        normalised copy: tuples became lists), or L{None} if not
+        C{migratable}.
+    @ivar buffers: the input held by Twisted's base protocols: a C{dict}
+        from the name of a base class (C{"LineReceiver"},
+        C{"LineOnlyReceiver"}, C{"IntNStringReceiver"},
+        C{"NetstringReceiver"}) to a C{dict} with the unparsed bytes under
+        C{"buffer"} and, for C{LineReceiver}, the mode under C{"lineMode"}
+        (a C{bool}).
+    """
+
+    className: str
+    migratable: bool
+    version: int | None
+    appState: Any
+    buffers: dict[str, dict[str, Any]] = field(factory=dict)
+
+    def toPlain(self) -> dict[str, Any]:
+        """
+        Convert to plain data, for L{migrate._codec.encodeState}.
+
+        @return: a C{dict} of plain data, in which buffers are base64 text.
+            Its C{"appState"} is this object's, not a copy.
+        """
+        return {
+            "className": self.className,
+            "migratable": self.migratable,
+            "version": self.version,
+            "appState": self.appState,
+            "buffers": {
+                name: {
+                    key: (
+                        base64.b64encode(value).decode("ascii")
+                        if key == "buffer"
+                        else value
+                    )
+                    for key, value in saved.items()
+                }
+                for name, saved in self.buffers.items()
+            },
+        }
+
+    @classmethod
+    def fromPlain(cls, data: object) -> ProtocolState:
+        """
+        Convert back what L{toPlain} returned, validating it strictly: it
+        comes from another process and may be corrupt or hostile.
+
+        @param data: the plain form, as decoded by
+            L{migrate._codec.decodeState}.
+
+        @return: the state.
+
+        @raise StateError: if C{data} is not exactly the plain form of a
+            L{ProtocolState}; never any other exception.
+        """
+        if type(data) is not dict:
+            raise StateError(
+                f"protocol state must be a dict, not {type(data).__qualname__}"
+            )
+        for key in data:
+            if type(key) is not str or key not in _PLAIN_KEYS:
+                raise StateError(f"protocol state: unexpected key {_safeRepr(key)}")
+        missing = _PLAIN_KEYS.difference(data)
+        if missing:
+            raise StateError(f"protocol state: missing {', '.join(sorted(missing))}")
+        className = data["className"]
+        migratable = data["migratable"]
+        version = data["version"]
+        appState = data["appState"]
+        if type(className) is not str:
+            raise StateError("protocol state: className must be a str")
+        if type(migratable) is not bool:
+            raise StateError("protocol state: migratable must be a bool")
+        if migratable:
+            if type(version) is not int:
+                raise StateError(
+                    "protocol state: version of migratable state must be an int"
+                )
+            try:
+                appState = _normalise(appState)
+            except StateError as e:
+                raise StateError(f"protocol state: appState: {e}") from e
+        elif version is not None or appState is not None:
+            raise StateError(
+                "protocol state: version and appState must be None when not migratable"
+            )
+        buffers = _validateBuffers(data["buffers"], encoded=True)
+        return cls(className, migratable, version, appState, buffers)
+
+
+def _normalise(appState: object) -> Any:
+    """
+    Check that application state is plain data within the codec's limits,
+    and make a normalised copy of it.
+
+    The depth allowed is one less than the codec's, as the application
+    state sits inside the plain form of a L{ProtocolState}.
+
+    @param appState: the candidate state.
+
+    @return: a copy, with lists for tuples, sharing nothing with C{appState}.
+
+    @raise StateError: naming the offending place.
+    """
+    return decodeState(
+        encodeState(appState, maxBytes=MAX_STATE_BYTES, maxDepth=MAX_DEPTH - 1),
+        maxBytes=MAX_STATE_BYTES,
+        maxDepth=MAX_DEPTH - 1,
+    )
+
+
+def isMigratable(protocol: object) -> bool:
+    """
+    @param protocol: a protocol.
+
+    @return: whether it provides L{IMigratable} (declares it; its
+        C{migrationVersion} is checked when it is used).
+    """
+    return IMigratable.providedBy(protocol)
+
+
+def captureProtocolState(protocol: object) -> ProtocolState:
+    """
+    Take what a protocol carries to new code.
+
+    Call it on a frozen connection (no bytes are read meanwhile) and from
+    outside the protocol's C{dataReceived}: the base protocols' buffers are
+    only consistent between two reads.
+
+    @param protocol: the protocol of the connection that moves.
+
+    @return: its state: for an L{IMigratable} protocol, its application
+        state (a normalised copy) and version; for every protocol, the
+        input buffers of the Twisted base protocols it inherits from.
+
+    @raise StateError: if the application state is not plain data or is
+        beyond the codec's limits (the message names the offending place),
+        if C{getMigrationState} raised (the original exception is the
+        C{__cause__}), if C{migrationVersion} is not an C{int}, or if a
+        base protocol is in the middle of parsing.
+    """
+    cls = type(protocol)
+    name = _className(cls)
+    migratable = isMigratable(protocol)
+    version: int | None = None
+    appState: Any = None
+    if migratable:
+        app: Any = protocol
+        version = getattr(app, "migrationVersion", None)
+        if type(version) is not int:
+            raise StateError(
+                f"{name}.migrationVersion must be an int, not "
+                f"{type(version).__qualname__}"
+            )
+        try:
+            raw = app.getMigrationState()
+        except Exception as e:
+            raise StateError(
+                f"{name}.getMigrationState() failed: {_describe(e)}"
+            ) from e
+        try:
+            appState = _normalise(raw)
+        except StateError as e:
+            raise StateError(f"{name}.getMigrationState() returned {e}") from e
+    buffers: dict[str, dict[str, Any]] = {}
+    for kind in _KINDS:
+        if isinstance(protocol, kind.base):
+            buffers[kind.name] = kind.capture(protocol)
+    return ProtocolState(name, migratable, version, appState, buffers)
+
+
+def restoreProtocolState(protocol: object, state: ProtocolState) -> None:
+    """
+    Rebuild a freshly made protocol of the new code from a state taken from
+    the old code, in place of C{connectionMade}.
+
+    The caller has set C{protocol.transport} and C{protocol.factory}.  In
+    order: if C{state} is migratable and its version differs from the new
+    class's C{migrationVersion}, C{upgradeMigrationState(state.version,
+    appState)} is called once (going through intermediate versions is the
+    application's business); the base protocols' buffers are restored into
+    whichever of those base classes the new protocol has (a
+    C{NetstringReceiver}'s parser is set up even when there is nothing to
+    restore, as C{makeConnection} would); then
+    C{restoreMigrationState(appState)} is called (it may look at, or change,
+    the restored buffers and mode).  For state that is not migratable only
+    the buffers are restored: nothing else is called, and whether the
+    connection is welcome is the caller's decision.
+
+    No bytes are parsed here: once the connection reads again, call
+    L{replayBufferedInput}.
+
+    @param protocol: the new protocol, not connected with
+        C{makeConnection}.
+    @param state: the old protocol's state.
+
+    @raise RestoreError: if the new code refused the state (the original
+        exception is the C{__cause__}), if migratable state meets a class
+        that does not provide L{IMigratable} or has no C{int}
+        C{migrationVersion}, or if buffered input would be lost because the
+        new class no longer inherits from the base class that held it.
+        C{protocol} must then not be used.
+    """
+    name = _className(type(protocol))
+    try:
+        buffers = _validateBuffers(state.buffers, encoded=False)
+    except StateError as e:
+        raise RestoreError(f"cannot restore {name}: {e}") from e
+    kinds: list[tuple[_BufferKind, Mapping[str, Any]]] = []
+    for kind in _KINDS:
+        if isinstance(protocol, kind.base):
+            if kind.name in buffers:
+                kinds.append((kind, buffers[kind.name]))
+            elif kind.initial is not None:
+                kinds.append((kind, kind.initial))
+    for kindName, saved in buffers.items():
+        kind = _KINDS_BY_NAME[kindName]
+        if not isinstance(protocol, kind.base) and saved["buffer"]:
+            raise RestoreError(
+                f"cannot restore {name}: it is not a {kind.name}, and the "
+                f"{len(saved['buffer'])} bytes {state.className} had buffered "
+                "as one would be lost"
+            )
+
+    appState: Any = None
+    if state.migratable:
+        if not isMigratable(protocol):
+            raise RestoreError(
+                f"cannot restore {name}: it does not provide IMigratable, and "
+                f"{state.className} left application state"
+            )
+        app: Any = protocol
+        newVersion = getattr(app, "migrationVersion", None)
+        if type(newVersion) is not int:
+            raise RestoreError(
+                f"cannot restore {name}: its migrationVersion must be an int, "
+                f"not {type(newVersion).__qualname__}"
+            )
+        # The application may change what it is given; the state stays as
+        # it was taken.
+        appState = copy.deepcopy(state.appState)
+        if state.version != newVersion:
+            try:
+                appState = app.upgradeMigrationState(state.version, appState)
+            except Exception as e:
+                raise RestoreError(
+                    f"{name}.upgradeMigrationState() refused state version "
+                    f"{state.version} (this code reads version {newVersion}): "
+                    f"{_describe(e)}"
+                ) from e
+
+    for kind, values in kinds:
+        kind.restore(protocol, values)
+
+    if state.migratable:
+        try:
+            app.restoreMigrationState(appState)
+        except Exception as e:
+            raise RestoreError(
+                f"{name}.restoreMigrationState() failed: {_describe(e)}"
+            ) from e
+
+
+def replayBufferedInput(protocol: object) -> None:
+    """
+    Deliver the messages already complete in a restored protocol's buffers.
+
+    Call it once the connection reads again (bytes that arrive later are
+    parsed after these).  The base class's own C{dataReceived} is called
+    with no new bytes, not the protocol's override: buffered bytes already
+    went through any override when they were received.  A paused protocol
+    keeps its messages until it resumes, as Twisted's base protocols do.
+    Nothing happens when the buffers are empty.
+
+    Exceptions raised by the application's message handlers propagate, as
+    they would from C{dataReceived}.
+
+    @param protocol: a protocol restored by L{restoreProtocolState}.
+    """
+    for kind in _KINDS:
+        if isinstance(protocol, kind.base) and kind.pending(protocol):
+            kind.base.dataReceived(protocol, b"")  # type: ignore[attr-defined]

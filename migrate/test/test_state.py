@@ -1,0 +1,1283 @@
+"""
+Tests for L{migrate.state}, protocol-state persistence.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, ClassVar
+
+import attrs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.protocols import basic
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from migrate._codec import MAX_DEPTH, StateError, decodeState, encodeState
+from migrate.interfaces import IMigratable
+from migrate.state import (
+    ProtocolState,
+    RestoreError,
+    captureProtocolState,
+    isMigratable,
+    replayBufferedInput,
+    restoreProtocolState,
+)
+from migrate.test.test_codec import _depth, _nested, plainData
+
+_EXAMPLES = settings(max_examples=200, deadline=None)
+
+
+# Protocols built on each of Twisted's base protocols, recording what they
+# receive.
+
+
+class Lines(basic.LineReceiver):
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.raw: list[bytes] = []
+
+    def lineReceived(self, line: bytes) -> None:
+        self.received.append(line)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        self.raw.append(data)
+
+
+class OnlyLines(basic.LineOnlyReceiver):
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+
+    def lineReceived(self, line: bytes) -> None:
+        self.received.append(line)
+
+
+class _Strings:
+    received: list[bytes]
+    pauseAfter: int | None = None
+
+    def stringReceived(self, string: bytes) -> None:
+        self.received.append(string)
+        if len(self.received) == self.pauseAfter:
+            self.pauseProducing()  # type: ignore[attr-defined]
+
+
+class Strings32(_Strings, basic.Int32StringReceiver):
+    def __init__(self) -> None:
+        self.received = []
+
+
+class Strings16(_Strings, basic.Int16StringReceiver):
+    def __init__(self) -> None:
+        self.received = []
+
+
+class Strings8(_Strings, basic.Int8StringReceiver):
+    def __init__(self) -> None:
+        self.received = []
+
+
+class Netstrings(basic.NetstringReceiver):
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+
+    def stringReceived(self, string: bytes) -> None:
+        self.received.append(string)
+
+
+def connected(cls: type[Protocol]) -> Any:
+    """
+    @return: a protocol of class C{cls}, connected to a L{StringTransport}
+        as the reactor would connect it (the old side).
+    """
+    protocol = cls()
+    protocol.makeConnection(StringTransport())
+    return protocol
+
+
+def fresh(cls: type[Protocol]) -> Any:
+    """
+    @return: a protocol of class C{cls} as a strategy makes it on the new
+        side: transport and factory set, C{makeConnection} not called.
+    """
+    protocol = cls()
+    protocol.factory = Factory()
+    protocol.transport = StringTransport()
+    return protocol
+
+
+def transfer(state: ProtocolState) -> ProtocolState:
+    """
+    @return: C{state} after a trip through the plain form and the codec, as
+        between two processes.
+    """
+    return ProtocolState.fromPlain(decodeState(encodeState(state.toPlain())))
+
+
+def move(old: Protocol, newClass: type[Protocol]) -> Any:
+    """
+    Carry C{old}'s state to a new protocol of class C{newClass}, restore
+    it and replay its buffered input.
+
+    @return: the new protocol.
+    """
+    state = transfer(captureProtocolState(old))
+    new = fresh(newClass)
+    restoreProtocolState(new, state)
+    replayBufferedInput(new)
+    return new
+
+
+class _BaseProtocolTestsMixin:
+    """
+    Tests for carrying one base protocol's buffer.
+
+    @cvar protocolClass: a protocol class recording what it receives in
+        C{received}.
+    @cvar kind: the key of its buffer in L{ProtocolState.buffers}.
+    """
+
+    protocolClass: ClassVar[type[Protocol]]
+    kind: ClassVar[str]
+
+    def frame(self, message: bytes) -> bytes:
+        """
+        @return: C{message} as the protocol receives it.
+        """
+        raise NotImplementedError()
+
+    def test_halfMessageCompletes(self: Any) -> None:
+        """
+        A message received in part by the old protocol is completed by the
+        new one, wherever it was cut: exactly one message is delivered, by
+        the new side.
+        """
+        data = self.frame(b"hello")
+        for cut in range(1, len(data)):
+            old = connected(self.protocolClass)
+            old.dataReceived(data[:cut])
+            new = move(old, self.protocolClass)
+            self.assertEqual(new.received, [])
+            new.dataReceived(data[cut:])
+            self.assertEqual((old.received, new.received), ([], [b"hello"]))
+
+    def test_completeThenHalf(self: Any) -> None:
+        """
+        Messages completed on the old side stay there; the half one after
+        them completes on the new side.
+        """
+        first, second = self.frame(b"one"), self.frame(b"two")
+        old = connected(self.protocolClass)
+        old.dataReceived(first + second[:2])
+        new = move(old, self.protocolClass)
+        new.dataReceived(second[2:] + self.frame(b"three"))
+        self.assertEqual(old.received, [b"one"])
+        self.assertEqual(new.received, [b"two", b"three"])
+
+    def test_bufferCaptured(self: Any) -> None:
+        """
+        The buffer is captured under the base class's name, as the bytes
+        still to parse.
+        """
+        data = self.frame(b"hello")[:3]
+        old = connected(self.protocolClass)
+        old.dataReceived(data)
+        state = captureProtocolState(old)
+        self.assertEqual(list(state.buffers), [self.kind])
+        self.assertEqual(state.buffers[self.kind]["buffer"], data)
+        self.assertFalse(state.migratable)
+        self.assertIsNone(state.version)
+        self.assertIsNone(state.appState)
+
+    def test_emptyBuffer(self: Any) -> None:
+        """
+        A protocol with nothing buffered, connected or not, has an empty
+        buffer; the new side works from there.
+        """
+        for old in [connected(self.protocolClass), self.protocolClass()]:
+            state = captureProtocolState(old)
+            self.assertEqual(state.buffers[self.kind]["buffer"], b"")
+            new = move(old, self.protocolClass)
+            new.dataReceived(self.frame(b"hi"))
+            self.assertEqual(new.received, [b"hi"])
+
+    def test_completeMessagesReplayed(self: Any) -> None:
+        """
+        Complete messages sitting in a restored buffer are delivered by
+        L{replayBufferedInput}, and only by it.
+        """
+        data = self.frame(b"a") + self.frame(b"b") + self.frame(b"cc")[:2]
+        state = ProtocolState("Old", False, None, None, {self.kind: self.saved(data)})
+        new = fresh(self.protocolClass)
+        restoreProtocolState(new, transfer(state))
+        self.assertEqual(new.received, [])
+        replayBufferedInput(new)
+        self.assertEqual(new.received, [b"a", b"b"])
+        replayBufferedInput(new)
+        self.assertEqual(new.received, [b"a", b"b"])
+        new.dataReceived(self.frame(b"cc")[2:])
+        self.assertEqual(new.received, [b"a", b"b", b"cc"])
+
+    def saved(self, data: bytes) -> dict[str, Any]:
+        """
+        @return: the saved buffer values holding C{data}.
+        """
+        return {"buffer": data}
+
+    def test_replayEmptyDoesNothing(self: Any) -> None:
+        """
+        With nothing buffered, L{replayBufferedInput} does not call the
+        parser at all.
+        """
+        calls = []
+        for base in type.mro(self.protocolClass):
+            if base.__module__ == basic.__name__ and "dataReceived" in vars(base):
+                self.patch(
+                    base, "dataReceived", lambda protocol, data: calls.append(data)
+                )
+        old = connected(self.protocolClass)
+        old.dataReceived(self.frame(b"x"))
+        self.assertEqual(calls, [self.frame(b"x")])
+        del calls[:]
+        new = move(old, self.protocolClass)
+        replayBufferedInput(new)
+        self.assertEqual(calls, [])
+
+    def test_homelessBytesRefused(self: Any) -> None:
+        """
+        Restoring buffered bytes into a class that no longer inherits from
+        the base protocol that held them is refused (they would be lost);
+        an empty buffer is simply dropped.
+        """
+        old = connected(self.protocolClass)
+        old.dataReceived(self.frame(b"hello")[:2])
+        state = captureProtocolState(old)
+        error = self.assertRaises(
+            RestoreError, restoreProtocolState, fresh(Protocol), state
+        )
+        self.assertIn("twisted.internet.protocol.Protocol", str(error))
+        self.assertIn(f"not a {self.kind}", str(error))
+        self.assertIn("2 bytes", str(error))
+        empty = captureProtocolState(connected(self.protocolClass))
+        restoreProtocolState(fresh(Protocol), empty)
+
+    def test_notBytesRefused(self: Any) -> None:
+        """
+        A buffer that is not C{bytes} (an application wrote to it) is
+        refused at capture.
+        """
+        old = connected(self.protocolClass)
+        for name in ["_buffer", "_unprocessed", "_remainingData"]:
+            if hasattr(old, name):
+                setattr(old, name, "text")
+        error = self.assertRaises(StateError, captureProtocolState, old)
+        self.assertIn("str, not bytes", str(error))
+
+
+class LineReceiverTests(_BaseProtocolTestsMixin, SynchronousTestCase):
+    """
+    Carrying a L{basic.LineReceiver}'s buffer and mode.
+    """
+
+    protocolClass = Lines
+    kind = "LineReceiver"
+
+    def frame(self, message: bytes) -> bytes:
+        return message + b"\r\n"
+
+    def saved(self, data: bytes) -> dict[str, Any]:
+        return {"buffer": data, "lineMode": True}
+
+    def test_captureWhileBusyRefused(self) -> None:
+        """
+        Capturing a L{basic.LineReceiver} from inside its C{dataReceived}
+        raises L{StateError}: its buffer is not consistent then.
+        """
+        errors = []
+
+        class Capturing(Lines):
+            def lineReceived(self, line: bytes) -> None:
+                errors.append(self.capture())
+
+            def capture(self) -> Exception | None:
+                try:
+                    captureProtocolState(self)
+                except StateError as e:
+                    return e
+                return None
+
+        protocol = connected(Capturing)
+        protocol.dataReceived(b"a\r\nb")
+        self.assertEqual(len(errors), 1)
+        self.assertIsInstance(errors[0], StateError)
+        self.assertIn("inside dataReceived", str(errors[0]))
+        self.assertIn("Capturing", str(errors[0]))
+        self.assertIsInstance(protocol.capture(), type(None))
+
+    def test_modeCaptured(self) -> None:
+        """
+        The mode is captured as a C{bool}.
+        """
+        old = connected(Lines)
+        self.assertEqual(
+            captureProtocolState(old).buffers["LineReceiver"]["lineMode"], True
+        )
+        old.setRawMode()
+        self.assertEqual(
+            captureProtocolState(old).buffers["LineReceiver"]["lineMode"], False
+        )
+
+    def test_rawModeCarried(self) -> None:
+        """
+        A protocol in raw mode is still in raw mode on the new side.
+        """
+        old = connected(Lines)
+        old.setRawMode()
+        new = move(old, Lines)
+        self.assertEqual(new.line_mode, 0)
+        new.dataReceived(b"raw\r\n")
+        self.assertEqual((new.raw, new.received), ([b"raw\r\n"], []))
+
+    def test_lineModeCarried(self) -> None:
+        """
+        Line mode is restored as line mode even onto a class whose default
+        is raw mode.
+        """
+
+        class RawByDefault(Lines):
+            line_mode = 0
+
+        new = move(connected(Lines), RawByDefault)
+        self.assertEqual(new.line_mode, 1)
+        new.dataReceived(b"x\r\n")
+        self.assertEqual(new.received, [b"x"])
+
+    def test_pausedLinesReplayed(self) -> None:
+        """
+        Lines held back while the old protocol was paused are delivered
+        by the new one on replay.
+        """
+        old = connected(Lines)
+        old.pauseProducing()
+        old.dataReceived(b"a\r\nb\r\nc")
+        self.assertEqual(old.received, [])
+        new = move(old, Lines)
+        self.assertEqual(new.received, [b"a", b"b"])
+        new.dataReceived(b"\r\n")
+        self.assertEqual(new.received, [b"a", b"b", b"c"])
+
+    def test_pausedRawDataReplayed(self) -> None:
+        """
+        Raw data held back while paused is delivered on replay.
+        """
+        old = connected(Lines)
+        old.setRawMode()
+        old.pauseProducing()
+        old.dataReceived(b"abc")
+        new = move(old, Lines)
+        self.assertEqual(new.raw, [b"abc"])
+
+    def test_replayRespectsPause(self) -> None:
+        """
+        A protocol that paused itself while being restored keeps its lines
+        until it resumes.
+        """
+
+        @implementer(IMigratable)
+        class PausingLines(Lines):
+            migrationVersion = 1
+
+            def getMigrationState(self) -> Any:
+                return None
+
+            def restoreMigrationState(self, state: Any) -> None:
+                self.pauseProducing()
+
+            def upgradeMigrationState(self, fromVersion: int, state: Any) -> Any:
+                return state
+
+        old = connected(PausingLines)
+        old.pauseProducing()
+        old.dataReceived(b"a\r\n")
+        new = move(old, PausingLines)
+        self.assertEqual(new.received, [])
+        new.resumeProducing()
+        self.assertEqual(new.received, [b"a"])
+
+    def test_replayBypassesOverride(self) -> None:
+        """
+        Buffered bytes already went through the protocol's own
+        C{dataReceived}: replay does not pass them through it again.
+        """
+        seen = []
+
+        class Counting(Lines):
+            def dataReceived(self, data: bytes) -> None:
+                seen.append(data)
+                super().dataReceived(data)
+
+        old = connected(Counting)
+        old.pauseProducing()
+        old.dataReceived(b"a\r\n")
+        new = move(old, Counting)
+        self.assertEqual(new.received, [b"a"])
+        self.assertEqual(seen, [b"a\r\n"])
+
+    def test_newLimitsApply(self) -> None:
+        """
+        The restored buffer is parsed against the new code's limits.
+        """
+
+        class Short(Lines):
+            MAX_LENGTH = 4
+
+        old = connected(Lines)
+        old.pauseProducing()
+        old.dataReceived(b"much too long\r\n")
+        new = move(old, Short)
+        self.assertEqual(new.received, [])
+        self.assertTrue(new.transport.disconnecting)
+
+
+class LineOnlyReceiverTests(_BaseProtocolTestsMixin, SynchronousTestCase):
+    """
+    Carrying a L{basic.LineOnlyReceiver}'s buffer.
+    """
+
+    protocolClass = OnlyLines
+    kind = "LineOnlyReceiver"
+
+    def frame(self, message: bytes) -> bytes:
+        return message + b"\r\n"
+
+
+class _IntNStringReceiverTestsMixin(_BaseProtocolTestsMixin):
+    """
+    Carrying an L{basic.IntNStringReceiver}'s buffer.
+    """
+
+    kind = "IntNStringReceiver"
+    structFormat: ClassVar[str]
+
+    def frame(self, message: bytes) -> bytes:
+        return struct.pack(self.structFormat, len(message)) + message
+
+    def test_captureWhileDeliveringRefused(self: Any) -> None:
+        """
+        Capturing from inside C{stringReceived} raises L{StateError}: the
+        strings after it are still to be delivered by the old code.
+        """
+        errors = []
+
+        class Capturing(self.protocolClass):
+            def stringReceived(self, string: bytes) -> None:
+                try:
+                    captureProtocolState(self)
+                except StateError as e:
+                    errors.append(e)
+
+        protocol = connected(Capturing)
+        protocol.dataReceived(self.frame(b"a") + self.frame(b"b")[:1])
+        self.assertEqual(len(errors), 1)
+        self.assertIn("inside dataReceived", str(errors[0]))
+        captureProtocolState(protocol)
+
+    def test_pausedStringsReplayed(self: Any) -> None:
+        """
+        Strings held back by a pause are delivered by the new side.
+        """
+        old = connected(self.protocolClass)
+        old.pauseAfter = 1
+        old.dataReceived(self.frame(b"a") + self.frame(b"b") + self.frame(b"c"))
+        self.assertEqual(old.received, [b"a"])
+        new = move(old, self.protocolClass)
+        self.assertEqual(new.received, [b"b", b"c"])
+
+
+class Int32StringReceiverTests(_IntNStringReceiverTestsMixin, SynchronousTestCase):
+    protocolClass = Strings32
+    structFormat = "!I"
+
+
+class Int16StringReceiverTests(_IntNStringReceiverTestsMixin, SynchronousTestCase):
+    protocolClass = Strings16
+    structFormat = "!H"
+
+
+class Int8StringReceiverTests(_IntNStringReceiverTestsMixin, SynchronousTestCase):
+    protocolClass = Strings8
+    structFormat = "!B"
+
+
+class NetstringReceiverTests(_BaseProtocolTestsMixin, SynchronousTestCase):
+    """
+    Carrying a L{basic.NetstringReceiver}'s partial netstring.
+    """
+
+    protocolClass = Netstrings
+    kind = "NetstringReceiver"
+
+    def frame(self, message: bytes) -> bytes:
+        return b"%d:%s," % (len(message), message)
+
+    def test_payloadPhaseCapturedAsReceived(self) -> None:
+        """
+        A netstring whose length is parsed and whose payload is in part
+        received is captured as the bytes received.
+        """
+        old = connected(Netstrings)
+        old.dataReceived(b"11:hello")
+        old.dataReceived(b" wo")
+        self.assertEqual(old._state, old._PARSING_PAYLOAD)
+        state = captureProtocolState(old)
+        self.assertEqual(state.buffers[self.kind]["buffer"], b"11:hello wo")
+
+    def test_lastPayloadNotCaptured(self) -> None:
+        """
+        The payload of the last complete netstring, still in the parser,
+        is not captured.
+        """
+        old = connected(Netstrings)
+        old.dataReceived(b"5:hello,2")
+        self.assertEqual(captureProtocolState(old).buffers[self.kind]["buffer"], b"2")
+
+    def test_restoreIntoConnected(self) -> None:
+        """
+        A new protocol that did go through C{makeConnection} is restored
+        too.
+        """
+        old = connected(Netstrings)
+        old.dataReceived(b"5:he")
+        new = connected(Netstrings)
+        new.dataReceived(b"3:ab")
+        restoreProtocolState(new, transfer(captureProtocolState(old)))
+        new.dataReceived(b"llo,")
+        self.assertEqual(new.received, [b"hello"])
+
+    def test_parserSetUpWithoutOldBuffer(self) -> None:
+        """
+        A new netstring protocol restored from a protocol that was not one
+        has a working parser although C{makeConnection} was not called.
+        """
+        new = move(connected(Lines), Netstrings)
+        new.dataReceived(b"2:ok,")
+        self.assertEqual(new.received, [b"ok"])
+
+    def test_brokenPeerRefused(self) -> None:
+        """
+        A protocol that received an invalid netstring (its connection is
+        being dropped) is refused.
+        """
+        old = connected(Netstrings)
+        old.dataReceived(b"x:")
+        self.assertTrue(old.brokenPeer)
+        error = self.assertRaises(StateError, captureProtocolState, old)
+        self.assertIn("invalid netstring", str(error))
+
+    def test_inconsistentParserRefused(self) -> None:
+        """
+        A parser state that does not hang together is refused.
+        """
+        old = connected(Netstrings)
+        old.dataReceived(b"5:he")
+        old._currentPayloadSize = 9
+        self.assertRaises(StateError, captureProtocolState, old)
+        old._currentPayloadSize = 2
+        old._payload = None
+        self.assertRaises(StateError, captureProtocolState, old)
+
+    def test_newLimitsApply(self) -> None:
+        """
+        The restored bytes are parsed against the new code's limits.
+        """
+
+        class Short(Netstrings):
+            MAX_LENGTH = 5
+
+        old = connected(Netstrings)
+        old.dataReceived(b"10:abc")
+        new = move(old, Short)
+        self.assertTrue(new.brokenPeer)
+        self.assertTrue(new.transport.disconnecting)
+
+
+# Migratable protocols: version 1 and version 2 of a small chat.
+
+
+@implementer(IMigratable)
+class ChatV1(basic.LineReceiver):
+    migrationVersion = 1
+
+    def __init__(self) -> None:
+        self.nick = "guest"
+        self.rooms: Any = ["lobby"]
+        self.received: list[bytes] = []
+        self.calls: list[tuple[Any, ...]] = []
+
+    def lineReceived(self, line: bytes) -> None:
+        self.received.append(line)
+
+    def getMigrationState(self) -> Any:
+        return {"nick": self.nick, "rooms": self.rooms}
+
+    def restoreMigrationState(self, state: Any) -> None:
+        self.calls.append(("restore", state, self._buffer))
+        self.nick = state["nick"]
+        self.rooms = state["rooms"]
+
+    def upgradeMigrationState(self, fromVersion: int, state: Any) -> Any:
+        self.calls.append(("upgrade", fromVersion, state))
+        return state
+
+
+@implementer(IMigratable)
+class ChatV2(ChatV1):
+    migrationVersion = 2
+
+    def restoreMigrationState(self, state: Any) -> None:
+        self.calls.append(("restore", state, self._buffer))
+        self.nick = state["name"]
+        self.rooms = state["rooms"]
+
+    def upgradeMigrationState(self, fromVersion: int, state: Any) -> Any:
+        self.calls.append(("upgrade", fromVersion, state, self._buffer))
+        if fromVersion != 1:
+            raise ValueError(f"cannot read version {fromVersion}")
+        return {"name": state["nick"], "rooms": state["rooms"]}
+
+
+class NotMigratable(Lines):
+    """
+    Has the methods, but does not declare L{IMigratable}.
+    """
+
+    migrationVersion = 1
+    calls: list[str] = []
+
+    def getMigrationState(self) -> Any:
+        self.calls.append("get")
+        return {}
+
+    def restoreMigrationState(self, state: Any) -> None:
+        self.calls.append("restore")
+
+    def upgradeMigrationState(self, fromVersion: int, state: Any) -> Any:
+        self.calls.append("upgrade")
+        return state
+
+
+class MigratableTests(SynchronousTestCase):
+    """
+    Capturing and restoring the state of L{IMigratable} protocols.
+    """
+
+    def test_interface(self) -> None:
+        """
+        The test protocols provide L{IMigratable} faithfully.
+        """
+        verifyObject(IMigratable, ChatV1())
+        verifyObject(IMigratable, ChatV2())
+
+    def test_isMigratable(self) -> None:
+        """
+        L{isMigratable} is whether L{IMigratable} is provided, not whether
+        the methods exist.
+        """
+        self.assertTrue(isMigratable(ChatV1()))
+        self.assertFalse(isMigratable(NotMigratable()))
+        self.assertFalse(isMigratable(Protocol()))
+        self.assertFalse(isMigratable(None))
+
+    def test_capture(self) -> None:
+        """
+        The application state and version are captured with the buffers
+        and the class name.
+        """
+        old = connected(ChatV1)
+        old.nick = "alice"
+        old.dataReceived(b"hal")
+        state = captureProtocolState(old)
+        self.assertEqual(
+            state,
+            ProtocolState(
+                className=f"{__name__}.ChatV1",
+                migratable=True,
+                version=1,
+                appState={"nick": "alice", "rooms": ["lobby"]},
+                buffers={"LineReceiver": {"buffer": b"hal", "lineMode": True}},
+            ),
+        )
+
+    def test_captureCopies(self) -> None:
+        """
+        The captured state is a normalised copy: tuples become lists, and
+        what the application changes later does not change it.
+        """
+        old = connected(ChatV1)
+        old.rooms = ("lobby", ["x"])
+        state = captureProtocolState(old)
+        old.rooms[1].append("y")
+        self.assertEqual(state.appState["rooms"], ["lobby", ["x"]])
+
+    def test_captureNotPlainRefused(self) -> None:
+        """
+        Application state that is not plain data is refused with the class
+        and the path named.
+        """
+        old = connected(ChatV1)
+        old.rooms = ["a", "b", "c", {"d"}]
+        error = self.assertRaises(StateError, captureProtocolState, old)
+        self.assertIn(f"{__name__}.ChatV1.getMigrationState() returned", str(error))
+        self.assertIn("state['rooms'][3]: set is not plain data", str(error))
+
+    def test_captureDepthLeavesRoomForWrapper(self) -> None:
+        """
+        Application state may nest one level less than the codec allows, so
+        that the whole L{ProtocolState} encodes within the default limits.
+        """
+        old = connected(ChatV1)
+        old.rooms = _nested(MAX_DEPTH - 2)
+        state = captureProtocolState(old)
+        self.assertEqual(_depth(state.toPlain()), MAX_DEPTH)
+        encodeState(state.toPlain())
+        old.rooms = _nested(MAX_DEPTH - 1)
+        self.assertRaises(StateError, captureProtocolState, old)
+
+    def test_captureTooLargeRefused(self) -> None:
+        """
+        Application state beyond the size limit is refused.
+        """
+        old = connected(ChatV1)
+        old.rooms = ["x" * (1 << 20)]
+        error = self.assertRaises(StateError, captureProtocolState, old)
+        self.assertIn("limit", str(error))
+
+    def test_captureFailureWrapped(self) -> None:
+        """
+        An exception from C{getMigrationState} becomes a L{StateError}
+        naming the class, with the original as its cause.
+        """
+        old = connected(ChatV1)
+        failure = KeyError("oops")
+        old.getMigrationState = lambda: (_ for _ in ()).throw(failure)
+        error = self.assertRaises(StateError, captureProtocolState, old)
+        self.assertIn("ChatV1.getMigrationState() failed", str(error))
+        self.assertIn("KeyError('oops')", str(error))
+        self.assertIs(error.__cause__, failure)
+
+    def test_captureBadVersionRefused(self) -> None:
+        """
+        A C{migrationVersion} that is not an C{int} is refused.
+        """
+        for version in [True, "1", 1.0, None]:
+            old = connected(ChatV1)
+            old.migrationVersion = version
+            error = self.assertRaises(StateError, captureProtocolState, old)
+            self.assertIn("migrationVersion must be an int", str(error))
+
+    def test_notMigratableCapture(self) -> None:
+        """
+        A protocol that does not declare L{IMigratable} has only its buffers
+        captured; its methods are not called.
+        """
+        NotMigratable.calls = []
+        old = connected(NotMigratable)
+        old.dataReceived(b"x")
+        state = captureProtocolState(old)
+        self.assertEqual(
+            (state.migratable, state.version, state.appState), (False, None, None)
+        )
+        self.assertEqual(state.buffers["LineReceiver"]["buffer"], b"x")
+        self.assertEqual(NotMigratable.calls, [])
+
+    def test_sameVersion(self) -> None:
+        """
+        With the same version, the state goes to C{restoreMigrationState}
+        as it was, after the buffers are restored, and nothing is upgraded.
+        """
+        old = connected(ChatV1)
+        old.nick = "alice"
+        old.dataReceived(b"hel")
+        new = move(old, ChatV1)
+        self.assertEqual(
+            new.calls,
+            [("restore", {"nick": "alice", "rooms": ["lobby"]}, b"hel")],
+        )
+        new.dataReceived(b"lo\r\n")
+        self.assertEqual((old.received, new.received), ([], [b"hello"]))
+
+    def test_upgradeOnce(self) -> None:
+        """
+        From version 1 to version 2, C{upgradeMigrationState} is called
+        exactly once, with C{fromVersion} 1 and the old state, before the
+        buffers are restored; C{restoreMigrationState} gets its result.
+        """
+        old = connected(ChatV1)
+        old.nick = "alice"
+        old.dataReceived(b"hel")
+        new = move(old, ChatV2)
+        self.assertEqual(
+            new.calls,
+            [
+                ("upgrade", 1, {"nick": "alice", "rooms": ["lobby"]}, b""),
+                ("restore", {"name": "alice", "rooms": ["lobby"]}, b"hel"),
+            ],
+        )
+        self.assertEqual(new.nick, "alice")
+        new.dataReceived(b"lo\r\n")
+        self.assertEqual(new.received, [b"hello"])
+
+    def test_downgradeAlsoAsks(self) -> None:
+        """
+        Any difference of version goes through C{upgradeMigrationState},
+        a lower one included.
+        """
+        new = fresh(ChatV1)
+        restoreProtocolState(new, captureProtocolState(connected(ChatV2)))
+        self.assertEqual(
+            [call[:2] for call in new.calls],
+            [("upgrade", 2), ("restore", {"nick": "guest", "rooms": ["lobby"]})],
+        )
+
+    def test_upgradeFailureWrapped(self) -> None:
+        """
+        An exception from C{upgradeMigrationState} becomes a
+        L{RestoreError} naming the class, the versions and the original
+        exception; nothing more is restored.
+        """
+        old = connected(ChatV1)
+        old.migrationVersion = 7
+        old.dataReceived(b"partial")
+        new = fresh(ChatV2)
+        error = self.assertRaises(
+            RestoreError, restoreProtocolState, new, transfer(captureProtocolState(old))
+        )
+        self.assertIn(f"{__name__}.ChatV2.upgradeMigrationState()", str(error))
+        self.assertIn("version 7", str(error))
+        self.assertIn("cannot read version 7", str(error))
+        self.assertIsInstance(error.__cause__, ValueError)
+        self.assertEqual([call[0] for call in new.calls], ["upgrade"])
+        self.assertEqual(new._buffer, b"")
+
+    def test_restoreFailureWrapped(self) -> None:
+        """
+        An exception from C{restoreMigrationState} becomes a
+        L{RestoreError} naming the class and the original exception.
+        """
+        old = connected(ChatV1)
+        old.nick = None
+        new = fresh(ChatV2)
+        failure = RuntimeError("no nick")
+
+        def restore(state: Any) -> None:
+            raise failure
+
+        new.restoreMigrationState = restore
+        error = self.assertRaises(
+            RestoreError, restoreProtocolState, new, captureProtocolState(old)
+        )
+        self.assertIn(f"{__name__}.ChatV2.restoreMigrationState() failed", str(error))
+        self.assertIn("RuntimeError('no nick')", str(error))
+        self.assertIs(error.__cause__, failure)
+
+    def test_unprintableExceptionWrapped(self) -> None:
+        """
+        An application exception whose C{repr} fails is still wrapped.
+        """
+
+        class Unprintable(Exception):
+            def __repr__(self) -> str:
+                raise RuntimeError("no repr")
+
+        new = fresh(ChatV1)
+
+        def restore(state: Any) -> None:
+            raise Unprintable()
+
+        new.restoreMigrationState = restore
+        error = self.assertRaises(
+            RestoreError,
+            restoreProtocolState,
+            new,
+            captureProtocolState(connected(ChatV1)),
+        )
+        self.assertIn("Unprintable (whose repr failed)", str(error))
+
+    def test_restoreErrorIsStateError(self) -> None:
+        """
+        L{RestoreError} is a L{StateError}.
+        """
+        self.assertTrue(issubclass(RestoreError, StateError))
+
+    def test_migratableStateIntoNotMigratableRefused(self) -> None:
+        """
+        Application state cannot be restored into a class that does not
+        provide L{IMigratable}.
+        """
+        NotMigratable.calls = []
+        error = self.assertRaises(
+            RestoreError,
+            restoreProtocolState,
+            fresh(NotMigratable),
+            captureProtocolState(connected(ChatV1)),
+        )
+        self.assertIn("does not provide IMigratable", str(error))
+        self.assertEqual(NotMigratable.calls, [])
+
+    def test_notMigratableStateRestoresBuffersOnly(self) -> None:
+        """
+        State without application state restores the buffers into a
+        migratable class and calls nothing else.
+        """
+        old = connected(Lines)
+        old.dataReceived(b"hel")
+        new = move(old, ChatV2)
+        self.assertEqual(new.calls, [])
+        self.assertEqual(new.nick, "guest")
+        new.dataReceived(b"lo\r\n")
+        self.assertEqual(new.received, [b"hello"])
+
+    def test_newVersionMustBeInt(self) -> None:
+        """
+        A new class whose C{migrationVersion} is not an C{int} is refused
+        before any of its code runs.
+        """
+        new = fresh(ChatV2)
+        new.migrationVersion = "2"
+        error = self.assertRaises(
+            RestoreError,
+            restoreProtocolState,
+            new,
+            captureProtocolState(connected(ChatV1)),
+        )
+        self.assertIn("migrationVersion must be an int", str(error))
+        self.assertEqual(new.calls, [])
+
+    def test_stateNotChangedByApplication(self) -> None:
+        """
+        What the application does to the state it is given does not change
+        the L{ProtocolState}.
+        """
+        state = captureProtocolState(connected(ChatV1))
+        new = fresh(ChatV1)
+        restoreProtocolState(new, state)
+        new.rooms.append("changed")
+        self.assertEqual(state.appState, {"nick": "guest", "rooms": ["lobby"]})
+
+    def test_invalidBuffersRefused(self) -> None:
+        """
+        A L{ProtocolState} built by hand with malformed buffers is refused
+        by L{restoreProtocolState} before anything is called.
+        """
+        for buffers in [
+            {"Unknown": {"buffer": b""}},
+            {"LineReceiver": {"buffer": "text", "lineMode": True}},
+            {"LineReceiver": {"buffer": b""}},
+            [],
+        ]:
+            new = fresh(ChatV1)
+            state = ProtocolState("Old", True, 1, {}, buffers)  # type: ignore[arg-type]
+            self.assertRaises(RestoreError, restoreProtocolState, new, state)
+            self.assertEqual(new.calls, [])
+
+
+# Hypothesis strategies for the plain form.
+
+_buffers = st.fixed_dictionaries(
+    {},
+    optional={
+        "LineReceiver": st.fixed_dictionaries(
+            {"buffer": st.binary(max_size=50), "lineMode": st.booleans()}
+        ),
+        "LineOnlyReceiver": st.fixed_dictionaries({"buffer": st.binary(max_size=50)}),
+        "IntNStringReceiver": st.fixed_dictionaries({"buffer": st.binary(max_size=50)}),
+        "NetstringReceiver": st.fixed_dictionaries({"buffer": st.binary(max_size=50)}),
+    },
+)
+protocolStates = st.builds(
+    ProtocolState,
+    className=st.text(),
+    migratable=st.just(True),
+    version=st.integers(-(2**63), 2**63),
+    appState=plainData.filter(lambda value: _depth(value) < MAX_DEPTH),
+    buffers=_buffers,
+) | st.builds(
+    ProtocolState,
+    className=st.text(),
+    migratable=st.just(False),
+    version=st.none(),
+    appState=st.none(),
+    buffers=_buffers,
+)
+
+
+class _Hostile:
+    """
+    An object whose every special method raises, but for C{__hash__} (so
+    that it can be a key).
+    """
+
+    def _raise(self, *args: object, **kwargs: object) -> Any:
+        raise AssertionError("foreign code ran")
+
+    __hash__ = object.__hash__
+    __eq__ = __len__ = __iter__ = __bool__ = __repr__ = __str__ = _raise
+    __index__ = __int__ = __float__ = __getitem__ = __contains__ = _raise
+
+
+_anything = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=10)
+    | st.binary(max_size=10)
+    | st.builds(_Hostile)
+    | st.sampled_from(
+        ["LineReceiver", "NetstringReceiver", "buffer", "lineMode", "QUJD", "=", ""]
+    ),
+    lambda children: st.lists(children, max_size=4)
+    | st.tuples(children, children)
+    | st.dictionaries(
+        st.text(max_size=10)
+        | st.integers()
+        | st.sampled_from(["buffer", "lineMode", "LineReceiver"]),
+        children,
+        max_size=4,
+    )
+    | st.frozensets(st.integers(), max_size=3),
+    max_leaves=10,
+)
+
+
+def _plainBuffers(buffers: Any) -> Any:
+    """
+    @return: the plain form of C{buffers}.
+    """
+    return ProtocolState("", False, None, None, buffers).toPlain()["buffers"]
+
+
+class ProtocolStateTests(SynchronousTestCase):
+    """
+    L{ProtocolState}'s plain form.
+    """
+
+    def test_frozen(self) -> None:
+        """
+        A L{ProtocolState} cannot be changed.
+        """
+        state = ProtocolState("C", False, None, None)
+        self.assertRaises(
+            attrs.exceptions.FrozenInstanceError, setattr, state, "version", 1
+        )
+        self.assertEqual(state.buffers, {})
+
+    def test_toPlain(self) -> None:
+        """
+        The plain form has the fields by name, and buffers in base64.
+        """
+        state = ProtocolState(
+            "m.C",
+            True,
+            3,
+            {"a": [1]},
+            {"LineReceiver": {"buffer": b"\x00\xffhi", "lineMode": False}},
+        )
+        self.assertEqual(
+            state.toPlain(),
+            {
+                "className": "m.C",
+                "migratable": True,
+                "version": 3,
+                "appState": {"a": [1]},
+                "buffers": {"LineReceiver": {"buffer": "AP9oaQ==", "lineMode": False}},
+            },
+        )
+
+    @_EXAMPLES
+    @given(protocolStates)
+    def test_roundTrip(self, state: ProtocolState) -> None:
+        """
+        The plain form encodes within the codec's default limits and comes
+        back equal.
+        """
+        self.assertEqual(transfer(state), state)
+        self.assertEqual(ProtocolState.fromPlain(state.toPlain()), state)
+
+    def assertRefused(self, plain: object, fragment: str = "") -> None:
+        """
+        Assert that L{ProtocolState.fromPlain} refuses C{plain} with a
+        L{StateError} whose message contains C{fragment}.
+        """
+        error = self.assertRaises(StateError, ProtocolState.fromPlain, plain)
+        self.assertIn(fragment, str(error))
+
+    def valid(self, **changes: Any) -> dict[str, Any]:
+        """
+        @return: a valid plain form, with C{changes}.
+        """
+        plain = ProtocolState(
+            "m.C",
+            True,
+            1,
+            {"a": 1},
+            {
+                "LineReceiver": {"buffer": b"abc", "lineMode": True},
+                "NetstringReceiver": {"buffer": b""},
+            },
+        ).toPlain()
+        plain.update(changes)
+        return plain
+
+    def test_valid(self) -> None:
+        """
+        The plain form used below is valid.
+        """
+        ProtocolState.fromPlain(self.valid())
+
+    def test_refusals(self) -> None:
+        """
+        Every deviation from the plain form is refused with L{StateError}.
+        """
+        self.assertRefused(None, "must be a dict")
+        self.assertRefused([], "must be a dict")
+        plain = self.valid()
+        del plain["buffers"]
+        self.assertRefused(plain, "missing buffers")
+        self.assertRefused(self.valid(extra=1), "unexpected key 'extra'")
+        withIntKey: dict[object, object] = {}
+        withIntKey.update(self.valid())
+        withIntKey[1] = 1
+        self.assertRefused(withIntKey, "unexpected key of type int")
+        self.assertRefused(self.valid(className=b"m.C"), "className")
+        self.assertRefused(self.valid(migratable=1), "migratable")
+        self.assertRefused(self.valid(version=True), "version")
+        self.assertRefused(self.valid(version=1.0), "version")
+        self.assertRefused(self.valid(version=None), "version")
+        self.assertRefused(
+            self.valid(appState={"a": {1, 2}}), "state['a']: set is not plain data"
+        )
+        self.assertRefused(self.valid(appState={1: 1}), "key of type int")
+        self.assertRefused(self.valid(appState=_nested(MAX_DEPTH)), "nested deeper")
+        self.assertRefused(self.valid(migratable=False), "must be None")
+        self.assertRefused(self.valid(migratable=False, version=None), "must be None")
+        self.assertRefused(self.valid(buffers=[]), "buffers must be a dict")
+        self.assertRefused(
+            self.valid(buffers={"Pickle": {"buffer": ""}}),
+            "unknown buffer kind 'Pickle'",
+        )
+        self.assertRefused(
+            self.valid(buffers={1: {"buffer": ""}}), "unknown buffer kind of type int"
+        )
+        self.assertRefused(
+            self.valid(buffers={"LineOnlyReceiver": "QUJD"}), "must be a dict"
+        )
+        self.assertRefused(
+            self.valid(buffers={"LineOnlyReceiver": {}}), "missing 'buffer'"
+        )
+        self.assertRefused(
+            self.valid(buffers={"LineOnlyReceiver": {"buffer": "", "x": 1}}),
+            "unexpected key 'x'",
+        )
+        self.assertRefused(
+            self.valid(buffers={"LineReceiver": {"buffer": ""}}), "missing 'lineMode'"
+        )
+        self.assertRefused(
+            self.valid(buffers={"LineReceiver": {"buffer": "", "lineMode": 1}}),
+            "must be bool",
+        )
+        for text in ["QUJ", "QU=D", "QUJD\n", "Q\u00e9JD", "QR==", "====", "QUJD===="]:
+            self.assertRefused(
+                self.valid(buffers={"LineOnlyReceiver": {"buffer": text}}), "base64"
+            )
+        self.assertRefused(
+            self.valid(buffers={"LineOnlyReceiver": {"buffer": b"QUJD"}}), "base64 text"
+        )
+
+    def test_hostileObjectsNotTouched(self) -> None:
+        """
+        Objects that raise from every special method are refused without
+        any of their code running, wherever they are.
+        """
+        hostile = _Hostile()
+        self.assertRefused(hostile)
+        self.assertRefused({hostile: 1})
+        for key in ["className", "migratable", "version", "appState", "buffers"]:
+            self.assertRefused(self.valid(**{key: hostile}))
+            self.assertRefused(self.valid(**{key: [hostile]}))
+        self.assertRefused(self.valid(buffers={hostile: {}}))
+        self.assertRefused(self.valid(buffers={"LineOnlyReceiver": {hostile: 1}}))
+        self.assertRefused(
+            self.valid(buffers={"LineOnlyReceiver": {"buffer": hostile}})
+        )
+        self.assertRefused(self.valid(appState={"a": {"b": hostile}}))
+
+    @_EXAMPLES
+    @given(_anything)
+    def test_hostileValues(self, plain: object) -> None:
+        """
+        Random values are refused with L{StateError}, never anything else.
+        """
+        try:
+            state = ProtocolState.fromPlain(plain)
+        except StateError:
+            return
+        self.assertEqual(ProtocolState.fromPlain(state.toPlain()), state)
+
+    @_EXAMPLES
+    @given(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "className": _anything,
+                "migratable": st.booleans() | _anything,
+                "version": st.integers() | st.none() | _anything,
+                "appState": plainData | _anything,
+                "buffers": _buffers.map(_plainBuffers)
+                | st.dictionaries(
+                    st.sampled_from(
+                        [
+                            "LineReceiver",
+                            "LineOnlyReceiver",
+                            "IntNStringReceiver",
+                            "NetstringReceiver",
+                            "x",
+                        ]
+                    ),
+                    st.dictionaries(
+                        st.sampled_from(["buffer", "lineMode", "x"]),
+                        _anything | st.text(alphabet="QUJD=+/a\n", max_size=8),
+                        max_size=3,
+                    ),
+                    max_size=3,
+                )
+                | _anything,
+            },
+        )
+    )
+    def test_hostileFields(self, plain: dict[str, Any]) -> None:
+        """
+        Plain forms with random fields are accepted only when valid, and
+        otherwise refused with L{StateError}, never anything else.
+        """
+        try:
+            state = ProtocolState.fromPlain(plain)
+        except StateError:
+            return
+        self.assertEqual(ProtocolState.fromPlain(state.toPlain()), state)
+
+    @_EXAMPLES
+    @given(st.binary(max_size=300))
+    def test_hostileEncodings(self, data: bytes) -> None:
+        """
+        Random bytes through the codec and L{ProtocolState.fromPlain} raise
+        nothing but L{StateError}.
+        """
+        try:
+            ProtocolState.fromPlain(decodeState(data))
+        except StateError:
+            pass

@@ -1,0 +1,239 @@
+"""
+The successor's side of a hand-off: say hello, adopt what the old process
+hands over (paused), and serve once it commits; give everything back
+untouched if the old process goes away before that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.protocol import Factory
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from ._codec import StateError, decodeState
+from ._fdpass import readMemfd, receiveDescriptors
+from ._handoffprotocol import (
+    HANDOFF_PROTOCOL_VERSION,
+    AdoptConnections,
+    Commit,
+    DrainStatus,
+    HandoffRefused,
+    Hello,
+    TakeControl,
+    TakeListener,
+)
+from ._listeners import adoptListener
+from ._movement import AdoptedConnection, adoptEntry
+
+__all__ = ["IncomingChannel", "startIncoming"]
+
+_MAX_MANIFEST_BYTES = 512 * 1024 * 1024
+_MAX_MANIFEST_DEPTH = 48
+
+
+class IncomingChannel(amp.AMP):
+    """
+    The successor's end of the hand-off channel.
+
+    @ivar host: the L{migrate.MigrationHost} inheriting the service.
+    @ivar inheritance: the inherited hand-off (its C{takeOverOutput} moves
+        this process's output to where the old process wrote).
+    """
+
+    _log = Logger()
+
+    def __init__(self, host: Any, inheritance: Any) -> None:
+        amp.AMP.__init__(self)
+        self.host = host
+        self.inheritance = inheritance
+        self.committed = False
+        self.generation: int | None = None
+        self.oldPid = os.getppid()
+        self._adopted: list[AdoptedConnection] = []
+
+    def connectionMade(self) -> None:
+        amp.AMP.connectionMade(self)
+        d = self.callRemote(
+            Hello,
+            pid=os.getpid(),
+            protocolVersion=HANDOFF_PROTOCOL_VERSION,
+            listeners=list(self.host.listeners),
+        )
+        d.addCallbacks(self._welcomed, self._refused)
+
+    def _welcomed(self, answer: dict[str, Any]) -> None:
+        self.generation = answer["generation"]
+        self._log.info(
+            "Successor {pid} will serve generation {generation} ({strategy})",
+            pid=os.getpid(),
+            generation=self.generation,
+            strategy=answer["strategy"],
+        )
+
+    def _refused(self, reason: Failure) -> None:
+        self._log.error(
+            "The old process refused this successor: {why}",
+            why=reason.getErrorMessage(),
+        )
+        self.transport.loseConnection()
+
+    @TakeListener.responder
+    def takeListener(self, key: str, socket: int) -> dict[str, Any]:
+        if self.committed:
+            os.close(socket)
+            raise HandoffRefused("already serving")
+        try:
+            listener = self.host.listenerNamed(key)
+        except KeyError:
+            os.close(socket)
+            raise HandoffRefused("no listener {!r} in the new code".format(key))
+        if listener.port is not None:
+            os.close(socket)
+            raise HandoffRefused("listener {!r} handed over twice".format(key))
+        listener.port = adoptListener(
+            self.host.reactor, socket, listener.factory, accepting=False
+        )
+        self._log.info("Adopted listener {key}", key=key)
+        return {}
+
+    @TakeControl.responder
+    def takeControl(self, socket: int) -> dict[str, Any]:
+        from ._control import adoptControl
+
+        port = adoptControl(self.host.reactor, socket, self.host, accepting=False)
+        self.host.adoptControlPort(port)
+        return {}
+
+    @AdoptConnections.responder
+    @inlineCallbacks
+    def adoptConnections(
+        self, count: int, manifestSize: int, manifest: int, bulk: int
+    ) -> Any:
+        bulkSocket = socket.socket(fileno=bulk)
+        try:
+            if not 0 <= manifestSize <= _MAX_MANIFEST_BYTES:
+                raise HandoffRefused("manifest of {} bytes refused".format(manifestSize))
+            try:
+                data = readMemfd(manifest, maxBytes=manifestSize)
+                entries = decodeState(
+                    data, maxBytes=_MAX_MANIFEST_BYTES, maxDepth=_MAX_MANIFEST_DEPTH
+                )
+            except (StateError, OSError, ValueError) as e:
+                raise HandoffRefused("unreadable manifest: {}".format(e))
+            if not isinstance(entries, list) or len(entries) != count:
+                raise HandoffRefused("manifest does not list {} connections".format(count))
+            descriptors = yield deferToThreadPool(
+                self.host.reactor,
+                self.host.reactor.getThreadPool(),
+                receiveDescriptors,
+                bulkSocket,
+                count,
+                timeout=self.host.handoffTimeout,
+            )
+        finally:
+            os.close(manifest)
+            bulkSocket.close()
+        adopted = []
+        refused = []
+        for entry, descriptor in zip(entries, descriptors):
+            ident = entry.get("id") if isinstance(entry, dict) else None
+            try:
+                self._adoptOne(entry, descriptor)
+            except Exception as e:
+                reason = str(e) or type(e).__name__
+                self._log.warn(
+                    "Refusing connection {ident}: {why}", ident=ident, why=reason
+                )
+                refused.append({"id": ident, "reason": reason})
+            else:
+                adopted.append(ident)
+        self._log.info(
+            "Adopted {count} connections paused ({refused} refused)",
+            count=len(adopted),
+            refused=len(refused),
+        )
+        return {"adopted": adopted, "refused": json.dumps(refused)}
+
+    def _adoptOne(self, entry: Any, descriptor: int) -> None:
+        self._adopted.append(adoptEntry(self.host, entry, descriptor))
+
+    @Commit.responder
+    def commit(self) -> dict[str, Any]:
+        if self.generation is None:
+            raise HandoffRefused("commit before hello")
+        self.committed = True
+        self.inheritance.takeOverOutput()
+        adopted, self._adopted = self._adopted, []
+        self.host.commitInheritance(self.generation)
+        for each in adopted:
+            each.commit()
+        self._log.info(
+            "Generation {generation} serves in process {pid}; {count} connections "
+            "moved in",
+            generation=self.generation,
+            pid=os.getpid(),
+            count=len(adopted),
+        )
+        return {"pid": os.getpid()}
+
+    @DrainStatus.responder
+    def drainStatus(self, draining: str) -> dict[str, Any]:
+        try:
+            entries = json.loads(draining)
+            if not isinstance(entries, list):
+                raise ValueError("not a list")
+            clean = [
+                {
+                    "generation": int(each["generation"]),
+                    "pid": int(each["pid"]),
+                    "connections": int(each["connections"]),
+                }
+                for each in entries
+            ]
+        except (ValueError, TypeError, KeyError) as e:
+            self._log.warn("Ignoring a malformed drain status: {why}", why=str(e))
+            return {}
+        self.host.updateDraining(clean, viaPid=self._peerPid())
+        return {}
+
+    def _peerPid(self) -> int:
+        return self.oldPid
+
+    def connectionLost(self, reason: Failure) -> None:
+        amp.AMP.connectionLost(self, reason)
+        if self.committed:
+            self._log.info("The previous generation has ended")
+            self.host.forgetDraining(self._peerPid())
+            return
+        for each in self._adopted:
+            each.abandon()
+        self._adopted = []
+        self.host.abandonInheritance(
+            "the old process closed the hand-off channel before committing"
+        )
+
+
+def startIncoming(host: Any, inheritance: Any) -> IncomingChannel:
+    """
+    Connect to the old process over the inherited socket and start
+    inheriting its service.
+
+    @param host: the L{migrate.MigrationHost} that inherits.
+    @param inheritance: the inherited hand-off (see
+        L{migrate._successor.inheritedHandoff}).
+    """
+    channel = IncomingChannel(host, inheritance)
+    descriptor = inheritance.handoffDescriptor
+    host.reactor.adoptStreamConnection(
+        descriptor, socket.AF_UNIX, Factory.forProtocol(lambda: channel)
+    )
+    os.close(descriptor)
+    return channel

@@ -1,0 +1,237 @@
+"""
+Moving established connections: freezing and describing them on the side
+that lets go, adopting and restoring them on the side that takes over.
+
+Shared by every strategy that moves connections to another process or
+image (capability transfer, re-exec): each entry is plain data that
+travels in a manifest, next to the connection's descriptor.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Iterable
+
+from attrs import define
+from twisted.internet.tcp import Connection
+from twisted.logger import Logger
+
+from ._tracking import HostedProtocol, PendingAdoptionFactory
+from ._transport import (
+    FrozenConnection,
+    abandonConnection,
+    adoptConnection,
+    freezeConnection,
+    resumeConnection,
+)
+from .state import (
+    ProtocolState,
+    StateError,
+    captureProtocolState,
+    isMigratable,
+    replayBufferedInput,
+    restoreProtocolState,
+)
+
+__all__ = [
+    "AdoptedConnection",
+    "MovingConnection",
+    "Unmovable",
+    "adoptEntry",
+    "freezeMovable",
+]
+
+_log = Logger()
+
+
+@define
+class MovingConnection:
+    """
+    A connection frozen on the side that lets go of it.
+
+    @ivar ident: its number in the manifest.
+    @ivar listenerKey: the listener it was accepted on.
+    @ivar hosted: its L{HostedProtocol}.
+    @ivar frozen: the frozen transport (to release or resume).
+    @ivar entry: its manifest entry (plain data).
+    """
+
+    ident: int
+    listenerKey: str
+    hosted: HostedProtocol
+    frozen: FrozenConnection
+    entry: dict[str, Any]
+
+    def release(self) -> None:
+        """
+        The other side holds it now: let go silently.
+        """
+        self.frozen.release()
+        self.hosted.release()
+
+    def resume(self) -> None:
+        """
+        It stays here: carry on as if nothing happened.
+        """
+        self.frozen.resume()
+
+
+@define
+class Unmovable:
+    """
+    A connection that stays where it is, and why.
+    """
+
+    listenerKey: str
+    hosted: HostedProtocol
+    reason: str
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error)
+    return "{}: {}".format(type(error).__name__, text) if text else type(error).__name__
+
+
+def freezeMovable(
+    connections: Iterable[tuple[Any, HostedProtocol]],
+) -> tuple[list[MovingConnection], list[Unmovable]]:
+    """
+    Freeze every connection that can move and describe it; leave the others
+    untouched.
+
+    A connection can move when it is a plain stream socket (TCP or Unix; not
+    TLS) and its protocol provides L{migrate.IMigratable} and gives a state
+    the codec accepts.
+
+    @param connections: (listener, hosted protocol) pairs, as from
+        L{migrate.MigrationHost.allConnections}.
+
+    @return: the frozen connections, and those that stay.
+    """
+    moving: list[MovingConnection] = []
+    staying: list[Unmovable] = []
+    for listener, hosted in list(connections):
+        key = listener.key
+        protocol = hosted.wrappedProtocol
+        transport = hosted.transport
+        if protocol is None or hosted.released:
+            continue
+        if not isinstance(transport, Connection) or getattr(transport, "TLS", False):
+            staying.append(Unmovable(key, hosted, "not a plain stream socket"))
+            continue
+        if not isMigratable(protocol):
+            staying.append(
+                Unmovable(
+                    key,
+                    hosted,
+                    "{} does not provide IMigratable".format(type(protocol).__name__),
+                )
+            )
+            continue
+        try:
+            frozen = freezeConnection(transport)
+        except ValueError as e:
+            staying.append(Unmovable(key, hosted, str(e)))
+            continue
+        try:
+            state = captureProtocolState(protocol)
+        except Exception as e:
+            frozen.resume()
+            reason = _describe(e)
+            _log.warn(
+                "Connection on {listener} cannot move, it stays: {why}",
+                listener=key,
+                why=reason,
+            )
+            staying.append(Unmovable(key, hosted, reason))
+            continue
+        ident = len(moving) + 1
+        entry = {
+            "id": ident,
+            "listener": key,
+            "state": state.toPlain(),
+            "output": base64.b64encode(frozen.pendingOutput).decode("ascii"),
+        }
+        moving.append(MovingConnection(ident, key, hosted, frozen, entry))
+    return moving, staying
+
+
+@define
+class AdoptedConnection:
+    """
+    A connection adopted and restored, held (neither reading nor writing)
+    until the hand-off commits.
+    """
+
+    hosted: HostedProtocol
+    transport: Any
+
+    def commit(self) -> None:
+        """
+        Serve it: send what was pending, read, and deliver complete
+        messages already buffered.
+        """
+        resumeConnection(self.transport)
+        protocol = self.hosted.wrappedProtocol
+        if protocol is not None:
+            try:
+                replayBufferedInput(protocol)
+            except Exception:
+                _log.failure("Replaying buffered input failed")
+
+    def abandon(self) -> None:
+        """
+        Give it back untouched: the other side keeps serving it.
+        """
+        abandonConnection(self.transport)
+        self.hosted.release()
+
+
+def adoptEntry(host: Any, entry: Any, descriptor: int) -> AdoptedConnection:
+    """
+    Adopt one connection held, with the new code's protocol restored from
+    its manifest entry.
+
+    @param host: the L{migrate.MigrationHost} taking over.
+    @param entry: the connection's manifest entry.
+    @param descriptor: its descriptor (always consumed).
+
+    @raise Exception: why it is refused; the connection is then let go of
+        without disturbing it.
+    """
+    try:
+        if not isinstance(entry, dict):
+            raise StateError("manifest entry is not an object")
+        listener = host.listenerNamed(entry["listener"])
+        state = ProtocolState.fromPlain(entry["state"])
+        output = base64.b64decode(entry["output"], validate=True)
+    except Exception as e:
+        import os
+
+        os.close(descriptor)
+        raise StateError("bad manifest entry: {}".format(_describe(e)))
+    pending = PendingAdoptionFactory(listener.factory)
+    transport = adoptConnection(host.reactor, descriptor, pending)
+    hosted = pending.built
+    assert hosted is not None
+    adopted = AdoptedConnection(hosted, transport)
+    try:
+        if not state.migratable:
+            raise StateError("the old protocol did not provide IMigratable")
+        protocol = listener.factory.buildApplicationProtocol(transport.getPeer())
+        if protocol is None:
+            raise StateError("the new factory refused the connection")
+        if not isMigratable(protocol):
+            raise StateError(
+                "the new code's {} does not provide IMigratable".format(
+                    type(protocol).__name__
+                )
+            )
+        if output:
+            transport.write(output)
+        hosted.attach(protocol)
+        restoreProtocolState(protocol, state)
+    except Exception:
+        adopted.abandon()
+        raise
+    return adopted

@@ -1,0 +1,496 @@
+"""
+The old side of a hand-off to a successor process: start it, hand it the
+listeners (and, for capability transfer, the established connections with
+their state), commit, or roll everything back.
+
+Shared by the gradual and capability strategies: they differ only in
+whether established connections move.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any, Callable
+
+from attrs import define, field
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from ._codec import encodeState
+from ._deadline import DeadlinePassed, firstOf
+from ._fdpass import sendDescriptors, writeMemfd
+from ._handoffprotocol import (
+    HANDOFF_PROTOCOL_VERSION,
+    AdoptConnections,
+    Commit,
+    DrainStatus,
+    HandoffRefused,
+    Hello,
+    TakeControl,
+    TakeListener,
+)
+from ._listeners import listenerDescriptor
+from ._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
+from ._successor import SuccessorProcess, spawnSuccessor, successorCommandLine
+from ._movement import MovingConnection, freezeMovable
+
+__all__ = ["OutgoingHandoff", "HandoffFailed"]
+
+_log = Logger()
+
+
+class HandoffFailed(Exception):
+    """
+    The hand-off cannot complete; the reason is the message.
+    """
+
+
+class OutgoingChannel(amp.AMP):
+    """
+    The old process's end of the hand-off channel.
+    """
+
+    def __init__(self, handoff: "OutgoingHandoff") -> None:
+        amp.AMP.__init__(self)
+        self.handoff = handoff
+        self.lost = False
+        self._lostWaiters: list[Deferred[None]] = []
+
+    @Hello.responder
+    def hello(self, pid: int, protocolVersion: int, listeners: list[str]) -> dict[str, Any]:
+        return self.handoff.successorSaidHello(pid, protocolVersion, listeners)
+
+    def connectionLost(self, reason: Failure) -> None:
+        amp.AMP.connectionLost(self, reason)
+        self.lost = True
+        waiters, self._lostWaiters = self._lostWaiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def whenLost(self) -> Deferred[None]:
+        """
+        A L{Deferred} that fires when the channel closes.
+        """
+        waiter: Deferred[None] = Deferred()
+        if self.lost:
+            waiter.callback(None)
+        else:
+            self._lostWaiters.append(waiter)
+        return waiter
+
+
+@define
+class OutgoingHandoff:
+    """
+    One hand-off from this process to a successor.
+
+    @ivar host: the serving L{MigrationHost}.
+    @ivar strategyName: reported, and told to the successor.
+    @ivar progress: called with a line at each step.
+    @ivar moveConnections: whether established connections move too
+        (capability transfer) or stay and drain (gradual transfer).
+    """
+
+    host: Any
+    strategyName: str
+    progress: Callable[[str], None]
+    moveConnections: bool
+    successor: SuccessorProcess | None = None
+    channel: OutgoingChannel | None = None
+    _hello: Deferred[int] = field(factory=Deferred)
+    _moving: list[MovingConnection] = field(factory=list)
+    _staying: dict[str, int] = field(factory=dict)
+    _failed: dict[str, int] = field(factory=dict)
+    _moved: dict[str, int] = field(factory=dict)
+    _durations: dict[str, float] = field(factory=dict)
+    _pausedAccepting: bool = False
+    _notes: list[str] = field(factory=list)
+
+    def successorSaidHello(
+        self, pid: int, protocolVersion: int, listeners: list[str]
+    ) -> dict[str, Any]:
+        if protocolVersion != HANDOFF_PROTOCOL_VERSION:
+            reason = "successor speaks hand-off protocol {}, this process {}".format(
+                protocolVersion, HANDOFF_PROTOCOL_VERSION
+            )
+            self._hello.errback(HandoffFailed(reason))
+            raise HandoffRefused(reason)
+        missing = sorted(set(self.host.listeners) - set(listeners))
+        if missing:
+            reason = "the new code has no listener for {}".format(", ".join(missing))
+            self._hello.errback(HandoffFailed(reason))
+            raise HandoffRefused(reason)
+        if not self._hello.called:
+            self._hello.callback(pid)
+        return {"generation": self.host.generation + 1, "strategy": self.strategyName}
+
+    def _step(self, message: str, **fields: Any) -> None:
+        _log.info("Hand-off: " + message.replace("{", "{{").replace("}", "}}"))
+        try:
+            self.progress(message)
+        except Exception:
+            _log.failure("Could not relay progress")
+
+    @inlineCallbacks
+    def run(self) -> Any:
+        """
+        Hand the service to a successor.
+
+        @return: a L{Deferred} firing with the L{MigrationReport}; it never
+            fails: every failure is rolled back and reported.
+        """
+        clock = self.host.reactor
+        started = clock.seconds()
+        phaseStart = started
+
+        def phaseDone(name: str) -> None:
+            nonlocal phaseStart
+            now = clock.seconds()
+            self._durations[name] = now - phaseStart
+            phaseStart = now
+
+        try:
+            self.host.phase = MigrationPhase.spawning
+            yield self._spawn()
+            phaseDone("spawn")
+            self.host.phase = MigrationPhase.handingOff
+            yield self._handListeners()
+            phaseDone("listeners")
+            if self.moveConnections:
+                yield self._handConnections()
+                phaseDone("connections")
+            self.host.phase = MigrationPhase.committing
+            newPid = yield self._commit()
+            phaseDone("commit")
+        except Exception as e:
+            reason = _describe(e)
+            self.host.phase = MigrationPhase.rollingBack
+            yield self._rollBack(reason)
+            phaseDone("rollback")
+            self._durations["total"] = clock.seconds() - started
+            return self._report(MigrationOutcome.rolledBack, reason, None)
+        self._releaseMoved()
+        self._durations["total"] = clock.seconds() - started
+        report = self._report(MigrationOutcome.success, None, newPid)
+        self._step(
+            "successor {} serves generation {}; {} connections moved, {} "
+            "draining here".format(
+                newPid,
+                self.host.generation + 1,
+                sum(self._moved.values()),
+                sum(self._staying.values()),
+            )
+        )
+        channel = self.channel
+        assert channel is not None
+
+        def reportDrain(entries: list[dict[str, Any]]) -> None:
+            if channel.transport is not None and not channel.lost:
+                channel.callRemote(DrainStatus, draining=json.dumps(entries))
+
+        self.host.handOn(reportDrain)
+        return report
+
+    # Steps
+
+    @inlineCallbacks
+    def _spawn(self) -> Any:
+        host = self.host
+        argv = host.successorArgv or successorCommandLine()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._step("starting a successor: {}".format(" ".join(argv)))
+            self.successor = spawnSuccessor(
+                host.reactor,
+                argv,
+                env=dict(os.environ),
+                handoffSocket=theirs,
+                extraEnv={"MIGRATE_HANDOFF_STRATEGY": self.strategyName},
+            )
+        finally:
+            theirs.close()
+        try:
+            self.channel = OutgoingChannel(self)
+            factory = Factory.forProtocol(lambda: self.channel)
+            host.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
+        finally:
+            ours.close()
+        self._step(
+            "successor {} started; waiting up to {} s for it to be ready".format(
+                self.successor.pid, host.readyTimeout
+            )
+        )
+        yield self._within(
+            self._hello, host.readyTimeout, "not ready within {} s".format(host.readyTimeout)
+        )
+        self._step("successor {} is ready".format(self.successor.pid))
+
+    @inlineCallbacks
+    def _handListeners(self) -> Any:
+        host = self.host
+        for listener in host.listeners.values():
+            if listener.port is None:
+                continue
+            yield self._call(
+                TakeListener,
+                "handing over listener {}".format(listener.key),
+                key=listener.key,
+                socket=listenerDescriptor(listener.port),
+            )
+        if host.controlPort is not None:
+            yield self._call(
+                TakeControl,
+                "handing over the control socket",
+                socket=listenerDescriptor(host.controlPort),
+            )
+        self._step("successor holds the listeners")
+
+    @inlineCallbacks
+    def _handConnections(self) -> Any:
+        host = self.host
+        host.pauseAccepting()
+        self._pausedAccepting = True
+        self._freezeMovable()
+        if not self._moving:
+            self._step("no connection can move")
+            return
+        entries = [each.entry for each in self._moving]
+        manifest = encodeState(entries, maxBytes=_MAX_MANIFEST_BYTES, maxDepth=_MAX_MANIFEST_DEPTH)
+        manifestFd = writeMemfd(manifest, "migrate-manifest")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        descriptors = [each.frozen.descriptor() for each in self._moving]
+        self._step(
+            "moving {} connections ({} bytes of state)".format(len(descriptors), len(manifest))
+        )
+        timeout = host.handoffTimeout
+        sending = deferToThreadPool(
+            host.reactor,
+            host.reactor.getThreadPool(),
+            sendDescriptors,
+            ours,
+            descriptors,
+            timeout=timeout,
+        )
+        sending.addErrback(lambda f: f)
+        try:
+            answer = yield self._call(
+                AdoptConnections,
+                "adopting connections",
+                count=len(descriptors),
+                manifestSize=len(manifest),
+                manifest=manifestFd,
+                bulk=theirs.fileno(),
+            )
+            sent = yield sending
+            if isinstance(sent, Failure):
+                raise HandoffFailed("sending descriptors: " + sent.getErrorMessage())
+        finally:
+            # The successor has answered (or is gone): the queued descriptors
+            # went out, so our copies can close.
+            os.close(manifestFd)
+            theirs.close()
+            if not sending.called:
+                sending.addBoth(lambda _: ours.close())
+            else:
+                ours.close()
+        adopted = set(answer["adopted"])
+        refused = _parseRefusals(answer["refused"])
+        if refused or len(adopted) != len(self._moving):
+            first = next(iter(refused.values()), "not adopted")
+            raise HandoffFailed(
+                "successor refused {} of {} connections (first: {}); the "
+                "hand-off is all or nothing".format(
+                    len(self._moving) - len(adopted), len(self._moving), first
+                )
+            )
+        keep = []
+        for each in self._moving:
+            if each.ident in adopted:
+                keep.append(each)
+            else:
+                why = refused.get(each.ident, "not adopted")
+                _log.warn(
+                    "Connection {ident} on {listener} stays here: {why}",
+                    ident=each.ident,
+                    listener=each.listenerKey,
+                    why=why,
+                )
+                each.frozen.resume()
+                self._staying[each.listenerKey] = self._staying.get(each.listenerKey, 0) + 1
+        self._moving = keep
+        self._step(
+            "successor adopted {} connections, refused {}".format(len(keep), len(refused))
+        )
+
+    def _freezeMovable(self) -> None:
+        self._moving, staying = freezeMovable(self.host.allConnections())
+        for each in staying:
+            self._staying[each.listenerKey] = self._staying.get(each.listenerKey, 0) + 1
+
+    @inlineCallbacks
+    def _commit(self) -> Any:
+        answer = yield self._call(Commit, "committing")
+        return answer["pid"]
+
+    def _releaseMoved(self) -> None:
+        for each in self._moving:
+            each.release()
+            self._moved[each.listenerKey] = self._moved.get(each.listenerKey, 0) + 1
+        self._moving = []
+        if self._pausedAccepting:
+            self._pausedAccepting = False
+        for listener, hosted in self.host.allConnections():
+            if not self.moveConnections:
+                self._staying[listener.key] = self._staying.get(listener.key, 0) + 1
+
+    @inlineCallbacks
+    def _rollBack(self, reason: str) -> Any:
+        _log.error("Hand-off failed, rolling back: {reason}", reason=reason)
+        self._step("rolling back: " + reason)
+        successor = self.successor
+        if successor is not None and not successor.exited:
+            successor.kill()
+            try:
+                yield firstOf(
+                    [successor.whenEnded()], self.host.reactor, 10.0, "successor did not end"
+                )
+            except DeadlinePassed:
+                self._notes.append(
+                    "successor {} did not end after SIGKILL".format(successor.pid)
+                )
+        if self.channel is not None and self.channel.transport is not None:
+            self.channel.transport.loseConnection()
+        for each in self._moving:
+            each.resume()
+            self._staying[each.listenerKey] = self._staying.get(each.listenerKey, 0) + 1
+        self._moving = []
+        if self._pausedAccepting:
+            self.host.resumeAccepting()
+            self._pausedAccepting = False
+        self._step("rolled back: this process keeps serving")
+
+    # Helpers
+
+    def _within(self, waited: Deferred[Any], timeout: float, timeoutReason: str) -> Deferred[Any]:
+        """
+        Wait for C{waited}, unless the successor ends, the channel closes or
+        C{timeout} passes first: whichever happens first decides.
+        """
+        contenders: list[Deferred[Any]] = [waited]
+        if self.successor is not None:
+            contenders.append(self.successor.whenEnded().addCallback(self._ended))
+        if self.channel is not None:
+            contenders.append(self.channel.whenLost().addCallback(self._channelLost))
+        return firstOf(contenders, self.host.reactor, timeout, timeoutReason)
+
+    def _ended(self, status: Any) -> None:
+        tail = self.successor.logTail() if self.successor is not None else []
+        last = tail[-1] if tail else "no output"
+        describe = getattr(status, "describe", None)
+        how = describe() if describe is not None else str(status)
+        raise HandoffFailed("successor {} ({}); last output: {}".format(
+            self.successor.pid if self.successor is not None else "?", how, last))
+
+    def _channelLost(self, _: Any) -> Deferred[None]:
+        """
+        The channel closed: usually because the successor is dying.  Give
+        its exit a moment to arrive, since it says more than the channel.
+        """
+        successor = self.successor
+        if successor is None or successor.exited:
+            raise HandoffFailed("the hand-off channel closed")
+
+        def closedOnly(failure: Failure) -> None:
+            failure.trap(DeadlinePassed)
+            raise HandoffFailed("the hand-off channel closed")
+
+        return firstOf(
+            [successor.whenEnded().addCallback(self._ended)],
+            self.host.reactor,
+            2.0,
+            "",
+        ).addErrback(closedOnly)
+
+    def _call(self, command: type[amp.Command], what: str, **arguments: Any) -> Deferred[Any]:
+        assert self.channel is not None
+        d = self.channel.callRemote(command, **arguments)
+
+        def refused(failure: Failure) -> Failure:
+            if failure.check(HandoffRefused):
+                raise HandoffFailed(
+                    "successor refused {}: {}".format(what, failure.getErrorMessage())
+                )
+            if failure.check(CancelledError):
+                return failure
+            if failure.check(ConnectionDone, amp.ProtocolSwitched):
+                raise HandoffFailed("the hand-off channel closed while " + what)
+            if failure.check(amp.RemoteAmpError, amp.UnknownRemoteError):
+                raise HandoffFailed(
+                    "successor failed {}: {}".format(what, failure.getErrorMessage())
+                )
+            return failure
+
+        d.addErrback(refused)
+        return self._within(
+            d,
+            self.host.handoffTimeout,
+            "successor did not answer within {} s while {}".format(
+                self.host.handoffTimeout, what
+            ),
+        )
+
+    def _report(
+        self, outcome: MigrationOutcome, reason: str | None, newPid: int | None
+    ) -> MigrationReport:
+        host = self.host
+        listeners = [
+            ListenerReport(
+                key,
+                moved=self._moved.get(key, 0),
+                drained=self._staying.get(key, 0) if outcome is MigrationOutcome.success else 0,
+                failed=self._failed.get(key, 0),
+            )
+            for key in host.listeners
+        ]
+        tail: list[str] = []
+        if outcome is not MigrationOutcome.success and self.successor is not None:
+            tail = self.successor.logTail()
+        return MigrationReport(
+            strategy=self.strategyName,
+            outcome=outcome,
+            reason=reason,
+            fromGeneration=host.generation,
+            toGeneration=host.generation + 1 if newPid is not None else None,
+            oldPid=host.pid,
+            newPid=newPid,
+            listeners=listeners,
+            durations=dict(self._durations),
+            successorLog=tail,
+            notes=self._notes,
+        )
+
+
+_MAX_MANIFEST_BYTES = 512 * 1024 * 1024
+_MAX_MANIFEST_DEPTH = 48
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, (HandoffFailed, DeadlinePassed)):
+        return str(error)
+    text = str(error)
+    return "{}: {}".format(type(error).__name__, text) if text else type(error).__name__
+
+
+def _parseRefusals(text: str) -> dict[int, str]:
+    try:
+        items = json.loads(text)
+        return {int(each["id"]): str(each["reason"]) for each in items}
+    except (ValueError, TypeError, KeyError):
+        return {}

@@ -1,0 +1,183 @@
+"""
+Knowing every live connection: the factory wrapper the host puts around an
+application's factory, and the thin protocol wrapper that lets the host
+find, freeze, move, restore or replace the application's protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory, ITransport
+from zope.interface import implementer
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+
+__all__ = ["HostedProtocol", "TrackingFactory"]
+
+
+class HostedProtocol(ProtocolWrapper):
+    """
+    Sits between a transport and the application's protocol.
+
+    The application's protocol sees this object as its transport, so that
+    the protocol object itself can be replaced (module reload) or rebuilt
+    from state (capability transfer) without the real transport knowing.
+
+    A hosted protocol is I{pending} when built for an adopted connection:
+    C{makeConnection} then records the transport and tells the application
+    nothing, because the application's protocol will be restored from
+    state rather than told C{connectionMade}.
+    """
+
+    factory: "TrackingFactory"
+
+    def __init__(
+        self,
+        factory: "TrackingFactory",
+        wrappedProtocol: IProtocol | None,
+        pending: bool = False,
+    ) -> None:
+        ProtocolWrapper.__init__(self, factory, wrappedProtocol)  # type: ignore[arg-type]
+        self.pending = pending
+        self.released = False
+
+    def makeConnection(self, transport: ITransport) -> None:
+        if not self.pending:
+            ProtocolWrapper.makeConnection(self, transport)
+            return
+        from zope.interface import directlyProvides, providedBy
+
+        directlyProvides(self, providedBy(transport))
+        self.connected = 1
+        self.transport = transport
+        self.factory.registerProtocol(self)
+
+    def attach(self, protocol: IProtocol) -> None:
+        """
+        Make C{protocol} the application protocol of this pending connection,
+        without telling it C{connectionMade}: the caller restores it.
+        """
+        self.wrappedProtocol = protocol
+        protocol.connected = 1  # type: ignore[attr-defined]
+        protocol.transport = self  # type: ignore[attr-defined]
+        self.pending = False
+
+    def replaceProtocol(self, protocol: IProtocol) -> IProtocol:
+        """
+        Put C{protocol} in place of the current application protocol (which
+        is returned) without telling either of them anything.
+        """
+        old = self.wrappedProtocol
+        self.attach(protocol)
+        return old
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.pending or self.released:
+            return
+        self.wrappedProtocol.dataReceived(data)
+
+    def release(self) -> None:
+        """
+        Forget this connection without telling the application: another
+        process (or another protocol object) now serves it.
+        """
+        self.released = True
+        self.factory.unregisterProtocol(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.released:
+            return
+        if self.pending or self.wrappedProtocol is None:
+            self.factory.unregisterProtocol(self)
+            return
+        ProtocolWrapper.connectionLost(self, reason)
+
+
+class TrackingFactory(WrappingFactory):
+    """
+    Wraps an application's factory so that the host knows each live
+    connection of one listener.
+
+    @ivar key: the listener's endpoint description.
+    @ivar protocols: the live connections (L{HostedProtocol}) of the listener.
+    @ivar onChange: called with no arguments whenever a connection comes or
+        goes (the host counts connections to know when draining is done).
+    """
+
+    protocol = HostedProtocol
+    _log = Logger()
+
+    def __init__(
+        self,
+        key: str,
+        wrappedFactory: IProtocolFactory,
+        onChange: Callable[[], None] = lambda: None,
+    ) -> None:
+        WrappingFactory.__init__(self, wrappedFactory)  # type: ignore[arg-type]
+        self.key = key
+        self.onChange = onChange
+
+    @property
+    def connections(self) -> list[HostedProtocol]:
+        """
+        The live connections, oldest first.
+        """
+        return list(self.protocols)
+
+    def registerProtocol(self, p: Any) -> None:
+        WrappingFactory.registerProtocol(self, p)
+        self.onChange()
+
+    def unregisterProtocol(self, p: Any) -> None:
+        if p in self.protocols:
+            WrappingFactory.unregisterProtocol(self, p)
+            self.onChange()
+
+    def buildPendingProtocol(self, addr: IAddress) -> HostedProtocol:
+        """
+        Build the wrapper for an adopted connection whose application
+        protocol will be restored from state rather than started.
+        """
+        return HostedProtocol(self, None, pending=True)
+
+    def buildProtocol(self, addr: IAddress) -> HostedProtocol | None:  # type: ignore[override]
+        """
+        Wrap the application's protocol, or refuse the connection as the
+        application's factory did (by returning L{None}).
+        """
+        protocol = self.wrappedFactory.buildProtocol(addr)
+        if protocol is None:
+            return None
+        return self.protocol(self, protocol)
+
+    def buildApplicationProtocol(self, addr: IAddress) -> IProtocol | None:
+        """
+        Ask the application's factory for a protocol, as for a new
+        connection.
+        """
+        return self.wrappedFactory.buildProtocol(addr)
+
+
+@implementer(IProtocolFactory)
+class PendingAdoptionFactory:
+    """
+    The factory handed to C{adoptStreamConnection} for a connection whose
+    protocol is restored from state: it builds a pending L{HostedProtocol}
+    of the right listener.
+    """
+
+    def __init__(self, tracking: TrackingFactory) -> None:
+        self.tracking = tracking
+        self.built: HostedProtocol | None = None
+
+    def buildProtocol(self, addr: IAddress) -> HostedProtocol:
+        self.built = self.tracking.buildPendingProtocol(addr)
+        return self.built
+
+    def doStart(self) -> None:
+        pass
+
+    def doStop(self) -> None:
+        pass

@@ -1,0 +1,443 @@
+"""
+Running real C{twistd migrate-host} processes, the control CLI and line
+clients for integration tests, with bounded waits and full cleanup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import textwrap
+from typing import Any, Callable
+
+from twisted.internet import reactor as _globalReactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.protocols.basic import LineReceiver
+from twisted.python.filepath import FilePath
+
+import migrate
+
+__all__ = [
+    "HostProcess",
+    "LiveAppMixin",
+    "fields",
+    "LineClient",
+    "runCLI",
+    "waitFor",
+    "writeModule",
+    "SOURCE_ROOT",
+]
+
+#: the directory holding the C{migrate} package under test
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(migrate.__file__)))
+
+#: how twistd is started: in a new session, so that the whole lineage of
+#: host processes can be ended together
+_LAUNCHER = textwrap.dedent(
+    """
+    import os, sys
+    if "MIGRATE_HANDOFF_FD" not in os.environ:
+        os.setsid()
+    from twisted.scripts.twistd import run
+    sys.argv[0] = "twistd"
+    run()
+    """
+)
+
+
+def writeModule(directory: FilePath, name: str, source: str) -> None:
+    """
+    Write a Python module C{name} into C{directory}, making sure a reload
+    in the same second sees the change (stale bytecode otherwise).
+    """
+    path = directory.child(name + ".py")
+    path.setContent(textwrap.dedent(source).encode("utf-8"))
+    cache = directory.child("__pycache__")
+    if cache.exists():
+        cache.remove()
+
+
+@inlineCallbacks
+def waitFor(
+    condition: Callable[[], Any],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> Any:
+    """
+    Poll C{condition} (which may return a Deferred) until it returns a true
+    value; fail after C{timeout} seconds.
+    """
+    deadline = _globalReactor.seconds() + timeout
+    while True:
+        try:
+            result = yield condition()
+        except Exception:
+            result = None
+            if _globalReactor.seconds() > deadline:
+                raise
+        if result:
+            return result
+        if _globalReactor.seconds() > deadline:
+            raise AssertionError("timed out after {} s waiting for {}".format(timeout, what))
+        yield deferLater(_globalReactor, interval, lambda: None)
+
+
+class _Collect(ProcessProtocol):
+    def __init__(self, echo: bool = False) -> None:
+        self.output = bytearray()
+        self.ended: Deferred[int] = Deferred()
+        self.echo = echo
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        self.output += data
+        if self.echo:
+            sys.stderr.write(data.decode("utf-8", "replace"))
+
+    def processEnded(self, reason: Any) -> None:
+        code = reason.value.exitCode if reason.check(ProcessTerminated) else 0
+        if reason.check(ProcessTerminated) and code is None:
+            code = -(reason.value.signal or 1)
+        self.ended.callback(code)
+
+
+def _environment(pythonPath: list[str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(pythonPath + [SOURCE_ROOT])
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    for key in list(env):
+        if key.startswith("MIGRATE_"):
+            del env[key]
+    return env
+
+
+@inlineCallbacks
+def runCLI(
+    arguments: list[str], *, cwd: str, timeout: float = 120.0
+) -> Any:
+    """
+    Run C{python -m migrate ARGUMENTS}; fire with (exit code, stdout text,
+    stderr text).
+    """
+    collect = _Collect()
+    out = bytearray()
+    err = bytearray()
+
+    class Split(_Collect):
+        def childDataReceived(self, fd: int, data: bytes) -> None:
+            (out if fd == 1 else err).extend(data)
+
+    protocol = Split()
+    _globalReactor.spawnProcess(
+        protocol,
+        sys.executable,
+        [sys.executable, "-m", "migrate"] + arguments,
+        env=_environment([]),
+        path=cwd,
+    )
+    timer = _globalReactor.callLater(timeout, lambda: None)
+    code = yield protocol.ended
+    if timer.active():
+        timer.cancel()
+    del collect
+    return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+
+def lastJSON(text: str) -> Any:
+    """
+    The JSON object on the last non-empty line of C{text}.
+    """
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise AssertionError("no output")
+    return json.loads(lines[-1])
+
+
+class HostProcess:
+    """
+    A C{twistd -n migrate-host} in its own session, for one test.
+
+    @ivar workdir: its working directory (control socket, pidfile, app code).
+    """
+
+    def __init__(
+        self,
+        testCase: Any,
+        arguments: list[str],
+        *,
+        workdir: FilePath | None = None,
+        twistdArguments: list[str] | None = None,
+    ) -> None:
+        self.testCase = testCase
+        if workdir is None:
+            # Short: a Unix socket path must fit in 108 bytes, and trial's
+            # own temporary paths are longer.
+            workdir = FilePath(tempfile.mkdtemp(prefix="migrate-test-", dir="/tmp"))
+            testCase.addCleanup(shutil.rmtree, workdir.path, True)
+        self.workdir = workdir
+        if not self.workdir.exists():
+            self.workdir.makedirs()
+        self.control = self.workdir.child("control.sock").path
+        self.pidfile = self.workdir.child("twistd.pid").path
+        self.arguments = arguments
+        self.twistdArguments = twistdArguments or []
+        self.protocol = _Collect(echo=bool(os.environ.get("MIGRATE_TEST_ECHO")))
+        self.sessionId: int | None = None
+        self.seenPids: set[int] = set()
+        testCase.addCleanup(self.stopAll)
+
+    def start(self) -> Deferred[Any]:
+        """
+        Start the host; fire with its status once its control channel
+        answers.
+        """
+        argv = [
+            sys.executable,
+            "-c",
+            _LAUNCHER,
+            "-n",
+            "--pidfile",
+            self.pidfile,
+            "--logfile",
+            "-",
+        ] + self.twistdArguments + ["migrate-host", "--control", self.control] + self.arguments
+        process = _globalReactor.spawnProcess(
+            self.protocol,
+            sys.executable,
+            argv,
+            env=_environment([self.workdir.path]),
+            path=self.workdir.path,
+        )
+        self.sessionId = process.pid
+        self.seenPids.add(process.pid)
+        return waitFor(self._statusOrNone, what="the host to answer on its control socket")
+
+    def output(self) -> str:
+        """
+        What the first process (and its successors) wrote so far.
+        """
+        return self.protocol.output.decode("utf-8", "replace")
+
+    @inlineCallbacks
+    def _statusOrNone(self) -> Any:
+        if self.protocol.ended.called:
+            raise AssertionError("host exited early:\n" + self.output())
+        if not os.path.exists(self.control):
+            return None
+        code, out, err = yield runCLI(["status", "--control", self.control, "--json"], cwd=self.workdir.path)
+        if code != 0:
+            return None
+        return lastJSON(out)
+
+    @inlineCallbacks
+    def status(self) -> Any:
+        """
+        Fire with C{status --json}.
+        """
+        code, out, err = yield runCLI(
+            ["status", "--control", self.control, "--json"], cwd=self.workdir.path
+        )
+        if code != 0:
+            raise AssertionError("status failed ({}): {}{}".format(code, out, err))
+        result = lastJSON(out)
+        self.seenPids.add(result["pid"])
+        for each in result.get("draining", []):
+            self.seenPids.add(each["pid"])
+        return result
+
+    @inlineCallbacks
+    def upgrade(self, *extra: str) -> Any:
+        """
+        Run C{upgrade --json}; fire with (exit code, report, stderr).
+        """
+        code, out, err = yield runCLI(
+            ["upgrade", "--control", self.control, "--json"] + list(extra),
+            cwd=self.workdir.path,
+        )
+        try:
+            report = lastJSON(out)
+        except (ValueError, AssertionError):
+            raise AssertionError(
+                "upgrade printed no JSON ({}):\n{}\n{}\nhost output:\n{}".format(
+                    code, out, err, self.output()
+                )
+            )
+        for key in ("oldPid", "newPid"):
+            if report.get(key):
+                self.seenPids.add(report[key])
+        return code, report, err
+
+    def stopAll(self) -> Deferred[Any] | None:
+        """
+        End every process of this host's session.
+        """
+        if self.sessionId is None:
+            return None
+        for pid in [self.sessionId]:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in self.seenPids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self.protocol.ended.called:
+            return None
+        d: Deferred[Any] = Deferred()
+        self.protocol.ended.addBoth(lambda _: d.callback(None))
+        return d
+
+
+def pidAlive(pid: int) -> bool:
+    """
+    Whether a process C{pid} exists and is not a zombie.
+    """
+    try:
+        with open("/proc/{}/stat".format(pid)) as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class LineClient(LineReceiver):
+    """
+    A client that records every line it receives and can wait for the
+    next ones.
+    """
+
+    delimiter = b"\n"
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.closed: Deferred[None] = Deferred()
+        self._waiters: list[tuple[int, Deferred[list[bytes]]]] = []
+
+    def lineReceived(self, line: bytes) -> None:
+        self.lines.append(line.rstrip(b"\r"))
+        self._fire()
+
+    def connectionLost(self, reason: Any) -> None:
+        if not self.closed.called:
+            self.closed.callback(None)
+        for count, waiter in self._waiters:
+            if not waiter.called:
+                waiter.errback(
+                    AssertionError(
+                        "connection closed; lines so far: {!r}".format(self.lines[-5:])
+                    )
+                )
+        self._waiters = []
+
+    def waitForLines(self, count: int, timeout: float = 30.0) -> Deferred[list[bytes]]:
+        """
+        Fire with all lines once at least C{count} arrived in total.
+        """
+        d: Deferred[list[bytes]] = Deferred()
+        self._waiters.append((count, d))
+        self._fire()
+        call = _globalReactor.callLater(
+            timeout,
+            lambda: (not d.called) and d.errback(
+                AssertionError("timed out waiting for {} lines; have {}: {!r}".format(
+                    count, len(self.lines), self.lines[-5:]))),
+        )
+        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        return d
+
+    def _fire(self) -> None:
+        ready = [(c, d) for c, d in self._waiters if len(self.lines) >= c]
+        self._waiters = [(c, d) for c, d in self._waiters if len(self.lines) < c]
+        for count, waiter in ready:
+            if not waiter.called:
+                waiter.callback(list(self.lines))
+
+
+def connectLineClient(port: int | None = None, path: str | None = None) -> Deferred[LineClient]:
+    """
+    Connect a L{LineClient} to 127.0.0.1:C{port} or the Unix socket C{path}.
+    """
+    if path is not None:
+        endpoint: Any = UNIXClientEndpoint(_globalReactor, path, timeout=10)
+    else:
+        endpoint = TCP4ClientEndpoint(_globalReactor, "127.0.0.1", port, timeout=10)
+    return endpoint.connect(Factory.forProtocol(LineClient))
+
+
+def freePort() -> int:
+    """
+    A loopback TCP port nobody listens on right now.
+    """
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fields(line: bytes) -> list[bytes]:
+    """
+    The space-separated fields of a reply line.
+    """
+    return line.split(b" ")
+
+
+class LiveAppMixin:
+    """
+    For integration tests: a host running the module C{liveapp} (written by
+    the test) on one loopback TCP port with a given strategy, and line
+    clients talking to it.
+
+    @cvar strategy: the C{--strategy} of the host.
+    @cvar initialApp: the source of C{liveapp} the host starts with.
+    """
+
+    strategy: str
+    initialApp: str
+
+    @inlineCallbacks
+    def startHost(self, *extra: str, app: str | None = None) -> Any:
+        self.port = freePort()
+        self.host = HostProcess(
+            self,
+            [
+                "--app", "liveapp:makeFactory",
+                "--listen", "tcp:{}:interface=127.0.0.1".format(self.port),
+                "--strategy", self.strategy,
+            ]
+            + list(extra),
+        )
+        writeModule(self.host.workdir, "liveapp", app or self.initialApp)
+        status = yield self.host.start()
+        return status
+
+    @inlineCallbacks
+    def exchange(self, client: LineClient, text: bytes) -> Any:
+        """
+        Send a line; fire with the fields of the reply.
+        """
+        before = len(client.lines)
+        client.sendLine(text)
+        lines = yield client.waitForLines(before + 1)
+        return fields(lines[before])
+
+    @inlineCallbacks
+    def connectClients(self, count: int) -> Any:
+        """
+        Connect C{count} clients, each past its greeting.
+        """
+        clients = []
+        for _ in range(count):
+            client = yield connectLineClient(self.port)
+            yield client.waitForLines(1)
+            clients.append(client)
+        return clients

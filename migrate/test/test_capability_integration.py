@@ -1,0 +1,262 @@
+"""
+Integration tests for capability transfer: established connections move,
+with their state and buffered bytes, to a new process running new code.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from ._hostprocess import (
+    LiveAppMixin,
+    connectLineClient,
+    pidAlive,
+    waitFor,
+    writeModule,
+)
+from .test_gradual_integration import APP_V1
+
+#: a migratable application; replies say which code, which process, and
+#: the per-connection count carried across migrations
+MIGRATABLE_V1 = textwrap.dedent(
+    """
+    import os
+    from zope.interface import implementer
+    from twisted.internet.protocol import Factory
+    from twisted.protocols.basic import LineReceiver
+    from migrate import IMigratable
+
+    VERSION = b"v1"
+
+    @implementer(IMigratable)
+    class Counter(LineReceiver):
+        delimiter = b"\\n"
+        migrationVersion = 1
+
+        def connectionMade(self):
+            self.count = 0
+            self.sendLine(b"hello " + VERSION + b" %d" % os.getpid())
+
+        def lineReceived(self, line):
+            if line.startswith(b"flood "):
+                for i in range(int(line.split()[1])):
+                    self.sendLine(b"f%d " % i + b"." * 100)
+                return
+            self.count += 1
+            self.sendLine(b"%s %d %s %d" % (VERSION, os.getpid(), line, self.count))
+
+        def getMigrationState(self):
+            return {"count": self.count}
+
+        def restoreMigrationState(self, state):
+            self.count = state["count"]
+
+        def upgradeMigrationState(self, fromVersion, state):
+            raise ValueError("cannot read version %r" % (fromVersion,))
+
+    def makeFactory():
+        return Factory.forProtocol(Counter)
+"""
+)
+
+#: version 2 renames the state's field: an upgrade carries old state over
+MIGRATABLE_V2 = (
+    MIGRATABLE_V1.replace('VERSION = b"v1"', 'VERSION = b"v2"')
+    .replace("migrationVersion = 1", "migrationVersion = 2")
+    .replace('return {"count": self.count}', 'return {"total": self.count}')
+    .replace('self.count = state["count"]', 'self.count = state["total"]')
+    .replace(
+        'raise ValueError("cannot read version %r" % (fromVersion,))',
+        'return {"total": state["count"]} if fromVersion == 1 else state',
+    )
+)
+
+
+class CapabilityTransferTests(LiveAppMixin, TestCase):
+    """
+    C{--strategy capability} with real processes.
+    """
+
+    timeout = 120
+    strategy = "capability"
+    initialApp = MIGRATABLE_V1
+
+    @inlineCallbacks
+    def test_connectionsMoveWithUpgradedState(self):
+        """
+        Every connection continues on the new code in the new process,
+        with its state upgraded from version 1 to 2; nobody is disconnected
+        and the old process exits since nothing is left to drain.
+        """
+        status = yield self.startHost()
+        oldPid = status["pid"]
+        clients = yield self.connectClients(5)
+        for index, client in enumerate(clients):
+            for n in range(index + 1):
+                yield self.exchange(client, b"before")
+        writeModule(self.host.workdir, "liveapp", MIGRATABLE_V2)
+        code, report, err = yield self.host.upgrade()
+        self.assertEqual((code, report["outcome"]), (0, "success"), err)
+        self.assertEqual((report["moved"], report["draining"]), (5, 0))
+        newPid = report["newPid"]
+        for index, client in enumerate(clients):
+            reply = yield self.exchange(client, b"after")
+            self.assertEqual(
+                reply, [b"v2", str(newPid).encode(), b"after", b"%d" % (index + 2,)]
+            )
+            self.assertFalse(client.closed.called)
+        yield waitFor(lambda: not pidAlive(oldPid), what="the old process to exit")
+        status = yield self.host.status()
+        self.assertEqual((status["pid"], status["generation"]), (newPid, 2))
+        self.assertEqual(status["connections"], 5)
+        for client in clients:
+            client.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_halfLineCrossesTheHandoff(self):
+        """
+        The start of a line read by the old process and the rest sent to
+        the new one make one line, answered once.
+        """
+        yield self.startHost()
+        (client,) = yield self.connectClients(1)
+        client.transport.write(b"first\nhal")
+        yield client.waitForLines(2)
+        writeModule(self.host.workdir, "liveapp", MIGRATABLE_V2)
+        code, report, err = yield self.host.upgrade()
+        self.assertEqual(code, 0, err)
+        reply = yield self.exchange(client, b"f")
+        self.assertEqual(reply[0], b"v2")
+        self.assertEqual(reply[2:], [b"half", b"2"])
+        client.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_queuedOutputDelivered(self):
+        """
+        Output the old process had queued for a client that was not reading
+        arrives whole, once, in order, before the new code's replies.
+        """
+        yield self.startHost()
+        (client,) = yield self.connectClients(1)
+        lines = 200000
+        client.transport.pauseProducing()
+        client.sendLine(b"flood %d" % (lines,))
+        # Wait until the old process really holds output it cannot write.
+        yield waitFor(self._outputQueued, what="queued output")
+        writeModule(self.host.workdir, "liveapp", MIGRATABLE_V2)
+        code, report, err = yield self.host.upgrade()
+        self.assertEqual((code, report["moved"]), (0, 1), err)
+        client.transport.resumeProducing()
+        yield client.waitForLines(1 + lines)
+        reply = yield self.exchange(client, b"after")
+        flood = client.lines[1 : 1 + lines]
+        self.assertEqual([line.split(b" ")[0] for line in flood], [b"f%d" % i for i in range(lines)])
+        self.assertEqual(reply[0], b"v2")
+        self.assertEqual(len(client.lines), lines + 2)
+        client.transport.loseConnection()
+
+    def _outputQueued(self):
+        # The flood is several megabytes: far more than the kernel buffers of
+        # a paused loopback connection hold, so Twisted buffers the rest.
+        import subprocess
+
+        out = subprocess.run(
+            ["ss", "-tn", "state", "established", "( sport = :{} )".format(self.port)],
+            capture_output=True,
+            text=True,
+        ).stdout
+        for line in out.splitlines()[1:]:
+            columns = line.split()
+            if len(columns) >= 2 and int(columns[1]) > 100000:
+                return True
+        return False
+
+    @inlineCallbacks
+    def test_nonMigratableConnectionsDrain(self):
+        """
+        Connections whose protocol does not provide IMigratable stay on the
+        old process, which serves them until they leave.
+        """
+        status = yield self.startHost(app=APP_V1)
+        oldPid = status["pid"]
+        (client,) = yield self.connectClients(1)
+        writeModule(self.host.workdir, "liveapp", APP_V1.replace('b"v1"', 'b"v2"'))
+        code, report, err = yield self.host.upgrade()
+        self.assertEqual((code, report["moved"], report["draining"]), (0, 0, 1), err)
+        reply = yield self.exchange(client, b"still")
+        self.assertEqual(reply[:2], [b"v1", str(oldPid).encode()])
+        status = yield self.host.status()
+        self.assertEqual([d["pid"] for d in status["draining"]], [oldPid])
+        client.transport.loseConnection()
+        yield waitFor(lambda: not pidAlive(oldPid), what="the old process to exit")
+
+    @inlineCallbacks
+    def test_refusedStateRollsBackEverything(self):
+        """
+        A restore that raises in the new code refuses the whole hand-off:
+        every connection stays served by the old code, unharmed.
+        """
+        status = yield self.startHost()
+        oldPid = status["pid"]
+        clients = yield self.connectClients(3)
+        yield self.exchange(clients[1], b"poison")
+        writeModule(
+            self.host.workdir,
+            "liveapp",
+            MIGRATABLE_V2.replace(
+                'self.count = state["total"]',
+                'self.count = state["total"]\n'
+                '        if self.count == 1: raise RuntimeError("state refused")',
+            ),
+        )
+        code, report, err = yield self.host.upgrade()
+        self.assertNotEqual(code, 0)
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertIn("state refused", report["reason"])
+        for client in clients:
+            reply = yield self.exchange(client, b"ok")
+            self.assertEqual(reply[:2], [b"v1", str(oldPid).encode()])
+            self.assertFalse(client.closed.called)
+        writeModule(self.host.workdir, "liveapp", MIGRATABLE_V2)
+        code, report, err = yield self.host.upgrade()
+        self.assertEqual((code, report["moved"]), (0, 3), err)
+        for client in clients:
+            reply = yield self.exchange(client, b"moved")
+            self.assertEqual(reply[0], b"v2")
+            client.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_successorDiesMidHandoff(self):
+        """
+        A successor that dies after adopting some connections costs no
+        connection: the old process resumes them all.
+        """
+        status = yield self.startHost()
+        oldPid = status["pid"]
+        clients = yield self.connectClients(4)
+        for client in clients[2:]:
+            yield self.exchange(client, b"x")
+        writeModule(
+            self.host.workdir,
+            "liveapp",
+            MIGRATABLE_V2.replace(
+                'self.count = state["total"]',
+                'self.count = state["total"]\n'
+                '        if self.count: import os; os._exit(7)',
+            ),
+        )
+        code, report, err = yield self.host.upgrade()
+        self.assertNotEqual(code, 0)
+        self.assertEqual(report["outcome"], "rolled-back")
+        for client in clients:
+            reply = yield self.exchange(client, b"alive")
+            self.assertEqual(reply[:2], [b"v1", str(oldPid).encode()])
+            self.assertFalse(client.closed.called)
+        newClient = yield connectLineClient(self.port)
+        hello = yield newClient.waitForLines(1)
+        self.assertEqual(hello[0].split(b" ")[1], b"v1")
+        for client in clients + [newClient]:
+            client.transport.loseConnection()

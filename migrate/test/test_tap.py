@@ -1,0 +1,178 @@
+"""
+Tests for L{migrate.tap}: option parsing and building the host.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from .. import tap
+from .._host import MigrationHost
+from ..examples.chat import ChatFactory
+
+#: a factory tests can name with --app
+factoryInstance = Factory.forProtocol(Protocol)
+
+
+def makeSomething():
+    return factoryInstance
+
+
+def makeNothing():
+    return 42
+
+
+class OptionsTests(SynchronousTestCase):
+    """
+    L{tap.Options} checks everything before anything starts.
+    """
+
+    def parse(self, *argv: str) -> tap.Options:
+        options = tap.Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_defaults(self) -> None:
+        """
+        With no options: the chat demo on tcp:8000, the default strategy,
+        the control socket in the working directory, 30 s to get ready, no
+        drain deadline.
+        """
+        options = self.parse()
+        self.assertEqual(options["listen"], ["tcp:8000"])
+        self.assertEqual(options["strategy"], tap.DEFAULT_STRATEGY)
+        self.assertEqual(options["control"], os.path.abspath("migrate-host.sock"))
+        self.assertEqual(options["ready-timeout"], 30.0)
+        self.assertIsNone(options["drain-timeout"])
+        self.assertIsInstance(options["factory"], ChatFactory)
+
+    def test_appFactoryOrCallable(self) -> None:
+        """
+        --app names a factory, or a callable returning one.
+        """
+        here = __name__
+        self.assertIs(
+            self.parse("--app", here + ":factoryInstance")["factory"], factoryInstance
+        )
+        self.assertIs(
+            self.parse("--app", here + ":makeSomething")["factory"], factoryInstance
+        )
+
+    def test_appErrors(self) -> None:
+        """
+        A malformed, missing or wrong --app is a usage error naming it.
+        """
+        for spec, expected in [
+            ("nocolon", "PKG.MOD:NAME"),
+            ("no.such.module:thing", "cannot load"),
+            (__name__ + ":missing", "cannot load"),
+            (__name__ + ":makeNothing", "not a protocol factory"),
+            (__name__ + ":tap", "neither a protocol factory"),
+        ]:
+            with self.assertRaises(usage.UsageError) as raised:
+                self.parse("--app", spec)
+            self.assertIn(expected, str(raised.exception))
+
+    def test_listenRepeatable(self) -> None:
+        """
+        --listen may be given several times; the same endpoint twice is an
+        error.
+        """
+        options = self.parse("--listen", "tcp:1234", "--listen", "unix:/tmp/x.sock")
+        self.assertEqual(options["listen"], ["tcp:1234", "unix:/tmp/x.sock"])
+        self.assertRaises(
+            usage.UsageError, self.parse, "--listen", "tcp:1", "--listen", "tcp:1"
+        )
+
+    def test_badEndpoint(self) -> None:
+        """
+        An endpoint description that does not parse is a usage error.
+        """
+        with self.assertRaises(usage.UsageError) as raised:
+            self.parse("--listen", "nonsense:1234")
+        self.assertIn("nonsense:1234", str(raised.exception))
+        self.assertRaises(usage.UsageError, self.parse, "--listen", "tcp:notaport")
+
+    def test_badStrategy(self) -> None:
+        """
+        An unknown strategy is a usage error listing the known ones.
+        """
+        with self.assertRaises(usage.UsageError) as raised:
+            self.parse("--strategy", "teleport")
+        self.assertIn("gradual", str(raised.exception))
+
+    def test_badTimeouts(self) -> None:
+        """
+        Timeouts are positive numbers of seconds.
+        """
+        for option in ["--ready-timeout", "--drain-timeout", "--handoff-timeout"]:
+            for value in ["soon", "0", "-1", "nan", "inf"]:
+                self.assertRaises(usage.UsageError, self.parse, option, value)
+        self.assertEqual(self.parse("--drain-timeout", "2.5")["drain-timeout"], 2.5)
+
+
+class PidfileTests(SynchronousTestCase):
+    """
+    The host keeps twistd's pidfile naming the serving process.
+    """
+
+    def parseUnder(self, parent: dict, environ: dict) -> tap.Options:
+        options = tap.Options()
+        options.parent = parent  # type: ignore[attr-defined]
+        self.patch(os, "environ", environ)
+        options.parseOptions([])
+        return options
+
+    def test_servingProcessKeepsPidfile(self) -> None:
+        """
+        A first generation lets twistd write its pidfile and remembers it.
+        """
+        parent = {"pidfile": "run/twistd.pid"}
+        options = self.parseUnder(parent, {})
+        self.assertEqual(options["pidfile"], os.path.abspath("run/twistd.pid"))
+        self.assertEqual(parent["pidfile"], "run/twistd.pid")
+        options.forgetPidfile()
+        self.assertEqual(parent["pidfile"], "")
+
+    def test_successorSkipsPidCheck(self) -> None:
+        """
+        A successor does not let twistd check the pidfile (it names the old
+        process, alive) but remembers it to rewrite once it serves.
+        """
+        parent = {"pidfile": "twistd.pid"}
+        options = self.parseUnder(parent, {"MIGRATE_HANDOFF_FD": "3"})
+        self.assertEqual(options["pidfile"], os.path.abspath("twistd.pid"))
+        self.assertEqual(parent["pidfile"], "")
+
+    def test_noPidfile(self) -> None:
+        """
+        Without a pidfile (C{twist}, or C{--pidfile ''}) there is none to keep.
+        """
+        self.assertIsNone(self.parseUnder({}, {})["pidfile"])
+        self.assertIsNone(self.parseUnder({"pidfile": ""}, {})["pidfile"])
+
+
+class BuildHostTests(SynchronousTestCase):
+    """
+    L{tap.buildHost} turns options into a L{MigrationHost}.
+    """
+
+    def test_build(self) -> None:
+        """
+        The host gets the options' listeners, strategy and timeouts.
+        """
+        options = tap.Options()
+        options.parseOptions(
+            ["--listen", "tcp:0", "--strategy", "capability", "--ready-timeout", "5"]
+        )
+        host = tap.buildHost(MemoryReactorClock(), options)
+        self.assertIsInstance(host, MigrationHost)
+        self.assertEqual(list(host.listeners), ["tcp:0"])
+        self.assertEqual(host.strategy.name, "capability")
+        self.assertEqual(host.readyTimeout, 5.0)
+        self.assertIsNone(host.inheritance)

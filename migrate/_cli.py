@@ -470,6 +470,16 @@ class UpgradeOptions(_CommandOptions):
             raise usage.UsageError("--strategy needs a name")
 
 
+def _rollingOptions() -> usage.Options:
+    """
+    The options of C{rolling}, imported late: L{migrate._rolling} imports
+    this module.
+    """
+    from ._rolling import RollingOptions
+
+    return RollingOptions()
+
+
 class MigrateOptions(usage.Options):
     """
     C{python -m migrate COMMAND [options]}.
@@ -491,11 +501,17 @@ class MigrateOptions(usage.Options):
     subCommands = [
         ["status", None, StatusOptions, "Describe the running host."],
         ["upgrade", None, UpgradeOptions, "Migrate the running host now."],
+        [
+            "rolling",
+            None,
+            _rollingOptions,
+            "Upgrade every server of an HAProxy backend in turn.",
+        ],
     ]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("a command is needed: status or upgrade")
+            raise usage.UsageError("a command is needed: status, upgrade or rolling")
 
 
 # The commands
@@ -793,6 +809,11 @@ def run(
         return succeed(EXIT_FAILED)
     sub = options.subOptions
     out.asJSON = bool(sub["json"])
+    if options.subCommand == "rolling":
+        from ._rolling import rollingCommand
+
+        rolling = rollingCommand(reactor, sub, out, connect)
+        return Deferred.fromCoroutine(rolling).addErrback(_explain, out)
     session = _Session(reactor, connect, out, sub["control"])
     command: Coroutine[Any, Any, int]
     if options.subCommand == "status":

@@ -6,6 +6,8 @@ The conversation, for capability and gradual transfer::
 
     successor -> old   Hello          I have loaded the new code; who am I?
     old -> successor   TakeListener   (once per listener, descriptor attached)
+    old -> successor   TakeControl    (the control socket)
+    old -> successor   Prepare        start the application
     old -> successor   AdoptConnections   (capability: descriptors in bulk)
     old -> successor   Commit         you serve now
     old -> successor   DrainStatus    (while the old process drains)
@@ -25,6 +27,9 @@ __all__ = [
     "DrainStatus",
     "HandoffRefused",
     "Hello",
+    "Prepare",
+    "Reported",
+    "TakeControl",
     "TakeListener",
     "HANDOFF_PROTOCOL_VERSION",
 ]
@@ -47,6 +52,7 @@ class Hello(amp.Command):
         (b"pid", amp.Integer()),
         (b"protocolVersion", amp.Integer()),
         (b"listeners", amp.ListOf(amp.Unicode())),
+        (b"anyListener", amp.Boolean(optional=True)),
     ]
     response = [
         (b"generation", amp.Integer()),
@@ -65,7 +71,7 @@ class TakeListener(amp.Command):
         (b"key", amp.Unicode()),
         (b"socket", amp.Descriptor()),
     ]
-    response: list = []
+    response = []
     errors = {HandoffRefused: b"HANDOFF_REFUSED"}
 
 
@@ -75,7 +81,18 @@ class TakeControl(amp.Command):
     """
 
     arguments = [(b"socket", amp.Descriptor())]
-    response: list = []
+    response = []
+    errors = {HandoffRefused: b"HANDOFF_REFUSED"}
+
+
+class Prepare(amp.Command):
+    """
+    You hold the listeners: start the application (a hosted plugin opens
+    its ports now, claiming the inherited ones), still without accepting.
+    """
+
+    arguments = []
+    response = []
     errors = {HandoffRefused: b"HANDOFF_REFUSED"}
 
 
@@ -87,6 +104,10 @@ class AdoptConnections(amp.Command):
     order as the descriptors sent over C{bulk}, a socket dedicated to this
     batch: descriptors travel there in batches of up to 253 per
     C{sendmsg}, since one AMP command per descriptor is far too slow.
+
+    The answer counts what was adopted and describes only the first few
+    refusals (as JSON), so that it stays far below AMP's 64 KiB value limit
+    however many connections move.
     """
 
     arguments = [
@@ -96,7 +117,8 @@ class AdoptConnections(amp.Command):
         (b"bulk", amp.Descriptor()),
     ]
     response = [
-        (b"adopted", amp.ListOf(amp.Integer())),
+        (b"adopted", amp.Integer()),
+        (b"refusedCount", amp.Integer()),
         (b"refused", amp.Unicode()),
     ]
     errors = {HandoffRefused: b"HANDOFF_REFUSED"}
@@ -109,9 +131,19 @@ class Commit(amp.Command):
     gives back what it holds.
     """
 
-    arguments: list = []
+    arguments = []
     response = [(b"pid", amp.Integer())]
     errors = {HandoffRefused: b"HANDOFF_REFUSED"}
+
+
+class Reported(amp.Command):
+    """
+    The report of the migration that made the successor serve, as JSON, so
+    that its status shows it.
+    """
+
+    arguments = [(b"report", amp.Unicode())]
+    requiresAnswer = False
 
 
 class DrainStatus(amp.Command):

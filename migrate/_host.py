@@ -8,23 +8,67 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from attrs import define
-from twisted.application.service import Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._listeners import pauseListener, releaseListener, resumeListener
 from ._pidfile import writePidfile
 from ._report import MigrationPhase, MigrationReport
-from ._tracking import TrackingFactory
+from ._systemd import activatedEndpoint, isActivated
+from ._tracking import TrackingFactory, unclaimedFactory
 from .interfaces import IMigrationStrategy
 
 __all__ = ["MigrationHost", "HostedListener", "NotServing"]
+
+
+class ILifecycleObserver(Protocol):
+    """
+    Told about the moments of a host's life that supervisors care about
+    (systemd's notification protocol, for one).  Every method is optional.
+    """
+
+    def serving(self, host: "MigrationHost") -> None:
+        """
+        The host serves (at start, or after inheriting the service).
+        """
+
+    def migrationStarted(self, host: "MigrationHost") -> None:
+        """
+        A migration begins.
+        """
+
+    def migrationEnded(self, host: "MigrationHost", report: MigrationReport) -> None:
+        """
+        A migration ended (committed or rolled back); C{host} may now
+        drain for another process.
+        """
+
+    def handedOn(self, host: "MigrationHost", newPid: int) -> None:
+        """
+        The service now belongs to process C{newPid}; this one drains.
+        """
+
+
+#: seconds a connection closed at the drain deadline may take to flush
+_ABORT_GRACE_SECONDS = 5.0
+
+#: seconds an answer just written (a report) gets to leave before the host
+#: stops and closes the control connections
+_ANSWER_GRACE_SECONDS = 0.2
+
+
+class CannotListenTwice(Exception):
+    """
+    The hosted application opened the same listener twice.
+    """
 
 
 class NotServing(Exception):
@@ -67,14 +111,16 @@ def _noStrategyNamed(name: str) -> IMigrationStrategy:
     raise KeyError(name)
 
 
-class MigrationHost(Service):
+class MigrationHost(MultiService):
     """
     Hosts an application's protocol factory on one or more listeners and
     moves the service to new code on demand.
 
     Build one with the application's factory, its endpoint descriptions and
     a strategy, and add it to a service tree; nothing else in the
-    application changes.  A migration starts on C{SIGHUP}, on the control
+    application changes.  Or give it a whole application service (another
+    twistd plugin's, unmodified) whose listening ports it intercepts: the
+    host's children are that application.  A migration starts on C{SIGHUP}, on the control
     channel's C{upgrade} command, or when L{requestUpgrade} is called.
 
     @ivar generation: 1 for a freshly started service, one more for each
@@ -92,7 +138,7 @@ class MigrationHost(Service):
     def __init__(
         self,
         reactor: Any,
-        applicationFactory: IProtocolFactory,
+        applicationFactory: IProtocolFactory | None,
         listen: Sequence[str],
         strategy: IMigrationStrategy,
         *,
@@ -109,6 +155,9 @@ class MigrationHost(Service):
         stopProcess: Callable[[], None] | None = None,
         installSignalHandlers: bool = True,
         applicationSpec: str | None = None,
+        applicationService: IService | None = None,
+        strategyOptions: Mapping[str, Any] | None = None,
+        reloadModules: Sequence[str] = (),
     ) -> None:
         """
         @param reactor: the reactor (listening, process, time, sockets).
@@ -138,7 +187,17 @@ class MigrationHost(Service):
         @param installSignalHandlers: whether C{SIGHUP} triggers a migration.
         @param applicationSpec: where the application's factory came from
             (C{PKG.MOD:NAME}), for strategies that load new code in place.
+        @param applicationService: an application service (another twistd
+            plugin's) to host as this host's child; its listening ports are
+            owned by the host when a L{ListeningInterceptor} is installed on
+            the reactor.
+        @param strategyOptions: settings of particular strategies, by option
+            name (C{"reexec-unmovable"}).
+        @param reloadModules: the modules module reload loads anew (a
+            package includes its submodules) instead of C{applicationSpec}'s
+            package (C{--reload-module}).
         """
+        MultiService.__init__(self)
         self.reactor = reactor
         self.applicationFactory = applicationFactory
         self.strategy = strategy
@@ -155,8 +214,16 @@ class MigrationHost(Service):
         self.stopProcess = stopProcess if stopProcess is not None else reactor.stop
         self.installSignalHandlers = installSignalHandlers
         self.applicationSpec = applicationSpec
+        self.strategyOptions = dict(strategyOptions or {})
+        self.reloadModules = list(reloadModules)
+        self.acceptsAnyListener = applicationService is not None
+        if applicationService is not None:
+            applicationService.setServiceParent(self)
         self.listeners: dict[str, HostedListener] = {}
+        if listen and applicationFactory is None:
+            raise ValueError("listeners need an application factory")
         for key in listen:
+            assert applicationFactory is not None
             if key in self.listeners:
                 raise ValueError("listener {!r} given twice".format(key))
             self.listeners[key] = HostedListener(
@@ -169,23 +236,35 @@ class MigrationHost(Service):
         self.handingOn = False
         self.lastReport: MigrationReport | None = None
         self.draining: dict[int, dict[str, Any]] = {}
-        self._drainWatchers: list[Callable[[], None]] = []
+        self.observers: list[Any] = []
+        self._migration: Deferred[Any] | None = None
+        #: set by a running migration that can be aborted: called with the
+        #: reason when the host stops in the middle of it
+        self.abortMigration: Callable[[str], None] | None = None
         self._previousHangup: Any = None
         self.pid = os.getpid()
 
     # Service
 
     def privilegedStartService(self) -> None:
-        Service.privilegedStartService(self)
         if self.inheritance is None:
             self._listenAll()
+            MultiService.privilegedStartService(self)
+        else:
+            # A successor starts its application once it holds the
+            # inherited listeners (see prepareApplication).
+            Service.privilegedStartService(self)
 
     def startService(self) -> None:
-        Service.startService(self)
         if self.inheritance is None:
+            # Listen here too when privilegedStartService was not called
+            # (a service started on its own); listeners already open stay.
+            self._listenAll()
+            MultiService.startService(self)
             self._startControl()
             self._serve()
         else:
+            Service.startService(self)
             self._log.info(
                 "Generation successor {pid} starting: inheriting the service",
                 pid=self.pid,
@@ -194,12 +273,44 @@ class MigrationHost(Service):
             d.addErrback(self._inheritFailed)
 
     def stopService(self) -> Deferred[None] | None:
-        Service.stopService(self)
         self._restoreHangup()
+        if self.phase is not MigrationPhase.idle and self._migration is not None:
+            # Stopping in the middle of a migration: abort it (the successor
+            # is killed and everything resumed here) before closing anything,
+            # so that no socket the successor holds is shut down under it.
+            self._log.warn("Stopping during a migration: aborting it first")
+            if self.abortMigration is not None:
+                self.abortMigration("this process is stopping")
+            waiting: Deferred[Any] = Deferred()
+
+            def migrationEnded(result: Any) -> Any:
+                waiting.callback(None)
+                return result
+
+            self._migration.addBoth(migrationEnded)
+            # The rolled-back report was just written to the upgrade's
+            # caller: give it a moment to leave before the shutdown closes
+            # that connection unflushed.
+            waiting.addCallback(
+                lambda _: deferLater(self.reactor, _ANSWER_GRACE_SECONDS, lambda: None)
+            )
+            return waiting.addCallback(lambda _: self._stopNow())
+        return self._stopNow()
+
+    def _stopNow(self) -> Deferred[None] | None:
         stops = []
+        if self._applicationStarted():
+            stops.append(maybeDeferred(MultiService.stopService, self))
+        else:
+            Service.stopService(self)
         for listener in self.listeners.values():
             if listener.port is not None and not self.handingOn:
-                stops.append(maybeDeferred(listener.port.stopListening))
+                if isActivated(listener.key):
+                    # systemd keeps the socket for the next activation: no
+                    # shutdown(), no unlink.
+                    releaseListener(listener.port)
+                else:
+                    stops.append(maybeDeferred(listener.port.stopListening))
         if self.controlPort is not None and not self.handingOn:
             stops.append(maybeDeferred(self.controlPort.stopListening))
         if not stops:
@@ -208,11 +319,59 @@ class MigrationHost(Service):
 
         return gatherResults(stops).addCallback(lambda _: None)
 
+    def _applicationStarted(self) -> bool:
+        return any(child.running for child in self)
+
+    def prepareApplication(self) -> None:
+        """
+        Start the hosted application in a successor, once the inherited
+        listeners are here: the ports it opens claim them.
+        """
+        if self._applicationStarted():
+            return
+        for child in self:
+            child.privilegedStartService()
+        for child in self:
+            child.startService()
+
+    def claimListener(
+        self,
+        key: str,
+        factory: IProtocolFactory,
+        create: Callable[[TrackingFactory], IListeningPort],
+    ) -> IListeningPort:
+        """
+        The hosted application listens on C{key}: serve it with an
+        inherited listener if there is one, or open it with C{create}.
+        """
+        listener = self.listeners.get(key)
+        if listener is not None and listener.port is not None:
+            if not listener.factory.unclaimed:
+                raise CannotListenTwice(
+                    "the hosted application listens on {} twice".format(key)
+                )
+            listener.factory.claim(factory)
+            self._log.info(
+                "Hosted application took over inherited listener {key}", key=key
+            )
+            return listener.port
+        tracking = TrackingFactory(key, factory, self._connectionsChanged)
+        port = create(tracking)
+        self.listeners[key] = HostedListener(key, tracking, port)
+        self._log.info(
+            "Listening on {address} for the hosted application ({key})",
+            address=self.listeners[key].address(),
+            key=key,
+        )
+        return port
+
     def _listenAll(self) -> None:
         for listener in self.listeners.values():
             if listener.port is not None:
                 continue
-            endpoint = serverFromString(self.reactor, listener.key)
+            endpoint = activatedEndpoint(
+                self.reactor, listener.key
+            ) or serverFromString(self.reactor, listener.key)
             result: list[Any] = []
             endpoint.listen(listener.factory).addBoth(result.append)
             if not result:
@@ -236,8 +395,29 @@ class MigrationHost(Service):
         self.controlPort = listenControl(self.reactor, self.controlPath, self)
         self._log.info("Control channel on {path}", path=self.controlPath)
 
+    def addObserver(self, observer: ILifecycleObserver) -> None:
+        """
+        Tell C{observer} about this host's lifecycle from now on.
+        """
+        self.observers.append(observer)
+
+    def _tell(self, event: str, *args: Any) -> None:
+        for observer in list(self.observers):
+            method = getattr(observer, event, None)
+            if method is None:
+                continue
+            try:
+                method(self, *args)
+            except Exception:
+                self._log.failure(
+                    "Lifecycle observer {observer!r} failed on {event}",
+                    observer=observer,
+                    event=event,
+                )
+
     def _serve(self) -> None:
         self.serving = True
+        self._tell("serving")
         if self.installSignalHandlers:
             self._installHangup()
         self._log.info(
@@ -249,9 +429,7 @@ class MigrationHost(Service):
         )
 
     def _inheritFailed(self, reason: Failure) -> None:
-        self._log.failure(
-            "Could not inherit the service; this successor exits", reason
-        )
+        self._log.failure("Could not inherit the service; this successor exits", reason)
         self.stopProcess()
 
     # Signals
@@ -267,9 +445,27 @@ class MigrationHost(Service):
             signal.signal(signal.SIGHUP, self._previousHangup)
             self._previousHangup = None
 
+    def _ignoreHangupWhileDraining(self) -> None:
+        """
+        A draining process must not die of a stray C{SIGHUP} (its default
+        action) and drop the connections it still serves.
+        """
+
+        def onHangup(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(
+                self._log.warn,
+                "SIGHUP ignored: process {pid} drains; its successor takes "
+                "migrations",
+                pid=self.pid,
+            )
+
+        if self.installSignalHandlers:
+            self._previousHangup = signal.signal(signal.SIGHUP, onHangup)
+
     def _upgradeFromSignal(self) -> None:
-        self._log.info("SIGHUP: migrating with strategy {strategy}",
-                       strategy=self.strategy.name)
+        self._log.info(
+            "SIGHUP: migrating with strategy {strategy}", strategy=self.strategy.name
+        )
 
         def progress(message: str) -> None:
             self._log.info("Migration: {message}", message=message)
@@ -289,6 +485,12 @@ class MigrationHost(Service):
 
         @raise KeyError: if this code has no such listener.
         """
+        if key not in self.listeners and self.acceptsAnyListener:
+            # A hosted application's port: it is claimed when the
+            # application opens it again.
+            self.listeners[key] = HostedListener(
+                key, TrackingFactory(key, unclaimedFactory(), self._connectionsChanged)
+            )
         return self.listeners[key]
 
     def adoptControlPort(self, port: IListeningPort) -> None:
@@ -305,6 +507,15 @@ class MigrationHost(Service):
         @param generation: this process's generation number.
         """
         self.generation = generation
+        for key, listener in list(self.listeners.items()):
+            if listener.port is not None and listener.factory.unclaimed:
+                self._log.warn(
+                    "Inherited listener {key} is not used by the new code; "
+                    "closing it",
+                    key=key,
+                )
+                listener.port.stopListening()
+                del self.listeners[key]
         for listener in self.listeners.values():
             if listener.port is not None:
                 resumeListener(listener.port)
@@ -393,19 +604,24 @@ class MigrationHost(Service):
             try:
                 strategy = self.strategyNamed(strategyName)
             except KeyError:
-                return fail(UnknownStrategy("unknown strategy {!r}".format(strategyName)))
+                return fail(
+                    UnknownStrategy("unknown strategy {!r}".format(strategyName))
+                )
         self.phase = MigrationPhase.spawning
         self._log.info(
-            "Migration of generation {generation} starting with strategy "
-            "{strategy}",
+            "Migration of generation {generation} starting with strategy " "{strategy}",
             generation=self.generation,
             strategy=strategy.name,
         )
+        self._tell("migrationStarted")
         d = maybeDeferred(strategy.migrate, self, progress)
+        self._migration = d
 
         def finished(report: MigrationReport) -> dict[str, Any]:
             self.phase = MigrationPhase.idle
+            self._migration = None
             self.lastReport = report
+            self._tell("migrationEnded", report)
             self._log.info(
                 "Migration ended: {outcome} ({reason})",
                 outcome=report.outcome.value,
@@ -416,6 +632,8 @@ class MigrationHost(Service):
 
         def crashed(reason: Failure) -> Failure:
             self.phase = MigrationPhase.idle
+            self._migration = None
+            self._tell("migrationEnded", None)
             self._log.failure("Migration crashed", reason)
             return reason
 
@@ -471,17 +689,23 @@ class MigrationHost(Service):
             }
         return [entries[key] for key in sorted(entries)]
 
-    def handOn(self, reportDrain: Callable[[list[dict[str, Any]]], None]) -> None:
+    def handOn(
+        self,
+        reportDrain: Callable[[list[dict[str, Any]]], None],
+        newPid: int | None = None,
+    ) -> None:
         """
         The hand-off committed: stop serving, let go of the listeners and
         the control socket (the successor holds them), and drain.
 
         @param reportDrain: called with L{drainingGenerations} whenever it
             changes, to keep the successor's status current.
+        @param newPid: the process that serves now.
         """
         self.serving = False
         self.handingOn = True
         self._restoreHangup()
+        self._ignoreHangupWhileDraining()
         self.forgetPidfile()
         for listener in self.listeners.values():
             if listener.port is not None:
@@ -489,6 +713,8 @@ class MigrationHost(Service):
         if self.controlPort is not None:
             releaseListener(self.controlPort)
             self.controlPort = None
+        if newPid is not None:
+            self._tell("handedOn", newPid)
         self._drainReporter = reportDrain
         self._lastDrainReport: list[dict[str, Any]] | None = None
         self._reportDrain()
@@ -556,6 +782,24 @@ class MigrationHost(Service):
         )
         for listener, protocol in list(self.allConnections()):
             protocol.loseConnection()
+        # A peer that never reads would keep a cleanly closing connection
+        # (and this process) alive forever: abort what is left after a grace.
+        self.reactor.callLater(_ABORT_GRACE_SECONDS, self._abortStragglers)
+
+    def _abortStragglers(self) -> None:
+        remaining = list(self.allConnections())
+        if not remaining:
+            return
+        self._log.warn(
+            "{count} connections did not close within {grace} s of the drain "
+            "deadline; aborting them",
+            count=len(remaining),
+            grace=_ABORT_GRACE_SECONDS,
+        )
+        for listener, protocol in remaining:
+            transport = protocol.transport
+            if transport is not None and hasattr(transport, "abortConnection"):
+                transport.abortConnection()
 
     def _checkDrained(self) -> None:
         if self.serving or not self.handingOn:

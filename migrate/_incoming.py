@@ -6,20 +6,21 @@ untouched if the old process goes away before that.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from ._codec import StateError, decodeState
-from ._fdpass import readMemfd, receiveDescriptors
+from ._fdpass import DescriptorTransferError, readMemfd, receiveDescriptors
 from ._handoffprotocol import (
     HANDOFF_PROTOCOL_VERSION,
     AdoptConnections,
@@ -27,6 +28,8 @@ from ._handoffprotocol import (
     DrainStatus,
     HandoffRefused,
     Hello,
+    Prepare,
+    Reported,
     TakeControl,
     TakeListener,
 )
@@ -36,6 +39,9 @@ from ._movement import AdoptedConnection, adoptEntry
 __all__ = ["IncomingChannel", "startIncoming"]
 
 _MAX_MANIFEST_BYTES = 512 * 1024 * 1024
+#: how many refusals an answer describes, and how long each reason may be
+_REFUSALS_TOLD = 20
+_REASON_CHARS = 500
 _MAX_MANIFEST_DEPTH = 48
 
 
@@ -66,6 +72,7 @@ class IncomingChannel(amp.AMP):
             pid=os.getpid(),
             protocolVersion=HANDOFF_PROTOCOL_VERSION,
             listeners=list(self.host.listeners),
+            anyListener=self.host.acceptsAnyListener,
         )
         d.addCallbacks(self._welcomed, self._refused)
 
@@ -83,7 +90,8 @@ class IncomingChannel(amp.AMP):
             "The old process refused this successor: {why}",
             why=reason.getErrorMessage(),
         )
-        self.transport.loseConnection()
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     @TakeListener.responder
     def takeListener(self, key: str, socket: int) -> dict[str, Any]:
@@ -112,6 +120,17 @@ class IncomingChannel(amp.AMP):
         self.host.adoptControlPort(port)
         return {}
 
+    @Prepare.responder
+    def prepare(self) -> dict[str, Any]:
+        try:
+            self.host.prepareApplication()
+        except Exception as e:
+            self._log.failure("The application did not start")
+            raise HandoffRefused(
+                "the application did not start: {}: {}".format(type(e).__name__, e)
+            )
+        return {}
+
     @AdoptConnections.responder
     @inlineCallbacks
     def adoptConnections(
@@ -120,29 +139,40 @@ class IncomingChannel(amp.AMP):
         bulkSocket = socket.socket(fileno=bulk)
         try:
             if not 0 <= manifestSize <= _MAX_MANIFEST_BYTES:
-                raise HandoffRefused("manifest of {} bytes refused".format(manifestSize))
+                raise HandoffRefused(
+                    "manifest of {} bytes refused".format(manifestSize)
+                )
             try:
                 data = readMemfd(manifest, maxBytes=manifestSize)
                 entries = decodeState(
                     data, maxBytes=_MAX_MANIFEST_BYTES, maxDepth=_MAX_MANIFEST_DEPTH
                 )
-            except (StateError, OSError, ValueError) as e:
+            except (StateError, OSError, ValueError, DescriptorTransferError) as e:
                 raise HandoffRefused("unreadable manifest: {}".format(e))
             if not isinstance(entries, list) or len(entries) != count:
-                raise HandoffRefused("manifest does not list {} connections".format(count))
-            descriptors = yield deferToThreadPool(
-                self.host.reactor,
-                self.host.reactor.getThreadPool(),
-                receiveDescriptors,
-                bulkSocket,
-                count,
-                timeout=self.host.handoffTimeout,
-            )
+                raise HandoffRefused(
+                    "manifest does not list {} connections".format(count)
+                )
+            try:
+                descriptors = yield deferToThreadPool(
+                    self.host.reactor,
+                    self.host.reactor.getThreadPool(),
+                    receiveDescriptors,
+                    bulkSocket,
+                    count,
+                    timeout=self.host.handoffTimeout,
+                )
+            except DescriptorTransferError as e:
+                # Say why (out of descriptors: MSG_CTRUNC) instead of AMP's
+                # "Unknown Error".
+                self._log.error("Receiving descriptors failed: {why}", why=str(e))
+                raise HandoffRefused("receiving descriptors: {}".format(e))
         finally:
             os.close(manifest)
             bulkSocket.close()
-        adopted = []
-        refused = []
+        adopted = 0
+        refused: list[dict[str, Any]] = []
+        refusedCount = 0
         for entry, descriptor in zip(entries, descriptors):
             ident = entry.get("id") if isinstance(entry, dict) else None
             try:
@@ -152,18 +182,37 @@ class IncomingChannel(amp.AMP):
                 self._log.warn(
                     "Refusing connection {ident}: {why}", ident=ident, why=reason
                 )
-                refused.append({"id": ident, "reason": reason})
+                refusedCount += 1
+                if len(refused) < _REFUSALS_TOLD:
+                    refused.append({"id": ident, "reason": reason[:_REASON_CHARS]})
             else:
-                adopted.append(ident)
+                adopted += 1
         self._log.info(
             "Adopted {count} connections paused ({refused} refused)",
-            count=len(adopted),
-            refused=len(refused),
+            count=adopted,
+            refused=refusedCount,
         )
-        return {"adopted": adopted, "refused": json.dumps(refused)}
+        return {
+            "adopted": adopted,
+            "refusedCount": refusedCount,
+            "refused": json.dumps(refused),
+        }
 
     def _adoptOne(self, entry: Any, descriptor: int) -> None:
-        self._adopted.append(adoptEntry(self.host, entry, descriptor))
+        try:
+            self._adopted.append(adoptEntry(self.host, entry, descriptor))
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:
+                raise
+            # The client reset the connection while it was frozen: there is
+            # nothing left to serve or to give back (the descriptor is
+            # closed), so it must not veto the whole hand-off.  It counts
+            # as moved; the old process lets go of its copy at the commit.
+            self._log.info(
+                "Connection {ident} was reset by its client during the "
+                "hand-off; nothing to adopt",
+                ident=entry.get("id") if isinstance(entry, dict) else None,
+            )
 
     @Commit.responder
     def commit(self) -> dict[str, Any]:
@@ -183,6 +232,16 @@ class IncomingChannel(amp.AMP):
             count=len(adopted),
         )
         return {"pid": os.getpid()}
+
+    @Reported.responder
+    def reported(self, report: str) -> dict[str, Any]:
+        from ._report import MigrationReport
+
+        try:
+            self.host.lastReport = MigrationReport.fromJSON(json.loads(report))
+        except ValueError as e:
+            self._log.warn("Ignoring a malformed report: {why}", why=str(e))
+        return {}
 
     @DrainStatus.responder
     def drainStatus(self, draining: str) -> dict[str, Any]:
@@ -207,7 +266,7 @@ class IncomingChannel(amp.AMP):
     def _peerPid(self) -> int:
         return self.oldPid
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         amp.AMP.connectionLost(self, reason)
         if self.committed:
             self._log.info("The previous generation has ended")

@@ -10,6 +10,7 @@ travels in a manifest, next to the connection's descriptor.
 from __future__ import annotations
 
 import base64
+import socket
 from typing import Any, Iterable
 
 from attrs import define
@@ -42,6 +43,11 @@ __all__ = [
 ]
 
 _log = Logger()
+
+#: the address families a manifest may name (anything else is probed)
+_families = {
+    int(family): family for family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
+}
 
 
 @define
@@ -149,6 +155,7 @@ def freezeMovable(
         entry = {
             "id": ident,
             "listener": key,
+            "family": int(transport.socket.family),
             "state": state.toPlain(),
             "output": base64.b64encode(frozen.pendingOutput).decode("ascii"),
         }
@@ -205,13 +212,14 @@ def adoptEntry(host: Any, entry: Any, descriptor: int) -> AdoptedConnection:
         listener = host.listenerNamed(entry["listener"])
         state = ProtocolState.fromPlain(entry["state"])
         output = base64.b64decode(entry["output"], validate=True)
+        family = _families.get(entry.get("family"))  # type: ignore[arg-type]
     except Exception as e:
         import os
 
         os.close(descriptor)
         raise StateError("bad manifest entry: {}".format(_describe(e)))
     pending = PendingAdoptionFactory(listener.factory)
-    transport = adoptConnection(host.reactor, descriptor, pending)
+    transport = adoptConnection(host.reactor, descriptor, pending, family)
     hosted = pending.built
     assert hosted is not None
     adopted = AdoptedConnection(hosted, transport)

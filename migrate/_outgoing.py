@@ -17,13 +17,13 @@ from typing import Any, Callable
 from attrs import define, field
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from ._codec import encodeState
+from ._control import encodeReport
 from ._deadline import DeadlinePassed, firstOf
 from ._fdpass import sendDescriptors, writeMemfd
 from ._handoffprotocol import (
@@ -33,13 +33,16 @@ from ._handoffprotocol import (
     DrainStatus,
     HandoffRefused,
     Hello,
+    Prepare,
+    Reported,
     TakeControl,
     TakeListener,
 )
 from ._listeners import listenerDescriptor
+from ._movement import MovingConnection, freezeMovable
 from ._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
 from ._successor import SuccessorProcess, spawnSuccessor, successorCommandLine
-from ._movement import MovingConnection, freezeMovable
+from ._systemd import successorEnvironment
 
 __all__ = ["OutgoingHandoff", "HandoffFailed"]
 
@@ -64,10 +67,18 @@ class OutgoingChannel(amp.AMP):
         self._lostWaiters: list[Deferred[None]] = []
 
     @Hello.responder
-    def hello(self, pid: int, protocolVersion: int, listeners: list[str]) -> dict[str, Any]:
-        return self.handoff.successorSaidHello(pid, protocolVersion, listeners)
+    def hello(
+        self,
+        pid: int,
+        protocolVersion: int,
+        listeners: list[str],
+        anyListener: bool = False,
+    ) -> dict[str, Any]:
+        return self.handoff.successorSaidHello(
+            pid, protocolVersion, listeners, anyListener
+        )
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         amp.AMP.connectionLost(self, reason)
         self.lost = True
         waiters, self._lostWaiters = self._lostWaiters, []
@@ -112,9 +123,14 @@ class OutgoingHandoff:
     _durations: dict[str, float] = field(factory=dict)
     _pausedAccepting: bool = False
     _notes: list[str] = field(factory=list)
+    _abortReason: str | None = None
 
     def successorSaidHello(
-        self, pid: int, protocolVersion: int, listeners: list[str]
+        self,
+        pid: int,
+        protocolVersion: int,
+        listeners: list[str],
+        anyListener: bool = False,
     ) -> dict[str, Any]:
         if protocolVersion != HANDOFF_PROTOCOL_VERSION:
             reason = "successor speaks hand-off protocol {}, this process {}".format(
@@ -123,7 +139,7 @@ class OutgoingHandoff:
             self._hello.errback(HandoffFailed(reason))
             raise HandoffRefused(reason)
         missing = sorted(set(self.host.listeners) - set(listeners))
-        if missing:
+        if missing and not anyListener:
             reason = "the new code has no listener for {}".format(", ".join(missing))
             self._hello.errback(HandoffFailed(reason))
             raise HandoffRefused(reason)
@@ -131,8 +147,8 @@ class OutgoingHandoff:
             self._hello.callback(pid)
         return {"generation": self.host.generation + 1, "strategy": self.strategyName}
 
-    def _step(self, message: str, **fields: Any) -> None:
-        _log.info("Hand-off: " + message.replace("{", "{{").replace("}", "}}"))
+    def _step(self, message: str) -> None:
+        _log.info("Hand-off: {message}", message=message)
         try:
             self.progress(message)
         except Exception:
@@ -156,6 +172,7 @@ class OutgoingHandoff:
             self._durations[name] = now - phaseStart
             phaseStart = now
 
+        self.host.abortMigration = self.abort
         try:
             self.host.phase = MigrationPhase.spawning
             yield self._spawn()
@@ -170,12 +187,14 @@ class OutgoingHandoff:
             newPid = yield self._commit()
             phaseDone("commit")
         except Exception as e:
-            reason = _describe(e)
+            reason = self._abortReason or _describe(e)
             self.host.phase = MigrationPhase.rollingBack
             yield self._rollBack(reason)
             phaseDone("rollback")
             self._durations["total"] = clock.seconds() - started
+            self.host.abortMigration = None
             return self._report(MigrationOutcome.rolledBack, reason, None)
+        self.host.abortMigration = None
         self._releaseMoved()
         self._durations["total"] = clock.seconds() - started
         report = self._report(MigrationOutcome.success, None, newPid)
@@ -195,8 +214,26 @@ class OutgoingHandoff:
             if channel.transport is not None and not channel.lost:
                 channel.callRemote(DrainStatus, draining=json.dumps(entries))
 
-        self.host.handOn(reportDrain)
+        try:
+            channel.callRemote(Reported, report=encodeReport(report.toJSON()))
+        except Exception:
+            _log.failure("Could not tell the successor the report")
+        self.host.handOn(reportDrain, newPid)
         return report
+
+    def abort(self, reason: str) -> None:
+        """
+        Give up before the commit: kill the successor, which makes the
+        hand-off roll back.  Too late once the commit is under way.
+        """
+        if self.host.phase is MigrationPhase.committing:
+            return
+        self._abortReason = "aborted: " + reason
+        _log.warn("Aborting the hand-off: {reason}", reason=reason)
+        if self.successor is not None and not self.successor.exited:
+            self.successor.kill()
+        elif not self._hello.called:
+            self._hello.errback(HandoffFailed(self._abortReason))
 
     # Steps
 
@@ -210,15 +247,18 @@ class OutgoingHandoff:
             self.successor = spawnSuccessor(
                 host.reactor,
                 argv,
-                env=dict(os.environ),
+                env=successorEnvironment(os.environ),
                 handoffSocket=theirs,
                 extraEnv={"MIGRATE_HANDOFF_STRATEGY": self.strategyName},
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         try:
-            self.channel = OutgoingChannel(self)
-            factory = Factory.forProtocol(lambda: self.channel)
+            channel = self.channel = OutgoingChannel(self)
+            factory = Factory.forProtocol(lambda: channel)
             host.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
         finally:
             ours.close()
@@ -228,7 +268,9 @@ class OutgoingHandoff:
             )
         )
         yield self._within(
-            self._hello, host.readyTimeout, "not ready within {} s".format(host.readyTimeout)
+            self._hello,
+            host.readyTimeout,
+            "not ready within {} s".format(host.readyTimeout),
         )
         self._step("successor {} is ready".format(self.successor.pid))
 
@@ -250,6 +292,7 @@ class OutgoingHandoff:
                 "handing over the control socket",
                 socket=listenerDescriptor(host.controlPort),
             )
+        yield self._call(Prepare, "starting the application")
         self._step("successor holds the listeners")
 
     @inlineCallbacks
@@ -262,12 +305,23 @@ class OutgoingHandoff:
             self._step("no connection can move")
             return
         entries = [each.entry for each in self._moving]
-        manifest = encodeState(entries, maxBytes=_MAX_MANIFEST_BYTES, maxDepth=_MAX_MANIFEST_DEPTH)
+        # Each state was checked as it was captured: encode without walking
+        # every state a second time.
+        manifest = json.dumps(
+            entries, ensure_ascii=True, allow_nan=False, separators=(",", ":")
+        ).encode("ascii")
+        if len(manifest) > _MAX_MANIFEST_BYTES:
+            raise HandoffFailed(
+                "{} connections' state is {} bytes, more than the {} a hand-off "
+                "carries".format(len(entries), len(manifest), _MAX_MANIFEST_BYTES)
+            )
         manifestFd = writeMemfd(manifest, "migrate-manifest")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         descriptors = [each.frozen.descriptor() for each in self._moving]
         self._step(
-            "moving {} connections ({} bytes of state)".format(len(descriptors), len(manifest))
+            "moving {} connections ({} bytes of state)".format(
+                len(descriptors), len(manifest)
+            )
         )
         timeout = host.handoffTimeout
         sending = deferToThreadPool(
@@ -278,7 +332,9 @@ class OutgoingHandoff:
             descriptors,
             timeout=timeout,
         )
-        sending.addErrback(lambda f: f)
+        # A failure becomes a value (its message): read once the successor
+        # has answered, and never left unhandled if the answer fails first.
+        sending.addCallbacks(lambda _: None, lambda f: f.getErrorMessage())
         try:
             answer = yield self._call(
                 AdoptConnections,
@@ -288,9 +344,9 @@ class OutgoingHandoff:
                 manifest=manifestFd,
                 bulk=theirs.fileno(),
             )
-            sent = yield sending
-            if isinstance(sent, Failure):
-                raise HandoffFailed("sending descriptors: " + sent.getErrorMessage())
+            problem = yield sending
+            if problem is not None:
+                raise HandoffFailed("sending descriptors: " + problem)
         finally:
             # The successor has answered (or is gone): the queued descriptors
             # went out, so our copies can close.
@@ -300,39 +356,41 @@ class OutgoingHandoff:
                 sending.addBoth(lambda _: ours.close())
             else:
                 ours.close()
-        adopted = set(answer["adopted"])
+        adopted = answer["adopted"]
         refused = _parseRefusals(answer["refused"])
-        if refused or len(adopted) != len(self._moving):
+        if answer["refusedCount"] or adopted != len(self._moving):
             first = next(iter(refused.values()), "not adopted")
             raise HandoffFailed(
                 "successor refused {} of {} connections (first: {}); the "
                 "hand-off is all or nothing".format(
-                    len(self._moving) - len(adopted), len(self._moving), first
+                    len(self._moving) - adopted, len(self._moving), first
                 )
             )
-        keep = []
-        for each in self._moving:
-            if each.ident in adopted:
-                keep.append(each)
-            else:
-                why = refused.get(each.ident, "not adopted")
-                _log.warn(
-                    "Connection {ident} on {listener} stays here: {why}",
-                    ident=each.ident,
-                    listener=each.listenerKey,
-                    why=why,
-                )
-                each.frozen.resume()
-                self._staying[each.listenerKey] = self._staying.get(each.listenerKey, 0) + 1
-        self._moving = keep
-        self._step(
-            "successor adopted {} connections, refused {}".format(len(keep), len(refused))
-        )
+        self._step("successor adopted {} connections".format(adopted))
 
     def _freezeMovable(self) -> None:
         self._moving, staying = freezeMovable(self.host.allConnections())
+        reasons: dict[str, int] = {}
         for each in staying:
             self._staying[each.listenerKey] = self._staying.get(each.listenerKey, 0) + 1
+            reasons[each.reason] = reasons.get(each.reason, 0) + 1
+        # Say in the report why connections stay (a state over the codec's
+        # limit, a protocol that does not opt in, TLS), bounded.
+        for reason, count in sorted(reasons.items())[:_MAX_STAY_NOTES]:
+            self._notes.append(
+                "{} connection{} cannot move and stay{} on process {}: {}".format(
+                    count,
+                    "" if count == 1 else "s",
+                    "s" if count == 1 else "",
+                    self.host.pid,
+                    reason if len(reason) <= 500 else reason[:500] + "...",
+                )
+            )
+        if len(reasons) > _MAX_STAY_NOTES:
+            self._notes.append(
+                "{} more reasons why connections cannot move are in the "
+                "log".format(len(reasons) - _MAX_STAY_NOTES)
+            )
 
     @inlineCallbacks
     def _commit(self) -> Any:
@@ -359,7 +417,10 @@ class OutgoingHandoff:
             successor.kill()
             try:
                 yield firstOf(
-                    [successor.whenEnded()], self.host.reactor, 10.0, "successor did not end"
+                    [successor.whenEnded()],
+                    self.host.reactor,
+                    10.0,
+                    "successor did not end",
                 )
             except DeadlinePassed:
                 self._notes.append(
@@ -378,7 +439,9 @@ class OutgoingHandoff:
 
     # Helpers
 
-    def _within(self, waited: Deferred[Any], timeout: float, timeoutReason: str) -> Deferred[Any]:
+    def _within(
+        self, waited: Deferred[Any], timeout: float, timeoutReason: str
+    ) -> Deferred[Any]:
         """
         Wait for C{waited}, unless the successor ends, the channel closes or
         C{timeout} passes first: whichever happens first decides.
@@ -395,8 +458,11 @@ class OutgoingHandoff:
         last = tail[-1] if tail else "no output"
         describe = getattr(status, "describe", None)
         how = describe() if describe is not None else str(status)
-        raise HandoffFailed("successor {} ({}); last output: {}".format(
-            self.successor.pid if self.successor is not None else "?", how, last))
+        raise HandoffFailed(
+            "successor {} ({}); last output: {}".format(
+                self.successor.pid if self.successor is not None else "?", how, last
+            )
+        )
 
     def _channelLost(self, _: Any) -> Deferred[None]:
         """
@@ -418,7 +484,9 @@ class OutgoingHandoff:
             "",
         ).addErrback(closedOnly)
 
-    def _call(self, command: type[amp.Command], what: str, **arguments: Any) -> Deferred[Any]:
+    def _call(
+        self, command: type[amp.Command], what: str, **arguments: Any
+    ) -> Deferred[Any]:
         assert self.channel is not None
         d = self.channel.callRemote(command, **arguments)
 
@@ -454,7 +522,11 @@ class OutgoingHandoff:
             ListenerReport(
                 key,
                 moved=self._moved.get(key, 0),
-                drained=self._staying.get(key, 0) if outcome is MigrationOutcome.success else 0,
+                drained=(
+                    self._staying.get(key, 0)
+                    if outcome is MigrationOutcome.success
+                    else 0
+                ),
                 failed=self._failed.get(key, 0),
             )
             for key in host.listeners
@@ -479,6 +551,8 @@ class OutgoingHandoff:
 
 _MAX_MANIFEST_BYTES = 512 * 1024 * 1024
 _MAX_MANIFEST_DEPTH = 48
+#: the most distinct reasons for connections staying behind a report lists
+_MAX_STAY_NOTES = 10
 
 
 def _describe(error: BaseException) -> str:

@@ -6,7 +6,7 @@ to every listener and connection.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any
+from typing import Any, Iterable
 
 from attrs import field, frozen
 
@@ -64,6 +64,14 @@ class ListenerReport:
         }
 
 
+def _listenerReports(reports: Iterable[ListenerReport]) -> tuple[ListenerReport, ...]:
+    return tuple(reports)
+
+
+def _lines(lines: Iterable[str]) -> tuple[str, ...]:
+    return tuple(lines)
+
+
 @frozen
 class MigrationReport:
     """
@@ -89,10 +97,12 @@ class MigrationReport:
     reason: str | None = None
     toGeneration: int | None = None
     newPid: int | None = None
-    listeners: tuple[ListenerReport, ...] = field(default=(), converter=tuple)
+    listeners: tuple[ListenerReport, ...] = field(
+        default=(), converter=_listenerReports
+    )
     durations: dict[str, float] = field(factory=dict)
-    successorLog: tuple[str, ...] = field(default=(), converter=tuple)
-    notes: tuple[str, ...] = field(default=(), converter=tuple)
+    successorLog: tuple[str, ...] = field(default=(), converter=_lines)
+    notes: tuple[str, ...] = field(default=(), converter=_lines)
 
     @property
     def succeeded(self) -> bool:
@@ -100,6 +110,45 @@ class MigrationReport:
         Whether the new code serves.
         """
         return self.outcome is MigrationOutcome.success
+
+    @classmethod
+    def fromJSON(cls, data: dict[str, Any]) -> "MigrationReport":
+        """
+        Read a report written by L{toJSON} (in another process).
+
+        @raise ValueError: if C{data} is not such a report.
+        """
+        try:
+            return cls(
+                strategy=str(data["strategy"]),
+                outcome=MigrationOutcome(data["outcome"]),
+                fromGeneration=int(data["fromGeneration"]),
+                oldPid=int(data["oldPid"]),
+                reason=None if data.get("reason") is None else str(data["reason"]),
+                toGeneration=(
+                    None
+                    if data.get("toGeneration") is None
+                    else int(data["toGeneration"])
+                ),
+                newPid=None if data.get("newPid") is None else int(data["newPid"]),
+                listeners=[
+                    ListenerReport(
+                        str(each["key"]),
+                        moved=int(each["moved"]),
+                        drained=int(each["drained"]),
+                        failed=int(each["failed"]),
+                    )
+                    for each in data.get("listeners", [])
+                ],
+                durations={
+                    str(name): float(seconds)
+                    for name, seconds in dict(data.get("durations", {})).items()
+                },
+                successorLog=[str(line) for line in data.get("successorLog", [])],
+                notes=[str(note) for note in data.get("notes", [])],
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError("not a migration report: {}".format(e))
 
     def toJSON(self) -> dict[str, Any]:
         """

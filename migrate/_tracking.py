@@ -8,11 +8,17 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory, ITransport
-from zope.interface import implementer
+from twisted.internet.interfaces import (
+    IAddress,
+    IProtocol,
+    IProtocolFactory,
+    ITransport,
+)
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 __all__ = ["HostedProtocol", "TrackingFactory"]
 
@@ -54,6 +60,12 @@ class HostedProtocol(ProtocolWrapper):
         self.transport = transport
         self.factory.registerProtocol(self)
 
+    def logPrefix(self) -> str:
+        if self.wrappedProtocol is None:
+            # Pending: asked once per adopted connection, thousands at once.
+            return "HostedProtocol"
+        return ProtocolWrapper.logPrefix(self)  # type: ignore[no-any-return]
+
     def attach(self, protocol: IProtocol) -> None:
         """
         Make C{protocol} the application protocol of this pending connection,
@@ -86,7 +98,7 @@ class HostedProtocol(ProtocolWrapper):
         self.released = True
         self.factory.unregisterProtocol(self)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.released:
             return
         if self.pending or self.wrappedProtocol is None:
@@ -127,13 +139,28 @@ class TrackingFactory(WrappingFactory):
         return list(self.protocols)
 
     def registerProtocol(self, p: Any) -> None:
-        WrappingFactory.registerProtocol(self, p)
+        super().registerProtocol(p)
         self.onChange()
 
     def unregisterProtocol(self, p: Any) -> None:
         if p in self.protocols:
-            WrappingFactory.unregisterProtocol(self, p)
+            super().unregisterProtocol(p)
             self.onChange()
+
+    @property
+    def unclaimed(self) -> bool:
+        """
+        Whether this listener was inherited but no application factory has
+        claimed it yet (a hosted plugin's port, before the plugin listens).
+        """
+        return isinstance(self.wrappedFactory, _Unclaimed)
+
+    def claim(self, factory: IProtocolFactory) -> None:
+        """
+        Serve this inherited listener with C{factory}.
+        """
+        self.wrappedFactory = factory
+        factory.doStart()
 
     def buildPendingProtocol(self, addr: IAddress) -> HostedProtocol:
         """
@@ -157,7 +184,34 @@ class TrackingFactory(WrappingFactory):
         Ask the application's factory for a protocol, as for a new
         connection.
         """
-        return self.wrappedFactory.buildProtocol(addr)
+        protocol: IProtocol | None = self.wrappedFactory.buildProtocol(addr)
+        return protocol
+
+
+@implementer(IProtocolFactory)
+class _Unclaimed:
+    """
+    Stands in for the application's factory on an inherited listener until
+    the hosted application opens that port again; refuses connections (none
+    are accepted before the application claims the port: the listener is
+    paused until the hand-off commits).
+    """
+
+    def buildProtocol(self, addr: IAddress) -> None:
+        return None
+
+    def doStart(self) -> None:
+        pass
+
+    def doStop(self) -> None:
+        pass
+
+
+def unclaimedFactory() -> IProtocolFactory:
+    """
+    A placeholder factory for an inherited listener nobody claimed yet.
+    """
+    return _Unclaimed()
 
 
 @implementer(IProtocolFactory)

@@ -336,7 +336,12 @@ def _family(fd: int) -> tuple[socket.AddressFamily, socket.SocketKind]:
         return probe.family, probe.type
 
 
-def adoptConnection(reactor: Any, fd: int, factory: IProtocolFactory) -> Any:
+def adoptConnection(
+    reactor: Any,
+    fd: int,
+    factory: IProtocolFactory,
+    family: socket.AddressFamily | None = None,
+) -> Any:
     """
     Take over a connected stream socket received from another process.
 
@@ -350,6 +355,8 @@ def adoptConnection(reactor: Any, fd: int, factory: IProtocolFactory) -> Any:
     @param fd: the descriptor; always consumed (closed), even on error, since
         the reactor works on its own duplicate.
     @param factory: builds the protocol.
+    @param family: the socket's address family, when the sender said
+        (saves probing each of thousands of descriptors).
 
     @return: the transport.
 
@@ -362,9 +369,10 @@ def adoptConnection(reactor: Any, fd: int, factory: IProtocolFactory) -> Any:
         half-built transport is let go of first.
     """
     try:
-        family, kind = _family(fd)
-        if kind != socket.SOCK_STREAM:
-            raise ValueError(f"descriptor {fd} is not a stream socket")
+        if family is None:
+            family, kind = _family(fd)
+            if kind != socket.SOCK_STREAM:
+                raise ValueError(f"descriptor {fd} is not a stream socket")
         recorder = _RecordingFactory(factory)
         try:
             transport = reactor.adoptStreamConnection(fd, family, recorder)

@@ -36,14 +36,12 @@ class IMigratable(Interface):
     carried by migrate itself; an application saves only its own attributes.
     """
 
-    migrationVersion = Attribute(
-        """
+    migrationVersion = Attribute("""
         An L{int}: the version of the state this code's
         L{getMigrationState} returns and L{restoreMigrationState} accepts.
         Bump it whenever the shape of the state changes, and teach
         L{upgradeMigrationState} how to read the older shape.
-        """
-    )
+        """)
 
     def getMigrationState() -> Any:
         """
@@ -102,8 +100,7 @@ class IMigrationStrategy(Interface):
     re-implementing them.
     """
 
-    name = Attribute(
-        "The L{str} operators use for this strategy (C{--strategy NAME}).")
+    name = Attribute("The L{str} operators use for this strategy (C{--strategy NAME}).")
 
     def migrate(host: Any, progress: Callable[[str], None]) -> Any:
         """

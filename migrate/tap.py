@@ -36,9 +36,7 @@ def loadFactory(spec: str) -> IProtocolFactory:
     """
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
-        raise usage.UsageError(
-            "--app takes PKG.MOD:NAME, not {!r}".format(spec)
-        )
+        raise usage.UsageError("--app takes PKG.MOD:NAME, not {!r}".format(spec))
     try:
         found = importlib.import_module(module)
         for part in name.split("."):
@@ -79,41 +77,89 @@ class Options(usage.Options):
     Options for C{twistd migrate-host}.
     """
 
-    synopsis = "[options]"
+    synopsis = "[options] [PLUGIN [plugin options]]"
     longdesc = (
         "Host a Twisted protocol factory on one or more endpoints and move it "
         "to new code without dropping a connection: `python -m migrate "
-        "upgrade` or SIGHUP starts a migration with the configured strategy."
+        "upgrade` or SIGHUP starts a migration with the configured strategy. "
+        "Given a twistd PLUGIN (for example `web --path .`), host that plugin "
+        "unmodified instead: its listening ports are owned by the host."
     )
 
     optParameters = [
-        ["app", "a", DEFAULT_APP,
-         "The application: PKG.MOD:NAME, a protocol factory or a "
-         "zero-argument callable returning one."],
-        ["strategy", "s", DEFAULT_STRATEGY,
-         "Migration strategy: one of " + ", ".join(strategyNames()) + "."],
-        ["control", "c", "migrate-host.sock",
-         "Path of the control socket (mode 0600)."],
-        ["ready-timeout", None, "30",
-         "Seconds a successor may take to become ready."],
-        ["drain-timeout", None, None,
-         "Seconds an old process keeps serving its remaining connections "
-         "before closing them cleanly (default: no deadline)."],
-        ["handoff-timeout", None, "60",
-         "Seconds each step of a hand-off may take."],
+        [
+            "strategy",
+            "s",
+            DEFAULT_STRATEGY,
+            "Migration strategy: one of " + ", ".join(strategyNames()) + ".",
+        ],
+        [
+            "control",
+            "c",
+            "migrate-host.sock",
+            "Path of the control socket (mode 0600).",
+        ],
+        ["ready-timeout", None, "30", "Seconds a successor may take to become ready."],
+        [
+            "drain-timeout",
+            None,
+            None,
+            "Seconds an old process keeps serving its remaining connections "
+            "before closing them cleanly (default: no deadline).",
+        ],
+        ["handoff-timeout", None, "60", "Seconds each step of a hand-off may take."],
+        [
+            "reexec-unmovable",
+            None,
+            "close",
+            "Re-exec: what happens to connections whose protocol does not "
+            "provide IMigratable: close (cleanly, before the exec) or adopt "
+            "(a fresh protocol of the new code takes them over).",
+        ],
     ]
 
     def __init__(self) -> None:
         usage.Options.__init__(self)
         self["listen"] = []
+        self["reload-modules"] = []
+        self._appGiven = False
+
+    @property
+    def subCommands(self) -> Any:
+        """
+        Every installed twistd plugin but this one, to host unmodified.
+        """
+        for plugin in _hostablePlugins():
+            yield (
+                plugin.tapname,
+                None,
+                lambda plugin=plugin: plugin.options(),
+                plugin.description,
+            )
+
+    def opt_app(self, spec: str) -> None:
+        """
+        The application: PKG.MOD:NAME, a protocol factory or a
+        zero-argument callable returning one
+        (default: migrate.examples.chat:makeFactory).
+        """
+        self["app"] = spec
+        self._appGiven = True
+
+    opt_a = opt_app
 
     def opt_listen(self, description: str) -> None:
         """
         A Twisted server endpoint to listen on, such as tcp:8000 or
         unix:/run/app.sock (repeatable; default tcp:8000).
         """
+        from ._systemd import checkActivatedListener
+
         try:
-            serverFromString(_NoReactor(), description)
+            # systemd: sockets are looked up only where systemd passed them;
+            # a successor inherits them through the hand-off instead.
+            if not checkActivatedListener(description):
+                serverFromString(_NoReactor(), description)
         except (ValueError, TypeError, KeyError) as e:
             raise usage.UsageError(
                 "--listen {!r} is not a server endpoint description: {}".format(
@@ -126,8 +172,29 @@ class Options(usage.Options):
 
     opt_l = opt_listen
 
+    def opt_reload_module(self, name: str) -> None:
+        """
+        With --strategy reload: a module to load anew, instead of the --app
+        module's package (repeatable; a package includes its submodules;
+        the --app module itself is always reloaded).
+        """
+        if not name or not all(part.isidentifier() for part in name.split(".")):
+            raise usage.UsageError(
+                "--reload-module takes a module name, not {!r}".format(name)
+            )
+        if name not in self["reload-modules"]:
+            self["reload-modules"].append(name)
+
     def postOptions(self) -> None:
-        if not self["listen"]:
+        self.setdefault("app", DEFAULT_APP)
+        if self.subCommand is not None:
+            if self._appGiven:
+                raise usage.UsageError(
+                    "--app and a plugin ({}) exclude each other: the plugin is "
+                    "the application".format(self.subCommand)
+                )
+            self["factory"] = None
+        elif not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         if self["strategy"] not in strategyNames():
             raise usage.UsageError(
@@ -142,8 +209,38 @@ class Options(usage.Options):
         if not self["control"]:
             raise usage.UsageError("--control needs a path")
         self["control"] = os.path.abspath(self["control"])
-        self["factory"] = loadFactory(self["app"])
+        if self["reexec-unmovable"] not in ("close", "adopt"):
+            raise usage.UsageError(
+                "--reexec-unmovable must be close or adopt, not {!r}".format(
+                    self["reexec-unmovable"]
+                )
+            )
+        if self.subCommand is None:
+            self["factory"] = loadFactory(self["app"])
         self._takePidfile()
+        from ._reexecincoming import finishPreflight
+
+        finishPreflight()
+        self._refuseLiveControl()
+
+    def _refuseLiveControl(self) -> None:
+        """
+        Refuse to start, before anything is opened, while another live host
+        serves the control path (a successor or a re-executed image serves
+        the very socket it inherited, and is not asked).
+        """
+        from ._control import ControlSocketError, ControlSocketInUse, _isLive
+        from ._reexecstate import STATE_FD_VARIABLE
+        from ._successor import HANDOFF_FD_VARIABLE
+
+        if HANDOFF_FD_VARIABLE in os.environ or STATE_FD_VARIABLE in os.environ:
+            return
+        try:
+            live = _isLive(self["control"])
+        except ControlSocketError:
+            return  # Binding it will say why.
+        if live:
+            raise usage.UsageError(str(ControlSocketInUse(self["control"])))
 
     def _takePidfile(self) -> None:
         """
@@ -159,6 +256,10 @@ class Options(usage.Options):
             self["pidfile"] = os.path.abspath(parent["pidfile"])
         if "MIGRATE_HANDOFF_FD" in os.environ:
             parent["pidfile"] = ""
+        from ._reexecincoming import adjustTwistdOptions
+
+        # A re-executed image: the pidfile names this very process.
+        adjustTwistdOptions(parent)
 
     def forgetPidfile(self) -> None:
         """
@@ -167,6 +268,36 @@ class Options(usage.Options):
         parent = getattr(self, "parent", None)
         if parent is not None and "pidfile" in parent:
             parent["pidfile"] = ""
+
+
+_pluginCache: list[Any] | None = None
+
+
+def _hostablePlugins() -> list[Any]:
+    """
+    The installed twistd plugins other than migrate-host, looked up once.
+    """
+    global _pluginCache
+    if _pluginCache is None:
+        from twisted.application.service import IServiceMaker
+        from twisted.plugin import getPlugins
+
+        _pluginCache = sorted(
+            (
+                plugin
+                for plugin in getPlugins(IServiceMaker)
+                if plugin.tapname != "migrate-host"
+            ),
+            key=lambda plugin: plugin.tapname,
+        )
+    return _pluginCache
+
+
+def _pluginNamed(name: str) -> Any:
+    for plugin in _hostablePlugins():
+        if plugin.tapname == name:
+            return plugin
+    raise KeyError(name)
 
 
 class _NoReactor:
@@ -182,12 +313,17 @@ def buildHost(reactor: Any, options: Options) -> MigrationHost:
     @param reactor: the reactor the host uses.
     @param options: parsed L{Options}.
     """
+    from ._reexecincoming import inheritedReexec
     from ._successor import inheritedHandoff
 
-    inheritance = inheritedHandoff()
+    inheritance: Any = inheritedReexec()
     strategy = strategyNamed(options["strategy"])
     inheritWith = None
     if inheritance is not None:
+        inheritWith = strategyNamed("reexec")
+    else:
+        inheritance = inheritedHandoff()
+    if inheritance is not None and inheritWith is None:
         inheritedName = os.environ.pop("MIGRATE_HANDOFF_STRATEGY", strategy.name)
         try:
             inheritWith = strategyNamed(inheritedName)
@@ -197,10 +333,19 @@ def buildHost(reactor: Any, options: Options) -> MigrationHost:
                     inheritedName
                 )
             )
-    return MigrationHost(
+    applicationService = None
+    interceptor = None
+    if options.subCommand is not None:
+        from ._intercept import ListeningInterceptor
+
+        plugin = _pluginNamed(options.subCommand)
+        interceptor = ListeningInterceptor(reactor, None, options["listen"])
+        interceptor.install()
+        applicationService = plugin.makeService(options.subOptions)
+    host = MigrationHost(
         reactor,
         options["factory"],
-        options["listen"],
+        [] if applicationService is not None else options["listen"],
         strategy,
         controlPath=options["control"],
         strategyNamed=strategyNamed,
@@ -211,8 +356,19 @@ def buildHost(reactor: Any, options: Options) -> MigrationHost:
         forgetPidfile=options.forgetPidfile,
         inheritance=inheritance,
         inheritWith=inheritWith,
-        applicationSpec=options["app"],
+        applicationSpec=options["app"] if applicationService is None else None,
+        applicationService=applicationService,
+        strategyOptions={"reexec-unmovable": options["reexec-unmovable"]},
+        reloadModules=options["reload-modules"],
     )
+    if interceptor is not None:
+        interceptor.host = host
+    from ._systemd import notifierFromEnvironment
+
+    notifier = notifierFromEnvironment()
+    if notifier is not None:
+        host.addObserver(notifier)
+    return host
 
 
 def makeService(options: Options) -> MigrationHost:

@@ -7,14 +7,25 @@ from __future__ import annotations
 from ..interfaces import IMigrationStrategy
 from .capability import CapabilityTransfer
 from .gradual import GradualTransfer
+from .reexec import ReexecStrategy
+from .reload import ModuleReload
 
-__all__ = ["CapabilityTransfer", "GradualTransfer", "strategyNamed", "strategyNames"]
+__all__ = [
+    "CapabilityTransfer",
+    "GradualTransfer",
+    "ModuleReload",
+    "ReexecStrategy",
+    "strategyNamed",
+    "strategyNames",
+]
 
 
 def _builtIn() -> dict[str, IMigrationStrategy]:
     return {
         GradualTransfer.name: GradualTransfer(),
         CapabilityTransfer.name: CapabilityTransfer(),
+        ReexecStrategy.name: ReexecStrategy(),
+        ModuleReload.name: ModuleReload(),
     }
 
 

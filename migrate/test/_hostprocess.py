@@ -41,16 +41,16 @@ SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(migrate.__file__))
 
 #: how twistd is started: in a new session, so that the whole lineage of
 #: host processes can be ended together
-_LAUNCHER = textwrap.dedent(
-    """
+_LAUNCHER = textwrap.dedent("""
     import os, sys
-    if "MIGRATE_HANDOFF_FD" not in os.environ:
+    if os.getsid(0) != os.getpid() and not any(name in os.environ for name in (
+            "MIGRATE_HANDOFF_FD", "MIGRATE_REEXEC_STATE_FD",
+            "MIGRATE_REEXEC_PREFLIGHT")):
         os.setsid()
     from twisted.scripts.twistd import run
     sys.argv[0] = "twistd"
     run()
-    """
-)
+    """)
 
 
 def writeModule(directory: FilePath, name: str, source: str) -> None:
@@ -63,6 +63,12 @@ def writeModule(directory: FilePath, name: str, source: str) -> None:
     cache = directory.child("__pycache__")
     if cache.exists():
         cache.remove()
+
+
+class HostExited(AssertionError):
+    """
+    The host process ended while a test waited for it.
+    """
 
 
 @inlineCallbacks
@@ -80,6 +86,8 @@ def waitFor(
     while True:
         try:
             result = yield condition()
+        except HostExited:
+            raise
         except Exception:
             result = None
             if _globalReactor.seconds() > deadline:
@@ -87,7 +95,9 @@ def waitFor(
         if result:
             return result
         if _globalReactor.seconds() > deadline:
-            raise AssertionError("timed out after {} s waiting for {}".format(timeout, what))
+            raise AssertionError(
+                "timed out after {} s waiting for {}".format(timeout, what)
+            )
         yield deferLater(_globalReactor, interval, lambda: None)
 
 
@@ -120,9 +130,7 @@ def _environment(pythonPath: list[str]) -> dict[str, str]:
 
 
 @inlineCallbacks
-def runCLI(
-    arguments: list[str], *, cwd: str, timeout: float = 120.0
-) -> Any:
+def runCLI(arguments: list[str], *, cwd: str, timeout: float = 120.0) -> Any:
     """
     Run C{python -m migrate ARGUMENTS}; fire with (exit code, stdout text,
     stderr text).
@@ -175,8 +183,22 @@ class HostProcess:
         *,
         workdir: FilePath | None = None,
         twistdArguments: list[str] | None = None,
+        extraEnv: dict[str, str] | None = None,
+        childFDs: dict[int, int | str] | None = None,
+        wrapper: list[str] | None = None,
     ) -> None:
+        """
+        @param extraEnv: more environment variables for the first process.
+        @param childFDs: more descriptors for the first process (0, 1 and 2
+            are always C{"w"}, C{"r"}, C{"r"} unless given).
+        @param wrapper: a command line that runs first and execs the rest
+            (argv after its own), as a supervisor would; successors re-run
+            only the twistd command line.
+        """
         self.testCase = testCase
+        self.extraEnv = extraEnv or {}
+        self.childFDs = childFDs or {}
+        self.wrapper = wrapper or []
         if workdir is None:
             # Short: a Unix socket path must fit in 108 bytes, and trial's
             # own temporary paths are longer.
@@ -199,26 +221,35 @@ class HostProcess:
         Start the host; fire with its status once its control channel
         answers.
         """
-        argv = [
-            sys.executable,
-            "-c",
-            _LAUNCHER,
-            "-n",
-            "--pidfile",
-            self.pidfile,
-            "--logfile",
-            "-",
-        ] + self.twistdArguments + ["migrate-host", "--control", self.control] + self.arguments
+        argv = (
+            [
+                sys.executable,
+                "-c",
+                _LAUNCHER,
+                "-n",
+                "--pidfile",
+                self.pidfile,
+                "--logfile",
+                "-",
+            ]
+            + self.twistdArguments
+            + ["migrate-host", "--control", self.control]
+            + self.arguments
+        )
+        argv = self.wrapper + argv
         process = _globalReactor.spawnProcess(
             self.protocol,
-            sys.executable,
+            argv[0],
             argv,
-            env=_environment([self.workdir.path]),
+            env=dict(_environment([self.workdir.path]), **self.extraEnv),
             path=self.workdir.path,
+            childFDs={0: "w", 1: "r", 2: "r", **self.childFDs},
         )
         self.sessionId = process.pid
         self.seenPids.add(process.pid)
-        return waitFor(self._statusOrNone, what="the host to answer on its control socket")
+        return waitFor(
+            self._statusOrNone, what="the host to answer on its control socket"
+        )
 
     def output(self) -> str:
         """
@@ -229,10 +260,12 @@ class HostProcess:
     @inlineCallbacks
     def _statusOrNone(self) -> Any:
         if self.protocol.ended.called:
-            raise AssertionError("host exited early:\n" + self.output())
+            raise HostExited("host exited early:\n" + self.output())
         if not os.path.exists(self.control):
             return None
-        code, out, err = yield runCLI(["status", "--control", self.control, "--json"], cwd=self.workdir.path)
+        code, out, err = yield runCLI(
+            ["status", "--control", self.control, "--json"], cwd=self.workdir.path
+        )
         if code != 0:
             return None
         return lastJSON(out)
@@ -326,7 +359,7 @@ class LineClient(LineReceiver):
         self.lines.append(line.rstrip(b"\r"))
         self._fire()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Any = None) -> None:
         if not self.closed.called:
             self.closed.callback(None)
         for count, waiter in self._waiters:
@@ -345,13 +378,25 @@ class LineClient(LineReceiver):
         d: Deferred[list[bytes]] = Deferred()
         self._waiters.append((count, d))
         self._fire()
-        call = _globalReactor.callLater(
-            timeout,
-            lambda: (not d.called) and d.errback(
-                AssertionError("timed out waiting for {} lines; have {}: {!r}".format(
-                    count, len(self.lines), self.lines[-5:]))),
-        )
-        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+
+        def expire() -> None:
+            if not d.called:
+                d.errback(
+                    AssertionError(
+                        "timed out waiting for {} lines; have {}: {!r}".format(
+                            count, len(self.lines), self.lines[-5:]
+                        )
+                    )
+                )
+
+        call = _globalReactor.callLater(timeout, expire)
+
+        def stopTimer(result: Any) -> Any:
+            if call.active():
+                call.cancel()
+            return result
+
+        d.addBoth(stopTimer)
         return d
 
     def _fire(self) -> None:
@@ -362,15 +407,20 @@ class LineClient(LineReceiver):
                 waiter.callback(list(self.lines))
 
 
-def connectLineClient(port: int | None = None, path: str | None = None) -> Deferred[LineClient]:
+def connectLineClient(
+    port: int | None = None, path: str | None = None
+) -> Deferred[LineClient]:
     """
     Connect a L{LineClient} to 127.0.0.1:C{port} or the Unix socket C{path}.
     """
+    endpoint: Any
     if path is not None:
-        endpoint: Any = UNIXClientEndpoint(_globalReactor, path, timeout=10)
+        endpoint = UNIXClientEndpoint(_globalReactor, path, timeout=10)
     else:
+        assert port is not None
         endpoint = TCP4ClientEndpoint(_globalReactor, "127.0.0.1", port, timeout=10)
-    return endpoint.connect(Factory.forProtocol(LineClient))
+    connected: Deferred[LineClient] = endpoint.connect(Factory.forProtocol(LineClient))
+    return connected
 
 
 def freePort() -> int:
@@ -381,7 +431,8 @@ def freePort() -> int:
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def fields(line: bytes) -> list[bytes]:
@@ -410,9 +461,12 @@ class LiveAppMixin:
         self.host = HostProcess(
             self,
             [
-                "--app", "liveapp:makeFactory",
-                "--listen", "tcp:{}:interface=127.0.0.1".format(self.port),
-                "--strategy", self.strategy,
+                "--app",
+                "liveapp:makeFactory",
+                "--listen",
+                "tcp:{}:interface=127.0.0.1".format(self.port),
+                "--strategy",
+                self.strategy,
             ]
             + list(extra),
         )

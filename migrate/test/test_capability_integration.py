@@ -21,8 +21,7 @@ from .test_gradual_integration import APP_V1
 
 #: a migratable application; replies say which code, which process, and
 #: the per-connection count carried across migrations
-MIGRATABLE_V1 = textwrap.dedent(
-    """
+MIGRATABLE_V1 = textwrap.dedent("""
     import os
     from zope.interface import implementer
     from twisted.internet.protocol import Factory
@@ -59,8 +58,7 @@ MIGRATABLE_V1 = textwrap.dedent(
 
     def makeFactory():
         return Factory.forProtocol(Counter)
-"""
-)
+""")
 
 #: version 2 renames the state's field: an upgrade carries old state over
 MIGRATABLE_V2 = (
@@ -153,7 +151,9 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
         yield client.waitForLines(1 + lines)
         reply = yield self.exchange(client, b"after")
         flood = client.lines[1 : 1 + lines]
-        self.assertEqual([line.split(b" ")[0] for line in flood], [b"f%d" % i for i in range(lines)])
+        self.assertEqual(
+            [line.split(b" ")[0] for line in flood], [b"f%d" % i for i in range(lines)]
+        )
         self.assertEqual(reply[0], b"v2")
         self.assertEqual(len(client.lines), lines + 2)
         client.transport.loseConnection()
@@ -245,7 +245,7 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
             MIGRATABLE_V2.replace(
                 'self.count = state["total"]',
                 'self.count = state["total"]\n'
-                '        if self.count: import os; os._exit(7)',
+                "        if self.count: import os; os._exit(7)",
             ),
         )
         code, report, err = yield self.host.upgrade()

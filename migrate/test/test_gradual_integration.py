@@ -6,8 +6,8 @@ processes, real loopback sockets, the real control CLI.
 from __future__ import annotations
 
 import os
-import textwrap
 import signal
+import textwrap
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
@@ -22,8 +22,7 @@ from ._hostprocess import (
 )
 
 #: a small application whose replies say which code and process served them
-APP_V1 = textwrap.dedent(
-    """
+APP_V1 = textwrap.dedent("""
     import os
     from twisted.internet.protocol import Factory
     from twisted.protocols.basic import LineReceiver
@@ -43,8 +42,7 @@ APP_V1 = textwrap.dedent(
 
     def makeFactory():
         return Factory.forProtocol(Counter)
-"""
-)
+""")
 
 APP_V2 = APP_V1.replace('VERSION = b"v1"', 'VERSION = b"v2"')
 
@@ -93,6 +91,10 @@ class GradualTransferTests(LiveAppMixin, TestCase):
         status = yield self.host.status()
         self.assertEqual(status["pid"], newPid)
         self.assertEqual(status["generation"], 2)
+        self.assertEqual(
+            (status["lastReport"]["outcome"], status["lastReport"]["newPid"]),
+            ("success", newPid),
+        )
         self.assertEqual(
             [(d["generation"], d["pid"], d["connections"]) for d in status["draining"]],
             [(1, oldPid, 1)],
@@ -160,7 +162,9 @@ class GradualTransferTests(LiveAppMixin, TestCase):
         for generation in range(3):
             for index, client in enumerate(longLived):
                 yield talk(index, client)
-            writeModule(self.host.workdir, "liveapp", APP_V1 if generation % 2 else APP_V2)
+            writeModule(
+                self.host.workdir, "liveapp", APP_V1 if generation % 2 else APP_V2
+            )
             code, report, err = yield self.host.upgrade()
             self.assertEqual((code, report["outcome"]), (0, "success"), err)
             self.assertEqual(report["toGeneration"], generation + 2)
@@ -177,7 +181,9 @@ class GradualTransferTests(LiveAppMixin, TestCase):
             self.assertEqual(fields(client.lines[-1])[1], str(pids[0]).encode())
             client.transport.loseConnection()
         for pid in pids:
-            yield waitFor(lambda: not pidAlive(pid), what="process {} to exit".format(pid))
+            yield waitFor(
+                lambda: not pidAlive(pid), what="process {} to exit".format(pid)
+            )
         status = yield self.host.status()
         self.assertEqual(status["generation"], 4)
         self.assertEqual(status["draining"], [])
@@ -227,7 +233,8 @@ class GradualTransferTests(LiveAppMixin, TestCase):
         writeModule(
             self.host.workdir,
             "liveapp",
-            APP_V2 + "\nimport sys\nprint('refusing to start', flush=True)\nsys.exit(3)\n",
+            APP_V2
+            + "\nimport sys\nprint('refusing to start', flush=True)\nsys.exit(3)\n",
         )
         code, report, err = yield self.host.upgrade()
         self.assertNotEqual(code, 0)
@@ -245,7 +252,8 @@ class GradualTransferTests(LiveAppMixin, TestCase):
         writeModule(
             self.host.workdir,
             "liveapp",
-            APP_V2 + "\nimport time\nprint('loading slowly', flush=True)\ntime.sleep(600)\n",
+            APP_V2
+            + "\nimport time\nprint('loading slowly', flush=True)\ntime.sleep(600)\n",
         )
         code, report, err = yield self.host.upgrade()
         self.assertNotEqual(code, 0)

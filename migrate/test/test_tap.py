@@ -123,7 +123,7 @@ class PidfileTests(SynchronousTestCase):
 
     def parseUnder(self, parent: dict, environ: dict) -> tap.Options:
         options = tap.Options()
-        options.parent = parent  # type: ignore[attr-defined]
+        options.parent = parent  # type: ignore[assignment]
         self.patch(os, "environ", environ)
         options.parseOptions([])
         return options
@@ -176,3 +176,46 @@ class BuildHostTests(SynchronousTestCase):
         self.assertEqual(host.strategy.name, "capability")
         self.assertEqual(host.readyTimeout, 5.0)
         self.assertIsNone(host.inheritance)
+
+
+class PluginOptionsTests(SynchronousTestCase):
+    """
+    C{twistd migrate-host [host options] PLUGIN [plugin options]}.
+    """
+
+    def test_hostsAnotherPlugin(self) -> None:
+        """
+        A plugin name after the host's options hosts that plugin, with its
+        own options parsed by it; no application factory is loaded.
+        """
+        options = tap.Options()
+        options.parseOptions(["--strategy", "gradual", "web", "--path", "."])
+        self.assertEqual(options.subCommand, "web")
+        self.assertIsNone(options["factory"])
+        self.assertEqual(options["listen"], [])
+        self.assertEqual(options.subOptions["root"].path, os.path.abspath("."))
+
+    def test_hostListenIsKept(self) -> None:
+        """
+        The host's C{--listen} with a plugin redirects the plugin's ports.
+        """
+        options = tap.Options()
+        options.parseOptions(["--listen", "tcp:9999", "web", "--path", "."])
+        self.assertEqual(options["listen"], ["tcp:9999"])
+
+    def test_appAndPluginExclusive(self) -> None:
+        """
+        C{--app} and a plugin exclude each other.
+        """
+        options = tap.Options()
+        with self.assertRaises(usage.UsageError) as raised:
+            options.parseOptions(["--app", __name__ + ":factoryInstance", "web"])
+        self.assertIn("exclude each other", str(raised.exception))
+
+    def test_notItself(self) -> None:
+        """
+        migrate-host does not offer to host itself.
+        """
+        names = [name for name, _, _, _ in tap.Options().subCommands]
+        self.assertIn("web", names)
+        self.assertNotIn("migrate-host", names)

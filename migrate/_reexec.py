@@ -1,0 +1,651 @@
+# -*- test-case-name: migrate.test.test_reexec -*-
+"""
+The old image's side of a re-exec: check that the process can replace
+itself, freeze and describe everything it serves, and C{execv} the same
+command line in place, keeping the PID, the listening sockets and the
+established connections.
+
+Once C{execv} has succeeded there is no way back, so everything that can be
+checked is checked first, while the service goes on (see
+L{migrate._reexeccheck}, and a dry run of every connection's state
+capture); any
+failure there refuses the migration and changes nothing.  Only then are the
+connections that cannot be carried over closed (C{--reexec-unmovable
+close}), the others frozen and described in the state document
+(L{migrate._reexecstate}), exactly the descriptors the new image needs made
+inheritable, and C{execv} called.  If C{execv} itself fails, everything is
+put back as it was and the migration reports a rollback.
+
+What C{exec} does not keep, and how it is handled:
+
+  - Python's buffers: standard output and error are flushed first (the log
+    observers flush each event);
+  - C{atexit} handlers: none run; the process does not exit;
+  - threads: a migration is refused while the reactor's thread pool works;
+  - signal handlers: they are reset to their defaults, which end the
+    process for C{SIGHUP}, C{SIGINT}, C{SIGTERM} and C{SIGUSR1}.  Those
+    signals are blocked across C{exec} (the mask and the pending signals
+    survive it); the new image unblocks them once the reactor and the host
+    have installed their handlers, and a signal that arrived meanwhile is
+    delivered then.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import gc
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+from attrs import define, field
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.tcp import Connection
+from twisted.logger import Logger
+
+from ._listeners import listenerDescriptor
+from ._movement import MovingConnection, freezeMovable
+from ._reexeccheck import (
+    checkDescriptorLimit,
+    checkProgram,
+    refusalReason,
+    runPreflight,
+)
+from ._reexecstate import (
+    EXEC_AT_VARIABLE,
+    REEXEC_SIGNALS,
+    STATE_FD_VARIABLE,
+    InheritedConnection,
+    ReexecState,
+    writeState,
+)
+from ._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
+from ._successor import successorCommandLine
+from ._systemd import successorEnvironment
+from ._transport import freezeConnection
+from .state import captureProtocolState, isMigratable
+
+__all__ = [
+    "UNMOVABLE_POLICIES",
+    "DescriptorMarks",
+    "ReexecMigration",
+    "inheritableDescriptors",
+]
+
+_log = Logger()
+
+UNMOVABLE_POLICIES = ("close", "adopt")
+"""
+What C{--reexec-unmovable} accepts: I{close} connections whose protocol
+does not provide L{migrate.IMigratable} cleanly before the exec, or
+I{adopt} them with a fresh protocol of the new code.
+"""
+
+
+@define
+class DescriptorMarks:
+    """
+    The inheritance flags changed for one exec, to undo if it fails.
+
+    @ivar changed: the previous flag of each descriptor changed.
+    @ivar strays: the descriptors that were inheritable though nothing
+        needed them (made close-on-exec).
+    """
+
+    changed: dict[int, bool] = field(factory=dict)
+    strays: list[int] = field(factory=list)
+
+    @classmethod
+    def apply(
+        cls,
+        keep: Iterable[int],
+        *,
+        openDescriptors: Callable[[], Iterable[int]] | None = None,
+        getInheritable: Callable[[int], bool] = os.get_inheritable,
+        setInheritable: Callable[[int, bool], None] = os.set_inheritable,
+    ) -> DescriptorMarks:
+        """
+        Make exactly C{keep} and the standard streams inheritable, and
+        every other open descriptor close-on-exec.
+
+        @param keep: the descriptors the new image inherits.
+        @param openDescriptors: lists this process's open descriptors
+            (default: C{/proc/self/fd}).
+
+        @return: what changed, to L{undo}.
+        """
+        wanted = set(keep)
+        marks = cls()
+        listing = openDescriptors if openDescriptors is not None else _openDescriptors
+        try:
+            for fd in sorted(set(listing()) | wanted):
+                if fd <= 2 and fd not in wanted:
+                    continue
+                try:
+                    current = getInheritable(fd)
+                except OSError:
+                    continue
+                target = fd in wanted
+                if current != target:
+                    setInheritable(fd, target)
+                    marks.changed[fd] = current
+                    if current:
+                        marks.strays.append(fd)
+        except BaseException:
+            marks.undo(setInheritable=setInheritable)
+            raise
+        return marks
+
+    def undo(
+        self, *, setInheritable: Callable[[int, bool], None] = os.set_inheritable
+    ) -> None:
+        """
+        Put every flag back.
+        """
+        for fd, previous in self.changed.items():
+            try:
+                setInheritable(fd, previous)
+            except OSError:
+                pass
+        self.changed.clear()
+
+
+def _openDescriptors() -> list[int]:
+    """
+    This process's open descriptors.
+    """
+    listing = os.listdir("/proc/self/fd")
+    return [int(name) for name in listing]
+
+
+def inheritableDescriptors(
+    openDescriptors: Callable[[], Iterable[int]] = _openDescriptors,
+    getInheritable: Callable[[int], bool] = os.get_inheritable,
+) -> list[int]:
+    """
+    The descriptors an C{exec} now would pass on.
+    """
+    found = []
+    for fd in openDescriptors():
+        try:
+            if getInheritable(fd):
+                found.append(fd)
+        except OSError:
+            pass
+    return sorted(found)
+
+
+def _flushOutput() -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        flush = getattr(stream, "flush", None)
+        if flush is not None:
+            try:
+                flush()
+            except (OSError, ValueError):
+                pass
+
+
+class _Rollback(Exception):
+    """
+    The re-exec cannot go on; the message says why.
+    """
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, _Rollback):
+        return str(error)
+    text = str(error)
+    return "{}: {}".format(type(error).__name__, text) if text else type(error).__name__
+
+
+def _execve(path: str, argv: list[str], env: dict[str, str]) -> None:
+    os.execve(path, argv, env)
+
+
+def _softLimit() -> int:
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _stillOpen(hosted: Any) -> bool:
+    """
+    Whether a connection being closed has not gone yet.
+    """
+    transport = hosted.transport
+    return transport is not None and not getattr(transport, "disconnected", True)
+
+
+@define
+class _Plan:
+    """
+    What happens to each connection, decided before anything is touched.
+    """
+
+    moving: int = 0
+    fresh: int = 0
+    closing: list[tuple[str, Any, str]] = field(factory=list)
+
+
+@define
+class ReexecMigration:
+    """
+    One re-exec of the serving host.
+
+    @ivar host: the serving L{migrate.MigrationHost}.
+    @ivar progress: called with a line at each step.
+    @ivar unmovable: C{"close"} or C{"adopt"} (see L{UNMOVABLE_POLICIES}).
+    @ivar execv: replaces the process image (C{os.execve}); returns only
+        by raising.
+    @ivar preflight: L{runPreflight} or a stand-in.
+    @ivar checkArgv: L{checkProgram} or a stand-in.
+    @ivar softLimit: returns the soft C{RLIMIT_NOFILE}.
+    @ivar closeTimeout: seconds connections being closed may take to
+        write their last output (default: the host's hand-off timeout).
+    """
+
+    host: Any
+    progress: Callable[[str], None]
+    unmovable: str = "close"
+    strategyName: str = "reexec"
+    execv: Callable[[str, list[str], dict[str, str]], None] = _execve
+    preflight: Callable[..., Any] = runPreflight
+    checkArgv: Callable[[Sequence[str]], str | None] = checkProgram
+    softLimit: Callable[[], int] = _softLimit
+    closeTimeout: float | None = None
+    _durations: dict[str, float] = field(factory=dict)
+    _closed: dict[str, int] = field(factory=dict)
+    _notes: list[str] = field(factory=list)
+    _outputTail: list[str] = field(factory=list)
+
+    def _step(self, message: str) -> None:
+        _log.info("Re-exec: {message}", message=message)
+        try:
+            self.progress(message)
+        except Exception:
+            _log.failure("Could not relay progress")
+
+    @inlineCallbacks
+    def run(self) -> Any:
+        """
+        Re-execute the host in place.
+
+        @return: a L{Deferred} that fires with a refused or rolled-back
+            L{MigrationReport}; after a successful C{execv} it never fires
+            (the new image reports instead).
+        """
+        host = self.host
+        if self.unmovable not in UNMOVABLE_POLICIES:
+            return self._report(
+                MigrationOutcome.refused,
+                "unknown --reexec-unmovable policy {!r}".format(self.unmovable),
+            )
+        started = time.monotonic()
+        phaseStart = started
+
+        def phaseDone(name: str) -> None:
+            nonlocal phaseStart
+            now = time.monotonic()
+            self._durations[name] = now - phaseStart
+            phaseStart = now
+
+        try:
+            argv = list(host.successorArgv or successorCommandLine())
+        except ValueError as e:
+            return self._report(MigrationOutcome.refused, str(e))
+        reason = refusalReason(host, argv, checkArgv=self.checkArgv)
+        phaseDone("checks")
+        if reason is not None:
+            return self._refuse(reason)
+
+        host.phase = MigrationPhase.spawning
+        self._step("checking that the new code loads: {}".format(" ".join(argv)))
+        outcome = yield self.preflight(
+            host.reactor,
+            argv,
+            env=successorEnvironment(os.environ),
+            timeout=host.readyTimeout,
+        )
+        phaseDone("preflight")
+        if outcome is not None:
+            reason, tail = outcome
+            self._outputTail = list(tail)
+            return self._refuse(reason)
+        if not host.serving:
+            return self._refuse("the host stopped serving during the checks")
+
+        host.phase = MigrationPhase.handingOff
+        host.pauseAccepting()
+        try:
+            plan = self._plan()
+            inherited = (
+                3
+                + 1
+                + len(host.listeners)
+                + (1 if host.controlPort is not None else 0)
+                + plan.moving
+                + plan.fresh
+            )
+            limit = checkDescriptorLimit(inherited, self.softLimit())
+            if limit is not None:
+                raise _Rollback(limit)
+        except _Rollback as e:
+            host.resumeAccepting()
+            phaseDone("plan")
+            return self._refuse(str(e))
+        phaseDone("plan")
+
+        remaining = yield self._closeUnmovable(plan.closing)
+        phaseDone("close")
+        self._step(
+            "re-executing in place: {} connections to restore, {} to adopt, "
+            "{} closed".format(plan.moving, plan.fresh, sum(self._closed.values()))
+        )
+        # Let the reactor write what it holds (progress for the requester)
+        # and freeze outside any protocol's dataReceived.
+        yield deferLater(host.reactor, 0, lambda: None)
+        reason = self._freezeAndExec(argv, remaining)
+        phaseDone("rollback")
+        self._durations["total"] = time.monotonic() - started
+        host.resumeAccepting()
+        self._step("rolled back: this image keeps serving")
+        return self._report(MigrationOutcome.rolledBack, reason)
+
+    def _refuse(self, reason: str) -> MigrationReport:
+        _log.warn("Re-exec refused: {reason}", reason=reason)
+        self._step("refused: " + reason)
+        return self._report(MigrationOutcome.refused, reason)
+
+    def _plan(self) -> _Plan:
+        """
+        Decide the fate of every connection, and check that the state of
+        each one that moves can be captured (a dry run: nothing is frozen).
+
+        @raise _Rollback: if a migratable protocol's state cannot be
+            captured.
+        """
+        plan = _Plan()
+        for listener, hosted in self.host.allConnections():
+            protocol = hosted.wrappedProtocol
+            transport = hosted.transport
+            if protocol is None or hosted.released:
+                continue
+            plain = isinstance(transport, Connection) and not getattr(
+                transport, "TLS", False
+            )
+            migratable = isMigratable(protocol)
+            if plain and (migratable or self.unmovable == "adopt"):
+                try:
+                    captureProtocolState(protocol)
+                except Exception as e:
+                    if migratable:
+                        raise _Rollback(
+                            "the state of a connection on {} cannot be carried "
+                            "over: {}".format(listener.key, _describe(e))
+                        )
+                    plan.closing.append(
+                        (
+                            listener.key,
+                            hosted,
+                            "its buffers cannot be captured: " + _describe(e),
+                        )
+                    )
+                    continue
+                if migratable:
+                    plan.moving += 1
+                else:
+                    plan.fresh += 1
+            elif not plain:
+                plan.closing.append((listener.key, hosted, "not a plain stream socket"))
+            else:
+                plan.closing.append(
+                    (
+                        listener.key,
+                        hosted,
+                        "{} does not provide IMigratable".format(
+                            type(protocol).__name__
+                        ),
+                    )
+                )
+        return plan
+
+    @inlineCallbacks
+    def _closeUnmovable(self, closing: list[tuple[str, Any, str]]) -> Any:
+        """
+        Close cleanly the connections that cannot be carried over, and wait
+        (up to L{closeTimeout}) until they are gone.
+
+        @return: a L{Deferred} firing with those still open at the deadline
+            (C{exec} closes them).
+        """
+        if not closing:
+            return []
+        for key, hosted, why in closing:
+            _log.info(
+                "Re-exec: closing a connection on {listener}: {why}",
+                listener=key,
+                why=why,
+            )
+            self._closed[key] = self._closed.get(key, 0) + 1
+            hosted.transport.loseConnection()
+        timeout = self.closeTimeout
+        if timeout is None:
+            timeout = self.host.handoffTimeout
+        clock = self.host.reactor
+        deadline = clock.seconds() + timeout
+        while True:
+            remaining = [each for each in closing if _stillOpen(each[1])]
+            if not remaining or clock.seconds() >= deadline:
+                break
+            yield deferLater(self.host.reactor, 0.005, lambda: None)
+        if remaining:
+            note = (
+                "{} connections did not finish writing within {} s; exec "
+                "closed them".format(len(remaining), timeout)
+            )
+            _log.warn("Re-exec: {note}", note=note)
+            self._notes.append(note)
+        return [hosted for key, hosted, why in remaining]
+
+    def _freezeAndExec(self, argv: list[str], stillClosing: list[Any]) -> str:
+        """
+        Freeze and describe the connections, pass exactly the descriptors
+        needed, and exec.  Runs without giving the reactor a turn.
+
+        @return: why the exec did not happen; everything is as before.
+        """
+        frozenAt = time.monotonic()
+        # The cyclic collector's passes over a heap this size would add to
+        # the clients' wait; nothing here makes garbage worth collecting.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._freezeAndExecUncollected(argv, stillClosing, frozenAt)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _freezeAndExecUncollected(
+        self, argv: list[str], stillClosing: list[Any], frozenAt: float
+    ) -> str:
+        host = self.host
+        leaving = {id(each) for each in stillClosing}
+        candidates = [
+            (listener, hosted)
+            for listener, hosted in host.allConnections()
+            if id(hosted) not in leaving
+        ]
+        moving, staying = freezeMovable(candidates)
+        frozen: list[MovingConnection] = list(moving)
+        fresh: set[int] = set()
+        closed = dict(self._closed)
+        stateFd: int | None = None
+        marks: DescriptorMarks | None = None
+        blocked: list[int] = []
+        executing = False
+        try:
+            self._freezeFresh(staying, frozen, fresh, closed)
+            connections = [
+                InheritedConnection(
+                    each.frozen.descriptor(),
+                    each.listenerKey,
+                    each.entry,
+                    fresh=id(each) in fresh,
+                    closing=bool(each.frozen.transport.disconnecting),
+                )
+                for each in frozen
+            ]
+            current = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            blocked = [each for each in REEXEC_SIGNALS if each not in current]
+            durations = dict(self._durations)
+            durations["capture"] = time.monotonic() - frozenAt
+            state = ReexecState(
+                pid=host.pid,
+                generation=host.generation,
+                strategy=self.strategyName,
+                listeners={
+                    key: listenerDescriptor(listener.port)
+                    for key, listener in host.listeners.items()
+                    if listener.port is not None
+                },
+                control=(
+                    listenerDescriptor(host.controlPort)
+                    if host.controlPort is not None
+                    else None
+                ),
+                connections=tuple(connections),
+                closed=closed,
+                durations=durations,
+                notes=tuple(self._notes),
+                frozenAt=frozenAt,
+                blockedSignals=tuple(blocked),
+            )
+            stateFd = writeState(state, validate=False)
+            marks = DescriptorMarks.apply(state.descriptors() + [stateFd])
+            if marks.strays:
+                _log.warn(
+                    "Re-exec: descriptors {fds} were inheritable though nothing "
+                    "needs them; made close-on-exec",
+                    fds=marks.strays,
+                )
+            host.phase = MigrationPhase.committing
+            # Same pid after the exec: systemd's LISTEN_PID would still match,
+            # but the listeners travel in the state, not through LISTEN_FDS.
+            environment = successorEnvironment(os.environ)
+            environment[STATE_FD_VARIABLE] = str(stateFd)
+            _log.info(
+                "Re-exec: execv {argv} with {count} connections, state in "
+                "descriptor {fd}",
+                argv=argv,
+                count=len(connections),
+                fd=stateFd,
+            )
+            _flushOutput()
+            signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+            environment[EXEC_AT_VARIABLE] = repr(time.monotonic())
+            executing = True
+            self.execv(argv[0], argv, environment)
+            raise OSError(errno.EINVAL, "execv returned")
+        except Exception as e:
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+            host.phase = MigrationPhase.rollingBack
+            reason = _describe(e)
+            if executing:
+                reason = "execv failed: " + reason
+            _log.error("Re-exec failed, rolling back: {reason}", reason=reason)
+            if marks is not None:
+                marks.undo()
+            if stateFd is not None:
+                os.close(stateFd)
+            for each in frozen:
+                each.resume()
+            return reason
+
+    def _freezeFresh(
+        self,
+        staying: list[Any],
+        frozen: list[MovingConnection],
+        fresh: set[int],
+        closed: dict[str, int],
+    ) -> None:
+        """
+        Freeze the connections handed to a fresh protocol of the new code
+        (C{--reexec-unmovable adopt}) and capture their buffers, adding
+        them to C{frozen} (and their ids to C{fresh}); count in C{closed}
+        those left for C{exec} to close.
+
+        @raise _Rollback: if a migratable protocol's state could not be
+            captured after all (it changed since the dry run).
+        """
+        for each in staying:
+            protocol = each.hosted.wrappedProtocol
+            if isMigratable(protocol):
+                raise _Rollback(
+                    "the state of a connection on {} cannot be carried over: "
+                    "{}".format(each.listenerKey, each.reason)
+                )
+            transport = each.hosted.transport
+            plain = isinstance(transport, Connection) and not getattr(
+                transport, "TLS", False
+            )
+            why = each.reason
+            if self.unmovable == "adopt" and plain:
+                try:
+                    frozenConnection = freezeConnection(transport)
+                except ValueError as e:
+                    why = str(e)
+                else:
+                    try:
+                        state = captureProtocolState(protocol)
+                    except Exception as e:
+                        frozenConnection.resume()
+                        why = _describe(e)
+                    else:
+                        ident = len(frozen) + 1
+                        entry = {
+                            "id": ident,
+                            "listener": each.listenerKey,
+                            "state": state.toPlain(),
+                            "output": base64.b64encode(
+                                frozenConnection.pendingOutput
+                            ).decode("ascii"),
+                        }
+                        moving = MovingConnection(
+                            ident,
+                            each.listenerKey,
+                            each.hosted,
+                            frozenConnection,
+                            entry,
+                        )
+                        frozen.append(moving)
+                        fresh.add(id(moving))
+                        continue
+            _log.warn(
+                "Re-exec: a connection on {listener} cannot be carried over "
+                "({why}); exec closes it",
+                listener=each.listenerKey,
+                why=why,
+            )
+            closed[each.listenerKey] = closed.get(each.listenerKey, 0) + 1
+
+    def _report(self, outcome: MigrationOutcome, reason: str | None) -> MigrationReport:
+        host = self.host
+        return MigrationReport(
+            strategy=self.strategyName,
+            outcome=outcome,
+            reason=reason,
+            fromGeneration=host.generation,
+            oldPid=host.pid,
+            listeners=tuple(
+                ListenerReport(key, failed=self._closed.get(key, 0))
+                for key in host.listeners
+            ),
+            durations=dict(self._durations),
+            successorLog=tuple(self._outputTail),
+            notes=tuple(self._notes),
+        )

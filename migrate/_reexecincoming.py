@@ -1,0 +1,448 @@
+# -*- test-case-name: migrate.test.test_reexec -*-
+"""
+The new image's side of a re-exec: find the state the old image left
+(L{inheritedReexec}), keep twistd from redoing what the process has done
+already (L{adjustTwistdOptions}), and adopt the listening sockets, the
+control socket and every connection before serving anything
+(L{restoreReexec}).
+
+There is no old image to give anything back to: a connection whose state
+the new code refuses is closed cleanly (its pending output written first)
+with a log line, and counted as failed in the report.
+
+Also here: the preflight check the old image runs before it re-executes
+(L{finishPreflight}): the same command line, which stops once its options
+are parsed and the application's factory is built.
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any, Callable, MutableMapping, TextIO
+
+from attrs import define
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from ._codec import StateError
+from ._control import adoptControl
+from ._listeners import adoptListener
+from ._movement import AdoptedConnection, adoptEntry
+from ._reexecstate import (
+    EXEC_AT_VARIABLE,
+    PREFLIGHT_MARKER,
+    PREFLIGHT_VARIABLE,
+    REEXEC_SIGNALS,
+    STATE_FD_VARIABLE,
+    InheritedConnection,
+    ReexecState,
+    readState,
+)
+from ._report import ListenerReport, MigrationOutcome, MigrationReport
+from ._tracking import PendingAdoptionFactory
+from ._transport import adoptConnection
+from .state import ProtocolState, restoreProtocolState
+
+__all__ = [
+    "ReexecInheritance",
+    "adjustTwistdOptions",
+    "adoptFresh",
+    "finishPreflight",
+    "inheritedReexec",
+    "restoreReexec",
+]
+
+_log = Logger()
+
+
+@define
+class ReexecInheritance:
+    """
+    What this image inherited from the one it replaced.
+
+    @ivar state: the state document.
+    @ivar foundAt: C{time.monotonic()} when this image read it.
+    @ivar execAt: C{time.monotonic()} when the old image called C{execv},
+        if known.
+    """
+
+    state: ReexecState
+    foundAt: float
+    execAt: float | None = None
+
+
+def _inheritableDescriptors() -> list[int]:
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if fd > 2 and os.get_inheritable(fd):
+                found.append(fd)
+        except OSError:
+            pass
+    return found
+
+
+def inheritedReexec(
+    environ: MutableMapping[str, str] | None = None,
+    *,
+    inherited: Callable[[], list[int]] = _inheritableDescriptors,
+) -> ReexecInheritance | None:
+    """
+    Find the state a previous image of this process left, if it
+    re-executed.
+
+    The variables are removed from the environment, so that nothing this
+    process starts inherits them.  If the document cannot be read, every
+    descriptor this image inherited is closed (with a critical log line:
+    those connections are lost) and L{None} is returned, so that the host
+    starts afresh rather than not at all.
+
+    @param environ: the environment, L{os.environ} by default.
+    @param inherited: lists the inheritable descriptors above 2.
+
+    @return: what was inherited, or L{None}.
+    """
+    if environ is None:
+        environ = os.environ
+    raw = environ.pop(STATE_FD_VARIABLE, None)
+    rawExecAt = environ.pop(EXEC_AT_VARIABLE, None)
+    if raw is None:
+        return None
+    foundAt = time.monotonic()
+    execAt: float | None = None
+    try:
+        execAt = float(rawExecAt) if rawExecAt is not None else None
+    except ValueError:
+        execAt = None
+    try:
+        if not raw.isdigit():
+            raise StateError(
+                "{}={!r} is not a descriptor".format(STATE_FD_VARIABLE, raw)
+            )
+        state = readState(int(raw))
+    except StateError as e:
+        lost = inherited()
+        for fd in lost:
+            os.close(fd)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, REEXEC_SIGNALS)
+        _log.critical(
+            "Re-exec: the state the previous image left cannot be read ({why}); "
+            "closed the {count} descriptors it passed on and starting afresh",
+            why=str(e),
+            count=len(lost),
+        )
+        return None
+    return ReexecInheritance(state, foundAt, execAt)
+
+
+def adjustTwistdOptions(
+    parent: MutableMapping[str, Any], environ: MutableMapping[str, str] | None = None
+) -> None:
+    """
+    In a re-executed image, keep twistd from redoing what the process did
+    already: the pidfile names this very process (twistd would refuse to
+    start), and daemonising again, changing root or directory or dropping
+    privileges again would fail or change the PID.
+
+    @param parent: twistd's options.
+    """
+    if environ is None:
+        environ = os.environ
+    if STATE_FD_VARIABLE not in environ and PREFLIGHT_VARIABLE not in environ:
+        return
+    if "pidfile" in parent:
+        parent["pidfile"] = ""
+    if STATE_FD_VARIABLE not in environ:
+        return
+    if "nodaemon" in parent and not parent["nodaemon"]:
+        parent["nodaemon"] = True
+        if not parent.get("logfile") and not parent.get("syslog"):
+            parent["logfile"] = "twistd.log"
+    for name in ("chroot", "uid", "gid"):
+        if parent.get(name) is not None:
+            parent[name] = None
+    if "rundir" in parent:
+        parent["rundir"] = "."
+
+
+def finishPreflight(
+    environ: MutableMapping[str, str] | None = None, out: TextIO | None = None
+) -> None:
+    """
+    End the preflight process once its options are parsed: the old image
+    only wanted to know the new code gets that far.
+
+    @raise SystemExit: in the preflight process.
+    """
+    if environ is None:
+        environ = os.environ
+    if PREFLIGHT_VARIABLE not in environ:
+        return
+    stream = out if out is not None else sys.stdout
+    stream.write(PREFLIGHT_MARKER + "\n")
+    stream.flush()
+    raise SystemExit(0)
+
+
+def adoptFresh(host: Any, entry: Any, descriptor: int) -> AdoptedConnection:
+    """
+    Adopt one connection held, with a fresh protocol of the new code that
+    is told C{connectionMade} (its old protocol did not provide
+    L{migrate.IMigratable}): the output the old code had not written goes
+    first, the input the old protocol had buffered is parsed by the new one.
+
+    @param descriptor: consumed.
+
+    @raise Exception: why it cannot be adopted; the descriptor is let go
+        of without disturbing the connection.
+    """
+    try:
+        listener = host.listenerNamed(entry["listener"])
+        state = ProtocolState.fromPlain(entry["state"])
+        output = base64.b64decode(entry["output"], validate=True)
+    except Exception as e:
+        os.close(descriptor)
+        raise StateError("bad entry: {}: {}".format(type(e).__name__, e))
+    pending = PendingAdoptionFactory(listener.factory)
+    transport = adoptConnection(host.reactor, descriptor, pending)
+    hosted = pending.built
+    assert hosted is not None
+    adopted = AdoptedConnection(hosted, transport)
+    try:
+        protocol = listener.factory.buildApplicationProtocol(transport.getPeer())
+        if protocol is None:
+            raise StateError("the new factory refused the connection")
+        if output:
+            transport.write(output)
+        hosted.attach(protocol)
+        restoreProtocolState(protocol, state)
+        protocol.connectionMade()
+    except Exception:
+        adopted.abandon()
+        raise
+    return adopted
+
+
+class _Closing(Protocol):
+    """
+    Writes what the old code left for a connection nobody can serve, then
+    closes it without a reset: it sends C{FIN} once the output is out,
+    discards what the peer still sends, and closes when the peer has closed
+    its side (or after L{lingerSeconds}).  Closing a socket whose input was
+    not read would send C{RST} instead.
+    """
+
+    lingerSeconds = 10.0
+
+    def __init__(self, reactor: Any, output: bytes) -> None:
+        self.reactor = reactor
+        self.output = output
+        self._deadline: Any = None
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        if self.output:
+            transport.write(self.output)
+        transport.loseWriteConnection()
+        self._deadline = self.reactor.callLater(
+            self.lingerSeconds, transport.loseConnection
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+
+
+def closeCleanly(reactor: Any, descriptor: int, output: bytes) -> None:
+    """
+    Close a connection nobody can serve: write C{output}, then close it
+    cleanly (see L{_Closing}).
+
+    @param descriptor: consumed.
+    """
+    try:
+        with socket.socket(fileno=os.dup(descriptor)) as probe:
+            family = probe.family
+        reactor.adoptStreamConnection(
+            descriptor, family, Factory.forProtocol(lambda: _Closing(reactor, output))
+        )
+    except Exception:
+        _log.failure("Could not close descriptor {fd} cleanly", fd=descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _output(entry: dict[str, Any]) -> bytes:
+    try:
+        return base64.b64decode(entry.get("output", ""), validate=True)
+    except Exception:
+        return b""
+
+
+def restoreReexec(host: Any, inheritance: ReexecInheritance) -> MigrationReport:
+    """
+    Take over what the previous image left, then serve: the listening
+    sockets and the control socket (adopted paused), every connection
+    (restored or handed to a fresh protocol, held), then commit: the host
+    serves generation + 1, listeners accept, connections resume.  No event
+    is processed in between, so nothing is served before everything is in
+    place.
+
+    @return: the report, also the host's C{lastReport}.
+    """
+    # As in the old image: no collector passes while the clients wait.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _restore(host, inheritance)
+    finally:
+        if collecting:
+            gc.enable()
+        blocked = list(inheritance.state.blockedSignals)
+        if blocked:
+            # Once the reactor has installed its handlers (and the host its
+            # SIGHUP handler, on commit): a signal that arrived since the
+            # exec is delivered then.
+            host.reactor.callWhenRunning(
+                signal.pthread_sigmask, signal.SIG_UNBLOCK, blocked
+            )
+
+
+def _restore(host: Any, inheritance: ReexecInheritance) -> MigrationReport:
+    restoreStart = time.monotonic()
+    state = inheritance.state
+    reactor = host.reactor
+    notes = list(state.notes)
+    failed: dict[str, int] = dict(state.closed)
+    moved: dict[str, int] = {}
+
+    for key, fd in state.listeners.items():
+        try:
+            listener = host.listenerNamed(key)
+            listener.port = adoptListener(
+                reactor, fd, listener.factory, accepting=False
+            )
+        except Exception as e:
+            if isinstance(e, KeyError):
+                os.close(fd)
+            note = "listener {} could not be adopted ({}: {}); its socket is closed".format(
+                key, type(e).__name__, e
+            )
+            _log.error("Re-exec: {note}", note=note)
+            notes.append(note)
+    if state.control is not None:
+        try:
+            port = adoptControl(reactor, state.control, host, accepting=False)
+        except Exception as e:
+            note = (
+                "the control socket could not be adopted ({}: {}); a new one is "
+                "made".format(type(e).__name__, e)
+            )
+            _log.error("Re-exec: {note}", note=note)
+            notes.append(note)
+        else:
+            host.adoptControlPort(port)
+
+    prepare = getattr(host, "prepareApplication", None)
+    if prepare is not None:
+        # A hosted twistd plugin: it opens its ports again and claims the
+        # inherited listeners before connections are adopted on them.
+        try:
+            prepare()
+        except Exception as e:
+            _log.failure("Re-exec: the hosted application did not start")
+            notes.append(
+                "the hosted application did not start: {}: {}".format(
+                    type(e).__name__, e
+                )
+            )
+
+    adopted: list[tuple[AdoptedConnection, InheritedConnection]] = []
+    for each in state.connections:
+        spare = os.dup(each.descriptor)
+        try:
+            if each.fresh:
+                connection = adoptFresh(host, each.entry, each.descriptor)
+            else:
+                connection = adoptEntry(host, each.entry, each.descriptor)
+        except Exception as e:
+            _log.error(
+                "Re-exec: a connection on {listener} cannot be restored by the "
+                "new code ({why}); closing it cleanly",
+                listener=each.listener,
+                why="{}: {}".format(type(e).__name__, e),
+            )
+            failed[each.listener] = failed.get(each.listener, 0) + 1
+            closeCleanly(reactor, spare, _output(each.entry))
+        else:
+            os.close(spare)
+            adopted.append((connection, each))
+            moved[each.listener] = moved.get(each.listener, 0) + 1
+
+    host.commitInheritance(state.generation + 1)
+    for connection, each in adopted:
+        connection.commit()
+        if each.closing:
+            connection.hosted.loseConnection()
+    finished = time.monotonic()
+
+    durations = dict(state.durations)
+    if inheritance.execAt is not None:
+        # From execv until restoring starts: the interpreter starting, the
+        # imports and option parsing (until the state was read, "load"),
+        # then twistd's logging, reactor and application set-up.
+        durations["exec"] = restoreStart - inheritance.execAt
+        durations["load"] = inheritance.foundAt - inheritance.execAt
+    durations["restore"] = finished - restoreStart
+    if state.frozenAt:
+        durations["suspension"] = finished - state.frozenAt
+    if "total" not in durations and state.frozenAt:
+        durations["total"] = (
+            finished
+            - state.frozenAt
+            + sum(
+                seconds
+                for name, seconds in state.durations.items()
+                if name in ("checks", "preflight", "plan", "close")
+            )
+        )
+    keys = list(host.listeners)
+    for key in list(failed) + list(moved):
+        if key not in keys:
+            keys.append(key)
+    report = MigrationReport(
+        strategy=state.strategy,
+        outcome=MigrationOutcome.success,
+        fromGeneration=state.generation,
+        toGeneration=host.generation,
+        oldPid=state.pid,
+        newPid=host.pid,
+        listeners=tuple(
+            ListenerReport(key, moved=moved.get(key, 0), failed=failed.get(key, 0))
+            for key in keys
+        ),
+        durations=durations,
+        notes=tuple(notes),
+    )
+    host.lastReport = report
+    _log.info(
+        "Re-exec: generation {generation} serves in process {pid}: {moved} "
+        "connections carried over, {failed} closed; clients waited {wait} s",
+        generation=host.generation,
+        pid=host.pid,
+        moved=sum(moved.values()),
+        failed=sum(failed.values()),
+        wait=round(durations.get("suspension", 0.0), 3),
+        report=report.toJSON(),
+    )
+    return report

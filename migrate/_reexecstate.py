@@ -1,0 +1,369 @@
+# -*- test-case-name: migrate.test.test_reexec -*-
+"""
+The re-exec state document: everything one image of a host leaves to the
+next one when it replaces itself with C{execv}.
+
+The old image writes the document into an anonymous memory file that
+survives C{exec} (L{writeState}) and names that file's descriptor in the
+environment of the new image (L{STATE_FD_VARIABLE}); the new image reads
+it back (L{readState}).  The document is plain data (JSON through
+L{migrate._codec}), never a pickle: the new image runs other code.
+
+It holds, by descriptor number (the numbers survive C{exec}):
+
+  - each listening socket, by the key it was configured with;
+  - the control socket;
+  - each established connection with its manifest entry (see
+    L{migrate._movement.freezeMovable}): the protocol's state, the output
+    Twisted had not written yet, and whether it is I{restored} (an
+    L{migrate.IMigratable} protocol) or handed to a I{fresh} protocol of the
+    new code (C{--reexec-unmovable adopt});
+
+and the generation, the start of the report the new image completes, the
+signals the old image blocked across C{exec}, and when it froze the
+connections (C{CLOCK_MONOTONIC}, which C{exec} does not reset), so that the
+new image can say how long clients waited.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from typing import Any, Mapping
+
+from attrs import field, frozen
+
+from ._codec import StateError, encodeState
+from ._fdpass import readMemfd, writeMemfd
+
+__all__ = [
+    "EXEC_AT_VARIABLE",
+    "FORMAT_VERSION",
+    "MAX_STATE_BYTES",
+    "PREFLIGHT_MARKER",
+    "PREFLIGHT_VARIABLE",
+    "REEXEC_SIGNALS",
+    "STATE_FD_VARIABLE",
+    "InheritedConnection",
+    "ReexecState",
+    "readState",
+    "writeState",
+]
+
+STATE_FD_VARIABLE = "MIGRATE_REEXEC_STATE_FD"
+"""
+The environment variable naming, in the new image, the descriptor of the
+memory file that holds the state document.
+"""
+
+EXEC_AT_VARIABLE = "MIGRATE_REEXEC_EXEC_AT"
+"""
+The environment variable holding the C{time.monotonic()} of the moment the
+old image called C{execv}.
+"""
+
+PREFLIGHT_VARIABLE = "MIGRATE_REEXEC_PREFLIGHT"
+"""
+Set in the environment of the short-lived process that checks, before a
+re-exec, that the command line still starts and loads the application; it
+stops once its options are parsed (see L{migrate._reexecincoming}).
+"""
+
+PREFLIGHT_MARKER = "migrate re-exec preflight: ready"
+"""
+What the preflight process prints once its options parsed and the
+application loaded.
+"""
+
+REEXEC_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+"""
+The signals blocked across C{exec}: their default action ends the process,
+and the new image has no handler for them until the reactor and the host
+install theirs.
+"""
+
+FORMAT_VERSION = 1
+"""
+The version of the document this code writes.  A reader accepts every
+version up to its own: an image never runs older code than the one that
+wrote its state, and newer code keeps reading older documents.
+"""
+
+MAX_STATE_BYTES = 1 << 30
+"""
+The largest document accepted: the state of every connection plus the
+output Twisted held for each.
+"""
+
+_MAX_DEPTH = 48
+
+
+def _int(value: object, what: str, minimum: int = 0) -> int:
+    if type(value) is not int or value < minimum:
+        raise StateError(
+            "{} must be an int of at least {}, not {!r}".format(what, minimum, value)
+        )
+    return value
+
+
+def _str(value: object, what: str) -> str:
+    if type(value) is not str:
+        raise StateError(
+            "{} must be a str, not {!r}".format(what, type(value).__name__)
+        )
+    return value
+
+
+def _dict(value: object, what: str) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise StateError(
+            "{} must be an object, not {}".format(what, type(value).__name__)
+        )
+    return value
+
+
+def _list(value: object, what: str) -> list[Any]:
+    if type(value) is not list:
+        raise StateError("{} must be a list, not {}".format(what, type(value).__name__))
+    return value
+
+
+@frozen
+class InheritedConnection:
+    """
+    One established connection in the document.
+
+    @ivar descriptor: its socket's descriptor number.
+    @ivar listener: the key of the listener that accepted it.
+    @ivar entry: its manifest entry (as from
+        L{migrate._movement.freezeMovable}, for L{migrate._movement.adoptEntry}).
+    @ivar fresh: C{True} if a fresh protocol of the new code takes it over
+        (told C{connectionMade}), C{False} if its protocol is restored from
+        its state.
+    @ivar closing: whether the old code had asked to close it once its
+        output was written; the new image does so after resuming it.
+    """
+
+    descriptor: int
+    listener: str
+    entry: dict[str, Any]
+    fresh: bool = False
+    closing: bool = False
+
+    def toPlain(self) -> dict[str, Any]:
+        return dict(
+            self.entry, fd=self.descriptor, fresh=self.fresh, closing=self.closing
+        )
+
+    @classmethod
+    def fromPlain(cls, data: object, where: str) -> InheritedConnection:
+        entry = dict(_dict(data, where))
+        descriptor = _int(entry.pop("fd", None), where + ".fd", 3)
+        fresh = entry.pop("fresh", False)
+        closing = entry.pop("closing", False)
+        if type(fresh) is not bool or type(closing) is not bool:
+            raise StateError(where + ": fresh and closing must be booleans")
+        listener = _str(entry.get("listener"), where + ".listener")
+        return cls(descriptor, listener, entry, fresh, closing)
+
+
+def _plainDurations(value: object, where: str) -> dict[str, float]:
+    durations = {}
+    for name, seconds in _dict(value, where).items():
+        if type(seconds) not in (int, float) or not math.isfinite(seconds):
+            raise StateError("{}[{!r}] must be a number".format(where, name))
+        durations[name] = float(seconds)
+    return durations
+
+
+@frozen
+class ReexecState:
+    """
+    What an image leaves to the next one.
+
+    @ivar pid: the process (the same in both images).
+    @ivar generation: the generation the old image served.
+    @ivar strategy: the name of the strategy that re-executed.
+    @ivar listeners: descriptor of each listening socket, by key.
+    @ivar control: descriptor of the control socket, if any.
+    @ivar connections: the established connections.
+    @ivar closed: by listener key, connections the old image closed (or
+        left to C{exec} to close) because they could not be carried over.
+    @ivar durations: seconds the old image spent in each phase.
+    @ivar notes: what the report should tell the operator.
+    @ivar frozenAt: C{time.monotonic()} when the connections froze.
+    @ivar blockedSignals: the signals the old image blocked across C{exec}
+        that the new image unblocks once its handlers are installed.
+    @ivar version: the document's format version.
+    """
+
+    pid: int
+    generation: int
+    strategy: str
+    listeners: Mapping[str, int] = field(factory=dict)
+    control: int | None = None
+    connections: tuple[InheritedConnection, ...] = ()
+    closed: Mapping[str, int] = field(factory=dict)
+    durations: Mapping[str, float] = field(factory=dict)
+    notes: tuple[str, ...] = ()
+    frozenAt: float = 0.0
+    blockedSignals: tuple[int, ...] = ()
+    version: int = FORMAT_VERSION
+
+    def descriptors(self) -> list[int]:
+        """
+        Every descriptor the new image inherits through this document
+        (not counting the document's own).
+        """
+        found = list(self.listeners.values())
+        if self.control is not None:
+            found.append(self.control)
+        found.extend(each.descriptor for each in self.connections)
+        return found
+
+    def toPlain(self) -> dict[str, Any]:
+        """
+        Describe this state as plain data for L{encodeState}.
+        """
+        return {
+            "format": self.version,
+            "pid": self.pid,
+            "generation": self.generation,
+            "strategy": self.strategy,
+            "listeners": [{"key": key, "fd": fd} for key, fd in self.listeners.items()],
+            "control": None if self.control is None else {"fd": self.control},
+            "connections": [each.toPlain() for each in self.connections],
+            "closed": dict(self.closed),
+            "durations": dict(self.durations),
+            "notes": list(self.notes),
+            "frozenAt": self.frozenAt,
+            "blockedSignals": [int(each) for each in self.blockedSignals],
+        }
+
+    @classmethod
+    def fromPlain(cls, data: object) -> ReexecState:
+        """
+        Read back what L{toPlain} returned, strictly.
+
+        @raise StateError: naming what is wrong, for a document this code
+            cannot read (a newer format, a missing or mistyped field, a
+            descriptor named twice).
+        """
+        document = _dict(data, "document")
+        version = _int(document.get("format"), "format", 1)
+        if version > FORMAT_VERSION:
+            raise StateError(
+                "the document has format {}, newer than this code's {}".format(
+                    version, FORMAT_VERSION
+                )
+            )
+        listeners: dict[str, int] = {}
+        for index, each in enumerate(_list(document.get("listeners"), "listeners")):
+            where = "listeners[{}]".format(index)
+            each = _dict(each, where)
+            key = _str(each.get("key"), where + ".key")
+            if key in listeners:
+                raise StateError("listener {!r} named twice".format(key))
+            listeners[key] = _int(each.get("fd"), where + ".fd", 3)
+        control = document.get("control")
+        controlFd = None
+        if control is not None:
+            controlFd = _int(_dict(control, "control").get("fd"), "control.fd", 3)
+        connections = tuple(
+            InheritedConnection.fromPlain(each, "connections[{}]".format(index))
+            for index, each in enumerate(
+                _list(document.get("connections"), "connections")
+            )
+        )
+        closed = {
+            _str(key, "closed key"): _int(count, "closed[{!r}]".format(key))
+            for key, count in _dict(document.get("closed", {}), "closed").items()
+        }
+        frozenAt = document.get("frozenAt", 0.0)
+        if type(frozenAt) not in (int, float) or not math.isfinite(frozenAt):
+            raise StateError("frozenAt must be a number")
+        state = cls(
+            pid=_int(document.get("pid"), "pid", 1),
+            generation=_int(document.get("generation"), "generation", 1),
+            strategy=_str(document.get("strategy"), "strategy"),
+            listeners=listeners,
+            control=controlFd,
+            connections=connections,
+            closed=closed,
+            durations=_plainDurations(document.get("durations", {}), "durations"),
+            notes=tuple(
+                _str(each, "notes[]")
+                for each in _list(document.get("notes", []), "notes")
+            ),
+            frozenAt=float(frozenAt),
+            blockedSignals=tuple(
+                _int(each, "blockedSignals[]", 1)
+                for each in _list(document.get("blockedSignals", []), "blockedSignals")
+            ),
+            version=version,
+        )
+        named = state.descriptors()
+        if len(set(named)) != len(named):
+            raise StateError("a descriptor is named twice")
+        return state
+
+
+def writeState(state: ReexecState, *, validate: bool = True) -> int:
+    """
+    Write C{state} into a new sealed memory file that survives C{exec}.
+
+    @param validate: whether to check the whole document with
+        L{encodeState}; C{False} when every connection's state was checked
+        as it was captured.
+
+    @return: the file's descriptor (inheritable); the caller closes it if
+        the C{exec} does not happen.
+
+    @raise StateError: if the state is not plain data or exceeds
+        L{MAX_STATE_BYTES}.
+    """
+    plain = state.toPlain()
+    if validate:
+        data = encodeState(plain, maxBytes=MAX_STATE_BYTES, maxDepth=_MAX_DEPTH)
+    else:
+        # Same encoding as encodeState, without walking every connection's
+        # state again: it was checked when it was captured, and this runs
+        # while the clients wait.
+        try:
+            data = json.dumps(
+                plain, ensure_ascii=True, allow_nan=False, separators=(",", ":")
+            ).encode("ascii")
+        except (TypeError, ValueError) as e:
+            raise StateError("the state document is not plain data: {}".format(e))
+        if len(data) > MAX_STATE_BYTES:
+            raise StateError(
+                "the state document takes {} bytes, more than the limit of "
+                "{}".format(len(data), MAX_STATE_BYTES)
+            )
+    return writeMemfd(data, "migrate-reexec-state", inheritable=True)
+
+
+def readState(descriptor: int) -> ReexecState:
+    """
+    Read the state the previous image left in the memory file
+    C{descriptor}, and close that file.
+
+    @raise StateError: if the document cannot be read (see
+        L{ReexecState.fromPlain}).
+    """
+    try:
+        data = readMemfd(descriptor, maxBytes=MAX_STATE_BYTES)
+    except Exception as e:
+        raise StateError("cannot read the state document: {}".format(e)) from e
+    finally:
+        os.close(descriptor)
+    # Parsed without the codec's depth scan: the document was written by
+    # this process's previous image a moment ago, and the clients wait.
+    # Each connection's state is validated again as it is restored.
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise StateError("the state document is not JSON: {}".format(e)) from e
+    return ReexecState.fromPlain(document)

@@ -1,0 +1,1088 @@
+"""
+Tests for the hand-off between an old process and its successor, one side
+at a time, with fakes: L{migrate._outgoing.OutgoingHandoff} (driven through
+a L{MigrationHost} and the real strategies) against a fake successor process
+and a fake successor end of the channel, and
+L{migrate._incoming.IncomingChannel} against a fake old end.
+
+Both ends talk AMP in memory (L{twisted.test.iosim}) over a transport that
+carries descriptors as plain numbers; no process starts and no descriptor
+crosses a real socket.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import socket
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import attrs
+from twisted.internet.address import UNIXAddress
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import capturedLogs
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from .. import _incoming, _outgoing
+from .._fdpass import DescriptorTransferError, writeMemfd
+from .._handoffprotocol import (
+    HANDOFF_PROTOCOL_VERSION,
+    AdoptConnections,
+    Commit,
+    DrainStatus,
+    HandoffRefused,
+    Hello,
+    Prepare,
+    Reported,
+    TakeControl,
+    TakeListener,
+)
+from .._incoming import IncomingChannel
+from .._movement import MovingConnection, Unmovable
+from .._successor import SuccessorExit, SuccessorProcess
+from ..strategies import CapabilityTransfer, GradualTransfer
+from ._fakes import FakeSuccessor, RecordingPort, connectAMP
+from .test_host import Harness, harness
+
+SUCCESSOR_PID = 4242
+
+
+def synchronousThreadPool(
+    reactor: Any, pool: Any, f: Callable[..., Any], *a: Any, **kw: Any
+) -> Deferred[Any]:
+    """
+    Stands in for C{deferToThreadPool}: runs C{f} at once.
+    """
+    return maybeDeferred(f, *a, **kw)
+
+
+class FakeSuccessorTests(SynchronousTestCase):
+    """
+    L{FakeSuccessor} has the public surface of L{SuccessorProcess}.
+    """
+
+    def test_surface(self) -> None:
+        """
+        Every public method of L{SuccessorProcess} exists on the fake with
+        the same signature, and so do its properties.
+        """
+        fields = {each.name for each in attrs.fields(SuccessorProcess)}
+        checked = []
+        for name, real in vars(SuccessorProcess).items():
+            if name.startswith("_"):
+                continue
+            checked.append(name)
+            if name in fields:
+                self.assertTrue(hasattr(FakeSuccessor(), name), name)
+            elif isinstance(real, property):
+                self.assertIsInstance(getattr(FakeSuccessor, name), property, name)
+            else:
+                fake = getattr(FakeSuccessor, name)
+                self.assertEqual(inspect.signature(fake), inspect.signature(real), name)
+        self.assertEqual(
+            sorted(checked),
+            ["exited", "kill", "logTail", "pid", "terminate", "whenEnded"],
+        )
+
+
+class FakeIncoming(amp.AMP):
+    """
+    A fake successor's end of the hand-off channel: says hello (unless told
+    not to), records every command, and answers as configured.
+
+    @ivar calls: (command name, arguments) in order.
+    @ivar refuse: command name -> message to refuse it with.
+    @ivar hang: command names never answered.
+    @ivar adoptAnswer: given the manifest's entries, the answer to
+        C{AdoptConnections} (default: every connection adopted).
+    """
+
+    def __init__(self, listeners: list[str], sayHello: bool = True) -> None:
+        amp.AMP.__init__(self)
+        self.listeners = listeners
+        self.sayHello = sayHello
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.refuse: dict[str, str] = {}
+        self.hang: set[str] = set()
+        self.welcomes: list[Any] = []
+        self.manifests: list[Any] = []
+        self.adoptAnswer: Callable[[list[dict[str, Any]]], dict[str, Any]] = (
+            lambda entries: {
+                "adopted": len(entries),
+                "refusedCount": 0,
+                "refused": "[]",
+            }
+        )
+
+    def connectionMade(self) -> None:
+        amp.AMP.connectionMade(self)
+        if self.sayHello:
+            self.hello()
+
+    def hello(self, **changes: Any) -> None:
+        arguments: dict[str, Any] = dict(
+            pid=SUCCESSOR_PID,
+            protocolVersion=HANDOFF_PROTOCOL_VERSION,
+            listeners=self.listeners,
+        )
+        arguments.update(changes)
+        self.callRemote(Hello, **arguments).addBoth(self.welcomes.append)
+
+    def _answer(self, name: str, answer: Any, **arguments: Any) -> Any:
+        self.calls.append((name, arguments))
+        if name in self.refuse:
+            raise HandoffRefused(self.refuse[name])
+        if name in self.hang:
+            return Deferred()
+        return answer
+
+    @TakeListener.responder
+    def takeListener(self, key: str, socket: int) -> Any:
+        return self._answer("TakeListener", {}, key=key, socket=socket)
+
+    @TakeControl.responder
+    def takeControl(self, socket: int) -> Any:
+        return self._answer("TakeControl", {}, socket=socket)
+
+    @Prepare.responder
+    def prepare(self) -> Any:
+        return self._answer("Prepare", {})
+
+    @AdoptConnections.responder
+    def adoptConnections(
+        self, count: int, manifestSize: int, manifest: int, bulk: int
+    ) -> Any:
+        entries = json.loads(os.pread(manifest, manifestSize, 0))
+        self.manifests.append(entries)
+        return self._answer(
+            "AdoptConnections",
+            self.adoptAnswer(entries),
+            count=count,
+            manifestSize=manifestSize,
+        )
+
+    @Commit.responder
+    def commit(self) -> Any:
+        return self._answer("Commit", {"pid": SUCCESSOR_PID})
+
+    @Reported.responder
+    def reported(self, report: str) -> Any:
+        return self._answer("Reported", {}, report=json.loads(report))
+
+    @DrainStatus.responder
+    def drainStatus(self, draining: str) -> Any:
+        return self._answer("DrainStatus", {}, draining=json.loads(draining))
+
+    def names(self) -> list[str]:
+        return [name for name, arguments in self.calls]
+
+
+class FakeFrozen:
+    """
+    Stands in for L{migrate._transport.FrozenConnection}: records whether
+    it was resumed or released.
+    """
+
+    def __init__(self, descriptor: int) -> None:
+        self._descriptor = descriptor
+        self.pendingOutput = b""
+        self.events: list[str] = []
+
+    def descriptor(self) -> int:
+        return self._descriptor
+
+    def resume(self) -> None:
+        self.events.append("resume")
+
+    def release(self) -> None:
+        self.events.append("release")
+
+
+class OutgoingHarness:
+    """
+    A serving host on a fake reactor whose migrations start a
+    L{FakeSuccessor} connected to a L{FakeIncoming}.
+    """
+
+    def __init__(
+        self,
+        testCase: SynchronousTestCase,
+        strategy: Any,
+        listen: tuple[str, ...] = ("tcp:8000", "tcp:8001"),
+        **kwargs: Any,
+    ) -> None:
+        self.testCase = testCase
+        self.h: Harness = harness(
+            testCase,
+            listen=listen,
+            strategy=strategy,
+            successorArgv=["new-code", "--flag"],
+            readyTimeout=5.0,
+            handoffTimeout=7.0,
+            **kwargs,
+        )
+        self.host = self.h.host
+        self.reactor = self.h.reactor
+        self.host.privilegedStartService()
+        self.host.startService()
+        self.control = RecordingPort(UNIXAddress("control.sock"), fileno=300)
+        self.host.controlPort = self.control
+        self.ports = list(self.h.reactor.ports)
+        self.successor = FakeSuccessor(
+            SUCCESSOR_PID, tail=["starting", "loaded the new code"]
+        )
+        self.incoming = FakeIncoming(list(listen))
+        self.spawned: list[tuple[Any, ...]] = []
+        self.progress: list[str] = []
+        self.pump: Any = None
+        testCase.patch(_outgoing, "spawnSuccessor", self.spawn)
+
+    def spawn(
+        self,
+        reactor: Any,
+        argv: Any,
+        *,
+        env: Any,
+        handoffSocket: Any,
+        extraEnv: Any = None,
+        **kwargs: Any,
+    ) -> FakeSuccessor:
+        self.spawned.append((reactor, list(argv), dict(extraEnv or {})))
+        return self.successor
+
+    def migrate(self) -> Deferred[Any]:
+        """
+        Ask the host to migrate, and connect the channel it opened to the
+        fake successor's end.
+        """
+        d = self.host.requestUpgrade(None, self.progress.append)
+        [(fd, family, factory)] = self.reactor.adoptedStreamConnections
+        self.testCase.assertEqual(family, socket.AF_UNIX)
+        self.channel = factory.buildProtocol(None)
+        self.pump = connectAMP(self.channel, self.incoming, self.reactor, greet=False)
+        self.incomingTransport = self.pump.clientIO
+        self.pump.flush()
+        return d
+
+    def flush(self) -> None:
+        self.pump.flush()
+
+    def advance(self, seconds: float) -> None:
+        self.reactor.advance(seconds)
+        self.flush()
+
+    def connect(self, count: int) -> list[Any]:
+        return [self.h.connect()[0] for _ in range(count)]
+
+    def assertRolledBack(self, report: dict[str, Any], reason: str) -> None:
+        """
+        The migration rolled back for C{reason}, and this process keeps
+        everything: serving, listening, its control socket.
+        """
+        tc = self.testCase
+        tc.assertEqual((report["outcome"], report["reason"]), ("rolled-back", reason))
+        tc.assertIsNone(report["newPid"])
+        tc.assertIsNone(report["toGeneration"])
+        tc.assertEqual(report["successorLog"], ["starting", "loaded the new code"])
+        tc.assertTrue(self.host.serving)
+        tc.assertEqual(self.host.phase.value, "idle")
+        tc.assertEqual(self.h.released, [])
+        tc.assertIs(self.host.controlPort, self.control)
+        tc.assertEqual([port.reading for port in self.ports], [True] * len(self.ports))
+        tc.assertIn("rolled back: this process keeps serving", self.progress)
+        tc.assertTrue(self.incomingTransport.disconnected)
+        tc.assertEqual(self.h.stops, [])
+
+
+class OutgoingFailureTests(SynchronousTestCase):
+    """
+    Whatever fails before the successor commits rolls the hand-off back:
+    the successor is killed and this process keeps serving.
+    """
+
+    def test_readyTimeout(self) -> None:
+        """
+        A successor that does not say hello within the ready timeout is
+        killed, and the report says so.
+        """
+        o = OutgoingHarness(self, GradualTransfer())
+        o.incoming.sayHello = False
+        d = o.migrate()
+        o.advance(4.9)
+        self.assertNoResult(d)
+        self.assertEqual(o.successor.signals, [])
+        o.advance(0.1)
+        report = self.successResultOf(d)
+        o.assertRolledBack(report, "not ready within 5.0 s")
+        self.assertEqual(o.successor.signals, ["KILL"])
+        self.assertEqual(report["fromGeneration"], 1)
+        self.assertEqual(o.host.lastReport.toJSON(), report)  # type: ignore[union-attr]
+
+    def test_spawnFails(self) -> None:
+        """
+        A successor that cannot start rolls the hand-off back, and both ends
+        of the channel's socket pair are closed.
+        """
+        pairs: list[tuple[socket.socket, socket.socket]] = []
+
+        def socketpair(*args: Any) -> tuple[socket.socket, socket.socket]:
+            pair = socket.socketpair(*args)
+            pairs.append(pair)
+            return pair
+
+        def spawnSuccessor(*args: Any, **kwargs: Any) -> Any:
+            raise OSError("cannot start")
+
+        o = OutgoingHarness(self, GradualTransfer())
+        self.patch(
+            _outgoing,
+            "socket",
+            SimpleNamespace(
+                AF_UNIX=socket.AF_UNIX,
+                SOCK_STREAM=socket.SOCK_STREAM,
+                socketpair=socketpair,
+            ),
+        )
+        self.patch(_outgoing, "spawnSuccessor", spawnSuccessor)
+        report = self.successResultOf(o.host.requestUpgrade(None, o.progress.append))
+        self.assertEqual(
+            (report["outcome"], report["reason"]),
+            ("rolled-back", "OSError: cannot start"),
+        )
+        self.assertTrue(o.host.serving)
+        [(ours, theirs)] = pairs
+        self.assertEqual((ours.fileno(), theirs.fileno()), (-1, -1))
+
+    def test_spawned(self) -> None:
+        """
+        The successor runs the configured command line and is told the
+        strategy.
+        """
+        o = OutgoingHarness(self, GradualTransfer())
+        o.migrate()
+        [(reactor, argv, extraEnv)] = o.spawned
+        self.assertIs(reactor, o.reactor)
+        self.assertEqual(argv, ["new-code", "--flag"])
+        self.assertEqual(extraEnv, {"MIGRATE_HANDOFF_STRATEGY": "gradual"})
+
+    def test_exitsBeforeHello(self) -> None:
+        """
+        A successor that exits before saying hello rolls the hand-off back
+        at once, with how it ended and its last output; nothing is killed.
+        """
+        o = OutgoingHarness(self, GradualTransfer())
+        o.incoming.sayHello = False
+        d = o.migrate()
+        o.successor.end(SuccessorExit(exitCode=3, signal=None))
+        o.flush()
+        report = self.successResultOf(d)
+        o.assertRolledBack(
+            report,
+            "successor 4242 (exited with status 3); last output: loaded the new code",
+        )
+        self.assertEqual(o.successor.signals, [])
+
+    def test_channelClosesBeforeHello(self) -> None:
+        """
+        A successor that closes the channel without exiting is given a
+        moment to exit, then killed.
+        """
+        o = OutgoingHarness(self, GradualTransfer())
+        o.incoming.sayHello = False
+        d = o.migrate()
+        o.incomingTransport.loseConnection()
+        o.flush()
+        o.advance(1.9)
+        self.assertNoResult(d)
+        o.advance(0.1)
+        o.assertRolledBack(self.successResultOf(d), "the hand-off channel closed")
+        self.assertEqual(o.successor.signals, ["KILL"])
+
+    def test_listenerMissing(self) -> None:
+        """
+        A successor whose code lacks one of the listeners is refused at
+        hello, and the hand-off rolls back.
+        """
+        o = OutgoingHarness(self, GradualTransfer())
+        o.incoming.listeners = ["tcp:8000"]
+        d = o.migrate()
+        o.assertRolledBack(
+            self.successResultOf(d), "the new code has no listener for tcp:8001"
+        )
+        [refusal] = o.incoming.welcomes
+        self.assertIsInstance(refusal, Failure)
+
+    def test_protocolVersion(self) -> None:
+        """
+        A successor speaking another hand-off protocol is refused.
+        """
+        o = OutgoingHarness(self, GradualTransfer())
+        o.incoming.sayHello = False
+        d = o.migrate()
+        o.incoming.hello(protocolVersion=HANDOFF_PROTOCOL_VERSION + 1)
+        o.flush()
+        o.assertRolledBack(
+            self.successResultOf(d),
+            "successor speaks hand-off protocol {}, this process {}".format(
+                HANDOFF_PROTOCOL_VERSION + 1, HANDOFF_PROTOCOL_VERSION
+            ),
+        )
+
+    def test_listenerRefused(self) -> None:
+        """
+        A successor that refuses a listener rolls the hand-off back: the
+        successor is killed and the listeners stay here.
+        """
+        o = OutgoingHarness(self, GradualTransfer())
+        o.incoming.refuse["TakeListener"] = "cannot adopt it"
+        d = o.migrate()
+        o.assertRolledBack(
+            self.successResultOf(d),
+            "successor refused handing over listener tcp:8000: cannot adopt it",
+        )
+        self.assertEqual(o.successor.signals, ["KILL"])
+        self.assertEqual(o.incoming.names(), ["TakeListener"])
+
+    def test_commitTimeout(self) -> None:
+        """
+        A successor that does not answer C{Commit} in time is killed.
+        """
+        o = OutgoingHarness(self, GradualTransfer())
+        o.incoming.hang.add("Commit")
+        d = o.migrate()
+        o.advance(6.9)
+        self.assertNoResult(d)
+        o.advance(0.1)
+        o.assertRolledBack(
+            self.successResultOf(d),
+            "successor did not answer within 7.0 s while committing",
+        )
+        self.assertEqual(o.successor.signals, ["KILL"])
+
+    def test_successorSurvivesKill(self) -> None:
+        """
+        A successor still there 10 s after C{SIGKILL} is noted in the
+        report; the old process keeps serving anyway.
+        """
+        o = OutgoingHarness(self, GradualTransfer())
+        o.incoming.sayHello = False
+        o.successor.diesOnKill = False
+        d = o.migrate()
+        o.advance(5)
+        self.assertNoResult(d)
+        o.advance(10)
+        report = self.successResultOf(d)
+        o.assertRolledBack(report, "not ready within 5.0 s")
+        self.assertEqual(report["notes"], ["successor 4242 did not end after SIGKILL"])
+
+
+class OutgoingSuccessTests(SynchronousTestCase):
+    """
+    A hand-off the successor commits hands everything on.
+    """
+
+    def test_commit(self) -> None:
+        """
+        The successor gets each listener and the control socket, commits,
+        and this process hands on: the report names the new process and
+        generation, the ports are released, and the successor is told how
+        the draining goes.
+        """
+        o = OutgoingHarness(self, GradualTransfer())
+        d = o.migrate()
+        report = self.successResultOf(d)
+        self.assertEqual(
+            {key: report[key] for key in ("outcome", "reason", "newPid", "oldPid")},
+            {
+                "outcome": "success",
+                "reason": None,
+                "newPid": SUCCESSOR_PID,
+                "oldPid": os.getpid(),
+            },
+        )
+        self.assertEqual((report["fromGeneration"], report["toGeneration"]), (1, 2))
+        self.assertEqual(report["successorLog"], [])
+        self.assertEqual(
+            o.incoming.calls[:5],
+            [
+                ("TakeListener", {"key": "tcp:8000", "socket": 100}),
+                ("TakeListener", {"key": "tcp:8001", "socket": 101}),
+                ("TakeControl", {"socket": 300}),
+                ("Prepare", {}),
+                ("Commit", {}),
+            ],
+        )
+        self.assertEqual(o.h.released, o.ports + [o.control])
+        self.assertFalse(o.host.serving)
+        self.assertEqual(o.successor.signals, [])
+        me = {"generation": 1, "pid": os.getpid(), "connections": 0}
+        self.assertEqual(
+            o.incoming.calls[5:],
+            [("Reported", {"report": report}), ("DrainStatus", {"draining": [me]})],
+        )
+        o.reactor.advance(0.2)
+        self.assertEqual(o.h.stops, [True])
+
+    def test_gradualLeavesConnections(self) -> None:
+        """
+        With gradual transfer the established connections stay here to
+        drain, untouched, and are reported as draining.
+        """
+        o = OutgoingHarness(self, GradualTransfer())
+        o.connect(2)
+        report = self.successResultOf(o.migrate())
+        self.assertEqual((report["moved"], report["draining"]), (0, 2))
+        self.assertEqual(
+            report["listeners"][0],
+            {"key": "tcp:8000", "moved": 0, "drained": 2, "failed": 0},
+        )
+        self.assertEqual(o.host.connectionCount(), 2)
+        self.assertNotIn("AdoptConnections", o.incoming.names())
+        o.reactor.advance(1)
+        self.assertEqual(o.h.stops, [])
+
+
+class CapabilityTests(SynchronousTestCase):
+    """
+    Capability transfer moves the frozen connections all or nothing.
+    """
+
+    def setUp(self) -> None:
+        self.o = OutgoingHarness(self, CapabilityTransfer())
+        self.frozen: list[FakeFrozen] = []
+        self.sent: list[list[int]] = []
+        self.patch(_outgoing, "freezeMovable", self.freezeMovable)
+        self.sendings: list[Deferred[Any]] = []
+        self.patch(_outgoing, "deferToThreadPool", self.threadPool)
+        self.patch(_outgoing, "sendDescriptors", self.sendDescriptors)
+        self.connections = self.o.connect(3)
+        self.reading: list[list[bool]] = []
+
+    def freezeMovable(
+        self, connections: Any
+    ) -> tuple[list[MovingConnection], list[Unmovable]]:
+        """
+        The first connections move (the last one stays): freezing happens
+        while the listeners are paused.
+        """
+        self.reading.append([port.reading for port in self.o.ports])
+        pairs = list(connections)
+        moving = []
+        for ident, (listener, hosted) in enumerate(pairs[:-1], 1):
+            frozen = FakeFrozen(500 + ident)
+            self.frozen.append(frozen)
+            entry = {"id": ident, "listener": listener.key, "state": {}, "output": ""}
+            moving.append(MovingConnection(ident, listener.key, hosted, frozen, entry))  # type: ignore[arg-type]
+        listener, hosted = pairs[-1]
+        return moving, [Unmovable(listener.key, hosted, "not IMigratable")]
+
+    def threadPool(
+        self, reactor: Any, pool: Any, f: Callable[..., Any], *a: Any, **kw: Any
+    ) -> Deferred[Any]:
+        """
+        Stands in for C{deferToThreadPool}: runs C{f} at once, and
+        remembers the L{Deferred}.
+        """
+        d = maybeDeferred(f, *a, **kw)
+        self.sendings.append(d)
+        return d
+
+    def sendDescriptors(self, sock: Any, fds: list[int], *, timeout: float) -> None:
+        self.sent.append(list(fds))
+
+    def test_moved(self) -> None:
+        """
+        The successor adopts the frozen connections; once it commits they are
+        released here and reported as moved; the unmovable one drains.
+        """
+        report = self.successResultOf(self.o.migrate())
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual(self.reading, [[False, False]])
+        self.assertEqual(self.sent, [[501, 502]])
+        [manifest] = self.o.incoming.manifests
+        self.assertEqual([entry["id"] for entry in manifest], [1, 2])
+        self.assertEqual(
+            self.o.incoming.names()[:6],
+            [
+                "TakeListener",
+                "TakeListener",
+                "TakeControl",
+                "Prepare",
+                "AdoptConnections",
+                "Commit",
+            ],
+        )
+        self.assertEqual(
+            [each.events for each in self.frozen], [["release"], ["release"]]
+        )
+        self.assertEqual((report["moved"], report["draining"]), (2, 1))
+        self.assertEqual(
+            [each.released for each in self.connections], [True, True, False]
+        )
+        self.assertEqual(self.o.host.connectionCount(), 1)
+
+    def assertResumed(self) -> None:
+        """
+        Every frozen connection was resumed (none released), accepting
+        resumed, and all connections are still served here.
+        """
+        self.assertEqual(
+            [each.events for each in self.frozen], [["resume"], ["resume"]]
+        )
+        self.assertEqual([each.released for each in self.connections], [False] * 3)
+        self.assertEqual(self.o.host.connectionCount(), 3)
+        self.assertEqual(
+            [port.events for port in self.o.ports],
+            [["stopReading", "startReading"]] * 2,
+        )
+
+    def test_commitRefused(self) -> None:
+        """
+        A failure after the connections were frozen and adopted resumes
+        them all here, and accepting resumes.
+        """
+        self.o.incoming.refuse["Commit"] = "changed my mind"
+        report = self.successResultOf(self.o.migrate())
+        self.o.assertRolledBack(report, "successor refused committing: changed my mind")
+        self.assertEqual(self.o.successor.signals, ["KILL"])
+        self.assertEqual(report["moved"], 0)
+        self.assertResumed()
+
+    def test_someConnectionsRefused(self) -> None:
+        """
+        A successor that refuses some of the connections fails the whole
+        hand-off: all or nothing.  Every connection resumes here and nothing
+        is committed.
+        """
+        self.o.incoming.adoptAnswer = lambda entries: {
+            "adopted": 1,
+            "refusedCount": 1,
+            "refused": json.dumps(
+                [
+                    {
+                        "id": 2,
+                        "reason": "the new code's Chat does not provide IMigratable",
+                    }
+                ]
+            ),
+        }
+        report = self.successResultOf(self.o.migrate())
+        self.o.assertRolledBack(
+            report,
+            "successor refused 1 of 2 connections (first: the new code's Chat does not "
+            "provide IMigratable); the hand-off is all or nothing",
+        )
+        self.assertNotIn("Commit", self.o.incoming.names())
+        self.assertResumed()
+
+    def test_adoptionRefused(self) -> None:
+        """
+        A successor that refuses the whole batch rolls back too.
+        """
+        self.o.incoming.refuse["AdoptConnections"] = "manifest of 9 bytes refused"
+        report = self.successResultOf(self.o.migrate())
+        self.o.assertRolledBack(
+            report,
+            "successor refused adopting connections: manifest of 9 bytes refused",
+        )
+        self.assertResumed()
+
+    def test_sendingFails(self) -> None:
+        """
+        Descriptors that cannot be sent roll the hand-off back, saying so.
+        """
+
+        def sendDescriptors(sock: Any, fds: list[int], *, timeout: float) -> None:
+            raise DescriptorTransferError("sendmsg: broken pipe")
+
+        self.patch(_outgoing, "sendDescriptors", sendDescriptors)
+        report = self.successResultOf(self.o.migrate())
+        self.o.assertRolledBack(report, "sending descriptors: sendmsg: broken pipe")
+        self.assertResumed()
+
+    def test_sendingFailsAndRefused(self) -> None:
+        """
+        When both the sending and the successor fail, the successor's answer
+        is the reason, and the sending's failure is not left unhandled.
+        """
+
+        def sendDescriptors(sock: Any, fds: list[int], *, timeout: float) -> None:
+            raise DescriptorTransferError("sendmsg: broken pipe")
+
+        self.patch(_outgoing, "sendDescriptors", sendDescriptors)
+        self.o.incoming.refuse["AdoptConnections"] = "no"
+        report = self.successResultOf(self.o.migrate())
+        self.o.assertRolledBack(report, "successor refused adopting connections: no")
+        self.assertResumed()
+        [sending] = self.sendings
+        self.successResultOf(sending)
+
+
+class FakeOutgoing(amp.AMP):
+    """
+    A fake old process's end of the hand-off channel.
+
+    @ivar hellos: the C{Hello} arguments received.
+    @ivar welcome: answers C{Hello}: a dictionary, a L{Deferred}, or an
+        exception to raise.
+    """
+
+    def __init__(self) -> None:
+        amp.AMP.__init__(self)
+        self.hellos: list[dict[str, Any]] = []
+        self.welcome: Any = {"generation": 2, "strategy": "capability"}
+
+    @Hello.responder
+    def hello(
+        self,
+        pid: int,
+        protocolVersion: int,
+        listeners: list[str],
+        anyListener: bool = False,
+    ) -> Any:
+        self.hellos.append(
+            {"pid": pid, "protocolVersion": protocolVersion, "listeners": listeners}
+        )
+        if isinstance(self.welcome, Exception):
+            raise self.welcome
+        return self.welcome
+
+
+class FakeInheritance:
+    """
+    Stands in for L{migrate._successor.InheritedHandoff}.
+    """
+
+    def __init__(self) -> None:
+        self.outputTaken = 0
+
+    def takeOverOutput(self) -> None:
+        self.outputTaken += 1
+
+
+class FakeAdopted:
+    """
+    Stands in for L{migrate._movement.AdoptedConnection}.
+    """
+
+    def __init__(self, entry: Any, descriptor: int) -> None:
+        self.entry = entry
+        self.descriptor = descriptor
+        self.events: list[str] = []
+
+    def commit(self) -> None:
+        self.events.append("commit")
+
+    def abandon(self) -> None:
+        self.events.append("abandon")
+
+
+class IncomingChannelTests(SynchronousTestCase):
+    """
+    L{IncomingChannel}: the successor adopts what it is handed, serves once
+    the old process commits, and gives everything back if it goes away
+    first.
+    """
+
+    def setUp(self) -> None:
+        self.h = harness(self, listen=("tcp:8000", "tcp:8001"), inheritance="handed")
+        self.host = self.h.host
+        self.inheritance = FakeInheritance()
+        self.adopted: list[FakeAdopted] = []
+        self.adoptedListeners: list[tuple[Any, ...]] = []
+        self.patch(_incoming, "adoptListener", self.adoptListener)
+        self.patch(_incoming, "adoptEntry", self.adoptEntry)
+        self.patch(_incoming, "deferToThreadPool", synchronousThreadPool)
+        self.patch(_incoming, "receiveDescriptors", self.receiveDescriptors)
+        self.old = FakeOutgoing()
+        self.channel = IncomingChannel(self.host, self.inheritance)
+
+    def connect(self) -> None:
+        self.pump = connectAMP(self.old, self.channel, self.h.reactor)
+
+    def adoptListener(
+        self, reactor: Any, fd: int, factory: Any, *, accepting: bool
+    ) -> RecordingPort:
+        self.adoptedListeners.append((reactor, fd, factory, accepting))
+        return RecordingPort(UNIXAddress("adopted"), fileno=fd, reading=accepting)
+
+    def adoptEntry(self, host: Any, entry: Any, descriptor: int) -> FakeAdopted:
+        if entry.get("refuse"):
+            raise ValueError(entry["refuse"])
+        adopted = FakeAdopted(entry, descriptor)
+        self.adopted.append(adopted)
+        return adopted
+
+    def receiveDescriptors(self, sock: Any, count: int, *, timeout: float) -> list[int]:
+        return [700 + n for n in range(count)]
+
+    def call(self, command: Any, **arguments: Any) -> Deferred[Any]:
+        """
+        Send C{command} from the old side and deliver everything.
+
+        @return: its outcome, caught before the answer arrives (AMP drops a
+            connection whose error answer nobody handles at once).
+        """
+        outcome: Deferred[Any] = Deferred()
+        self.old.callRemote(command, **arguments).chainDeferred(outcome)
+        self.pump.flush()
+        return outcome
+
+    def adoptConnections(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        data = json.dumps(entries).encode()
+        manifest = writeMemfd(data, "test-manifest")
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        bulk = theirs.detach()
+        answer: dict[str, Any] = self.successResultOf(
+            self.call(
+                AdoptConnections,
+                count=len(entries),
+                manifestSize=len(data),
+                manifest=manifest,
+                bulk=bulk,
+            )
+        )
+        for fd in (manifest, bulk):
+            with self.assertRaises(OSError):
+                os.fstat(fd)
+        return answer
+
+    def handOver(self) -> None:
+        """
+        The old process hands over both listeners and two connections.
+        """
+        self.connect()
+        for key in self.host.listeners:
+            self.successResultOf(self.call(TakeListener, key=key, socket=900))
+        answer = self.adoptConnections(
+            [
+                {"id": 1, "listener": "tcp:8000"},
+                {"id": 2, "listener": "tcp:8001"},
+            ]
+        )
+        self.assertEqual(answer, {"adopted": 2, "refusedCount": 0, "refused": "[]"})
+
+    def test_hello(self) -> None:
+        """
+        The successor says hello at once with its process, protocol version
+        and listeners.
+        """
+        self.connect()
+        self.assertEqual(
+            self.old.hellos,
+            [
+                {
+                    "pid": os.getpid(),
+                    "protocolVersion": HANDOFF_PROTOCOL_VERSION,
+                    "listeners": ["tcp:8000", "tcp:8001"],
+                }
+            ],
+        )
+        self.assertEqual(self.channel.generation, 2)
+
+    def test_helloRefused(self) -> None:
+        """
+        A successor the old process refuses closes the channel and gives up.
+        """
+        self.old.welcome = HandoffRefused("no")
+        self.connect()
+        self.assertEqual(self.h.stops, [True])
+
+    def test_takeListener(self) -> None:
+        """
+        A listener handed over is adopted paused, on its listener's factory.
+        """
+        self.connect()
+        self.successResultOf(self.call(TakeListener, key="tcp:8001", socket=900))
+        [(reactor, fd, factory, accepting)] = self.adoptedListeners
+        listener = self.host.listeners["tcp:8001"]
+        self.assertEqual(
+            (reactor, fd, factory, accepting),
+            (self.h.reactor, 900, listener.factory, False),
+        )
+        self.assertIs(listener.port.fileno(), 900)  # type: ignore[union-attr]
+        self.assertFalse(listener.port.reading)  # type: ignore[union-attr]
+
+    def test_unknownListener(self) -> None:
+        """
+        A listener the new code does not have is refused, and its descriptor
+        closed.
+        """
+        self.connect()
+        r, w = os.pipe()
+        self.addCleanup(os.close, w)
+        failure = self.failureResultOf(
+            self.call(TakeListener, key="tcp:9", socket=r), HandoffRefused
+        )
+        self.assertEqual(
+            failure.getErrorMessage(), "no listener 'tcp:9' in the new code"
+        )
+        with self.assertRaises(OSError):
+            os.fstat(r)
+
+    def test_adoptConnections(self) -> None:
+        """
+        Connections are adopted from the manifest, each with its descriptor;
+        those the new code refuses are reported with why.
+        """
+        self.connect()
+        answer = self.adoptConnections(
+            [
+                {"id": 1, "listener": "tcp:8000"},
+                {"id": 2, "listener": "tcp:8000", "refuse": "not migratable"},
+                {"id": 3, "listener": "tcp:8001"},
+            ]
+        )
+        self.assertEqual((answer["adopted"], answer["refusedCount"]), (2, 1))
+        self.assertEqual(
+            json.loads(answer["refused"]), [{"id": 2, "reason": "not migratable"}]
+        )
+        self.assertEqual(
+            [(a.entry["id"], a.descriptor) for a in self.adopted], [(1, 700), (3, 702)]
+        )
+        self.flushLoggedErrors()
+
+    def test_answerBounded(self) -> None:
+        """
+        However many connections are refused, the answer describes only the
+        first few, with bounded reasons: AMP values are capped at 64 KiB.
+        """
+        self.connect()
+        answer = self.adoptConnections(
+            [
+                {"id": n, "listener": "tcp:8000", "refuse": "x" * 2000}
+                for n in range(1, 61)
+            ]
+        )
+        self.assertEqual((answer["adopted"], answer["refusedCount"]), (0, 60))
+        described = json.loads(answer["refused"])
+        self.assertEqual([each["id"] for each in described], list(range(1, 21)))
+        self.assertEqual({len(each["reason"]) for each in described}, {500})
+        self.flushLoggedErrors()
+
+    def test_badManifest(self) -> None:
+        """
+        A manifest that does not list as many connections as announced is
+        refused, and both descriptors closed.
+        """
+        self.connect()
+        data = b"[]"
+        manifest = writeMemfd(data, "test-manifest")
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        bulk = theirs.detach()
+        d = self.call(
+            AdoptConnections, count=2, manifestSize=2, manifest=manifest, bulk=bulk
+        )
+        failure = self.failureResultOf(d, HandoffRefused)
+        self.assertEqual(
+            failure.getErrorMessage(), "manifest does not list 2 connections"
+        )
+        for fd in (manifest, bulk):
+            with self.assertRaises(OSError):
+                os.fstat(fd)
+
+    def test_lostBeforeCommit(self) -> None:
+        """
+        If the old process goes away before committing, every adopted
+        connection is abandoned (the old process resumes it) and the
+        successor gives back its listeners and exits.
+        """
+        self.handOver()
+        ports = [each.port for each in self.host.listeners.values()]
+        self.pump.serverIO.loseConnection()
+        self.pump.flush()
+        self.assertEqual(
+            [each.events for each in self.adopted], [["abandon"], ["abandon"]]
+        )
+        self.assertEqual(self.h.released, ports)
+        self.assertEqual(self.h.stops, [True])
+        self.assertEqual(self.inheritance.outputTaken, 0)
+        self.assertFalse(self.host.serving)
+
+    def test_commit(self) -> None:
+        """
+        C{Commit} makes the successor serve as the generation it was given:
+        it takes over the output, resumes its listeners and the adopted
+        connections, and answers with its process id.
+        """
+        self.handOver()
+        answer = self.successResultOf(self.call(Commit))
+        self.assertEqual(answer, {"pid": os.getpid()})
+        self.assertEqual(self.inheritance.outputTaken, 1)
+        self.assertTrue(self.host.serving)
+        self.assertEqual(self.host.generation, 2)
+        self.assertEqual(
+            [each.port.reading for each in self.host.listeners.values()], [True, True]  # type: ignore[union-attr]
+        )
+        self.assertEqual(
+            [each.events for each in self.adopted], [["commit"], ["commit"]]
+        )
+
+    def test_lostAfterCommit(self) -> None:
+        """
+        Once committed, the end of the channel only means the previous
+        generation has ended: it is no longer listed as draining, and
+        nothing is given back.
+        """
+        self.handOver()
+        self.successResultOf(self.call(Commit))
+        entry = {"generation": 1, "pid": 77, "connections": 3}
+        self.old.callRemote(DrainStatus, draining=json.dumps([entry]))
+        self.pump.flush()
+        self.assertEqual(self.host.statusSnapshot()["draining"], [entry])
+        self.pump.serverIO.loseConnection()
+        self.pump.flush()
+        self.assertEqual(self.host.statusSnapshot()["draining"], [])
+        self.assertEqual(
+            [each.events for each in self.adopted], [["commit"], ["commit"]]
+        )
+        self.assertEqual(self.h.released, [])
+        self.assertEqual(self.h.stops, [])
+        self.assertTrue(self.host.serving)
+
+    def test_malformedDrainStatus(self) -> None:
+        """
+        A drain status that is not the expected JSON is ignored with a
+        warning; the last good one stays.
+        """
+        self.handOver()
+        self.successResultOf(self.call(Commit))
+        entry = {"generation": 1, "pid": 77, "connections": 3}
+        self.old.callRemote(DrainStatus, draining=json.dumps([entry]))
+        self.pump.flush()
+        bad = [
+            "not json",
+            '{"generation": 1}',
+            '[{"generation": "one", "pid": 1, "connections": 0}]',
+            "[{}]",
+            "[1]",
+        ]
+        with capturedLogs() as events:
+            for each in bad:
+                self.old.callRemote(DrainStatus, draining=each)
+                self.pump.flush()
+        warnings = [
+            e
+            for e in events
+            if e["log_format"].startswith("Ignoring a malformed drain status")
+        ]
+        self.assertEqual(len(warnings), len(bad))
+        self.assertEqual(self.host.statusSnapshot()["draining"], [entry])
+
+    def test_commitBeforeHello(self) -> None:
+        """
+        C{Commit} before the old process has answered hello is refused; the
+        successor does not serve.
+        """
+        self.old.welcome = Deferred()
+        self.connect()
+        failure = self.failureResultOf(self.call(Commit), HandoffRefused)
+        self.assertEqual(failure.getErrorMessage(), "commit before hello")
+        self.assertFalse(self.host.serving)
+        self.assertEqual(self.inheritance.outputTaken, 0)

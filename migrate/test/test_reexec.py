@@ -1,0 +1,944 @@
+"""
+Unit tests for re-exec (L{migrate._reexec}, L{migrate._reexecstate},
+L{migrate._reexecincoming}, L{migrate.strategies.reexec}): the checks, the
+state document, the choice of inherited descriptors and the C{execv}
+failure path, with an injected C{execv} and fake reactors.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import io
+import json
+import os
+import signal
+import socket
+from typing import Any
+
+from twisted.internet import tcp, unix
+from twisted.internet.defer import inlineCallbacks, succeed
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from migrate._codec import StateError
+from migrate._fdpass import readMemfd
+from migrate._host import HostedListener, MigrationHost
+from migrate._reexec import DescriptorMarks, ReexecMigration, inheritableDescriptors
+from migrate._reexeccheck import (
+    DESCRIPTOR_HEADROOM,
+    Program,
+    checkDescriptorLimit,
+    checkHost,
+    checkProgram,
+    programOf,
+)
+from migrate._reexecincoming import (
+    ReexecInheritance,
+    adjustTwistdOptions,
+    finishPreflight,
+    inheritedReexec,
+    restoreReexec,
+)
+from migrate._reexecstate import (
+    EXEC_AT_VARIABLE,
+    FORMAT_VERSION,
+    PREFLIGHT_MARKER,
+    PREFLIGHT_VARIABLE,
+    REEXEC_SIGNALS,
+    STATE_FD_VARIABLE,
+    InheritedConnection,
+    ReexecState,
+    readState,
+    writeState,
+)
+from migrate._report import MigrationPhase
+from migrate._tracking import TrackingFactory
+from migrate.interfaces import IMigratable, IMigrationStrategy
+from migrate.state import ProtocolState, captureProtocolState
+from migrate.strategies import strategyNamed, strategyNames
+from migrate.strategies.reexec import ReexecStrategy
+
+
+@implementer(IMigratable)
+class Counter(LineReceiver):
+    """
+    A migratable line protocol counting lines.
+    """
+
+    delimiter = b"\n"
+    migrationVersion = 1
+
+    def connectionMade(self) -> None:
+        self.count = 0
+
+    def lineReceived(self, line: bytes) -> None:
+        self.count += 1
+        self.sendLine(b"%s %d" % (line, self.count))
+
+    def getMigrationState(self) -> Any:
+        return {"count": self.count}
+
+    def restoreMigrationState(self, state: Any) -> None:
+        self.count = state["count"]
+
+    def upgradeMigrationState(self, fromVersion: int, state: Any) -> Any:
+        return state
+
+
+class Plain(LineReceiver):
+    """
+    A line protocol that knows nothing about migrate.
+    """
+
+    delimiter = b"\n"
+
+    def connectionMade(self) -> None:
+        self.sendLine(b"hello")
+
+    def lineReceived(self, line: bytes) -> None:
+        self.sendLine(b"got " + line)
+
+
+@implementer(IMigratable)
+class Unserialisable(Counter):
+    def getMigrationState(self) -> Any:
+        return {"count": object()}
+
+
+class ProgramOfTests(SynchronousTestCase):
+    """
+    L{programOf} finds what a Python command line runs.
+    """
+
+    def test_script(self) -> None:
+        self.assertEqual(
+            programOf(["python", "-u", "-X", "dev", "-Wignore", "/bin/twistd", "-n"]),
+            Program("script", "/bin/twistd"),
+        )
+
+    def test_longOptionWithArgument(self) -> None:
+        self.assertEqual(
+            programOf(["python", "--check-hash-based-pycs", "always", "app.py"]),
+            Program("script", "app.py"),
+        )
+
+    def test_doubleDash(self) -> None:
+        self.assertEqual(
+            programOf(["python", "--", "-odd.py"]), Program("script", "-odd.py")
+        )
+
+    def test_module(self) -> None:
+        self.assertEqual(
+            programOf(["python", "-I", "-m", "twisted", "web"]),
+            Program("module", "twisted"),
+        )
+        self.assertEqual(
+            programOf(["python", "-mtwisted"]), Program("module", "twisted")
+        )
+
+    def test_command(self) -> None:
+        self.assertEqual(
+            programOf(["python", "-uBc", "print(1)", "x"]),
+            Program("command", "print(1)"),
+        )
+
+    def test_standardInput(self) -> None:
+        """
+        A program read from standard input cannot be read again.
+        """
+        self.assertRaises(ValueError, programOf, ["python", "-"])
+        self.assertRaises(ValueError, programOf, ["python", "-u"])
+        self.assertRaises(ValueError, programOf, ["python", "-c"])
+
+
+class CheckProgramTests(SynchronousTestCase):
+    """
+    L{checkProgram} says why a command line cannot run again.
+    """
+
+    def check(
+        self, argv: list[str], files: dict[str, int], modules: set[str] = set()
+    ) -> Any:
+        return checkProgram(
+            argv,
+            isfile=lambda path: path in files,
+            access=lambda path, mode: bool(files.get(path, 0) & mode),
+            findSpec=lambda name: object() if name in modules else None,
+        )
+
+    def test_fine(self) -> None:
+        files = {"/python3": os.X_OK | os.R_OK, "/twistd": os.R_OK}
+        self.assertIsNone(self.check(["/python3", "/twistd", "-n"], files))
+        self.assertIsNone(self.check(["/python3", "-m", "twisted"], files, {"twisted"}))
+        self.assertIsNone(self.check(["/python3", "-c", "pass"], files))
+
+    def test_otherProgram(self) -> None:
+        """
+        A command line that does not start with a Python interpreter is only
+        checked for its executable.
+        """
+        files = {"/bin/twistd": os.X_OK}
+        self.assertIsNone(self.check(["/bin/twistd", "-n", "migrate-host"], files))
+
+    def test_interpreter(self) -> None:
+        self.assertIn("does not exist", self.check(["/gone", "x"], {}))
+        self.assertIn(
+            "not executable", self.check(["/python3", "x"], {"/python3": os.R_OK})
+        )
+
+    def test_program(self) -> None:
+        files = {"/python3": os.X_OK, "/secret": 0}
+        self.assertIn(
+            "/twistd does not exist", self.check(["/python3", "/twistd"], files)
+        )
+        self.assertIn("not readable", self.check(["/python3", "/secret"], files))
+        self.assertIn("cannot be found", self.check(["/python3", "-m", "gone"], files))
+        self.assertIn("standard input", self.check(["/python3", "-"], files))
+
+    def test_realFiles(self) -> None:
+        """
+        With the real file system: an interpreter that lost its execute
+        permission is found out.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\n")
+        os.chmod(path, 0o644)
+        self.assertIn("not executable", checkProgram([path, "-c", "pass"]))
+        os.chmod(path, 0o755)
+        self.assertIsNone(checkProgram([path, "-c", "pass"]))
+
+
+class CheckDescriptorLimitTests(SynchronousTestCase):
+    def test_limit(self) -> None:
+        self.assertIsNone(checkDescriptorLimit(100, 100 + DESCRIPTOR_HEADROOM))
+        self.assertIn("RLIMIT_NOFILE allows 150", checkDescriptorLimit(100, 150) or "")
+        self.assertIsNone(checkDescriptorLimit(10**6, -1))
+
+
+class DescriptorMarksTests(SynchronousTestCase):
+    """
+    L{DescriptorMarks} makes exactly the needed descriptors inheritable,
+    and nothing else, and undoes it.
+    """
+
+    def apply(self, flags: dict[int, bool], keep: list[int], **kwargs: Any) -> Any:
+        def getInheritable(fd: int) -> bool:
+            if fd not in flags:
+                raise OSError(errno.EBADF, "closed")
+            return flags[fd]
+
+        kwargs.setdefault("setInheritable", flags.__setitem__)
+        return DescriptorMarks.apply(
+            keep,
+            openDescriptors=lambda: [0, 1, 2, 3, 4, 5, 6, 99],
+            getInheritable=getInheritable,
+            **kwargs,
+        )
+
+    def test_exactlyTheNeeded(self) -> None:
+        """
+        The kept descriptors become inheritable, a stray one close-on-exec;
+        the standard streams and descriptors already right are untouched;
+        one that closed meanwhile is skipped.  Undoing puts every flag back.
+        """
+        original = {0: True, 1: True, 2: False, 3: False, 4: True, 5: False, 6: False}
+        flags = dict(original)
+        marks = self.apply(flags, [3, 5])
+        self.assertEqual(
+            flags, {0: True, 1: True, 2: False, 3: True, 4: False, 5: True, 6: False}
+        )
+        self.assertEqual(marks.strays, [4])
+        self.assertEqual(marks.changed, {3: False, 4: True, 5: False})
+        marks.undo(setInheritable=flags.__setitem__)
+        self.assertEqual(flags, original)
+
+    def test_failureUndoes(self) -> None:
+        """
+        When a flag cannot be set, those already changed are put back.
+        """
+        flags = {0: True, 1: True, 2: True, 3: False, 4: True, 5: False, 6: False}
+
+        def setInheritable(fd: int, value: bool) -> None:
+            if fd == 5:
+                raise OSError(errno.EBADF, "gone")
+            flags[fd] = value
+
+        self.assertRaises(
+            OSError, self.apply, flags, [3, 5], setInheritable=setInheritable
+        )
+        self.assertEqual(flags[3], False)
+        self.assertEqual(flags[4], True)
+
+    def test_realDescriptors(self) -> None:
+        """
+        On this process's real descriptors.
+        """
+        keep, other = os.pipe()
+        self.addCleanup(os.close, keep)
+        self.addCleanup(os.close, other)
+        os.set_inheritable(other, True)
+        marks = DescriptorMarks.apply([keep])
+        try:
+            self.assertTrue(os.get_inheritable(keep))
+            self.assertFalse(os.get_inheritable(other))
+            self.assertIn(other, marks.strays)
+            self.assertEqual([fd for fd in inheritableDescriptors() if fd > 2], [keep])
+        finally:
+            marks.undo()
+        self.assertFalse(os.get_inheritable(keep))
+        self.assertTrue(os.get_inheritable(other))
+
+
+def _socketPair(case: SynchronousTestCase) -> tuple[socket.socket, socket.socket]:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    case.addCleanup(ours.close)
+    case.addCleanup(theirs.close)
+    return ours, theirs
+
+
+class _Harness:
+    """
+    A host on a memory reactor, with a real listening socket and real
+    connections (socketpairs) it does not drive.
+    """
+
+    def __init__(self, case: SynchronousTestCase, protocol: type = Counter) -> None:
+        self.case = case
+        self.reactor = MemoryReactorClock()
+        self.host = MigrationHost(
+            self.reactor,
+            Factory.forProtocol(protocol),
+            [],
+            ReexecStrategy(),
+            controlPath=None,
+            installSignalHandlers=False,
+            successorArgv=["/py", "-c", "pass"],
+        )
+        self.factory = TrackingFactory("tcp:0", Factory.forProtocol(protocol))
+        port = tcp.Port(0, self.factory, interface="127.0.0.1", reactor=self.reactor)
+        port.startListening()
+        case.addCleanup(port.socket.close)
+        self.port = port
+        self.host.listeners["tcp:0"] = HostedListener("tcp:0", self.factory, port)
+        self.clients: list[socket.socket] = []
+        self.executed: list[dict[str, Any]] = []
+
+    def connect(self, factory: TrackingFactory | None = None) -> Any:
+        ours, theirs = _socketPair(self.case)
+        hosted: Any = (factory or self.factory).buildProtocol(None)  # type: ignore[arg-type]
+        transport = unix.Server(ours, hosted, None, None, 1, self.reactor)
+        hosted.makeConnection(transport)
+        self.clients.append(theirs)
+        return hosted
+
+    def migration(self, **kwargs: Any) -> ReexecMigration:
+        kwargs.setdefault("preflight", lambda *a, **k: succeed(None))
+        kwargs.setdefault("checkArgv", lambda argv: None)
+        kwargs.setdefault("execv", self.failingExec)
+        return ReexecMigration(self.host, lambda line: None, **kwargs)
+
+    def failingExec(self, path: str, argv: list[str], env: dict[str, str]) -> None:
+        """
+        Record what C{execv} would pass on, then fail as C{execv} can.
+        """
+        fd = int(env[STATE_FD_VARIABLE])
+        state = ReexecState.fromPlain(json.loads(readMemfd(fd, maxBytes=1 << 30)))
+        self.executed.append(
+            {
+                "path": path,
+                "argv": argv,
+                "env": env,
+                "state": state,
+                "stateFd": fd,
+                "inheritable": inheritableDescriptors(),
+                "blocked": set(signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+            }
+        )
+        raise OSError(errno.E2BIG, "Argument list too long")
+
+    def run(self, migration: ReexecMigration) -> Any:
+        d = migration.run()
+        self.reactor.advance(0)
+        return self.case.successResultOf(d)
+
+
+def _reading(reactor: MemoryReactorClock, hosted: Any) -> bool:
+    return hosted.transport in reactor.readers
+
+
+class ReexecMigrationTests(SynchronousTestCase):
+    """
+    The old image's side: checks, freeze and state document, C{execv}
+    failure.
+    """
+
+    def test_interface(self) -> None:
+        verifyObject(IMigrationStrategy, ReexecStrategy())
+        self.assertIn("reexec", strategyNames())
+        self.assertIsInstance(strategyNamed("reexec"), ReexecStrategy)
+
+    def test_refusedByChecks(self) -> None:
+        """
+        A failed check refuses the migration before anything is touched.
+        """
+        harness = _Harness(self)
+        hosted = harness.connect()
+        report = harness.run(harness.migration(checkArgv=lambda argv: "no interpreter"))
+        self.assertEqual(
+            (report.outcome.value, report.reason), ("refused", "no interpreter")
+        )
+        self.assertTrue(_reading(harness.reactor, hosted))
+        self.assertEqual(harness.executed, [])
+
+    def test_refusedByPreflight(self) -> None:
+        """
+        New code that does not load refuses the migration; the preflight's
+        output is in the report.
+        """
+        harness = _Harness(self)
+        report = harness.run(
+            harness.migration(
+                preflight=lambda *a, **k: succeed(
+                    ("it does not start", ["SyntaxError"])
+                )
+            )
+        )
+        self.assertEqual(report.outcome.value, "refused")
+        self.assertEqual(report.successorLog, ("SyntaxError",))
+        self.assertEqual(harness.executed, [])
+
+    def test_refusedWhileDraining(self) -> None:
+        harness = _Harness(self)
+        harness.host.draining[1] = {"generation": 1, "pid": 42, "connections": 3}
+        self.assertIn("still draining", checkHost(harness.host) or "")
+
+    def test_refusedWhileThreadsWork(self) -> None:
+        harness = _Harness(self)
+
+        class Pool:
+            working = [object()]
+
+        harness.reactor.threadpool = Pool()  # type: ignore[attr-defined]
+        self.assertIn("thread pool", checkHost(harness.host) or "")
+
+    def test_refusedForUnserialisableState(self) -> None:
+        """
+        A migratable protocol whose state is not plain data refuses the
+        re-exec; every connection and the listener go on as before.
+        """
+        harness = _Harness(self, Unserialisable)
+        hosted = harness.connect()
+        report = harness.run(harness.migration())
+        self.assertEqual(report.outcome.value, "refused")
+        self.assertIn("cannot be carried over", report.reason)
+        self.assertTrue(_reading(harness.reactor, hosted))
+        self.assertIn(harness.port, harness.reactor.readers)
+
+    def test_refusedForDescriptorLimit(self) -> None:
+        harness = _Harness(self)
+        harness.connect()
+        report = harness.run(harness.migration(softLimit=lambda: 10))
+        self.assertEqual(report.outcome.value, "refused")
+        self.assertIn("RLIMIT_NOFILE", report.reason)
+        self.assertIn(harness.port, harness.reactor.readers)
+
+    def test_unknownPolicy(self) -> None:
+        harness = _Harness(self)
+        report = harness.run(harness.migration(unmovable="keep"))
+        self.assertEqual(report.outcome.value, "refused")
+
+    def test_stateDocumentAndInheritedDescriptors(self) -> None:
+        """
+        What C{execv} gets: the same command line, the state descriptor in
+        the environment, a document naming the listener and every
+        connection with its state and pending output, exactly those
+        descriptors (and the standard streams) inheritable, a stray
+        inheritable descriptor made close-on-exec, and the signals blocked.
+        """
+        harness = _Harness(self)
+        first = harness.connect()
+        second = harness.connect()
+        first.wrappedProtocol.count = 3
+        first.transport.write(b"unsent")
+        second.dataReceived(b"hal")
+        stray, strayOther = os.pipe()
+        self.addCleanup(os.close, stray)
+        self.addCleanup(os.close, strayOther)
+        os.set_inheritable(stray, True)
+        harness.host.generation = 7
+
+        harness.run(harness.migration())
+        (executed,) = harness.executed
+        self.assertEqual(executed["argv"], ["/py", "-c", "pass"])
+        self.assertIn(EXEC_AT_VARIABLE, executed["env"])
+        state = executed["state"]
+        self.assertEqual(
+            (state.generation, state.pid, state.strategy), (7, os.getpid(), "reexec")
+        )
+        self.assertEqual(state.listeners, {"tcp:0": harness.port.fileno()})
+        self.assertIsNone(state.control)
+        entries = {each.descriptor: each for each in state.connections}
+        self.assertEqual(
+            set(entries), {first.transport.fileno(), second.transport.fileno()}
+        )
+        firstEntry = entries[first.transport.fileno()].entry
+        self.assertEqual(firstEntry["state"]["appState"], {"count": 3})
+        self.assertEqual(base64.b64decode(firstEntry["output"]), b"unsent")
+        self.assertFalse(entries[first.transport.fileno()].fresh)
+        self.assertEqual(
+            executed["inheritable"],
+            sorted(
+                [0, 1, 2, executed["stateFd"], harness.port.fileno()] + list(entries)
+            ),
+        )
+        self.assertLessEqual(set(REEXEC_SIGNALS), executed["blocked"])
+
+    def test_execvFailureRollsBack(self) -> None:
+        """
+        When C{execv} fails the old image resumes everything as if nothing
+        happened: connections read again with their output still pending,
+        the listener accepts, the inheritance flags and the signal mask are
+        as before, the state file is closed, and the report says rolled
+        back and why.
+        """
+        harness = _Harness(self)
+        hosted = harness.connect()
+        hosted.transport.write(b"pending")
+        stray, strayOther = os.pipe()
+        self.addCleanup(os.close, stray)
+        self.addCleanup(os.close, strayOther)
+        os.set_inheritable(stray, True)
+        inheritableBefore = inheritableDescriptors()
+        maskBefore = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        descriptorsBefore = sorted(os.listdir("/proc/self/fd"))
+
+        report = harness.run(harness.migration())
+        self.assertEqual(report.outcome.value, "rolled-back")
+        self.assertIn("execv failed", report.reason)
+        self.assertIn("Argument list too long", report.reason)
+        self.assertEqual(len(harness.executed), 1)
+        self.assertTrue(_reading(harness.reactor, hosted))
+        self.assertIn(hosted.transport, harness.reactor.writers)
+        transport = hosted.transport
+        self.assertEqual(
+            bytes(transport.dataBuffer[transport.offset :])
+            + b"".join(transport._tempDataBuffer),
+            b"pending",
+        )
+        self.assertIn(harness.port, harness.reactor.readers)
+        self.assertEqual(inheritableDescriptors(), inheritableBefore)
+        self.assertEqual(signal.pthread_sigmask(signal.SIG_BLOCK, []), maskBefore)
+        self.assertEqual(sorted(os.listdir("/proc/self/fd")), descriptorsBefore)
+        self.assertIs(harness.host.phase, MigrationPhase.rollingBack)
+
+    def test_closePolicy(self) -> None:
+        """
+        By default a connection whose protocol is not migratable is closed
+        cleanly before the exec, counted as failed, and not in the
+        document.
+        """
+        harness = _Harness(self)
+        plainFactory = TrackingFactory("tcp:0", Factory.forProtocol(Plain))
+        harness.host.listeners["tcp:0"].factory = plainFactory
+        plain = harness.connect(plainFactory)
+        migration = harness.migration()
+        d = migration.run()
+        harness.reactor.advance(0)
+        self.assertTrue(plain.transport.disconnecting)
+        self.assertNoResult(d)
+        # What the reactor does next: write the output, then close.
+        why = plain.transport.doWrite()
+        self.assertIsNotNone(why)
+        plain.transport.connectionLost(Failure(why))
+        self.assertEqual(harness.clients[-1].recv(100), b"hello\n")
+        harness.reactor.advance(0.01)
+        harness.reactor.advance(0)
+        report = self.successResultOf(d)
+        (executed,) = harness.executed
+        self.assertEqual(executed["state"].connections, ())
+        self.assertEqual(executed["state"].closed, {"tcp:0": 1})
+        self.assertEqual(report.listeners[0].failed, 1)
+
+    def test_closeDeadline(self) -> None:
+        """
+        A connection that does not finish closing by the deadline is left
+        for C{exec} to close, and the report says so.
+        """
+        harness = _Harness(self)
+        plainFactory = TrackingFactory("tcp:0", Factory.forProtocol(Plain))
+        harness.host.listeners["tcp:0"].factory = plainFactory
+        harness.connect(plainFactory)
+        d = harness.migration(closeTimeout=1.0).run()
+        harness.reactor.advance(0)
+        self.assertNoResult(d)
+        harness.reactor.pump([0.005] * 250)
+        report = self.successResultOf(d)
+        self.assertIn("did not finish writing within 1.0 s", " ".join(report.notes))
+        self.assertEqual(harness.executed[0]["state"].connections, ())
+
+    def test_adoptPolicy(self) -> None:
+        """
+        With C{adopt}, such a connection is in the document, to be handed
+        to a fresh protocol, with the input its protocol had buffered.
+        """
+        harness = _Harness(self)
+        plainFactory = TrackingFactory("tcp:0", Factory.forProtocol(Plain))
+        harness.host.listeners["tcp:0"].factory = plainFactory
+        plain = harness.connect(plainFactory)
+        plain.dataReceived(b"half")
+        report = harness.run(harness.migration(unmovable="adopt"))
+        self.assertEqual(report.outcome.value, "rolled-back")
+        (entry,) = harness.executed[0]["state"].connections
+        self.assertTrue(entry.fresh)
+        self.assertFalse(entry.entry["state"]["migratable"])
+        restored = ProtocolState.fromPlain(entry.entry["state"])
+        self.assertIn(b"half", [each["buffer"] for each in restored.buffers.values()])
+
+
+class StateDocumentTests(SynchronousTestCase):
+    """
+    The state document survives the trip through a memory file, and a
+    document this code cannot read is refused clearly.
+    """
+
+    def state(self) -> ReexecState:
+        return ReexecState(
+            pid=123,
+            generation=4,
+            strategy="reexec",
+            listeners={"tcp:8000": 5, "unix:/s": 6},
+            control=7,
+            connections=(
+                InheritedConnection(
+                    8,
+                    "tcp:8000",
+                    {"id": 1, "listener": "tcp:8000", "state": {}, "output": ""},
+                ),
+                InheritedConnection(
+                    9,
+                    "unix:/s",
+                    {"id": 2, "listener": "unix:/s", "state": {}, "output": "eA=="},
+                    fresh=True,
+                    closing=True,
+                ),
+            ),
+            closed={"tcp:8000": 2},
+            durations={"capture": 0.25},
+            notes=("a note",),
+            frozenAt=12.5,
+            blockedSignals=(1, 15),
+        )
+
+    def test_roundTrip(self) -> None:
+        state = self.state()
+        fd = writeState(state)
+        self.assertTrue(os.get_inheritable(fd))
+        self.assertEqual(readState(fd), state)
+        self.assertRaises(OSError, os.fstat, fd)
+
+    def test_unvalidatedRoundTrip(self) -> None:
+        """
+        Written without the codec's walk (as while clients wait), the
+        document reads back the same, and what is not plain data is still
+        refused.
+        """
+        state = self.state()
+        self.assertEqual(readState(writeState(state, validate=False)), state)
+        broken = ReexecState(pid=1, generation=1, strategy="reexec", notes=(object(),))  # type: ignore[arg-type]
+        self.assertRaises(StateError, writeState, broken, validate=False)
+        self.assertRaises(StateError, writeState, broken)
+
+    def test_descriptors(self) -> None:
+        self.assertEqual(sorted(self.state().descriptors()), [5, 6, 7, 8, 9])
+
+    def test_refused(self) -> None:
+        plain = self.state().toPlain()
+        changes: list[tuple[dict[str, Any], str]] = [
+            ({"format": FORMAT_VERSION + 1}, "newer"),
+            ({"generation": "4"}, "generation"),
+            ({"listeners": [{"key": "a", "fd": 2}]}, "fd"),
+            ({"listeners": [{"key": "a", "fd": 5}, {"key": "a", "fd": 6}]}, "twice"),
+            ({"control": {"fd": 8}}, "twice"),
+            ({"connections": [{"listener": "x"}]}, "fd"),
+            ({"frozenAt": "soon"}, "frozenAt"),
+        ]
+        for change, message in changes:
+            broken = dict(plain, **change)
+            error = self.assertRaises(StateError, ReexecState.fromPlain, broken)
+            self.assertIn(message, str(error))
+        self.assertRaises(StateError, ReexecState.fromPlain, [])
+
+
+class OptionsTests(SynchronousTestCase):
+    """
+    C{--reexec-unmovable} reaches the host's strategy options.
+    """
+
+    def test_policy(self) -> None:
+        from twisted.python import usage
+
+        from migrate.tap import Options, buildHost
+
+        options = Options()
+        options.parseOptions(["--reexec-unmovable", "adopt", "--control", "c.sock"])
+        self.assertEqual(options["reexec-unmovable"], "adopt")
+        host = buildHost(MemoryReactorClock(), options)
+        self.assertEqual(host.strategyOptions, {"reexec-unmovable": "adopt"})
+        default = Options()
+        default.parseOptions(["--control", "c.sock"])
+        self.assertEqual(default["reexec-unmovable"], "close")
+        self.assertRaises(
+            usage.UsageError, Options().parseOptions, ["--reexec-unmovable", "keep"]
+        )
+
+
+class IncomingTests(SynchronousTestCase):
+    """
+    The new image finds its inheritance and keeps twistd from redoing what
+    the process did already.
+    """
+
+    def test_notReexecuted(self) -> None:
+        self.assertIsNone(inheritedReexec({}))
+
+    def test_found(self) -> None:
+        fd = writeState(StateDocumentTests.state(self))  # type: ignore[arg-type]
+        environ = {STATE_FD_VARIABLE: str(fd), EXEC_AT_VARIABLE: "10.5", "OTHER": "1"}
+        inheritance = inheritedReexec(environ)
+        assert inheritance is not None
+        self.assertEqual(inheritance.state.generation, 4)
+        self.assertEqual(inheritance.execAt, 10.5)
+        self.assertEqual(environ, {"OTHER": "1"})
+
+    def test_unreadable(self) -> None:
+        """
+        An unreadable document costs the inherited descriptors (closed) but
+        not the service: the host starts afresh.
+        """
+        a, b = os.pipe()
+        self.addCleanup(os.close, b)
+        memfd = os.memfd_create("bad")
+        os.write(memfd, b"{not json")
+        environ = {STATE_FD_VARIABLE: str(memfd)}
+        self.assertIsNone(inheritedReexec(environ, inherited=lambda: [a]))
+        self.assertRaises(OSError, os.fstat, a)
+        self.assertRaises(OSError, os.fstat, memfd)
+        self.assertEqual(environ, {})
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_adjustTwistdOptions(self) -> None:
+        """
+        A re-executed image does not check or write the pidfile through
+        twistd, nor daemonise, change root or directory, or switch user
+        again; a daemon keeps logging to twistd.log.
+        """
+        parent = {
+            "pidfile": "twistd.pid",
+            "nodaemon": False,
+            "logfile": None,
+            "syslog": False,
+            "chroot": "/jail",
+            "uid": 1000,
+            "gid": 1000,
+            "rundir": "/srv",
+        }
+        adjustTwistdOptions(parent, {STATE_FD_VARIABLE: "9"})
+        self.assertEqual(
+            parent,
+            {
+                "pidfile": "",
+                "nodaemon": True,
+                "logfile": "twistd.log",
+                "syslog": False,
+                "chroot": None,
+                "uid": None,
+                "gid": None,
+                "rundir": ".",
+            },
+        )
+        parent = {"pidfile": "twistd.pid", "nodaemon": False}
+        adjustTwistdOptions(parent, {PREFLIGHT_VARIABLE: "1"})
+        self.assertEqual(parent, {"pidfile": "", "nodaemon": False})
+        adjustTwistdOptions(parent, {})
+        parent = {"pidfile": "twistd.pid"}
+        adjustTwistdOptions(parent, {})
+        self.assertEqual(parent, {"pidfile": "twistd.pid"})
+
+    def test_finishPreflight(self) -> None:
+        out = io.StringIO()
+        finishPreflight({}, out)
+        self.assertEqual(out.getvalue(), "")
+        error = self.assertRaises(
+            SystemExit, finishPreflight, {PREFLIGHT_VARIABLE: "1"}, out
+        )
+        self.assertEqual(error.code, 0)
+        self.assertEqual(out.getvalue(), PREFLIGHT_MARKER + "\n")
+
+
+class SignalTests(SynchronousTestCase):
+    """
+    The signals the old image blocked across the exec are unblocked once
+    the new image's reactor runs (its handlers installed), not before.
+    """
+
+    def test_unblockedWhenRunning(self) -> None:
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+        self.addCleanup(signal.pthread_sigmask, signal.SIG_SETMASK, before)
+        reactor = MemoryReactorClock()
+        state = ReexecState(
+            pid=os.getpid(),
+            generation=1,
+            strategy="reexec",
+            blockedSignals=(int(signal.SIGUSR1),),
+        )
+        host = MigrationHost(
+            reactor,
+            Factory.forProtocol(Counter),
+            [],
+            ReexecStrategy(),
+            controlPath=None,
+            installSignalHandlers=False,
+            inheritance=ReexecInheritance(state, 0.0),
+        )
+        report = restoreReexec(host, host.inheritance)
+        self.assertEqual((report.toGeneration, host.generation), (2, 2))
+        self.assertIn(signal.SIGUSR1, signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        for hook, args, kwargs in reactor.whenRunningHooks:
+            hook(*args, **kwargs)
+        self.assertNotIn(signal.SIGUSR1, signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+@implementer(IMigratable)
+class Refusing(Counter):
+    def restoreMigrationState(self, state: Any) -> None:
+        raise ValueError("refused")
+
+
+class RestoreTests(TestCase):
+    """
+    L{restoreReexec} on the real reactor with real sockets: the new image
+    adopts the listener and the connections before it serves.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+
+    def connection(self) -> tuple[int, socket.socket]:
+        ours, theirs = socket.socketpair()
+        theirs.settimeout(5)
+        self.addCleanup(theirs.close)
+        return ours.detach(), theirs
+
+    @inlineCallbacks
+    def test_restore(self) -> Any:
+        """
+        A restored connection serves its state on the new code, with the
+        old output first; one the new code refuses is closed cleanly after
+        its pending output and counted as failed; a fresh one is told
+        connectionMade; the listener accepts; the report and the generation
+        are the host's.
+        """
+        from twisted.internet.task import deferLater
+
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(5)
+        address = listening.getsockname()
+        old = Counter()
+        old.count = 41
+        goodFd, good = self.connection()
+        badFd, bad = self.connection()
+        freshFd, fresh = self.connection()
+
+        def entry(ident: int, protocol: Any, output: bytes) -> dict[str, Any]:
+            return {
+                "id": ident,
+                "listener": "tcp:0",
+                "state": captureProtocolState(protocol).toPlain(),
+                "output": base64.b64encode(output).decode(),
+            }
+
+        refused = Counter()
+        refused.count = 1
+        plain = Plain()
+        state = ReexecState(
+            pid=os.getpid(),
+            generation=3,
+            strategy="reexec",
+            listeners={"tcp:0": listening.detach()},
+            connections=(
+                InheritedConnection(goodFd, "tcp:0", entry(1, old, b"old\n")),
+                InheritedConnection(badFd, "tcp:0", entry(2, refused, b"bye\n")),
+                InheritedConnection(freshFd, "tcp:0", entry(3, plain, b""), fresh=True),
+            ),
+            closed={"tcp:0": 1},
+            frozenAt=1.0,
+        )
+
+        class Factory2(Factory):
+            def buildProtocol(self, addr: Any) -> Any:
+                built = self.count = getattr(self, "count", 0) + 1
+                return [Counter, Refusing, Plain][built - 1]()
+
+        host = MigrationHost(
+            self.reactor,
+            Factory2(),
+            ["tcp:0"],
+            ReexecStrategy(),
+            controlPath=None,
+            installSignalHandlers=False,
+            inheritance=ReexecInheritance(state, 2.0, 1.5),
+        )
+        report = restoreReexec(host, host.inheritance)
+        port: Any = host.listeners["tcp:0"].port
+        self.addCleanup(port.stopListening)
+        self.assertEqual(
+            (host.generation, host.serving, host.lastReport), (4, True, report)
+        )
+        self.assertEqual(
+            (report.outcome.value, report.fromGeneration, report.toGeneration),
+            ("success", 3, 4),
+        )
+        self.assertEqual(
+            (report.listeners[0].moved, report.listeners[0].failed), (2, 2)
+        )
+        self.assertIn("exec", report.durations)
+
+        good.sendall(b"x\n")
+        bad.sendall(b"y\n")
+        for client, expected in [
+            (good, b"old\nx 42\n"),
+            (bad, b"bye\n"),
+            (fresh, b"hello\n"),
+        ]:
+            received = b""
+            while len(received) < len(expected):
+                chunk = yield deferLater(self.reactor, 0.01, _receive, client)
+                if chunk == b"":
+                    break
+                received += chunk or b""
+            self.assertEqual(received, expected)
+        closed = yield deferLater(self.reactor, 0.05, _receive, bad)
+        self.assertEqual(closed, b"")
+        probe = socket.create_connection(address, timeout=5)
+        self.addCleanup(probe.close)
+        for hosted in list(host.listeners["tcp:0"].factory.protocols):
+            self.addCleanup(hosted.transport.loseConnection)
+
+
+def _receive(client: socket.socket) -> bytes | None:
+    client.setblocking(False)
+    try:
+        return client.recv(65536)
+    except BlockingIOError:
+        return None

@@ -1,0 +1,450 @@
+"""
+Integration tests for re-exec: a real C{twistd migrate-host} replaces its
+own image with C{execv} and keeps its PID, its listening socket, its
+control socket and its clients' connections.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.error import ConnectionDone
+from twisted.trial.unittest import TestCase
+
+from . import _hostprocess
+from ._hostprocess import (
+    HostProcess,
+    connectLineClient,
+    freePort,
+    pidAlive,
+    waitFor,
+    writeModule,
+)
+from .test_capability_integration import MIGRATABLE_V1, MIGRATABLE_V2
+from .test_gradual_integration import APP_V1, APP_V2
+
+#: twistd as the helper starts it, except that a re-executed image (already
+#: a session leader) and its preflight check must not call setsid() again
+_LAUNCHER = textwrap.dedent("""
+    import os, sys
+    if not any(name in os.environ for name in (
+            "MIGRATE_HANDOFF_FD", "MIGRATE_REEXEC_STATE_FD",
+            "MIGRATE_REEXEC_PREFLIGHT")):
+        os.setsid()
+    from twisted.scripts.twistd import run
+    sys.argv[0] = "twistd"
+    run()
+    """)
+
+#: the migratable application, with execv failing while a file named
+#: "fail-exec" exists in its working directory
+FAILING_EXEC = MIGRATABLE_V1 + textwrap.dedent("""
+    import errno
+    _realExecve = os.execve
+
+    def _execve(path, argv, env):
+        if os.path.exists("fail-exec"):
+            raise OSError(errno.E2BIG, "injected failure")
+        _realExecve(path, argv, env)
+
+    os.execve = _execve
+    """)
+
+
+#: version 1 that also reads version 2's state, to go back and forth
+MIGRATABLE_V1_BACK = MIGRATABLE_V1.replace(
+    'raise ValueError("cannot read version %r" % (fromVersion,))',
+    'return {"count": state["total"]} if fromVersion == 2 else state',
+)
+
+
+def _fields(line: bytes) -> list[bytes]:
+    return line.split(b" ")
+
+
+def _descriptors(pid: int) -> dict[int, int]:
+    """
+    The open descriptors of process C{pid}, each with its open flags.
+    """
+    found = {}
+    for name in os.listdir("/proc/{}/fd".format(pid)):
+        try:
+            with open("/proc/{}/fdinfo/{}".format(pid, name)) as info:
+                for line in info:
+                    if line.startswith("flags:"):
+                        found[int(name)] = int(line.split()[1], 8)
+        except FileNotFoundError:
+            pass
+    return found
+
+
+_O_CLOEXEC = 0o2000000
+
+
+class ReexecTests(TestCase):
+    """
+    C{--strategy reexec} with real processes.
+    """
+
+    timeout = 240
+
+    def setUp(self) -> None:
+        self.patch(_hostprocess, "_LAUNCHER", _LAUNCHER)
+
+    @inlineCallbacks
+    def startHost(self, *extra: str, app: str = MIGRATABLE_V1):
+        self.port = freePort()
+        self.host = HostProcess(
+            self,
+            [
+                "--app",
+                "liveapp:makeFactory",
+                "--listen",
+                "tcp:{}:interface=127.0.0.1".format(self.port),
+                "--strategy",
+                "reexec",
+            ]
+            + list(extra),
+        )
+        writeModule(self.host.workdir, "liveapp", app)
+        status = yield self.host.start()
+        return status
+
+    @inlineCallbacks
+    def exchange(self, client, text: bytes):
+        before = len(client.lines)
+        client.sendLine(text)
+        lines = yield client.waitForLines(before + 1)
+        return _fields(lines[before])
+
+    @inlineCallbacks
+    def connectClients(self, count):
+        clients = []
+        for _ in range(count):
+            client = yield connectLineClient(self.port)
+            yield client.waitForLines(1)
+            clients.append(client)
+            self.addCleanup(client.transport.loseConnection)
+        return clients
+
+    @inlineCallbacks
+    def upgradeTo(self, source: str):
+        writeModule(self.host.workdir, "liveapp", source)
+        result = yield self.host.upgrade()
+        return result
+
+    @inlineCallbacks
+    def test_samePidConnectionsAndUpgradedState(self):
+        """
+        The process re-executes with the new code and keeps its PID: every
+        client stays connected, now served by the new code, with its state
+        upgraded from version 1 to 2; the generation goes up by one, the
+        report is the host's last report, the pidfile still names it.
+        """
+        path = "/tmp/migrate-reexec-{}.sock".format(os.getpid())
+        self.addCleanup(lambda: os.unlink(path) if os.path.exists(path) else None)
+        status = yield self.startHost("--listen", "unix:" + path)
+        pid = status["pid"]
+        clients = yield self.connectClients(4)
+        unixClient = yield connectLineClient(path=path)
+        self.addCleanup(unixClient.transport.loseConnection)
+        yield unixClient.waitForLines(1)
+        clients.append(unixClient)
+        for index, client in enumerate(clients):
+            for n in range(index + 1):
+                yield self.exchange(client, b"before")
+        code, report, err = yield self.upgradeTo(MIGRATABLE_V2)
+        self.assertEqual((code, report["outcome"]), (0, "success"), err)
+        self.assertEqual((report["oldPid"], report["newPid"]), (pid, pid))
+        self.assertEqual((report["fromGeneration"], report["toGeneration"]), (1, 2))
+        self.assertEqual((report["moved"], report["failed"]), (5, 0))
+        self.assertEqual(sorted(each["moved"] for each in report["listeners"]), [1, 4])
+        for name in ("capture", "exec", "restore"):
+            self.assertIn(name, report["durations"])
+        for index, client in enumerate(clients):
+            reply = yield self.exchange(client, b"after")
+            self.assertEqual(
+                reply, [b"v2", str(pid).encode(), b"after", b"%d" % (index + 2,)]
+            )
+            self.assertFalse(client.closed.called)
+        status = yield self.host.status()
+        self.assertEqual(
+            (status["pid"], status["generation"], status["connections"]), (pid, 2, 5)
+        )
+        self.assertEqual(status["lastReport"]["fromGeneration"], 1)
+        with open(self.host.pidfile) as f:
+            self.assertEqual(int(f.read()), pid)
+        newClient = yield connectLineClient(self.port)
+        self.addCleanup(newClient.transport.loseConnection)
+        hello = yield newClient.waitForLines(1)
+        self.assertEqual(_fields(hello[0]), [b"hello", b"v2", str(pid).encode()])
+
+    @inlineCallbacks
+    def test_halfLineCrossesTheExec(self):
+        """
+        The start of a line read by the old image and the rest sent to the
+        new one make one line, answered once by the new code.
+        """
+        yield self.startHost()
+        (client,) = yield self.connectClients(1)
+        client.transport.write(b"first\nhal")
+        yield client.waitForLines(2)
+        code, report, err = yield self.upgradeTo(MIGRATABLE_V2)
+        self.assertEqual(code, 0, err)
+        reply = yield self.exchange(client, b"f")
+        self.assertEqual(reply[0], b"v2")
+        self.assertEqual(reply[2:], [b"half", b"2"])
+        self.assertEqual(len(client.lines), 3)
+
+    @inlineCallbacks
+    def test_queuedOutputDelivered(self):
+        """
+        Output the old image had queued for a client that was not reading
+        arrives whole, once, in order, before the new code's replies.
+        """
+        yield self.startHost()
+        (client,) = yield self.connectClients(1)
+        lines = 200000
+        client.transport.pauseProducing()
+        client.sendLine(b"flood %d" % (lines,))
+        yield waitFor(self._outputQueued, what="queued output")
+        code, report, err = yield self.upgradeTo(MIGRATABLE_V2)
+        self.assertEqual((code, report["moved"]), (0, 1), err)
+        client.transport.resumeProducing()
+        yield client.waitForLines(1 + lines, timeout=60)
+        reply = yield self.exchange(client, b"after")
+        flood = client.lines[1 : 1 + lines]
+        self.assertEqual(
+            [line.split(b" ")[0] for line in flood], [b"f%d" % i for i in range(lines)]
+        )
+        self.assertEqual(reply[0], b"v2")
+        self.assertEqual(len(client.lines), lines + 2)
+
+    def _outputQueued(self):
+        import subprocess
+
+        out = subprocess.run(
+            ["ss", "-tn", "state", "established", "( sport = :{} )".format(self.port)],
+            capture_output=True,
+            text=True,
+        ).stdout
+        for line in out.splitlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 2 and int(fields[1]) > 100000:
+                return True
+        return False
+
+    @inlineCallbacks
+    def test_noByteLostUnderTraffic(self):
+        """
+        A client that keeps sending while the image is replaced gets exactly
+        one reply per line, in order, counted without a gap: nothing is lost
+        or duplicated in either direction.
+        """
+        yield self.startHost()
+        (client,) = yield self.connectClients(1)
+        sent = [0]
+        upgrading = [True]
+
+        def pump():
+            if not upgrading[0] or client.closed.called:
+                return
+            for _ in range(5):
+                sent[0] += 1
+                client.sendLine(b"n%d" % (sent[0],))
+            reactor.callLater(0.002, pump)
+
+        pump()
+        code, report, err = yield self.upgradeTo(MIGRATABLE_V2)
+        upgrading[0] = False
+        self.assertEqual(code, 0, err)
+        yield client.waitForLines(1 + sent[0])
+        replies = [_fields(line) for line in client.lines[1:]]
+        self.assertEqual(
+            [r[2] for r in replies], [b"n%d" % i for i in range(1, sent[0] + 1)]
+        )
+        self.assertEqual([int(r[3]) for r in replies], list(range(1, sent[0] + 1)))
+        self.assertEqual({r[0] for r in replies[-1:]}, {b"v2"})
+        self.assertGreater(sent[0], 20)
+
+    @inlineCallbacks
+    def test_execvFailureRollsBack(self):
+        """
+        When execv itself fails, the old image resumes everything as if
+        nothing had happened and reports a rollback: same code, same
+        generation, every client served, no descriptor left over.  The next
+        attempt works.
+        """
+        status = yield self.startHost(app=FAILING_EXEC)
+        pid = status["pid"]
+        clients = yield self.connectClients(3)
+        for client in clients:
+            yield self.exchange(client, b"a")
+        before = _descriptors(pid)
+        self.host.workdir.child("fail-exec").setContent(b"")
+        code, report, err = yield self.upgradeTo(MIGRATABLE_V2)
+        self.assertNotEqual(code, 0)
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertIn("execv failed", report["reason"])
+        self.assertIn("injected failure", report["reason"])
+        for client in clients:
+            reply = yield self.exchange(client, b"b")
+            self.assertEqual(reply, [b"v1", str(pid).encode(), b"b", b"2"])
+            self.assertFalse(client.closed.called)
+        status = yield self.host.status()
+        self.assertEqual((status["pid"], status["generation"]), (pid, 1))
+        after = _descriptors(pid)
+        self.assertEqual(sorted(after), sorted(before))
+        self.assertEqual(
+            [fd for fd, flags in after.items() if fd > 2 and not flags & _O_CLOEXEC], []
+        )
+        self.host.workdir.child("fail-exec").remove()
+        code, report, err = yield self.host.upgrade()
+        self.assertEqual(
+            (code, report["outcome"], report["moved"]), (0, "success", 3), err
+        )
+        for client in clients:
+            reply = yield self.exchange(client, b"c")
+            self.assertEqual(reply, [b"v2", str(pid).encode(), b"c", b"3"])
+
+    @inlineCallbacks
+    def test_brokenNewCodeRefused(self):
+        """
+        New code that does not even import is found out before the exec:
+        the migration is refused and the old image serves on untouched.
+        """
+        status = yield self.startHost()
+        pid = status["pid"]
+        (client,) = yield self.connectClients(1)
+        code, report, err = yield self.upgradeTo(
+            MIGRATABLE_V2 + "\nthis is not Python\n"
+        )
+        self.assertNotEqual(code, 0)
+        self.assertEqual(report["outcome"], "refused")
+        self.assertIn("does not start", report["reason"])
+        reply = yield self.exchange(client, b"still")
+        self.assertEqual(reply, [b"v1", str(pid).encode(), b"still", b"1"])
+        status = yield self.host.status()
+        self.assertEqual((status["generation"], status["phase"]), (1, "idle"))
+
+    @inlineCallbacks
+    def test_unserialisableStateRefused(self):
+        """
+        A migratable protocol whose state is not plain data refuses the
+        re-exec before anything is touched.
+        """
+        app = MIGRATABLE_V1.replace(
+            'return {"count": self.count}', 'return {"count": object()}'
+        )
+        status = yield self.startHost(app=app)
+        (client,) = yield self.connectClients(1)
+        code, report, err = yield self.upgradeTo(app)
+        self.assertNotEqual(code, 0)
+        self.assertEqual(report["outcome"], "refused")
+        self.assertIn("cannot be carried over", report["reason"])
+        reply = yield self.exchange(client, b"x")
+        self.assertEqual(reply[:2], [b"v1", str(status["pid"]).encode()])
+
+    @inlineCallbacks
+    def test_unmovableClosedCleanly(self):
+        """
+        With the default policy a connection whose protocol is not
+        migratable is closed cleanly before the exec (no reset) and counted
+        as failed; new connections reach the new code in the same process.
+        """
+        status = yield self.startHost(app=APP_V1)
+        pid = status["pid"]
+        (client,) = yield self.connectClients(1)
+        lost: Deferred = Deferred()
+        original = client.connectionLost
+
+        def connectionLost(reason):
+            lost.callback([reason])
+            original(reason)
+
+        client.connectionLost = connectionLost
+        code, report, err = yield self.upgradeTo(APP_V2)
+        self.assertEqual((code, report["moved"], report["failed"]), (0, 0, 1), err)
+        (reason,) = yield lost
+        self.assertTrue(reason.check(ConnectionDone), reason)
+        new = yield connectLineClient(self.port)
+        self.addCleanup(new.transport.loseConnection)
+        hello = yield new.waitForLines(1)
+        self.assertEqual(_fields(hello[0]), [b"hello", b"v2", str(pid).encode()])
+
+    @inlineCallbacks
+    def test_unmovableAdopted(self):
+        """
+        With C{--reexec-unmovable adopt} such a connection is handed to a
+        fresh protocol of the new code (told connectionMade), and a half
+        line it had sent is not lost.
+        """
+        status = yield self.startHost("--reexec-unmovable", "adopt", app=APP_V1)
+        pid = status["pid"]
+        (client,) = yield self.connectClients(1)
+        yield self.exchange(client, b"one")
+        client.transport.write(b"tw")
+        code, report, err = yield self.upgradeTo(APP_V2)
+        self.assertEqual((code, report["moved"], report["failed"]), (0, 1, 0), err)
+        lines = yield client.waitForLines(3)
+        self.assertEqual(_fields(lines[2]), [b"hello", b"v2", str(pid).encode()])
+        reply = yield self.exchange(client, b"o")
+        self.assertEqual(reply, [b"v2", str(pid).encode(), b"two", b"1"])
+        self.assertFalse(client.closed.called)
+
+    @inlineCallbacks
+    def test_repeatedReexecsLeakNothing(self):
+        """
+        Ten re-execs in a row (by the control channel and by SIGHUP) leave
+        the process with the very same descriptors, none of them (but the
+        standard streams) inheritable.
+        """
+        status = yield self.startHost()
+        pid = status["pid"]
+        clients = yield self.connectClients(3)
+        before = _descriptors(pid)
+        self.assertEqual(
+            [fd for fd, flags in before.items() if fd > 2 and not flags & _O_CLOEXEC],
+            [],
+        )
+        for attempt in range(10):
+            source = (MIGRATABLE_V1_BACK, MIGRATABLE_V2)[attempt % 2 == 0]
+            if attempt % 3 == 2:
+                writeModule(self.host.workdir, "liveapp", source)
+                os.kill(pid, signal.SIGHUP)
+                yield waitFor(
+                    lambda: self._generationIs(attempt + 2),
+                    what="generation {}".format(attempt + 2),
+                )
+            else:
+                code, report, err = yield self.upgradeTo(source)
+                self.assertEqual((code, report["moved"]), (0, 3), err)
+            after = _descriptors(pid)
+            self.assertEqual(len(after), len(before), (attempt, before, after))
+            self.assertEqual(
+                [
+                    fd
+                    for fd, flags in after.items()
+                    if fd > 2 and not flags & _O_CLOEXEC
+                ],
+                [],
+            )
+        status = yield self.host.status()
+        self.assertEqual((status["pid"], status["generation"]), (pid, 11))
+        self.assertTrue(pidAlive(pid))
+        for client in clients:
+            reply = yield self.exchange(client, b"end")
+            self.assertEqual(reply[1], str(pid).encode())
+            self.assertFalse(client.closed.called)
+
+    @inlineCallbacks
+    def _generationIs(self, generation):
+        try:
+            status = yield self.host.status()
+        except AssertionError:
+            return False
+        return status["generation"] == generation and status["phase"] == "idle"

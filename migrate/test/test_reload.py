@@ -1,0 +1,1417 @@
+"""
+Tests for module reload (L{migrate.strategies.reload} and
+L{migrate._reload}): a host on a memory reactor, connections on
+L{StringTransport}s, and application modules written to a temporary
+directory on C{sys.path}.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import importlib.machinery
+import itertools
+import os
+import py_compile
+import sys
+import textwrap
+import weakref
+from types import ModuleType
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.python import usage
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+
+from .. import tap
+from .._host import MigrationHost
+from .._reload import (
+    DetachedTransport,
+    Fingerprint,
+    HeldTransport,
+    ModuleFingerprints,
+    ModuleStaging,
+    ReloadFailed,
+    classSwapProblem,
+    counterpart,
+    findApplicationModules,
+    importedModules,
+    modulesToReload,
+)
+from .._report import MigrationPhase
+from ..strategies import ModuleReload, strategyNamed, strategyNames
+from ..strategies.reload import NoIncomingHalf
+from ._fakes import RecordingPort
+from .test_host import MigrationStrategyContractMixin
+
+_serial = itertools.count()
+
+#: a protocol that does not provide IMigratable; its replies say which code
+#: answered, and count the lines of the connection
+PLAIN = """
+from twisted.internet.protocol import Factory
+from twisted.protocols.basic import LineReceiver
+
+VERSION = b"v1"
+
+
+class Counter(LineReceiver):
+    delimiter = b"\\n"
+
+    def connectionMade(self):
+        self.count = 0
+
+    def lineReceived(self, line):
+        self.count += 1
+        self.sendLine(VERSION + b" " + line + b" %d" % (self.count,))
+
+
+def makeFactory():
+    return Factory.forProtocol(Counter)
+"""
+
+#: a migratable protocol, version 1 of its state: {"count": N}
+MIGRATABLE = """
+from zope.interface import implementer
+from twisted.internet.protocol import Factory
+from twisted.protocols.basic import LineReceiver
+from migrate.interfaces import IMigratable
+
+VERSION = b"v1"
+
+
+@implementer(IMigratable)
+class Counter(LineReceiver):
+    delimiter = b"\\n"
+    migrationVersion = 1
+
+    def connectionMade(self):
+        self.count = 0
+
+    def lineReceived(self, line):
+        self.count += 1
+        self.sendLine(VERSION + b" " + line + b" %d" % (self.count,))
+
+    def getMigrationState(self):
+        return {"count": self.count}
+
+    def restoreMigrationState(self, state):
+        self.count = state["count"]
+
+    def upgradeMigrationState(self, fromVersion, state):
+        raise ValueError("cannot read version %r" % (fromVersion,))
+
+
+class CountingFactory(Factory):
+    protocol = Counter
+    started = 0
+    stopped = 0
+
+    def startFactory(self):
+        type(self).started += 1
+
+    def stopFactory(self):
+        type(self).stopped += 1
+
+
+def makeFactory():
+    return CountingFactory()
+"""
+
+#: version 2 renames the state's field, and says hello when restored
+MIGRATABLE_V2 = (
+    MIGRATABLE.replace('VERSION = b"v1"', 'VERSION = b"v2"')
+    .replace("migrationVersion = 1", "migrationVersion = 2")
+    .replace('return {"count": self.count}', 'return {"total": self.count}')
+    .replace(
+        'self.count = state["count"]',
+        'self.count = state["total"]\n'
+        '        self.sendLine(b"restored %d" % (self.count,))',
+    )
+    .replace(
+        'raise ValueError("cannot read version %r" % (fromVersion,))',
+        'return {"total": state["count"]} if fromVersion == 1 else state',
+    )
+)
+
+
+class AppDirectory:
+    """
+    A directory on C{sys.path} holding application modules with names
+    unique to one test, all forgotten (and the directory taken off
+    C{sys.path}) when the test ends.
+    """
+
+    def __init__(self, testCase: SynchronousTestCase) -> None:
+        self.path = FilePath(testCase.mktemp())
+        self.path.makedirs()
+        self.prefix = "rlapp{}x{}".format(os.getpid(), next(_serial))
+        sys.path.insert(0, self.path.path)
+        testCase.addCleanup(self.forget)
+
+    def name(self, suffix: str = "") -> str:
+        return self.prefix + suffix
+
+    def write(self, name: str, source: str, *, package: bool = False) -> FilePath:
+        parts = name.split(".")
+        where = self.path
+        for part in parts[:-1]:
+            where = where.child(part)
+            if not where.exists():
+                where.makedirs()
+                where.child("__init__.py").setContent(b"")
+        if package:
+            where = where.child(parts[-1])
+            if not where.exists():
+                where.makedirs()
+            target = where.child("__init__.py")
+        else:
+            target = where.child(parts[-1] + ".py")
+        target.setContent(textwrap.dedent(source).encode("utf-8"))
+        return target
+
+    def forget(self) -> None:
+        if self.path.path in sys.path:
+            sys.path.remove(self.path.path)
+        for name in [n for n in sys.modules if n.split(".")[0].startswith(self.prefix)]:
+            del sys.modules[name]
+        importlib.invalidate_caches()
+
+
+def originOf(name: str) -> str:
+    """
+    The source file of the loaded module C{name}.
+    """
+    spec = sys.modules[name].__spec__
+    assert spec is not None and spec.origin is not None
+    return spec.origin
+
+
+def snapshotModules() -> dict[str, Any]:
+    return dict(sys.modules)
+
+
+class ModulesUnchangedMixin:
+    def assertModulesAre(self, snapshot: dict[str, Any]) -> None:
+        """
+        C{sys.modules} holds exactly the objects of C{snapshot}.
+        """
+        current = dict(sys.modules)
+        self.assertEqual(sorted(set(current) ^ set(snapshot)), [])  # type: ignore[attr-defined]
+        changed = [name for name in current if current[name] is not snapshot[name]]
+        self.assertEqual(changed, [])  # type: ignore[attr-defined]
+
+
+class Live:
+    """
+    A host serving an application module from an L{AppDirectory}, with
+    connections on L{StringTransport}s.
+    """
+
+    def __init__(
+        self,
+        testCase: SynchronousTestCase,
+        source: str,
+        *,
+        listen: tuple[str, ...] = ("tcp:8000",),
+        reloadModules: tuple[str, ...] = (),
+        package: bool = False,
+        extra: dict[str, str] | None = None,
+    ) -> None:
+        """
+        @param source: the application module's source (C{PREFIX} stands
+            for the test's unique module name prefix).
+        @param package: whether the application module is C{PREFIX.server}
+            (in a package) rather than C{PREFIX}.
+        @param extra: other modules to write first, by name (C{PREFIX}
+            expanded).
+        """
+        self.testCase = testCase
+        self.app = AppDirectory(testCase)
+        self.module = self.app.name(".server" if package else "")
+        for name, text in (extra or {}).items():
+            self.write(name, text)
+        self.change(source)
+        self.fingerprints = ModuleFingerprints()
+        self.strategy = ModuleReload(fingerprints=self.fingerprints)
+        factory = importlib.import_module(self.module).makeFactory()
+        self.host = MigrationHost(
+            _NoReactor(),
+            factory,
+            listen,
+            self.strategy,
+            controlPath=None,
+            installSignalHandlers=False,
+            applicationSpec=self.module + ":makeFactory",
+            reloadModules=[self.expand(name) for name in reloadModules],
+        )
+        self.progress: list[str] = []
+        self._peers = itertools.count(40000)
+
+    def connect(self, key: str | None = None) -> tuple[Any, StringTransport]:
+        listener = self.host.listeners[key or next(iter(self.host.listeners))]
+        hosted = listener.factory.buildProtocol(
+            IPv4Address("TCP", "10.0.0.1", next(self._peers))
+        )
+        assert hosted is not None
+        transport = StringTransport()
+        hosted.makeConnection(transport)
+        return hosted, transport
+
+    def expand(self, text: str) -> str:
+        return text.replace("PREFIX", self.app.prefix)
+
+    def write(self, name: str, source: str) -> None:
+        self.app.write(self.expand(name), self.expand(source))
+
+    def change(self, source: str) -> None:
+        self.write(self.module, source)
+
+    def reload(self) -> Any:
+        report = self.testCase.successResultOf(
+            self.strategy.migrate(self.host, self.progress.append)
+        )
+        return report
+
+    def upgrade(self) -> dict[str, Any]:
+        return self.testCase.successResultOf(
+            self.host.requestUpgrade(None, self.progress.append)
+        )
+
+
+class _NoReactor:
+    """
+    The host's reactor: module reload uses none of it.
+    """
+
+    def stop(self) -> None:
+        raise AssertionError("the host stopped its reactor")
+
+
+def exchange(hosted: Any, transport: StringTransport, line: bytes) -> bytes:
+    transport.clear()
+    hosted.dataReceived(line + b"\n")
+    value: bytes = transport.value()
+    return value
+
+
+class ModuleReloadContractTests(MigrationStrategyContractMixin, SynchronousTestCase):
+    """
+    L{ModuleReload} keeps the L{IMigrationStrategy} contract.
+    """
+
+    def makeStrategy(self) -> ModuleReload:
+        return ModuleReload(fingerprints=ModuleFingerprints())
+
+    def test_inheritReturnsDeferred(self) -> None:
+        """
+        C{inherit} returns a L{Deferred}, which fails: there is no incoming
+        half to a reload within one process.
+        """
+        strategy = self.makeStrategy()
+        self.failureResultOf(strategy.inherit(None, None), NoIncomingHalf)
+
+    def test_registered(self) -> None:
+        """
+        The strategy is available as C{reload}.
+        """
+        self.assertIn("reload", strategyNames())
+        self.assertIsInstance(strategyNamed("reload"), ModuleReload)
+
+
+class OptionsTests(SynchronousTestCase):
+    """
+    C{--reload-module} in L{tap.Options}.
+    """
+
+    def test_repeatable(self) -> None:
+        """
+        Each C{--reload-module} adds a module, once, and L{tap.buildHost}
+        gives the list to the host.
+        """
+        options = tap.Options()
+        options.parseOptions(
+            [
+                "--listen",
+                "tcp:0",
+                "--strategy",
+                "reload",
+                "--reload-module",
+                "app.core",
+                "--reload-module",
+                "helpers",
+                "--reload-module",
+                "app.core",
+            ]
+        )
+        self.assertEqual(options["reload-modules"], ["app.core", "helpers"])
+        host = tap.buildHost(_NoReactor(), options)
+        self.assertEqual(host.reloadModules, ["app.core", "helpers"])
+        self.assertEqual(host.strategy.name, "reload")
+
+    def test_default(self) -> None:
+        """
+        Without the option the list is empty (the C{--app} package).
+        """
+        options = tap.Options()
+        options.parseOptions(["--listen", "tcp:0"])
+        self.assertEqual(options["reload-modules"], [])
+
+    def test_notAModuleName(self) -> None:
+        """
+        Something that is not a dotted module name is a usage error.
+        """
+        for bad in ["", "app/core.py", "app..core", "1app"]:
+            self.assertRaises(
+                usage.UsageError,
+                tap.Options().parseOptions,
+                ["--reload-module", bad],
+            )
+
+
+class ApplicationModulesTests(SynchronousTestCase):
+    """
+    L{findApplicationModules} names the application's modules and what
+    cannot be reloaded.
+    """
+
+    def setUp(self) -> None:
+        self.app = AppDirectory(self)
+
+    def test_packageOfTheEntryModule(self) -> None:
+        """
+        By default the application is the package of the C{--app} module:
+        the package and all its loaded submodules, in the order their
+        imports completed (a module after those it imports).
+        """
+        pkg = self.app.name()
+        self.app.write(pkg, "", package=True)
+        self.app.write(pkg + ".util", "X = 1")
+        self.app.write(pkg + ".server", "from . import util")
+        importlib.import_module(pkg + ".server")
+        found = findApplicationModules(pkg + ".server")
+        self.assertEqual(found.loaded, (pkg, pkg + ".util", pkg + ".server"))
+        self.assertEqual(found.refused, ())
+        self.assertTrue(found.contains(pkg + ".notYetLoaded"))
+        self.assertFalse(found.contains("json"))
+
+    def test_topLevelModule(self) -> None:
+        """
+        A top-level C{--app} module is the application by itself.
+        """
+        name = self.app.name()
+        self.app.write(name, "X = 1")
+        self.app.write(name + "other", "Y = 1")
+        importlib.import_module(name)
+        importlib.import_module(name + "other")
+        found = findApplicationModules(name)
+        self.assertEqual(found.loaded, (name,))
+
+    def test_explicit(self) -> None:
+        """
+        C{--reload-module} names replace the package; the entry module is
+        always included.
+        """
+        pkg = self.app.name()
+        self.app.write(pkg, "", package=True)
+        self.app.write(pkg + ".server", "")
+        self.app.write(pkg + ".util", "")
+        self.app.write(pkg + "helpers", "")
+        for name in [pkg + ".server", pkg + ".util", pkg + "helpers"]:
+            importlib.import_module(name)
+        found = findApplicationModules(pkg + ".server", [pkg + "helpers"])
+        self.assertEqual(set(found.loaded), {pkg + ".server", pkg + "helpers"})
+
+    def test_hostModulesRefused(self) -> None:
+        """
+        Twisted, migrate (but its examples), the libraries the host runs on
+        and the standard library are refused, each with the reason.
+        """
+        importlib.import_module("migrate.examples.chat")
+        found = findApplicationModules(
+            None,
+            [
+                "twisted.web",
+                "migrate.state",
+                "zope.interface",
+                "json",
+                "migrate.examples",
+                "notLoadedAnywhere",
+            ],
+        )
+        refused = dict(found.refused)
+        self.assertIn("Twisted", refused["twisted.web"])
+        self.assertIn("migrate", refused["migrate.state"])
+        self.assertIn("zope", refused["zope.interface"])
+        self.assertIn("standard library", refused["json"])
+        self.assertIn("not loaded", refused["notLoadedAnywhere"])
+        self.assertNotIn("migrate.examples", refused)
+        self.assertIn("migrate.examples.chat", found.loaded)
+        self.assertNotIn("migrate.state", found.loaded)
+
+    def test_extensionRefused(self) -> None:
+        """
+        A C extension in the application is named, not reloaded.
+        """
+        name = self.app.name()
+        modules = {
+            name: _moduleWithLoader(name, None, package=True),
+            name
+            + "._speedups": _moduleWithLoader(
+                name + "._speedups",
+                importlib.machinery.ExtensionFileLoader(name, "/x/_speedups.so"),
+            ),
+            name
+            + ".compiled": _moduleWithLoader(
+                name + ".compiled",
+                importlib.machinery.SourcelessFileLoader(name, "/x/compiled.pyc"),
+            ),
+        }
+        found = findApplicationModules(name + ".server", (), modules)
+        refused = dict(found.refused)
+        self.assertIn("C extension", refused[name + "._speedups"])
+        self.assertIn("bytecode", refused[name + ".compiled"])
+        self.assertEqual(found.loaded, ())
+
+
+def _moduleWithLoader(name: str, loader: Any, package: bool = False) -> ModuleType:
+    module = ModuleType(name)
+    origin = getattr(loader, "path", None)
+    module.__spec__ = importlib.machinery.ModuleSpec(
+        name, loader, origin=origin, is_package=package
+    )
+    return module
+
+
+class ChangeDetectionTests(SynchronousTestCase):
+    """
+    L{modulesToReload} picks modules by the content of their source.
+    """
+
+    def setUp(self) -> None:
+        self.app = AppDirectory(self)
+        self.pkg = self.app.name()
+        self.app.write(self.pkg, "", package=True)
+        self.app.write(self.pkg + ".base", "class Base:\n    pass\n")
+        self.app.write(self.pkg + ".user", "from .base import Base\n")
+        self.app.write(self.pkg + ".alone", "X = 1\n")
+        self.app.write(self.pkg + ".server", "from . import user, alone\n")
+        importlib.import_module(self.pkg + ".server")
+        self.fingerprints = ModuleFingerprints()
+
+    def loaded(self) -> Any:
+        return findApplicationModules(self.pkg + ".server")
+
+    def remember(self) -> None:
+        for name in self.loaded().loaded:
+            self.fingerprints.record(
+                sys.modules[name], Fingerprint.ofFile(originOf(name))
+            )
+
+    def test_unknownReloaded(self) -> None:
+        """
+        Modules whose source this process has no record of are reloaded.
+        """
+        names, changed, unknown = modulesToReload(self.loaded(), self.fingerprints)
+        self.assertEqual(set(names), set(self.loaded().loaded))
+        self.assertEqual(changed, [])
+        self.assertEqual(unknown, names)
+
+    def test_nothingChanged(self) -> None:
+        """
+        Modules whose source is as recorded are not reloaded.
+        """
+        self.remember()
+        self.assertEqual(
+            modulesToReload(self.loaded(), self.fingerprints), ([], [], [])
+        )
+
+    def test_changedAndDependents(self) -> None:
+        """
+        A changed module is reloaded with the modules that import from it,
+        and theirs, but not the others.
+        """
+        self.remember()
+        self.app.write(self.pkg + ".base", "class Base:\n    x = 2\n")
+        names, changed, unknown = modulesToReload(self.loaded(), self.fingerprints)
+        self.assertEqual(changed, [self.pkg + ".base"])
+        self.assertEqual(
+            set(names), {self.pkg + ".base", self.pkg + ".user", self.pkg + ".server"}
+        )
+        self.assertEqual(unknown, [])
+
+    def test_sameSizeSameTime(self) -> None:
+        """
+        A file rewritten with the same size and modification time is still
+        seen to have changed.
+        """
+        self.remember()
+        path = originOf(self.pkg + ".alone")
+        before = os.stat(path)
+        with open(path, "wb") as f:
+            f.write(b"X = 2\n")
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        self.assertEqual(os.stat(path).st_size, before.st_size)
+        names, changed, unknown = modulesToReload(self.loaded(), self.fingerprints)
+        self.assertEqual(changed, [self.pkg + ".alone"])
+
+    def test_replacedModuleUnknown(self) -> None:
+        """
+        A module replaced by anything else since it was recorded is no
+        longer known.
+        """
+        self.remember()
+        name = self.pkg + ".alone"
+        old = sys.modules[name]
+        sys.modules[name] = ModuleType(name)
+        sys.modules[name].__spec__ = old.__spec__
+        self.assertIsNone(self.fingerprints.fingerprintOf(sys.modules[name]))
+
+
+class ImportedModulesTests(SynchronousTestCase):
+    """
+    L{importedModules} reads what a module's source imports.
+    """
+
+    def test_absoluteAndRelative(self) -> None:
+        """
+        Absolute imports, relative ones resolved against the package, and
+        the names imported from a module (which may be submodules).
+        """
+        source = textwrap.dedent("""
+            import os.path, json as j
+            from . import sibling
+            from .sub import THING
+            from .. import up
+            def later():
+                from pkg.deep import x
+            """).encode()
+        self.assertEqual(
+            importedModules(source, "pkg.mod.leaf", isPackage=False),
+            {
+                "os.path",
+                "json",
+                "pkg.mod",
+                "pkg.mod.sibling",
+                "pkg.mod.sub",
+                "pkg.mod.sub.THING",
+                "pkg",
+                "pkg.up",
+                "pkg.deep",
+                "pkg.deep.x",
+            },
+        )
+        self.assertIn(
+            "pkg.mod.sibling",
+            importedModules(b"from . import sibling", "pkg.mod", isPackage=True),
+        )
+
+    def test_unparsable(self) -> None:
+        """
+        Source that does not parse imports nothing (it is reloaded only if
+        it changed, and then fails to import).
+        """
+        self.assertEqual(
+            importedModules(b"import (", "m", isPackage=False), frozenset()
+        )
+
+
+class StagingTests(ModulesUnchangedMixin, SynchronousTestCase):
+    """
+    L{ModuleStaging} imports new code under the modules' names and puts
+    everything back on failure.
+    """
+
+    def setUp(self) -> None:
+        self.app = AppDirectory(self)
+        self.pkg = self.app.name()
+        self.app.write(self.pkg, "from . import helper\n", package=True)
+        self.app.write(self.pkg + ".helper", "VALUE = 1\n")
+        self.app.write(self.pkg + ".server", "from .helper import VALUE\n")
+        importlib.import_module(self.pkg + ".server")
+
+    def staging(self) -> ModuleStaging:
+        app = findApplicationModules(self.pkg + ".server")
+        return ModuleStaging(app, list(app.loaded))
+
+    def test_stagesNewCode(self) -> None:
+        """
+        The new modules are in C{sys.modules} under their names, and import
+        each other's new code whatever order they are listed in.
+        """
+        old = sys.modules[self.pkg + ".server"]
+        self.app.write(self.pkg + ".helper", "VALUE = 2\n")
+        staging = self.staging()
+        staged = staging.stage()
+        self.assertEqual(
+            set(staged), {self.pkg, self.pkg + ".helper", self.pkg + ".server"}
+        )
+        server = sys.modules[self.pkg + ".server"]
+        self.assertIsNot(server, old)
+        self.assertEqual(server.VALUE, 2)
+        self.assertIs(sys.modules[self.pkg].helper, staged[self.pkg + ".helper"])
+        staging.commit(ModuleFingerprints())
+
+    def test_restore(self) -> None:
+        """
+        L{ModuleStaging.restore} puts C{sys.modules} back exactly.
+        """
+        before = snapshotModules()
+        self.app.write(
+            self.pkg + ".helper", "import " + self.pkg + ".extra\nVALUE = 2\n"
+        )
+        self.app.write(self.pkg + ".extra", "")
+        staging = self.staging()
+        staging.stage()
+        self.assertIn(self.pkg + ".extra", sys.modules)
+        staging.restore()
+        self.assertModulesAre(before)
+        self.assertFalse(hasattr(sys.modules[self.pkg], "extra"))
+        self.assertEqual(sys.modules[self.pkg + ".server"].VALUE, 1)
+
+    def test_syntaxError(self) -> None:
+        """
+        A module that does not compile fails the staging, naming it and the
+        error, with C{sys.modules} as it was and no finder left behind.
+        """
+        before = snapshotModules()
+        finders = list(sys.meta_path)
+        self.app.write(self.pkg + ".helper", "VALUE = (\n")
+        error = self.assertRaises(ReloadFailed, self.staging().stage)
+        self.assertEqual(error.module, self.pkg + ".helper")
+        self.assertIn("SyntaxError", error.reason)
+        self.assertIn(self.pkg + ".helper", error.reason)
+        self.assertModulesAre(before)
+        self.assertEqual(sys.meta_path, finders)
+
+    def test_exceptionAtImport(self) -> None:
+        """
+        A module that raises while it is imported by another fails the
+        staging, naming the module that raised, the error and the line.
+        """
+        before = snapshotModules()
+        self.app.write(
+            self.pkg + ".helper", "VALUE = 2\nraise RuntimeError('broken')\n"
+        )
+        error = self.assertRaises(ReloadFailed, self.staging().stage)
+        self.assertEqual(error.module, self.pkg + ".helper")
+        self.assertIn("RuntimeError: broken (helper.py, line 2)", error.reason)
+        self.assertModulesAre(before)
+
+    def test_suppressedFailureNotBlamed(self) -> None:
+        """
+        A failure the new code itself catches is not the one reported.
+        """
+        self.app.write(self.pkg + ".optional", "raise ImportError('absent')\n")
+        self.app.write(
+            self.pkg + ".helper",
+            "try:\n    from . import optional\nexcept ImportError:\n    pass\n"
+            "VALUE = 1 / 0\n",
+        )
+        error = self.assertRaises(ReloadFailed, self.staging().stage)
+        self.assertEqual(error.module, self.pkg + ".helper")
+        self.assertIn("ZeroDivisionError", error.reason)
+
+    def test_staleBytecodeIgnored(self) -> None:
+        """
+        Bytecode in C{__pycache__} that Python would trust (same size and
+        modification time as the new source) is not used: the new source
+        is compiled.
+        """
+        path = originOf(self.pkg + ".helper")
+        before = os.stat(path)
+        py_compile.compile(
+            path,
+            cfile=importlib.util.cache_from_source(path),
+            invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP,
+        )
+        with open(path, "wb") as f:
+            f.write(b"VALUE = 7\n")
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        # The ordinary loader would run the stale bytecode:
+        ordinary = importlib.machinery.SourceFileLoader("probe", path)
+        probe = ModuleType("probe")
+        ordinary.exec_module(probe)
+        self.assertEqual(probe.VALUE, 1)
+        staging = self.staging()
+        staged = staging.stage()
+        self.assertEqual(staged[self.pkg + ".helper"].VALUE, 7)
+        staging.restore()
+
+
+class ClassSwapTests(SynchronousTestCase):
+    """
+    L{counterpart} and L{classSwapProblem}.
+    """
+
+    def test_counterpart(self) -> None:
+        """
+        The class of the same qualified name in the new module.
+        """
+        new = ModuleType("m")
+        exec("class A:\n    class B:\n        pass\n", vars(new))
+        old = ModuleType("m")
+        exec("class A:\n    class B:\n        pass\n", vars(old))
+        old.A.__module__ = old.A.B.__module__ = "m"
+        self.assertIs(counterpart(old.A.B, {"m": new}), new.A.B)
+        self.assertIsNone(counterpart(old.A, {"other": new}))
+
+    def test_slotted(self) -> None:
+        """
+        Slotted classes are refused; empty C{__slots__} add nothing and are
+        not.
+        """
+
+        class Old:
+            __slots__ = ("x",)
+
+        class New:
+            __slots__ = ("x",)
+
+        class Plain:
+            pass
+
+        class EmptySlots:
+            __slots__ = ()
+
+        class WithEmpty(EmptySlots):
+            pass
+
+        problem = classSwapProblem(Old, New)
+        assert problem is not None
+        self.assertIn("slotted", problem)
+        self.assertIsNone(classSwapProblem(Plain, WithEmpty))
+
+    def test_gone(self) -> None:
+        """
+        A class that no longer exists, or is no longer a class, is named.
+        """
+
+        class Old:
+            pass
+
+        self.assertIn("no longer exists", classSwapProblem(Old, None) or "")
+        self.assertIn("no longer a class", classSwapProblem(Old, 3) or "")
+
+
+class TransportTests(SynchronousTestCase):
+    """
+    L{HeldTransport} and L{DetachedTransport}.
+    """
+
+    def setUp(self) -> None:
+        self.live = Live(self, PLAIN)
+        self.hosted, self.transport = self.live.connect()
+
+    def test_heldUntilReleased(self) -> None:
+        """
+        Writes and other calls are held, in order, until released; then
+        they pass straight through.  Queries are answered at once.
+        """
+        held = HeldTransport(self.hosted)
+        held.write(b"a")
+        held.writeSequence([b"b", b"c"])
+        held.pauseProducing()
+        self.assertEqual(held.getPeer(), self.transport.getPeer())
+        self.assertEqual(self.transport.value(), b"")
+        self.assertEqual(self.transport.producerState, "producing")
+        held.release()
+        self.assertEqual(self.transport.value(), b"abc")
+        self.assertEqual(self.transport.producerState, "paused")
+        held.write(b"d")
+        self.assertEqual(self.transport.value(), b"abcd")
+
+    def test_discarded(self) -> None:
+        """
+        Discarded, it drops what it held and whatever comes later.
+        """
+        held = HeldTransport(self.hosted)
+        held.write(b"a")
+        held.discard()
+        held.write(b"b")
+        held.loseConnection()
+        self.assertEqual(self.transport.value(), b"")
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_detached(self) -> None:
+        """
+        A detached transport counts and drops what is written to it.
+        """
+        detached = DetachedTransport("peer", "host")
+        detached.write(b"abc")
+        detached.writeSequence([b"de"])
+        detached.loseConnection()
+        self.assertEqual((detached.discarded, detached.getPeer()), (5, "peer"))
+
+
+class ReloadTests(ModulesUnchangedMixin, SynchronousTestCase):
+    """
+    L{ModuleReload} on a host with live connections.
+    """
+
+    def test_inPlace(self) -> None:
+        """
+        A protocol that does not provide L{IMigratable} runs the new code
+        from its next event, with its attributes as they were; new
+        connections get the new code too; the report counts it as moved.
+        """
+        live = Live(self, PLAIN)
+        hosted, transport = live.connect()
+        old = hosted.wrappedProtocol
+        self.assertEqual(exchange(hosted, transport, b"a"), b"v1 a 1\n")
+        live.change(PLAIN.replace('b"v1"', 'b"v2"'))
+        report = live.upgrade()
+        self.assertEqual(
+            (report["outcome"], report["moved"], report["draining"]), ("success", 1, 0)
+        )
+        self.assertEqual((report["fromGeneration"], report["toGeneration"]), (1, 2))
+        self.assertEqual((report["oldPid"], report["newPid"]), (live.host.pid, None))
+        self.assertIs(hosted.wrappedProtocol, old)
+        self.assertEqual(exchange(hosted, transport, b"b"), b"v2 b 2\n")
+        fresh, freshTransport = live.connect()
+        self.assertEqual(exchange(fresh, freshTransport, b"c"), b"v2 c 1\n")
+        self.assertIn("reloaded: " + live.module, report["notes"])
+        self.assertEqual(live.host.generation, 2)
+        self.assertEqual(live.host.phase, MigrationPhase.idle)
+        self.assertEqual(
+            set(report["durations"]), {"import", "prepare", "commit", "total"}
+        )
+
+    def test_migratableRebuilt(self) -> None:
+        """
+        A migratable protocol is replaced by one the new factory built,
+        restored from its upgraded state; what it writes while restored
+        reaches the connection at the commit; the old object is detached.
+        """
+        live = Live(self, MIGRATABLE)
+        hosted, transport = live.connect()
+        old = hosted.wrappedProtocol
+        exchange(hosted, transport, b"a")
+        exchange(hosted, transport, b"b")
+        oldFactory = live.host.applicationFactory
+        live.change(MIGRATABLE_V2)
+        transport.clear()
+        report = live.upgrade()
+        self.assertEqual((report["outcome"], report["moved"]), ("success", 1))
+        self.assertEqual(transport.value(), b"restored 2\n")
+        new = hosted.wrappedProtocol
+        self.assertIsNot(new, old)
+        self.assertIs(new.transport, hosted)
+        self.assertIs(new.factory, live.host.applicationFactory)
+        self.assertIsNot(oldFactory, live.host.applicationFactory)
+        self.assertIsInstance(old.transport, DetachedTransport)
+        self.assertEqual(exchange(hosted, transport, b"c"), b"v2 c 3\n")
+        old.sendLine(b"stale")
+        self.assertEqual(transport.value(), b"v2 c 3\n")
+        self.assertTrue(
+            any(
+                "from state version 1 upgraded to 2" in note for note in report["notes"]
+            )
+        )
+
+    def test_bufferedInputReplayed(self) -> None:
+        """
+        Complete lines the old protocol held back while paused are
+        delivered to the new protocol after the commit, and half a line
+        is completed by the next bytes.
+        """
+        live = Live(self, MIGRATABLE)
+        hosted, transport = live.connect()
+        hosted.wrappedProtocol.pauseProducing()
+        hosted.dataReceived(b"held\nhal")
+        live.change(MIGRATABLE_V2)
+        live.upgrade()
+        self.assertEqual(transport.value(), b"restored 0\nv2 held 1\n")
+        self.assertEqual(exchange(hosted, transport, b"f"), b"v2 half 2\n")
+
+    def test_listenersGetTheNewFactory(self) -> None:
+        """
+        Every listener's tracking factory wraps the new factory, which is
+        started once per listening port; the old one is stopped as many
+        times.
+        """
+        live = Live(self, MIGRATABLE, listen=("tcp:8000", "tcp:8001"))
+        for listener in live.host.listeners.values():
+            listener.port = RecordingPort(IPv4Address("TCP", "127.0.0.1", 1))
+            listener.factory.doStart()
+        module = sys.modules[live.module]
+        self.assertEqual(
+            (module.CountingFactory.started, module.CountingFactory.stopped), (1, 0)
+        )
+        live.change(MIGRATABLE_V2)
+        report = live.upgrade()
+        self.assertEqual(report["outcome"], "success")
+        new = sys.modules[live.module]
+        self.assertIsNot(new, module)
+        self.assertEqual(module.CountingFactory.stopped, 1)
+        self.assertEqual(new.CountingFactory.started, 1)
+        for listener in live.host.listeners.values():
+            self.assertIs(listener.factory.wrappedFactory, live.host.applicationFactory)
+            self.assertIsInstance(live.host.applicationFactory, new.CountingFactory)
+
+    def test_nothingChanged(self) -> None:
+        """
+        A second reload with nothing changed reloads nothing and touches no
+        connection.
+        """
+        live = Live(self, MIGRATABLE)
+        hosted, transport = live.connect()
+        live.upgrade()
+        protocol = hosted.wrappedProtocol
+        before = snapshotModules()
+        report = live.upgrade()
+        self.assertEqual(
+            (report["outcome"], report["moved"], report["toGeneration"]),
+            ("success", 0, None),
+        )
+        self.assertIn(
+            "no application module changed on disk: nothing reloaded", report["notes"]
+        )
+        self.assertIs(hosted.wrappedProtocol, protocol)
+        self.assertModulesAre(before)
+        self.assertEqual(live.host.generation, 2)
+
+    def test_onlyChangedModules(self) -> None:
+        """
+        Once this process knows the source of each module, only the
+        changed ones (and the modules importing from them) are reloaded.
+        """
+        live = Live(
+            self,
+            "from .proto import makeFactory\nfrom . import other\n",
+            package=True,
+            extra={
+                "PREFIX.proto": PLAIN.replace(
+                    'VERSION = b"v1"', "from .version import VERSION"
+                ),
+                "PREFIX.version": 'VERSION = b"v1"\n',
+                "PREFIX.other": "X = 1\n",
+            },
+        )
+        pkg = live.app.prefix
+        first = live.upgrade()
+        self.assertEqual(first["outcome"], "success")
+        other = sys.modules[pkg + ".other"]
+        hosted, transport = live.connect()
+        live.write("PREFIX.version", 'VERSION = b"v2"\n')
+        report = live.upgrade()
+        self.assertEqual(report["outcome"], "success")
+        self.assertIs(sys.modules[pkg + ".other"], other)
+        self.assertIn("changed on disk: " + pkg + ".version", report["notes"])
+        reloaded = [n for n in report["notes"] if n.startswith("reloaded: ")][0]
+        self.assertEqual(
+            set(reloaded[len("reloaded: ") :].split(", ")),
+            {pkg + ".version", pkg + ".proto", pkg + ".server"},
+        )
+        self.assertEqual(exchange(hosted, transport, b"x"), b"v2 x 1\n")
+
+    def test_syntaxErrorRollsBack(self) -> None:
+        """
+        New code that does not compile leaves every protocol and module as
+        it was; the report names the module.
+        """
+        live = Live(self, MIGRATABLE)
+        hosted, transport = live.connect()
+        plainHosted, plainTransport = live.connect()
+        old = hosted.wrappedProtocol
+        before = snapshotModules()
+        live.change(MIGRATABLE_V2 + "\ndef broken(:\n")
+        report = live.upgrade()
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertIn(live.module, report["reason"])
+        self.assertIn("SyntaxError", report["reason"])
+        self.assertEqual((report["moved"], report["draining"]), (0, 0))
+        self.assertIs(hosted.wrappedProtocol, old)
+        self.assertModulesAre(before)
+        self.assertEqual(exchange(hosted, transport, b"a"), b"v1 a 1\n")
+        self.assertEqual(live.host.generation, 1)
+
+    def test_refusedStateRollsBack(self) -> None:
+        """
+        A restore that raises for one connection leaves every connection
+        on the old code, including those already rebuilt, whose writes
+        never reach their connection; the report names the connection.
+        """
+        live = Live(self, MIGRATABLE)
+        connections = [live.connect() for _ in range(3)]
+        exchange(*connections[1], b"poison")
+        olds = [hosted.wrappedProtocol for hosted, _ in connections]
+        before = snapshotModules()
+        live.change(
+            MIGRATABLE_V2.replace(
+                'self.sendLine(b"restored %d" % (self.count,))',
+                'self.sendLine(b"restored %d" % (self.count,))\n'
+                '        if self.count == 1: raise RuntimeError("state refused")',
+            )
+        )
+        for _, transport in connections:
+            transport.clear()
+        report = live.upgrade()
+        self.assertEqual(report["outcome"], "rolled-back")
+        peer = connections[1][0].getPeer()
+        self.assertIn("{}:{}".format(peer.host, peer.port), report["reason"])
+        self.assertIn("RuntimeError('state refused')", report["reason"])
+        self.assertModulesAre(before)
+        for (hosted, transport), old in zip(connections, olds):
+            self.assertIs(hosted.wrappedProtocol, old)
+            self.assertEqual(transport.value(), b"")
+            self.assertIs(old.transport, hosted)
+        self.assertEqual(exchange(*connections[0], b"x"), b"v1 x 1\n")
+
+    def test_refusedUpgradeRollsBack(self) -> None:
+        """
+        An C{upgradeMigrationState} that raises rolls back, saying so.
+        """
+        live = Live(self, MIGRATABLE)
+        live.connect()
+        live.change(MIGRATABLE.replace("migrationVersion = 1", "migrationVersion = 3"))
+        report = live.upgrade()
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertIn(
+            "upgradeMigrationState() refused state version 1", report["reason"]
+        )
+
+    def test_unplainStateRollsBack(self) -> None:
+        """
+        Old code whose state is not plain data rolls back.
+        """
+        live = Live(
+            self, MIGRATABLE.replace('{"count": self.count}', '{"count": {1, 2}}')
+        )
+        live.connect()
+        live.change(MIGRATABLE_V2)
+        report = live.upgrade()
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertIn("getMigrationState() returned", report["reason"])
+
+    def test_factoryFailureRollsBack(self) -> None:
+        """
+        New code whose factory cannot be built rolls back, and a new
+        factory that was started is stopped again.
+        """
+        live = Live(self, MIGRATABLE)
+        live.connect()
+        before = snapshotModules()
+        live.change(
+            MIGRATABLE_V2.replace(
+                "return CountingFactory()", "raise KeyError('config')"
+            )
+        )
+        report = live.upgrade()
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertIn("cannot build the application's factory", report["reason"])
+        self.assertIn("KeyError", report["reason"])
+        self.assertModulesAre(before)
+
+    def test_factoryStartFailureRollsBack(self) -> None:
+        """
+        A new factory that fails to start rolls back.
+        """
+        live = Live(self, MIGRATABLE)
+        listener = next(iter(live.host.listeners.values()))
+        listener.port = RecordingPort(IPv4Address("TCP", "127.0.0.1", 1))
+        hosted, transport = live.connect()
+        old = hosted.wrappedProtocol
+        before = snapshotModules()
+        live.change(
+            MIGRATABLE_V2.replace(
+                "type(self).started += 1", "raise RuntimeError('no database')"
+            )
+        )
+        report = live.upgrade()
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertIn("failed to start: RuntimeError: no database", report["reason"])
+        self.assertIs(hosted.wrappedProtocol, old)
+        self.assertModulesAre(before)
+
+    def test_slottedStaysOld(self) -> None:
+        """
+        A slotted protocol class cannot be swapped: such connections stay
+        on the old code, counted as drained and explained.
+        """
+        source = PLAIN.replace(
+            "class Counter(LineReceiver):",
+            "class Counter(LineReceiver):\n    __slots__ = ('extra',)",
+        )
+        live = Live(self, source)
+        hosted, transport = live.connect()
+        live.change(source.replace('b"v1"', 'b"v2"'))
+        report = live.upgrade()
+        self.assertEqual(
+            (report["outcome"], report["moved"], report["draining"]), ("success", 0, 1)
+        )
+        self.assertTrue(
+            any(
+                "slotted" in note and "stays on the old code" in note
+                for note in report["notes"]
+            )
+        )
+        self.assertEqual(exchange(hosted, transport, b"a"), b"v1 a 1\n")
+
+    def test_removedClassStaysOld(self) -> None:
+        """
+        A protocol whose class the new code no longer has stays on the old
+        code.
+        """
+        live = Live(self, PLAIN)
+        hosted, transport = live.connect()
+        live.change(PLAIN.replace("Counter", "Renamed").replace('b"v1"', 'b"v2"'))
+        report = live.upgrade()
+        self.assertEqual((report["moved"], report["draining"]), (0, 1))
+        self.assertTrue(any("no longer exists" in note for note in report["notes"]))
+        self.assertEqual(exchange(hosted, transport, b"a"), b"v1 a 1\n")
+
+    def test_subclassOutsideStaysOld(self) -> None:
+        """
+        A protocol whose class is defined outside the reloaded modules but
+        inherits from a reloaded class stays on the old code; the report
+        names that module as outside the application.
+        """
+        source = PLAIN.replace(
+            "    return Factory.forProtocol(Counter)",
+            "    from PREFIXoutside import Sub\n    return Factory.forProtocol(Sub)",
+        )
+        live = Live(
+            self,
+            source,
+            extra={
+                "PREFIXoutside": "from PREFIX import Counter\nclass Sub(Counter):\n    pass\n"
+            },
+        )
+        hosted, transport = live.connect()
+        live.change(source.replace('b"v1"', 'b"v2"'))
+        report = live.upgrade()
+        self.assertEqual((report["outcome"], report["draining"]), ("success", 1))
+        self.assertTrue(
+            any("defined outside the reloaded modules" in n for n in report["notes"])
+        )
+        self.assertIn(
+            "not reloaded, outside the application: {}outside (name them with "
+            "--reload-module to reload them)".format(live.app.prefix),
+            report["notes"],
+        )
+        self.assertEqual(exchange(hosted, transport, b"a"), b"v1 a 1\n")
+
+    def test_swapRefusedUndoesEverySwap(self) -> None:
+        """
+        If Python refuses one class assignment at the commit, every object
+        already given its new class gets its old one back.
+        """
+        source = PLAIN.replace(
+            "def makeFactory():\n    return Factory.forProtocol(Counter)",
+            """
+class Stubborn(Counter):
+    def __setattr__(self, name, value):
+        if name == "__class__" and getattr(value, "REFUSE", False):
+            raise TypeError("refused")
+        object.__setattr__(self, name, value)
+
+
+class Alternating(Factory):
+    built = 0
+
+    def buildProtocol(self, addr):
+        self.built += 1
+        protocol = (Counter if self.built % 2 else Stubborn)()
+        protocol.factory = self
+        return protocol
+
+
+def makeFactory():
+    return Alternating()
+""",
+        )
+        live = Live(self, source)
+        plain, _ = live.connect()
+        stubborn, _ = live.connect()
+        before = [type(plain.wrappedProtocol), type(stubborn.wrappedProtocol)]
+        self.assertEqual([cls.__name__ for cls in before], ["Counter", "Stubborn"])
+        live.change(
+            source.replace('b"v1"', 'b"v2"').replace(
+                "class Stubborn(Counter):",
+                "class Stubborn(Counter):\n    REFUSE = True",
+            )
+        )
+        modules = snapshotModules()
+        report = live.upgrade()
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertIn("TypeError: refused", report["reason"])
+        self.assertEqual(
+            [type(plain.wrappedProtocol), type(stubborn.wrappedProtocol)], before
+        )
+        self.assertModulesAre(modules)
+
+    def test_wrappedProtocolsSwapped(self) -> None:
+        """
+        A protocol wrapping the application's (a policy wrapper of
+        Twisted's) is unchanged; the application protocol it wraps gets the
+        new code.
+        """
+        source = PLAIN.replace(
+            "def makeFactory():\n    return Factory.forProtocol(Counter)",
+            "from twisted.protocols.policies import WrappingFactory\n"
+            "def makeFactory():\n    return WrappingFactory(Factory.forProtocol(Counter))",
+        )
+        live = Live(self, source)
+        hosted, transport = live.connect()
+        live.change(source.replace('b"v1"', 'b"v2"'))
+        report = live.upgrade()
+        self.assertEqual((report["moved"], report["draining"]), (1, 0))
+        self.assertEqual(exchange(hosted, transport, b"a"), b"v2 a 1\n")
+
+    def test_wrappedMigratableVersionChanged(self) -> None:
+        """
+        A migratable protocol behind a wrapper is upgraded in place while
+        its C{migrationVersion} stays, and stays on the old code once it
+        changes: its state could not be converted.
+        """
+        source = MIGRATABLE.replace(
+            "def makeFactory():\n    return CountingFactory()",
+            "from twisted.protocols.policies import WrappingFactory\n"
+            "def makeFactory():\n    return WrappingFactory(CountingFactory())",
+        )
+        live = Live(self, source)
+        hosted, transport = live.connect()
+        exchange(hosted, transport, b"a")
+        live.change(source.replace('b"v1"', 'b"v2"'))
+        report = live.upgrade()
+        self.assertEqual((report["moved"], report["draining"]), (1, 0))
+        self.assertEqual(exchange(hosted, transport, b"b"), b"v2 b 2\n")
+        live.change(
+            source.replace('b"v1"', 'b"v3"').replace(
+                "migrationVersion = 1", "migrationVersion = 2"
+            )
+        )
+        report = live.upgrade()
+        self.assertEqual((report["moved"], report["draining"]), (0, 1))
+        self.assertTrue(
+            any("migrationVersion changed (1 to 2)" in n for n in report["notes"])
+        )
+        self.assertEqual(exchange(hosted, transport, b"c"), b"v2 c 3\n")
+
+    def test_unchangedProtocolClass(self) -> None:
+        """
+        A protocol whose class no reloaded module defines goes on as it
+        was, and the report says so.
+        """
+        source = (
+            "from twisted.internet.protocol import Factory\nfrom twisted.protocols.wire import Echo\n"
+            "def makeFactory():\n    return Factory.forProtocol(Echo)\n"
+        )
+        live = Live(self, source)
+        hosted, transport = live.connect()
+        live.change(source + "\n# changed\n")
+        report = live.upgrade()
+        self.assertEqual((report["outcome"], report["moved"]), ("success", 1))
+        self.assertTrue(
+            any(
+                "twisted.protocols.wire.Echo, which no reloaded module defines" in n
+                for n in report["notes"]
+            )
+        )
+
+    def test_importFailureNamesModule(self) -> None:
+        """
+        A module of the application's package that raises at import rolls
+        back with its name and the error.
+        """
+        live = Live(
+            self,
+            "from .proto import makeFactory\n",
+            package=True,
+            extra={"PREFIX.proto": PLAIN},
+        )
+        live.write("PREFIX.proto", PLAIN + "\nraise ValueError('bad config')\n")
+        report = live.upgrade()
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertIn(
+            "the new code of {}.proto does not import".format(live.app.prefix),
+            report["reason"],
+        )
+        self.assertIn("ValueError: bad config (proto.py, line ", report["reason"])
+
+    def test_explicitModules(self) -> None:
+        """
+        With C{reloadModules} a module outside the C{--app} package is
+        reloaded too.
+        """
+        live = Live(
+            self,
+            PLAIN.replace('VERSION = b"v1"', "from PREFIXhelper import VERSION"),
+            extra={"PREFIXhelper": 'VERSION = b"v1"\n'},
+            reloadModules=("PREFIXhelper",),
+        )
+        hosted, transport = live.connect()
+        live.write("PREFIXhelper", 'VERSION = b"v2"\n')
+        report = live.upgrade()
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual(exchange(hosted, transport, b"a"), b"v2 a 1\n")
+
+    def test_noApplicationSpec(self) -> None:
+        """
+        A host that does not know where its application's code is refuses.
+        """
+        live = Live(self, PLAIN)
+        live.host.applicationSpec = None
+        report = live.upgrade()
+        self.assertEqual(report["outcome"], "refused")
+        self.assertIn("applicationSpec", report["reason"])
+
+    def test_hostModuleRefused(self) -> None:
+        """
+        An application inside Twisted cannot be reloaded.
+        """
+        live = Live(self, PLAIN)
+        live.host.applicationSpec = "twisted.protocols.wire:Echo"
+        report = live.upgrade()
+        self.assertEqual(report["outcome"], "refused")
+        self.assertIn("part of Twisted", report["reason"])
+
+    def test_notesNameWhatIsNeverReloaded(self) -> None:
+        """
+        The report names what is never reloaded.
+        """
+        live = Live(self, PLAIN)
+        report = live.upgrade()
+        self.assertTrue(
+            any(
+                n.startswith("never reloaded: Twisted, migrate")
+                for n in report["notes"]
+            )
+        )
+
+    def test_progress(self) -> None:
+        """
+        Progress says what is imported and how it ended.
+        """
+        live = Live(self, PLAIN)
+        live.connect()
+        live.upgrade()
+        self.assertEqual(live.progress[0], "importing the new code of " + live.module)
+        self.assertTrue(
+            live.progress[-1].startswith(
+                "generation 2 serves the new code: 1 connections upgraded, 0 left"
+            )
+        )
+
+    def test_oldCodeCollected(self) -> None:
+        """
+        Repeated reloads leave nothing of the old code alive: modules,
+        classes, factories and protocol objects replaced are collected.
+        """
+        live = Live(self, MIGRATABLE)
+        connections = [live.connect() for _ in range(3)]
+        refs: list[weakref.ref[Any]] = []
+        for n in range(2, 6):
+            refs.append(weakref.ref(sys.modules[live.module]))
+            refs.append(weakref.ref(live.host.applicationFactory))
+            refs.append(weakref.ref(connections[0][0].wrappedProtocol))
+            live.change(MIGRATABLE_V2.replace('b"v2"', 'b"v%d"' % n))
+            report = live.upgrade()
+            self.assertEqual(report["outcome"], "success")
+        gc.collect()
+        self.assertEqual([ref for ref in refs if ref() is not None], [])
+        self.assertEqual(len(live.fingerprints), 1)
+        self.assertEqual(exchange(*connections[0], b"x"), b"v5 x 1\n")

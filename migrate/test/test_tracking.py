@@ -1,0 +1,272 @@
+"""
+Tests for L{migrate._tracking}: counting an application's connections and
+swapping the protocol behind a live transport.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import ITransport
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from .._tracking import HostedProtocol, PendingAdoptionFactory, TrackingFactory
+from ._fakes import RecordingFactory, RecordingProtocol
+
+ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
+
+
+def lost() -> Failure:
+    return Failure(ConnectionDone())
+
+
+class TrackingFactoryTests(SynchronousTestCase):
+    """
+    L{TrackingFactory} knows each live connection of one listener.
+    """
+
+    def setUp(self) -> None:
+        self.application = RecordingFactory()
+        self.changes = 0
+        self.factory = TrackingFactory("tcp:8000", self.application, self.changed)
+
+    def changed(self) -> None:
+        self.changes += 1
+
+    def connect(self) -> HostedProtocol:
+        hosted = self.factory.buildProtocol(ADDRESS)
+        assert hosted is not None
+        hosted.makeConnection(StringTransport())
+        return hosted
+
+    def test_key(self) -> None:
+        """
+        The factory knows the listener it serves.
+        """
+        self.assertEqual(self.factory.key, "tcp:8000")
+        self.assertIs(self.factory.wrappedFactory, self.application)
+
+    def test_registersConnections(self) -> None:
+        """
+        A connection is counted once it is made, oldest first, and
+        C{onChange} is called for each.
+        """
+        first = self.connect()
+        second = self.connect()
+        self.assertEqual(self.factory.connections, [first, second])
+        self.assertEqual(self.changes, 2)
+        self.assertEqual(
+            [p.events for p in self.application.built],
+            [[("connectionMade",)], [("connectionMade",)]],
+        )
+
+    def test_notCountedBeforeMade(self) -> None:
+        """
+        A protocol built but not yet connected is not counted.
+        """
+        self.factory.buildProtocol(ADDRESS)
+        self.assertEqual(self.factory.connections, [])
+        self.assertEqual(self.changes, 0)
+
+    def test_unregistersLostConnections(self) -> None:
+        """
+        A lost connection is no longer counted, C{onChange} is called, and
+        the application is told.
+        """
+        first = self.connect()
+        second = self.connect()
+        first.connectionLost(lost())
+        self.assertEqual(self.factory.connections, [second])
+        self.assertEqual(self.changes, 3)
+        [event] = self.application.built[0].events[1:]
+        self.assertEqual(event[0], "connectionLost")
+        self.assertIsInstance(event[1].value, ConnectionDone)
+
+    def test_unregisterUnknown(self) -> None:
+        """
+        Unregistering a protocol that is not registered changes nothing and
+        does not call C{onChange}.
+        """
+        hosted = self.connect()
+        self.factory.unregisterProtocol(hosted)
+        self.factory.unregisterProtocol(hosted)
+        self.assertEqual(self.factory.connections, [])
+        self.assertEqual(self.changes, 2)
+
+    def test_refusedConnection(self) -> None:
+        """
+        When the application's factory refuses a connection (returns
+        L{None}), so does the tracking factory, as a listening port expects
+        (it then closes the socket): nothing is counted and nothing fails.
+        """
+        self.application.refuse = True
+        self.assertIsNone(self.factory.buildProtocol(ADDRESS))
+        self.assertEqual(self.factory.connections, [])
+        self.assertEqual(self.changes, 0)
+
+    def test_buildApplicationProtocol(self) -> None:
+        """
+        L{TrackingFactory.buildApplicationProtocol} asks the application's
+        factory for a bare protocol, wrapping and counting nothing.
+        """
+        protocol = self.factory.buildApplicationProtocol(ADDRESS)
+        self.assertEqual(self.application.built, [protocol])
+        self.assertEqual(self.factory.connections, [])
+
+    def test_buildPendingProtocol(self) -> None:
+        """
+        L{TrackingFactory.buildPendingProtocol} builds a pending wrapper with
+        no application protocol; the application's factory is not asked.
+        """
+        hosted = self.factory.buildPendingProtocol(ADDRESS)
+        self.assertIsInstance(hosted, HostedProtocol)
+        self.assertTrue(hosted.pending)
+        self.assertIsNone(hosted.wrappedProtocol)
+        self.assertEqual(self.application.built, [])
+
+    def test_pendingAdoptionFactory(self) -> None:
+        """
+        L{PendingAdoptionFactory} builds pending wrappers of its listener and
+        remembers the one it built.
+        """
+        pending = PendingAdoptionFactory(self.factory)
+        hosted = pending.buildProtocol(ADDRESS)
+        self.assertIs(pending.built, hosted)
+        self.assertTrue(hosted.pending)
+        self.assertIs(hosted.factory, self.factory)
+
+
+class HostedProtocolTests(SynchronousTestCase):
+    """
+    L{HostedProtocol} lets the host replace, restore or let go of the
+    application's protocol behind a live transport.
+    """
+
+    def setUp(self) -> None:
+        self.application = RecordingFactory()
+        self.changes = 0
+        self.factory = TrackingFactory("tcp:8000", self.application, self.changed)
+        self.transport = StringTransport()
+
+    def changed(self) -> None:
+        self.changes += 1
+
+    def connected(self) -> tuple[HostedProtocol, RecordingProtocol]:
+        hosted = self.factory.buildProtocol(ADDRESS)
+        assert hosted is not None
+        hosted.makeConnection(self.transport)
+        return hosted, self.application.built[-1]
+
+    def pending(self) -> HostedProtocol:
+        hosted = self.factory.buildPendingProtocol(ADDRESS)
+        hosted.makeConnection(self.transport)
+        return hosted
+
+    def test_applicationSeesWrapper(self) -> None:
+        """
+        The application's protocol has the wrapper as its transport; what
+        it writes reaches the real transport, and what arrives reaches it.
+        """
+        hosted, app = self.connected()
+        self.assertIs(app.transport, hosted)
+        hosted.write(b"out")
+        hosted.dataReceived(b"in")
+        self.assertEqual(self.transport.value(), b"out")
+        self.assertEqual(app.events[1:], [("dataReceived", b"in")])
+
+    def test_pendingTellsApplicationNothing(self) -> None:
+        """
+        A pending wrapper records its transport and counts the connection,
+        but builds and tells no application protocol.
+        """
+        hosted = self.pending()
+        self.assertIs(hosted.transport, self.transport)
+        self.assertTrue(hosted.connected)
+        self.assertTrue(ITransport.providedBy(hosted))
+        self.assertEqual(self.factory.connections, [hosted])
+        self.assertEqual(self.changes, 1)
+        self.assertEqual(self.application.built, [])
+
+    def test_pendingDropsData(self) -> None:
+        """
+        Bytes that arrive while the wrapper is pending are dropped, not
+        delivered to a protocol that does not exist yet.
+        """
+        hosted = self.pending()
+        hosted.dataReceived(b"early")
+        app = RecordingProtocol()
+        hosted.attach(app)
+        self.assertEqual(app.events, [])
+
+    def test_pendingConnectionLost(self) -> None:
+        """
+        A pending connection that is lost is no longer counted.
+        """
+        hosted = self.pending()
+        hosted.connectionLost(lost())
+        self.assertEqual(self.factory.connections, [])
+        self.assertEqual(self.changes, 2)
+
+    def test_attach(self) -> None:
+        """
+        L{HostedProtocol.attach} makes a protocol the application protocol
+        of a pending connection without C{connectionMade}; it then gets
+        the connection's bytes and can write.
+        """
+        hosted = self.pending()
+        app = RecordingProtocol()
+        hosted.attach(app)
+        self.assertFalse(hosted.pending)
+        self.assertIs(hosted.wrappedProtocol, app)
+        self.assertIs(app.transport, hosted)
+        self.assertTrue(app.connected)
+        self.assertEqual(app.events, [])
+        hosted.dataReceived(b"data")
+        hosted.write(b"reply")
+        self.assertEqual(app.events, [("dataReceived", b"data")])
+        self.assertEqual(self.transport.value(), b"reply")
+
+    def test_replaceProtocol(self) -> None:
+        """
+        L{HostedProtocol.replaceProtocol} swaps the application protocol and
+        returns the old one, telling neither: later bytes and the end of
+        the connection reach only the new one.
+        """
+        hosted, old = self.connected()
+        new = RecordingProtocol()
+        self.assertIs(hosted.replaceProtocol(new), old)
+        self.assertIs(hosted.wrappedProtocol, new)
+        self.assertIs(new.transport, hosted)
+        hosted.dataReceived(b"after")
+        hosted.connectionLost(lost())
+        self.assertEqual(old.events, [("connectionMade",)])
+        self.assertEqual(
+            [event[0] for event in new.events], ["dataReceived", "connectionLost"]
+        )
+        self.assertEqual(new.events[0], ("dataReceived", b"after"))
+        self.assertEqual(self.factory.connections, [])
+
+    def test_release(self) -> None:
+        """
+        L{HostedProtocol.release} stops counting the connection at once.
+        """
+        hosted, app = self.connected()
+        hosted.release()
+        self.assertTrue(hosted.released)
+        self.assertEqual(self.factory.connections, [])
+        self.assertEqual(self.changes, 2)
+
+    def test_releasedTellsApplicationNothing(self) -> None:
+        """
+        Once released, neither the bytes nor the end of the connection
+        reach the application (another process serves it now), and the end
+        of the connection changes no count.
+        """
+        hosted, app = self.connected()
+        hosted.release()
+        hosted.dataReceived(b"late")
+        hosted.connectionLost(lost())
+        self.assertEqual(app.events, [("connectionMade",)])
+        self.assertEqual(self.changes, 2)

@@ -1,0 +1,320 @@
+"""
+Printing the benchmark's results: one block per scenario, the figures
+against their targets, and the comparison with an earlier run's JSON.
+"""
+
+from __future__ import annotations
+
+from typing import IO, Any
+
+__all__ = ["formatResults", "formatComparison", "handoffSeconds", "keyFigures", "write"]
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds >= 10:
+        return "{:.1f} s".format(seconds)
+    return (
+        "{:.1f} ms".format(seconds * 1000)
+        if seconds < 0.1
+        else "{:.0f} ms".format(seconds * 1000)
+    )
+
+
+def _mb(size: int | None) -> str:
+    return "-" if size is None else "{:.1f} MB".format(size / 1e6)
+
+
+def _latency(phase: dict[str, Any]) -> str:
+    latency = phase["latency"]
+    if not latency["count"]:
+        return "no answers"
+    return "{} / {} / {}  ({} answers)".format(
+        _ms(latency["p50"]), _ms(latency["p99"]), _ms(latency["max"]), latency["count"]
+    )
+
+
+def _durations(durations: dict[str, float] | None) -> str:
+    if not durations:
+        return "-"
+    return ", ".join(
+        "{} {}".format(name, _ms(seconds)) for name, seconds in durations.items()
+    )
+
+
+def _ratio(value: float | None, floor: float | None) -> str:
+    if value is None or not floor:
+        return "-"
+    return "{:.1f}x".format(value / floor)
+
+
+def handoffSeconds(durations: dict[str, float] | None) -> float | None:
+    """
+    How long established connections were frozen: the report's
+    I{connections} and I{commit} phases (capability transfer), or its
+    I{suspension} (re-exec).
+    """
+    if not durations:
+        return None
+    if "connections" in durations:
+        return durations["connections"] + durations.get("commit", 0.0)
+    # Re-exec reports how long the service was suspended instead.
+    suspension: float | None = durations.get("suspension")
+    return suspension
+
+
+def _loadBlock(
+    result: dict[str, Any], floors: dict[int, dict[str, Any]], out: list[str]
+) -> None:
+    report = result["report"]
+    load = result["load"]
+    requests = load["requests"]
+    short = load["short"]
+    clients = result["clients"]
+    lost = sum(load["lost"].values())
+    title = result["name"]
+    if result["kind"] == "migration":
+        title = "strategy {}".format(result["name"])
+    out.append(
+        "== {}: {} ({})".format(title, report["outcome"], report.get("reason") or "ok")
+    )
+    if clients.get("samePid"):
+        where = "all in the same process, pid {}".format(report.get("oldPid"))
+    else:
+        where = "{} answered by the new process, {} by the old".format(
+            clients["onNew"], clients["onOld"]
+        )
+    out.append(
+        "  long-lived connections: {} kept ({}), {} lost{}; report: moved {}, "
+        "draining {}, failed {}".format(
+            clients["kept"],
+            where,
+            lost,
+            " {}".format(load["lost"]) if load["lost"] else "",
+            report.get("moved"),
+            report.get("draining"),
+            report.get("failed"),
+        )
+    )
+    out.append(
+        "  new connections: {} started, {} answered, {} refused, {} reset, {} timed out".format(
+            short["started"],
+            short["answered"],
+            short["refused"],
+            short["reset"],
+            short["timedOut"],
+        )
+    )
+    out.append(
+        "  bytes: {} lost ({} lines), {} duplicated ({} lines); state errors {}; "
+        "unanswered at the end {}".format(
+            requests["lostBytes"],
+            requests["lostLines"],
+            requests["duplicatedBytes"],
+            requests["duplicatedLines"],
+            requests["stateErrors"],
+            clients["unansweredAtEnd"],
+        )
+    )
+    out.append(
+        "  longest client stall: {}{}".format(
+            _ms(result["stall"]),
+            " (among answers; {} connections were lost)".format(lost) if lost else "",
+        )
+    )
+    for name in ("before", "during", "after"):
+        phase = result["phases"][name]
+        out.append("  latency p50/p99/max {:6}: {}".format(name, _latency(phase)))
+    out.append(
+        "  new connections' connect+answer p99 before/during/after: {}".format(
+            " / ".join(
+                _ms(result["phases"][name]["shortLatency"]["p99"])
+                for name in ("before", "during", "after")
+            )
+        )
+    )
+    out.append(
+        "  migration {} by phase: {}".format(
+            _ms(result["seconds"]), _durations(report.get("durations"))
+        )
+    )
+    frozen = handoffSeconds(report.get("durations"))
+    if frozen is not None:
+        floor = floors.get(report.get("moved") or 0)
+        out.append(
+            "  connections frozen {} for {} moved; floor {} -> {}".format(
+                _ms(frozen),
+                report.get("moved"),
+                _ms(floor["seconds"]) if floor else "-",
+                _ratio(frozen, floor["seconds"] if floor else None),
+            )
+        )
+    rss = result["rss"]
+    out.append(
+        "  RSS: old {} (before), new {}{}".format(
+            _mb(rss["old"]),
+            _mb(rss["new"]),
+            (
+                ""
+                if rss.get("oldAfter") is None
+                else ", old while draining {}".format(_mb(rss["oldAfter"]))
+            ),
+        )
+    )
+
+
+def _idleBlock(
+    result: dict[str, Any], floors: dict[int, dict[str, Any]], out: list[str]
+) -> None:
+    report = result["report"]
+    durations = report.get("durations") or {}
+    out.append(
+        "== {} idle connections moved with {}: {} ({})".format(
+            result["count"],
+            result["strategy"],
+            report["outcome"],
+            report.get("reason") or "ok",
+        )
+    )
+    out.append(
+        "  report: moved {}, draining {}, failed {}; afterwards {} of {} answered, {} by "
+        "the new process; lost {}, state errors {}".format(
+            report.get("moved"),
+            report.get("draining"),
+            report.get("failed"),
+            result["answeredAfter"],
+            result["connected"],
+            result["onNew"],
+            sum(result["load"]["lost"].values()),
+            result["load"]["requests"]["stateErrors"],
+        )
+    )
+    out.append(
+        "  migration {} by phase: {}".format(
+            _ms(result["seconds"]), _durations(durations)
+        )
+    )
+    floor = floors.get(result["count"])
+    frozen = handoffSeconds(durations)
+    out.append(
+        "  connections frozen {} (target <= 1 s); floor {} ({:.0f} connections/s) -> {} "
+        "(aim <= 5x)".format(
+            _ms(frozen),
+            _ms(floor["seconds"]) if floor else "-",
+            floor["perSecond"] if floor else 0,
+            _ratio(frozen, floor["seconds"] if floor else None),
+        )
+    )
+    rss = result["rss"]
+    out.append(
+        "  RSS: empty host {}, host that accepted them itself {}, successor that "
+        "adopted them {} ({})".format(
+            _mb(rss["empty"]),
+            _mb(rss["old"]),
+            _mb(rss["new"]),
+            _ratio(rss["new"], rss["old"]),
+        )
+    )
+
+
+def formatResults(results: dict[str, Any]) -> str:
+    """
+    The human-readable report of a whole run.
+    """
+    floors = {int(f["count"]): f for f in results.get("floors", [])}
+    out: list[str] = []
+    machine = results.get("machine", {})
+    out.append(
+        "migrate benchmark: {} CPUs, Python {}, Twisted {}, RLIMIT_NOFILE {}, load "
+        "average {} at start, {} at end{}".format(
+            machine.get("cpus"),
+            machine.get("python"),
+            machine.get("twisted"),
+            machine.get("nofile"),
+            (machine.get("loadAverageAtStart") or ["?"])[0],
+            (machine.get("loadAverageAtEnd") or ["?"])[0],
+            " (quick)" if results.get("options", {}).get("quick") else "",
+        )
+    )
+    for note in results.get("skipped", []):
+        out.append("skipped: " + note)
+    for result in results.get("scenarios", []):
+        if result.get("error"):
+            out.append("== {}: FAILED: {}".format(result["name"], result["error"]))
+        elif result["kind"] == "idle":
+            _idleBlock(result, floors, out)
+        else:
+            _loadBlock(result, floors, out)
+    for floor in results.get("floors", []):
+        out.append(
+            "== floor: {} descriptors by send_fds in batches of 253 + socket objects: "
+            "{} ({:.0f}/s)".format(
+                floor["count"], _ms(floor["seconds"]), floor["perSecond"]
+            )
+        )
+    return "\n".join(out)
+
+
+def keyFigures(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """
+    The figures worth comparing between runs, by scenario name.
+    """
+    figures: dict[str, dict[str, float | None]] = {}
+    for result in results.get("scenarios", []):
+        if result.get("error"):
+            continue
+        durations = result["report"].get("durations") or {}
+        entry: dict[str, float | None] = {
+            "migration s": result.get("seconds"),
+            "frozen s": handoffSeconds(durations),
+        }
+        if result["kind"] == "idle":
+            entry["successor RSS MB"] = (result["rss"]["new"] or 0) / 1e6
+        else:
+            load = result["load"]
+            entry["stall s"] = result.get("stall")
+            entry["p99 during s"] = result["phases"]["during"]["latency"]["p99"]
+            entry["p99 after s"] = result["phases"]["after"]["latency"]["p99"]
+            entry["lost connections"] = sum(load["lost"].values())
+            entry["failed new connections"] = (
+                load["short"]["refused"]
+                + load["short"]["reset"]
+                + load["short"]["timedOut"]
+            )
+            entry["lost bytes"] = load["requests"]["lostBytes"]
+        figures[result["name"]] = entry
+    for floor in results.get("floors", []):
+        figures["floor-{}".format(floor["count"])] = {"seconds": floor["seconds"]}
+    return figures
+
+
+def formatComparison(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """
+    The key figures of C{new} next to those of an earlier run C{old}.
+    """
+    before, after = keyFigures(old), keyFigures(new)
+    out = ["== compared with the earlier run"]
+    for name in after:
+        if name not in before:
+            out.append("  {}: not in the earlier run".format(name))
+            continue
+        for figure, value in after[name].items():
+            was = before[name].get(figure)
+            if value is None or was is None:
+                continue
+            change = ""
+            if was:
+                change = " ({:+.0f}%)".format((value - was) / was * 100)
+            out.append(
+                "  {} {}: {:.4g} -> {:.4g}{}".format(name, figure, was, value, change)
+            )
+    return "\n".join(out)
+
+
+def write(stream: IO[str], text: str) -> None:
+    """
+    Print C{text} and flush.
+    """
+    stream.write(text + "\n")
+    stream.flush()

@@ -1,0 +1,514 @@
+"""
+Tests for the benchmark's load generator (L{migrate.bench._load}), its
+output, and one end-to-end run of C{python -m migrate.bench --quick}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.basic import LineReceiver
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from ..bench._app import BenchLine
+from ..bench._load import (
+    LoadGenerator,
+    LongLivedClient,
+    Samples,
+    _parseReply,
+    latencyBins,
+    percentile,
+    summarize,
+)
+from ..bench._output import formatComparison, formatResults, keyFigures
+from ..bench._process import freePort
+
+
+def _poll(
+    condition: Any, timeout: float = 10.0, what: str = "condition"
+) -> Deferred[None]:
+    """
+    Wait (on the real reactor) until C{condition()} is true; fail after
+    C{timeout} seconds.
+    """
+
+    @inlineCallbacks
+    def loop() -> Any:
+        deadline = _reactor.seconds() + timeout
+        while not condition():
+            if _reactor.seconds() > deadline:
+                raise AssertionError("timed out waiting for " + what)
+            yield deferLater(_reactor, 0.01, lambda: None)
+
+    return loop()
+
+
+class StatisticsTests(SynchronousTestCase):
+    """
+    L{percentile}, L{summarize}, L{Samples}, L{latencyBins}.
+    """
+
+    def test_percentile(self) -> None:
+        """
+        Nearest rank: p50 of 1..100 is 50, p99 is 99, p100 is 100.
+        """
+        values = [float(i) for i in range(1, 101)]
+        self.assertEqual(
+            (
+                percentile(values, 0.5),
+                percentile(values, 0.99),
+                percentile(values, 1.0),
+            ),
+            (50.0, 99.0, 100.0),
+        )
+        self.assertEqual(percentile([7.0], 0.99), 7.0)
+        self.assertRaises(ValueError, percentile, [], 0.5)
+
+    def test_summarize(self) -> None:
+        """
+        Count, p50, p99 and max, whatever the order; L{None} when empty.
+        """
+        self.assertEqual(
+            summarize([3.0, 1.0, 2.0]), {"count": 3, "p50": 2.0, "p99": 3.0, "max": 3.0}
+        )
+        self.assertEqual(
+            summarize([]), {"count": 0, "p50": None, "p99": None, "max": None}
+        )
+
+    def test_samplesWithin(self) -> None:
+        """
+        L{Samples.within} selects by the time a request was sent, the end
+        excluded.
+        """
+        samples = Samples()
+        for sent, latency in [(1.0, 0.1), (2.0, 0.2), (3.0, 0.3)]:
+            samples.add(sent, latency)
+        self.assertEqual(samples.within(1.0, 3.0), [0.1, 0.2])
+        self.assertEqual(samples.within(None, None), [0.1, 0.2, 0.3])
+        self.assertEqual(samples.within(2.5, None), [0.3])
+
+    def test_bins(self) -> None:
+        """
+        L{latencyBins} groups answers by when they arrived.
+        """
+        samples = Samples()
+        samples.add(10.0, 0.05)
+        samples.add(10.02, 0.01)
+        samples.add(10.0, 0.25)
+        rows = latencyBins(samples, 10.0, 0.1)
+        self.assertEqual([(r[0], r[1]) for r in rows], [(0.0, 2), (0.2, 1)])
+        self.assertEqual(rows[0][4], 0.05)
+
+    def test_parseReply(self) -> None:
+        """
+        A reply is a number, then optionally a server and a count.
+        """
+        self.assertEqual(_parseReply(b"12 345 6"), (12, b"345", 6))
+        self.assertEqual(_parseReply(b"12"), (12, None, None))
+        self.assertEqual(_parseReply(b"12 x y"), (12, b"x", None))
+        self.assertIsNone(_parseReply(b"hello"))
+        self.assertIsNone(_parseReply(b""))
+
+
+def _fakeClients(load: LoadGenerator, count: int) -> list[StringTransport]:
+    """
+    Attach C{count} long-lived clients over string transports.
+    """
+    transports = []
+    for _ in range(count):
+        client = LongLivedClient(load)
+        transport = StringTransport()
+        transport.setTcpNoDelay = lambda flag: None  # type: ignore[attr-defined]
+        client.makeConnection(transport)
+        transports.append(transport)
+    return transports
+
+
+class PacingTests(SynchronousTestCase):
+    """
+    The ticker sends each client's requests every interval and starts new
+    connections at the rate, without bursts after a late tick.
+    """
+
+    def test_requestsEveryInterval(self) -> None:
+        """
+        Each client sends about one request per interval.
+        """
+        clock = MemoryReactorClock()
+        load = LoadGenerator(clock, 1234, interval=0.05, tick=0.005)
+        transports = _fakeClients(load, 10)
+        load.start()
+        for _ in range(100):
+            clock.advance(0.005)
+        sent = [t.value().count(b"\n") for t in transports]
+        # 0.5 s at one request per 50 ms: 10 each, give or take the phase.
+        self.assertTrue(all(10 <= n <= 11 for n in sent), sent)
+        self.assertEqual(load.sent, sum(sent))
+        load.stop()
+
+    def test_noBurstAfterLateTick(self) -> None:
+        """
+        A tick that comes a whole second late sends at most one interval's
+        worth of requests.
+        """
+        clock = MemoryReactorClock()
+        load = LoadGenerator(clock, 1234, interval=0.05, tick=0.005)
+        transports = _fakeClients(load, 10)
+        load.start()
+        before = load.sent
+        clock.advance(1.0)
+        self.assertLessEqual(load.sent - before, 10)
+        self.assertTrue(all(t.value() for t in transports))
+        load.stop()
+
+    def test_newConnectionRate(self) -> None:
+        """
+        C{rate} new connections start each second, on loopback.
+        """
+        clock = MemoryReactorClock()
+        load = LoadGenerator(clock, 1234, interval=0.05, tick=0.01, rate=20)
+        load.start()
+        for _ in range(100):
+            clock.advance(0.01)
+        self.assertIn(len(clock.tcpClients), range(19, 22))
+        self.assertEqual(
+            {(c[0], c[1]) for c in clock.tcpClients}, {("127.0.0.1", 1234)}
+        )
+        load.stop()
+
+    def test_loopbackOnly(self) -> None:
+        """
+        The generator refuses to drive anything but loopback.
+        """
+        self.assertRaises(
+            ValueError, LoadGenerator, MemoryReactorClock(), 80, host="10.1.2.3"
+        )
+
+
+class Misbehaving(LineReceiver):
+    """
+    A line server whose answers are wrong on purpose, according to its
+    factory's C{mode}.
+    """
+
+    delimiter = b"\n"
+
+    def connectionMade(self) -> None:
+        self.seen = 0
+
+    def lineReceived(self, line: bytes) -> None:
+        self.seen += 1
+        mode = self.factory.mode
+        number = line.split()[0]
+        if mode == "drop-second" and self.seen == 2:
+            return
+        if mode == "twice" and self.seen == 1:
+            self.sendLine(number + b" s 1")
+        if mode == "close-after-first" and self.seen == 2:
+            transport: Any = self.transport
+            transport.loseConnection()
+            return
+        if mode == "silent":
+            return
+        count = self.seen + (5 if mode == "jump" and self.seen > 1 else 0)
+        self.sendLine(number + b" s %d" % (count,))
+
+
+class LoadAgainstServerTests(TestCase):
+    """
+    The generator against a real line server on loopback.
+    """
+
+    timeout = 30
+
+    def listen(self, factory: Any) -> int:
+        port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        address: Any = port.getHost()
+        return int(address.port)
+
+    def misbehaving(self, mode: str) -> int:
+        factory = Factory.forProtocol(Misbehaving)
+        factory.mode = mode  # type: ignore[attr-defined]
+        return self.listen(factory)
+
+    def generator(self, port: int, **kwargs: Any) -> LoadGenerator:
+        load = LoadGenerator(_reactor, port, **kwargs)
+        self.addCleanup(load.closeAll, 5.0)
+        self.addCleanup(load.stop, 0.1)
+        return load
+
+    @inlineCallbacks
+    def test_answersCounted(self) -> Any:
+        """
+        Against the benchmark's own app, every request is answered once,
+        in order, by this process, with the state counting on.
+        """
+        port = self.listen(Factory.forProtocol(BenchLine))
+        load = self.generator(port)
+        connected = yield load.connect(5)
+        self.assertEqual(connected, 5)
+        missing = yield load.pingAll(timeout=10)
+        missing2 = yield load.pingAll(timeout=10)
+        self.assertEqual((missing, missing2), (0, 0))
+        self.assertEqual((load.sent, load.answered, len(load.samples)), (10, 10, 10))
+        self.assertEqual(load.servers(), {b"%d" % os.getpid(): 5})
+        outcomes = load.outcomes()["requests"]
+        self.assertEqual(
+            (
+                outcomes["lostLines"],
+                outcomes["duplicatedLines"],
+                outcomes["stateErrors"],
+            ),
+            (0, 0, 0),
+        )
+
+    @inlineCallbacks
+    def test_steadyLoad(self) -> Any:
+        """
+        Under a steady load with new connections, everything is answered
+        and nothing is lost.
+        """
+        port = self.listen(Factory.forProtocol(BenchLine))
+        load = self.generator(port, interval=0.02, rate=50)
+        yield load.connect(4)
+        load.start()
+        yield _poll(
+            lambda: load.sent >= 40 and load.shortOutcomes["answered"] >= 5,
+            what="requests and new connections",
+        )
+        unanswered = yield load.stop(5.0)
+        self.assertEqual(unanswered, 0)
+        self.assertEqual(load.answered, load.sent)
+        outcomes = load.outcomes()
+        self.assertEqual(outcomes["lost"], {})
+        self.assertEqual(outcomes["short"]["answered"], outcomes["short"]["started"])
+        yield load.closeAll()
+        self.assertEqual(load.outcomes()["lost"], {})
+
+    @inlineCallbacks
+    def test_lostRequestCounted(self) -> Any:
+        """
+        A request the server never answers counts as lost once a later one
+        is answered.
+        """
+        load = self.generator(self.misbehaving("drop-second"))
+        yield load.connect(1)
+        for _ in range(3):
+            yield load.pingAll(timeout=0.5)
+        requests = load.outcomes()["requests"]
+        self.assertEqual((requests["lostLines"], requests["lostBytes"]), (1, 2))
+        self.assertEqual(load.answered, 2)
+
+    @inlineCallbacks
+    def test_duplicateCounted(self) -> Any:
+        """
+        An answer that comes twice counts as duplicated bytes.
+        """
+        load = self.generator(self.misbehaving("twice"))
+        yield load.connect(1)
+        yield load.pingAll(timeout=5)
+        yield load.pingAll(timeout=5)
+        requests = load.outcomes()["requests"]
+        self.assertEqual(
+            (requests["duplicatedLines"], requests["duplicatedBytes"]), (1, 6)
+        )
+
+    @inlineCallbacks
+    def test_stateErrorCounted(self) -> Any:
+        """
+        A count that does not go on by one means the state was lost.
+        """
+        load = self.generator(self.misbehaving("jump"))
+        yield load.connect(1)
+        for _ in range(3):
+            yield load.pingAll(timeout=5)
+        self.assertEqual(load.stateErrors, 1)
+
+    @inlineCallbacks
+    def test_lostConnectionCounted(self) -> Any:
+        """
+        A connection the server closes counts as lost, with its unanswered
+        request.
+        """
+        load = self.generator(self.misbehaving("close-after-first"))
+        yield load.connect(1)
+        yield load.pingAll(timeout=5)
+        yield load.pingAll(timeout=1)
+        yield _poll(lambda: not load.alive(), what="the connection to close")
+        outcomes = load.outcomes()
+        self.assertEqual(outcomes["lost"], {"closed": 1})
+        self.assertEqual(outcomes["requests"]["lostLines"], 1)
+        self.assertEqual(len(load.lostTimes), 1)
+
+    @inlineCallbacks
+    def test_refusedCounted(self) -> Any:
+        """
+        New connections to a port nobody listens on are counted refused.
+        """
+        load = self.generator(freePort(), rate=50)
+        load.start()
+        yield _poll(lambda: load.shortOutcomes["refused"] >= 3, what="refusals")
+        yield load.stop(1.0)
+        short = load.outcomes()["short"]
+        self.assertEqual(short["answered"], 0)
+        self.assertEqual(short["refused"], short["started"])
+        failed = yield load.connect(2)
+        self.assertEqual((failed, dict(load.connectFailures)), (0, {"refused": 2}))
+
+    @inlineCallbacks
+    def test_timeoutCounted(self) -> Any:
+        """
+        A new connection that is never answered times out after
+        C{shortTimeout}.
+        """
+        load = self.generator(self.misbehaving("silent"), rate=20, shortTimeout=0.2)
+        load.start()
+        yield _poll(lambda: load.shortOutcomes["timedOut"] >= 2, what="time-outs")
+        yield load.stop(1.0)
+        self.assertEqual(load.shortOutcomes["answered"], 0)
+
+    @inlineCallbacks
+    def test_resetCounted(self) -> Any:
+        """
+        A new connection closed before it is answered counts as reset.
+        """
+
+        class Hangup(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.loseConnection()  # type: ignore[union-attr]
+
+        load = self.generator(self.listen(Factory.forProtocol(Hangup)), rate=20)
+        load.start()
+        yield _poll(lambda: load.outcomes()["short"]["reset"] >= 2, what="resets")
+        yield load.stop(1.0)
+        self.assertEqual(load.shortOutcomes["answered"], 0)
+
+
+class OutputTests(SynchronousTestCase):
+    """
+    Printing and comparing results.
+    """
+
+    def results(self, stall: float) -> dict[str, Any]:
+        phase = {
+            "latency": {"count": 1, "p50": 0.001, "p99": 0.002, "max": 0.003},
+            "shortLatency": {"count": 0, "p50": None, "p99": None, "max": None},
+            "short": {},
+            "seconds": 1.0,
+        }
+        return {
+            "machine": {"cpus": 2},
+            "options": {"quick": True},
+            "scenarios": [
+                {
+                    "name": "capability",
+                    "kind": "migration",
+                    "seconds": 0.5,
+                    "report": {
+                        "outcome": "success",
+                        "moved": 10,
+                        "draining": 0,
+                        "failed": 0,
+                        "durations": {
+                            "spawn": 0.3,
+                            "connections": 0.05,
+                            "commit": 0.01,
+                        },
+                    },
+                    "clients": {
+                        "kept": 10,
+                        "onNew": 10,
+                        "onOld": 0,
+                        "unansweredAtEnd": 0,
+                    },
+                    "load": {
+                        "lost": {},
+                        "requests": {
+                            "lostBytes": 0,
+                            "lostLines": 0,
+                            "duplicatedBytes": 0,
+                            "duplicatedLines": 0,
+                            "stateErrors": 0,
+                        },
+                        "short": {
+                            "started": 5,
+                            "answered": 5,
+                            "refused": 0,
+                            "reset": 0,
+                            "timedOut": 0,
+                        },
+                    },
+                    "stall": stall,
+                    "phases": {"before": phase, "during": phase, "after": phase},
+                    "rss": {"old": 30e6, "new": 31e6},
+                }
+            ],
+            "floors": [{"count": 10, "seconds": 0.001, "perSecond": 10000.0}],
+        }
+
+    def test_format(self) -> None:
+        """
+        The report names the strategy, the stall and the ratio to the floor.
+        """
+        text = formatResults(self.results(0.25))
+        self.assertIn("strategy capability: success", text)
+        self.assertIn("longest client stall: 250 ms", text)
+        self.assertIn("60.0x", text)
+
+    def test_compare(self) -> None:
+        """
+        The comparison shows each key figure before and after.
+        """
+        self.assertEqual(keyFigures(self.results(0.2))["capability"]["stall s"], 0.2)
+        text = formatComparison(self.results(0.2), self.results(0.1))
+        self.assertIn("capability stall s: 0.2 -> 0.1 (-50%)", text)
+
+
+class QuickRunTests(TestCase):
+    """
+    C{python -m migrate.bench --quick} end to end: real hosts, every
+    scenario, well under a minute on a quiet two-core machine.
+    """
+
+    timeout = 180
+
+    @inlineCallbacks
+    def test_quickRun(self) -> Any:
+        """
+        The quick run succeeds and writes its results; its figures are
+        printed, never judged here.
+        """
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        from ..bench._process import SOURCE_ROOT
+
+        directory = tempfile.mkdtemp(prefix="migrate-benchtest-")
+        self.addCleanup(lambda: __import__("shutil").rmtree(directory, True))
+        path = os.path.join(directory, "results.json")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([SOURCE_ROOT, env.get("PYTHONPATH", "")])
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable,
+            ["-m", "migrate.bench", "--quick", "--json", path],
+            env=env,
+            path=directory,
+        )
+        self.assertEqual(code, 0, err.decode("utf-8", "replace")[-3000:])
+        with open(path) as f:
+            results = json.load(f)
+        names = [each["name"] for each in results["scenarios"]]
+        self.assertIn("capability", names)
+        self.assertIn("naive-restart", names)
+        self.assertIn("idle-capability", names)
+        self.assertIn(b"strategy capability: success", out)
+        self.assertTrue(results["floors"])

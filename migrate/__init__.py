@@ -10,7 +10,6 @@ L{RollingUpgrade} upgrades a fleet of hosts behind HAProxy.
 
 from ._host import MigrationHost
 from ._report import ListenerReport, MigrationOutcome, MigrationReport
-from ._rolling import RollingUpgrade
 from .interfaces import IMigratable, IMigrationStrategy
 from .strategies import (
     CapabilityTransfer,
@@ -32,3 +31,14 @@ __all__ = [
     "ReexecStrategy",
     "RollingUpgrade",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The rolling upgrade orchestrator (and the command-line client it
+    # builds on) loads only when asked for: every host process, and every
+    # re-executed image, imports this package at start.
+    if name == "RollingUpgrade":
+        from ._rolling import RollingUpgrade
+
+        return RollingUpgrade
+    raise AttributeError("module {!r} has no attribute {!r}".format(__name__, name))

@@ -140,7 +140,9 @@ def freezeMovable(
             staying.append(Unmovable(key, hosted, str(e)))
             continue
         try:
-            state = captureProtocolState(protocol)
+            # Encoded into the manifest before the application runs again:
+            # no snapshot copy needed.
+            state = captureProtocolState(protocol, snapshot=False)
         except Exception as e:
             frozen.resume()
             reason = _describe(e)
@@ -172,12 +174,14 @@ class AdoptedConnection:
 
     hosted: HostedProtocol
     transport: Any
+    pendingOutput: bytes = b""
 
     def commit(self) -> None:
         """
         Serve it: send what was pending, read, and deliver complete
         messages already buffered.
         """
+        self.hosted.unhold(self.pendingOutput)
         resumeConnection(self.transport)
         protocol = self.hosted.wrappedProtocol
         if protocol is not None:
@@ -210,7 +214,7 @@ def adoptEntry(host: Any, entry: Any, descriptor: int) -> AdoptedConnection:
         if not isinstance(entry, dict):
             raise StateError("manifest entry is not an object")
         listener = host.listenerNamed(entry["listener"])
-        state = ProtocolState.fromPlain(entry["state"])
+        state = ProtocolState.fromPlain(entry["state"], owned=True)
         output = base64.b64decode(entry["output"], validate=True)
         family = _families.get(entry.get("family"))  # type: ignore[arg-type]
     except Exception as e:
@@ -219,10 +223,11 @@ def adoptEntry(host: Any, entry: Any, descriptor: int) -> AdoptedConnection:
         os.close(descriptor)
         raise StateError("bad manifest entry: {}".format(_describe(e)))
     pending = PendingAdoptionFactory(listener.factory)
-    transport = adoptConnection(host.reactor, descriptor, pending, family)
+    transport = adoptConnection(host.reactor, descriptor, pending, family, hold=False)
     hosted = pending.built
     assert hosted is not None
-    adopted = AdoptedConnection(hosted, transport)
+    hosted.hold()
+    adopted = AdoptedConnection(hosted, transport, output)
     try:
         if not state.migratable:
             raise StateError("the old protocol did not provide IMigratable")
@@ -235,10 +240,8 @@ def adoptEntry(host: Any, entry: Any, descriptor: int) -> AdoptedConnection:
                     type(protocol).__name__
                 )
             )
-        if output:
-            transport.write(output)
         hosted.attach(protocol)
-        restoreProtocolState(protocol, state)
+        restoreProtocolState(protocol, state, copyState=False)
     except Exception:
         adopted.abandon()
         raise

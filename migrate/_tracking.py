@@ -48,6 +48,9 @@ class HostedProtocol(ProtocolWrapper):
         ProtocolWrapper.__init__(self, factory, wrappedProtocol)  # type: ignore[arg-type]
         self.pending = pending
         self.released = False
+        self.held = False
+        self._held: list[bytes] = []
+        self._heldClose: str | None = None
 
     def makeConnection(self, transport: ITransport) -> None:
         if not self.pending:
@@ -59,6 +62,61 @@ class HostedProtocol(ProtocolWrapper):
         self.connected = 1
         self.transport = transport
         self.factory.registerProtocol(self)
+
+    def hold(self) -> None:
+        """
+        Keep what the application writes (and any close it asks for) until
+        L{unhold}: an adopted connection must not speak before the hand-off
+        commits.
+        """
+        self._held = []
+        self._heldClose = None
+        self.held = True
+
+    def _realTransport(self) -> Any:
+        transport = self.transport
+        assert transport is not None, "not connected"
+        return transport
+
+    def unhold(self, pendingOutput: bytes = b"") -> None:
+        """
+        Send C{pendingOutput} (what the previous holder had not written),
+        then what the application wrote while held, then carry out a close
+        it asked for.
+        """
+        self.held = False
+        held, self._held = self._held, []
+        data = pendingOutput + b"".join(held)
+        if data:
+            self._realTransport().write(data)
+        if self._heldClose == "abort":
+            self._realTransport().abortConnection()
+        elif self._heldClose == "lose":
+            self._realTransport().loseConnection()
+
+    def write(self, data: bytes) -> None:
+        if self.held:
+            self._held.append(data)
+        else:
+            self._realTransport().write(data)
+
+    def writeSequence(self, data: Any) -> None:
+        if self.held:
+            self._held.extend(data)
+        else:
+            self._realTransport().writeSequence(data)
+
+    def loseConnection(self) -> None:
+        if self.held:
+            self._heldClose = self._heldClose or "lose"
+            return
+        ProtocolWrapper.loseConnection(self)
+
+    def abortConnection(self) -> None:
+        if self.held:
+            self._heldClose = "abort"
+            return
+        self._realTransport().abortConnection()
 
     def logPrefix(self) -> str:
         if self.wrappedProtocol is None:

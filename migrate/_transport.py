@@ -341,6 +341,7 @@ def adoptConnection(
     fd: int,
     factory: IProtocolFactory,
     family: socket.AddressFamily | None = None,
+    hold: bool = True,
 ) -> Any:
     """
     Take over a connected stream socket received from another process.
@@ -357,6 +358,11 @@ def adoptConnection(
     @param factory: builds the protocol.
     @param family: the socket's address family, when the sender said
         (saves probing each of thousands of descriptors).
+    @param hold: C{False} when the caller holds back what the protocol
+        writes itself (as L{migrate._tracking.HostedProtocol} does): the
+        transport then only stops reading, which is much cheaper for
+        thousands of connections; give it up with L{abandonConnection} all
+        the same.
 
     @return: the transport.
 
@@ -385,6 +391,9 @@ def adoptConnection(
         os.close(fd)
     if transport is None:
         raise ValueError("the factory refused the connection")
+    if not hold:
+        transport.stopReading()
+        return transport
     try:
         frozen = freezeConnection(transport)
     except BaseException:
@@ -434,7 +443,10 @@ def abandonConnection(transport: Any) -> None:
     """
     frozen = vars(transport).pop(_HOLD, None)
     if frozen is None:
-        raise ValueError(f"{transport!r} is not an adopted, held connection")
+        if not transport.connected or _isReading(transport):
+            raise ValueError(f"{transport!r} is not an adopted, held connection")
+        _letGo(transport)
+        return
     frozen.release()
 
 

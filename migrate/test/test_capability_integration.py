@@ -5,14 +5,25 @@ with their state and buffered bytes, to a new process running new code.
 
 from __future__ import annotations
 
+import os
+import socket
 import textwrap
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.trial.unittest import TestCase
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    UNIXClientEndpoint,
+)
+from twisted.internet.protocol import Factory
+from twisted.trial.unittest import SkipTest, TestCase
 
 from ._hostprocess import (
+    LineClient,
     LiveAppMixin,
     connectLineClient,
+    freePort,
     pidAlive,
     waitFor,
     writeModule,
@@ -260,3 +271,154 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
         self.assertEqual(hello[0].split(b" ")[1], b"v1")
         for client in clients + [newClient]:
             client.transport.loseConnection()
+
+
+def _descriptorCount(pid: int) -> int:
+    return len(os.listdir("/proc/{}/fd".format(pid)))
+
+
+def _ipv6Loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+class CapabilityFamiliesTests(LiveAppMixin, TestCase):
+    """
+    Capability transfer over every kind of stream connection a host serves:
+    TCP over IPv4 and IPv6 and Unix sockets move; TLS connections, whose
+    session lives in OpenSSL's memory, stay and drain.
+    """
+
+    timeout = 120
+    strategy = "capability"
+    initialApp = MIGRATABLE_V1
+
+    @inlineCallbacks
+    def startFamilies(self, *extra: str):
+        self.unixPath = "/tmp/migrate-cap-{}.sock".format(os.getpid())
+        self.addCleanup(
+            lambda: os.unlink(self.unixPath) if os.path.exists(self.unixPath) else None
+        )
+        listen = ["--listen", "unix:" + self.unixPath]
+        self.port6: int | None = None
+        if _ipv6Loopback():
+            self.port6 = freePort()
+            listen += ["--listen", "tcp6:{}:interface=\\:\\:1".format(self.port6)]
+        status = yield self.startHost(*(listen + list(extra)))
+        return status
+
+    @inlineCallbacks
+    def connectOver(self, endpoint):
+        client = yield endpoint.connect(Factory.forProtocol(LineClient))
+        yield client.waitForLines(1)
+        return client
+
+    @inlineCallbacks
+    def test_everyFamilyMoves(self):
+        """
+        Connections over IPv4, IPv6 and a Unix socket all move with their
+        state; the old process exits.
+        """
+        status = yield self.startFamilies()
+        oldPid = status["pid"]
+        clients = [
+            (
+                yield self.connectOver(
+                    TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
+                )
+            )
+        ]
+        clients.append(
+            (yield self.connectOver(UNIXClientEndpoint(reactor, self.unixPath)))
+        )
+        if self.port6 is not None:
+            clients.append(
+                (yield self.connectOver(TCP6ClientEndpoint(reactor, "::1", self.port6)))
+            )
+        for client in clients:
+            yield self.exchange(client, b"before")
+        writeModule(self.host.workdir, "liveapp", MIGRATABLE_V2)
+        code, report, err = yield self.host.upgrade()
+        self.assertEqual(
+            (code, report["moved"], report["draining"]), (0, len(clients), 0), err
+        )
+        for client in clients:
+            reply = yield self.exchange(client, b"after")
+            self.assertEqual(reply[0::3], [b"v2", b"2"])
+            self.assertEqual(reply[1], str(report["newPid"]).encode())
+        yield waitFor(lambda: not pidAlive(oldPid), what="the old process to exit")
+        for client in clients:
+            client.transport.loseConnection()
+        if self.port6 is None:
+            raise SkipTest("no IPv6 loopback here: IPv4 and Unix moved")
+
+    @inlineCallbacks
+    def test_noDescriptorLeak(self):
+        """
+        Generation after generation, the serving process holds the same
+        number of descriptors: nothing handed over is left open anywhere.
+        """
+        yield self.startHost()
+        clients = yield self.connectClients(5)
+        counts = []
+        for generation in range(4):
+            status = yield self.host.status()
+            counts.append(_descriptorCount(status["pid"]))
+            # Version 2 of the state, with the code changing each time.
+            writeModule(
+                self.host.workdir,
+                "liveapp",
+                MIGRATABLE_V2.replace('b"v2"', 'b"v2.%d"' % (generation,)),
+            )
+            code, report, err = yield self.host.upgrade()
+            self.assertEqual((code, report["moved"]), (0, 5), err)
+            yield waitFor(
+                lambda: not pidAlive(report["oldPid"]), what="the old process to exit"
+            )
+        status = yield self.host.status()
+        counts.append(_descriptorCount(status["pid"]))
+        self.assertEqual(len(set(counts[1:])), 1, counts)
+        for client in clients:
+            client.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_tlsDrains(self):
+        """
+        A TLS connection cannot move (its keys live in OpenSSL's memory): it
+        stays on the old process, which keeps serving it, while plain TCP
+        connections move.
+        """
+        try:
+            from twisted.internet.ssl import CertificateOptions
+        except ImportError:
+            raise SkipTest("pyOpenSSL is not installed (the dev extra installs it)")
+        from twisted.internet.endpoints import SSL4ClientEndpoint
+        import twisted.test
+
+        pem = os.path.join(os.path.dirname(twisted.test.__file__), "server.pem")
+        self.tlsPort = freePort()
+        status = yield self.startHost(
+            "--listen",
+            "ssl:{}:interface=127.0.0.1:privateKey={}".format(self.tlsPort, pem),
+        )
+        oldPid = status["pid"]
+        plain = yield connectLineClient(self.port)
+        yield plain.waitForLines(1)
+        secure = yield self.connectOver(
+            SSL4ClientEndpoint(reactor, "127.0.0.1", self.tlsPort, CertificateOptions())
+        )
+        yield self.exchange(secure, b"over tls")
+        writeModule(self.host.workdir, "liveapp", MIGRATABLE_V2)
+        code, report, err = yield self.host.upgrade()
+        self.assertEqual((code, report["moved"], report["draining"]), (0, 1, 1), err)
+        reply = yield self.exchange(secure, b"still tls")
+        self.assertEqual(reply[:2], [b"v1", str(oldPid).encode()])
+        reply = yield self.exchange(plain, b"moved")
+        self.assertEqual(reply[0], b"v2")
+        secure.transport.loseConnection()
+        plain.transport.loseConnection()
+        yield waitFor(lambda: not pidAlive(oldPid), what="the old process to exit")

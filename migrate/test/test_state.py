@@ -1281,3 +1281,75 @@ class ProtocolStateTests(SynchronousTestCase):
             ProtocolState.fromPlain(decodeState(data))
         except StateError:
             pass
+
+
+@implementer(IMigratable)
+class _Holder(Protocol):
+    """
+    A migratable protocol whose state is whatever it is given.
+    """
+
+    migrationVersion = 1
+
+    def __init__(self, state: Any = None) -> None:
+        self.state = state
+
+    def getMigrationState(self) -> Any:
+        return self.state
+
+    def restoreMigrationState(self, state: Any) -> None:
+        self.state = state
+
+    def upgradeMigrationState(self, fromVersion: int, state: Any) -> Any:
+        return state
+
+
+class BulkPathTests(SynchronousTestCase):
+    """
+    The no-copy paths used when thousands of connections move at once
+    check exactly as much as the copying ones.
+    """
+
+    def test_captureWithoutSnapshot(self) -> None:
+        """
+        C{snapshot=False} keeps the application's own object, checked.
+        """
+        live = {"users": [1, 2]}
+        state = captureProtocolState(_Holder(live), snapshot=False)
+        self.assertIs(state.appState, live)
+        self.assertIsNot(captureProtocolState(_Holder(live)).appState, live)
+        self.assertRaises(
+            StateError, captureProtocolState, _Holder({"s": {1}}), snapshot=False
+        )
+        self.assertRaises(
+            StateError,
+            captureProtocolState,
+            _Holder(_nested(MAX_DEPTH + 1)),
+            snapshot=False,
+        )
+
+    def test_fromPlainOwned(self) -> None:
+        """
+        C{owned=True} takes the decoded state as it is, and refuses what
+        the copying path refuses.
+        """
+        plain = captureProtocolState(_Holder({"n": 1})).toPlain()
+        self.assertIs(
+            ProtocolState.fromPlain(plain, owned=True).appState, plain["appState"]
+        )
+        for bad in [b"bytes", {"k": float("nan")}, _nested(MAX_DEPTH + 1)]:
+            hostile = dict(plain, appState=bad)
+            self.assertRaises(StateError, ProtocolState.fromPlain, hostile, owned=True)
+            self.assertRaises(StateError, ProtocolState.fromPlain, hostile)
+
+    def test_restoreWithoutCopy(self) -> None:
+        """
+        C{copyState=False} hands the state itself to the application.
+        """
+        state = captureProtocolState(_Holder({"n": 1}))
+        copied, shared = _Holder(), _Holder()
+        restoreProtocolState(copied, state)
+        restoreProtocolState(shared, state, copyState=False)
+        self.assertEqual(copied.state, state.appState)
+        self.assertIsNot(copied.state, state.appState)
+        self.assertIs(shared.state, state.appState)

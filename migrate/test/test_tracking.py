@@ -270,3 +270,54 @@ class HostedProtocolTests(SynchronousTestCase):
         hosted.connectionLost(lost())
         self.assertEqual(app.events, [("connectionMade",)])
         self.assertEqual(self.changes, 2)
+
+
+class HoldTests(SynchronousTestCase):
+    """
+    A held L{HostedProtocol} keeps what the application writes until the
+    hand-off commits, then sends the previous holder's pending output first.
+    """
+
+    def setUp(self) -> None:
+        self.factory = TrackingFactory("tcp:8000", RecordingFactory())
+        self.hosted = HostedProtocol(self.factory, None, pending=True)
+        self.transport = StringTransport()
+        self.hosted.makeConnection(self.transport)
+        self.hosted.hold()
+        self.app = RecordingProtocol()
+        self.hosted.attach(self.app)
+
+    def test_heldUntilUnheld(self) -> None:
+        """
+        Nothing reaches the transport while held; on unhold the pending
+        output goes first, then the application's writes in order.
+        """
+        self.hosted.write(b"b")
+        self.hosted.writeSequence([b"c", b"d"])
+        self.assertEqual(self.transport.value(), b"")
+        self.hosted.unhold(b"a")
+        self.assertEqual(self.transport.value(), b"abcd")
+        self.hosted.write(b"e")
+        self.assertEqual(self.transport.value(), b"abcde")
+
+    def test_closeAfterOutput(self) -> None:
+        """
+        A close asked for while held happens after the held output is out.
+        """
+        self.hosted.write(b"bye")
+        self.hosted.loseConnection()
+        self.assertFalse(self.transport.disconnecting)
+        self.hosted.unhold(b"")
+        self.assertEqual(self.transport.value(), b"bye")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_abortWhileHeld(self) -> None:
+        """
+        An abort asked for while held is carried out on unhold, not before.
+        """
+        aborted = []
+        self.transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        self.hosted.abortConnection()
+        self.assertEqual(aborted, [])
+        self.hosted.unhold(b"")
+        self.assertEqual(aborted, [True])

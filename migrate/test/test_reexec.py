@@ -942,3 +942,40 @@ def _receive(client: socket.socket) -> bytes | None:
         return client.recv(65536)
     except BlockingIOError:
         return None
+
+
+class StateWriteFailureTests(SynchronousTestCase):
+    """
+    A failure writing the re-exec state (no memory for the memfd, a full
+    tmpfs) happens before C{execv}: everything resumes, as when C{execv}
+    fails.
+    """
+
+    def test_writeFailureRollsBack(self) -> None:
+        """
+        The old image resumes every connection with its pending output and
+        keeps accepting; nothing was executed; the report says why.
+        """
+        from .. import _reexec
+
+        def failingWrite(state: object, validate: bool = True) -> int:
+            raise OSError(28, "No space left on device")
+
+        self.patch(_reexec, "writeState", failingWrite)
+        harness = _Harness(self)
+        hosted = harness.connect()
+        hosted.transport.write(b"pending")
+        descriptorsBefore = sorted(os.listdir("/proc/self/fd"))
+        report = harness.run(harness.migration())
+        self.assertEqual(report.outcome.value, "rolled-back")
+        self.assertIn("No space left on device", report.reason)
+        self.assertEqual(harness.executed, [])
+        self.assertTrue(_reading(harness.reactor, hosted))
+        transport = hosted.transport
+        self.assertEqual(
+            bytes(transport.dataBuffer[transport.offset :])
+            + b"".join(transport._tempDataBuffer),
+            b"pending",
+        )
+        self.assertIn(harness.port, harness.reactor.readers)
+        self.assertEqual(sorted(os.listdir("/proc/self/fd")), descriptorsBefore)

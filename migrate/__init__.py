@@ -8,15 +8,20 @@ L{IMigratable} keep their connections and state across migrations.
 L{RollingUpgrade} upgrades a fleet of hosts behind HAProxy.
 """
 
+from typing import TYPE_CHECKING
+
 from ._host import MigrationHost
 from ._report import ListenerReport, MigrationOutcome, MigrationReport
 from .interfaces import IMigratable, IMigrationStrategy
-from .strategies import (
-    CapabilityTransfer,
-    GradualTransfer,
-    ModuleReload,
-    ReexecStrategy,
-)
+
+if TYPE_CHECKING:
+    from ._rolling import RollingUpgrade
+    from .strategies import (
+        CapabilityTransfer,
+        GradualTransfer,
+        ModuleReload,
+        ReexecStrategy,
+    )
 
 __all__ = [
     "CapabilityTransfer",
@@ -33,12 +38,21 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    # The rolling upgrade orchestrator (and the command-line client it
-    # builds on) loads only when asked for: every host process, and every
-    # re-executed image, imports this package at start.
-    if name == "RollingUpgrade":
-        from ._rolling import RollingUpgrade
+_LAZY = {
+    "CapabilityTransfer": "migrate.strategies",
+    "GradualTransfer": "migrate.strategies",
+    "ModuleReload": "migrate.strategies",
+    "ReexecStrategy": "migrate.strategies",
+    "RollingUpgrade": "migrate._rolling",
+}
 
-        return RollingUpgrade
+
+def __getattr__(name: str) -> object:
+    # Strategies and the rolling upgrade orchestrator load only when asked
+    # for: every host process, successor and re-executed image imports this
+    # package while the service waits.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError("module {!r} has no attribute {!r}".format(__name__, name))

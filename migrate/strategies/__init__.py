@@ -1,14 +1,23 @@
 """
 The migration strategies that ship with migrate, by name.
+
+Each strategy's module loads only when that strategy is asked for: every
+successor and every re-executed image imports this package while the
+service waits, so what a process does not use it does not pay for.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ..interfaces import IMigrationStrategy
-from .capability import CapabilityTransfer
-from .gradual import GradualTransfer
-from .reexec import ReexecStrategy
-from .reload import ModuleReload
+
+if TYPE_CHECKING:
+    from .capability import CapabilityTransfer
+    from .gradual import GradualTransfer
+    from .reexec import ReexecStrategy
+    from .reload import ModuleReload
 
 __all__ = [
     "CapabilityTransfer",
@@ -19,21 +28,22 @@ __all__ = [
     "strategyNames",
 ]
 
+#: strategy name -> (module, class)
+_BUILT_IN = {
+    "capability": ("migrate.strategies.capability", "CapabilityTransfer"),
+    "gradual": ("migrate.strategies.gradual", "GradualTransfer"),
+    "reexec": ("migrate.strategies.reexec", "ReexecStrategy"),
+    "reload": ("migrate.strategies.reload", "ModuleReload"),
+}
 
-def _builtIn() -> dict[str, IMigrationStrategy]:
-    return {
-        GradualTransfer.name: GradualTransfer(),
-        CapabilityTransfer.name: CapabilityTransfer(),
-        ReexecStrategy.name: ReexecStrategy(),
-        ModuleReload.name: ModuleReload(),
-    }
+_CLASSES = {className: module for module, className in _BUILT_IN.values()}
 
 
 def strategyNames() -> list[str]:
     """
     The names of the strategies available, sorted.
     """
-    return sorted(_builtIn())
+    return sorted(_BUILT_IN)
 
 
 def strategyNamed(name: str) -> IMigrationStrategy:
@@ -42,4 +52,12 @@ def strategyNamed(name: str) -> IMigrationStrategy:
 
     @raise KeyError: if there is none.
     """
-    return _builtIn()[name]
+    module, className = _BUILT_IN[name]
+    strategy: IMigrationStrategy = getattr(importlib.import_module(module), className)()
+    return strategy
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLASSES:
+        return getattr(importlib.import_module(_CLASSES[name]), name)
+    raise AttributeError("module {!r} has no attribute {!r}".format(__name__, name))

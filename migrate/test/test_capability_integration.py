@@ -396,8 +396,8 @@ class CapabilityFamiliesTests(LiveAppMixin, TestCase):
             from twisted.internet.ssl import CertificateOptions
         except ImportError:
             raise SkipTest("pyOpenSSL is not installed (the dev extra installs it)")
-        from twisted.internet.endpoints import SSL4ClientEndpoint
         import twisted.test
+        from twisted.internet.endpoints import SSL4ClientEndpoint
 
         pem = os.path.join(os.path.dirname(twisted.test.__file__), "server.pem")
         self.tlsPort = freePort()

@@ -36,7 +36,6 @@ def _positive(kind: type) -> Any:
             raise ValueError("must not be negative")
         return number
 
-    convert.coerceDoc = "Not negative."  # type: ignore[attr-defined]
     return convert
 
 

@@ -113,6 +113,34 @@ class GradualTransferTests(LiveAppMixin, TestCase):
         new.transport.loseConnection()
 
     @inlineCallbacks
+    def test_upgradeWaitWaitsForTheDrain(self):
+        """
+        C{upgrade --wait} returns only once the old generation has drained:
+        while a client is still on the old process it keeps waiting, and it
+        ends, successfully, once that client leaves.
+        """
+        yield self.startHost()
+        old = yield connectLineClient(self.port)
+        yield old.waitForLines(1)
+        writeModule(self.host.workdir, "liveapp", APP_V2)
+        upgrading = self.host.upgrade("--wait")
+        status = yield waitFor(self._draining, what="the old generation to drain")
+        self.assertEqual(status["draining"][0]["connections"], 1)
+        self.assertFalse(upgrading.called)
+        reply = yield self.exchange(old, b"still here")
+        self.assertEqual(reply[0], b"v1")
+        old.transport.loseConnection()
+        code, report, err = yield upgrading
+        self.assertEqual((code, report["outcome"]), (0, "success"), err)
+        status = yield self.host.status()
+        self.assertEqual(status["draining"], [])
+
+    @inlineCallbacks
+    def _draining(self):
+        status = yield self.host.status()
+        return status if status["draining"] else None
+
+    @inlineCallbacks
     def _noDraining(self):
         status = yield self.host.status()
         return status if not status["draining"] else None

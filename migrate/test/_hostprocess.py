@@ -23,34 +23,31 @@ from twisted.internet.task import deferLater
 from twisted.protocols.basic import LineReceiver
 from twisted.python.filepath import FilePath
 
-import migrate
+from ..bench import _process
+from ..bench._process import freePort, pidAlive
 
 __all__ = [
+    "HostExited",
     "HostProcess",
     "LiveAppMixin",
-    "fields",
     "LineClient",
+    "connectLineClient",
+    "fields",
+    "freePort",
+    "lastJSON",
+    "pidAlive",
     "runCLI",
     "waitFor",
     "writeModule",
     "SOURCE_ROOT",
 ]
 
-#: the directory holding the C{migrate} package under test
-SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(migrate.__file__)))
-
-#: how twistd is started: in a new session, so that the whole lineage of
-#: host processes can be ended together
-_LAUNCHER = textwrap.dedent("""
-    import os, sys
-    if os.getsid(0) != os.getpid() and not any(name in os.environ for name in (
-            "MIGRATE_HANDOFF_FD", "MIGRATE_REEXEC_STATE_FD",
-            "MIGRATE_REEXEC_PREFLIGHT")):
-        os.setsid()
-    from twisted.scripts.twistd import run
-    sys.argv[0] = "twistd"
-    run()
-    """)
+#: the directory holding the C{migrate} package under test, and how twistd
+#: is started (in its own session, so that the whole lineage of host
+#: processes can be ended together): the benchmark's, so that both run
+#: hosts the same way
+SOURCE_ROOT = _process.SOURCE_ROOT
+_LAUNCHER = _process._LAUNCHER
 
 
 def writeModule(directory: FilePath, name: str, source: str) -> None:
@@ -331,17 +328,6 @@ class HostProcess:
         return d
 
 
-def pidAlive(pid: int) -> bool:
-    """
-    Whether a process C{pid} exists and is not a zombie.
-    """
-    try:
-        with open("/proc/{}/stat".format(pid)) as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 class LineClient(LineReceiver):
     """
     A client that records every line it receives and can wait for the
@@ -423,18 +409,6 @@ def connectLineClient(
     return connected
 
 
-def freePort() -> int:
-    """
-    A loopback TCP port nobody listens on right now.
-    """
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def fields(line: bytes) -> list[bytes]:
     """
     The space-separated fields of a reply line.
@@ -494,4 +468,5 @@ class LiveAppMixin:
             client = yield connectLineClient(self.port)
             yield client.waitForLines(1)
             clients.append(client)
+            self.addCleanup(client.transport.loseConnection)  # type: ignore[attr-defined]
         return clients

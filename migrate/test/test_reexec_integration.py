@@ -15,30 +15,16 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectionDone
 from twisted.trial.unittest import TestCase
 
-from . import _hostprocess
 from ._hostprocess import (
-    HostProcess,
+    LiveAppMixin,
     connectLineClient,
-    freePort,
+    fields,
     pidAlive,
     waitFor,
     writeModule,
 )
 from .test_capability_integration import MIGRATABLE_V1, MIGRATABLE_V2
 from .test_gradual_integration import APP_V1, APP_V2
-
-#: twistd as the helper starts it, except that a re-executed image (already
-#: a session leader) and its preflight check must not call setsid() again
-_LAUNCHER = textwrap.dedent("""
-    import os, sys
-    if not any(name in os.environ for name in (
-            "MIGRATE_HANDOFF_FD", "MIGRATE_REEXEC_STATE_FD",
-            "MIGRATE_REEXEC_PREFLIGHT")):
-        os.setsid()
-    from twisted.scripts.twistd import run
-    sys.argv[0] = "twistd"
-    run()
-    """)
 
 #: the migratable application, with execv failing while a file named
 #: "fail-exec" exists in its working directory
@@ -62,10 +48,6 @@ MIGRATABLE_V1_BACK = MIGRATABLE_V1.replace(
 )
 
 
-def _fields(line: bytes) -> list[bytes]:
-    return line.split(b" ")
-
-
 def _descriptors(pid: int) -> dict[int, int]:
     """
     The open descriptors of process C{pid}, each with its open flags.
@@ -85,51 +67,14 @@ def _descriptors(pid: int) -> dict[int, int]:
 _O_CLOEXEC = 0o2000000
 
 
-class ReexecTests(TestCase):
+class ReexecTests(LiveAppMixin, TestCase):
     """
     C{--strategy reexec} with real processes.
     """
 
     timeout = 240
-
-    def setUp(self) -> None:
-        self.patch(_hostprocess, "_LAUNCHER", _LAUNCHER)
-
-    @inlineCallbacks
-    def startHost(self, *extra: str, app: str = MIGRATABLE_V1):
-        self.port = freePort()
-        self.host = HostProcess(
-            self,
-            [
-                "--app",
-                "liveapp:makeFactory",
-                "--listen",
-                "tcp:{}:interface=127.0.0.1".format(self.port),
-                "--strategy",
-                "reexec",
-            ]
-            + list(extra),
-        )
-        writeModule(self.host.workdir, "liveapp", app)
-        status = yield self.host.start()
-        return status
-
-    @inlineCallbacks
-    def exchange(self, client, text: bytes):
-        before = len(client.lines)
-        client.sendLine(text)
-        lines = yield client.waitForLines(before + 1)
-        return _fields(lines[before])
-
-    @inlineCallbacks
-    def connectClients(self, count):
-        clients = []
-        for _ in range(count):
-            client = yield connectLineClient(self.port)
-            yield client.waitForLines(1)
-            clients.append(client)
-            self.addCleanup(client.transport.loseConnection)
-        return clients
+    strategy = "reexec"
+    initialApp = MIGRATABLE_V1
 
     @inlineCallbacks
     def upgradeTo(self, source: str):
@@ -181,7 +126,7 @@ class ReexecTests(TestCase):
         newClient = yield connectLineClient(self.port)
         self.addCleanup(newClient.transport.loseConnection)
         hello = yield newClient.waitForLines(1)
-        self.assertEqual(_fields(hello[0]), [b"hello", b"v2", str(pid).encode()])
+        self.assertEqual(fields(hello[0]), [b"hello", b"v2", str(pid).encode()])
 
     @inlineCallbacks
     def test_halfLineCrossesTheExec(self):
@@ -263,7 +208,7 @@ class ReexecTests(TestCase):
         upgrading[0] = False
         self.assertEqual(code, 0, err)
         yield client.waitForLines(1 + sent[0])
-        replies = [_fields(line) for line in client.lines[1:]]
+        replies = [fields(line) for line in client.lines[1:]]
         self.assertEqual(
             [r[2] for r in replies], [b"n%d" % i for i in range(1, sent[0] + 1)]
         )
@@ -374,7 +319,7 @@ class ReexecTests(TestCase):
         new = yield connectLineClient(self.port)
         self.addCleanup(new.transport.loseConnection)
         hello = yield new.waitForLines(1)
-        self.assertEqual(_fields(hello[0]), [b"hello", b"v2", str(pid).encode()])
+        self.assertEqual(fields(hello[0]), [b"hello", b"v2", str(pid).encode()])
 
     @inlineCallbacks
     def test_unmovableAdopted(self):
@@ -391,7 +336,7 @@ class ReexecTests(TestCase):
         code, report, err = yield self.upgradeTo(APP_V2)
         self.assertEqual((code, report["moved"], report["failed"]), (0, 1, 0), err)
         lines = yield client.waitForLines(3)
-        self.assertEqual(_fields(lines[2]), [b"hello", b"v2", str(pid).encode()])
+        self.assertEqual(fields(lines[2]), [b"hello", b"v2", str(pid).encode()])
         reply = yield self.exchange(client, b"o")
         self.assertEqual(reply, [b"v2", str(pid).encode(), b"two", b"1"])
         self.assertFalse(client.closed.called)

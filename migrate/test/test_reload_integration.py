@@ -12,61 +12,35 @@ import signal
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from ._hostprocess import HostProcess, connectLineClient, freePort, waitFor, writeModule
+from ._hostprocess import (
+    HostProcess,
+    LiveAppMixin,
+    fields,
+    freePort,
+    waitFor,
+    writeModule,
+)
 from .test_capability_integration import MIGRATABLE_V1, MIGRATABLE_V2
 from .test_gradual_integration import APP_V1
 
 
-def _fields(line: bytes) -> list[bytes]:
-    return line.split(b" ")
-
-
-class ModuleReloadTests(TestCase):
+class ModuleReloadTests(LiveAppMixin, TestCase):
     """
     C{--strategy reload} with a real host process.
     """
 
     timeout = 120
+    strategy = "reload"
+    initialApp = APP_V1
 
     @inlineCallbacks
-    def startHost(self, app: str, *extra: str):
-        self.port = freePort()
-        self.host = HostProcess(
-            self,
-            [
-                "--app",
-                "liveapp:makeFactory",
-                "--listen",
-                "tcp:{}:interface=127.0.0.1".format(self.port),
-                "--strategy",
-                "reload",
-            ]
-            + list(extra),
-        )
-        writeModule(self.host.workdir, "liveapp", app)
-        status = yield self.host.start()
+    def startHost(self, app: str, *extra: str):  # type: ignore[override]
+        status = yield LiveAppMixin.startHost(self, *extra, app=app)
         self.pid = status["pid"]
         return status
 
     def change(self, app: str) -> None:
         writeModule(self.host.workdir, "liveapp", app)
-
-    @inlineCallbacks
-    def exchange(self, client, text: bytes):
-        before = len(client.lines)
-        client.sendLine(text)
-        lines = yield client.waitForLines(before + 1)
-        return _fields(lines[before])
-
-    @inlineCallbacks
-    def connectClients(self, count):
-        clients = []
-        for _ in range(count):
-            client = yield connectLineClient(self.port)
-            yield client.waitForLines(1)
-            clients.append(client)
-            self.addCleanup(client.transport.loseConnection)
-        return clients
 
     @inlineCallbacks
     def test_liveConnectionsRunTheNewCode(self):
@@ -144,7 +118,7 @@ class ModuleReloadTests(TestCase):
             reply = yield self.exchange(client, b"still")
             self.assertEqual(reply[:2], [b"v1", str(self.pid).encode()])
         (fresh,) = yield self.connectClients(1)
-        self.assertEqual(_fields(fresh.lines[0])[1], b"v1")
+        self.assertEqual(fields(fresh.lines[0])[1], b"v1")
         status = yield self.host.status()
         self.assertEqual(status["generation"], 1)
         self.change(MIGRATABLE_V2)

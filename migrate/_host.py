@@ -13,7 +13,6 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 from attrs import define
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, fail, maybeDeferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -55,6 +54,15 @@ class ILifecycleObserver(Protocol):
         """
         The service now belongs to process C{newPid}; this one drains.
         """
+
+
+def _serverFromString(reactor: Any, description: str) -> Any:
+    # Imported when first listening: a successor or re-executed image, which
+    # inherits its listeners, never needs the endpoint parsers (they import
+    # TLS support).
+    from twisted.internet.endpoints import serverFromString
+
+    return serverFromString(reactor, description)
 
 
 #: seconds a connection closed at the drain deadline may take to flush
@@ -371,7 +379,7 @@ class MigrationHost(MultiService):
                 continue
             endpoint = activatedEndpoint(
                 self.reactor, listener.key
-            ) or serverFromString(self.reactor, listener.key)
+            ) or _serverFromString(self.reactor, listener.key)
             result: list[Any] = []
             endpoint.listen(listener.factory).addBoth(result.append)
             if not result:

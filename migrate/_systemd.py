@@ -49,7 +49,6 @@ import time
 from typing import Any, Callable, Mapping, Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 
@@ -463,6 +462,8 @@ def _activatedDescriptor(description: str) -> tuple[int, int]:
     @raise ValueError: if systemd passed no such socket.
     """
     try:
+        from twisted.internet.endpoints import serverFromString
+
         endpoint: Any = serverFromString(_ParseOnly(), description)
     except (IndexError, KeyError):
         raise ValueError(

@@ -11,7 +11,6 @@ import importlib
 import os
 from typing import Any
 
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.python import usage
 
@@ -153,12 +152,17 @@ class Options(usage.Options):
         A Twisted server endpoint to listen on, such as tcp:8000 or
         unix:/run/app.sock (repeatable; default tcp:8000).
         """
-        from ._systemd import checkActivatedListener
+        from ._systemd import checkActivatedListener, inheritsListeners
 
         try:
-            # systemd: sockets are looked up only where systemd passed them;
-            # a successor inherits them through the hand-off instead.
-            if not checkActivatedListener(description):
+            # A successor or re-executed image runs the command line the
+            # previous generation checked, and inherits its listeners through
+            # the hand-off: parsing them again would only cost it time (the
+            # endpoint parsers import TLS support) while the service waits.
+            # systemd: sockets are looked up only where systemd passed them.
+            if not inheritsListeners() and not checkActivatedListener(description):
+                from twisted.internet.endpoints import serverFromString
+
                 serverFromString(_NoReactor(), description)
         except (ValueError, TypeError, KeyError) as e:
             raise usage.UsageError(

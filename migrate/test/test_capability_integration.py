@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import textwrap
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
@@ -17,12 +18,14 @@ from twisted.internet.endpoints import (
     UNIXClientEndpoint,
 )
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import SkipTest, TestCase
 
 from ._hostprocess import (
     LineClient,
     LiveAppMixin,
     connectLineClient,
+    fields,
     freePort,
     pidAlive,
     waitFor,
@@ -123,6 +126,70 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
         self.assertEqual(status["connections"], 5)
         for client in clients:
             client.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_repeatedUpgradesUnderTraffic(self):
+        """
+        Three upgrades in a row while ten clients each send a numbered line
+        every 20 ms and others connect in a loop: every line is answered
+        exactly once and in order, the count goes on across every new
+        version (the first upgrade converts its state from version 1 to 2),
+        nobody is disconnected and no connection attempt fails.
+        """
+        yield self.startHost()
+        clients = yield self.connectClients(10)
+        sent = [0] * len(clients)
+
+        def sendAll() -> None:
+            for index, client in enumerate(clients):
+                sent[index] += 1
+                client.sendLine(b"n%d" % (sent[index],))
+
+        writer = LoopingCall(sendAll)
+        writer.start(0.02)
+        self.addCleanup(lambda: writer.stop() if writer.running else None)
+        failures: list[str] = []
+        running = [True]
+
+        @inlineCallbacks
+        def churn() -> Any:
+            while running[0]:
+                try:
+                    client = yield connectLineClient(self.port)
+                    yield client.waitForLines(1, timeout=20)
+                    client.transport.loseConnection()
+                except Exception as e:
+                    failures.append(repr(e))
+
+        churners = [churn(), churn()]
+        versions = [MIGRATABLE_V2] + [
+            MIGRATABLE_V2.replace('b"v2"', 'b"v%d"' % (n,)) for n in (3, 4)
+        ]
+        for source in versions:
+            before = min(len(client.lines) for client in clients)
+            yield waitFor(
+                lambda: min(len(client.lines) for client in clients) > before + 10,
+                what="traffic to flow",
+            )
+            writeModule(self.host.workdir, "liveapp", source)
+            code, report, err = yield self.host.upgrade()
+            self.assertEqual((code, report["outcome"]), (0, "success"), err)
+            self.assertGreaterEqual(report["moved"], len(clients))
+        writer.stop()
+        running[0] = False
+        for each in churners:
+            yield each
+        for index, client in enumerate(clients):
+            yield client.waitForLines(1 + sent[index])
+        self.assertEqual(failures, [])
+        for index, client in enumerate(clients):
+            self.assertFalse(client.closed.called)
+            replies = [fields(line) for line in client.lines[1:]]
+            self.assertEqual(
+                [reply[2:] for reply in replies],
+                [[b"n%d" % (n,), b"%d" % (n,)] for n in range(1, sent[index] + 1)],
+            )
+            self.assertEqual(replies[-1][0], b"v4")
 
     @inlineCallbacks
     def test_halfLineCrossesTheHandoff(self):

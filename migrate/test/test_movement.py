@@ -1,0 +1,264 @@
+"""
+Tests for L{migrate._movement}: describing frozen connections on the side
+that lets go, adopting and restoring them on the side that takes over.
+
+Real Unix socketpairs stand in for client connections (freezing and
+adopting need real descriptors); the host is a small fake.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+from typing import Any
+
+from attrs import define, field
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.protocols.basic import LineReceiver
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from .._movement import adoptEntry, freezeMovable
+from .._tracking import TrackingFactory
+from ..interfaces import IMigratable
+from ..state import StateError
+
+
+@implementer(IMigratable)
+class Counter(LineReceiver):
+    """
+    A migratable line protocol that counts lines and says hello.
+    """
+
+    delimiter = b"\n"
+    migrationVersion = 1
+    made = 0
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.restored: Any = None
+
+    def connectionMade(self) -> None:
+        Counter.made += 1
+        self.sendLine(b"hello")
+
+    def lineReceived(self, line: bytes) -> None:
+        self.count += 1
+        self.sendLine(b"%d %s" % (self.count, line))
+
+    def getMigrationState(self) -> Any:
+        if self.count < 0:
+            raise RuntimeError("cannot describe myself")
+        return {"count": self.count}
+
+    def restoreMigrationState(self, state: Any) -> None:
+        self.restored = state
+        self.count = state["count"]
+        self.sendLine(b"restored")
+
+    def upgradeMigrationState(self, fromVersion: int, state: Any) -> Any:
+        return state
+
+
+class Plain(Protocol):
+    """
+    A protocol that knows nothing of migrate.
+    """
+
+
+@define
+class _Listener:
+    key: str
+    factory: TrackingFactory
+
+
+@define
+class FakeHost:
+    """
+    The parts of L{migrate.MigrationHost} that moving connections uses.
+    """
+
+    reactor: Any
+    listeners: dict[str, _Listener] = field(factory=dict)
+
+    def listen(self, key: str, protocol: type[Protocol]) -> _Listener:
+        listener = _Listener(key, TrackingFactory(key, Factory.forProtocol(protocol)))
+        self.listeners[key] = listener
+        return listener
+
+    def listenerNamed(self, key: str) -> _Listener:
+        return self.listeners[key]
+
+    def allConnections(self) -> Any:
+        for listener in self.listeners.values():
+            for hosted in listener.factory.connections:
+                yield listener, hosted
+
+
+class MovementTests(TestCase):
+    """
+    L{freezeMovable} and L{adoptEntry} over real sockets.
+    """
+
+    def setUp(self) -> None:
+        self.host = FakeHost(reactor)
+        self.received: dict[socket.socket, bytes] = {}
+
+    def serve(self, key: str, protocol: type[Protocol]) -> tuple[Any, socket.socket]:
+        """
+        Serve one end of a socketpair on listener C{key}; return the hosted
+        protocol and the client's end.
+        """
+        listener = self.host.listeners.get(key) or self.host.listen(key, protocol)
+        server, client = socket.socketpair()
+        self.addCleanup(client.close)
+        transport = reactor.adoptStreamConnection(  # type: ignore[attr-defined]
+            server.fileno(), socket.AF_UNIX, listener.factory
+        )
+        server.close()
+        self.addCleanup(lambda: transport.loseConnection())
+        return transport.protocol, client
+
+    @inlineCallbacks
+    def readLines(self, client: socket.socket, count: int) -> Any:
+        """
+        Let the reactor run until the client has C{count} lines (bounded).
+        """
+        client.setblocking(False)
+        data = self.received.get(client, b"")
+        deadline = reactor.seconds() + 10
+        while data.count(b"\n") < count:
+            try:
+                chunk = client.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            except BlockingIOError:
+                if reactor.seconds() > deadline:
+                    raise AssertionError("no {} lines in {!r}".format(count, data))
+                yield deferLater(reactor, 0.01, lambda: None)
+        lines = data.split(b"\n")
+        self.received[client] = b"\n".join(lines[count:])
+        return lines[:count]
+
+    def test_describesMovableConnections(self) -> None:
+        """
+        A migratable connection is frozen and described: its listener, its
+        socket family, its state, the half line Twisted read and the output
+        it had not written.
+        """
+        hosted, client = self.serve("tcp:1", Counter)
+        hosted.wrappedProtocol.count = 3
+        hosted.wrappedProtocol.dataReceived(b"hal")
+        hosted.transport.stopWriting()
+        hosted.transport.write(b"unsent\n")
+        moving, staying = freezeMovable(self.host.allConnections())
+        self.assertEqual(staying, [])
+        (each,) = moving
+        entry = each.entry
+        self.assertEqual((entry["id"], entry["listener"]), (1, "tcp:1"))
+        self.assertEqual(entry["family"], int(socket.AF_UNIX))
+        self.assertEqual(entry["state"]["appState"], {"count": 3})
+        self.assertIn("LineReceiver", entry["state"]["buffers"])
+        self.assertTrue(base64.b64decode(entry["output"]).endswith(b"unsent\n"))
+        each.resume()
+
+    @inlineCallbacks
+    def test_unmovableStay(self) -> Any:
+        """
+        A protocol that does not provide IMigratable, and one whose state
+        cannot be captured, stay where they are (the latter resumed), each
+        with the reason.
+        """
+        self.serve("tcp:plain", Plain)
+        hosted, client = self.serve("tcp:1", Counter)
+        hosted.wrappedProtocol.count = -1
+        moving, staying = freezeMovable(self.host.allConnections())
+        self.assertEqual(moving, [])
+        reasons = sorted(each.reason for each in staying)
+        self.assertIn("Plain does not provide IMigratable", reasons[0])
+        self.assertIn("cannot describe myself", reasons[1])
+        # Resumed: it reads and answers again.
+        client.sendall(b"still\n")
+        lines = yield self.readLines(client, 2)
+        self.assertEqual(lines, [b"hello", b"0 still"])
+
+    @inlineCallbacks
+    def test_adoptRestoresHeldUntilCommit(self) -> Any:
+        """
+        The taking side restores the protocol instead of telling it
+        connectionMade, and holds everything (the pending output first, then
+        what the restored protocol wrote) until the commit; after it, the
+        half line completes with the next bytes.
+        """
+        hosted, client = self.serve("tcp:1", Counter)
+        hello = yield self.readLines(client, 1)
+        self.assertEqual(hello, [b"hello"])
+        hosted.wrappedProtocol.count = 7
+        hosted.wrappedProtocol.dataReceived(b"hal")
+        hosted.transport.stopWriting()
+        hosted.transport.write(b"pending\n")
+        (each,), _ = freezeMovable(self.host.allConnections())
+        descriptor = os.dup(each.frozen.descriptor())
+        taker = FakeHost(reactor)
+        taker.listen("tcp:1", Counter)
+        made = Counter.made
+        adopted = adoptEntry(taker, each.entry, descriptor)
+        each.release()
+        protocol: Any = adopted.hosted.wrappedProtocol
+        self.assertEqual((protocol.restored, Counter.made), ({"count": 7}, made))
+        # Held: nothing reaches the client before the commit, however long
+        # the reactor runs.
+        yield deferLater(reactor, 0.1, lambda: None)
+        client.setblocking(False)
+        self.assertRaises(BlockingIOError, client.recv, 1)
+        adopted.commit()
+        client.sendall(b"f\n")
+        lines = yield self.readLines(client, 3)
+        self.assertEqual(lines, [b"pending", b"restored", b"8 half"])
+        adopted.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_abandonLeavesTheOriginalServing(self) -> Any:
+        """
+        An adopted connection given back (the hand-off failed) leaves the
+        original holder serving it, unharmed.
+        """
+        hosted, client = self.serve("tcp:1", Counter)
+        yield self.readLines(client, 1)
+        (each,), _ = freezeMovable(self.host.allConnections())
+        taker = FakeHost(reactor)
+        taker.listen("tcp:1", Counter)
+        adopted = adoptEntry(taker, each.entry, os.dup(each.frozen.descriptor()))
+        adopted.abandon()
+        each.resume()
+        client.sendall(b"x\n")
+        lines = yield self.readLines(client, 1)
+        self.assertEqual(lines, [b"1 x"])
+
+    def test_badEntriesRefused(self) -> None:
+        """
+        A malformed entry, an unknown listener, or new code whose protocol
+        is not migratable is refused with a clear error, and the descriptor
+        is closed.
+        """
+        hosted, client = self.serve("tcp:1", Counter)
+        (each,), _ = freezeMovable(self.host.allConnections())
+        taker = FakeHost(reactor)
+        taker.listen("tcp:plain", Plain)
+        for entry, expected in [
+            ("not a dict", "not an object"),
+            (dict(each.entry, listener="tcp:9"), "tcp:9"),
+            (dict(each.entry, output="!!"), "bad manifest entry"),
+            (dict(each.entry, listener="tcp:plain"), "does not provide IMigratable"),
+        ]:
+            descriptor = os.dup(each.frozen.descriptor())
+            with self.assertRaises(StateError) as raised:
+                adoptEntry(taker, entry, descriptor)
+            self.assertIn(expected, str(raised.exception))
+            self.assertRaises(OSError, os.fstat, descriptor)
+        each.resume()

@@ -17,6 +17,7 @@ import random
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import textwrap
 from typing import TYPE_CHECKING
@@ -24,8 +25,9 @@ from typing import TYPE_CHECKING
 from twisted.internet import reactor as _globalReactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThread
 from twisted.protocols import amp
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from ._hostprocess import (
     _LAUNCHER,
@@ -671,6 +673,62 @@ class ControlFaultTests(FaultMixin, TestCase):
         hostProcess.sessionId = process.pid
         hostProcess.seenPids.add(process.pid)
         return hostProcess.protocol.ended
+
+    @inlineCallbacks
+    def test_strangerCutBeforeAnyAnswer(self):
+        """
+        A process of another user that reaches the control socket anyway
+        (its mode loosened by mistake) is cut off before any answer, even to
+        a well-formed C{Status}; the host logs who it was and keeps
+        answering its own user.
+        """
+        if os.getuid() != 0:
+            raise SkipTest("needs root, to connect as another user")
+        yield self.startHost()
+        os.chmod(self.host.workdir.path, 0o711)
+        os.chmod(self.host.control, 0o666)
+        stranger = textwrap.dedent("""
+            import socket, sys
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect(sys.argv[1])
+            received = b""
+            try:
+                # Cut at once, the host may not even read the request.
+                sock.sendall(sys.stdin.buffer.read())
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    received += chunk
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            print(repr(received))
+            """)
+        request = box(_command=b"Status", _ask=b"1")
+
+        # The stranger needs no more than the standard library, from an
+        # interpreter another user may run (this one may live in root's home).
+        interpreter = "/usr/bin/python3"
+        if not os.access(interpreter, os.X_OK):
+            raise SkipTest("no system Python for the stranger to run")
+
+        def connectAsNobody() -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run(
+                [interpreter, "-c", stranger, self.host.control],
+                input=request,
+                capture_output=True,
+                user=65534,
+                timeout=20,
+            )
+
+        result = yield deferToThread(connectAsNobody)
+        self.assertEqual(result.stdout.strip(), b"b''", result.stderr)
+        status = yield self.host.status()
+        self.assertEqual(status["phase"], "idle")
+        yield waitFor(
+            lambda: "uid 65534" in self.host.output(), what="the refusal in the log"
+        )
 
     @inlineCallbacks
     def test_secondHostOnSameControlPath(self):

@@ -65,6 +65,10 @@ EXIT_TIMEOUT = 4
 
 DEFAULT_CONTROL = "./migrate-host.sock"
 POLL_INTERVAL = 0.2
+
+#: seconds the control socket may refuse connections before the host is
+#: taken for gone while waiting for an outcome
+UNREACHABLE_GRACE = 5.0
 _LOG_LINES_SHOWN = 20
 
 
@@ -586,18 +590,31 @@ class _Session:
         """
         client: ControlClient | None = None
         lastError: Exception | None = None
+        unreachableSince: float | None = None
         try:
             while True:
                 try:
                     client, status = await self.statusOnce(client, deadline)
                 except (CannotConnect, HostClosedConnection, BadReply) as e:
                     client, lastError = None, e
+                    if isinstance(e, CannotConnect):
+                        # Nobody holds the control socket any more: every
+                        # migration keeps it listening (connections wait in
+                        # its backlog), so the host is gone, not busy.
+                        now = self.reactor.seconds()
+                        if unreachableSince is None:
+                            unreachableSince = now
+                        elif now - unreachableSince >= UNREACHABLE_GRACE:
+                            raise _Failed(EXIT_UNREACHABLE, str(e))
+                    else:
+                        unreachableSince = None
                 except _Failed as e:
                     if e.code != EXIT_TIMEOUT:
                         raise
                     client = None
                 else:
                     lastError = None
+                    unreachableSince = None
                     result = check(status)
                     if result is not None:
                         return result

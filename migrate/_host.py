@@ -541,6 +541,15 @@ class MigrationHost(MultiService):
         Give up inheriting: let go of everything adopted without disturbing
         it (the previous generation resumes it) and end this process.
         """
+        # Until now this process's output went through the old process,
+        # which may be the reason to give up (it died): say why where the
+        # operator reads.
+        takeOverOutput = getattr(self.inheritance, "takeOverOutput", None)
+        if takeOverOutput is not None:
+            try:
+                takeOverOutput()
+            except OSError:
+                pass
         self._log.error(
             "Successor {pid} gives up: {reason}", pid=self.pid, reason=reason
         )

@@ -495,6 +495,26 @@ class UpgradeCommandTests(CommandTestsMixin, SynchronousTestCase):
         self.assertEqual(self.outcome.lastJSON, report)
         self.assertIn("reconnecting", self.outcome.stderr)
 
+    def test_lostConnectionHostGone(self) -> None:
+        """
+        When the host is gone (the control socket refuses connections for
+        longer than a migration ever lets it), the upgrade command says so
+        with the cannot-connect status instead of waiting out its timeout.
+        """
+        first = FakeClient(
+            statuses=[STATUS], upgradeResult=HostClosedConnection("closed")
+        )
+        self.start(
+            ["upgrade", "--json"],
+            first,
+            *[CannotConnect("cannot connect to x: connection refused")] * 40,
+        )
+        self.clock.pump([0.2] * 24)
+        self.assertIsNone(self.outcome.code)
+        self.clock.pump([0.2] * 2)
+        self.assertEqual(self.outcome.code, EXIT_UNREACHABLE)
+        self.assertIn("connection refused", self.outcome.stderr)
+
     def test_lostConnectionOldReportIgnored(self) -> None:
         """
         A rolled-back report already there before this upgrade is not its

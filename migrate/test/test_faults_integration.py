@@ -219,6 +219,34 @@ class SuccessorFaultTests(FaultMixin, TestCase):
     strategy = "capability"
 
     @inlineCallbacks
+    def test_oldKilledMidHandoff(self):
+        """
+        The old process killed (C{SIGKILL}, nothing runs) while its
+        successor adopts connections: the successor, never told to commit,
+        gives back everything it adopted and exits by itself; no orphan is
+        left half-serving the listeners.
+        """
+        status = yield self.startHost()
+        oldPid = status["pid"]
+        yield self.connectClients(3)
+        mark = self.host.workdir.child("adopting").path
+        writeModule(
+            self.host.workdir,
+            "liveapp",
+            newCode("RESTORE_MARK = {!r}".format(mark), "RESTORE_DELAY = 0.5"),
+        )
+        upgrading = self.host.upgrade()
+        yield waitFor(lambda: os.path.exists(mark), what="the successor to adopt")
+        (successor,) = childrenOf(oldPid)
+        os.kill(oldPid, signal.SIGKILL)
+        yield waitFor(lambda: not pidAlive(successor), what="the successor to give up")
+        self.assertFalse(pidAlive(oldPid))
+        yield upgrading.addErrback(lambda failure: None)
+        self.assertIn(
+            "closed the hand-off channel before committing", self.host.output()
+        )
+
+    @inlineCallbacks
     def test_stoppedSuccessorKilledAtReadyTimeout(self):
         """
         A successor stopped with C{SIGSTOP} before it is ready is killed at

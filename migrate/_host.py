@@ -115,8 +115,22 @@ class HostedListener:
         )
 
 
-def _noStrategyNamed(name: str) -> IMigrationStrategy:
-    raise KeyError(name)
+def _builtInStrategyNamed(name: str) -> IMigrationStrategy:
+    from .strategies import strategyNamed
+
+    return strategyNamed(name)
+
+
+class _Detect:
+    """
+    The default of C{inheritance}: find out from the environment.
+    """
+
+    def __repr__(self) -> str:
+        return "<from the environment>"
+
+
+FROM_ENVIRONMENT: Any = _Detect()
 
 
 class MigrationHost(MultiService):
@@ -151,14 +165,14 @@ class MigrationHost(MultiService):
         strategy: IMigrationStrategy,
         *,
         controlPath: str | None = "migrate-host.sock",
-        strategyNamed: Callable[[str], IMigrationStrategy] = _noStrategyNamed,
+        strategyNamed: Callable[[str], IMigrationStrategy] = _builtInStrategyNamed,
         readyTimeout: float = 30.0,
         handoffTimeout: float = 60.0,
         drainTimeout: float | None = None,
         successorArgv: Sequence[str] | None = None,
         pidfile: str | None = None,
         forgetPidfile: Callable[[], None] = lambda: None,
-        inheritance: Any = None,
+        inheritance: Any = FROM_ENVIRONMENT,
         inheritWith: IMigrationStrategy | None = None,
         stopProcess: Callable[[], None] | None = None,
         installSignalHandlers: bool = True,
@@ -174,7 +188,8 @@ class MigrationHost(MultiService):
         @param strategy: what a migration does unless told otherwise.
         @param controlPath: where the control channel listens, or L{None}.
         @param strategyNamed: finds another strategy by name, raising
-            L{KeyError} for an unknown one (C{upgrade --strategy NAME}).
+            L{KeyError} for an unknown one (C{upgrade --strategy NAME});
+            by default, the strategies that ship with migrate.
         @param readyTimeout: seconds a successor may take to say it is ready.
         @param handoffTimeout: seconds each hand-off step may take.
         @param drainTimeout: seconds an old generation keeps serving its
@@ -184,9 +199,11 @@ class MigrationHost(MultiService):
         @param pidfile: a pidfile to keep naming the serving process.
         @param forgetPidfile: tells the process runner not to remove the
             pidfile at exit (a successor owns it then).
-        @param inheritance: what a previous generation hands on (set when
-            this process is a successor), given to the strategy's
-            C{inherit}.
+        @param inheritance: what a previous generation hands on, given to
+            the strategy's C{inherit}; by default it is found in the
+            environment (a successor or a re-executed image is told there),
+            so that an embedding application needs nothing more; L{None} for
+            a first generation.
         @param inheritWith: the strategy whose incoming half inherits the
             service (the one the previous generation migrated with; default:
             C{strategy}).
@@ -217,6 +234,11 @@ class MigrationHost(MultiService):
         self.successorArgv = list(successorArgv) if successorArgv is not None else None
         self.pidfile = pidfile
         self.forgetPidfile = forgetPidfile
+        if inheritance is FROM_ENVIRONMENT:
+            from ._inheritance import inheritedGeneration
+
+            inheritance, detected = inheritedGeneration(strategyNamed, strategy)
+            inheritWith = inheritWith or detected
         self.inheritance = inheritance
         self.inheritWith = inheritWith if inheritWith is not None else strategy
         self.stopProcess = stopProcess if stopProcess is not None else reactor.stop

@@ -317,26 +317,13 @@ def buildHost(reactor: Any, options: Options) -> MigrationHost:
     @param reactor: the reactor the host uses.
     @param options: parsed L{Options}.
     """
-    from ._reexecincoming import inheritedReexec
-    from ._successor import inheritedHandoff
+    from ._inheritance import UnknownInheritedStrategy, inheritedGeneration
 
-    inheritance: Any = inheritedReexec()
     strategy = strategyNamed(options["strategy"])
-    inheritWith = None
-    if inheritance is not None:
-        inheritWith = strategyNamed("reexec")
-    else:
-        inheritance = inheritedHandoff()
-    if inheritance is not None and inheritWith is None:
-        inheritedName = os.environ.pop("MIGRATE_HANDOFF_STRATEGY", strategy.name)
-        try:
-            inheritWith = strategyNamed(inheritedName)
-        except KeyError:
-            raise usage.UsageError(
-                "the previous generation asked for unknown strategy {!r}".format(
-                    inheritedName
-                )
-            )
+    try:
+        inheritance, inheritWith = inheritedGeneration(strategyNamed, strategy)
+    except UnknownInheritedStrategy as e:
+        raise usage.UsageError(str(e))
     applicationService = None
     interceptor = None
     if options.subCommand is not None:

@@ -33,6 +33,7 @@ from ._app import APP_MODULE
 
 __all__ = [
     "HostProcess",
+    "twistdCommandLine",
     "HostFailed",
     "freePort",
     "pidAlive",
@@ -57,6 +58,25 @@ _LAUNCHER = textwrap.dedent("""
     sys.argv[0] = "twistd"
     run()
     """)
+
+
+def twistdCommandLine(
+    pidfile: str, twistdArguments: list[str], hostArguments: list[str]
+) -> list[str]:
+    """
+    The command line of a C{twistd -n migrate-host} in its own session,
+    logging to its standard output.
+
+    @param pidfile: twistd's pidfile.
+    @param twistdArguments: more options for twistd itself.
+    @param hostArguments: the options of C{migrate-host} (and a plugin's).
+    """
+    return (
+        [sys.executable, "-c", _LAUNCHER, "-n", "--pidfile", pidfile, "--logfile", "-"]
+        + twistdArguments
+        + ["migrate-host"]
+        + hostArguments
+    )
 
 
 class HostFailed(Exception):
@@ -240,20 +260,10 @@ class HostProcess:
         Start the host; fire with its status once its control channel
         answers.
         """
-        argv = (
+        argv = twistdCommandLine(
+            self.pidfile,
+            self.twistdArguments,
             [
-                sys.executable,
-                "-c",
-                _LAUNCHER,
-                "-n",
-                "--pidfile",
-                self.pidfile,
-                "--logfile",
-                "-",
-            ]
-            + self.twistdArguments
-            + [
-                "migrate-host",
                 "--control",
                 self.control,
                 "--app",
@@ -263,7 +273,7 @@ class HostProcess:
                 "--strategy",
                 self.strategy,
             ]
-            + self.extra
+            + self.extra,
         )
         log = os.open(self.logPath, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:

@@ -218,20 +218,10 @@ class HostProcess:
         Start the host; fire with its status once its control channel
         answers.
         """
-        argv = (
-            [
-                sys.executable,
-                "-c",
-                _LAUNCHER,
-                "-n",
-                "--pidfile",
-                self.pidfile,
-                "--logfile",
-                "-",
-            ]
-            + self.twistdArguments
-            + ["migrate-host", "--control", self.control]
-            + self.arguments
+        argv = _process.twistdCommandLine(
+            self.pidfile,
+            self.twistdArguments,
+            ["--control", self.control] + self.arguments,
         )
         argv = self.wrapper + argv
         process = _globalReactor.spawnProcess(

@@ -34,6 +34,7 @@ __all__ = [
     "connectLineClient",
     "fields",
     "freePort",
+    "largestSendQueue",
     "lastJSON",
     "pidAlive",
     "runCLI",
@@ -397,6 +398,28 @@ def connectLineClient(
         endpoint = TCP4ClientEndpoint(_globalReactor, "127.0.0.1", port, timeout=10)
     connected: Deferred[LineClient] = endpoint.connect(Factory.forProtocol(LineClient))
     return connected
+
+
+def largestSendQueue(port: int) -> int:
+    """
+    The most bytes the kernel holds unsent on any established connection
+    from local TCP port C{port} (C{ss}'s Send-Q), 0 if there is none.
+
+    A flood far larger than that means Twisted buffers the rest itself.
+    """
+    import subprocess
+
+    out = subprocess.run(
+        ["ss", "-tn", "state", "established", "( sport = :{} )".format(port)],
+        capture_output=True,
+        text=True,
+    ).stdout
+    queued = [0]
+    for line in out.splitlines()[1:]:
+        columns = line.split()
+        if len(columns) >= 2 and columns[1].isdigit():
+            queued.append(int(columns[1]))
+    return max(queued)
 
 
 def fields(line: bytes) -> list[bytes]:

@@ -27,6 +27,7 @@ from ._hostprocess import (
     connectLineClient,
     fields,
     freePort,
+    largestSendQueue,
     pidAlive,
     waitFor,
     writeModule,
@@ -221,7 +222,9 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
         client.transport.pauseProducing()
         client.sendLine(b"flood %d" % (lines,))
         # Wait until the old process really holds output it cannot write.
-        yield waitFor(self._outputQueued, what="queued output")
+        yield waitFor(
+            lambda: largestSendQueue(self.port) > 100000, what="queued output"
+        )
         writeModule(self.host.workdir, "liveapp", MIGRATABLE_V2)
         code, report, err = yield self.host.upgrade()
         self.assertEqual((code, report["moved"]), (0, 1), err)
@@ -235,22 +238,6 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
         self.assertEqual(reply[0], b"v2")
         self.assertEqual(len(client.lines), lines + 2)
         client.transport.loseConnection()
-
-    def _outputQueued(self):
-        # The flood is several megabytes: far more than the kernel buffers of
-        # a paused loopback connection hold, so Twisted buffers the rest.
-        import subprocess
-
-        out = subprocess.run(
-            ["ss", "-tn", "state", "established", "( sport = :{} )".format(self.port)],
-            capture_output=True,
-            text=True,
-        ).stdout
-        for line in out.splitlines()[1:]:
-            columns = line.split()
-            if len(columns) >= 2 and int(columns[1]) > 100000:
-                return True
-        return False
 
     @inlineCallbacks
     def test_nonMigratableConnectionsDrain(self):

@@ -19,6 +19,7 @@ from ._hostprocess import (
     LiveAppMixin,
     connectLineClient,
     fields,
+    largestSendQueue,
     pidAlive,
     waitFor,
     writeModule,
@@ -156,7 +157,9 @@ class ReexecTests(LiveAppMixin, TestCase):
         lines = 200000
         client.transport.pauseProducing()
         client.sendLine(b"flood %d" % (lines,))
-        yield waitFor(self._outputQueued, what="queued output")
+        yield waitFor(
+            lambda: largestSendQueue(self.port) > 100000, what="queued output"
+        )
         code, report, err = yield self.upgradeTo(MIGRATABLE_V2)
         self.assertEqual((code, report["moved"]), (0, 1), err)
         client.transport.resumeProducing()
@@ -168,20 +171,6 @@ class ReexecTests(LiveAppMixin, TestCase):
         )
         self.assertEqual(reply[0], b"v2")
         self.assertEqual(len(client.lines), lines + 2)
-
-    def _outputQueued(self):
-        import subprocess
-
-        out = subprocess.run(
-            ["ss", "-tn", "state", "established", "( sport = :{} )".format(self.port)],
-            capture_output=True,
-            text=True,
-        ).stdout
-        for line in out.splitlines()[1:]:
-            fields = line.split()
-            if len(fields) >= 2 and int(fields[1]) > 100000:
-                return True
-        return False
 
     @inlineCallbacks
     def test_noByteLostUnderTraffic(self):

@@ -398,6 +398,10 @@ def _restore(host: Any, inheritance: ReexecInheritance) -> MigrationReport:
 
     durations = dict(state.durations)
     if inheritance.execAt is not None:
+        if state.frozenAt:
+            # From the freeze until the old image's last act, execv: every
+            # connection described and the state written.
+            durations["capture"] = inheritance.execAt - state.frozenAt
         # From execv until restoring starts: the interpreter starting, the
         # imports and option parsing (until the state was read, "load"),
         # then twistd's logging, reactor and application set-up.

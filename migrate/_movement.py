@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import socket
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from attrs import define
 from twisted.internet.tcp import Connection
@@ -23,6 +23,7 @@ from ._transport import (
     abandonConnection,
     adoptConnection,
     freezeConnection,
+    pendingOutput,
     resumeConnection,
 )
 from .state import (
@@ -36,9 +37,11 @@ from .state import (
 
 __all__ = [
     "AdoptedConnection",
+    "DescribedConnection",
     "MovingConnection",
     "Unmovable",
     "adoptEntry",
+    "describeMovable",
     "freezeMovable",
 ]
 
@@ -98,6 +101,65 @@ def _describe(error: BaseException) -> str:
     return "{}: {}".format(type(error).__name__, text) if text else type(error).__name__
 
 
+def _candidates(
+    connections: Iterable[tuple[Any, HostedProtocol]], staying: list[Unmovable]
+) -> Iterator[tuple[str, HostedProtocol, Any, Any]]:
+    """
+    The live connections that may move if their state can be captured, as
+    (listener key, hosted protocol, protocol, transport); those that cannot
+    move whatever their state are added to C{staying}, with the reason.
+    """
+    for listener, hosted in list(connections):
+        key = listener.key
+        protocol = hosted.wrappedProtocol
+        transport = hosted.transport
+        if protocol is None or hosted.released:
+            continue
+        if not isinstance(transport, Connection) or getattr(transport, "TLS", False):
+            staying.append(Unmovable(key, hosted, "not a plain stream socket"))
+        elif not isMigratable(protocol):
+            staying.append(
+                Unmovable(
+                    key,
+                    hosted,
+                    "{} does not provide IMigratable".format(type(protocol).__name__),
+                )
+            )
+        else:
+            yield key, hosted, protocol, transport
+
+
+def _manifestEntry(
+    ident: int, key: str, transport: Any, state: ProtocolState, output: bytes
+) -> dict[str, Any]:
+    return {
+        "id": ident,
+        "listener": key,
+        "family": int(transport.socket.family),
+        "state": state.toPlain(),
+        "output": base64.b64encode(output).decode("ascii"),
+    }
+
+
+def _captureState(key: str, protocol: Any) -> ProtocolState:
+    """
+    Capture a migratable protocol's state for the manifest, logging why not.
+
+    @raise Exception: if it cannot be captured.
+    """
+    try:
+        # Encoded into the manifest before the application runs again:
+        # no snapshot copy needed.
+        return captureProtocolState(protocol, snapshot=False)
+    except Exception as e:
+        _log.warn(
+            "Connection on {listener} cannot move, it stays: {why}",
+            listener=key,
+            why=_describe(e),
+        )
+        raise
+
+
 def freezeMovable(
     connections: Iterable[tuple[Any, HostedProtocol]],
 ) -> tuple[list[MovingConnection], list[Unmovable]]:
@@ -116,52 +178,75 @@ def freezeMovable(
     """
     moving: list[MovingConnection] = []
     staying: list[Unmovable] = []
-    for listener, hosted in list(connections):
-        key = listener.key
-        protocol = hosted.wrappedProtocol
-        transport = hosted.transport
-        if protocol is None or hosted.released:
-            continue
-        if not isinstance(transport, Connection) or getattr(transport, "TLS", False):
-            staying.append(Unmovable(key, hosted, "not a plain stream socket"))
-            continue
-        if not isMigratable(protocol):
-            staying.append(
-                Unmovable(
-                    key,
-                    hosted,
-                    "{} does not provide IMigratable".format(type(protocol).__name__),
-                )
-            )
-            continue
+    for key, hosted, protocol, transport in _candidates(connections, staying):
         try:
             frozen = freezeConnection(transport)
         except ValueError as e:
             staying.append(Unmovable(key, hosted, str(e)))
             continue
         try:
-            # Encoded into the manifest before the application runs again:
-            # no snapshot copy needed.
-            state = captureProtocolState(protocol, snapshot=False)
+            state = _captureState(key, protocol)
         except Exception as e:
             frozen.resume()
-            reason = _describe(e)
-            _log.warn(
-                "Connection on {listener} cannot move, it stays: {why}",
-                listener=key,
-                why=reason,
-            )
-            staying.append(Unmovable(key, hosted, reason))
+            staying.append(Unmovable(key, hosted, _describe(e)))
             continue
         ident = len(moving) + 1
-        entry = {
-            "id": ident,
-            "listener": key,
-            "family": int(transport.socket.family),
-            "state": state.toPlain(),
-            "output": base64.b64encode(frozen.pendingOutput).decode("ascii"),
-        }
+        entry = _manifestEntry(ident, key, transport, state, frozen.pendingOutput)
         moving.append(MovingConnection(ident, key, hosted, frozen, entry))
+    return moving, staying
+
+
+@define
+class DescribedConnection:
+    """
+    A connection described, not frozen, for the image that replaces this
+    one (see L{describeMovable}).
+
+    @ivar listenerKey: the listener it was accepted on.
+    @ivar transport: its transport, left as it was.
+    @ivar entry: its manifest entry (plain data).
+    """
+
+    listenerKey: str
+    transport: Any
+    entry: dict[str, Any]
+
+    def descriptor(self) -> int:
+        """
+        The connection's descriptor, for the new image.
+        """
+        return int(self.transport.fileno())
+
+
+def describeMovable(
+    connections: Iterable[tuple[Any, HostedProtocol]],
+) -> tuple[list[DescribedConnection], list[Unmovable]]:
+    """
+    Describe every connection that can move, as L{freezeMovable} does, but
+    without freezing it: for a caller that replaces the process image
+    (C{execv}) before the reactor runs again, so that nothing reads,
+    writes or serves a connection between its capture and the new image.
+    Freezing each one would only cost the clients time, and if the C{exec}
+    fails there is nothing to undo.
+
+    @return: the described connections, and those that stay.
+    """
+    moving: list[DescribedConnection] = []
+    staying: list[Unmovable] = []
+    for key, hosted, protocol, transport in _candidates(connections, staying):
+        try:
+            state = _captureState(key, protocol)
+        except Exception as e:
+            staying.append(Unmovable(key, hosted, _describe(e)))
+            continue
+        try:
+            # After the state: output its capture wrote is not lost.
+            output = pendingOutput(transport)
+        except ValueError as e:
+            staying.append(Unmovable(key, hosted, str(e)))
+            continue
+        entry = _manifestEntry(len(moving) + 1, key, transport, state, output)
+        moving.append(DescribedConnection(key, transport, entry))
     return moving, staying
 
 

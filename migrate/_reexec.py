@@ -48,7 +48,7 @@ from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 
 from ._listeners import listenerDescriptor
-from ._movement import MovingConnection, freezeMovable
+from ._movement import describeMovable
 from ._reexeccheck import (
     checkDescriptorLimit,
     checkProgram,
@@ -66,7 +66,7 @@ from ._reexecstate import (
 from ._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
 from ._successor import successorCommandLine
 from ._systemd import successorEnvironment
-from ._transport import freezeConnection
+from ._transport import pendingOutput
 from .state import captureProtocolState, isMigratable
 
 __all__ = [
@@ -453,8 +453,10 @@ class ReexecMigration:
 
     def _freezeAndExec(self, argv: list[str], stillClosing: list[Any]) -> str:
         """
-        Freeze and describe the connections, pass exactly the descriptors
-        needed, and exec.  Runs without giving the reactor a turn.
+        Describe the connections, pass exactly the descriptors needed, and
+        exec.  Runs without giving the reactor a turn: from here on nothing
+        reads, writes or serves a connection in this image, which is what
+        freezes them (see L{describeMovable}).
 
         @return: why the exec did not happen; everything is as before.
         """
@@ -479,30 +481,25 @@ class ReexecMigration:
             for listener, hosted in host.allConnections()
             if id(hosted) not in leaving
         ]
-        moving, staying = freezeMovable(candidates)
-        frozen: list[MovingConnection] = list(moving)
-        fresh: set[int] = set()
+        moving, staying = describeMovable(candidates)
         closed = dict(self._closed)
         stateFd: int | None = None
         marks: DescriptorMarks | None = None
         blocked: list[int] = []
         executing = False
         try:
-            self._freezeFresh(staying, frozen, fresh, closed)
             connections = [
                 InheritedConnection(
-                    each.frozen.descriptor(),
+                    each.descriptor(),
                     each.listenerKey,
                     each.entry,
-                    fresh=id(each) in fresh,
-                    closing=bool(each.frozen.transport.disconnecting),
+                    closing=bool(each.transport.disconnecting),
                 )
-                for each in frozen
+                for each in moving
             ]
+            connections.extend(self._describeFresh(staying, len(moving), closed))
             current = signal.pthread_sigmask(signal.SIG_BLOCK, [])
             blocked = [each for each in REEXEC_SIGNALS if each not in current]
-            durations = dict(self._durations)
-            durations["capture"] = time.monotonic() - frozenAt
             state = ReexecState(
                 pid=host.pid,
                 generation=host.generation,
@@ -519,7 +516,7 @@ class ReexecMigration:
                 ),
                 connections=tuple(connections),
                 closed=closed,
-                durations=durations,
+                durations=dict(self._durations),
                 notes=tuple(self._notes),
                 frozenAt=frozenAt,
                 blockedSignals=tuple(blocked),
@@ -562,26 +559,23 @@ class ReexecMigration:
                 marks.undo()
             if stateFd is not None:
                 os.close(stateFd)
-            for each in frozen:
-                each.resume()
+            # Nothing was frozen: the connections carry on as they were.
             return reason
 
-    def _freezeFresh(
-        self,
-        staying: list[Any],
-        frozen: list[MovingConnection],
-        fresh: set[int],
-        closed: dict[str, int],
-    ) -> None:
+    def _describeFresh(
+        self, staying: list[Any], numbered: int, closed: dict[str, int]
+    ) -> list[InheritedConnection]:
         """
-        Freeze the connections handed to a fresh protocol of the new code
-        (C{--reexec-unmovable adopt}) and capture their buffers, adding
-        them to C{frozen} (and their ids to C{fresh}); count in C{closed}
-        those left for C{exec} to close.
+        Describe the connections handed to a fresh protocol of the new code
+        (C{--reexec-unmovable adopt}) with their buffers; count in
+        C{closed} those left for C{exec} to close.
+
+        @param numbered: how many connections the manifest numbers already.
 
         @raise _Rollback: if a migratable protocol's state could not be
             captured after all (it changed since the dry run).
         """
+        described: list[InheritedConnection] = []
         for each in staying:
             protocol = each.hosted.wrappedProtocol
             if isMigratable(protocol):
@@ -596,35 +590,27 @@ class ReexecMigration:
             why = each.reason
             if self.unmovable == "adopt" and plain:
                 try:
-                    frozenConnection = freezeConnection(transport)
-                except ValueError as e:
-                    why = str(e)
+                    state = captureProtocolState(protocol)
+                    output = pendingOutput(transport)
+                except Exception as e:
+                    why = _describe(e)
                 else:
-                    try:
-                        state = captureProtocolState(protocol)
-                    except Exception as e:
-                        frozenConnection.resume()
-                        why = _describe(e)
-                    else:
-                        ident = len(frozen) + 1
-                        entry = {
-                            "id": ident,
-                            "listener": each.listenerKey,
-                            "state": state.toPlain(),
-                            "output": base64.b64encode(
-                                frozenConnection.pendingOutput
-                            ).decode("ascii"),
-                        }
-                        moving = MovingConnection(
-                            ident,
+                    entry = {
+                        "id": numbered + len(described) + 1,
+                        "listener": each.listenerKey,
+                        "state": state.toPlain(),
+                        "output": base64.b64encode(output).decode("ascii"),
+                    }
+                    described.append(
+                        InheritedConnection(
+                            int(transport.fileno()),
                             each.listenerKey,
-                            each.hosted,
-                            frozenConnection,
                             entry,
+                            fresh=True,
+                            closing=bool(transport.disconnecting),
                         )
-                        frozen.append(moving)
-                        fresh.add(id(moving))
-                        continue
+                    )
+                    continue
             _log.warn(
                 "Re-exec: a connection on {listener} cannot be carried over "
                 "({why}); exec closes it",
@@ -632,6 +618,7 @@ class ReexecMigration:
                 why=why,
             )
             closed[each.listenerKey] = closed.get(each.listenerKey, 0) + 1
+        return described
 
     def _report(self, outcome: MigrationOutcome, reason: str | None) -> MigrationReport:
         host = self.host

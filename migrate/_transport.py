@@ -32,6 +32,7 @@ from twisted.logger import Logger
 __all__ = [
     "FrozenConnection",
     "freezeConnection",
+    "pendingOutput",
     "adoptConnection",
     "resumeConnection",
     "abandonConnection",
@@ -287,20 +288,10 @@ class FrozenConnection:
             setattr(transport, name, _inert)
 
 
-def freezeConnection(transport: Any) -> FrozenConnection:
+def _checkMovable(transport: Any) -> None:
     """
-    Stop a connection reading and writing, keeping every byte Twisted holds.
-
-    Safe to call from the connection's own C{dataReceived}.
-
-    @param transport: a connected C{twisted.internet.tcp.Connection} (TCP
-        over IPv4 or IPv6, or Unix stream).
-
-    @return: the frozen connection, to resume or release.
-
-    @raise ValueError: if the transport cannot be frozen: not connected,
-        closing by abort, already frozen, TLS, or Unix descriptors queued
-        for sending.
+    @raise ValueError: if the connection cannot be taken from this process
+        (see L{freezeConnection}).
     """
     if not isinstance(transport, FileDescriptor) or not hasattr(transport, "socket"):
         raise ValueError(f"{transport!r} is not a socket transport")
@@ -316,6 +307,40 @@ def freezeConnection(transport: Any) -> FrozenConnection:
         vars(transport).get(name) is _inert for name in ("doRead", "doWrite")
     ):
         raise ValueError(f"{transport!r} is already frozen")
+
+
+def pendingOutput(transport: Any) -> bytes:
+    """
+    The output Twisted holds for a connection and has not written, for a
+    caller that replaces the process image before the reactor runs again
+    (re-exec): nothing reads or writes the connection in between, so it
+    needs no freezing, and there is nothing to undo if the exec fails.
+
+    @param transport: as for L{freezeConnection}.
+
+    @raise ValueError: if the connection cannot be taken over, as
+        L{freezeConnection} would.
+    """
+    _checkMovable(transport)
+    return _bufferedOutput(transport)
+
+
+def freezeConnection(transport: Any) -> FrozenConnection:
+    """
+    Stop a connection reading and writing, keeping every byte Twisted holds.
+
+    Safe to call from the connection's own C{dataReceived}.
+
+    @param transport: a connected C{twisted.internet.tcp.Connection} (TCP
+        over IPv4 or IPv6, or Unix stream).
+
+    @return: the frozen connection, to resume or release.
+
+    @raise ValueError: if the transport cannot be frozen: not connected,
+        closing by abort, already frozen, TLS, or Unix descriptors queued
+        for sending.
+    """
+    _checkMovable(transport)
     wasReading = _isReading(transport)
     transport.stopReading()
     transport.stopWriting()

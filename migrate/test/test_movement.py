@@ -22,7 +22,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from .._movement import adoptEntry, freezeMovable
+from .._movement import adoptEntry, describeMovable, freezeMovable
 from .._tracking import TrackingFactory
 from ..interfaces import IMigratable
 from ..state import StateError
@@ -166,6 +166,49 @@ class MovementTests(TestCase):
         self.assertIn("LineReceiver", entry["state"]["buffers"])
         self.assertTrue(base64.b64decode(entry["output"]).endswith(b"unsent\n"))
         each.resume()
+
+    @inlineCallbacks
+    def test_describeLeavesConnectionsAlone(self) -> Any:
+        """
+        L{describeMovable} describes each connection as L{freezeMovable}
+        does (output written while its state is captured included), and
+        touches nothing: the connection reads and writes on, and those
+        that cannot move stay with the reason.
+        """
+        self.serve("tcp:plain", Plain)
+        hosted, client = self.serve("tcp:1", Counter)
+        yield self.readLines(client, 1)
+        hosted.wrappedProtocol.count = 3
+        hosted.wrappedProtocol.dataReceived(b"hal")
+        transport = hosted.transport
+        transport.stopWriting()
+        transport.write(b"unsent\n")
+        capture = hosted.wrappedProtocol.getMigrationState
+
+        def writingCapture() -> Any:
+            transport.write(b"while captured\n")
+            return capture()
+
+        hosted.wrappedProtocol.getMigrationState = writingCapture
+        described, staying = describeMovable(self.host.allConnections())
+        (each,) = described
+        self.assertEqual(
+            (each.listenerKey, each.descriptor()), ("tcp:1", transport.fileno())
+        )
+        entry = each.entry
+        self.assertEqual((entry["id"], entry["listener"]), (1, "tcp:1"))
+        self.assertEqual(entry["family"], int(socket.AF_UNIX))
+        self.assertEqual(entry["state"]["appState"], {"count": 3})
+        self.assertIn("LineReceiver", entry["state"]["buffers"])
+        self.assertEqual(base64.b64decode(entry["output"]), b"unsent\nwhile captured\n")
+        self.assertEqual(
+            [each.reason for each in staying], ["Plain does not provide IMigratable"]
+        )
+        del hosted.wrappedProtocol.getMigrationState
+        transport.startWriting()
+        client.sendall(b"f\n")
+        lines = yield self.readLines(client, 3)
+        self.assertEqual(lines, [b"unsent", b"while captured", b"4 half"])
 
     @inlineCallbacks
     def test_unmovableStay(self) -> Any:

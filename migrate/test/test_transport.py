@@ -32,6 +32,7 @@ from migrate._transport import (
     abandonConnection,
     adoptConnection,
     freezeConnection,
+    pendingOutput,
     resumeConnection,
 )
 
@@ -527,6 +528,31 @@ class _TransportTestsMixin(_MixinBase):
         resumeConnection(adopted)
         yield self.exchange(client, b"still here")
         self.assertEqual(bytes(successor.received), b"still here")
+
+    @inlineCallbacks
+    def test_pendingOutputLeavesConnectionAlone(self) -> Any:
+        """
+        L{pendingOutput} returns what Twisted holds and has not written,
+        and changes nothing: the connection still reads and writes, every
+        byte once.  It refuses what L{freezeConnection} refuses.
+        """
+        server, client, written = yield self.bigOutput()
+        transport = server.transport
+        pending = pendingOutput(transport)
+        self.assertGreater(len(pending), 1 << 18)
+        self.assertTrue(written.endswith(pending))
+        self.assertTrue(self.isRegistered(transport))
+        self.widen(transport)
+        client.transport.resumeProducing()
+        yield waitFor(
+            self.reactor, lambda: len(client.received) >= len(written), "all output"
+        )
+        self.assertEqual(bytes(client.received), written)
+        self.assertEqual(pendingOutput(transport), b"")
+        yield self.exchangeAfterResume(server, client)
+        frozen = freezeConnection(transport)
+        self.assertRaises(ValueError, pendingOutput, transport)
+        frozen.resume()
 
     @inlineCallbacks
     def test_adoptedIsHeld(self) -> Any:

@@ -202,6 +202,21 @@ def _describe(error: BaseException) -> str:
     return "{}: {}".format(type(error).__name__, text) if text else type(error).__name__
 
 
+@inlineCallbacks
+def afterPolls(reactor: Any, polls: int) -> Any:
+    """
+    Wait until the reactor has polled for input and output C{polls} times.
+
+    A call made with C{callLater(0)} may run before the next poll: from a
+    process or I/O event, the reactor runs its due calls first.  Each call
+    made from the previous one runs only after the poll in between.
+
+    @return: a L{Deferred} firing with L{None}.
+    """
+    for _ in range(polls + 1):
+        yield deferLater(reactor, 0, lambda: None)
+
+
 def _execve(path: str, argv: list[str], env: dict[str, str]) -> None:
     os.execve(path, argv, env)
 
@@ -345,9 +360,12 @@ class ReexecMigration:
             "re-executing in place: {} connections to restore, {} to adopt, "
             "{} closed".format(plan.moving, plan.fresh, sum(self._closed.values()))
         )
-        # Let the reactor write what it holds (progress for the requester)
-        # and freeze outside any protocol's dataReceived.
-        yield deferLater(host.reactor, 0, lambda: None)
+        # Two polls before the freeze: one reads the requests that arrived
+        # while the plan ran (the clients would otherwise wait for the plan
+        # and the whole exec), the next writes the answers, and the
+        # progress for the requester.  The freeze then runs outside any
+        # protocol's dataReceived.
+        yield afterPolls(host.reactor, 2)
         reason = self._freezeAndExec(argv, remaining)
         phaseDone("rollback")
         self._durations["total"] = time.monotonic() - started

@@ -394,16 +394,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             if result["probeError"]:
                 print("    probe: " + result["probeError"])
     for count in options.connections:
-        suspensions = [
-            result["suspension"] * 1000
-            for result in results
-            if result["connections"] == count
-        ]
-        if not suspensions:
+        rounds = [result for result in results if result["connections"] == count]
+        if not rounds:
             continue
+        suspensions = [result["suspension"] * 1000 for result in rounds]
         median = statistics.median(suspensions)
-        summary = "{:,} connections: {:.0f} ms end to end (median of {}, {:.0f} to {:.0f})".format(
-            count, median, len(suspensions), min(suspensions), max(suspensions)
+        summary = (
+            "{:,} connections: suspension {:.0f} ms (median of {} rounds, {:.0f} "
+            "to {:.0f}), longest client wait {:.0f} ms (median)".format(
+                count,
+                median,
+                len(rounds),
+                min(suspensions),
+                max(suspensions),
+                statistics.median(result["clientMax"] * 1000 for result in rounds),
+            )
         )
         if count == 1000:
             summary += ": {} the {:.0f} ms target".format(

@@ -17,7 +17,7 @@ import socket
 from typing import Any
 
 from twisted.internet import tcp, unix
-from twisted.internet.defer import inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.basic import LineReceiver
@@ -29,7 +29,12 @@ from zope.interface.verify import verifyObject
 from migrate._codec import StateError
 from migrate._fdpass import readMemfd
 from migrate._host import HostedListener, MigrationHost
-from migrate._reexec import DescriptorMarks, ReexecMigration, inheritableDescriptors
+from migrate._reexec import (
+    DescriptorMarks,
+    ReexecMigration,
+    afterPolls,
+    inheritableDescriptors,
+)
 from migrate._reexeccheck import (
     DESCRIPTOR_HEADROOM,
     Program,
@@ -675,6 +680,48 @@ class StateDocumentTests(SynchronousTestCase):
             error = self.assertRaises(StateError, ReexecState.fromPlain, broken)
             self.assertIn(message, str(error))
         self.assertRaises(StateError, ReexecState.fromPlain, [])
+
+
+class AfterPollsTests(TestCase):
+    """
+    L{afterPolls} lets the real reactor read and answer before the freeze.
+    """
+
+    def test_answeredBeforeFreeze(self) -> Any:
+        """
+        A request that arrived while the reactor was busy (as during the
+        plan, which runs from an I/O event) is read and answered (written
+        out) once two polls are over; one poll would only have queued the
+        answer.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Protocol
+        from twisted.protocols.wire import Echo
+
+        def serve(protocol: Protocol) -> socket.socket:
+            server, client = socket.socketpair()
+            self.addCleanup(client.close)
+            transport = reactor.adoptStreamConnection(  # type: ignore[attr-defined]
+                server.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: protocol)
+            )
+            server.close()
+            self.addCleanup(transport.loseConnection)
+            client.setblocking(False)
+            return client
+
+        echoed = serve(Echo())
+        done: Deferred[bytes] = Deferred()
+
+        class Busy(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                echoed.sendall(b"ping")
+                d = afterPolls(reactor, 2)
+                d.addCallback(lambda _: echoed.recv(16))
+                d.chainDeferred(done)
+
+        serve(Busy()).sendall(b"go")
+        done.addCallback(self.assertEqual, b"ping")
+        return done
 
 
 class OptionsTests(SynchronousTestCase):

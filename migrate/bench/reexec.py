@@ -23,6 +23,7 @@ import compileall
 import importlib.util
 import json
 import os
+import platform
 import resource
 import selectors
 import shutil
@@ -341,7 +342,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     _byteCompile()
     print(
         "re-exec: the suspension clients see, in ms (host-measured phases; "
-        "RLIMIT_NOFILE {}; pyOpenSSL {})".format(
+        "Python {} at {}; RLIMIT_NOFILE {}; pyOpenSSL {})".format(
+            platform.python_version(),
+            os.path.realpath(sys.executable),
             limit,
             (
                 "installed: Twisted's TCP support imports it at start"
@@ -399,15 +402,23 @@ def main(argv: Sequence[str] | None = None) -> None:
             continue
         suspensions = [result["suspension"] * 1000 for result in rounds]
         median = statistics.median(suspensions)
+
+        def phase(name: str) -> float:
+            return statistics.median(float(result[name]) * 1000 for result in rounds)
+
         summary = (
             "{:,} connections: suspension {:.0f} ms (median of {} rounds, {:.0f} "
-            "to {:.0f}), longest client wait {:.0f} ms (median)".format(
+            "to {:.0f}; capture {:.0f}, exec {:.0f}, restore {:.0f}), longest "
+            "client wait {:.0f} ms (median)".format(
                 count,
                 median,
                 len(rounds),
                 min(suspensions),
                 max(suspensions),
-                statistics.median(result["clientMax"] * 1000 for result in rounds),
+                phase("capture"),
+                phase("exec"),
+                phase("restore"),
+                phase("clientMax"),
             )
         )
         if count == 1000:

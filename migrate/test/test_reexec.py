@@ -447,6 +447,41 @@ class ReexecMigrationTests(SynchronousTestCase):
         self.assertTrue(_reading(harness.reactor, hosted))
         self.assertIn(harness.port, harness.reactor.readers)
 
+    def test_stateBrokenAfterPlanRollsBack(self) -> None:
+        """
+        A state that passed the dry run but cannot be captured once the
+        clients wait (it changed in between) rolls the re-exec back before
+        C{execv}: every connection goes on as it was, its pending output
+        intact, and the listener accepts again.
+        """
+        harness = _Harness(self)
+        hosted = harness.connect()
+        other = harness.connect()
+        other.transport.write(b"pending")
+        captures = []
+
+        def breakingCapture() -> Any:
+            captures.append(None)
+            if len(captures) > 1:
+                return {"count": object()}
+            return {"count": 1}
+
+        hosted.wrappedProtocol.getMigrationState = breakingCapture
+        report = harness.run(harness.migration())
+        self.assertEqual(report.outcome.value, "rolled-back")
+        self.assertIn("cannot be carried over", report.reason)
+        self.assertEqual((len(captures), harness.executed), (2, []))
+        for each in (hosted, other):
+            self.assertTrue(_reading(harness.reactor, each))
+        self.assertIn(other.transport, harness.reactor.writers)
+        transport = other.transport
+        self.assertEqual(
+            bytes(transport.dataBuffer[transport.offset :])
+            + b"".join(transport._tempDataBuffer),
+            b"pending",
+        )
+        self.assertIn(harness.port, harness.reactor.readers)
+
     def test_refusedForDescriptorLimit(self) -> None:
         harness = _Harness(self)
         harness.connect()

@@ -458,7 +458,7 @@ class ReexecMigrationTests(SynchronousTestCase):
         hosted = harness.connect()
         other = harness.connect()
         other.transport.write(b"pending")
-        captures = []
+        captures: list[None] = []
 
         def breakingCapture() -> Any:
             captures.append(None)

@@ -44,6 +44,12 @@ class ILifecycleObserver(Protocol):
         A migration begins.
         """
 
+    def reloadJoined(self, host: "MigrationHost") -> None:
+        """
+        A migration was asked for by C{SIGHUP} (a supervisor's reload)
+        while one runs: the reload ends with the running one.
+        """
+
     def migrationEnded(self, host: "MigrationHost", report: MigrationReport) -> None:
         """
         A migration ended (committed or rolled back); C{host} may now
@@ -500,12 +506,21 @@ class MigrationHost(MultiService):
         def progress(message: str) -> None:
             self._log.info("Migration: {message}", message=message)
 
+        migrating = self.serving and self.phase is not MigrationPhase.idle
         d = self.requestUpgrade(None, progress)
-        d.addErrback(
-            lambda f: self._log.warn(
-                "SIGHUP ignored: {reason}", reason=f.getErrorMessage()
-            )
-        )
+
+        def refused(f: Failure) -> None:
+            if migrating:
+                self._log.warn(
+                    "SIGHUP during a migration: no second one is started; a "
+                    "reload waiting for it ends with the running one ({reason})",
+                    reason=f.getErrorMessage(),
+                )
+                self._tell("reloadJoined")
+            else:
+                self._log.warn("SIGHUP ignored: {reason}", reason=f.getErrorMessage())
+
+        d.addErrback(refused)
 
     # Inheriting (successor side)
 

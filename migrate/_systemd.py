@@ -15,7 +15,10 @@ process that serves:
     - the serving process says C{RELOADING=1} with C{MONOTONIC_USEC=} when a
       migration starts (C{Type=notify-reload} waits for it after sending
       C{SIGHUP}), and C{READY=1} again if the migration rolls back (it still
-      serves: nobody else will end the reload);
+      serves: nobody else will end the reload).  A C{SIGHUP} that arrives
+      while a migration runs starts none, but gets C{RELOADING=1} again with
+      the current time, so that the reload it stands for ends with the
+      running migration rather than at systemd's timeout;
     - the old process, once the hand-off committed, says C{MAINPID=} the new
       pid (systemd trusts the current main process most: this works even
       where the successor's own claim was refused) and then says nothing
@@ -303,6 +306,15 @@ class SystemdNotifier:
         if self.handedOnTo is not None:
             return
         self.send(reloadingMessage(self._monotonicMicroseconds(), self._status(host)))
+
+    def reloadJoined(self, host: Any) -> None:
+        """
+        C{SIGHUP} during a migration (C{Type=notify-reload} sent it for a
+        new reload): C{RELOADING=1} again with the current
+        C{MONOTONIC_USEC}, which systemd needs to see to take this reload
+        as begun; the running migration's C{READY=1} ends it.
+        """
+        self.migrationStarted(host)
 
     def handedOn(self, host: Any, newPid: int) -> None:
         """

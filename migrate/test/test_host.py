@@ -626,13 +626,27 @@ class SignalTests(SynchronousTestCase):
 
     def test_hangupWhileMigrating(self) -> None:
         """
-        A C{SIGHUP} during a migration is ignored with a warning.
+        A C{SIGHUP} during a migration starts none, with a warning; the
+        lifecycle observers hear that a reload joined the running one.
         """
         h = started(self, installSignalHandlers=True)
+        joined: list[object] = []
+
+        class Observer:
+            def reloadJoined(self, host: object) -> None:
+                joined.append(host)
+
+        observer: Any = Observer()
+        h.host.addObserver(observer)
         h.host.requestUpgrade(None, ignore)
-        signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)  # type: ignore[operator, misc]
-        h.reactor.advance(0)
+        with capturedLogs() as events:
+            signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)  # type: ignore[operator, misc]
+            h.reactor.advance(0)
         self.assertEqual(len(h.strategy.migrations), 1)
+        self.assertEqual(joined, [h.host])
+        self.assertIn(
+            "SIGHUP during a migration", "".join(e["log_format"] for e in events)
+        )
 
     def test_handOnRestores(self) -> None:
         """

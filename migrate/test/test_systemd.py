@@ -289,6 +289,24 @@ class NotifierTests(SynchronousTestCase):
             },
         )
 
+    def test_reloadJoinedSaysReloadingNow(self) -> None:
+        """
+        A reload asked for during a migration: C{RELOADING=1} again with
+        the current monotonic clock (systemd ignores one older than its
+        signal), then the running migration's C{READY=1} ends both.
+        """
+        self.notifier.serving(self.host)
+        self.notifier.migrationStarted(self.host)
+        self.clock[0] = 7000000
+        self.notifier.reloadJoined(self.host)
+        self.notifier.migrationEnded(self.host, None)
+        messages = self.messages()
+        self.assertEqual(
+            [each.get("MONOTONIC_USEC") for each in messages],
+            [None, "5000000", "7000000", None],
+        )
+        self.assertEqual(messages[-1]["READY"], "1")
+
     def test_rolledBackSaysReadyAgain(self) -> None:
         """
         A migration that ended with this process still serving: C{READY=1}

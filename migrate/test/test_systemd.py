@@ -1117,6 +1117,43 @@ class PlayingSystemdTests(TestCase):
         self.assertEqual(fields(hello[0])[1:3], [b"v1", str(pid).encode()])
         client.transport.loseConnection()
 
+    @inlineCallbacks
+    def test_reloadDuringMigrationEndsWithIt(self):
+        """
+        A second C{SIGHUP} while the first migration runs (a second
+        C{systemctl reload}) starts no migration: the serving process says
+        C{RELOADING=1} again with a C{MONOTONIC_USEC} from after that
+        signal, and the successor's C{READY=1} ends both reloads.
+        """
+        status = yield self.startHost()
+        firstPid = status["pid"]
+        yield self.waitForNotification(firstPid, "READY=1", READY="1")
+        os.kill(firstPid, signal.SIGHUP)
+        yield self.waitForNotification(firstPid, "RELOADING=1", RELOADING="1")
+        second = _monotonicMicroseconds()
+        os.kill(firstPid, signal.SIGHUP)
+        yield waitFor(
+            lambda: len(
+                [each for each in self.notify.fromPid(firstPid) if "RELOADING" in each]
+            )
+            == 2,
+            what="a second RELOADING=1 from {}".format(firstPid),
+        )
+        status = yield waitFor(self._generation(2), what="generation 2 to serve")
+        secondPid = status["pid"]
+        yield self.waitForNotification(secondPid, "READY=1", READY="1")
+        reloading = [
+            each for each in self.notify.fromPid(firstPid) if "RELOADING" in each
+        ]
+        self.assertGreaterEqual(int(reloading[1]["MONOTONIC_USEC"]), second)
+        self.assertHandedOn(firstPid, secondPid, 2)
+        # No second migration: generation 2 goes on serving.
+        status = yield self.host.status()
+        self.assertEqual(
+            (status["generation"], status["pid"], status["phase"]),
+            (2, secondPid, "idle"),
+        )
+
     def _generation(self, generation: int) -> Any:
         @inlineCallbacks
         def check():

@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Callable, MutableMapping, TextIO
+from typing import Any, Callable, Mapping, MutableMapping, TextIO
 
 from attrs import define
 from twisted.internet.protocol import Factory, Protocol
@@ -55,10 +55,17 @@ __all__ = [
     "adoptFresh",
     "finishPreflight",
     "inheritedReexec",
+    "logFileAfterExec",
     "restoreReexec",
 ]
 
 _log = Logger()
+
+DAEMON_LOG_FILE = "twistd.log"
+"""
+The log file of a twistd that daemonised without C{--logfile}, which its
+re-executed image (not daemonising again) opens by name.
+"""
 
 
 @define
@@ -164,7 +171,7 @@ def adjustTwistdOptions(
     if "nodaemon" in parent and not parent["nodaemon"]:
         parent["nodaemon"] = True
         if not parent.get("logfile") and not parent.get("syslog"):
-            parent["logfile"] = "twistd.log"
+            parent["logfile"] = DAEMON_LOG_FILE
     for name in ("chroot", "uid", "gid"):
         if parent.get(name) is not None:
             parent[name] = None
@@ -172,20 +179,71 @@ def adjustTwistdOptions(
         parent["rundir"] = "."
 
 
+def logFileAfterExec(parent: Mapping[str, Any]) -> str | None:
+    """
+    The log file twistd opens in a re-executed image, which does not
+    daemonise again (see L{adjustTwistdOptions}), or L{None} if it logs
+    to its standard output or to syslog.
+
+    @param parent: twistd's options, as given.
+    """
+    if parent.get("syslog"):
+        return None
+    path = parent.get("logfile")
+    if not path:
+        if "nodaemon" not in parent or parent["nodaemon"]:
+            return None
+        path = DAEMON_LOG_FILE
+    return None if path == "-" else str(path)
+
+
+def _logFileProblem(parent: Mapping[str, Any]) -> str | None:
+    """
+    Why the re-executed image could not open its log file, if it could
+    not: twistd would exit before restoring anything, and every inherited
+    connection would be lost.  It opens the file as twistd will, as the
+    user the process runs as now (a process that dropped privileges after
+    opening a root-owned log file could not open it again).
+    """
+    path = logFileAfterExec(parent)
+    if path is None:
+        return None
+    from twisted.python.logfile import LogFile
+
+    try:
+        LogFile.fromFullPath(path).close()
+    except OSError as e:
+        return "the new image could not open its log file {}: {}".format(path, e)
+    return None
+
+
 def finishPreflight(
-    environ: MutableMapping[str, str] | None = None, out: TextIO | None = None
+    environ: MutableMapping[str, str] | None = None,
+    out: TextIO | None = None,
+    *,
+    twistdOptions: Mapping[str, Any] | None = None,
 ) -> None:
     """
-    End the preflight process once its options are parsed: the old image
-    only wanted to know the new code gets that far.
+    End the preflight process once its options are parsed and the
+    application is loaded: the old image only wanted to know the new code
+    gets that far, and that the new image will be able to open twistd's
+    log file.
 
-    @raise SystemExit: in the preflight process.
+    @param twistdOptions: twistd's options, if known.
+
+    @raise SystemExit: in the preflight process: 0 if the re-exec may go
+        on, 1 (having said why) if not.
     """
     if environ is None:
         environ = os.environ
     if PREFLIGHT_VARIABLE not in environ:
         return
     stream = out if out is not None else sys.stdout
+    problem = _logFileProblem(twistdOptions) if twistdOptions is not None else None
+    if problem is not None:
+        stream.write(problem + "\n")
+        stream.flush()
+        raise SystemExit(1)
     stream.write(PREFLIGHT_MARKER + "\n")
     stream.flush()
     raise SystemExit(0)

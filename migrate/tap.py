@@ -224,7 +224,7 @@ class Options(usage.Options):
         self._takePidfile()
         from ._reexecincoming import finishPreflight
 
-        finishPreflight()
+        finishPreflight(twistdOptions=getattr(self, "parent", None))
         self._refuseLiveControl()
 
     def _refuseLiveControl(self) -> None:

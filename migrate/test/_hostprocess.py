@@ -443,7 +443,12 @@ class LiveAppMixin:
     initialApp: str
 
     @inlineCallbacks
-    def startHost(self, *extra: str, app: str | None = None) -> Any:
+    def startHost(
+        self,
+        *extra: str,
+        app: str | None = None,
+        twistdArguments: list[str] | None = None,
+    ) -> Any:
         self.port = freePort()
         self.host = HostProcess(
             self,
@@ -456,6 +461,7 @@ class LiveAppMixin:
                 self.strategy,
             ]
             + list(extra),
+            twistdArguments=twistdArguments,
         )
         writeModule(self.host.workdir, "liveapp", app or self.initialApp)
         status = yield self.host.start()

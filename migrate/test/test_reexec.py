@@ -48,6 +48,7 @@ from migrate._reexecincoming import (
     adjustTwistdOptions,
     finishPreflight,
     inheritedReexec,
+    logFileAfterExec,
     restoreReexec,
 )
 from migrate._reexecstate import (
@@ -863,6 +864,54 @@ class IncomingTests(SynchronousTestCase):
         )
         self.assertEqual(error.code, 0)
         self.assertEqual(out.getvalue(), PREFLIGHT_MARKER + "\n")
+
+    def test_preflightOpensTheLogFile(self) -> None:
+        """
+        The preflight opens the log file the new image will open, as
+        twistd does (creating it), and fails, saying why, if it cannot:
+        the new image would exit before restoring anything.
+        """
+        directory = self.mktemp()
+        os.mkdir(directory)
+        path = os.path.join(directory, "host.log")
+
+        def preflight() -> tuple[object, str]:
+            out = io.StringIO()
+            error = self.assertRaises(
+                SystemExit,
+                finishPreflight,
+                {PREFLIGHT_VARIABLE: "1"},
+                out,
+                twistdOptions={"logfile": path, "nodaemon": True},
+            )
+            return error.code, out.getvalue()
+
+        self.assertEqual(preflight(), (0, PREFLIGHT_MARKER + "\n"))
+        self.assertTrue(os.path.isfile(path))
+        os.unlink(path)
+        os.mkdir(path)
+        code, output = preflight()
+        self.assertEqual(code, 1)
+        self.assertIn("could not open its log file " + path, output)
+        self.assertNotIn(PREFLIGHT_MARKER, output)
+
+    def test_logFileAfterExec(self) -> None:
+        """
+        The new image logs where the old one did; a daemon that logged to
+        C{twistd.log} by default keeps it (the new image does not
+        daemonise); standard output and syslog are no file.
+        """
+        cases: list[tuple[dict[str, Any], str | None]] = [
+            ({"logfile": "x.log", "nodaemon": True}, "x.log"),
+            ({"logfile": "x.log", "nodaemon": False}, "x.log"),
+            ({"logfile": None, "nodaemon": False}, "twistd.log"),
+            ({"logfile": None, "nodaemon": True}, None),
+            ({"logfile": "-", "nodaemon": True}, None),
+            ({"logfile": None, "nodaemon": False, "syslog": True}, None),
+            ({}, None),
+        ]
+        for options, expected in cases:
+            self.assertEqual(logFileAfterExec(options), expected, options)
 
 
 class SignalTests(SynchronousTestCase):

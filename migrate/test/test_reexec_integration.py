@@ -266,6 +266,32 @@ class ReexecTests(LiveAppMixin, TestCase):
         self.assertEqual((status["generation"], status["phase"]), (1, "idle"))
 
     @inlineCallbacks
+    def test_unopenableLogFileRefused(self):
+        """
+        A log file the new image could not open (a directory stands where
+        it was) refuses the re-exec before anything is touched: twistd
+        would have exited in the new image before restoring a connection.
+        Once the file can be opened again, the re-exec goes ahead.
+        """
+        status = yield self.startHost(twistdArguments=["--logfile", "host.log"])
+        pid = status["pid"]
+        (client,) = yield self.connectClients(1)
+        log = self.host.workdir.child("host.log").path
+        os.rename(log, log + ".1")
+        os.mkdir(log)
+        code, report, err = yield self.upgradeTo(MIGRATABLE_V2)
+        self.assertEqual((code, report["outcome"]), (1, "refused"), err)
+        self.assertIn("could not open its log file host.log", report["reason"])
+        reply = yield self.exchange(client, b"still")
+        self.assertEqual(reply, [b"v1", str(pid).encode(), b"still", b"1"])
+        os.rmdir(log)
+        code, report, err = yield self.upgradeTo(MIGRATABLE_V2)
+        self.assertEqual((code, report["outcome"]), (0, "success"), err)
+        self.assertEqual(report["newPid"], pid)
+        reply = yield self.exchange(client, b"after")
+        self.assertEqual(reply, [b"v2", str(pid).encode(), b"after", b"2"])
+
+    @inlineCallbacks
     def test_unserialisableStateRefused(self):
         """
         A migratable protocol whose state is not plain data refuses the

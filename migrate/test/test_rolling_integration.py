@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import textwrap
 from typing import Any
@@ -59,6 +60,46 @@ APP_V1 = textwrap.dedent("""
 
 APP_V2 = APP_V1.replace('VERSION = b"v1"', 'VERSION = b"v2"')
 APP_BROKEN = APP_V2 + "\ndef broken(:\n"
+
+#: a server that is not a migrate host, speaking like the application:
+#: python PLAIN_SERVER PORT VERSION PIDFILE; it waits for the port to be
+#: free (its predecessor exiting), then writes its pid once it listens
+PLAIN_SERVER = textwrap.dedent("""
+    import asyncio, errno, os, sys
+
+    port, version, pidfile = int(sys.argv[1]), sys.argv[2].encode(), sys.argv[3]
+
+    async def handle(reader, writer):
+        writer.write(b"hello " + version + b" %d\\n" % os.getpid())
+        try:
+            while line := await reader.readline():
+                writer.write(version + b" " + line)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    async def main():
+        for _ in range(200):
+            try:
+                server = await asyncio.start_server(
+                    handle, "127.0.0.1", port, reuse_address=True
+                )
+                break
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise
+                await asyncio.sleep(0.05)
+        else:
+            raise SystemExit("port {} stayed in use".format(port))
+        with open(pidfile + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(pidfile + ".tmp", pidfile)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+    """)
 
 _CONFIG = """\
 global
@@ -259,7 +300,11 @@ class RollingIntegrationTests(TestCase):
             )
 
     @inlineCallbacks
-    def startFleet(self, count: int = 3) -> Any:
+    def startFleet(self, count: int = 3, extra: dict[str, int] | None = None) -> Any:
+        """
+        Start C{count} migrate hosts (C{s1}, C{s2}, ...) and HAProxy in front
+        of them and of the C{extra} servers (name to port).
+        """
         self.hosts: dict[str, HostProcess] = {}
         self.ports: dict[str, int] = {}
         for index in range(1, count + 1):
@@ -280,6 +325,7 @@ class RollingIntegrationTests(TestCase):
             self.hosts[name] = host
             self.ports[name] = port
         yield gatherResults([host.start() for host in self.hosts.values()])
+        self.ports.update(extra or {})
         self.haproxy = HAProxyProcess(self, self.ports)
         yield self.haproxy.start()
         yield waitFor(self.haproxy.allUp, timeout=20, what="every server UP in HAProxy")
@@ -342,6 +388,120 @@ class RollingIntegrationTests(TestCase):
             self.assertEqual(version, b"v2")
         states = yield self.haproxy.states()
         self.assertEqual(states, {name: ("ready", "UP") for name in ("s1", "s2", "s3")})
+
+    def startPlainServer(self, name: str) -> Deferred[Any]:
+        """
+        Add a server that is not a migrate host (see L{PLAIN_SERVER}) to the
+        fleet; fire once it listens.  Return the command that restarts it on
+        version 2, as an operator would give C{--restart-command}.
+        """
+        directory = FilePath(tempfile.mkdtemp(prefix="migrate-plain-", dir="/tmp"))
+        self.addCleanup(shutil.rmtree, directory.path, True)
+        script = directory.child("plain.py")
+        script.setContent(PLAIN_SERVER.encode("ascii"))
+        port = freePort()
+        self.ports[name] = port
+        first = directory.child("v1.pid").path
+        second = directory.child("v2.pid").path
+        protocol = _Collect(echo=bool(os.environ.get("MIGRATE_TEST_ECHO")))
+        reactor.spawnProcess(
+            protocol,
+            sys.executable,
+            [sys.executable, script.path, str(port), "v1", first],
+            env=dict(os.environ),
+            path=directory.path,
+        )
+
+        def stop() -> None:
+            for path in (first, second):
+                try:
+                    with open(path) as f:
+                        os.kill(int(f.read()), signal.SIGKILL)
+                except (OSError, ValueError):
+                    pass
+
+        self.addCleanup(stop)
+        self.restartCommand = (
+            "kill $(cat {first}) && "
+            "{python} {script} {port} v2 {second} </dev/null >/dev/null 2>&1 & "
+            "while [ ! -s {second} ]; do sleep 0.05; done; "
+            "echo restarted as $(cat {second})"
+        ).format(
+            first=first,
+            second=second,
+            python=sys.executable,
+            script=script.path,
+            port=port,
+        )
+        return waitFor(lambda: os.path.exists(first), what="the plain server")
+
+    @inlineCallbacks
+    def test_twoAtOnceWithARestartCommand(self) -> Any:
+        """
+        C{--max-unavailable 2} over three migrate hosts and a server that
+        is not one (upgraded by C{--restart-command}): two servers, never
+        more, are out of rotation at a time, clients through HAProxy see no
+        failure, and every server runs the new code afterwards, back in
+        rotation.
+        """
+        self.ports = {}
+        yield self.startPlainServer("s4")
+        plainPort = self.ports["s4"]
+        yield self.startFleet(extra={"s4": plainPort})
+        load = Load(self.haproxy.port, longLived=0)
+        yield load.start()
+        for host in self.hosts.values():
+            writeModule(host.workdir, "liveapp", APP_V2)
+        outOfRotation: list[int] = []
+        sampling = [True]
+
+        @inlineCallbacks
+        def sample() -> Any:
+            while sampling[0]:
+                states = yield self.haproxy.states()
+                outOfRotation.append(
+                    sum(1 for admin, status in states.values() if admin != "ready")
+                )
+                yield deferLater(reactor, 0.02, lambda: None)
+
+        sampler = sample()
+        code, out, err = yield self.roll(
+            "--max-unavailable",
+            "2",
+            "--restart-command",
+            "s4=" + self.restartCommand,
+            "--drain-timeout",
+            "1",
+            "--ready-timeout",
+            "15",
+        )
+        sampling[0] = False
+        yield sampler
+        yield load.stop()
+        report = lastJSON(out)
+        self.assertEqual((code, report["outcome"]), (0, "success"), err)
+        self.assertEqual(report["maxUnavailable"], 2)
+        self.assertEqual(
+            [(s["name"], s["method"], s["state"]) for s in report["servers"]],
+            [
+                ("s1", "migrate-host", "done"),
+                ("s2", "migrate-host", "done"),
+                ("s3", "migrate-host", "done"),
+                ("s4", "restart-command", "done"),
+            ],
+        )
+        self.assertTrue(report["servers"][3]["output"][-1].startswith("restarted as "))
+        self.assertEqual(max(outOfRotation), 2, outOfRotation)
+        self.assertEqual(outOfRotation[-1], 0)
+        self.assertEqual(load.failures, [])
+        self.assertGreater(load.attempts, 20)
+        for name, port in self.ports.items():
+            version = yield self.greeting(port)
+            self.assertEqual(version, b"v2", name)
+        states = yield self.haproxy.states()
+        self.assertEqual(
+            states, {name: ("ready", "UP") for name in ("s1", "s2", "s3", "s4")}
+        )
 
     @inlineCallbacks
     def test_failedUpgradeStopsTheRoll(self) -> Any:

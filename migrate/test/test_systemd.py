@@ -28,6 +28,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.python.systemd import ListenFDs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from zope.interface import implementer
 
 from .. import tap
@@ -904,18 +905,23 @@ class PlayingSystemdTests(TestCase):
         self.listening.listen(128)
         self.port = self.listening.getsockname()[1]
 
-    def startHost(self, *extra: str) -> Any:
+    def startHost(self, *extra: str, application: list[str] | None = None) -> Any:
+        """
+        Start the host on the socket the test made, serving the live
+        application, or the C{application} arguments (a hosted plugin's).
+        """
+        if application is None:
+            application = ["--app", "liveapp:makeFactory"]
         self.host = HostProcess(
             self,
             [
-                "--app",
-                "liveapp:makeFactory",
                 "--listen",
                 "systemd:domain=INET:index=0",
                 "--strategy",
                 "capability",
             ]
-            + list(extra),
+            + list(extra)
+            + application,
             extraEnv={
                 "NOTIFY_SOCKET": self.notify.path,
                 "LISTEN_FDS": "1",
@@ -1116,6 +1122,43 @@ class PlayingSystemdTests(TestCase):
         hello = yield client.waitForLines(1)
         self.assertEqual(fields(hello[0])[1:3], [b"v1", str(pid).encode()])
         client.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_hostedPluginOnTheActivatedSocket(self):
+        """
+        An unmodified plugin (C{twistd web}) hosted on the socket systemd
+        passed: it serves there, a C{SIGHUP} hands that very socket to a
+        successor, which says C{READY=1} and serves it too; the successor
+        does not inherit systemd's C{LISTEN_*} variables.
+        """
+        status = yield self.startHost(application=["web", "--path", "."])
+        self.host.workdir.child("index.html").setContent(b"activated\n")
+        firstPid = status["pid"]
+        self.assertEqual(
+            [each["key"] for each in status["listeners"]],
+            ["systemd:domain=INET:index=0"],
+        )
+        yield self.waitForNotification(firstPid, "READY=1", READY="1")
+        agent = Agent(_globalReactor, pool=HTTPConnectionPool(_globalReactor, False))
+        url = "http://127.0.0.1:{}/index.html".format(self.port).encode("ascii")
+        response = yield agent.request(b"GET", url)
+        body = yield readBody(response)
+        self.assertEqual((response.code, body), (200, b"activated\n"))
+
+        os.kill(firstPid, signal.SIGHUP)
+        status = yield waitFor(self._generation(2), what="generation 2 to serve")
+        secondPid = status["pid"]
+        yield self.waitForNotification(secondPid, "READY=1", READY="1")
+        self.assertHandedOn(firstPid, secondPid, 2)
+        self.assertSuccessorEnvironment(secondPid)
+        self.assertEqual(
+            [each["key"] for each in status["listeners"]],
+            ["systemd:domain=INET:index=0"],
+        )
+        yield waitFor(lambda: not pidAlive(firstPid), what="generation 1 to exit")
+        response = yield agent.request(b"GET", url)
+        body = yield readBody(response)
+        self.assertEqual((response.code, body), (200, b"activated\n"))
 
     @inlineCallbacks
     def test_reloadDuringMigrationEndsWithIt(self):

@@ -1,6 +1,7 @@
 """
 Moving established connections: freezing and describing them on the side
-that lets go, adopting and restoring them on the side that takes over.
+that lets go (or only describing them, for an image about to be replaced),
+adopting and restoring them on the side that takes over.
 
 Shared by every strategy that moves connections to another process or
 image (capability transfer, re-exec): each entry is plain data that

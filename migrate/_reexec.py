@@ -73,6 +73,7 @@ __all__ = [
     "UNMOVABLE_POLICIES",
     "DescriptorMarks",
     "ReexecMigration",
+    "afterPolls",
     "inheritableDescriptors",
 ]
 

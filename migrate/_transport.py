@@ -9,7 +9,9 @@ I{releases} it (L{FrozenConnection.release}): it closes only its own
 descriptor, never C{shutdown()}, so the peer sees nothing.  The new process
 I{adopts} the descriptor (L{adoptConnection}) with both directions held
 until it resumes it (L{resumeConnection}) or gives it back
-(L{abandonConnection}).
+(L{abandonConnection}).  A process that replaces its own image (re-exec)
+freezes nothing: it only reads the output Twisted holds
+(L{pendingOutput}), since the reactor never runs again before the exec.
 
 This is the one module that reaches into the private parts of Twisted's
 C{twisted.internet.tcp.Connection} (C{dataBuffer}, C{offset},

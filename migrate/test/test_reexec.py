@@ -375,6 +375,22 @@ class _Harness:
         self.reactor.advance(0)
         return self.case.successResultOf(d)
 
+    def assertServesOn(self, hosted: Any, pending: bytes) -> None:
+        """
+        As before the migration: the connection reads, and writes with
+        C{pending} still to send; the listener accepts.
+        """
+        case = self.case
+        transport = hosted.transport
+        case.assertTrue(_reading(self.reactor, hosted))
+        case.assertIn(transport, self.reactor.writers)
+        case.assertEqual(
+            bytes(transport.dataBuffer[transport.offset :])
+            + b"".join(transport._tempDataBuffer),
+            pending,
+        )
+        case.assertIn(self.port, self.reactor.readers)
+
 
 def _reading(reactor: MemoryReactorClock, hosted: Any) -> bool:
     return hosted.transport in reactor.readers
@@ -472,16 +488,8 @@ class ReexecMigrationTests(SynchronousTestCase):
         self.assertEqual(report.outcome.value, "rolled-back")
         self.assertIn("cannot be carried over", report.reason)
         self.assertEqual((len(captures), harness.executed), (2, []))
-        for each in (hosted, other):
-            self.assertTrue(_reading(harness.reactor, each))
-        self.assertIn(other.transport, harness.reactor.writers)
-        transport = other.transport
-        self.assertEqual(
-            bytes(transport.dataBuffer[transport.offset :])
-            + b"".join(transport._tempDataBuffer),
-            b"pending",
-        )
-        self.assertIn(harness.port, harness.reactor.readers)
+        self.assertTrue(_reading(harness.reactor, hosted))
+        harness.assertServesOn(other, b"pending")
 
     def test_refusedForDescriptorLimit(self) -> None:
         harness = _Harness(self)
@@ -566,15 +574,7 @@ class ReexecMigrationTests(SynchronousTestCase):
         self.assertIn("execv failed", report.reason)
         self.assertIn("Argument list too long", report.reason)
         self.assertEqual(len(harness.executed), 1)
-        self.assertTrue(_reading(harness.reactor, hosted))
-        self.assertIn(hosted.transport, harness.reactor.writers)
-        transport = hosted.transport
-        self.assertEqual(
-            bytes(transport.dataBuffer[transport.offset :])
-            + b"".join(transport._tempDataBuffer),
-            b"pending",
-        )
-        self.assertIn(harness.port, harness.reactor.readers)
+        harness.assertServesOn(hosted, b"pending")
         self.assertEqual(inheritableDescriptors(), inheritableBefore)
         self.assertEqual(signal.pthread_sigmask(signal.SIG_BLOCK, []), maskBefore)
         self.assertEqual(sorted(os.listdir("/proc/self/fd")), descriptorsBefore)
@@ -1108,12 +1108,5 @@ class StateWriteFailureTests(SynchronousTestCase):
         self.assertEqual(report.outcome.value, "rolled-back")
         self.assertIn("No space left on device", report.reason)
         self.assertEqual(harness.executed, [])
-        self.assertTrue(_reading(harness.reactor, hosted))
-        transport = hosted.transport
-        self.assertEqual(
-            bytes(transport.dataBuffer[transport.offset :])
-            + b"".join(transport._tempDataBuffer),
-            b"pending",
-        )
-        self.assertIn(harness.port, harness.reactor.readers)
+        harness.assertServesOn(hosted, b"pending")
         self.assertEqual(sorted(os.listdir("/proc/self/fd")), descriptorsBefore)

@@ -21,13 +21,15 @@ What C{exec} does not keep, and how it is handled:
   - Python's buffers: standard output and error are flushed first (the log
     observers flush each event);
   - C{atexit} handlers: none run; the process does not exit;
-  - threads: a migration is refused while the reactor's thread pool works;
+  - threads: a migration is refused while the reactor's thread pool works,
+    and rolled back at the last moment if a thread handed the reactor work
+    since (L{migrate._reexeccheck.workInFlight});
   - signal handlers: they are reset to their defaults, which end the
     process for C{SIGHUP}, C{SIGINT}, C{SIGTERM} and C{SIGUSR1}.  Those
-    signals are blocked across C{exec} (the mask and the pending signals
-    survive it); the new image unblocks them once the reactor and the host
-    have installed their handlers, and a signal that arrived meanwhile is
-    delivered then.
+    signals are blocked from the freeze and across C{exec} (the mask and
+    the pending signals survive it); the new image unblocks them once the
+    reactor and the host have installed their handlers, and a signal that
+    arrived meanwhile is delivered then.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from ._reexeccheck import (
     checkProgram,
     refusalReason,
     runPreflight,
+    workInFlight,
 )
 from ._reexecstate import (
     EXEC_AT_VARIABLE,
@@ -494,19 +497,25 @@ class ReexecMigration:
         self, argv: list[str], stillClosing: list[Any], frozenAt: float
     ) -> str:
         host = self.host
-        leaving = {id(each) for each in stillClosing}
-        candidates = [
-            (listener, hosted)
-            for listener, hosted in host.allConnections()
-            if id(hosted) not in leaving
-        ]
-        moving, staying = describeMovable(candidates)
-        closed = dict(self._closed)
+        # From here on a signal waits, blocked, for the new image (which
+        # unblocks it once its handlers are installed) or for a rollback:
+        # its handler would only queue work for a reactor turn that never
+        # comes in this image.
+        current = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        blocked = [each for each in REEXEC_SIGNALS if each not in current]
+        signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         stateFd: int | None = None
         marks: DescriptorMarks | None = None
-        blocked: list[int] = []
         executing = False
         try:
+            leaving = {id(each) for each in stillClosing}
+            candidates = [
+                (listener, hosted)
+                for listener, hosted in host.allConnections()
+                if id(hosted) not in leaving
+            ]
+            moving, staying = describeMovable(candidates)
+            closed = dict(self._closed)
             connections = [
                 InheritedConnection(
                     each.descriptor(),
@@ -517,8 +526,6 @@ class ReexecMigration:
                 for each in moving
             ]
             connections.extend(self._describeFresh(staying, len(moving), closed))
-            current = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-            blocked = [each for each in REEXEC_SIGNALS if each not in current]
             state = ReexecState(
                 pid=host.pid,
                 generation=host.generation,
@@ -561,7 +568,11 @@ class ReexecMigration:
                 fd=stateFd,
             )
             _flushOutput()
-            signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+            # A signal caught by another thread still had its handler run
+            # here, and a thread may have handed the reactor a result.
+            lost = workInFlight(host.reactor)
+            if lost is not None:
+                raise _Rollback(lost)
             environment[EXEC_AT_VARIABLE] = repr(time.monotonic())
             executing = True
             self.execv(argv[0], argv, environment)

@@ -41,6 +41,7 @@ __all__ = [
     "programOf",
     "refusalReason",
     "runPreflight",
+    "workInFlight",
 ]
 
 _log = Logger()
@@ -208,6 +209,37 @@ def _isStreamPort(port: Any) -> bool:
     return isinstance(port, (tcp.Port, unix.Port))
 
 
+def _workingThreads(reactor: Any) -> int:
+    pool = getattr(reactor, "threadpool", None)
+    return len(getattr(pool, "working", ()) or ()) if pool is not None else 0
+
+
+def workInFlight(reactor: Any) -> str | None:
+    """
+    Check, at the last moment before C{exec}, for work the reactor has been
+    handed since the checks and would do after this turn, which C{exec}
+    would lose: calls queued from other threads or from signal handlers
+    (a stop request on C{SIGTERM}, a thread's result), and thread pool jobs
+    started meanwhile.
+
+    @return: what would be lost, or L{None}.
+    """
+    queued = len(getattr(reactor, "threadCallQueue", ()) or ())
+    if queued:
+        return (
+            "{} calls are queued for the reactor (from a thread or a signal "
+            "handler, a stop request for one), which exec would lose; they "
+            "run now instead".format(queued)
+        )
+    working = _workingThreads(reactor)
+    if working:
+        return (
+            "{} thread pool jobs started during the migration are still "
+            "running, and exec keeps no threads".format(working)
+        )
+    return None
+
+
 def checkHost(host: Any) -> str | None:
     """
     Check what the host serves can be carried across C{exec}.
@@ -222,8 +254,7 @@ def checkHost(host: Any) -> str | None:
             "channel exec would close: wait until it has drained, or use "
             "another strategy".format(generation, entry.get("pid", "?"))
         )
-    pool = getattr(host.reactor, "threadpool", None)
-    working = len(getattr(pool, "working", ()) or ()) if pool is not None else 0
+    working = _workingThreads(host.reactor)
     if working:
         return (
             "{} thread pool jobs are running, and exec keeps no threads: try "

@@ -366,6 +366,7 @@ class _Harness:
                 "stateFd": fd,
                 "inheritable": inheritableDescriptors(),
                 "blocked": set(signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+                "pending": set(signal.sigpending()),
             }
         )
         raise OSError(errno.E2BIG, "Argument list too long")
@@ -490,6 +491,68 @@ class ReexecMigrationTests(SynchronousTestCase):
         self.assertEqual((len(captures), harness.executed), (2, []))
         self.assertTrue(_reading(harness.reactor, hosted))
         harness.assertServesOn(other, b"pending")
+
+    def test_workQueuedAtTheLastMomentRollsBack(self) -> None:
+        """
+        A call queued for the reactor after the checks (from a thread, or
+        by a signal handler: Twisted's stop on C{SIGTERM}) rolls the re-exec
+        back rather than being lost to the exec: nothing is executed, the
+        connections serve on, the queued call is still there to run.
+        """
+        harness = _Harness(self)
+        hosted = harness.connect()
+        hosted.transport.write(b"pending")
+        queued: list[object] = []
+        harness.reactor.threadCallQueue = queued  # type: ignore[attr-defined]
+        capture = hosted.wrappedProtocol.getMigrationState
+        captures: list[None] = []
+
+        def stopRequestedMeanwhile() -> Any:
+            captures.append(None)
+            if len(captures) > 1:
+                queued.append((harness.reactor.stop, (), {}))
+            return capture()
+
+        hosted.wrappedProtocol.getMigrationState = stopRequestedMeanwhile
+        report = harness.run(harness.migration())
+        self.assertEqual(report.outcome.value, "rolled-back")
+        self.assertIn("1 calls are queued for the reactor", report.reason)
+        self.assertEqual((harness.executed, len(queued)), ([], 1))
+        harness.assertServesOn(hosted, b"pending")
+
+    def test_signalDuringCaptureWaits(self) -> None:
+        """
+        A signal that arrives while the connections are described stays
+        pending, blocked, until C{execv} (the new image unblocks it once
+        its handlers are installed); when the exec fails it is delivered
+        to this image's handler instead.
+        """
+        import threading
+
+        harness = _Harness(self)
+        hosted = harness.connect()
+        caught: list[int] = []
+        previous = signal.signal(
+            signal.SIGUSR1, lambda signum, frame: caught.append(signum)
+        )
+        self.addCleanup(signal.signal, signal.SIGUSR1, previous)
+        capture = hosted.wrappedProtocol.getMigrationState
+        captures: list[None] = []
+
+        def signalledMeanwhile() -> Any:
+            captures.append(None)
+            if len(captures) > 1:
+                signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+            return capture()
+
+        hosted.wrappedProtocol.getMigrationState = signalledMeanwhile
+        report = harness.run(harness.migration())
+        (executed,) = harness.executed
+        self.assertIn(signal.SIGUSR1, executed["pending"])
+        self.assertEqual(report.outcome.value, "rolled-back")
+        self.assertEqual(caught, [signal.SIGUSR1])
+        self.assertTrue(_reading(harness.reactor, hosted))
+        self.assertIn(harness.port, harness.reactor.readers)
 
     def test_refusedForDescriptorLimit(self) -> None:
         harness = _Harness(self)

@@ -30,6 +30,18 @@ TIMELINE_BIN = 0.1
 Seconds per point of the timeline.
 """
 
+#: what a scenario keeps of a migration's report
+_REPORT_KEYS = (
+    "outcome",
+    "reason",
+    "moved",
+    "draining",
+    "failed",
+    "durations",
+    "oldPid",
+    "newPid",
+)
+
 
 @frozen
 class LoadSettings:
@@ -196,20 +208,7 @@ async def migrateUnderLoad(
             "kind": "migration",
             "strategy": strategy,
             "exitCode": code,
-            "report": {
-                key: report.get(key)
-                for key in (
-                    "outcome",
-                    "reason",
-                    "moved",
-                    "draining",
-                    "failed",
-                    "durations",
-                    "oldPid",
-                    "newPid",
-                    "notes",
-                )
-            },
+            "report": {key: report.get(key) for key in _REPORT_KEYS + ("notes",)},
             "window": [start - origin, end - origin],
             "handoffWindow": _handoffWindow(report, start - origin, end - origin),
             "seconds": end - start,
@@ -408,19 +407,7 @@ async def moveIdle(
             "count": count,
             "connected": connected,
             "exitCode": code,
-            "report": {
-                key: report.get(key)
-                for key in (
-                    "outcome",
-                    "reason",
-                    "moved",
-                    "draining",
-                    "failed",
-                    "durations",
-                    "oldPid",
-                    "newPid",
-                )
-            },
+            "report": {key: report.get(key) for key in _REPORT_KEYS},
             "seconds": end - start,
             "answeredAfter": connected - missingAfter,
             "onNew": servers.get(b"%d" % newPid, 0) if moved else 0,

@@ -10,12 +10,12 @@ L{RollingUpgrade} upgrades a fleet of hosts behind HAProxy.
 
 from typing import TYPE_CHECKING
 
-from ._host import MigrationHost
+from ._host._service import MigrationHost
 from ._report import ListenerReport, MigrationOutcome, MigrationReport
 from .interfaces import IMigratable, IMigrationStrategy
 
 if TYPE_CHECKING:
-    from ._rolling import RollingUpgrade
+    from ._rolling._orchestrator import RollingUpgrade
     from .strategies import (
         CapabilityTransfer,
         GradualTransfer,
@@ -43,7 +43,7 @@ _LAZY = {
     "GradualTransfer": "migrate.strategies",
     "ModuleReload": "migrate.strategies",
     "ReexecStrategy": "migrate.strategies",
-    "RollingUpgrade": "migrate._rolling",
+    "RollingUpgrade": "migrate._rolling._orchestrator",
 }
 
 

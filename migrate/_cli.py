@@ -31,7 +31,7 @@ from twisted.protocols import amp
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from ._control import (
+from ._control._server import (
     MigrationInProgress,
     Progress,
     Status,
@@ -476,10 +476,10 @@ class UpgradeOptions(_CommandOptions):
 
 def _rollingOptions() -> usage.Options:
     """
-    The options of C{rolling}, imported late: L{migrate._rolling} imports
+    The options of C{rolling}, imported late: L{migrate._rolling._orchestrator} imports
     this module.
     """
-    from ._rolling import RollingOptions
+    from ._rolling._orchestrator import RollingOptions
 
     return RollingOptions()
 
@@ -827,7 +827,7 @@ def run(
     sub = options.subOptions
     out.asJSON = bool(sub["json"])
     if options.subCommand == "rolling":
-        from ._rolling import rollingCommand
+        from ._rolling._orchestrator import rollingCommand
 
         rolling = rollingCommand(reactor, sub, out, connect)
         return Deferred.fromCoroutine(rolling).addErrback(_explain, out)

@@ -55,7 +55,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 
-from ._listeners import adoptListener
+from ._handoff._listeners import adoptListener
 
 __all__ = [
     "ACTIVATION_VARIABLES",
@@ -96,7 +96,7 @@ _INHERITING_VARIABLES = (
 )
 """
 Set in processes that inherit their listeners from a previous generation
-(see L{migrate._successor} and the re-exec strategy).
+(see L{migrate._handoff._successor} and the re-exec strategy).
 """
 
 _MAX_STATUS_CHARACTERS = 1000
@@ -559,7 +559,7 @@ def checkActivatedListener(description: str, *, inheriting: bool | None = None) 
 class _ActivatedEndpoint:
     """
     Listens on a socket systemd passed, the way listeners handed over
-    between generations are adopted (L{migrate._listeners.adoptListener}):
+    between generations are adopted (L{migrate._handoff._listeners.adoptListener}):
     non-blocking, and a Unix socket keeps the mode its socket unit gave it
     (Twisted's own adoption makes it 0666 and, when it stops, shuts the
     socket down and unlinks its path, which breaks the socket unit).
@@ -584,7 +584,7 @@ def activatedEndpoint(reactor: Any, description: str) -> Any:
     An endpoint for C{description} if it names a socket systemd passed,
     else L{None}.
 
-    Stop a port it made with L{migrate._listeners.releaseListener}, never
+    Stop a port it made with L{migrate._handoff._listeners.releaseListener}, never
     C{stopListening}: systemd keeps the socket for the next activation.
 
     @raise ValueError: if systemd passed no such socket.

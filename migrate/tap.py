@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.python import usage
 
-from ._host import MigrationHost
+from ._host._service import MigrationHost
 from .strategies import strategyNamed, strategyNames
 
 __all__ = ["Options", "makeService", "buildHost", "loadFactory", "DEFAULT_APP"]
@@ -222,7 +222,7 @@ class Options(usage.Options):
         if self.subCommand is None:
             self["factory"] = loadFactory(self["app"])
         self._takePidfile()
-        from ._reexecincoming import finishPreflight
+        from .strategies._reexec._incoming import finishPreflight
 
         finishPreflight(twistdOptions=getattr(self, "parent", None))
         self._refuseLiveControl()
@@ -233,9 +233,9 @@ class Options(usage.Options):
         serves the control path (a successor or a re-executed image serves
         the very socket it inherited, and is not asked).
         """
-        from ._control import ControlSocketError, ControlSocketInUse, _isLive
-        from ._reexecstate import STATE_FD_VARIABLE
-        from ._successor import HANDOFF_FD_VARIABLE
+        from ._control._server import ControlSocketError, ControlSocketInUse, _isLive
+        from ._handoff._successor import HANDOFF_FD_VARIABLE
+        from .strategies._reexec._state import STATE_FD_VARIABLE
 
         if HANDOFF_FD_VARIABLE in os.environ or STATE_FD_VARIABLE in os.environ:
             return
@@ -260,7 +260,7 @@ class Options(usage.Options):
             self["pidfile"] = os.path.abspath(parent["pidfile"])
         if "MIGRATE_HANDOFF_FD" in os.environ:
             parent["pidfile"] = ""
-        from ._reexecincoming import adjustTwistdOptions
+        from .strategies._reexec._incoming import adjustTwistdOptions
 
         # A re-executed image: the pidfile names this very process.
         adjustTwistdOptions(parent)
@@ -317,7 +317,7 @@ def buildHost(reactor: Any, options: Options) -> MigrationHost:
     @param reactor: the reactor the host uses.
     @param options: parsed L{Options}.
     """
-    from ._inheritance import UnknownInheritedStrategy, inheritedGeneration
+    from ._host._inheritance import UnknownInheritedStrategy, inheritedGeneration
 
     strategy = strategyNamed(options["strategy"])
     try:
@@ -327,7 +327,7 @@ def buildHost(reactor: Any, options: Options) -> MigrationHost:
     applicationService = None
     interceptor = None
     if options.subCommand is not None:
-        from ._intercept import ListeningInterceptor
+        from ._host._intercept import ListeningInterceptor
 
         plugin = _pluginNamed(options.subCommand)
         interceptor = ListeningInterceptor(reactor, None, options["listen"])

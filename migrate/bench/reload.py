@@ -27,8 +27,8 @@ from typing import Any, Sequence
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
-from .._host import MigrationHost
-from .._reload import ModuleFingerprints
+from .._host._service import MigrationHost
+from ..strategies._reload._modules import ModuleFingerprints
 from ..strategies.reload import ModuleReload
 
 __all__ = ["main"]

@@ -10,7 +10,7 @@ from attrs import frozen
 from zope.interface import implementer
 
 from ..interfaces import IMigrationStrategy
-from ._handoffstrategy import SuccessorHandoff
+from ._transfer._strategy import SuccessorHandoff
 
 __all__ = ["CapabilityTransfer"]
 

@@ -13,9 +13,9 @@ from attrs import frozen
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from .._reexec import ReexecMigration
-from .._reexecincoming import restoreReexec
 from ..interfaces import IMigrationStrategy
+from ._reexec._incoming import restoreReexec
+from ._reexec._outgoing import ReexecMigration
 
 __all__ = ["ReexecStrategy"]
 

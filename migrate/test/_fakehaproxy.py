@@ -15,7 +15,7 @@ from twisted.internet.protocol import Factory as ProtocolFactory
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 
-from migrate._haproxy import HAProxyUnreachable
+from migrate._rolling._haproxy import HAProxyUnreachable
 
 __all__ = [
     "FakeHAProxy",
@@ -183,7 +183,7 @@ class FakeServer:
 @define
 class FakeHAProxy:
     """
-    A L{migrate._haproxy.RuntimeAPI} answering like HAProxy 2.6.
+    A L{migrate._rolling._haproxy.RuntimeAPI} answering like HAProxy 2.6.
 
     @ivar backends: servers by backend name.
     @ivar commands: every command received, in order.

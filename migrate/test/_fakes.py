@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from zope.interface import implementer
 
-from .._successor import SuccessorExit
+from .._handoff._successor import SuccessorExit
 
 __all__ = [
     "FakeReactor",
@@ -35,7 +35,7 @@ __all__ = [
 class RecordingPort:
     """
     A listening port that records pausing, resuming and stopping, with the
-    attributes L{migrate._listeners} reads (C{connected}, C{disconnecting},
+    attributes L{migrate._handoff._listeners} reads (C{connected}, C{disconnecting},
     C{fileno}).
 
     @ivar reading: whether it accepts connections now.
@@ -147,7 +147,7 @@ class RecordingFactory(Factory):
 
 class FakeSuccessor:
     """
-    Stands in for L{migrate._successor.SuccessorProcess}: the test ends it
+    Stands in for L{migrate._handoff._successor.SuccessorProcess}: the test ends it
     (L{end}); C{kill} records the signal and, unless C{diesOnKill} is
     false, ends it as killed by C{SIGKILL}.  Its public surface is checked
     against the real class in C{migrate.test.test_handoff}.

@@ -39,7 +39,11 @@ from migrate._cli import (
     formatStatus,
     run,
 )
-from migrate._control import MigrationInProgress, UnknownStrategy, listenControl
+from migrate._control._server import (
+    MigrationInProgress,
+    UnknownStrategy,
+    listenControl,
+)
 
 STATUS = {
     "pid": 1234,

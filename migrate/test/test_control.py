@@ -1,5 +1,5 @@
 """
-Tests for L{migrate._control}: the control channel's AMP protocol, its
+Tests for L{migrate._control._server}: the control channel's AMP protocol, its
 bounds and peer-credential check, the bounded JSON answers, and the control
 socket itself.
 
@@ -30,7 +30,7 @@ from twisted.protocols import amp
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from migrate._control import (
+from migrate._control._server import (
     MAX_BOX_BYTES,
     MAX_BOX_KEYS,
     MAX_REPLY_BYTES,

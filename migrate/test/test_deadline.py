@@ -1,12 +1,12 @@
 """
-Tests for L{migrate._deadline}.
+Tests for L{migrate._handoff._deadline}.
 """
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from .._deadline import DeadlinePassed, firstOf
+from .._handoff._deadline import DeadlinePassed, firstOf
 
 
 class FirstOfTests(SynchronousTestCase):

@@ -1,5 +1,5 @@
 """
-Tests for L{migrate._fdpass}: batched descriptor passing and memory files,
+Tests for L{migrate._handoff._fdpass}: batched descriptor passing and memory files,
 over real Unix socketpairs.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, cast
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from migrate._fdpass import (
+from migrate._handoff._fdpass import (
     SCM_MAX_FD,
     DescriptorTransferError,
     readMemfd,

@@ -1,9 +1,9 @@
 """
 Tests for the hand-off between an old process and its successor, one side
-at a time, with fakes: L{migrate._outgoing.OutgoingHandoff} (driven through
+at a time, with fakes: L{migrate.strategies._transfer._outgoing.OutgoingHandoff} (driven through
 a L{MigrationHost} and the real strategies) against a fake successor process
 and a fake successor end of the channel, and
-L{migrate._incoming.IncomingChannel} against a fake old end.
+L{migrate.strategies._transfer._incoming.IncomingChannel} against a fake old end.
 
 Both ends talk AMP in memory (L{twisted.test.iosim}) over a transport that
 carries descriptors as plain numbers; no process starts and no descriptor
@@ -27,9 +27,12 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from .. import _incoming, _outgoing
-from .._fdpass import DescriptorTransferError, writeMemfd
-from .._handoffprotocol import (
+from .._handoff._fdpass import DescriptorTransferError, writeMemfd
+from .._handoff._movement import MovingConnection, Unmovable
+from .._handoff._successor import SuccessorExit, SuccessorProcess
+from ..strategies import CapabilityTransfer, GradualTransfer
+from ..strategies._transfer import _incoming, _outgoing
+from ..strategies._transfer._channel import (
     HANDOFF_PROTOCOL_VERSION,
     AdoptConnections,
     Commit,
@@ -41,10 +44,7 @@ from .._handoffprotocol import (
     TakeControl,
     TakeListener,
 )
-from .._incoming import IncomingChannel
-from .._movement import MovingConnection, Unmovable
-from .._successor import SuccessorExit, SuccessorProcess
-from ..strategies import CapabilityTransfer, GradualTransfer
+from ..strategies._transfer._incoming import IncomingChannel
 from ._fakes import FakeSuccessor, RecordingPort, connectAMP
 from .test_host import Harness, harness
 
@@ -183,7 +183,7 @@ class FakeIncoming(amp.AMP):
 
 class FakeFrozen:
     """
-    Stands in for L{migrate._transport.FrozenConnection}: records whether
+    Stands in for L{migrate._handoff._transport.FrozenConnection}: records whether
     it was resumed or released.
     """
 
@@ -754,7 +754,7 @@ class FakeOutgoing(amp.AMP):
 
 class FakeInheritance:
     """
-    Stands in for L{migrate._successor.InheritedHandoff}.
+    Stands in for L{migrate._handoff._successor.InheritedHandoff}.
     """
 
     def __init__(self) -> None:
@@ -766,7 +766,7 @@ class FakeInheritance:
 
 class FakeAdopted:
     """
-    Stands in for L{migrate._movement.AdoptedConnection}.
+    Stands in for L{migrate._handoff._movement.AdoptedConnection}.
     """
 
     def __init__(self, entry: Any, descriptor: int) -> None:

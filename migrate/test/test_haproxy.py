@@ -1,5 +1,5 @@
 """
-Tests for L{migrate._haproxy}: parsing HAProxy's answers (captured from a
+Tests for L{migrate._rolling._haproxy}: parsing HAProxy's answers (captured from a
 real HAProxy 2.6), the commands L{HAProxyClient} sends, and
 L{UnixRuntimeAPI} over a real Unix socket served by a fake.
 """
@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from migrate._haproxy import (
+from migrate._rolling._haproxy import (
     HAProxyClient,
     HAProxyError,
     HAProxyUnreachable,

@@ -1,5 +1,5 @@
 """
-Tests for L{migrate._host.MigrationHost} with a memory reactor and a fake
+Tests for L{migrate._host._service.MigrationHost} with a memory reactor and a fake
 strategy, and the L{IMigrationStrategy} contract, run against
 L{migrate.testing.FakeStrategy} and the strategies that ship with migrate.
 """
@@ -21,13 +21,14 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from .. import _host, _outgoing
-from .._control import MigrationInProgress, UnknownStrategy
-from .._host import MigrationHost
+from .._control._server import MigrationInProgress, UnknownStrategy
+from .._host import _service as _host
+from .._host._service import MigrationHost
+from .._host._tracking import HostedProtocol
 from .._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
-from .._tracking import HostedProtocol
 from ..interfaces import IMigrationStrategy
 from ..strategies import CapabilityTransfer, GradualTransfer
+from ..strategies._transfer import _outgoing
 from ..testing import FakeStrategy
 from ._fakes import FakeReactor, RecordingFactory, RecordingPort
 

@@ -1,5 +1,5 @@
 """
-Tests for L{migrate._intercept}: owning a hosted plugin's listening ports.
+Tests for L{migrate._host._intercept}: owning a hosted plugin's listening ports.
 """
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from .._host import CannotListenTwice, MigrationHost
-from .._intercept import (
+from .._host._intercept import (
     CannotHost,
     ListeningInterceptor,
     tcpListenerKey,
     unixListenerKey,
 )
+from .._host._service import CannotListenTwice, MigrationHost
 from ..strategies import GradualTransfer
 
 

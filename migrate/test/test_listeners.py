@@ -1,5 +1,5 @@
 """
-Tests for L{migrate._listeners}: handing a listening socket over, on the
+Tests for L{migrate._handoff._listeners}: handing a listening socket over, on the
 real reactor with real loopback TCP (IPv4, IPv6) and Unix sockets.
 
 The "other holder" is a port adopted from a duplicate of the descriptor in
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from migrate._listeners import (
+from migrate._handoff._listeners import (
     adoptListener,
     listenerDescriptor,
     pauseListener,

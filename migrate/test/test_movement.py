@@ -1,5 +1,5 @@
 """
-Tests for L{migrate._movement}: describing frozen connections on the side
+Tests for L{migrate._handoff._movement}: describing frozen connections on the side
 that lets go, adopting and restoring them on the side that takes over.
 
 Real Unix socketpairs stand in for client connections (freezing and
@@ -22,8 +22,8 @@ from twisted.protocols.basic import LineReceiver
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from .._movement import adoptEntry, describeMovable, freezeMovable
-from .._tracking import TrackingFactory
+from .._handoff._movement import adoptEntry, describeMovable, freezeMovable
+from .._host._tracking import TrackingFactory
 from ..interfaces import IMigratable
 from ..state import StateError
 

@@ -1,5 +1,5 @@
 """
-Tests for L{migrate._pidfile}.
+Tests for L{migrate._host._pidfile}.
 """
 
 import os
@@ -7,7 +7,7 @@ import os
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
-from .._pidfile import writePidfile
+from .._host._pidfile import writePidfile
 
 
 class WritePidfileTests(SynchronousTestCase):

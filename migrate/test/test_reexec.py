@@ -1,6 +1,6 @@
 """
-Unit tests for re-exec (L{migrate._reexec}, L{migrate._reexecstate},
-L{migrate._reexecincoming}, L{migrate.strategies.reexec}): the checks, the
+Unit tests for re-exec (L{migrate.strategies._reexec._outgoing}, L{migrate.strategies._reexec._state},
+L{migrate.strategies._reexec._incoming}, L{migrate.strategies.reexec}): the checks, the
 state document, the choice of inherited descriptors and the C{execv}
 failure path, with an injected C{execv} and fake reactors.
 """
@@ -27,15 +27,14 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from migrate._codec import StateError
-from migrate._fdpass import readMemfd
-from migrate._host import HostedListener, MigrationHost
-from migrate._reexec import (
-    DescriptorMarks,
-    ReexecMigration,
-    afterPolls,
-    inheritableDescriptors,
-)
-from migrate._reexeccheck import (
+from migrate._handoff._fdpass import readMemfd
+from migrate._host._service import HostedListener, MigrationHost
+from migrate._host._tracking import TrackingFactory
+from migrate._report import MigrationPhase
+from migrate.interfaces import IMigratable, IMigrationStrategy
+from migrate.state import ProtocolState, captureProtocolState
+from migrate.strategies import strategyNamed, strategyNames
+from migrate.strategies._reexec._check import (
     DESCRIPTOR_HEADROOM,
     Program,
     checkDescriptorLimit,
@@ -43,7 +42,7 @@ from migrate._reexeccheck import (
     checkProgram,
     programOf,
 )
-from migrate._reexecincoming import (
+from migrate.strategies._reexec._incoming import (
     ReexecInheritance,
     adjustTwistdOptions,
     finishPreflight,
@@ -51,7 +50,13 @@ from migrate._reexecincoming import (
     logFileAfterExec,
     restoreReexec,
 )
-from migrate._reexecstate import (
+from migrate.strategies._reexec._outgoing import (
+    DescriptorMarks,
+    ReexecMigration,
+    afterPolls,
+    inheritableDescriptors,
+)
+from migrate.strategies._reexec._state import (
     EXEC_AT_VARIABLE,
     FORMAT_VERSION,
     PREFLIGHT_MARKER,
@@ -63,11 +68,6 @@ from migrate._reexecstate import (
     readState,
     writeState,
 )
-from migrate._report import MigrationPhase
-from migrate._tracking import TrackingFactory
-from migrate.interfaces import IMigratable, IMigrationStrategy
-from migrate.state import ProtocolState, captureProtocolState
-from migrate.strategies import strategyNamed, strategyNames
 from migrate.strategies.reexec import ReexecStrategy
 
 
@@ -1157,7 +1157,7 @@ class StateWriteFailureTests(SynchronousTestCase):
         The old image resumes every connection with its pending output and
         keeps accepting; nothing was executed; the report says why.
         """
-        from .. import _reexec
+        from ..strategies._reexec import _outgoing as _reexec
 
         def failingWrite(state: object, validate: bool = True) -> int:
             raise OSError(28, "No space left on device")

@@ -1,6 +1,6 @@
 """
 Tests for module reload (L{migrate.strategies.reload} and
-L{migrate._reload}): a host on a memory reactor, connections on
+L{migrate.strategies._reload._modules}): a host on a memory reactor, connections on
 L{StringTransport}s, and application modules written to a temporary
 directory on C{sys.path}.
 """
@@ -26,8 +26,10 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from .. import tap
-from .._host import MigrationHost
-from .._reload import (
+from .._host._service import MigrationHost
+from .._report import MigrationPhase
+from ..strategies import ModuleReload, strategyNamed, strategyNames
+from ..strategies._reload._modules import (
     DetachedTransport,
     Fingerprint,
     HeldTransport,
@@ -40,8 +42,6 @@ from .._reload import (
     importedModules,
     modulesToReload,
 )
-from .._report import MigrationPhase
-from ..strategies import ModuleReload, strategyNamed, strategyNames
 from ..strategies.reload import NoIncomingHalf
 from ._fakes import RecordingPort
 from .test_host import MigrationStrategyContractMixin

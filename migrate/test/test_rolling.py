@@ -1,5 +1,5 @@
 """
-Tests for L{migrate._rolling}: the rolling upgrade against a fake HAProxy
+Tests for L{migrate._rolling._orchestrator}: the rolling upgrade against a fake HAProxy
 on a L{Clock}, the two kinds of server upgraders, and the C{rolling}
 command.
 """
@@ -28,9 +28,9 @@ from migrate._cli import (
     _Output,
     run,
 )
-from migrate._control import MigrationInProgress
-from migrate._haproxy import HAProxyClient, HAProxyUnreachable
-from migrate._rolling import (
+from migrate._control._server import MigrationInProgress
+from migrate._rolling._haproxy import HAProxyClient, HAProxyUnreachable
+from migrate._rolling._orchestrator import (
     MigrateHostUpgrader,
     RestartCommandUpgrader,
     RollingOptions,
@@ -60,7 +60,7 @@ def _deferred(value: Any) -> Deferred[Any]:
 @define
 class FakeUpgrader:
     """
-    An L{migrate._rolling.IServerUpgrader} with scripted answers.
+    An L{migrate._rolling._orchestrator.IServerUpgrader} with scripted answers.
 
     @ivar outcome: what C{upgrade} returns: an L{UpgradeResult}, an
         exception, a L{Deferred}, or a callable producing one of those.

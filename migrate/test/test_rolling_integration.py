@@ -20,7 +20,7 @@ from twisted.internet.task import deferLater
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
 
-from migrate._haproxy import HAProxyClient, UnixRuntimeAPI
+from migrate._rolling._haproxy import HAProxyClient, UnixRuntimeAPI
 
 from ._hostprocess import (
     HostProcess,

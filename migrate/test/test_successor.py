@@ -1,5 +1,5 @@
 """
-Tests for L{migrate._successor}: starting a successor process, and what the
+Tests for L{migrate._handoff._successor}: starting a successor process, and what the
 successor finds it inherited.
 
 Unit tests drive the process protocol and L{spawnSuccessor} with fakes; the
@@ -33,8 +33,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 import migrate
-from migrate import _successor
-from migrate._successor import (
+from migrate._handoff import _successor
+from migrate._handoff._successor import (
     HANDOFF_FD_VARIABLE,
     OUTPUT_FDS_VARIABLE,
     HandoffEnvironmentError,
@@ -771,7 +771,7 @@ class RealSuccessorTests(TestCase):
         process = self.spawn(
             """
             import os, sys
-            from migrate._successor import inheritedHandoff
+            from migrate._handoff._successor import inheritedHandoff
             handoff = inheritedHandoff()
             print("before", sys.stdout.fileno())
             print("before-err", file=sys.stderr)

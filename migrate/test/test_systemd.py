@@ -32,8 +32,8 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from zope.interface import implementer
 
 from .. import tap
-from .._host import MigrationHost
-from .._listeners import releaseListener
+from .._handoff._listeners import releaseListener
+from .._host._service import MigrationHost
 from .._report import MigrationOutcome, MigrationPhase, MigrationReport
 from .._systemd import (
     SystemdNotifier,

@@ -12,7 +12,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from .. import tap
-from .._host import MigrationHost
+from .._host._service import MigrationHost
 from ..examples.chat import ChatFactory
 
 #: a factory tests can name with --app

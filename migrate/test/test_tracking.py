@@ -1,5 +1,5 @@
 """
-Tests for L{migrate._tracking}: counting an application's connections and
+Tests for L{migrate._host._tracking}: counting an application's connections and
 swapping the protocol behind a live transport.
 """
 
@@ -12,7 +12,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from .._tracking import HostedProtocol, PendingAdoptionFactory, TrackingFactory
+from .._host._tracking import HostedProtocol, PendingAdoptionFactory, TrackingFactory
 from ._fakes import RecordingFactory, RecordingProtocol
 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)

@@ -1,5 +1,5 @@
 """
-Tests for L{migrate._transport}: freezing, resuming, releasing and adopting
+Tests for L{migrate._handoff._transport}: freezing, resuming, releasing and adopting
 real connections (loopback TCP over IPv4 and IPv6, Unix stream sockets) on
 the real reactor.
 
@@ -27,7 +27,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from migrate._transport import (
+from migrate._handoff._transport import (
     FrozenConnection,
     abandonConnection,
     adoptConnection,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from .interfaces import IMigrationStrategy
+from ..interfaces import IMigrationStrategy
 
 __all__ = ["UnknownInheritedStrategy", "inheritedGeneration"]
 
@@ -42,15 +42,15 @@ def inheritedGeneration(
     @raise UnknownInheritedStrategy: if it named one this code lacks.
     """
     # Only a re-executed image pays for importing the re-exec machinery.
-    from ._reexecstate import STATE_FD_VARIABLE
+    from ..strategies._reexec._state import STATE_FD_VARIABLE
 
     if STATE_FD_VARIABLE in os.environ:
-        from ._reexecincoming import inheritedReexec
+        from ..strategies._reexec._incoming import inheritedReexec
 
         reexec = inheritedReexec()
         if reexec is not None:
             return reexec, strategyNamed("reexec")
-    from ._successor import inheritedHandoff
+    from .._handoff._successor import inheritedHandoff
 
     handoff = inheritedHandoff()
     if handoff is None:

@@ -30,11 +30,15 @@ from attrs import define
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from ._codec import StateError
-from ._control import adoptControl
-from ._listeners import adoptListener
-from ._movement import AdoptedConnection, adoptEntry
-from ._reexecstate import (
+from ..._codec import StateError
+from ..._control._server import adoptControl
+from ..._handoff._listeners import adoptListener
+from ..._handoff._movement import AdoptedConnection, adoptEntry
+from ..._handoff._transport import adoptConnection
+from ..._host._tracking import PendingAdoptionFactory
+from ..._report import ListenerReport, MigrationOutcome, MigrationReport
+from ...state import ProtocolState, restoreProtocolState
+from ._state import (
     EXEC_AT_VARIABLE,
     PREFLIGHT_MARKER,
     PREFLIGHT_VARIABLE,
@@ -44,10 +48,6 @@ from ._reexecstate import (
     ReexecState,
     readState,
 )
-from ._report import ListenerReport, MigrationOutcome, MigrationReport
-from ._tracking import PendingAdoptionFactory
-from ._transport import adoptConnection
-from .state import ProtocolState, restoreProtocolState
 
 __all__ = [
     "ReexecInheritance",

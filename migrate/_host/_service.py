@@ -18,12 +18,12 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._listeners import pauseListener, releaseListener, resumeListener
+from .._handoff._listeners import pauseListener, releaseListener, resumeListener
+from .._report import MigrationPhase, MigrationReport
+from .._systemd import activatedEndpoint, isActivated
+from ..interfaces import IMigrationStrategy
 from ._pidfile import writePidfile
-from ._report import MigrationPhase, MigrationReport
-from ._systemd import activatedEndpoint, isActivated
 from ._tracking import TrackingFactory, unclaimedFactory
-from .interfaces import IMigrationStrategy
 
 __all__ = ["MigrationHost", "HostedListener", "NotServing"]
 
@@ -122,7 +122,7 @@ class HostedListener:
 
 
 def _builtInStrategyNamed(name: str) -> IMigrationStrategy:
-    from .strategies import strategyNamed
+    from ..strategies import strategyNamed
 
     return strategyNamed(name)
 
@@ -426,7 +426,7 @@ class MigrationHost(MultiService):
     def _startControl(self) -> None:
         if self.controlPath is None or self.controlPort is not None:
             return
-        from ._control import listenControl
+        from .._control._server import listenControl
 
         self.controlPort = listenControl(self.reactor, self.controlPath, self)
         self._log.info("Control channel on {path}", path=self.controlPath)
@@ -636,7 +636,7 @@ class MigrationHost(MultiService):
             data, or failing with L{MigrationInProgress} or
             L{UnknownStrategy} when the migration cannot start.
         """
-        from ._control import MigrationInProgress, UnknownStrategy
+        from .._control._server import MigrationInProgress, UnknownStrategy
 
         if not self.serving:
             return fail(

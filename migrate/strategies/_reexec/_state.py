@@ -14,7 +14,7 @@ It holds, by descriptor number (the numbers survive C{exec}):
   - each listening socket, by the key it was configured with;
   - the control socket;
   - each established connection with its manifest entry (see
-    L{migrate._movement.freezeMovable}): the protocol's state, the output
+    L{migrate._handoff._movement.freezeMovable}): the protocol's state, the output
     Twisted had not written yet, and whether it is I{restored} (an
     L{migrate.IMigratable} protocol) or handed to a I{fresh} protocol of the
     new code (C{--reexec-unmovable adopt});
@@ -35,8 +35,8 @@ from typing import Any, Mapping
 
 from attrs import field, frozen
 
-from ._codec import StateError, encodeState
-from ._fdpass import readMemfd, writeMemfd
+from ..._codec import StateError, encodeState
+from ..._handoff._fdpass import readMemfd, writeMemfd
 
 __all__ = [
     "EXEC_AT_VARIABLE",
@@ -68,7 +68,7 @@ PREFLIGHT_VARIABLE = "MIGRATE_REEXEC_PREFLIGHT"
 """
 Set in the environment of the short-lived process that checks, before a
 re-exec, that the command line still starts and loads the application; it
-stops once its options are parsed (see L{migrate._reexecincoming}).
+stops once its options are parsed (see L{migrate.strategies._reexec._incoming}).
 """
 
 PREFLIGHT_MARKER = "migrate re-exec preflight: ready"
@@ -138,7 +138,7 @@ class InheritedConnection:
     @ivar descriptor: its socket's descriptor number.
     @ivar listener: the key of the listener that accepted it.
     @ivar entry: its manifest entry (as from
-        L{migrate._movement.freezeMovable}, for L{migrate._movement.adoptEntry}).
+        L{migrate._handoff._movement.freezeMovable}, for L{migrate._handoff._movement.adoptEntry}).
     @ivar fresh: C{True} if a fresh protocol of the new code takes it over
         (told C{connectionMade}), C{False} if its protocol is restored from
         its state.

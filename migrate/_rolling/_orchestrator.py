@@ -42,7 +42,7 @@ from twisted.protocols import amp
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from ._cli import (
+from .._cli import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_UNREACHABLE,
@@ -58,7 +58,8 @@ from ._cli import (
     _Session,
     connectControl,
 )
-from ._control import MigrationInProgress, UnknownStrategy
+from .._control._server import MigrationInProgress, UnknownStrategy
+from ..strategies import strategyNames
 from ._haproxy import (
     HAProxyClient,
     HAProxyError,
@@ -67,7 +68,6 @@ from ._haproxy import (
     ServerStat,
     UnixRuntimeAPI,
 )
-from .strategies import strategyNames
 
 __all__ = [
     "IServerUpgrader",

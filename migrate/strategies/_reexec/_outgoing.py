@@ -7,12 +7,12 @@ established connections.
 
 Once C{execv} has succeeded there is no way back, so everything that can be
 checked is checked first, while the service goes on (see
-L{migrate._reexeccheck}, and a dry run of every connection's state
+L{migrate.strategies._reexec._check}, and a dry run of every connection's state
 capture); any
 failure there refuses the migration and changes nothing.  Only then are the
 connections that cannot be carried over closed (C{--reexec-unmovable
 close}), the others frozen and described in the state document
-(L{migrate._reexecstate}), exactly the descriptors the new image needs made
+(L{migrate.strategies._reexec._state}), exactly the descriptors the new image needs made
 inheritable, and C{execv} called.  If C{execv} itself fails, everything is
 put back as it was and the migration reports a rollback.
 
@@ -23,7 +23,7 @@ What C{exec} does not keep, and how it is handled:
   - C{atexit} handlers: none run; the process does not exit;
   - threads: a migration is refused while the reactor's thread pool works,
     and rolled back at the last moment if a thread handed the reactor work
-    since (L{migrate._reexeccheck.workInFlight});
+    since (L{migrate.strategies._reexec._check.workInFlight});
   - signal handlers: they are reset to their defaults, which end the
     process for C{SIGHUP}, C{SIGINT}, C{SIGTERM} and C{SIGUSR1}.  Those
     signals are blocked from the freeze and across C{exec} (the mask and
@@ -49,16 +49,21 @@ from twisted.internet.task import deferLater
 from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 
-from ._listeners import listenerDescriptor
-from ._movement import describeMovable
-from ._reexeccheck import (
+from ..._handoff._listeners import listenerDescriptor
+from ..._handoff._movement import describeMovable
+from ..._handoff._successor import successorCommandLine
+from ..._handoff._transport import pendingOutput
+from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
+from ..._systemd import successorEnvironment
+from ...state import captureProtocolState, isMigratable
+from ._check import (
     checkDescriptorLimit,
     checkProgram,
     refusalReason,
     runPreflight,
     workInFlight,
 )
-from ._reexecstate import (
+from ._state import (
     EXEC_AT_VARIABLE,
     REEXEC_SIGNALS,
     STATE_FD_VARIABLE,
@@ -66,11 +71,6 @@ from ._reexecstate import (
     ReexecState,
     writeState,
 )
-from ._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
-from ._successor import successorCommandLine
-from ._systemd import successorEnvironment
-from ._transport import pendingOutput
-from .state import captureProtocolState, isMigratable
 
 __all__ = [
     "UNMOVABLE_POLICIES",

@@ -776,7 +776,7 @@ class HeldTransport:
     reload commits.  Calls whose name starts with C{get} (C{getPeer},
     C{getHost}, ...) are answered at once.
 
-    @ivar hosted: the connection's L{migrate._tracking.HostedProtocol}.
+    @ivar hosted: the connection's L{migrate._host._tracking.HostedProtocol}.
     """
 
     def __init__(self, hosted: Any) -> None:

@@ -19,9 +19,11 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from ._codec import StateError, decodeState
-from ._fdpass import DescriptorTransferError, readMemfd, receiveDescriptors
-from ._handoffprotocol import (
+from ..._codec import StateError, decodeState
+from ..._handoff._fdpass import DescriptorTransferError, readMemfd, receiveDescriptors
+from ..._handoff._listeners import adoptListener
+from ..._handoff._movement import AdoptedConnection, adoptEntry
+from ._channel import (
     HANDOFF_PROTOCOL_VERSION,
     AdoptConnections,
     Commit,
@@ -33,8 +35,6 @@ from ._handoffprotocol import (
     TakeControl,
     TakeListener,
 )
-from ._listeners import adoptListener
-from ._movement import AdoptedConnection, adoptEntry
 
 __all__ = ["IncomingChannel", "startIncoming"]
 
@@ -114,7 +114,7 @@ class IncomingChannel(amp.AMP):
 
     @TakeControl.responder
     def takeControl(self, socket: int) -> dict[str, Any]:
-        from ._control import adoptControl
+        from ..._control._server import adoptControl
 
         port = adoptControl(self.host.reactor, socket, self.host, accepting=False)
         self.host.adoptControlPort(port)
@@ -235,7 +235,7 @@ class IncomingChannel(amp.AMP):
 
     @Reported.responder
     def reported(self, report: str) -> dict[str, Any]:
-        from ._report import MigrationReport
+        from ..._report import MigrationReport
 
         try:
             self.host.lastReport = MigrationReport.fromJSON(json.loads(report))
@@ -287,7 +287,7 @@ def startIncoming(host: Any, inheritance: Any) -> IncomingChannel:
 
     @param host: the L{migrate.MigrationHost} that inherits.
     @param inheritance: the inherited hand-off (see
-        L{migrate._successor.inheritedHandoff}).
+        L{migrate._handoff._successor.inheritedHandoff}).
     """
     channel = IncomingChannel(host, inheritance)
     descriptor = inheritance.handoffDescriptor

@@ -18,7 +18,15 @@ from attrs import define
 from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 
-from ._tracking import HostedProtocol, PendingAdoptionFactory
+from .._host._tracking import HostedProtocol, PendingAdoptionFactory
+from ..state import (
+    ProtocolState,
+    StateError,
+    captureProtocolState,
+    isMigratable,
+    replayBufferedInput,
+    restoreProtocolState,
+)
 from ._transport import (
     FrozenConnection,
     abandonConnection,
@@ -26,14 +34,6 @@ from ._transport import (
     freezeConnection,
     pendingOutput,
     resumeConnection,
-)
-from .state import (
-    ProtocolState,
-    StateError,
-    captureProtocolState,
-    isMigratable,
-    replayBufferedInput,
-    restoreProtocolState,
 )
 
 __all__ = [

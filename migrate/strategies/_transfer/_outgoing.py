@@ -23,10 +23,19 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from ._control import encodeReport
-from ._deadline import DeadlinePassed, firstOf
-from ._fdpass import sendDescriptors, writeMemfd
-from ._handoffprotocol import (
+from ..._control._server import encodeReport
+from ..._handoff._deadline import DeadlinePassed, firstOf
+from ..._handoff._fdpass import sendDescriptors, writeMemfd
+from ..._handoff._listeners import listenerDescriptor
+from ..._handoff._movement import MovingConnection, freezeMovable
+from ..._handoff._successor import (
+    SuccessorProcess,
+    spawnSuccessor,
+    successorCommandLine,
+)
+from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
+from ..._systemd import successorEnvironment
+from ._channel import (
     HANDOFF_PROTOCOL_VERSION,
     AdoptConnections,
     Commit,
@@ -38,11 +47,6 @@ from ._handoffprotocol import (
     TakeControl,
     TakeListener,
 )
-from ._listeners import listenerDescriptor
-from ._movement import MovingConnection, freezeMovable
-from ._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
-from ._successor import SuccessorProcess, spawnSuccessor, successorCommandLine
-from ._systemd import successorEnvironment
 
 __all__ = ["OutgoingHandoff", "HandoffFailed"]
 

@@ -25,7 +25,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._reexecstate import (
+from ._state import (
     EXEC_AT_VARIABLE,
     PREFLIGHT_MARKER,
     PREFLIGHT_VARIABLE,

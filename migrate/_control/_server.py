@@ -27,7 +27,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from ._listeners import adoptListener
+from .._handoff._listeners import adoptListener
 
 __all__ = [
     "MAX_BOX_BYTES",

@@ -386,7 +386,7 @@ def adoptConnection(
     @param family: the socket's address family, when the sender said
         (saves probing each of thousands of descriptors).
     @param hold: C{False} when the caller holds back what the protocol
-        writes itself (as L{migrate._tracking.HostedProtocol} does): the
+        writes itself (as L{migrate._host._tracking.HostedProtocol} does): the
         transport then only stops reading, which is much cheaper for
         thousands of connections; give it up with L{abandonConnection} all
         the same.

@@ -9,8 +9,8 @@ from typing import Any, Callable, ClassVar
 
 from twisted.internet.defer import Deferred, succeed
 
-from .._incoming import startIncoming
-from .._outgoing import OutgoingHandoff
+from ._incoming import startIncoming
+from ._outgoing import OutgoingHandoff
 
 __all__ = ["SuccessorHandoff"]
 

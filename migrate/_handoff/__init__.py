@@ -1,0 +1,4 @@
+"""
+What every strategy composes: the successor process, descriptor passing,
+listener and connection hand-off, deadlines.
+"""

@@ -1,0 +1,4 @@
+"""
+Module reload: loading new code into the running process and upgrading its
+live protocols in place.
+"""

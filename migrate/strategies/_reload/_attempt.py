@@ -1,0 +1,658 @@
+# -*- test-case-name: migrate.test.test_reload -*-
+"""
+Module reload: the application's new code is loaded into the running
+process, and its live protocols are upgraded in place.
+
+No process starts, no socket moves, the PID stays: the new modules are
+imported beside the old ones, the listeners' factories are rebuilt by the
+new code, and each established connection's protocol object is either
+rebuilt by the new code from its state (L{IMigratable} protocols) or given
+its class's new code in place (C{__class__} assignment, where that is
+safe).  What cannot be upgraded stays on the old code, and the report says
+so.
+
+It is all or nothing.  Everything is prepared first, with nothing live
+touched: the new modules are imported under their own names, the new
+factory is built, every migratable protocol's state is taken from the old
+object, upgraded and restored into a new one (whose writes are held).  A
+module that does not import, a factory that cannot be built, or a state the
+new code refuses rolls it all back: C{sys.modules} exactly as it was, every
+protocol on the old code, and a report naming what failed.  Only then does
+it commit, in one step of the reactor: new modules stay, classes are
+swapped, protocol objects replaced, factories swapped.
+
+Why replace migratable protocol objects rather than swap their class (as
+L{twisted.python.rebuild} does)?  A new object built by the new factory
+and restored from upgraded state runs the new code entirely: its
+attributes are in the new shape (C{upgradeMigrationState}), it belongs to
+the new factory (which rebuilds its own bookkeeping, such as chat rooms,
+through C{restoreMigrationState}), and none of C{rebuild}'s blind spots
+apply (slotted classes, attributes in an old shape, C{Factory.forProtocol}
+holding the old class).  The real transport never notices: the object
+between it and the application (L{migrate._host._tracking.HostedProtocol}) is
+simply pointed at the new protocol.  For protocols that do not opt in there
+is no state to carry, so the best that can be done is C{__class__}
+assignment, which is refused where Python would refuse it or where it
+cannot be complete.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from typing import Any, Callable
+
+from attrs import define, field
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.logger import Logger
+
+from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
+from ...interfaces import IMigratable
+from ...state import (
+    StateError,
+    captureProtocolState,
+    isMigratable,
+    replayBufferedInput,
+    restoreProtocolState,
+)
+from ._modules import (
+    DetachedTransport,
+    HeldTransport,
+    ModuleFingerprints,
+    ModuleStaging,
+    ReloadFailed,
+    classSwapProblem,
+    counterpart,
+    describeError,
+    findApplicationModules,
+    hostModuleReason,
+    modulesToReload,
+)
+
+__all__ = ["FINGERPRINTS", "ReloadAttempt"]
+
+#: what this process knows about the source of the modules it reloaded
+FINGERPRINTS = ModuleFingerprints()
+
+# Module-level, not on the attempt: a logger on an object makes the object
+# the source of each event, and a buffered event would keep every old
+# protocol of that attempt alive.
+_log = Logger()
+
+#: the most wrappers followed from a connection's protocol to the
+#: application's (a TLS wrapper, a policy wrapper, ...)
+_MAX_WRAPPERS = 8
+
+#: the most names listed in one note
+_MAX_LISTED = 12
+
+
+class _Refused(Exception):
+    """
+    Preparing the reload failed; the message says where and why.
+    """
+
+
+def _listed(names: list[str]) -> str:
+    if len(names) <= _MAX_LISTED:
+        return ", ".join(names)
+    return "{} and {} more".format(
+        ", ".join(names[:_MAX_LISTED]), len(names) - _MAX_LISTED
+    )
+
+
+def _qualified(cls: type) -> str:
+    return "{}.{}".format(cls.__module__, cls.__qualname__)
+
+
+def _describePeer(hosted: Any) -> str:
+    try:
+        peer = hosted.getPeer()
+    except Exception:
+        return "an unknown peer"
+    host = getattr(peer, "host", None)
+    port = getattr(peer, "port", None)
+    if host is not None and port is not None:
+        return "{}:{}".format(host, port)
+    name = getattr(peer, "name", None)
+    if name:
+        return "unix:" + (
+            name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+        )
+    return "a {} peer".format(type(peer).__name__)
+
+
+def _versionProblem(old: type, new: type) -> str | None:
+    """
+    Why an L{IMigratable} protocol reached through a wrapper (which
+    migrate cannot rebuild from its state) cannot be upgraded in place, if
+    it cannot: its state's shape changed.
+    """
+    if not IMigratable.implementedBy(old):
+        return None
+    before = getattr(old, "migrationVersion", None)
+    after = getattr(new, "migrationVersion", None)
+    if before == after:
+        return None
+    return (
+        "{} is behind a wrapper, so it is upgraded in place, and its "
+        "migrationVersion changed ({} to {}): its state cannot be converted "
+        "in place".format(_qualified(old), before, after)
+    )
+
+
+@define
+class _Rebuilt:
+    """
+    A migratable connection whose protocol the new code rebuilt.
+    """
+
+    key: str
+    hosted: Any
+    peer: Any
+    old: Any
+    new: Any
+    held: HeldTransport
+    fromVersion: int | None
+    toVersion: int | None
+
+
+@define
+class _Listener:
+    """
+    Counts for one listener.
+    """
+
+    moved: int = 0
+    drained: int = 0
+
+
+@define
+class ReloadAttempt:
+    """
+    One reload of one host's application.
+    """
+
+    host: Any
+    progress: Callable[[str], None]
+    fingerprints: ModuleFingerprints
+    timer: Callable[[], float]
+    strategyName: str
+
+    notes: list[str] = field(factory=list)
+    durations: dict[str, float] = field(factory=dict)
+    counts: dict[str, _Listener] = field(factory=dict)
+    staging: ModuleStaging | None = None
+    rebuilt: list[_Rebuilt] = field(factory=list)
+    swaps: list[tuple[Any, type, type]] = field(factory=list)
+    newFactory: Any = None
+    started: int = 0
+    _swapProblems: dict[type, str | None] = field(factory=dict)
+
+    # Reporting
+
+    def step(self, message: str) -> None:
+        _log.info("Reload: {message}", message=message)
+        try:
+            self.progress(message)
+        except Exception:
+            _log.failure("Could not relay progress")
+
+    def report(
+        self, outcome: MigrationOutcome, reason: str | None, changedCode: bool
+    ) -> MigrationReport:
+        host = self.host
+        success = outcome is MigrationOutcome.success
+        listeners = [
+            ListenerReport(
+                key,
+                moved=self.counts[key].moved if success and key in self.counts else 0,
+                drained=(
+                    self.counts[key].drained if success and key in self.counts else 0
+                ),
+            )
+            for key in host.listeners
+        ]
+        return MigrationReport(
+            strategy=self.strategyName,
+            outcome=outcome,
+            reason=reason,
+            fromGeneration=host.generation - (1 if success and changedCode else 0),
+            toGeneration=host.generation if success and changedCode else None,
+            oldPid=host.pid,
+            newPid=None,
+            listeners=listeners,
+            durations=dict(self.durations),
+            notes=self.notes,
+        )
+
+    # The reload
+
+    def run(self) -> MigrationReport:
+        """
+        Reload the application.
+
+        @return: the report; never raises.
+        """
+        started = self.timer()
+        try:
+            report = self._run(started)
+        except Exception as e:
+            _log.failure("Reload failed unexpectedly")
+            report = self.rollBack(
+                "internal error: {}".format(describeError(e)), started
+            )
+        return report
+
+    def _run(self, started: float) -> MigrationReport:
+        host = self.host
+        spec = host.applicationSpec
+        if not spec:
+            return self.refuse(
+                "the host was not told where the application's code is (no "
+                "applicationSpec, as --app gives): module reload cannot rebuild "
+                "its factory",
+                started,
+            )
+        entry, _, attribute = spec.partition(":")
+        why = hostModuleReason(entry)
+        if why is not None:
+            return self.refuse(
+                "the application's module {} cannot be reloaded: {}".format(entry, why),
+                started,
+            )
+        explicit = list(getattr(host, "reloadModules", None) or ())
+        app = findApplicationModules(entry, explicit)
+        for name, why in app.refused:
+            self.notes.append("not reloaded: {}: {}".format(name, why))
+        self._noteNeighbours(app)
+        self.notes.append(
+            "never reloaded: Twisted, migrate itself (migrate.examples excepted), "
+            "the libraries they use and the standard library, which the host "
+            "runs on; nor any module outside the application (--app's package, "
+            "or --reload-module)"
+        )
+        if entry not in app.loaded:
+            return self.refuse(
+                "the application's module {} is not loaded from a source file in "
+                "this process".format(entry),
+                started,
+            )
+        names, changed, unknown = modulesToReload(app, self.fingerprints)
+        if changed:
+            self.notes.append("changed on disk: " + _listed(changed))
+        if unknown:
+            self.notes.append(
+                "no record of the source of {} (first reload in this process): "
+                "reloaded".format(_listed(unknown))
+            )
+        if not names:
+            self.notes.append("no application module changed on disk: nothing reloaded")
+            self.step("no application module changed; nothing to reload")
+            self.durations["total"] = self.timer() - started
+            return self.report(MigrationOutcome.success, None, changedCode=False)
+
+        host.phase = MigrationPhase.handingOff
+        self.step("importing the new code of {}".format(_listed(names)))
+        phase = self.timer()
+        self.staging = ModuleStaging(app, names)
+        try:
+            staged = self.staging.stage()
+        except ReloadFailed as e:
+            self.staging = None
+            return self.rollBack(e.reason, started)
+        self.durations["import"] = self.timer() - phase
+        phase = self.timer()
+        try:
+            self.newFactory = self._buildFactory(entry, attribute, spec)
+            self._prepareConnections(staged)
+            self._startFactory()
+        except _Refused as e:
+            return self.rollBack(str(e), started)
+        self.durations["prepare"] = self.timer() - phase
+
+        host.phase = MigrationPhase.committing
+        phase = self.timer()
+        problem = self._swapClasses()
+        if problem is not None:
+            return self.rollBack(problem, started)
+        self._commit(staged)
+        self.durations["commit"] = self.timer() - phase
+        self.durations["total"] = self.timer() - started
+        self._replay()
+        self._noteOutcome(names, staged)
+        moved = sum(each.moved for each in self.counts.values())
+        drained = sum(each.drained for each in self.counts.values())
+        self.step(
+            "generation {} serves the new code: {} connections upgraded, {} left "
+            "on the old code ({:.1f} ms)".format(
+                host.generation, moved, drained, self.durations["total"] * 1000
+            )
+        )
+        return self.report(MigrationOutcome.success, None, changedCode=True)
+
+    def refuse(self, reason: str, started: float) -> MigrationReport:
+        self.step("refused: " + reason)
+        self.durations["total"] = self.timer() - started
+        return self.report(MigrationOutcome.refused, reason, changedCode=False)
+
+    def rollBack(self, reason: str, started: float) -> MigrationReport:
+        """
+        Undo whatever was prepared: every protocol stays on the old code and
+        C{sys.modules} is as it was.
+        """
+        self.host.phase = MigrationPhase.rollingBack
+        for each in self.rebuilt:
+            each.held.discard()
+        self.rebuilt = []
+        self.swaps = []
+        while self.started:
+            self.started -= 1
+            try:
+                self.newFactory.doStop()
+            except Exception:
+                _log.failure("The new factory failed to stop")
+        self.newFactory = None
+        if self.staging is not None:
+            self.staging.restore()
+            self.staging = None
+        self.notes.append("rolled back: every connection stays on the old code")
+        self.step("rolled back: " + reason)
+        self.durations["total"] = self.timer() - started
+        return self.report(MigrationOutcome.rolledBack, reason, changedCode=False)
+
+    def _noteNeighbours(self, app: Any) -> None:
+        """
+        Name the loaded modules that live beside the application's code but
+        are not part of it: an operator who changed one of them would
+        expect it to be reloaded.
+        """
+        roots = set()
+        for name in app.loaded:
+            module = sys.modules.get(name)
+            origin = getattr(getattr(module, "__spec__", None), "origin", None)
+            if not origin:
+                continue
+            root = origin
+            for _ in range(
+                name.count(".") + (2 if origin.endswith("__init__.py") else 1)
+            ):
+                root = root.rpartition("/")[0]
+            if root and "-packages" not in root.rpartition("/")[2]:
+                roots.add(root + "/")
+        if not roots:
+            return
+        outside = []
+        for name, module in list(sys.modules.items()):
+            origin = getattr(getattr(module, "__spec__", None), "origin", None)
+            if (
+                not origin
+                or app.contains(name)
+                or name in app.loaded
+                or hostModuleReason(name) is not None
+                or not any(origin.startswith(root) for root in roots)
+            ):
+                continue
+            outside.append(name)
+        if outside:
+            self.notes.append(
+                "not reloaded, outside the application: {} (name them with "
+                "--reload-module to reload them)".format(_listed(sorted(outside)))
+            )
+
+    def _buildFactory(self, entry: str, attribute: str, spec: str) -> Any:
+        found: Any = sys.modules.get(entry)
+        try:
+            for part in attribute.split("."):
+                found = getattr(found, part)
+            if not IProtocolFactory.providedBy(found) and callable(found):
+                found = found()
+        except Exception as e:
+            raise _Refused(
+                "the new code cannot build the application's factory ({}): "
+                "{}".format(spec, describeError(e))
+            )
+        if not IProtocolFactory.providedBy(found):
+            raise _Refused(
+                "the new code's {} is not a protocol factory: {!r}".format(spec, found)
+            )
+        return found
+
+    def _prepareConnections(self, staged: dict[str, Any]) -> None:
+        """
+        Decide, and prepare, what happens to each connection.
+
+        @raise _Refused: if a migratable connection cannot be rebuilt.
+        """
+        staying: Counter[str] = Counter()
+        unchanged: Counter[str] = Counter()
+        swapped: Counter[str] = Counter()
+        for listener in self.host.listeners.values():
+            counts = self.counts.setdefault(listener.key, _Listener())
+            for hosted in listener.factory.connections:
+                protocol = hosted.wrappedProtocol
+                if protocol is None or hosted.pending or hosted.released:
+                    continue
+                if isMigratable(protocol):
+                    self._rebuild(listener.key, hosted, protocol)
+                    counts.moved += 1
+                    continue
+                swaps, why = self._planInPlace(protocol, staged)
+                if swaps is None:
+                    staying[why or "?"] += 1
+                    counts.drained += 1
+                elif swaps:
+                    self.swaps.extend(swaps)
+                    swapped[_qualified(type(protocol))] += 1
+                    counts.moved += 1
+                else:
+                    unchanged[_qualified(type(protocol))] += 1
+                    counts.moved += 1
+        for why, count in sorted(staying.items()):
+            self.notes.append(
+                "{} connection{} stay{} on the old code: {}".format(
+                    count, "" if count == 1 else "s", "s" if count == 1 else "", why
+                )
+            )
+        for name, count in sorted(swapped.items()):
+            self.notes.append(
+                "{} connection{} of {} upgraded in place (class swap; no state "
+                "conversion, and the protocol keeps its old factory object)".format(
+                    count, "" if count == 1 else "s", name
+                )
+            )
+        for name, count in sorted(unchanged.items()):
+            self.notes.append(
+                "{} connection{} of {}, which no reloaded module defines, go on "
+                "as before".format(count, "" if count == 1 else "s", name)
+            )
+
+    def _rebuild(self, key: str, hosted: Any, old: Any) -> None:
+        """
+        Take a migratable protocol's state and restore it into a protocol
+        the new factory builds, whose writes are held until the commit.
+
+        @raise _Refused: naming the connection, if that fails.
+        """
+
+        def refused(why: str) -> _Refused:
+            return _Refused(
+                "connection from {} on {}: {}".format(_describePeer(hosted), key, why)
+            )
+
+        try:
+            state = captureProtocolState(old)
+        except StateError as e:
+            raise refused(str(e))
+        peer = hosted.getPeer()
+        try:
+            new = self.newFactory.buildProtocol(peer)
+        except Exception as e:
+            raise refused(
+                "the new factory's buildProtocol failed: {}".format(describeError(e))
+            )
+        if new is None:
+            raise refused("the new factory refused it (buildProtocol returned None)")
+        held = HeldTransport(hosted)
+        rebuilt = _Rebuilt(
+            key,
+            hosted,
+            peer,
+            old,
+            new,
+            held,
+            state.version,
+            getattr(new, "migrationVersion", None),
+        )
+        self.rebuilt.append(rebuilt)
+        new.transport = held
+        new.connected = 1
+        try:
+            restoreProtocolState(new, state)
+        except StateError as e:
+            raise refused(str(e))
+
+    def _planInPlace(
+        self, protocol: Any, staged: dict[str, Any]
+    ) -> tuple[list[tuple[Any, type, type]] | None, str | None]:
+        """
+        Plan giving a protocol that does not provide L{IMigratable} the new
+        code by C{__class__} assignment: the protocol and the protocols it
+        wraps, all or none.
+
+        @return: C{(swaps, None)}, an empty list when nothing changes; or
+            C{(None, why)} when the protocol must stay on the old code.
+        """
+        chain: list[Any] = []
+        each = protocol
+        while each is not None and len(chain) < _MAX_WRAPPERS:
+            if any(each is seen for seen in chain):
+                break
+            chain.append(each)
+            try:
+                each = vars(each).get("wrappedProtocol")
+            except TypeError:
+                each = None
+        swaps: list[tuple[Any, type, type]] = []
+        for each in chain:
+            cls = type(each)
+            if cls.__module__ not in staged:
+                base = next(
+                    (b for b in cls.__mro__[1:] if b.__module__ in staged), None
+                )
+                if base is not None:
+                    return None, (
+                        "{} is defined outside the reloaded modules but inherits "
+                        "from the reloaded {}".format(_qualified(cls), _qualified(base))
+                    )
+                continue
+            new = counterpart(cls, staged)
+            if new is cls:
+                continue
+            if cls not in self._swapProblems:
+                self._swapProblems[cls] = classSwapProblem(cls, new) or _versionProblem(
+                    cls, new
+                )
+            why = self._swapProblems[cls]
+            if why is not None:
+                return None, why
+            swaps.append((each, cls, new))
+        return swaps, None
+
+    def _startFactory(self) -> None:
+        for listener in self.host.listeners.values():
+            if listener.port is None:
+                continue
+            try:
+                self.newFactory.doStart()
+            except Exception as e:
+                raise _Refused(
+                    "the new factory failed to start: {}".format(describeError(e))
+                )
+            self.started += 1
+
+    def _swapClasses(self) -> str | None:
+        """
+        Give the planned objects their new classes; if Python refuses one,
+        give every one back its old class.
+
+        @return: why it failed, or L{None}.
+        """
+        done: list[tuple[Any, type]] = []
+        for each, old, new in self.swaps:
+            try:
+                each.__class__ = new
+            except Exception as e:
+                for obj, cls in reversed(done):
+                    obj.__class__ = cls
+                return "cannot give {} its new class: {}".format(
+                    _qualified(old), describeError(e)
+                )
+            done.append((each, old))
+        return None
+
+    def _commit(self, staged: dict[str, Any]) -> None:
+        """
+        The point of no return: new modules, protocols and factories.
+        Nothing here runs application code that could fail half way but
+        the held writes and the old factory's C{doStop}, whose failures are
+        logged.
+        """
+        host = self.host
+        assert self.staging is not None
+        self.staging.commit(self.fingerprints)
+        self.staging = None
+        for each in self.rebuilt:
+            each.old.transport = DetachedTransport(each.peer, each.hosted.getHost())
+            each.old.connected = 0
+            each.hosted.replaceProtocol(each.new)
+            try:
+                each.held.release()
+            except Exception:
+                _log.failure(
+                    "Writing what the new protocol of {peer} wrote while restored "
+                    "failed",
+                    peer=each.peer,
+                )
+        oldFactories = []
+        for listener in host.listeners.values():
+            oldFactories.append((listener, listener.factory.wrappedFactory))
+            listener.factory.wrappedFactory = self.newFactory
+        host.applicationFactory = self.newFactory
+        host.generation += 1
+        for listener, old in oldFactories:
+            if listener.port is not None and old is not self.newFactory:
+                try:
+                    old.doStop()
+                except Exception:
+                    _log.failure("The old factory failed to stop")
+
+    def _replay(self) -> None:
+        for each in self.rebuilt:
+            try:
+                replayBufferedInput(each.new)
+            except Exception:
+                _log.failure("Replaying buffered input failed")
+
+    def _noteOutcome(self, names: list[str], staged: dict[str, Any]) -> None:
+        self.notes.insert(0, "reloaded: " + _listed(list(staged)))
+        added = [name for name in staged if name not in names]
+        if added:
+            self.notes.append("new application modules imported: " + _listed(added))
+        upgrades: Counter[tuple[Any, Any]] = Counter()
+        for each in self.rebuilt:
+            upgrades[(each.fromVersion, each.toVersion)] += 1
+        for (fromVersion, toVersion), count in sorted(upgrades.items(), key=repr):
+            self.notes.append(
+                "{} migratable connection{} rebuilt by the new code from state "
+                "version {}{}".format(
+                    count,
+                    "" if count == 1 else "s",
+                    fromVersion,
+                    (
+                        ""
+                        if fromVersion == toVersion
+                        else " upgraded to {}".format(toVersion)
+                    ),
+                )
+            )

@@ -1,0 +1,224 @@
+# -*- test-case-name: migrate.test.test_movers_http -*-
+"""
+The mover for twisted.web's HTTP channel: an idle HTTP/1.1 keep-alive
+connection moves to the new code's L{Site}, with the bytes of a request the
+client already started sending; a connection upgraded to a WebSocket moves
+through L{migrate._handoff._movers._websocket}; HTTP/2 never moves.
+
+C{twisted.web}'s C{Site} builds a C{_GenericHTTPChannelProtocol}, a proxy
+that picks an C{HTTPChannel} (HTTP/1.1) or an C{H2Connection} after ALPN.
+An C{HTTPChannel} between two requests holds no request and no parser state
+beyond the unparsed bytes of its C{LineReceiver}: that, its C{persistent}
+flag and what is left of its idle timeout are all that travels.  On the new
+side the new code's C{Site} builds a fresh channel, which is connected as a
+new connection would be, then given those back.
+
+This module reaches into these private attributes of Twisted 26.10, and is
+the only one to: C{_GenericHTTPChannelProtocol._channel} and
+C{_negotiatedProtocol}; C{HTTPChannel.requests}, C{_handlingRequest},
+C{_dataBuffer}, C{_waitingForTransport}, C{_HTTPChannel__first_line},
+C{_HTTPChannel__header}, the C{LineReceiver}'s C{_buffer},
+C{_busyReceiving} and C{line_mode}, and C{TimeoutMixin}'s
+C{_TimeoutMixin__timeoutCall}.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from twisted.protocols import basic
+from twisted.web.http import HTTPChannel
+from zope.interface import implementer
+
+from migrate._codec import StateError
+
+from . import _websocket
+from ._registry import IMover, NotAtSafePoint
+
+__all__ = ["GenericChannelMover"]
+
+_HTTP11 = "http/1.1"
+_WEBSOCKET = "websocket"
+
+
+def _idleRemaining(channel: HTTPChannel) -> float | None:
+    """
+    @return: the seconds left before the channel's idle timeout fires, or
+        L{None} if it has none.
+    """
+    call = getattr(channel, "_TimeoutMixin__timeoutCall", None)
+    if call is None or not call.active():
+        return None
+    return max(0.0, float(call.getTime() - call.seconds()))
+
+
+def httpBlocker(channel: HTTPChannel) -> str | None:
+    """
+    Why an HTTP/1.1 channel cannot move now.
+
+    @return: L{None} if it is between two requests; otherwise the reason.
+    """
+    if channel.requests or channel._handlingRequest:
+        return "a request is in flight"
+    if getattr(channel, "_busyReceiving", False):
+        return "it is parsing input"
+    if not channel.line_mode or channel._HTTPChannel__header:  # type: ignore[attr-defined]
+        return "a request is half received"
+    if channel._dataBuffer:
+        return "pipelined requests wait"
+    if channel._waitingForTransport:
+        return "its response is still being written"
+    return None
+
+
+@implementer(IMover)
+class GenericChannelMover:
+    """
+    The L{IMover} of a C{twisted.web.http._GenericHTTPChannelProtocol}.
+
+    Its state is one of two kinds: C{{"kind": "http/1.1", "buffer":
+    base64 text, "persistent": bool, "firstLine": int, "idle": float or
+    None}} for a channel between requests, or C{{"kind": "websocket",
+    ...}} (see L{migrate._handoff._movers._websocket}).
+    """
+
+    migrationVersion = 1
+
+    def __init__(self, protocol: Any) -> None:
+        self._protocol = protocol
+
+    @property
+    def _channel(self) -> Any:
+        return self._protocol._channel
+
+    def _wire(self) -> Any:
+        channel = self._channel
+        return _websocket.wireOf(channel) if isinstance(channel, HTTPChannel) else None
+
+    def migrationBlocker(self) -> str | None:
+        channel = self._channel
+        if not isinstance(channel, HTTPChannel):
+            return None  # HTTP/2: never moves, getMigrationState says why
+        wire = _websocket.wireOf(channel)
+        if wire is not None:
+            return _websocket.blocker(wire)
+        if not channel.persistent:
+            return None  # closing: never moves
+        return httpBlocker(channel)
+
+    def getMigrationState(self) -> Any:
+        channel = self._channel
+        if not isinstance(channel, HTTPChannel):
+            raise StateError(
+                f"an HTTP/2 connection ({type(channel).__name__}) cannot move"
+            )
+        wire = _websocket.wireOf(channel)
+        if wire is not None:
+            return {"kind": _WEBSOCKET, **_websocket.capture(channel, wire)}
+        if not channel.persistent:
+            raise StateError("the HTTP connection closes after its last response")
+        if getattr(channel.transport, "disconnecting", False):
+            raise StateError("the HTTP connection is closing")
+        reason = httpBlocker(channel)
+        if reason is not None:
+            raise NotAtSafePoint(reason)
+        return {
+            "kind": _HTTP11,
+            "buffer": base64.b64encode(channel._buffer).decode("ascii"),
+            "persistent": True,
+            "firstLine": int(channel._HTTPChannel__first_line),  # type: ignore[attr-defined]
+            "idle": _idleRemaining(channel),
+        }
+
+    def upgradeMigrationState(self, fromVersion: int, state: Any) -> Any:
+        raise StateError(
+            f"no HTTP channel state version {fromVersion} is known "
+            f"(this code reads version {self.migrationVersion})"
+        )
+
+    def restoreMigrationState(self, state: Any) -> None:
+        if type(state) is not dict or state.get("kind") not in (_HTTP11, _WEBSOCKET):
+            raise StateError("not an HTTP channel's state")
+        protocol = self._protocol
+        channel = self._channel
+        transport = getattr(protocol, "transport", None)
+        if transport is None or not isinstance(channel, HTTPChannel):
+            raise StateError("the new code's protocol is not an HTTP/1.1 channel")
+        if state["kind"] == _WEBSOCKET:
+            _websocket.restore(protocol, channel, transport, state)
+            return
+        buffered = _decode(state.get("buffer"))
+        firstLine = state.get("firstLine")
+        idle = state.get("idle")
+        if firstLine not in (1, 2) or state.get("persistent") is not True:
+            raise StateError("HTTP channel state: bad firstLine or persistent")
+        if idle is not None and type(idle) not in (int, float):
+            raise StateError("HTTP channel state: bad idle")
+        # Connected as a new connection would be (timeout, producer), then
+        # given back what the old channel held.
+        protocol.makeConnection(transport)
+        channel.persistent = True
+        channel._HTTPChannel__first_line = firstLine  # type: ignore[attr-defined]
+        channel._buffer = buffered
+        timeOut = channel.timeOut
+        if idle is not None and timeOut:
+            channel.setTimeout(min(float(idle), timeOut))
+            channel.timeOut = timeOut
+
+    def replayBufferedInput(self) -> None:
+        channel = self._channel
+        if not isinstance(channel, HTTPChannel):
+            return
+        wire = _websocket.wireOf(channel)
+        if wire is not None:
+            _websocket.replay(wire)
+        elif channel._buffer and channel.line_mode:
+            # The bytes already reset the idle timeout when they arrived.
+            basic.LineReceiver.dataReceived(channel, b"")
+
+    def closePolitely(self, code: int) -> bool:
+        channel = self._channel
+        if not isinstance(channel, HTTPChannel):
+            return _goAway(channel)
+        wire = _websocket.wireOf(channel)
+        if wire is not None:
+            return _websocket.close(wire, code)
+        if httpBlocker(channel) is None:
+            channel.loseConnection()
+            return True
+        requests = channel.requests
+        if (
+            len(requests) == 1
+            and not channel._dataBuffer
+            and not requests[0].startedWriting
+            and channel.persistent
+        ):
+            # Its response will say so, and the channel closes after it.
+            requests[0].responseHeaders.setRawHeaders(b"Connection", [b"close"])
+            channel.persistent = False
+            return True
+        return False
+
+
+def _goAway(channel: Any) -> bool:
+    """
+    Tell an HTTP/2 client to open no more streams (GOAWAY); the streams in
+    flight finish.
+    """
+    conn = getattr(channel, "conn", None)
+    transport = getattr(channel, "transport", None)
+    if conn is None or transport is None:
+        return False
+    conn.close_connection()
+    transport.write(conn.data_to_send())
+    return True
+
+
+def _decode(value: object) -> bytes:
+    if type(value) is not str:
+        raise StateError("HTTP channel state: buffer must be base64 text")
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except ValueError as e:
+        raise StateError(f"HTTP channel state: bad buffer: {e}") from e

@@ -17,7 +17,8 @@ This module reaches into these private attributes of Twisted 26.10, and is
 the only one to: C{_GenericHTTPChannelProtocol._channel} and
 C{_negotiatedProtocol}; C{HTTPChannel.requests}, C{_handlingRequest},
 C{_dataBuffer}, C{_waitingForTransport}, C{_HTTPChannel__first_line},
-C{_HTTPChannel__header}, the C{LineReceiver}'s C{_buffer},
+C{_HTTPChannel__header}, C{requestDone} (wrapped while a safe point is
+awaited), the C{LineReceiver}'s C{_buffer},
 C{_busyReceiving} and C{line_mode}, and C{TimeoutMixin}'s
 C{_TimeoutMixin__timeoutCall}.
 """
@@ -25,7 +26,7 @@ C{_TimeoutMixin__timeoutCall}.
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, Callable
 
 from twisted.protocols import basic
 from twisted.web.http import HTTPChannel
@@ -106,6 +107,32 @@ class GenericChannelMover:
         if not channel.persistent:
             return None  # closing: never moves
         return httpBlocker(channel)
+
+    def watchSafePoint(self, reached: Callable[[], None]) -> Callable[[], None]:
+        """
+        Call C{reached} as soon as the channel has answered its last
+        request, from inside C{requestDone} (before it can read the next
+        one), so that the caller can hold it there.
+
+        @return: a callable that stops watching.
+        """
+        channel = self._channel
+        if not isinstance(channel, HTTPChannel) or _websocket.wireOf(channel):
+            return lambda: None
+        original = channel.requestDone
+
+        def requestDone(request: Any) -> None:
+            original(request)
+            if not channel.requests:
+                reached()
+
+        channel.requestDone = requestDone  # type: ignore[method-assign]
+
+        def cancel() -> None:
+            if vars(channel).get("requestDone") is requestDone:
+                del channel.requestDone
+
+        return cancel
 
     def getMigrationState(self) -> Any:
         channel = self._channel

@@ -1,0 +1,246 @@
+# -*- test-case-name: migrate.test.test_safepoint -*-
+"""
+Safe points: waiting, within a bound, for connections that cannot move
+I{now} (a request in flight, a WebSocket message half received, an
+application protocol saying "not now") to reach a point where they can.
+
+Before a strategy captures the connections it moves, L{waitForSafePoints}
+asks each connection's L{IMigratable} (the application's, or migrate's own
+mover) whether it can move now.  If all can, nothing waits.  Otherwise,
+every connection that can is I{held}: the reactor stops reading it (bytes
+the client sends meanwhile wait in the kernel and move with the socket),
+so that it stays at its safe point; the others are watched (polled, and
+told at once by movers that know when, such as the HTTP channel after a
+response) and held as soon as they reach theirs.  The wait ends when none
+is left, or after the bound: those still busy then stay with the old code
+and drain.
+
+A held connection only stops reading: it goes on writing (a response
+still being sent is sent), and what its protocol asks of the transport
+(pause, resume) is remembered and carried out when it is let go
+(L{SafePoints.letGo}) if it did not move.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+from attrs import define, field
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.tcp import Connection
+from twisted.logger import Logger
+
+from migrate._codec import StateError
+
+from ._movers._registry import migratableFor, migrationBlocker
+from ._transport import _isReading
+
+__all__ = ["HeldConnection", "SafePoints", "holdReading", "waitForSafePoints"]
+
+_log = Logger()
+
+_MISSING = object()
+
+
+@define
+class HeldConnection:
+    """
+    A connection whose reading is held at its safe point.
+
+    @ivar transport: its C{twisted.internet.tcp.Connection}.
+    """
+
+    transport: Any
+    _wantReading: bool
+    _saved: dict[str, Any] = field(factory=dict)
+    _held: bool = True
+
+    def _hook(self) -> None:
+        transport = self.transport
+        for name in ("startReading", "stopReading"):
+            self._saved[name] = vars(transport).get(name, _MISSING)
+        realStop = transport.stopReading
+
+        def startReading() -> None:
+            self._wantReading = True
+
+        def stopReading() -> None:
+            self._wantReading = False
+            realStop()
+
+        transport.startReading = startReading
+        transport.stopReading = stopReading
+
+    def letGo(self) -> None:
+        """
+        It did not move: read again if its protocol wants to.  Does nothing
+        for a connection that moved (or closed) meanwhile, or twice.
+        """
+        if not self._held:
+            return
+        self._held = False
+        transport = self.transport
+        if transport.disconnected or not transport.connected:
+            return
+        for name, saved in self._saved.items():
+            if saved is _MISSING:
+                vars(transport).pop(name, None)
+            else:
+                setattr(transport, name, saved)
+        if self._wantReading and not transport.disconnecting:
+            transport.startReading()
+
+
+def holdReading(transport: Any) -> HeldConnection:
+    """
+    Stop a connection reading until L{HeldConnection.letGo}, whatever its
+    protocol asks meanwhile (a C{resumeProducing} is remembered).
+
+    @param transport: a C{twisted.internet.tcp.Connection}.
+    """
+    held = HeldConnection(transport, _isReading(transport))
+    transport.stopReading()
+    held._hook()
+    return held
+
+
+@define
+class SafePoints:
+    """
+    The outcome of L{waitForSafePoints}.
+
+    @ivar held: the connections held at their safe point.
+    @ivar atOnce: how many could move when the wait began.
+    @ivar later: how many reached their safe point while it lasted.
+    @ivar missed: how many did not within the bound (they stay).
+    @ivar waited: how long it lasted, in seconds.
+    """
+
+    held: list[HeldConnection] = field(factory=list)
+    atOnce: int = 0
+    later: int = 0
+    missed: int = 0
+    waited: float = 0.0
+
+    def letGo(self) -> None:
+        """
+        Let every held connection that did not move read again.
+        """
+        held, self.held = self.held, []
+        for each in held:
+            each.letGo()
+
+
+@define
+class _Watched:
+    transport: Any
+    migratable: Any
+    cancel: Callable[[], None] | None = None
+    held: HeldConnection | None = None
+
+
+def _blocker(migratable: Any) -> str | None:
+    try:
+        return migrationBlocker(migratable)
+    except StateError:
+        return None  # it cannot move at all: the capture will say why
+
+
+def waitForSafePoints(
+    clock: IReactorTime,
+    connections: Iterable[tuple[Any, Any]],
+    bound: float,
+    interval: float = 0.01,
+) -> Deferred[SafePoints]:
+    """
+    Wait, at most C{bound} seconds, until every connection that has a
+    migratable state but cannot move now reaches a safe point; hold each
+    connection that is at one, so that it stays there.
+
+    @param clock: the clock.
+    @param connections: (listener, hosted protocol) pairs, as from
+        C{MigrationHost.allConnections}.
+    @param bound: the longest wait, in seconds (0: do not wait).
+    @param interval: how often a connection is asked again.
+
+    @return: fires with the L{SafePoints} (never fails).  The caller
+        captures the connections, then calls L{SafePoints.letGo}.
+    """
+    started = clock.seconds()
+    result = SafePoints()
+    ready: list[_Watched] = []
+    waiting: list[_Watched] = []
+    for _, hosted in list(connections):
+        protocol = hosted.wrappedProtocol
+        transport = hosted.transport
+        if (
+            protocol is None
+            or getattr(hosted, "released", False)
+            or not isinstance(transport, Connection)
+            or getattr(transport, "TLS", False)
+            or transport.disconnecting
+        ):
+            continue
+        migratable = migratableFor(protocol)
+        if migratable is None:
+            continue
+        watched = _Watched(transport, migratable)
+        (ready if _blocker(migratable) is None else waiting).append(watched)
+    result.atOnce = len(ready)
+    done: Deferred[SafePoints] = Deferred()
+    if not waiting or bound <= 0:
+        result.missed = len(waiting)
+        done.callback(result)
+        return done
+
+    def hold(watched: _Watched) -> None:
+        if watched.held is None and not watched.transport.disconnecting:
+            watched.held = holdReading(watched.transport)
+            result.held.append(watched.held)
+
+    for watched in ready:
+        hold(watched)
+
+    def reached(watched: _Watched) -> Callable[[], None]:
+        # Told by the mover the moment the connection may be at its safe
+        # point (inside the read path, say): hold it there; the next poll
+        # checks.
+        return lambda: hold(watched)
+
+    for watched in waiting:
+        watch = getattr(watched.migratable, "watchSafePoint", None)
+        if watch is not None:
+            try:
+                watched.cancel = watch(reached(watched))
+            except Exception:
+                _log.failure("Could not watch for a safe point")
+
+    def finish() -> None:
+        for watched in waiting:
+            if watched.cancel is not None:
+                watched.cancel()
+            if watched.held is not None:
+                watched.held.letGo()
+                result.held.remove(watched.held)
+        result.missed = len(waiting)
+        result.waited = clock.seconds() - started
+        done.callback(result)
+
+    def poll() -> None:
+        for watched in list(waiting):
+            if watched.transport.disconnected:
+                waiting.remove(watched)
+            elif _blocker(watched.migratable) is None:
+                hold(watched)
+                if watched.cancel is not None:
+                    watched.cancel()
+                waiting.remove(watched)
+                result.later += 1
+        if not waiting or clock.seconds() - started >= bound:
+            finish()
+        else:
+            clock.callLater(interval, poll)
+
+    clock.callLater(0, poll)
+    return done

@@ -217,14 +217,8 @@ class HostProcess:
         workdir: str | None = None,
         extra: list[str] | None = None,
         twistdArguments: list[str] | None = None,
-        plugin: list[str] | None = None,
     ) -> None:
-        """
-        @param plugin: a twistd plugin's command line (C{["web", "--listen",
-            ...]}) to host instead of C{app} on C{port}.
-        """
         self.reactor = reactor
-        self.plugin = plugin
         self.port = port
         self.strategy = strategy
         self.app = app or "{}:makeFactory".format(APP_MODULE)
@@ -269,13 +263,17 @@ class HostProcess:
         argv = twistdCommandLine(
             self.pidfile,
             self.twistdArguments,
-            ["--control", self.control, "--strategy", self.strategy]
-            + self.extra
-            + (
-                self.plugin
-                if self.plugin is not None
-                else ["--app", self.app, "--listen", self.listen]
-            ),
+            [
+                "--control",
+                self.control,
+                "--app",
+                self.app,
+                "--listen",
+                self.listen,
+                "--strategy",
+                self.strategy,
+            ]
+            + self.extra,
         )
         log = os.open(self.logPath, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:

@@ -33,6 +33,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater, react
 from twisted.python.failure import Failure
 
+from . import _process
 from ._process import HostProcess, freePort, pidAlive, waitFor
 
 __all__ = ["main"]
@@ -52,6 +53,43 @@ _APP = textwrap.dedent("""
         def render_POST(self, request):
             return VERSION + b" " + request.content.read()
     """)
+
+
+class _PluginHost(HostProcess):
+    """
+    A host serving a twistd plugin's command line instead of an C{--app}.
+    """
+
+    def __init__(self, reactor: Any, port: int, strategy: str, workdir: str) -> None:
+        HostProcess.__init__(
+            self, reactor, port, strategy, app="unused:unused", workdir=workdir
+        )
+        self.ownWorkdir = True
+        self.plugin = [
+            "web",
+            "--listen",
+            "tcp:{}:interface=127.0.0.1:backlog=4096".format(port),
+            "--class",
+            "benchweb.Root",
+        ]
+
+    def start(self, timeout: float = 60.0) -> Deferred[dict[str, Any]]:
+        # HostProcess.start always names an --app and a --listen: put the
+        # plugin in their place.
+        original = _process.twistdCommandLine
+
+        def commandLine(
+            pidfile: str, twistdArguments: list[str], hostArguments: list[str]
+        ) -> list[str]:
+            at = hostArguments.index("--app")
+            arguments = hostArguments[:at] + hostArguments[at + 4 :] + self.plugin
+            return original(pidfile, twistdArguments, arguments)
+
+        _process.twistdCommandLine = commandLine
+        try:
+            return HostProcess.start(self, timeout)
+        finally:
+            _process.twistdCommandLine = original
 
 
 class _Client(Protocol):
@@ -103,7 +141,7 @@ class _Client(Protocol):
             self.load.answered(sent, answer, body)
             self.load.clock.callLater(self.load.interval, self.next)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = None) -> None:
         load = self.load
         if not load.running:
             return
@@ -170,21 +208,7 @@ def _writeApp(directory: str, version: bytes) -> None:
 def _migrate(reactor: Any, strategy: str, options: Any) -> Any:
     port = freePort()
     workdir = tempfile.mkdtemp(prefix="migrate-bench-web-", dir="/tmp")
-    host = HostProcess(
-        reactor,
-        port,
-        strategy,
-        workdir=workdir,
-        app="unused:unused",
-        plugin=[
-            "web",
-            "--listen",
-            "tcp:{}:interface=127.0.0.1:backlog=4096".format(port),
-            "--class",
-            "benchweb.Root",
-        ],
-    )
-    host.ownWorkdir = True
+    host = _PluginHost(reactor, port, strategy, workdir)
     _writeApp(workdir, b"v0")
     load = _Load(reactor, port, options.clients, options.interval)
     try:

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater, react
 from twisted.python.failure import Failure
 
@@ -141,7 +141,7 @@ class _Client(Protocol):
             self.load.answered(sent, answer, body)
             self.load.clock.callLater(self.load.interval, self.next)
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         load = self.load
         if not load.running:
             return

@@ -109,6 +109,14 @@ class Options(usage.Options):
         ],
         ["handoff-timeout", None, "60", "Seconds each step of a hand-off may take."],
         [
+            "safe-point-timeout",
+            None,
+            "3",
+            "Seconds a migration waits for connections that cannot move at "
+            "once (a request in flight) to reach a point where they can; "
+            "those that do not stay and drain (0: do not wait).",
+        ],
+        [
             "reexec-unmovable",
             None,
             "close",
@@ -209,6 +217,12 @@ class Options(usage.Options):
             )
         self["ready-timeout"] = _seconds("--ready-timeout", self["ready-timeout"])
         self["handoff-timeout"] = _seconds("--handoff-timeout", self["handoff-timeout"])
+        if self["safe-point-timeout"] in ("0", 0):
+            self["safe-point-timeout"] = 0.0
+        else:
+            self["safe-point-timeout"] = _seconds(
+                "--safe-point-timeout", self["safe-point-timeout"]
+            )
         if self["drain-timeout"] is not None:
             self["drain-timeout"] = _seconds("--drain-timeout", self["drain-timeout"])
         if not self["control"]:
@@ -339,6 +353,7 @@ def buildHost(reactor: Any, options: Options) -> MigrationHost:
         readyTimeout=options["ready-timeout"],
         handoffTimeout=options["handoff-timeout"],
         drainTimeout=options["drain-timeout"],
+        safePointTimeout=options["safe-point-timeout"],
         pidfile=options["pidfile"],
         applicationSpec=options["app"] if applicationService is None else None,
         strategyOptions={"reexec-unmovable": options["reexec-unmovable"]},

@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 from attrs import define, field
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.tcp import Connection
 from twisted.logger import Logger
@@ -36,7 +36,13 @@ from migrate._codec import StateError
 from ._movers._registry import migratableFor, migrationBlocker
 from ._transport import _isReading
 
-__all__ = ["HeldConnection", "SafePoints", "holdReading", "waitForSafePoints"]
+__all__ = [
+    "HeldConnection",
+    "SafePoints",
+    "atSafePoints",
+    "holdReading",
+    "waitForSafePoints",
+]
 
 _log = Logger()
 
@@ -152,6 +158,8 @@ def waitForSafePoints(
     connections: Iterable[tuple[Any, Any]],
     bound: float,
     interval: float = 0.01,
+    announce: Callable[[int], None] = lambda count: None,
+    holdAll: bool = False,
 ) -> Deferred[SafePoints]:
     """
     Wait, at most C{bound} seconds, until every connection that has a
@@ -163,6 +171,11 @@ def waitForSafePoints(
         C{MigrationHost.allConnections}.
     @param bound: the longest wait, in seconds (0: do not wait).
     @param interval: how often a connection is asked again.
+    @param announce: called with the number of connections waited for,
+        when there are any.
+    @param holdAll: hold the connections at their safe point even when
+        none is waited for (for a caller that captures them after giving
+        the reactor a few more turns).
 
     @return: fires with the L{SafePoints} (never fails).  The caller
         captures the connections, then calls L{SafePoints.letGo}.
@@ -189,15 +202,26 @@ def waitForSafePoints(
         (ready if _blocker(migratable) is None else waiting).append(watched)
     result.atOnce = len(ready)
     done: Deferred[SafePoints] = Deferred()
-    if not waiting or bound <= 0:
-        result.missed = len(waiting)
-        done.callback(result)
-        return done
 
     def hold(watched: _Watched) -> None:
         if watched.held is None and not watched.transport.disconnecting:
             watched.held = holdReading(watched.transport)
             result.held.append(watched.held)
+
+    if not waiting or bound <= 0:
+        if holdAll:
+            for watched in ready:
+                hold(watched)
+        result.missed = len(waiting)
+        done.callback(result)
+        return done
+
+    _log.info(
+        "Waiting up to {bound} s for {count} connections to reach a safe point",
+        bound=bound,
+        count=len(waiting),
+    )
+    announce(len(waiting))
 
     for watched in ready:
         hold(watched)
@@ -244,3 +268,46 @@ def waitForSafePoints(
 
     clock.callLater(0, poll)
     return done
+
+
+@inlineCallbacks
+def atSafePoints(host: Any, attempt: Any, holdAll: bool = False) -> Any:
+    """
+    Wait for the host's connections to reach their safe points, within
+    C{host.settings.safePointTimeout}, telling the migration attempt.
+
+    @param host: the L{migrate.interfaces.IMigrationHost}.
+    @param attempt: the L{migrate._handoff._attempt.MigrationAttempt}: told
+        a step when connections are waited for, and a note of how many
+        moved later and how many did not reach a safe point.
+    @param holdAll: as for L{waitForSafePoints}.
+
+    @return: a L{Deferred} firing with the L{SafePoints}.
+    """
+    bound = float(host.settings.safePointTimeout)
+
+    def announce(count: int) -> None:
+        attempt.step(
+            "waiting up to {} s for {} connection{} to reach a safe point".format(
+                bound, count, "" if count == 1 else "s"
+            )
+        )
+
+    result = yield waitForSafePoints(
+        host.reactor, host.allConnections(), bound, announce=announce, holdAll=holdAll
+    )
+    if result.later:
+        attempt.notes.append(
+            "{} connection{} reached a safe point within {:.3f} s and "
+            "moved".format(
+                result.later, "" if result.later == 1 else "s", result.waited
+            )
+        )
+    if result.missed:
+        attempt.notes.append(
+            "{} connection{} did not reach a safe point within {} s (a "
+            "request in flight, a message half received): they stay".format(
+                result.missed, "" if result.missed == 1 else "s", bound
+            )
+        )
+    return result

@@ -49,6 +49,7 @@ class Answer(Resource):
             def check():
                 if os.path.exists("release"):
                     poll.stop()
+                    request.setHeader(b"content-length", b"%d" % (len(VERSION) + 5,))
                     request.write(VERSION + b" slow")
                     request.finish()
 
@@ -253,6 +254,27 @@ class WebTestsMixin(TestCase):
         )
         return report
 
+    @inlineCallbacks
+    def slowRequestThenMove(self) -> Any:
+        """
+        A request in flight at the upgrade is answered by the old code
+        (released once the old process waits for it); its connection then
+        moves, and the new code answers the next request.
+        """
+        client = yield self.connect(HTTPClient())
+        slow = client.get(b"/slow")
+        upgrading = self.upgrade(b"v1")
+        yield waitFor(
+            lambda: "reach a safe point" in self.host.output(),
+            what="the old process to wait for the slow request",
+        )
+        self.host.workdir.child("release").touch()
+        self.assertEqual((yield slow), (200, b"v0 slow"))
+        report = yield upgrading
+        self.assertEqual(report["moved"], 1, report)
+        self.assertEqual((yield client.get(b"/a")), (200, b"v1 /a"))
+        self.assertFalse(client.lost)
+
 
 class KeepAliveTests(WebTestsMixin):
     """
@@ -345,23 +367,7 @@ class KeepAliveTests(WebTestsMixin):
         code.
         """
         yield self.startWeb(b"v0", "--safe-point-timeout", "30")
-        client = yield self.connect(HTTPClient())
-        slow = client.get(b"/slow")
-        upgrading = self.upgrade(b"v1")
-        yield waitFor(
-            lambda: "reach a safe point" in self.host.output(),
-            what="the old process to wait for the slow request",
-        )
-        self.host.workdir.child("release").touch()
-        self.assertEqual((yield slow), (200, b"v0 slow"))
-        report = yield upgrading
-        self.assertEqual(report["moved"], 1, report)
-        self.assertEqual((yield client.get(b"/a")), (200, b"v1 /a"))
-        self.assertFalse(client.lost)
-
-    test_slowRequestFinishesThenMoves.skip = (  # type: ignore[attr-defined]
-        "safe points are not wired into the strategies yet"
-    )
+        yield self.slowRequestThenMove()
 
 
 class AppSiteReexecTests(WebTestsMixin):
@@ -385,6 +391,15 @@ class AppSiteReexecTests(WebTestsMixin):
         yield self.upgrade(b"v2")
         self.assertEqual((yield client.get(b"/a")), (200, b"v2 /a"))
         self.assertFalse(client.lost)
+
+    @inlineCallbacks
+    def test_slowRequestFinishesThenMoves(self) -> Any:
+        """
+        Re-exec waits for a request in flight to be answered by the old
+        image, then the connection moves to the new one.
+        """
+        yield self.startWeb(b"v0", "--safe-point-timeout", "30", plugin=False)
+        yield self.slowRequestThenMove()
 
 
 class WebSocketTests(WebTestsMixin):

@@ -29,6 +29,7 @@ from ..._handoff._deadline import DeadlinePassed, firstOf
 from ..._handoff._fdpass import sendDescriptors, writeMemfd
 from ..._handoff._listeners import listenerDescriptor
 from ..._handoff._movement import MovingConnection, freezeMovable
+from ..._handoff._safepoint import SafePoints, atSafePoints
 from ..._handoff._successor import (
     SuccessorProcess,
     spawnSuccessor,
@@ -123,6 +124,7 @@ class OutgoingHandoff:
     channel: OutgoingChannel | None = None
     _hello: Deferred[int] = field(factory=Deferred)
     _moving: list[MovingConnection] = field(factory=list)
+    _safePoints: SafePoints = field(factory=SafePoints)
     _staying: dict[str, int] = field(factory=dict)
     _failed: dict[str, int] = field(factory=dict)
     _moved: dict[str, int] = field(factory=dict)
@@ -292,6 +294,7 @@ class OutgoingHandoff:
         host = self.host
         host.pauseAccepting()
         self._pausedAccepting = True
+        self._safePoints = yield atSafePoints(host, self._attempt)
         self._freezeMovable()
         if not self._moving:
             self._step("no connection can move")
@@ -394,6 +397,7 @@ class OutgoingHandoff:
             each.release()
             self._moved[each.listenerKey] = self._moved.get(each.listenerKey, 0) + 1
         self._moving = []
+        self._safePoints.letGo()
         if self._pausedAccepting:
             self._pausedAccepting = False
         for listener, hosted in self.host.allConnections():
@@ -424,6 +428,7 @@ class OutgoingHandoff:
             each.resume()
             self._staying[each.listenerKey] = self._staying.get(each.listenerKey, 0) + 1
         self._moving = []
+        self._safePoints.letGo()
         if self._pausedAccepting:
             self.host.resumeAccepting()
             self._pausedAccepting = False

@@ -427,3 +427,21 @@ class WebSocketTests(WebTestsMixin):
         yield waitFor(lambda: len(client.texts) == 4)
         self.assertEqual(client.texts, ["v0 welcome", "v0 1 a", "v1 2 b", "v2 3 c"])
         self.assertFalse(client.lost.called)
+
+    @inlineCallbacks
+    def test_notOptedInClosedGoingAway(self) -> Any:
+        """
+        A WebSocket protocol that does not opt in stays with the old
+        process, which closes it at the drain deadline with a close frame,
+        code 1001 (going away), not a bare close (1006).
+        """
+        yield self.startWeb(b"v0", "--drain-timeout", "1")
+        client = WebSocketClient("/plain")
+        yield self.connect(client)
+        yield client.accepted
+        report = yield self.upgrade(b"v1")
+        self.assertEqual((report["moved"], report["draining"]), (0, 1), report)
+        client.send("still here")
+        yield waitFor(lambda: client.texts[-1:] == ["v0 1 still here"])
+        yield client.lost
+        self.assertEqual(client.closeCodes, [1001])

@@ -27,7 +27,7 @@ import textwrap
 from collections import deque
 from typing import Any, Sequence
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater, react
@@ -180,8 +180,6 @@ class _Load:
         return d.addCallbacks(self.protocols.append, failed)
 
     def start(self) -> Deferred[Any]:
-        from twisted.internet.defer import gatherResults
-
         return gatherResults([self.connect(i) for i in range(self.clients)])
 
     def answered(self, sent: float, answer: bytes, body: bytes | None) -> None:
@@ -195,6 +193,14 @@ class _Load:
         for each in self.protocols:
             if each.transport is not None:
                 each.transport.loseConnection()
+
+
+def _watchExit(reactor: Any, pid: int, exits: dict[int, float]) -> Deferred[Any]:
+    """
+    Note in C{exits} when process C{pid} is gone.
+    """
+    d = waitFor(reactor, lambda: not pidAlive(pid), 30, "old process to exit", 0.01)
+    return d.addCallback(lambda _: exits.__setitem__(pid, reactor.seconds()))
 
 
 def _writeApp(directory: str, version: bytes) -> None:
@@ -216,19 +222,19 @@ def _migrate(reactor: Any, strategy: str, options: Any) -> Any:
         yield load.start()
         yield deferLater(reactor, options.gap, lambda: None)
         upgrades = []
+        exits: dict[int, float] = {}
+        watchers = []
         for n in range(1, options.upgrades + 1):
             version = b"v%d" % (n,)
             _writeApp(workdir, version)
             code, report = yield host.upgrade(None, lambda line: None)
             returned = reactor.seconds()
             upgrades.append((version, returned, code, report))
-            yield deferLater(reactor, options.gap, lambda: None)
-        exits: dict[int, float] = {}
-        for version, returned, code, report in upgrades:
             pid = report.get("oldPid")
             if pid and pid != report.get("newPid"):
-                yield waitFor(reactor, lambda: not pidAlive(pid), 30, "old exit", 0.01)
-                exits[pid] = reactor.seconds()
+                watchers.append(_watchExit(reactor, pid, exits))
+            yield deferLater(reactor, options.gap, lambda: None)
+        yield gatherResults(watchers)
     finally:
         load.stop()
         yield host.stop()

@@ -52,7 +52,6 @@ from ...interfaces import IMigratable, IMigrationHost
 from ...state import (
     StateError,
     captureProtocolState,
-    isMigratable,
     replayBufferedInput,
     restoreProtocolState,
 )
@@ -419,7 +418,10 @@ class ReloadAttempt:
                 protocol = hosted.wrappedProtocol
                 if protocol is None or hosted.pending or hosted.released:
                     continue
-                if isMigratable(protocol):
+                # The application's own opt-in only: a protocol migrate has a
+                # mover for (twisted.web's channel) is not rebuilt in the same
+                # process; it keeps its objects, as before movers existed.
+                if IMigratable.providedBy(protocol):
                     self._rebuild(listener.key, hosted, protocol)
                     counts.moved += 1
                     continue

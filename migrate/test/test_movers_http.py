@@ -142,6 +142,26 @@ class GenericChannelMoverTests(SynchronousTestCase):
         new.dataReceived(b"o HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody")
         self.assertIn(b"new /two body", newTransport.value())
 
+    def test_halfReceivedHeadersMove(self) -> None:
+        """
+        A request whose line and some headers arrived, but not the end of
+        its headers, moves: the new code parses it whole, its body included
+        once it arrives.
+        """
+        protocol, transport = _connect(self.oldSite)
+        protocol.dataReceived(
+            b"POST /two HTTP/1.1\r\nContent-Length: 4\r\nX-Folded: a\r\n b\r\nHo"
+        )
+        self.assertEqual(len(protocol._channel.requests), 1)
+        self.assertIsNone(_mover(protocol).migrationBlocker())
+        self.assertFalse(_mover(protocol).closePolitely(1001))
+        state = captureProtocolState(protocol)
+        new, newTransport = _adopt(self.newSite, state)
+        self.assertEqual(newTransport.value(), b"")
+        new.dataReceived(b"st: x\r\n\r\nbody")
+        self.assertIn(b"new /two body", newTransport.value())
+        self.assertEqual(transport.value(), b"")
+
     def test_requestInFlight(self) -> None:
         """
         A channel with a request being processed cannot move now; it can

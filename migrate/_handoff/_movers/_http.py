@@ -17,7 +17,8 @@ This module reaches into these private attributes of Twisted 26.10, and is
 the only one to: C{_GenericHTTPChannelProtocol._channel} and
 C{_negotiatedProtocol}; C{HTTPChannel.requests}, C{_handlingRequest},
 C{_dataBuffer}, C{_waitingForTransport}, C{_HTTPChannel__first_line},
-C{_HTTPChannel__header}, C{requestDone} (wrapped while a safe point is
+C{_HTTPChannel__header}, C{_command}, C{_path}, C{_version},
+C{requestDone} (wrapped while a safe point is
 awaited), the C{LineReceiver}'s C{_buffer},
 C{_busyReceiving} and C{line_mode}, and C{TimeoutMixin}'s
 C{_TimeoutMixin__timeoutCall}.
@@ -54,22 +55,52 @@ def _idleRemaining(channel: HTTPChannel) -> float | None:
     return max(0.0, float(call.getTime() - call.seconds()))
 
 
+def halfReceivedHead(channel: HTTPChannel) -> bytes | None:
+    """
+    The bytes of a request whose request line and some headers arrived but
+    not the end of its headers, as the client sent them (headers in
+    Twisted's canonical case, a folded header on one line), so that the new
+    code parses the request afresh.
+
+    @return: those bytes, or L{None} if the channel is not in that state.
+    """
+    if (
+        len(channel.requests) != 1
+        or channel._handlingRequest
+        or not channel.line_mode
+        or channel._HTTPChannel__first_line != 0  # type: ignore[attr-defined]
+        or channel._dataBuffer
+        or getattr(channel, "_busyReceiving", False)
+    ):
+        return None
+    lines = [b" ".join([channel._command, channel._path, channel._version])]
+    for name, values in channel.requests[0].requestHeaders.getAllRawHeaders():
+        lines.extend(name + b": " + value for value in values)
+    pending = channel._HTTPChannel__header  # type: ignore[attr-defined]
+    if pending:
+        lines.append(pending)
+    return b"\r\n".join(lines) + b"\r\n"
+
+
 def httpBlocker(channel: HTTPChannel) -> str | None:
     """
     Why an HTTP/1.1 channel cannot move now.
 
-    @return: L{None} if it is between two requests; otherwise the reason.
+    @return: L{None} if it is between two requests (the next one possibly
+        begun: see L{halfReceivedHead}); otherwise the reason.
     """
-    if channel.requests or channel._handlingRequest:
-        return "a request is in flight"
     if getattr(channel, "_busyReceiving", False):
         return "it is parsing input"
-    if not channel.line_mode or channel._HTTPChannel__header:  # type: ignore[attr-defined]
-        return "a request is half received"
-    if channel._dataBuffer:
-        return "pipelined requests wait"
     if channel._waitingForTransport:
         return "its response is still being written"
+    if channel._dataBuffer:
+        return "pipelined requests wait"
+    if channel.requests or channel._handlingRequest:
+        if halfReceivedHead(channel) is not None:
+            return None
+        return "a request is in flight"
+    if not channel.line_mode or channel._HTTPChannel__header:  # type: ignore[attr-defined]
+        return "a request is half received"
     return None
 
 
@@ -150,11 +181,20 @@ class GenericChannelMover:
         reason = httpBlocker(channel)
         if reason is not None:
             raise NotAtSafePoint(reason)
+        head = halfReceivedHead(channel)
+        if head is None:
+            buffered = channel._buffer
+            firstLine = int(channel._HTTPChannel__first_line)  # type: ignore[attr-defined]
+        else:
+            # The old request object is dropped (it was never processed):
+            # the new code parses the whole request.
+            buffered = head + channel._buffer
+            firstLine = 1
         return {
             "kind": _HTTP11,
-            "buffer": base64.b64encode(channel._buffer).decode("ascii"),
+            "buffer": base64.b64encode(buffered).decode("ascii"),
             "persistent": True,
-            "firstLine": int(channel._HTTPChannel__first_line),  # type: ignore[attr-defined]
+            "firstLine": firstLine,
             "idle": _idleRemaining(channel),
         }
 
@@ -211,10 +251,13 @@ class GenericChannelMover:
         wire = _websocket.wireOf(channel)
         if wire is not None:
             return _websocket.close(wire, code)
-        if httpBlocker(channel) is None:
+        if not channel.requests and httpBlocker(channel) is None:
             channel.loseConnection()
             return True
         requests = channel.requests
+        if halfReceivedHead(channel) is not None:
+            # Its persistence is decided when its headers end: ask again.
+            return False
         if (
             len(requests) == 1
             and not channel._dataBuffer

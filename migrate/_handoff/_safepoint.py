@@ -38,6 +38,7 @@ from ._transport import _isReading
 
 __all__ = [
     "HeldConnection",
+    "SafePointWatch",
     "SafePoints",
     "atSafePoints",
     "holdReading",
@@ -144,6 +145,24 @@ class _Watched:
     migratable: Any
     cancel: Callable[[], None] | None = None
     held: HeldConnection | None = None
+    listenerKey: str = ""
+    hosted: Any = None
+
+    def hold(self) -> None:
+        """
+        Hold it at its safe point (once).
+        """
+        if self.held is None and not self.transport.disconnecting:
+            self.held = holdReading(self.transport)
+
+    def stopWatching(self) -> None:
+        if self.cancel is not None:
+            self.cancel()
+            self.cancel = None
+
+    def letGo(self) -> None:
+        if self.held is not None:
+            self.held.letGo()
 
 
 def _blocker(migratable: Any) -> str | None:
@@ -311,3 +330,67 @@ def atSafePoints(host: Any, attempt: Any, holdAll: bool = False) -> Any:
             )
         )
     return result
+
+
+class SafePointWatch:
+    """
+    Busy connections watched until each reaches its safe point, where it is
+    held (it stops reading) until the caller moves it or lets it go: for a
+    caller that moves each connection as soon as it can rather than all at
+    once.
+
+    @ivar waiting: the connections not at a safe point yet.
+    """
+
+    def __init__(self, connections: Iterable[tuple[str, Any]]) -> None:
+        """
+        @param connections: (listener key, hosted protocol) pairs.
+        """
+        self.waiting: list[_Watched] = []
+        for key, hosted in connections:
+            protocol = hosted.wrappedProtocol
+            migratable = None if protocol is None else migratableFor(protocol)
+            if migratable is None or not isinstance(hosted.transport, Connection):
+                continue
+            watched = _Watched(
+                hosted.transport, migratable, listenerKey=key, hosted=hosted
+            )
+            watch = getattr(migratable, "watchSafePoint", None)
+            if watch is not None:
+                try:
+                    watched.cancel = watch(watched.hold)
+                except Exception:
+                    _log.failure("Could not watch for a safe point")
+            self.waiting.append(watched)
+
+    def takeReady(self) -> list[_Watched]:
+        """
+        The connections at their safe point now, held there, and no longer
+        watched; those that closed meanwhile are forgotten.
+        """
+        ready = []
+        for watched in list(self.waiting):
+            if watched.transport.disconnected or getattr(
+                watched.hosted, "released", False
+            ):
+                watched.stopWatching()
+                watched.letGo()
+                self.waiting.remove(watched)
+            elif _blocker(watched.migratable) is None:
+                watched.hold()
+                watched.stopWatching()
+                self.waiting.remove(watched)
+                ready.append(watched)
+        return ready
+
+    def stop(self) -> list[_Watched]:
+        """
+        Stop watching: the connections still busy are let go as they were.
+
+        @return: those connections.
+        """
+        remaining, self.waiting = self.waiting, []
+        for watched in remaining:
+            watched.stopWatching()
+            watched.letGo()
+        return remaining

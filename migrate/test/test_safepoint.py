@@ -18,7 +18,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from migrate._handoff._safepoint import holdReading, waitForSafePoints
+from migrate._handoff._safepoint import (
+    SafePointWatch,
+    holdReading,
+    waitForSafePoints,
+)
 
 _ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
 _GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -66,10 +70,10 @@ class Hosted:
     released: bool = False
 
 
-class SafePointTests(SynchronousTestCase):
+class _HTTPConnectionsMixin(SynchronousTestCase):
     """
-    L{waitForSafePoints} with HTTP channels on real (unconnected to any
-    reactor) TCP transports.
+    HTTP channels on real TCP transports (of a socketpair, with a memory
+    reactor): C{connect} makes one.
     """
 
     def setUp(self) -> None:
@@ -91,6 +95,12 @@ class SafePointTests(SynchronousTestCase):
 
     def reading(self, transport: Any) -> bool:
         return transport in self.reactor.getReaders()
+
+
+class SafePointTests(_HTTPConnectionsMixin):
+    """
+    L{waitForSafePoints}.
+    """
 
     def test_nothingToWaitFor(self) -> None:
         """
@@ -154,6 +164,47 @@ class SafePointTests(SynchronousTestCase):
         busy.wrappedProtocol.dataReceived(_GET)
         result = self.successResultOf(waitForSafePoints(self.clock, [(None, busy)], 0))
         self.assertEqual(result.missed, 1)
+
+
+class SafePointWatchTests(_HTTPConnectionsMixin):
+    """
+    L{SafePointWatch} holds each busy connection the moment it reaches its
+    safe point and hands it over when asked.
+    """
+
+    def test_takeReady(self) -> None:
+        """
+        A connection is ready (and held) once its response is done, not
+        before; one still busy is let go as it was when the watch stops.
+        """
+        first, firstTransport = self.connect()
+        second, secondTransport = self.connect()
+        first.wrappedProtocol.dataReceived(_GET)
+        second.wrappedProtocol.dataReceived(_GET)
+        watch = SafePointWatch([("a", first), ("b", second)])
+        self.assertEqual(watch.takeReady(), [])
+        self.resource.held.pop(0).finish()
+        self.assertFalse(self.reading(firstTransport))
+        [ready] = watch.takeReady()
+        self.assertEqual((ready.listenerKey, ready.hosted), ("a", first))
+        self.assertFalse(self.reading(firstTransport))
+        ready.letGo()
+        self.assertTrue(self.reading(firstTransport))
+        [remaining] = watch.stop()
+        self.assertIs(remaining.hosted, second)
+        self.assertTrue(self.reading(secondTransport))
+        self.assertNotIn("requestDone", vars(second.wrappedProtocol._channel))
+
+    def test_closedForgotten(self) -> None:
+        """
+        A connection that closed while watched is forgotten.
+        """
+        busy, transport = self.connect()
+        busy.wrappedProtocol.dataReceived(_GET)
+        watch = SafePointWatch([("a", busy)])
+        transport.disconnected = 1
+        self.assertEqual(watch.takeReady(), [])
+        self.assertEqual(watch.waiting, [])
 
 
 class HoldReadingTests(SynchronousTestCase):

@@ -369,6 +369,29 @@ class KeepAliveTests(WebTestsMixin):
         yield self.startWeb(b"v0", "--safe-point-timeout", "30")
         yield self.slowRequestThenMove()
 
+    @inlineCallbacks
+    def test_busyPastTheBoundStays(self) -> Any:
+        """
+        Idle connections move at once; a request still in flight when the
+        safe-point bound passes keeps its connection on the old code, which
+        answers it and drains; it does not hold the others back.
+        """
+        yield self.startWeb(b"v0", "--safe-point-timeout", "0.5")
+        idle = yield self.connect(HTTPClient())
+        self.assertEqual((yield idle.get(b"/a")), (200, b"v0 /a"))
+        busy = yield self.connect(HTTPClient())
+        slow = busy.get(b"/slow")
+        report = yield self.upgrade(b"v1")
+        self.assertEqual((report["moved"], report["draining"]), (1, 1), report)
+        self.assertTrue(
+            any("did not reach a safe point" in note for note in report["notes"]),
+            report,
+        )
+        self.assertEqual((yield idle.get(b"/a")), (200, b"v1 /a"))
+        self.host.workdir.child("release").touch()
+        self.assertEqual((yield slow), (200, b"v0 slow"))
+        self.assertEqual((yield busy.get(b"/a")), (200, b"v0 /a"))
+
 
 class ReexecTests(WebTestsMixin):
     """

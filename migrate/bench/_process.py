@@ -325,7 +325,7 @@ class HostProcess:
         """
         The host's status (the control channel's Status JSON).
         """
-        from .._cli import connectControl
+        from .._control._client import connectControl
 
         d: Deferred[Any] = connectControl(
             self.reactor, self.control, lambda message: None

@@ -33,7 +33,6 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater, react
 from twisted.python.failure import Failure
 
-from . import _process
 from ._process import HostProcess, freePort, pidAlive, waitFor
 
 __all__ = ["main"]
@@ -53,43 +52,6 @@ _APP = textwrap.dedent("""
         def render_POST(self, request):
             return VERSION + b" " + request.content.read()
     """)
-
-
-class _PluginHost(HostProcess):
-    """
-    A host serving a twistd plugin's command line instead of an C{--app}.
-    """
-
-    def __init__(self, reactor: Any, port: int, strategy: str, workdir: str) -> None:
-        HostProcess.__init__(
-            self, reactor, port, strategy, app="unused:unused", workdir=workdir
-        )
-        self.ownWorkdir = True
-        self.plugin = [
-            "web",
-            "--listen",
-            "tcp:{}:interface=127.0.0.1:backlog=4096".format(port),
-            "--class",
-            "benchweb.Root",
-        ]
-
-    def start(self, timeout: float = 60.0) -> Deferred[dict[str, Any]]:
-        # HostProcess.start always names an --app and a --listen: put the
-        # plugin in their place.
-        original = _process.twistdCommandLine
-
-        def commandLine(
-            pidfile: str, twistdArguments: list[str], hostArguments: list[str]
-        ) -> list[str]:
-            at = hostArguments.index("--app")
-            arguments = hostArguments[:at] + hostArguments[at + 4 :] + self.plugin
-            return original(pidfile, twistdArguments, arguments)
-
-        _process.twistdCommandLine = commandLine
-        try:
-            return HostProcess.start(self, timeout)
-        finally:
-            _process.twistdCommandLine = original
 
 
 class _Client(Protocol):
@@ -213,8 +175,20 @@ def _writeApp(directory: str, version: bytes) -> None:
 @inlineCallbacks
 def _migrate(reactor: Any, strategy: str, options: Any) -> Any:
     port = freePort()
-    workdir = tempfile.mkdtemp(prefix="migrate-bench-web-", dir="/tmp")
-    host = _PluginHost(reactor, port, strategy, workdir)
+    host = HostProcess(
+        reactor,
+        [
+            "--strategy",
+            strategy,
+            "web",
+            "--listen",
+            "tcp:{}:interface=127.0.0.1:backlog=4096".format(port),
+            "--class",
+            "benchweb.Root",
+        ],
+        prefix="migrate-bench-web-",
+    )
+    workdir = host.workdir.path
     _writeApp(workdir, b"v0")
     load = _Load(reactor, port, options.clients, options.interval)
     try:
@@ -227,7 +201,7 @@ def _migrate(reactor: Any, strategy: str, options: Any) -> Any:
         for n in range(1, options.upgrades + 1):
             version = b"v%d" % (n,)
             _writeApp(workdir, version)
-            code, report = yield host.upgrade(None, lambda line: None)
+            code, report, _ = yield host.upgrade()
             returned = reactor.seconds()
             upgrades.append((version, returned, code, report))
             pid = report.get("oldPid")

@@ -252,6 +252,32 @@ class GenericChannelMoverTests(SynchronousTestCase):
         error = self.assertRaises(StateError, captureProtocolState, protocol)
         self.assertIn("HTTP/2", str(error))
 
+    def test_http2GoAway(self) -> None:
+        """
+        An HTTP/2 connection is ended politely with GOAWAY: the streams in
+        flight finish.
+        """
+
+        class Connection:
+            closed = False
+
+            def close_connection(self) -> None:
+                self.closed = True
+
+            def data_to_send(self) -> bytes:
+                return b"GOAWAY"
+
+        class H2:
+            conn = Connection()
+            transport = StringTransport()
+
+        protocol, transport = _connect(self.oldSite)
+        channel = H2()
+        protocol._channel = channel
+        self.assertTrue(GenericChannelMover(protocol).closePolitely(1001))
+        self.assertTrue(channel.conn.closed)
+        self.assertEqual(channel.transport.value(), b"GOAWAY")
+
     def test_badState(self) -> None:
         """
         Malformed state is refused.

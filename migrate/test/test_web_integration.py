@@ -6,8 +6,10 @@ real processes and real sockets.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from typing import Any
+from unittest import SkipTest
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -391,6 +393,45 @@ class KeepAliveTests(WebTestsMixin):
         self.host.workdir.child("release").touch()
         self.assertEqual((yield slow), (200, b"v0 slow"))
         self.assertEqual((yield busy.get(b"/a")), (200, b"v0 /a"))
+
+    @inlineCallbacks
+    def test_tlsDrainsThenClosesBetweenRequests(self) -> Any:
+        """
+        An HTTP connection over TLS cannot move: the old process keeps
+        answering it, and closes it at the drain deadline between requests
+        (it is idle), so no request fails.
+        """
+        try:
+            from twisted.internet.ssl import CertificateOptions
+        except ImportError:
+            raise SkipTest("pyOpenSSL is not installed (the dev extra installs it)")
+        import twisted.test
+        from twisted.internet.endpoints import SSL4ClientEndpoint
+
+        pem = os.path.join(os.path.dirname(twisted.test.__file__), "server.pem")
+        tlsPort = freePort()
+        yield self.startWeb(
+            b"v0",
+            "--drain-timeout",
+            "1",
+            "--listen",
+            "ssl:{}:interface=127.0.0.1:privateKey={}".format(tlsPort, pem),
+            plugin=False,
+        )
+        endpoint = SSL4ClientEndpoint(
+            reactor, "127.0.0.1", tlsPort, CertificateOptions()
+        )
+        secure = yield endpoint.connect(Factory.forProtocol(HTTPClient))
+        self.addCleanup(lambda: secure.transport.loseConnection())
+        plain = yield self.connect(HTTPClient())
+        self.assertEqual((yield secure.get(b"/a")), (200, b"v0 /a"))
+        self.assertEqual((yield plain.get(b"/a")), (200, b"v0 /a"))
+        report = yield self.upgrade(b"v1")
+        self.assertEqual((report["moved"], report["draining"]), (1, 1), report)
+        self.assertEqual((yield secure.get(b"/b")), (200, b"v0 /b"))
+        self.assertEqual((yield plain.get(b"/b")), (200, b"v1 /b"))
+        yield waitFor(lambda: secure.lost, what="the drain deadline")
+        self.assertEqual(secure.waiting, deque())
 
 
 class ReexecTests(WebTestsMixin):

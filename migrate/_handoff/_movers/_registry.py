@@ -54,6 +54,11 @@ class IMover(IMigratable):
     did not write: built by the registry around that protocol, on the old
     side to capture it and on the new side (around the new code's freshly
     built protocol) to restore it.
+
+    A mover may also define C{watchSafePoint(reached)}: call C{reached()}
+    the moment the connection may have reached a safe point (from inside
+    its read path, before it can read more), and return a callable that
+    stops watching.  Without it, a busy connection is only polled.
     """
 
     def migrationBlocker() -> str | None:

@@ -274,6 +274,13 @@ class WebTestsMixin(TestCase):
         self.assertEqual((yield slow), (200, b"v0 slow"))
         report = yield upgrading
         self.assertEqual(report["moved"], 1, report)
+        self.assertTrue(
+            any(
+                "1 later" in note or "1 connection reached a safe point" in note
+                for note in report["notes"]
+            ),
+            report,
+        )
         self.assertEqual((yield client.get(b"/a")), (200, b"v1 /a"))
         self.assertFalse(client.lost)
 

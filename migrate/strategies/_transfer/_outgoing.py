@@ -442,6 +442,7 @@ class OutgoingHandoff:
             return
         clock = host.reactor
         started = clock.seconds()
+        atOnce = sum(self._moved.values())
         self._step(
             "moving {} busy connection{} at their next safe point (up to {} s)".format(
                 len(later), "" if len(later) == 1 else "s", bound
@@ -493,13 +494,12 @@ class OutgoingHandoff:
         for w in remaining:
             self._stay(w.listenerKey)
         waited = clock.seconds() - started
-        if movedLater:
-            attempt.notes.append(
-                "{} connection{} moved later, at their next safe point, within "
-                "{:.3f} s of the commit".format(
-                    movedLater, "" if movedLater == 1 else "s", waited
-                )
+        attempt.notes.append(
+            "{} connection{} moved at once, {} later (each at its next safe "
+            "point, within {:.3f} s of the commit)".format(
+                atOnce, "" if atOnce == 1 else "s", movedLater, waited
             )
+        )
         if remaining:
             attempt.notes.append(
                 "{} connection{} did not reach a safe point within {} s (a "

@@ -278,6 +278,26 @@ class GenericChannelMoverTests(SynchronousTestCase):
         self.assertTrue(channel.conn.closed)
         self.assertEqual(channel.transport.value(), b"GOAWAY")
 
+    def test_useFactory(self) -> None:
+        """
+        In the same process, a channel given the new code's L{Site} answers
+        its next request from it.
+        """
+        protocol, transport = _connect(self.oldSite)
+        protocol.dataReceived(_GET % b"one")
+        self.assertTrue(GenericChannelMover(protocol).useFactory(self.newSite))
+        protocol.dataReceived(_GET % b"two")
+        self.assertIn(b"new /two", transport.value())
+        self.assertIs(protocol.factory, self.newSite)
+
+    def test_useFactoryNotASite(self) -> None:
+        """
+        A factory that is not a L{Site} is not given to the channel.
+        """
+        protocol, transport = _connect(self.oldSite)
+        self.assertFalse(GenericChannelMover(protocol).useFactory(object()))
+        self.assertIs(protocol.factory, self.oldSite)
+
     def test_badState(self) -> None:
         """
         Malformed state is refused.

@@ -563,3 +563,28 @@ class WebSocketTests(WebTestsMixin):
         yield waitFor(lambda: client.texts[-1:] == ["v0 1 still here"])
         yield client.lost
         self.assertEqual(client.closeCodes, [1001])
+
+
+class ReloadTests(WebTestsMixin):
+    """
+    A C{Site} given with C{--app}, upgraded by module reload.
+    """
+
+    strategy = "reload"
+
+    @inlineCallbacks
+    def test_keepAliveServedByNewSite(self) -> Any:
+        """
+        After a module reload, a keep-alive connection's next request is
+        answered by the new code's C{Site}, on the same connection.
+        """
+        yield self.startWeb(b"v0", plugin=False)
+        client = yield self.connect(HTTPClient())
+        self.assertEqual((yield client.post(b"one")), (200, b"v0 one"))
+        report = yield self.upgrade(b"v1")
+        self.assertTrue(
+            any("from the new code's Site" in note for note in report["notes"]),
+            report,
+        )
+        self.assertEqual((yield client.post(b"two")), (200, b"v1 two"))
+        self.assertFalse(client.lost)

@@ -244,6 +244,32 @@ class GenericChannelMover:
             # The bytes already reset the idle timeout when they arrived.
             basic.LineReceiver.dataReceived(channel, b"")
 
+    def useFactory(self, factory: Any) -> bool:
+        """
+        In the same process (module reload): serve the channel's next
+        requests from C{factory}, the new code's C{Site}, as a channel it
+        built would be.  A request in flight finishes with the site it
+        started with; a WebSocket keeps its protocol.
+
+        @return: whether the channel was given C{factory}: it must be a
+            C{Site} (something with a C{resource} and a
+            C{requestFactory}) and the channel an HTTP/1.1 channel between
+            or during requests.
+        """
+        channel = self._channel
+        if (
+            not isinstance(channel, HTTPChannel)
+            or _websocket.wireOf(channel) is not None
+            or not hasattr(factory, "resource")
+            or not hasattr(factory, "requestFactory")
+        ):
+            return False
+        protocol = self._protocol
+        protocol.factory = factory
+        protocol.site = factory
+        protocol.requestFactory = factory.requestFactory
+        return True
+
     def closePolitely(self, code: int) -> bool:
         channel = self._channel
         if not isinstance(channel, HTTPChannel):

@@ -47,6 +47,7 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
 from ..._handoff._attempt import MigrationAttempt
+from ..._handoff._movers._registry import movers
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
 from ...interfaces import IMigratable, IMigrationHost
 from ...state import (
@@ -606,6 +607,7 @@ class ReloadAttempt:
         for listener in host.listeners.values():
             oldFactories.append((listener, listener.factory.wrappedFactory))
             listener.factory.wrappedFactory = self.newFactory
+        self._repointWebChannels(oldFactories)
         host.applicationFactory = self.newFactory
         host.generation += 1
         for listener, old in oldFactories:
@@ -614,6 +616,40 @@ class ReloadAttempt:
                     old.doStop()
                 except Exception:
                     _log.failure("The old factory failed to stop")
+
+    def _repointWebChannels(self, oldFactories: list[tuple[Any, Any]]) -> None:
+        """
+        twisted.web's channels of the old C{Site} serve their next request
+        from the new code's C{Site} (the object tree of resources it
+        builds), through migrate's mover: nothing else of them changes.
+        """
+        repointed = 0
+        for listener, old in oldFactories:
+            for hosted in listener.factory.connections:
+                protocol = hosted.wrappedProtocol
+                if (
+                    protocol is None
+                    or IMigratable.providedBy(protocol)
+                    or getattr(protocol, "factory", None) is not old
+                ):
+                    continue
+                mover = movers.moverFor(protocol)
+                useFactory = getattr(mover, "useFactory", None)
+                try:
+                    if useFactory is not None and useFactory(self.newFactory):
+                        repointed += 1
+                except Exception:
+                    _log.failure("Could not give a web channel the new Site")
+        if repointed:
+            self.attempt.notes.append(
+                "{} twisted.web connection{} serve{} {} next request from the "
+                "new code's Site".format(
+                    repointed,
+                    "" if repointed == 1 else "s",
+                    "s" if repointed == 1 else "",
+                    "its" if repointed == 1 else "their",
+                )
+            )
 
     def _replay(self) -> None:
         for each in self.rebuilt:

@@ -183,6 +183,12 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         usage.Options.__init__(self)
+        # The opt_ methods' docstrings are the help text: one line each,
+        # without their indentation.
+        self.docs = {
+            name: " ".join(doc.split()) if doc else doc
+            for name, doc in self.docs.items()
+        }
         self["listen"] = []
         self["reload-modules"] = []
         self._appGiven = False

@@ -277,6 +277,24 @@ class OneLineErrorTests(SynchronousTestCase):
         self.assertIn("--strategy", output.getvalue())
 
 
+class HelpTests(SynchronousTestCase):
+    """
+    C{twistd migrate-host --help}.
+    """
+
+    def test_noRunsOfSpaces(self) -> None:
+        """
+        The help text has no runs of spaces inside a line's text (the
+        docstrings' indentation is gone).
+        """
+        docs = tap.Options().docs
+        self.assertIn("zero-argument callable", docs["app"])
+        for name, doc in docs.items():
+            self.assertNotIn("  ", doc or "", name)
+            self.assertNotIn("\n", doc or "", name)
+        self.assertIn("a zero-argument callable", tap.Options().getUsage(width=80))
+
+
 class ModulePathHintTests(SynchronousTestCase):
     """
     An C{--app} module in the current directory that Python does not find

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from ._host._service import MigrationHost
+from ._host._settings import HostSettings
 from .strategies import strategyNamed, strategyNames
 
 __all__ = ["Options", "makeService", "buildHost", "loadFactory", "DEFAULT_APP"]
@@ -421,24 +422,27 @@ def buildHost(
         interceptor = ListeningInterceptor(reactor, None, options["listen"])
         interceptor.install()
         applicationService = plugin.makeService(options.subOptions)
+    settings = HostSettings(
+        controlPath=options["control"],
+        readyTimeout=options["ready-timeout"],
+        handoffTimeout=options["handoff-timeout"],
+        drainTimeout=options["drain-timeout"],
+        pidfile=options["pidfile"],
+        applicationSpec=options["app"] if applicationService is None else None,
+        strategyOptions={"reexec-unmovable": options["reexec-unmovable"]},
+        reloadModules=options["reload-modules"],
+    )
     host = hostType(
         reactor,
         options["factory"],
         [] if applicationService is not None else options["listen"],
         strategy,
-        controlPath=options["control"],
+        settings,
         strategyNamed=strategyNamed,
-        readyTimeout=options["ready-timeout"],
-        handoffTimeout=options["handoff-timeout"],
-        drainTimeout=options["drain-timeout"],
-        pidfile=options["pidfile"],
         forgetPidfile=options.forgetPidfile,
         inheritance=inheritance,
         inheritWith=inheritWith,
-        applicationSpec=options["app"] if applicationService is None else None,
         applicationService=applicationService,
-        strategyOptions={"reexec-unmovable": options["reexec-unmovable"]},
-        reloadModules=options["reload-modules"],
     )
     if interceptor is not None:
         interceptor.host = host

@@ -671,7 +671,7 @@ class MigrationHost(MultiService):
             L{ValueError} for an override that is not a positive number of
             seconds.
         """
-        from .._control._server import MigrationInProgress, UnknownStrategy
+        from .._control._commands import MigrationInProgress, UnknownStrategy
 
         if not self.serving:
             return fail(

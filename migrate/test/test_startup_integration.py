@@ -17,14 +17,8 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
 
-from ..bench._process import twistdCommandLine
-from ._hostprocess import (
-    LiveAppMixin,
-    _Collect,
-    _environment,
-    freePort,
-    writeModule,
-)
+from ..bench._process import SOURCE_ROOT, ProcessOutput, twistdCommandLine
+from ._hostprocess import LiveAppMixin, freePort, writeModule
 
 #: how long a host that cannot start may take to say so
 _BOUND = 60.0
@@ -59,9 +53,12 @@ class StartupErrorTests(TestCase):
         if not os.path.exists(script):
             raise SkipTest("no twistd script beside {}".format(sys.executable))
         argv[1:3] = [script]
-        collect = _Collect()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MIGRATE_")}
+        env["PYTHONPATH"] = SOURCE_ROOT
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        collect = ProcessOutput()
         process = reactor.spawnProcess(
-            collect, sys.executable, argv, env=_environment([]), path=self.workdir.path
+            collect, sys.executable, argv, env=env, path=self.workdir.path
         )
         bound = reactor.callLater(_BOUND, process.signalProcess, "KILL")
         code = yield collect.ended

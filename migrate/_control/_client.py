@@ -436,7 +436,11 @@ class Session:
             announce(before)
             try:
                 report: dict[str, Any] = await self.within(
-                    client.upgrade(strategy, overrides),
+                    (
+                        client.upgrade(strategy, overrides)
+                        if overrides
+                        else client.upgrade(strategy)
+                    ),
                     deadline,
                     "waiting for the migration report",
                 )

@@ -711,6 +711,18 @@ class FormatTests(SynchronousTestCase):
             "(pid 1234, the same process)",
         )
 
+    def test_nothingToDo(self) -> None:
+        """
+        A successful migration that changed nothing (a reload with no
+        module changed) says the generation is unchanged.
+        """
+        report = makeReport(strategy="reload", newPid=1234, toGeneration=None)
+        self.assertEqual(
+            formatReport(report).splitlines()[0],
+            "Migration success with strategy reload, generation 3 unchanged "
+            "(pid 1234, the same process)",
+        )
+
     def test_rolledBack(self) -> None:
         """
         A rollback says that the old generation still serves every

@@ -75,11 +75,13 @@ def reportSummary(report: dict[str, Any]) -> str:
         pids = "pid {}, the same process".format(oldPid)
     else:
         pids = "pid {} -> {}".format(textOf(oldPid), textOf(newPid))
+    fromGeneration = textOf(report.get("fromGeneration"))
+    toGeneration = report.get("toGeneration")
+    if report.get("outcome") == "success" and toGeneration is None:
+        # Nothing to do (a reload with no module changed): no new generation.
+        return "{}, generation {} unchanged ({})".format(head, fromGeneration, pids)
     return "{}, generation {} -> {} ({})".format(
-        head,
-        textOf(report.get("fromGeneration")),
-        textOf(report.get("toGeneration")),
-        pids,
+        head, fromGeneration, textOf(toGeneration), pids
     )
 
 

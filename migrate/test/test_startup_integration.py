@@ -170,6 +170,9 @@ class BrokenNewCodeTests(LiveAppMixin, TestCase):
 
     timeout = 120
     strategy = "capability"
+    #: how the migration ends: capability rolls back, re-exec refuses
+    #: (its preflight fails before anything changed)
+    outcome = "rolled-back"
     initialApp = (
         "from twisted.internet.protocol import Factory, Protocol\n"
         "def makeFactory():\n    return Factory.forProtocol(Protocol)\n"
@@ -180,7 +183,7 @@ class BrokenNewCodeTests(LiveAppMixin, TestCase):
         yield self.startHost()
         writeModule(self.host.workdir, "liveapp", self.initialApp + "x = (\n")
         code, report, err = yield self.host.upgrade()
-        self.assertEqual((code, report["outcome"]), (1, "rolled-back"))
+        self.assertEqual((code, report["outcome"]), (1, self.outcome))
         self.assertEqual(len(report["successorLog"]), 1, report["successorLog"])
         self.assertIn(
             "migrate-host: error: --app liveapp:makeFactory: cannot load it: "
@@ -190,3 +193,13 @@ class BrokenNewCodeTests(LiveAppMixin, TestCase):
         self.assertIn("SyntaxError", report["reason"])
         self.assertNotIn("Usage:", self.host.output())
         self.assertNotIn("Traceback", self.host.output())
+
+
+class BrokenNewCodeReexecTests(BrokenNewCodeTests):
+    """
+    The same with re-exec, whose preflight loads the new code in a child
+    process first.
+    """
+
+    strategy = "reexec"
+    outcome = "refused"

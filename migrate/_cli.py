@@ -51,6 +51,7 @@ from .strategies import strategyNames
 __all__ = [
     "DEFAULT_CONTROL",
     "MigrateOptions",
+    "VersionOption",
     "StatusOptions",
     "UpgradeOptions",
     "main",
@@ -124,7 +125,7 @@ def migrateVersion() -> str:
     return "unknown (not installed)"
 
 
-class _VersionOption:
+class VersionOption:
     """
     C{--version} prints migrate's version, not Twisted's.
     """
@@ -141,7 +142,7 @@ class _VersionOption:
         raise SystemExit(0)
 
 
-class _CommandOptions(_VersionOption, usage.Options):
+class _CommandOptions(VersionOption, usage.Options):
     optFlags: list[list[Any]] = [
         ["json", None, "Print one JSON object on the last line of standard output."],
     ]
@@ -254,7 +255,7 @@ def _rollingOptions() -> usage.Options:
     return RollingOptions()
 
 
-class MigrateOptions(_VersionOption, usage.Options):
+class MigrateOptions(VersionOption, usage.Options):
     """
     C{python -m migrate COMMAND [options]}.
     """

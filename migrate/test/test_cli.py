@@ -271,7 +271,7 @@ class UsageTests(CommandTestsMixin, SynchronousTestCase):
         C{--version}, alone or after a command, prints migrate's version
         (and Twisted's and Python's after it) and exits with status 0.
         """
-        for argv in [["--version"], ["upgrade", "--version"]]:
+        for argv in [["--version"], ["upgrade", "--version"], ["rolling", "--version"]]:
             output = StringIO()
             self.patch(sys, "stdout", output)
             outcome = self.runCommand(argv)

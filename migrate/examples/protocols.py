@@ -6,7 +6,7 @@ new code: the examples of C{doc/protocols.rst}.
     protocol built on one of Twisted's base protocols, it saves only its own
     attributes; migrate carries the half-received frame.
   - L{Tally}, an L{amp.AMP} server: AMP parses boxes on top of
-    L{Int16StringReceiver}, whose buffer migrate carries, but it keeps the
+    C{Int16StringReceiver}, whose buffer migrate carries, but it keeps the
     box it is in the middle of parsing, and the answers it waits for, in
     attributes of its own: the protocol carries the first and refuses to
     move with the second.

@@ -271,18 +271,29 @@ class Output:
 
     def announce(self, message: str) -> None:
         """
-        Say C{message} as progress once something happens: just before the
-        next progress line, and never if an error comes first (a command
-        must not claim to be doing what the host refuses).
+        Say C{message} as progress once the host has accepted: just before
+        the host's first progress line (L{hostProgress}), and never if an
+        error comes first (a command must not claim to be doing what the
+        host refuses).
         """
         self._announcement = message
 
     def progress(self, message: str) -> None:
-        announcement, self._announcement = self._announcement, None
-        if announcement is not None:
-            self.stderr.write("[migrate] {}\n".format(announcement))
+        """
+        Say what this command does now.
+        """
         self.stderr.write("[migrate] {}\n".format(message))
         self.stderr.flush()
+
+    def hostProgress(self, message: str) -> None:
+        """
+        Say what the host says it does (its L{Progress} messages), after
+        the announcement the host's first step confirms.
+        """
+        announcement, self._announcement = self._announcement, None
+        if announcement is not None:
+            self.progress(announcement)
+        self.progress(message)
 
     def error(self, message: str) -> None:
         self._announcement = None
@@ -337,7 +348,7 @@ class Session:
 
     async def open(self, deadline: float) -> ControlClient:
         client: ControlClient = await self.within(
-            self.connect(self.reactor, self.path, self.out.progress),
+            self.connect(self.reactor, self.path, self.out.hostProgress),
             deadline,
             "connecting to {}".format(self.path),
         )

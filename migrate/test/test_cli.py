@@ -44,6 +44,7 @@ from migrate._control._client import (
     BadReply,
     CannotConnect,
     HostClosedConnection,
+    Output,
     connectControl,
 )
 from migrate._control._commands import MigrationInProgress, UnknownStrategy
@@ -444,6 +445,31 @@ class UpgradeCommandTests(CommandTestsMixin, SynchronousTestCase):
         self.assertEqual(outcome.code, EXIT_FAILED)
         self.assertEqual(outcome.stderr, "migrate: a migration is already running\n")
         self.assertEqual(outcome.lastJSON["exitCode"], EXIT_FAILED)
+
+    def test_announcementNeedsTheHost(self) -> None:
+        """
+        The announcement of an upgrade is said before the host's first
+        progress line, not before this command's own lines, and never after
+        an error.
+        """
+        stderr = StringIO()
+        out = Output(StringIO(), stderr)
+        out.announce("upgrading")
+        out.progress("local")
+        out.hostProgress("spawning")
+        out.hostProgress("ready")
+        out.announce("upgrading again")
+        out.error("a migration is already running")
+        out.hostProgress("late")
+        self.assertEqual(
+            stderr.getvalue(),
+            "[migrate] local\n"
+            "[migrate] upgrading\n"
+            "[migrate] spawning\n"
+            "[migrate] ready\n"
+            "migrate: a migration is already running\n"
+            "[migrate] late\n",
+        )
 
     def test_hostDoesNotKnowStrategy(self) -> None:
         """

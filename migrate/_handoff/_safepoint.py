@@ -40,6 +40,7 @@ __all__ = [
     "HeldConnection",
     "SafePointWatch",
     "SafePoints",
+    "WatchedConnection",
     "atSafePoints",
     "holdReading",
     "waitForSafePoints",
@@ -140,7 +141,18 @@ class SafePoints:
 
 
 @define
-class _Watched:
+class WatchedConnection:
+    """
+    A connection watched for its safe point.
+
+    @ivar transport: its C{twisted.internet.tcp.Connection}.
+    @ivar migratable: what carries its state (L{migratableFor}).
+    @ivar cancel: stops the mover's watch, if it has one.
+    @ivar held: its reading held at the safe point, once it is.
+    @ivar listenerKey: the listener it was accepted on.
+    @ivar hosted: its hosted protocol.
+    """
+
     transport: Any
     migratable: Any
     cancel: Callable[[], None] | None = None
@@ -156,11 +168,17 @@ class _Watched:
             self.held = holdReading(self.transport)
 
     def stopWatching(self) -> None:
+        """
+        Stop the mover's watch (once).
+        """
         if self.cancel is not None:
             self.cancel()
             self.cancel = None
 
     def letGo(self) -> None:
+        """
+        Let it read again if it did not move.
+        """
         if self.held is not None:
             self.held.letGo()
 
@@ -201,8 +219,8 @@ def waitForSafePoints(
     """
     started = clock.seconds()
     result = SafePoints()
-    ready: list[_Watched] = []
-    waiting: list[_Watched] = []
+    ready: list[WatchedConnection] = []
+    waiting: list[WatchedConnection] = []
     for _, hosted in list(connections):
         protocol = hosted.wrappedProtocol
         transport = hosted.transport
@@ -217,12 +235,12 @@ def waitForSafePoints(
         migratable = migratableFor(protocol)
         if migratable is None:
             continue
-        watched = _Watched(transport, migratable)
+        watched = WatchedConnection(transport, migratable)
         (ready if _blocker(migratable) is None else waiting).append(watched)
     result.atOnce = len(ready)
     done: Deferred[SafePoints] = Deferred()
 
-    def hold(watched: _Watched) -> None:
+    def hold(watched: WatchedConnection) -> None:
         if watched.held is None and not watched.transport.disconnecting:
             watched.held = holdReading(watched.transport)
             result.held.append(watched.held)
@@ -245,7 +263,7 @@ def waitForSafePoints(
     for watched in ready:
         hold(watched)
 
-    def reached(watched: _Watched) -> Callable[[], None]:
+    def reached(watched: WatchedConnection) -> Callable[[], None]:
         # Told by the mover the moment the connection may be at its safe
         # point (inside the read path, say): hold it there; the next poll
         # checks.
@@ -346,13 +364,13 @@ class SafePointWatch:
         """
         @param connections: (listener key, hosted protocol) pairs.
         """
-        self.waiting: list[_Watched] = []
+        self.waiting: list[WatchedConnection] = []
         for key, hosted in connections:
             protocol = hosted.wrappedProtocol
             migratable = None if protocol is None else migratableFor(protocol)
             if migratable is None or not isinstance(hosted.transport, Connection):
                 continue
-            watched = _Watched(
+            watched = WatchedConnection(
                 hosted.transport, migratable, listenerKey=key, hosted=hosted
             )
             watch = getattr(migratable, "watchSafePoint", None)
@@ -363,7 +381,7 @@ class SafePointWatch:
                     _log.failure("Could not watch for a safe point")
             self.waiting.append(watched)
 
-    def takeReady(self) -> list[_Watched]:
+    def takeReady(self) -> list[WatchedConnection]:
         """
         The connections at their safe point now, held there, and no longer
         watched; those that closed meanwhile are forgotten.
@@ -383,7 +401,7 @@ class SafePointWatch:
                 ready.append(watched)
         return ready
 
-    def stop(self) -> list[_Watched]:
+    def stop(self) -> list[WatchedConnection]:
         """
         Stop watching: the connections still busy are let go as they were.
 

@@ -38,7 +38,7 @@ from migrate._codec import StateError
 from . import _websocket
 from ._registry import IMover, NotAtSafePoint
 
-__all__ = ["GenericChannelMover"]
+__all__ = ["GenericChannelMover", "halfReceivedHead", "httpBlocker"]
 
 _HTTP11 = "http/1.1"
 _WEBSOCKET = "websocket"

@@ -19,6 +19,13 @@ A held connection only stops reading: it goes on writing (a response
 still being sent is sent), and what its protocol asks of the transport
 (pause, resume) is remembered and carried out when it is let go
 (L{SafePoints.letGo}) if it did not move.
+
+Two ways to use it: re-exec, which cannot move anything after its C{exec},
+waits for them all before it freezes (L{atSafePoints}, holding every
+connection from the plan to the exec); capability transfer moves what can
+move at once, commits, and then takes each busy connection from a
+L{SafePointWatch} the moment it is ready, in small batches, while the new
+code already serves everyone else.
 """
 
 from __future__ import annotations

@@ -201,7 +201,12 @@ class OutgoingHandoff:
             return self._report(MigrationOutcome.rolledBack, reason, None)
         self.host.abortWith(None)
         self._releaseMoved()
-        yield self._moveLater()
+        try:
+            yield self._moveLater()
+        except Exception:
+            # Committed: whatever went wrong, the busy connections stay
+            # here and drain, and the hand-on below must happen.
+            _log.failure("Moving busy connections after the commit failed")
         report = self._report(MigrationOutcome.success, None, newPid)
         self._step(
             "successor {} serves generation {}; {} moved, {} draining here".format(

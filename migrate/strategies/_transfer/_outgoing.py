@@ -483,41 +483,46 @@ class OutgoingHandoff:
         watch = SafePointWatch([(u.listenerKey, u.hosted) for u in later])
         movedLater = 0
         problem: str | None = None
-        while watch.waiting and problem is None:
-            if clock.seconds() - started >= bound:
-                break
-            yield deferLater(clock, _LATER_INTERVAL, lambda: None)
-            ready = watch.takeReady()
-            if not ready:
-                continue
-            listeners = host.listeners
-            moving, staying = freezeMovable(
-                [(listeners[w.listenerKey], w.hosted) for w in ready]
-            )
-            try:
-                if moving:
-                    yield self._sendConnections(moving)
-                    yield self._call(
-                        CommitAdopted,
-                        "committing {} connections at their safe point".format(
-                            len(moving)
-                        ),
-                    )
-            except Exception as e:
-                problem = _describe(e)
-                for m in moving:
-                    m.resume()
-                    self._stay(m.listenerKey)
-            else:
-                for m in moving:
-                    m.release()
-                    self._moved[m.listenerKey] = self._moved.get(m.listenerKey, 0) + 1
-                movedLater += len(moving)
-            for u in staying:
-                self._stay(u.listenerKey)
-            for w in ready:
-                w.letGo()
-        remaining = watch.stop()
+        try:
+            while watch.waiting and problem is None:
+                if clock.seconds() - started >= bound:
+                    break
+                yield deferLater(clock, _LATER_INTERVAL, lambda: None)
+                ready = watch.takeReady()
+                if not ready:
+                    continue
+                listeners = host.listeners
+                moving, staying = freezeMovable(
+                    [(listeners[w.listenerKey], w.hosted) for w in ready]
+                )
+                try:
+                    if moving:
+                        yield self._sendConnections(moving)
+                        yield self._call(
+                            CommitAdopted,
+                            "committing {} connections at their safe point".format(
+                                len(moving)
+                            ),
+                        )
+                except Exception as e:
+                    problem = _describe(e)
+                    for m in moving:
+                        m.resume()
+                        self._stay(m.listenerKey)
+                else:
+                    for m in moving:
+                        m.release()
+                        self._moved[m.listenerKey] = (
+                            self._moved.get(m.listenerKey, 0) + 1
+                        )
+                    movedLater += len(moving)
+                for u in staying:
+                    self._stay(u.listenerKey)
+                for w in ready:
+                    w.letGo()
+        finally:
+            # Busy ones still watched read again as they were.
+            remaining = watch.stop()
         for w in remaining:
             self._stay(w.listenerKey)
         waited = clock.seconds() - started

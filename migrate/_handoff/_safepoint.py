@@ -128,7 +128,7 @@ class SafePoints:
     @ivar held: the connections held at their safe point.
     @ivar atOnce: how many could move when the wait began.
     @ivar later: how many reached their safe point while it lasted.
-    @ivar missed: how many did not within the bound (they stay).
+    @ivar missed: how many did not within the bound.
     @ivar waited: how long it lasted, in seconds.
     """
 
@@ -315,7 +315,12 @@ def waitForSafePoints(
 
 
 @inlineCallbacks
-def atSafePoints(host: Any, attempt: Any, holdAll: bool = False) -> Any:
+def atSafePoints(
+    host: Any,
+    attempt: Any,
+    holdAll: bool = False,
+    missedFate: str = "they stay",
+) -> Any:
     """
     Wait for the host's connections to reach their safe points, within
     C{host.settings.safePointTimeout}, telling the migration attempt.
@@ -325,6 +330,8 @@ def atSafePoints(host: Any, attempt: Any, holdAll: bool = False) -> Any:
         a step when connections are waited for, and a note of how many
         moved later and how many did not reach a safe point.
     @param holdAll: as for L{waitForSafePoints}.
+    @param missedFate: what the note says becomes of the connections that
+        did not reach a safe point.
 
     @return: a L{Deferred} firing with the L{SafePoints}.
     """
@@ -350,8 +357,8 @@ def atSafePoints(host: Any, attempt: Any, holdAll: bool = False) -> Any:
     if result.missed:
         attempt.notes.append(
             "{} connection{} did not reach a safe point within {} s (a "
-            "request in flight, a message half received): they stay".format(
-                result.missed, "" if result.missed == 1 else "s", bound
+            "request in flight, a message half received): {}".format(
+                result.missed, "" if result.missed == 1 else "s", bound, missedFate
             )
         )
     return result

@@ -336,7 +336,12 @@ class ReexecMigration:
         host.pauseAccepting()
         # Every connection that moves stays at its safe point from the plan
         # to the exec.
-        safePoints = yield atSafePoints(host, self._attempt, holdAll=True)
+        safePoints = yield atSafePoints(
+            host,
+            self._attempt,
+            holdAll=True,
+            missedFate="they are closed politely before the exec",
+        )
         phaseDone("safepoints")
         try:
             plan = self._plan()

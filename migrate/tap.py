@@ -14,6 +14,8 @@ from typing import Any
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.python import usage
 
+from ._host._daemon import isForeground, keepSuccessorInForeground
+from ._host._keeping import KEEPER_MODES
 from ._host._service import MigrationHost
 from .strategies import strategyNamed, strategyNames
 
@@ -114,6 +116,15 @@ class Options(usage.Options):
             "Re-exec: what happens to connections whose protocol does not "
             "provide IMigratable: close (cleanly, before the exec) or adopt "
             "(a fresh protocol of the new code takes them over).",
+        ],
+        [
+            "keeper",
+            None,
+            "auto",
+            "auto, on or off: whether the process a supervisor started (a "
+            "container's PID 1, tini, a terminal) stays as a small keeper when "
+            "a transfer strategy hands the service on; auto: on in the "
+            "foreground without systemd's NOTIFY_SOCKET.",
         ],
     ]
 
@@ -221,6 +232,14 @@ class Options(usage.Options):
             )
         if self.subCommand is None:
             self["factory"] = loadFactory(self["app"])
+        if self["keeper"] not in KEEPER_MODES:
+            raise usage.UsageError(
+                "--keeper must be one of {}, not {!r}".format(
+                    ", ".join(KEEPER_MODES), self["keeper"]
+                )
+            )
+        self["foreground"] = isForeground(getattr(self, "parent", None))
+        keepSuccessorInForeground(getattr(self, "parent", None))
         self._takePidfile()
         from .strategies._reexec._incoming import finishPreflight
 
@@ -310,12 +329,14 @@ class _NoReactor:
     """
 
 
-def buildHost(reactor: Any, options: Options) -> MigrationHost:
+def buildHost(reactor: Any, options: Options, keeper: Any = None) -> MigrationHost:
     """
     Build the host service from parsed options.
 
     @param reactor: the reactor the host uses.
     @param options: parsed L{Options}.
+    @param keeper: this process's part in keeping the process a supervisor
+        started (see L{migrate._host._keeping.keeperFor}); none by default.
     """
     from ._host._inheritance import UnknownInheritedStrategy, inheritedGeneration
 
@@ -351,7 +372,11 @@ def buildHost(reactor: Any, options: Options) -> MigrationHost:
         applicationService=applicationService,
         strategyOptions={"reexec-unmovable": options["reexec-unmovable"]},
         reloadModules=options["reload-modules"],
+        stopProcess=getattr(keeper, "stopProcess", None),
     )
+    if keeper is not None:
+        host.keeper = keeper
+        host.addObserver(keeper)
     if interceptor is not None:
         interceptor.host = host
     from ._systemd import notifierFromEnvironment
@@ -368,4 +393,10 @@ def makeService(options: Options) -> MigrationHost:
     """
     from twisted.internet import reactor
 
-    return buildHost(reactor, options)
+    from ._host._keeping import chooseKeeper, keeperFor
+
+    choice = chooseKeeper(
+        options["keeper"], foreground=options["foreground"], environ=os.environ
+    )
+    keeper = keeperFor(reactor, choice, pidfile=options["pidfile"])
+    return buildHost(reactor, options, keeper)

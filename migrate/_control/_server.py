@@ -39,6 +39,7 @@ __all__ = [
     "ControlSocketInUse",
     "IControlledHost",
     "MigrationInProgress",
+    "MigrationRefused",
     "Progress",
     "Status",
     "UnknownStrategy",
@@ -76,6 +77,14 @@ class MigrationInProgress(Exception):
     """
     A migration is already running (or this process no longer serves), so
     another cannot start now.
+    """
+
+
+class MigrationRefused(MigrationInProgress):
+    """
+    The host refuses this migration: it would end a process that must stay
+    (a container's PID 1 without a keeper).  Sent as
+    L{MigrationInProgress}: a migration that cannot start.
     """
 
 

@@ -22,7 +22,7 @@ from .._handoff._listeners import pauseListener, releaseListener, resumeListener
 from .._report import MigrationPhase, MigrationReport
 from .._systemd import activatedEndpoint, isActivated
 from ..interfaces import IMigrationStrategy
-from ._pidfile import writePidfile
+from ._pidfile import removePidfileNaming, writePidfile
 from ._tracking import TrackingFactory, unclaimedFactory
 
 __all__ = ["MigrationHost", "HostedListener", "NotServing"]
@@ -279,6 +279,9 @@ class MigrationHost(MultiService):
         self.abortMigration: Callable[[str], None] | None = None
         self._previousHangup: Any = None
         self.pid = os.getpid()
+        #: this process's part in keeping the process a supervisor started
+        #: (L{migrate._host._keeping}), if any
+        self.keeper: Any = None
 
     # Service
 
@@ -335,6 +338,11 @@ class MigrationHost(MultiService):
 
     def _stopNow(self) -> Deferred[None] | None:
         stops = []
+        if self.serving and self.pidfile:
+            # A successor or re-executed image did not write its pidfile in
+            # twistd's eyes, so twistd would leave it behind.
+            if removePidfileNaming(self.pidfile, self.pid):
+                self.forgetPidfile()
         if self._applicationStarted():
             stops.append(maybeDeferred(MultiService.stopService, self))
         else:
@@ -624,6 +632,7 @@ class MigrationHost(MultiService):
             "connections": sum(each["connections"] for each in listeners),
             "draining": self.drainingGenerations(),
             "lastReport": None if self.lastReport is None else self.lastReport.toJSON(),
+            "keeper": None if self.keeper is None else self.keeper.statusEntry(),
         }
 
     def requestUpgrade(
@@ -636,7 +645,11 @@ class MigrationHost(MultiService):
             data, or failing with L{MigrationInProgress} or
             L{UnknownStrategy} when the migration cannot start.
         """
-        from .._control._server import MigrationInProgress, UnknownStrategy
+        from .._control._server import (
+            MigrationInProgress,
+            MigrationRefused,
+            UnknownStrategy,
+        )
 
         if not self.serving:
             return fail(
@@ -661,6 +674,9 @@ class MigrationHost(MultiService):
                 return fail(
                     UnknownStrategy("unknown strategy {!r}".format(strategyName))
                 )
+        refusal = self.keeper.refuse(strategy) if self.keeper is not None else None
+        if refusal is not None:
+            return fail(MigrationRefused(refusal))
         self.phase = MigrationPhase.spawning
         self._log.info(
             "Migration of generation {generation} starting with strategy " "{strategy}",
@@ -827,6 +843,19 @@ class MigrationHost(MultiService):
         The older generation reached through C{viaPid} has ended.
         """
         self.updateDraining([], viaPid)
+
+    def closeDraining(self) -> None:
+        """
+        Close the connections still draining here now, cleanly, as the
+        drain deadline would (the service is stopping).
+        """
+        if self.serving or not self.handingOn:
+            return
+        deadline = getattr(self, "_drainDeadline", None)
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+        self._closeStragglers()
+        self._checkDrained()
 
     def _closeStragglers(self) -> None:
         remaining = self.connectionCount()

@@ -23,10 +23,13 @@ class SuccessorHandoff:
     @cvar movesConnections: whether established connections move along
         (capability transfer) or stay on the old process until they end
         (gradual transfer).
+    @cvar replacesProcess: the old process ends once drained (a keeper
+        stays in its place where a supervisor watches it).
     """
 
     name: ClassVar[str]
     movesConnections: ClassVar[bool]
+    replacesProcess: ClassVar[bool] = True
 
     def migrate(self, host: Any, progress: Callable[[str], None]) -> Deferred[Any]:
         handoff = OutgoingHandoff(

@@ -166,6 +166,10 @@ class KeeperLogic:
         that are not generations (orphans the keeper reaps) change nothing.
         """
         if pid not in self.generations:
+            if pid == self.serving and self.servingEnded and self.servingStatus is None:
+                # Seen ending as another generation's child, and reaped
+                # here after all: its status is known now.
+                self.servingStatus = status
             return []
         self.generations.discard(pid)
         if pid == self.serving:
@@ -388,6 +392,9 @@ class _Program:
                     self._announcements()
                 elif fd in self.byFd:
                     self._pidfdReady(fd)
+        # A generation that ended as another's child was handed to the keeper,
+        # unreaped, when that one ended: leave no zombie behind.
+        self._reap()
         status = self.logic.exitStatus()
         self._removePidfile()
         _say(

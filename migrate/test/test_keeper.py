@@ -119,6 +119,9 @@ class KeeperLogicTests(SynchronousTestCase):
         died = KeeperLogic(11)
         died.ended(11, None)
         self.assertEqual(died.exitStatus(), 1)
+        # Reaped later after all (its parent ended first): known now.
+        died.ended(11, -signal.SIGKILL)
+        self.assertEqual(died.exitStatus(), -signal.SIGKILL)
 
     def test_orphansChangeNothing(self) -> None:
         """

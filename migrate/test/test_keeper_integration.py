@@ -26,9 +26,9 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
 
 from ._hostprocess import (
+    SOURCE_ROOT,
     LineClient,
-    _Collect,
-    _environment,
+    ProcessOutput,
     connectLineClient,
     freePort,
     lastJSON,
@@ -156,7 +156,7 @@ class _Lineage:
         self.control = self.workdir.child("control.sock").path
         self.pidfile = self.workdir.child("twistd.pid").path
         self.port = freePort()
-        self.protocol = _Collect(echo=bool(os.environ.get("MIGRATE_TEST_ECHO")))
+        self.protocol = ProcessOutput(echo=bool(os.environ.get("MIGRATE_TEST_ECHO")))
         self.process: Any = None
 
     def spawn(self, argv: list[str], usePTY: bool = False) -> None:
@@ -164,10 +164,16 @@ class _Lineage:
             self.protocol,
             argv[0],
             argv,
-            env=_environment([self.workdir.path]),
+            env=self.environment(),
             path=self.workdir.path,
             usePTY=usePTY,
         )
+
+    def environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MIGRATE_")}
+        env["PYTHONPATH"] = os.pathsep.join([self.workdir.path, SOURCE_ROOT])
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        return env
 
     def hostArguments(self, *extra: str) -> list[str]:
         return [
@@ -585,6 +591,15 @@ class TerminalTests(TestCase):
         self.assertEqual(code, -signal.SIGINT, lineage.output())
         yield user.client.closed
         for pid in (session, report["newPid"], report["oldPid"]):
-            with self.assertRaises(ProcessLookupError):
+            try:
                 os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            self.fail(
+                "process {} is left: {}\n{}".format(
+                    pid,
+                    open("/proc/{}/status".format(pid)).read()[:300],
+                    lineage.output()[-3000:],
+                )
+            )
         self.assertNotIn("Unhandled Error", lineage.output())

@@ -9,6 +9,7 @@ from typing import Any, Callable, ClassVar
 
 from twisted.internet.defer import Deferred, succeed
 
+from ...interfaces import IMigrationHost
 from ._incoming import startIncoming
 from ._outgoing import OutgoingHandoff
 
@@ -31,7 +32,9 @@ class SuccessorHandoff:
     movesConnections: ClassVar[bool]
     replacesProcess: ClassVar[bool] = True
 
-    def migrate(self, host: Any, progress: Callable[[str], None]) -> Deferred[Any]:
+    def migrate(
+        self, host: IMigrationHost, progress: Callable[[str], None]
+    ) -> Deferred[Any]:
         handoff = OutgoingHandoff(
             host=host,
             strategyName=self.name,
@@ -40,6 +43,6 @@ class SuccessorHandoff:
         )
         return handoff.run()
 
-    def inherit(self, host: Any, inheritance: Any) -> Deferred[None]:
+    def inherit(self, host: IMigrationHost, inheritance: Any) -> Deferred[None]:
         startIncoming(host, inheritance)
         return succeed(None)

@@ -459,11 +459,12 @@ def keeperFor(
     if not choice.wanted:
         refusal = None
         if pid == 1:
+            why = choice.why if choice.mode != "auto" else "--keeper auto: " + choice.why
             refusal = (
                 "this process is PID 1 and would exit once it hands its "
-                "service on, ending the container (--keeper {}: {}); start "
-                "the host with --keeper on, or migrate with the reexec or "
-                "reload strategy".format(choice.mode, choice.why)
+                "service on, ending the container ({}); start the host with "
+                "--keeper on, or migrate with the reexec or reload "
+                "strategy".format(why)
             )
         return NoKeeper(choice, refusal)
     try:

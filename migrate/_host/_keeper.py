@@ -48,6 +48,8 @@ import sys
 __all__ = [
     "ANNOUNCEMENT",
     "FORWARDED",
+    "MESSAGES",
+    "STOP_DRAINING",
     "KeeperLogic",
     "descendsFrom",
     "exitAs",
@@ -60,6 +62,15 @@ ANNOUNCEMENT = b"serving"
 """
 What a generation says to the keeper when it starts serving.
 """
+
+STOP_DRAINING = b"stop-draining"
+"""
+What the serving generation says at a stop's drain deadline: the process
+that is to become the keeper closes the connections it still drains (the
+keeper itself holds none).
+"""
+
+MESSAGES = (ANNOUNCEMENT, STOP_DRAINING)
 
 FORWARDED = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 """
@@ -240,12 +251,13 @@ def _parentOf(pid: int) -> int:
     return int(text[text.rindex(b")") + 2 :].split()[1])
 
 
-def readAnnouncements(sock: socket.socket, keeperPid: int) -> list[int]:
+def readAnnouncements(sock: socket.socket, keeperPid: int) -> list[tuple[int, bytes]]:
     """
-    Read every announcement waiting on the keeper's socket (non-blocking);
-    return the pids that rightly said they serve, oldest first.
+    Read every message waiting on the keeper's socket (non-blocking);
+    return those from rightful senders (L{MESSAGES}), oldest first, with
+    the sender's pid.
     """
-    pids: list[int] = []
+    pids: list[tuple[int, bytes]] = []
     uid = os.getuid()
     while True:
         try:
@@ -258,13 +270,13 @@ def readAnnouncements(sock: socket.socket, keeperPid: int) -> list[int]:
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                 credentials = _CREDENTIALS.unpack(payload[: _CREDENTIALS.size])
-        if credentials is None or data != ANNOUNCEMENT:
+        if credentials is None or data not in MESSAGES:
             continue
         pid, senderUid, gid = credentials
         if senderUid not in (uid, 0) or not descendsFrom(pid, keeperPid):
-            _say("ignored an announcement from process {}".format(pid))
+            _say("ignored a message from process {}".format(pid))
             continue
-        pids.append(pid)
+        pids.append((pid, data))
 
 
 def terminalSentToGroup() -> bool:
@@ -420,7 +432,9 @@ class _Program:
             self._send(self.logic.received(signum, delivered))
 
     def _announcements(self) -> None:
-        for pid in readAnnouncements(self.sock, self.pid):
+        for pid, message in readAnnouncements(self.sock, self.pid):
+            if message != ANNOUNCEMENT:
+                continue
             if pid != self.logic.serving:
                 _say("generation in process {} serves".format(pid))
             self._watch(pid)

@@ -190,15 +190,21 @@ class KeeperLink:
         self.name = name
 
     def serving(self, host: Any) -> None:
+        self.tell(_keeper.ANNOUNCEMENT)
+
+    def tell(self, message: bytes) -> None:
+        """
+        Say C{message} to the keeper (L{_keeper.MESSAGES}).
+        """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
             sock.setblocking(False)
-            sock.sendto(_keeper.ANNOUNCEMENT, "\0" + self.name)
+            sock.sendto(message, "\0" + self.name)
         except OSError as e:
             self._log.warn(
-                "Could not tell keeper {keeper} that this process serves: "
-                "{error}; it forwards signals to the previous generation",
+                "Could not tell keeper {keeper} {message!r}: {error}",
                 keeper=self.keeperPid,
+                message=message,
                 error=e.strerror,
             )
         finally:
@@ -279,8 +285,15 @@ class KeeperHome:
         self.reactor.addReader(self)
 
     def readAnnouncements(self) -> None:
-        for pid in readAnnouncements(self.sock, self.pid):
+        for pid, message in readAnnouncements(self.sock, self.pid):
             if pid == self.pid:
+                continue
+            if message == _keeper.STOP_DRAINING:
+                # The service stops (python -m migrate stop): close what
+                # drains here; the serving generation stops by itself.
+                closeNow = getattr(self.host, "closeDraining", None)
+                if closeNow is not None:
+                    closeNow()
                 continue
             self.generations.add(pid)
             self.serving = pid
@@ -459,7 +472,9 @@ def keeperFor(
     if not choice.wanted:
         refusal = None
         if pid == 1:
-            why = choice.why if choice.mode != "auto" else "--keeper auto: " + choice.why
+            why = (
+                choice.why if choice.mode != "auto" else "--keeper auto: " + choice.why
+            )
             refusal = (
                 "this process is PID 1 and would exit once it hands its "
                 "service on, ending the container ({}); start the host with "

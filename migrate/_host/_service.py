@@ -337,7 +337,7 @@ class MigrationHost(MultiService):
 
     def _stopNow(self) -> Deferred[None] | None:
         stops = []
-        if self.serving and self.settings.pidfile:
+        if self.settings.pidfile:
             # A successor or re-executed image did not write its pidfile in
             # twistd's eyes, so twistd would leave it behind.
             if removePidfileNaming(self.settings.pidfile, self.pid):
@@ -794,6 +794,65 @@ class MigrationHost(MultiService):
             ),
         )
         self._drain.start(reportDrain, drainTimeout)
+
+    def requestStop(
+        self, drainTimeout: float | None, progress: Callable[[str], None]
+    ) -> Deferred[dict[str, Any]]:
+        """
+        Stop the whole service politely (C{python -m migrate stop}): no new
+        connections, every generation drains for up to C{drainTimeout}
+        seconds (by default C{--drain-timeout}, or 30), then what is left is
+        closed cleanly and this process exits.
+
+        @return: fires with a summary once every generation has ended, or
+            fails with L{MigrationInProgress} when this process does not
+            serve or a migration runs.
+        """
+        from .._control._server import MigrationInProgress
+        from ._stopping import DEFAULT_STOP_DRAIN_SECONDS, StopAttempt
+
+        if not self.serving:
+            return fail(
+                MigrationInProgress(
+                    "process {} no longer serves; ask the serving one".format(self.pid)
+                )
+            )
+        if self.phase is not MigrationPhase.idle:
+            return fail(
+                MigrationInProgress(
+                    "a migration is running (phase: {}); stop once it has "
+                    "ended".format(self.phase.value)
+                )
+            )
+        if drainTimeout is None:
+            drainTimeout = self.settings.drainTimeout or DEFAULT_STOP_DRAIN_SECONDS
+        return StopAttempt(self, drainTimeout, progress).run()
+
+    def stopAccepting(self) -> None:
+        """
+        Close the listeners for good (nobody takes them over): new
+        connections are refused from now on.
+        """
+        for listener in self.listeners.values():
+            if listener.port is None:
+                continue
+            if isActivated(listener.key):
+                releaseListener(listener.port)
+            else:
+                listener.port.stopListening()
+            listener.port = None
+
+    def drainToStop(
+        self, reporter: Callable[[list[dict[str, Any]]], None], drainTimeout: float
+    ) -> None:
+        """
+        Drain this process as an old generation would, with nobody to hand
+        on to, and exit once every generation has ended.
+        """
+        self.serving = False
+        self._restoreHangup()
+        self._ignoreHangupWhileDraining()
+        self._drain.start(reporter, drainTimeout)
 
     def _connectionsChanged(self) -> None:
         if self.inheritance is None:

@@ -189,7 +189,11 @@ class AnnouncementTests(SynchronousTestCase):
         self.addCleanup(sender.close)
         sender.sendto(b"something else", "\0" + name)
         # This process descends from itself.
-        self.assertEqual(_keeper.readAnnouncements(sock, os.getpid()), [os.getpid()])
+        link.tell(_keeper.STOP_DRAINING)
+        self.assertEqual(
+            _keeper.readAnnouncements(sock, os.getpid()),
+            [(os.getpid(), b"serving"), (os.getpid(), b"stop-draining")],
+        )
         link.serving(None)
         # ...but not from a child it never had.
         self.assertEqual(_keeper.readAnnouncements(sock, 2**22 + 1), [])

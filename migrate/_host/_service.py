@@ -808,7 +808,7 @@ class MigrationHost(MultiService):
             fails with L{MigrationInProgress} when this process does not
             serve or a migration runs.
         """
-        from .._control._server import MigrationInProgress
+        from .._control._commands import MigrationInProgress
         from ._stopping import DEFAULT_STOP_DRAIN_SECONDS, StopAttempt
 
         if not self.serving:

@@ -518,3 +518,28 @@ class PidfileTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(path))
         self.assertFalse(removePidfileNaming(path, 42))
         os.rmdir(directory)
+
+
+class StatusLineTests(SynchronousTestCase):
+    """
+    C{status} shows the keeper.
+    """
+
+    def test_keeperLine(self) -> None:
+        from .._control._format import formatStatus
+
+        text = formatStatus(
+            {"keeper": {"mode": "auto", "pid": 1, "why": "in the foreground"}}
+        )
+        self.assertIn("Keeper: pid 1 (auto: in the foreground)", text)
+        text = formatStatus(
+            {
+                "keeper": {
+                    "mode": "off",
+                    "pid": None,
+                    "why": "--keeper off",
+                    "problem": "PID 1",
+                }
+            }
+        )
+        self.assertIn("Keeper: none (off: --keeper off)\n  PID 1", text)

@@ -433,6 +433,38 @@ class PidOneTests(_NamespaceMixin, TestCase):
     The host as PID 1, as C{docker run IMAGE twistd -n migrate-host}.
     """
 
+    @inlineCallbacks
+    def test_stopCommand(self) -> Any:
+        """
+        C{python -m migrate stop} stops every generation within the drain
+        deadline: the first process, still draining a user after a gradual
+        transfer, closes it and becomes the keeper; the serving generation
+        closes its own and exits 0, and so does the keeper, with the
+        namespace.  The command exits 0 once every generation has ended.
+        """
+        yield self.startNamespace()
+        lineage = self.lineage
+        staying = yield _chatUser(lineage.port, "staying", self)
+        yield lineage.upgrade("gradual")
+        moving = yield _chatUser(lineage.port, "moving", self)
+        yield lineage.upgrade("capability")
+        yield moving.checkServed()
+        yield staying.checkServed()
+        code, out, err = yield runCLI(
+            ["stop", "--control", lineage.control, "--drain-timeout", "1", "--json"],
+            cwd=lineage.workdir.path,
+        )
+        self.assertEqual(code, 0, out + err + lineage.output())
+        result = lastJSON(out)
+        self.assertTrue(result["closedAtDeadline"])
+        self.assertIn(1, result["stopped"])
+        yield staying.client.closed
+        yield moving.client.closed
+        exitCode = yield lineage.ended()
+        self.assertEqual(exitCode, 0, lineage.output())
+        self.assertEqual(self.processes(), [])
+        self.assertFalse(os.path.exists(lineage.pidfile))
+
 
 class TiniTests(_NamespaceMixin, TestCase):
     """

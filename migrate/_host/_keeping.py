@@ -43,6 +43,7 @@ __all__ = [
     "NoKeeper",
     "chooseKeeper",
     "keeperFor",
+    "refuseWithoutKeeper",
 ]
 
 KEEPER_VARIABLE = "MIGRATE_KEEPER"
@@ -437,6 +438,22 @@ class KeeperHome:
 
 
 Keeper = NoKeeper | KeeperLink | KeeperHome
+
+
+def refuseWithoutKeeper(strategy: Any, pid: int | None = None) -> str | None:
+    """
+    For a host that was given no keeper (an embedding application's): why
+    C{strategy} must not end this process, if it is PID 1.
+    """
+    if pid is None:
+        pid = os.getpid()
+    if pid != 1 or not getattr(strategy, "replacesProcess", False):
+        return None
+    return (
+        "this process is PID 1 and would exit once it hands its service on, "
+        "ending the container; run it under twistd -n migrate-host (which "
+        "keeps it), or migrate with the reexec or reload strategy"
+    )
 
 
 def keeperFor(

@@ -670,7 +670,12 @@ class MigrationHost(MultiService):
                 return fail(
                     UnknownStrategy("unknown strategy {!r}".format(strategyName))
                 )
-        refusal = self.keeper.refuse(strategy) if self.keeper is not None else None
+        if self.keeper is not None:
+            refusal = self.keeper.refuse(strategy)
+        else:
+            from ._keeping import refuseWithoutKeeper
+
+            refusal = refuseWithoutKeeper(strategy)
         if refusal is not None:
             # Like a migration that cannot start now: the answer says why.
             return fail(MigrationInProgress(refusal))

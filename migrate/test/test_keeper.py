@@ -365,6 +365,19 @@ class KeeperForTests(SynchronousTestCase):
         self.assertIn("Operation not permitted", keeper.refuse(_Strategy(True)))
 
 
+class RefuseWithoutKeeperTests(SynchronousTestCase):
+    """
+    A host given no keeper (embedded) refuses transfer only as PID 1.
+    """
+
+    def test_refuse(self) -> None:
+        from .._host._keeping import refuseWithoutKeeper
+
+        self.assertIn("PID 1", refuseWithoutKeeper(_Strategy(True), 1) or "")
+        self.assertIsNone(refuseWithoutKeeper(_Strategy(False), 1))
+        self.assertIsNone(refuseWithoutKeeper(_Strategy(True), 2))
+
+
 class _Host:
     def __init__(self) -> None:
         self.closed = 0

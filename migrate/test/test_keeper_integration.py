@@ -434,6 +434,30 @@ class PidOneTests(_NamespaceMixin, TestCase):
     """
 
     @inlineCallbacks
+    def test_stopWhileFirstDrains(self) -> Any:
+        """
+        C{SIGTERM} to PID 1 while it still drains a user after a gradual
+        transfer (it is not the keeper yet): it closes that user, becomes
+        the keeper, and stops the serving generation; the namespace ends
+        with twistd's status for C{SIGTERM}.
+        """
+        yield self.startNamespace()
+        lineage = self.lineage
+        staying = yield _chatUser(lineage.port, "staying", self)
+        yield lineage.upgrade("gradual")
+        newcomer = yield _chatUser(lineage.port, "newcomer", self)
+        yield staying.checkServed()
+        os.kill(self.init, signal.SIGTERM)
+        code = yield lineage.ended()
+        self.assertEqual(code, 143, lineage.output())
+        yield staying.client.closed
+        yield newcomer.client.closed
+        self.assertEqual(self.processes(), [])
+        self.assertIn(
+            "SIGTERM: closing the connections still draining here", lineage.output()
+        )
+
+    @inlineCallbacks
     def test_stopCommand(self) -> Any:
         """
         C{python -m migrate stop} stops every generation within the drain

@@ -512,7 +512,8 @@ class PidOneWithoutKeeperTests(TestCase):
     def test_refused(self) -> Any:
         """
         With C{--keeper off}, a transfer strategy is refused with a reason
-        that names the fix; re-exec still works; the host serves on.
+        that names the fix; re-exec still works; the host serves on, and
+        its pidfile goes when it stops.
         """
         assert _UNSHARE is not None
         lineage = _Lineage(self)
@@ -542,6 +543,14 @@ class PidOneWithoutKeeperTests(TestCase):
         status = yield lineage.status()
         self.assertEqual(status["pid"], 1)
         self.assertIn("problem", status["keeper"])
+        self.assertEqual(lineage.pidfilePid(), 1)
+        # A clean stop after a re-exec takes the pidfile with it.
+        [init] = _children(lineage.process.pid)
+        os.kill(init, signal.SIGTERM)
+        code = yield lineage.ended()
+        # twistd re-raises SIGTERM to end by it, which PID 1 cannot: 0.
+        self.assertEqual(code, 0, lineage.output())
+        self.assertFalse(os.path.exists(lineage.pidfile))
 
 
 class DaemonTests(TestCase):

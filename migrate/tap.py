@@ -381,10 +381,8 @@ def buildHost(reactor: Any, options: Options, keeper: Any = None) -> MigrationHo
         inheritWith=inheritWith,
         applicationService=applicationService,
         stopProcess=getattr(keeper, "stopProcess", None),
+        keeper=keeper,
     )
-    if keeper is not None:
-        host.keeper = keeper
-        host.addObserver(keeper)
     if interceptor is not None:
         interceptor.host = host
     from ._systemd import notifierFromEnvironment

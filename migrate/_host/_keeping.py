@@ -29,7 +29,9 @@ import sys
 from typing import Any, Callable, Mapping, MutableMapping
 
 from attrs import frozen
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from . import _keeper
 from ._keeper import FORWARDED, STOPPING, descendsFrom, readAnnouncements
@@ -218,6 +220,7 @@ class KeeperLink:
         return None
 
 
+@implementer(IReadDescriptor)
 class KeeperHome:
     """
     The process the supervisor started, which stays as the keeper once it
@@ -274,7 +277,10 @@ class KeeperHome:
         self.readAnnouncements()
 
     def connectionLost(self, reason: Any) -> None:
-        pass
+        """
+        The reactor lets go of the socket (it stops): nothing to do, the
+        socket stays for the keeper.
+        """
 
     def logPrefix(self) -> str:
         return "keeper"

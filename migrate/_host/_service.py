@@ -171,6 +171,7 @@ class MigrationHost(MultiService):
         inheritance: Any = FROM_ENVIRONMENT,
         inheritWith: IMigrationStrategy | None = None,
         stopProcess: Callable[[], None] | None = None,
+        keeper: Any = None,
         applicationService: IService | None = None,
         **options: Any,
     ) -> None:
@@ -197,6 +198,11 @@ class MigrationHost(MultiService):
             C{strategy}).
         @param stopProcess: ends this process once it has handed everything
             on (default: stop the reactor).
+        @param keeper: this process's part in keeping the process a
+            supervisor started (L{migrate._host._keeping.keeperFor}); told
+            about this host's lifecycle, asked before a migration that would
+            end this process, shown by C{status}.  L{None}: no keeper (an
+            embedding application's host).
         @param applicationService: an application service (another twistd
             plugin's) to host as this host's child; its listening ports are
             owned by the host when a L{ListeningInterceptor} is installed on
@@ -252,7 +258,9 @@ class MigrationHost(MultiService):
         self.pid = os.getpid()
         #: this process's part in keeping the process a supervisor started
         #: (L{migrate._host._keeping}), if any
-        self.keeper: Any = None
+        self.keeper = keeper
+        if keeper is not None:
+            self.addObserver(keeper)
 
     @property
     def phase(self) -> MigrationPhase:

@@ -395,6 +395,7 @@ class KeeperHomeTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.sock, self.other = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock.setblocking(False)
         self.addCleanup(self.sock.close)
         self.addCleanup(self.other.close)
@@ -407,7 +408,9 @@ class KeeperHomeTests(SynchronousTestCase):
             chooseKeeper("auto", foreground=True, environ={}),
             self.sock,
             pidfile="/run/app.pid",
-            pid=100,
+            # This test's process, the announcements' sender, descends from
+            # the keeper-to-be.
+            pid=os.getppid(),
             execv=lambda path, argv: self.execs.append(argv),
             kill=lambda pid, signum: self.killed.append((pid, signum)),
             installSignal=self.handlers.__setitem__,
@@ -415,6 +418,28 @@ class KeeperHomeTests(SynchronousTestCase):
             executable="/venv/bin/python",
         )
         self.host = _Host()
+
+    def test_interface(self) -> None:
+        """
+        L{KeeperHome} is a reader the reactor can watch.
+        """
+        from twisted.internet.interfaces import IReadDescriptor
+        from zope.interface.verify import verifyObject
+
+        self.assertTrue(verifyObject(IReadDescriptor, self.home))
+
+    def test_announcementsRead(self) -> None:
+        """
+        Announcements read from the socket name the serving generation; a
+        stop's request to close what drains here reaches the host.
+        """
+        self.home.host = self.host
+        self.other.send(b"serving")
+        self.home.doRead()
+        self.assertEqual(self.home.serving, os.getpid())
+        self.other.send(b"stop-draining")
+        self.home.doRead()
+        self.assertEqual(self.host.closed, 1)
 
     def test_plainStop(self) -> None:
         """

@@ -323,14 +323,17 @@ class KeeperHome:
         child = self._spawnedProcess(newPid)
         if child is not None:
             self._children[newPid] = child
-        for signum in (*STOPPING, *FORWARDED):
-            self._installSignal(signum, self._onSignal)
+        self._forward()
         self._log.info(
             "Process {pid} stays as the keeper once drained ({why}): signals go "
             "to the serving generation",
             pid=self.pid,
             why=self.choice.why,
         )
+
+    def _forward(self) -> None:
+        for signum in (*STOPPING, *FORWARDED):
+            self._installSignal(signum, self._onSignal)
 
     def _onSignal(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.received, signum)
@@ -377,6 +380,9 @@ class KeeperHome:
         stopped, become the keeper if the service was handed on.
         """
         if self.keeping:
+            # Stopping the host gives SIGHUP its old disposition back (the
+            # default: death); keep passing signals on until the exec.
+            self.reactor.addSystemEventTrigger("before", "shutdown", self._forward)
             self.reactor.addSystemEventTrigger("after", "shutdown", self.becomeKeeper)
         self.reactor.stop()
 

@@ -476,6 +476,12 @@ class KeeperHomeTests(SynchronousTestCase):
         self.home.received(TERM)
         self.reactor.running = True
         self.home.stopProcess()
+        # The host, stopping, gives SIGHUP back its old disposition: the
+        # handlers are installed again before the reactor stops.
+        self.handlers.clear()
+        [(before, args, kwargs)] = self.reactor.triggers["before"]["shutdown"]
+        before(*args, **kwargs)
+        self.assertIn(HUP, self.handlers)
         [(trigger, args, kwargs)] = self.reactor.triggers["after"]["shutdown"]
         trigger(*args, **kwargs)
         [argv] = self.execs

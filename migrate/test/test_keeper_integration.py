@@ -412,6 +412,41 @@ class _NamespaceMixin:
         self.assertFalse(os.path.exists(lineage.pidfile))  # type: ignore[attr-defined]
 
     @inlineCallbacks
+    def test_orphansReaped(self) -> Any:
+        """
+        A process orphaned in the namespace once the keeper keeps it (a
+        shell's background job whose shell exited) is reaped when it ends:
+        no zombie is left.
+        """
+        nsenter = shutil.which("nsenter")
+        if nsenter is None:
+            raise SkipTest("nsenter (util-linux) is not installed")
+        yield self.startNamespace()
+        yield self.lineage.upgrade("capability")
+        yield waitFor(
+            lambda: any("_keeper.py" in each["command"] for each in self.processes()),
+            what="the first process to become the keeper",
+        )
+        subprocess.run(
+            [nsenter, "-t", str(self.init), "-p", "--", "sh", "-c", "(sleep 1 &)"],
+            check=True,
+            timeout=10,
+        )
+
+        def orphans() -> list[dict[str, Any]]:
+            return [
+                each for each in self.processes() if each["command"].startswith("sleep")
+            ]
+
+        # Orphaned at once (its shell exits): reparented to the keeper as
+        # PID 1, to tini otherwise; either reaps it.
+        yield waitFor(orphans, what="the orphan to run")
+        yield waitFor(lambda: not orphans(), what="the orphan to end and be reaped")
+        self.assertEqual(  # type: ignore[attr-defined]
+            [each for each in self.processes() if each["state"] == "Z"], []
+        )
+
+    @inlineCallbacks
     def test_servingKilled(self) -> Any:
         """
         C{SIGKILL} of the serving generation ends the keeper with a non-zero

@@ -13,6 +13,12 @@ Keeping the process a supervisor started: whether there is a keeper
     - L{NoKeeper}: no keeper, and the reason to refuse a migration that
       would end this process when that process is PID 1.
 
+Reaches into Twisted, kept here: L{twisted.internet.process.reapProcessHandlers}
+(Twisted's children by pid; it calls C{reapProcess()} on each of them at
+every C{SIGCHLD}).  The keeper-to-be reads a successor's exit status there,
+and while it drains it registers a reaper of its own there, which collects
+the processes orphaned to it that Twisted does not know.
+
 Under systemd with C{NOTIFY_SOCKET} there is no keeper by default: systemd
 follows the serving process through C{MAINPID}.  As a daemon (twistd
 without C{-n}) neither: nobody watches the first process, and the pidfile
@@ -28,7 +34,7 @@ import socket
 import sys
 from typing import Any, Callable, Mapping, MutableMapping
 
-from attrs import frozen
+from attrs import Factory, define, frozen
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -128,6 +134,64 @@ def _spawnedProcess(pid: int) -> Any:
     from twisted.internet import process
 
     return process.reapProcessHandlers.get(pid)
+
+
+def _zombieChildren(pid: int) -> list[int]:
+    """
+    The children of process C{pid} that have ended and wait to be reaped.
+    """
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/{}/stat".format(entry), "rb") as stat:
+                text = stat.read()
+        except OSError:
+            continue
+        fields = text[text.rindex(b")") + 2 :].split()
+        if fields[0] == b"Z" and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+@define
+class _OrphanReaper:
+    """
+    Registered with Twisted's children (under this process's own pid, which
+    is no child's): at every C{SIGCHLD}, reap the ended children Twisted
+    does not know, the orphans that come to a subreaper or PID 1.
+
+    @ivar ended: how each reaped one ended, by pid
+        (L{os.waitstatus_to_exitcode}).
+    """
+
+    pid: int
+    known: Callable[[int], bool]
+    zombies: Callable[[int], list[int]] = _zombieChildren
+    ended: dict[int, int] = Factory(dict)
+
+    def reapProcess(self) -> None:
+        for pid in self.zombies(self.pid):
+            if self.known(pid):
+                continue
+            try:
+                found, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if found:
+                self.ended[found] = os.waitstatus_to_exitcode(status)
+
+
+def _reapOrphans(pid: int) -> _OrphanReaper:
+    from twisted.internet import process
+
+    def known(child: int) -> bool:
+        return child in process.reapProcessHandlers
+
+    reaper = _OrphanReaper(pid, known)
+    process.reapProcessHandlers[pid] = reaper  # type: ignore[assignment]
+    return reaper
 
 
 def _becomeSubreaper() -> None:
@@ -248,6 +312,7 @@ class KeeperHome:
         blockSignals: Callable[[int, Any], Any] = signal.pthread_sigmask,
         executable: str = sys.executable,
         spawnedProcess: Callable[[int], Any] = _spawnedProcess,
+        reapOrphans: Callable[[int], Any] = _reapOrphans,
     ) -> None:
         self.reactor = reactor
         self.choice = choice
@@ -260,6 +325,8 @@ class KeeperHome:
         self._blockSignals = blockSignals
         self._executable = executable
         self._spawnedProcess = spawnedProcess
+        self._reapOrphans = reapOrphans
+        self._orphans: Any = None
         self._children: dict[int, Any] = {}
         self.keeping = False
         self.serving: int | None = None
@@ -323,6 +390,9 @@ class KeeperHome:
         child = self._spawnedProcess(newPid)
         if child is not None:
             self._children[newPid] = child
+        # Orphans come to this process from now on (a generation that ends
+        # before its successor does): reap them as they end.
+        self._orphans = self._reapOrphans(self.pid)
         self._forward()
         self._log.info(
             "Process {pid} stays as the keeper once drained ({why}): signals go "
@@ -396,10 +466,19 @@ class KeeperHome:
             "--serving={}".format(self.serving),
             "--generations={}".format(",".join(map(str, sorted(self.generations)))),
         ]
-        ended = [
-            "{}:{}".format(pid, os.waitstatus_to_exitcode(child.status))
-            for pid, child in sorted(self._children.items())
+        statuses = {
+            pid: os.waitstatus_to_exitcode(child.status)
+            for pid, child in self._children.items()
             if child.pid is None and child.status is not None
+        }
+        if self._orphans is not None:
+            statuses.update(
+                (pid, status)
+                for pid, status in self._orphans.ended.items()
+                if pid in self.generations
+            )
+        ended = [
+            "{}:{}".format(pid, status) for pid, status in sorted(statuses.items())
         ]
         if ended:
             arguments.append("--ended={}".format(",".join(ended)))

@@ -29,6 +29,7 @@ from .._host._keeping import (
     KeeperHome,
     KeeperLink,
     NoKeeper,
+    _OrphanReaper,
     chooseKeeper,
     keeperFor,
 )
@@ -403,6 +404,9 @@ class KeeperHomeTests(SynchronousTestCase):
         self.handlers: dict[int, Any] = {}
         self.masks: list[tuple[int, set[int]]] = []
         self.execs: list[list[str]] = []
+        self.spawned: dict[int, Any] = {}
+        self.reapers: list[int] = []
+        self.orphans = _OrphanReaper(0, lambda pid: False, lambda pid: [])
         self.home = KeeperHome(
             self.reactor,
             chooseKeeper("auto", foreground=True, environ={}),
@@ -416,8 +420,14 @@ class KeeperHomeTests(SynchronousTestCase):
             installSignal=self.handlers.__setitem__,
             blockSignals=lambda how, signals: self.masks.append((how, set(signals))),
             executable="/venv/bin/python",
+            spawnedProcess=self.spawned.get,
+            reapOrphans=self.reapOrphans,
         )
         self.host = _Host()
+
+    def reapOrphans(self, pid: int) -> Any:
+        self.reapers.append(pid)
+        return self.orphans
 
     def test_interface(self) -> None:
         """
@@ -473,7 +483,10 @@ class KeeperHomeTests(SynchronousTestCase):
         keeper program, signals blocked, with what it knows.
         """
         self.home.handedOn(self.host, 200)
+        self.assertEqual(self.reapers, [self.home.pid])
         self.home.received(TERM)
+        # The successor was killed, and reaped here as an orphan.
+        self.orphans.ended[200] = -signal.SIGKILL
         self.reactor.running = True
         self.home.stopProcess()
         # The host, stopping, gives SIGHUP back its old disposition: the
@@ -495,6 +508,7 @@ class KeeperHomeTests(SynchronousTestCase):
                 "--socket={}".format(self.sock.fileno()),
                 "--serving=200",
                 "--generations=200",
+                "--ended=200:-9",
                 "--stop={}".format(int(TERM)),
                 "--pidfile=/run/app.pid",
             ],
@@ -502,6 +516,37 @@ class KeeperHomeTests(SynchronousTestCase):
         self.assertEqual(self.masks[0][0], signal.SIG_BLOCK)
         self.assertIn(TERM, self.masks[0][1])
         self.assertTrue(os.get_inheritable(self.sock.fileno()))
+
+
+class OrphanReaperTests(SynchronousTestCase):
+    """
+    L{_OrphanReaper} reaps the ended children Twisted does not know.
+    """
+
+    def test_reap(self) -> None:
+        child = os.fork()
+        if child == 0:
+            os._exit(3)
+        self.addCleanup(self._collect, child)
+        # Wait until it has ended, without reaping it.
+        os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)
+        reaper = _OrphanReaper(os.getpid(), lambda pid: False, lambda pid: [child])
+        reaper.reapProcess()
+        self.assertEqual(reaper.ended, {child: 3})
+
+    def test_known(self) -> None:
+        """
+        A child Twisted knows is left to Twisted.
+        """
+        reaper = _OrphanReaper(os.getpid(), lambda pid: True, lambda pid: [12345])
+        reaper.reapProcess()
+        self.assertEqual(reaper.ended, {})
+
+    def _collect(self, pid: int) -> None:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
 
 
 class DaemonTests(SynchronousTestCase):

@@ -21,7 +21,6 @@ from typing import Any
 
 from twisted.internet import reactor as _globalReactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import ProcessProtocol
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -411,6 +410,12 @@ class _NamespaceMixin:
         self.assertEqual(self.processes(), [])  # type: ignore[attr-defined]
         self.assertFalse(os.path.exists(lineage.pidfile))  # type: ignore[attr-defined]
 
+
+class PidOneTests(_NamespaceMixin, TestCase):
+    """
+    The host as PID 1, as C{docker run IMAGE twistd -n migrate-host}.
+    """
+
     @inlineCallbacks
     def test_orphansReaped(self) -> Any:
         """
@@ -442,7 +447,7 @@ class _NamespaceMixin:
         # PID 1, to tini otherwise; either reaps it.
         yield waitFor(orphans, what="the orphan to run")
         yield waitFor(lambda: not orphans(), what="the orphan to end and be reaped")
-        self.assertEqual(  # type: ignore[attr-defined]
+        self.assertEqual(
             [each for each in self.processes() if each["state"] == "Z"], []
         )
 
@@ -459,14 +464,8 @@ class _NamespaceMixin:
         ]
         os.kill(serving["outer"], signal.SIGKILL)
         code = yield self.lineage.ended()
-        self.assertEqual(code, 128 + signal.SIGKILL)  # type: ignore[attr-defined]
-        self.assertEqual(self.processes(), [])  # type: ignore[attr-defined]
-
-
-class PidOneTests(_NamespaceMixin, TestCase):
-    """
-    The host as PID 1, as C{docker run IMAGE twistd -n migrate-host}.
-    """
+        self.assertEqual(code, 128 + signal.SIGKILL)
+        self.assertEqual(self.processes(), [])
 
     @inlineCallbacks
     def test_stopWhileFirstDrains(self) -> Any:
@@ -652,10 +651,6 @@ class DaemonTests(TestCase):
         )
         log = lineage.workdir.child("twistd.log").getContent().decode()
         self.assertIn("Generation 6 serves", log)
-
-
-class _Terminal(ProcessProtocol):
-    pass
 
 
 class TerminalTests(TestCase):

@@ -58,13 +58,13 @@ class StopOptions(usage.Options):
         ["json", None, "Print one JSON object on the last line of standard output."],
     ]
     optParameters: list[list[Any]] = [
-        ["control", "c", "migrate-host.sock", "The host's control socket."],
+        ["control", "c", "./migrate-host.sock", "The host's control socket."],
         [
             "drain-timeout",
             "d",
             None,
             "Seconds every generation may drain before what is left is "
-            "closed (default: the host's --drain-timeout, or 30).",
+            "closed (default: the host's --drain-timeout, or 30)",
             _drainSeconds,
         ],
         [
@@ -72,7 +72,7 @@ class StopOptions(usage.Options):
             "t",
             None,
             "Give up waiting after this many seconds (default: the drain "
-            "deadline plus 60).",
+            "deadline plus 60)",
             _timeoutSeconds,
         ],
     ]

@@ -27,7 +27,6 @@ names the serving one.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -195,6 +194,10 @@ def _reapOrphans(pid: int) -> _OrphanReaper:
 
 
 def _becomeSubreaper() -> None:
+    # Imported here: only the first process needs it, and every successor
+    # and re-executed image imports this module while its clients wait.
+    import ctypes
+
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         error = ctypes.get_errno()

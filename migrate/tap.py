@@ -325,6 +325,12 @@ class Options(usage.Options):
                 )
             )
         self["foreground"] = isForeground(getattr(self, "parent", None))
+        if self["keeper"] == "on" and not self["foreground"]:
+            raise usage.UsageError(
+                "--keeper on needs twistd -n: a daemon leaves the process that "
+                "started it, so there is nothing to keep (the pidfile names "
+                "the serving process)"
+            )
         keepSuccessorInForeground(getattr(self, "parent", None))
         self._takePidfile()
         from .strategies._reexec._incoming import finishPreflight

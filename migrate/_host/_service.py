@@ -319,6 +319,9 @@ class MigrationHost(MultiService):
     # Service
 
     def privilegedStartService(self) -> None:
+        # twistd daemonises between building the service and starting it:
+        # the process that serves is the one that starts it.
+        self.pid = os.getpid()
         if self.inheritance is None:
             self._listenAll()
             MultiService.privilegedStartService(self)
@@ -328,6 +331,7 @@ class MigrationHost(MultiService):
             Service.privilegedStartService(self)
 
     def startService(self) -> None:
+        self.pid = os.getpid()
         if self.inheritance is None:
             # Listen here too when privilegedStartService was not called
             # (a service started on its own); listeners already open stay.

@@ -632,3 +632,36 @@ class StatusLineTests(SynchronousTestCase):
             }
         )
         self.assertIn("Keeper: none (off: --keeper off)\n  PID 1", text)
+
+
+class KeeperOptionTests(SynchronousTestCase):
+    """
+    C{--keeper} in twistd's options.
+    """
+
+    def parse(self, parent: dict[str, Any], *arguments: str) -> Any:
+        from .. import tap
+
+        options = tap.Options()
+        options.parent = parent  # type: ignore[assignment]
+        self.patch(os, "environ", {})
+        options.parseOptions(list(arguments))
+        return options
+
+    def test_default(self) -> None:
+        options = self.parse({"nodaemon": True}, "--control", "/tmp/x.sock")
+        self.assertEqual(options["keeper"], "auto")
+        self.assertTrue(options["foreground"])
+
+    def test_bad(self) -> None:
+        with self.assertRaises(SystemExit) as caught:
+            self.parse({"nodaemon": True}, "--keeper", "maybe")
+        self.assertIn("auto, on, off", str(caught.exception))
+
+    def test_onNeedsForeground(self) -> None:
+        """
+        A daemon has nothing to keep: C{--keeper on} says to use C{-n}.
+        """
+        with self.assertRaises(SystemExit) as caught:
+            self.parse({"nodaemon": False}, "--keeper", "on")
+        self.assertIn("twistd -n", str(caught.exception))

@@ -599,9 +599,17 @@ class DaemonTests(TestCase):
         seen: set[int] = set()
 
         def cleanup() -> None:
-            for pid in seen:
+            # Every process of this lineage names the test's directory on
+            # its command line: none is left, whatever the test saw.
+            marker = lineage.workdir.path.encode()
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit():
+                    continue
                 try:
-                    os.killpg(os.getsid(pid), signal.SIGKILL)
+                    with open("/proc/{}/cmdline".format(entry), "rb") as f:
+                        named = marker in f.read()
+                    if named:
+                        os.kill(int(entry), signal.SIGKILL)
                 except OSError:
                     pass
 
@@ -615,6 +623,9 @@ class DaemonTests(TestCase):
             lambda: lineage.answers(daemon=True), what="the daemon to answer"
         )
         seen.add(status["pid"])
+        # The daemon, not the process twistd started, which has exited.
+        self.assertEqual(status["pid"], lineage.pidfilePid())
+        os.kill(status["pid"], 0)
         self.assertIsNone(status["keeper"]["pid"])
         for number, strategy in enumerate(
             ["capability", "gradual", "reexec", "reload", "capability"]

@@ -128,6 +128,18 @@ class DrainTracker:
             except Exception:
                 _log.failure("Could not report draining progress")
 
+    def closeNow(self) -> None:
+        """
+        Close the remaining connections now, as the deadline would (the
+        service stops).
+        """
+        if not self._handedOn or self._exiting:
+            return
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._closeStragglers()
+        self._checkDrained()
+
     def _closeStragglers(self) -> None:
         remaining = list(self._connections())
         _log.info(

@@ -519,6 +519,7 @@ class StatusTests(SynchronousTestCase):
                 "connections": 2,
                 "draining": [],
                 "lastReport": None,
+                "keeper": None,
             },
         )
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from ._host._service import MigrationHost
 from ._report import ListenerReport, MigrationOutcome, MigrationReport
+from ._version import __version__
 from .interfaces import IMigratable, IMigrationStrategy
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ __all__ = [
     "ModuleReload",
     "ReexecStrategy",
     "RollingUpgrade",
+    "__version__",
 ]
 
 

@@ -368,4 +368,10 @@ def makeService(options: Options) -> MigrationHost:
     """
     from twisted.internet import reactor
 
+    from ._host._platform import PlatformUnsupported, checkPlatform
+
+    try:
+        checkPlatform(reactor)
+    except PlatformUnsupported as e:
+        raise SystemExit("migrate-host: {}".format(e))
     return buildHost(reactor, options)

@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.python import usage
 
 from ._host._service import MigrationHost
+from ._host._settings import HostSettings
 from .strategies import strategyNamed, strategyNames
 
 __all__ = ["Options", "makeService", "buildHost", "loadFactory", "DEFAULT_APP"]
@@ -233,14 +234,18 @@ class Options(usage.Options):
         serves the control path (a successor or a re-executed image serves
         the very socket it inherited, and is not asked).
         """
-        from ._control._server import ControlSocketError, ControlSocketInUse, _isLive
+        from ._control._server import (
+            ControlSocketError,
+            ControlSocketInUse,
+            controlSocketLive,
+        )
         from ._handoff._successor import HANDOFF_FD_VARIABLE
         from .strategies._reexec._state import STATE_FD_VARIABLE
 
         if HANDOFF_FD_VARIABLE in os.environ or STATE_FD_VARIABLE in os.environ:
             return
         try:
-            live = _isLive(self["control"])
+            live = controlSocketLive(self["control"])
         except ControlSocketError:
             return  # Binding it will say why.
         if live:
@@ -333,24 +338,27 @@ def buildHost(reactor: Any, options: Options) -> MigrationHost:
         interceptor = ListeningInterceptor(reactor, None, options["listen"])
         interceptor.install()
         applicationService = plugin.makeService(options.subOptions)
+    settings = HostSettings(
+        controlPath=options["control"],
+        readyTimeout=options["ready-timeout"],
+        handoffTimeout=options["handoff-timeout"],
+        drainTimeout=options["drain-timeout"],
+        pidfile=options["pidfile"],
+        applicationSpec=options["app"] if applicationService is None else None,
+        strategyOptions={"reexec-unmovable": options["reexec-unmovable"]},
+        reloadModules=options["reload-modules"],
+    )
     host = MigrationHost(
         reactor,
         options["factory"],
         [] if applicationService is not None else options["listen"],
         strategy,
-        controlPath=options["control"],
+        settings,
         strategyNamed=strategyNamed,
-        readyTimeout=options["ready-timeout"],
-        handoffTimeout=options["handoff-timeout"],
-        drainTimeout=options["drain-timeout"],
-        pidfile=options["pidfile"],
         forgetPidfile=options.forgetPidfile,
         inheritance=inheritance,
         inheritWith=inheritWith,
-        applicationSpec=options["app"] if applicationService is None else None,
         applicationService=applicationService,
-        strategyOptions={"reexec-unmovable": options["reexec-unmovable"]},
-        reloadModules=options["reload-modules"],
     )
     if interceptor is not None:
         interceptor.host = host

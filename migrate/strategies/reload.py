@@ -11,7 +11,6 @@ L{migrate.strategies._reload._modules}.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 from attrs import field, frozen
@@ -19,7 +18,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from .._report import MigrationReport
-from ..interfaces import IMigrationStrategy
+from ..interfaces import IMigrationHost, IMigrationStrategy
 from ._reload._attempt import FINGERPRINTS, ReloadAttempt
 from ._reload._modules import ModuleFingerprints
 
@@ -48,17 +47,14 @@ class ModuleReload:
 
     name = "reload"
     _fingerprints: ModuleFingerprints = field(default=FINGERPRINTS)
-    _timer: Callable[[], float] = field(default=time.perf_counter)
 
     def migrate(
-        self, host: Any, progress: Callable[[str], None]
+        self, host: IMigrationHost, progress: Callable[[str], None]
     ) -> Deferred[MigrationReport]:
-        attempt = ReloadAttempt(
-            host, progress, self._fingerprints, self._timer, self.name
-        )
+        attempt = ReloadAttempt(host, progress, self._fingerprints, self.name)
         return succeed(attempt.run())
 
-    def inherit(self, host: Any, inheritance: Any) -> Deferred[None]:
+    def inherit(self, host: IMigrationHost, inheritance: Any) -> Deferred[None]:
         return fail(
             NoIncomingHalf(
                 "module reload happens inside the serving process; a new "

@@ -837,7 +837,7 @@ class OptionsTests(SynchronousTestCase):
         options.parseOptions(["--reexec-unmovable", "adopt", "--control", "c.sock"])
         self.assertEqual(options["reexec-unmovable"], "adopt")
         host = buildHost(MemoryReactorClock(), options)
-        self.assertEqual(host.strategyOptions, {"reexec-unmovable": "adopt"})
+        self.assertEqual(host.settings.strategyOptions, {"reexec-unmovable": "adopt"})
         default = Options()
         default.parseOptions(["--control", "c.sock"])
         self.assertEqual(default["reexec-unmovable"], "close")

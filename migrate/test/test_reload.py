@@ -19,7 +19,9 @@ import weakref
 from types import ModuleType
 from typing import Any
 
+from attrs import evolve
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python import usage
 from twisted.python.filepath import FilePath
@@ -281,9 +283,10 @@ class Live:
         )
 
 
-class _NoReactor:
+class _NoReactor(Clock):
     """
-    The host's reactor: module reload uses none of it.
+    The host's reactor: module reload uses only its clock, which times the
+    phases.
     """
 
     def stop(self) -> None:
@@ -311,7 +314,8 @@ class ModuleReloadContractTests(MigrationStrategyContractMixin, SynchronousTestC
         half to a reload within one process.
         """
         strategy = self.makeStrategy()
-        self.failureResultOf(strategy.inherit(None, None), NoIncomingHalf)
+        host: Any = None
+        self.failureResultOf(strategy.inherit(host, None), NoIncomingHalf)
 
     def test_registered(self) -> None:
         """
@@ -348,7 +352,7 @@ class OptionsTests(SynchronousTestCase):
         )
         self.assertEqual(options["reload-modules"], ["app.core", "helpers"])
         host = tap.buildHost(_NoReactor(), options)
-        self.assertEqual(host.reloadModules, ["app.core", "helpers"])
+        self.assertEqual(host.settings.reloadModules, ("app.core", "helpers"))
         self.assertEqual(host.strategy.name, "reload")
 
     def test_default(self) -> None:
@@ -1354,7 +1358,7 @@ def makeFactory():
         A host that does not know where its application's code is refuses.
         """
         live = Live(self, PLAIN)
-        live.host.applicationSpec = None
+        live.host.settings = evolve(live.host.settings, applicationSpec=None)
         report = live.upgrade()
         self.assertEqual(report["outcome"], "refused")
         self.assertIn("applicationSpec", report["reason"])
@@ -1364,7 +1368,9 @@ def makeFactory():
         An application inside Twisted cannot be reloaded.
         """
         live = Live(self, PLAIN)
-        live.host.applicationSpec = "twisted.protocols.wire:Echo"
+        live.host.settings = evolve(
+            live.host.settings, applicationSpec="twisted.protocols.wire:Echo"
+        )
         report = live.upgrade()
         self.assertEqual(report["outcome"], "refused")
         self.assertIn("part of Twisted", report["reason"])

@@ -46,8 +46,9 @@ from attrs import define, field
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
+from ..._handoff._attempt import MigrationAttempt
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
-from ...interfaces import IMigratable
+from ...interfaces import IMigratable, IMigrationHost
 from ...state import (
     StateError,
     captureProtocolState,
@@ -173,14 +174,12 @@ class ReloadAttempt:
     One reload of one host's application.
     """
 
-    host: Any
+    host: IMigrationHost
     progress: Callable[[str], None]
     fingerprints: ModuleFingerprints
-    timer: Callable[[], float]
     strategyName: str
 
-    notes: list[str] = field(factory=list)
-    durations: dict[str, float] = field(factory=dict)
+    attempt: MigrationAttempt = field(init=False)
     counts: dict[str, _Listener] = field(factory=dict)
     staging: ModuleStaging | None = None
     rebuilt: list[_Rebuilt] = field(factory=list)
@@ -189,14 +188,15 @@ class ReloadAttempt:
     started: int = 0
     _swapProblems: dict[type, str | None] = field(factory=dict)
 
+    def __attrs_post_init__(self) -> None:
+        self.attempt = MigrationAttempt(
+            self.host, self.strategyName, self.progress, label="Reload"
+        )
+
     # Reporting
 
     def step(self, message: str) -> None:
-        _log.info("Reload: {message}", message=message)
-        try:
-            self.progress(message)
-        except Exception:
-            _log.failure("Could not relay progress")
+        self.attempt.step(message)
 
     def report(
         self, outcome: MigrationOutcome, reason: str | None, changedCode: bool
@@ -213,17 +213,12 @@ class ReloadAttempt:
             )
             for key in host.listeners
         ]
-        return MigrationReport(
-            strategy=self.strategyName,
-            outcome=outcome,
-            reason=reason,
+        return self.attempt.report(
+            outcome,
+            reason,
+            listeners=listeners,
             fromGeneration=host.generation - (1 if success and changedCode else 0),
             toGeneration=host.generation if success and changedCode else None,
-            oldPid=host.pid,
-            newPid=None,
-            listeners=listeners,
-            durations=dict(self.durations),
-            notes=self.notes,
         )
 
     # The reload
@@ -234,39 +229,34 @@ class ReloadAttempt:
 
         @return: the report; never raises.
         """
-        started = self.timer()
         try:
-            report = self._run(started)
+            report = self._run()
         except Exception as e:
             _log.failure("Reload failed unexpectedly")
-            report = self.rollBack(
-                "internal error: {}".format(describeError(e)), started
-            )
+            report = self.rollBack("internal error: {}".format(describeError(e)))
         return report
 
-    def _run(self, started: float) -> MigrationReport:
+    def _run(self) -> MigrationReport:
         host = self.host
-        spec = host.applicationSpec
+        spec = host.settings.applicationSpec
         if not spec:
             return self.refuse(
                 "the host was not told where the application's code is (no "
                 "applicationSpec, as --app gives): module reload cannot rebuild "
                 "its factory",
-                started,
             )
         entry, _, attribute = spec.partition(":")
         why = hostModuleReason(entry)
         if why is not None:
             return self.refuse(
                 "the application's module {} cannot be reloaded: {}".format(entry, why),
-                started,
             )
-        explicit = list(getattr(host, "reloadModules", None) or ())
+        explicit = list(host.settings.reloadModules)
         app = findApplicationModules(entry, explicit)
         for name, why in app.refused:
-            self.notes.append("not reloaded: {}: {}".format(name, why))
+            self.attempt.notes.append("not reloaded: {}: {}".format(name, why))
         self._noteNeighbours(app)
-        self.notes.append(
+        self.attempt.notes.append(
             "never reloaded: Twisted, migrate itself (migrate.examples excepted), "
             "the libraries they use and the standard library, which the host "
             "runs on; nor any module outside the application (--app's package, "
@@ -276,49 +266,47 @@ class ReloadAttempt:
             return self.refuse(
                 "the application's module {} is not loaded from a source file in "
                 "this process".format(entry),
-                started,
             )
         names, changed, unknown = modulesToReload(app, self.fingerprints)
         if changed:
-            self.notes.append("changed on disk: " + _listed(changed))
+            self.attempt.notes.append("changed on disk: " + _listed(changed))
         if unknown:
-            self.notes.append(
+            self.attempt.notes.append(
                 "no record of the source of {} (first reload in this process): "
                 "reloaded".format(_listed(unknown))
             )
         if not names:
-            self.notes.append("no application module changed on disk: nothing reloaded")
+            self.attempt.notes.append(
+                "no application module changed on disk: nothing reloaded"
+            )
             self.step("no application module changed; nothing to reload")
-            self.durations["total"] = self.timer() - started
             return self.report(MigrationOutcome.success, None, changedCode=False)
 
-        host.phase = MigrationPhase.handingOff
+        self.attempt.enter(MigrationPhase.handingOff)
         self.step("importing the new code of {}".format(_listed(names)))
-        phase = self.timer()
+        self.attempt.startPhase()
         self.staging = ModuleStaging(app, names)
         try:
             staged = self.staging.stage()
         except ReloadFailed as e:
             self.staging = None
-            return self.rollBack(e.reason, started)
-        self.durations["import"] = self.timer() - phase
-        phase = self.timer()
+            return self.rollBack(e.reason)
+        self.attempt.phaseDone("import")
         try:
             self.newFactory = self._buildFactory(entry, attribute, spec)
             self._prepareConnections(staged)
             self._startFactory()
         except _Refused as e:
-            return self.rollBack(str(e), started)
-        self.durations["prepare"] = self.timer() - phase
+            return self.rollBack(str(e))
+        self.attempt.phaseDone("prepare")
 
-        host.phase = MigrationPhase.committing
-        phase = self.timer()
+        self.attempt.enter(MigrationPhase.committing)
         problem = self._swapClasses()
         if problem is not None:
-            return self.rollBack(problem, started)
+            return self.rollBack(problem)
         self._commit(staged)
-        self.durations["commit"] = self.timer() - phase
-        self.durations["total"] = self.timer() - started
+        self.attempt.phaseDone("commit")
+        self.attempt.durations["total"] = self.attempt.elapsed()
         self._replay()
         self._noteOutcome(names, staged)
         moved = sum(each.moved for each in self.counts.values())
@@ -326,22 +314,21 @@ class ReloadAttempt:
         self.step(
             "generation {} serves the new code: {} connections upgraded, {} left "
             "on the old code ({:.1f} ms)".format(
-                host.generation, moved, drained, self.durations["total"] * 1000
+                host.generation, moved, drained, self.attempt.durations["total"] * 1000
             )
         )
         return self.report(MigrationOutcome.success, None, changedCode=True)
 
-    def refuse(self, reason: str, started: float) -> MigrationReport:
+    def refuse(self, reason: str) -> MigrationReport:
         self.step("refused: " + reason)
-        self.durations["total"] = self.timer() - started
         return self.report(MigrationOutcome.refused, reason, changedCode=False)
 
-    def rollBack(self, reason: str, started: float) -> MigrationReport:
+    def rollBack(self, reason: str) -> MigrationReport:
         """
         Undo whatever was prepared: every protocol stays on the old code and
         C{sys.modules} is as it was.
         """
-        self.host.phase = MigrationPhase.rollingBack
+        self.attempt.enter(MigrationPhase.rollingBack)
         for each in self.rebuilt:
             each.held.discard()
         self.rebuilt = []
@@ -356,9 +343,8 @@ class ReloadAttempt:
         if self.staging is not None:
             self.staging.restore()
             self.staging = None
-        self.notes.append("rolled back: every connection stays on the old code")
+        self.attempt.notes.append("rolled back: every connection stays on the old code")
         self.step("rolled back: " + reason)
-        self.durations["total"] = self.timer() - started
         return self.report(MigrationOutcome.rolledBack, reason, changedCode=False)
 
     def _noteNeighbours(self, app: Any) -> None:
@@ -395,7 +381,7 @@ class ReloadAttempt:
                 continue
             outside.append(name)
         if outside:
-            self.notes.append(
+            self.attempt.notes.append(
                 "not reloaded, outside the application: {} (name them with "
                 "--reload-module to reload them)".format(_listed(sorted(outside)))
             )
@@ -449,20 +435,20 @@ class ReloadAttempt:
                     unchanged[_qualified(type(protocol))] += 1
                     counts.moved += 1
         for why, count in sorted(staying.items()):
-            self.notes.append(
+            self.attempt.notes.append(
                 "{} connection{} stay{} on the old code: {}".format(
                     count, "" if count == 1 else "s", "s" if count == 1 else "", why
                 )
             )
         for name, count in sorted(swapped.items()):
-            self.notes.append(
+            self.attempt.notes.append(
                 "{} connection{} of {} upgraded in place (class swap; no state "
                 "conversion, and the protocol keeps its old factory object)".format(
                     count, "" if count == 1 else "s", name
                 )
             )
         for name, count in sorted(unchanged.items()):
-            self.notes.append(
+            self.attempt.notes.append(
                 "{} connection{} of {}, which no reloaded module defines, go on "
                 "as before".format(count, "" if count == 1 else "s", name)
             )
@@ -635,15 +621,17 @@ class ReloadAttempt:
                 _log.failure("Replaying buffered input failed")
 
     def _noteOutcome(self, names: list[str], staged: dict[str, Any]) -> None:
-        self.notes.insert(0, "reloaded: " + _listed(list(staged)))
+        self.attempt.notes.insert(0, "reloaded: " + _listed(list(staged)))
         added = [name for name in staged if name not in names]
         if added:
-            self.notes.append("new application modules imported: " + _listed(added))
+            self.attempt.notes.append(
+                "new application modules imported: " + _listed(added)
+            )
         upgrades: Counter[tuple[Any, Any]] = Counter()
         for each in self.rebuilt:
             upgrades[(each.fromVersion, each.toVersion)] += 1
         for (fromVersion, toVersion), count in sorted(upgrades.items(), key=repr):
-            self.notes.append(
+            self.attempt.notes.append(
                 "{} migratable connection{} rebuilt by the new code from state "
                 "version {}{}".format(
                     count,

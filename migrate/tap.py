@@ -122,6 +122,7 @@ class Options(usage.Options):
         usage.Options.__init__(self)
         self["listen"] = []
         self["reload-modules"] = []
+        self["metrics"] = None
         self._appGiven = False
 
     @property
@@ -176,6 +177,34 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     opt_l = opt_listen
+
+    def opt_metrics(self, description: str) -> None:
+        """
+        A Twisted server endpoint (tcp:9100) where the host serves
+        OpenMetrics at /metrics for Prometheus; handed to every new
+        generation, counters included (needs the metrics extra:
+        prometheus-client).
+        """
+        import importlib.util
+
+        from ._systemd import checkActivatedListener, inheritsListeners
+
+        if importlib.util.find_spec("prometheus_client") is None:
+            raise usage.UsageError(
+                "--metrics needs prometheus-client: pip install 'txmigrate[metrics]'"
+            )
+        try:
+            if not inheritsListeners() and not checkActivatedListener(description):
+                from twisted.internet.endpoints import serverFromString
+
+                serverFromString(_NoReactor(), description)
+        except (ValueError, TypeError, KeyError) as e:
+            raise usage.UsageError(
+                "--metrics {!r} is not a server endpoint description: {}".format(
+                    description, e
+                )
+            )
+        self["metrics"] = description
 
     def opt_reload_module(self, name: str) -> None:
         """
@@ -347,6 +376,7 @@ def buildHost(reactor: Any, options: Options) -> MigrationHost:
         applicationSpec=options["app"] if applicationService is None else None,
         strategyOptions={"reexec-unmovable": options["reexec-unmovable"]},
         reloadModules=options["reload-modules"],
+        metricsEndpoint=options["metrics"],
     )
     host = MigrationHost(
         reactor,

@@ -45,6 +45,9 @@ class HostSettings:
         (C{"reexec-unmovable"}).
     @ivar reloadModules: the modules module reload loads anew (a package
         includes its submodules) instead of C{applicationSpec}'s package.
+    @ivar metricsEndpoint: a server endpoint description where the host
+        serves OpenMetrics at C{/metrics} (C{--metrics}), handed on with the
+        listeners; L{None}: no metrics.
     """
 
     controlPath: str | None = "migrate-host.sock"
@@ -57,3 +60,4 @@ class HostSettings:
     applicationSpec: str | None = None
     strategyOptions: Mapping[str, Any] = field(factory=dict, converter=_options)
     reloadModules: tuple[str, ...] = field(default=(), converter=tuple)
+    metricsEndpoint: str | None = None

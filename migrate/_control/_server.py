@@ -29,13 +29,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from .._handoff._listeners import adoptListener
-from ._commands import (
-    MigrationInProgress,
-    Progress,
-    Status,
-    UnknownStrategy,
-    Upgrade,
-)
+from ._commands import Progress, Status, Upgrade
 from ._limits import BoundedBoxParser
 
 __all__ = [
@@ -47,8 +41,6 @@ __all__ = [
     "ControlSocketError",
     "ControlSocketInUse",
     "IControlledHost",
-    "MigrationInProgress",
-    "UnknownStrategy",
     "adoptControl",
     "bindControlSocket",
     "controlSocketLive",
@@ -125,7 +117,8 @@ class IControlledHost(Protocol):
 
         @param progress: called with one line of text at each step.
         @return: a L{Deferred} firing with the report (Report JSON) or
-            failing with L{MigrationInProgress} or L{UnknownStrategy}.
+            failing with L{migrate._control._commands.MigrationInProgress} or
+            L{migrate._control._commands.UnknownStrategy}.
         """
 
 

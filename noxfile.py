@@ -45,6 +45,7 @@ STRATEGY_TESTS = [
     "migrate.test.test_gradual_integration",
     "migrate.test.test_reexec_integration",
     "migrate.test.test_reload_integration",
+    "migrate.test.test_metrics_integration",
 ]
 
 

@@ -14,7 +14,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 
-from ._hostprocess import LiveAppMixin, freePort, writeModule
+from ._hostprocess import LiveAppMixin, freePort, waitFor, writeModule
 from .test_capability_integration import MIGRATABLE_V1, MIGRATABLE_V2
 
 _SAMPLE = re.compile(r"^([a-z_]+)(\{[^}]*\})? (\S+)$")
@@ -32,19 +32,26 @@ def _samples(text: str) -> dict[str, float]:
     return found
 
 
-class MetricsAcrossMigrationsTests(LiveAppMixin, TestCase):
+class _Scraping(LiveAppMixin, TestCase):
     """
-    C{--metrics} on a host upgraded with capability transfer, then re-exec,
-    then a migration that rolls back.
+    A host with C{--metrics}, scraped over HTTP.
     """
 
     timeout = 120
-    strategy = "capability"
     initialApp = MIGRATABLE_V1
+    skip = (
+        None
+        if importlib.util.find_spec("prometheus_client") is not None
+        else "prometheus-client is not installed"
+    )
 
-    def setUp(self) -> None:
-        if importlib.util.find_spec("prometheus_client") is None:
-            raise self.skipTest("prometheus-client is not installed")
+    @inlineCallbacks
+    def startWithMetrics(self) -> Any:
+        self.metricsPort = freePort()
+        status = yield self.startHost(
+            "--metrics", "tcp:{}:interface=127.0.0.1".format(self.metricsPort)
+        )
+        return status
 
     @inlineCallbacks
     def scrape(self) -> Any:
@@ -55,6 +62,15 @@ class MetricsAcrossMigrationsTests(LiveAppMixin, TestCase):
         body = yield readBody(response)
         return _samples(body.decode("utf-8"))
 
+
+class MetricsAcrossMigrationsTests(_Scraping):
+    """
+    C{--metrics} on a host upgraded with capability transfer, then re-exec,
+    then a migration that rolls back.
+    """
+
+    strategy = "capability"
+
     @inlineCallbacks
     def test_countersCarried(self) -> Any:
         """
@@ -63,10 +79,7 @@ class MetricsAcrossMigrationsTests(LiveAppMixin, TestCase):
         capability transfer to a new process, one re-exec, one capability
         transfer that rolls back (the new code does not import).
         """
-        self.metricsPort = freePort()
-        status = yield self.startHost(
-            "--metrics", "tcp:{}:interface=127.0.0.1".format(self.metricsPort)
-        )
+        status = yield self.startWithMetrics()
         [client] = yield self.connectClients(1)
         before = yield self.scrape()
         self.assertEqual(before["migrate_generation"], 1.0)
@@ -128,3 +141,61 @@ class MetricsAcrossMigrationsTests(LiveAppMixin, TestCase):
         )
         reply = yield self.exchange(client, b"still")
         self.assertEqual(reply[0], b"v2")
+
+
+class MetricsWhileDrainingTests(_Scraping):
+    """
+    C{--metrics} on a host upgraded with gradual transfer, whose old
+    generation drains, then with module reload in place.
+    """
+
+    strategy = "gradual"
+
+    @inlineCallbacks
+    def test_drainingShown(self) -> Any:
+        """
+        While the old generation drains, the serving one reports it and its
+        connections; once the client leaves, neither; a reload in place is
+        counted by the same process.
+        """
+        yield self.startWithMetrics()
+        [client] = yield self.connectClients(1)
+        writeModule(self.host.workdir, "liveapp", MIGRATABLE_V2)
+        code, report, err = yield self.host.upgrade()
+        self.assertEqual((code, report["draining"]), (0, 1), err)
+        after = yield waitFor(
+            lambda: self.scrape().addCallback(
+                lambda found: (
+                    found if found["migrate_draining_connections"] == 1.0 else None
+                )
+            ),
+            what="the successor to hear of the draining generation",
+        )
+        self.assertEqual(after["migrate_draining_generations"], 1.0)
+        self.assertEqual(
+            after['migrate_migrated_connections_total{fate="drained"}'], 1.0
+        )
+        self.assertEqual(
+            after['migrate_migrations_total{outcome="success",strategy="gradual"}'],
+            1.0,
+        )
+        self.assertNotIn("migrate_last_migration_client_wait_seconds", after)
+        client.transport.loseConnection()
+        yield waitFor(
+            lambda: self.scrape().addCallback(
+                lambda found: found["migrate_draining_generations"] == 0.0
+            ),
+            what="the old generation to finish draining",
+        )
+
+        code, report, err = yield self.host.upgrade("--strategy", "reload")
+        self.assertEqual((code, report["outcome"]), (0, "success"), err)
+        after = yield self.scrape()
+        self.assertEqual(
+            after['migrate_migrations_total{outcome="success",strategy="reload"}'],
+            1.0,
+        )
+        self.assertEqual(
+            after['migrate_migrations_total{outcome="success",strategy="gradual"}'],
+            1.0,
+        )

@@ -1,0 +1,69 @@
+# -*- test-case-name: migrate.test.test_trial -*-
+"""
+A bound on module reload's import in the serving process.
+
+The new code is tried first in a child process (L{migrate._handoff._trial})
+and imported into the serving process only once it passed there.  It can
+still block at import in the serving process alone (a lock or a server
+only that process waits for, code that blocks at random): then a timer
+interrupts it.  C{SIGALRM}'s handler runs in the main thread between two
+bytecodes, and from inside a blocking system call that Python retries
+(C{time.sleep}, socket calls: PEP 475), and raises L{ImportTimedOut}
+there; the reload fails and puts C{sys.modules} back as it was.  What it
+cannot interrupt is a C extension blocking without ever returning to
+Python: the serving process then stays blocked, as it would without the
+bound.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+__all__ = ["ImportTimedOut", "boundedImport"]
+
+
+class ImportTimedOut(Exception):
+    """
+    The new code took longer to import than the bound allows; the import
+    was interrupted.
+    """
+
+
+@contextmanager
+def boundedImport(seconds: float, *, signals: Any = signal) -> Iterator[bool]:
+    """
+    Interrupt the block inside this context, with L{ImportTimedOut}, once
+    C{seconds} have passed.
+
+    Only the main thread receives signals, and another user of C{SIGALRM}
+    keeps it: the block is then not bounded.
+
+    @return: a context manager whose value says whether the block is
+        bounded.
+    """
+    if (
+        seconds <= 0
+        or threading.current_thread() is not threading.main_thread()
+        or signals.getsignal(signals.SIGALRM) not in (signals.SIG_DFL, None)
+        or signals.getitimer(signals.ITIMER_REAL)[0] > 0
+    ):
+        yield False
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise ImportTimedOut(
+            "the import took longer than {} s in the serving process, which "
+            "interrupted it (the same code imported in time in the trial "
+            "process)".format(seconds)
+        )
+
+    previous = signals.signal(signals.SIGALRM, interrupt)
+    signals.setitimer(signals.ITIMER_REAL, seconds)
+    try:
+        yield True
+    finally:
+        signals.setitimer(signals.ITIMER_REAL, 0)
+        signals.signal(signals.SIGALRM, previous)

@@ -115,6 +115,15 @@ class Options(usage.Options):
             "provide IMigratable: close (cleanly, before the exec) or adopt "
             "(a fresh protocol of the new code takes them over).",
         ],
+        [
+            "trial-failure",
+            None,
+            "refuse",
+            "Re-exec and reload try the new code on every connection's state in "
+            "a child process first: when it fails on one, refuse the whole "
+            "migration (refuse) or close that connection cleanly and migrate "
+            "the others (close).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -219,12 +228,20 @@ class Options(usage.Options):
                     self["reexec-unmovable"]
                 )
             )
+        if self["trial-failure"] not in ("refuse", "close"):
+            raise usage.UsageError(
+                "--trial-failure must be refuse or close, not {!r}".format(
+                    self["trial-failure"]
+                )
+            )
         if self.subCommand is None:
             self["factory"] = loadFactory(self["app"])
         self._takePidfile()
         from .strategies._reexec._incoming import finishPreflight
 
-        finishPreflight(twistdOptions=getattr(self, "parent", None))
+        finishPreflight(
+            twistdOptions=getattr(self, "parent", None), factory=self["factory"]
+        )
         self._refuseLiveControl()
 
     def _refuseLiveControl(self) -> None:
@@ -349,7 +366,10 @@ def buildHost(reactor: Any, options: Options) -> MigrationHost:
         inheritWith=inheritWith,
         applicationSpec=options["app"] if applicationService is None else None,
         applicationService=applicationService,
-        strategyOptions={"reexec-unmovable": options["reexec-unmovable"]},
+        strategyOptions={
+            "reexec-unmovable": options["reexec-unmovable"],
+            "trial-failure": options["trial-failure"],
+        },
         reloadModules=options["reload-modules"],
     )
     if interceptor is not None:

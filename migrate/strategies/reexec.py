@@ -43,6 +43,7 @@ class ReexecStrategy:
             host=host,
             progress=progress,
             unmovable=options.get("reexec-unmovable", "close"),
+            trialFailure=options.get("trial-failure", "refuse"),
             strategyName=self.name,
         )
         result: Deferred[Any] = migration.run()

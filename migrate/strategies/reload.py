@@ -18,10 +18,12 @@ from attrs import field, frozen
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
+from .._handoff._trial import casesFrom
 from .._report import MigrationReport
 from ..interfaces import IMigrationStrategy
 from ._reload._attempt import FINGERPRINTS, ReloadAttempt
 from ._reload._modules import ModuleFingerprints
+from ._reload._safety import trialInChild
 
 __all__ = ["ModuleReload", "NoIncomingHalf"]
 
@@ -49,14 +51,38 @@ class ModuleReload:
     name = "reload"
     _fingerprints: ModuleFingerprints = field(default=FINGERPRINTS)
     _timer: Callable[[], float] = field(default=time.perf_counter)
+    _trial: Callable[[Any, Any, str], Deferred[Any]] | None = field(
+        default=trialInChild
+    )
 
     def migrate(
         self, host: Any, progress: Callable[[str], None]
     ) -> Deferred[MigrationReport]:
+        """
+        Try the new code in a child process first (unless this strategy was
+        made without a trial), then reload it here.
+        """
         attempt = ReloadAttempt(
-            host, progress, self._fingerprints, self._timer, self.name
+            host,
+            progress,
+            self._fingerprints,
+            self._timer,
+            self.name,
+            importTimeout=getattr(host, "readyTimeout", 0.0) or 0.0,
         )
-        return succeed(attempt.run())
+        early = attempt.begin()
+        if early is not None:
+            return succeed(early)
+        if self._trial is None:
+            return succeed(attempt.finish())
+        options = getattr(host, "strategyOptions", None) or {}
+        attempt.step("trying the new code in a child process")
+        cases = casesFrom(attempt.connections())
+        tried: Deferred[Any] = self._trial(
+            host, cases, options.get("trial-failure", "refuse")
+        )
+        result: Deferred[MigrationReport] = tried.addCallback(attempt.tried)
+        return result
 
     def inherit(self, host: Any, inheritance: Any) -> Deferred[None]:
         return fail(

@@ -28,6 +28,7 @@ from zope.interface.verify import verifyObject
 
 from migrate._codec import StateError
 from migrate._handoff._fdpass import readMemfd
+from migrate._handoff._trial import TrialOutcome
 from migrate._host._service import HostedListener, MigrationHost
 from migrate._host._tracking import TrackingFactory
 from migrate._report import MigrationPhase
@@ -346,7 +347,7 @@ class _Harness:
         return hosted
 
     def migration(self, **kwargs: Any) -> ReexecMigration:
-        kwargs.setdefault("preflight", lambda *a, **k: succeed(None))
+        kwargs.setdefault("preflight", lambda *a, **k: succeed(TrialOutcome(None)))
         kwargs.setdefault("checkArgv", lambda argv: None)
         kwargs.setdefault("execv", self.failingExec)
         return ReexecMigration(self.host, lambda line: None, **kwargs)
@@ -430,13 +431,92 @@ class ReexecMigrationTests(SynchronousTestCase):
         report = harness.run(
             harness.migration(
                 preflight=lambda *a, **k: succeed(
-                    ("it does not start", ["SyntaxError"])
+                    TrialOutcome("it does not start", output=("SyntaxError",))
                 )
             )
         )
         self.assertEqual(report.outcome.value, "refused")
         self.assertEqual(report.successorLog, ("SyntaxError",))
         self.assertEqual(harness.executed, [])
+
+    def test_trialSeesEveryState(self) -> None:
+        """
+        The preflight process is asked to try the new code on a copy of
+        every migratable connection's state, within the ready timeout,
+        with the host's policy; its cost is in the report.
+        """
+        harness = _Harness(self)
+        hosted = harness.connect()
+        hosted.dataReceived(b"a\nb\n")
+        seen: list[Any] = []
+
+        def trial(reactor: Any, argv: Any, cases: Any, **kwargs: Any) -> Any:
+            seen.append((argv, cases, kwargs))
+            return succeed(TrialOutcome(None, tried=len(cases), duration=0.25))
+
+        report = harness.run(harness.migration(preflight=trial, trialFailure="close"))
+        [(argv, cases, kwargs)] = seen
+        self.assertEqual(argv, ["/py", "-c", "pass"])
+        self.assertEqual([case.connection for case in cases], [hosted])
+        self.assertEqual(cases[0].state["appState"], {"count": 2})
+        self.assertEqual(kwargs["env"][PREFLIGHT_VARIABLE], "1")
+        self.assertNotIn(STATE_FD_VARIABLE, kwargs["env"])
+        self.assertEqual(kwargs["readyMarker"], PREFLIGHT_MARKER)
+        self.assertEqual(kwargs["policy"], "close")
+        self.assertEqual(kwargs["timeout"], harness.host.readyTimeout)
+        self.assertEqual(report.durations["trial"], 0.25)
+        self.assertIn("restored 1 connection in 250.0 ms", report.notes[0])
+
+    def test_trialRefusalChangesNothing(self) -> None:
+        """
+        A trial that fails refuses the migration with its reason: nothing
+        was frozen, closed or executed.
+        """
+        harness = _Harness(self)
+        hosted = harness.connect()
+        report = harness.run(
+            harness.migration(
+                preflight=lambda *a, **k: succeed(
+                    TrialOutcome("the new code refused the connection from x: no")
+                )
+            )
+        )
+        self.assertEqual(
+            (report.outcome.value, report.reason),
+            ("refused", "the new code refused the connection from x: no"),
+        )
+        self.assertEqual(harness.executed, [])
+        self.assertTrue(_reading(harness.reactor, hosted))
+
+    def test_trialCloseClosesBeforeExec(self) -> None:
+        """
+        With C{--trial-failure close}, a connection the new code failed on
+        is closed cleanly before the exec and not described to the new
+        image; the others are.
+        """
+        harness = _Harness(self)
+        doomed = harness.connect()
+        kept = harness.connect()
+
+        def trial(reactor: Any, argv: Any, cases: Any, **kwargs: Any) -> Any:
+            [case] = [case for case in cases if case.connection is doomed]
+            return succeed(TrialOutcome(None, closing=((case, "boom"),)))
+
+        d = harness.migration(preflight=trial, trialFailure="close").run()
+        harness.reactor.advance(0)
+        self.assertTrue(doomed.transport.disconnecting)
+        self.assertNoResult(d)
+        why = doomed.transport.doWrite()
+        doomed.transport.connectionLost(Failure(why))
+        harness.reactor.advance(0.01)
+        harness.reactor.advance(0)
+        report = self.successResultOf(d)
+        [executed] = harness.executed
+        self.assertEqual(len(executed["state"].connections), 1)
+        self.assertEqual(
+            executed["state"].connections[0].descriptor, kept.transport.fileno()
+        )
+        self.assertEqual(report.listeners[0].failed, 1)
 
     def test_refusedWhileDraining(self) -> None:
         harness = _Harness(self)
@@ -480,7 +560,8 @@ class ReexecMigrationTests(SynchronousTestCase):
 
         def breakingCapture() -> Any:
             captures.append(None)
-            if len(captures) > 1:
+            # The trial's copy and the dry run pass.
+            if len(captures) > 2:
                 return {"count": object()}
             return {"count": 1}
 
@@ -488,7 +569,7 @@ class ReexecMigrationTests(SynchronousTestCase):
         report = harness.run(harness.migration())
         self.assertEqual(report.outcome.value, "rolled-back")
         self.assertIn("cannot be carried over", report.reason)
-        self.assertEqual((len(captures), harness.executed), (2, []))
+        self.assertEqual((len(captures), harness.executed), (3, []))
         self.assertTrue(_reading(harness.reactor, hosted))
         harness.assertServesOn(other, b"pending")
 
@@ -509,7 +590,8 @@ class ReexecMigrationTests(SynchronousTestCase):
 
         def stopRequestedMeanwhile() -> Any:
             captures.append(None)
-            if len(captures) > 1:
+            # After the trial's copy and the dry run: at the freeze.
+            if len(captures) > 2:
                 queued.append((harness.reactor.stop, (), {}))
             return capture()
 
@@ -541,7 +623,8 @@ class ReexecMigrationTests(SynchronousTestCase):
 
         def signalledMeanwhile() -> Any:
             captures.append(None)
-            if len(captures) > 1:
+            # After the trial's copy and the dry run: at the freeze.
+            if len(captures) > 2:
                 signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
             return capture()
 
@@ -837,7 +920,10 @@ class OptionsTests(SynchronousTestCase):
         options.parseOptions(["--reexec-unmovable", "adopt", "--control", "c.sock"])
         self.assertEqual(options["reexec-unmovable"], "adopt")
         host = buildHost(MemoryReactorClock(), options)
-        self.assertEqual(host.strategyOptions, {"reexec-unmovable": "adopt"})
+        self.assertEqual(
+            host.strategyOptions,
+            {"reexec-unmovable": "adopt", "trial-failure": "refuse"},
+        )
         default = Options()
         default.parseOptions(["--control", "c.sock"])
         self.assertEqual(default["reexec-unmovable"], "close")

@@ -33,7 +33,7 @@ from .._handoff._trial import (
 )
 from ..interfaces import IMigratable
 from ..state import captureProtocolState
-from ..strategies._reload._bounded import ImportTimedOut, boundedImport
+from ..strategies._reload._safety import ImportTimedOut, boundedImport
 from ._hostprocess import SOURCE_ROOT, writeModule
 
 

@@ -222,14 +222,18 @@ def finishPreflight(
     out: TextIO | None = None,
     *,
     twistdOptions: Mapping[str, Any] | None = None,
+    factory: Any = None,
 ) -> None:
     """
     End the preflight process once its options are parsed and the
     application is loaded: the old image only wanted to know the new code
-    gets that far, and that the new image will be able to open twistd's
-    log file.
+    gets that far, that the new image will be able to open twistd's log
+    file, and (when it asks for a trial, L{migrate._handoff._trial}) that
+    the new code restores every connection's state.
 
     @param twistdOptions: twistd's options, if known.
+    @param factory: the new code's protocol factory, for the trial
+        (L{None} for a hosted plugin, which builds its own when it starts).
 
     @raise SystemExit: in the preflight process: 0 if the re-exec may go
         on, 1 (having said why) if not.
@@ -244,6 +248,9 @@ def finishPreflight(
         stream.write(problem + "\n")
         stream.flush()
         raise SystemExit(1)
+    from ..._handoff._trial import runChild
+
+    runChild(factory, environ)
     stream.write(PREFLIGHT_MARKER + "\n")
     stream.flush()
     raise SystemExit(0)

@@ -53,6 +53,7 @@ from ..._handoff._listeners import listenerDescriptor
 from ..._handoff._movement import describeMovable
 from ..._handoff._successor import successorCommandLine
 from ..._handoff._transport import pendingOutput
+from ..._handoff._trial import TrialOutcome, casesFrom, runTrial
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
 from ..._systemd import successorEnvironment
 from ...state import captureProtocolState, isMigratable
@@ -60,11 +61,12 @@ from ._check import (
     checkDescriptorLimit,
     checkProgram,
     refusalReason,
-    runPreflight,
     workInFlight,
 )
 from ._state import (
     EXEC_AT_VARIABLE,
+    PREFLIGHT_MARKER,
+    PREFLIGHT_VARIABLE,
     REEXEC_SIGNALS,
     STATE_FD_VARIABLE,
     InheritedConnection,
@@ -260,7 +262,11 @@ class ReexecMigration:
     @ivar unmovable: C{"close"} or C{"adopt"} (see L{UNMOVABLE_POLICIES}).
     @ivar execv: replaces the process image (C{os.execve}); returns only
         by raising.
-    @ivar preflight: L{runPreflight} or a stand-in.
+    @ivar trialFailure: what a connection the new code fails on in the
+        trial means: C{"refuse"} the migration, or C{"close"} it (see
+        L{migrate._handoff._trial.TRIAL_POLICIES}).
+    @ivar preflight: L{runTrial} or a stand-in: runs the preflight process,
+        which loads the new code and tries it on every connection's state.
     @ivar checkArgv: L{checkProgram} or a stand-in.
     @ivar softLimit: returns the soft C{RLIMIT_NOFILE}.
     @ivar closeTimeout: seconds connections being closed may take to
@@ -272,7 +278,8 @@ class ReexecMigration:
     unmovable: str = "close"
     strategyName: str = "reexec"
     execv: Callable[[str, list[str], dict[str, str]], None] = _execve
-    preflight: Callable[..., Any] = runPreflight
+    trialFailure: str = "refuse"
+    preflight: Callable[..., Any] = runTrial
     checkArgv: Callable[[Sequence[str]], str | None] = checkProgram
     softLimit: Callable[[], int] = _softLimit
     closeTimeout: float | None = None
@@ -280,6 +287,7 @@ class ReexecMigration:
     _closed: dict[str, int] = field(factory=dict)
     _notes: list[str] = field(factory=list)
     _outputTail: list[str] = field(factory=list)
+    _trialClosing: dict[int, tuple[Any, str]] = field(factory=dict)
 
     def _step(self, message: str) -> None:
         _log.info("Re-exec: {message}", message=message)
@@ -322,18 +330,32 @@ class ReexecMigration:
             return self._refuse(reason)
 
         host.phase = MigrationPhase.spawning
-        self._step("checking that the new code loads: {}".format(" ".join(argv)))
-        outcome = yield self.preflight(
+        self._step("trying the new code in a child process: {}".format(" ".join(argv)))
+        cases = casesFrom(
+            (listener.key, hosted) for listener, hosted in host.allConnections()
+        )
+        environment = successorEnvironment(os.environ)
+        environment[PREFLIGHT_VARIABLE] = "1"
+        for name in (STATE_FD_VARIABLE, EXEC_AT_VARIABLE):
+            environment.pop(name, None)
+        outcome: TrialOutcome = yield self.preflight(
             host.reactor,
             argv,
-            env=successorEnvironment(os.environ),
+            cases,
+            env=environment,
             timeout=host.readyTimeout,
+            policy=self.trialFailure,
+            readyMarker=PREFLIGHT_MARKER,
         )
         phaseDone("preflight")
-        if outcome is not None:
-            reason, tail = outcome
-            self._outputTail = list(tail)
-            return self._refuse(reason)
+        self._durations["trial"] = outcome.duration
+        if not outcome.passed:
+            self._outputTail = list(outcome.output)
+            return self._refuse(outcome.reason or "the trial failed")
+        self._notes.extend(outcome.notes())
+        self._trialClosing = {
+            id(case.connection): (case.connection, why) for case, why in outcome.closing
+        }
         if not host.serving:
             return self._refuse("the host stopped serving during the checks")
 
@@ -395,6 +417,16 @@ class ReexecMigration:
             protocol = hosted.wrappedProtocol
             transport = hosted.transport
             if protocol is None or hosted.released:
+                continue
+            tripped, why = self._trialClosing.get(id(hosted), (None, ""))
+            if tripped is hosted:
+                plan.closing.append(
+                    (
+                        listener.key,
+                        hosted,
+                        "the new code failed on it in the trial: " + why,
+                    )
+                )
                 continue
             plain = isinstance(transport, Connection) and not getattr(
                 transport, "TLS", False

@@ -68,6 +68,7 @@ from ._modules import (
     hostModuleReason,
     modulesToReload,
 )
+from ._safety import boundedImport
 
 __all__ = ["FINGERPRINTS", "ReloadAttempt"]
 
@@ -165,6 +166,7 @@ class _Listener:
 
     moved: int = 0
     drained: int = 0
+    failed: int = 0
 
 
 @define
@@ -187,7 +189,11 @@ class ReloadAttempt:
     swaps: list[tuple[Any, type, type]] = field(factory=list)
     newFactory: Any = None
     started: int = 0
+    importTimeout: float = 0.0
     _swapProblems: dict[type, str | None] = field(factory=dict)
+    _plan: tuple[Any, ...] | None = None
+    _startedAt: float = 0.0
+    _closing: dict[int, tuple[Any, str]] = field(factory=dict)
 
     # Reporting
 
@@ -210,6 +216,7 @@ class ReloadAttempt:
                 drained=(
                     self.counts[key].drained if success and key in self.counts else 0
                 ),
+                failed=self.counts[key].failed if key in self.counts else 0,
             )
             for key in host.listeners
         ]
@@ -230,21 +237,77 @@ class ReloadAttempt:
 
     def run(self) -> MigrationReport:
         """
-        Reload the application.
+        Reload the application, without a trial.
 
         @return: the report; never raises.
         """
-        started = self.timer()
+        return self.begin() or self.finish()
+
+    def begin(self) -> MigrationReport | None:
+        """
+        Find what to reload, touching nothing.
+
+        @return: the report if there is nothing more to do (refused, or
+            nothing changed), or L{None}: L{finish} (after a trial,
+            L{connections} to try) does the reload.
+        """
+        started = self._startedAt = self.timer()
         try:
-            report = self._run(started)
+            return self._begin(started)
         except Exception as e:
             _log.failure("Reload failed unexpectedly")
-            report = self.rollBack(
-                "internal error: {}".format(describeError(e)), started
-            )
-        return report
+            return self.rollBack("internal error: {}".format(describeError(e)), started)
 
-    def _run(self, started: float) -> MigrationReport:
+    def connections(self) -> list[tuple[str, Any]]:
+        """
+        The live connections, with their listener's key, for a trial.
+        """
+        return [
+            (listener.key, hosted)
+            for listener in self.host.listeners.values()
+            for hosted in listener.factory.connections
+            if not hosted.pending
+        ]
+
+    def tried(self, outcome: Any) -> MigrationReport:
+        """
+        Go on after the new code was tried in a child process: refuse if it
+        failed; close the connections it failed on (with C{--trial-failure
+        close}); then L{finish}.
+
+        @param outcome: the L{migrate._handoff._trial.TrialOutcome}.
+        """
+        self.durations["trial"] = outcome.duration
+        if not outcome.passed:
+            return self.refuse(outcome.reason, self._startedAt)
+        self.notes.extend(outcome.notes())
+        for case, why in outcome.closing:
+            hosted = case.connection
+            self._closing[id(hosted)] = (hosted, why)
+            _log.info(
+                "Reload: closing {connection}: the new code failed on it in the "
+                "trial ({why})",
+                connection=case.describe(),
+                why=why,
+            )
+            hosted.loseConnection()
+        return self.finish()
+
+    def finish(self) -> MigrationReport:
+        """
+        Import the new code, prepare every connection and commit, or roll
+        it all back.
+
+        @return: the report; never raises.
+        """
+        started = self._startedAt
+        try:
+            return self._finish(started)
+        except Exception as e:
+            _log.failure("Reload failed unexpectedly")
+            return self.rollBack("internal error: {}".format(describeError(e)), started)
+
+    def _begin(self, started: float) -> MigrationReport | None:
         host = self.host
         spec = host.applicationSpec
         if not spec:
@@ -291,13 +354,23 @@ class ReloadAttempt:
             self.step("no application module changed; nothing to reload")
             self.durations["total"] = self.timer() - started
             return self.report(MigrationOutcome.success, None, changedCode=False)
+        host.phase = MigrationPhase.spawning
+        self._plan = (app, names, entry, attribute, spec)
+        return None
 
+    def _finish(self, started: float) -> MigrationReport:
+        host = self.host
+        assert self._plan is not None
+        app, names, entry, attribute, spec = self._plan
         host.phase = MigrationPhase.handingOff
         self.step("importing the new code of {}".format(_listed(names)))
         phase = self.timer()
         self.staging = ModuleStaging(app, names)
         try:
-            staged = self.staging.stage()
+            # It passed the trial; should it block in this process alone,
+            # the bound interrupts it (see _safety).
+            with boundedImport(self.importTimeout):
+                staged = self.staging.stage()
         except ReloadFailed as e:
             self.staging = None
             return self.rollBack(e.reason, started)
@@ -432,6 +505,10 @@ class ReloadAttempt:
             for hosted in listener.factory.connections:
                 protocol = hosted.wrappedProtocol
                 if protocol is None or hosted.pending or hosted.released:
+                    continue
+                closing, _ = self._closing.get(id(hosted), (None, ""))
+                if closing is hosted:
+                    counts.failed += 1
                     continue
                 if isMigratable(protocol):
                     self._rebuild(listener.key, hosted, protocol)

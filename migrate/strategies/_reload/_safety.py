@@ -1,6 +1,8 @@
 # -*- test-case-name: migrate.test.test_trial -*-
 """
-A bound on module reload's import in the serving process.
+What keeps the serving process safe from module reload's new code: the
+trial in a child process first (L{trialInChild}), then a bound on the
+import in the serving process (L{boundedImport}).
 
 The new code is tried first in a child process (L{migrate._handoff._trial})
 and imported into the serving process only once it passed there.  It can
@@ -17,12 +19,47 @@ bound.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
-__all__ = ["ImportTimedOut", "boundedImport"]
+from twisted.internet.defer import Deferred
+
+from ..._handoff._trial import TrialCase, runTrial
+
+__all__ = ["ImportTimedOut", "boundedImport", "trialInChild"]
+
+
+def trialInChild(host: Any, cases: Sequence[TrialCase], policy: str) -> Deferred[Any]:
+    """
+    Try the application's new code in a child process that imports it
+    afresh (C{python -m migrate._handoff._trialchild SPEC}), with this
+    process's module search path and working directory.
+
+    @return: a L{Deferred} firing with the
+        L{migrate._handoff._trial.TrialOutcome}.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        entry or os.getcwd() for entry in sys.path if isinstance(entry, str)
+    )
+    for name in list(env):
+        if name.startswith("MIGRATE_"):
+            del env[name]
+    argv = [sys.executable, "-m", "migrate._handoff._trialchild", host.applicationSpec]
+    result: Deferred[Any] = runTrial(
+        host.reactor,
+        argv,
+        cases,
+        env=env,
+        timeout=host.readyTimeout,
+        policy=policy,
+        path=os.getcwd(),
+    )
+    return result
 
 
 class ImportTimedOut(Exception):

@@ -11,8 +11,9 @@ L{RollingUpgrade} upgrades a fleet of hosts behind HAProxy.
 from typing import TYPE_CHECKING
 
 from ._host._service import MigrationHost
-from ._report import ListenerReport, MigrationOutcome, MigrationReport
-from .interfaces import IMigratable, IMigrationStrategy
+from ._host._settings import HostSettings
+from ._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
+from .interfaces import IMigratable, IMigrationHost, IMigrationStrategy
 
 if TYPE_CHECKING:
     from ._rolling._orchestrator import RollingUpgrade
@@ -26,11 +27,14 @@ if TYPE_CHECKING:
 __all__ = [
     "CapabilityTransfer",
     "GradualTransfer",
+    "HostSettings",
     "IMigratable",
+    "IMigrationHost",
     "IMigrationStrategy",
     "ListenerReport",
     "MigrationHost",
     "MigrationOutcome",
+    "MigrationPhase",
     "MigrationReport",
     "ModuleReload",
     "ReexecStrategy",

@@ -1,17 +1,19 @@
 """
 The interfaces of migrate: what an application implements to carry its
-state across a migration (L{IMigratable}), and what a migration technique
-implements to plug into the host (L{IMigrationStrategy}).
+state across a migration (L{IMigratable}), what a migration technique
+implements to plug into the host (L{IMigrationStrategy}), and what such a
+strategy may ask of the host it migrates (L{IMigrationHost}).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from zope.interface import Attribute, Interface
 
 __all__ = [
     "IMigratable",
+    "IMigrationHost",
     "IMigrationStrategy",
 ]
 
@@ -87,6 +89,158 @@ class IMigratable(Interface):
         """
 
 
+class IMigrationHost(Interface):
+    """
+    What a strategy may ask of the host it migrates: the seam between
+    L{migrate.MigrationHost} and every L{IMigrationStrategy}.
+
+    The host owns its lifecycle: a strategy reports the phase it enters
+    (L{enterPhase}) and the end of the hand-off (L{handOn},
+    L{commitInheritance}, L{abandonInheritance}); it never sets the host's
+    attributes.
+    """
+
+    reactor = Attribute("The reactor: listening, processes, time, sockets.")
+    settings = Attribute(
+        "The host's L{migrate.HostSettings}: timeouts, the successor's "
+        "command line, the application's spec, strategy options."
+    )
+    pid = Attribute("This process's PID (an L{int}).")
+    generation = Attribute(
+        "An L{int}: 1 for a freshly started service, one more for each "
+        "migration to a new process or image."
+    )
+    phase = Attribute(
+        "The L{migrate.MigrationPhase} of the migration in progress "
+        "(C{idle} when none); read-only: see L{enterPhase}."
+    )
+    serving = Attribute(
+        "Whether this process serves (takes new connections and migrations)."
+    )
+    listeners = Attribute(
+        "The listeners by endpoint description (C{tcp:8000}): a mapping to "
+        "objects with C{key}, C{factory} (tracking the connections) and "
+        "C{port} (the listening port, or L{None} before it listens)."
+    )
+    controlPort = Attribute("The control channel's listening port, or L{None}.")
+    draining = Attribute(
+        "Older generations still draining, by generation number: "
+        "JSON-compatible dictionaries."
+    )
+    lastReport = Attribute("The last migration's report, or L{None}.")
+    acceptsAnyListener = Attribute(
+        "Whether the host takes over any listener a previous generation "
+        "hands on (a hosted twistd plugin opens its ports itself)."
+    )
+    applicationFactory = Attribute("The application's protocol factory, if any.")
+
+    def enterPhase(phase: Any) -> None:
+        """
+        The running migration enters C{phase} (a L{migrate.MigrationPhase}).
+        """
+
+    def abortWith(abort: Callable[[str], None] | None) -> None:
+        """
+        Call C{abort} with a reason if the host has to stop while the
+        running migration can still be rolled back; L{None} once it cannot.
+        """
+
+    def allConnections() -> Iterable[tuple[Any, Any]]:
+        """
+        Every live connection, as (listener, hosted protocol) pairs.
+        """
+
+    def listenerNamed(key: str) -> Any:
+        """
+        The listener configured as C{key}.
+
+        @raise KeyError: if this code has no such listener.
+        """
+
+    def pauseAccepting() -> None:
+        """
+        Leave new connections in the kernel's backlog for now.
+        """
+
+    def resumeAccepting() -> None:
+        """
+        Accept new connections again.
+        """
+
+    def statusSnapshot() -> dict[str, Any]:
+        """
+        Describe this host as JSON-compatible data (C{python -m migrate
+        status}).
+        """
+
+    def handOn(
+        reportDrain: Callable[[list[dict[str, Any]]], None], newPid: int | None
+    ) -> None:
+        """
+        The hand-off committed: stop serving, let go of the listeners and
+        the control socket, and drain what stays here.
+
+        @param reportDrain: called with the draining generations whenever
+            they change, to keep the new serving process's status current.
+        @param newPid: the process that serves now.
+        """
+
+    def updateDraining(entries: list[dict[str, Any]], viaPid: int) -> None:
+        """
+        An older generation (or one it relays for) reports its draining.
+        """
+
+    def forgetDraining(viaPid: int) -> None:
+        """
+        The older generation reached through C{viaPid} has ended.
+        """
+
+    def prepareApplication() -> None:
+        """
+        Start a hosted application in a process that inherits, once the
+        inherited listeners are here.
+        """
+
+    def claimListener(key: str, factory: Any, create: Callable[[Any], Any]) -> Any:
+        """
+        The hosted application listens on C{key}: serve it with an
+        inherited listener if there is one, or open it with C{create}.
+        """
+
+    def adoptControlPort(port: Any) -> None:
+        """
+        Use C{port}, handed on by the previous generation, as the control
+        channel once this process serves.
+        """
+
+    def commitInheritance(generation: int) -> None:
+        """
+        Serve: the previous generation has handed everything on.
+        """
+
+    def abandonInheritance(reason: str) -> None:
+        """
+        Give up inheriting: let go of everything adopted without disturbing
+        it, and end this process.
+        """
+
+    def requestUpgrade(
+        strategyName: str | None, progress: Callable[[str], None]
+    ) -> Any:
+        """
+        Migrate now with the named strategy (or the configured one): what
+        the control channel's C{upgrade} command asks for.
+
+        @return: a L{Deferred} firing with the report as JSON-compatible
+            data.
+        """
+
+    def addObserver(observer: Any) -> None:
+        """
+        Tell C{observer} about this host's lifecycle from now on.
+        """
+
+
 class IMigrationStrategy(Interface):
     """
     One technique for moving a live service to new code.
@@ -102,11 +256,11 @@ class IMigrationStrategy(Interface):
 
     name = Attribute("The L{str} operators use for this strategy (C{--strategy NAME}).")
 
-    def migrate(host: Any, progress: Callable[[str], None]) -> Any:
+    def migrate(host: IMigrationHost, progress: Callable[[str], None]) -> Any:
         """
         Run the outgoing half of a migration.
 
-        @param host: the L{migrate.MigrationHost} that serves now.
+        @param host: the host that serves now.
         @param progress: called with a one-line human-readable message at
             each step, relayed to whoever asked for the migration.
 
@@ -115,12 +269,12 @@ class IMigrationStrategy(Interface):
             does not wait for old connections to drain.
         """
 
-    def inherit(host: Any, inheritance: Any) -> Any:
+    def inherit(host: IMigrationHost, inheritance: Any) -> Any:
         """
         Run the incoming half: take over what the previous generation
         hands on, before this host serves anything.
 
-        @param host: the L{migrate.MigrationHost} that is starting.
+        @param host: the host that is starting.
         @param inheritance: strategy-specific: the hand-off channel to the
             old process, or the state the old image left behind.
 

@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.python import usage
 
 from ._host._service import MigrationHost
+from ._host._settings import HostSettings
 from .strategies import strategyNamed, strategyNames
 
 __all__ = ["Options", "makeService", "buildHost", "loadFactory", "DEFAULT_APP"]
@@ -350,27 +351,30 @@ def buildHost(reactor: Any, options: Options) -> MigrationHost:
         interceptor = ListeningInterceptor(reactor, None, options["listen"])
         interceptor.install()
         applicationService = plugin.makeService(options.subOptions)
-    host = MigrationHost(
-        reactor,
-        options["factory"],
-        [] if applicationService is not None else options["listen"],
-        strategy,
+    settings = HostSettings(
         controlPath=options["control"],
-        strategyNamed=strategyNamed,
         readyTimeout=options["ready-timeout"],
         handoffTimeout=options["handoff-timeout"],
         drainTimeout=options["drain-timeout"],
         pidfile=options["pidfile"],
-        forgetPidfile=options.forgetPidfile,
-        inheritance=inheritance,
-        inheritWith=inheritWith,
         applicationSpec=options["app"] if applicationService is None else None,
-        applicationService=applicationService,
         strategyOptions={
             "reexec-unmovable": options["reexec-unmovable"],
             "trial-failure": options["trial-failure"],
         },
         reloadModules=options["reload-modules"],
+    )
+    host = MigrationHost(
+        reactor,
+        options["factory"],
+        [] if applicationService is not None else options["listen"],
+        strategy,
+        settings,
+        strategyNamed=strategyNamed,
+        forgetPidfile=options.forgetPidfile,
+        inheritance=inheritance,
+        inheritWith=inheritWith,
+        applicationService=applicationService,
     )
     if interceptor is not None:
         interceptor.host = host

@@ -16,7 +16,7 @@ from attrs import define, field
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from .interfaces import IMigrationStrategy
+from .interfaces import IMigrationHost, IMigrationStrategy
 
 __all__ = ["FakeStrategy", "FakeMigration", "FakeInheritance"]
 
@@ -32,7 +32,7 @@ class FakeMigration:
         L{migrate.MigrationReport} (or fail it) to end the migration.
     """
 
-    host: Any
+    host: IMigrationHost
     progress: Callable[[str], None]
     result: Deferred[Any] = field(factory=Deferred)
 
@@ -47,7 +47,7 @@ class FakeInheritance:
     @ivar result: the L{Deferred} the strategy returned.
     """
 
-    host: Any
+    host: IMigrationHost
     inheritance: Any
     result: Deferred[None] = field(factory=Deferred)
 
@@ -68,7 +68,9 @@ class FakeStrategy:
     migrations: list[FakeMigration] = field(factory=list)
     inheritances: list[FakeInheritance] = field(factory=list)
 
-    def migrate(self, host: Any, progress: Callable[[str], None]) -> Deferred[Any]:
+    def migrate(
+        self, host: IMigrationHost, progress: Callable[[str], None]
+    ) -> Deferred[Any]:
         """
         Record the migration and return its unfired L{Deferred}.
         """
@@ -76,7 +78,7 @@ class FakeStrategy:
         self.migrations.append(call)
         return call.result
 
-    def inherit(self, host: Any, inheritance: Any) -> Deferred[None]:
+    def inherit(self, host: IMigrationHost, inheritance: Any) -> Deferred[None]:
         """
         Record the inheritance and return its unfired L{Deferred}.
         """

@@ -19,6 +19,7 @@ from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 
 from .._host._tracking import HostedProtocol, PendingAdoptionFactory
+from ..interfaces import IMigrationHost
 from ..state import (
     ProtocolState,
     StateError,
@@ -284,7 +285,7 @@ class AdoptedConnection:
         self.hosted.release()
 
 
-def adoptEntry(host: Any, entry: Any, descriptor: int) -> AdoptedConnection:
+def adoptEntry(host: IMigrationHost, entry: Any, descriptor: int) -> AdoptedConnection:
     """
     Adopt one connection held, with the new code's protocol restored from
     its manifest entry.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from attrs import define
 from twisted.application.service import IService, MultiService, Service
@@ -17,12 +17,15 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .._handoff._listeners import pauseListener, releaseListener, resumeListener
 from .._report import MigrationPhase, MigrationReport
 from .._systemd import activatedEndpoint, isActivated
-from ..interfaces import IMigrationStrategy
+from ..interfaces import IMigrationHost, IMigrationStrategy
+from ._draining import ANSWER_GRACE_SECONDS, DrainTracker
 from ._pidfile import writePidfile
+from ._settings import HostSettings
 from ._tracking import TrackingFactory, unclaimedFactory
 
 __all__ = ["MigrationHost", "HostedListener", "NotServing"]
@@ -69,14 +72,6 @@ def _serverFromString(reactor: Any, description: str) -> Any:
     from twisted.internet.endpoints import serverFromString
 
     return serverFromString(reactor, description)
-
-
-#: seconds a connection closed at the drain deadline may take to flush
-_ABORT_GRACE_SECONDS = 5.0
-
-#: seconds an answer just written (a report) gets to leave before the host
-#: stops and closes the control connections
-_ANSWER_GRACE_SECONDS = 0.2
 
 
 class CannotListenTwice(Exception):
@@ -139,6 +134,7 @@ class _Detect:
 FROM_ENVIRONMENT: Any = _Detect()
 
 
+@implementer(IMigrationHost)
 class MigrationHost(MultiService):
     """
     Hosts an application's protocol factory on one or more listeners and
@@ -148,17 +144,16 @@ class MigrationHost(MultiService):
     a strategy, and add it to a service tree; nothing else in the
     application changes.  Or give it a whole application service (another
     twistd plugin's, unmodified) whose listening ports it intercepts: the
-    host's children are that application.  A migration starts on C{SIGHUP}, on the control
-    channel's C{upgrade} command, or when L{requestUpgrade} is called.
+    host's children are that application.  A migration starts on C{SIGHUP},
+    on the control channel's C{upgrade} command, or when L{requestUpgrade}
+    is called.
 
+    @ivar settings: the L{HostSettings}.
     @ivar generation: 1 for a freshly started service, one more for each
         migration to a new process or image.
-    @ivar phase: the phase of the migration in progress, if any.
     @ivar serving: whether this process serves (takes new connections and
         migrations); L{False} while it inherits a service or drains one.
     @ivar lastReport: the last migration's report.
-    @ivar draining: older generations still finishing their connections,
-        by generation: JSON-compatible dictionaries.
     """
 
     _log = Logger()
@@ -169,40 +164,27 @@ class MigrationHost(MultiService):
         applicationFactory: IProtocolFactory | None,
         listen: Sequence[str],
         strategy: IMigrationStrategy,
+        settings: HostSettings | None = None,
         *,
-        controlPath: str | None = "migrate-host.sock",
         strategyNamed: Callable[[str], IMigrationStrategy] = _builtInStrategyNamed,
-        readyTimeout: float = 30.0,
-        handoffTimeout: float = 60.0,
-        drainTimeout: float | None = None,
-        successorArgv: Sequence[str] | None = None,
-        pidfile: str | None = None,
         forgetPidfile: Callable[[], None] = lambda: None,
         inheritance: Any = FROM_ENVIRONMENT,
         inheritWith: IMigrationStrategy | None = None,
         stopProcess: Callable[[], None] | None = None,
-        installSignalHandlers: bool = True,
-        applicationSpec: str | None = None,
         applicationService: IService | None = None,
-        strategyOptions: Mapping[str, Any] | None = None,
-        reloadModules: Sequence[str] = (),
+        **options: Any,
     ) -> None:
         """
         @param reactor: the reactor (listening, process, time, sockets).
         @param applicationFactory: the application's protocol factory.
         @param listen: endpoint descriptions (C{tcp:8000}, C{unix:/path}).
         @param strategy: what a migration does unless told otherwise.
-        @param controlPath: where the control channel listens, or L{None}.
+        @param settings: timeouts, paths and strategy options; or give
+            L{HostSettings}' fields as keyword arguments instead
+            (C{readyTimeout=5}).
         @param strategyNamed: finds another strategy by name, raising
             L{KeyError} for an unknown one (C{upgrade --strategy NAME});
             by default, the strategies that ship with migrate.
-        @param readyTimeout: seconds a successor may take to say it is ready.
-        @param handoffTimeout: seconds each hand-off step may take.
-        @param drainTimeout: seconds an old generation keeps serving its
-            remaining connections before closing them; L{None}: no deadline.
-        @param successorArgv: the command line that starts a successor
-            (default: this process's own, re-read from disk).
-        @param pidfile: a pidfile to keep naming the serving process.
         @param forgetPidfile: tells the process runner not to remove the
             pidfile at exit (a successor owns it then).
         @param inheritance: what a previous generation hands on, given to
@@ -215,30 +197,23 @@ class MigrationHost(MultiService):
             C{strategy}).
         @param stopProcess: ends this process once it has handed everything
             on (default: stop the reactor).
-        @param installSignalHandlers: whether C{SIGHUP} triggers a migration.
-        @param applicationSpec: where the application's factory came from
-            (C{PKG.MOD:NAME}), for strategies that load new code in place.
         @param applicationService: an application service (another twistd
             plugin's) to host as this host's child; its listening ports are
             owned by the host when a L{ListeningInterceptor} is installed on
             the reactor.
-        @param strategyOptions: settings of particular strategies, by option
-            name (C{"reexec-unmovable"}).
-        @param reloadModules: the modules module reload loads anew (a
-            package includes its submodules) instead of C{applicationSpec}'s
-            package (C{--reload-module}).
+
+        @raise TypeError: for a keyword that is no field of L{HostSettings}.
         """
         MultiService.__init__(self)
+        if settings is None:
+            settings = HostSettings(**options)
+        elif options:
+            raise TypeError("give settings or their fields, not both")
+        self.settings = settings
         self.reactor = reactor
         self.applicationFactory = applicationFactory
         self.strategy = strategy
         self.strategyNamed = strategyNamed
-        self.controlPath = controlPath
-        self.readyTimeout = readyTimeout
-        self.handoffTimeout = handoffTimeout
-        self.drainTimeout = drainTimeout
-        self.successorArgv = list(successorArgv) if successorArgv is not None else None
-        self.pidfile = pidfile
         self.forgetPidfile = forgetPidfile
         if inheritance is FROM_ENVIRONMENT:
             from ._inheritance import inheritedGeneration
@@ -248,10 +223,6 @@ class MigrationHost(MultiService):
         self.inheritance = inheritance
         self.inheritWith = inheritWith if inheritWith is not None else strategy
         self.stopProcess = stopProcess if stopProcess is not None else reactor.stop
-        self.installSignalHandlers = installSignalHandlers
-        self.applicationSpec = applicationSpec
-        self.strategyOptions = dict(strategyOptions or {})
-        self.reloadModules = list(reloadModules)
         self.acceptsAnyListener = applicationService is not None
         if applicationService is not None:
             applicationService.setServiceParent(self)
@@ -267,18 +238,46 @@ class MigrationHost(MultiService):
             )
         self.controlPort: IListeningPort | None = None
         self.generation = 1
-        self.phase = MigrationPhase.idle
+        self._phase = MigrationPhase.idle
         self.serving = inheritance is None
         self.handingOn = False
         self.lastReport: MigrationReport | None = None
-        self.draining: dict[int, dict[str, Any]] = {}
+        self._drain = DrainTracker(
+            reactor, self.allConnections, self._ownDrainEntry, self.stopProcess
+        )
         self.observers: list[Any] = []
         self._migration: Deferred[Any] | None = None
-        #: set by a running migration that can be aborted: called with the
-        #: reason when the host stops in the middle of it
-        self.abortMigration: Callable[[str], None] | None = None
+        self._abortMigration: Callable[[str], None] | None = None
         self._previousHangup: Any = None
         self.pid = os.getpid()
+
+    @property
+    def phase(self) -> MigrationPhase:
+        """
+        The phase of the migration in progress (C{idle} when none).
+        """
+        return self._phase
+
+    def enterPhase(self, phase: MigrationPhase) -> None:
+        """
+        The running migration enters C{phase}.
+        """
+        self._phase = phase
+
+    def abortWith(self, abort: Callable[[str], None] | None) -> None:
+        """
+        Call C{abort} with a reason if this host stops while the running
+        migration can still roll back.
+        """
+        self._abortMigration = abort
+
+    @property
+    def draining(self) -> dict[int, dict[str, Any]]:
+        """
+        Older generations still draining, by generation: JSON-compatible
+        dictionaries.
+        """
+        return self._drain.draining
 
     # Service
 
@@ -315,8 +314,8 @@ class MigrationHost(MultiService):
             # is killed and everything resumed here) before closing anything,
             # so that no socket the successor holds is shut down under it.
             self._log.warn("Stopping during a migration: aborting it first")
-            if self.abortMigration is not None:
-                self.abortMigration("this process is stopping")
+            if self._abortMigration is not None:
+                self._abortMigration("this process is stopping")
             waiting: Deferred[Any] = Deferred()
 
             def migrationEnded(result: Any) -> Any:
@@ -328,7 +327,7 @@ class MigrationHost(MultiService):
             # caller: give it a moment to leave before the shutdown closes
             # that connection unflushed.
             waiting.addCallback(
-                lambda _: deferLater(self.reactor, _ANSWER_GRACE_SECONDS, lambda: None)
+                lambda _: deferLater(self.reactor, ANSWER_GRACE_SECONDS, lambda: None)
             )
             return waiting.addCallback(lambda _: self._stopNow())
         return self._stopNow()
@@ -424,12 +423,13 @@ class MigrationHost(MultiService):
             )
 
     def _startControl(self) -> None:
-        if self.controlPath is None or self.controlPort is not None:
+        if self.settings.controlPath is None or self.controlPort is not None:
             return
         from .._control._server import listenControl
 
-        self.controlPort = listenControl(self.reactor, self.controlPath, self)
-        self._log.info("Control channel on {path}", path=self.controlPath)
+        path = self.settings.controlPath
+        self.controlPort = listenControl(self.reactor, path, self)
+        self._log.info("Control channel on {path}", path=path)
 
     def addObserver(self, observer: ILifecycleObserver) -> None:
         """
@@ -454,7 +454,7 @@ class MigrationHost(MultiService):
     def _serve(self) -> None:
         self.serving = True
         self._tell("serving")
-        if self.installSignalHandlers:
+        if self.settings.installSignalHandlers:
             self._installHangup()
         self._log.info(
             "Generation {generation} serving in process {pid} with strategy "
@@ -495,7 +495,7 @@ class MigrationHost(MultiService):
                 pid=self.pid,
             )
 
-        if self.installSignalHandlers:
+        if self.settings.installSignalHandlers:
             self._previousHangup = signal.signal(signal.SIGHUP, onHangup)
 
     def _upgradeFromSignal(self) -> None:
@@ -568,8 +568,8 @@ class MigrationHost(MultiService):
             resumeListener(self.controlPort)
         else:
             self._startControl()
-        if self.pidfile:
-            writePidfile(self.pidfile, self.pid)
+        if self.settings.pidfile:
+            writePidfile(self.settings.pidfile, self.pid)
         self.inheritance = None
         self._serve()
 
@@ -661,7 +661,7 @@ class MigrationHost(MultiService):
                 return fail(
                     UnknownStrategy("unknown strategy {!r}".format(strategyName))
                 )
-        self.phase = MigrationPhase.spawning
+        self._phase = MigrationPhase.spawning
         self._log.info(
             "Migration of generation {generation} starting with strategy " "{strategy}",
             generation=self.generation,
@@ -672,7 +672,7 @@ class MigrationHost(MultiService):
         self._migration = d
 
         def finished(report: MigrationReport) -> dict[str, Any]:
-            self.phase = MigrationPhase.idle
+            self._phase = MigrationPhase.idle
             self._migration = None
             self.lastReport = report
             self._tell("migrationEnded", report)
@@ -685,7 +685,7 @@ class MigrationHost(MultiService):
             return report.toJSON()
 
         def crashed(reason: Failure) -> Failure:
-            self.phase = MigrationPhase.idle
+            self._phase = MigrationPhase.idle
             self._migration = None
             self._tell("migrationEnded", None)
             self._log.failure("Migration crashed", reason)
@@ -731,17 +731,16 @@ class MigrationHost(MultiService):
         The older generations still draining, oldest first, this process
         included when it drains.
         """
-        entries = {
-            generation: {key: value for key, value in entry.items() if key != "via"}
-            for generation, entry in self.draining.items()
+        return self._drain.generations()
+
+    def _ownDrainEntry(self) -> dict[str, Any] | None:
+        if self.serving or self.inheritance is not None:
+            return None
+        return {
+            "generation": self.generation,
+            "pid": self.pid,
+            "connections": self.connectionCount(),
         }
-        if not self.serving and self.inheritance is None:
-            entries[self.generation] = {
-                "generation": self.generation,
-                "pid": self.pid,
-                "connections": self.connectionCount(),
-            }
-        return [entries[key] for key in sorted(entries)]
 
     def handOn(
         self,
@@ -769,9 +768,7 @@ class MigrationHost(MultiService):
             self.controlPort = None
         if newPid is not None:
             self._tell("handedOn", newPid)
-        self._drainReporter = reportDrain
-        self._lastDrainReport: list[dict[str, Any]] | None = None
-        self._reportDrain()
+        drainTimeout = self.settings.drainTimeout
         self._log.info(
             "Generation {generation} handed on; draining {count} connections "
             "({deadline})",
@@ -779,99 +776,24 @@ class MigrationHost(MultiService):
             count=self.connectionCount(),
             deadline=(
                 "no deadline"
-                if self.drainTimeout is None
-                else "deadline {} s".format(self.drainTimeout)
+                if drainTimeout is None
+                else "deadline {} s".format(drainTimeout)
             ),
         )
-        if self.drainTimeout is not None:
-            self._drainDeadline = self.reactor.callLater(
-                self.drainTimeout, self._closeStragglers
-            )
-        self._checkDrained()
+        self._drain.start(reportDrain, drainTimeout)
 
     def _connectionsChanged(self) -> None:
-        if not self.serving and self.handingOn and self.inheritance is None:
-            self.reactor.callLater(0, self._afterDrainChange)
-
-    def _afterDrainChange(self) -> None:
-        self._reportDrain()
-        self._checkDrained()
-
-    def _reportDrain(self) -> None:
-        reporter = getattr(self, "_drainReporter", None)
-        if reporter is None:
-            return
-        current = self.drainingGenerations()
-        if current != self._lastDrainReport:
-            self._lastDrainReport = current
-            try:
-                reporter(current)
-            except Exception:
-                self._log.failure("Could not report draining progress")
+        if self.inheritance is None:
+            self._drain.connectionsChanged()
 
     def updateDraining(self, entries: list[dict[str, Any]], viaPid: int) -> None:
         """
         An older generation (or one it relays for) reports its draining.
         """
-        for generation in [
-            g for g, entry in self.draining.items() if entry.get("via") == viaPid
-        ]:
-            del self.draining[generation]
-        for entry in entries:
-            self.draining[int(entry["generation"])] = dict(entry, via=viaPid)
-        self._reportDrain()
-        self._checkDrained()
+        self._drain.update(entries, viaPid)
 
     def forgetDraining(self, viaPid: int) -> None:
         """
         The older generation reached through C{viaPid} has ended.
         """
-        self.updateDraining([], viaPid)
-
-    def _closeStragglers(self) -> None:
-        remaining = self.connectionCount()
-        self._log.info(
-            "Drain deadline: closing {count} remaining connections cleanly",
-            count=remaining,
-        )
-        for listener, protocol in list(self.allConnections()):
-            protocol.loseConnection()
-        # A peer that never reads would keep a cleanly closing connection
-        # (and this process) alive forever: abort what is left after a grace.
-        self.reactor.callLater(_ABORT_GRACE_SECONDS, self._abortStragglers)
-
-    def _abortStragglers(self) -> None:
-        remaining = list(self.allConnections())
-        if not remaining:
-            return
-        self._log.warn(
-            "{count} connections did not close within {grace} s of the drain "
-            "deadline; aborting them",
-            count=len(remaining),
-            grace=_ABORT_GRACE_SECONDS,
-        )
-        for listener, protocol in remaining:
-            transport = protocol.transport
-            if transport is not None and hasattr(transport, "abortConnection"):
-                transport.abortConnection()
-
-    def _checkDrained(self) -> None:
-        if self.serving or not self.handingOn:
-            return
-        if self.connectionCount() or self.draining:
-            return
-        deadline = getattr(self, "_drainDeadline", None)
-        if deadline is not None and deadline.active():
-            deadline.cancel()
-        if getattr(self, "_exiting", False):
-            return
-        self._exiting = True
-        self._log.info(
-            "Generation {generation} drained; process {pid} exits",
-            generation=self.generation,
-            pid=self.pid,
-        )
-        self._reportDrain()
-        # Let the answers already written (an upgrade report, a status) reach
-        # their readers before the process goes.
-        self.reactor.callLater(0.2, self.stopProcess)
+        self._drain.update([], viaPid)

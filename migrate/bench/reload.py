@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import textwrap
+import time
 from typing import Any, Sequence
 
 from twisted.internet.address import IPv4Address
@@ -78,6 +79,12 @@ _APP = textwrap.dedent("""
 
 
 class _NoReactor:
+    """
+    The host's reactor: a reload uses only its clock, to time its phases.
+    """
+
+    seconds = staticmethod(time.perf_counter)
+
     def stop(self) -> None:
         pass
 

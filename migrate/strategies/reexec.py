@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from attrs import frozen
-from twisted.internet.defer import Deferred, succeed
+from attrs import field, frozen
+from twisted.internet.defer import Deferred, maybeDeferred
 from zope.interface import implementer
 
-from ..interfaces import IMigrationStrategy
+from ..interfaces import IMigrationHost, IMigrationStrategy
 from ._reexec._incoming import restoreReexec
 from ._reexec._outgoing import ReexecMigration
 
@@ -33,22 +33,28 @@ class ReexecStrategy:
     host's C{reexec-unmovable} strategy option: C{"close"} (the default:
     closed cleanly before the exec) or C{"adopt"} (a fresh protocol of the
     new code takes them over and is told C{connectionMade}).
+
+    @ivar _migration: makes the L{ReexecMigration} that runs one re-exec
+        (tests give it stand-ins for C{execv} and the preflight).
     """
 
     name = "reexec"
+    _migration: Callable[..., ReexecMigration] = field(default=ReexecMigration)
 
-    def migrate(self, host: Any, progress: Callable[[str], None]) -> Deferred[Any]:
-        options = getattr(host, "strategyOptions", None) or {}
-        migration = ReexecMigration(
+    def migrate(
+        self, host: IMigrationHost, progress: Callable[[str], None]
+    ) -> Deferred[Any]:
+        migration = self._migration(
             host=host,
             progress=progress,
-            unmovable=options.get("reexec-unmovable", "close"),
-            trialFailure=options.get("trial-failure", "refuse"),
+            unmovable=host.settings.strategyOptions.get("reexec-unmovable", "close"),
+            trialFailure=host.settings.strategyOptions.get("trial-failure", "refuse"),
             strategyName=self.name,
         )
         result: Deferred[Any] = migration.run()
         return result
 
-    def inherit(self, host: Any, inheritance: Any) -> Deferred[None]:
-        restoreReexec(host, inheritance)
-        return succeed(None)
+    def inherit(self, host: IMigrationHost, inheritance: Any) -> Deferred[None]:
+        return maybeDeferred(restoreReexec, host, inheritance).addCallback(
+            lambda report: None
+        )

@@ -11,7 +11,6 @@ L{migrate.strategies._reload._modules}.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 from attrs import field, frozen
@@ -20,7 +19,7 @@ from zope.interface import implementer
 
 from .._handoff._trial import casesFrom
 from .._report import MigrationReport
-from ..interfaces import IMigrationStrategy
+from ..interfaces import IMigrationHost, IMigrationStrategy
 from ._reload._attempt import FINGERPRINTS, ReloadAttempt
 from ._reload._modules import ModuleFingerprints
 from ._reload._safety import trialInChild
@@ -50,13 +49,12 @@ class ModuleReload:
 
     name = "reload"
     _fingerprints: ModuleFingerprints = field(default=FINGERPRINTS)
-    _timer: Callable[[], float] = field(default=time.perf_counter)
     _trial: Callable[[Any, Any, str], Deferred[Any]] | None = field(
         default=trialInChild
     )
 
     def migrate(
-        self, host: Any, progress: Callable[[str], None]
+        self, host: IMigrationHost, progress: Callable[[str], None]
     ) -> Deferred[MigrationReport]:
         """
         Try the new code in a child process first (unless this strategy was
@@ -66,25 +64,25 @@ class ModuleReload:
             host,
             progress,
             self._fingerprints,
-            self._timer,
             self.name,
-            importTimeout=getattr(host, "readyTimeout", 0.0) or 0.0,
+            importTimeout=host.settings.readyTimeout,
         )
         early = attempt.begin()
         if early is not None:
             return succeed(early)
         if self._trial is None:
             return succeed(attempt.finish())
-        options = getattr(host, "strategyOptions", None) or {}
-        attempt.step("trying the new code in a child process")
+        attempt.attempt.step("trying the new code in a child process")
         cases = casesFrom(attempt.connections())
         tried: Deferred[Any] = self._trial(
-            host, cases, options.get("trial-failure", "refuse")
+            host,
+            cases,
+            host.settings.strategyOptions.get("trial-failure", "refuse"),
         )
         result: Deferred[MigrationReport] = tried.addCallback(attempt.tried)
         return result
 
-    def inherit(self, host: Any, inheritance: Any) -> Deferred[None]:
+    def inherit(self, host: IMigrationHost, inheritance: Any) -> Deferred[None]:
         return fail(
             NoIncomingHalf(
                 "module reload happens inside the serving process; a new "

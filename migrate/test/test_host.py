@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
+from functools import partial
 from typing import Any
 
 from attrs import define, field
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
@@ -24,10 +25,12 @@ from zope.interface.verify import verifyObject
 from .._control._server import MigrationInProgress, UnknownStrategy
 from .._host import _service as _host
 from .._host._service import MigrationHost
+from .._host._settings import HostSettings
 from .._host._tracking import HostedProtocol
 from .._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
-from ..interfaces import IMigrationStrategy
-from ..strategies import CapabilityTransfer, GradualTransfer
+from ..interfaces import IMigrationHost, IMigrationStrategy
+from ..strategies import CapabilityTransfer, GradualTransfer, ReexecStrategy
+from ..strategies._reexec._outgoing import ReexecMigration
 from ..strategies._transfer import _outgoing
 from ..testing import FakeStrategy
 from ._fakes import FakeReactor, RecordingFactory, RecordingPort
@@ -263,6 +266,101 @@ class CapabilityTransferContractTests(
         return CapabilityTransfer()
 
 
+class ReexecStrategyContractTests(MigrationStrategyContractMixin, SynchronousTestCase):
+    """
+    L{ReexecStrategy} keeps the L{IMigrationStrategy} contract.  Nothing
+    starts or executes in a unit test: the preflight says the new code does
+    not load, so the migration is refused, and an inheritance without state
+    fails the incoming half.
+    """
+
+    def makeStrategy(self) -> ReexecStrategy:
+        def execv(path: str, argv: list[str], env: dict[str, str]) -> None:
+            raise AssertionError("a unit test must never exec")
+
+        return ReexecStrategy(
+            partial(
+                ReexecMigration,
+                preflight=lambda *a, **k: succeed(("the new code fails", [])),
+                checkArgv=lambda argv: None,
+                execv=execv,
+            )
+        )
+
+    def test_inheritReturnsDeferred(self) -> None:
+        """
+        C{inherit} returns a L{Deferred}, failing when what it is given is
+        no re-exec state.
+        """
+        strategy = self.makeStrategy()
+        h = harness(self, strategy=strategy, inheritance=True)
+        d = strategy.inherit(h.host, self.makeInheritance())
+        self.assertIsInstance(d, Deferred)
+        self.failureResultOf(d)
+
+    def test_refusedBeforeExec(self) -> None:
+        """
+        A host whose listeners cannot be carried through C{execv} (here: a
+        memory reactor's) refuses the re-exec, with the reason, before any
+        preflight or exec.
+        """
+        h = harness(self, strategy=self.makeStrategy())
+        h.host.privilegedStartService()
+        report = self.successResultOf(self.makeStrategy().migrate(h.host, ignore))
+        self.assertEqual(
+            (report.outcome, report.reason),
+            (
+                MigrationOutcome.refused,
+                "listener tcp:8000 is not a listening TCP or Unix socket",
+            ),
+        )
+
+
+class MigrationHostInterfaceTests(SynchronousTestCase):
+    """
+    L{MigrationHost} is the host every strategy is given.
+    """
+
+    def test_interface(self) -> None:
+        """
+        L{MigrationHost} provides L{IMigrationHost}.
+        """
+        h = harness(self)
+        self.assertTrue(verifyObject(IMigrationHost, h.host))
+
+    def test_phaseIsTheHosts(self) -> None:
+        """
+        A strategy tells the host its phase through C{enterPhase}; the
+        host's C{phase} cannot be assigned from outside.
+        """
+        h = harness(self)
+        h.host.enterPhase(MigrationPhase.committing)
+        self.assertIs(h.host.phase, MigrationPhase.committing)
+        with self.assertRaises(AttributeError):
+            h.host.phase = MigrationPhase.idle  # type: ignore[misc]
+
+    def test_settingsByKeyword(self) -> None:
+        """
+        The host's settings are a L{HostSettings}, given whole or as its
+        fields by keyword; an unknown keyword is a L{TypeError}.
+        """
+        h = harness(self, readyTimeout=7.0)
+        self.assertEqual(h.host.settings.readyTimeout, 7.0)
+        self.assertEqual(
+            MigrationHost(
+                FakeReactor(),
+                None,
+                (),
+                FakeStrategy(),
+                HostSettings(controlPath=None, handoffTimeout=3.0),
+                inheritance=None,
+            ).settings.handoffTimeout,
+            3.0,
+        )
+        with self.assertRaises(TypeError):
+            harness(self, readyTimeOut=7.0)
+
+
 class FakeStrategyTests(SynchronousTestCase):
     """
     L{FakeStrategy} records what it is asked.
@@ -275,8 +373,9 @@ class FakeStrategyTests(SynchronousTestCase):
         """
         strategy = FakeStrategy("mine")
         progress: list[str] = []
-        first = strategy.migrate("host", progress.append)
-        second = strategy.migrate("host", progress.append)
+        host: Any = "host"
+        first = strategy.migrate(host, progress.append)
+        second = strategy.migrate(host, progress.append)
         self.assertEqual(strategy.name, "mine")
         self.assertEqual(
             [(m.host, m.progress, m.result) for m in strategy.migrations],
@@ -290,7 +389,8 @@ class FakeStrategyTests(SynchronousTestCase):
         Each C{inherit} call is recorded with its host and inheritance.
         """
         strategy = FakeStrategy()
-        d = strategy.inherit("host", "inheritance")
+        host: Any = "host"
+        d = strategy.inherit(host, "inheritance")
         [call] = strategy.inheritances
         self.assertEqual(
             (call.host, call.inheritance, call.result), ("host", "inheritance", d)

@@ -247,7 +247,7 @@ class MovementTests(TestCase):
         hosted.transport.write(b"pending\n")
         (each,), _ = freezeMovable(self.host.allConnections())
         descriptor = os.dup(each.frozen.descriptor())
-        taker = FakeHost(reactor)
+        taker: Any = FakeHost(reactor)
         taker.listen("tcp:1", Counter)
         made = Counter.made
         adopted = adoptEntry(taker, each.entry, descriptor)
@@ -274,7 +274,7 @@ class MovementTests(TestCase):
         hosted, client = self.serve("tcp:1", Counter)
         yield self.readLines(client, 1)
         (each,), _ = freezeMovable(self.host.allConnections())
-        taker = FakeHost(reactor)
+        taker: Any = FakeHost(reactor)
         taker.listen("tcp:1", Counter)
         adopted = adoptEntry(taker, each.entry, os.dup(each.frozen.descriptor()))
         adopted.abandon()
@@ -291,7 +291,7 @@ class MovementTests(TestCase):
         """
         hosted, client = self.serve("tcp:1", Counter)
         (each,), _ = freezeMovable(self.host.allConnections())
-        taker = FakeHost(reactor)
+        taker: Any = FakeHost(reactor)
         taker.listen("tcp:plain", Plain)
         for entry, expected in [
             ("not a dict", "not an object"),

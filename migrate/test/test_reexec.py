@@ -463,7 +463,7 @@ class ReexecMigrationTests(SynchronousTestCase):
         self.assertNotIn(STATE_FD_VARIABLE, kwargs["env"])
         self.assertEqual(kwargs["readyMarker"], PREFLIGHT_MARKER)
         self.assertEqual(kwargs["policy"], "close")
-        self.assertEqual(kwargs["timeout"], harness.host.readyTimeout)
+        self.assertEqual(kwargs["timeout"], harness.host.settings.readyTimeout)
         self.assertEqual(report.durations["trial"], 0.25)
         self.assertIn("restored 1 connection in 250.0 ms", report.notes[0])
 
@@ -921,7 +921,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["reexec-unmovable"], "adopt")
         host = buildHost(MemoryReactorClock(), options)
         self.assertEqual(
-            host.strategyOptions,
+            host.settings.strategyOptions,
             {"reexec-unmovable": "adopt", "trial-failure": "refuse"},
         )
         default = Options()

@@ -19,8 +19,10 @@ import weakref
 from types import ModuleType
 from typing import Any
 
+from attrs import evolve
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python import usage
 from twisted.python.filepath import FilePath
@@ -284,9 +286,10 @@ class Live:
         )
 
 
-class _NoReactor:
+class _NoReactor(Clock):
     """
-    The host's reactor: module reload uses none of it.
+    The host's reactor: module reload uses only its clock, which times the
+    phases.
     """
 
     def stop(self) -> None:
@@ -314,7 +317,8 @@ class ModuleReloadContractTests(MigrationStrategyContractMixin, SynchronousTestC
         half to a reload within one process.
         """
         strategy = self.makeStrategy()
-        self.failureResultOf(strategy.inherit(None, None), NoIncomingHalf)
+        host: Any = None
+        self.failureResultOf(strategy.inherit(host, None), NoIncomingHalf)
 
     def test_registered(self) -> None:
         """
@@ -351,7 +355,7 @@ class OptionsTests(SynchronousTestCase):
         )
         self.assertEqual(options["reload-modules"], ["app.core", "helpers"])
         host = tap.buildHost(_NoReactor(), options)
-        self.assertEqual(host.reloadModules, ["app.core", "helpers"])
+        self.assertEqual(host.settings.reloadModules, ("app.core", "helpers"))
         self.assertEqual(host.strategy.name, "reload")
 
     def test_default(self) -> None:
@@ -1357,7 +1361,7 @@ def makeFactory():
         A host that does not know where its application's code is refuses.
         """
         live = Live(self, PLAIN)
-        live.host.applicationSpec = None
+        live.host.settings = evolve(live.host.settings, applicationSpec=None)
         report = live.upgrade()
         self.assertEqual(report["outcome"], "refused")
         self.assertIn("applicationSpec", report["reason"])
@@ -1367,7 +1371,9 @@ def makeFactory():
         An application inside Twisted cannot be reloaded.
         """
         live = Live(self, PLAIN)
-        live.host.applicationSpec = "twisted.protocols.wire:Echo"
+        live.host.settings = evolve(
+            live.host.settings, applicationSpec="twisted.protocols.wire:Echo"
+        )
         report = live.upgrade()
         self.assertEqual(report["outcome"], "refused")
         self.assertIn("part of Twisted", report["reason"])
@@ -1439,7 +1445,9 @@ class ReloadTrialTests(ModulesUnchangedMixin, SynchronousTestCase):
             return succeed(TrialOutcome(None, tried=len(cases), duration=0.5))
 
         live = Live(self, MIGRATABLE, trial=trial)
-        live.host.strategyOptions = {"trial-failure": "close"}
+        live.host.settings = evolve(
+            live.host.settings, strategyOptions={"trial-failure": "close"}
+        )
         hosted, transport = live.connect()
         exchange(hosted, transport, b"a")
         before = snapshotModules()
@@ -1518,7 +1526,7 @@ class ReloadTrialTests(ModulesUnchangedMixin, SynchronousTestCase):
         it was.
         """
         live = Live(self, MIGRATABLE, trial=lambda *a: succeed(TrialOutcome(None)))
-        live.host.readyTimeout = 0.2
+        live.host.settings = evolve(live.host.settings, readyTimeout=0.2)
         hosted, transport = live.connect()
         live.change("import time\ntime.sleep(30)\n" + MIGRATABLE_V2)
         before = snapshotModules()

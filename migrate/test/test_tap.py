@@ -174,7 +174,7 @@ class BuildHostTests(SynchronousTestCase):
         self.assertIsInstance(host, MigrationHost)
         self.assertEqual(list(host.listeners), ["tcp:0"])
         self.assertEqual(host.strategy.name, "capability")
-        self.assertEqual(host.readyTimeout, 5.0)
+        self.assertEqual(host.settings.readyTimeout, 5.0)
         self.assertIsNone(host.inheritance)
 
 

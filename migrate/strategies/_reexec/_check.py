@@ -25,6 +25,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ...interfaces import IMigrationHost
 from ._state import (
     EXEC_AT_VARIABLE,
     PREFLIGHT_MARKER,
@@ -240,7 +241,7 @@ def workInFlight(reactor: Any) -> str | None:
     return None
 
 
-def checkHost(host: Any) -> str | None:
+def checkHost(host: IMigrationHost) -> str | None:
     """
     Check what the host serves can be carried across C{exec}.
 
@@ -282,7 +283,7 @@ def checkHost(host: Any) -> str | None:
 
 
 def refusalReason(
-    host: Any,
+    host: IMigrationHost,
     argv: Sequence[str],
     *,
     checkArgv: Callable[[Sequence[str]], str | None] = checkProgram,

@@ -37,6 +37,7 @@ from ..._handoff._movement import AdoptedConnection, adoptEntry
 from ..._handoff._transport import adoptConnection
 from ..._host._tracking import PendingAdoptionFactory
 from ..._report import ListenerReport, MigrationOutcome, MigrationReport
+from ...interfaces import IMigrationHost
 from ...state import ProtocolState, restoreProtocolState
 from ._state import (
     EXEC_AT_VARIABLE,
@@ -256,7 +257,7 @@ def finishPreflight(
     raise SystemExit(0)
 
 
-def adoptFresh(host: Any, entry: Any, descriptor: int) -> AdoptedConnection:
+def adoptFresh(host: IMigrationHost, entry: Any, descriptor: int) -> AdoptedConnection:
     """
     Adopt one connection held, with a fresh protocol of the new code that
     is told C{connectionMade} (its old protocol did not provide
@@ -354,7 +355,9 @@ def _output(entry: dict[str, Any]) -> bytes:
         return b""
 
 
-def restoreReexec(host: Any, inheritance: ReexecInheritance) -> MigrationReport:
+def restoreReexec(
+    host: IMigrationHost, inheritance: ReexecInheritance
+) -> MigrationReport:
     """
     Take over what the previous image left, then serve: the listening
     sockets and the control socket (adopted paused), every connection
@@ -383,7 +386,7 @@ def restoreReexec(host: Any, inheritance: ReexecInheritance) -> MigrationReport:
             )
 
 
-def _restore(host: Any, inheritance: ReexecInheritance) -> MigrationReport:
+def _restore(host: IMigrationHost, inheritance: ReexecInheritance) -> MigrationReport:
     restoreStart = time.monotonic()
     state = inheritance.state
     reactor = host.reactor

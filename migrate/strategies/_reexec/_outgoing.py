@@ -49,6 +49,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 
+from ..._handoff._attempt import MigrationAttempt
 from ..._handoff._listeners import listenerDescriptor
 from ..._handoff._movement import describeMovable
 from ..._handoff._successor import successorCommandLine
@@ -56,6 +57,7 @@ from ..._handoff._transport import pendingOutput
 from ..._handoff._trial import TrialOutcome, casesFrom, runTrial
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
 from ..._systemd import successorEnvironment
+from ...interfaces import IMigrationHost
 from ...state import captureProtocolState, isMigratable
 from ._check import (
     checkDescriptorLimit,
@@ -273,7 +275,7 @@ class ReexecMigration:
         write their last output (default: the host's hand-off timeout).
     """
 
-    host: Any
+    host: IMigrationHost
     progress: Callable[[str], None]
     unmovable: str = "close"
     strategyName: str = "reexec"
@@ -283,18 +285,17 @@ class ReexecMigration:
     checkArgv: Callable[[Sequence[str]], str | None] = checkProgram
     softLimit: Callable[[], int] = _softLimit
     closeTimeout: float | None = None
-    _durations: dict[str, float] = field(factory=dict)
     _closed: dict[str, int] = field(factory=dict)
-    _notes: list[str] = field(factory=list)
-    _outputTail: list[str] = field(factory=list)
     _trialClosing: dict[int, tuple[Any, str]] = field(factory=dict)
+    _attempt: MigrationAttempt = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._attempt = MigrationAttempt(
+            self.host, self.strategyName, self.progress, label="Re-exec"
+        )
 
     def _step(self, message: str) -> None:
-        _log.info("Re-exec: {message}", message=message)
-        try:
-            self.progress(message)
-        except Exception:
-            _log.failure("Could not relay progress")
+        self._attempt.step(message)
 
     @inlineCallbacks
     def run(self) -> Any:
@@ -311,17 +312,9 @@ class ReexecMigration:
                 MigrationOutcome.refused,
                 "unknown --reexec-unmovable policy {!r}".format(self.unmovable),
             )
-        started = time.monotonic()
-        phaseStart = started
-
-        def phaseDone(name: str) -> None:
-            nonlocal phaseStart
-            now = time.monotonic()
-            self._durations[name] = now - phaseStart
-            phaseStart = now
-
+        phaseDone = self._attempt.phaseDone
         try:
-            argv = list(host.successorArgv or successorCommandLine())
+            argv = list(host.settings.successorArgv or successorCommandLine())
         except ValueError as e:
             return self._report(MigrationOutcome.refused, str(e))
         reason = refusalReason(host, argv, checkArgv=self.checkArgv)
@@ -329,7 +322,7 @@ class ReexecMigration:
         if reason is not None:
             return self._refuse(reason)
 
-        host.phase = MigrationPhase.spawning
+        self._attempt.enter(MigrationPhase.spawning)
         self._step("trying the new code in a child process: {}".format(" ".join(argv)))
         cases = casesFrom(
             (listener.key, hosted) for listener, hosted in host.allConnections()
@@ -343,23 +336,23 @@ class ReexecMigration:
             argv,
             cases,
             env=environment,
-            timeout=host.readyTimeout,
+            timeout=host.settings.readyTimeout,
             policy=self.trialFailure,
             readyMarker=PREFLIGHT_MARKER,
         )
         phaseDone("preflight")
-        self._durations["trial"] = outcome.duration
+        self._attempt.durations["trial"] = outcome.duration
         if not outcome.passed:
-            self._outputTail = list(outcome.output)
+            self._attempt.successorLog[:] = list(outcome.output)
             return self._refuse(outcome.reason or "the trial failed")
-        self._notes.extend(outcome.notes())
+        self._attempt.notes.extend(outcome.notes())
         self._trialClosing = {
             id(case.connection): (case.connection, why) for case, why in outcome.closing
         }
         if not host.serving:
             return self._refuse("the host stopped serving during the checks")
 
-        host.phase = MigrationPhase.handingOff
+        self._attempt.enter(MigrationPhase.handingOff)
         host.pauseAccepting()
         try:
             plan = self._plan()
@@ -394,7 +387,6 @@ class ReexecMigration:
         yield afterPolls(host.reactor, 2)
         reason = self._freezeAndExec(argv, remaining)
         phaseDone("rollback")
-        self._durations["total"] = time.monotonic() - started
         host.resumeAccepting()
         self._step("rolled back: this image keeps serving")
         return self._report(MigrationOutcome.rolledBack, reason)
@@ -488,7 +480,7 @@ class ReexecMigration:
             hosted.transport.loseConnection()
         timeout = self.closeTimeout
         if timeout is None:
-            timeout = self.host.handoffTimeout
+            timeout = self.host.settings.handoffTimeout
         clock = self.host.reactor
         deadline = clock.seconds() + timeout
         while True:
@@ -502,7 +494,7 @@ class ReexecMigration:
                 "closed them".format(len(remaining), timeout)
             )
             _log.warn("Re-exec: {note}", note=note)
-            self._notes.append(note)
+            self._attempt.notes.append(note)
         return [hosted for key, hosted, why in remaining]
 
     def _freezeAndExec(self, argv: list[str], stillClosing: list[Any]) -> str:
@@ -574,8 +566,8 @@ class ReexecMigration:
                 ),
                 connections=tuple(connections),
                 closed=closed,
-                durations=dict(self._durations),
-                notes=tuple(self._notes),
+                durations=dict(self._attempt.durations),
+                notes=tuple(self._attempt.notes),
                 frozenAt=frozenAt,
                 blockedSignals=tuple(blocked),
             )
@@ -587,7 +579,7 @@ class ReexecMigration:
                     "needs them; made close-on-exec",
                     fds=marks.strays,
                 )
-            host.phase = MigrationPhase.committing
+            self._attempt.enter(MigrationPhase.committing)
             # Same pid after the exec: systemd's LISTEN_PID would still match,
             # but the listeners travel in the state, not through LISTEN_FDS.
             environment = successorEnvironment(os.environ)
@@ -612,7 +604,7 @@ class ReexecMigration:
         except Exception as e:
             if blocked:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
-            host.phase = MigrationPhase.rollingBack
+            self._attempt.enter(MigrationPhase.rollingBack)
             reason = _describe(e)
             if executing:
                 reason = "execv failed: " + reason
@@ -683,18 +675,11 @@ class ReexecMigration:
         return described
 
     def _report(self, outcome: MigrationOutcome, reason: str | None) -> MigrationReport:
-        host = self.host
-        return MigrationReport(
-            strategy=self.strategyName,
-            outcome=outcome,
-            reason=reason,
-            fromGeneration=host.generation,
-            oldPid=host.pid,
-            listeners=tuple(
+        return self._attempt.report(
+            outcome,
+            reason,
+            listeners=[
                 ListenerReport(key, failed=self._closed.get(key, 0))
-                for key in host.listeners
-            ),
-            durations=dict(self._durations),
-            successorLog=tuple(self._outputTail),
-            notes=tuple(self._notes),
+                for key in self.host.listeners
+            ],
         )

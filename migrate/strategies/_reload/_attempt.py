@@ -46,8 +46,10 @@ from attrs import define, field
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
+from ..._handoff._attempt import MigrationAttempt
+from ..._handoff._trial import TrialOutcome
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
-from ...interfaces import IMigratable
+from ...interfaces import IMigratable, IMigrationHost
 from ...state import (
     StateError,
     captureProtocolState,
@@ -175,14 +177,12 @@ class ReloadAttempt:
     One reload of one host's application.
     """
 
-    host: Any
+    host: IMigrationHost
     progress: Callable[[str], None]
     fingerprints: ModuleFingerprints
-    timer: Callable[[], float]
     strategyName: str
 
-    notes: list[str] = field(factory=list)
-    durations: dict[str, float] = field(factory=dict)
+    attempt: MigrationAttempt = field(init=False)
     counts: dict[str, _Listener] = field(factory=dict)
     staging: ModuleStaging | None = None
     rebuilt: list[_Rebuilt] = field(factory=list)
@@ -192,17 +192,17 @@ class ReloadAttempt:
     importTimeout: float = 0.0
     _swapProblems: dict[type, str | None] = field(factory=dict)
     _plan: tuple[Any, ...] | None = None
-    _startedAt: float = 0.0
     _closing: dict[int, tuple[Any, str]] = field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        self.attempt = MigrationAttempt(
+            self.host, self.strategyName, self.progress, label="Reload"
+        )
 
     # Reporting
 
     def step(self, message: str) -> None:
-        _log.info("Reload: {message}", message=message)
-        try:
-            self.progress(message)
-        except Exception:
-            _log.failure("Could not relay progress")
+        self.attempt.step(message)
 
     def report(
         self, outcome: MigrationOutcome, reason: str | None, changedCode: bool
@@ -220,17 +220,12 @@ class ReloadAttempt:
             )
             for key in host.listeners
         ]
-        return MigrationReport(
-            strategy=self.strategyName,
-            outcome=outcome,
-            reason=reason,
+        return self.attempt.report(
+            outcome,
+            reason,
+            listeners=listeners,
             fromGeneration=host.generation - (1 if success and changedCode else 0),
             toGeneration=host.generation if success and changedCode else None,
-            oldPid=host.pid,
-            newPid=None,
-            listeners=listeners,
-            durations=dict(self.durations),
-            notes=self.notes,
         )
 
     # The reload
@@ -248,15 +243,14 @@ class ReloadAttempt:
         Find what to reload, touching nothing.
 
         @return: the report if there is nothing more to do (refused, or
-            nothing changed), or L{None}: L{finish} (after a trial,
-            L{connections} to try) does the reload.
+            nothing changed), or L{None}: L{finish} (after a trial of the
+            new code on L{connections}) does the reload.
         """
-        started = self._startedAt = self.timer()
         try:
-            return self._begin(started)
+            return self._begin()
         except Exception as e:
             _log.failure("Reload failed unexpectedly")
-            return self.rollBack("internal error: {}".format(describeError(e)), started)
+            return self.rollBack("internal error: {}".format(describeError(e)))
 
     def connections(self) -> list[tuple[str, Any]]:
         """
@@ -269,18 +263,17 @@ class ReloadAttempt:
             if not hosted.pending
         ]
 
-    def tried(self, outcome: Any) -> MigrationReport:
+    def tried(self, outcome: TrialOutcome) -> MigrationReport:
         """
         Go on after the new code was tried in a child process: refuse if it
         failed; close the connections it failed on (with C{--trial-failure
         close}); then L{finish}.
-
-        @param outcome: the L{migrate._handoff._trial.TrialOutcome}.
         """
-        self.durations["trial"] = outcome.duration
+        self.attempt.durations["trial"] = outcome.duration
         if not outcome.passed:
-            return self.refuse(outcome.reason, self._startedAt)
-        self.notes.extend(outcome.notes())
+            self.attempt.successorLog.extend(outcome.output)
+            return self.refuse(outcome.reason or "the trial failed")
+        self.attempt.notes.extend(outcome.notes())
         for case, why in outcome.closing:
             hosted = case.connection
             self._closing[id(hosted)] = (hosted, why)
@@ -300,36 +293,33 @@ class ReloadAttempt:
 
         @return: the report; never raises.
         """
-        started = self._startedAt
         try:
-            return self._finish(started)
+            return self._finish()
         except Exception as e:
             _log.failure("Reload failed unexpectedly")
-            return self.rollBack("internal error: {}".format(describeError(e)), started)
+            return self.rollBack("internal error: {}".format(describeError(e)))
 
-    def _begin(self, started: float) -> MigrationReport | None:
+    def _begin(self) -> MigrationReport | None:
         host = self.host
-        spec = host.applicationSpec
+        spec = host.settings.applicationSpec
         if not spec:
             return self.refuse(
                 "the host was not told where the application's code is (no "
                 "applicationSpec, as --app gives): module reload cannot rebuild "
                 "its factory",
-                started,
             )
         entry, _, attribute = spec.partition(":")
         why = hostModuleReason(entry)
         if why is not None:
             return self.refuse(
                 "the application's module {} cannot be reloaded: {}".format(entry, why),
-                started,
             )
-        explicit = list(getattr(host, "reloadModules", None) or ())
+        explicit = list(host.settings.reloadModules)
         app = findApplicationModules(entry, explicit)
         for name, why in app.refused:
-            self.notes.append("not reloaded: {}: {}".format(name, why))
+            self.attempt.notes.append("not reloaded: {}: {}".format(name, why))
         self._noteNeighbours(app)
-        self.notes.append(
+        self.attempt.notes.append(
             "never reloaded: Twisted, migrate itself (migrate.examples excepted), "
             "the libraries they use and the standard library, which the host "
             "runs on; nor any module outside the application (--app's package, "
@@ -339,32 +329,32 @@ class ReloadAttempt:
             return self.refuse(
                 "the application's module {} is not loaded from a source file in "
                 "this process".format(entry),
-                started,
             )
         names, changed, unknown = modulesToReload(app, self.fingerprints)
         if changed:
-            self.notes.append("changed on disk: " + _listed(changed))
+            self.attempt.notes.append("changed on disk: " + _listed(changed))
         if unknown:
-            self.notes.append(
+            self.attempt.notes.append(
                 "no record of the source of {} (first reload in this process): "
                 "reloaded".format(_listed(unknown))
             )
         if not names:
-            self.notes.append("no application module changed on disk: nothing reloaded")
+            self.attempt.notes.append(
+                "no application module changed on disk: nothing reloaded"
+            )
             self.step("no application module changed; nothing to reload")
-            self.durations["total"] = self.timer() - started
             return self.report(MigrationOutcome.success, None, changedCode=False)
-        host.phase = MigrationPhase.spawning
+        self.attempt.enter(MigrationPhase.spawning)
         self._plan = (app, names, entry, attribute, spec)
         return None
 
-    def _finish(self, started: float) -> MigrationReport:
+    def _finish(self) -> MigrationReport:
         host = self.host
         assert self._plan is not None
         app, names, entry, attribute, spec = self._plan
-        host.phase = MigrationPhase.handingOff
+        self.attempt.enter(MigrationPhase.handingOff)
         self.step("importing the new code of {}".format(_listed(names)))
-        phase = self.timer()
+        self.attempt.startPhase()
         self.staging = ModuleStaging(app, names)
         try:
             # It passed the trial; should it block in this process alone,
@@ -373,25 +363,23 @@ class ReloadAttempt:
                 staged = self.staging.stage()
         except ReloadFailed as e:
             self.staging = None
-            return self.rollBack(e.reason, started)
-        self.durations["import"] = self.timer() - phase
-        phase = self.timer()
+            return self.rollBack(e.reason)
+        self.attempt.phaseDone("import")
         try:
             self.newFactory = self._buildFactory(entry, attribute, spec)
             self._prepareConnections(staged)
             self._startFactory()
         except _Refused as e:
-            return self.rollBack(str(e), started)
-        self.durations["prepare"] = self.timer() - phase
+            return self.rollBack(str(e))
+        self.attempt.phaseDone("prepare")
 
-        host.phase = MigrationPhase.committing
-        phase = self.timer()
+        self.attempt.enter(MigrationPhase.committing)
         problem = self._swapClasses()
         if problem is not None:
-            return self.rollBack(problem, started)
+            return self.rollBack(problem)
         self._commit(staged)
-        self.durations["commit"] = self.timer() - phase
-        self.durations["total"] = self.timer() - started
+        self.attempt.phaseDone("commit")
+        self.attempt.durations["total"] = self.attempt.elapsed()
         self._replay()
         self._noteOutcome(names, staged)
         moved = sum(each.moved for each in self.counts.values())
@@ -399,22 +387,21 @@ class ReloadAttempt:
         self.step(
             "generation {} serves the new code: {} connections upgraded, {} left "
             "on the old code ({:.1f} ms)".format(
-                host.generation, moved, drained, self.durations["total"] * 1000
+                host.generation, moved, drained, self.attempt.durations["total"] * 1000
             )
         )
         return self.report(MigrationOutcome.success, None, changedCode=True)
 
-    def refuse(self, reason: str, started: float) -> MigrationReport:
+    def refuse(self, reason: str) -> MigrationReport:
         self.step("refused: " + reason)
-        self.durations["total"] = self.timer() - started
         return self.report(MigrationOutcome.refused, reason, changedCode=False)
 
-    def rollBack(self, reason: str, started: float) -> MigrationReport:
+    def rollBack(self, reason: str) -> MigrationReport:
         """
         Undo whatever was prepared: every protocol stays on the old code and
         C{sys.modules} is as it was.
         """
-        self.host.phase = MigrationPhase.rollingBack
+        self.attempt.enter(MigrationPhase.rollingBack)
         for each in self.rebuilt:
             each.held.discard()
         self.rebuilt = []
@@ -429,9 +416,8 @@ class ReloadAttempt:
         if self.staging is not None:
             self.staging.restore()
             self.staging = None
-        self.notes.append("rolled back: every connection stays on the old code")
+        self.attempt.notes.append("rolled back: every connection stays on the old code")
         self.step("rolled back: " + reason)
-        self.durations["total"] = self.timer() - started
         return self.report(MigrationOutcome.rolledBack, reason, changedCode=False)
 
     def _noteNeighbours(self, app: Any) -> None:
@@ -468,7 +454,7 @@ class ReloadAttempt:
                 continue
             outside.append(name)
         if outside:
-            self.notes.append(
+            self.attempt.notes.append(
                 "not reloaded, outside the application: {} (name them with "
                 "--reload-module to reload them)".format(_listed(sorted(outside)))
             )
@@ -526,20 +512,20 @@ class ReloadAttempt:
                     unchanged[_qualified(type(protocol))] += 1
                     counts.moved += 1
         for why, count in sorted(staying.items()):
-            self.notes.append(
+            self.attempt.notes.append(
                 "{} connection{} stay{} on the old code: {}".format(
                     count, "" if count == 1 else "s", "s" if count == 1 else "", why
                 )
             )
         for name, count in sorted(swapped.items()):
-            self.notes.append(
+            self.attempt.notes.append(
                 "{} connection{} of {} upgraded in place (class swap; no state "
                 "conversion, and the protocol keeps its old factory object)".format(
                     count, "" if count == 1 else "s", name
                 )
             )
         for name, count in sorted(unchanged.items()):
-            self.notes.append(
+            self.attempt.notes.append(
                 "{} connection{} of {}, which no reloaded module defines, go on "
                 "as before".format(count, "" if count == 1 else "s", name)
             )
@@ -712,15 +698,17 @@ class ReloadAttempt:
                 _log.failure("Replaying buffered input failed")
 
     def _noteOutcome(self, names: list[str], staged: dict[str, Any]) -> None:
-        self.notes.insert(0, "reloaded: " + _listed(list(staged)))
+        self.attempt.notes.insert(0, "reloaded: " + _listed(list(staged)))
         added = [name for name in staged if name not in names]
         if added:
-            self.notes.append("new application modules imported: " + _listed(added))
+            self.attempt.notes.append(
+                "new application modules imported: " + _listed(added)
+            )
         upgrades: Counter[tuple[Any, Any]] = Counter()
         for each in self.rebuilt:
             upgrades[(each.fromVersion, each.toVersion)] += 1
         for (fromVersion, toVersion), count in sorted(upgrades.items(), key=repr):
-            self.notes.append(
+            self.attempt.notes.append(
                 "{} migratable connection{} rebuilt by the new code from state "
                 "version {}{}".format(
                     count,

@@ -29,6 +29,7 @@ from typing import Any, Iterator, Sequence
 from twisted.internet.defer import Deferred
 
 from ..._handoff._trial import TrialCase, runTrial
+from ...interfaces import IMigrationHost
 
 __all__ = ["ImportTimedOut", "boundedImport", "trialInChild"]
 
@@ -49,13 +50,14 @@ def trialInChild(host: Any, cases: Sequence[TrialCase], policy: str) -> Deferred
     for name in list(env):
         if name.startswith("MIGRATE_"):
             del env[name]
-    argv = [sys.executable, "-m", "migrate._handoff._trialchild", host.applicationSpec]
+    spec = host.settings.applicationSpec or ""
+    argv = [sys.executable, "-m", "migrate._handoff._trialchild", spec]
     result: Deferred[Any] = runTrial(
         host.reactor,
         argv,
         cases,
         env=env,
-        timeout=host.readyTimeout,
+        timeout=host.settings.readyTimeout,
         policy=policy,
         path=os.getcwd(),
     )

@@ -23,6 +23,7 @@ from ..._codec import StateError, decodeState
 from ..._handoff._fdpass import DescriptorTransferError, readMemfd, receiveDescriptors
 from ..._handoff._listeners import adoptListener
 from ..._handoff._movement import AdoptedConnection, adoptEntry
+from ...interfaces import IMigrationHost
 from ._channel import (
     HANDOFF_PROTOCOL_VERSION,
     AdoptConnections,
@@ -56,7 +57,7 @@ class IncomingChannel(amp.AMP):
 
     _log = Logger()
 
-    def __init__(self, host: Any, inheritance: Any) -> None:
+    def __init__(self, host: IMigrationHost, inheritance: Any) -> None:
         amp.AMP.__init__(self)
         self.host = host
         self.inheritance = inheritance
@@ -160,7 +161,7 @@ class IncomingChannel(amp.AMP):
                     receiveDescriptors,
                     bulkSocket,
                     count,
-                    timeout=self.host.handoffTimeout,
+                    timeout=self.host.settings.handoffTimeout,
                 )
             except DescriptorTransferError as e:
                 # Say why (out of descriptors: MSG_CTRUNC) instead of AMP's
@@ -280,7 +281,7 @@ class IncomingChannel(amp.AMP):
         )
 
 
-def startIncoming(host: Any, inheritance: Any) -> IncomingChannel:
+def startIncoming(host: IMigrationHost, inheritance: Any) -> IncomingChannel:
     """
     Connect to the old process over the inherited socket and start
     inheriting its service.

@@ -24,6 +24,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from ..._control._server import encodeReport
+from ..._handoff._attempt import MigrationAttempt
 from ..._handoff._deadline import DeadlinePassed, firstOf
 from ..._handoff._fdpass import sendDescriptors, writeMemfd
 from ..._handoff._listeners import listenerDescriptor
@@ -35,6 +36,7 @@ from ..._handoff._successor import (
 )
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
 from ..._systemd import successorEnvironment
+from ...interfaces import IMigrationHost
 from ._channel import (
     HANDOFF_PROTOCOL_VERSION,
     AdoptConnections,
@@ -113,7 +115,7 @@ class OutgoingHandoff:
         (capability transfer) or stay and drain (gradual transfer).
     """
 
-    host: Any
+    host: IMigrationHost
     strategyName: str
     progress: Callable[[str], None]
     moveConnections: bool
@@ -124,10 +126,14 @@ class OutgoingHandoff:
     _staying: dict[str, int] = field(factory=dict)
     _failed: dict[str, int] = field(factory=dict)
     _moved: dict[str, int] = field(factory=dict)
-    _durations: dict[str, float] = field(factory=dict)
     _pausedAccepting: bool = False
-    _notes: list[str] = field(factory=list)
     _abortReason: str | None = None
+    _attempt: MigrationAttempt = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._attempt = MigrationAttempt(
+            self.host, self.strategyName, self.progress, label="Hand-off"
+        )
 
     def successorSaidHello(
         self,
@@ -151,13 +157,6 @@ class OutgoingHandoff:
             self._hello.callback(pid)
         return {"generation": self.host.generation + 1, "strategy": self.strategyName}
 
-    def _step(self, message: str) -> None:
-        _log.info("Hand-off: {message}", message=message)
-        try:
-            self.progress(message)
-        except Exception:
-            _log.failure("Could not relay progress")
-
     @inlineCallbacks
     def run(self) -> Any:
         """
@@ -166,41 +165,30 @@ class OutgoingHandoff:
         @return: a L{Deferred} firing with the L{MigrationReport}; it never
             fails: every failure is rolled back and reported.
         """
-        clock = self.host.reactor
-        started = clock.seconds()
-        phaseStart = started
-
-        def phaseDone(name: str) -> None:
-            nonlocal phaseStart
-            now = clock.seconds()
-            self._durations[name] = now - phaseStart
-            phaseStart = now
-
-        self.host.abortMigration = self.abort
+        attempt = self._attempt
+        self.host.abortWith(self.abort)
         try:
-            self.host.phase = MigrationPhase.spawning
+            attempt.enter(MigrationPhase.spawning)
             yield self._spawn()
-            phaseDone("spawn")
-            self.host.phase = MigrationPhase.handingOff
+            attempt.phaseDone("spawn")
+            attempt.enter(MigrationPhase.handingOff)
             yield self._handListeners()
-            phaseDone("listeners")
+            attempt.phaseDone("listeners")
             if self.moveConnections:
                 yield self._handConnections()
-                phaseDone("connections")
-            self.host.phase = MigrationPhase.committing
+                attempt.phaseDone("connections")
+            attempt.enter(MigrationPhase.committing)
             newPid = yield self._commit()
-            phaseDone("commit")
+            attempt.phaseDone("commit")
         except Exception as e:
             reason = self._abortReason or _describe(e)
-            self.host.phase = MigrationPhase.rollingBack
+            attempt.enter(MigrationPhase.rollingBack)
             yield self._rollBack(reason)
-            phaseDone("rollback")
-            self._durations["total"] = clock.seconds() - started
-            self.host.abortMigration = None
+            attempt.phaseDone("rollback")
+            self.host.abortWith(None)
             return self._report(MigrationOutcome.rolledBack, reason, None)
-        self.host.abortMigration = None
+        self.host.abortWith(None)
         self._releaseMoved()
-        self._durations["total"] = clock.seconds() - started
         report = self._report(MigrationOutcome.success, None, newPid)
         self._step(
             "successor {} serves generation {}; {} connections moved, {} "
@@ -244,7 +232,7 @@ class OutgoingHandoff:
     @inlineCallbacks
     def _spawn(self) -> Any:
         host = self.host
-        argv = host.successorArgv or successorCommandLine()
+        argv = host.settings.successorArgv or successorCommandLine()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._step("starting a successor: {}".format(" ".join(argv)))
@@ -268,13 +256,13 @@ class OutgoingHandoff:
             ours.close()
         self._step(
             "successor {} started; waiting up to {} s for it to be ready".format(
-                self.successor.pid, host.readyTimeout
+                self.successor.pid, host.settings.readyTimeout
             )
         )
         yield self._within(
             self._hello,
-            host.readyTimeout,
-            "not ready within {} s".format(host.readyTimeout),
+            host.settings.readyTimeout,
+            "not ready within {} s".format(host.settings.readyTimeout),
         )
         self._step("successor {} is ready".format(self.successor.pid))
 
@@ -327,7 +315,7 @@ class OutgoingHandoff:
                 len(descriptors), len(manifest)
             )
         )
-        timeout = host.handoffTimeout
+        timeout = host.settings.handoffTimeout
         sending = deferToThreadPool(
             host.reactor,
             host.reactor.getThreadPool(),
@@ -381,7 +369,7 @@ class OutgoingHandoff:
         # Say in the report why connections stay (a state over the codec's
         # limit, a protocol that does not opt in, TLS), bounded.
         for reason, count in sorted(reasons.items())[:_MAX_STAY_NOTES]:
-            self._notes.append(
+            self._attempt.notes.append(
                 "{} connection{} cannot move and stay{} on process {}: {}".format(
                     count,
                     "" if count == 1 else "s",
@@ -391,7 +379,7 @@ class OutgoingHandoff:
                 )
             )
         if len(reasons) > _MAX_STAY_NOTES:
-            self._notes.append(
+            self._attempt.notes.append(
                 "{} more reasons why connections cannot move are in the "
                 "log".format(len(reasons) - _MAX_STAY_NOTES)
             )
@@ -427,7 +415,7 @@ class OutgoingHandoff:
                     "successor did not end",
                 )
             except DeadlinePassed:
-                self._notes.append(
+                self._attempt.notes.append(
                     "successor {} did not end after SIGKILL".format(successor.pid)
                 )
         if self.channel is not None and self.channel.transport is not None:
@@ -512,11 +500,14 @@ class OutgoingHandoff:
         d.addErrback(refused)
         return self._within(
             d,
-            self.host.handoffTimeout,
+            self.host.settings.handoffTimeout,
             "successor did not answer within {} s while {}".format(
-                self.host.handoffTimeout, what
+                self.host.settings.handoffTimeout, what
             ),
         )
+
+    def _step(self, message: str) -> None:
+        self._attempt.step(message)
 
     def _report(
         self, outcome: MigrationOutcome, reason: str | None, newPid: int | None
@@ -535,21 +526,14 @@ class OutgoingHandoff:
             )
             for key in host.listeners
         ]
-        tail: list[str] = []
         if outcome is not MigrationOutcome.success and self.successor is not None:
-            tail = self.successor.logTail()
-        return MigrationReport(
-            strategy=self.strategyName,
-            outcome=outcome,
-            reason=reason,
-            fromGeneration=host.generation,
-            toGeneration=host.generation + 1 if newPid is not None else None,
-            oldPid=host.pid,
-            newPid=newPid,
+            self._attempt.successorLog[:] = self.successor.logTail()
+        return self._attempt.report(
+            outcome,
+            reason,
             listeners=listeners,
-            durations=dict(self._durations),
-            successorLog=tail,
-            notes=self._notes,
+            toGeneration=host.generation + 1 if newPid is not None else None,
+            newPid=newPid,
         )
 
 

@@ -9,6 +9,7 @@ from typing import Any, Callable, ClassVar
 
 from twisted.internet.defer import Deferred, succeed
 
+from ...interfaces import IMigrationHost
 from ._incoming import startIncoming
 from ._outgoing import OutgoingHandoff
 
@@ -28,7 +29,9 @@ class SuccessorHandoff:
     name: ClassVar[str]
     movesConnections: ClassVar[bool]
 
-    def migrate(self, host: Any, progress: Callable[[str], None]) -> Deferred[Any]:
+    def migrate(
+        self, host: IMigrationHost, progress: Callable[[str], None]
+    ) -> Deferred[Any]:
         handoff = OutgoingHandoff(
             host=host,
             strategyName=self.name,
@@ -37,6 +40,6 @@ class SuccessorHandoff:
         )
         return handoff.run()
 
-    def inherit(self, host: Any, inheritance: Any) -> Deferred[None]:
+    def inherit(self, host: IMigrationHost, inheritance: Any) -> Deferred[None]:
         startIncoming(host, inheritance)
         return succeed(None)

@@ -1,0 +1,59 @@
+"""
+A host's settings: the plain values (timeouts, paths, the successor's
+command line, strategy options) that C{twistd migrate-host}'s options or an
+embedding application give a L{migrate.MigrationHost}, in one frozen object
+that strategies read through L{migrate.interfaces.IMigrationHost.settings}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from attrs import field, frozen
+
+__all__ = ["HostSettings"]
+
+
+def _optionalList(value: Sequence[str] | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(value)
+
+
+def _options(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return dict(value or {})
+
+
+@frozen
+class HostSettings:
+    """
+    How a host runs and migrates; every field has the default
+    C{twistd migrate-host} uses.
+
+    @ivar controlPath: where the control channel listens, or L{None} for no
+        control channel.
+    @ivar readyTimeout: seconds a successor (or re-exec's preflight) may
+        take to say it is ready.
+    @ivar handoffTimeout: seconds each hand-off step may take.
+    @ivar drainTimeout: seconds an old generation keeps serving its
+        remaining connections before closing them; L{None}: no deadline.
+    @ivar successorArgv: the command line that starts a successor (default:
+        this process's own, re-read from disk).
+    @ivar pidfile: a pidfile to keep naming the serving process.
+    @ivar installSignalHandlers: whether C{SIGHUP} triggers a migration.
+    @ivar applicationSpec: where the application's factory came from
+        (C{PKG.MOD:NAME}), for strategies that load new code in place.
+    @ivar strategyOptions: settings of particular strategies, by option name
+        (C{"reexec-unmovable"}).
+    @ivar reloadModules: the modules module reload loads anew (a package
+        includes its submodules) instead of C{applicationSpec}'s package.
+    """
+
+    controlPath: str | None = "migrate-host.sock"
+    readyTimeout: float = 30.0
+    handoffTimeout: float = 60.0
+    drainTimeout: float | None = None
+    successorArgv: tuple[str, ...] | None = field(default=None, converter=_optionalList)
+    pidfile: str | None = None
+    installSignalHandlers: bool = True
+    applicationSpec: str | None = None
+    strategyOptions: Mapping[str, Any] = field(factory=dict, converter=_options)
+    reloadModules: tuple[str, ...] = field(default=(), converter=tuple)

@@ -1,0 +1,1 @@
+migrate.interfaces.IMigrationHost names what a strategy may ask of the host; migrate.MigrationHost provides it and owns its phase (strategies call enterPhase). A host's plain settings are one frozen migrate.HostSettings (given whole, or as its fields by keyword as before). migrate.MigrationPhase and migrate.HostSettings are exported.

@@ -127,6 +127,11 @@ class IMigrationHost(Interface):
         "Older generations still draining, by generation number: "
         "JSON-compatible dictionaries."
     )
+    reportChannels = Attribute(
+        "The channels older generations report their draining over, by the "
+        "PID at their other end: C{dict} of protocols on Unix sockets (a "
+        "re-exec carries them across exec)."
+    )
     lastReport = Attribute("The last migration's report, or L{None}.")
     acceptsAnyListener = Attribute(
         "Whether the host takes over any listener a previous generation "

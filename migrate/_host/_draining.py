@@ -38,6 +38,7 @@ class DrainTracker:
     @ivar draining: older generations still draining, by generation number:
         JSON-compatible dictionaries, each with the C{via} PID that
         reported it.
+    @ivar channels: the channels they report over, by C{via} PID.
     """
 
     _reactor: Any
@@ -45,6 +46,7 @@ class DrainTracker:
     _ownEntry: Callable[[], dict[str, Any] | None]
     _exit: Callable[[], None]
     draining: dict[int, dict[str, Any]] = field(factory=dict)
+    channels: dict[int, Any] = field(factory=dict)
     _reporter: Callable[[list[dict[str, Any]]], None] | None = None
     _lastReport: list[dict[str, Any]] | None = None
     _deadline: IDelayedCall | None = None

@@ -279,6 +279,14 @@ class MigrationHost(MultiService):
         """
         return self._drain.draining
 
+    @property
+    def reportChannels(self) -> dict[int, Any]:
+        """
+        The channels older generations report their draining over, by the
+        PID at their other end.
+        """
+        return self._drain.channels
+
     # Service
 
     def privilegedStartService(self) -> None:
@@ -506,19 +514,22 @@ class MigrationHost(MultiService):
         def progress(message: str) -> None:
             self._log.info("Migration: {message}", message=message)
 
-        migrating = self.serving and self.phase is not MigrationPhase.idle
+        if self.serving and self.phase is not MigrationPhase.idle:
+            # A control request waits for the running migration; a signal
+            # (a supervisor's reload) joins it instead.
+            self._log.warn(
+                "SIGHUP during a migration: no second one is started; a "
+                "reload waiting for it ends with the running one ({reason})",
+                reason="a migration is already running (phase: {})".format(
+                    self.phase.value
+                ),
+            )
+            self._tell("reloadJoined")
+            return
         d = self.requestUpgrade(None, progress)
 
         def refused(f: Failure) -> None:
-            if migrating:
-                self._log.warn(
-                    "SIGHUP during a migration: no second one is started; a "
-                    "reload waiting for it ends with the running one ({reason})",
-                    reason=f.getErrorMessage(),
-                )
-                self._tell("reloadJoined")
-            else:
-                self._log.warn("SIGHUP ignored: {reason}", reason=f.getErrorMessage())
+            self._log.warn("SIGHUP ignored: {reason}", reason=f.getErrorMessage())
 
         d.addErrback(refused)
 
@@ -626,6 +637,65 @@ class MigrationHost(MultiService):
             "lastReport": None if self.lastReport is None else self.lastReport.toJSON(),
         }
 
+    def _afterRunning(
+        self, strategyName: str | None, progress: Callable[[str], None]
+    ) -> Deferred[dict[str, Any]]:
+        """
+        A migration runs: wait until it has ended (at most the ready and
+        hand-off timeouts together), then start this one; refuse with a
+        hint to try again if it is still running by then.
+        """
+        from .._control._server import MigrationInProgress
+
+        running = self._migration
+        phase = self.phase.value
+        if running is None:
+            return fail(
+                MigrationInProgress(
+                    "a migration is already running (phase: {})".format(phase)
+                )
+            )
+        bound = self.settings.readyTimeout + self.settings.handoffTimeout
+        waiting: Deferred[None] = Deferred()
+
+        def tooLong() -> None:
+            if not waiting.called:
+                waiting.errback(
+                    MigrationInProgress(
+                        "a migration is already running (phase: {}) and did not "
+                        "end within {:g} s; try again (upgrade --wait retries)"
+                        "".format(phase, bound)
+                    )
+                )
+
+        timer = self.reactor.callLater(bound, tooLong)
+
+        def go() -> None:
+            if not waiting.called:
+                waiting.callback(None)
+
+        def ended(result: object) -> object:
+            # After the running migration's own callbacks (its report).
+            self.reactor.callLater(0, go)
+            return result
+
+        running.addBoth(ended)
+        try:
+            progress(
+                "a migration is already running (phase: {}); this one starts when "
+                "it ends (waiting at most {:g} s)".format(phase, bound)
+            )
+        except Exception:
+            self._log.failure("Could not relay progress")
+
+        def start(_: None) -> Deferred[dict[str, Any]]:
+            if timer.active():
+                timer.cancel()
+            return self.requestUpgrade(strategyName, progress)
+
+        result: Deferred[dict[str, Any]] = waiting.addCallback(start)
+        return result
+
     def requestUpgrade(
         self, strategyName: str | None, progress: Callable[[str], None]
     ) -> Deferred[dict[str, Any]]:
@@ -642,17 +712,11 @@ class MigrationHost(MultiService):
             return fail(
                 MigrationInProgress(
                     "process {} no longer serves; its successor takes "
-                    "migrations".format(self.pid)
+                    "migrations: try again (upgrade --wait retries)".format(self.pid)
                 )
             )
         if self.phase is not MigrationPhase.idle:
-            return fail(
-                MigrationInProgress(
-                    "a migration is already running (phase: {})".format(
-                        self.phase.value
-                    )
-                )
-            )
+            return self._afterRunning(strategyName, progress)
         strategy = self.strategy
         if strategyName is not None and strategyName != strategy.name:
             try:
@@ -796,4 +860,5 @@ class MigrationHost(MultiService):
         """
         The older generation reached through C{viaPid} has ended.
         """
+        self._drain.channels.pop(viaPid, None)
         self._drain.update([], viaPid)

@@ -567,19 +567,44 @@ class RequestUpgradeTests(SynchronousTestCase):
         self.assertEqual(call.progress, progress.append)
         self.assertEqual(h.host.phase, MigrationPhase.spawning)
 
-    def test_secondMigrationRefused(self) -> None:
+    def test_secondMigrationWaits(self) -> None:
         """
-        While a migration runs, another is refused with
-        L{MigrationInProgress}, saying so; the strategy is not asked again.
+        A migration requested while another runs waits for it to end (and
+        says so), then starts.
         """
         h = started(self)
         h.host.requestUpgrade(None, ignore)
-        failure = self.failureResultOf(
-            h.host.requestUpgrade(None, ignore), MigrationInProgress
+        progress: list[str] = []
+        second = h.host.requestUpgrade(None, progress.append)
+        self.assertNoResult(second)
+        self.assertEqual(len(h.strategy.migrations), 1)
+        self.assertIn("starts when it ends", progress[0])
+        h.strategy.migrations[0].result.callback(
+            reportFor(h.host, MigrationOutcome.rolledBack, reason="no")
         )
+        h.reactor.advance(0)
+        self.assertEqual(len(h.strategy.migrations), 2)
+        self.assertEqual(h.host.phase, MigrationPhase.spawning)
+        self.assertNoResult(second)
+
+    def test_secondMigrationWaitsBounded(self) -> None:
+        """
+        Should the running migration not end within the ready and hand-off
+        timeouts together, the waiting one is refused with
+        L{MigrationInProgress}, with a hint to try again; the strategy is not
+        asked again.
+        """
+        h = started(self, readyTimeout=2.0, handoffTimeout=3.0)
+        h.host.requestUpgrade(None, ignore)
+        second = h.host.requestUpgrade(None, ignore)
+        h.reactor.advance(4.9)
+        self.assertNoResult(second)
+        h.reactor.advance(0.2)
+        failure = self.failureResultOf(second, MigrationInProgress)
         self.assertEqual(
             failure.getErrorMessage(),
-            "a migration is already running (phase: spawning)",
+            "a migration is already running (phase: spawning) and did not end "
+            "within 5 s; try again (upgrade --wait retries)",
         )
         self.assertEqual(len(h.strategy.migrations), 1)
 

@@ -18,8 +18,10 @@ from typing import Any
 
 from twisted.internet import tcp, unix
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols import amp
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -57,6 +59,7 @@ from migrate.strategies._reexec._outgoing import (
     afterPolls,
     inheritableDescriptors,
 )
+from migrate.strategies._reexec._reports import ReportChannel
 from migrate.strategies._reexec._state import (
     EXEC_AT_VARIABLE,
     FORMAT_VERSION,
@@ -1259,3 +1262,90 @@ class StateWriteFailureTests(SynchronousTestCase):
         self.assertEqual(harness.executed, [])
         harness.assertServesOn(hosted, b"pending")
         self.assertEqual(sorted(os.listdir("/proc/self/fd")), descriptorsBefore)
+
+
+class ReportChannelTests(SynchronousTestCase):
+    """
+    The channels older generations report their draining over cross the
+    exec (L{migrate.strategies._reexec._reports}).
+    """
+
+    def _channel(self, harness: _Harness, viaPid: int) -> Any:
+        """
+        A report channel on a real socket pair, as a transfer leaves it.
+        """
+        ours, theirs = _socketPair(self)
+        channel = ReportChannel(harness.host, viaPid)
+        transport = unix.Server(ours, channel, None, None, 1, harness.reactor)
+        channel.makeConnection(transport)
+        harness.host.reportChannels[viaPid] = channel
+        harness.host.updateDraining(
+            [{"generation": 1, "pid": viaPid, "connections": 3}], viaPid
+        )
+        return channel, theirs
+
+    def test_drainingDoesNotRefuse(self) -> None:
+        """
+        An older generation still draining no longer refuses a re-exec when
+        its report channel is here and quiet; one whose channel is gone, or
+        holds half a report, still does.
+        """
+        harness = _Harness(self)
+        channel, theirs = self._channel(harness, 42)
+        self.assertIsNone(checkHost(harness.host))
+        channel.dataReceived(b"\x00\x04_ask")
+        self.assertIn("half received", checkHost(harness.host) or "")
+        del harness.host.reportChannels[42]
+        self.assertIn("report channel is gone", checkHost(harness.host) or "")
+
+    def test_channelsDescribed(self) -> None:
+        """
+        The state document names each report channel's descriptor and what
+        it last reported; the descriptor is inheritable for the exec only.
+        """
+        harness = _Harness(self)
+        channel, theirs = self._channel(harness, 42)
+        report = harness.run(harness.migration())
+        self.assertEqual(report.outcome.value, "rolled-back")
+        [executed] = harness.executed
+        fd = channel.transport.fileno()
+        self.assertEqual(executed["state"].reporters, ((fd, 42),))
+        self.assertEqual(
+            executed["state"].draining,
+            ({"generation": 1, "pid": 42, "connections": 3, "via": 42},),
+        )
+        self.assertIn(fd, executed["inheritable"])
+        self.assertFalse(os.get_inheritable(fd))
+
+    def test_reportsUpdateTheHost(self) -> None:
+        """
+        The new image's end of a report channel updates the host's draining
+        generations, and forgets them (and the channel) when it closes.
+        """
+        harness = _Harness(self)
+        channel, theirs = self._channel(harness, 42)
+        box = amp.AmpBox(
+            _command=b"DrainStatus",
+            draining=b'[{"generation": 1, "pid": 42, "connections": 1}]',
+        )
+        channel.dataReceived(box.serialize())
+        self.assertEqual(harness.host.draining[1]["connections"], 1)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual((harness.host.draining, harness.host.reportChannels), ({}, {}))
+
+    def test_stateRoundTrip(self) -> None:
+        """
+        Report channels and their generations survive the state document;
+        a document without them has none.
+        """
+        state = ReexecState(
+            pid=1,
+            generation=3,
+            strategy="reexec",
+            reporters=((9, 42),),
+            draining=({"generation": 1, "pid": 40, "connections": 2, "via": 42},),
+        )
+        self.assertEqual(readState(writeState(state)), state)
+        self.assertEqual(state.descriptors(), [9])
+        plain = ReexecState(pid=1, generation=3, strategy="reexec").toPlain()
+        self.assertNotIn("reporters", plain)

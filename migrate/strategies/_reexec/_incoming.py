@@ -39,6 +39,7 @@ from ..._host._tracking import PendingAdoptionFactory
 from ..._report import ListenerReport, MigrationOutcome, MigrationReport
 from ...interfaces import IMigrationHost
 from ...state import ProtocolState, restoreProtocolState
+from ._reports import ReportChannel
 from ._state import (
     EXEC_AT_VARIABLE,
     PREFLIGHT_MARKER,
@@ -355,6 +356,42 @@ def _output(entry: dict[str, Any]) -> bytes:
         return b""
 
 
+def _listenToReporters(
+    host: IMigrationHost, state: ReexecState, notes: list[str]
+) -> None:
+    """
+    Listen again on the channels older generations report their draining
+    over, and show what they last reported.
+    """
+    for fd, viaPid in state.reporters:
+        try:
+            channel = ReportChannel(host, viaPid)
+            host.reactor.adoptStreamConnection(
+                fd, socket.AF_UNIX, Factory.forProtocol(lambda: channel)
+            )
+        except Exception as e:
+            note = (
+                "the report channel of process {} could not be adopted ({}: "
+                "{}); its draining is no longer shown".format(
+                    viaPid, type(e).__name__, e
+                )
+            )
+            _log.error("Re-exec: {note}", note=note)
+            notes.append(note)
+            continue
+        finally:
+            os.close(fd)
+        host.reportChannels[viaPid] = channel
+        host.updateDraining(
+            [
+                {key: value for key, value in entry.items() if key != "via"}
+                for entry in state.draining
+                if entry.get("via") == viaPid
+            ],
+            viaPid,
+        )
+
+
 def restoreReexec(
     host: IMigrationHost, inheritance: ReexecInheritance
 ) -> MigrationReport:
@@ -457,6 +494,7 @@ def _restore(host: IMigrationHost, inheritance: ReexecInheritance) -> MigrationR
             adopted.append((connection, each))
             moved[each.listener] = moved.get(each.listener, 0) + 1
 
+    _listenToReporters(host, state, notes)
     host.commitInheritance(state.generation + 1)
     for connection, each in adopted:
         connection.commit()

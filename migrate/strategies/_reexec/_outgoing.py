@@ -65,6 +65,7 @@ from ._check import (
     refusalReason,
     workInFlight,
 )
+from ._reports import quietChannel
 from ._state import (
     EXEC_AT_VARIABLE,
     PREFLIGHT_MARKER,
@@ -363,6 +364,7 @@ class ReexecMigration:
                 + (1 if host.controlPort is not None else 0)
                 + plan.moving
                 + plan.fresh
+                + len(host.reportChannels)
             )
             limit = checkDescriptorLimit(inherited, self.softLimit())
             if limit is not None:
@@ -570,6 +572,8 @@ class ReexecMigration:
                 notes=tuple(self._attempt.notes),
                 frozenAt=frozenAt,
                 blockedSignals=tuple(blocked),
+                reporters=self._reporters(),
+                draining=tuple(dict(each) for each in host.draining.values()),
             )
             stateFd = writeState(state, validate=False)
             marks = DescriptorMarks.apply(state.descriptors() + [stateFd])
@@ -615,6 +619,24 @@ class ReexecMigration:
                 os.close(stateFd)
             # Nothing was frozen: the connections carry on as they were.
             return reason
+
+    def _reporters(self) -> tuple[tuple[int, int], ...]:
+        """
+        The channels older generations report their draining over, for
+        the new image.
+
+        @raise _Rollback: if one cannot cross C{exec} now.
+        """
+        found = []
+        for viaPid, channel in sorted(self.host.reportChannels.items()):
+            why = quietChannel(channel)
+            if why is not None:
+                raise _Rollback(
+                    "process {} reports its draining over a channel that "
+                    "cannot cross exec now: {}".format(viaPid, why)
+                )
+            found.append((int(channel.transport.fileno()), viaPid))
+        return tuple(found)
 
     def _describeFresh(
         self, staying: list[Any], numbered: int, closed: dict[str, int]

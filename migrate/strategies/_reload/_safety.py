@@ -34,7 +34,9 @@ from ...interfaces import IMigrationHost
 __all__ = ["ImportTimedOut", "boundedImport", "trialInChild"]
 
 
-def trialInChild(host: Any, cases: Sequence[TrialCase], policy: str) -> Deferred[Any]:
+def trialInChild(
+    host: IMigrationHost, cases: Sequence[TrialCase], policy: str
+) -> Deferred[Any]:
     """
     Try the application's new code in a child process that imports it
     afresh (C{python -m migrate._handoff._trialchild SPEC}), with this

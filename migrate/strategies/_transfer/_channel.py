@@ -19,6 +19,8 @@ it adopted when the channel closes before C{Commit}.
 
 from __future__ import annotations
 
+import json
+
 from twisted.protocols import amp
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "TakeControl",
     "TakeListener",
     "HANDOFF_PROTOCOL_VERSION",
+    "parseDrainStatus",
 ]
 
 HANDOFF_PROTOCOL_VERSION = 1
@@ -154,3 +157,25 @@ class DrainStatus(amp.Command):
 
     arguments = [(b"draining", amp.Unicode())]
     requiresAnswer = False
+
+
+def parseDrainStatus(draining: str) -> list[dict[str, int]]:
+    """
+    Read a L{DrainStatus}'s list strictly.
+
+    @raise ValueError: if it is not a list of such objects.
+    """
+    try:
+        entries = json.loads(draining)
+        if not isinstance(entries, list):
+            raise ValueError("not a list")
+        return [
+            {
+                "generation": int(each["generation"]),
+                "pid": int(each["pid"]),
+                "connections": int(each["connections"]),
+            }
+            for each in entries
+        ]
+    except (TypeError, KeyError) as e:
+        raise ValueError("{}: {}".format(type(e).__name__, e))

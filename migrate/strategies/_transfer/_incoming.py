@@ -35,6 +35,7 @@ from ._channel import (
     Reported,
     TakeControl,
     TakeListener,
+    parseDrainStatus,
 )
 
 __all__ = ["IncomingChannel", "startIncoming"]
@@ -220,6 +221,9 @@ class IncomingChannel(amp.AMP):
         if self.generation is None:
             raise HandoffRefused("commit before hello")
         self.committed = True
+        # The old generation reports its draining over this channel, which
+        # a re-exec of this process carries across exec.
+        self.host.reportChannels[self._peerPid()] = self
         self.inheritance.takeOverOutput()
         adopted, self._adopted = self._adopted, []
         self.host.commitInheritance(self.generation)
@@ -247,18 +251,8 @@ class IncomingChannel(amp.AMP):
     @DrainStatus.responder
     def drainStatus(self, draining: str) -> dict[str, Any]:
         try:
-            entries = json.loads(draining)
-            if not isinstance(entries, list):
-                raise ValueError("not a list")
-            clean = [
-                {
-                    "generation": int(each["generation"]),
-                    "pid": int(each["pid"]),
-                    "connections": int(each["connections"]),
-                }
-                for each in entries
-            ]
-        except (ValueError, TypeError, KeyError) as e:
+            clean = parseDrainStatus(draining)
+        except ValueError as e:
             self._log.warn("Ignoring a malformed drain status: {why}", why=str(e))
             return {}
         self.host.updateDraining(clean, viaPid=self._peerPid())

@@ -1,0 +1,127 @@
+"""
+Integration tests for upgrades back to back, in any order of strategies,
+with real hosts: a re-exec while older generations still drain, and a
+long mixed sequence under load that loses nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import LoopingCall
+from twisted.trial.unittest import TestCase
+
+from ._hostprocess import LiveAppMixin, fields, pidAlive, waitFor, writeModule
+from .test_capability_integration import MIGRATABLE_V1, MIGRATABLE_V2
+
+#: the strategies of a mixed sequence, in turn
+CYCLE = ("capability", "reexec", "reload", "gradual")
+
+#: upgrades in the mixed sequence (three of each strategy)
+UPGRADES = 12
+
+
+def _version(n: int) -> str:
+    """
+    Version C{n} (2 or more) of the migratable application.
+    """
+    return MIGRATABLE_V2.replace('b"v2"', 'b"v%d"' % (n,))
+
+
+class BackToBackTests(LiveAppMixin, TestCase):
+    """
+    Upgrades one after the other, whatever the strategy.
+    """
+
+    timeout = 300
+    strategy = "gradual"
+    initialApp = MIGRATABLE_V1
+
+    @inlineCallbacks
+    def test_reexecWhileOlderGenerationDrains(self):
+        """
+        A re-exec goes through while an older generation still drains: its
+        report channel crosses the exec, so the re-executed image shows it
+        in C{status} until it has drained, and then forgets it.
+        """
+        status = yield self.startHost()
+        oldPid = status["pid"]
+        (client,) = yield self.connectClients(1)
+        writeModule(self.host.workdir, "liveapp", _version(2))
+        code, report, err = yield self.host.upgrade()
+        self.assertEqual((code, report["outcome"]), (0, "success"), err)
+        servingPid = report["newPid"]
+        writeModule(self.host.workdir, "liveapp", _version(3))
+        code, report, err = yield self.host.upgrade("--strategy", "reexec")
+        self.assertEqual((code, report["outcome"]), (0, "success"), err)
+        status = yield self.host.status()
+        self.assertEqual((status["pid"], status["generation"]), (servingPid, 3))
+        self.assertEqual(
+            [(each["pid"], each["connections"]) for each in status["draining"]],
+            [(oldPid, 1)],
+        )
+        reply = yield self.exchange(client, b"still")
+        self.assertEqual(reply[:2], [b"v1", str(oldPid).encode()])
+        client.transport.loseConnection()
+        yield waitFor(lambda: not pidAlive(oldPid), what="the old process to exit")
+
+        @inlineCallbacks
+        def forgotten() -> Any:
+            status = yield self.host.status()
+            return status["draining"] == []
+
+        yield waitFor(forgotten, what="the re-executed image to forget it")
+
+    @inlineCallbacks
+    def test_mixedSequenceUnderLoad(self):
+        """
+        Twelve upgrades in a row, cycling through the four strategies, while
+        clients each send a numbered line every 20 ms: every upgrade
+        succeeds, every line is answered exactly once and in order, nobody
+        is disconnected.
+        """
+        yield self.startHost()
+        clients = yield self.connectClients(5)
+        sent = [0] * len(clients)
+
+        def sendAll() -> None:
+            for index, client in enumerate(clients):
+                sent[index] += 1
+                client.sendLine(b"n%d" % (sent[index],))
+
+        writer = LoopingCall(sendAll)
+        writer.start(0.02)
+        self.addCleanup(lambda: writer.stop() if writer.running else None)
+        outcomes = []
+        for n in range(UPGRADES):
+            strategy = CYCLE[n % len(CYCLE)]
+            before = min(len(client.lines) for client in clients)
+            yield waitFor(
+                lambda: min(len(client.lines) for client in clients) > before + 3,
+                what="traffic to flow",
+            )
+            writeModule(self.host.workdir, "liveapp", _version(n + 2))
+            code, report, err = yield self.host.upgrade("--strategy", strategy)
+            outcomes.append(
+                (strategy, code, report.get("outcome"), report.get("reason"))
+            )
+        writer.stop()
+        self.assertEqual(
+            [each for each in outcomes if each[1] != 0], [], "refused or failed"
+        )
+        for index, client in enumerate(clients):
+            yield client.waitForLines(1 + sent[index])
+        for index, client in enumerate(clients):
+            self.assertFalse(client.closed.called)
+            replies = [fields(line) for line in client.lines[1:]]
+            self.assertEqual(
+                [reply[2] for reply in replies],
+                [b"n%d" % (n,) for n in range(1, sent[index] + 1)],
+            )
+            self.assertEqual(
+                [reply[3] for reply in replies],
+                [b"%d" % (n,) for n in range(1, sent[index] + 1)],
+            )
+        for client in clients:
+            client.transport.loseConnection()

@@ -1,401 +1,62 @@
+# -*- test-case-name: migrate.test.test_cli -*-
 """
-The command-line client of the control channel: C{python -m migrate status}
-and C{python -m migrate upgrade}.
+The command line: C{python -m migrate status}, C{python -m migrate upgrade}
+and C{python -m migrate rolling}.
 
-The commands are coroutines over a small L{ControlClient} seam, so that
-tests drive them with a fake connection layer; L{connectControl} is the real
-one (AMP over the host's Unix control socket).
+The commands are coroutines over the control client shared with the rolling
+upgrade (L{migrate._control._client}): its L{ControlClient
+<migrate._control._client.ControlClient>} seam lets tests drive them with a
+fake connection layer; L{connectControl} is the real one (AMP over the
+host's Unix control socket).  The C{rolling} command's code is imported only
+when it runs (L{migrate._rolling._command}), so that a host, which imports
+this module's neighbours, never loads it.
 
-Exit status: L{EXIT_OK} when the host answered (status) or the migration
-succeeded (upgrade); L{EXIT_FAILED} for a rolled-back or refused migration
-or an error the host reported; L{EXIT_USAGE} for bad arguments;
-L{EXIT_UNREACHABLE} when the host cannot be reached; L{EXIT_TIMEOUT} when
-C{--timeout} runs out.
+Exit status (the values are in L{migrate._control._client}): C{EXIT_OK} (0)
+when the host answered (status) or the migration succeeded (upgrade);
+C{EXIT_FAILED} (1) for a rolled-back or refused migration or an error the
+host reported; C{EXIT_USAGE} (2) for bad arguments; C{EXIT_UNREACHABLE} (3)
+when the host cannot be reached; C{EXIT_TIMEOUT} (4) when C{--timeout} runs
+out.
 """
 
 from __future__ import annotations
 
-import errno
-import json
-import os
-import stat
 import sys
-from typing import IO, Any, Callable, Coroutine, NoReturn, Protocol, Sequence
+from typing import IO, Any, Coroutine, Sequence
 
-from attrs import define
-from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
-from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.internet.error import ConnectError, ConnectionClosed
-from twisted.internet.task import deferLater, react
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import react
 from twisted.protocols import amp
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from ._control._server import (
-    MigrationInProgress,
-    Progress,
-    Status,
-    UnknownStrategy,
-    Upgrade,
+from ._control._client import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    BadReply,
+    CannotConnect,
+    CommandFailed,
+    Connector,
+    HostClosedConnection,
+    Output,
+    Session,
+    connectControl,
 )
+from ._control._commands import MigrationInProgress, UnknownStrategy
+from ._control._format import countOf, dictsIn, formatReport, formatStatus, textOf
 
 __all__ = [
-    "EXIT_FAILED",
-    "EXIT_OK",
-    "EXIT_TIMEOUT",
-    "EXIT_UNREACHABLE",
-    "EXIT_USAGE",
-    "BadReply",
-    "CannotConnect",
-    "ControlClient",
-    "HostClosedConnection",
+    "DEFAULT_CONTROL",
     "MigrateOptions",
-    "connectControl",
-    "formatReport",
-    "formatStatus",
+    "StatusOptions",
+    "UpgradeOptions",
     "main",
     "run",
 ]
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-EXIT_TIMEOUT = 4
-
 DEFAULT_CONTROL = "./migrate-host.sock"
-POLL_INTERVAL = 0.2
-
-#: seconds the control socket may refuse connections before the host is
-#: taken for gone while waiting for an outcome
-UNREACHABLE_GRACE = 5.0
-_LOG_LINES_SHOWN = 20
-
-
-class CannotConnect(Exception):
-    """
-    The control socket cannot be reached; the message says why.
-    """
-
-
-class HostClosedConnection(Exception):
-    """
-    The host closed the control connection before answering.
-    """
-
-
-class BadReply(Exception):
-    """
-    The host's answer is not the JSON object the protocol promises.
-    """
-
-
-class ControlClient(Protocol):
-    """
-    One connection to a host's control channel.
-    """
-
-    def status(self) -> Deferred[dict[str, Any]]:
-        """
-        The host's status (Status JSON).
-        """
-
-    def upgrade(self, strategy: str | None) -> Deferred[dict[str, Any]]:
-        """
-        Migrate; fires with the report (Report JSON), or fails with
-        L{MigrationInProgress} or L{UnknownStrategy}.
-        """
-
-    def disconnect(self) -> None:
-        """
-        Close the connection.
-        """
-
-
-Connector = Callable[[Any, str, Callable[[str], None]], "Deferred[ControlClient]"]
-"""
-C{connect(reactor, path, onProgress)}: connect to the control socket at
-C{path}; C{onProgress} receives every L{Progress} message.  Fails with
-L{CannotConnect}.
-"""
-
-
-# The real connection layer
-
-
-class _ClientProtocol(amp.AMP):
-    """
-    The client's end of the control channel: relays L{Progress}.
-    """
-
-    def __init__(self, onProgress: Callable[[str], None]) -> None:
-        super().__init__()
-        self._onProgress = onProgress
-
-    @Progress.responder
-    def progress(self, message: str) -> dict[str, Any]:
-        self._onProgress(message)
-        return {}
-
-
-def _decodeObject(text: str, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise BadReply("the host sent a malformed {}: {}".format(what, e)) from e
-    if not isinstance(value, dict):
-        raise BadReply("the host sent a {} that is not a JSON object".format(what))
-    return value
-
-
-def _closedBeforeAnswer(reason: Failure) -> NoReturn:
-    reason.trap(ConnectionClosed)
-    raise HostClosedConnection(
-        "the host closed the control connection before answering ({})".format(
-            reason.getErrorMessage()
-        )
-    )
-
-
-@define
-class _AMPControlClient:
-    """
-    L{ControlClient} over a connected L{_ClientProtocol}.
-    """
-
-    _protocol: _ClientProtocol
-
-    def status(self) -> Deferred[dict[str, Any]]:
-        d: Deferred[Any] = self._protocol.callRemote(Status)
-        d.addCallback(lambda answer: _decodeObject(answer["status"], "status"))
-        d.addErrback(_closedBeforeAnswer)
-        return d
-
-    def upgrade(self, strategy: str | None) -> Deferred[dict[str, Any]]:
-        arguments = {} if strategy is None else {"strategy": strategy}
-        d: Deferred[Any] = self._protocol.callRemote(Upgrade, **arguments)
-        d.addCallback(lambda answer: _decodeObject(answer["report"], "report"))
-        d.addErrback(_closedBeforeAnswer)
-        return d
-
-    def disconnect(self) -> None:
-        if self._protocol.transport is not None:
-            self._protocol.transport.loseConnection()
-
-
-def _explainConnectFailure(reason: Failure, path: str) -> Failure:
-    error = reason.value
-    if not isinstance(error, ConnectError):
-        return reason
-    number = error.osError
-    if number == errno.ECONNREFUSED:
-        why = "connection refused: no host listens there (a stale socket file?)"
-    elif number in (errno.EACCES, errno.EPERM):
-        why = (
-            "permission denied: the socket belongs to another user (run as "
-            "that user or root)"
-        )
-    elif number == errno.ENOENT:
-        why = "no such file (is the host running, and is --control right?)"
-    else:
-        why = reason.getErrorMessage()
-    return Failure(CannotConnect("cannot connect to {}: {}".format(path, why)))
-
-
-def connectControl(
-    reactor: Any, path: str, onProgress: Callable[[str], None]
-) -> Deferred[ControlClient]:
-    """
-    Connect to the control socket at C{path}: the real L{Connector}.
-    """
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        return fail(
-            CannotConnect(
-                "cannot connect to {}: no such file (is the host running, and "
-                "is --control right?)".format(path)
-            )
-        )
-    except PermissionError:
-        return fail(
-            CannotConnect(
-                "cannot connect to {}: permission denied (a directory on the "
-                "way is not accessible to this user)".format(path)
-            )
-        )
-    except OSError as e:
-        return fail(CannotConnect("cannot connect to {}: {}".format(path, e.strerror)))
-    if not stat.S_ISSOCK(info.st_mode):
-        return fail(
-            CannotConnect(
-                "cannot connect to {}: it is not a socket (is --control "
-                "right?)".format(path)
-            )
-        )
-    d: Deferred[Any] = connectProtocol(
-        UNIXClientEndpoint(reactor, path), _ClientProtocol(onProgress)
-    )
-    d.addCallback(_AMPControlClient)
-    return d.addErrback(_explainConnectFailure, path)
-
-
-# Output
-
-
-@define
-class _Output:
-    """
-    Where the command's words go: results on stdout (one JSON object on the
-    last line with C{--json}), progress and errors on stderr.
-    """
-
-    stdout: IO[str]
-    stderr: IO[str]
-    asJSON: bool = False
-    printed: bool = False
-
-    def progress(self, message: str) -> None:
-        self.stderr.write("[migrate] {}\n".format(message))
-        self.stderr.flush()
-
-    def error(self, message: str) -> None:
-        self.stderr.write("migrate: {}\n".format(message))
-        self.stderr.flush()
-
-    def result(self, value: dict[str, Any], human: str) -> None:
-        if self.asJSON:
-            self.stdout.write(json.dumps(value, sort_keys=True) + "\n")
-        else:
-            self.stdout.write(human + "\n")
-        self.stdout.flush()
-        self.printed = True
-
-
-def _text(value: object) -> str:
-    return "?" if value is None else str(value)
-
-
-def _count(value: object, noun: str) -> str:
-    if isinstance(value, int):
-        return "{} {}{}".format(value, noun, "" if value == 1 else "s")
-    return "? {}s".format(noun)
-
-
-def _dicts(value: object) -> list[dict[str, Any]]:
-    if not isinstance(value, list):
-        return []
-    return [each for each in value if isinstance(each, dict)]
-
-
-def _reportSummary(report: dict[str, Any]) -> str:
-    return "{} with strategy {}, generation {} -> {} (pid {} -> {})".format(
-        _text(report.get("outcome")),
-        _text(report.get("strategy")),
-        _text(report.get("fromGeneration")),
-        _text(report.get("toGeneration")),
-        _text(report.get("oldPid")),
-        _text(report.get("newPid")),
-    )
-
-
-def formatStatus(status: dict[str, Any]) -> str:
-    """
-    A readable multi-line description of Status JSON.
-    """
-    lines = [
-        "Host pid {}, generation {}, strategy {}, phase {}".format(
-            _text(status.get("pid")),
-            _text(status.get("generation")),
-            _text(status.get("strategy")),
-            _text(status.get("phase")),
-        ),
-        "Connections: {}".format(_text(status.get("connections"))),
-    ]
-    listeners = _dicts(status.get("listeners"))
-    lines.append("Listeners:" if listeners else "Listeners: none")
-    for each in listeners:
-        lines.append(
-            "  {} on {}: {}".format(
-                _text(each.get("key")),
-                _text(each.get("address")),
-                _count(each.get("connections"), "connection"),
-            )
-        )
-    draining = _dicts(status.get("draining"))
-    lines.append("Draining:" if draining else "Draining: none")
-    for each in draining:
-        lines.append(
-            "  generation {} (pid {}): {} left".format(
-                _text(each.get("generation")),
-                _text(each.get("pid")),
-                _count(each.get("connections"), "connection"),
-            )
-        )
-    last = status.get("lastReport")
-    if isinstance(last, dict):
-        lines.append("Last migration: " + _reportSummary(last))
-        if last.get("reason"):
-            lines.append("  reason: {}".format(last["reason"]))
-    else:
-        lines.append("Last migration: none")
-    if status.get("truncated"):
-        lines.append("(the host shortened this status to fit; use --json)")
-    return "\n".join(lines)
-
-
-def formatReport(report: dict[str, Any]) -> str:
-    """
-    A readable multi-line description of Report JSON.
-    """
-    lines = [
-        "Migration " + _reportSummary(report),
-        "Connections: {} moved, {} draining, {} failed".format(
-            _text(report.get("moved")),
-            _text(report.get("draining")),
-            _text(report.get("failed")),
-        ),
-    ]
-    if report.get("reason"):
-        lines.append("Reason: {}".format(report["reason"]))
-    listeners = _dicts(report.get("listeners"))
-    if listeners:
-        lines.append("Listeners:")
-    for each in listeners:
-        lines.append(
-            "  {}: {} moved, {} drained, {} failed".format(
-                _text(each.get("key")),
-                _text(each.get("moved")),
-                _text(each.get("drained")),
-                _text(each.get("failed")),
-            )
-        )
-    durations = report.get("durations")
-    if isinstance(durations, dict) and durations:
-        parts = []
-        for phase, seconds in durations.items():
-            if isinstance(seconds, (int, float)):
-                parts.append("{} {:.3f}s".format(phase, seconds))
-            else:
-                parts.append("{} {}".format(phase, _text(seconds)))
-        lines.append("Durations: " + ", ".join(parts))
-    notes = report.get("notes")
-    if isinstance(notes, list) and notes:
-        lines.append("Notes:")
-        lines.extend("  - {}".format(note) for note in notes)
-    log = report.get("successorLog")
-    if isinstance(log, list) and log:
-        shown = log[-_LOG_LINES_SHOWN:]
-        if len(shown) < len(log):
-            lines.append(
-                "Successor log (last {} of {} lines; --json has all):".format(
-                    len(shown), len(log)
-                )
-            )
-        else:
-            lines.append("Successor log:")
-        lines.extend("  | {}".format(line) for line in shown)
-    return "\n".join(lines)
 
 
 # Options
@@ -476,10 +137,10 @@ class UpgradeOptions(_CommandOptions):
 
 def _rollingOptions() -> usage.Options:
     """
-    The options of C{rolling}, imported late: L{migrate._rolling._orchestrator} imports
-    this module.
+    The options of C{rolling}, imported only when that command is asked for
+    (see the module's docstring).
     """
-    from ._rolling._orchestrator import RollingOptions
+    from ._rolling._command import RollingOptions
 
     return RollingOptions()
 
@@ -521,114 +182,7 @@ class MigrateOptions(usage.Options):
 # The commands
 
 
-class _Failed(Exception):
-    """
-    The command ends with C{code}, saying C{message} on stderr.
-    """
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-@define
-class _Session:
-    """
-    What one command run needs: the reactor, the connector, the output.
-    """
-
-    reactor: Any
-    connect: Connector
-    out: _Output
-    path: str
-
-    async def within(self, d: Deferred[Any], deadline: float, what: str) -> Any:
-        """
-        Wait for C{d} until C{deadline}; L{_Failed} with L{EXIT_TIMEOUT}
-        after.
-        """
-        remaining = max(0.0, deadline - self.reactor.seconds())
-        d.addTimeout(remaining, self.reactor)
-        try:
-            return await d
-        except TimeoutError:
-            raise _Failed(EXIT_TIMEOUT, "timed out " + what) from None
-
-    async def open(self, deadline: float) -> ControlClient:
-        client: ControlClient = await self.within(
-            self.connect(self.reactor, self.path, self.out.progress),
-            deadline,
-            "connecting to {}".format(self.path),
-        )
-        return client
-
-    async def statusOnce(
-        self, client: ControlClient | None, deadline: float
-    ) -> tuple[ControlClient, dict[str, Any]]:
-        if client is None:
-            client = await self.open(deadline)
-        try:
-            status = await self.within(
-                client.status(), deadline, "waiting for the host's status"
-            )
-        except BaseException:
-            client.disconnect()
-            raise
-        return client, status
-
-    async def poll(
-        self,
-        deadline: float,
-        timeoutMessage: Callable[[], str],
-        check: Callable[[dict[str, Any]], Any],
-    ) -> Any:
-        """
-        Ask for the status every L{POLL_INTERVAL} seconds, reconnecting as
-        needed, until C{check(status)} returns something other than
-        L{None}, and return that.
-        """
-        client: ControlClient | None = None
-        lastError: Exception | None = None
-        unreachableSince: float | None = None
-        try:
-            while True:
-                try:
-                    client, status = await self.statusOnce(client, deadline)
-                except (CannotConnect, HostClosedConnection, BadReply) as e:
-                    client, lastError = None, e
-                    if isinstance(e, CannotConnect):
-                        # Nobody holds the control socket any more: every
-                        # migration keeps it listening (connections wait in
-                        # its backlog), so the host is gone, not busy.
-                        now = self.reactor.seconds()
-                        if unreachableSince is None:
-                            unreachableSince = now
-                        elif now - unreachableSince >= UNREACHABLE_GRACE:
-                            raise _Failed(EXIT_UNREACHABLE, str(e))
-                    else:
-                        unreachableSince = None
-                except _Failed as e:
-                    if e.code != EXIT_TIMEOUT:
-                        raise
-                    client = None
-                else:
-                    lastError = None
-                    unreachableSince = None
-                    result = check(status)
-                    if result is not None:
-                        return result
-                if self.reactor.seconds() + POLL_INTERVAL > deadline:
-                    if isinstance(lastError, CannotConnect):
-                        raise _Failed(EXIT_UNREACHABLE, str(lastError))
-                    raise _Failed(EXIT_TIMEOUT, timeoutMessage())
-                await deferLater(self.reactor, POLL_INTERVAL, lambda: None)
-        finally:
-            if client is not None:
-                client.disconnect()
-
-
-async def _statusCommand(session: _Session, options: StatusOptions) -> int:
+async def _statusCommand(session: Session, options: StatusOptions) -> int:
     deadline = session.reactor.seconds() + options["timeout"]
     client, status = await session.statusOnce(None, deadline)
     client.disconnect()
@@ -636,67 +190,13 @@ async def _statusCommand(session: _Session, options: StatusOptions) -> int:
     return EXIT_OK
 
 
-async def _recoverReport(
-    session: _Session, before: dict[str, Any], deadline: float
-) -> dict[str, Any]:
-    """
-    The control connection was lost during the upgrade (a re-exec ends it):
-    learn the outcome from the status of whichever process now serves.
-    """
-    session.out.progress(
-        "the host closed the control connection during the upgrade; "
-        "reconnecting to learn the outcome"
-    )
-    generation = before.get("generation")
-
-    def check(status: dict[str, Any]) -> dict[str, Any] | None:
-        last = status.get("lastReport")
-        if (
-            isinstance(last, dict)
-            and last != before.get("lastReport")
-            and last.get("fromGeneration") == generation
-        ):
-            return last
-        if status.get("phase") != "idle":
-            return None
-        if status.get("generation") != generation:
-            return {
-                "strategy": status.get("strategy"),
-                "outcome": "success",
-                "reason": None,
-                "fromGeneration": generation,
-                "toGeneration": status.get("generation"),
-                "oldPid": before.get("pid"),
-                "newPid": status.get("pid"),
-                "notes": [
-                    "no report reached this client: the control connection was "
-                    "lost, and the host now serves generation {}".format(
-                        status.get("generation")
-                    )
-                ],
-            }
-        raise _Failed(
-            EXIT_FAILED,
-            "the control connection was lost during the upgrade and the host "
-            "still serves generation {} without a new report: the migration "
-            "did not complete".format(generation),
-        )
-
-    report: dict[str, Any] = await session.poll(
-        deadline,
-        lambda: "timed out waiting for the outcome of the upgrade",
-        check,
-    )
-    return report
-
-
-async def _waitForDrain(session: _Session, generation: object, deadline: float) -> None:
+async def _waitForDrain(session: Session, generation: object, deadline: float) -> None:
     remaining: list[int] = []
 
     def check(status: dict[str, Any]) -> bool | None:
         left = [
             each
-            for each in _dicts(status.get("draining"))
+            for each in dictsIn(status.get("draining"))
             if each.get("generation") == generation
         ]
         if not left:
@@ -711,7 +211,7 @@ async def _waitForDrain(session: _Session, generation: object, deadline: float) 
             remaining[:] = [count]
             session.out.progress(
                 "waiting for generation {} to drain: {} left".format(
-                    generation, _count(count, "connection")
+                    generation, countOf(count, "connection")
                 )
             )
         return None
@@ -719,42 +219,36 @@ async def _waitForDrain(session: _Session, generation: object, deadline: float) 
     await session.poll(
         deadline,
         lambda: "timed out waiting for generation {} to drain ({} left)".format(
-            generation, _count(remaining[0] if remaining else None, "connection")
+            generation, countOf(remaining[0] if remaining else None, "connection")
         ),
         check,
     )
 
 
-async def _upgradeCommand(session: _Session, options: UpgradeOptions) -> int:
+async def _upgradeCommand(session: Session, options: UpgradeOptions) -> int:
     deadline = session.reactor.seconds() + options["timeout"]
     strategy = options["strategy"]
-    client, before = await session.statusOnce(None, deadline)
-    try:
+
+    def announce(before: dict[str, Any]) -> None:
         session.out.progress(
             "upgrading generation {} (pid {}) with strategy {}".format(
-                _text(before.get("generation")),
-                _text(before.get("pid")),
-                strategy or _text(before.get("strategy")),
+                textOf(before.get("generation")),
+                textOf(before.get("pid")),
+                strategy or textOf(before.get("strategy")),
             )
         )
-        try:
-            report = await session.within(
-                client.upgrade(strategy), deadline, "waiting for the migration report"
-            )
-        except HostClosedConnection:
-            client.disconnect()
-            report = await _recoverReport(session, before, deadline)
-        except (MigrationInProgress, UnknownStrategy) as e:
-            raise _Failed(EXIT_FAILED, str(e)) from None
-    finally:
-        client.disconnect()
+
+    try:
+        report = await session.upgrade(strategy, deadline, announce)
+    except (MigrationInProgress, UnknownStrategy) as e:
+        raise CommandFailed(EXIT_FAILED, str(e)) from None
     session.out.result(report, formatReport(report))
     outcome = report.get("outcome")
     if outcome != "success":
-        raise _Failed(
+        raise CommandFailed(
             EXIT_FAILED,
             "migration {}: {}".format(
-                _text(outcome), report.get("reason") or "no reason given"
+                textOf(outcome), report.get("reason") or "no reason given"
             ),
         )
     if options["wait"]:
@@ -766,7 +260,7 @@ async def _upgradeCommand(session: _Session, options: UpgradeOptions) -> int:
     return EXIT_OK
 
 
-def _explain(reason: Failure, out: _Output) -> int:
+def _explain(reason: Failure, out: Output) -> int:
     """
     Turn a command's failure into an exit status, saying why on stderr.
     """
@@ -774,7 +268,7 @@ def _explain(reason: Failure, out: _Output) -> int:
     if isinstance(error, BrokenPipeError):
         # Our reader went away (| head): nobody to tell.
         return EXIT_FAILED
-    if isinstance(error, _Failed):
+    if isinstance(error, CommandFailed):
         code, message = error.code, error.message
     elif isinstance(error, (CannotConnect, HostClosedConnection)):
         code, message = EXIT_UNREACHABLE, str(error)
@@ -810,7 +304,7 @@ def run(
     @param connect: the L{Connector} (L{connectControl} unless testing).
     @return: a L{Deferred} firing with the exit status; it never fails.
     """
-    out = _Output(stdout or sys.stdout, stderr or sys.stderr)
+    out = Output(stdout or sys.stdout, stderr or sys.stderr)
     options = MigrateOptions()
     try:
         options.parseOptions(list(argv))
@@ -827,11 +321,11 @@ def run(
     sub = options.subOptions
     out.asJSON = bool(sub["json"])
     if options.subCommand == "rolling":
-        from ._rolling._orchestrator import rollingCommand
+        from ._rolling._command import rollingCommand
 
         rolling = rollingCommand(reactor, sub, out, connect)
         return Deferred.fromCoroutine(rolling).addErrback(_explain, out)
-    session = _Session(reactor, connect, out, sub["control"])
+    session = Session(reactor, connect, out, sub["control"])
     command: Coroutine[Any, Any, int]
     if options.subCommand == "status":
         command = _statusCommand(session, sub)

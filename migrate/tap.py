@@ -251,14 +251,18 @@ class Options(usage.Options):
         serves the control path (a successor or a re-executed image serves
         the very socket it inherited, and is not asked).
         """
-        from ._control._server import ControlSocketError, ControlSocketInUse, _isLive
+        from ._control._server import (
+            ControlSocketError,
+            ControlSocketInUse,
+            controlSocketLive,
+        )
         from ._handoff._successor import HANDOFF_FD_VARIABLE
         from .strategies._reexec._state import STATE_FD_VARIABLE
 
         if HANDOFF_FD_VARIABLE in os.environ or STATE_FD_VARIABLE in os.environ:
             return
         try:
-            live = _isLive(self["control"])
+            live = controlSocketLive(self["control"])
         except ControlSocketError:
             return  # Binding it will say why.
         if live:

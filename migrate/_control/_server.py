@@ -1,3 +1,4 @@
+# -*- test-case-name: migrate.test.test_control -*-
 """
 The control channel, server side: the Unix socket through which an operator
 (C{python -m migrate}) asks a running host for its status and tells it to
@@ -28,6 +29,8 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from .._handoff._listeners import adoptListener
+from ._commands import Progress, Status, Upgrade
+from ._limits import BoundedBoxParser
 
 __all__ = [
     "MAX_BOX_BYTES",
@@ -38,13 +41,9 @@ __all__ = [
     "ControlSocketError",
     "ControlSocketInUse",
     "IControlledHost",
-    "MigrationInProgress",
-    "Progress",
-    "Status",
-    "UnknownStrategy",
-    "Upgrade",
     "adoptControl",
     "bindControlSocket",
+    "controlSocketLive",
     "encodeReport",
     "encodeStatus",
     "listenControl",
@@ -72,19 +71,6 @@ _MAX_ENTRY_CHARS = 4000
 _PEERCRED = struct.Struct("3i")
 
 
-class MigrationInProgress(Exception):
-    """
-    A migration is already running (or this process no longer serves), so
-    another cannot start now.
-    """
-
-
-class UnknownStrategy(Exception):
-    """
-    The requested strategy is not one this host knows.
-    """
-
-
 class ControlSocketError(Exception):
     """
     The control socket cannot be created at the requested path.
@@ -105,41 +91,6 @@ class ControlSocketInUse(ControlSocketError):
             "--control path".format(path)
         )
         self.path = path
-
-
-class Status(amp.Command):
-    """
-    Describe the host: the answer is a JSON object (see CONTRACTS, Status
-    JSON).
-    """
-
-    arguments = []
-    response = [(b"status", amp.Unicode())]
-
-
-class Upgrade(amp.Command):
-    """
-    Migrate now, with the named strategy or the configured one; the answer,
-    sent when the migration has ended, is the report as a JSON object.
-    L{Progress} commands flow back to the caller meanwhile.
-    """
-
-    arguments = [(b"strategy", amp.Unicode(optional=True))]
-    response = [(b"report", amp.Unicode())]
-    errors = {
-        MigrationInProgress: b"MIGRATION_IN_PROGRESS",
-        UnknownStrategy: b"UNKNOWN_STRATEGY",
-    }
-
-
-class Progress(amp.Command):
-    """
-    Server to client: one human-readable line about a running migration.
-    """
-
-    arguments = [(b"message", amp.Unicode())]
-    response = []
-    requiresAnswer = False
 
 
 _COMMANDS: dict[bytes, type[amp.Command]] = {
@@ -166,7 +117,8 @@ class IControlledHost(Protocol):
 
         @param progress: called with one line of text at each step.
         @return: a L{Deferred} firing with the report (Report JSON) or
-            failing with L{MigrationInProgress} or L{UnknownStrategy}.
+            failing with L{migrate._control._commands.MigrationInProgress} or
+            L{migrate._control._commands.UnknownStrategy}.
         """
 
 
@@ -328,13 +280,14 @@ def _peerCredentials(transport: object) -> tuple[int, int, int] | None:
     return pid, uid, gid
 
 
-class ControlProtocol(amp.AMP):
+class ControlProtocol(BoundedBoxParser, amp.AMP):
     """
     One control connection: answers L{Status} and L{Upgrade} for the host,
     and sends L{Progress} while an upgrade runs.
 
     Only the host's own user and root may talk to it; every box is bounded
-    and validated before dispatch, so malformed input is logged and the
+    (L{BoundedBoxParser}, to L{MAX_BOX_BYTES} and L{MAX_BOX_KEYS}) and
+    validated before dispatch, so malformed input is logged and the
     connection dropped without disturbing the host.
 
     @ivar peer: the peer's (pid, uid, gid), once known.
@@ -342,12 +295,13 @@ class ControlProtocol(amp.AMP):
 
     _log = Logger()
 
+    maxBoxBytes = MAX_BOX_BYTES
+    maxBoxKeys = MAX_BOX_KEYS
+
     def __init__(self, host: IControlledHost) -> None:
         super().__init__()
         self._host = host
         self._dropped = False
-        self._boxBytes = 0
-        self._boxKeys = 0
         self.peer: tuple[int, int, int] | None = None
 
     # Who may talk
@@ -381,8 +335,7 @@ class ControlProtocol(amp.AMP):
         if self._dropped:
             return
         self._dropped = True
-        # Stop Int16StringReceiver's parsing loop over the current chunk.
-        self.paused = True
+        self.stopParsing()
         if why is not None:
             pid = None if self.peer is None else self.peer[0]
             self._log.warn(
@@ -407,49 +360,11 @@ class ControlProtocol(amp.AMP):
         except Exception as e:
             self._drop("malformed input ({})".format(_clip(repr(e), 200)))
 
-    def _account(self, string: bytes) -> bool:
-        self._boxBytes += 2 + len(string)
-        if self._boxBytes > MAX_BOX_BYTES:
-            self._drop("message larger than {} bytes".format(MAX_BOX_BYTES))
-            return False
-        return True
-
-    def proto_init(self, string: bytes) -> str:
-        self._boxBytes = 0
-        self._boxKeys = 0
-        state: str = super().proto_init(string)
-        return state
-
-    def proto_key(self, string: bytes) -> str:
-        if self._dropped or not self._account(string):
-            return "dropped"
-        if string:
-            self._boxKeys += 1
-            if self._boxKeys > MAX_BOX_KEYS:
-                self._drop("message with more than {} keys".format(MAX_BOX_KEYS))
-                return "dropped"
-        state: str = super().proto_key(string)
-        if self._dropped:
-            return "dropped"
-        if state == "value":
-            # Refuse a value before buffering it if it cannot fit: its
-            # prefix, and the terminating empty key, still have to come.
-            self.MAX_LENGTH = max(
-                0, min(self._MAX_VALUE_LENGTH, MAX_BOX_BYTES - self._boxBytes - 4)
-            )
-        return state
-
-    def proto_value(self, string: bytes) -> str:
-        if self._dropped or not self._account(string):
-            return "dropped"
-        state: str = super().proto_value(string)
-        return state
-
-    def proto_dropped(self, string: bytes) -> str:
-        return "dropped"
-
-    def lengthLimitExceeded(self, length: int) -> None:
-        self._drop("length prefix {} exceeds what the message may hold".format(length))
+    def boxRefused(self, why: str) -> None:
+        """
+        A box broke a bound of L{BoundedBoxParser}: drop the connection.
+        """
+        self._drop(why)
 
     def fileDescriptorReceived(self, descriptor: int) -> None:
         """
@@ -549,7 +464,7 @@ class ControlFactory(Factory):
 # The socket
 
 
-def _isLive(path: str) -> bool:
+def controlSocketLive(path: str) -> bool:
     """
     Whether a process accepts connections on the Unix socket at C{path}.
 
@@ -618,7 +533,7 @@ def bindControlSocket(path: str, *, mode: int = 0o600) -> socket.socket:
                 "is in the way (left untouched; remove it or choose another "
                 "--control path)".format(path)
             )
-        if _isLive(path):
+        if controlSocketLive(path):
             raise ControlSocketInUse(path)
         try:
             os.unlink(path)

@@ -706,7 +706,7 @@ class MigrationHost(MultiService):
             data, or failing with L{MigrationInProgress} or
             L{UnknownStrategy} when the migration cannot start.
         """
-        from .._control._server import MigrationInProgress, UnknownStrategy
+        from .._control._commands import MigrationInProgress, UnknownStrategy
 
         if not self.serving:
             return fail(

@@ -37,6 +37,8 @@ from twisted.internet.task import LoopingCall
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
+from .._handoff._transport import writeNow
+
 __all__ = [
     "LoadGenerator",
     "LongLivedClient",
@@ -212,28 +214,10 @@ class LongLivedClient(LineReceiver):
         Send C{data} straight away when nothing else waits to go out: one
         C{send()} instead of the reactor's write path (register for writing,
         write, unregister), which would cost the generator a core of its own
-        at 20,000 requests a second.  Anything the kernel does not take goes
-        through the transport as usual.
+        at 20,000 requests a second (L{writeNow}).  Anything the kernel does
+        not take goes through the transport as usual.
         """
-        transport: Any = self.transport
-        sock = getattr(transport, "socket", None)
-        if (
-            sock is None
-            or transport.dataBuffer
-            or transport._tempDataBuffer
-            or transport.disconnecting
-        ):
-            transport.write(data)
-            return
-        try:
-            sent = sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            # The connection is going; its end will be noticed by reading.
-            return
-        if sent < len(data):
-            transport.write(data[sent:])
+        writeNow(self.transport, data)
 
     def lineReceived(self, line: bytes) -> None:
         load = self.load

@@ -1,10 +1,13 @@
+# -*- test-case-name: migrate.test.test_benchload -*-
 """
-Running a real C{twistd -n migrate-host} for the benchmark: start it in
-its own session, talk to its control socket (status, upgrade), measure its
-processes and end every process of its lineage.
+Running a real C{twistd -n migrate-host}: start it in its own session, talk
+to its control socket (status, upgrade), measure its processes and end
+every process of its lineage.
 
-The benchmark's own small launcher: it does not depend on trial or on the
-test suite's helpers.
+L{HostProcess} serves the benchmark (L{BenchHost}) and the integration
+tests, which layer their own features on it (C{migrate.test._hostprocess}:
+a test case's cleanup, the CLI run as a subprocess).  This module depends
+on neither trial nor the test suite.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
 
 import migrate
 
@@ -32,23 +36,24 @@ from . import _app
 from ._app import APP_MODULE
 
 __all__ = [
-    "HostProcess",
-    "twistdCommandLine",
+    "LAUNCHER",
+    "SOURCE_ROOT",
+    "BenchHost",
     "HostFailed",
+    "HostProcess",
+    "ProcessOutput",
     "freePort",
+    "lastJSON",
     "pidAlive",
     "readRSS",
+    "twistdCommandLine",
     "waitFor",
-    "SOURCE_ROOT",
 ]
 
 #: the directory holding the C{migrate} package the benchmark runs
 SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(migrate.__file__)))
 
-#: how twistd is started: in a new session, so that the whole lineage of
-#: host processes can be ended together; a successor, a preflight check or
-#: a re-executed image (already the session's leader) stays in it
-_LAUNCHER = textwrap.dedent("""
+LAUNCHER = textwrap.dedent("""
     import os, sys
     if os.getsid(0) != os.getpid() and not any(name in os.environ for name in (
             "MIGRATE_HANDOFF_FD", "MIGRATE_REEXEC_STATE_FD",
@@ -58,6 +63,12 @@ _LAUNCHER = textwrap.dedent("""
     sys.argv[0] = "twistd"
     run()
     """)
+"""
+How twistd is started (C{python -c LAUNCHER TWISTD-ARGUMENTS}): in a new
+session, so that the whole lineage of host processes can be ended together;
+a successor, a preflight check or a re-executed image (already the
+session's leader) stays in it.
+"""
 
 
 def twistdCommandLine(
@@ -72,7 +83,7 @@ def twistdCommandLine(
     @param hostArguments: the options of C{migrate-host} (and a plugin's).
     """
     return (
-        [sys.executable, "-c", _LAUNCHER, "-n", "--pidfile", pidfile, "--logfile", "-"]
+        [sys.executable, "-c", LAUNCHER, "-n", "--pidfile", pidfile, "--logfile", "-"]
         + twistdArguments
         + ["migrate-host"]
         + hostArguments
@@ -133,24 +144,32 @@ def waitFor(
     """
     Call C{condition} (which may return a L{Deferred}) every C{interval}
     seconds until it gives a true value; fail with L{HostFailed} after
-    C{timeout} seconds.
+    C{timeout} seconds (naming the error C{condition} last raised, if it
+    did), or as soon as C{condition} raises L{HostFailed}.
     """
 
     @inlineCallbacks
     def loop() -> Any:
         deadline = reactor.seconds() + timeout
+        lastError: Exception | None = None
         while True:
             try:
                 result = yield condition()
             except HostFailed:
                 raise
-            except Exception:
-                result = None
+            except Exception as e:
+                result, lastError = None, e
+            else:
+                lastError = None
             if result:
                 return result
             if reactor.seconds() > deadline:
                 raise HostFailed(
-                    "timed out after {} s waiting for {}".format(timeout, what)
+                    "timed out after {} s waiting for {}{}".format(
+                        timeout,
+                        what,
+                        "" if lastError is None else " (last: {!r})".format(lastError),
+                    )
                 )
             yield deferLater(reactor, interval, lambda: None)
 
@@ -158,13 +177,30 @@ def waitFor(
     return d
 
 
-class _Ended(ProcessProtocol):
+class ProcessOutput(ProcessProtocol):
     """
-    Notices when the first process of a host ends.
+    Collects what a process writes through pipes and fires L{ended} with
+    its exit status (negative: the signal that killed it).
+
+    With pipes, Twisted reports the end only once every process holding
+    them has closed them: for a host, its whole lineage, not only the first
+    process.
+
+    @ivar output: what it wrote on its standard output and error so far.
+    @ivar ended: fires with its exit status.
+    @ivar echo: copy the output to this process's standard error as it
+        comes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, echo: bool = False) -> None:
+        self.output = bytearray()
         self.ended: Deferred[int] = Deferred()
+        self.echo = echo
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self.output += data
+        if self.echo:
+            sys.stderr.write(data.decode("utf-8", "replace"))
 
     def processEnded(self, reason: Failure) -> None:
         code = 0
@@ -178,7 +214,8 @@ class _Ended(ProcessProtocol):
 
 class _ProgressLines(io.StringIO):
     """
-    A text stream passing each complete line to a callable.
+    A text stream keeping what is written and passing each complete line
+    to a callable.
     """
 
     def __init__(self, onLine: Callable[[str], None]) -> None:
@@ -187,6 +224,7 @@ class _ProgressLines(io.StringIO):
         self._partial = ""
 
     def write(self, text: str) -> int:
+        super().write(text)
         self._partial += text
         *lines, self._partial = self._partial.split("\n")
         for line in lines:
@@ -195,106 +233,169 @@ class _ProgressLines(io.StringIO):
         return len(text)
 
 
+def lastJSON(text: str) -> Any:
+    """
+    The JSON value on the last non-empty line of C{text}.
+
+    @raise ValueError: if there is none.
+    """
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError("no output")
+    return json.loads(lines[-1])
+
+
 class HostProcess:
     """
-    One C{twistd -n migrate-host} serving L{migrate.bench._app} (copied
-    into its working directory) or another app on a loopback port, with its
-    log in a file.
+    One C{twistd -n migrate-host} in its own session: started, asked for
+    its status and upgraded through its control socket, and ended with
+    every process of its lineage.
 
-    @ivar workdir: its working directory (control socket, pidfile, log).
+    The benchmark (L{BenchHost}) and the integration tests
+    (C{migrate.test._hostprocess}) both run hosts with it.
+
+    @ivar reactor: the reactor that runs it.
+    @ivar arguments: the options of C{migrate-host} (and a plugin's), after
+        C{--control}.
+    @ivar workdir: its working directory (control socket, pidfile, log, an
+        app's code), first on its C{PYTHONPATH}.
+    @ivar control: its control socket.
+    @ivar pidfile: twistd's pidfile.
+    @ivar logPath: the file its output goes to, or L{None} when it goes
+        through pipes into memory (see L{output}).
     @ivar pids: every process of its lineage seen so far.
+    @ivar sessionIds: the first process of each start, each the leader of
+        its own session.
     @ivar servingPid: the process serving now, as far as we know.
     """
 
     def __init__(
         self,
         reactor: Any,
-        port: int,
-        strategy: str,
+        arguments: list[str],
         *,
-        app: str | None = None,
-        backlog: int = 4096,
-        workdir: str | None = None,
-        extra: list[str] | None = None,
+        workdir: FilePath[str] | None = None,
+        prefix: str = "migrate-host-",
         twistdArguments: list[str] | None = None,
+        extraEnv: dict[str, str] | None = None,
+        childFDs: dict[int, int | str] | None = None,
+        wrapper: list[str] | None = None,
+        logToFile: bool = True,
+        echo: bool = False,
     ) -> None:
+        """
+        @param workdir: the working directory; a new one (removed by
+            L{cleanup}) if L{None}.
+        @param prefix: the name of a new working directory starts so.
+        @param twistdArguments: more options for twistd itself.
+        @param extraEnv: more environment variables for the first process.
+        @param childFDs: more descriptors for the first process (0, 1 and 2
+            are given unless set here).
+        @param wrapper: a command line that runs first and execs the rest
+            (argv after its own), as a supervisor would; successors re-run
+            only the twistd command line.
+        @param logToFile: write the output to C{host.log} in C{workdir}
+            (else collect it through pipes).
+        @param echo: with pipes, copy the output to this process's standard
+            error as it comes.
+        """
         self.reactor = reactor
-        self.port = port
-        self.strategy = strategy
-        self.app = app or "{}:makeFactory".format(APP_MODULE)
-        self.backlog = backlog
+        self.arguments = list(arguments)
         self.ownWorkdir = workdir is None
-        self.workdir = workdir or tempfile.mkdtemp(prefix="migrate-bench-", dir="/tmp")
-        if app is None:
-            shutil.copyfile(
-                _app.__file__, os.path.join(self.workdir, APP_MODULE + ".py")
-            )
-        self.control = os.path.join(self.workdir, "control.sock")
-        self.pidfile = os.path.join(self.workdir, "twistd.pid")
-        self.logPath = os.path.join(self.workdir, "host.log")
-        self.extra = list(extra or [])
+        if workdir is None:
+            # Short: a Unix socket path must fit in 108 bytes.
+            workdir = FilePath(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+        elif not workdir.exists():
+            workdir.makedirs()
+        self.workdir = workdir
+        self.control = workdir.child("control.sock").path
+        self.pidfile = workdir.child("twistd.pid").path
+        self.logPath = workdir.child("host.log").path if logToFile else None
         self.twistdArguments = list(twistdArguments or [])
+        self.extraEnv = dict(extraEnv or {})
+        self.childFDs = dict(childFDs or {})
+        self.wrapper = list(wrapper or [])
         self.pids: set[int] = set()
         self.sessionIds: list[int] = []
         self.servingPid: int | None = None
-        self._ended: _Ended | None = None
+        self._watcher = ProcessOutput(echo=echo)
 
     @property
-    def listen(self) -> str:
+    def ended(self) -> Deferred[int]:
         """
-        The endpoint description the host listens on.
+        Fires with the exit status of the last started first process once
+        it has ended (with pipes: once its whole lineage has closed them).
         """
-        return "tcp:{}:interface=127.0.0.1:backlog={}".format(self.port, self.backlog)
+        return self._watcher.ended
 
-    def _environment(self) -> dict[str, str]:
+    @property
+    def sessionId(self) -> int | None:
+        """
+        The last started first process, leader of its session.
+        """
+        return self.sessionIds[-1] if self.sessionIds else None
+
+    def environment(self) -> dict[str, str]:
+        """
+        The first process's environment: this one's without C{MIGRATE_*},
+        with the working directory and the C{migrate} source first on
+        C{PYTHONPATH}.
+        """
         env = {k: v for k, v in os.environ.items() if not k.startswith("MIGRATE_")}
         env["PYTHONPATH"] = os.pathsep.join(
-            [self.workdir, SOURCE_ROOT]
+            [self.workdir.path, SOURCE_ROOT]
             + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         )
         env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env.update(self.extraEnv)
         return env
+
+    def spawn(self) -> Deferred[int]:
+        """
+        Start the host without waiting for it to answer.
+
+        @return: L{ended}.
+        """
+        argv = self.wrapper + twistdCommandLine(
+            self.pidfile,
+            self.twistdArguments,
+            ["--control", self.control] + self.arguments,
+        )
+        if self._watcher.ended.called:
+            self._watcher = ProcessOutput(echo=self._watcher.echo)
+        childFDs: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
+        log = None
+        if self.logPath is not None:
+            log = os.open(self.logPath, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            childFDs.update({1: log, 2: log})
+        childFDs.update(self.childFDs)
+        try:
+            process = self.reactor.spawnProcess(
+                self._watcher,
+                argv[0],
+                argv,
+                env=self.environment(),
+                path=self.workdir.path,
+                childFDs=childFDs,
+            )
+        finally:
+            if log is not None:
+                os.close(log)
+        self.sessionIds.append(process.pid)
+        self.pids.add(process.pid)
+        return self.ended
 
     def start(self, timeout: float = 60.0) -> Deferred[dict[str, Any]]:
         """
         Start the host; fire with its status once its control channel
-        answers.
+        answers, or fail with L{HostFailed} if it exits first or does not
+        answer within C{timeout} seconds.
         """
-        argv = twistdCommandLine(
-            self.pidfile,
-            self.twistdArguments,
-            [
-                "--control",
-                self.control,
-                "--app",
-                self.app,
-                "--listen",
-                self.listen,
-                "--strategy",
-                self.strategy,
-            ]
-            + self.extra,
-        )
-        log = os.open(self.logPath, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            self._ended = _Ended()
-            process = self.reactor.spawnProcess(
-                self._ended,
-                sys.executable,
-                argv,
-                env=self._environment(),
-                path=self.workdir,
-                childFDs={0: "w", 1: log, 2: log},
-            )
-        finally:
-            os.close(log)
-        self.sessionIds.append(process.pid)
-        self.pids.add(process.pid)
-        ended = self._ended
+        ended = self.spawn()
 
         def answering() -> Any:
-            if ended.ended.called:
-                raise HostFailed("the host exited early:\n" + self.logTail())
+            if ended.called:
+                raise self.exitedEarly()
             if not os.path.exists(self.control):
                 return None
             return self.status()
@@ -308,24 +409,65 @@ class HostProcess:
 
         return d.addCallback(started)
 
-    def logTail(self, lines: int = 30) -> str:
+    def exitedEarly(self) -> HostFailed:
         """
-        The end of the host's log.
+        The error for a host that ended before it answered.
         """
+        return HostFailed("the host exited early:\n" + self.logTail())
+
+    def output(self) -> str:
+        """
+        Everything the host's lineage wrote so far.
+        """
+        if self.logPath is None:
+            return self._watcher.output.decode("utf-8", "replace")
         try:
             with open(self.logPath, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 20000))
-                text = f.read().decode("utf-8", "replace")
+                return f.read().decode("utf-8", "replace")
         except OSError:
             return ""
+
+    def logTail(self, lines: int = 30) -> str:
+        """
+        The end of the host's output.
+        """
+        if self.logPath is None:
+            text = self.output()
+        else:
+            try:
+                with open(self.logPath, "rb") as f:
+                    f.seek(0, os.SEEK_END)
+                    f.seek(max(0, f.tell() - 20000))
+                    text = f.read().decode("utf-8", "replace")
+            except OSError:
+                return ""
         return "\n".join(text.splitlines()[-lines:])
+
+    def noteStatus(self, status: dict[str, Any]) -> dict[str, Any]:
+        """
+        Remember the processes a status names; return it.
+        """
+        self.pids.add(int(status["pid"]))
+        for each in status.get("draining", []):
+            self.pids.add(int(each["pid"]))
+        return status
+
+    def noteReport(self, code: int, report: dict[str, Any]) -> None:
+        """
+        Remember the processes an upgrade's report names, and which serves.
+        """
+        for key in ("oldPid", "newPid"):
+            if report.get(key):
+                self.pids.add(int(report[key]))
+        if code == 0 and report.get("newPid"):
+            self.servingPid = int(report["newPid"])
 
     def status(self) -> Deferred[dict[str, Any]]:
         """
-        The host's status (the control channel's Status JSON).
+        The host's status (the control channel's Status JSON), asked in
+        this process.
         """
-        from .._cli import connectControl
+        from .._control._client import connectControl
 
         d: Deferred[Any] = connectControl(
             self.reactor, self.control, lambda message: None
@@ -337,58 +479,43 @@ class HostProcess:
             return answer
 
         d.addCallback(ask)
-
-        def note(status: dict[str, Any]) -> dict[str, Any]:
-            self.pids.add(int(status["pid"]))
-            for each in status.get("draining", []):
-                self.pids.add(int(each["pid"]))
-            return status
-
-        result: Deferred[dict[str, Any]] = d.addCallback(note)
+        result: Deferred[dict[str, Any]] = d.addCallback(self.noteStatus)
         return result
 
     def upgrade(
-        self,
-        strategy: str | None,
-        progress: Callable[[str], None],
-        timeout: float = 300.0,
-    ) -> Deferred[tuple[int, dict[str, Any]]]:
+        self, *extra: str, progress: Callable[[str], None] | None = None
+    ) -> Deferred[tuple[int, dict[str, Any], str]]:
         """
-        Run C{python -m migrate upgrade --json} (its code, in this process).
+        Run C{python -m migrate upgrade --json EXTRA} (its code, in this
+        process).
 
-        @return: a L{Deferred} firing with (exit status, report JSON).
+        @param extra: more options (C{--strategy}, C{--timeout}, ...).
+        @param progress: called with each line of progress as it comes.
+        @return: a L{Deferred} firing with (exit status, report JSON, what
+            it wrote on standard error), or failing with L{HostFailed} if it
+            printed no report.
         """
         from .._cli import run
 
-        argv = [
-            "upgrade",
-            "--control",
-            self.control,
-            "--json",
-            "--timeout",
-            str(timeout),
-        ]
-        if strategy is not None:
-            argv += ["--strategy", strategy]
         out = io.StringIO()
-        d = run(self.reactor, argv, stdout=out, stderr=_ProgressLines(progress))
+        err = _ProgressLines(progress or (lambda line: None))
+        d = run(
+            self.reactor,
+            ["upgrade", "--control", self.control, "--json"] + list(extra),
+            stdout=out,
+            stderr=err,
+        )
 
-        def parse(code: int) -> tuple[int, dict[str, Any]]:
-            lines = [line for line in out.getvalue().splitlines() if line.strip()]
+        def parse(code: int) -> tuple[int, dict[str, Any], str]:
             try:
-                report = json.loads(lines[-1])
-            except (IndexError, ValueError):
+                report = lastJSON(out.getvalue())
+            except ValueError:
                 raise HostFailed(
-                    "upgrade printed no report (exit {}):\n{}".format(
-                        code, self.logTail()
-                    )
+                    "upgrade printed no report (exit {}):\n{}{}\nhost output:\n"
+                    "{}".format(code, out.getvalue(), err.getvalue(), self.logTail())
                 )
-            for key in ("oldPid", "newPid"):
-                if report.get(key):
-                    self.pids.add(int(report[key]))
-            if code == 0 and report.get("newPid"):
-                self.servingPid = int(report["newPid"])
-            return code, report
+            self.noteReport(code, report)
+            return code, report, err.getvalue()
 
         return d.addCallback(parse)
 
@@ -441,4 +568,52 @@ class HostProcess:
         """
         self.kill()
         if self.ownWorkdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            shutil.rmtree(self.workdir.path, ignore_errors=True)
+
+
+class BenchHost(HostProcess):
+    """
+    A host serving L{migrate.bench._app} (copied into its working
+    directory) or another app on a loopback port, with its output in a file.
+
+    @ivar port: the loopback TCP port it listens on.
+    @ivar strategy: its C{--strategy}.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        port: int,
+        strategy: str,
+        *,
+        app: str | None = None,
+        backlog: int = 4096,
+        extra: list[str] | None = None,
+        twistdArguments: list[str] | None = None,
+    ) -> None:
+        self.port = port
+        self.strategy = strategy
+        self.backlog = backlog
+        super().__init__(
+            reactor,
+            [
+                "--app",
+                app or "{}:makeFactory".format(APP_MODULE),
+                "--listen",
+                self.listen,
+                "--strategy",
+                strategy,
+            ]
+            + list(extra or []),
+            prefix="migrate-bench-",
+            twistdArguments=twistdArguments,
+        )
+        if app is None:
+            shutil.copyfile(_app.__file__, self.workdir.child(APP_MODULE + ".py").path)
+
+    @property
+    def listen(self) -> str:
+        """
+        The endpoint description the host listens on.
+        """
+        return "tcp:{}:interface=127.0.0.1:backlog={}".format(self.port, self.backlog)

@@ -21,7 +21,7 @@ from attrs import frozen
 from twisted.internet.task import deferLater
 
 from ._load import LoadGenerator, latencyBins, summarize
-from ._process import HostProcess, freePort, pidAlive, readRSS, waitFor
+from ._process import BenchHost, freePort, pidAlive, readRSS, waitFor
 
 __all__ = ["LoadSettings", "migrateUnderLoad", "restartUnderLoad", "moveIdle"]
 
@@ -136,7 +136,7 @@ def _stall(load: LoadGenerator) -> float | None:
 
 async def _startLoad(
     reactor: Any,
-    host: HostProcess,
+    host: BenchHost,
     settings: LoadSettings,
     progress: Callable[[str], None],
 ) -> LoadGenerator:
@@ -175,7 +175,7 @@ async def migrateUnderLoad(
     """
     Migrate a host with C{strategy} while the load runs.
     """
-    host = HostProcess(reactor, freePort(), strategy)
+    host = BenchHost(reactor, freePort(), strategy)
     try:
         progress("starting migrate-host --strategy {}".format(strategy))
         status = await host.start()
@@ -187,8 +187,12 @@ async def migrateUnderLoad(
         rssOld = readRSS(oldPid)
         progress("migrating with {}".format(strategy))
         start = reactor.seconds()
-        code, report = await host.upgrade(
-            strategy, _relay(progress), timeout=settings.upgradeTimeout
+        code, report, _ = await host.upgrade(
+            "--strategy",
+            strategy,
+            "--timeout",
+            str(settings.upgradeTimeout),
+            progress=_relay(progress),
         )
         end = reactor.seconds()
         newPid = report.get("newPid") or oldPid
@@ -275,8 +279,8 @@ async def restartUnderLoad(
     same port while the load runs.
     """
     port = freePort()
-    host = HostProcess(reactor, port, "gradual")
-    second: HostProcess | None = None
+    host = BenchHost(reactor, port, "gradual")
+    second: BenchHost | None = None
     try:
         progress("starting migrate-host for the naive restart")
         status = await host.start()
@@ -297,7 +301,7 @@ async def restartUnderLoad(
             interval=0.005,
         )
         stopped = reactor.seconds()
-        second = HostProcess(reactor, port, "gradual")
+        second = BenchHost(reactor, port, "gradual")
         status = await second.start()
         end = reactor.seconds()
         newPid = int(status["pid"])
@@ -367,7 +371,7 @@ async def moveIdle(
     each carries a small state) with C{strategy}; check every one answers
     from the new process with its state intact.
     """
-    host = HostProcess(reactor, freePort(), strategy)
+    host = BenchHost(reactor, freePort(), strategy)
     try:
         progress(
             "starting migrate-host --strategy {} for {} idle connections".format(
@@ -390,8 +394,12 @@ async def moveIdle(
         rssOld = readRSS(oldPid)
         progress("moving them with {}".format(strategy))
         start = reactor.seconds()
-        code, report = await host.upgrade(
-            strategy, _relay(progress), timeout=upgradeTimeout
+        code, report, _ = await host.upgrade(
+            "--strategy",
+            strategy,
+            "--timeout",
+            str(upgradeTimeout),
+            progress=_relay(progress),
         )
         end = reactor.seconds()
         newPid = report.get("newPid") or oldPid

@@ -39,11 +39,10 @@ from typing import Any, Sequence
 
 import migrate
 
-from ._process import _LAUNCHER
+from ._process import LAUNCHER, SOURCE_ROOT
 
 __all__ = ["main"]
 
-_SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(migrate.__file__)))
 
 TARGET_MS = 300.0
 """
@@ -96,7 +95,7 @@ def _freePort() -> int:
 def _environment() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIGRATE_")}
     env["PYTHONPATH"] = os.pathsep.join(
-        [_SOURCE_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        [SOURCE_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     )
     return env
 
@@ -122,7 +121,7 @@ class _Host:
         argv = [
             sys.executable,
             "-c",
-            _LAUNCHER,
+            LAUNCHER,
             "-n",
             "--pidfile",
             os.path.join(self.workdir, "twistd.pid"),

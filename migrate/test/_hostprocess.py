@@ -1,36 +1,42 @@
 """
 Running real C{twistd migrate-host} processes, the control CLI and line
 clients for integration tests, with bounded waits and full cleanup.
+
+The host processes are the benchmark's (L{migrate.bench._process}), with
+what a test needs on top.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import signal
 import sys
-import tempfile
 import textwrap
 from typing import Any, Callable
 
 from twisted.internet import reactor as _globalReactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
-from twisted.internet.error import ProcessTerminated
-from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.internet.task import deferLater
+from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
 from twisted.python.filepath import FilePath
 
 from ..bench import _process
-from ..bench._process import freePort, pidAlive
+from ..bench._process import (
+    SOURCE_ROOT,
+    HostFailed,
+    ProcessOutput,
+    freePort,
+    lastJSON,
+    pidAlive,
+)
 
 __all__ = [
+    "SOURCE_ROOT",
     "HostExited",
     "HostProcess",
     "LiveAppMixin",
     "LineClient",
+    "ProcessOutput",
     "connectLineClient",
     "fields",
     "freePort",
@@ -40,18 +46,10 @@ __all__ = [
     "runCLI",
     "waitFor",
     "writeModule",
-    "SOURCE_ROOT",
 ]
 
-#: the directory holding the C{migrate} package under test, and how twistd
-#: is started (in its own session, so that the whole lineage of host
-#: processes can be ended together): the benchmark's, so that both run
-#: hosts the same way
-SOURCE_ROOT = _process.SOURCE_ROOT
-_LAUNCHER = _process._LAUNCHER
 
-
-def writeModule(directory: FilePath, name: str, source: str) -> None:
+def writeModule(directory: FilePath[str], name: str, source: str) -> None:
     """
     Write a Python module C{name} into C{directory}, making sure a reload
     in the same second sees the change (stale bytecode otherwise).
@@ -63,63 +61,29 @@ def writeModule(directory: FilePath, name: str, source: str) -> None:
         cache.remove()
 
 
-class HostExited(AssertionError):
+class HostExited(HostFailed, AssertionError):
     """
     The host process ended while a test waited for it.
     """
 
 
-@inlineCallbacks
 def waitFor(
     condition: Callable[[], Any],
     timeout: float = 30.0,
     interval: float = 0.05,
     what: str = "condition",
-) -> Any:
+) -> Deferred[Any]:
     """
     Poll C{condition} (which may return a Deferred) until it returns a true
-    value; fail after C{timeout} seconds.
+    value; fail after C{timeout} seconds (L{migrate.bench._process.waitFor}
+    on the global reactor).
     """
-    deadline = _globalReactor.seconds() + timeout
-    while True:
-        try:
-            result = yield condition()
-        except HostExited:
-            raise
-        except Exception:
-            result = None
-            if _globalReactor.seconds() > deadline:
-                raise
-        if result:
-            return result
-        if _globalReactor.seconds() > deadline:
-            raise AssertionError(
-                "timed out after {} s waiting for {}".format(timeout, what)
-            )
-        yield deferLater(_globalReactor, interval, lambda: None)
+    return _process.waitFor(_globalReactor, condition, timeout, what, interval)
 
 
-class _Collect(ProcessProtocol):
-    def __init__(self, echo: bool = False) -> None:
-        self.output = bytearray()
-        self.ended: Deferred[int] = Deferred()
-        self.echo = echo
-
-    def childDataReceived(self, fd: int, data: bytes) -> None:
-        self.output += data
-        if self.echo:
-            sys.stderr.write(data.decode("utf-8", "replace"))
-
-    def processEnded(self, reason: Any) -> None:
-        code = reason.value.exitCode if reason.check(ProcessTerminated) else 0
-        if reason.check(ProcessTerminated) and code is None:
-            code = -(reason.value.signal or 1)
-        self.ended.callback(code)
-
-
-def _environment(pythonPath: list[str]) -> dict[str, str]:
+def _environment() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(pythonPath + [SOURCE_ROOT])
+    env["PYTHONPATH"] = SOURCE_ROOT
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     for key in list(env):
         if key.startswith("MIGRATE_"):
@@ -133,11 +97,10 @@ def runCLI(arguments: list[str], *, cwd: str, timeout: float = 120.0) -> Any:
     Run C{python -m migrate ARGUMENTS}; fire with (exit code, stdout text,
     stderr text).
     """
-    collect = _Collect()
     out = bytearray()
     err = bytearray()
 
-    class Split(_Collect):
+    class Split(ProcessOutput):
         def childDataReceived(self, fd: int, data: bytes) -> None:
             (out if fd == 1 else err).extend(data)
 
@@ -146,32 +109,23 @@ def runCLI(arguments: list[str], *, cwd: str, timeout: float = 120.0) -> Any:
         protocol,
         sys.executable,
         [sys.executable, "-m", "migrate"] + arguments,
-        env=_environment([]),
+        env=_environment(),
         path=cwd,
     )
     timer = _globalReactor.callLater(timeout, lambda: None)
     code = yield protocol.ended
     if timer.active():
         timer.cancel()
-    del collect
     return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
-def lastJSON(text: str) -> Any:
+class HostProcess(_process.HostProcess):
     """
-    The JSON object on the last non-empty line of C{text}.
-    """
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise AssertionError("no output")
-    return json.loads(lines[-1])
-
-
-class HostProcess:
-    """
-    A C{twistd -n migrate-host} in its own session, for one test.
-
-    @ivar workdir: its working directory (control socket, pidfile, app code).
+    A L{migrate.bench._process.HostProcess} for one test: on the global
+    reactor, ended and its working directory removed when the test ends,
+    its output collected through pipes (echoed with C{MIGRATE_TEST_ECHO}
+    set), and controlled through C{python -m migrate} run as a subprocess,
+    as an operator would.
     """
 
     def __init__(
@@ -179,84 +133,41 @@ class HostProcess:
         testCase: Any,
         arguments: list[str],
         *,
-        workdir: FilePath | None = None,
+        workdir: FilePath[str] | None = None,
         twistdArguments: list[str] | None = None,
         extraEnv: dict[str, str] | None = None,
         childFDs: dict[int, int | str] | None = None,
         wrapper: list[str] | None = None,
     ) -> None:
         """
-        @param extraEnv: more environment variables for the first process.
-        @param childFDs: more descriptors for the first process (0, 1 and 2
-            are always C{"w"}, C{"r"}, C{"r"} unless given).
-        @param wrapper: a command line that runs first and execs the rest
-            (argv after its own), as a supervisor would; successors re-run
-            only the twistd command line.
+        @param testCase: the test; it ends the host when it ends.
+        @param arguments: see L{migrate.bench._process.HostProcess}, as are
+            the other parameters.
         """
+        super().__init__(
+            _globalReactor,
+            arguments,
+            workdir=workdir,
+            prefix="migrate-test-",
+            twistdArguments=twistdArguments,
+            extraEnv=extraEnv,
+            childFDs=childFDs,
+            wrapper=wrapper,
+            logToFile=False,
+            echo=bool(os.environ.get("MIGRATE_TEST_ECHO")),
+        )
         self.testCase = testCase
-        self.extraEnv = extraEnv or {}
-        self.childFDs = childFDs or {}
-        self.wrapper = wrapper or []
-        if workdir is None:
-            # Short: a Unix socket path must fit in 108 bytes, and trial's
-            # own temporary paths are longer.
-            workdir = FilePath(tempfile.mkdtemp(prefix="migrate-test-", dir="/tmp"))
-            testCase.addCleanup(shutil.rmtree, workdir.path, True)
-        self.workdir = workdir
-        if not self.workdir.exists():
-            self.workdir.makedirs()
-        self.control = self.workdir.child("control.sock").path
-        self.pidfile = self.workdir.child("twistd.pid").path
-        self.arguments = arguments
-        self.twistdArguments = twistdArguments or []
-        self.protocol = _Collect(echo=bool(os.environ.get("MIGRATE_TEST_ECHO")))
-        self.sessionId: int | None = None
-        self.seenPids: set[int] = set()
         testCase.addCleanup(self.stopAll)
 
-    def start(self) -> Deferred[Any]:
+    def start(self, timeout: float = 30.0) -> Deferred[dict[str, Any]]:
         """
         Start the host; fire with its status once its control channel
         answers.
         """
-        argv = _process.twistdCommandLine(
-            self.pidfile,
-            self.twistdArguments,
-            ["--control", self.control] + self.arguments,
-        )
-        argv = self.wrapper + argv
-        process = _globalReactor.spawnProcess(
-            self.protocol,
-            argv[0],
-            argv,
-            env=dict(_environment([self.workdir.path]), **self.extraEnv),
-            path=self.workdir.path,
-            childFDs={0: "w", 1: "r", 2: "r", **self.childFDs},
-        )
-        self.sessionId = process.pid
-        self.seenPids.add(process.pid)
-        return waitFor(
-            self._statusOrNone, what="the host to answer on its control socket"
-        )
+        return super().start(timeout)
 
-    def output(self) -> str:
-        """
-        What the first process (and its successors) wrote so far.
-        """
-        return self.protocol.output.decode("utf-8", "replace")
-
-    @inlineCallbacks
-    def _statusOrNone(self) -> Any:
-        if self.protocol.ended.called:
-            raise HostExited("host exited early:\n" + self.output())
-        if not os.path.exists(self.control):
-            return None
-        code, out, err = yield runCLI(
-            ["status", "--control", self.control, "--json"], cwd=self.workdir.path
-        )
-        if code != 0:
-            return None
-        return lastJSON(out)
+    def exitedEarly(self) -> HostFailed:
+        return HostExited("host exited early:\n" + self.output())
 
     @inlineCallbacks
     def status(self) -> Any:
@@ -268,14 +179,12 @@ class HostProcess:
         )
         if code != 0:
             raise AssertionError("status failed ({}): {}{}".format(code, out, err))
-        result = lastJSON(out)
-        self.seenPids.add(result["pid"])
-        for each in result.get("draining", []):
-            self.seenPids.add(each["pid"])
-        return result
+        return self.noteStatus(lastJSON(out))
 
     @inlineCallbacks
-    def upgrade(self, *extra: str) -> Any:
+    def upgrade(
+        self, *extra: str, progress: Callable[[str], None] | None = None
+    ) -> Any:
         """
         Run C{upgrade --json}; fire with (exit code, report, stderr).
         """
@@ -283,40 +192,32 @@ class HostProcess:
             ["upgrade", "--control", self.control, "--json"] + list(extra),
             cwd=self.workdir.path,
         )
+        if progress is not None:
+            for line in err.splitlines():
+                progress(line)
         try:
             report = lastJSON(out)
-        except (ValueError, AssertionError):
+        except ValueError:
             raise AssertionError(
                 "upgrade printed no JSON ({}):\n{}\n{}\nhost output:\n{}".format(
                     code, out, err, self.output()
                 )
             )
-        for key in ("oldPid", "newPid"):
-            if report.get(key):
-                self.seenPids.add(report[key])
+        self.noteReport(code, report)
         return code, report, err
 
-    def stopAll(self) -> Deferred[Any] | None:
+    def stopAll(self) -> Deferred[None] | None:
         """
-        End every process of this host's session.
+        End every process of this host's session and remove its working
+        directory (if it made it), once they are gone.
         """
         if self.sessionId is None:
+            self.cleanup()
             return None
-        for pid in [self.sessionId]:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for pid in self.seenPids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        if self.protocol.ended.called:
-            return None
-        d: Deferred[Any] = Deferred()
-        self.protocol.ended.addBoth(lambda _: d.callback(None))
-        return d
+        self.kill()
+        d: Deferred[None] = Deferred()
+        self.ended.addBoth(lambda _: d.callback(None))
+        return d.addCallback(lambda _: self.cleanup())
 
 
 class LineClient(LineReceiver):

@@ -14,7 +14,6 @@ from typing import Any
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.basic import LineReceiver
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -30,7 +29,7 @@ from ..bench._load import (
     summarize,
 )
 from ..bench._output import formatComparison, formatResults, keyFigures
-from ..bench._process import freePort
+from ..bench._process import freePort, waitFor
 
 
 def _poll(
@@ -40,16 +39,7 @@ def _poll(
     Wait (on the real reactor) until C{condition()} is true; fail after
     C{timeout} seconds.
     """
-
-    @inlineCallbacks
-    def loop() -> Any:
-        deadline = _reactor.seconds() + timeout
-        while not condition():
-            if _reactor.seconds() > deadline:
-                raise AssertionError("timed out waiting for " + what)
-            yield deferLater(_reactor, 0.01, lambda: None)
-
-    return loop()
+    return waitFor(_reactor, condition, timeout, what, interval=0.01)
 
 
 class StatisticsTests(SynchronousTestCase):

@@ -1,5 +1,7 @@
 """
-Tests for L{migrate._cli}: C{python -m migrate status} and C{upgrade}.
+Tests for L{migrate._cli}: C{python -m migrate status} and C{upgrade}, over
+the control client they share with the rolling upgrade
+(L{migrate._control._client}, L{migrate._control._format}).
 
 The commands run against a fake connection layer on a L{Clock}; the real
 connector is tested against real Unix sockets, and one end-to-end class runs
@@ -25,7 +27,8 @@ from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import migrate
-from migrate._cli import (
+from migrate._cli import run
+from migrate._control._client import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_TIMEOUT,
@@ -35,15 +38,10 @@ from migrate._cli import (
     CannotConnect,
     HostClosedConnection,
     connectControl,
-    formatReport,
-    formatStatus,
-    run,
 )
-from migrate._control._server import (
-    MigrationInProgress,
-    UnknownStrategy,
-    listenControl,
-)
+from migrate._control._commands import MigrationInProgress, UnknownStrategy
+from migrate._control._format import formatReport, formatStatus
+from migrate._control._server import listenControl
 
 STATUS = {
     "pid": 1234,
@@ -102,7 +100,7 @@ def _deferred(value: Any) -> Deferred[Any]:
 @define
 class FakeClient:
     """
-    A L{migrate._cli.ControlClient}: answers from scripted lists.
+    A L{migrate._control._client.ControlClient}: answers from scripted lists.
     """
 
     statuses: list[Any] = Factory(list)
@@ -129,7 +127,7 @@ class FakeClient:
 @define
 class FakeConnector:
     """
-    A L{migrate._cli.Connector} handing out scripted clients (or failures).
+    A L{migrate._control._client.Connector} handing out scripted clients (or failures).
     """
 
     results: list[Any] = Factory(list)

@@ -1,6 +1,7 @@
 """
-Tests for L{migrate._control._server}: the control channel's AMP protocol, its
-bounds and peer-credential check, the bounded JSON answers, and the control
+Tests for L{migrate._control._server}: the control channel's AMP protocol
+(commands in L{migrate._control._commands}), its bounds
+(L{migrate._control._limits}) and peer-credential check, the bounded JSON answers, and the control
 socket itself.
 
 The protocol is driven in memory (L{twisted.test.iosim}, L{StringTransport})
@@ -30,6 +31,13 @@ from twisted.protocols import amp
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from migrate._control._commands import (
+    MigrationInProgress,
+    Progress,
+    Status,
+    UnknownStrategy,
+    Upgrade,
+)
 from migrate._control._server import (
     MAX_BOX_BYTES,
     MAX_BOX_KEYS,
@@ -39,11 +47,6 @@ from migrate._control._server import (
     ControlSocketError,
     ControlSocketInUse,
     IControlledHost,
-    MigrationInProgress,
-    Progress,
-    Status,
-    UnknownStrategy,
-    Upgrade,
     _peerCredentials,
     adoptControl,
     bindControlSocket,

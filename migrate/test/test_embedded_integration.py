@@ -20,7 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from ._hostprocess import (
     SOURCE_ROOT,
-    _Collect,
+    ProcessOutput,
     connectLineClient,
     freePort,
     lastJSON,
@@ -61,7 +61,7 @@ class EmbeddedHostTests(TestCase):
         env = dict(os.environ, PYTHONPATH=SOURCE_ROOT)
         for key in [key for key in env if key.startswith("MIGRATE_")]:
             del env[key]
-        protocol = _Collect()
+        protocol = ProcessOutput()
         process = reactor.spawnProcess(
             protocol,
             sys.executable,

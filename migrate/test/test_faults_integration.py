@@ -18,11 +18,9 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import textwrap
 from typing import TYPE_CHECKING
 
-from twisted.internet import reactor as _globalReactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
@@ -30,10 +28,8 @@ from twisted.protocols import amp
 from twisted.trial.unittest import SkipTest, TestCase
 
 from ._hostprocess import (
-    _LAUNCHER,
     HostProcess,
     LiveAppMixin,
-    _environment,
     connectLineClient,
     fields,
     freePort,
@@ -345,7 +341,7 @@ class SuccessorFaultTests(FaultMixin, TestCase):
         self.assertNotEqual(code, 0)
         self.assertEqual(report.get("outcome"), "rolled-back", report)
         self.assertIn("aborted: this process is stopping", report["reason"])
-        exitCode = yield self.host.protocol.ended
+        exitCode = yield self.host.ended
         # twistd ends with the signal that stopped it, as is the custom.
         self.assertIn(exitCode, (0, -signal.SIGTERM), self.host.output())
         self.assertFalse(os.path.exists(self.host.control))
@@ -672,18 +668,7 @@ class ControlFaultTests(FaultMixin, TestCase):
         Start a host without waiting for its control channel; fire with its
         exit code.
         """
-        argv = [
-            sys.executable,
-            "-c",
-            _LAUNCHER,
-            "-n",
-            "--pidfile",
-            hostProcess.pidfile,
-            "--logfile",
-            "-",
-            "migrate-host",
-            "--control",
-            hostProcess.control,
+        hostProcess.arguments = [
             "--app",
             "liveapp:makeFactory",
             "--listen",
@@ -691,16 +676,7 @@ class ControlFaultTests(FaultMixin, TestCase):
             "--strategy",
             self.strategy,
         ]
-        process = _globalReactor.spawnProcess(
-            hostProcess.protocol,
-            argv[0],
-            argv,
-            env=_environment([hostProcess.workdir.path]),
-            path=hostProcess.workdir.path,
-        )
-        hostProcess.sessionId = process.pid
-        hostProcess.seenPids.add(process.pid)
-        return hostProcess.protocol.ended
+        return hostProcess.spawn()
 
     @inlineCallbacks
     def test_strangerCutBeforeAnyAnswer(self):
@@ -797,7 +773,7 @@ class ControlFaultTests(FaultMixin, TestCase):
         first = self.host
         assert first.sessionId is not None
         os.killpg(first.sessionId, signal.SIGKILL)
-        yield first.protocol.ended
+        yield first.ended
         self.assertTrue(os.path.exists(first.control))
         self.host = HostProcess(
             self,

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from .._control._server import MigrationInProgress, UnknownStrategy
+from .._control._commands import MigrationInProgress, UnknownStrategy
 from .._host import _service as _host
 from .._host._service import MigrationHost
 from .._host._settings import HostSettings

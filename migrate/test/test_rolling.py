@@ -1,7 +1,9 @@
 """
-Tests for L{migrate._rolling._orchestrator}: the rolling upgrade against a fake HAProxy
-on a L{Clock}, the two kinds of server upgraders, and the C{rolling}
-command.
+Tests for L{migrate._rolling}: the rolling upgrade
+(L{migrate._rolling._orchestrator}) against a fake HAProxy on a L{Clock},
+the two kinds of server upgraders (L{migrate._rolling._upgraders}), the
+report (L{migrate._rolling._report}) and the C{rolling} command
+(L{migrate._rolling._command}).
 """
 
 from __future__ import annotations
@@ -17,32 +19,28 @@ from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from migrate._cli import (
+from migrate._cli import run
+from migrate._control._client import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
     CannotConnect,
+    CommandFailed,
     HostClosedConnection,
-    _Failed,
-    _Output,
-    run,
+    Output,
 )
-from migrate._control._server import MigrationInProgress
+from migrate._control._commands import MigrationInProgress
+from migrate._rolling._command import RollingOptions, rollingCommand
 from migrate._rolling._haproxy import HAProxyClient, HAProxyUnreachable
-from migrate._rolling._orchestrator import (
+from migrate._rolling._orchestrator import RollingUpgrade, _ServerRun
+from migrate._rolling._report import RollOutcome, ServerPhase, formatRollReport
+from migrate._rolling._upgraders import (
     MigrateHostUpgrader,
     RestartCommandUpgrader,
-    RollingOptions,
-    RollingUpgrade,
-    RollOutcome,
     RollRefused,
-    ServerPhase,
     UpgradeFailed,
     UpgradeResult,
-    _ServerRun,
-    formatRollReport,
-    rollingCommand,
     runShellCommand,
 )
 
@@ -60,7 +58,7 @@ def _deferred(value: Any) -> Deferred[Any]:
 @define
 class FakeUpgrader:
     """
-    An L{migrate._rolling._orchestrator.IServerUpgrader} with scripted answers.
+    An L{migrate._rolling._upgraders.IServerUpgrader} with scripted answers.
 
     @ivar outcome: what C{upgrade} returns: an L{UpgradeResult}, an
         exception, a L{Deferred}, or a callable producing one of those.
@@ -612,7 +610,7 @@ class ValidationTests(RollingTestsMixin, SynchronousTestCase):
 @define
 class FakeClient:
     """
-    A L{migrate._cli.ControlClient} with scripted answers.
+    A L{migrate._control._client.ControlClient} with scripted answers.
     """
 
     statuses: list[Any] = Factory(list)
@@ -900,7 +898,7 @@ class RollingCommandTests(RollingTestsMixin, SynchronousTestCase):
     def command(self, argv: list[str], *clients: Any, asJSON: bool = False) -> Any:
         options = RollingOptions()
         options.parseOptions(argv)
-        out = _Output(self.stdout, self.stderr, asJSON=asJSON)
+        out = Output(self.stdout, self.stderr, asJSON=asJSON)
         self.connector = FakeConnector(list(clients))
         return Deferred.fromCoroutine(
             rollingCommand(
@@ -971,7 +969,7 @@ class RollingCommandTests(RollingTestsMixin, SynchronousTestCase):
             FakeClient([IDLE], upgradeResult=failed),
         ]
         d = self.command(self.hostArguments(), *clients)
-        failure = self.failureResultOf(d, _Failed)
+        failure = self.failureResultOf(d, CommandFailed)
         self.assertEqual(failure.value.code, EXIT_FAILED)
         self.assertEqual(
             failure.value.message,
@@ -987,7 +985,7 @@ class RollingCommandTests(RollingTestsMixin, SynchronousTestCase):
         """
         clients = [FakeClient([IDLE]), CannotConnect("cannot connect to /run/s2.sock")]
         failure = self.failureResultOf(
-            self.command(self.hostArguments(), *clients), _Failed
+            self.command(self.hostArguments(), *clients), CommandFailed
         )
         self.assertEqual(failure.value.code, EXIT_FAILED)
         self.assertEqual(
@@ -1001,7 +999,9 @@ class RollingCommandTests(RollingTestsMixin, SynchronousTestCase):
         HAProxy unreachable: status 3.
         """
         self.fake.unreachable = True
-        failure = self.failureResultOf(self.command(self.hostArguments()), _Failed)
+        failure = self.failureResultOf(
+            self.command(self.hostArguments()), CommandFailed
+        )
         self.assertEqual(failure.value.code, EXIT_UNREACHABLE)
 
 

@@ -24,7 +24,7 @@ from migrate._rolling._haproxy import HAProxyClient, UnixRuntimeAPI
 
 from ._hostprocess import (
     HostProcess,
-    _Collect,
+    ProcessOutput,
     connectLineClient,
     freePort,
     lastJSON,
@@ -147,7 +147,7 @@ class HAProxyProcess:
                 ),
             ).encode("ascii")
         )
-        self.protocol = _Collect(echo=bool(os.environ.get("MIGRATE_TEST_ECHO")))
+        self.protocol = ProcessOutput(echo=bool(os.environ.get("MIGRATE_TEST_ECHO")))
         self.process: Any = None
         self.client = HAProxyClient(UnixRuntimeAPI(reactor, self.socket, timeout=5))
         testCase.addCleanup(self.stop)
@@ -403,7 +403,7 @@ class RollingIntegrationTests(TestCase):
         self.ports[name] = port
         first = directory.child("v1.pid").path
         second = directory.child("v2.pid").path
-        protocol = _Collect(echo=bool(os.environ.get("MIGRATE_TEST_ECHO")))
+        protocol = ProcessOutput(echo=bool(os.environ.get("MIGRATE_TEST_ECHO")))
         reactor.spawnProcess(
             protocol,
             sys.executable,

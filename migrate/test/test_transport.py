@@ -34,6 +34,7 @@ from migrate._handoff._transport import (
     freezeConnection,
     pendingOutput,
     resumeConnection,
+    writeNow,
 )
 
 _DEADLINE = 5.0
@@ -553,6 +554,54 @@ class _TransportTestsMixin(_MixinBase):
         frozen = freezeConnection(transport)
         self.assertRaises(ValueError, pendingOutput, transport)
         frozen.resume()
+
+    @inlineCallbacks
+    def test_writeNowSendsAtOnce(self) -> Any:
+        """
+        L{writeNow} on an idle connection sends at once: nothing is left in
+        Twisted's buffers nor registered for writing, and the peer gets the
+        bytes.
+        """
+        server, client = yield self.connection()
+        transport = server.transport
+        writeNow(transport, b"at once")
+        self.assertEqual(pendingOutput(transport), b"")
+        self.assertNotIn(transport, self.reactor.getWriters())
+        yield waitFor(self.reactor, lambda: len(client.received) >= 7, "the bytes")
+        self.assertEqual(bytes(client.received), b"at once")
+
+    @inlineCallbacks
+    def test_writeNowAfterPendingOutput(self) -> Any:
+        """
+        While Twisted holds output for the connection, L{writeNow} queues
+        behind it: the peer gets every byte once, in order.
+        """
+        server, client, written = yield self.bigOutput()
+        transport = server.transport
+        writeNow(transport, b"tail")
+        self.assertTrue(pendingOutput(transport).endswith(b"tail"))
+        self.widen(transport)
+        client.transport.resumeProducing()
+        total = len(written) + 4
+        yield waitFor(self.reactor, lambda: len(client.received) >= total, "all output")
+        self.assertEqual(bytes(client.received), written + b"tail")
+
+    @inlineCallbacks
+    def test_writeNowWhileFrozen(self) -> Any:
+        """
+        L{writeNow} on a frozen connection sends nothing: the bytes wait
+        with the rest of its output until it is resumed.
+        """
+        server, client = yield self.connection()
+        transport = server.transport
+        frozen = freezeConnection(transport)
+        writeNow(transport, b"later")
+        self.assertEqual(frozen.bufferedOutput(), b"later")
+        yield turns(self.reactor, 5)
+        self.assertEqual(bytes(client.received), b"")
+        frozen.resume()
+        yield waitFor(self.reactor, lambda: len(client.received) >= 5, "the bytes")
+        self.assertEqual(bytes(client.received), b"later")
 
     @inlineCallbacks
     def test_adoptedIsHeld(self) -> Any:

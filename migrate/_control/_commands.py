@@ -1,0 +1,66 @@
+# -*- test-case-name: migrate.test.test_control -*-
+"""
+The AMP commands of the control channel, shared by the server that answers
+them (L{migrate._control._server}) and the client that sends them
+(L{migrate._control._client}).
+"""
+
+from __future__ import annotations
+
+from twisted.protocols import amp
+
+__all__ = [
+    "MigrationInProgress",
+    "Progress",
+    "Status",
+    "UnknownStrategy",
+    "Upgrade",
+]
+
+
+class MigrationInProgress(Exception):
+    """
+    A migration is already running (or this process no longer serves), so
+    another cannot start now.
+    """
+
+
+class UnknownStrategy(Exception):
+    """
+    The requested strategy is not one this host knows.
+    """
+
+
+class Status(amp.Command):
+    """
+    Describe the host: the answer is a JSON object (see CONTRACTS, Status
+    JSON).
+    """
+
+    arguments = []
+    response = [(b"status", amp.Unicode())]
+
+
+class Upgrade(amp.Command):
+    """
+    Migrate now, with the named strategy or the configured one; the answer,
+    sent when the migration has ended, is the report as a JSON object.
+    L{Progress} commands flow back to the caller meanwhile.
+    """
+
+    arguments = [(b"strategy", amp.Unicode(optional=True))]
+    response = [(b"report", amp.Unicode())]
+    errors = {
+        MigrationInProgress: b"MIGRATION_IN_PROGRESS",
+        UnknownStrategy: b"UNKNOWN_STRATEGY",
+    }
+
+
+class Progress(amp.Command):
+    """
+    Server to client: one human-readable line about a running migration.
+    """
+
+    arguments = [(b"message", amp.Unicode())]
+    response = []
+    requiresAnswer = False

@@ -1,0 +1,164 @@
+# -*- test-case-name: migrate.test.test_cli -*-
+"""
+Readable text for what the control channel answers: a host's status and a
+migration's report (the JSON of L{migrate._control._commands.Status} and
+L{migrate._control._commands.Upgrade}), for the C{python -m migrate}
+commands and the rolling upgrade's report.
+
+Every function takes the JSON as the host sent it and copes with missing or
+mistyped fields (shown as C{?}).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "countOf",
+    "dictsIn",
+    "formatReport",
+    "formatStatus",
+    "reportSummary",
+    "textOf",
+]
+
+_LOG_LINES_SHOWN = 20
+
+
+def textOf(value: object) -> str:
+    """
+    C{value} as text; C{?} for a field the host did not send.
+    """
+    return "?" if value is None else str(value)
+
+
+def countOf(value: object, noun: str) -> str:
+    """
+    C{"1 connection"}, C{"3 connections"}, or C{"? connections"} when
+    C{value} is not a number.
+    """
+    if isinstance(value, int):
+        return "{} {}{}".format(value, noun, "" if value == 1 else "s")
+    return "? {}s".format(noun)
+
+
+def dictsIn(value: object) -> list[dict[str, Any]]:
+    """
+    The JSON objects of the list C{value} (nothing if it is not a list).
+    """
+    if not isinstance(value, list):
+        return []
+    return [each for each in value if isinstance(each, dict)]
+
+
+def reportSummary(report: dict[str, Any]) -> str:
+    """
+    One line about Report JSON: outcome, strategy, generations and pids.
+    """
+    return "{} with strategy {}, generation {} -> {} (pid {} -> {})".format(
+        textOf(report.get("outcome")),
+        textOf(report.get("strategy")),
+        textOf(report.get("fromGeneration")),
+        textOf(report.get("toGeneration")),
+        textOf(report.get("oldPid")),
+        textOf(report.get("newPid")),
+    )
+
+
+def formatStatus(status: dict[str, Any]) -> str:
+    """
+    A readable multi-line description of Status JSON.
+    """
+    lines = [
+        "Host pid {}, generation {}, strategy {}, phase {}".format(
+            textOf(status.get("pid")),
+            textOf(status.get("generation")),
+            textOf(status.get("strategy")),
+            textOf(status.get("phase")),
+        ),
+        "Connections: {}".format(textOf(status.get("connections"))),
+    ]
+    listeners = dictsIn(status.get("listeners"))
+    lines.append("Listeners:" if listeners else "Listeners: none")
+    for each in listeners:
+        lines.append(
+            "  {} on {}: {}".format(
+                textOf(each.get("key")),
+                textOf(each.get("address")),
+                countOf(each.get("connections"), "connection"),
+            )
+        )
+    draining = dictsIn(status.get("draining"))
+    lines.append("Draining:" if draining else "Draining: none")
+    for each in draining:
+        lines.append(
+            "  generation {} (pid {}): {} left".format(
+                textOf(each.get("generation")),
+                textOf(each.get("pid")),
+                countOf(each.get("connections"), "connection"),
+            )
+        )
+    last = status.get("lastReport")
+    if isinstance(last, dict):
+        lines.append("Last migration: " + reportSummary(last))
+        if last.get("reason"):
+            lines.append("  reason: {}".format(last["reason"]))
+    else:
+        lines.append("Last migration: none")
+    if status.get("truncated"):
+        lines.append("(the host shortened this status to fit; use --json)")
+    return "\n".join(lines)
+
+
+def formatReport(report: dict[str, Any]) -> str:
+    """
+    A readable multi-line description of Report JSON.
+    """
+    lines = [
+        "Migration " + reportSummary(report),
+        "Connections: {} moved, {} draining, {} failed".format(
+            textOf(report.get("moved")),
+            textOf(report.get("draining")),
+            textOf(report.get("failed")),
+        ),
+    ]
+    if report.get("reason"):
+        lines.append("Reason: {}".format(report["reason"]))
+    listeners = dictsIn(report.get("listeners"))
+    if listeners:
+        lines.append("Listeners:")
+    for each in listeners:
+        lines.append(
+            "  {}: {} moved, {} drained, {} failed".format(
+                textOf(each.get("key")),
+                textOf(each.get("moved")),
+                textOf(each.get("drained")),
+                textOf(each.get("failed")),
+            )
+        )
+    durations = report.get("durations")
+    if isinstance(durations, dict) and durations:
+        parts = []
+        for phase, seconds in durations.items():
+            if isinstance(seconds, (int, float)):
+                parts.append("{} {:.3f}s".format(phase, seconds))
+            else:
+                parts.append("{} {}".format(phase, textOf(seconds)))
+        lines.append("Durations: " + ", ".join(parts))
+    notes = report.get("notes")
+    if isinstance(notes, list) and notes:
+        lines.append("Notes:")
+        lines.extend("  - {}".format(note) for note in notes)
+    log = report.get("successorLog")
+    if isinstance(log, list) and log:
+        shown = log[-_LOG_LINES_SHOWN:]
+        if len(shown) < len(log):
+            lines.append(
+                "Successor log (last {} of {} lines; --json has all):".format(
+                    len(shown), len(log)
+                )
+            )
+        else:
+            lines.append("Successor log:")
+        lines.extend("  | {}".format(line) for line in shown)
+    return "\n".join(lines)

@@ -645,7 +645,7 @@ class MigrationHost(MultiService):
         hand-off timeouts together), then start this one; refuse with a
         hint to try again if it is still running by then.
         """
-        from .._control._server import MigrationInProgress
+        from .._control._commands import MigrationInProgress
 
         running = self._migration
         phase = self.phase.value

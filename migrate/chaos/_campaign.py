@@ -28,7 +28,6 @@ L{migrate.bench._load}).
 from __future__ import annotations
 
 import json
-import os
 import random
 import resource
 import signal
@@ -44,7 +43,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python import usage
 
 from ..bench._load import LoadGenerator
-from ..bench._process import HostFailed, HostProcess, freePort, pidAlive
+from ..bench._process import BenchHost, HostFailed, freePort, pidAlive
 from ._faults import (
     FAULTS,
     childrenOf,
@@ -234,7 +233,7 @@ class Campaign:
         self.rng = random.Random(options["seed"])
         self.readyTimeout = options["ready-timeout"]
         self.port = freePort()
-        self.host: HostProcess | None = None
+        self.host: BenchHost | None = None
         self.load: _Load | None = None
         self.baseline: int | None = None
         self.rounds: list[Round] = []
@@ -251,7 +250,7 @@ class Campaign:
             self.reactor.addSystemEventTrigger(
                 "before", "shutdown", lambda: self.host and self.host.cleanup()
             )
-        self.host = HostProcess(
+        self.host = BenchHost(
             self.reactor,
             self.port,
             "capability",
@@ -296,7 +295,7 @@ class Campaign:
         assert self.host is not None
         from ..bench._app import APP_MODULE
 
-        path = os.path.join(self.host.workdir, APP_MODULE + ".py")
+        path = self.host.workdir.child(APP_MODULE + ".py").path
         with open(path, "a") as f:
             f.write("# chaos round {}\n".format(number))
 
@@ -434,12 +433,12 @@ class Campaign:
         undo: list[Any] = []
         self._prepare(record, oldPid, undo)
         upgrading: Deferred[Any] = host.upgrade(
-            strategy, lambda line: None, timeout=self.readyTimeout * 6 + 20
+            "--strategy", strategy, "--timeout", str(self.readyTimeout * 6 + 20)
         )
         injecting = ensureDeferred(self._inject(record, oldPid, upgrading, undo))
         report: dict[str, Any] | None = None
         try:
-            code, report = await upgrading
+            code, report, stderr = await upgrading
         except HostFailed as e:
             record.outcome = "no report"
             record.reason = str(e).splitlines()[0][:200]
@@ -482,6 +481,7 @@ class Campaign:
                 record.violations.append("no status within the ready timeout")
             # Only a killed serving process excuses its connections.
             self._countLost(record, killed, report, everything=expected)
+            await self._orphans(record)
             record.restarted = True
             self.say(
                 "round {}: nothing serves; starting a new host".format(record.number)
@@ -610,6 +610,30 @@ class Campaign:
                             overhead, self.baseline
                         )
                     )
+
+    async def _orphans(self, record: Round) -> None:
+        """
+        Nothing serves: wait (bounded) until no process of the host's
+        session is left (a successor or trial child must end by itself
+        once the process it belonged to is gone); record the rest.
+        """
+        host = self.host
+        assert host is not None and host.sessionIds
+        session = host.sessionIds[-1]
+        deadline = self.reactor.seconds() + self.readyTimeout + 3
+        while sessionProcesses(session) and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, 0.1, lambda: None)
+        left = sessionProcesses(session)
+        if left:
+            record.leftBehind = left
+            record.violations.append(
+                "left behind once nothing served: {}".format(
+                    ", ".join(
+                        "{}{}".format(pid, " (stopped)" if isStopped(pid) else "")
+                        for pid in left
+                    )
+                )
+            )
 
     async def _restart(self) -> None:
         assert self.host is not None and self.load is not None

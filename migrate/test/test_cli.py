@@ -27,7 +27,7 @@ from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import migrate
-from migrate._cli import run
+from migrate._cli import RETRY_INTERVAL, run
 from migrate._control._client import (
     EXIT_FAILED,
     EXIT_OK,
@@ -762,3 +762,52 @@ class EndToEndTests(TestCase):
         self.assertIn("no such file", outcome.stderr)
         self.assertEqual(outcome.lastJSON["exitCode"], EXIT_UNREACHABLE)
         self.assertNotIn("Traceback", outcome.stderr)
+
+
+class UpgradeWaitTests(CommandTestsMixin, SynchronousTestCase):
+    """
+    C{upgrade --wait} tries again while another migration runs.
+    """
+
+    def test_retriesUntilItRuns(self) -> None:
+        """
+        A refusal because a migration runs is tried again every
+        L{RETRY_INTERVAL} seconds, saying so, until the host takes it.
+        """
+        busy = MigrationInProgress("process 12 no longer serves; try again")
+        connector = self.start(
+            ["upgrade", "--wait", "--timeout", "30"],
+            FakeClient(statuses=[STATUS], upgradeResult=busy),
+            FakeClient(statuses=[STATUS], upgradeResult=makeReport()),
+            FakeClient(statuses=[dict(STATUS, draining=[])]),
+        )
+        self.assertEqual(self.codes, [])
+        self.assertIn("no longer serves; try again; trying again", self.outcome.stderr)
+        self.clock.advance(RETRY_INTERVAL)
+        self.assertEqual(self.outcome.code, EXIT_OK)
+        self.assertEqual(connector.results, [])
+
+    def test_withoutWaitRefused(self) -> None:
+        """
+        Without C{--wait} the refusal is final.
+        """
+        outcome = self.runCommand(
+            ["upgrade"],
+            FakeClient(statuses=[STATUS], upgradeResult=MigrationInProgress("busy")),
+        )
+        self.assertEqual(outcome.code, EXIT_FAILED)
+
+    def test_waitBounded(self) -> None:
+        """
+        With C{--wait}, a host that stays busy until the timeout is given up
+        on, with its reason.
+        """
+        busy = MigrationInProgress("busy")
+        self.start(
+            ["upgrade", "--wait", "--timeout", "1.5"],
+            FakeClient(statuses=[STATUS], upgradeResult=busy),
+            FakeClient(statuses=[STATUS], upgradeResult=busy),
+        )
+        self.clock.advance(RETRY_INTERVAL)
+        self.assertEqual(self.outcome.code, EXIT_FAILED)
+        self.assertIn("migrate: busy\n", self.outcome.stderr)

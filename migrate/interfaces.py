@@ -195,6 +195,15 @@ class IMigrationHost(Interface):
         An older generation (or one it relays for) reports its draining.
         """
 
+    def closeDraining(generation: int) -> bool:
+        """
+        Have draining generation C{generation} close its connections
+        cleanly now (this process, or an older one through the channel its
+        reports come over).
+
+        @return: whether it could be told.
+        """
+
     def forgetDraining(viaPid: int) -> None:
         """
         The older generation reached through C{viaPid} has ended.

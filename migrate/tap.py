@@ -117,6 +117,14 @@ class Options(usage.Options):
             "(a fresh protocol of the new code takes them over).",
         ],
         [
+            "max-draining",
+            None,
+            None,
+            "The most older generations left draining at once: a hand-off to a "
+            "successor that would leave more first has the oldest close their "
+            "connections cleanly (default: no limit).",
+        ],
+        [
             "trial-failure",
             None,
             "refuse",
@@ -229,6 +237,13 @@ class Options(usage.Options):
                     self["reexec-unmovable"]
                 )
             )
+        if self["max-draining"] is not None:
+            try:
+                self["max-draining"] = int(self["max-draining"])
+            except ValueError:
+                self["max-draining"] = 0
+            if self["max-draining"] < 1:
+                raise usage.UsageError("--max-draining needs a positive whole number")
         if self["trial-failure"] not in ("refuse", "close"):
             raise usage.UsageError(
                 "--trial-failure must be refuse or close, not {!r}".format(
@@ -367,6 +382,7 @@ def buildHost(reactor: Any, options: Options) -> MigrationHost:
             "trial-failure": options["trial-failure"],
         },
         reloadModules=options["reload-modules"],
+        maxDraining=options["max-draining"],
     )
     host = MigrationHost(
         reactor,

@@ -52,6 +52,7 @@ class DrainTracker:
     _deadline: IDelayedCall | None = None
     _handedOn: bool = False
     _exiting: bool = False
+    closing: bool = False
 
     def generations(self) -> list[dict[str, Any]]:
         """
@@ -125,6 +126,20 @@ class DrainTracker:
                 self._reporter(current)
             except Exception:
                 _log.failure("Could not report draining progress")
+
+    def closeNow(self) -> None:
+        """
+        Close the remaining connections cleanly now, as at the drain
+        deadline (a newer generation needs the room: C{--max-draining}).
+        """
+        if not self._handedOn or self.closing:
+            return
+        _log.info("Asked to make room for a newer generation")
+        self.closing = True
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._report()
+        self._closeStragglers()
 
     def _closeStragglers(self) -> None:
         remaining = list(self._connections())

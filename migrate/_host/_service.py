@@ -634,6 +634,7 @@ class MigrationHost(MultiService):
             "listeners": listeners,
             "connections": sum(each["connections"] for each in listeners),
             "draining": self.drainingGenerations(),
+            "maxDraining": self.settings.maxDraining,
             "lastReport": None if self.lastReport is None else self.lastReport.toJSON(),
         }
 
@@ -800,11 +801,14 @@ class MigrationHost(MultiService):
     def _ownDrainEntry(self) -> dict[str, Any] | None:
         if self.serving or self.inheritance is not None:
             return None
-        return {
+        entry: dict[str, Any] = {
             "generation": self.generation,
             "pid": self.pid,
             "connections": self.connectionCount(),
         }
+        if self._drain.closing:
+            entry["closing"] = True
+        return entry
 
     def handOn(
         self,
@@ -855,6 +859,30 @@ class MigrationHost(MultiService):
         An older generation (or one it relays for) reports its draining.
         """
         self._drain.update(entries, viaPid)
+
+    def closeDraining(self, generation: int) -> bool:
+        """
+        Have draining generation C{generation} close its connections
+        cleanly now: this process, or an older one, told over the channel
+        its reports come through.
+
+        @return: whether it could be told.
+        """
+        if generation == self.generation and not self.serving:
+            self._drain.closeNow()
+            return True
+        entry = self.draining.get(generation) or {}
+        channel = self.reportChannels.get(int(entry.get("via", -1)))
+        if channel is None or getattr(channel, "transport", None) is None:
+            return False
+        from ..strategies._transfer._channel import CloseDraining
+
+        try:
+            channel.callRemote(CloseDraining, generation=generation)
+        except Exception:
+            self._log.failure("Could not ask generation {g} to close", g=generation)
+            return False
+        return True
 
     def forgetDraining(self, viaPid: int) -> None:
         """

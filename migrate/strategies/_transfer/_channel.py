@@ -20,11 +20,13 @@ it adopted when the channel closes before C{Commit}.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from twisted.protocols import amp
 
 __all__ = [
     "AdoptConnections",
+    "CloseDraining",
     "Commit",
     "DrainStatus",
     "HandoffRefused",
@@ -159,7 +161,19 @@ class DrainStatus(amp.Command):
     requiresAnswer = False
 
 
-def parseDrainStatus(draining: str) -> list[dict[str, int]]:
+class CloseDraining(amp.Command):
+    """
+    Sent by the serving process towards older generations: generation
+    C{generation} is to close its connections cleanly now (it is one too
+    many: C{--max-draining}); each process relays it to the older one it
+    names.
+    """
+
+    arguments = [(b"generation", amp.Integer())]
+    requiresAnswer = False
+
+
+def parseDrainStatus(draining: str) -> list[dict[str, Any]]:
     """
     Read a L{DrainStatus}'s list strictly.
 
@@ -170,12 +184,15 @@ def parseDrainStatus(draining: str) -> list[dict[str, int]]:
         if not isinstance(entries, list):
             raise ValueError("not a list")
         return [
-            {
-                "generation": int(each["generation"]),
-                "pid": int(each["pid"]),
-                "connections": int(each["connections"]),
-            }
+            dict(
+                {
+                    "generation": int(each["generation"]),
+                    "pid": int(each["pid"]),
+                    "connections": int(each["connections"]),
+                },
+                **({"closing": True} if each.get("closing") is True else {}),
+            )
             for each in entries
         ]
-    except (TypeError, KeyError) as e:
+    except (TypeError, KeyError, AttributeError) as e:
         raise ValueError("{}: {}".format(type(e).__name__, e))

@@ -670,6 +670,12 @@ class MigrationHost(MultiService):
                 )
 
         timer = self.reactor.callLater(bound, tooLong)
+        self._log.info(
+            "An upgrade request waits for the running migration ({phase}), at "
+            "most {bound} s",
+            phase=phase,
+            bound=bound,
+        )
 
         def go() -> None:
             if not waiting.called:

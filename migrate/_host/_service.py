@@ -562,6 +562,10 @@ class MigrationHost(MultiService):
 
         @param generation: this process's generation number.
         """
+        # First what can fail (a full disk, no room to grow a file): should
+        # it, nothing serves yet and the old process keeps everything.
+        if self.settings.pidfile:
+            writePidfile(self.settings.pidfile, self.pid)
         self.generation = generation
         for key, listener in list(self.listeners.items()):
             if listener.port is not None and listener.factory.unclaimed:
@@ -579,8 +583,6 @@ class MigrationHost(MultiService):
             resumeListener(self.controlPort)
         else:
             self._startControl()
-        if self.settings.pidfile:
-            writePidfile(self.settings.pidfile, self.pid)
         self.inheritance = None
         self._serve()
 

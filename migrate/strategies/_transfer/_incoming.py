@@ -220,13 +220,20 @@ class IncomingChannel(amp.AMP):
     def commit(self) -> dict[str, Any]:
         if self.generation is None:
             raise HandoffRefused("commit before hello")
+        try:
+            self.host.commitInheritance(self.generation)
+        except Exception as e:
+            # Say why: the old process keeps everything (and ends this one).
+            self._log.failure("Could not commit")
+            raise HandoffRefused(
+                "cannot serve: {}: {}".format(type(e).__name__, e)[:_REASON_CHARS]
+            )
         self.committed = True
         # The old generation reports its draining over this channel, which
         # a re-exec of this process carries across exec.
         self.host.reportChannels[self._peerPid()] = self
         self.inheritance.takeOverOutput()
         adopted, self._adopted = self._adopted, []
-        self.host.commitInheritance(self.generation)
         for each in adopted:
             each.commit()
         self._log.info(

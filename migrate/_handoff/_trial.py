@@ -163,6 +163,9 @@ class TrialOutcome:
     @ivar children: how many trial processes ran.
     @ivar duration: seconds the trial took, from capturing the states to
         the last answer.
+    @ivar restoring: of those, the seconds the new code took to restore
+        the states once loaded (the rest is starting the child and loading
+        the new code, which the re-exec preflight did before too).
     @ivar output: the last lines the child wrote (standard output and
         error).
     @ivar loaded: whether the new code loaded (imported, factory built).
@@ -177,6 +180,7 @@ class TrialOutcome:
     tried: int = 0
     children: int = 0
     duration: float = 0.0
+    restoring: float = 0.0
     output: tuple[str, ...] = ()
     loaded: bool = False
     skipped: str | None = None
@@ -195,9 +199,12 @@ class TrialOutcome:
         notes = []
         if self.passed:
             notes.append(
-                "the new code was tried first in a child process: it loaded and "
-                "restored {} connection{} in {:.1f} ms".format(
-                    self.tried, "" if self.tried == 1 else "s", self.duration * 1000
+                "the new code was tried first in a child process: it loaded in "
+                "{:.1f} ms and restored {} connection{} in {:.1f} ms".format(
+                    (self.duration - self.restoring) * 1000,
+                    self.tried,
+                    "" if self.tried == 1 else "s",
+                    self.restoring * 1000,
                 )
             )
         if self.skipped:
@@ -290,6 +297,9 @@ class _TrialProtocol(ProcessProtocol):
         self.done = False
         self.ended: Deferred[int | None] = Deferred()
         self.onLoaded: Callable[[], None] = lambda: None
+        self.onDone: Callable[[], None] = lambda: None
+        self.loadedAt: float | None = None
+        self.restoring = 0.0
         self._partial: dict[int, bytes] = {1: b"", 2: b"", _CHILD_OUT: b""}
         self._oversized = False
 
@@ -349,6 +359,7 @@ class _TrialProtocol(ProcessProtocol):
             self.failed = str(answer["failed"])
         elif "done" in answer:
             self.done = True
+            self.onDone()
 
     def processEnded(self, reason: Failure) -> None:
         for fd in (1, 2):
@@ -407,12 +418,21 @@ def _runOnce(
 
     def loaded() -> None:
         nonlocal timer
+        protocol.loadedAt = reactor.seconds()
         if timer.active():
             timer.cancel()
             timer = reactor.callLater(timeout, kill, "restore")
 
     protocol.onLoaded = loaded
+
+    def done() -> None:
+        if protocol.loadedAt is not None:
+            protocol.restoring = reactor.seconds() - protocol.loadedAt
+
+    protocol.onDone = done
     code = yield protocol.ended
+    if protocol.loadedAt is not None and not protocol.done:
+        protocol.restoring = reactor.seconds() - protocol.loadedAt
     if timer.active():
         timer.cancel()
     tripped = protocol.cases.get(protocol.trying) if protocol.trying else None
@@ -505,12 +525,14 @@ def runTrial(
     closing: list[tuple[TrialCase, str]] = []
     tried = 0
     children = 0
+    restoring = 0.0
     while True:
         children += 1
         protocol, code, why, tripped = yield _runOnce(
             reactor, argv, env, remaining, timeout, readyMarker, path
         )
         tried += protocol.passed
+        restoring += protocol.restoring
         output = tuple(protocol.tail)
         refused = [
             (protocol.cases[ident], reason)
@@ -525,6 +547,7 @@ def runTrial(
                 tried=tried,
                 children=children,
                 duration=timer() - started,
+                restoring=restoring,
                 output=output,
                 loaded=protocol.loaded,
                 **more,

@@ -455,7 +455,9 @@ class ReexecMigrationTests(SynchronousTestCase):
 
         def trial(reactor: Any, argv: Any, cases: Any, **kwargs: Any) -> Any:
             seen.append((argv, cases, kwargs))
-            return succeed(TrialOutcome(None, tried=len(cases), duration=0.25))
+            return succeed(
+                TrialOutcome(None, tried=len(cases), duration=0.75, restoring=0.25)
+            )
 
         report = harness.run(harness.migration(preflight=trial, trialFailure="close"))
         [(argv, cases, kwargs)] = seen
@@ -468,7 +470,10 @@ class ReexecMigrationTests(SynchronousTestCase):
         self.assertEqual(kwargs["policy"], "close")
         self.assertEqual(kwargs["timeout"], harness.host.settings.readyTimeout)
         self.assertEqual(report.durations["trial"], 0.25)
-        self.assertIn("restored 1 connection in 250.0 ms", report.notes[0])
+        self.assertIn(
+            "loaded in 500.0 ms and restored 1 connection in 250.0 ms",
+            report.notes[0],
+        )
 
     def test_trialRefusalChangesNothing(self) -> None:
         """

@@ -1442,7 +1442,9 @@ class ReloadTrialTests(ModulesUnchangedMixin, SynchronousTestCase):
 
         def trial(host: Any, cases: Any, policy: str) -> Any:
             seen.append((cases, policy, snapshotModules()))
-            return succeed(TrialOutcome(None, tried=len(cases), duration=0.5))
+            return succeed(
+                TrialOutcome(None, tried=len(cases), duration=0.75, restoring=0.5)
+            )
 
         live = Live(self, MIGRATABLE, trial=trial)
         live.host.settings = evolve(
@@ -1459,7 +1461,10 @@ class ReloadTrialTests(ModulesUnchangedMixin, SynchronousTestCase):
         self.assertEqual(policy, "close")
         self.assertEqual(sorted(set(modules) ^ set(before)), [])
         self.assertEqual((report["outcome"], report["moved"]), ("success", 1))
-        self.assertEqual(report["durations"]["trial"], 0.5)
+        self.assertEqual(
+            (report["durations"]["preflight"], report["durations"]["trial"]),
+            (0.75, 0.5),
+        )
 
     def test_nothingChangedNoTrial(self) -> None:
         """

@@ -338,6 +338,7 @@ class RunTrialTests(SynchronousTestCase):
         self.assertIn(3, process.closed)
         self.reactor.advance(2)
         _say(protocol, {"loaded": True, "factory": True})
+        self.reactor.advance(1)
         for ident in (1, 2, 3):
             _say(protocol, {"trying": ident}, {"passed": ident})
         _say(protocol, {"done": 3})
@@ -345,7 +346,7 @@ class RunTrialTests(SynchronousTestCase):
         outcome = self.successResultOf(d)
         self.assertTrue(outcome.passed)
         self.assertEqual((outcome.tried, outcome.children), (3, 1))
-        self.assertEqual(outcome.duration, 2)
+        self.assertEqual((outcome.duration, outcome.restoring), (3, 1))
         self.assertIn("restored 3 connections", outcome.notes()[0])
 
     def test_refusedNamesTheConnection(self) -> None:

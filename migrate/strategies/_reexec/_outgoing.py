@@ -342,7 +342,7 @@ class ReexecMigration:
             readyMarker=PREFLIGHT_MARKER,
         )
         phaseDone("preflight")
-        self._attempt.durations["trial"] = outcome.duration
+        self._attempt.durations["trial"] = outcome.restoring
         if not outcome.passed:
             self._attempt.successorLog[:] = list(outcome.output)
             return self._refuse(outcome.reason or "the trial failed")

@@ -269,7 +269,10 @@ class ReloadAttempt:
         failed; close the connections it failed on (with C{--trial-failure
         close}); then L{finish}.
         """
-        self.attempt.durations["trial"] = outcome.duration
+        # As for re-exec: the child process's whole run, and of it the
+        # restores on the new code.
+        self.attempt.durations["preflight"] = outcome.duration
+        self.attempt.durations["trial"] = outcome.restoring
         if not outcome.passed:
             self.attempt.successorLog.extend(outcome.output)
             return self.refuse(outcome.reason or "the trial failed")

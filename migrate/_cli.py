@@ -22,7 +22,7 @@ out.
 from __future__ import annotations
 
 import sys
-from typing import IO, Any, Coroutine, Sequence
+from typing import IO, Any, Callable, Coroutine, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater, react
@@ -46,13 +46,16 @@ from ._control._client import (
 )
 from ._control._commands import MigrationInProgress, UnknownStrategy
 from ._control._format import countOf, dictsIn, formatReport, formatStatus, textOf
+from .strategies import strategyNames
 
 __all__ = [
     "DEFAULT_CONTROL",
     "MigrateOptions",
+    "VersionOption",
     "StatusOptions",
     "UpgradeOptions",
     "main",
+    "migrateVersion",
     "run",
 ]
 
@@ -77,7 +80,69 @@ def _positiveSeconds(value: str) -> float:
 _positiveSeconds.coerceDoc = "A positive number of seconds."  # type: ignore[attr-defined]
 
 
-class _CommandOptions(usage.Options):
+def _overrideSeconds(option: str) -> Callable[[str], float]:
+    """
+    The coercer of an C{upgrade} option overriding a host setting in
+    seconds.
+    """
+
+    def coerce(value: str) -> float:
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = float("nan")
+        if not 0 < seconds < float("inf"):
+            raise ValueError(
+                "{} needs a positive number of seconds, not {!r}".format(option, value)
+            )
+        return seconds
+
+    return coerce
+
+
+#: upgrade options that override a host setting for one migration, with
+#: the Upgrade command's argument for each
+_OVERRIDES = {"ready-timeout": "readyTimeout", "drain-timeout": "drainTimeout"}
+
+_TYPE_ENFORCEMENT = "Parameter type enforcement failed: "
+
+
+def migrateVersion() -> str:
+    """
+    The version of the installed migrate distribution, whatever it is named.
+    """
+    from importlib.metadata import (
+        PackageNotFoundError,
+        packages_distributions,
+        version,
+    )
+
+    for name in packages_distributions().get("migrate", []):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return "unknown (not installed)"
+
+
+class VersionOption:
+    """
+    C{--version} prints migrate's version, not Twisted's.
+    """
+
+    def opt_version(self) -> None:
+        """Display migrate's version and exit."""  # One line: it is the help.
+        from twisted import __version__ as twistedVersion
+
+        print(
+            "migrate {} (Twisted {}, Python {})".format(
+                migrateVersion(), twistedVersion, sys.version.split()[0]
+            )
+        )
+        raise SystemExit(0)
+
+
+class _CommandOptions(VersionOption, usage.Options):
     optFlags: list[list[Any]] = [
         ["json", None, "Print one JSON object on the last line of standard output."],
     ]
@@ -104,11 +169,14 @@ class StatusOptions(_CommandOptions):
 
 class UpgradeOptions(_CommandOptions):
     synopsis = (
-        "[--control PATH] [--strategy NAME] [--json] [--wait] [--timeout SECONDS]"
+        "[--control PATH] [--strategy NAME] [--json] [--wait] [--timeout SECONDS] "
+        "[--ready-timeout SECONDS] [--drain-timeout SECONDS]"
     )
     longdesc = (
         "Migrate the running host to new code now; progress goes to standard "
-        "error and the report to standard output."
+        "error and the report to standard output. --ready-timeout and "
+        "--drain-timeout replace the host's own settings for this migration "
+        "only."
     )
     optFlags: list[list[Any]] = [
         [
@@ -120,20 +188,62 @@ class UpgradeOptions(_CommandOptions):
         ],
     ]
     optParameters: list[list[Any]] = [
-        ["strategy", "s", None, "The strategy to use (default: the host's)."],
+        [
+            "strategy",
+            "s",
+            None,
+            "The strategy to use: {} (default: the host's).".format(
+                ", ".join(strategyNames())
+            ),
+        ],
         [
             "timeout",
             "t",
             120.0,
             "Give up waiting for the report after this many seconds (and, "
-            "with --wait, for the drain after as many again).",
+            "with --wait, for the drain after as many again); the migration "
+            "goes on.",
             _positiveSeconds,
+        ],
+        [
+            "ready-timeout",
+            None,
+            None,
+            "Seconds the new process (or re-executed image) may take to become "
+            "ready before the migration rolls back (default: the host's "
+            "--ready-timeout).",
+            _overrideSeconds("--ready-timeout"),
+        ],
+        [
+            "drain-timeout",
+            None,
+            None,
+            "Seconds the old process keeps serving the connections that stay "
+            "with it before closing them cleanly (default: the host's "
+            "--drain-timeout).",
+            _overrideSeconds("--drain-timeout"),
         ],
     ]
 
     def postOptions(self) -> None:
-        if self["strategy"] is not None and not self["strategy"].strip():
-            raise usage.UsageError("--strategy needs a name")
+        strategy = self["strategy"]
+        if strategy is not None and strategy not in strategyNames():
+            raise usage.UsageError(
+                "--strategy must be one of {}, not {!r}".format(
+                    ", ".join(strategyNames()), strategy
+                )
+            )
+
+    def overrides(self) -> dict[str, float]:
+        """
+        The host settings given for this migration, by the Upgrade
+        command's argument name.
+        """
+        return {
+            argument: self[option]
+            for option, argument in _OVERRIDES.items()
+            if self[option] is not None
+        }
 
 
 def _rollingOptions() -> usage.Options:
@@ -146,7 +256,7 @@ def _rollingOptions() -> usage.Options:
     return RollingOptions()
 
 
-class MigrateOptions(usage.Options):
+class MigrateOptions(VersionOption, usage.Options):
     """
     C{python -m migrate COMMAND [options]}.
     """
@@ -160,9 +270,9 @@ class MigrateOptions(usage.Options):
 
     longdesc = (
         "Control a running migrate host through its control socket "
-        "(default {}).  Exit status: 0 success, 1 migration rolled back or "
+        "(--control; by default {} in the current directory). Exit status: 0 success, 1 migration rolled back or "
         "refused (or the host refused the request), 2 usage error, 3 host "
-        "unreachable, 4 timeout.".format(DEFAULT_CONTROL)
+        "unreachable, 4 timeout.".format(DEFAULT_CONTROL.removeprefix("./"))
     )
     subCommands = [
         ["status", None, StatusOptions, "Describe the running host."],
@@ -235,7 +345,9 @@ async def _upgradeCommand(session: Session, options: UpgradeOptions) -> int:
     strategy = options["strategy"]
 
     def announce(before: dict[str, Any]) -> None:
-        session.out.progress(
+        # Said once the host has accepted (its first progress line), never
+        # before a refusal.
+        session.out.announce(
             "upgrading generation {} (pid {}) with strategy {}".format(
                 textOf(before.get("generation")),
                 textOf(before.get("pid")),
@@ -245,7 +357,9 @@ async def _upgradeCommand(session: Session, options: UpgradeOptions) -> int:
 
     while True:
         try:
-            report = await session.upgrade(strategy, deadline, announce)
+            report = await session.upgrade(
+                strategy, deadline, announce, options.overrides()
+            )
         except MigrationInProgress as e:
             # The host waits for a running migration itself, within a bound;
             # past it, or once the process handed on, --wait tries again.
@@ -257,7 +371,8 @@ async def _upgradeCommand(session: Session, options: UpgradeOptions) -> int:
             await deferLater(session.reactor, RETRY_INTERVAL, lambda: None)
             continue
         except UnknownStrategy as e:
-            raise CommandFailed(EXIT_FAILED, str(e)) from None
+            # This client knew the name; the host, another version, does not.
+            raise CommandFailed(EXIT_USAGE, str(e)) from None
         break
     session.out.result(report, formatReport(report))
     outcome = report.get("outcome")
@@ -326,7 +441,9 @@ def run(
     try:
         options.parseOptions(list(argv))
     except usage.UsageError as e:
-        out.error(str(e))
+        # A coercer's own message says what is wrong: usage's prefix adds
+        # nothing.
+        out.error(str(e).replace(_TYPE_ENFORCEMENT, "", 1))
         out.stderr.write(
             "Try 'python -m migrate --help' or 'python -m migrate COMMAND --help'.\n"
         )

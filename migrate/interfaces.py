@@ -7,7 +7,7 @@ strategy may ask of the host it migrates (L{IMigrationHost}).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from zope.interface import Attribute, Interface
 
@@ -239,11 +239,17 @@ class IMigrationHost(Interface):
         """
 
     def requestUpgrade(
-        strategyName: str | None, progress: Callable[[str], None]
+        strategyName: str | None,
+        progress: Callable[[str], None],
+        overrides: Mapping[str, float] | None = None,
     ) -> Any:
         """
         Migrate now with the named strategy (or the configured one): what
         the control channel's C{upgrade} command asks for.
+
+        @param overrides: settings for this migration only, by the name of
+            their L{HostSettings <migrate.HostSettings>} field
+            (C{readyTimeout}, C{drainTimeout}).
 
         @return: a L{Deferred} firing with the report as JSON-compatible
             data.

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from twisted.internet.interfaces import IProtocolFactory
+from twisted.logger import Logger
 from twisted.python import usage
 
 from ._host._service import MigrationHost
@@ -21,7 +24,8 @@ from .strategies import strategyNamed, strategyNames
 __all__ = ["Options", "makeService", "buildHost", "loadFactory", "DEFAULT_APP"]
 
 DEFAULT_APP = "migrate.examples.chat:makeFactory"
-DEFAULT_LISTEN = "tcp:8000"
+#: loopback only: the demo chat has no authentication
+DEFAULT_LISTEN = "tcp:8000:interface=127.0.0.1"
 DEFAULT_STRATEGY = "capability"
 
 
@@ -43,7 +47,9 @@ def loadFactory(spec: str) -> IProtocolFactory:
             found = getattr(found, part)
     except Exception as e:
         raise usage.UsageError(
-            "--app {}: cannot load it: {}: {}".format(spec, type(e).__name__, e)
+            "--app {}: cannot load it: {}: {}{}".format(
+                spec, type(e).__name__, e, _modulePathHint(module, e)
+            )
         )
     if IProtocolFactory.providedBy(found):
         return found
@@ -60,6 +66,64 @@ def loadFactory(spec: str) -> IProtocolFactory:
         "--app {}: {!r} is neither a protocol factory nor a callable "
         "returning one".format(spec, found)
     )
+
+
+def _modulePathHint(module: str, error: Exception) -> str:
+    """
+    Explain a module that is not found although it is in the current
+    directory: Python does not look there when it runs a script such as
+    C{twistd}.
+
+    @param module: the module C{--app} names.
+    @param error: why importing it failed.
+
+    @return: the hint, starting with a space, or an empty string.
+    """
+    top = module.split(".")[0]
+    if not isinstance(error, ModuleNotFoundError) or error.name != top:
+        return ""
+    here = os.getcwd()
+    if os.path.isfile(top + ".py"):
+        found = top + ".py"
+    elif os.path.isdir(top):
+        found = top + "/"
+    else:
+        return ""
+    if any(os.path.abspath(entry or ".") == here for entry in sys.path):
+        return ""
+    return (
+        " ({} is in the current directory, where Python does not look for "
+        'modules: start with PYTHONPATH="$PWD" in the environment, which '
+        "every new process of the host inherits)".format(found)
+    )
+
+
+@contextmanager
+def _oneLine(what: str) -> Iterator[None]:
+    """
+    Under twistd or twist: end the process with one line for an error whose
+    message says it all, instead of a usage text or a traceback.
+
+    @param what: what failed, such as C{"cannot start"}.
+
+    @raise SystemExit: with C{migrate-host: WHAT: MESSAGE}; exit status 1.
+    """
+    from twisted.internet.error import CannotListenError
+
+    from ._control._server import ControlSocketError
+    from ._host._intercept import CannotHost
+    from ._host._service import CannotListenTwice
+
+    try:
+        yield
+    except (
+        usage.UsageError,
+        CannotListenError,
+        CannotHost,
+        CannotListenTwice,
+        ControlSocketError,
+    ) as e:
+        raise SystemExit("migrate-host: {}: {}".format(what, e)) from None
 
 
 def _seconds(option: str, value: str) -> float:
@@ -137,6 +201,12 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         usage.Options.__init__(self)
+        # The opt_ methods' docstrings are the help text: one line each,
+        # without their indentation.
+        self.docs = {
+            name: " ".join(doc.split()) if doc else doc
+            for name, doc in self.docs.items()
+        }
         self["listen"] = []
         self["reload-modules"] = []
         self._appGiven = False
@@ -154,6 +224,20 @@ class Options(usage.Options):
                 plugin.description,
             )
 
+    def parseOptions(self, options: Any = None) -> None:
+        """
+        Parse the command line.  Under twistd or twist (which set
+        C{parent}), an error ends the process with one line saying what is
+        wrong, not twistd's usage text first; C{--help} shows the usage.
+
+        @raise usage.UsageError: when parsed on its own (tests, embedding).
+        """
+        if getattr(self, "parent", None) is None:
+            usage.Options.parseOptions(self, options)
+            return
+        with _oneLine("error"):
+            usage.Options.parseOptions(self, options)
+
     def opt_app(self, spec: str) -> None:
         """
         The application: PKG.MOD:NAME, a protocol factory or a
@@ -168,7 +252,8 @@ class Options(usage.Options):
     def opt_listen(self, description: str) -> None:
         """
         A Twisted server endpoint to listen on, such as tcp:8000 or
-        unix:/run/app.sock (repeatable; default tcp:8000).
+        unix:/run/app.sock (repeatable; default
+        tcp:8000:interface=127.0.0.1, this machine only).
         """
         from ._systemd import checkActivatedListener, inheritsListeners
 
@@ -347,12 +432,15 @@ class _NoReactor:
     """
 
 
-def buildHost(reactor: Any, options: Options) -> MigrationHost:
+def buildHost(
+    reactor: Any, options: Options, *, hostType: type[MigrationHost] = MigrationHost
+) -> MigrationHost:
     """
     Build the host service from parsed options.
 
     @param reactor: the reactor the host uses.
     @param options: parsed L{Options}.
+    @param hostType: L{MigrationHost} or a subclass.
     """
     from ._host._inheritance import UnknownInheritedStrategy, inheritedGeneration
 
@@ -384,7 +472,7 @@ def buildHost(reactor: Any, options: Options) -> MigrationHost:
         reloadModules=options["reload-modules"],
         maxDraining=options["max-draining"],
     )
-    host = MigrationHost(
+    host = hostType(
         reactor,
         options["factory"],
         [] if applicationService is not None else options["listen"],
@@ -406,10 +494,37 @@ def buildHost(reactor: Any, options: Options) -> MigrationHost:
     return host
 
 
+class _TwistdHost(MigrationHost):
+    """
+    The host as twistd and twist run it: a failure to start whose message
+    says it all (a port in use, a UDP port the application asks for, a
+    control socket that cannot be bound) ends the process with that one
+    line instead of a traceback.
+    """
+
+    @property
+    def _log(self) -> Logger:  # type: ignore[override]
+        """
+        Log as the host does: only how starting fails differs.
+        """
+        return Logger(
+            namespace="{}.{}".format(MigrationHost.__module__, MigrationHost.__name__),
+            source=self,
+        )
+
+    def privilegedStartService(self) -> None:
+        with _oneLine("cannot start"):
+            super().privilegedStartService()
+
+    def startService(self) -> None:
+        with _oneLine("cannot start"):
+            super().startService()
+
+
 def makeService(options: Options) -> MigrationHost:
     """
     Build the host service for twistd.
     """
     from twisted.internet import reactor
 
-    return buildHost(reactor, options)
+    return buildHost(reactor, options, hostType=_TwistdHost)

@@ -24,7 +24,7 @@ import errno
 import json
 import os
 import stat
-from typing import IO, Any, Callable, NoReturn, Protocol
+from typing import IO, Any, Callable, Mapping, NoReturn, Protocol
 
 from attrs import define
 from twisted.internet.defer import Deferred, TimeoutError, fail
@@ -102,11 +102,17 @@ class ControlClient(Protocol):
         The host's status (Status JSON).
         """
 
-    def upgrade(self, strategy: str | None) -> Deferred[dict[str, Any]]:
+    def upgrade(
+        self, strategy: str | None, overrides: Mapping[str, float] | None = None
+    ) -> Deferred[dict[str, Any]]:
         """
         Migrate; fires with the report (Report JSON), or fails with
         L{MigrationInProgress <migrate._control._commands.MigrationInProgress>}
         or L{UnknownStrategy <migrate._control._commands.UnknownStrategy>}.
+
+        @param overrides: host settings for this migration only, by the
+            L{Upgrade <migrate._control._commands.Upgrade>} argument's name
+            (C{readyTimeout}, C{drainTimeout}).
         """
 
     def disconnect(self) -> None:
@@ -174,8 +180,12 @@ class _AMPControlClient:
         d.addErrback(_closedBeforeAnswer)
         return d
 
-    def upgrade(self, strategy: str | None) -> Deferred[dict[str, Any]]:
-        arguments = {} if strategy is None else {"strategy": strategy}
+    def upgrade(
+        self, strategy: str | None, overrides: Mapping[str, float] | None = None
+    ) -> Deferred[dict[str, Any]]:
+        arguments: dict[str, Any] = dict(overrides or {})
+        if strategy is not None:
+            arguments["strategy"] = strategy
         d: Deferred[Any] = self._protocol.callRemote(Upgrade, **arguments)
         d.addCallback(lambda answer: _decodeObject(answer["report"], "report"))
         d.addErrback(_closedBeforeAnswer)
@@ -257,12 +267,36 @@ class Output:
     stderr: IO[str]
     asJSON: bool = False
     printed: bool = False
+    _announcement: str | None = None
+
+    def announce(self, message: str) -> None:
+        """
+        Say C{message} as progress once the host has accepted: just before
+        the host's first progress line (L{hostProgress}), and never if an
+        error comes first (a command must not claim to be doing what the
+        host refuses).
+        """
+        self._announcement = message
 
     def progress(self, message: str) -> None:
+        """
+        Say what this command does now.
+        """
         self.stderr.write("[migrate] {}\n".format(message))
         self.stderr.flush()
 
+    def hostProgress(self, message: str) -> None:
+        """
+        Say what the host says it does (its L{Progress} messages), after
+        the announcement the host's first step confirms.
+        """
+        announcement, self._announcement = self._announcement, None
+        if announcement is not None:
+            self.progress(announcement)
+        self.progress(message)
+
     def error(self, message: str) -> None:
+        self._announcement = None
         self.stderr.write("migrate: {}\n".format(message))
         self.stderr.flush()
 
@@ -314,7 +348,7 @@ class Session:
 
     async def open(self, deadline: float) -> ControlClient:
         client: ControlClient = await self.within(
-            self.connect(self.reactor, self.path, self.out.progress),
+            self.connect(self.reactor, self.path, self.out.hostProgress),
             deadline,
             "connecting to {}".format(self.path),
         )
@@ -389,6 +423,7 @@ class Session:
         strategy: str | None,
         deadline: float,
         announce: Callable[[dict[str, Any]], None] = lambda before: None,
+        overrides: Mapping[str, float] | None = None,
     ) -> dict[str, Any]:
         """
         Migrate the host and return its report (Report JSON), whatever the
@@ -398,7 +433,10 @@ class Session:
 
         @param strategy: the strategy's name, or L{None} for the host's own.
         @param deadline: when to give up (L{CommandFailed} with
-            L{EXIT_TIMEOUT}).
+            L{EXIT_TIMEOUT}, whose message says that the migration goes on
+            and how to learn its outcome).
+        @param overrides: host settings for this migration only (see
+            L{ControlClient.upgrade}).
         @raise migrate._control._commands.MigrationInProgress: see
             L{ControlClient.upgrade}.
         @raise migrate._control._commands.UnknownStrategy: see
@@ -409,16 +447,36 @@ class Session:
             announce(before)
             try:
                 report: dict[str, Any] = await self.within(
-                    client.upgrade(strategy),
+                    (
+                        client.upgrade(strategy, overrides)
+                        if overrides
+                        else client.upgrade(strategy)
+                    ),
                     deadline,
                     "waiting for the migration report",
                 )
             except HostClosedConnection:
                 client.disconnect()
                 report = await recoverReport(self, before, deadline)
+        except CommandFailed as e:
+            if e.code != EXIT_TIMEOUT:
+                raise
+            raise CommandFailed(EXIT_TIMEOUT, self.goesOn(e.message)) from None
         finally:
             client.disconnect()
         return report
+
+    def goesOn(self, message: str) -> str:
+        """
+        C{message} about a migration this command stopped waiting for,
+        followed by what happens to it and how to learn its outcome.
+        """
+        return (
+            "{}; the migration goes on in the host: `python -m migrate status "
+            "--control {}` shows how it ended (Last migration)".format(
+                message, self.path
+            )
+        )
 
 
 async def recoverReport(

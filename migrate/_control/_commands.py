@@ -48,7 +48,13 @@ class Upgrade(amp.Command):
     L{Progress} commands flow back to the caller meanwhile.
     """
 
-    arguments = [(b"strategy", amp.Unicode(optional=True))]
+    arguments = [
+        (b"strategy", amp.Unicode(optional=True)),
+        # Host settings for this migration only (upgrade --ready-timeout,
+        # --drain-timeout), in seconds.
+        (b"readyTimeout", amp.Float(optional=True)),
+        (b"drainTimeout", amp.Float(optional=True)),
+    ]
     response = [(b"report", amp.Unicode())]
     errors = {
         MigrationInProgress: b"MIGRATION_IN_PROGRESS",

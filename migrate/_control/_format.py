@@ -51,17 +51,37 @@ def dictsIn(value: object) -> list[dict[str, Any]]:
     return [each for each in value if isinstance(each, dict)]
 
 
+def _failed(report: dict[str, Any]) -> bool:
+    """
+    Whether Report JSON says the old generation still serves.
+    """
+    return report.get("outcome") in ("rolled-back", "refused")
+
+
 def reportSummary(report: dict[str, Any]) -> str:
     """
-    One line about Report JSON: outcome, strategy, generations and pids.
+    One line about Report JSON: outcome, strategy, generations and pids; the
+    process that serves now is named, or said to be the same one.
     """
-    return "{} with strategy {}, generation {} -> {} (pid {} -> {})".format(
-        textOf(report.get("outcome")),
-        textOf(report.get("strategy")),
-        textOf(report.get("fromGeneration")),
-        textOf(report.get("toGeneration")),
-        textOf(report.get("oldPid")),
-        textOf(report.get("newPid")),
+    head = "{} with strategy {}".format(
+        textOf(report.get("outcome")), textOf(report.get("strategy"))
+    )
+    oldPid, newPid = report.get("oldPid"), report.get("newPid")
+    if _failed(report):
+        return "{}: generation {} (pid {}) still serves; no new generation".format(
+            head, textOf(report.get("fromGeneration")), textOf(oldPid)
+        )
+    if newPid is not None and newPid == oldPid:
+        pids = "pid {}, the same process".format(oldPid)
+    else:
+        pids = "pid {} -> {}".format(textOf(oldPid), textOf(newPid))
+    fromGeneration = textOf(report.get("fromGeneration"))
+    toGeneration = report.get("toGeneration")
+    if report.get("outcome") == "success" and toGeneration is None:
+        # Nothing to do (a reload with no module changed): no new generation.
+        return "{}, generation {} unchanged ({})".format(head, fromGeneration, pids)
+    return "{}, generation {} -> {} ({})".format(
+        head, fromGeneration, textOf(toGeneration), pids
     )
 
 
@@ -117,22 +137,27 @@ def formatReport(report: dict[str, Any]) -> str:
     """
     A readable multi-line description of Report JSON.
     """
-    lines = [
-        "Migration " + reportSummary(report),
-        "Connections: {} moved, {} draining, {} failed".format(
-            textOf(report.get("moved")),
-            textOf(report.get("draining")),
-            textOf(report.get("failed")),
-        ),
-    ]
+    counts = [report.get(key) for key in ("moved", "draining", "failed")]
+    unchanged = _failed(report) and counts == [0, 0, 0]
+    if unchanged:
+        # Nothing moved, nothing was closed: saying "0 failed" would hide
+        # that every connection is still served, as before.
+        connections = "Connections: none moved; the old code serves them all, as before"
+    else:
+        # "draining": connections left on the old code, which serves them
+        # until they leave; not yet drained.
+        connections = "Connections: {} moved, {} draining, {} failed".format(
+            *(textOf(count) for count in counts)
+        )
+    lines = ["Migration " + reportSummary(report), connections]
     if report.get("reason"):
         lines.append("Reason: {}".format(report["reason"]))
-    listeners = dictsIn(report.get("listeners"))
+    listeners = [] if unchanged else dictsIn(report.get("listeners"))
     if listeners:
         lines.append("Listeners:")
     for each in listeners:
         lines.append(
-            "  {}: {} moved, {} drained, {} failed".format(
+            "  {}: {} moved, {} draining, {} failed".format(
                 textOf(each.get("key")),
                 textOf(each.get("moved")),
                 textOf(each.get("drained")),

@@ -20,13 +20,14 @@ import os
 import socket
 import stat
 import struct
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from .._handoff._listeners import adoptListener
 from ._commands import Progress, Status, Upgrade
@@ -110,12 +111,17 @@ class IControlledHost(Protocol):
         """
 
     def requestUpgrade(
-        self, strategyName: str | None, progress: Callable[[str], None]
+        self,
+        strategyName: str | None,
+        progress: Callable[[str], None],
+        overrides: Mapping[str, float] | None = None,
     ) -> Deferred[dict[str, Any]]:
         """
         Migrate with the named strategy, or the configured one for L{None}.
 
         @param progress: called with one line of text at each step.
+        @param overrides: host settings for this migration only, by name
+            (C{readyTimeout}, C{drainTimeout}).
         @return: a L{Deferred} firing with the report (Report JSON) or
             failing with L{migrate._control._commands.MigrationInProgress} or
             L{migrate._control._commands.UnknownStrategy}.
@@ -306,6 +312,28 @@ class ControlProtocol(BoundedBoxParser, amp.AMP):
 
     # Who may talk
 
+    def makeConnection(self, transport: Any) -> None:
+        """
+        Connect without L{amp.AMP}'s log line at info level: a monitoring
+        loop asking for the status every second would flood the host's
+        log.  The connection is logged at debug level instead.
+        """
+        # What amp.AMP.makeConnection sets, for its connectionLost.
+        self._transportPeer = transport.getPeer()
+        self._transportHost = transport.getHost()
+        self._log.debug("Control connection opened")
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """
+        Disconnected: logged at debug level (see L{makeConnection}).
+        """
+        self._log.debug(
+            "Control connection closed: {reason}", reason=reason.getErrorMessage()
+        )
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
     def connectionMade(self) -> None:
         """
         Check the peer's credentials; cut anyone but this user and root.
@@ -418,8 +446,23 @@ class ControlProtocol(BoundedBoxParser, amp.AMP):
         return {"status": encodeStatus(self._host.statusSnapshot())}
 
     @Upgrade.responder
-    def upgrade(self, strategy: str | None = None) -> Deferred[dict[str, str]]:
-        d = maybeDeferred(self._host.requestUpgrade, strategy or None, self._progress)
+    def upgrade(
+        self,
+        strategy: str | None = None,
+        readyTimeout: float | None = None,
+        drainTimeout: float | None = None,
+    ) -> Deferred[dict[str, str]]:
+        given = {"readyTimeout": readyTimeout, "drainTimeout": drainTimeout}
+        overrides = {name: value for name, value in given.items() if value is not None}
+        if overrides:
+            d = maybeDeferred(
+                self._host.requestUpgrade, strategy or None, self._progress, overrides
+            )
+        else:
+            # A host that takes no overrides (an embedding's own) still works.
+            d = maybeDeferred(
+                self._host.requestUpgrade, strategy or None, self._progress
+            )
 
         def encode(report: Any) -> dict[str, str]:
             if not isinstance(report, dict) and hasattr(report, "toJSON"):

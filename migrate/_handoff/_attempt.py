@@ -18,9 +18,20 @@ from twisted.logger import Logger
 from .._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
 from ..interfaces import IMigrationHost
 
-__all__ = ["MigrationAttempt"]
+__all__ = ["MigrationAttempt", "counted"]
 
 _log = Logger()
+
+
+def counted(count: int, noun: str) -> str:
+    """
+    C{"1 connection"}, C{"2 connections"}: a count with its noun, for the
+    steps and reasons operators read.
+
+    @param count: how many.
+    @param noun: the noun, singular; its plural adds C{s}.
+    """
+    return "{} {}{}".format(count, noun, "" if count == 1 else "s")
 
 
 @define

@@ -42,6 +42,7 @@ __all__ = [
     "DescribedConnection",
     "MovingConnection",
     "Unmovable",
+    "describePeer",
     "adoptEntry",
     "describeMovable",
     "freezeMovable",
@@ -53,6 +54,29 @@ _log = Logger()
 _families = {
     int(family): family for family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 }
+
+
+def describePeer(hosted: Any) -> str:
+    """
+    Who is at the other end of a hosted connection, for messages naming it:
+    C{"127.0.0.1:40000"}, C{"unix:/run/app.sock"}.
+
+    @param hosted: a L{HostedProtocol} (anything with C{getPeer()}).
+    """
+    try:
+        peer = hosted.getPeer()
+    except Exception:
+        return "an unknown peer"
+    host = getattr(peer, "host", None)
+    port = getattr(peer, "port", None)
+    if host is not None and port is not None:
+        return "{}:{}".format(host, port)
+    name = getattr(peer, "name", None)
+    if name:
+        return "unix:" + (
+            name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+        )
+    return "a {} peer".format(type(peer).__name__)
 
 
 @define

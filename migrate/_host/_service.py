@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
-from attrs import define
+from attrs import define, evolve
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
@@ -132,6 +132,32 @@ class _Detect:
 
 
 FROM_ENVIRONMENT: Any = _Detect()
+
+
+#: the settings C{python -m migrate upgrade} may override for one migration
+OVERRIDABLE = ("readyTimeout", "drainTimeout")
+
+
+def _overridden(settings: HostSettings, overrides: Mapping[str, float]) -> HostSettings:
+    """
+    C{settings} with C{overrides} for one migration.
+
+    @raise ValueError: for a setting not in L{OVERRIDABLE}, or a value that
+        is not a positive, finite number of seconds.
+    """
+    for name, value in overrides.items():
+        if name not in OVERRIDABLE:
+            raise ValueError("{} cannot be overridden".format(name))
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not 0 < value < float("inf")
+        ):
+            raise ValueError(
+                "{} must be a positive number of seconds, not {!r}".format(name, value)
+            )
+    changes: dict[str, Any] = dict(overrides)
+    return evolve(settings, **changes) if changes else settings
 
 
 @implementer(IMigrationHost)
@@ -706,14 +732,23 @@ class MigrationHost(MultiService):
         return result
 
     def requestUpgrade(
-        self, strategyName: str | None, progress: Callable[[str], None]
+        self,
+        strategyName: str | None,
+        progress: Callable[[str], None],
+        overrides: Mapping[str, float] | None = None,
     ) -> Deferred[dict[str, Any]]:
         """
         Migrate now with the named strategy (or the configured one).
 
+        @param overrides: settings for this migration only, by the name of
+            their L{HostSettings} field (L{OVERRIDABLE}): the old side's
+            timeouts.  A new process runs with the host's own settings.
+
         @return: a L{Deferred} firing with the report as JSON-compatible
             data, or failing with L{MigrationInProgress} or
-            L{UnknownStrategy} when the migration cannot start.
+            L{UnknownStrategy} when the migration cannot start, or with
+            L{ValueError} for an override that is not a positive number of
+            seconds.
         """
         from .._control._commands import MigrationInProgress, UnknownStrategy
 
@@ -734,6 +769,11 @@ class MigrationHost(MultiService):
                 return fail(
                     UnknownStrategy("unknown strategy {!r}".format(strategyName))
                 )
+        ownSettings = self.settings
+        try:
+            self.settings = _overridden(ownSettings, overrides or {})
+        except ValueError as e:
+            return fail(e)
         self._phase = MigrationPhase.spawning
         self._log.info(
             "Migration of generation {generation} starting with strategy " "{strategy}",
@@ -743,6 +783,15 @@ class MigrationHost(MultiService):
         self._tell("migrationStarted")
         d = maybeDeferred(strategy.migrate, self, progress)
         self._migration = d
+
+        def restoreSettings(result: Any) -> Any:
+            # A generation that handed on keeps the drain deadline it was
+            # given; one that serves on takes its own settings back.
+            if self.serving:
+                self.settings = ownSettings
+            return result
+
+        d.addBoth(restoreSettings)
 
         def finished(report: MigrationReport) -> dict[str, Any]:
             self._phase = MigrationPhase.idle

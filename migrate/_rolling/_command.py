@@ -17,6 +17,7 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred
 from twisted.python import usage
 
+from .._cli import VersionOption
 from .._control._client import (
     EXIT_FAILED,
     EXIT_OK,
@@ -75,7 +76,7 @@ def _atLeastOne(value: str) -> int:
 _atLeastOne.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]
 
 
-class RollingOptions(usage.Options):
+class RollingOptions(VersionOption, usage.Options):
     """
     C{python -m migrate rolling}.
     """

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import sys
 import tempfile
 from io import StringIO
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from attrs import Factory, define
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
@@ -27,7 +28,14 @@ from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import migrate
-from migrate._cli import RETRY_INTERVAL, run
+from migrate._cli import (
+    RETRY_INTERVAL,
+    MigrateOptions,
+    StatusOptions,
+    UpgradeOptions,
+    migrateVersion,
+    run,
+)
 from migrate._control._client import (
     EXIT_FAILED,
     EXIT_OK,
@@ -37,6 +45,7 @@ from migrate._control._client import (
     BadReply,
     CannotConnect,
     HostClosedConnection,
+    Output,
     connectControl,
 )
 from migrate._control._commands import MigrationInProgress, UnknownStrategy
@@ -108,13 +117,17 @@ class FakeClient:
     progress: list[str] = Factory(list)
     onProgress: Callable[[str], None] | None = None
     upgrades: list[str | None] = Factory(list)
+    overrides: list[dict[str, float]] = Factory(list)
     disconnected: int = 0
 
     def status(self) -> Deferred[Any]:
         return _deferred(self.statuses.pop(0))
 
-    def upgrade(self, strategy: str | None) -> Deferred[Any]:
+    def upgrade(
+        self, strategy: str | None, overrides: dict[str, float] | None = None
+    ) -> Deferred[Any]:
         self.upgrades.append(strategy)
+        self.overrides.append(dict(overrides or {}))
         assert self.onProgress is not None
         for message in self.progress:
             self.onProgress(message)
@@ -216,12 +229,70 @@ class UsageTests(CommandTestsMixin, SynchronousTestCase):
         self.assertUsage(["upgrade", "--timeout", "-1"], "--timeout needs")
         self.assertUsage(["upgrade", "--timeout", "soon"], "'soon'")
         self.assertUsage(["status", "--timeout", "inf"], "--timeout needs")
+        self.assertUsage(["upgrade", "--ready-timeout", "0"], "--ready-timeout needs")
+        self.assertUsage(["upgrade", "--drain-timeout", "x"], "--drain-timeout needs")
+
+    def test_optionErrorsSayWhatIsWrong(self) -> None:
+        """
+        An option's error is its own message, without usage's "Parameter
+        type enforcement failed:" in front.
+        """
+        outcome = self.runCommand(["upgrade", "--timeout", "soon"])
+        self.assertTrue(
+            outcome.stderr.startswith(
+                "migrate: --timeout needs a positive number of seconds, not 'soon'\n"
+            ),
+            outcome.stderr,
+        )
+        self.assertNotIn("enforcement", outcome.stderr)
 
     def test_emptyStrategy(self) -> None:
         self.assertUsage(["upgrade", "--strategy", " "], "--strategy")
 
+    def test_unknownStrategy(self) -> None:
+        """
+        An unknown strategy is a usage error listing the strategies; the
+        host is not asked, and nothing claims an upgrade.
+        """
+        outcome = self.runCommand(["upgrade", "--strategy", "fast"])
+        self.assertEqual(outcome.code, EXIT_USAGE)
+        self.assertTrue(
+            outcome.stderr.startswith(
+                "migrate: --strategy must be one of capability, gradual, reexec, "
+                "reload, not 'fast'\n"
+            ),
+            outcome.stderr,
+        )
+        self.assertNotIn("upgrading", outcome.stderr)
+
     def test_positionalArgument(self) -> None:
         self.assertUsage(["status", "extra"], "")
+
+    def test_version(self) -> None:
+        """
+        C{--version}, alone or after a command, prints migrate's version
+        (and Twisted's and Python's after it) and exits with status 0.
+        """
+        for argv in [["--version"], ["upgrade", "--version"], ["rolling", "--version"]]:
+            output = StringIO()
+            self.patch(sys, "stdout", output)
+            outcome = self.runCommand(argv)
+            self.assertEqual(outcome.code, EXIT_OK)
+            self.assertTrue(
+                output.getvalue().startswith(
+                    "migrate {} (Twisted ".format(migrateVersion())
+                ),
+                output.getvalue(),
+            )
+
+    def test_helpHasNoRunsOfSpaces(self) -> None:
+        """
+        The help's descriptions are single-spaced.
+        """
+        for options in [MigrateOptions(), UpgradeOptions(), StatusOptions()]:
+            texts = [getattr(options, "longdesc")] + list(options.docs.values())
+            for text in texts:
+                self.assertIsNone(re.search(r"\S\s{2,}\S", text or ""), text)
 
 
 class StatusCommandTests(CommandTestsMixin, SynchronousTestCase):
@@ -361,6 +432,10 @@ class UpgradeCommandTests(CommandTestsMixin, SynchronousTestCase):
         self.assertIn("migration refused: no strategy can run", outcome.stderr)
 
     def test_migrationInProgress(self) -> None:
+        """
+        A host already migrating refuses: the error alone, exit 1, and no
+        line claiming an upgrade.
+        """
         outcome = self.runCommand(
             ["upgrade", "--json"],
             FakeClient(
@@ -369,19 +444,63 @@ class UpgradeCommandTests(CommandTestsMixin, SynchronousTestCase):
             ),
         )
         self.assertEqual(outcome.code, EXIT_FAILED)
-        self.assertIn("migrate: a migration is already running\n", outcome.stderr)
+        self.assertEqual(outcome.stderr, "migrate: a migration is already running\n")
         self.assertEqual(outcome.lastJSON["exitCode"], EXIT_FAILED)
 
-    def test_unknownStrategy(self) -> None:
+    def test_announcementNeedsTheHost(self) -> None:
+        """
+        The announcement of an upgrade is said before the host's first
+        progress line, not before this command's own lines, and never after
+        an error.
+        """
+        stderr = StringIO()
+        out = Output(StringIO(), stderr)
+        out.announce("upgrading")
+        out.progress("local")
+        out.hostProgress("spawning")
+        out.hostProgress("ready")
+        out.announce("upgrading again")
+        out.error("a migration is already running")
+        out.hostProgress("late")
+        self.assertEqual(
+            stderr.getvalue(),
+            "[migrate] local\n"
+            "[migrate] upgrading\n"
+            "[migrate] spawning\n"
+            "[migrate] ready\n"
+            "migrate: a migration is already running\n"
+            "[migrate] late\n",
+        )
+
+    def test_hostDoesNotKnowStrategy(self) -> None:
+        """
+        A host (of another version) that does not know the strategy: a
+        usage error, exit 2, and no line claiming an upgrade.
+        """
         outcome = self.runCommand(
-            ["upgrade", "--strategy", "nope"],
+            ["upgrade", "--strategy", "reload"],
             FakeClient(
                 statuses=[STATUS],
-                upgradeResult=UnknownStrategy("unknown strategy 'nope'"),
+                upgradeResult=UnknownStrategy("unknown strategy 'reload'"),
             ),
         )
-        self.assertEqual(outcome.code, EXIT_FAILED)
-        self.assertIn("migrate: unknown strategy 'nope'\n", outcome.stderr)
+        self.assertEqual(outcome.code, EXIT_USAGE)
+        self.assertEqual(outcome.stderr, "migrate: unknown strategy 'reload'\n")
+
+    def test_overrides(self) -> None:
+        """
+        C{--ready-timeout} and C{--drain-timeout} go to the host with the
+        upgrade, for this migration only; without them nothing is sent.
+        """
+        client = FakeClient(statuses=[STATUS], upgradeResult=makeReport())
+        outcome = self.runCommand(
+            ["upgrade", "--ready-timeout", "5", "--drain-timeout", "2.5"], client
+        )
+        self.assertEqual(outcome.code, EXIT_OK)
+        self.assertEqual(client.overrides, [{"readyTimeout": 5.0, "drainTimeout": 2.5}])
+        client = FakeClient(statuses=[STATUS], upgradeResult=makeReport())
+        self.runCommand(["upgrade"], client)
+        self.assertEqual(client.overrides, [{}])
 
     def test_remoteError(self) -> None:
         outcome = self.runCommand(
@@ -401,7 +520,12 @@ class UpgradeCommandTests(CommandTestsMixin, SynchronousTestCase):
         self.assertEqual(self.codes, [])
         self.clock.advance(0.2)
         self.assertEqual(self.outcome.code, EXIT_TIMEOUT)
-        self.assertIn("timed out waiting for the migration report", self.outcome.stderr)
+        self.assertEqual(
+            self.outcome.stderr,
+            "migrate: timed out waiting for the migration report; the migration "
+            "goes on in the host: `python -m migrate status --control "
+            "./migrate-host.sock` shows how it ended (Last migration)\n",
+        )
         self.assertEqual(client.disconnected, 1)
 
     def test_cannotConnect(self) -> None:
@@ -575,8 +699,8 @@ class FormatTests(SynchronousTestCase):
             "  tcp:8000 on 0.0.0.0:8000: 2 connections\n"
             "Draining:\n"
             "  generation 2 (pid 1100): 1 connection left\n"
-            "Last migration: rolled-back with strategy capability, generation "
-            "3 -> 4 (pid 1234 -> 1300)\n"
+            "Last migration: rolled-back with strategy capability: generation 3 "
+            "(pid 1234) still serves; no new generation\n"
             "  reason: boom",
         )
 
@@ -594,13 +718,79 @@ class FormatTests(SynchronousTestCase):
             "Connections: 2 moved, 0 draining, 0 failed\n"
             "Reason: all good\n"
             "Listeners:\n"
-            "  tcp:8000: 2 moved, 0 drained, 0 failed\n"
+            "  tcp:8000: 2 moved, 0 draining, 0 failed\n"
             "Durations: spawning 0.250s, handing-off 0.010s\n"
             "Notes:\n"
             "  - all moved\n"
             "Successor log:\n"
             "  | successor started",
         )
+
+    def test_sameProcess(self) -> None:
+        """
+        A migration in place (re-exec, module reload) names the process
+        that serves: the same one.
+        """
+        report = makeReport(strategy="reload", newPid=1234)
+        self.assertEqual(
+            formatReport(report).splitlines()[0],
+            "Migration success with strategy reload, generation 3 -> 4 "
+            "(pid 1234, the same process)",
+        )
+
+    def test_nothingToDo(self) -> None:
+        """
+        A successful migration that changed nothing (a reload with no
+        module changed) says the generation is unchanged.
+        """
+        report = makeReport(strategy="reload", newPid=1234, toGeneration=None)
+        self.assertEqual(
+            formatReport(report).splitlines()[0],
+            "Migration success with strategy reload, generation 3 unchanged "
+            "(pid 1234, the same process)",
+        )
+
+    def test_rolledBack(self) -> None:
+        """
+        A rollback says that the old generation still serves every
+        connection, not "0 failed", and names no new process.
+        """
+        report = makeReport(
+            outcome="rolled-back",
+            reason="the new code refused connection from 127.0.0.1:4000",
+            toGeneration=None,
+            newPid=None,
+            moved=0,
+            draining=0,
+            failed=0,
+            listeners=[{"key": "tcp:8000", "moved": 0, "drained": 0, "failed": 0}],
+            durations={},
+            successorLog=[],
+            notes=[],
+        )
+        self.assertEqual(
+            formatReport(report),
+            "Migration rolled-back with strategy capability: generation 3 "
+            "(pid 1234) still serves; no new generation\n"
+            "Connections: none moved; the old code serves them all, as before\n"
+            "Reason: the new code refused connection from 127.0.0.1:4000",
+        )
+
+    def test_gradualDraining(self) -> None:
+        """
+        Connections left on the old process are said to be draining, not
+        drained.
+        """
+        report = makeReport(
+            strategy="gradual",
+            moved=0,
+            draining=1,
+            listeners=[{"key": "tcp:8000", "moved": 0, "drained": 1, "failed": 0}],
+        )
+        text = formatReport(report)
+        self.assertIn("Connections: 0 moved, 1 draining, 0 failed\n", text)
+        self.assertIn("  tcp:8000: 0 moved, 1 draining, 0 failed\n", text)
+        self.assertNotIn("drained", text)
 
     def test_longSuccessorLog(self) -> None:
         text = formatReport(makeReport(successorLog=[str(n) for n in range(50)]))
@@ -681,12 +871,17 @@ class ScriptedHost:
         return dict(STATUS)
 
     def requestUpgrade(
-        self, strategyName: str | None, progress: Callable[[str], None]
+        self,
+        strategyName: str | None,
+        progress: Callable[[str], None],
+        overrides: Mapping[str, float] | None = None,
     ) -> Deferred[dict[str, Any]]:
         if self.error is not None:
             return fail(self.error)
         progress("spawning successor")
         progress("strategy {}".format(strategyName))
+        if overrides:
+            progress("overrides {}".format(sorted(overrides.items())))
         assert self.report is not None
         return succeed(self.report)
 
@@ -737,6 +932,27 @@ class EndToEndTests(TestCase):
         self.assertEqual(outcome.lastJSON, makeReport())
         self.assertIn("[migrate] spawning successor\n", outcome.stderr)
         self.assertIn("[migrate] strategy reload\n", outcome.stderr)
+
+    @inlineCallbacks
+    def test_upgradeOverrides(self) -> Any:
+        """
+        C{--ready-timeout} and C{--drain-timeout} reach the host.
+        """
+        self.host.report = makeReport()
+        outcome = yield self.cli(
+            "upgrade",
+            "--control",
+            self.path,
+            "--ready-timeout",
+            "5",
+            "--drain-timeout",
+            "2.5",
+        )
+        self.assertEqual(outcome.code, EXIT_OK, outcome.stderr)
+        self.assertIn(
+            "[migrate] overrides [('drainTimeout', 2.5), ('readyTimeout', 5.0)]\n",
+            outcome.stderr,
+        )
 
     @inlineCallbacks
     def test_upgradeRolledBack(self) -> Any:

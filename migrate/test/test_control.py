@@ -18,16 +18,18 @@ import socket
 import stat
 import struct
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from attrs import Factory, define
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import LogLevel, capturedLogs
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -99,15 +101,21 @@ class FakeHost:
     calls: list[tuple[str, Any]] = Factory(list)
     upgrades: list[tuple[Callable[[str], None], Deferred[Any]]] = Factory(list)
     failWith: Exception | None = None
+    overrides: list[dict[str, float]] = Factory(list)
 
     def statusSnapshot(self) -> dict[str, Any]:
         self.calls.append(("statusSnapshot", None))
         return self.snapshot
 
     def requestUpgrade(
-        self, strategyName: str | None, progress: Callable[[str], None]
+        self,
+        strategyName: str | None,
+        progress: Callable[[str], None],
+        overrides: Mapping[str, float] | None = None,
     ) -> Deferred[dict[str, Any]]:
         self.calls.append(("requestUpgrade", strategyName))
+        if overrides is not None:
+            self.overrides.append(dict(overrides))
         if self.failWith is not None:
             return fail(self.failWith)
         d: Deferred[dict[str, Any]] = Deferred()
@@ -269,6 +277,23 @@ class ProtocolTests(SynchronousTestCase):
         client.callRemote(Upgrade, strategy="reload")
         pump.flush()
         self.assertEqual(host.calls, [("requestUpgrade", "reload")])
+
+    def test_upgradeOverrides(self) -> None:
+        """
+        Settings given with the upgrade reach the host, for this migration;
+        none given, none passed.
+        """
+        host = FakeHost()
+        server, client, pump = connected(host)
+        client.callRemote(Upgrade, readyTimeout=5.0, drainTimeout=2.5)
+        client.callRemote(Upgrade, readyTimeout=7.0)
+        client.callRemote(Upgrade)
+        pump.flush()
+        self.assertEqual(
+            host.overrides,
+            [{"readyTimeout": 5.0, "drainTimeout": 2.5}, {"readyTimeout": 7.0}],
+        )
+        self.assertEqual(len(host.calls), 3)
 
     def test_upgradeEmptyStrategyMeansDefault(self) -> None:
         host = FakeHost()
@@ -522,6 +547,30 @@ class DisconnectTests(SynchronousTestCase):
             server.dataReceived(amp.AmpBox(each).serialize())
         for call, argument in host.calls:
             self.assertIn(call, ("statusSnapshot", "requestUpgrade"))
+
+
+class ConnectionLogTests(SynchronousTestCase):
+    """
+    Control connections coming and going are logged at debug level only: a
+    monitoring loop asking for the status every second must not flood the
+    host's log.
+    """
+
+    def test_debugOnly(self) -> None:
+        with capturedLogs() as events:
+            server, transport = serverOnStrings(FakeHost())
+            server.dataReceived(statusBox().serialize())
+            server.connectionLost(Failure(ConnectionDone()))
+        self.assertIn(b"status", transport.value())
+        levels = [(e["log_level"], e["log_format"]) for e in events]
+        self.assertEqual(
+            levels,
+            [
+                (LogLevel.debug, "Control connection opened"),
+                (LogLevel.debug, "Control connection closed: {reason}"),
+            ],
+        )
+        self.assertIsNone(server.transport)
 
 
 class PeerCredentialTests(SynchronousTestCase):

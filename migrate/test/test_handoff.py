@@ -659,7 +659,8 @@ class CapabilityTests(SynchronousTestCase):
         """
         A successor that refuses some of the connections fails the whole
         hand-off: all or nothing.  Every connection resumes here and nothing
-        is committed.
+        is committed.  The reason names the refused connection (its peer
+        and listener), not only its class.
         """
         self.o.incoming.adoptAnswer = lambda entries: {
             "adopted": 1,
@@ -676,8 +677,9 @@ class CapabilityTests(SynchronousTestCase):
         report = self.successResultOf(self.o.migrate())
         self.o.assertRolledBack(
             report,
-            "successor refused 1 of 2 connections (first: the new code's Chat does not "
-            "provide IMigratable); the hand-off is all or nothing",
+            "the new code refused 1 of 2 connections (first: connection from "
+            "192.168.1.1:54321 on tcp:8000: the new code's Chat does not provide "
+            "IMigratable); the hand-off is all or nothing",
         )
         self.assertNotIn("Commit", self.o.incoming.names())
         self.assertResumed()

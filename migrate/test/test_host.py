@@ -710,6 +710,63 @@ class RequestUpgradeTests(SynchronousTestCase):
         self.flushLoggedErrors(ValueError)
 
 
+class OverrideTests(SynchronousTestCase):
+    """
+    C{python -m migrate upgrade --ready-timeout/--drain-timeout}: settings
+    for one migration.
+    """
+
+    def test_forThisMigration(self) -> None:
+        """
+        The strategy sees the overridden settings while it migrates; a host
+        that serves on afterwards has its own settings back.
+        """
+        h = started(self)
+        own = h.host.settings
+        h.host.requestUpgrade(None, ignore, {"readyTimeout": 2.5, "drainTimeout": 7.0})
+        self.assertEqual(
+            (h.host.settings.readyTimeout, h.host.settings.drainTimeout), (2.5, 7.0)
+        )
+        self.assertEqual(h.host.settings.controlPath, own.controlPath)
+        h.strategy.migrations[0].result.callback(
+            reportFor(h.host, MigrationOutcome.rolledBack, reason="no")
+        )
+        self.assertIs(h.host.settings, own)
+
+    def test_handedOnKeepsDrainDeadline(self) -> None:
+        """
+        A generation that handed on keeps the overridden settings: its drain
+        deadline is the one this upgrade asked for.
+        """
+        h = started(self)
+        h.host.requestUpgrade(None, ignore, {"drainTimeout": 3.0})
+        h.host.serving = False
+        h.strategy.migrations[0].result.callback(
+            reportFor(h.host, MigrationOutcome.success)
+        )
+        self.assertEqual(h.host.settings.drainTimeout, 3.0)
+
+    def test_refused(self) -> None:
+        """
+        An override that is not a positive number of seconds, or of a
+        setting that cannot be overridden, is refused with L{ValueError}
+        and nothing starts.
+        """
+        h = started(self)
+        cases: list[dict[str, Any]] = [
+            {"readyTimeout": 0},
+            {"drainTimeout": float("inf")},
+            {"readyTimeout": True},
+            {"controlPath": 1.0},
+        ]
+        for overrides in cases:
+            self.failureResultOf(
+                h.host.requestUpgrade(None, ignore, overrides), ValueError
+            )
+        self.assertEqual(h.strategy.migrations, [])
+        self.assertEqual(h.host.phase, MigrationPhase.idle)
+
+
 class SignalTests(SynchronousTestCase):
     """
     C{SIGHUP} migrates a serving host.

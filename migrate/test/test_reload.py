@@ -874,7 +874,10 @@ class ReloadTests(ModulesUnchangedMixin, SynchronousTestCase):
             (report["outcome"], report["moved"], report["draining"]), ("success", 1, 0)
         )
         self.assertEqual((report["fromGeneration"], report["toGeneration"]), (1, 2))
-        self.assertEqual((report["oldPid"], report["newPid"]), (live.host.pid, None))
+        # The report names the process that serves the new code: this one.
+        self.assertEqual(
+            (report["oldPid"], report["newPid"]), (live.host.pid, live.host.pid)
+        )
         self.assertIs(hosted.wrappedProtocol, old)
         self.assertEqual(exchange(hosted, transport, b"b"), b"v2 b 2\n")
         fresh, freshTransport = live.connect()
@@ -1030,6 +1033,8 @@ class ReloadTests(ModulesUnchangedMixin, SynchronousTestCase):
         self.assertIn(live.module, report["reason"])
         self.assertIn("SyntaxError", report["reason"])
         self.assertEqual((report["moved"], report["draining"]), (0, 0))
+        # No new code serves: no new process is named.
+        self.assertEqual((report["newPid"], report["toGeneration"]), (None, None))
         self.assertIs(hosted.wrappedProtocol, old)
         self.assertModulesAre(before)
         self.assertEqual(exchange(hosted, transport, b"a"), b"v1 a 1\n")
@@ -1401,7 +1406,7 @@ def makeFactory():
         self.assertEqual(live.progress[0], "importing the new code of " + live.module)
         self.assertTrue(
             live.progress[-1].startswith(
-                "generation 2 serves the new code: 1 connections upgraded, 0 left"
+                "generation 2 serves the new code: 1 connection upgraded, 0 left"
             )
         )
 

@@ -59,7 +59,7 @@ class ModuleReloadTests(LiveAppMixin, TestCase):
         code, report, err = yield self.host.upgrade()
         self.assertEqual((code, report["outcome"]), (0, "success"), err)
         self.assertEqual((report["moved"], report["draining"]), (3, 0))
-        self.assertEqual((report["oldPid"], report["newPid"]), (self.pid, None))
+        self.assertEqual((report["oldPid"], report["newPid"]), (self.pid, self.pid))
         self.assertIn("reloaded: liveapp", report["notes"])
         pid = str(self.pid).encode()
         for index, client in enumerate(clients):

@@ -777,14 +777,18 @@ class MigrateHostUpgraderTests(SynchronousTestCase):
 
     def test_timeout(self) -> None:
         """
-        No report within the timeout fails the upgrade.
+        No report within the timeout fails the upgrade, saying that the
+        migration goes on in that host and how to learn its outcome.
         """
         client = FakeClient([IDLE], upgradeResult=Deferred())
         d = self.upgrader(client, timeout=10).upgrade(self.messages.append)
         self.clock.advance(10)
         failure = self.failureResultOf(d, UpgradeFailed)
         self.assertEqual(
-            failure.value.reason, "timed out waiting for the migration report"
+            failure.value.reason,
+            "timed out waiting for the migration report; the migration goes on "
+            "in the host: `python -m migrate status --control /run/s1.sock` "
+            "shows how it ended (Last migration)",
         )
 
     def test_connectionLostReportRecovered(self) -> None:

@@ -4,7 +4,9 @@ Tests for L{migrate.tap}: option parsing and building the host.
 
 from __future__ import annotations
 
+import io
 import os
+import sys
 
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
@@ -39,12 +41,13 @@ class OptionsTests(SynchronousTestCase):
 
     def test_defaults(self) -> None:
         """
-        With no options: the chat demo on tcp:8000, the default strategy,
+        With no options: the chat demo on tcp:8000 on the loopback
+        interface only (it has no authentication), the default strategy,
         the control socket in the working directory, 30 s to get ready, no
         drain deadline.
         """
         options = self.parse()
-        self.assertEqual(options["listen"], ["tcp:8000"])
+        self.assertEqual(options["listen"], ["tcp:8000:interface=127.0.0.1"])
         self.assertEqual(options["strategy"], tap.DEFAULT_STRATEGY)
         self.assertEqual(options["control"], os.path.abspath("migrate-host.sock"))
         self.assertEqual(options["ready-timeout"], 30.0)
@@ -219,3 +222,132 @@ class PluginOptionsTests(SynchronousTestCase):
         names = [name for name, _, _, _ in tap.Options().subCommands]
         self.assertIn("web", names)
         self.assertNotIn("migrate-host", names)
+
+
+class OneLineErrorTests(SynchronousTestCase):
+    """
+    Under twistd or twist, an option error ends the process with one line,
+    without the usage text; parsed on its own, L{tap.Options} raises
+    L{usage.UsageError} as usual.
+    """
+
+    def parseUnder(self, *argv: str) -> None:
+        """
+        Parse C{migrate-host ARGV} as a subcommand, as twistd does.
+        """
+
+        class Twistd(usage.Options):
+            subCommands = [["migrate-host", None, tap.Options, "the host"]]
+
+        Twistd().parseOptions(["migrate-host"] + list(argv))
+
+    def test_oneLine(self) -> None:
+        """
+        A usage error under a parent is a L{SystemExit} whose message is
+        one line naming the problem (status 1 once Python prints it).
+        """
+        with self.assertRaises(SystemExit) as raised:
+            self.parseUnder("--strategy", "fast")
+        self.assertEqual(
+            raised.exception.code,
+            "migrate-host: error: --strategy must be one of capability, gradual, "
+            "reexec, reload, not 'fast'",
+        )
+
+    def test_hostedPluginErrors(self) -> None:
+        """
+        A hosted plugin's own option errors are one line too.
+        """
+        with self.assertRaises(SystemExit) as raised:
+            self.parseUnder("web", "--no-such-option")
+        self.assertEqual(
+            raised.exception.code,
+            "migrate-host: error: option --no-such-option not recognized",
+        )
+
+    def test_help(self) -> None:
+        """
+        C{--help} still prints the usage and exits with status 0.
+        """
+        output = io.StringIO()
+        self.patch(sys, "stdout", output)
+        with self.assertRaises(SystemExit) as raised:
+            self.parseUnder("--help")
+        self.assertEqual(raised.exception.code, 0)
+        self.assertIn("--strategy", output.getvalue())
+
+
+class HelpTests(SynchronousTestCase):
+    """
+    C{twistd migrate-host --help}.
+    """
+
+    def test_noRunsOfSpaces(self) -> None:
+        """
+        The help text has no runs of spaces inside a line's text (the
+        docstrings' indentation is gone).
+        """
+        docs = tap.Options().docs
+        self.assertIn("zero-argument callable", docs["app"])
+        for name, doc in docs.items():
+            self.assertNotIn("  ", doc or "", name)
+            self.assertNotIn("\n", doc or "", name)
+        self.assertIn("a zero-argument callable", tap.Options().getUsage(width=80))
+
+
+class ModulePathHintTests(SynchronousTestCase):
+    """
+    An C{--app} module in the current directory that Python does not find
+    gets a hint at C{PYTHONPATH}.
+    """
+
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        here = os.getcwd()
+        os.chdir(self.directory)
+        self.addCleanup(os.chdir, here)
+        self.patch(sys, "path", [p for p in sys.path if p not in ("", ".")])
+
+    def load(self, spec: str) -> str:
+        with self.assertRaises(usage.UsageError) as raised:
+            tap.loadFactory(spec)
+        return str(raised.exception)
+
+    def test_moduleHere(self) -> None:
+        """
+        C{NAME.py} in the current directory, not on the module path.
+        """
+        with open("mychatnothere.py", "w") as f:
+            f.write("makeFactory = None\n")
+        message = self.load("mychatnothere:makeFactory")
+        self.assertIn("No module named 'mychatnothere'", message)
+        self.assertIn(
+            "(mychatnothere.py is in the current directory, where Python does "
+            'not look for modules: start with PYTHONPATH="$PWD"',
+            message,
+        )
+
+    def test_packageHere(self) -> None:
+        """
+        A package directory in the current directory.
+        """
+        os.makedirs("mypkgnothere")
+        message = self.load("mypkgnothere.app:makeFactory")
+        self.assertIn("(mypkgnothere/ is in the current directory", message)
+
+    def test_noHint(self) -> None:
+        """
+        No hint when the module is nowhere here, when another module is
+        missing, or when the current directory is on the path.
+        """
+        self.assertNotIn("PYTHONPATH", self.load("elsewhereentirely:makeFactory"))
+        with open("importsmissing.py", "w") as f:
+            f.write("import notinstalledanywhere\n")
+        sys.path.append(self.directory)
+        self.assertNotIn("PYTHONPATH", self.load("importsmissing:makeFactory"))
+        sys.path.remove(self.directory)
+        with open("foundhere.py", "w") as f:
+            f.write("x = 1\n")
+        sys.path.append("")
+        self.assertNotIn("PYTHONPATH", self.load("foundhereabsent:makeFactory"))

@@ -49,7 +49,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 
-from ..._handoff._attempt import MigrationAttempt
+from ..._handoff._attempt import MigrationAttempt, counted
 from ..._handoff._listeners import listenerDescriptor
 from ..._handoff._movement import describeMovable
 from ..._handoff._successor import successorCommandLine
@@ -378,8 +378,11 @@ class ReexecMigration:
         remaining = yield self._closeUnmovable(plan.closing)
         phaseDone("close")
         self._step(
-            "re-executing in place: {} connections to restore, {} to adopt, "
-            "{} closed".format(plan.moving, plan.fresh, sum(self._closed.values()))
+            "re-executing in place: {} to restore, {} to adopt, {} closed".format(
+                counted(plan.moving, "connection"),
+                plan.fresh,
+                sum(self._closed.values()),
+            )
         )
         # Two polls before the freeze: one reads the requests that arrived
         # while the plan ran (the clients would otherwise wait for the plan
@@ -491,9 +494,10 @@ class ReexecMigration:
                 break
             yield deferLater(self.host.reactor, 0.005, lambda: None)
         if remaining:
-            note = (
-                "{} connections did not finish writing within {} s; exec "
-                "closed them".format(len(remaining), timeout)
+            note = "{} did not finish writing within {} s; exec closed " "{}".format(
+                counted(len(remaining), "connection"),
+                timeout,
+                "it" if len(remaining) == 1 else "them",
             )
             _log.warn("Re-exec: {note}", note=note)
             self._attempt.notes.append(note)

@@ -46,7 +46,8 @@ from attrs import define, field
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
-from ..._handoff._attempt import MigrationAttempt
+from ..._handoff._attempt import MigrationAttempt, counted
+from ..._handoff._movement import describePeer
 from ..._handoff._trial import TrialOutcome
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
 from ...interfaces import IMigratable, IMigrationHost
@@ -106,23 +107,6 @@ def _listed(names: list[str]) -> str:
 
 def _qualified(cls: type) -> str:
     return "{}.{}".format(cls.__module__, cls.__qualname__)
-
-
-def _describePeer(hosted: Any) -> str:
-    try:
-        peer = hosted.getPeer()
-    except Exception:
-        return "an unknown peer"
-    host = getattr(peer, "host", None)
-    port = getattr(peer, "port", None)
-    if host is not None and port is not None:
-        return "{}:{}".format(host, port)
-    name = getattr(peer, "name", None)
-    if name:
-        return "unix:" + (
-            name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
-        )
-    return "a {} peer".format(type(peer).__name__)
 
 
 def _versionProblem(old: type, new: type) -> str | None:
@@ -226,6 +210,8 @@ class ReloadAttempt:
             listeners=listeners,
             fromGeneration=host.generation - (1 if success and changedCode else 0),
             toGeneration=host.generation if success and changedCode else None,
+            # The process serving now: this very one, on the new code.
+            newPid=host.pid if success else None,
         )
 
     # The reload
@@ -388,9 +374,12 @@ class ReloadAttempt:
         moved = sum(each.moved for each in self.counts.values())
         drained = sum(each.drained for each in self.counts.values())
         self.step(
-            "generation {} serves the new code: {} connections upgraded, {} left "
-            "on the old code ({:.1f} ms)".format(
-                host.generation, moved, drained, self.attempt.durations["total"] * 1000
+            "generation {} serves the new code: {} upgraded, {} left on the old "
+            "code ({:.1f} ms)".format(
+                host.generation,
+                counted(moved, "connection"),
+                drained,
+                self.attempt.durations["total"] * 1000,
             )
         )
         return self.report(MigrationOutcome.success, None, changedCode=True)
@@ -543,7 +532,7 @@ class ReloadAttempt:
 
         def refused(why: str) -> _Refused:
             return _Refused(
-                "connection from {} on {}: {}".format(_describePeer(hosted), key, why)
+                "connection from {} on {}: {}".format(describePeer(hosted), key, why)
             )
 
         try:

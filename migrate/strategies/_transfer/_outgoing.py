@@ -25,11 +25,11 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from ..._control._server import encodeReport
-from ..._handoff._attempt import MigrationAttempt
+from ..._handoff._attempt import MigrationAttempt, counted
 from ..._handoff._deadline import DeadlinePassed, firstOf
 from ..._handoff._fdpass import sendDescriptors, writeMemfd
 from ..._handoff._listeners import listenerDescriptor
-from ..._handoff._movement import MovingConnection, freezeMovable
+from ..._handoff._movement import MovingConnection, describePeer, freezeMovable
 from ..._handoff._successor import (
     SuccessorProcess,
     spawnSuccessor,
@@ -203,11 +203,10 @@ class OutgoingHandoff:
         self._releaseMoved()
         report = self._report(MigrationOutcome.success, None, newPid)
         self._step(
-            "successor {} serves generation {}; {} connections moved, {} "
-            "draining here".format(
+            "successor {} serves generation {}; {} moved, {} draining here".format(
                 newPid,
                 self.host.generation + 1,
-                sum(self._moved.values()),
+                counted(sum(self._moved.values()), "connection"),
                 sum(self._staying.values()),
             )
         )
@@ -374,8 +373,8 @@ class OutgoingHandoff:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         descriptors = [each.frozen.descriptor() for each in self._moving]
         self._step(
-            "moving {} connections ({} bytes of state)".format(
-                len(descriptors), len(manifest)
+            "moving {} ({} bytes of state)".format(
+                counted(len(descriptors), "connection"), len(manifest)
             )
         )
         timeout = host.settings.handoffTimeout
@@ -414,14 +413,30 @@ class OutgoingHandoff:
         adopted = answer["adopted"]
         refused = _parseRefusals(answer["refused"])
         if answer["refusedCount"] or adopted != len(self._moving):
-            first = next(iter(refused.values()), "not adopted")
             raise HandoffFailed(
-                "successor refused {} of {} connections (first: {}); the "
-                "hand-off is all or nothing".format(
-                    len(self._moving) - adopted, len(self._moving), first
+                "the new code refused {} of {} (first: {}); the hand-off is "
+                "all or nothing".format(
+                    len(self._moving) - adopted,
+                    counted(len(self._moving), "connection"),
+                    self._firstRefused(refused),
                 )
             )
-        self._step("successor adopted {} connections".format(adopted))
+        self._step("successor adopted {}".format(counted(adopted, "connection")))
+
+    def _firstRefused(self, refused: dict[int, str]) -> str:
+        """
+        Name the first connection the successor refused, and why: its peer
+        and listener, which an operator can find, not only its class.
+        """
+        if not refused:
+            return "not adopted"
+        ident, why = next(iter(refused.items()))
+        for each in self._moving:
+            if each.ident == ident:
+                return "connection from {} on {}: {}".format(
+                    describePeer(each.hosted), each.listenerKey, why
+                )
+        return "connection {}: {}".format(ident, why)
 
     def _freezeMovable(self) -> None:
         self._moving, staying = freezeMovable(self.host.allConnections())

@@ -490,8 +490,14 @@ class Campaign:
             return
         else:
             host.servingPid = int(status["pid"])
-            for pid in (host.servingPid,):
-                setLimit(pid, resource.RLIMIT_FSIZE, None)
+            # A successor a fault limited may serve now: the next rounds
+            # start from the host's own limits again.
+            setLimit(host.servingPid, resource.RLIMIT_FSIZE, None)
+            setLimit(
+                host.servingPid,
+                resource.RLIMIT_NOFILE,
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            )
         answered = await _probe(self.reactor, self.port, self.readyTimeout)
         record.answeredIn = None if answered is None else round(answered, 3)
         if answered is None:

@@ -82,6 +82,13 @@ class CampaignOptions(usage.Options):
     """
 
     synopsis = "python -m migrate.chaos [--rounds N] [--seed S] [options]"
+    longdesc = (
+        "Run one host under load and migrate it again and again, each time "
+        "with a random strategy and a fault injected at a random moment; "
+        "check after each that the service answers, nothing was lost and "
+        "nothing was left behind. Prints a table; exits 1 if an invariant "
+        "broke. See doc/reliability.rst."
+    )
     optParameters = [
         ["rounds", "r", 20, "Migrations to run.", int],
         ["seed", "s", None, "Seed of the random choices (default: from the time)."],

@@ -284,7 +284,18 @@ class _TrialProtocol(ProcessProtocol):
 
     def __init__(self, cases: Sequence[TrialCase], readyMarker: str | None) -> None:
         self.cases = {case.ident: case for case in cases}
-        self.lines = [case.toLine() for case in cases]
+        self.lines = []
+        for case in cases:
+            try:
+                self.lines.append(case.toLine())
+            except StateError as e:
+                # Beyond what one line may carry: not tried (the move itself
+                # refuses such a state).
+                _log.warn(
+                    "Trial: not trying {connection}: {why}",
+                    connection=case.describe(),
+                    why=str(e),
+                )
         self.readyMarker = readyMarker
         self.tail: deque[str] = deque(maxlen=20)
         self.ready = False

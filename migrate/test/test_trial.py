@@ -11,11 +11,13 @@ import sys
 import tempfile
 from typing import Any
 
+import attrs
 from twisted.internet import reactor as _globalReactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -514,6 +516,25 @@ class RunTrialTests(SynchronousTestCase):
         _end(protocol, 1)
         outcome = self.successResultOf(d)
         self.assertIn("the log file cannot be opened", outcome.reason)
+
+    def test_oversizeCaseLeftOut(self) -> None:
+        """
+        A case too large for one line is not sent (nor tried); the others
+        are, and the trial still ends.
+        """
+        huge = attrs.evolve(self.cases[1], state={"appState": "x" * (5 << 20)})
+        self.cases[1] = huge
+        with capturedLogs() as events:
+            d = self._trial()
+        protocol, process = self.reactor.spawned[0][:2]
+        self.assertEqual(
+            [decodeState(line)["id"] for line in process.written[3].splitlines()],
+            [1, 3],
+        )
+        self.assertTrue(any("not trying" in e["log_format"] for e in events))
+        _say(protocol, {"loaded": True}, {"done": 2})
+        _end(protocol)
+        self.assertTrue(self.successResultOf(d).passed)
 
     def test_unknownPolicy(self) -> None:
         """

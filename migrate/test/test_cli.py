@@ -704,6 +704,25 @@ class FormatTests(SynchronousTestCase):
             "  reason: boom",
         )
 
+    def test_statusMaxDraining(self) -> None:
+        """
+        The bound on draining generations shows, and which one is closing
+        its connections to make room.
+        """
+        status = makeStatus(
+            draining=[
+                {"generation": 1, "pid": 1000, "connections": 4, "closing": True}
+            ],
+            maxDraining=1,
+        )
+        text = formatStatus(status)
+        self.assertIn("Draining: (at most 1 at once)\n", text)
+        self.assertIn(
+            "  generation 1 (pid 1000): 4 connections left, closing them to make "
+            "room\n",
+            text,
+        )
+
     def test_statusEmpty(self) -> None:
         text = formatStatus(makeStatus(listeners=[]))
         self.assertIn("Listeners: none", text)

@@ -256,6 +256,15 @@ def _rollingOptions() -> usage.Options:
     return RollingOptions()
 
 
+def _stopOptions() -> usage.Options:
+    """
+    The options of C{stop} (L{migrate._control._stop}).
+    """
+    from ._control._stop import StopOptions
+
+    return StopOptions()
+
+
 class MigrateOptions(VersionOption, usage.Options):
     """
     C{python -m migrate COMMAND [options]}.
@@ -277,6 +286,7 @@ class MigrateOptions(VersionOption, usage.Options):
     subCommands = [
         ["status", None, StatusOptions, "Describe the running host."],
         ["upgrade", None, UpgradeOptions, "Migrate the running host now."],
+        ["stop", None, _stopOptions, "Stop every generation of the host politely."],
         [
             "rolling",
             None,
@@ -287,7 +297,9 @@ class MigrateOptions(VersionOption, usage.Options):
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("a command is needed: status, upgrade or rolling")
+            raise usage.UsageError(
+                "a command is needed: status, upgrade, stop or rolling"
+            )
 
 
 # The commands
@@ -463,6 +475,10 @@ def run(
     command: Coroutine[Any, Any, int]
     if options.subCommand == "status":
         command = _statusCommand(session, sub)
+    elif options.subCommand == "stop":
+        from ._control._stop import stopCommand
+
+        command = stopCommand(session, sub)
     else:
         command = _upgradeCommand(session, sub)
     result: Deferred[int] = Deferred.fromCoroutine(command).addErrback(_explain, out)

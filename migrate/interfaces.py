@@ -36,6 +36,14 @@ class IMigratable(Interface):
     protocols (C{LineReceiver}, C{LineOnlyReceiver}, the C{IntNStringReceiver}
     family, C{NetstringReceiver}) and the transport's unwritten output are
     carried by migrate itself; an application saves only its own attributes.
+
+    Optionally, a protocol may also define C{migrationBlocker()}, returning
+    L{None} when its connection can move now, or a few words saying why
+    not (a reply still owed): the migration then waits for it, within
+    C{--safe-point-timeout}, and leaves it with the old code if it is not
+    ready by then.  twisted.web's HTTP/1.1 channel and C{twisted.web.websocket}
+    connections need no opt-in for HTTP: migrate provides their state
+    itself (a WebSocket's own protocol opts in for its state).
     """
 
     migrationVersion = Attribute("""
@@ -195,7 +203,7 @@ class IMigrationHost(Interface):
         An older generation (or one it relays for) reports its draining.
         """
 
-    def closeDraining(generation: int) -> bool:
+    def closeGeneration(generation: int) -> bool:
         """
         Have draining generation C{generation} close its connections
         cleanly now (this process, or an older one through the channel its

@@ -50,9 +50,15 @@ from migrate._codec import (
     decodeState,
     encodeState,
 )
+from migrate._handoff._movers._registry import (
+    NotAtSafePoint,
+    migratableFor,
+    migrationBlocker,
+)
 from migrate.interfaces import IMigratable
 
 __all__ = [
+    "NotAtSafePoint",
     "ProtocolState",
     "RestoreError",
     "StateError",
@@ -595,9 +601,10 @@ def isMigratable(protocol: object) -> bool:
     @param protocol: a protocol.
 
     @return: whether it provides L{IMigratable} (declares it; its
-        C{migrationVersion} is checked when it is used).
+        C{migrationVersion} is checked when it is used), or migrate has a
+        mover for it (twisted.web's HTTP channel).
     """
-    return IMigratable.providedBy(protocol)
+    return migratableFor(protocol) is not None
 
 
 def captureProtocolState(protocol: object, *, snapshot: bool = True) -> ProtocolState:
@@ -625,11 +632,14 @@ def captureProtocolState(protocol: object, *, snapshot: bool = True) -> Protocol
     """
     cls = type(protocol)
     name = _className(cls)
-    migratable = isMigratable(protocol)
+    app: Any = migratableFor(protocol)
+    migratable = app is not None
     version: int | None = None
     appState: Any = None
     if migratable:
-        app: Any = protocol
+        reason = migrationBlocker(app)
+        if reason is not None:
+            raise NotAtSafePoint(f"{name} cannot move now: {reason}")
         version = getattr(app, "migrationVersion", None)
         if type(version) is not int:
             raise StateError(
@@ -712,13 +722,13 @@ def restoreProtocolState(
             )
 
     appState: Any = None
+    app: Any = migratableFor(protocol)
     if state.migratable:
-        if not isMigratable(protocol):
+        if app is None:
             raise RestoreError(
                 f"cannot restore {name}: it does not provide IMigratable, and "
                 f"{state.className} left application state"
             )
-        app: Any = protocol
         newVersion = getattr(app, "migrationVersion", None)
         if type(newVersion) is not int:
             raise RestoreError(
@@ -769,3 +779,7 @@ def replayBufferedInput(protocol: object) -> None:
     for kind in _KINDS:
         if isinstance(protocol, kind.base) and kind.pending(protocol):
             kind.base.dataReceived(protocol, b"")  # type: ignore[attr-defined]
+    if not IMigratable.providedBy(protocol):
+        mover: Any = migratableFor(protocol)
+        if mover is not None:
+            mover.replayBufferedInput()

@@ -17,6 +17,8 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.python import usage
 
+from ._host._daemon import isForeground, keepSuccessorInForeground
+from ._host._keeping import KEEPER_MODES
 from ._host._service import MigrationHost
 from ._host._settings import HostSettings
 from .strategies import strategyNamed, strategyNames
@@ -173,12 +175,29 @@ class Options(usage.Options):
         ],
         ["handoff-timeout", None, "60", "Seconds each step of a hand-off may take."],
         [
+            "safe-point-timeout",
+            None,
+            "3",
+            "Seconds a migration waits for connections that cannot move at "
+            "once (a request in flight) to reach a point where they can; "
+            "those that do not stay and drain (0: do not wait).",
+        ],
+        [
             "reexec-unmovable",
             None,
             "close",
             "Re-exec: what happens to connections whose protocol does not "
             "provide IMigratable: close (cleanly, before the exec) or adopt "
             "(a fresh protocol of the new code takes them over).",
+        ],
+        [
+            "keeper",
+            None,
+            "auto",
+            "auto, on or off: whether the process a supervisor started (a "
+            "container's PID 1, tini, a terminal) stays as a small keeper when "
+            "a transfer strategy hands the service on; auto: on in the "
+            "foreground without systemd's NOTIFY_SOCKET.",
         ],
         [
             "max-draining",
@@ -311,6 +330,12 @@ class Options(usage.Options):
             )
         self["ready-timeout"] = _seconds("--ready-timeout", self["ready-timeout"])
         self["handoff-timeout"] = _seconds("--handoff-timeout", self["handoff-timeout"])
+        if self["safe-point-timeout"] in ("0", 0):
+            self["safe-point-timeout"] = 0.0
+        else:
+            self["safe-point-timeout"] = _seconds(
+                "--safe-point-timeout", self["safe-point-timeout"]
+            )
         if self["drain-timeout"] is not None:
             self["drain-timeout"] = _seconds("--drain-timeout", self["drain-timeout"])
         if not self["control"]:
@@ -337,6 +362,20 @@ class Options(usage.Options):
             )
         if self.subCommand is None:
             self["factory"] = loadFactory(self["app"])
+        if self["keeper"] not in KEEPER_MODES:
+            raise usage.UsageError(
+                "--keeper must be one of {}, not {!r}".format(
+                    ", ".join(KEEPER_MODES), self["keeper"]
+                )
+            )
+        self["foreground"] = isForeground(getattr(self, "parent", None))
+        if self["keeper"] == "on" and not self["foreground"]:
+            raise usage.UsageError(
+                "--keeper on needs twistd -n: a daemon leaves the process that "
+                "started it, so there is nothing to keep (the pidfile names "
+                "the serving process)"
+            )
+        keepSuccessorInForeground(getattr(self, "parent", None))
         self._takePidfile()
         from .strategies._reexec._incoming import finishPreflight
 
@@ -433,7 +472,11 @@ class _NoReactor:
 
 
 def buildHost(
-    reactor: Any, options: Options, *, hostType: type[MigrationHost] = MigrationHost
+    reactor: Any,
+    options: Options,
+    *,
+    hostType: type[MigrationHost] = MigrationHost,
+    keeper: Any = None,
 ) -> MigrationHost:
     """
     Build the host service from parsed options.
@@ -441,6 +484,8 @@ def buildHost(
     @param reactor: the reactor the host uses.
     @param options: parsed L{Options}.
     @param hostType: L{MigrationHost} or a subclass.
+    @param keeper: this process's part in keeping the process a supervisor
+        started (see L{migrate._host._keeping.keeperFor}); none by default.
     """
     from ._host._inheritance import UnknownInheritedStrategy, inheritedGeneration
 
@@ -463,6 +508,7 @@ def buildHost(
         readyTimeout=options["ready-timeout"],
         handoffTimeout=options["handoff-timeout"],
         drainTimeout=options["drain-timeout"],
+        safePointTimeout=options["safe-point-timeout"],
         pidfile=options["pidfile"],
         applicationSpec=options["app"] if applicationService is None else None,
         strategyOptions={
@@ -483,6 +529,8 @@ def buildHost(
         inheritance=inheritance,
         inheritWith=inheritWith,
         applicationService=applicationService,
+        stopProcess=getattr(keeper, "stopProcess", None),
+        keeper=keeper,
     )
     if interceptor is not None:
         interceptor.host = host
@@ -527,4 +575,10 @@ def makeService(options: Options) -> MigrationHost:
     """
     from twisted.internet import reactor
 
-    return buildHost(reactor, options, hostType=_TwistdHost)
+    from ._host._keeping import chooseKeeper, keeperFor
+
+    choice = chooseKeeper(
+        options["keeper"], foreground=options["foreground"], environ=os.environ
+    )
+    keeper = keeperFor(reactor, choice, pidfile=options["pidfile"])
+    return buildHost(reactor, options, hostType=_TwistdHost, keeper=keeper)

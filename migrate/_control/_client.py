@@ -34,7 +34,7 @@ from twisted.internet.task import deferLater
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from ._commands import Progress, Status, Upgrade
+from ._commands import Progress, Status, Stop, Upgrade
 
 __all__ = [
     "EXIT_FAILED",
@@ -115,6 +115,13 @@ class ControlClient(Protocol):
             (C{readyTimeout}, C{drainTimeout}).
         """
 
+    def stop(self, drainTimeout: float | None) -> Deferred[dict[str, Any]]:
+        """
+        Stop every generation politely; fires with the host's summary once
+        every generation has ended, or fails with L{MigrationInProgress
+        <migrate._control._commands.MigrationInProgress>}.
+        """
+
     def disconnect(self) -> None:
         """
         Close the connection.
@@ -188,6 +195,13 @@ class _AMPControlClient:
             arguments["strategy"] = strategy
         d: Deferred[Any] = self._protocol.callRemote(Upgrade, **arguments)
         d.addCallback(lambda answer: _decodeObject(answer["report"], "report"))
+        d.addErrback(_closedBeforeAnswer)
+        return d
+
+    def stop(self, drainTimeout: float | None) -> Deferred[dict[str, Any]]:
+        arguments = {} if drainTimeout is None else {"drainTimeout": drainTimeout}
+        d: Deferred[Any] = self._protocol.callRemote(Stop, **arguments)
+        d.addCallback(lambda answer: _decodeObject(answer["result"], "result"))
         d.addErrback(_closedBeforeAnswer)
         return d
 

@@ -13,6 +13,7 @@ __all__ = [
     "MigrationInProgress",
     "Progress",
     "Status",
+    "Stop",
     "UnknownStrategy",
     "Upgrade",
 ]
@@ -60,6 +61,20 @@ class Upgrade(amp.Command):
         MigrationInProgress: b"MIGRATION_IN_PROGRESS",
         UnknownStrategy: b"UNKNOWN_STRATEGY",
     }
+
+
+class Stop(amp.Command):
+    """
+    Stop the whole service politely: no new connections, every generation
+    drains for up to C{drainTimeout} seconds (the host's C{--drain-timeout}
+    by default, or 30), then what is left is closed cleanly and every
+    process exits.  The answer, sent once every generation has ended, is a
+    JSON object; L{Progress} commands flow back meanwhile.
+    """
+
+    arguments = [(b"drainTimeout", amp.Float(optional=True))]
+    response = [(b"result", amp.Unicode())]
+    errors = {MigrationInProgress: b"MIGRATION_IN_PROGRESS"}
 
 
 class Progress(amp.Command):

@@ -121,6 +121,17 @@ def formatStatus(status: dict[str, Any]) -> str:
                 ", closing them to make room" if each.get("closing") is True else "",
             )
         )
+    keeper = status.get("keeper")
+    if isinstance(keeper, dict):
+        lines.append(
+            "Keeper: {} ({}: {})".format(
+                "none" if keeper.get("pid") is None else "pid {}".format(keeper["pid"]),
+                textOf(keeper.get("mode")),
+                textOf(keeper.get("why")),
+            )
+        )
+        if keeper.get("problem"):
+            lines.append("  {}".format(keeper["problem"]))
     last = status.get("lastReport")
     if isinstance(last, dict):
         lines.append("Last migration: " + reportSummary(last))

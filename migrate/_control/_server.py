@@ -22,7 +22,7 @@ import stat
 import struct
 from typing import Any, Callable, Mapping, Protocol
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
@@ -30,7 +30,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from .._handoff._listeners import adoptListener
-from ._commands import Progress, Status, Upgrade
+from ._commands import MigrationInProgress, Progress, Status, Stop, Upgrade
 from ._limits import BoundedBoxParser
 
 __all__ = [
@@ -97,6 +97,7 @@ class ControlSocketInUse(ControlSocketError):
 _COMMANDS: dict[bytes, type[amp.Command]] = {
     Status.commandName: Status,
     Upgrade.commandName: Upgrade,
+    Stop.commandName: Stop,
 }
 
 
@@ -288,7 +289,7 @@ def _peerCredentials(transport: object) -> tuple[int, int, int] | None:
 
 class ControlProtocol(BoundedBoxParser, amp.AMP):
     """
-    One control connection: answers L{Status} and L{Upgrade} for the host,
+    One control connection: answers L{Status}, L{Upgrade} and L{Stop} for the host,
     and sends L{Progress} while an upgrade runs.
 
     Only the host's own user and root may talk to it; every box is bounded
@@ -408,7 +409,7 @@ class ControlProtocol(BoundedBoxParser, amp.AMP):
 
     def locateResponder(self, name: bytes) -> Any:
         """
-        Only L{Status} and L{Upgrade} are answered (not AMP's built-in
+        Only L{Status}, L{Upgrade} and L{Stop} are answered (not AMP's built-in
         StartTLS, nor C{amp_*} methods).
         """
         if name not in _COMMANDS:
@@ -470,6 +471,18 @@ class ControlProtocol(BoundedBoxParser, amp.AMP):
             return {"report": encodeReport(report)}
 
         return d.addCallback(encode)
+
+    @Stop.responder
+    def stop(self, drainTimeout: float | None = None) -> Deferred[dict[str, str]]:
+        # A host that can stop (L{migrate.MigrationHost.requestStop}); the
+        # control channel needs nothing more of the others.
+        requestStop = getattr(self._host, "requestStop", None)
+        if requestStop is None:
+            return fail(MigrationInProgress("this host cannot stop on request"))
+        d = maybeDeferred(requestStop, drainTimeout, self._progress)
+        # A handful of keys and one pid per generation: far below AMP's
+        # limit.
+        return d.addCallback(lambda result: {"result": json.dumps(result)})
 
     def _progress(self, message: str) -> None:
         """

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from .._host._tracking import HostedProtocol, PendingAdoptionFactory
 from ..interfaces import IMigrationHost
 from ..state import (
+    NotAtSafePoint,
     ProtocolState,
     StateError,
     captureProtocolState,
@@ -120,6 +121,8 @@ class Unmovable:
     listenerKey: str
     hosted: HostedProtocol
     reason: str
+    #: whether it may move at its next safe point (it is busy now)
+    later: bool = False
 
 
 def _describe(error: BaseException) -> str:
@@ -177,6 +180,13 @@ def _captureState(key: str, protocol: Any) -> ProtocolState:
         # Encoded into the manifest before the application runs again:
         # no snapshot copy needed.
         return captureProtocolState(protocol, snapshot=False)
+    except NotAtSafePoint as e:
+        _log.debug(
+            "Connection on {listener} cannot move now: {why}",
+            listener=key,
+            why=str(e),
+        )
+        raise
     except Exception as e:
         _log.warn(
             "Connection on {listener} cannot move, it stays: {why}",
@@ -214,7 +224,11 @@ def freezeMovable(
             state = _captureState(key, protocol)
         except Exception as e:
             frozen.resume()
-            staying.append(Unmovable(key, hosted, _describe(e)))
+            staying.append(
+                Unmovable(
+                    key, hosted, _describe(e), later=isinstance(e, NotAtSafePoint)
+                )
+            )
             continue
         ident = len(moving) + 1
         entry = _manifestEntry(ident, key, transport, state, frozen.pendingOutput)

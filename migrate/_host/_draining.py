@@ -3,7 +3,8 @@
 Draining: the old side of a committed hand-off.  The process no longer
 serves; it finishes the connections that stayed with it, keeps the serving
 process told how many are left (its own and those of older generations it
-relays for), closes the stragglers cleanly at the drain deadline, and ends
+relays for), closes the stragglers cleanly at the drain deadline (politely
+for twisted.web: see L{migrate._handoff._movers._endings}), and ends
 the process once nothing is left.
 """
 
@@ -14,6 +15,8 @@ from typing import Any, Callable, Iterable
 from attrs import define, field
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+
+from .._handoff._movers._endings import closeAllPolitely
 
 __all__ = ["DrainTracker"]
 
@@ -52,6 +55,7 @@ class DrainTracker:
     _deadline: IDelayedCall | None = None
     _handedOn: bool = False
     _exiting: bool = False
+    _stopPolite: Callable[[], int] | None = None
     closing: bool = False
 
     def generations(self) -> list[dict[str, Any]]:
@@ -127,19 +131,22 @@ class DrainTracker:
             except Exception:
                 _log.failure("Could not report draining progress")
 
-    def closeNow(self) -> None:
+    def closeNow(self, makeRoom: bool = False) -> None:
         """
-        Close the remaining connections cleanly now, as at the drain
-        deadline (a newer generation needs the room: C{--max-draining}).
+        Close the remaining connections now, as the deadline would: the
+        service stops, or (C{makeRoom}) a newer generation needs the room
+        (C{--max-draining}), which this process's drain reports then say.
         """
-        if not self._handedOn or self.closing:
+        if not self._handedOn or self._exiting or self.closing:
             return
-        _log.info("Asked to make room for a newer generation")
-        self.closing = True
+        if makeRoom:
+            _log.info("Asked to make room for a newer generation")
+            self.closing = True
+            self._report()
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
-        self._report()
         self._closeStragglers()
+        self._checkDrained()
 
     def _closeStragglers(self) -> None:
         remaining = list(self._connections())
@@ -147,13 +154,18 @@ class DrainTracker:
             "Drain deadline: closing {count} remaining connections cleanly",
             count=len(remaining),
         )
-        for listener, protocol in remaining:
-            protocol.loseConnection()
+        # Politely where migrate knows the protocol: HTTP/1.1 only between
+        # requests (asked again until it is), HTTP/2 GOAWAY, WebSocket 1001.
+        self._stopPolite = closeAllPolitely(
+            self._reactor, [protocol for listener, protocol in remaining]
+        )
         # A peer that never reads would keep a cleanly closing connection
         # (and this process) alive forever: abort what is left after a grace.
         self._reactor.callLater(ABORT_GRACE_SECONDS, self._abortStragglers)
 
     def _abortStragglers(self) -> None:
+        if self._stopPolite is not None:
+            self._stopPolite()
         remaining = list(self._connections())
         if not remaining:
             return

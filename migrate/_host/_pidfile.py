@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["writePidfile"]
+__all__ = ["removePidfileNaming", "writePidfile"]
 
 
 def writePidfile(path: str, pid: int) -> None:
@@ -28,3 +28,26 @@ def writePidfile(path: str, pid: int) -> None:
     finally:
         os.close(descriptor)
     os.replace(temporary, path)
+
+
+def removePidfileNaming(path: str, pid: int) -> bool:
+    """
+    Remove the pidfile at C{path} if it names C{pid}: a process that stops
+    cleanly takes its pidfile with it, which twistd does not do for a
+    successor or a re-executed image (it did not write their pidfile).  A
+    pidfile naming another process (the successor) stays.
+
+    @return: whether it was removed.
+    """
+    try:
+        with open(path, "rb") as f:
+            named = f.read().strip()
+    except OSError:
+        return False
+    if named != b"%d" % (pid,):
+        return False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True

@@ -24,7 +24,7 @@ from .._report import MigrationPhase, MigrationReport
 from .._systemd import activatedEndpoint, isActivated
 from ..interfaces import IMigrationHost, IMigrationStrategy
 from ._draining import ANSWER_GRACE_SECONDS, DrainTracker
-from ._pidfile import writePidfile
+from ._pidfile import removePidfileNaming, writePidfile
 from ._settings import HostSettings
 from ._tracking import TrackingFactory, unclaimedFactory
 
@@ -197,6 +197,7 @@ class MigrationHost(MultiService):
         inheritance: Any = FROM_ENVIRONMENT,
         inheritWith: IMigrationStrategy | None = None,
         stopProcess: Callable[[], None] | None = None,
+        keeper: Any = None,
         applicationService: IService | None = None,
         **options: Any,
     ) -> None:
@@ -223,6 +224,11 @@ class MigrationHost(MultiService):
             C{strategy}).
         @param stopProcess: ends this process once it has handed everything
             on (default: stop the reactor).
+        @param keeper: this process's part in keeping the process a
+            supervisor started (L{migrate._host._keeping.keeperFor}); told
+            about this host's lifecycle, asked before a migration that would
+            end this process, shown by C{status}.  L{None}: no keeper (an
+            embedding application's host).
         @param applicationService: an application service (another twistd
             plugin's) to host as this host's child; its listening ports are
             owned by the host when a L{ListeningInterceptor} is installed on
@@ -276,6 +282,11 @@ class MigrationHost(MultiService):
         self._abortMigration: Callable[[str], None] | None = None
         self._previousHangup: Any = None
         self.pid = os.getpid()
+        #: this process's part in keeping the process a supervisor started
+        #: (L{migrate._host._keeping}), if any
+        self.keeper = keeper
+        if keeper is not None:
+            self.addObserver(keeper)
 
     @property
     def phase(self) -> MigrationPhase:
@@ -316,6 +327,9 @@ class MigrationHost(MultiService):
     # Service
 
     def privilegedStartService(self) -> None:
+        # twistd daemonises between building the service and starting it:
+        # the process that serves is the one that starts it.
+        self.pid = os.getpid()
         if self.inheritance is None:
             self._listenAll()
             MultiService.privilegedStartService(self)
@@ -325,6 +339,7 @@ class MigrationHost(MultiService):
             Service.privilegedStartService(self)
 
     def startService(self) -> None:
+        self.pid = os.getpid()
         if self.inheritance is None:
             # Listen here too when privilegedStartService was not called
             # (a service started on its own); listeners already open stay.
@@ -368,6 +383,11 @@ class MigrationHost(MultiService):
 
     def _stopNow(self) -> Deferred[None] | None:
         stops = []
+        if self.settings.pidfile:
+            # A successor or re-executed image did not write its pidfile in
+            # twistd's eyes, so twistd would leave it behind.
+            if removePidfileNaming(self.settings.pidfile, self.pid):
+                self.forgetPidfile()
         if self._applicationStarted():
             stops.append(maybeDeferred(MultiService.stopService, self))
         else:
@@ -664,6 +684,7 @@ class MigrationHost(MultiService):
             "draining": self.drainingGenerations(),
             "maxDraining": self.settings.maxDraining,
             "lastReport": None if self.lastReport is None else self.lastReport.toJSON(),
+            "keeper": None if self.keeper is None else self.keeper.statusEntry(),
         }
 
     def _afterRunning(
@@ -769,6 +790,15 @@ class MigrationHost(MultiService):
                 return fail(
                     UnknownStrategy("unknown strategy {!r}".format(strategyName))
                 )
+        if self.keeper is not None:
+            refusal = self.keeper.refuse(strategy)
+        else:
+            from ._keeping import refuseWithoutKeeper
+
+            refusal = refuseWithoutKeeper(strategy)
+        if refusal is not None:
+            # Like a migration that cannot start now: the answer says why.
+            return fail(MigrationInProgress(refusal))
         ownSettings = self.settings
         try:
             self.settings = _overridden(ownSettings, overrides or {})
@@ -907,6 +937,65 @@ class MigrationHost(MultiService):
         )
         self._drain.start(reportDrain, drainTimeout)
 
+    def requestStop(
+        self, drainTimeout: float | None, progress: Callable[[str], None]
+    ) -> Deferred[dict[str, Any]]:
+        """
+        Stop the whole service politely (C{python -m migrate stop}): no new
+        connections, every generation drains for up to C{drainTimeout}
+        seconds (by default C{--drain-timeout}, or 30), then what is left is
+        closed cleanly and this process exits.
+
+        @return: fires with a summary once every generation has ended, or
+            fails with L{MigrationInProgress} when this process does not
+            serve or a migration runs.
+        """
+        from .._control._commands import MigrationInProgress
+        from ._stopping import DEFAULT_STOP_DRAIN_SECONDS, StopAttempt
+
+        if not self.serving:
+            return fail(
+                MigrationInProgress(
+                    "process {} no longer serves; ask the serving one".format(self.pid)
+                )
+            )
+        if self.phase is not MigrationPhase.idle:
+            return fail(
+                MigrationInProgress(
+                    "a migration is running (phase: {}); stop once it has "
+                    "ended".format(self.phase.value)
+                )
+            )
+        if drainTimeout is None:
+            drainTimeout = self.settings.drainTimeout or DEFAULT_STOP_DRAIN_SECONDS
+        return StopAttempt(self, drainTimeout, progress).run()
+
+    def stopAccepting(self) -> None:
+        """
+        Close the listeners for good (nobody takes them over): new
+        connections are refused from now on.
+        """
+        for listener in self.listeners.values():
+            if listener.port is None:
+                continue
+            if isActivated(listener.key):
+                releaseListener(listener.port)
+            else:
+                listener.port.stopListening()
+            listener.port = None
+
+    def drainToStop(
+        self, reporter: Callable[[list[dict[str, Any]]], None], drainTimeout: float
+    ) -> None:
+        """
+        Drain this process as an old generation would, with nobody to hand
+        on to, and exit once every generation has ended.
+        """
+        self.serving = False
+        self._restoreHangup()
+        self._ignoreHangupWhileDraining()
+        self._drain.start(reporter, drainTimeout)
+
     def _connectionsChanged(self) -> None:
         if self.inheritance is None:
             self._drain.connectionsChanged()
@@ -917,7 +1006,7 @@ class MigrationHost(MultiService):
         """
         self._drain.update(entries, viaPid)
 
-    def closeDraining(self, generation: int) -> bool:
+    def closeGeneration(self, generation: int) -> bool:
         """
         Have draining generation C{generation} close its connections
         cleanly now: this process, or an older one, told over the channel
@@ -926,7 +1015,7 @@ class MigrationHost(MultiService):
         @return: whether it could be told.
         """
         if generation == self.generation and not self.serving:
-            self._drain.closeNow()
+            self._drain.closeNow(makeRoom=True)
             return True
         entry = self.draining.get(generation) or {}
         channel = self.reportChannels.get(int(entry.get("via", -1)))
@@ -947,3 +1036,11 @@ class MigrationHost(MultiService):
         """
         self._drain.channels.pop(viaPid, None)
         self._drain.update([], viaPid)
+
+    def closeDraining(self) -> None:
+        """
+        Close the connections still draining here now, cleanly, as the
+        drain deadline would (the service is stopping).
+        """
+        if not self.serving and self.handingOn:
+            self._drain.closeNow()

@@ -45,6 +45,10 @@ class HostSettings:
         (C{"reexec-unmovable"}).
     @ivar reloadModules: the modules module reload loads anew (a package
         includes its submodules) instead of C{applicationSpec}'s package.
+    @ivar safePointTimeout: seconds a migration that moves connections
+        waits for those that cannot move at once (a request in flight, a
+        message half received) to reach a point where they can; those that
+        do not stay and drain (0: do not wait).
     @ivar maxDraining: the most older generations left draining at once;
         a hand-off to a successor that would leave more first has the
         oldest close their connections cleanly.  L{None}: no limit.
@@ -60,4 +64,5 @@ class HostSettings:
     applicationSpec: str | None = None
     strategyOptions: Mapping[str, Any] = field(factory=dict, converter=_options)
     reloadModules: tuple[str, ...] = field(default=(), converter=tuple)
+    safePointTimeout: float = 3.0
     maxDraining: int | None = None

@@ -81,11 +81,14 @@ def twistdCommandLine(
     @param pidfile: twistd's pidfile.
     @param twistdArguments: more options for twistd itself.
     @param hostArguments: the options of C{migrate-host} (and a plugin's).
+        The host has no keeper (C{--keeper off}) unless these say otherwise:
+        the caller follows the whole lineage itself, and measures and waits
+        for each old process's end.
     """
     return (
         [sys.executable, "-c", LAUNCHER, "-n", "--pidfile", pidfile, "--logfile", "-"]
         + twistdArguments
-        + ["migrate-host"]
+        + ["migrate-host", "--keeper", "off"]
         + hostArguments
     )
 

@@ -39,6 +39,7 @@ from ..strategies._transfer._channel import (
     HANDOFF_PROTOCOL_VERSION,
     AdoptConnections,
     Commit,
+    CommitAdopted,
     DrainStatus,
     HandoffRefused,
     Hello,
@@ -581,7 +582,12 @@ class CapabilityTests(SynchronousTestCase):
             entry = {"id": ident, "listener": listener.key, "state": {}, "output": ""}
             moving.append(MovingConnection(ident, listener.key, hosted, frozen, entry))  # type: ignore[arg-type]
         listener, hosted = pairs[-1]
-        return moving, [Unmovable(listener.key, hosted, "not IMigratable")]
+        return moving, [
+            Unmovable(listener.key, hosted, self.lastReason, later=self.lastBusy)
+        ]
+
+    lastReason = "not IMigratable"
+    lastBusy = False
 
     def threadPool(
         self, reactor: Any, pool: Any, f: Callable[..., Any], *a: Any, **kw: Any
@@ -627,6 +633,29 @@ class CapabilityTests(SynchronousTestCase):
             [each.released for each in self.connections], [True, True, False]
         )
         self.assertEqual(self.o.host.connectionCount(), 1)
+
+    def test_busyWithOlderSuccessor(self) -> None:
+        """
+        A busy connection (not at a safe point) waits for the commit; a
+        successor that does not know C{CommitAdopted} leaves it to drain
+        here, and the report says why.
+        """
+        self.lastReason = "NotAtSafePoint: a request is in flight"
+        self.lastBusy = True
+        report = self.successResultOf(self.o.migrate())
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual((report["moved"], report["draining"]), (2, 1))
+        self.assertTrue(
+            any(
+                "cannot take connections after the commit" in note
+                for note in report["notes"]
+            ),
+            report["notes"],
+        )
+        self.assertFalse(
+            any("a request is in flight" in note for note in report["notes"]),
+            report["notes"],
+        )
 
     def assertResumed(self) -> None:
         """
@@ -1054,6 +1083,66 @@ class IncomingChannelTests(SynchronousTestCase):
             [False, False],
         )
         self.assertEqual([each.events for each in self.adopted], [[], []])
+
+    def test_commitAdoptedLater(self) -> None:
+        """
+        After the commit, connections adopted in a later batch are served
+        at C{CommitAdopted}; an empty C{CommitAdopted} commits nothing.
+        """
+        self.handOver()
+        self.successResultOf(self.call(Commit))
+        self.assertEqual(
+            self.successResultOf(self.call(CommitAdopted)), {"committed": 0}
+        )
+        answer = self.adoptConnections([{"id": 3, "listener": "tcp:8000"}])
+        self.assertEqual(answer["adopted"], 1)
+        self.assertEqual(self.adopted[-1].events, [])
+        self.assertEqual(
+            self.successResultOf(self.call(CommitAdopted)), {"committed": 1}
+        )
+        self.assertEqual(self.adopted[-1].events, ["commit"])
+
+    def test_commitAdoptedBeforeCommit(self) -> None:
+        """
+        C{CommitAdopted} is refused before the commit.
+        """
+        self.handOver()
+        self.failureResultOf(self.call(CommitAdopted)).trap(HandoffRefused)
+        self.assertEqual([each.events for each in self.adopted], [[], []])
+
+    def test_laterBatchAllOrNothing(self) -> None:
+        """
+        A later batch the successor cannot adopt whole is abandoned whole:
+        the old process resumes it.
+        """
+        self.handOver()
+        self.successResultOf(self.call(Commit))
+        answer = self.adoptConnections(
+            [
+                {"id": 3, "listener": "tcp:8000"},
+                {"id": 4, "listener": "tcp:8000", "refuse": "no"},
+            ]
+        )
+        self.assertEqual((answer["adopted"], answer["refusedCount"]), (0, 1))
+        self.assertEqual(self.adopted[-1].events, ["abandon"])
+        self.assertEqual(
+            self.successResultOf(self.call(CommitAdopted)), {"committed": 0}
+        )
+
+    def test_lostWithLaterBatch(self) -> None:
+        """
+        A later batch adopted but not committed when the channel closes is
+        abandoned.
+        """
+        self.handOver()
+        self.successResultOf(self.call(Commit))
+        self.adoptConnections([{"id": 3, "listener": "tcp:8000"}])
+        self.pump.serverIO.loseConnection()
+        self.pump.flush()
+        self.assertEqual(self.adopted[-1].events, ["abandon"])
+        self.assertEqual(
+            [each.events for each in self.adopted[:2]], [["commit"], ["commit"]]
+        )
 
     def test_lostAfterCommit(self) -> None:
         """

@@ -520,6 +520,7 @@ class StatusTests(SynchronousTestCase):
                 "draining": [],
                 "maxDraining": None,
                 "lastReport": None,
+                "keeper": None,
             },
         )
 
@@ -1110,7 +1111,7 @@ class InheritanceTests(SynchronousTestCase):
 
 class CloseDrainingTests(SynchronousTestCase):
     """
-    L{MigrationHost.closeDraining} makes room for a newer generation
+    L{MigrationHost.closeGeneration} makes room for a newer generation
     (C{--max-draining}).
     """
 
@@ -1124,7 +1125,7 @@ class CloseDrainingTests(SynchronousTestCase):
         hosted, transport = h.connect()
         reports: list[Any] = []
         h.host.handOn(reports.append)
-        self.assertTrue(h.host.closeDraining(h.host.generation))
+        self.assertTrue(h.host.closeGeneration(h.host.generation))
         self.assertTrue(transport.disconnecting)
         self.assertEqual(reports[-1][-1]["closing"], True)
         hosted.connectionLost(lost())
@@ -1154,12 +1155,12 @@ class CloseDrainingTests(SynchronousTestCase):
             ],
             viaPid=20,
         )
-        self.assertTrue(h.host.closeDraining(1))
+        self.assertTrue(h.host.closeGeneration(1))
         [(command, arguments)] = sent
         self.assertEqual(
             (command.__name__, arguments), ("CloseDraining", {"generation": 1})
         )
-        self.assertFalse(h.host.closeDraining(7))
+        self.assertFalse(h.host.closeGeneration(7))
 
     def test_statusShowsTheLimit(self) -> None:
         """

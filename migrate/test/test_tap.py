@@ -118,6 +118,23 @@ class OptionsTests(SynchronousTestCase):
                 self.assertRaises(usage.UsageError, self.parse, option, value)
         self.assertEqual(self.parse("--drain-timeout", "2.5")["drain-timeout"], 2.5)
 
+    def test_safePointTimeout(self) -> None:
+        """
+        C{--safe-point-timeout} is a number of seconds, 3 by default; 0
+        means do not wait.
+        """
+        self.assertEqual(self.parse()["safe-point-timeout"], 3.0)
+        self.assertEqual(
+            self.parse("--safe-point-timeout", "0")["safe-point-timeout"], 0
+        )
+        self.assertEqual(
+            self.parse("--safe-point-timeout", "0.5")["safe-point-timeout"], 0.5
+        )
+        for value in ["soon", "-1", "nan", "inf"]:
+            self.assertRaises(
+                usage.UsageError, self.parse, "--safe-point-timeout", value
+            )
+
 
 class PidfileTests(SynchronousTestCase):
     """

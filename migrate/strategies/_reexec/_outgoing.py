@@ -52,13 +52,15 @@ from twisted.logger import Logger
 from ..._handoff._attempt import MigrationAttempt, counted
 from ..._handoff._listeners import listenerDescriptor
 from ..._handoff._movement import describeMovable
+from ..._handoff._movers._endings import closePolitely
+from ..._handoff._safepoint import atSafePoints
 from ..._handoff._successor import successorCommandLine
 from ..._handoff._transport import pendingOutput
 from ..._handoff._trial import TrialOutcome, casesFrom, runTrial
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
 from ..._systemd import successorEnvironment
-from ...interfaces import IMigrationHost
-from ...state import captureProtocolState, isMigratable
+from ...interfaces import IMigratable, IMigrationHost
+from ...state import NotAtSafePoint, captureProtocolState, isMigratable
 from ._check import (
     checkDescriptorLimit,
     checkProgram,
@@ -355,6 +357,15 @@ class ReexecMigration:
 
         self._attempt.enter(MigrationPhase.handingOff)
         host.pauseAccepting()
+        # Every connection that moves stays at its safe point from the plan
+        # to the exec.
+        safePoints = yield atSafePoints(
+            host,
+            self._attempt,
+            holdAll=True,
+            missedFate="they are closed politely before the exec",
+        )
+        phaseDone("safepoints")
         try:
             plan = self._plan()
             inherited = (
@@ -370,6 +381,7 @@ class ReexecMigration:
             if limit is not None:
                 raise _Rollback(limit)
         except _Rollback as e:
+            safePoints.letGo()
             host.resumeAccepting()
             phaseDone("plan")
             return self._refuse(str(e))
@@ -392,6 +404,7 @@ class ReexecMigration:
         yield afterPolls(host.reactor, 2)
         reason = self._freezeAndExec(argv, remaining)
         phaseDone("rollback")
+        safePoints.letGo()
         host.resumeAccepting()
         self._step("rolled back: this image keeps serving")
         return self._report(MigrationOutcome.rolledBack, reason)
@@ -433,7 +446,16 @@ class ReexecMigration:
                 try:
                     captureProtocolState(protocol)
                 except Exception as e:
-                    if migratable:
+                    # The application's own state refuses: the whole
+                    # re-exec does.  A connection that did not reach a safe
+                    # point in time, or one migrate's mover cannot carry
+                    # (HTTP/2, a WebSocket that does not opt in), is closed
+                    # politely instead; adopting it with a fresh protocol
+                    # would answer its next request as if it were the one
+                    # in flight.
+                    if IMigratable.providedBy(protocol) and not isinstance(
+                        e, NotAtSafePoint
+                    ):
                         raise _Rollback(
                             "the state of a connection on {} cannot be carried "
                             "over: {}".format(listener.key, _describe(e))
@@ -442,7 +464,12 @@ class ReexecMigration:
                         (
                             listener.key,
                             hosted,
-                            "its buffers cannot be captured: " + _describe(e),
+                            (
+                                "its state cannot be captured: "
+                                if migratable
+                                else "its buffers cannot be captured: "
+                            )
+                            + _describe(e),
                         )
                     )
                     continue
@@ -482,7 +509,11 @@ class ReexecMigration:
                 why=why,
             )
             self._closed[key] = self._closed.get(key, 0) + 1
-            hosted.transport.loseConnection()
+            # Between requests for HTTP/1.1, GOAWAY for HTTP/2, 1001 for a
+            # WebSocket; otherwise (a response being written) once its
+            # output is written, as for any other protocol.
+            if not closePolitely(hosted):
+                hosted.transport.loseConnection()
         timeout = self.closeTimeout
         if timeout is None:
             timeout = self.host.settings.handoffTimeout
@@ -658,7 +689,7 @@ class ReexecMigration:
         described: list[InheritedConnection] = []
         for each in staying:
             protocol = each.hosted.wrappedProtocol
-            if isMigratable(protocol):
+            if IMigratable.providedBy(protocol):
                 raise _Rollback(
                     "the state of a connection on {} cannot be carried over: "
                     "{}".format(each.listenerKey, each.reason)
@@ -668,7 +699,9 @@ class ReexecMigration:
                 transport, "TLS", False
             )
             why = each.reason
-            if self.unmovable == "adopt" and plain:
+            # A protocol migrate has a mover for is never adopted fresh (see
+            # _plan): exec closes it.
+            if self.unmovable == "adopt" and plain and not isMigratable(protocol):
                 try:
                     state = captureProtocolState(protocol)
                     output = pendingOutput(transport)

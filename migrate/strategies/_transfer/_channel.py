@@ -10,6 +10,10 @@ The conversation, for capability and gradual transfer::
     old -> successor   Prepare        start the application
     old -> successor   AdoptConnections   (capability: descriptors in bulk)
     old -> successor   Commit         you serve now
+    old -> successor   AdoptConnections, CommitAdopted
+                                      (capability, repeated: connections that
+                                      were busy, each batch as it reaches its
+                                      safe point)
     old -> successor   DrainStatus    (while the old process drains)
 
 Anything that fails before C{Commit} is answered makes the old process kill
@@ -28,6 +32,7 @@ __all__ = [
     "AdoptConnections",
     "CloseDraining",
     "Commit",
+    "CommitAdopted",
     "DrainStatus",
     "HandoffRefused",
     "Hello",
@@ -138,6 +143,19 @@ class Commit(amp.Command):
 
     arguments = []
     response = [(b"pid", amp.Integer())]
+    errors = {HandoffRefused: b"HANDOFF_REFUSED"}
+
+
+class CommitAdopted(amp.Command):
+    """
+    After L{Commit}: serve the connections adopted since (by
+    L{AdoptConnections}), which the old process lets go of once this is
+    answered.  Sent once with nothing adopted first, to learn that the
+    successor knows it.
+    """
+
+    arguments = []
+    response = [(b"committed", amp.Integer())]
     errors = {HandoffRefused: b"HANDOFF_REFUSED"}
 
 

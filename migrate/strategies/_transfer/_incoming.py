@@ -28,6 +28,7 @@ from ._channel import (
     HANDOFF_PROTOCOL_VERSION,
     AdoptConnections,
     Commit,
+    CommitAdopted,
     DrainStatus,
     HandoffRefused,
     Hello,
@@ -189,6 +190,12 @@ class IncomingChannel(amp.AMP):
                     refused.append({"id": ident, "reason": reason[:_REASON_CHARS]})
             else:
                 adopted += 1
+        if self.committed and refusedCount:
+            # A later batch is all or nothing: the old process resumes it.
+            for each in self._adopted:
+                each.abandon()
+            self._adopted = []
+            adopted = 0
         self._log.info(
             "Adopted {count} connections paused ({refused} refused)",
             count=adopted,
@@ -245,6 +252,20 @@ class IncomingChannel(amp.AMP):
         )
         return {"pid": os.getpid()}
 
+    @CommitAdopted.responder
+    def commitAdopted(self) -> dict[str, Any]:
+        if not self.committed:
+            raise HandoffRefused("not serving yet")
+        adopted, self._adopted = self._adopted, []
+        for each in adopted:
+            each.commit()
+        if adopted:
+            self._log.info(
+                "{count} more connections moved in at their safe point",
+                count=len(adopted),
+            )
+        return {"committed": len(adopted)}
+
     @Reported.responder
     def reported(self, report: str) -> dict[str, Any]:
         from ..._report import MigrationReport
@@ -271,6 +292,11 @@ class IncomingChannel(amp.AMP):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         amp.AMP.connectionLost(self, reason)
         if self.committed:
+            # A batch adopted after the commit and never committed stays
+            # with the old process (which is gone, or resumed it).
+            for each in self._adopted:
+                each.abandon()
+            self._adopted = []
             self._log.info("The previous generation has ended")
             self.host.forgetDraining(self._peerPid())
             return

@@ -29,7 +29,13 @@ from ..._handoff._attempt import MigrationAttempt, counted
 from ..._handoff._deadline import DeadlinePassed, firstOf
 from ..._handoff._fdpass import sendDescriptors, writeMemfd
 from ..._handoff._listeners import listenerDescriptor
-from ..._handoff._movement import MovingConnection, describePeer, freezeMovable
+from ..._handoff._movement import (
+    MovingConnection,
+    Unmovable,
+    describePeer,
+    freezeMovable,
+)
+from ..._handoff._safepoint import SafePointWatch
 from ..._handoff._successor import (
     SuccessorProcess,
     spawnSuccessor,
@@ -43,6 +49,7 @@ from ._channel import (
     AdoptConnections,
     CloseDraining,
     Commit,
+    CommitAdopted,
     DrainStatus,
     HandoffRefused,
     Hello,
@@ -53,6 +60,9 @@ from ._channel import (
 )
 
 __all__ = ["OutgoingHandoff", "HandoffFailed"]
+
+#: seconds between two looks at the busy connections after the commit
+_LATER_INTERVAL = 0.005
 
 _log = Logger()
 
@@ -75,12 +85,12 @@ class OutgoingChannel(amp.AMP):
         self._lostWaiters: list[Deferred[None]] = []
 
     @CloseDraining.responder
-    def closeDraining(self, generation: int) -> dict[str, Any]:
+    def closeGeneration(self, generation: int) -> dict[str, Any]:
         """
         The newer generation asks this one (or an older one it relays for)
         to close its connections cleanly now.
         """
-        self.handoff.host.closeDraining(generation)
+        self.handoff.host.closeGeneration(generation)
         return {}
 
     @Hello.responder
@@ -134,6 +144,7 @@ class OutgoingHandoff:
     channel: OutgoingChannel | None = None
     _hello: Deferred[int] = field(factory=Deferred)
     _moving: list[MovingConnection] = field(factory=list)
+    _later: list[Unmovable] = field(factory=list)
     _staying: dict[str, int] = field(factory=dict)
     _failed: dict[str, int] = field(factory=dict)
     _moved: dict[str, int] = field(factory=dict)
@@ -201,6 +212,12 @@ class OutgoingHandoff:
             return self._report(MigrationOutcome.rolledBack, reason, None)
         self.host.abortWith(None)
         self._releaseMoved()
+        try:
+            yield self._moveLater()
+        except Exception:
+            # Committed: whatever went wrong, the busy connections stay
+            # here and drain, and the hand-on below must happen.
+            _log.failure("Moving busy connections after the commit failed")
         report = self._report(MigrationOutcome.success, None, newPid)
         self._step(
             "successor {} serves generation {}; {} moved, {} draining here".format(
@@ -250,7 +267,7 @@ class OutgoingHandoff:
             )
         )
         for generation in oldest:
-            self.host.closeDraining(generation)
+            self.host.closeGeneration(generation)
         clock = self.host.reactor
         timeout = self.host.settings.handoffTimeout
         deadline = clock.seconds() + timeout
@@ -356,9 +373,19 @@ class OutgoingHandoff:
         self._pausedAccepting = True
         self._freezeMovable()
         if not self._moving:
-            self._step("no connection can move")
+            self._step("no connection can move now")
             return
-        entries = [each.entry for each in self._moving]
+        yield self._sendConnections(self._moving)
+
+    @inlineCallbacks
+    def _sendConnections(self, moving: list[MovingConnection]) -> Any:
+        """
+        Send frozen connections to the successor, which adopts them held.
+
+        @raise HandoffFailed: if it did not adopt every one.
+        """
+        host = self.host
+        entries = [each.entry for each in moving]
         # Each state was checked as it was captured: encode without walking
         # every state a second time.
         manifest = json.dumps(
@@ -371,7 +398,7 @@ class OutgoingHandoff:
             )
         manifestFd = writeMemfd(manifest, "migrate-manifest")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        descriptors = [each.frozen.descriptor() for each in self._moving]
+        descriptors = [each.frozen.descriptor() for each in moving]
         self._step(
             "moving {} ({} bytes of state)".format(
                 counted(len(descriptors), "connection"), len(manifest)
@@ -412,18 +439,20 @@ class OutgoingHandoff:
                 ours.close()
         adopted = answer["adopted"]
         refused = _parseRefusals(answer["refused"])
-        if answer["refusedCount"] or adopted != len(self._moving):
+        if answer["refusedCount"] or adopted != len(moving):
             raise HandoffFailed(
                 "the new code refused {} of {} (first: {}); the hand-off is "
                 "all or nothing".format(
-                    len(self._moving) - adopted,
-                    counted(len(self._moving), "connection"),
-                    self._firstRefused(refused),
+                    len(moving) - adopted,
+                    counted(len(moving), "connection"),
+                    self._firstRefused(refused, moving),
                 )
             )
         self._step("successor adopted {}".format(counted(adopted, "connection")))
 
-    def _firstRefused(self, refused: dict[int, str]) -> str:
+    def _firstRefused(
+        self, refused: dict[int, str], moving: list[MovingConnection]
+    ) -> str:
         """
         Name the first connection the successor refused, and why: its peer
         and listener, which an operator can find, not only its class.
@@ -431,7 +460,7 @@ class OutgoingHandoff:
         if not refused:
             return "not adopted"
         ident, why = next(iter(refused.items()))
-        for each in self._moving:
+        for each in moving:
             if each.ident == ident:
                 return "connection from {} on {}: {}".format(
                     describePeer(each.hosted), each.listenerKey, why
@@ -440,8 +469,12 @@ class OutgoingHandoff:
 
     def _freezeMovable(self) -> None:
         self._moving, staying = freezeMovable(self.host.allConnections())
+        # Busy ones move after the commit, at their next safe point.
+        self._later = [each for each in staying if each.later]
         reasons: dict[str, int] = {}
         for each in staying:
+            if each.later:
+                continue
             self._staying[each.listenerKey] = self._staying.get(each.listenerKey, 0) + 1
             reasons[each.reason] = reasons.get(each.reason, 0) + 1
         # Say in the report why connections stay (a state over the codec's
@@ -460,6 +493,122 @@ class OutgoingHandoff:
             self._attempt.notes.append(
                 "{} more reasons why connections cannot move are in the "
                 "log".format(len(reasons) - _MAX_STAY_NOTES)
+            )
+
+    def _stay(self, key: str) -> None:
+        self._staying[key] = self._staying.get(key, 0) + 1
+
+    @inlineCallbacks
+    def _moveLater(self) -> Any:
+        """
+        After the commit: move each connection that was busy (a request in
+        flight) as soon as it reaches its next safe point, in small batches,
+        for at most C{--safe-point-timeout} seconds; those that do not make
+        it stay and drain.  A batch that fails stays too; it never undoes
+        the commit.
+        """
+        later, self._later = self._later, []
+        if not later:
+            return
+        host = self.host
+        bound = float(host.settings.safePointTimeout)
+        attempt = self._attempt
+        if bound <= 0:
+            for u in later:
+                self._stay(u.listenerKey)
+            return
+        try:
+            # An older successor does not know the command: nothing moves
+            # later, nothing is left half adopted.
+            yield self._call(CommitAdopted, "checking the successor takes more")
+        except Exception as e:
+            for u in later:
+                self._stay(u.listenerKey)
+            attempt.notes.append(
+                "{} busy connections stay: the successor cannot take connections "
+                "after the commit ({})".format(len(later), _describe(e))
+            )
+            return
+        clock = host.reactor
+        started = clock.seconds()
+        atOnce = sum(self._moved.values())
+        self._step(
+            "moving {} busy connection{} at their next safe point (up to {} s)".format(
+                len(later), "" if len(later) == 1 else "s", bound
+            )
+        )
+        _log.info(
+            "Waiting up to {bound} s for {count} connections to reach a safe point",
+            bound=bound,
+            count=len(later),
+        )
+        watch = SafePointWatch([(u.listenerKey, u.hosted) for u in later])
+        movedLater = 0
+        problem: str | None = None
+        try:
+            while watch.waiting and problem is None:
+                if clock.seconds() - started >= bound:
+                    break
+                yield deferLater(clock, _LATER_INTERVAL, lambda: None)
+                ready = watch.takeReady()
+                if not ready:
+                    continue
+                listeners = host.listeners
+                moving, staying = freezeMovable(
+                    [(listeners[w.listenerKey], w.hosted) for w in ready]
+                )
+                try:
+                    if moving:
+                        yield self._sendConnections(moving)
+                        yield self._call(
+                            CommitAdopted,
+                            "committing {} connections at their safe point".format(
+                                len(moving)
+                            ),
+                        )
+                except Exception as e:
+                    problem = _describe(e)
+                    for m in moving:
+                        m.resume()
+                        self._stay(m.listenerKey)
+                else:
+                    for m in moving:
+                        m.release()
+                        self._moved[m.listenerKey] = (
+                            self._moved.get(m.listenerKey, 0) + 1
+                        )
+                    movedLater += len(moving)
+                for u in staying:
+                    self._stay(u.listenerKey)
+                for w in ready:
+                    w.letGo()
+        finally:
+            # Busy ones still watched read again as they were.
+            remaining = watch.stop()
+        for w in remaining:
+            self._stay(w.listenerKey)
+        waited = clock.seconds() - started
+        attempt.notes.append(
+            "{} connection{} moved at once, {} later (each at its next safe "
+            "point, within {:.3f} s of the commit)".format(
+                atOnce, "" if atOnce == 1 else "s", movedLater, waited
+            )
+        )
+        if remaining:
+            attempt.notes.append(
+                "{} connection{} did not reach a safe point within {} s (a "
+                "request in flight, a message half received) and stay{} on "
+                "process {}".format(
+                    len(remaining),
+                    "" if len(remaining) == 1 else "s",
+                    bound,
+                    "s" if len(remaining) == 1 else "",
+                    host.pid,
+                )
+            )
+        if problem is not None:
+            attempt.notes.append(
+                "moving busy connections later stopped: {}; they stay".format(problem)
             )
 
     @inlineCallbacks
@@ -502,6 +651,9 @@ class OutgoingHandoff:
             each.resume()
             self._staying[each.listenerKey] = self._staying.get(each.listenerKey, 0) + 1
         self._moving = []
+        for busy in self._later:
+            self._stay(busy.listenerKey)
+        self._later = []
         if self._pausedAccepting:
             self.host.resumeAccepting()
             self._pausedAccepting = False

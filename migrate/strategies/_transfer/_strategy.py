@@ -24,10 +24,13 @@ class SuccessorHandoff:
     @cvar movesConnections: whether established connections move along
         (capability transfer) or stay on the old process until they end
         (gradual transfer).
+    @cvar replacesProcess: the old process ends once drained (a keeper
+        stays in its place where a supervisor watches it).
     """
 
     name: ClassVar[str]
     movesConnections: ClassVar[bool]
+    replacesProcess: ClassVar[bool] = True
 
     def migrate(
         self, host: IMigrationHost, progress: Callable[[str], None]

@@ -1,0 +1,64 @@
+# -*- test-case-name: migrate.test.test_keeper -*-
+"""
+twistd's default mode, the daemon: what a successor must not do again.
+
+A successor runs the original command line.  Without C{-n} twistd would
+daemonise it again: its first process would exit at once (status 0), which
+the old process takes for a successor that died, and the process that
+serves would not be the old one's child.  So a successor of a daemon stays
+in the foreground, logging where the daemon logs; the daemon did the rest
+(directory, umask, root, user) once for the whole lineage.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, MutableMapping
+
+__all__ = ["DAEMON_LOG_FILE", "isForeground", "keepSuccessorInForeground"]
+
+DAEMON_LOG_FILE = "twistd.log"
+"""
+Where twistd logs as a daemon when not told (C{--logfile}, C{--syslog}).
+"""
+
+_INHERITING = ("MIGRATE_HANDOFF_FD",)
+
+
+def isForeground(parent: Mapping[str, Any] | None) -> bool:
+    """
+    Whether twistd runs in the foreground: C{-n}, or a runner with no
+    daemon mode (C{twist}, an embedding application).
+
+    @param parent: twistd's options, if any.
+    """
+    if parent is None or "nodaemon" not in parent:
+        return True
+    return bool(parent["nodaemon"])
+
+
+def keepSuccessorInForeground(
+    parent: MutableMapping[str, Any] | None,
+    environ: Mapping[str, str] | None = None,
+) -> bool:
+    """
+    In a successor, keep twistd from daemonising again.
+
+    @param parent: twistd's options.
+    @return: whether it changed them (a successor of a daemon).
+    """
+    if environ is None:
+        environ = os.environ
+    if parent is None or not any(name in environ for name in _INHERITING):
+        return False
+    if "nodaemon" not in parent or parent["nodaemon"]:
+        return False
+    parent["nodaemon"] = True
+    if not parent.get("logfile") and not parent.get("syslog"):
+        parent["logfile"] = DAEMON_LOG_FILE
+    for name in ("chroot", "uid", "gid"):
+        if parent.get(name) is not None:
+            parent[name] = None
+    if "rundir" in parent:
+        parent["rundir"] = "."
+    return True

@@ -1,0 +1,1 @@
+python -m migrate stop --control PATH [--drain-timeout SECONDS] stops every generation of a host politely: no new connections, the remaining ones drain until the deadline and are then closed cleanly, and every process exits.

@@ -144,6 +144,7 @@ class Round:
     descriptors: int | None = None
     restarted: bool = False
     violations: list[str] = field(factory=list)
+    halted: list[int] = field(factory=list)
 
     def toJSON(self) -> dict[str, Any]:
         return {
@@ -387,6 +388,7 @@ class Campaign:
             return {child}
         if fault.startswith("stop"):
             signalQuietly(child, signal.SIGSTOP)
+            record.halted.append(child)
             record.injected = "stopped {} {}".format(role, child)
             return set()
         held = descriptorCount(child) or 8
@@ -463,8 +465,11 @@ class Campaign:
         assert self.host is not None
         deadline = self.reactor.seconds() + self.readyTimeout
         while self.reactor.seconds() < deadline:
+            asking = self.host.status()
+            # A stopped host accepts the connection and never answers.
+            asking.addTimeout(max(0.5, deadline - self.reactor.seconds()), self.reactor)
             try:
-                status: dict[str, Any] = await self.host.status()
+                status: dict[str, Any] = await asking
             except Exception:
                 await deferLater(self.reactor, 0.1, lambda: None)
                 continue
@@ -480,14 +485,25 @@ class Campaign:
         status = await self._servingStatus()
         if status is None:
             newPid = (report or {}).get("newPid")
-            expected = bool(killed) and (
-                record.fault == "kill-old"
-                or (record.outcome == "success" and newPid in killed)
+            expected = (
+                bool(killed)
+                and (
+                    record.fault == "kill-old"
+                    or (record.outcome == "success" and newPid in killed)
+                )
+            ) or (
+                # A successor stopped after its commit is the serving process,
+                # stopped for good: nothing can answer, as if it were killed.
+                record.outcome == "success"
+                and newPid in record.halted
             )
             if not expected:
                 record.violations.append("no status within the ready timeout")
-            # Only a killed serving process excuses its connections.
-            self._countLost(record, killed, report, everything=expected)
+            # Only a killed (or stopped) serving process excuses its
+            # connections.
+            self._countLost(
+                record, killed | set(record.halted), report, everything=expected
+            )
             await self._orphans(record)
             record.restarted = True
             self.say(
@@ -633,6 +649,9 @@ class Campaign:
         host = self.host
         assert host is not None and host.sessionIds
         session = host.sessionIds[-1]
+        # What the fault stopped for good is the campaign's to end.
+        for pid in record.halted:
+            signalQuietly(pid)
         deadline = self.reactor.seconds() + self.readyTimeout + 3
         while sessionProcesses(session) and self.reactor.seconds() < deadline:
             await deferLater(self.reactor, 0.1, lambda: None)

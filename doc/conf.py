@@ -5,11 +5,20 @@ The build needs no network and no extension beyond Sphinx itself.  The API
 reference is written in epytext for pydoctor, so it is not rendered here.
 """
 
+import os
+
+# The version is written once, in migrate/_version.py: read, not imported
+# (importing migrate needs Twisted).
+_versionFile = os.path.join(os.path.dirname(__file__), "..", "migrate", "_version.py")
+_versionNames: dict[str, object] = {}
+with open(_versionFile) as _f:
+    exec(_f.read(), _versionNames)
+
 project = "migrate"
 author = "the migrate developers"
 copyright = "the migrate developers"
-release = "0.1.0.dev0"
-version = "0.1"
+release = str(_versionNames["__version__"])
+version = ".".join(release.split(".")[:2])
 
 extensions: list[str] = []
 

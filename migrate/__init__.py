@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ._host._service import MigrationHost
 from ._host._settings import HostSettings
 from ._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
+from ._version import __version__
 from .interfaces import IMigratable, IMigrationHost, IMigrationStrategy
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ __all__ = [
     "ModuleReload",
     "ReexecStrategy",
     "RollingUpgrade",
+    "__version__",
 ]
 
 

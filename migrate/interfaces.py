@@ -141,6 +141,11 @@ class IMigrationHost(Interface):
         "re-exec carries them across exec)."
     )
     lastReport = Attribute("The last migration's report, or L{None}.")
+    metrics = Attribute(
+        "What the metrics endpoint shows and carries across generations "
+        "(C{migrate._host._metrics.HostMetrics}), or L{None} without one."
+    )
+    metricsPort = Attribute("The metrics endpoint's listening port, or L{None}.")
     acceptsAnyListener = Attribute(
         "Whether the host takes over any listener a previous generation "
         "hands on (a hosted twistd plugin opens its ports itself)."
@@ -233,6 +238,13 @@ class IMigrationHost(Interface):
         """
         Use C{port}, handed on by the previous generation, as the control
         channel once this process serves.
+        """
+
+    def adoptMetricsPort(port: Any, carried: Any) -> None:
+        """
+        Use C{port}, handed on by the previous generation, as the metrics
+        endpoint once this process serves, counting on from C{carried}
+        (what that generation's C{metrics.carried()} returned).
         """
 
     def commitInheritance(generation: int) -> None:

@@ -228,6 +228,7 @@ class Options(usage.Options):
         }
         self["listen"] = []
         self["reload-modules"] = []
+        self["metrics"] = None
         self._appGiven = False
 
     @property
@@ -297,6 +298,34 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     opt_l = opt_listen
+
+    def opt_metrics(self, description: str) -> None:
+        """
+        A Twisted server endpoint (tcp:9100) where the host serves
+        OpenMetrics at /metrics for Prometheus; handed to every new
+        generation, counters included (needs the metrics extra:
+        prometheus-client).
+        """
+        import importlib.util
+
+        from ._systemd import checkActivatedListener, inheritsListeners
+
+        if importlib.util.find_spec("prometheus_client") is None:
+            raise usage.UsageError(
+                "--metrics needs prometheus-client: pip install 'txmigrate[metrics]'"
+            )
+        try:
+            if not inheritsListeners() and not checkActivatedListener(description):
+                from twisted.internet.endpoints import serverFromString
+
+                serverFromString(_NoReactor(), description)
+        except (ValueError, TypeError, KeyError) as e:
+            raise usage.UsageError(
+                "--metrics {!r} is not a server endpoint description: {}".format(
+                    description, e
+                )
+            )
+        self["metrics"] = description
 
     def opt_reload_module(self, name: str) -> None:
         """
@@ -516,6 +545,7 @@ def buildHost(
             "trial-failure": options["trial-failure"],
         },
         reloadModules=options["reload-modules"],
+        metricsEndpoint=options["metrics"],
         maxDraining=options["max-draining"],
     )
     host = hostType(
@@ -576,7 +606,12 @@ def makeService(options: Options) -> MigrationHost:
     from twisted.internet import reactor
 
     from ._host._keeping import chooseKeeper, keeperFor
+    from ._host._platform import PlatformUnsupported, checkPlatform
 
+    try:
+        checkPlatform(reactor)
+    except PlatformUnsupported as e:
+        raise SystemExit("migrate-host: {}".format(e))
     choice = chooseKeeper(
         options["keeper"], foreground=options["foreground"], environ=os.environ
     )

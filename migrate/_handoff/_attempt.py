@@ -116,7 +116,9 @@ class MigrationAttempt:
     ) -> MigrationReport:
         """
         The report of this attempt, ending now: C{durations} gains the
-        C{total} unless a strategy measured it already.
+        C{total} unless a strategy measured it already.  The host's metrics
+        count it (a successor takes the counts over; a re-executed image,
+        which reports its own success, counts that itself).
 
         @param listeners: per-listener counts; by default every listener of
             the host with nothing moved, drained or failed.
@@ -127,7 +129,7 @@ class MigrationAttempt:
         host = self.host
         if listeners is None:
             listeners = [ListenerReport(key) for key in host.listeners]
-        return MigrationReport(
+        report = MigrationReport(
             strategy=self.strategy,
             outcome=outcome,
             reason=reason,
@@ -144,3 +146,17 @@ class MigrationAttempt:
             ),
             notes=self.notes,
         )
+        if host.metrics is not None:
+            host.metrics.recordReport(report)
+        return report
+
+    def trialRunEnded(self, passed: bool) -> None:
+        """
+        The new code was tried in a child process before the point of no
+        return (an in-place strategy's trial run): the metrics count it.
+
+        @param passed: whether it imported and restored every connection's
+            state there.
+        """
+        if self.host.metrics is not None:
+            self.host.metrics.recordTrialRun(self.strategy, passed)

@@ -24,6 +24,7 @@ from .._report import MigrationPhase, MigrationReport
 from .._systemd import activatedEndpoint, isActivated
 from ..interfaces import IMigrationHost, IMigrationStrategy
 from ._draining import ANSWER_GRACE_SECONDS, DrainTracker
+from ._metrics import HostMetrics
 from ._pidfile import removePidfileNaming, writePidfile
 from ._settings import HostSettings
 from ._tracking import TrackingFactory, unclaimedFactory
@@ -180,6 +181,9 @@ class MigrationHost(MultiService):
     @ivar serving: whether this process serves (takes new connections and
         migrations); L{False} while it inherits a service or drains one.
     @ivar lastReport: the last migration's report.
+    @ivar metrics: what the metrics endpoint shows and carries to the next
+        generation (L{HostSettings.metricsEndpoint}), or L{None}.
+    @ivar metricsPort: the metrics endpoint's listening port, or L{None}.
     """
 
     _log = Logger()
@@ -269,6 +273,10 @@ class MigrationHost(MultiService):
                 key, TrackingFactory(key, applicationFactory, self._connectionsChanged)
             )
         self.controlPort: IListeningPort | None = None
+        self.metrics: HostMetrics | None = None
+        if self.settings.metricsEndpoint is not None:
+            self.metrics = HostMetrics(self, reactor.seconds)
+        self.metricsPort: IListeningPort | None = None
         self.generation = 1
         self._phase = MigrationPhase.idle
         self.serving = inheritance is None
@@ -346,6 +354,7 @@ class MigrationHost(MultiService):
             self._listenAll()
             MultiService.startService(self)
             self._startControl()
+            self._startMetrics()
             self._serve()
         else:
             Service.startService(self)
@@ -402,6 +411,8 @@ class MigrationHost(MultiService):
                     stops.append(maybeDeferred(listener.port.stopListening))
         if self.controlPort is not None and not self.handingOn:
             stops.append(maybeDeferred(self.controlPort.stopListening))
+        if self.metricsPort is not None and not self.handingOn:
+            stops.append(maybeDeferred(self.metricsPort.stopListening))
         if not stops:
             return None
         from twisted.internet.defer import gatherResults
@@ -484,6 +495,15 @@ class MigrationHost(MultiService):
         path = self.settings.controlPath
         self.controlPort = listenControl(self.reactor, path, self)
         self._log.info("Control channel on {path}", path=path)
+
+    def _startMetrics(self) -> None:
+        endpoint = self.settings.metricsEndpoint
+        if self.metrics is None or endpoint is None or self.metricsPort is not None:
+            return
+        from ._metrics import listenMetrics
+
+        self.metricsPort = listenMetrics(self.reactor, endpoint, self.metrics)
+        self._log.info("Metrics on {endpoint}", endpoint=endpoint)
 
     def addObserver(self, observer: ILifecycleObserver) -> None:
         """
@@ -602,6 +622,19 @@ class MigrationHost(MultiService):
         """
         self.controlPort = port
 
+    def adoptMetricsPort(self, port: IListeningPort, carried: Any) -> None:
+        """
+        Use C{port}, handed on by the previous generation, as the metrics
+        endpoint once this process serves (it stays paused until then), and
+        go on counting from what that generation counted (C{carried}).
+        """
+        if self.metrics is None:
+            # This code serves no metrics: let the endpoint go.
+            releaseListener(port)
+            return
+        self.metricsPort = port
+        self.metrics.carry(carried)
+
     def commitInheritance(self, generation: int) -> None:
         """
         Serve: the previous generation has handed everything on.
@@ -629,6 +662,10 @@ class MigrationHost(MultiService):
             resumeListener(self.controlPort)
         else:
             self._startControl()
+        if self.metricsPort is not None:
+            resumeListener(self.metricsPort)
+        else:
+            self._startMetrics()
         self.inheritance = None
         self._serve()
 
@@ -657,6 +694,9 @@ class MigrationHost(MultiService):
         if self.controlPort is not None:
             releaseListener(self.controlPort)
             self.controlPort = None
+        if self.metricsPort is not None:
+            releaseListener(self.metricsPort)
+            self.metricsPort = None
         self.stopProcess()
 
     # Migrating (serving side)
@@ -921,6 +961,9 @@ class MigrationHost(MultiService):
         if self.controlPort is not None:
             releaseListener(self.controlPort)
             self.controlPort = None
+        if self.metricsPort is not None:
+            releaseListener(self.metricsPort)
+            self.metricsPort = None
         if newPid is not None:
             self._tell("handedOn", newPid)
         drainTimeout = self.settings.drainTimeout

@@ -49,6 +49,9 @@ class HostSettings:
         waits for those that cannot move at once (a request in flight, a
         message half received) to reach a point where they can; those that
         do not stay and drain (0: do not wait).
+    @ivar metricsEndpoint: a server endpoint description where the host
+        serves OpenMetrics at C{/metrics} (C{--metrics}), handed on with the
+        listeners; L{None}: no metrics.
     @ivar maxDraining: the most older generations left draining at once;
         a hand-off to a successor that would leave more first has the
         oldest close their connections cleanly.  L{None}: no limit.
@@ -65,4 +68,5 @@ class HostSettings:
     strategyOptions: Mapping[str, Any] = field(factory=dict, converter=_options)
     reloadModules: tuple[str, ...] = field(default=(), converter=tuple)
     safePointTimeout: float = 3.0
+    metricsEndpoint: str | None = None
     maxDraining: int | None = None

@@ -71,12 +71,19 @@ session's leader) stays in it.
 """
 
 
+#: names the reactor the hosts run on (C{twistd --reactor=NAME}: epoll,
+#: poll, select, asyncio), so that the tests and the benchmark can be run on
+#: each; unset, twistd's default
+REACTOR_VARIABLE = "MIGRATE_TEST_REACTOR"
+
+
 def twistdCommandLine(
     pidfile: str, twistdArguments: list[str], hostArguments: list[str]
 ) -> list[str]:
     """
     The command line of a C{twistd -n migrate-host} in its own session,
-    logging to its standard output.
+    logging to its standard output, on the reactor named by
+    C{$MIGRATE_TEST_REACTOR} if set.
 
     @param pidfile: twistd's pidfile.
     @param twistdArguments: more options for twistd itself.
@@ -85,8 +92,10 @@ def twistdCommandLine(
         the caller follows the whole lineage itself, and measures and waits
         for each old process's end.
     """
+    reactor = os.environ.get(REACTOR_VARIABLE)
     return (
         [sys.executable, "-c", LAUNCHER, "-n", "--pidfile", pidfile, "--logfile", "-"]
+        + (["--reactor=" + reactor] if reactor else [])
         + twistdArguments
         + ["migrate-host", "--keeper", "off"]
         + hostArguments

@@ -174,7 +174,7 @@ class FakeIncoming(amp.AMP):
         return self._answer("Commit", {"pid": SUCCESSOR_PID})
 
     @Reported.responder
-    def reported(self, report: str) -> Any:
+    def reported(self, report: str, metrics: str | None = None) -> Any:
         return self._answer("Reported", {}, report=json.loads(report))
 
     @DrainStatus.responder

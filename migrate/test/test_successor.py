@@ -722,8 +722,11 @@ class RealSuccessorTests(TestCase):
         self.addCleanup(os.close, stray)
         self.addCleanup(os.close, strayWrite)
         os.set_inheritable(stray, True)
-        out = self.enterContext(tempfile.TemporaryFile())
-        err = self.enterContext(tempfile.TemporaryFile())
+        # TestCase.enterContext is Python 3.11's.
+        out = tempfile.TemporaryFile()
+        self.addCleanup(out.close)
+        err = tempfile.TemporaryFile()
+        self.addCleanup(err.close)
         expected = {
             str(child): [os.fstat(fd).st_dev, os.fstat(fd).st_ino]
             for child, fd in [
@@ -766,8 +769,11 @@ class RealSuccessorTests(TestCase):
         the hand-off variables are gone from its environment and the
         hand-off socket will not leak into what it starts.
         """
-        out = self.enterContext(tempfile.TemporaryFile())
-        err = self.enterContext(tempfile.TemporaryFile())
+        # TestCase.enterContext is Python 3.11's.
+        out = tempfile.TemporaryFile()
+        self.addCleanup(out.close)
+        err = tempfile.TemporaryFile()
+        self.addCleanup(err.close)
         process = self.spawn(
             """
             import os, sys

@@ -286,6 +286,8 @@ def checkHost(host: IMigrationHost) -> str | None:
             )
     if host.controlPort is not None and not _isStreamPort(host.controlPort):
         return "the control channel is not a Unix listening socket"
+    if host.metricsPort is not None and not _isStreamPort(host.metricsPort):
+        return "the metrics endpoint is not a TCP or Unix listening socket"
     return None
 
 

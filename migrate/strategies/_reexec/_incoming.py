@@ -356,6 +356,30 @@ def _output(entry: dict[str, Any]) -> bytes:
         return b""
 
 
+def _adoptMetrics(host: Any, fd: int, carried: Any, notes: list[str]) -> None:
+    """
+    Serve the metrics endpoint the old image left, counting on from its
+    counters; this code without metrics closes it.
+    """
+    from ..._host._metrics import adoptMetrics
+
+    if host.metrics is None:
+        os.close(fd)
+        return
+    try:
+        port = adoptMetrics(host.reactor, fd, host.metrics)
+    except Exception as e:
+        note = (
+            "the metrics endpoint could not be adopted ({}: {}); a new one is "
+            "opened".format(type(e).__name__, e)
+        )
+        _log.error("Re-exec: {note}", note=note)
+        notes.append(note)
+        host.metrics.carry(carried)
+    else:
+        host.adoptMetricsPort(port, carried)
+
+
 def _listenToReporters(
     host: IMigrationHost, state: ReexecState, notes: list[str]
 ) -> None:
@@ -457,6 +481,8 @@ def _restore(host: IMigrationHost, inheritance: ReexecInheritance) -> MigrationR
             notes.append(note)
         else:
             host.adoptControlPort(port)
+    if state.metrics is not None:
+        _adoptMetrics(host, state.metrics, state.metricsCarried, notes)
 
     prepare = getattr(host, "prepareApplication", None)
     if prepare is not None:
@@ -545,6 +571,9 @@ def _restore(host: IMigrationHost, inheritance: ReexecInheritance) -> MigrationR
         notes=tuple(notes),
     )
     host.lastReport = report
+    if host.metrics is not None:
+        # The old image's attempt never saw this success: count it here.
+        host.metrics.recordReport(report)
     _log.info(
         "Re-exec: generation {generation} serves in process {pid}: {moved} "
         "connections carried over, {failed} closed; clients waited {wait} s",

@@ -373,6 +373,7 @@ class ReexecMigration:
                 + 1
                 + len(host.listeners)
                 + (1 if host.controlPort is not None else 0)
+                + (1 if host.metricsPort is not None else 0)
                 + plan.moving
                 + plan.fresh
                 + len(host.reportChannels)
@@ -600,6 +601,14 @@ class ReexecMigration:
                     listenerDescriptor(host.controlPort)
                     if host.controlPort is not None
                     else None
+                ),
+                metrics=(
+                    listenerDescriptor(host.metricsPort)
+                    if host.metricsPort is not None
+                    else None
+                ),
+                metricsCarried=(
+                    host.metrics.carried() if host.metrics is not None else None
                 ),
                 connections=tuple(connections),
                 closed=closed,

@@ -13,6 +13,7 @@ It holds, by descriptor number (the numbers survive C{exec}):
 
   - each listening socket, by the key it was configured with;
   - the control socket;
+  - the metrics endpoint, with the counters so far;
   - each established connection with its manifest entry (see
     L{migrate._handoff._movement.freezeMovable}): the protocol's state, the output
     Twisted had not written yet, and whether it is I{restored} (an
@@ -188,6 +189,9 @@ class ReexecState:
     @ivar strategy: the name of the strategy that re-executed.
     @ivar listeners: descriptor of each listening socket, by key.
     @ivar control: descriptor of the control socket, if any.
+    @ivar metrics: descriptor of the metrics endpoint, if any.
+    @ivar metricsCarried: the metrics' counters so far, as plain data
+        (L{migrate._host._metrics.HostMetrics.carried}), if any.
     @ivar connections: the established connections.
     @ivar closed: by listener key, connections the old image closed (or
         left to C{exec} to close) because they could not be carried over.
@@ -208,6 +212,8 @@ class ReexecState:
     strategy: str
     listeners: Mapping[str, int] = field(factory=dict)
     control: int | None = None
+    metrics: int | None = None
+    metricsCarried: Any = None
     connections: tuple[InheritedConnection, ...] = ()
     closed: Mapping[str, int] = field(factory=dict)
     durations: Mapping[str, float] = field(factory=dict)
@@ -226,6 +232,8 @@ class ReexecState:
         found = list(self.listeners.values())
         if self.control is not None:
             found.append(self.control)
+        if self.metrics is not None:
+            found.append(self.metrics)
         found.extend(each.descriptor for each in self.connections)
         found.extend(fd for fd, via in self.reporters)
         return found
@@ -241,6 +249,11 @@ class ReexecState:
             "strategy": self.strategy,
             "listeners": [{"key": key, "fd": fd} for key, fd in self.listeners.items()],
             "control": None if self.control is None else {"fd": self.control},
+            "metrics": (
+                None
+                if self.metrics is None
+                else {"fd": self.metrics, "carried": self.metricsCarried}
+            ),
             "connections": [each.toPlain() for each in self.connections],
             "closed": dict(self.closed),
             "durations": dict(self.durations),
@@ -288,6 +301,14 @@ class ReexecState:
         controlFd = None
         if control is not None:
             controlFd = _int(_dict(control, "control").get("fd"), "control.fd", 3)
+        metrics = document.get("metrics")
+        metricsFd = None
+        metricsCarried = None
+        if metrics is not None:
+            metrics = _dict(metrics, "metrics")
+            metricsFd = _int(metrics.get("fd"), "metrics.fd", 3)
+            # Checked by HostMetrics.carry, which ignores what it cannot read.
+            metricsCarried = metrics.get("carried")
         connections = tuple(
             InheritedConnection.fromPlain(each, "connections[{}]".format(index))
             for index, each in enumerate(
@@ -307,6 +328,8 @@ class ReexecState:
             strategy=_str(document.get("strategy"), "strategy"),
             listeners=listeners,
             control=controlFd,
+            metrics=metricsFd,
+            metricsCarried=metricsCarried,
             connections=connections,
             closed=closed,
             durations=_plainDurations(document.get("durations", {}), "durations"),

@@ -7,6 +7,7 @@ The conversation, for capability and gradual transfer::
     successor -> old   Hello          I have loaded the new code; who am I?
     old -> successor   TakeListener   (once per listener, descriptor attached)
     old -> successor   TakeControl    (the control socket)
+    old -> successor   TakeMetrics    (the metrics endpoint and its counters)
     old -> successor   Prepare        start the application
     old -> successor   AdoptConnections   (capability: descriptors in bulk)
     old -> successor   Commit         you serve now
@@ -40,6 +41,7 @@ __all__ = [
     "Reported",
     "TakeControl",
     "TakeListener",
+    "TakeMetrics",
     "HANDOFF_PROTOCOL_VERSION",
     "parseDrainStatus",
 ]
@@ -91,6 +93,17 @@ class TakeControl(amp.Command):
     """
 
     arguments = [(b"socket", amp.Descriptor())]
+    response = []
+    errors = {HandoffRefused: b"HANDOFF_REFUSED"}
+
+
+class TakeMetrics(amp.Command):
+    """
+    Here is the metrics endpoint's listening socket, and the counters so
+    far (JSON, bounded); adopt it without accepting yet.
+    """
+
+    arguments = [(b"socket", amp.Descriptor()), (b"carried", amp.Unicode())]
     response = []
     errors = {HandoffRefused: b"HANDOFF_REFUSED"}
 
@@ -162,10 +175,14 @@ class CommitAdopted(amp.Command):
 class Reported(amp.Command):
     """
     The report of the migration that made the successor serve, as JSON, so
-    that its status shows it.
+    that its status shows it, and the metrics' counters with this migration
+    counted (JSON).
     """
 
-    arguments = [(b"report", amp.Unicode())]
+    arguments = [
+        (b"report", amp.Unicode()),
+        (b"metrics", amp.Unicode(optional=True)),
+    ]
     requiresAnswer = False
 
 

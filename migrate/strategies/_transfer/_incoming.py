@@ -36,6 +36,7 @@ from ._channel import (
     Reported,
     TakeControl,
     TakeListener,
+    TakeMetrics,
     parseDrainStatus,
 )
 
@@ -121,6 +122,20 @@ class IncomingChannel(amp.AMP):
 
         port = adoptControl(self.host.reactor, socket, self.host, accepting=False)
         self.host.adoptControlPort(port)
+        return {}
+
+    @TakeMetrics.responder
+    def takeMetrics(self, socket: int, carried: str) -> dict[str, Any]:
+        from ..._host._metrics import adoptMetrics
+
+        metrics = self.host.metrics
+        if metrics is None:
+            # This code serves no metrics: the endpoint closes with the old
+            # process.
+            os.close(socket)
+            return {}
+        port = adoptMetrics(self.host.reactor, socket, metrics)
+        self.host.adoptMetricsPort(port, _loadJSON(carried))
         return {}
 
     @Prepare.responder
@@ -267,13 +282,15 @@ class IncomingChannel(amp.AMP):
         return {"committed": len(adopted)}
 
     @Reported.responder
-    def reported(self, report: str) -> dict[str, Any]:
+    def reported(self, report: str, metrics: str | None = None) -> dict[str, Any]:
         from ..._report import MigrationReport
 
         try:
             self.host.lastReport = MigrationReport.fromJSON(json.loads(report))
         except ValueError as e:
             self._log.warn("Ignoring a malformed report: {why}", why=str(e))
+        if metrics is not None and self.host.metrics is not None:
+            self.host.metrics.carry(_loadJSON(metrics))
         return {}
 
     @DrainStatus.responder
@@ -306,6 +323,17 @@ class IncomingChannel(amp.AMP):
         self.host.abandonInheritance(
             "the old process closed the hand-off channel before committing"
         )
+
+
+def _loadJSON(text: str) -> Any:
+    """
+    Carried metrics: malformed JSON is None, which L{HostMetrics.carry}
+    ignores with a warning.
+    """
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def startIncoming(host: IMigrationHost, inheritance: Any) -> IncomingChannel:

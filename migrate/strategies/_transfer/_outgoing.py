@@ -57,6 +57,7 @@ from ._channel import (
     Reported,
     TakeControl,
     TakeListener,
+    TakeMetrics,
 )
 
 __all__ = ["OutgoingHandoff", "HandoffFailed"]
@@ -235,7 +236,14 @@ class OutgoingHandoff:
                 channel.callRemote(DrainStatus, draining=json.dumps(entries))
 
         try:
-            channel.callRemote(Reported, report=encodeReport(report.toJSON()))
+            # The metrics counted this migration (the attempt's report):
+            # the successor counts on from there.
+            metrics = self.host.metrics
+            channel.callRemote(
+                Reported,
+                report=encodeReport(report.toJSON()),
+                metrics=None if metrics is None else json.dumps(metrics.carried()),
+            )
         except Exception:
             _log.failure("Could not tell the successor the report")
         self.host.handOn(reportDrain, newPid)
@@ -362,6 +370,13 @@ class OutgoingHandoff:
                 TakeControl,
                 "handing over the control socket",
                 socket=listenerDescriptor(host.controlPort),
+            )
+        if host.metricsPort is not None and host.metrics is not None:
+            yield self._call(
+                TakeMetrics,
+                "handing over the metrics endpoint",
+                socket=listenerDescriptor(host.metricsPort),
+                carried=json.dumps(host.metrics.carried()),
             )
         yield self._call(Prepare, "starting the application")
         self._step("successor holds the listeners")

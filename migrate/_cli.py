@@ -25,7 +25,7 @@ import sys
 from typing import IO, Any, Callable, Coroutine, Sequence
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import react
+from twisted.internet.task import deferLater, react
 from twisted.protocols import amp
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -182,8 +182,9 @@ class UpgradeOptions(_CommandOptions):
         [
             "wait",
             "w",
-            "After a successful migration, wait until the old generation's "
-            "connections have drained.",
+            "Wait for a migration already running to end (retrying until the "
+            "timeout), and after a successful migration, until the old "
+            "generation's connections have drained.",
         ],
     ]
     optParameters: list[list[Any]] = [
@@ -347,6 +348,10 @@ async def _waitForDrain(session: Session, generation: object, deadline: float) -
     )
 
 
+#: seconds between two tries of C{upgrade --wait} while another migration runs
+RETRY_INTERVAL = 1.0
+
+
 async def _upgradeCommand(session: Session, options: UpgradeOptions) -> int:
     deadline = session.reactor.seconds() + options["timeout"]
     strategy = options["strategy"]
@@ -362,15 +367,25 @@ async def _upgradeCommand(session: Session, options: UpgradeOptions) -> int:
             )
         )
 
-    try:
-        report = await session.upgrade(
-            strategy, deadline, announce, options.overrides()
-        )
-    except MigrationInProgress as e:
-        raise CommandFailed(EXIT_FAILED, str(e)) from None
-    except UnknownStrategy as e:
-        # This client knew the name; the host, another version, does not.
-        raise CommandFailed(EXIT_USAGE, str(e)) from None
+    while True:
+        try:
+            report = await session.upgrade(
+                strategy, deadline, announce, options.overrides()
+            )
+        except MigrationInProgress as e:
+            # The host waits for a running migration itself, within a bound;
+            # past it, or once the process handed on, --wait tries again.
+            if not options["wait"] or session.reactor.seconds() + RETRY_INTERVAL > (
+                deadline
+            ):
+                raise CommandFailed(EXIT_FAILED, str(e)) from None
+            session.out.progress("{}; trying again".format(e))
+            await deferLater(session.reactor, RETRY_INTERVAL, lambda: None)
+            continue
+        except UnknownStrategy as e:
+            # This client knew the name; the host, another version, does not.
+            raise CommandFailed(EXIT_USAGE, str(e)) from None
+        break
     session.out.result(report, formatReport(report))
     outcome = report.get("outcome")
     if outcome != "success":

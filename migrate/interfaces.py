@@ -135,6 +135,11 @@ class IMigrationHost(Interface):
         "Older generations still draining, by generation number: "
         "JSON-compatible dictionaries."
     )
+    reportChannels = Attribute(
+        "The channels older generations report their draining over, by the "
+        "PID at their other end: C{dict} of protocols on Unix sockets (a "
+        "re-exec carries them across exec)."
+    )
     lastReport = Attribute("The last migration's report, or L{None}.")
     metrics = Attribute(
         "What the metrics endpoint shows and carries across generations "
@@ -201,6 +206,15 @@ class IMigrationHost(Interface):
     def updateDraining(entries: list[dict[str, Any]], viaPid: int) -> None:
         """
         An older generation (or one it relays for) reports its draining.
+        """
+
+    def closeGeneration(generation: int) -> bool:
+        """
+        Have draining generation C{generation} close its connections
+        cleanly now (this process, or an older one through the channel its
+        reports come over).
+
+        @return: whether it could be told.
         """
 
     def forgetDraining(viaPid: int) -> None:

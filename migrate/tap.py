@@ -199,6 +199,23 @@ class Options(usage.Options):
             "a transfer strategy hands the service on; auto: on in the "
             "foreground without systemd's NOTIFY_SOCKET.",
         ],
+        [
+            "max-draining",
+            None,
+            None,
+            "The most older generations left draining at once: a hand-off to a "
+            "successor that would leave more first has the oldest close their "
+            "connections cleanly (default: no limit).",
+        ],
+        [
+            "trial-failure",
+            None,
+            "refuse",
+            "Re-exec and reload try the new code on every connection's state in "
+            "a child process first: when it fails on one, refuse the whole "
+            "migration (refuse) or close that connection cleanly and migrate "
+            "the others (close).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -359,6 +376,19 @@ class Options(usage.Options):
                     self["reexec-unmovable"]
                 )
             )
+        if self["max-draining"] is not None:
+            try:
+                self["max-draining"] = int(self["max-draining"])
+            except ValueError:
+                self["max-draining"] = 0
+            if self["max-draining"] < 1:
+                raise usage.UsageError("--max-draining needs a positive whole number")
+        if self["trial-failure"] not in ("refuse", "close"):
+            raise usage.UsageError(
+                "--trial-failure must be refuse or close, not {!r}".format(
+                    self["trial-failure"]
+                )
+            )
         if self.subCommand is None:
             self["factory"] = loadFactory(self["app"])
         if self["keeper"] not in KEEPER_MODES:
@@ -378,7 +408,9 @@ class Options(usage.Options):
         self._takePidfile()
         from .strategies._reexec._incoming import finishPreflight
 
-        finishPreflight(twistdOptions=getattr(self, "parent", None))
+        finishPreflight(
+            twistdOptions=getattr(self, "parent", None), factory=self["factory"]
+        )
         self._refuseLiveControl()
 
     def _refuseLiveControl(self) -> None:
@@ -508,9 +540,13 @@ def buildHost(
         safePointTimeout=options["safe-point-timeout"],
         pidfile=options["pidfile"],
         applicationSpec=options["app"] if applicationService is None else None,
-        strategyOptions={"reexec-unmovable": options["reexec-unmovable"]},
+        strategyOptions={
+            "reexec-unmovable": options["reexec-unmovable"],
+            "trial-failure": options["trial-failure"],
+        },
         reloadModules=options["reload-modules"],
         metricsEndpoint=options["metrics"],
+        maxDraining=options["max-draining"],
     )
     host = hostType(
         reactor,

@@ -109,13 +109,16 @@ def formatStatus(status: dict[str, Any]) -> str:
             )
         )
     draining = dictsIn(status.get("draining"))
-    lines.append("Draining:" if draining else "Draining: none")
+    limit = status.get("maxDraining")
+    bound = " (at most {} at once)".format(limit) if isinstance(limit, int) else ""
+    lines.append(("Draining:" if draining else "Draining: none") + bound)
     for each in draining:
         lines.append(
-            "  generation {} (pid {}): {} left".format(
+            "  generation {} (pid {}): {} left{}".format(
                 textOf(each.get("generation")),
                 textOf(each.get("pid")),
                 countOf(each.get("connections"), "connection"),
+                ", closing them to make room" if each.get("closing") is True else "",
             )
         )
     keeper = status.get("keeper")

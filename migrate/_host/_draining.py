@@ -41,6 +41,7 @@ class DrainTracker:
     @ivar draining: older generations still draining, by generation number:
         JSON-compatible dictionaries, each with the C{via} PID that
         reported it.
+    @ivar channels: the channels they report over, by C{via} PID.
     """
 
     _reactor: Any
@@ -48,12 +49,14 @@ class DrainTracker:
     _ownEntry: Callable[[], dict[str, Any] | None]
     _exit: Callable[[], None]
     draining: dict[int, dict[str, Any]] = field(factory=dict)
+    channels: dict[int, Any] = field(factory=dict)
     _reporter: Callable[[list[dict[str, Any]]], None] | None = None
     _lastReport: list[dict[str, Any]] | None = None
     _deadline: IDelayedCall | None = None
     _handedOn: bool = False
     _exiting: bool = False
     _stopPolite: Callable[[], int] | None = None
+    closing: bool = False
 
     def generations(self) -> list[dict[str, Any]]:
         """
@@ -128,13 +131,18 @@ class DrainTracker:
             except Exception:
                 _log.failure("Could not report draining progress")
 
-    def closeNow(self) -> None:
+    def closeNow(self, makeRoom: bool = False) -> None:
         """
-        Close the remaining connections now, as the deadline would (the
-        service stops).
+        Close the remaining connections now, as the deadline would: the
+        service stops, or (C{makeRoom}) a newer generation needs the room
+        (C{--max-draining}), which this process's drain reports then say.
         """
-        if not self._handedOn or self._exiting:
+        if not self._handedOn or self._exiting or self.closing:
             return
+        if makeRoom:
+            _log.info("Asked to make room for a newer generation")
+            self.closing = True
+            self._report()
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._closeStragglers()

@@ -324,6 +324,14 @@ class MigrationHost(MultiService):
         """
         return self._drain.draining
 
+    @property
+    def reportChannels(self) -> dict[int, Any]:
+        """
+        The channels older generations report their draining over, by the
+        PID at their other end.
+        """
+        return self._drain.channels
+
     # Service
 
     def privilegedStartService(self) -> None:
@@ -572,19 +580,22 @@ class MigrationHost(MultiService):
         def progress(message: str) -> None:
             self._log.info("Migration: {message}", message=message)
 
-        migrating = self.serving and self.phase is not MigrationPhase.idle
+        if self.serving and self.phase is not MigrationPhase.idle:
+            # A control request waits for the running migration; a signal
+            # (a supervisor's reload) joins it instead.
+            self._log.warn(
+                "SIGHUP during a migration: no second one is started; a "
+                "reload waiting for it ends with the running one ({reason})",
+                reason="a migration is already running (phase: {})".format(
+                    self.phase.value
+                ),
+            )
+            self._tell("reloadJoined")
+            return
         d = self.requestUpgrade(None, progress)
 
         def refused(f: Failure) -> None:
-            if migrating:
-                self._log.warn(
-                    "SIGHUP during a migration: no second one is started; a "
-                    "reload waiting for it ends with the running one ({reason})",
-                    reason=f.getErrorMessage(),
-                )
-                self._tell("reloadJoined")
-            else:
-                self._log.warn("SIGHUP ignored: {reason}", reason=f.getErrorMessage())
+            self._log.warn("SIGHUP ignored: {reason}", reason=f.getErrorMessage())
 
         d.addErrback(refused)
 
@@ -630,6 +641,10 @@ class MigrationHost(MultiService):
 
         @param generation: this process's generation number.
         """
+        # First what can fail (a full disk, no room to grow a file): should
+        # it, nothing serves yet and the old process keeps everything.
+        if self.settings.pidfile:
+            writePidfile(self.settings.pidfile, self.pid)
         self.generation = generation
         for key, listener in list(self.listeners.items()):
             if listener.port is not None and listener.factory.unclaimed:
@@ -651,8 +666,6 @@ class MigrationHost(MultiService):
             resumeListener(self.metricsPort)
         else:
             self._startMetrics()
-        if self.settings.pidfile:
-            writePidfile(self.settings.pidfile, self.pid)
         self.inheritance = None
         self._serve()
 
@@ -709,9 +722,75 @@ class MigrationHost(MultiService):
             "listeners": listeners,
             "connections": sum(each["connections"] for each in listeners),
             "draining": self.drainingGenerations(),
+            "maxDraining": self.settings.maxDraining,
             "lastReport": None if self.lastReport is None else self.lastReport.toJSON(),
             "keeper": None if self.keeper is None else self.keeper.statusEntry(),
         }
+
+    def _afterRunning(
+        self, strategyName: str | None, progress: Callable[[str], None]
+    ) -> Deferred[dict[str, Any]]:
+        """
+        A migration runs: wait until it has ended (at most the ready and
+        hand-off timeouts together), then start this one; refuse with a
+        hint to try again if it is still running by then.
+        """
+        from .._control._commands import MigrationInProgress
+
+        running = self._migration
+        phase = self.phase.value
+        if running is None:
+            return fail(
+                MigrationInProgress(
+                    "a migration is already running (phase: {})".format(phase)
+                )
+            )
+        bound = self.settings.readyTimeout + self.settings.handoffTimeout
+        waiting: Deferred[None] = Deferred()
+
+        def tooLong() -> None:
+            if not waiting.called:
+                waiting.errback(
+                    MigrationInProgress(
+                        "a migration is already running (phase: {}) and did not "
+                        "end within {:g} s; try again (upgrade --wait retries)"
+                        "".format(phase, bound)
+                    )
+                )
+
+        timer = self.reactor.callLater(bound, tooLong)
+        self._log.info(
+            "An upgrade request waits for the running migration ({phase}), at "
+            "most {bound} s",
+            phase=phase,
+            bound=bound,
+        )
+
+        def go() -> None:
+            if not waiting.called:
+                waiting.callback(None)
+
+        def ended(result: object) -> object:
+            # After the running migration's own callbacks (its report).
+            self.reactor.callLater(0, go)
+            return result
+
+        running.addBoth(ended)
+        try:
+            progress(
+                "a migration is already running (phase: {}); this one starts when "
+                "it ends (waiting at most {:g} s)".format(phase, bound)
+            )
+        except Exception:
+            self._log.failure("Could not relay progress")
+
+        def start(_: None) -> Deferred[dict[str, Any]]:
+            if timer.active():
+                timer.cancel()
+            return self.requestUpgrade(strategyName, progress)
+
+        result: Deferred[dict[str, Any]] = waiting.addCallback(start)
+        return result
 
     def requestUpgrade(
         self,
@@ -738,17 +817,11 @@ class MigrationHost(MultiService):
             return fail(
                 MigrationInProgress(
                     "process {} no longer serves; its successor takes "
-                    "migrations".format(self.pid)
+                    "migrations: try again (upgrade --wait retries)".format(self.pid)
                 )
             )
         if self.phase is not MigrationPhase.idle:
-            return fail(
-                MigrationInProgress(
-                    "a migration is already running (phase: {})".format(
-                        self.phase.value
-                    )
-                )
-            )
+            return self._afterRunning(strategyName, progress)
         strategy = self.strategy
         if strategyName is not None and strategyName != strategy.name:
             try:
@@ -855,11 +928,14 @@ class MigrationHost(MultiService):
     def _ownDrainEntry(self) -> dict[str, Any] | None:
         if self.serving or self.inheritance is not None:
             return None
-        return {
+        entry: dict[str, Any] = {
             "generation": self.generation,
             "pid": self.pid,
             "connections": self.connectionCount(),
         }
+        if self._drain.closing:
+            entry["closing"] = True
+        return entry
 
     def handOn(
         self,
@@ -973,10 +1049,35 @@ class MigrationHost(MultiService):
         """
         self._drain.update(entries, viaPid)
 
+    def closeGeneration(self, generation: int) -> bool:
+        """
+        Have draining generation C{generation} close its connections
+        cleanly now: this process, or an older one, told over the channel
+        its reports come through.
+
+        @return: whether it could be told.
+        """
+        if generation == self.generation and not self.serving:
+            self._drain.closeNow(makeRoom=True)
+            return True
+        entry = self.draining.get(generation) or {}
+        channel = self.reportChannels.get(int(entry.get("via", -1)))
+        if channel is None or getattr(channel, "transport", None) is None:
+            return False
+        from ..strategies._transfer._channel import CloseDraining
+
+        try:
+            channel.callRemote(CloseDraining, generation=generation)
+        except Exception:
+            self._log.failure("Could not ask generation {g} to close", g=generation)
+            return False
+        return True
+
     def forgetDraining(self, viaPid: int) -> None:
         """
         The older generation reached through C{viaPid} has ended.
         """
+        self._drain.channels.pop(viaPid, None)
         self._drain.update([], viaPid)
 
     def closeDraining(self) -> None:

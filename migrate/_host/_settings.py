@@ -52,6 +52,9 @@ class HostSettings:
     @ivar metricsEndpoint: a server endpoint description where the host
         serves OpenMetrics at C{/metrics} (C{--metrics}), handed on with the
         listeners; L{None}: no metrics.
+    @ivar maxDraining: the most older generations left draining at once;
+        a hand-off to a successor that would leave more first has the
+        oldest close their connections cleanly.  L{None}: no limit.
     """
 
     controlPath: str | None = "migrate-host.sock"
@@ -66,3 +69,4 @@ class HostSettings:
     reloadModules: tuple[str, ...] = field(default=(), converter=tuple)
     safePointTimeout: float = 3.0
     metricsEndpoint: str | None = None
+    maxDraining: int | None = None

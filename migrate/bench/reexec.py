@@ -314,6 +314,7 @@ def _measure(count: int, probes: int) -> dict[str, Any]:
         return {
             "connections": count,
             "preflight": durations.get("preflight", 0.0),
+            "trial": durations.get("trial", 0.0),
             "capture": durations.get("capture", 0.0),
             "exec": durations.get("exec", 0.0),
             "restore": durations.get("restore", 0.0),
@@ -382,17 +383,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         "Python starting and importing twistd and the reactor takes {:.0f} ms "
         "here now: the floor of the exec phase".format(floor * 1000)
     )
-    header = "{:>11} {:>9} {:>8} {:>8} {:>8} {:>11} {:>11} {:>6} {:>6} {:>6}".format(
-        "connections",
-        "preflight",
-        "capture",
-        "exec",
-        "restore",
-        "suspension",
-        "client max",
-        "moved",
-        "failed",
-        "kept",
+    header = (
+        "{:>11} {:>9} {:>7} {:>8} {:>8} {:>8} {:>11} {:>11} {:>6} {:>6} {:>6}".format(
+            "connections",
+            "preflight",
+            "trial",
+            "capture",
+            "exec",
+            "restore",
+            "suspension",
+            "client max",
+            "moved",
+            "failed",
+            "kept",
+        )
     )
     print(header)
     results = []
@@ -405,7 +409,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             result = _measure(count, options.probes)
             results.append(result)
             print(
-                "{connections:>11} {preflight:>9.0f} {capture:>8.1f} {exec:>8.1f} "
+                "{connections:>11} {preflight:>9.0f} {trial:>7.0f} {capture:>8.1f} "
+                "{exec:>8.1f} "
                 "{restore:>8.1f} {suspension:>11.1f} {clientMax:>11.1f} {moved:>6} "
                 "{failed:>6} {kept:>6}".format(
                     **{

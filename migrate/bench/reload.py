@@ -116,7 +116,9 @@ class _Bench:
             _NoReactor(),
             module.makeFactory(),
             ["tcp:8000"],
-            ModuleReload(fingerprints=ModuleFingerprints()),
+            # The reload in this process only: the trial in a child process
+            # before it is measured with real hosts by python -m migrate.bench.
+            ModuleReload(fingerprints=ModuleFingerprints(), trial=None),
             controlPath=None,
             installSignalHandlers=False,
             applicationSpec=self.name + ":makeFactory",

@@ -48,6 +48,7 @@ class ReexecStrategy:
             host=host,
             progress=progress,
             unmovable=host.settings.strategyOptions.get("reexec-unmovable", "close"),
+            trialFailure=host.settings.strategyOptions.get("trial-failure", "refuse"),
             strategyName=self.name,
         )
         result: Deferred[Any] = migration.run()

@@ -17,10 +17,12 @@ from attrs import field, frozen
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
+from .._handoff._trial import casesFrom
 from .._report import MigrationReport
 from ..interfaces import IMigrationHost, IMigrationStrategy
 from ._reload._attempt import FINGERPRINTS, ReloadAttempt
 from ._reload._modules import ModuleFingerprints
+from ._reload._safety import trialInChild
 
 __all__ = ["ModuleReload", "NoIncomingHalf"]
 
@@ -47,12 +49,38 @@ class ModuleReload:
 
     name = "reload"
     _fingerprints: ModuleFingerprints = field(default=FINGERPRINTS)
+    _trial: Callable[[Any, Any, str], Deferred[Any]] | None = field(
+        default=trialInChild
+    )
 
     def migrate(
         self, host: IMigrationHost, progress: Callable[[str], None]
     ) -> Deferred[MigrationReport]:
-        attempt = ReloadAttempt(host, progress, self._fingerprints, self.name)
-        return succeed(attempt.run())
+        """
+        Try the new code in a child process first (unless this strategy was
+        made without a trial), then reload it here.
+        """
+        attempt = ReloadAttempt(
+            host,
+            progress,
+            self._fingerprints,
+            self.name,
+            importTimeout=host.settings.readyTimeout,
+        )
+        early = attempt.begin()
+        if early is not None:
+            return succeed(early)
+        if self._trial is None:
+            return succeed(attempt.finish())
+        attempt.attempt.step("trying the new code in a child process")
+        cases = casesFrom(attempt.connections())
+        tried: Deferred[Any] = self._trial(
+            host,
+            cases,
+            host.settings.strategyOptions.get("trial-failure", "refuse"),
+        )
+        result: Deferred[MigrationReport] = tried.addCallback(attempt.tried)
+        return result
 
     def inherit(self, host: IMigrationHost, inheritance: Any) -> Deferred[None]:
         return fail(

@@ -16,6 +16,7 @@ from typing import Any, Callable
 from twisted.internet import reactor as _globalReactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
 from twisted.python.filepath import FilePath
@@ -31,6 +32,7 @@ from ..bench._process import (
 )
 
 __all__ = [
+    "CLITimedOut",
     "SOURCE_ROOT",
     "HostExited",
     "HostProcess",
@@ -91,11 +93,22 @@ def _environment() -> dict[str, str]:
     return env
 
 
+class CLITimedOut(AssertionError):
+    """
+    The control CLI did not end in time, and was killed.
+
+    @ivar pid: its process.
+    """
+
+    pid: int = 0
+
+
 @inlineCallbacks
 def runCLI(arguments: list[str], *, cwd: str, timeout: float = 120.0) -> Any:
     """
     Run C{python -m migrate ARGUMENTS}; fire with (exit code, stdout text,
-    stderr text).
+    stderr text), or fail with L{CLITimedOut} (having killed it) if it has
+    not ended after C{timeout} seconds.
     """
     out = bytearray()
     err = bytearray()
@@ -105,17 +118,38 @@ def runCLI(arguments: list[str], *, cwd: str, timeout: float = 120.0) -> Any:
             (out if fd == 1 else err).extend(data)
 
     protocol = Split()
-    _globalReactor.spawnProcess(
+    process = _globalReactor.spawnProcess(
         protocol,
         sys.executable,
         [sys.executable, "-m", "migrate"] + arguments,
         env=_environment(),
         path=cwd,
     )
-    timer = _globalReactor.callLater(timeout, lambda: None)
+    timedOut: list[bool] = []
+
+    def kill() -> None:
+        timedOut.append(True)
+        try:
+            process.signalProcess("KILL")
+        except ProcessExitedAlready:
+            pass
+
+    timer = _globalReactor.callLater(timeout, kill)
     code = yield protocol.ended
     if timer.active():
         timer.cancel()
+    if timedOut:
+        failure = CLITimedOut(
+            "python -m migrate {} did not end within {} s (killed); it wrote:\n"
+            "{}{}".format(
+                " ".join(arguments),
+                timeout,
+                out.decode("utf-8", "replace"),
+                err.decode("utf-8", "replace"),
+            )
+        )
+        failure.pid = process.pid
+        raise failure
     return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
@@ -231,6 +265,7 @@ class LineClient(LineReceiver):
     def __init__(self) -> None:
         self.lines: list[bytes] = []
         self.closed: Deferred[None] = Deferred()
+        self.lostReason: Any = None
         self._waiters: list[tuple[int, Deferred[list[bytes]]]] = []
 
     def lineReceived(self, line: bytes) -> None:
@@ -238,6 +273,7 @@ class LineClient(LineReceiver):
         self._fire()
 
     def connectionLost(self, reason: Any = None) -> None:
+        self.lostReason = reason
         if not self.closed.called:
             self.closed.callback(None)
         for count, waiter in self._waiters:

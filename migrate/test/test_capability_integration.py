@@ -196,7 +196,8 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
     def test_halfLineCrossesTheHandoff(self):
         """
         The start of a line read by the old process and the rest sent to
-        the new one make one line, answered once.
+        the new one make one line, answered once: after one more exchange,
+        the client has had exactly one reply for each line it sent.
         """
         yield self.startHost()
         (client,) = yield self.connectClients(1)
@@ -208,6 +209,13 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
         reply = yield self.exchange(client, b"f")
         self.assertEqual(reply[0], b"v2")
         self.assertEqual(reply[2:], [b"half", b"2"])
+        # A late duplicate of either reply would come before this one.
+        last = yield self.exchange(client, b"last")
+        self.assertEqual(last[2:], [b"last", b"3"])
+        self.assertEqual(
+            [fields(line)[2:] for line in client.lines[1:]],
+            [[b"first", b"1"], [b"half", b"2"], [b"last", b"3"]],
+        )
         client.transport.loseConnection()
 
     @inlineCallbacks
@@ -262,7 +270,9 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
     def test_refusedStateRollsBackEverything(self):
         """
         A restore that raises in the new code refuses the whole hand-off:
-        every connection stays served by the old code, unharmed.
+        nothing is carried (the report counts none moved or failed, and
+        says why), every connection stays served by the old code with its
+        state, unharmed; a later upgrade carries them all.
         """
         status = yield self.startHost()
         oldPid = status["pid"]
@@ -281,9 +291,13 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
         self.assertNotEqual(code, 0)
         self.assertEqual(report["outcome"], "rolled-back")
         self.assertIn("state refused", report["reason"])
-        for client in clients:
+        self.assertEqual(
+            (report["moved"], report["failed"], report["newPid"]), (0, 0, None)
+        )
+        for index, client in enumerate(clients):
             reply = yield self.exchange(client, b"ok")
             self.assertEqual(reply[:2], [b"v1", str(oldPid).encode()])
+            self.assertEqual(reply[3], b"2" if index == 1 else b"1")
             self.assertFalse(client.closed.called)
         writeModule(self.host.workdir, "liveapp", MIGRATABLE_V2)
         code, report, err = yield self.host.upgrade()
@@ -296,8 +310,10 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
     @inlineCallbacks
     def test_successorDiesMidHandoff(self):
         """
-        A successor that dies after adopting some connections costs no
-        connection: the old process resumes them all.
+        A successor that dies after adopting and restoring some connections
+        (here: one, then it exits while restoring the second) costs no
+        connection: nothing is carried, the report says why, and the old
+        process resumes them all with their state.
         """
         status = yield self.startHost()
         oldPid = status["pid"]
@@ -310,15 +326,26 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
             MIGRATABLE_V2.replace(
                 'self.count = state["total"]',
                 'self.count = state["total"]\n'
-                "        if self.count: import os; os._exit(7)",
+                '        with open("restored.log", "a") as log: log.write("one\\n")\n'
+                '        if len(open("restored.log").read().split()) == 2: '
+                "os._exit(7)",
             ),
         )
         code, report, err = yield self.host.upgrade()
         self.assertNotEqual(code, 0)
         self.assertEqual(report["outcome"], "rolled-back")
-        for client in clients:
+        self.assertEqual(
+            report["reason"], "the hand-off channel closed while adopting connections"
+        )
+        self.assertEqual((report["moved"], report["failed"]), (0, 0))
+        # The successor had restored one connection when it died.
+        self.assertEqual(
+            self.host.workdir.child("restored.log").getContent(), b"one\none\n"
+        )
+        for index, client in enumerate(clients):
             reply = yield self.exchange(client, b"alive")
             self.assertEqual(reply[:2], [b"v1", str(oldPid).encode()])
+            self.assertEqual(reply[3], b"2" if index >= 2 else b"1")
             self.assertFalse(client.closed.called)
         newClient = yield connectLineClient(self.port)
         hello = yield newClient.waitForLines(1)

@@ -29,6 +29,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import migrate
 from migrate._cli import (
+    RETRY_INTERVAL,
     MigrateOptions,
     StatusOptions,
     UpgradeOptions,
@@ -703,6 +704,25 @@ class FormatTests(SynchronousTestCase):
             "  reason: boom",
         )
 
+    def test_statusMaxDraining(self) -> None:
+        """
+        The bound on draining generations shows, and which one is closing
+        its connections to make room.
+        """
+        status = makeStatus(
+            draining=[
+                {"generation": 1, "pid": 1000, "connections": 4, "closing": True}
+            ],
+            maxDraining=1,
+        )
+        text = formatStatus(status)
+        self.assertIn("Draining: (at most 1 at once)\n", text)
+        self.assertIn(
+            "  generation 1 (pid 1000): 4 connections left, closing them to make "
+            "room\n",
+            text,
+        )
+
     def test_statusEmpty(self) -> None:
         text = formatStatus(makeStatus(listeners=[]))
         self.assertIn("Listeners: none", text)
@@ -977,3 +997,52 @@ class EndToEndTests(TestCase):
         self.assertIn("no such file", outcome.stderr)
         self.assertEqual(outcome.lastJSON["exitCode"], EXIT_UNREACHABLE)
         self.assertNotIn("Traceback", outcome.stderr)
+
+
+class UpgradeWaitTests(CommandTestsMixin, SynchronousTestCase):
+    """
+    C{upgrade --wait} tries again while another migration runs.
+    """
+
+    def test_retriesUntilItRuns(self) -> None:
+        """
+        A refusal because a migration runs is tried again every
+        L{RETRY_INTERVAL} seconds, saying so, until the host takes it.
+        """
+        busy = MigrationInProgress("process 12 no longer serves; try again")
+        connector = self.start(
+            ["upgrade", "--wait", "--timeout", "30"],
+            FakeClient(statuses=[STATUS], upgradeResult=busy),
+            FakeClient(statuses=[STATUS], upgradeResult=makeReport()),
+            FakeClient(statuses=[dict(STATUS, draining=[])]),
+        )
+        self.assertEqual(self.codes, [])
+        self.assertIn("no longer serves; try again; trying again", self.outcome.stderr)
+        self.clock.advance(RETRY_INTERVAL)
+        self.assertEqual(self.outcome.code, EXIT_OK)
+        self.assertEqual(connector.results, [])
+
+    def test_withoutWaitRefused(self) -> None:
+        """
+        Without C{--wait} the refusal is final.
+        """
+        outcome = self.runCommand(
+            ["upgrade"],
+            FakeClient(statuses=[STATUS], upgradeResult=MigrationInProgress("busy")),
+        )
+        self.assertEqual(outcome.code, EXIT_FAILED)
+
+    def test_waitBounded(self) -> None:
+        """
+        With C{--wait}, a host that stays busy until the timeout is given up
+        on, with its reason.
+        """
+        busy = MigrationInProgress("busy")
+        self.start(
+            ["upgrade", "--wait", "--timeout", "1.5"],
+            FakeClient(statuses=[STATUS], upgradeResult=busy),
+            FakeClient(statuses=[STATUS], upgradeResult=busy),
+        )
+        self.clock.advance(RETRY_INTERVAL)
+        self.assertEqual(self.outcome.code, EXIT_FAILED)
+        self.assertIn("migrate: busy\n", self.outcome.stderr)

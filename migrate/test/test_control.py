@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from migrate._control import _server
 from migrate._control._commands import (
     MigrationInProgress,
     Progress,
@@ -577,9 +578,21 @@ class PeerCredentialTests(SynchronousTestCase):
     Only this process's user and root may use the control channel.
     """
 
+    #: the uid the host's check sees as its own in these tests: neither
+    #: root nor the uid the tests run as (root, in CI), so that a check that
+    #: let any uid equal to the real one pass, or that refused root, fails
+    hostUid = 4000
+
+    def setUp(self) -> None:
+        self.patch(_server.os, "getuid", lambda: self.hostUid)
+
+    def accepts(self, uid: int) -> bool:
+        server, transport = serverOnStrings(FakeHost(), FakeHandle(uid=uid))
+        return not transport.disconnected
+
     def test_otherUserRejected(self) -> None:
         host = FakeHost()
-        otherUid = os.getuid() + 4242
+        otherUid = self.hostUid + 1
         with capturedLogs() as events:
             server, transport = serverOnStrings(host, FakeHandle(pid=777, uid=otherUid))
         self.assertTrue(transport.disconnected)
@@ -588,15 +601,32 @@ class PeerCredentialTests(SynchronousTestCase):
         self.assertEqual(host.calls, [])
         [warning] = [e for e in events if "Rejected" in e["log_format"]]
         self.assertEqual((warning["pid"], warning["uid"]), (777, otherUid))
+        self.assertEqual(warning["allowed"], self.hostUid)
 
     def test_sameUserAccepted(self) -> None:
-        server, transport = serverOnStrings(FakeHost(), FakeHandle(uid=os.getuid()))
+        server, transport = serverOnStrings(FakeHost(), FakeHandle(uid=self.hostUid))
         self.assertFalse(transport.disconnected)
-        self.assertEqual(server.peer, (4321, os.getuid(), os.getgid()))
+        self.assertEqual(server.peer, (4321, self.hostUid, os.getgid()))
 
     def test_rootAccepted(self) -> None:
-        server, transport = serverOnStrings(FakeHost(), FakeHandle(uid=0))
-        self.assertFalse(transport.disconnected)
+        self.assertTrue(self.accepts(0))
+
+    def test_onlyThoseTwo(self) -> None:
+        """
+        The uid the tests really run as, and its neighbours, are refused
+        when the host runs as another user.
+        """
+        for uid in {os.geteuid(), os.getuid() if os.getuid() else 1, 1, 65534}:
+            if uid not in (self.hostUid, 0):
+                self.assertFalse(self.accepts(uid), uid)
+
+    def test_rootHostAcceptsOnlyRoot(self) -> None:
+        """
+        A host running as root accepts root only.
+        """
+        self.hostUid = 0
+        self.assertTrue(self.accepts(0))
+        self.assertFalse(self.accepts(4000))
 
     def test_unreadableCredentialsRejected(self) -> None:
         host = FakeHost()
@@ -604,6 +634,12 @@ class PeerCredentialTests(SynchronousTestCase):
         transport = StringTransport()
         server.makeConnection(transport)
         self.assertTrue(transport.disconnected)
+
+
+class PeerCredentialReadTests(SynchronousTestCase):
+    """
+    The credentials come from the kernel.
+    """
 
     def test_realSocketCredentials(self) -> None:
         left, right = socket.socketpair(socket.AF_UNIX)

@@ -55,6 +55,13 @@ FAULT_APP = textwrap.dedent("""
     RESTORE_DELAY = 0.0
     #: a file created at the first restore
     RESTORE_MARK = None
+    # A file restores wait for after the mark (bounded), so that a test acts
+    # while the successor is surely still adopting, whatever the timing.
+    RESTORE_GATE = None
+    # Restores wait (bounded) until the process that started this one is
+    # gone: a test kills it while this one is surely still adopting.
+    RESTORE_UNTIL_ORPHANED = False
+    _PARENT = os.getppid()
 
     @implementer(IMigratable)
     class Counter(LineReceiver):
@@ -78,6 +85,15 @@ FAULT_APP = textwrap.dedent("""
         def restoreMigrationState(self, state):
             if RESTORE_MARK is not None and not os.path.exists(RESTORE_MARK):
                 open(RESTORE_MARK, "w").close()
+            _until = time.monotonic() + 30
+            while RESTORE_GATE and not os.path.exists(RESTORE_GATE):
+                if time.monotonic() > _until:
+                    raise RuntimeError("the test never opened the gate")
+                time.sleep(0.01)
+            while RESTORE_UNTIL_ORPHANED and os.getppid() == _PARENT:
+                if time.monotonic() > _until:
+                    raise RuntimeError("the test never killed the old process")
+                time.sleep(0.01)
             if RESTORE_DELAY:
                 time.sleep(RESTORE_DELAY)
             self.count = state["count"]
@@ -229,7 +245,9 @@ class SuccessorFaultTests(FaultMixin, TestCase):
         writeModule(
             self.host.workdir,
             "liveapp",
-            newCode("RESTORE_MARK = {!r}".format(mark), "RESTORE_DELAY = 0.5"),
+            newCode(
+                "RESTORE_MARK = {!r}".format(mark), "RESTORE_UNTIL_ORPHANED = True"
+            ),
         )
         upgrading = self.host.upgrade()
         yield waitFor(lambda: os.path.exists(mark), what="the successor to adopt")
@@ -329,7 +347,20 @@ class SuccessorFaultTests(FaultMixin, TestCase):
         status = yield self.startHost("--ready-timeout", "25")
         oldPid = status["pid"]
         clients = yield self.connectClients(2)
-        writeModule(self.host.workdir, "liveapp", newCode("time.sleep(20)"))
+        never = self.host.workdir.child("never").path
+        # The successor loads until the test is over (bounded), whatever the
+        # time the command takes to start.
+        writeModule(
+            self.host.workdir,
+            "liveapp",
+            newCode(
+                "_until = time.monotonic() + 60",
+                "while not os.path.exists({!r}) and time.monotonic() < _until:".format(
+                    never
+                ),
+                "    time.sleep(0.02)",
+            ),
+        )
         upgrading = self.host.upgrade("--timeout", "10")
         (successor,) = yield waitFor(
             lambda: childrenOf(oldPid), what="the successor to start"
@@ -375,10 +406,13 @@ class ClientFaultTests(FaultMixin, TestCase):
         for client in clients:
             yield self.exchange(client, b"before")
         mark = self.host.workdir.child("restoring").path
+        gate = self.host.workdir.child("go").path
         writeModule(
             self.host.workdir,
             "liveapp",
-            newCode("RESTORE_DELAY = 0.05", "RESTORE_MARK = {!r}".format(mark)),
+            newCode(
+                "RESTORE_MARK = {!r}".format(mark), "RESTORE_GATE = {!r}".format(gate)
+            ),
         )
         upgrading = self.host.upgrade()
         yield waitFor(lambda: os.path.exists(mark), what="the restores to start")
@@ -387,6 +421,12 @@ class ClientFaultTests(FaultMixin, TestCase):
             client.transport.loseConnection()
         for client in leaving[10:]:
             client.transport.abortConnection()
+        yield waitFor(
+            lambda: all(client.closed.called for client in leaving),
+            what="the leaving clients to be gone",
+        )
+        # The successor restores the rest only now.
+        open(gate, "w").close()
         code, report, err = yield upgrading
         self.assertEqual((code, report["outcome"]), (0, "success"), err)
         self.assertEqual(

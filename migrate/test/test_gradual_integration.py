@@ -291,24 +291,45 @@ class GradualTransferTests(LiveAppMixin, TestCase):
         yield self.assertStillServing(status["pid"])
 
     @inlineCallbacks
-    def test_secondUpgradeRefusedWhileRunning(self):
+    def test_secondUpgradeWhileRunning(self):
         """
-        An upgrade requested while another runs is refused with a clear
-        message; the first one completes.
+        An upgrade requested while another runs waits for it; once that
+        one has handed on, this process no longer serves and says so, with
+        a hint to try again, which C{--wait} does: the second upgrade then
+        migrates the successor.
         """
         yield self.startHost()
+        go = self.host.workdir.child("go").path
+        # The first successor loads until the test lets it (bounded).
         writeModule(
             self.host.workdir,
             "liveapp",
-            APP_V2 + "\nimport time\ntime.sleep(2)\n",
+            APP_V2
+            + "\nimport os, time\n_until = time.monotonic() + 60\n"
+            + "while not os.path.exists({!r}) and time.monotonic() < _until:\n".format(
+                go
+            )
+            + "    time.sleep(0.02)\n",
         )
         first = self.host.upgrade()
         yield waitFor(self._migrating, what="the first migration to start")
-        code, report, err = yield self.host.upgrade()
-        self.assertEqual(code, 1)
-        self.assertIn("already running", err)
+        refused = self.host.upgrade()
+        second = self.host.upgrade("--wait")
+        yield waitFor(
+            lambda: self.host.output().count("An upgrade request waits") == 2,
+            what="both requests to wait",
+        )
+        open(go, "w").close()
         code, report, err = yield first
         self.assertEqual((code, report["outcome"]), (0, "success"), err)
+        firstPid = report["newPid"]
+        code, report, err = yield refused
+        self.assertEqual(code, 1)
+        self.assertIn("no longer serves", err)
+        self.assertIn("try again", err)
+        code, report, err = yield second
+        self.assertEqual((code, report["outcome"]), (0, "success"), err)
+        self.assertEqual((report["oldPid"], report["fromGeneration"]), (firstPid, 2))
 
     @inlineCallbacks
     def _migrating(self):

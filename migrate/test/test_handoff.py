@@ -12,6 +12,7 @@ crosses a real socket.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import os
@@ -20,6 +21,7 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 import attrs
+from attrs import evolve
 from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import capturedLogs
@@ -30,6 +32,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from .._handoff._fdpass import DescriptorTransferError, writeMemfd
 from .._handoff._movement import MovingConnection, Unmovable
 from .._handoff._successor import SuccessorExit, SuccessorProcess
+from .._host import _service
 from ..strategies import CapabilityTransfer, GradualTransfer
 from ..strategies._transfer import _incoming, _outgoing
 from ..strategies._transfer._channel import (
@@ -1054,6 +1057,32 @@ class IncomingChannelTests(SynchronousTestCase):
         self.assertEqual(
             [each.events for each in self.adopted], [["commit"], ["commit"]]
         )
+
+    def test_commitFailsSaysWhy(self) -> None:
+        """
+        A successor that cannot serve after all (its pidfile cannot be
+        written: a full disk) refuses the commit saying why, before any
+        listener accepts, so the old process keeps everything.
+        """
+        self.handOver()
+        self.host.settings = evolve(self.host.settings, pidfile="/nonexistent/x.pid")
+
+        def full(path: str, pid: int) -> None:
+            raise OSError(errno.EFBIG, "File too large")
+
+        self.patch(_service, "writePidfile", full)
+        failure = self.failureResultOf(self.call(Commit), HandoffRefused)
+        self.assertEqual(
+            failure.getErrorMessage(),
+            "cannot serve: OSError: [Errno 27] File too large",
+        )
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertFalse(self.host.serving)
+        self.assertEqual(
+            [each.port.reading for each in self.host.listeners.values()],  # type: ignore[union-attr]
+            [False, False],
+        )
+        self.assertEqual([each.events for each in self.adopted], [[], []])
 
     def test_commitAdoptedLater(self) -> None:
         """

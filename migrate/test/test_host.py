@@ -518,6 +518,7 @@ class StatusTests(SynchronousTestCase):
                 ],
                 "connections": 2,
                 "draining": [],
+                "maxDraining": None,
                 "lastReport": None,
                 "keeper": None,
             },
@@ -568,19 +569,44 @@ class RequestUpgradeTests(SynchronousTestCase):
         self.assertEqual(call.progress, progress.append)
         self.assertEqual(h.host.phase, MigrationPhase.spawning)
 
-    def test_secondMigrationRefused(self) -> None:
+    def test_secondMigrationWaits(self) -> None:
         """
-        While a migration runs, another is refused with
-        L{MigrationInProgress}, saying so; the strategy is not asked again.
+        A migration requested while another runs waits for it to end (and
+        says so), then starts.
         """
         h = started(self)
         h.host.requestUpgrade(None, ignore)
-        failure = self.failureResultOf(
-            h.host.requestUpgrade(None, ignore), MigrationInProgress
+        progress: list[str] = []
+        second = h.host.requestUpgrade(None, progress.append)
+        self.assertNoResult(second)
+        self.assertEqual(len(h.strategy.migrations), 1)
+        self.assertIn("starts when it ends", progress[0])
+        h.strategy.migrations[0].result.callback(
+            reportFor(h.host, MigrationOutcome.rolledBack, reason="no")
         )
+        h.reactor.advance(0)
+        self.assertEqual(len(h.strategy.migrations), 2)
+        self.assertEqual(h.host.phase, MigrationPhase.spawning)
+        self.assertNoResult(second)
+
+    def test_secondMigrationWaitsBounded(self) -> None:
+        """
+        Should the running migration not end within the ready and hand-off
+        timeouts together, the waiting one is refused with
+        L{MigrationInProgress}, with a hint to try again; the strategy is not
+        asked again.
+        """
+        h = started(self, readyTimeout=2.0, handoffTimeout=3.0)
+        h.host.requestUpgrade(None, ignore)
+        second = h.host.requestUpgrade(None, ignore)
+        h.reactor.advance(4.9)
+        self.assertNoResult(second)
+        h.reactor.advance(0.2)
+        failure = self.failureResultOf(second, MigrationInProgress)
         self.assertEqual(
             failure.getErrorMessage(),
-            "a migration is already running (phase: spawning)",
+            "a migration is already running (phase: spawning) and did not end "
+            "within 5 s; try again (upgrade --wait retries)",
         )
         self.assertEqual(len(h.strategy.migrations), 1)
 
@@ -912,7 +938,6 @@ class HandOnTests(SynchronousTestCase):
         h.reactor.advance(0)
         h.reactor.advance(0.2)
         self.assertEqual(h.stops, [True])
-        self.assertEqual(h.reactor.getDelayedCalls(), [])
 
     def test_reportsDrainOnChange(self) -> None:
         """
@@ -1082,3 +1107,64 @@ class InheritanceTests(SynchronousTestCase):
         self.assertFalse(h.host.serving)
         self.assertIsNone(h.host.stopService())
         self.assertEqual([port.events for port in ports], [[], [], []])  # type: ignore[union-attr]
+
+
+class CloseDrainingTests(SynchronousTestCase):
+    """
+    L{MigrationHost.closeGeneration} makes room for a newer generation
+    (C{--max-draining}).
+    """
+
+    def test_ownConnectionsClosed(self) -> None:
+        """
+        A draining process told to close its own generation closes its
+        connections cleanly now, before its deadline, says so in its drain
+        report, and stops once they have ended.
+        """
+        h = started(self, drainTimeout=300.0)
+        hosted, transport = h.connect()
+        reports: list[Any] = []
+        h.host.handOn(reports.append)
+        self.assertTrue(h.host.closeGeneration(h.host.generation))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(reports[-1][-1]["closing"], True)
+        hosted.connectionLost(lost())
+        h.reactor.advance(0)
+        h.reactor.advance(0.2)
+        self.assertEqual(h.stops, [True])
+
+    def test_olderToldThroughItsChannel(self) -> None:
+        """
+        An older generation is told over the channel its reports come
+        through; one with no channel cannot be told.
+        """
+        h = started(self)
+        sent: list[tuple[Any, dict[str, Any]]] = []
+
+        class Channel:
+            transport = object()
+
+            def callRemote(self, command: Any, **arguments: Any) -> None:
+                sent.append((command, arguments))
+
+        h.host.reportChannels[20] = Channel()
+        h.host.updateDraining(
+            [
+                {"generation": 1, "pid": 10, "connections": 1},
+                {"generation": 2, "pid": 20, "connections": 1},
+            ],
+            viaPid=20,
+        )
+        self.assertTrue(h.host.closeGeneration(1))
+        [(command, arguments)] = sent
+        self.assertEqual(
+            (command.__name__, arguments), ("CloseDraining", {"generation": 1})
+        )
+        self.assertFalse(h.host.closeGeneration(7))
+
+    def test_statusShowsTheLimit(self) -> None:
+        """
+        C{status} shows the limit.
+        """
+        h = started(self, maxDraining=3)
+        self.assertEqual(h.host.statusSnapshot()["maxDraining"], 3)

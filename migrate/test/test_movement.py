@@ -26,6 +26,7 @@ from .._handoff._movement import adoptEntry, describeMovable, freezeMovable
 from .._host._tracking import TrackingFactory
 from ..interfaces import IMigratable
 from ..state import StateError
+from ..strategies._reexec._outgoing import afterPolls
 
 
 @implementer(IMigratable)
@@ -254,9 +255,11 @@ class MovementTests(TestCase):
         each.release()
         protocol: Any = adopted.hosted.wrappedProtocol
         self.assertEqual((protocol.restored, Counter.made), ({"count": 7}, made))
-        # Held: nothing reaches the client before the commit, however long
-        # the reactor runs.
-        yield deferLater(reactor, 0.1, lambda: None)
+        # Held: nothing reaches the client before the commit, however many
+        # times the reactor polls (counted in polls, not time), and the
+        # transport is not even registered to write.
+        yield afterPolls(reactor, 10)
+        self.assertNotIn(adopted.transport, reactor.getWriters())
         client.setblocking(False)
         self.assertRaises(BlockingIOError, client.recv, 1)
         adopted.commit()

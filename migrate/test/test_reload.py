@@ -21,6 +21,7 @@ from typing import Any
 
 from attrs import evolve
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python import usage
@@ -28,6 +29,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from .. import tap
+from .._handoff._trial import TrialOutcome
 from .._host._service import MigrationHost
 from .._report import MigrationPhase
 from ..strategies import ModuleReload, strategyNamed, strategyNames
@@ -221,6 +223,7 @@ class Live:
         reloadModules: tuple[str, ...] = (),
         package: bool = False,
         extra: dict[str, str] | None = None,
+        trial: Any = None,
     ) -> None:
         """
         @param source: the application module's source (C{PREFIX} stands
@@ -237,7 +240,7 @@ class Live:
             self.write(name, text)
         self.change(source)
         self.fingerprints = ModuleFingerprints()
-        self.strategy = ModuleReload(fingerprints=self.fingerprints)
+        self.strategy = ModuleReload(fingerprints=self.fingerprints, trial=trial)
         factory = importlib.import_module(self.module).makeFactory()
         self.host = MigrationHost(
             _NoReactor(),
@@ -1426,3 +1429,120 @@ def makeFactory():
         self.assertEqual([ref for ref in refs if ref() is not None], [])
         self.assertEqual(len(live.fingerprints), 1)
         self.assertEqual(exchange(*connections[0], b"x"), b"v5 x 1\n")
+
+
+class ReloadTrialTests(ModulesUnchangedMixin, SynchronousTestCase):
+    """
+    Module reload tries the new code in a child process first (here a
+    stand-in), and bounds its own import.
+    """
+
+    def test_trialSeesEveryMigratableState(self) -> None:
+        """
+        Once it knows there is new code, module reload asks the trial about
+        every migratable connection, with the host's policy, before it
+        imports anything; its cost is in the report.
+        """
+        seen: list[Any] = []
+
+        def trial(host: Any, cases: Any, policy: str) -> Any:
+            seen.append((cases, policy, snapshotModules()))
+            return succeed(
+                TrialOutcome(None, tried=len(cases), duration=0.75, restoring=0.5)
+            )
+
+        live = Live(self, MIGRATABLE, trial=trial)
+        live.host.settings = evolve(
+            live.host.settings, strategyOptions={"trial-failure": "close"}
+        )
+        hosted, transport = live.connect()
+        exchange(hosted, transport, b"a")
+        before = snapshotModules()
+        live.change(MIGRATABLE_V2)
+        report = live.upgrade()
+        [(cases, policy, modules)] = seen
+        self.assertEqual([case.connection for case in cases], [hosted])
+        self.assertEqual(cases[0].state["appState"], {"count": 1})
+        self.assertEqual(policy, "close")
+        self.assertEqual(sorted(set(modules) ^ set(before)), [])
+        self.assertEqual((report["outcome"], report["moved"]), ("success", 1))
+        self.assertEqual(
+            (report["durations"]["preflight"], report["durations"]["trial"]),
+            (0.75, 0.5),
+        )
+
+    def test_nothingChangedNoTrial(self) -> None:
+        """
+        Without new code on disk there is nothing to try.
+        """
+        seen: list[Any] = []
+
+        def trial(*args: Any) -> Any:
+            seen.append(args)
+            return succeed(TrialOutcome(None))
+
+        live = Live(self, MIGRATABLE, trial=trial)
+        live.upgrade()
+        report = live.upgrade()
+        self.assertEqual((report["outcome"], len(seen)), ("success", 1))
+
+    def test_trialRefusalImportsNothing(self) -> None:
+        """
+        A failed trial refuses the reload: nothing was imported into this
+        process, every connection is on the old code.
+        """
+        live = Live(
+            self,
+            MIGRATABLE,
+            trial=lambda *a: succeed(TrialOutcome("the new code did not load")),
+        )
+        hosted, transport = live.connect()
+        live.change(MIGRATABLE_V2)
+        before = snapshotModules()
+        report = live.upgrade()
+        self.assertEqual(
+            (report["outcome"], report["reason"]),
+            ("refused", "the new code did not load"),
+        )
+        self.assertModulesAre(before)
+        self.assertEqual(exchange(hosted, transport, b"x"), b"v1 x 1\n")
+        self.assertEqual(live.host.phase, MigrationPhase.idle)
+
+    def test_trialCloseClosesFirst(self) -> None:
+        """
+        With C{--trial-failure close}, a connection the new code failed on
+        is closed cleanly and counted as failed; the others are rebuilt.
+        """
+
+        def trial(host: Any, cases: Any, policy: str) -> Any:
+            return succeed(TrialOutcome(None, closing=((cases[0], "boom"),)))
+
+        live = Live(self, MIGRATABLE, trial=trial)
+        doomed, doomedTransport = live.connect()
+        kept, keptTransport = live.connect()
+        live.change(MIGRATABLE_V2)
+        report = live.upgrade()
+        self.assertTrue(doomedTransport.disconnecting)
+        self.assertEqual(
+            (report["outcome"], report["moved"], report["failed"]), ("success", 1, 1)
+        )
+        self.assertEqual(exchange(kept, keptTransport, b"y"), b"v2 y 1\n")
+        self.assertTrue(any("boom" in note for note in report["notes"]))
+
+    def test_importBounded(self) -> None:
+        """
+        New code that passed the trial but blocks at import in this process
+        is interrupted at the ready timeout: rolled back, C{sys.modules} as
+        it was.
+        """
+        live = Live(self, MIGRATABLE, trial=lambda *a: succeed(TrialOutcome(None)))
+        live.host.settings = evolve(live.host.settings, readyTimeout=0.2)
+        hosted, transport = live.connect()
+        live.change("import time\ntime.sleep(30)\n" + MIGRATABLE_V2)
+        before = snapshotModules()
+        report = live.upgrade()
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertIn("ImportTimedOut", report["reason"])
+        self.assertIn("longer than 0.2 s", report["reason"])
+        self.assertModulesAre(before)
+        self.assertEqual(exchange(hosted, transport, b"x"), b"v1 x 1\n")

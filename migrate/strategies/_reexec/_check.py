@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ...interfaces import IMigrationHost
+from ._reports import quietChannel
 from ._state import (
     EXEC_AT_VARIABLE,
     PREFLIGHT_MARKER,
@@ -247,14 +248,20 @@ def checkHost(host: IMigrationHost) -> str | None:
 
     @return: why it cannot, or L{None}.
     """
-    if host.draining:
-        generation = min(host.draining)
+    channels = host.reportChannels
+    for generation in sorted(host.draining):
         entry = host.draining[generation]
-        return (
-            "generation {} (process {}) is still draining and reports over a "
-            "channel exec would close: wait until it has drained, or use "
-            "another strategy".format(generation, entry.get("pid", "?"))
-        )
+        # Its report channel crosses exec like any other descriptor (see
+        # _reports); one that is not there, or not quiet, cannot.
+        channel = channels.get(entry.get("via"))
+        why = "its report channel is gone" if channel is None else quietChannel(channel)
+        if why is not None:
+            return (
+                "generation {} (process {}) is still draining and {}: wait "
+                "until it has drained, or use another strategy".format(
+                    generation, entry.get("pid", "?"), why
+                )
+            )
     working = _workingThreads(host.reactor)
     if working:
         return (

@@ -39,6 +39,7 @@ from ..._host._tracking import PendingAdoptionFactory
 from ..._report import ListenerReport, MigrationOutcome, MigrationReport
 from ...interfaces import IMigrationHost
 from ...state import ProtocolState, restoreProtocolState
+from ._reports import ReportChannel
 from ._state import (
     EXEC_AT_VARIABLE,
     PREFLIGHT_MARKER,
@@ -223,14 +224,18 @@ def finishPreflight(
     out: TextIO | None = None,
     *,
     twistdOptions: Mapping[str, Any] | None = None,
+    factory: Any = None,
 ) -> None:
     """
     End the preflight process once its options are parsed and the
     application is loaded: the old image only wanted to know the new code
-    gets that far, and that the new image will be able to open twistd's
-    log file.
+    gets that far, that the new image will be able to open twistd's log
+    file, and (when it asks for a trial, L{migrate._handoff._trial}) that
+    the new code restores every connection's state.
 
     @param twistdOptions: twistd's options, if known.
+    @param factory: the new code's protocol factory, for the trial
+        (L{None} for a hosted plugin, which builds its own when it starts).
 
     @raise SystemExit: in the preflight process: 0 if the re-exec may go
         on, 1 (having said why) if not.
@@ -245,6 +250,9 @@ def finishPreflight(
         stream.write(problem + "\n")
         stream.flush()
         raise SystemExit(1)
+    from ..._handoff._trial import runChild
+
+    runChild(factory, environ)
     stream.write(PREFLIGHT_MARKER + "\n")
     stream.flush()
     raise SystemExit(0)
@@ -372,6 +380,42 @@ def _adoptMetrics(host: Any, fd: int, carried: Any, notes: list[str]) -> None:
         host.adoptMetricsPort(port, carried)
 
 
+def _listenToReporters(
+    host: IMigrationHost, state: ReexecState, notes: list[str]
+) -> None:
+    """
+    Listen again on the channels older generations report their draining
+    over, and show what they last reported.
+    """
+    for fd, viaPid in state.reporters:
+        try:
+            channel = ReportChannel(host, viaPid)
+            host.reactor.adoptStreamConnection(
+                fd, socket.AF_UNIX, Factory.forProtocol(lambda: channel)
+            )
+        except Exception as e:
+            note = (
+                "the report channel of process {} could not be adopted ({}: "
+                "{}); its draining is no longer shown".format(
+                    viaPid, type(e).__name__, e
+                )
+            )
+            _log.error("Re-exec: {note}", note=note)
+            notes.append(note)
+            continue
+        finally:
+            os.close(fd)
+        host.reportChannels[viaPid] = channel
+        host.updateDraining(
+            [
+                {key: value for key, value in entry.items() if key != "via"}
+                for entry in state.draining
+                if entry.get("via") == viaPid
+            ],
+            viaPid,
+        )
+
+
 def restoreReexec(
     host: IMigrationHost, inheritance: ReexecInheritance
 ) -> MigrationReport:
@@ -476,6 +520,7 @@ def _restore(host: IMigrationHost, inheritance: ReexecInheritance) -> MigrationR
             adopted.append((connection, each))
             moved[each.listener] = moved.get(each.listener, 0) + 1
 
+    _listenToReporters(host, state, notes)
     host.commitInheritance(state.generation + 1)
     for connection, each in adopted:
         connection.commit()

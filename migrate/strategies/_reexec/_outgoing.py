@@ -56,6 +56,7 @@ from ..._handoff._movers._endings import closePolitely
 from ..._handoff._safepoint import atSafePoints
 from ..._handoff._successor import successorCommandLine
 from ..._handoff._transport import pendingOutput
+from ..._handoff._trial import TrialOutcome, casesFrom, runTrial
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
 from ..._systemd import successorEnvironment
 from ...interfaces import IMigratable, IMigrationHost
@@ -64,11 +65,13 @@ from ._check import (
     checkDescriptorLimit,
     checkProgram,
     refusalReason,
-    runPreflight,
     workInFlight,
 )
+from ._reports import quietChannel
 from ._state import (
     EXEC_AT_VARIABLE,
+    PREFLIGHT_MARKER,
+    PREFLIGHT_VARIABLE,
     REEXEC_SIGNALS,
     STATE_FD_VARIABLE,
     InheritedConnection,
@@ -264,7 +267,11 @@ class ReexecMigration:
     @ivar unmovable: C{"close"} or C{"adopt"} (see L{UNMOVABLE_POLICIES}).
     @ivar execv: replaces the process image (C{os.execve}); returns only
         by raising.
-    @ivar preflight: L{runPreflight} or a stand-in.
+    @ivar trialFailure: what a connection the new code fails on in the
+        trial means: C{"refuse"} the migration, or C{"close"} it (see
+        L{migrate._handoff._trial.TRIAL_POLICIES}).
+    @ivar preflight: L{runTrial} or a stand-in: runs the preflight process,
+        which loads the new code and tries it on every connection's state.
     @ivar checkArgv: L{checkProgram} or a stand-in.
     @ivar softLimit: returns the soft C{RLIMIT_NOFILE}.
     @ivar closeTimeout: seconds connections being closed may take to
@@ -276,11 +283,13 @@ class ReexecMigration:
     unmovable: str = "close"
     strategyName: str = "reexec"
     execv: Callable[[str, list[str], dict[str, str]], None] = _execve
-    preflight: Callable[..., Any] = runPreflight
+    trialFailure: str = "refuse"
+    preflight: Callable[..., Any] = runTrial
     checkArgv: Callable[[Sequence[str]], str | None] = checkProgram
     softLimit: Callable[[], int] = _softLimit
     closeTimeout: float | None = None
     _closed: dict[str, int] = field(factory=dict)
+    _trialClosing: dict[int, tuple[Any, str]] = field(factory=dict)
     _attempt: MigrationAttempt = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -317,18 +326,32 @@ class ReexecMigration:
             return self._refuse(reason)
 
         self._attempt.enter(MigrationPhase.spawning)
-        self._step("checking that the new code loads: {}".format(" ".join(argv)))
-        outcome = yield self.preflight(
+        self._step("trying the new code in a child process: {}".format(" ".join(argv)))
+        cases = casesFrom(
+            (listener.key, hosted) for listener, hosted in host.allConnections()
+        )
+        environment = successorEnvironment(os.environ)
+        environment[PREFLIGHT_VARIABLE] = "1"
+        for name in (STATE_FD_VARIABLE, EXEC_AT_VARIABLE):
+            environment.pop(name, None)
+        outcome: TrialOutcome = yield self.preflight(
             host.reactor,
             argv,
-            env=successorEnvironment(os.environ),
+            cases,
+            env=environment,
             timeout=host.settings.readyTimeout,
+            policy=self.trialFailure,
+            readyMarker=PREFLIGHT_MARKER,
         )
         phaseDone("preflight")
-        if outcome is not None:
-            reason, tail = outcome
-            self._attempt.successorLog[:] = tail
-            return self._refuse(reason)
+        self._attempt.durations["trial"] = outcome.restoring
+        if not outcome.passed:
+            self._attempt.successorLog[:] = list(outcome.output)
+            return self._refuse(outcome.reason or "the trial failed")
+        self._attempt.notes.extend(outcome.notes())
+        self._trialClosing = {
+            id(case.connection): (case.connection, why) for case, why in outcome.closing
+        }
         if not host.serving:
             return self._refuse("the host stopped serving during the checks")
 
@@ -353,6 +376,7 @@ class ReexecMigration:
                 + (1 if host.metricsPort is not None else 0)
                 + plan.moving
                 + plan.fresh
+                + len(host.reportChannels)
             )
             limit = checkDescriptorLimit(inherited, self.softLimit())
             if limit is not None:
@@ -404,6 +428,16 @@ class ReexecMigration:
             protocol = hosted.wrappedProtocol
             transport = hosted.transport
             if protocol is None or hosted.released:
+                continue
+            tripped, why = self._trialClosing.get(id(hosted), (None, ""))
+            if tripped is hosted:
+                plan.closing.append(
+                    (
+                        listener.key,
+                        hosted,
+                        "the new code failed on it in the trial: " + why,
+                    )
+                )
                 continue
             plain = isinstance(transport, Connection) and not getattr(
                 transport, "TLS", False
@@ -582,6 +616,8 @@ class ReexecMigration:
                 notes=tuple(self._attempt.notes),
                 frozenAt=frozenAt,
                 blockedSignals=tuple(blocked),
+                reporters=self._reporters(),
+                draining=tuple(dict(each) for each in host.draining.values()),
             )
             stateFd = writeState(state, validate=False)
             marks = DescriptorMarks.apply(state.descriptors() + [stateFd])
@@ -627,6 +663,24 @@ class ReexecMigration:
                 os.close(stateFd)
             # Nothing was frozen: the connections carry on as they were.
             return reason
+
+    def _reporters(self) -> tuple[tuple[int, int], ...]:
+        """
+        The channels older generations report their draining over, for
+        the new image.
+
+        @raise _Rollback: if one cannot cross C{exec} now.
+        """
+        found = []
+        for viaPid, channel in sorted(self.host.reportChannels.items()):
+            why = quietChannel(channel)
+            if why is not None:
+                raise _Rollback(
+                    "process {} reports its draining over a channel that "
+                    "cannot cross exec now: {}".format(viaPid, why)
+                )
+            found.append((int(channel.transport.fileno()), viaPid))
+        return tuple(found)
 
     def _describeFresh(
         self, staying: list[Any], numbered: int, closed: dict[str, int]

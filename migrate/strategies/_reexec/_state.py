@@ -200,6 +200,10 @@ class ReexecState:
     @ivar frozenAt: C{time.monotonic()} when the connections froze.
     @ivar blockedSignals: the signals the old image blocked across C{exec}
         that the new image unblocks once its handlers are installed.
+    @ivar reporters: the channels older generations report their draining
+        over: (descriptor, PID at the other end).
+    @ivar draining: what they last reported: JSON-compatible entries with
+        C{generation}, C{pid}, C{connections} and C{via}.
     @ivar version: the document's format version.
     """
 
@@ -216,6 +220,8 @@ class ReexecState:
     notes: tuple[str, ...] = ()
     frozenAt: float = 0.0
     blockedSignals: tuple[int, ...] = ()
+    reporters: tuple[tuple[int, int], ...] = ()
+    draining: tuple[Mapping[str, int], ...] = ()
     version: int = FORMAT_VERSION
 
     def descriptors(self) -> list[int]:
@@ -229,6 +235,7 @@ class ReexecState:
         if self.metrics is not None:
             found.append(self.metrics)
         found.extend(each.descriptor for each in self.connections)
+        found.extend(fd for fd, via in self.reporters)
         return found
 
     def toPlain(self) -> dict[str, Any]:
@@ -253,6 +260,16 @@ class ReexecState:
             "notes": list(self.notes),
             "frozenAt": self.frozenAt,
             "blockedSignals": [int(each) for each in self.blockedSignals],
+            # Only when there are some: an older migrate reading the
+            # document ignores what it does not know.
+            **(
+                {
+                    "reporters": [{"fd": fd, "via": via} for fd, via in self.reporters],
+                    "draining": [dict(each) for each in self.draining],
+                }
+                if self.reporters
+                else {}
+            ),
         }
 
     @classmethod
@@ -324,6 +341,22 @@ class ReexecState:
             blockedSignals=tuple(
                 _int(each, "blockedSignals[]", 1)
                 for each in _list(document.get("blockedSignals", []), "blockedSignals")
+            ),
+            reporters=tuple(
+                (
+                    _int(_dict(each, "reporters[]").get("fd"), "reporters[].fd", 3),
+                    _int(_dict(each, "reporters[]").get("via"), "reporters[].via", 1),
+                )
+                for each in _list(document.get("reporters", []), "reporters")
+            ),
+            draining=tuple(
+                {
+                    name: _int(
+                        _dict(each, "draining[]").get(name), "draining[]." + name
+                    )
+                    for name in ("generation", "pid", "connections", "via")
+                }
+                for each in _list(document.get("draining", []), "draining")
             ),
             version=version,
         )

@@ -49,6 +49,7 @@ from twisted.logger import Logger
 from ..._handoff._attempt import MigrationAttempt, counted
 from ..._handoff._movement import describePeer
 from ..._handoff._movers._registry import movers
+from ..._handoff._trial import TrialOutcome
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
 from ...interfaces import IMigratable, IMigrationHost
 from ...state import (
@@ -70,6 +71,7 @@ from ._modules import (
     hostModuleReason,
     modulesToReload,
 )
+from ._safety import boundedImport
 
 __all__ = ["FINGERPRINTS", "ReloadAttempt"]
 
@@ -150,6 +152,7 @@ class _Listener:
 
     moved: int = 0
     drained: int = 0
+    failed: int = 0
 
 
 @define
@@ -170,7 +173,10 @@ class ReloadAttempt:
     swaps: list[tuple[Any, type, type]] = field(factory=list)
     newFactory: Any = None
     started: int = 0
+    importTimeout: float = 0.0
     _swapProblems: dict[type, str | None] = field(factory=dict)
+    _plan: tuple[Any, ...] | None = None
+    _closing: dict[int, tuple[Any, str]] = field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self.attempt = MigrationAttempt(
@@ -194,6 +200,7 @@ class ReloadAttempt:
                 drained=(
                     self.counts[key].drained if success and key in self.counts else 0
                 ),
+                failed=self.counts[key].failed if key in self.counts else 0,
             )
             for key in host.listeners
         ]
@@ -211,18 +218,77 @@ class ReloadAttempt:
 
     def run(self) -> MigrationReport:
         """
-        Reload the application.
+        Reload the application, without a trial.
+
+        @return: the report; never raises.
+        """
+        return self.begin() or self.finish()
+
+    def begin(self) -> MigrationReport | None:
+        """
+        Find what to reload, touching nothing.
+
+        @return: the report if there is nothing more to do (refused, or
+            nothing changed), or L{None}: L{finish} (after a trial of the
+            new code on L{connections}) does the reload.
+        """
+        try:
+            return self._begin()
+        except Exception as e:
+            _log.failure("Reload failed unexpectedly")
+            return self.rollBack("internal error: {}".format(describeError(e)))
+
+    def connections(self) -> list[tuple[str, Any]]:
+        """
+        The live connections, with their listener's key, for a trial.
+        """
+        return [
+            (listener.key, hosted)
+            for listener in self.host.listeners.values()
+            for hosted in listener.factory.connections
+            if not hosted.pending
+        ]
+
+    def tried(self, outcome: TrialOutcome) -> MigrationReport:
+        """
+        Go on after the new code was tried in a child process: refuse if it
+        failed; close the connections it failed on (with C{--trial-failure
+        close}); then L{finish}.
+        """
+        # As for re-exec: the child process's whole run, and of it the
+        # restores on the new code.
+        self.attempt.durations["preflight"] = outcome.duration
+        self.attempt.durations["trial"] = outcome.restoring
+        if not outcome.passed:
+            self.attempt.successorLog.extend(outcome.output)
+            return self.refuse(outcome.reason or "the trial failed")
+        self.attempt.notes.extend(outcome.notes())
+        for case, why in outcome.closing:
+            hosted = case.connection
+            self._closing[id(hosted)] = (hosted, why)
+            _log.info(
+                "Reload: closing {connection}: the new code failed on it in the "
+                "trial ({why})",
+                connection=case.describe(),
+                why=why,
+            )
+            hosted.loseConnection()
+        return self.finish()
+
+    def finish(self) -> MigrationReport:
+        """
+        Import the new code, prepare every connection and commit, or roll
+        it all back.
 
         @return: the report; never raises.
         """
         try:
-            report = self._run()
+            return self._finish()
         except Exception as e:
             _log.failure("Reload failed unexpectedly")
-            report = self.rollBack("internal error: {}".format(describeError(e)))
-        return report
+            return self.rollBack("internal error: {}".format(describeError(e)))
 
-    def _run(self) -> MigrationReport:
+    def _begin(self) -> MigrationReport | None:
         host = self.host
         spec = host.settings.applicationSpec
         if not spec:
@@ -267,13 +333,23 @@ class ReloadAttempt:
             )
             self.step("no application module changed; nothing to reload")
             return self.report(MigrationOutcome.success, None, changedCode=False)
+        self.attempt.enter(MigrationPhase.spawning)
+        self._plan = (app, names, entry, attribute, spec)
+        return None
 
+    def _finish(self) -> MigrationReport:
+        host = self.host
+        assert self._plan is not None
+        app, names, entry, attribute, spec = self._plan
         self.attempt.enter(MigrationPhase.handingOff)
         self.step("importing the new code of {}".format(_listed(names)))
         self.attempt.startPhase()
         self.staging = ModuleStaging(app, names)
         try:
-            staged = self.staging.stage()
+            # It passed the trial; should it block in this process alone,
+            # the bound interrupts it (see _safety).
+            with boundedImport(self.importTimeout):
+                staged = self.staging.stage()
         except ReloadFailed as e:
             self.staging = None
             return self.rollBack(e.reason)
@@ -407,6 +483,10 @@ class ReloadAttempt:
             for hosted in listener.factory.connections:
                 protocol = hosted.wrappedProtocol
                 if protocol is None or hosted.pending or hosted.released:
+                    continue
+                closing, _ = self._closing.get(id(hosted), (None, ""))
+                if closing is hosted:
+                    counts.failed += 1
                     continue
                 # The application's own opt-in only: a protocol migrate has a
                 # mover for (twisted.web's channel) is not rebuilt in the same

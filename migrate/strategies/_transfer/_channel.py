@@ -24,10 +24,14 @@ it adopted when the channel closes before C{Commit}.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from twisted.protocols import amp
 
 __all__ = [
     "AdoptConnections",
+    "CloseDraining",
     "Commit",
     "CommitAdopted",
     "DrainStatus",
@@ -39,6 +43,7 @@ __all__ = [
     "TakeListener",
     "TakeMetrics",
     "HANDOFF_PROTOCOL_VERSION",
+    "parseDrainStatus",
 ]
 
 HANDOFF_PROTOCOL_VERSION = 1
@@ -189,3 +194,40 @@ class DrainStatus(amp.Command):
 
     arguments = [(b"draining", amp.Unicode())]
     requiresAnswer = False
+
+
+class CloseDraining(amp.Command):
+    """
+    Sent by the serving process towards older generations: generation
+    C{generation} is to close its connections cleanly now (it is one too
+    many: C{--max-draining}); each process relays it to the older one it
+    names.
+    """
+
+    arguments = [(b"generation", amp.Integer())]
+    requiresAnswer = False
+
+
+def parseDrainStatus(draining: str) -> list[dict[str, Any]]:
+    """
+    Read a L{DrainStatus}'s list strictly.
+
+    @raise ValueError: if it is not a list of such objects.
+    """
+    try:
+        entries = json.loads(draining)
+        if not isinstance(entries, list):
+            raise ValueError("not a list")
+        return [
+            dict(
+                {
+                    "generation": int(each["generation"]),
+                    "pid": int(each["pid"]),
+                    "connections": int(each["connections"]),
+                },
+                **({"closing": True} if each.get("closing") is True else {}),
+            )
+            for each in entries
+        ]
+    except (TypeError, KeyError, AttributeError) as e:
+        raise ValueError("{}: {}".format(type(e).__name__, e))

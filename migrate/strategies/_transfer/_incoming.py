@@ -37,6 +37,7 @@ from ._channel import (
     TakeControl,
     TakeListener,
     TakeMetrics,
+    parseDrainStatus,
 )
 
 __all__ = ["IncomingChannel", "startIncoming"]
@@ -241,10 +242,20 @@ class IncomingChannel(amp.AMP):
     def commit(self) -> dict[str, Any]:
         if self.generation is None:
             raise HandoffRefused("commit before hello")
+        try:
+            self.host.commitInheritance(self.generation)
+        except Exception as e:
+            # Say why: the old process keeps everything (and ends this one).
+            self._log.failure("Could not commit")
+            raise HandoffRefused(
+                "cannot serve: {}: {}".format(type(e).__name__, e)[:_REASON_CHARS]
+            )
         self.committed = True
+        # The old generation reports its draining over this channel, which
+        # a re-exec of this process carries across exec.
+        self.host.reportChannels[self._peerPid()] = self
         self.inheritance.takeOverOutput()
         adopted, self._adopted = self._adopted, []
-        self.host.commitInheritance(self.generation)
         for each in adopted:
             each.commit()
         self._log.info(
@@ -285,18 +296,8 @@ class IncomingChannel(amp.AMP):
     @DrainStatus.responder
     def drainStatus(self, draining: str) -> dict[str, Any]:
         try:
-            entries = json.loads(draining)
-            if not isinstance(entries, list):
-                raise ValueError("not a list")
-            clean = [
-                {
-                    "generation": int(each["generation"]),
-                    "pid": int(each["pid"]),
-                    "connections": int(each["connections"]),
-                }
-                for each in entries
-            ]
-        except (ValueError, TypeError, KeyError) as e:
+            clean = parseDrainStatus(draining)
+        except ValueError as e:
             self._log.warn("Ignoring a malformed drain status: {why}", why=str(e))
             return {}
         self.host.updateDraining(clean, viaPid=self._peerPid())

@@ -47,6 +47,7 @@ from ...interfaces import IMigrationHost
 from ._channel import (
     HANDOFF_PROTOCOL_VERSION,
     AdoptConnections,
+    CloseDraining,
     Commit,
     CommitAdopted,
     DrainStatus,
@@ -83,6 +84,15 @@ class OutgoingChannel(amp.AMP):
         self.handoff = handoff
         self.lost = False
         self._lostWaiters: list[Deferred[None]] = []
+
+    @CloseDraining.responder
+    def closeGeneration(self, generation: int) -> dict[str, Any]:
+        """
+        The newer generation asks this one (or an older one it relays for)
+        to close its connections cleanly now.
+        """
+        self.handoff.host.closeGeneration(generation)
+        return {}
 
     @Hello.responder
     def hello(
@@ -182,6 +192,7 @@ class OutgoingHandoff:
         self.host.abortWith(self.abort)
         try:
             attempt.enter(MigrationPhase.spawning)
+            yield self._makeRoom()
             yield self._spawn()
             attempt.phaseDone("spawn")
             attempt.enter(MigrationPhase.handingOff)
@@ -237,6 +248,57 @@ class OutgoingHandoff:
             _log.failure("Could not tell the successor the report")
         self.host.handOn(reportDrain, newPid)
         return report
+
+    @inlineCallbacks
+    def _makeRoom(self) -> Any:
+        """
+        With C{--max-draining N}: if this hand-off would leave more than N
+        older generations draining (this process counting as one), have the
+        oldest close their connections cleanly first, and wait (at most
+        the hand-off timeout) until they have ended.
+        """
+        limit = self.host.settings.maxDraining
+        if limit is None:
+            return
+        draining = sorted(self.host.draining)
+        excess = len(draining) + 1 - limit
+        if excess <= 0:
+            return
+        oldest = draining[:excess]
+        self._step(
+            "generation{} {} would be more than --max-draining {} allows: "
+            "closing {} connections cleanly first".format(
+                "s" if len(oldest) > 1 else "",
+                ", ".join(str(each) for each in oldest),
+                limit,
+                "their" if len(oldest) > 1 else "its",
+            )
+        )
+        for generation in oldest:
+            self.host.closeGeneration(generation)
+        clock = self.host.reactor
+        timeout = self.host.settings.handoffTimeout
+        deadline = clock.seconds() + timeout
+        while clock.seconds() < deadline:
+            if not any(each in self.host.draining for each in oldest):
+                break
+            yield deferLater(clock, 0.05, lambda: None)
+        left = [each for each in oldest if each in self.host.draining]
+        self._attempt.notes.append(
+            "--max-draining {}: generation{} {} closed {} connections first{}".format(
+                limit,
+                "s" if len(oldest) > 1 else "",
+                ", ".join(str(each) for each in oldest),
+                "their" if len(oldest) > 1 else "its",
+                (
+                    "; {} still there after {:g} s".format(
+                        ", ".join(str(each) for each in left), timeout
+                    )
+                    if left
+                    else ""
+                ),
+            )
+        )
 
     def abort(self, reason: str) -> None:
         """

@@ -31,6 +31,7 @@ from zope.interface.verify import verifyObject
 from migrate._codec import StateError
 from migrate._handoff._fdpass import readMemfd
 from migrate._handoff._trial import TrialOutcome
+from migrate._host._metrics import HostMetrics
 from migrate._host._service import HostedListener, MigrationHost
 from migrate._host._tracking import TrackingFactory
 from migrate._report import MigrationPhase
@@ -449,6 +450,7 @@ class ReexecMigrationTests(SynchronousTestCase):
         with the host's policy; its cost is in the report.
         """
         harness = _Harness(self)
+        harness.host.metrics = HostMetrics(harness.host, harness.reactor.seconds)
         hosted = harness.connect()
         hosted.dataReceived(b"a\nb\n")
         seen: list[Any] = []
@@ -470,6 +472,7 @@ class ReexecMigrationTests(SynchronousTestCase):
         self.assertEqual(kwargs["policy"], "close")
         self.assertEqual(kwargs["timeout"], harness.host.settings.readyTimeout)
         self.assertEqual(report.durations["trial"], 0.25)
+        self.assertEqual(harness.host.metrics.trialRuns, {("reexec", "passed"): 1})
         self.assertIn(
             "loaded in 500.0 ms and restored 1 connection in 250.0 ms",
             report.notes[0],
@@ -478,9 +481,10 @@ class ReexecMigrationTests(SynchronousTestCase):
     def test_trialRefusalChangesNothing(self) -> None:
         """
         A trial that fails refuses the migration with its reason: nothing
-        was frozen, closed or executed.
+        was frozen, closed or executed; the metrics count a failed trial.
         """
         harness = _Harness(self)
+        harness.host.metrics = HostMetrics(harness.host, harness.reactor.seconds)
         hosted = harness.connect()
         report = harness.run(
             harness.migration(
@@ -495,6 +499,7 @@ class ReexecMigrationTests(SynchronousTestCase):
         )
         self.assertEqual(harness.executed, [])
         self.assertTrue(_reading(harness.reactor, hosted))
+        self.assertEqual(harness.host.metrics.trialRuns, {("reexec", "failed"): 1})
 
     def test_trialCloseClosesBeforeExec(self) -> None:
         """

@@ -30,6 +30,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from .. import tap
 from .._handoff._trial import TrialOutcome
+from .._host._metrics import HostMetrics
 from .._host._service import MigrationHost
 from .._report import MigrationPhase
 from ..strategies import ModuleReload, strategyNamed, strategyNames
@@ -1496,6 +1497,7 @@ class ReloadTrialTests(ModulesUnchangedMixin, SynchronousTestCase):
             MIGRATABLE,
             trial=lambda *a: succeed(TrialOutcome("the new code did not load")),
         )
+        live.host.metrics = HostMetrics(live.host, live.host.reactor.seconds)
         hosted, transport = live.connect()
         live.change(MIGRATABLE_V2)
         before = snapshotModules()
@@ -1504,6 +1506,7 @@ class ReloadTrialTests(ModulesUnchangedMixin, SynchronousTestCase):
             (report["outcome"], report["reason"]),
             ("refused", "the new code did not load"),
         )
+        self.assertEqual(live.host.metrics.trialRuns, {("reload", "failed"): 1})
         self.assertModulesAre(before)
         self.assertEqual(exchange(hosted, transport, b"x"), b"v1 x 1\n")
         self.assertEqual(live.host.phase, MigrationPhase.idle)

@@ -345,6 +345,7 @@ class ReexecMigration:
         )
         phaseDone("preflight")
         self._attempt.durations["trial"] = outcome.restoring
+        self._attempt.trialRunEnded(outcome.passed)
         if not outcome.passed:
             self._attempt.successorLog[:] = list(outcome.output)
             return self._refuse(outcome.reason or "the trial failed")

@@ -259,6 +259,7 @@ class ReloadAttempt:
         # restores on the new code.
         self.attempt.durations["preflight"] = outcome.duration
         self.attempt.durations["trial"] = outcome.restoring
+        self.attempt.trialRunEnded(outcome.passed)
         if not outcome.passed:
             self.attempt.successorLog.extend(outcome.output)
             return self.refuse(outcome.reason or "the trial failed")

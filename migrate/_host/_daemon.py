@@ -15,7 +15,13 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, MutableMapping
 
-__all__ = ["DAEMON_LOG_FILE", "isForeground", "keepSuccessorInForeground"]
+__all__ = [
+    "DAEMON_LOG_FILE",
+    "isForeground",
+    "keepSuccessorInForeground",
+    "skipProcessSetUp",
+    "stayInForeground",
+]
 
 DAEMON_LOG_FILE = "twistd.log"
 """
@@ -53,12 +59,33 @@ def keepSuccessorInForeground(
         return False
     if "nodaemon" not in parent or parent["nodaemon"]:
         return False
+    stayInForeground(parent)
+    skipProcessSetUp(parent)
+    return True
+
+
+def stayInForeground(parent: MutableMapping[str, Any]) -> None:
+    """
+    Keep twistd in the foreground, logging where it logs as a daemon
+    unless told otherwise.
+
+    @param parent: twistd's options.
+    """
     parent["nodaemon"] = True
     if not parent.get("logfile") and not parent.get("syslog"):
         parent["logfile"] = DAEMON_LOG_FILE
+
+
+def skipProcessSetUp(parent: MutableMapping[str, Any]) -> None:
+    """
+    Keep twistd from setting up again what the first process of the
+    lineage set up once for all of it: its root, its user and group, its
+    working directory.
+
+    @param parent: twistd's options.
+    """
     for name in ("chroot", "uid", "gid"):
         if parent.get(name) is not None:
             parent[name] = None
     if "rundir" in parent:
         parent["rundir"] = "."
-    return True

@@ -687,17 +687,26 @@ class MigrationHost(MultiService):
             "Successor {pid} gives up: {reason}", pid=self.pid, reason=reason
         )
         self.handingOn = True
+        self._releaseSockets()
+        for listener in self.listeners.values():
+            listener.port = None
+        self.stopProcess()
+
+    def _releaseSockets(self) -> None:
+        """
+        Let go of every listening socket (the application's, the control
+        channel's, the metrics') without shutting any down: another
+        process holds them too.
+        """
         for listener in self.listeners.values():
             if listener.port is not None:
                 releaseListener(listener.port)
-                listener.port = None
         if self.controlPort is not None:
             releaseListener(self.controlPort)
             self.controlPort = None
         if self.metricsPort is not None:
             releaseListener(self.metricsPort)
             self.metricsPort = None
-        self.stopProcess()
 
     # Migrating (serving side)
 
@@ -955,15 +964,7 @@ class MigrationHost(MultiService):
         self._restoreHangup()
         self._ignoreHangupWhileDraining()
         self.forgetPidfile()
-        for listener in self.listeners.values():
-            if listener.port is not None:
-                releaseListener(listener.port)
-        if self.controlPort is not None:
-            releaseListener(self.controlPort)
-            self.controlPort = None
-        if self.metricsPort is not None:
-            releaseListener(self.metricsPort)
-            self.metricsPort = None
+        self._releaseSockets()
         if newPid is not None:
             self._tell("handedOn", newPid)
         drainTimeout = self.settings.drainTimeout

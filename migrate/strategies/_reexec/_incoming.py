@@ -35,6 +35,7 @@ from ..._control._server import adoptControl
 from ..._handoff._listeners import adoptListener
 from ..._handoff._movement import AdoptedConnection, adoptEntry
 from ..._handoff._transport import adoptConnection
+from ..._host._daemon import DAEMON_LOG_FILE, skipProcessSetUp, stayInForeground
 from ..._host._tracking import PendingAdoptionFactory
 from ..._report import ListenerReport, MigrationOutcome, MigrationReport
 from ...interfaces import IMigrationHost
@@ -62,12 +63,6 @@ __all__ = [
 ]
 
 _log = Logger()
-
-DAEMON_LOG_FILE = "twistd.log"
-"""
-The log file of a twistd that daemonised without C{--logfile}, which its
-re-executed image (not daemonising again) opens by name.
-"""
 
 
 @define
@@ -171,14 +166,8 @@ def adjustTwistdOptions(
     if STATE_FD_VARIABLE not in environ:
         return
     if "nodaemon" in parent and not parent["nodaemon"]:
-        parent["nodaemon"] = True
-        if not parent.get("logfile") and not parent.get("syslog"):
-            parent["logfile"] = DAEMON_LOG_FILE
-    for name in ("chroot", "uid", "gid"):
-        if parent.get(name) is not None:
-            parent[name] = None
-    if "rundir" in parent:
-        parent["rundir"] = "."
+        stayInForeground(parent)
+    skipProcessSetUp(parent)
 
 
 def logFileAfterExec(parent: Mapping[str, Any]) -> str | None:

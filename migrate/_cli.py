@@ -43,6 +43,7 @@ from ._control._client import (
     Output,
     Session,
     connectControl,
+    secondsOption,
 )
 from ._control._commands import MigrationInProgress, UnknownStrategy
 from ._control._format import countOf, dictsIn, formatReport, formatStatus, textOf
@@ -65,19 +66,7 @@ DEFAULT_CONTROL = "./migrate-host.sock"
 # Options
 
 
-def _positiveSeconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 < seconds < float("inf"):
-        raise ValueError(
-            "--timeout needs a positive number of seconds, not {!r}".format(value)
-        )
-    return seconds
-
-
-_positiveSeconds.coerceDoc = "A positive number of seconds."  # type: ignore[attr-defined]
+_positiveSeconds = secondsOption("--timeout", doc="A positive number of seconds.")
 
 
 def _overrideSeconds(option: str) -> Callable[[str], float]:
@@ -85,19 +74,7 @@ def _overrideSeconds(option: str) -> Callable[[str], float]:
     The coercer of an C{upgrade} option overriding a host setting in
     seconds.
     """
-
-    def coerce(value: str) -> float:
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = float("nan")
-        if not 0 < seconds < float("inf"):
-            raise ValueError(
-                "{} needs a positive number of seconds, not {!r}".format(option, value)
-            )
-        return seconds
-
-    return coerce
+    return secondsOption(option, doc=None)
 
 
 #: upgrade options that override a host setting for one migration, with

@@ -54,6 +54,7 @@ __all__ = [
     "Session",
     "connectControl",
     "recoverReport",
+    "secondsOption",
 ]
 
 EXIT_OK = 0
@@ -72,6 +73,37 @@ UNREACHABLE_GRACE = 5.0
 Seconds the control socket may refuse connections before the host is taken
 for gone while waiting for an outcome.
 """
+
+
+def secondsOption(
+    name: str, *, allowZero: bool = False, doc: str | None = "Seconds."
+) -> Callable[[str], float]:
+    """
+    The coercer of a command-line option given in seconds: a positive (or,
+    with C{allowZero}, non-negative) finite number, or a usage error that
+    names the option.
+
+    @param name: the option as the user types it (C{--timeout}).
+    @param doc: what C{--help} says of its values, if anything.
+    """
+
+    def coerce(value: str) -> float:
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = float("nan")
+        low = 0 <= seconds if allowZero else 0 < seconds
+        if not (low and seconds < float("inf")):
+            raise ValueError(
+                "{} needs a {} number of seconds, not {!r}".format(
+                    name, "non-negative" if allowZero else "positive", value
+                )
+            )
+        return seconds
+
+    if doc is not None:
+        coerce.coerceDoc = doc  # type: ignore[attr-defined]
+    return coerce
 
 
 class CannotConnect(Exception):

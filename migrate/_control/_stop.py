@@ -17,34 +17,15 @@ from ._client import (
     CommandFailed,
     HostClosedConnection,
     Session,
+    secondsOption,
 )
 from ._commands import MigrationInProgress
 
 __all__ = ["StopOptions", "formatStop", "stopCommand"]
 
 
-def _seconds(option: str, value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 < seconds < float("inf"):
-        raise ValueError(
-            "{} needs a positive number of seconds, not {!r}".format(option, value)
-        )
-    return seconds
-
-
-def _drainSeconds(value: str) -> float:
-    return _seconds("--drain-timeout", value)
-
-
-def _timeoutSeconds(value: str) -> float:
-    return _seconds("--timeout", value)
-
-
-_drainSeconds.coerceDoc = "A positive number of seconds."  # type: ignore[attr-defined]
-_timeoutSeconds.coerceDoc = "A positive number of seconds."  # type: ignore[attr-defined]
+_drainSeconds = secondsOption("--drain-timeout", doc="A positive number of seconds.")
+_timeoutSeconds = secondsOption("--timeout", doc="A positive number of seconds.")
 
 
 class StopOptions(usage.Options):

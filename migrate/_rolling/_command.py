@@ -26,6 +26,7 @@ from .._control._client import (
     Connector,
     Output,
     connectControl,
+    secondsOption,
 )
 from ._haproxy import HAProxyClient, HAProxyUnreachable, RuntimeAPI, UnixRuntimeAPI
 from ._orchestrator import RollingUpgrade
@@ -42,22 +43,7 @@ __all__ = ["RollingOptions", "rollingCommand"]
 
 
 def _seconds(name: str, allowZero: bool) -> Callable[[str], float]:
-    def coerce(value: str) -> float:
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = float("nan")
-        low = 0 <= seconds if allowZero else 0 < seconds
-        if not (low and seconds < float("inf")):
-            raise ValueError(
-                "{} needs a {} number of seconds, not {!r}".format(
-                    name, "non-negative" if allowZero else "positive", value
-                )
-            )
-        return seconds
-
-    coerce.coerceDoc = "Seconds."  # type: ignore[attr-defined]
-    return coerce
+    return secondsOption(name, allowZero=allowZero, doc="Seconds.")
 
 
 def _atLeastOne(value: str) -> int:

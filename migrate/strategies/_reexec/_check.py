@@ -2,9 +2,9 @@
 """
 What a host checks before it re-executes, while it still serves: that its
 command line can run again (L{checkProgram}), that what it serves can be
-carried across C{exec} (L{checkHost}, L{checkDescriptorLimit}), and that
-the new code loads at all, in a short-lived preflight process that stops
-once its options are parsed (L{runPreflight}).
+carried across C{exec} (L{checkHost}, L{checkDescriptorLimit}).  That the
+new code loads and restores every connection is tried in a child process
+(L{migrate._handoff._trial.runTrial}).
 
 Once C{execv} has succeeded there is no way back: whatever is found here
 refuses the migration and changes nothing.
@@ -15,24 +15,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from collections import deque
 from typing import Any, Callable, Sequence
 
 from attrs import frozen
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.error import ProcessExitedAlready, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from ...interfaces import IMigrationHost
 from ._reports import quietChannel
-from ._state import (
-    EXEC_AT_VARIABLE,
-    PREFLIGHT_MARKER,
-    PREFLIGHT_VARIABLE,
-    STATE_FD_VARIABLE,
-)
 
 __all__ = [
     "DESCRIPTOR_HEADROOM",
@@ -42,7 +31,6 @@ __all__ = [
     "checkProgram",
     "programOf",
     "refusalReason",
-    "runPreflight",
     "workInFlight",
 ]
 
@@ -304,89 +292,3 @@ def refusalReason(
     @return: why the host cannot re-execute, or L{None}.
     """
     return checkArgv(argv) or checkHost(host)
-
-
-class _PreflightProtocol(ProcessProtocol):
-    def __init__(self) -> None:
-        self.tail: deque[str] = deque(maxlen=20)
-        self.ready = False
-        self.ended: Deferred[int | None] = Deferred()
-        self._partial = {1: b"", 2: b""}
-
-    def connectionMade(self) -> None:
-        self.transport.closeStdin()  # type: ignore[union-attr]
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        buffered = self._partial.get(childFD, b"") + data
-        *lines, rest = buffered.split(b"\n")
-        self._partial[childFD] = rest[-8192:]
-        for line in lines:
-            self._line(line)
-
-    def _line(self, raw: bytes) -> None:
-        text = raw.decode("utf-8", "replace").rstrip()
-        if text == PREFLIGHT_MARKER:
-            self.ready = True
-        elif text:
-            self.tail.append(text[:500])
-
-    def processEnded(self, reason: Failure) -> None:
-        for fd in (1, 2):
-            if self._partial[fd]:
-                self._line(self._partial[fd])
-        code: int | None = 0
-        if reason.check(ProcessTerminated):
-            code = getattr(reason.value, "exitCode", None)
-        self.ended.callback(code)
-
-
-@inlineCallbacks
-def runPreflight(
-    reactor: Any, argv: Sequence[str], *, env: dict[str, str], timeout: float
-) -> Any:
-    """
-    Run the command line the new image will run, stopping once its options
-    are parsed and the application is loaded (L{PREFLIGHT_VARIABLE}): the
-    new code imports, its options are valid, its factory builds.
-
-    @return: a L{Deferred} firing with L{None} if it got that far, or with
-        (reason, last lines of output).
-    """
-    protocol = _PreflightProtocol()
-    environment = dict(env)
-    environment[PREFLIGHT_VARIABLE] = "1"
-    for name in (STATE_FD_VARIABLE, EXEC_AT_VARIABLE):
-        environment.pop(name, None)
-    try:
-        process = reactor.spawnProcess(
-            protocol,
-            argv[0],
-            list(argv),
-            env=environment,
-            childFDs={0: "w", 1: "r", 2: "r"},
-        )
-    except OSError as e:
-        return ("cannot start the preflight check: {}".format(e), [])
-    timedOut = []
-
-    def kill() -> None:
-        timedOut.append(True)
-        try:
-            process.signalProcess("KILL")
-        except ProcessExitedAlready:
-            pass
-
-    timer = reactor.callLater(timeout, kill)
-    code = yield protocol.ended
-    if timer.active():
-        timer.cancel()
-    tail = list(protocol.tail)
-    if timedOut:
-        return ("the new code did not load within {} s".format(timeout), tail)
-    if code == 0 and protocol.ready:
-        return None
-    last = tail[-1] if tail else "no output"
-    return (
-        "the new code does not start (exit status {}): {}".format(code, last),
-        tail,
-    )

@@ -56,6 +56,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 __all__ = [
+    "flushPythonOutput",
     "HANDOFF_FD_VARIABLE",
     "OUTPUT_FDS_VARIABLE",
     "HandoffEnvironmentError",
@@ -96,6 +97,22 @@ a process it started) before L{SuccessorProcess.whenEnded} fires anyway.
 _DECIMAL = re.compile(r"[0-9]{1,9}")
 
 _T = TypeVar("_T")
+
+
+def flushPythonOutput() -> None:
+    """
+    Write out what Python still buffers for standard output and error,
+    before their descriptors change or the process image is replaced
+    (C{exec} flushes nothing).  A stream that cannot be written is passed
+    over.
+    """
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        flush = getattr(stream, "flush", None)
+        if flush is not None:
+            try:
+                flush()
+            except (OSError, ValueError):
+                pass
 
 
 def successorCommandLine(
@@ -588,13 +605,7 @@ class InheritedHandoff:
         """
         if self._outputTaken or self.outputDescriptors is None:
             return
-        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-            flush = getattr(stream, "flush", None)
-            if flush is not None:
-                try:
-                    flush()
-                except (OSError, ValueError):
-                    pass
+        flushPythonOutput()
         stdout, stderr = self.outputDescriptors
         os.dup2(stdout, 1)
         os.dup2(stderr, 2)

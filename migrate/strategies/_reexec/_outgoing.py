@@ -39,7 +39,6 @@ import errno
 import gc
 import os
 import signal
-import sys
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -54,7 +53,7 @@ from ..._handoff._listeners import listenerDescriptor
 from ..._handoff._movement import describeMovable
 from ..._handoff._movers._endings import closePolitely
 from ..._handoff._safepoint import atSafePoints
-from ..._handoff._successor import successorCommandLine
+from ..._handoff._successor import flushPythonOutput, successorCommandLine
 from ..._handoff._transport import pendingOutput
 from ..._handoff._trial import TrialOutcome, casesFrom, runTrial
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
@@ -188,16 +187,6 @@ def inheritableDescriptors(
         except OSError:
             pass
     return sorted(found)
-
-
-def _flushOutput() -> None:
-    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        flush = getattr(stream, "flush", None)
-        if flush is not None:
-            try:
-                flush()
-            except (OSError, ValueError):
-                pass
 
 
 class _Rollback(Exception):
@@ -640,7 +629,7 @@ class ReexecMigration:
                 count=len(connections),
                 fd=stateFd,
             )
-            _flushOutput()
+            flushPythonOutput()
             # A signal caught by another thread still had its handler run
             # here, and a thread may have handed the reactor a result.
             lost = workInFlight(host.reactor)

@@ -1,0 +1,1 @@
+Capability transfer pre-copies every connection's descriptor and state while the old process still serves, then freezes in one reactor step that carries only what changed since (compared against a fingerprint of each state) and a commit: the clients' pause no longer grows with idle connections, and the successor serves the changed connections first.

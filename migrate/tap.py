@@ -175,6 +175,14 @@ class Options(usage.Options):
         ],
         ["handoff-timeout", None, "60", "Seconds each step of a hand-off may take."],
         [
+            "freeze-timeout",
+            None,
+            "5",
+            "Seconds the old process waits, with every connection standing "
+            "still, for its successor to restore them and commit (capability "
+            "transfer); past it the hand-off rolls back.",
+        ],
+        [
             "safe-point-timeout",
             None,
             "3",
@@ -359,6 +367,7 @@ class Options(usage.Options):
             )
         self["ready-timeout"] = _seconds("--ready-timeout", self["ready-timeout"])
         self["handoff-timeout"] = _seconds("--handoff-timeout", self["handoff-timeout"])
+        self["freeze-timeout"] = _seconds("--freeze-timeout", self["freeze-timeout"])
         if self["safe-point-timeout"] in ("0", 0):
             self["safe-point-timeout"] = 0.0
         else:
@@ -536,6 +545,7 @@ def buildHost(
         controlPath=options["control"],
         readyTimeout=options["ready-timeout"],
         handoffTimeout=options["handoff-timeout"],
+        freezeTimeout=options["freeze-timeout"],
         drainTimeout=options["drain-timeout"],
         safePointTimeout=options["safe-point-timeout"],
         pidfile=options["pidfile"],

@@ -309,6 +309,36 @@ class SuccessorFaultTests(FaultMixin, TestCase):
         self.closeAll(clients)
 
     @inlineCallbacks
+    def test_freezeTimeout(self):
+        """
+        A successor that does not finish restoring within C{--freeze-timeout}
+        makes the hand-off roll back at that bound (the old process stood
+        still only that long, not for the whole C{--handoff-timeout}): it is
+        killed, and every connection goes on in the old process with its
+        state.
+        """
+        status = yield self.startHost("--freeze-timeout", "1")
+        oldPid = status["pid"]
+        clients = yield self.connectClients(2)
+        yield self.exchange(clients[0], b"x")
+        never = self.host.workdir.child("never").path
+        writeModule(
+            self.host.workdir,
+            "liveapp",
+            newCode("RESTORE_GATE = {!r}".format(never)),
+        )
+        code, report, err = yield self.host.upgrade()
+        self.assertNotEqual(code, 0)
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertEqual(
+            report["reason"], "successor did not answer within 1.0 s while committing"
+        )
+        yield self.assertStillServing(oldPid, clients)
+        reply = yield self.exchange(clients[0], b"y")
+        self.assertEqual(reply[3], b"3")
+        self.closeAll(clients)
+
+    @inlineCallbacks
     def test_stoppedSuccessorKilledAtReadyTimeout(self):
         """
         A successor stopped with C{SIGSTOP} before it is ready is killed at

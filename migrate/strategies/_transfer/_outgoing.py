@@ -614,7 +614,7 @@ class OutgoingHandoff:
         assert sock is not None
         try:
             answer = commitBlocking(
-                sock, delta.toPlain(), self.host.settings.handoffTimeout
+                sock, delta.toPlain(), self.host.settings.freezeTimeout
             )
         except FreezeFailed as e:
             self._precopied = []

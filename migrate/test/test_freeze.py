@@ -103,11 +103,11 @@ class CommitBlockingTests(SynchronousTestCase):
         """
         A successor that dies before answering: the channel closed.
         """
-        error = self.assertRaises(
-            FreezeFailed,
-            self.exchange,
-            lambda sock, _: sock.shutdown(socket.SHUT_RDWR),
-        )
+
+        def close(sock: socket.socket, message: Any) -> None:
+            sock.shutdown(socket.SHUT_RDWR)
+
+        error = self.assertRaises(FreezeFailed, self.exchange, close)
         self.assertEqual(str(error), "the hand-off channel closed while committing")
 
     def test_malformed(self) -> None:
@@ -168,10 +168,12 @@ class FreezeReceiverTests(SynchronousTestCase):
         The commit's answer is sent back.
         """
         seen: list[Any] = []
-        answer = self.receive(
-            b'{"changes":[],"withdrawn":[]}',
-            lambda delta: seen.append(delta) or {"pid": 5},
-        )
+
+        def commit(delta: Any) -> Any:
+            seen.append(delta)
+            return {"pid": 5}
+
+        answer = self.receive(b'{"changes":[],"withdrawn":[]}', commit)
         self.assertEqual(
             (seen, answer), ([{"changes": [], "withdrawn": []}], {"pid": 5})
         )
@@ -205,7 +207,12 @@ class FreezeReceiverTests(SynchronousTestCase):
         A second message is ignored: one freeze, one commit.
         """
         calls: list[Any] = []
-        receiver = FreezeReceiver(lambda delta: calls.append(delta) or {"pid": 1})
+
+        def commit(delta: Any) -> Any:
+            calls.append(delta)
+            return {"pid": 1}
+
+        receiver = FreezeReceiver(commit)
         transport = StringTransport()
         receiver.makeConnection(transport)
         receiver.dataReceived(_frame(b"{}") + _frame(b"{}"))
@@ -232,10 +239,12 @@ class SendLiveDescriptorsTests(TestCase):
         for a, b in pairs:
             self.addCleanup(a.close)
             self.addCleanup(b.close)
-        sources: list[Callable[[], int | None]] = [
-            (lambda a=a: a.fileno()) for a, _ in pairs
-        ]
-        sources[270] = lambda: None
+
+        def none() -> int | None:
+            return None
+
+        sources: list[Callable[[], int | None]] = [a.fileno for a, _ in pairs]
+        sources[270] = none
         received: list[int] = []
         thread = threading.Thread(
             target=lambda: received.extend(
@@ -246,7 +255,8 @@ class SendLiveDescriptorsTests(TestCase):
         thread.start()
         yield sendLiveDescriptors(reactor, ours, sources, timeout=10)
         thread.join(10)
-        self.addCleanup(lambda: [os.close(fd) for fd in received])
+        for fd in received:
+            self.addCleanup(os.close, fd)
         self.assertEqual(len(received), 300)
         # Each arrived in its place: the same socket (inode) as sent.
         sent = [os.fstat(a.fileno()).st_ino for a, _ in pairs]

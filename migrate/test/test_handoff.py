@@ -1133,6 +1133,7 @@ class IncomingChannelTests(SynchronousTestCase):
             {"changes": [{"id": 7}], "withdrawn": []},
         )
         self.assertEqual(self.staged[1].events, ["abandon"])
+        delta: Any
         for delta in (
             [],
             {"changes": {}, "withdrawn": []},

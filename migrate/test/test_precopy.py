@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from .._handoff._movement import stageEntry
 from .._handoff._precopy import (
@@ -25,8 +24,7 @@ from .._handoff._precopy import (
     precopyMovable,
 )
 from ..state import NotAtSafePoint, StateFingerprint, captureProtocolState
-from . import test_movement
-from .test_movement import Counter, FakeHost, Plain
+from .test_movement import Counter, FakeHost, Plain, ServedSocketpairs
 
 
 class Busy(Counter):
@@ -69,7 +67,7 @@ class FingerprintTests(SynchronousTestCase):
         protocol, fingerprint = self.fingerprinted()
         protocol.count = 2
         self.assertFalse(fingerprint.matches(protocol))
-        protocol.count = True  # type: ignore[assignment]
+        protocol.count = True
         self.assertFalse(fingerprint.matches(protocol))
         protocol.count = 1
         self.assertTrue(fingerprint.matches(protocol))
@@ -117,15 +115,11 @@ class FingerprintTests(SynchronousTestCase):
         self.assertTrue(gc.isenabled())
 
 
-class PrecopyTests(TestCase):
+class PrecopyTests(ServedSocketpairs):
     """
     L{precopyMovable} and L{freezeDelta} over real sockets, and the side
     taking over, from its staged copy to serving.
     """
-
-    setUp = test_movement.MovementTests.setUp
-    serve = test_movement.MovementTests.serve
-    readLines = test_movement.MovementTests.readLines
 
     def precopy(self) -> tuple[list[Any], list[dict[str, Any]]]:
         precopied, encoded = precopyMovable(self.host.allConnections())
@@ -212,7 +206,7 @@ class PrecopyTests(TestCase):
         busy.wrappedProtocol.busy = "a request is in flight"
         delta = freezeDelta(precopied)
         self.assertEqual(delta.moving, [])
-        why = {each.hosted: reason for each, reason in delta.withdrawn}
+        why: dict[Any, Any] = {each.hosted: reason for each, reason in delta.withdrawn}
         self.assertIsNone(why[closed])
         self.assertEqual((why[closing].reason, why[closing].later), ("closing", False))
         self.assertTrue(why[busy].later)
@@ -271,7 +265,7 @@ class PrecopyTests(TestCase):
         # "restored" is what the taking side's Counter says when restored.
         lines = yield self.readLines(client, 2)
         self.assertEqual(lines, [b"restored", b"2 two"])
-        adopted.hosted.transport.loseConnection()
+        adopted.transport.loseConnection()
 
     def test_stagedBadChange(self) -> None:
         """

@@ -276,24 +276,7 @@ class FrozenConnection:
                 how=self.closeRequested,
             )
         self._unhook()
-        # Deregister before closing: a descriptor closed while registered
-        # leaves an epoll registration behind (the socket lives on in the
-        # other process), and unregistering it later fails with EBADF.
-        transport.stopReading()
-        transport.stopWriting()
-        try:
-            transport.socket.close()
-        except OSError:
-            pass
-        transport.dataBuffer = b""
-        transport.offset = 0
-        transport._tempDataBuffer = []
-        transport._tempDataLen = 0
-        transport.connected = 0
-        transport.disconnecting = 0
-        transport.disconnected = 1
-        for name in _HOOKED:
-            setattr(transport, name, _inert)
+        _letGo(transport)
 
 
 def _checkMovable(transport: Any) -> None:
@@ -485,7 +468,9 @@ def _letGo(transport: Any) -> None:
     does: deregister it, close only this process's descriptor, drop its
     buffers, and make every later I/O call on it do nothing.
     """
-    # Deregister before closing: see FrozenConnection.release.
+    # Deregister before closing: a descriptor closed while registered
+    # leaves an epoll registration behind (the socket lives on in the other
+    # process), and unregistering it later fails with EBADF.
     transport.stopReading()
     transport.stopWriting()
     try:

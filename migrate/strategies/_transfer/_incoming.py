@@ -59,6 +59,32 @@ _MAX_MANIFEST_DEPTH = 48
 _RESUME_SLICE = 500
 
 
+class _Refusals:
+    """
+    The connections of one batch the new code refused: all counted, the
+    first few described (bounded), each logged.
+    """
+
+    _log = Logger()
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._described: list[dict[str, Any]] = []
+
+    def add(self, ident: Any, error: BaseException) -> None:
+        reason = str(error) or type(error).__name__
+        self._log.warn("Refusing connection {ident}: {why}", ident=ident, why=reason)
+        self.count += 1
+        if len(self._described) < _REFUSALS_TOLD:
+            self._described.append({"id": ident, "reason": reason[:_REASON_CHARS]})
+
+    def answer(self) -> dict[str, Any]:
+        """
+        The refusals, as a batch's answer says them.
+        """
+        return {"refusedCount": self.count, "refused": json.dumps(self._described)}
+
+
 class IncomingChannel(amp.AMP):
     """
     The successor's end of the hand-off channel.
@@ -223,23 +249,16 @@ class IncomingChannel(amp.AMP):
             count, manifestSize, manifest, bulk
         )
         adopted = 0
-        refused: list[dict[str, Any]] = []
-        refusedCount = 0
+        refusals = _Refusals()
         for entry, descriptor in zip(entries, descriptors):
             ident = entry.get("id") if isinstance(entry, dict) else None
             try:
                 self._adoptOne(entry, descriptor)
             except Exception as e:
-                reason = str(e) or type(e).__name__
-                self._log.warn(
-                    "Refusing connection {ident}: {why}", ident=ident, why=reason
-                )
-                refusedCount += 1
-                if len(refused) < _REFUSALS_TOLD:
-                    refused.append({"id": ident, "reason": reason[:_REASON_CHARS]})
+                refusals.add(ident, e)
             else:
                 adopted += 1
-        if self.committed and refusedCount:
+        if self.committed and refusals.count:
             # A later batch is all or nothing: the old process resumes it.
             for each in self._adopted:
                 each.abandon()
@@ -248,13 +267,9 @@ class IncomingChannel(amp.AMP):
         self._log.info(
             "Adopted {count} connections paused ({refused} refused)",
             count=adopted,
-            refused=refusedCount,
+            refused=refusals.count,
         )
-        return {
-            "adopted": adopted,
-            "refusedCount": refusedCount,
-            "refused": json.dumps(refused),
-        }
+        return dict(refusals.answer(), adopted=adopted)
 
     @PrecopyConnections.responder
     @inlineCallbacks
@@ -276,8 +291,7 @@ class IncomingChannel(amp.AMP):
         entries, descriptors = yield self._receiveBatch(
             count, manifestSize, manifest, bulk
         )
-        refused: list[dict[str, Any]] = []
-        refusedCount = 0
+        refusals = _Refusals()
         for entry, descriptor in zip(entries, descriptors):
             ident = entry.get("id") if isinstance(entry, dict) else None
             try:
@@ -287,32 +301,20 @@ class IncomingChannel(amp.AMP):
                 self._staged[ident] = stageEntry(self.host, entry, descriptor)
             except OSError as e:
                 if e.errno not in (errno.ENOTCONN, errno.ENOTSOCK):
-                    refusedCount += 1
-                    if len(refused) < _REFUSALS_TOLD:
-                        refused.append({"id": ident, "reason": str(e)[:_REASON_CHARS]})
+                    refusals.add(ident, e)
                 else:
                     # Reset by its client meanwhile (or closed before its
                     # descriptor went: a stand-in came): nothing to serve,
                     # nothing to give back.
                     self._reset.add(ident)
             except Exception as e:
-                reason = str(e) or type(e).__name__
-                self._log.warn(
-                    "Refusing connection {ident}: {why}", ident=ident, why=reason
-                )
-                refusedCount += 1
-                if len(refused) < _REFUSALS_TOLD:
-                    refused.append({"id": ident, "reason": reason[:_REASON_CHARS]})
+                refusals.add(ident, e)
         self._log.info(
             "Pre-copied {count} connections ({refused} refused)",
             count=len(self._staged),
-            refused=refusedCount,
+            refused=refusals.count,
         )
-        return {
-            "staged": len(self._staged),
-            "refusedCount": refusedCount,
-            "refused": json.dumps(refused),
-        }
+        return dict(refusals.answer(), staged=len(self._staged))
 
     def _freezeCommit(self, delta: Any) -> dict[str, Any]:
         # Thousands of objects are made while every client waits: no

@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import socket
+import time
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -333,6 +334,7 @@ class IncomingChannel(amp.AMP):
             one and keeps everything.
         """
         staged = self._staged
+        started = time.monotonic()
         try:
             if self.committed:
                 raise HandoffRefused("already serving")
@@ -383,6 +385,13 @@ class IncomingChannel(amp.AMP):
         self._adopted = self._adopted + restored[: len(first)]
         self._resuming = restored[len(first) :]
         answer = self._commitNow()
+        self._log.info(
+            "Restored {count} connections at the freeze ({changed} changed since "
+            "the pre-copy) and committed in {ms:.1f} ms",
+            count=len(restored),
+            changed=len(first),
+            ms=(time.monotonic() - started) * 1000,
+        )
         self.host.reactor.callLater(0, self._resumeSlice)
         return answer
 
@@ -452,7 +461,7 @@ class IncomingChannel(amp.AMP):
             "moved in",
             generation=self.generation,
             pid=os.getpid(),
-            count=len(adopted),
+            count=len(adopted) + len(self._resuming),
         )
         return {"pid": os.getpid()}
 

@@ -488,9 +488,12 @@ class OutgoingHandoff:
             # went out, so our copies can close.
             os.close(manifestFd)
             theirs.close()
-            if not sending.called:
+            if not sending.called and sources is None:
+                # A thread still uses the socket.
                 sending.addBoth(lambda _: ours.close())
             else:
+                # The reactor-thread sender, if it is still at it (no answer
+                # came), fails at its next message.
                 ours.close()
         return answer
 

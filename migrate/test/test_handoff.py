@@ -635,6 +635,28 @@ class CapabilityTests(SynchronousTestCase):
         )
         self.assertEqual(self.o.host.connectionCount(), 1)
 
+    def test_successorWithoutPrecopy(self) -> None:
+        """
+        A successor that does not know C{PrecopyConnections} (older code)
+        answers that it cannot handle it: every connection is then frozen
+        and adopted as before, and the hand-off succeeds.
+        """
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        precopied = [SimpleNamespace(hosted=object(), liveDescriptor=lambda: r)]
+        self.patch(
+            _outgoing, "precopyMovable", lambda connections, first: (precopied, "{}")
+        )
+        report = self.successResultOf(self.o.migrate())
+        self.assertEqual(report["outcome"], "success")
+        self.assertIn(
+            "the successor does not know pre-copy: connections move frozen",
+            self.o.progress,
+        )
+        self.assertEqual(self.sent, [[501, 502]])
+        self.assertEqual((report["moved"], report["draining"]), (2, 1))
+
     def test_busyWithOlderSuccessor(self) -> None:
         """
         A busy connection (not at a safe point) waits for the commit; a

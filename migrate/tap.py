@@ -17,7 +17,12 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.python import usage
 
-from ._host._daemon import isForeground, keepSuccessorInForeground
+from ._host._daemon import (
+    appendToLogFile,
+    isForeground,
+    keepSuccessorInForeground,
+    sharedLogFile,
+)
 from ._host._keeping import KEEPER_MODES
 from ._host._service import MigrationHost
 from ._host._settings import HostSettings
@@ -414,6 +419,7 @@ class Options(usage.Options):
                 "the serving process)"
             )
         keepSuccessorInForeground(getattr(self, "parent", None))
+        self["logfile"] = sharedLogFile(getattr(self, "parent", None))
         self._takePidfile()
         from .strategies._reexec._incoming import finishPreflight
 
@@ -626,4 +632,7 @@ def makeService(options: Options) -> MigrationHost:
         options["keeper"], foreground=options["foreground"], environ=os.environ
     )
     keeper = keeperFor(reactor, choice, pidfile=options["pidfile"])
+    if options.get("logfile"):
+        # twistd opens it after this; generations share it.
+        reactor.callWhenRunning(appendToLogFile, options["logfile"])
     return buildHost(reactor, options, hostType=_TwistdHost, keeper=keeper)

@@ -1,0 +1,1 @@
+python -m migrate.bench now measures the longest stall any client sees during one upgrade with capability transfer, re-exec and module reload, at 1,000 and 10,000 idle connections (--stall, --probes, --probe-interval, --stall-only), from probe clients' side, beside the descriptor-passing floor and re-exec's interpreter-start floor measured in the same run.

@@ -261,6 +261,12 @@ def formatStall(stall: dict[str, Any]) -> list[str]:
     upgrade's phases as its report gives them.
     """
     out: list[str] = []
+    if not stall["rows"]:
+        return [
+            "== stall: not measured (none of {} pauses connections)".format(
+                ", ".join(stall.get("measuredFrom") or ["the strategies asked for"])
+            )
+        ]
     probes = stall["probes"]
     startFloor = stall.get("startFloor")
     columns = "  {:<11} {:>8} {:>9} {:>8} {:>8} {:>6} {:>13} {:>8} {:>13}  {}"

@@ -440,6 +440,7 @@ async def _stallScenario(
         "probes": probes,
         "probeInterval": options["probe-interval"],
         "strategies": measured,
+        "measuredFrom": strategies,
         "rows": [],
         "floors": [],
         "startFloor": None,

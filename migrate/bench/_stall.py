@@ -31,10 +31,11 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from attrs import frozen
+from twisted.internet import defer
 
 from ._app import APP_MODULE
 from ._load import LoadGenerator, LongLivedClient, summarize
-from ._process import BenchHost, freePort
+from ._process import BenchHost, HostFailed, freePort
 from ._scenarios import _REPORT_KEYS, _relay, _sleep
 
 __all__ = [
@@ -228,8 +229,12 @@ async def _measureOne(
     )
     # The command has its own deadline; this one bounds the benchmark even
     # if the command's does not fire.
-    upgrade.addTimeout(settings.upgradeTimeout + 30, reactor)
-    code, report, _ = await upgrade
+    bound = settings.upgradeTimeout + 30
+    upgrade.addTimeout(bound, reactor)
+    try:
+        code, report, errors = await upgrade
+    except defer.TimeoutError:
+        raise HostFailed("the upgrade command did not end within {} s".format(bound))
     end = reactor.seconds()
     await _sleep(reactor, settings.after)
     stop = reactor.seconds()
@@ -276,6 +281,11 @@ async def _measureOne(
         "oldPid": oldPid,
         "newPid": newPid,
     }
+    if not report.get("outcome"):
+        said = [line for line in errors.splitlines() if line.strip()]
+        result["error"] = "the upgrade gave no outcome (exit status {}){}".format(
+            code, ": " + said[-1].strip() if said else ""
+        )
     return result
 
 
@@ -334,6 +344,8 @@ async def measureStall(
                     )
                 break
             rows.append(row)
+            if row.get("error"):
+                progress("FAILED at {} connections: {}".format(count, row["error"]))
             if row["report"].get("outcome") != "success":
                 for later in counts[index + 1 :]:
                     rows.append(

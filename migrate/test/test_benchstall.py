@@ -228,6 +228,17 @@ class StallOutputTests(SynchronousTestCase):
         self.assertIn("capability  FAILED: HostFailed: gone", text)
         self.assertIn("floor: 10,005 descriptors by send_fds not measured", text)
 
+    def test_nothingMeasured(self) -> None:
+        """
+        Asked only for strategies that pause no connection, it says so.
+        """
+        stall = _stall()
+        stall.update(rows=[], strategies=[], measuredFrom=["gradual"])
+        self.assertEqual(
+            formatStall(stall),
+            ["== stall: not measured (none of gradual pauses connections)"],
+        )
+
     def test_inResults(self) -> None:
         """
         The whole run's text includes the stall tables.

@@ -93,6 +93,9 @@ class StallSettings:
     @ivar upgradeTimeout: seconds one upgrade may take.
     @ivar answerTimeout: seconds the idle connections' answers may take,
         at each check.
+    @ivar openTimeout: seconds opening the idle connections for one count
+        may take (a host that stops accepting would otherwise keep each
+        attempt waiting for its own connect timeout, 100 at a time).
     """
 
     counts: tuple[int, ...]
@@ -102,6 +105,7 @@ class StallSettings:
     after: float = 0.5
     upgradeTimeout: float = 120.0
     answerTimeout: float = 60.0
+    openTimeout: float = 120.0
 
 
 def _request(clients: Sequence[LongLivedClient], now: float) -> dict[Any, Any]:
@@ -171,7 +175,16 @@ async def _open(
     have = len(idle.clients)
     started = reactor.seconds()
     if count > have:
-        await idle.connect(count - have)
+        opening = idle.connect(count - have)
+        opening.addTimeout(settings.openTimeout, reactor)
+        try:
+            await opening
+        except defer.TimeoutError:
+            raise HostFailed(
+                "opening {} connections took more than {} s ({} open)".format(
+                    count - have, settings.openTimeout, len(idle.alive())
+                )
+            )
     fresh = idle.clients[have:]
     _request(fresh, reactor.seconds())
     missing = await idle.settle(settings.answerTimeout)

@@ -59,13 +59,19 @@ def _ratio(value: float | None, floor: float | None) -> str:
 def handoffSeconds(durations: dict[str, float] | None) -> float | None:
     """
     How long established connections were frozen: the report's
-    I{connections} and I{commit} phases (capability transfer), or its
-    I{suspension} (re-exec).
+    I{connections}, I{freeze} (after a pre-copy) and I{commit} phases
+    (capability transfer), or its I{suspension} (re-exec).  From the
+    I{connections} phase on, the listeners do not accept: new connections
+    wait too.
     """
     if not durations:
         return None
     if "connections" in durations:
-        return durations["connections"] + durations.get("commit", 0.0)
+        return (
+            durations["connections"]
+            + durations.get("freeze", 0.0)
+            + durations.get("commit", 0.0)
+        )
     # Re-exec reports how long the service was suspended instead.
     suspension: float | None = durations.get("suspension")
     return suspension

@@ -665,10 +665,52 @@ def captureProtocolState(protocol: object, *, snapshot: bool = True) -> Protocol
     return ProtocolState(name, migratable, version, appState, buffers)
 
 
+def _comparisonEncoder() -> Callable[[Any], str]:
+    """
+    Make the function that encodes application state for comparisons
+    (L{StateFingerprint}): compact JSON, ASCII, no C{NaN}, as the codec
+    writes it.
+
+    C{json.JSONEncoder.encode} builds a new C encoder at every call, which
+    is most of its cost for a small state; at a freeze it is called for
+    every connection while every client waits, so the C encoder is built
+    once here (without the circular-reference check: a cycle then fails
+    with C{RecursionError}, which a comparison takes for a change, and the
+    full capture that follows refuses it by name).  Where the C encoder is
+    missing or is called differently, the plain encoder does the same work.
+    """
+    plain = json.JSONEncoder(
+        ensure_ascii=True, allow_nan=False, separators=(",", ":")
+    ).encode
+
+    def refuse(value: object) -> Any:
+        raise TypeError(f"{type(value).__qualname__} is not plain data")
+
+    try:
+        from json.encoder import (  # type: ignore[attr-defined]
+            c_make_encoder,
+            encode_basestring_ascii,
+        )
+
+        if c_make_encoder is None:
+            return plain
+        iterencode = c_make_encoder(
+            None, refuse, encode_basestring_ascii, None, ":", ",", False, False, False
+        )
+        sample = {"a": [1, 2.5, True, None, "\u00e9"]}
+        if "".join(iterencode(sample, 0)) != plain(sample):
+            return plain
+    except Exception:
+        return plain
+
+    def encode(value: object) -> str:
+        return "".join(iterencode(value, 0))
+
+    return encode
+
+
 #: encodes application state the way the codec does, for comparisons only
-_encodeForComparison = json.JSONEncoder(
-    ensure_ascii=True, allow_nan=False, separators=(",", ":")
-).encode
+_encodeForComparison = _comparisonEncoder()
 
 
 @frozen

@@ -66,6 +66,7 @@ __all__ = [
     "isMigratable",
     "replayBufferedInput",
     "restoreProtocolState",
+    "unchangedSince",
 ]
 
 
@@ -663,8 +664,57 @@ def captureProtocolState(protocol: object, *, snapshot: bool = True) -> Protocol
     return ProtocolState(name, migratable, version, appState, buffers)
 
 
+def unchangedSince(protocol: object, state: ProtocolState) -> bool:
+    """
+    Whether C{protocol} would capture as C{state} now, checked cheaply: its
+    application state compared (C{==}) against the copy in C{state}, and
+    its base protocols' buffers and mode against the ones saved there.
+
+    Use it to reuse a copy taken earlier (while the connection still
+    served) when nothing changed since.  It never raises: anything unusual
+    (a blocker, a failing C{getMigrationState}, a different version, a
+    buffer in the middle of parsing) answers C{False}, and the caller
+    captures afresh, with that capture's own errors.
+
+    C{==} is the comparison: values equal across types (C{1}, C{1.0},
+    C{True}) count as unchanged, and the copy's type is kept.
+
+    @param protocol: the protocol C{state} was captured from.
+    @param state: what L{captureProtocolState} returned for it (a
+        snapshot).
+
+    @return: whether C{state} still describes C{protocol}.
+    """
+    try:
+        app: Any = migratableFor(protocol)
+        if (app is not None) is not state.migratable:
+            return False
+        if app is not None:
+            if migrationBlocker(app) is not None:
+                return False
+            version = getattr(app, "migrationVersion", None)
+            if type(version) is not int or version != state.version:
+                return False
+            if not bool(app.getMigrationState() == state.appState):
+                return False
+        seen = 0
+        for kind in _KINDS:
+            if isinstance(protocol, kind.base):
+                saved = state.buffers.get(kind.name)
+                if saved is None or kind.capture(protocol) != saved:
+                    return False
+                seen += 1
+        return seen == len(state.buffers)
+    except Exception:
+        return False
+
+
 def restoreProtocolState(
-    protocol: object, state: ProtocolState, *, copyState: bool = True
+    protocol: object,
+    state: ProtocolState,
+    *,
+    copyState: bool = True,
+    validate: bool = True,
 ) -> None:
     """
     Rebuild a freshly made protocol of the new code from a state taken from
@@ -692,6 +742,9 @@ def restoreProtocolState(
     @param copyState: C{False} when C{state} is used once and may be given
         to the application as it is (it was just decoded for this
         connection): saves a deep copy per connection.
+    @param validate: C{False} when C{state} was captured in this process by
+        L{captureProtocolState} (not decoded from elsewhere): its buffers
+        are then known to be well-formed and are not checked again.
 
     @raise RestoreError: if the new code refused the state (the original
         exception is the C{__cause__}), if migratable state meets a class
@@ -702,7 +755,11 @@ def restoreProtocolState(
     """
     name = _className(type(protocol))
     try:
-        buffers = _validateBuffers(state.buffers, encoded=False)
+        buffers = (
+            _validateBuffers(state.buffers, encoded=False)
+            if validate
+            else state.buffers
+        )
     except StateError as e:
         raise RestoreError(f"cannot restore {name}: {e}") from e
     kinds: list[tuple[_BufferKind, Mapping[str, Any]]] = []

@@ -1755,3 +1755,76 @@ class ReloadSliceTests(ModulesUnchangedMixin, SynchronousTestCase):
         self.assertEqual(transport.value(), b"restored 2\n")
         self.assertEqual(exchange(hosted, transport, b"z"), b"v2 z 3\n")
         self.assertLessEqual({"precopy", "precopy slice"}, set(report["durations"]))
+
+
+#: a migratable protocol whose state is its own list, which the new code
+#: changes in place; a connection that said "refuse" is refused
+KEEPER = """
+from zope.interface import implementer
+from twisted.internet.protocol import Factory
+from twisted.protocols.basic import LineReceiver
+from migrate.interfaces import IMigratable
+
+VERSION = b"v1"
+
+
+@implementer(IMigratable)
+class Keeper(LineReceiver):
+    delimiter = b"\\n"
+    migrationVersion = 1
+
+    def connectionMade(self):
+        self.items = []
+
+    def lineReceived(self, line):
+        self.items.append(line.decode())
+        self.sendLine(VERSION + b" " + ",".join(self.items).encode())
+
+    def getMigrationState(self):
+        return {"items": self.items}
+
+    def restoreMigrationState(self, state):
+        if "refuse" in state["items"]:
+            raise ValueError("refused")
+        self.items = state["items"]
+
+    def upgradeMigrationState(self, fromVersion, state):
+        state["items"].append("upgraded")
+        return state
+
+
+def makeFactory():
+    return Factory.forProtocol(Keeper)
+"""
+
+
+class ReloadCopyTests(ModulesUnchangedMixin, SynchronousTestCase):
+    """
+    The new code is given copies: whatever it does to them, the old
+    protocols are as they were if the reload rolls back.
+    """
+
+    def test_changedSinceCopyNotShared(self) -> None:
+        """
+        A state taken again in the pause (it changed since the pre-copy) is
+        a copy: the new code changing it in place leaves the old protocol
+        as it was when another connection makes the reload roll back.
+        """
+        live = Live(self, KEEPER, sliceSizes=(1, 500))
+        (first, firstTransport), (second, secondTransport) = (
+            live.connect(),
+            live.connect(),
+        )
+        exchange(first, firstTransport, b"a")
+        exchange(second, secondTransport, b"refuse")
+        live.change(KEEPER.replace('b"v1"', 'b"v2"').replace("= 1\n", "= 2\n"))
+        before = snapshotModules()
+        d = live.host.requestUpgrade(None, live.progress.append)
+        self.assertEqual(exchange(first, firstTransport, b"b"), b"v1 a,b\n")
+        live.host.reactor.advance(0)
+        report = self.successResultOf(d)
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertIn("refused", report["reason"])
+        self.assertModulesAre(before)
+        self.assertEqual(exchange(first, firstTransport, b"c"), b"v1 a,b,c\n")
+        self.assertEqual(exchange(second, secondTransport, b"d"), b"v1 refuse,d\n")

@@ -128,6 +128,26 @@ class _Refused(Exception):
     """
 
 
+def _plainCopy(value: Any) -> Any:
+    """
+    Copy plain data already checked (L{captureProtocolState} with
+    C{snapshot=False}), as a JSON round trip would, without one: new
+    containers, lists for tuples; the scalars are immutable and shared.
+    """
+    kind = type(value)
+    if kind is dict:
+        return {key: _plainCopy(item) for key, item in value.items()}
+    if kind is list or kind is tuple:
+        return [_plainCopy(item) for item in value]
+    return value
+
+
+def _refusedConnection(hosted: Any, key: str, why: str) -> _Refused:
+    return _Refused(
+        "connection from {} on {}: {}".format(describePeer(hosted), key, why)
+    )
+
+
 def _listed(names: list[str]) -> str:
     if len(names) <= _MAX_LISTED:
         return ", ".join(names)
@@ -581,6 +601,9 @@ class ReloadAttempt:
 
     def _succeeded(self) -> MigrationReport:
         host = self.host
+        # Let go of the old protocol objects now (the last references to
+        # most of them), rather than when the collector finds this attempt.
+        self.rebuilt = []
         self.attempt.durations["total"] = self.attempt.elapsed()
         moved = sum(each.moved for each in self.counts.values())
         drained = sum(each.drained for each in self.counts.values())
@@ -697,8 +720,7 @@ class ReloadAttempt:
                 protocol = hosted.wrappedProtocol
                 if protocol is None or hosted.pending or hosted.released:
                     continue
-                closing, _ = self._closing.get(id(hosted), (None, ""))
-                if closing is hosted:
+                if self._closing and self._isClosing(hosted):
                     counts.failed += 1
                     continue
                 # The application's own opt-in only: a protocol migrate has a
@@ -738,6 +760,10 @@ class ReloadAttempt:
                 "as before".format(count, "" if count == 1 else "s", name)
             )
 
+    def _isClosing(self, hosted: Any) -> bool:
+        closing, _ = self._closing.get(id(hosted), (None, ""))
+        return closing is hosted
+
     def _rebuild(self, key: str, hosted: Any, old: Any) -> None:
         """
         Take a migratable protocol's state and restore it into a protocol
@@ -745,21 +771,25 @@ class ReloadAttempt:
 
         @raise _Refused: naming the connection, if that fails.
         """
-
-        def refused(why: str) -> _Refused:
-            return _Refused(
-                "connection from {} on {}: {}".format(describePeer(hosted), key, why)
-            )
-
+        refused = partial(_refusedConnection, hosted, key)
         kept = self._reusable(hosted, old)
         if kept is not None:
             state, peer, local = kept.state, kept.peer, kept.local
             self.reused += 1
         else:
             try:
-                state = captureProtocolState(old)
+                # Checked without a copy, then copied without encoding: no
+                # JSON round trip in the same process.
+                state = captureProtocolState(old, snapshot=False)
             except StateError as e:
                 raise refused(str(e))
+            state = ProtocolState(
+                state.className,
+                state.migratable,
+                state.version,
+                _plainCopy(state.appState),
+                state.buffers,
+            )
             peer, local = hosted.getPeer(), hosted.getHost()
         try:
             new = self.newFactory.buildProtocol(peer)

@@ -589,14 +589,24 @@ class ReloadAttempt:
                 each.hosted.finishNow()
             longest = max(longest, reactor.seconds() - began)
             if start + self.switchSlice < len(rebuilt):
-                reactor.callLater(0, switchSlice, start + self.switchSlice)
+                reactor.callLater(0, guarded, start + self.switchSlice)
                 return
             self._stopOldFactories()
             self.attempt.durations["switch"] = reactor.seconds() - started
             self.attempt.durations["switch slice"] = longest
             done.callback(self._succeeded())
 
-        reactor.callLater(0, switchSlice, 0)
+        def guarded(start: int) -> None:
+            # Whatever goes wrong here, the migration must end (the host
+            # waits for it before the next one).
+            try:
+                switchSlice(start)
+            except Exception:
+                _log.failure("Reload: switching connections failed")
+                if not done.called:
+                    done.errback()
+
+        reactor.callLater(0, guarded, 0)
         return done
 
     def _succeeded(self) -> MigrationReport:

@@ -68,6 +68,7 @@ __all__ = [
     "isMigratable",
     "replayBufferedInput",
     "restoreProtocolState",
+    "unchangedSince",
 ]
 
 
@@ -804,12 +805,32 @@ class StateFingerprint:
         return found == len(buffers)
 
 
+def unchangedSince(protocol: object, fingerprint: StateFingerprint) -> bool:
+    """
+    Whether C{protocol} would capture now as it did when C{fingerprint}
+    was taken: for reusing a copy taken earlier (while the connection still
+    served) when nothing changed since.
+
+    It never raises: anything unusual (a blocker, a failing
+    C{getMigrationState}, a different version, a buffer in the middle of
+    parsing) answers C{False}, and the caller captures afresh, with that
+    capture's own errors.
+
+    @param protocol: the protocol the fingerprinted state was captured from.
+    @param fingerprint: L{StateFingerprint.of} that state.
+    """
+    try:
+        return fingerprint.matches(protocol)
+    except Exception:
+        return False
+
+
 def restoreProtocolState(
     protocol: object,
     state: ProtocolState,
     *,
     copyState: bool = True,
-    checked: bool = False,
+    validate: bool = True,
 ) -> None:
     """
     Rebuild a freshly made protocol of the new code from a state taken from
@@ -837,7 +858,7 @@ def restoreProtocolState(
     @param copyState: C{False} when C{state} is used once and may be given
         to the application as it is (it was just decoded for this
         connection): saves a deep copy per connection.
-    @param checked: C{True} when C{state} was made by
+    @param validate: C{False} when C{state} was made by
         L{ProtocolState.fromPlain} or L{captureProtocolState}, which check
         its buffers, and nothing changed them since: saves checking them
         again, which matters when thousands of connections are restored
@@ -851,13 +872,14 @@ def restoreProtocolState(
         C{protocol} must then not be used.
     """
     name = _className(type(protocol))
-    if checked:
-        buffers = state.buffers
-    else:
-        try:
-            buffers = _validateBuffers(state.buffers, encoded=False)
-        except StateError as e:
-            raise RestoreError(f"cannot restore {name}: {e}") from e
+    try:
+        buffers = (
+            _validateBuffers(state.buffers, encoded=False)
+            if validate
+            else state.buffers
+        )
+    except StateError as e:
+        raise RestoreError(f"cannot restore {name}: {e}") from e
     kinds: list[tuple[_BufferKind, Mapping[str, Any]]] = []
     for kind in _KINDS:
         if isinstance(protocol, kind.base):

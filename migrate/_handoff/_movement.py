@@ -386,7 +386,7 @@ class StagedConnection:
         if not self.state.migratable:
             raise StateError("the old protocol did not provide IMigratable")
         # The state was checked as it was decoded (ProtocolState.fromPlain).
-        restoreProtocolState(self.protocol, self.state, copyState=False, checked=True)
+        restoreProtocolState(self.protocol, self.state, copyState=False, validate=False)
         return AdoptedConnection(self.hosted, self.transport, self.pendingOutput)
 
     def abandon(self) -> None:

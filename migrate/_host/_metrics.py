@@ -80,9 +80,17 @@ def clientWait(report: MigrationReport) -> float | None:
 
     Re-exec measures its suspension; capability transfer holds the
     connections it moves from their freeze (C{connections}) to the commit;
-    module reload from its commit's start to its end.
+    module reload serves nothing during its C{pause} (import, prepare,
+    commit) and the longest of its slices before and after it (older
+    reports: its commit).
     """
     durations = report.durations
+    if report.strategy == "reload" and "pause" in durations:
+        return max(
+            durations["pause"],
+            durations.get("precopy slice", 0.0),
+            durations.get("switch slice", 0.0),
+        )
     if "suspension" in durations:
         return durations["suspension"]
     if "connections" in durations:

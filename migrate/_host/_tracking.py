@@ -38,6 +38,7 @@ class HostedProtocol(ProtocolWrapper):
     """
 
     factory: "TrackingFactory"
+    _log = Logger()
 
     def __init__(
         self,
@@ -51,6 +52,7 @@ class HostedProtocol(ProtocolWrapper):
         self.held = False
         self._held: list[bytes] = []
         self._heldClose: str | None = None
+        self._finish: Callable[[], None] | None = None
 
     def makeConnection(self, transport: ITransport) -> None:
         if not self.pending:
@@ -143,9 +145,40 @@ class HostedProtocol(ProtocolWrapper):
         self.attach(protocol)
         return old
 
+    def finishBeforeNextEvent(self, finish: Callable[[], None]) -> None:
+        """
+        Call C{finish} once, before the next event (bytes received, or the
+        connection lost) reaches the application's protocol, or earlier
+        through L{finishNow}: work on this connection that was left for
+        later (module reload switches the protocol object so) is done
+        before anything more happens to it.
+
+        @param finish: takes no arguments; what it raises is logged, and
+            the event is delivered all the same.
+        """
+        self._finish = finish
+
+    def finishNow(self) -> bool:
+        """
+        Call what L{finishBeforeNextEvent} left for later, now, if it was
+        not called yet.
+
+        @return: whether it was called now.
+        """
+        finish, self._finish = self._finish, None
+        if finish is None:
+            return False
+        try:
+            finish()
+        except Exception:
+            self._log.failure("Finishing the work left for later failed")
+        return True
+
     def dataReceived(self, data: bytes) -> None:
         if self.pending or self.released:
             return
+        if self._finish is not None:
+            self.finishNow()
         self.wrappedProtocol.dataReceived(data)
 
     def release(self) -> None:
@@ -159,6 +192,8 @@ class HostedProtocol(ProtocolWrapper):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.released:
             return
+        if self._finish is not None:
+            self.finishNow()
         if self.pending or self.wrappedProtocol is None:
             self.factory.unregisterProtocol(self)
             return

@@ -17,10 +17,14 @@ from attrs import field, frozen
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from .._handoff._trial import casesFrom
 from .._report import MigrationReport
 from ..interfaces import IMigrationHost, IMigrationStrategy
-from ._reload._attempt import FINGERPRINTS, ReloadAttempt
+from ._reload._attempt import (
+    FINGERPRINTS,
+    PRECOPY_SLICE,
+    SWITCH_SLICE,
+    ReloadAttempt,
+)
 from ._reload._modules import ModuleFingerprints
 from ._reload._safety import trialInChild
 
@@ -45,6 +49,13 @@ class ModuleReload:
     C{__class__} assignment where that is safe, and stay on the old code
     otherwise.  All or nothing: anything that fails before the commit
     leaves everything on the old code.
+
+    The states are copied first, a slice of connections per turn of the
+    reactor while the old code serves (the pre-copy, which the trial
+    uses); the pause (import, prepare, commit) reuses each copy whose
+    connection did not change since; after it, each rebuilt connection
+    switches to its new protocol object in slices, or before its next
+    event if that comes first.
     """
 
     name = "reload"
@@ -52,6 +63,7 @@ class ModuleReload:
     _trial: Callable[[Any, Any, str], Deferred[Any]] | None = field(
         default=trialInChild
     )
+    _sliceSizes: tuple[int, int] = field(default=(PRECOPY_SLICE, SWITCH_SLICE))
 
     def migrate(
         self, host: IMigrationHost, progress: Callable[[str], None]
@@ -66,19 +78,28 @@ class ModuleReload:
             self._fingerprints,
             self.name,
             importTimeout=host.settings.readyTimeout,
+            switchSlice=self._sliceSizes[1],
         )
         early = attempt.begin()
         if early is not None:
             return succeed(early)
-        if self._trial is None:
-            return succeed(attempt.finish())
-        attempt.attempt.step("trying the new code in a child process")
-        cases = casesFrom(attempt.connections())
-        tried: Deferred[Any] = self._trial(
-            host,
-            cases,
-            host.settings.strategyOptions.get("trial-failure", "refuse"),
-        )
+        copied = attempt.copyStates(self._sliceSizes[0])
+        trial = self._trial
+        if trial is None:
+            finished: Deferred[MigrationReport] = copied.addCallback(
+                lambda cases: attempt.finish()
+            )
+            return finished
+
+        def tryNewCode(cases: Any) -> Deferred[Any]:
+            attempt.attempt.step("trying the new code in a child process")
+            return trial(
+                host,
+                cases,
+                host.settings.strategyOptions.get("trial-failure", "refuse"),
+            )
+
+        tried: Deferred[Any] = copied.addCallback(tryNewCode)
         result: Deferred[MigrationReport] = tried.addCallback(attempt.tried)
         return result
 

@@ -89,6 +89,20 @@ class ClientWaitTests(SynchronousTestCase):
             clientWait(_report("capability", connections=0.5, commit=0.25)), 0.75
         )
         self.assertEqual(clientWait(_report("reload", commit=0.125)), 0.125)
+        self.assertEqual(
+            clientWait(
+                attrs.evolve(
+                    _report("reload", pause=0.03, commit=0.01),
+                    durations={
+                        "pause": 0.03,
+                        "commit": 0.01,
+                        "precopy slice": 0.005,
+                        "switch slice": 0.04,
+                    },
+                )
+            ),
+            0.04,
+        )
         self.assertIsNone(clientWait(_report("gradual", listeners=0.1)))
 
 

@@ -22,9 +22,11 @@ from typing import Any
 from attrs import evolve
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -225,6 +227,7 @@ class Live:
         package: bool = False,
         extra: dict[str, str] | None = None,
         trial: Any = None,
+        sliceSizes: tuple[int, int] | None = None,
     ) -> None:
         """
         @param source: the application module's source (C{PREFIX} stands
@@ -241,7 +244,12 @@ class Live:
             self.write(name, text)
         self.change(source)
         self.fingerprints = ModuleFingerprints()
-        self.strategy = ModuleReload(fingerprints=self.fingerprints, trial=trial)
+        if sliceSizes is None:
+            self.strategy = ModuleReload(fingerprints=self.fingerprints, trial=trial)
+        else:
+            self.strategy = ModuleReload(
+                fingerprints=self.fingerprints, trial=trial, sliceSizes=sliceSizes
+            )
         factory = importlib.import_module(self.module).makeFactory()
         self.host = MigrationHost(
             _NoReactor(),
@@ -887,7 +895,16 @@ class ReloadTests(ModulesUnchangedMixin, SynchronousTestCase):
         self.assertEqual(live.host.generation, 2)
         self.assertEqual(live.host.phase, MigrationPhase.idle)
         self.assertEqual(
-            set(report["durations"]), {"import", "prepare", "commit", "total"}
+            set(report["durations"]),
+            {
+                "precopy",
+                "precopy slice",
+                "import",
+                "prepare",
+                "commit",
+                "pause",
+                "total",
+            },
         )
 
     def test_migratableRebuilt(self) -> None:
@@ -1549,3 +1566,265 @@ class ReloadTrialTests(ModulesUnchangedMixin, SynchronousTestCase):
         self.assertIn("longer than 0.2 s", report["reason"])
         self.assertModulesAre(before)
         self.assertEqual(exchange(hosted, transport, b"x"), b"v1 x 1\n")
+
+
+#: L{MIGRATABLE}, recording in a module global which code was told that a
+#: connection was lost
+LOSING = MIGRATABLE.replace(
+    'VERSION = b"v1"\n', 'VERSION = b"v1"\nLOST = []\n'
+).replace(
+    "    def getMigrationState(self):",
+    "    def connectionLost(self, reason):\n"
+    "        LOST.append(VERSION)\n\n"
+    "    def getMigrationState(self):",
+)
+
+LOSING_V2 = (
+    LOSING.replace('VERSION = b"v1"', 'VERSION = b"v2"')
+    .replace("migrationVersion = 1", "migrationVersion = 2")
+    .replace('return {"count": self.count}', 'return {"total": self.count}')
+    .replace('self.count = state["count"]', 'self.count = state["total"]')
+    .replace(
+        'raise ValueError("cannot read version %r" % (fromVersion,))',
+        'return {"total": state["count"]} if fromVersion == 1 else state',
+    )
+)
+
+
+def chatSource(welcome: str = "Welcome") -> str:
+    """
+    The demo chat server's source, its welcome changed to C{welcome}.
+    """
+    from ..examples import chat
+
+    with open(chat.__file__, encoding="utf-8") as f:
+        return f.read().replace("* Welcome, ", "* {}, ".format(welcome))
+
+
+def runOne(clock: Clock) -> None:
+    """
+    Run the first call C{clock} has scheduled, and only that one.
+    """
+    call = clock.calls.pop(0)
+    call.func(*call.args, **call.kw)
+
+
+class ReloadSliceTests(ModulesUnchangedMixin, SynchronousTestCase):
+    """
+    The states are copied in slices before the pause; after it, rebuilt
+    connections switch to their new protocol object in slices, or before
+    their next event.
+    """
+
+    def live(self, source: str, slices: tuple[int, int], count: int) -> Any:
+        live: Any = Live(self, source, sliceSizes=slices)
+        live.connections = [live.connect() for _ in range(count)]
+        for n, (hosted, transport) in enumerate(live.connections):
+            for _ in range(n + 1):
+                exchange(hosted, transport, b"x")
+            transport.clear()
+        return live
+
+    def test_switchedBeforeFirstEvent(self) -> None:
+        """
+        After the pause, a connection that receives bytes before its slice
+        comes is switched first: the new protocol writes what it wrote when
+        restored, then answers the bytes.  The report waits for the last
+        slice.
+        """
+        live = self.live(MIGRATABLE, (500, 1), 3)
+        olds = [hosted.wrappedProtocol for hosted, _ in live.connections]
+        live.change(MIGRATABLE_V2)
+        d = live.host.requestUpgrade(None, live.progress.append)
+        self.assertNoResult(d)
+        self.assertEqual(live.host.phase, MigrationPhase.committing)
+        hosted, transport = live.connections[2]
+        self.assertIs(hosted.wrappedProtocol, olds[2])
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(exchange(hosted, transport, b"y"), b"restored 3\nv2 y 4\n")
+        self.assertIsNot(hosted.wrappedProtocol, olds[2])
+        self.assertIsInstance(olds[2].transport, DetachedTransport)
+        self.assertIs(live.connections[0][0].wrappedProtocol, olds[0])
+        live.host.reactor.advance(0)
+        report = self.successResultOf(d)
+        self.assertEqual((report["outcome"], report["moved"]), ("success", 3))
+        self.assertEqual(live.host.phase, MigrationPhase.idle)
+        for (hosted, transport), old in zip(live.connections[:2], olds):
+            self.assertIsNot(hosted.wrappedProtocol, old)
+        self.assertEqual(live.connections[0][1].value(), b"restored 1\n")
+        self.assertEqual(live.connections[1][1].value(), b"restored 2\n")
+        self.assertLessEqual(
+            {"pause", "switch", "switch slice"}, set(report["durations"])
+        )
+
+    def test_switchedInSlices(self) -> None:
+        """
+        Connections are switched a slice per turn of the reactor, the old
+        factory stopped once none is left on the old protocol objects.
+        """
+        live = self.live(MIGRATABLE, (500, 2), 3)
+        listener = live.host.listeners["tcp:8000"]
+        listener.port = RecordingPort(IPv4Address("TCP", "127.0.0.1", 1))
+        listener.factory.doStart()
+        oldFactoryClass = type(live.host.applicationFactory)
+        olds = [hosted.wrappedProtocol for hosted, _ in live.connections]
+        live.change(MIGRATABLE_V2)
+        d = live.host.requestUpgrade(None, live.progress.append)
+        switched = lambda: [  # noqa: E731
+            hosted.wrappedProtocol is not old
+            for (hosted, _), old in zip(live.connections, olds)
+        ]
+        self.assertEqual(switched(), [False, False, False])
+        runOne(live.host.reactor)
+        self.assertEqual(switched(), [True, True, False])
+        self.assertEqual(oldFactoryClass.stopped, 0)
+        self.assertNoResult(d)
+        runOne(live.host.reactor)
+        self.assertEqual(switched(), [True, True, True])
+        self.assertEqual(oldFactoryClass.stopped, 1)
+        self.assertEqual(self.successResultOf(d)["moved"], 3)
+
+    def test_closedBeforeSwitch(self) -> None:
+        """
+        A connection lost before its slice is switched first: its new
+        protocol, which the new code restored, is told; the old one is
+        not.
+        """
+        live = self.live(LOSING, (500, 1), 2)
+        oldModule = sys.modules[live.module]
+        live.change(LOSING_V2)
+        d = live.host.requestUpgrade(None, live.progress.append)
+        hosted, transport = live.connections[1]
+        hosted.connectionLost(Failure(ConnectionDone()))
+        newModule = sys.modules[live.module]
+        self.assertEqual((oldModule.LOST, newModule.LOST), ([], [b"v2"]))
+        live.host.reactor.advance(0)
+        report = self.successResultOf(d)
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual(len(live.host.listeners["tcp:8000"].factory.connections), 1)
+
+    def test_broadcastDuringSwitchReachesEveryone(self) -> None:
+        """
+        While connections are switched, every one is already restored in
+        the new code: what a switched user says reaches the users not
+        switched yet (once they are, in order), and theirs reach it.
+        """
+        live = Live(self, chatSource(), sliceSizes=(500, 1))
+        users = [live.connect() for _ in range(3)]
+        for _, transport in users:
+            transport.clear()
+        live.change(chatSource("Hello"))
+        d = live.host.requestUpgrade(None, live.progress.append)
+        (first, firstTransport), second, (third, thirdTransport) = users
+        first.dataReceived(b"one\n")
+        third.dataReceived(b"three\n")
+        live.host.reactor.advance(0)
+        self.assertEqual(self.successResultOf(d)["moved"], 3)
+        self.assertEqual(firstTransport.value(), b"<guest3> three\n")
+        self.assertEqual(second[1].value(), b"<guest1> one\n<guest3> three\n")
+        self.assertEqual(thirdTransport.value(), b"<guest1> one\n")
+        fresh, freshTransport = live.connect()
+        self.assertIn(b"* Hello, guest4!", freshTransport.value())
+        fresh.dataReceived(b"/who\n")
+        self.assertIn(
+            b"* In lobby: guest1, guest2, guest3, guest4", freshTransport.value()
+        )
+
+    def test_precopyInSlices(self) -> None:
+        """
+        The states are copied a slice per turn of the reactor before the
+        pause; a connection whose state changed since its copy is captured
+        again in the pause, and nothing it did is lost.
+        """
+        live = self.live(MIGRATABLE, (1, 500), 3)
+        live.change(MIGRATABLE_V2)
+        d = live.host.requestUpgrade(None, live.progress.append)
+        self.assertNoResult(d)
+        hosted, transport = live.connections[0]
+        self.assertEqual(exchange(hosted, transport, b"y"), b"v1 y 2\n")
+        transport.clear()
+        live.host.reactor.advance(0)
+        report = self.successResultOf(d)
+        self.assertEqual(report["moved"], 3)
+        self.assertIn(
+            "2 states of 3 migratable connections taken before the pause, while "
+            "the old code served, and unchanged since; the others were taken "
+            "in the pause",
+            report["notes"],
+        )
+        self.assertEqual(transport.value(), b"restored 2\n")
+        self.assertEqual(exchange(hosted, transport, b"z"), b"v2 z 3\n")
+        self.assertLessEqual({"precopy", "precopy slice"}, set(report["durations"]))
+
+
+#: a migratable protocol whose state is its own list, which the new code
+#: changes in place; a connection that said "refuse" is refused
+KEEPER = """
+from zope.interface import implementer
+from twisted.internet.protocol import Factory
+from twisted.protocols.basic import LineReceiver
+from migrate.interfaces import IMigratable
+
+VERSION = b"v1"
+
+
+@implementer(IMigratable)
+class Keeper(LineReceiver):
+    delimiter = b"\\n"
+    migrationVersion = 1
+
+    def connectionMade(self):
+        self.items = []
+
+    def lineReceived(self, line):
+        self.items.append(line.decode())
+        self.sendLine(VERSION + b" " + ",".join(self.items).encode())
+
+    def getMigrationState(self):
+        return {"items": self.items}
+
+    def restoreMigrationState(self, state):
+        if "refuse" in state["items"]:
+            raise ValueError("refused")
+        self.items = state["items"]
+
+    def upgradeMigrationState(self, fromVersion, state):
+        state["items"].append("upgraded")
+        return state
+
+
+def makeFactory():
+    return Factory.forProtocol(Keeper)
+"""
+
+
+class ReloadCopyTests(ModulesUnchangedMixin, SynchronousTestCase):
+    """
+    The new code is given copies: whatever it does to them, the old
+    protocols are as they were if the reload rolls back.
+    """
+
+    def test_changedSinceCopyNotShared(self) -> None:
+        """
+        A state taken again in the pause (it changed since the pre-copy) is
+        a copy: the new code changing it in place leaves the old protocol
+        as it was when another connection makes the reload roll back.
+        """
+        live = Live(self, KEEPER, sliceSizes=(1, 500))
+        (first, firstTransport), (second, secondTransport) = (
+            live.connect(),
+            live.connect(),
+        )
+        exchange(first, firstTransport, b"a")
+        exchange(second, secondTransport, b"refuse")
+        live.change(KEEPER.replace('b"v1"', 'b"v2"').replace("= 1\n", "= 2\n"))
+        before = snapshotModules()
+        d = live.host.requestUpgrade(None, live.progress.append)
+        self.assertEqual(exchange(first, firstTransport, b"b"), b"v1 a,b\n")
+        live.host.reactor.advance(0)
+        report = self.successResultOf(d)
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertIn("refused", report["reason"])
+        self.assertModulesAre(before)
+        self.assertEqual(exchange(first, firstTransport, b"c"), b"v1 a,b,c\n")
+        self.assertEqual(exchange(second, secondTransport, b"d"), b"v1 refuse,d\n")

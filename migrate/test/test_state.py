@@ -22,10 +22,12 @@ from migrate.interfaces import IMigratable
 from migrate.state import (
     ProtocolState,
     RestoreError,
+    StateFingerprint,
     captureProtocolState,
     isMigratable,
     replayBufferedInput,
     restoreProtocolState,
+    unchangedSince,
 )
 from migrate.test.test_codec import _depth, _nested, plainData
 
@@ -1353,3 +1355,79 @@ class BulkPathTests(SynchronousTestCase):
         self.assertEqual(copied.state, state.appState)
         self.assertIsNot(copied.state, state.appState)
         self.assertIs(shared.state, state.appState)
+
+
+class UnchangedSinceTests(SynchronousTestCase):
+    """
+    L{unchangedSince} tells whether a state captured earlier still
+    describes its protocol.
+    """
+
+    def setUp(self) -> None:
+        self.protocol = connected(ChatV2)
+        self.protocol.dataReceived(b"half a li")
+        self.state = captureProtocolState(self.protocol)
+
+    def test_unchanged(self) -> None:
+        """
+        Nothing changed: the state still describes the protocol.
+        """
+        self.assertTrue(unchangedSince(self.protocol, StateFingerprint.of(self.state)))
+
+    def test_applicationState(self) -> None:
+        """
+        A change in the application's state is seen, also deep inside it.
+        """
+        self.protocol.rooms.append("kitchen")
+        self.assertFalse(unchangedSince(self.protocol, StateFingerprint.of(self.state)))
+
+    def test_buffer(self) -> None:
+        """
+        Bytes received since are seen, as is a change of mode.
+        """
+        self.protocol.dataReceived(b"ne")
+        self.assertFalse(unchangedSince(self.protocol, StateFingerprint.of(self.state)))
+        protocol = connected(ChatV2)
+        state = captureProtocolState(protocol)
+        protocol.setRawMode()
+        self.assertFalse(unchangedSince(protocol, StateFingerprint.of(state)))
+
+    def test_version(self) -> None:
+        """
+        Another C{migrationVersion} means another state.
+        """
+        self.protocol.migrationVersion = 3
+        self.assertFalse(unchangedSince(self.protocol, StateFingerprint.of(self.state)))
+
+    def test_failureIsChange(self) -> None:
+        """
+        A C{getMigrationState} that raises, or a protocol that cannot move
+        now, answers C{False} rather than raising.
+        """
+
+        def broken() -> Any:
+            raise ValueError("broken")
+
+        self.protocol.getMigrationState = broken
+        self.assertFalse(unchangedSince(self.protocol, StateFingerprint.of(self.state)))
+        del self.protocol.getMigrationState
+        self.protocol.migrationBlocker = lambda: "busy"
+        self.assertFalse(unchangedSince(self.protocol, StateFingerprint.of(self.state)))
+
+    def test_otherBuffers(self) -> None:
+        """
+        A state whose buffers are not the protocol's kinds is not its
+        state.
+        """
+        state = attrs.evolve(self.state, buffers={})
+        self.assertFalse(unchangedSince(self.protocol, StateFingerprint.of(state)))
+
+    def test_exact(self) -> None:
+        """
+        A value changed to another that Python finds equal but the new code
+        would receive as another type (C{1} to C{True}) is a change.
+        """
+        self.protocol.rooms = [1]
+        fingerprint = StateFingerprint.of(captureProtocolState(self.protocol))
+        self.protocol.rooms = [True]
+        self.assertFalse(unchangedSince(self.protocol, fingerprint))

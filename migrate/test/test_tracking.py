@@ -9,6 +9,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ITransport
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -270,6 +271,93 @@ class HostedProtocolTests(SynchronousTestCase):
         hosted.connectionLost(lost())
         self.assertEqual(app.events, [("connectionMade",)])
         self.assertEqual(self.changes, 2)
+
+
+class FinishBeforeNextEventTests(SynchronousTestCase):
+    """
+    L{HostedProtocol.finishBeforeNextEvent} runs work left for later once,
+    before the connection's next event reaches the application.
+    """
+
+    def setUp(self) -> None:
+        self.application = RecordingFactory()
+        self.factory = TrackingFactory("tcp:8000", self.application)
+        hosted = self.factory.buildProtocol(ADDRESS)
+        assert hosted is not None
+        hosted.makeConnection(StringTransport())
+        self.hosted: HostedProtocol = hosted
+        self.old = self.application.built[-1]
+        self.new = RecordingProtocol()
+        self.calls = 0
+
+    def switch(self) -> None:
+        self.calls += 1
+        self.hosted.replaceProtocol(self.new)
+
+    def test_beforeData(self) -> None:
+        """
+        Bytes received are delivered after the work, once, to the protocol
+        the work put in place.
+        """
+        self.hosted.finishBeforeNextEvent(self.switch)
+        self.assertEqual(self.calls, 0)
+        self.hosted.dataReceived(b"one")
+        self.hosted.dataReceived(b"two")
+        self.assertEqual(self.calls, 1)
+        self.assertEqual(self.old.events, [("connectionMade",)])
+        self.assertEqual(
+            self.new.events, [("dataReceived", b"one"), ("dataReceived", b"two")]
+        )
+
+    def test_beforeConnectionLost(self) -> None:
+        """
+        The end of the connection comes after the work too.
+        """
+        self.hosted.finishBeforeNextEvent(self.switch)
+        self.hosted.connectionLost(lost())
+        self.assertEqual(self.calls, 1)
+        self.assertEqual(self.old.events, [("connectionMade",)])
+        self.assertEqual([event[0] for event in self.new.events], ["connectionLost"])
+        self.assertEqual(self.factory.connections, [])
+
+    def test_finishNow(self) -> None:
+        """
+        L{HostedProtocol.finishNow} does the work at once, and only once;
+        it says whether it did.
+        """
+        self.assertFalse(self.hosted.finishNow())
+        self.hosted.finishBeforeNextEvent(self.switch)
+        self.assertTrue(self.hosted.finishNow())
+        self.assertFalse(self.hosted.finishNow())
+        self.hosted.dataReceived(b"later")
+        self.assertEqual(self.calls, 1)
+        self.assertEqual(self.new.events, [("dataReceived", b"later")])
+
+    def test_failureLogged(self) -> None:
+        """
+        Work that raises is logged; the event is delivered all the same.
+        """
+
+        def broken() -> None:
+            raise ValueError("broken")
+
+        self.hosted.finishBeforeNextEvent(broken)
+        with capturedLogs() as events:
+            self.hosted.dataReceived(b"data")
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(len(events), 1)
+        self.assertEqual(self.old.events[1:], [("dataReceived", b"data")])
+
+    def test_releasedNotFinished(self) -> None:
+        """
+        A released connection's events reach nobody, and do not run the
+        work.
+        """
+        self.hosted.finishBeforeNextEvent(self.switch)
+        self.hosted.release()
+        self.hosted.dataReceived(b"late")
+        self.hosted.connectionLost(lost())
+        self.assertEqual(self.calls, 0)
 
 
 class HoldTests(SynchronousTestCase):

@@ -18,8 +18,23 @@ object, upgraded and restored into a new one (whose writes are held).  A
 module that does not import, a factory that cannot be built, or a state the
 new code refuses rolls it all back: C{sys.modules} exactly as it was, every
 protocol on the old code, and a report naming what failed.  Only then does
-it commit, in one step of the reactor: new modules stay, classes are
-swapped, protocol objects replaced, factories swapped.
+it commit, in the same step of the reactor (the I{pause}): new modules
+stay, classes are swapped, factories swapped.
+
+Around the pause: before it, while the old code serves, every migratable
+connection's state is copied, a slice of connections per turn of the
+reactor (L{ReloadAttempt.copyStates}: the I{pre-copy}, which the trial
+uses too); the pause restores from each copy whose connection did not
+change since (L{migrate.state.unchangedSince}) rather than capturing the
+state again.  After it, each rebuilt connection is I{switched} to its new
+protocol object (transport re-pointed, held writes written, buffered
+input replayed), a slice per turn of the reactor, or before its next event
+if that comes first (L{HostedProtocol.finishBeforeNextEvent
+<migrate._host._tracking.HostedProtocol.finishBeforeNextEvent>}); the
+report is made once every connection is switched.  Every restore stays in
+the pause: an application that registers each connection in shared state
+in C{restoreMigrationState} (a chat room) must know every connection
+before the new code serves any.
 
 Why replace migratable protocol objects rather than swap their class (as
 L{twisted.python.rebuild} does)?  A new object built by the new factory
@@ -38,25 +53,33 @@ cannot be complete.
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections import Counter
+from functools import partial
 from typing import Any, Callable
 
 from attrs import define, field
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
 from ..._handoff._attempt import MigrationAttempt, counted
 from ..._handoff._movement import describePeer
 from ..._handoff._movers._registry import movers
-from ..._handoff._trial import TrialOutcome
+from ..._handoff._trial import TrialCase, TrialOutcome
+from ..._handoff._trial import _peerOf as peerOf
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
 from ...interfaces import IMigratable, IMigrationHost
 from ...state import (
+    ProtocolState,
     StateError,
+    StateFingerprint,
     captureProtocolState,
+    isMigratable,
     replayBufferedInput,
     restoreProtocolState,
+    unchangedSince,
 )
 from ._modules import (
     DetachedTransport,
@@ -90,11 +113,40 @@ _MAX_WRAPPERS = 8
 #: the most names listed in one note
 _MAX_LISTED = 12
 
+#: how many connections' states the pre-copy takes in one turn of the
+#: reactor (a few milliseconds of work: the connections are served between
+#: two slices)
+PRECOPY_SLICE = 250
+
+#: how many connections are switched to their new protocol object in one
+#: turn of the reactor after the commit
+SWITCH_SLICE = 500
+
 
 class _Refused(Exception):
     """
     Preparing the reload failed; the message says where and why.
     """
+
+
+def _plainCopy(value: Any) -> Any:
+    """
+    Copy plain data already checked (L{captureProtocolState} with
+    C{snapshot=False}), as a JSON round trip would, without one: new
+    containers, lists for tuples; the scalars are immutable and shared.
+    """
+    kind = type(value)
+    if kind is dict:
+        return {key: _plainCopy(item) for key, item in value.items()}
+    if kind is list or kind is tuple:
+        return [_plainCopy(item) for item in value]
+    return value
+
+
+def _refusedConnection(hosted: Any, key: str, why: str) -> _Refused:
+    return _Refused(
+        "connection from {} on {}: {}".format(describePeer(hosted), key, why)
+    )
 
 
 def _listed(names: list[str]) -> str:
@@ -137,11 +189,32 @@ class _Rebuilt:
     key: str
     hosted: Any
     peer: Any
+    local: Any
     old: Any
     new: Any
     held: HeldTransport
     fromVersion: int | None
     toVersion: int | None
+
+
+@define
+class _Kept:
+    """
+    A migratable connection's state, copied before the pause while the old
+    code still served it: reused in the pause if nothing changed since.
+
+    @ivar protocol: the application protocol it was taken from.
+    @ivar state: the copy (a snapshot no one else holds).
+    @ivar peer: the connection's peer address.
+    @ivar local: its local address.
+    @ivar fingerprint: what tells, in the pause, whether it changed since.
+    """
+
+    protocol: Any
+    state: ProtocolState
+    peer: Any
+    local: Any
+    fingerprint: StateFingerprint
 
 
 @define
@@ -177,6 +250,10 @@ class ReloadAttempt:
     _swapProblems: dict[type, str | None] = field(factory=dict)
     _plan: tuple[Any, ...] | None = None
     _closing: dict[int, tuple[Any, str]] = field(factory=dict)
+    _kept: dict[int, tuple[Any, _Kept]] = field(factory=dict)
+    reused: int = 0
+    switchSlice: int = SWITCH_SLICE
+    _oldFactories: list[tuple[Any, Any]] = field(factory=list)
 
     def __attrs_post_init__(self) -> None:
         self.attempt = MigrationAttempt(
@@ -216,13 +293,16 @@ class ReloadAttempt:
 
     # The reload
 
-    def run(self) -> MigrationReport:
+    def run(self) -> Deferred[MigrationReport]:
         """
         Reload the application, without a trial.
 
-        @return: the report; never raises.
+        @return: a L{Deferred} firing with the report; it never fails.
         """
-        return self.begin() or self.finish()
+        early = self.begin()
+        if early is not None:
+            return succeed(early)
+        return self.copyStates().addCallback(lambda cases: self.finish())
 
     def begin(self) -> MigrationReport | None:
         """
@@ -249,7 +329,83 @@ class ReloadAttempt:
             if not hosted.pending
         ]
 
-    def tried(self, outcome: TrialOutcome) -> MigrationReport:
+    def copyStates(self, sliceSize: int = PRECOPY_SLICE) -> Deferred[list[TrialCase]]:
+        """
+        The pre-copy: take a copy of every migratable connection's state
+        while the old code serves, C{sliceSize} connections per turn of
+        the reactor (the first slice at once), for the trial and for the
+        pause, which reuses each copy whose connection did not change
+        since (L{unchangedSince}) instead of capturing it again.
+
+        A state that cannot be captured now is left out: the pause captures
+        it, with its own errors.
+
+        @return: a L{Deferred} firing with the trial's cases (every
+            connection whose protocol L{isMigratable}), at once when there
+            are at most C{sliceSize} connections; it never fails.
+        """
+        self.attempt.startPhase()
+        todo = self.connections()
+        cases: list[TrialCase] = []
+        done: Deferred[list[TrialCase]] = Deferred()
+        longest = 0.0
+
+        def copySlice(start: int) -> None:
+            nonlocal longest
+            began = self.host.reactor.seconds()
+            for key, hosted in todo[start : start + sliceSize]:
+                try:
+                    self._copyState(key, hosted, cases)
+                except Exception:
+                    _log.failure(
+                        "Reload: could not copy the state of {connection}",
+                        connection=describePeer(hosted),
+                    )
+            longest = max(longest, self.host.reactor.seconds() - began)
+            if start + sliceSize < len(todo):
+                self.host.reactor.callLater(0, copySlice, start + sliceSize)
+                return
+            self.attempt.phaseDone("precopy")
+            self.attempt.durations["precopy slice"] = longest
+            done.callback(cases)
+
+        copySlice(0)
+        return done
+
+    def _copyState(self, key: str, hosted: Any, cases: list[TrialCase]) -> None:
+        protocol = hosted.wrappedProtocol
+        if protocol is None or hosted.released or not hosted.connected:
+            return
+        if not isMigratable(protocol):
+            return
+        try:
+            state = captureProtocolState(protocol)
+        except Exception:
+            return
+        peer = hosted.getPeer()
+        if IMigratable.providedBy(protocol):
+            self._kept[id(hosted)] = (
+                hosted,
+                _Kept(
+                    protocol,
+                    state,
+                    peer,
+                    hosted.getHost(),
+                    StateFingerprint.of(state),
+                ),
+            )
+        cases.append(
+            TrialCase(
+                len(cases) + 1,
+                key,
+                peerOf(hosted),
+                _qualified(type(protocol)),
+                state.toPlain(),
+                hosted,
+            )
+        )
+
+    def tried(self, outcome: TrialOutcome) -> Deferred[MigrationReport]:
         """
         Go on after the new code was tried in a child process: refuse if it
         failed; close the connections it failed on (with C{--trial-failure
@@ -262,7 +418,7 @@ class ReloadAttempt:
         self.attempt.trialRunEnded(outcome.passed)
         if not outcome.passed:
             self.attempt.successorLog.extend(outcome.output)
-            return self.refuse(outcome.reason or "the trial failed")
+            return succeed(self.refuse(outcome.reason or "the trial failed"))
         self.attempt.notes.extend(outcome.notes())
         for case, why in outcome.closing:
             hosted = case.connection
@@ -276,18 +432,34 @@ class ReloadAttempt:
             hosted.loseConnection()
         return self.finish()
 
-    def finish(self) -> MigrationReport:
+    def finish(self) -> Deferred[MigrationReport]:
         """
         Import the new code, prepare every connection and commit, or roll
-        it all back.
+        it all back, in one step of the reactor (the pause); then switch
+        each rebuilt connection to its new protocol object, a slice of
+        them per turn of the reactor, each one before its next event at the
+        latest.
 
-        @return: the report; never raises.
+        @return: a L{Deferred} firing with the report once every connection
+            is switched (at once when nothing is left to switch); it never
+            fails.
         """
+        # A full collection in the pause, which creates thousands of
+        # objects, would lengthen it by tens of milliseconds: the collector
+        # waits for the next turn.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
-            return self._finish()
+            early = self._finish()
         except Exception as e:
             _log.failure("Reload failed unexpectedly")
-            return self.rollBack("internal error: {}".format(describeError(e)))
+            early = self.rollBack("internal error: {}".format(describeError(e)))
+        finally:
+            if collecting:
+                gc.enable()
+        if early is not None:
+            return succeed(early)
+        return self._switchAll()
 
     def _begin(self) -> MigrationReport | None:
         host = self.host
@@ -338,8 +510,7 @@ class ReloadAttempt:
         self._plan = (app, names, entry, attribute, spec)
         return None
 
-    def _finish(self) -> MigrationReport:
-        host = self.host
+    def _finish(self) -> MigrationReport | None:
         assert self._plan is not None
         app, names, entry, attribute, spec = self._plan
         self.attempt.enter(MigrationPhase.handingOff)
@@ -368,10 +539,91 @@ class ReloadAttempt:
         if problem is not None:
             return self.rollBack(problem)
         self._commit(staged)
-        self.attempt.phaseDone("commit")
-        self.attempt.durations["total"] = self.attempt.elapsed()
-        self._replay()
+        self._kept = {}
         self._noteOutcome(names, staged)
+        if len(self.rebuilt) <= self.switchSlice:
+            # Few enough to switch in the pause itself.
+            for each in self.rebuilt:
+                each.hosted.finishNow()
+            self._stopOldFactories()
+        self.attempt.phaseDone("commit")
+        durations = self.attempt.durations
+        # The one step of the reactor in which nothing else is served.
+        durations["pause"] = durations["import"] + durations["prepare"]
+        durations["pause"] += durations["commit"]
+        return None
+
+    def _switch(self, rebuilt: _Rebuilt) -> None:
+        """
+        Serve a rebuilt connection with its new protocol object from now
+        on: what the new protocol wrote since its restore is written, and
+        the input its state held is replayed.
+        """
+        old = rebuilt.old
+        old.transport = DetachedTransport(rebuilt.peer, rebuilt.local)
+        old.connected = 0
+        rebuilt.hosted.replaceProtocol(rebuilt.new)
+        try:
+            rebuilt.held.release()
+        except Exception:
+            _log.failure(
+                "Writing what the new protocol of {peer} wrote while restored "
+                "failed",
+                peer=rebuilt.peer,
+            )
+        try:
+            replayBufferedInput(rebuilt.new)
+        except Exception:
+            _log.failure("Replaying buffered input failed")
+
+    def _switchAll(self) -> Deferred[MigrationReport]:
+        """
+        Switch every rebuilt connection not switched yet (by its own next
+        event, or in the pause), L{switchSlice} per turn of the reactor,
+        starting in the next turn; then report.
+        """
+        rebuilt = self.rebuilt
+        done: Deferred[MigrationReport] = Deferred()
+        if len(rebuilt) <= self.switchSlice:
+            done.callback(self._succeeded())
+            return done
+        reactor = self.host.reactor
+        started = reactor.seconds()
+        longest = 0.0
+
+        def switchSlice(start: int) -> None:
+            nonlocal longest
+            began = reactor.seconds()
+            for each in rebuilt[start : start + self.switchSlice]:
+                each.hosted.finishNow()
+            longest = max(longest, reactor.seconds() - began)
+            if start + self.switchSlice < len(rebuilt):
+                reactor.callLater(0, guarded, start + self.switchSlice)
+                return
+            self._stopOldFactories()
+            self.attempt.durations["switch"] = reactor.seconds() - started
+            self.attempt.durations["switch slice"] = longest
+            done.callback(self._succeeded())
+
+        def guarded(start: int) -> None:
+            # Whatever goes wrong here, the migration must end (the host
+            # waits for it before the next one).
+            try:
+                switchSlice(start)
+            except Exception:
+                _log.failure("Reload: switching connections failed")
+                if not done.called:
+                    done.errback()
+
+        reactor.callLater(0, guarded, 0)
+        return done
+
+    def _succeeded(self) -> MigrationReport:
+        host = self.host
+        # Let go of the old protocol objects now (the last references to
+        # most of them), rather than when the collector finds this attempt.
+        self.rebuilt = []
+        self.attempt.durations["total"] = self.attempt.elapsed()
         moved = sum(each.moved for each in self.counts.values())
         drained = sum(each.drained for each in self.counts.values())
         self.step(
@@ -395,9 +647,11 @@ class ReloadAttempt:
         C{sys.modules} is as it was.
         """
         self.attempt.enter(MigrationPhase.rollingBack)
+        self._kept = {}
         for each in self.rebuilt:
             each.held.discard()
         self.rebuilt = []
+        self._oldFactories = []
         self.swaps = []
         while self.started:
             self.started -= 1
@@ -485,8 +739,7 @@ class ReloadAttempt:
                 protocol = hosted.wrappedProtocol
                 if protocol is None or hosted.pending or hosted.released:
                     continue
-                closing, _ = self._closing.get(id(hosted), (None, ""))
-                if closing is hosted:
+                if self._closing and self._isClosing(hosted):
                     counts.failed += 1
                     continue
                 # The application's own opt-in only: a protocol migrate has a
@@ -526,6 +779,10 @@ class ReloadAttempt:
                 "as before".format(count, "" if count == 1 else "s", name)
             )
 
+    def _isClosing(self, hosted: Any) -> bool:
+        closing, _ = self._closing.get(id(hosted), (None, ""))
+        return closing is hosted
+
     def _rebuild(self, key: str, hosted: Any, old: Any) -> None:
         """
         Take a migratable protocol's state and restore it into a protocol
@@ -533,17 +790,26 @@ class ReloadAttempt:
 
         @raise _Refused: naming the connection, if that fails.
         """
-
-        def refused(why: str) -> _Refused:
-            return _Refused(
-                "connection from {} on {}: {}".format(describePeer(hosted), key, why)
+        refused = partial(_refusedConnection, hosted, key)
+        kept = self._reusable(hosted, old)
+        if kept is not None:
+            state, peer, local = kept.state, kept.peer, kept.local
+            self.reused += 1
+        else:
+            try:
+                # Checked without a copy, then copied without encoding: no
+                # JSON round trip in the same process.
+                state = captureProtocolState(old, snapshot=False)
+            except StateError as e:
+                raise refused(str(e))
+            state = ProtocolState(
+                state.className,
+                state.migratable,
+                state.version,
+                _plainCopy(state.appState),
+                state.buffers,
             )
-
-        try:
-            state = captureProtocolState(old)
-        except StateError as e:
-            raise refused(str(e))
-        peer = hosted.getPeer()
+            peer, local = hosted.getPeer(), hosted.getHost()
         try:
             new = self.newFactory.buildProtocol(peer)
         except Exception as e:
@@ -557,6 +823,7 @@ class ReloadAttempt:
             key,
             hosted,
             peer,
+            local,
             old,
             new,
             held,
@@ -567,9 +834,27 @@ class ReloadAttempt:
         new.transport = held
         new.connected = 1
         try:
-            restoreProtocolState(new, state)
+            # The state is a snapshot this attempt alone holds (the
+            # pre-copy's, or just captured): no copy of it is needed to keep
+            # the old protocol as it was.
+            restoreProtocolState(new, state, copyState=False, validate=False)
         except StateError as e:
             raise refused(str(e))
+
+    def _reusable(self, hosted: Any, old: Any) -> _Kept | None:
+        """
+        The pre-copy's state of a connection, if it still describes the
+        connection's protocol (which the trial then restored).
+        """
+        entry = self._kept.pop(id(hosted), None)
+        if entry is None:
+            return None
+        keptHosted, kept = entry
+        if keptHosted is not hosted or kept.protocol is not old:
+            return None
+        if not unchangedSince(old, kept.fingerprint):
+            return None
+        return kept
 
     def _planInPlace(
         self, protocol: Any, staged: dict[str, Any]
@@ -652,27 +937,16 @@ class ReloadAttempt:
 
     def _commit(self, staged: dict[str, Any]) -> None:
         """
-        The point of no return: new modules, protocols and factories.
-        Nothing here runs application code that could fail half way but
-        the held writes and the old factory's C{doStop}, whose failures are
-        logged.
+        The point of no return: new modules and factories; each rebuilt
+        connection switches to its new protocol object (L{_switch}) before
+        its next event, at the latest.  Nothing here runs application code.
         """
         host = self.host
         assert self.staging is not None
         self.staging.commit(self.fingerprints)
         self.staging = None
         for each in self.rebuilt:
-            each.old.transport = DetachedTransport(each.peer, each.hosted.getHost())
-            each.old.connected = 0
-            each.hosted.replaceProtocol(each.new)
-            try:
-                each.held.release()
-            except Exception:
-                _log.failure(
-                    "Writing what the new protocol of {peer} wrote while restored "
-                    "failed",
-                    peer=each.peer,
-                )
+            each.hosted.finishBeforeNextEvent(partial(self._switch, each))
         oldFactories = []
         for listener in host.listeners.values():
             oldFactories.append((listener, listener.factory.wrappedFactory))
@@ -680,6 +954,14 @@ class ReloadAttempt:
         self._repointWebChannels(oldFactories)
         host.applicationFactory = self.newFactory
         host.generation += 1
+        self._oldFactories = oldFactories
+
+    def _stopOldFactories(self) -> None:
+        """
+        Once no connection is served by the old protocol objects, stop the
+        old factories; their failures are logged.
+        """
+        oldFactories, self._oldFactories = self._oldFactories, []
         for listener, old in oldFactories:
             if listener.port is not None and old is not self.newFactory:
                 try:
@@ -721,19 +1003,21 @@ class ReloadAttempt:
                 )
             )
 
-    def _replay(self) -> None:
-        for each in self.rebuilt:
-            try:
-                replayBufferedInput(each.new)
-            except Exception:
-                _log.failure("Replaying buffered input failed")
-
     def _noteOutcome(self, names: list[str], staged: dict[str, Any]) -> None:
         self.attempt.notes.insert(0, "reloaded: " + _listed(list(staged)))
         added = [name for name in staged if name not in names]
         if added:
             self.attempt.notes.append(
                 "new application modules imported: " + _listed(added)
+            )
+        if self.rebuilt:
+            self.attempt.notes.append(
+                "{} of {} taken before the pause, while the old code served, "
+                "and unchanged since; the others were taken in the "
+                "pause".format(
+                    counted(self.reused, "state"),
+                    counted(len(self.rebuilt), "migratable connection"),
+                )
             )
         upgrades: Counter[tuple[Any, Any]] = Counter()
         for each in self.rebuilt:

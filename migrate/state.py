@@ -364,6 +364,22 @@ _KINDS: tuple[_BufferKind, ...] = (
 
 _KINDS_BY_NAME = {kind.name: kind for kind in _KINDS}
 
+#: the buffer kinds of each protocol class seen, for comparisons
+_kindsByClass: dict[type, tuple[_BufferKind, ...]] = {}
+
+
+def _kindsOf(cls: type) -> tuple[_BufferKind, ...]:
+    """
+    The base protocols of L{_KINDS} that C{cls} inherits from, looked up
+    once per class.
+    """
+    kinds = _kindsByClass.get(cls)
+    if kinds is None:
+        kinds = _kindsByClass[cls] = tuple(
+            kind for kind in _KINDS if issubclass(cls, kind.base)
+        )
+    return kinds
+
 _PLAIN_KEYS = frozenset(["className", "migratable", "version", "appState", "buffers"])
 
 
@@ -792,17 +808,17 @@ class StateFingerprint:
             if encoded != self.encodedAppState:
                 return False
         buffers = self.buffers
-        found = 0
-        for kind in _KINDS:
-            if isinstance(protocol, kind.base):
-                saved = buffers.get(kind.name)
-                try:
-                    if saved is None or kind.capture(protocol) != saved:
-                        return False
-                except StateError:
+        kinds = _kindsOf(type(protocol))
+        if len(kinds) != len(buffers):
+            return False
+        for kind in kinds:
+            saved = buffers.get(kind.name)
+            try:
+                if saved is None or kind.capture(protocol) != saved:
                     return False
-                found += 1
-        return found == len(buffers)
+            except StateError:
+                return False
+        return True
 
 
 def unchangedSince(protocol: object, fingerprint: StateFingerprint) -> bool:

@@ -380,6 +380,7 @@ def _kindsOf(cls: type) -> tuple[_BufferKind, ...]:
         )
     return kinds
 
+
 _PLAIN_KEYS = frozenset(["className", "migratable", "version", "appState", "buffers"])
 
 

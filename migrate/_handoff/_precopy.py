@@ -22,10 +22,8 @@ before the reactor runs again.
 from __future__ import annotations
 
 import base64
-import gc
 import json
-from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from attrs import define, field
 from twisted.logger import Logger
@@ -42,7 +40,6 @@ from ._transport import letGo, stillMovable, unsentOutput
 __all__ = [
     "FreezeDelta",
     "PrecopiedConnection",
-    "collectionsPaused",
     "freezeDelta",
     "precopyMovable",
 ]
@@ -225,20 +222,3 @@ def freezeDelta(precopied: Iterable[PrecopiedConnection]) -> FreezeDelta:
         changed.append(each)
     delta.moving = changed + unchanged
     return delta
-
-
-@contextmanager
-def collectionsPaused() -> Iterator[None]:
-    """
-    No garbage collection inside: for the freeze, when every client waits
-    and thousands of objects are made or looked at, a collection of the
-    whole heap would cost them tens of milliseconds.  The collector runs
-    again as it was afterwards.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()

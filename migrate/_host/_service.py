@@ -24,6 +24,7 @@ from .._report import MigrationPhase, MigrationReport
 from .._systemd import activatedEndpoint, isActivated
 from ..interfaces import IMigrationHost, IMigrationStrategy
 from ._draining import ANSWER_GRACE_SECONDS, DrainTracker
+from ._heap import heapFrozenUntil
 from ._metrics import HostMetrics
 from ._pidfile import removePidfileNaming, writePidfile
 from ._settings import HostSettings
@@ -860,7 +861,10 @@ class MigrationHost(MultiService):
             strategy=strategy.name,
         )
         self._tell("migrationStarted")
-        d = maybeDeferred(strategy.migrate, self, progress)
+        # A full collection over the whole heap, which the migration's many
+        # new objects would trigger, stalls every client: it walks only
+        # what the migration makes.
+        d = heapFrozenUntil(maybeDeferred(strategy.migrate, self, progress))
         self._migration = d
 
         def restoreSettings(result: Any) -> Any:

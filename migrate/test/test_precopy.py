@@ -18,11 +18,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase
 
 from .._handoff._movement import stageEntry
-from .._handoff._precopy import (
-    collectionsPaused,
-    freezeDelta,
-    precopyMovable,
-)
+from .._handoff._precopy import freezeDelta, precopyMovable
 from ..state import NotAtSafePoint, StateFingerprint, captureProtocolState
 from .test_movement import Counter, FakeHost, Plain, ServedSocketpairs
 
@@ -99,20 +95,6 @@ class FingerprintTests(SynchronousTestCase):
         )
         protocol.busy = "a request is in flight"
         self.assertRaises(NotAtSafePoint, fingerprint.matches, protocol)
-
-    def test_collectionsPaused(self) -> None:
-        """
-        The collector is off inside L{collectionsPaused} and back as it was
-        after, even when the block raises.
-        """
-        import gc
-
-        self.assertTrue(gc.isenabled())
-        with self.assertRaises(ZeroDivisionError):
-            with collectionsPaused():
-                self.assertFalse(gc.isenabled())
-                1 / 0
-        self.assertTrue(gc.isenabled())
 
 
 class PrecopyTests(ServedSocketpairs):

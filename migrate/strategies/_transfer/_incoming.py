@@ -29,7 +29,7 @@ from ..._handoff._movement import (
     adoptEntry,
     stageEntry,
 )
-from ..._handoff._precopy import collectionsPaused
+from ..._host._heap import collectionsPaused
 from ...interfaces import IMigrationHost
 from ._channel import (
     HANDOFF_PROTOCOL_VERSION,

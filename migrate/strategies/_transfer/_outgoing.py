@@ -35,18 +35,14 @@ from ..._handoff._movement import (
     describePeer,
     freezeMovable,
 )
-from ..._handoff._precopy import (
-    PrecopiedConnection,
-    collectionsPaused,
-    freezeDelta,
-    precopyMovable,
-)
+from ..._handoff._precopy import PrecopiedConnection, freezeDelta, precopyMovable
 from ..._handoff._safepoint import SafePointWatch
 from ..._handoff._successor import (
     SuccessorProcess,
     spawnSuccessor,
     successorCommandLine,
 )
+from ..._host._heap import collectionsPaused
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
 from ..._systemd import successorEnvironment
 from ...interfaces import IMigrationHost

@@ -1,0 +1,76 @@
+"""
+Tests for L{migrate._host._heap}: the collector kept out of the clients'
+way while a migration runs.
+"""
+
+from __future__ import annotations
+
+import gc
+
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase
+
+from .._host._heap import collectionsPaused, heapFrozenUntil
+
+
+class CollectionsPausedTests(SynchronousTestCase):
+    """
+    L{collectionsPaused} turns the collector off for a step.
+    """
+
+    def test_pausedThenBack(self) -> None:
+        """
+        The collector is off inside and back as it was after, even when the
+        step raises; left off if it was off.
+        """
+        self.assertTrue(gc.isenabled())
+        with self.assertRaises(ZeroDivisionError):
+            with collectionsPaused():
+                self.assertFalse(gc.isenabled())
+                1 / 0
+        self.assertTrue(gc.isenabled())
+        gc.disable()
+        self.addCleanup(gc.enable)
+        with collectionsPaused():
+            pass
+        self.assertFalse(gc.isenabled())
+
+
+class HeapFrozenUntilTests(SynchronousTestCase):
+    """
+    L{heapFrozenUntil} leaves the objects of the moment out of collections
+    until a migration ends.
+    """
+
+    def setUp(self) -> None:
+        self.addCleanup(gc.unfreeze)
+        gc.unfreeze()
+
+    def test_frozenUntilDone(self) -> None:
+        """
+        The objects that exist are frozen out of collections until the
+        L{Deferred} fires, whose result passes through, failure included.
+        """
+        for outcome in ("report", ValueError("rolled back")):
+            done: Deferred[object] = Deferred()
+            result = heapFrozenUntil(done)
+            self.assertIs(result, done)
+            self.assertGreater(gc.get_freeze_count(), 0)
+            if isinstance(outcome, Exception):
+                done.errback(outcome)
+                self.failureResultOf(result, ValueError)
+            else:
+                done.callback(outcome)
+                self.assertEqual(self.successResultOf(result), "report")
+            self.assertEqual(gc.get_freeze_count(), 0)
+
+    def test_applicationFroze(self) -> None:
+        """
+        A heap the application froze itself stays frozen: it is left alone.
+        """
+        gc.freeze()
+        frozen = gc.get_freeze_count()
+        done: Deferred[object] = Deferred()
+        heapFrozenUntil(done)
+        done.callback(None)
+        self.assertEqual(gc.get_freeze_count(), frozen)

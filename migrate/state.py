@@ -66,6 +66,7 @@ __all__ = [
     "isMigratable",
     "replayBufferedInput",
     "restoreProtocolState",
+    "unchangedSince",
 ]
 
 
@@ -508,7 +509,9 @@ class ProtocolState:
         }
 
     @classmethod
-    def fromPlain(cls, data: object, *, owned: bool = False) -> ProtocolState:
+    def fromPlain(
+        cls, data: object, *, owned: bool = False, parsedJSON: bool = False
+    ) -> ProtocolState:
         """
         Convert back what L{toPlain} returned, validating it strictly: it
         comes from another process and may be corrupt or hostile.
@@ -519,6 +522,15 @@ class ProtocolState:
             just decoded and nothing else holds it): its application state
             is then checked in place instead of copied, which matters when
             thousands of connections move at once.
+        @param parsedJSON: C{True} (with C{owned}) when C{data} was just
+            parsed by C{json.loads} from a bounded document, non-finite
+            numbers refused: every value in it is then plain data by
+            construction, and the application state is not walked again
+            (the structure around it, the types and the buffers still are).
+            Its depth was checked when the state was captured; use it only
+            for a document that cannot have been changed since (the sealed
+            memory file a re-executed image inherits from its own previous
+            image).
 
         @return: the state.
 
@@ -549,9 +561,12 @@ class ProtocolState:
                     "protocol state: version of migratable state must be an int"
                 )
             try:
-                appState = (
-                    _checkApplicationState(appState) if owned else _normalise(appState)
-                )
+                if not (owned and parsedJSON):
+                    appState = (
+                        _checkApplicationState(appState)
+                        if owned
+                        else _normalise(appState)
+                    )
             except StateError as e:
                 raise StateError(f"protocol state: appState: {e}") from e
         elif version is not None or appState is not None:
@@ -783,3 +798,42 @@ def replayBufferedInput(protocol: object) -> None:
         mover: Any = migratableFor(protocol)
         if mover is not None:
             mover.replayBufferedInput()
+
+
+def unchangedSince(protocol: object, state: ProtocolState) -> bool:
+    """
+    Would L{captureProtocolState} give C{state} again for C{protocol}, now?
+
+    The check a pre-copy makes at the freeze for every connection, so that
+    only those whose state changed since it was copied are captured again:
+    the application's C{getMigrationState()} is compared with the kept
+    (normalised) application state, and the base protocols' buffers with the
+    kept buffers.  Anything that is not plainly equal (a tuple where the
+    copy has a list, a protocol now between two safe points, a buffer being
+    parsed) counts as changed: the caller then captures it again, which
+    raises if it cannot be captured.
+
+    @param protocol: the protocol whose state was captured.
+    @param state: what L{captureProtocolState} gave then (with C{snapshot}).
+
+    @return: whether nothing changed.
+    """
+    app: Any = migratableFor(protocol)
+    if (app is not None) != state.migratable:
+        return False
+    try:
+        if app is not None:
+            if migrationBlocker(app) is not None:
+                return False
+            if app.getMigrationState() != state.appState:
+                return False
+        kept = state.buffers
+        found = 0
+        for kind in _KINDS:
+            if isinstance(protocol, kind.base):
+                found += 1
+                if kind.capture(protocol) != kept.get(kind.name):
+                    return False
+        return found == len(kept)
+    except Exception:
+        return False

@@ -35,6 +35,10 @@ class HostedProtocol(ProtocolWrapper):
     C{makeConnection} then records the transport and tells the application
     nothing, because the application's protocol will be restored from
     state rather than told C{connectionMade}.
+
+    It may also start on a I{stand-in} transport (L{awaitTransport}) while
+    its socket waits to be adopted: what the application writes is held
+    meanwhile, and the real transport's C{makeConnection} swaps it in.
     """
 
     factory: "TrackingFactory"
@@ -51,8 +55,37 @@ class HostedProtocol(ProtocolWrapper):
         self.held = False
         self._held: list[bytes] = []
         self._heldClose: str | None = None
+        self.awaitingTransport = False
+
+    def awaitTransport(self, standIn: ITransport, provides: Any) -> None:
+        """
+        Connect this pending protocol to C{standIn}, a transport that stands
+        in for the real one until its socket is adopted, and L{hold} what
+        the application writes.  The real transport's C{makeConnection}
+        then replaces the stand-in without telling the application
+        anything; the caller L{unhold}s.  Anything that needs every
+        connection's real transport (L{TrackingFactory.connections}) asks
+        the stand-in to adopt its socket at once: C{standIn.adoptNow()}.
+
+        @param provides: C{Provides(HostedProtocol, providedBy(standIn))},
+            computed once for many connections (as C{directlyProvides}
+            would for each).
+        """
+        self.__provides__ = provides
+        self.connected = 1
+        self.transport = standIn
+        self.awaitingTransport = True
+        self.hold()
+        self.factory.registerProtocol(self)
 
     def makeConnection(self, transport: ITransport) -> None:
+        if self.awaitingTransport:
+            from zope.interface import directlyProvides, providedBy
+
+            self.awaitingTransport = False
+            directlyProvides(self, providedBy(transport))
+            self.transport = transport
+            return
         if not self.pending:
             ProtocolWrapper.makeConnection(self, transport)
             return
@@ -192,8 +225,13 @@ class TrackingFactory(WrappingFactory):
     @property
     def connections(self) -> list[HostedProtocol]:
         """
-        The live connections, oldest first.
+        The live connections, oldest first, each with its real transport
+        (a connection still on a stand-in transport has its socket adopted
+        now: see L{HostedProtocol.awaitTransport}).
         """
+        for protocol in list(self.protocols):
+            if protocol.awaitingTransport:
+                protocol.transport.adoptNow()
         return list(self.protocols)
 
     def registerProtocol(self, p: Any) -> None:

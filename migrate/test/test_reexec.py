@@ -70,6 +70,7 @@ from migrate.strategies._reexec._state import (
     STATE_FD_VARIABLE,
     InheritedConnection,
     ReexecState,
+    mergePrecopy,
     readState,
     writeState,
 )
@@ -361,14 +362,20 @@ class _Harness:
         Record what C{execv} would pass on, then fail as C{execv} can.
         """
         fd = int(env[STATE_FD_VARIABLE])
-        state = ReexecState.fromPlain(json.loads(readMemfd(fd, maxBytes=1 << 30)))
+        document = ReexecState.fromPlain(json.loads(readMemfd(fd, maxBytes=1 << 30)))
+        state = document
+        precopyFd = state.precopy
+        if precopyFd is not None:
+            state = mergePrecopy(state, readMemfd(precopyFd, maxBytes=1 << 30))
         self.executed.append(
             {
+                "document": document,
                 "path": path,
                 "argv": argv,
                 "env": env,
                 "state": state,
                 "stateFd": fd,
+                "precopyFd": precopyFd,
                 "inheritable": inheritableDescriptors(),
                 "blocked": set(signal.pthread_sigmask(signal.SIG_BLOCK, [])),
                 "pending": set(signal.sigpending()),
@@ -582,7 +589,9 @@ class ReexecMigrationTests(SynchronousTestCase):
         report = harness.run(harness.migration())
         self.assertEqual(report.outcome.value, "rolled-back")
         self.assertIn("cannot be carried over", report.reason)
-        self.assertEqual((len(captures), harness.executed), (3, []))
+        # The trial's copy, the dry run (the pre-copy), the freeze's
+        # comparison with it, and the capture again, which fails.
+        self.assertEqual((len(captures), harness.executed), (4, []))
         self.assertTrue(_reading(harness.reactor, hosted))
         harness.assertServesOn(other, b"pending")
 
@@ -663,6 +672,73 @@ class ReexecMigrationTests(SynchronousTestCase):
         report = harness.run(harness.migration(unmovable="keep"))
         self.assertEqual(report.outcome.value, "refused")
 
+    def test_precopyChangedStateSentAgain(self) -> None:
+        """
+        Every connection is copied ahead while the old image serves; at the
+        freeze one whose state changed since is described again (and its
+        copy superseded), one that did not is not: the new image gets each
+        once, with its current state.
+        """
+        harness = _Harness(self)
+        changing = harness.connect()
+        idle = harness.connect()
+        changing.wrappedProtocol.count = 1
+        idle.wrappedProtocol.count = 7
+
+        def change() -> None:
+            changing.wrappedProtocol.count = 2
+
+        # Runs after the pre-copy, before the freeze.
+        harness.reactor.callLater(0, change)
+        harness.run(harness.migration())
+        (executed,) = harness.executed
+        document = executed["document"]
+        self.assertIsNotNone(document.precopy)
+        self.assertEqual(
+            [each.descriptor for each in document.connections],
+            [changing.transport.fileno()],
+        )
+        self.assertEqual(len(document.superseded), 1)
+        entries = {
+            each.descriptor: each.entry["state"]["appState"]
+            for each in executed["state"].connections
+        }
+        self.assertEqual(
+            entries,
+            {
+                changing.transport.fileno(): {"count": 2},
+                idle.transport.fileno(): {"count": 7},
+            },
+        )
+        # The changed connection comes first: it was active last.
+        self.assertEqual(
+            executed["state"].connections[0].descriptor, changing.transport.fileno()
+        )
+
+    def test_dataBetweenCopyAndFreezeNotLost(self) -> None:
+        """
+        A connection that receives data between the pre-copy and the freeze
+        travels with the state and the buffered input it has at the freeze,
+        and with its output, not with its copy.
+        """
+        harness = _Harness(self)
+        busy = harness.connect()
+        busy.wrappedProtocol.count = 5
+        harness.reactor.callLater(0, busy.dataReceived, b"one\npart")
+        harness.run(harness.migration())
+        (executed,) = harness.executed
+        [entry] = [
+            each.entry
+            for each in executed["state"].connections
+            if each.descriptor == busy.transport.fileno()
+        ]
+        self.assertEqual(entry["state"]["appState"], {"count": 6})
+        self.assertEqual(
+            base64.b64decode(entry["state"]["buffers"]["LineReceiver"]["buffer"]),
+            b"part",
+        )
+        self.assertEqual(base64.b64decode(entry["output"]), b"one 6\n")
+
     def test_stateDocumentAndInheritedDescriptors(self) -> None:
         """
         What C{execv} gets: the same command line, the state descriptor in
@@ -704,7 +780,15 @@ class ReexecMigrationTests(SynchronousTestCase):
         self.assertEqual(
             executed["inheritable"],
             sorted(
-                [0, 1, 2, executed["stateFd"], harness.port.fileno()] + list(entries)
+                [
+                    0,
+                    1,
+                    2,
+                    executed["stateFd"],
+                    executed["precopyFd"],
+                    harness.port.fileno(),
+                ]
+                + list(entries)
             ),
         )
         self.assertLessEqual(set(REEXEC_SIGNALS), executed["blocked"])

@@ -39,7 +39,8 @@ from ..._host._daemon import DAEMON_LOG_FILE, skipProcessSetUp, stayInForeground
 from ..._host._tracking import PendingAdoptionFactory
 from ..._report import ListenerReport, MigrationOutcome, MigrationReport
 from ...interfaces import IMigrationHost
-from ...state import ProtocolState, restoreProtocolState
+from ...state import ProtocolState, isMigratable, restoreProtocolState
+from ._late import LateAdoption, addressesOf
 from ._reports import ReportChannel
 from ._state import (
     EXEC_AT_VARIABLE,
@@ -130,7 +131,15 @@ def inheritedReexec(
             raise StateError(
                 "{}={!r} is not a descriptor".format(STATE_FD_VARIABLE, raw)
             )
-        state = readState(int(raw))
+        # No collector passes over the thousands of objects the document
+        # is parsed into: the clients wait.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            state = readState(int(raw))
+        finally:
+            if collecting:
+                gc.enable()
     except StateError as e:
         lost = inherited()
         for fd in lost:
@@ -319,6 +328,103 @@ class _Closing(Protocol):
             self._deadline.cancel()
 
 
+_INET_FAMILIES = {int(each): each for each in (socket.AF_INET, socket.AF_INET6)}
+
+
+class _NotRestored(Exception):
+    """
+    A connection the new code could not restore.
+
+    @ivar why: the reason, for the log.
+    @ivar descriptor: its socket's descriptor, to close cleanly, or L{None}
+        if it was let go of already.
+    """
+
+    def __init__(self, why: str, descriptor: int | None) -> None:
+        Exception.__init__(self, why)
+        self.why = why
+        self.descriptor = descriptor
+
+
+def _restoreLater(
+    host: IMigrationHost,
+    late: LateAdoption,
+    inherited: InheritedConnection,
+    addresses: tuple[Any, Any],
+) -> None:
+    """
+    Restore one connection's protocol from its manifest entry onto a
+    stand-in transport; its socket is adopted later (see
+    L{migrate.strategies._reexec._late}).
+
+    The entry comes from the sealed memory file this process's previous
+    image wrote, parsed with non-finite numbers refused: its structure and
+    types are checked strictly, its application state is not walked again
+    (see L{ProtocolState.fromPlain}'s C{parsedJSON}).
+
+    @raise _NotRestored: if the new code cannot restore it.
+    """
+    entry = inherited.entry
+    descriptor = inherited.descriptor
+    try:
+        listener = host.listenerNamed(inherited.listener)
+        state = ProtocolState.fromPlain(entry["state"], owned=True, parsedJSON=True)
+        text = entry["output"]
+        output = base64.b64decode(text, validate=True) if text else b""
+        family = _INET_FAMILIES[entry["family"]]
+        if not state.migratable:
+            raise StateError("the old protocol did not provide IMigratable")
+    except Exception as e:
+        raise _NotRestored("bad manifest entry: " + _why(e), descriptor)
+    factory = listener.factory
+    peer, local = addresses
+    try:
+        protocol = factory.buildApplicationProtocol(peer)
+        if protocol is None:
+            raise StateError("the new factory refused the connection")
+        if not isMigratable(protocol):
+            raise StateError(
+                "the new code's {} does not provide IMigratable".format(
+                    type(protocol).__name__
+                )
+            )
+    except Exception as e:
+        raise _NotRestored(_why(e), descriptor)
+    hosted = factory.buildPendingProtocol(peer)
+    standIn = late.standIn(
+        hosted, descriptor, family, peer, local, output, inherited.closing
+    )
+    try:
+        hosted.attach(protocol)
+        restoreProtocolState(protocol, state, copyState=False)
+    except Exception as e:
+        raise _NotRestored(_why(e), late.forget(standIn))
+
+
+def _why(error: BaseException) -> str:
+    return "{}: {}".format(type(error).__name__, error)
+
+
+def _peerOf(peer: Any) -> str:
+    return "{}:{}".format(peer.host, peer.port)
+
+
+def _peerOfDescriptor(descriptor: int) -> str:
+    """
+    Who is at the other end of a socket, for a log line.
+    """
+    try:
+        with socket.socket(fileno=os.dup(descriptor)) as probe:
+            name = probe.getpeername()
+    except OSError:
+        return "an unknown peer"
+    if isinstance(name, tuple):
+        return "{}:{}".format(name[0], name[1])
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    return "unix:" + str(name) if name else "an unnamed Unix peer"
+
+
 def closeCleanly(reactor: Any, descriptor: int, output: bytes) -> None:
     """
     Close a connection nobody can serve: write C{output}, then close it
@@ -488,7 +594,30 @@ def _restore(host: IMigrationHost, inheritance: ReexecInheritance) -> MigrationR
             )
 
     adopted: list[tuple[AdoptedConnection, InheritedConnection]] = []
+    late = LateAdoption(reactor)
     for each in state.connections:
+        try:
+            addresses = None if each.fresh else addressesOf(each.entry)
+        except StateError:
+            addresses = None
+        if addresses is not None:
+            # Restored now, its socket adopted once this image serves.
+            try:
+                _restoreLater(host, late, each, addresses)
+            except _NotRestored as e:
+                _log.error(
+                    "Re-exec: a connection from {peer} on {listener} cannot be "
+                    "restored by the new code ({why}); closing it cleanly",
+                    peer=_peerOf(addresses[0]),
+                    listener=each.listener,
+                    why=e.why,
+                )
+                failed[each.listener] = failed.get(each.listener, 0) + 1
+                if e.descriptor is not None:
+                    closeCleanly(reactor, e.descriptor, _output(each.entry))
+            else:
+                moved[each.listener] = moved.get(each.listener, 0) + 1
+            continue
         spare = os.dup(each.descriptor)
         try:
             if each.fresh:
@@ -497,8 +626,9 @@ def _restore(host: IMigrationHost, inheritance: ReexecInheritance) -> MigrationR
                 connection = adoptEntry(host, each.entry, each.descriptor)
         except Exception as e:
             _log.error(
-                "Re-exec: a connection on {listener} cannot be restored by the "
-                "new code ({why}); closing it cleanly",
+                "Re-exec: a connection from {peer} on {listener} cannot be "
+                "restored by the new code ({why}); closing it cleanly",
+                peer=_peerOfDescriptor(spare),
                 listener=each.listener,
                 why="{}: {}".format(type(e).__name__, e),
             )
@@ -515,6 +645,9 @@ def _restore(host: IMigrationHost, inheritance: ReexecInheritance) -> MigrationR
         connection.commit()
         if each.closing:
             connection.hosted.loseConnection()
+    # The other sockets are adopted in slices from the next reactor turn,
+    # the connections active last first.
+    late.commit()
     finished = time.monotonic()
 
     durations = dict(state.durations)

@@ -34,7 +34,7 @@ import os
 import signal
 from typing import Any, Mapping
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 
 from ..._codec import StateError, encodeState
 from ..._handoff._fdpass import readMemfd, writeMemfd
@@ -49,7 +49,10 @@ __all__ = [
     "STATE_FD_VARIABLE",
     "InheritedConnection",
     "ReexecState",
+    "mergePrecopy",
+    "encodePrecopyPart",
     "readState",
+    "writePrecopy",
     "writeState",
 ]
 
@@ -161,13 +164,17 @@ class InheritedConnection:
     @classmethod
     def fromPlain(cls, data: object, where: str) -> InheritedConnection:
         entry = dict(_dict(data, where))
-        descriptor = _int(entry.pop("fd", None), where + ".fd", 3)
+        descriptor = entry.pop("fd", None)
+        if type(descriptor) is not int or descriptor < 3:
+            _int(descriptor, where + ".fd", 3)
         fresh = entry.pop("fresh", False)
         closing = entry.pop("closing", False)
         if type(fresh) is not bool or type(closing) is not bool:
             raise StateError(where + ": fresh and closing must be booleans")
-        listener = _str(entry.get("listener"), where + ".listener")
-        return cls(descriptor, listener, entry, fresh, closing)
+        listener = entry.get("listener")
+        if type(listener) is not str:
+            _str(listener, where + ".listener")
+        return cls(descriptor, listener, entry, fresh, closing)  # type: ignore[arg-type]
 
 
 def _plainDurations(value: object, where: str) -> dict[str, float]:
@@ -204,6 +211,13 @@ class ReexecState:
         over: (descriptor, PID at the other end).
     @ivar draining: what they last reported: JSON-compatible entries with
         C{generation}, C{pid}, C{connections} and C{via}.
+    @ivar precopy: in the old image's document, the descriptor of the
+        memory file holding the pre-copy: the connections described while
+        the old image still served (L{writePrecopy}); L{readState} merges
+        them into L{connections} and sets it to L{None}.
+    @ivar superseded: the numbers (C{"id"}) of pre-copied connections that
+        changed or went away before the freeze: the new image ignores their
+        pre-copied entries (a changed one is in L{connections} again).
     @ivar version: the document's format version.
     """
 
@@ -222,6 +236,8 @@ class ReexecState:
     blockedSignals: tuple[int, ...] = ()
     reporters: tuple[tuple[int, int], ...] = ()
     draining: tuple[Mapping[str, int], ...] = ()
+    precopy: int | None = None
+    superseded: tuple[int, ...] = ()
     version: int = FORMAT_VERSION
 
     def descriptors(self) -> list[int]:
@@ -234,6 +250,8 @@ class ReexecState:
             found.append(self.control)
         if self.metrics is not None:
             found.append(self.metrics)
+        if self.precopy is not None:
+            found.append(self.precopy)
         found.extend(each.descriptor for each in self.connections)
         found.extend(fd for fd, via in self.reporters)
         return found
@@ -268,6 +286,11 @@ class ReexecState:
                     "draining": [dict(each) for each in self.draining],
                 }
                 if self.reporters
+                else {}
+            ),
+            **(
+                {"precopy": self.precopy, "superseded": list(self.superseded)}
+                if self.precopy is not None
                 else {}
             ),
         }
@@ -319,6 +342,13 @@ class ReexecState:
             _str(key, "closed key"): _int(count, "closed[{!r}]".format(key))
             for key, count in _dict(document.get("closed", {}), "closed").items()
         }
+        precopy = document.get("precopy")
+        if precopy is not None:
+            precopy = _int(precopy, "precopy", 3)
+        superseded = tuple(
+            _int(each, "superseded[]", 1)
+            for each in _list(document.get("superseded", []), "superseded")
+        )
         frozenAt = document.get("frozenAt", 0.0)
         if type(frozenAt) not in (int, float) or not math.isfinite(frozenAt):
             raise StateError("frozenAt must be a number")
@@ -358,6 +388,8 @@ class ReexecState:
                 }
                 for each in _list(document.get("draining", []), "draining")
             ),
+            precopy=precopy,
+            superseded=superseded,
             version=version,
         )
         named = state.descriptors()
@@ -401,6 +433,124 @@ def writeState(state: ReexecState, *, validate: bool = True) -> int:
     return writeMemfd(data, "migrate-reexec-state", inheritable=True)
 
 
+def _refuseConstant(name: str) -> None:
+    raise StateError("the document holds {}, which is not plain data".format(name))
+
+
+def _parse(data: bytes, what: str) -> Any:
+    """
+    Parse JSON text of a document, strictly: C{NaN} and infinities are
+    refused, so that every value is plain data.
+    """
+    try:
+        return json.loads(data, parse_constant=_refuseConstant)
+    except (ValueError, RecursionError) as e:
+        raise StateError("the {} is not JSON: {}".format(what, e)) from e
+
+
+def encodePrecopyPart(entries: list[dict[str, Any]]) -> str:
+    """
+    Encode some of the connections described ahead, for L{writePrecopy}.
+
+    @param entries: their manifest entries, as L{InheritedConnection.toPlain}
+        gives them, with distinct C{"id"}s.
+
+    @return: the JSON text of the list of them.
+
+    @raise StateError: if they are not plain data.
+    """
+    try:
+        return json.dumps(
+            entries, ensure_ascii=True, allow_nan=False, separators=(",", ":")
+        )
+    except (TypeError, ValueError) as e:
+        raise StateError("the pre-copy is not plain data: {}".format(e))
+
+
+def writePrecopy(parts: list[str]) -> int:
+    """
+    Write the connections described ahead, while the old image still
+    serves, into a new sealed memory file (close-on-exec until the freeze
+    makes it inheritable).
+
+    @param parts: from L{encodePrecopyPart}, each a non-empty list.
+
+    @return: the file's descriptor; the caller closes it if the C{exec}
+        does not happen.
+
+    @raise StateError: if it would exceed L{MAX_STATE_BYTES}.
+    """
+    data = '{{"format":{},"connections":[{}]}}'.format(
+        FORMAT_VERSION, ",".join(part[1:-1] for part in parts)
+    ).encode("ascii")
+    if len(data) > MAX_STATE_BYTES:
+        raise StateError(
+            "the pre-copy takes {} bytes, more than the limit of {}".format(
+                len(data), MAX_STATE_BYTES
+            )
+        )
+    return writeMemfd(data, "migrate-reexec-precopy", inheritable=False)
+
+
+def _readPrecopy(state: ReexecState) -> ReexecState:
+    """
+    Merge the pre-copy the document names into its connections: those
+    described at the freeze first (they were the active ones), then every
+    pre-copied one that was not superseded.  Closes the pre-copy's file.
+
+    @raise StateError: if the pre-copy cannot be read, or names a
+        connection or a descriptor twice.
+    """
+    assert state.precopy is not None
+    try:
+        data = readMemfd(state.precopy, maxBytes=MAX_STATE_BYTES)
+    except Exception as e:
+        raise StateError("cannot read the pre-copy: {}".format(e)) from e
+    finally:
+        os.close(state.precopy)
+    return mergePrecopy(state, data)
+
+
+def mergePrecopy(state: ReexecState, data: bytes) -> ReexecState:
+    """
+    Merge the pre-copy C{data} (as L{writePrecopy} wrote it) into the
+    connections of C{state}: see L{_readPrecopy}.
+
+    @raise StateError: if it cannot be read, or names a connection or a
+        descriptor twice.
+    """
+    document = _dict(_parse(data, "pre-copy"), "pre-copy")
+    version = _int(document.get("format"), "pre-copy format", 1)
+    if version > FORMAT_VERSION:
+        raise StateError("the pre-copy has format {}".format(version))
+    superseded = set(state.superseded)
+    idents = set()
+    connections = list(state.connections)
+    for each in state.connections:
+        idents.add(each.entry.get("id"))
+    for index, plain in enumerate(
+        _list(document.get("connections"), "pre-copy connections")
+    ):
+        connection = InheritedConnection.fromPlain(
+            plain, "pre-copy connections[{}]".format(index)
+        )
+        ident = connection.entry.get("id")
+        if type(ident) is not int or ident in idents:
+            raise StateError(
+                "pre-copy connections[{}]: id {!r} missing or named twice".format(
+                    index, ident
+                )
+            )
+        idents.add(ident)
+        if ident not in superseded:
+            connections.append(connection)
+    merged = evolve(state, connections=tuple(connections), precopy=None)
+    named = merged.descriptors()
+    if len(set(named)) != len(named):
+        raise StateError("a descriptor is named twice")
+    return merged
+
+
 def readState(descriptor: int) -> ReexecState:
     """
     Read the state the previous image left in the memory file
@@ -416,10 +566,10 @@ def readState(descriptor: int) -> ReexecState:
     finally:
         os.close(descriptor)
     # Parsed without the codec's depth scan: the document was written by
-    # this process's previous image a moment ago, and the clients wait.
-    # Each connection's state is validated again as it is restored.
-    try:
-        document = json.loads(data)
-    except (ValueError, RecursionError) as e:
-        raise StateError("the state document is not JSON: {}".format(e)) from e
-    return ReexecState.fromPlain(document)
+    # this process's previous image a moment ago, into a sealed file, and
+    # the clients wait.  Each connection's state is checked again as it is
+    # restored.
+    state = ReexecState.fromPlain(_parse(data, "state document"))
+    if state.precopy is not None:
+        state = _readPrecopy(state)
+    return state

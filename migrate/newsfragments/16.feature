@@ -1,0 +1,1 @@
+Re-exec copies every connection ahead while the old image serves and describes at the freeze only those that changed, and the new image restores every connection before serving but adopts the sockets afterwards, in slices, so the clients' wait no longer grows with idle connections as before.

@@ -16,6 +16,7 @@ import signal
 import socket
 from typing import Any
 
+from attrs import evolve
 from twisted.internet import tcp, unix
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.error import ConnectionDone
@@ -69,6 +70,7 @@ from migrate.strategies._reexec._state import (
     REEXEC_SIGNALS,
     STATE_FD_VARIABLE,
     InheritedConnection,
+    Precopy,
     ReexecState,
     mergePrecopy,
     readState,
@@ -367,6 +369,16 @@ class _Harness:
         precopyFd = state.precopy
         if precopyFd is not None:
             state = mergePrecopy(state, readMemfd(precopyFd, maxBytes=1 << 30))
+            # As manifest entries, after those described at the freeze.
+            state = evolve(
+                state,
+                connections=state.connections
+                + tuple(
+                    InheritedConnection(each.descriptor, each.listener, each.entry())
+                    for each in state.precopied
+                ),
+                precopied=(),
+            )
         self.executed.append(
             {
                 "document": document,
@@ -959,6 +971,105 @@ class StateDocumentTests(SynchronousTestCase):
             error = self.assertRaises(StateError, ReexecState.fromPlain, broken)
             self.assertIn(message, str(error))
         self.assertRaises(StateError, ReexecState.fromPlain, [])
+
+
+class PrecopyTests(SynchronousTestCase):
+    """
+    The compact pre-copy: written by L{Precopy}, read back strictly by
+    L{mergePrecopy}, after the connections described at the freeze.
+    """
+
+    def precopy(self, rows: list[Any]) -> bytes:
+        precopy = Precopy()
+        precopy.add(rows)
+        fd = precopy.write()
+        try:
+            return readMemfd(fd, maxBytes=1 << 20)
+        finally:
+            os.close(fd)
+
+    def state(self, **kwargs: Any) -> ReexecState:
+        return ReexecState(pid=1, generation=1, strategy="reexec", precopy=20, **kwargs)
+
+    def test_roundTrip(self) -> None:
+        """
+        Each connection comes back with its state (buffers decoded) and
+        addresses; a superseded one does not; those described at the
+        freeze stay first.
+        """
+        first = Counter()
+        first.count = 3
+        first.dataReceived(b"par")
+        second = Counter()
+        second.count = 4
+        firstState = captureProtocolState(first)
+        data = self.precopy(
+            [
+                (1, 10, "tcp:0", 2, firstState, ["1.2.3.4", 5], ["5.6.7.8", 9]),
+                (2, 11, "tcp:0", 2, captureProtocolState(second), None, None),
+            ]
+        )
+        frozen = InheritedConnection(12, "tcp:0", {"id": 3})
+        merged = mergePrecopy(self.state(connections=(frozen,)), data)
+        self.assertEqual(merged.connections, (frozen,))
+        self.assertIsNone(merged.precopy)
+        self.assertEqual(
+            [(each.ident, each.descriptor, each.peer) for each in merged.precopied],
+            [(1, 10, ["1.2.3.4", 5]), (2, 11, None)],
+        )
+        self.assertEqual(merged.precopied[0].state, firstState)
+        self.assertEqual(
+            merged.precopied[0].state.buffers["LineReceiver"]["buffer"], b"par"
+        )
+        superseded = mergePrecopy(self.state(superseded=(1,)), data)
+        self.assertEqual([each.ident for each in superseded.precopied], [2])
+
+    def test_refused(self) -> None:
+        """
+        A malformed pre-copy, one naming a connection or a descriptor twice,
+        or holding a non-finite number, is refused.
+        """
+        counter = Counter()
+        counter.count = 0
+        state = captureProtocolState(counter)
+        good = self.precopy([(1, 10, "tcp:0", 2, state, None, None)])
+        document = json.loads(good)
+        row = document["connections"][0]
+        broken: list[tuple[Any, str]] = [
+            (dict(document, connections=[row[:6]]), "malformed"),
+            (dict(document, connections=[[1, 2] + row[2:]]), "malformed"),
+            (dict(document, connections=[row[:2] + [5] + row[3:]]), "malformed"),
+            (dict(document, connections=[row, row]), "twice"),
+            (
+                dict(document, connections=[row[:4] + [[["%%", True]]] + row[5:]]),
+                "base64",
+            ),
+            (dict(document, connections=[row[:4] + [[]] + row[5:]]), "buffers"),
+            (
+                dict(document, shapes=[dict(document["shapes"][0], listener=1)]),
+                "listener",
+            ),
+        ]
+        for each, message in broken:
+            error = self.assertRaises(
+                StateError,
+                mergePrecopy,
+                self.state(),
+                json.dumps(each).encode(),
+            )
+            self.assertIn(message, str(error))
+        self.assertRaises(
+            StateError,
+            mergePrecopy,
+            self.state(connections=(InheritedConnection(10, "tcp:0", {"id": 7}),)),
+            good,
+        )
+        self.assertRaises(
+            StateError,
+            mergePrecopy,
+            self.state(),
+            good.replace(b'"count":0', b'"count":NaN'),
+        )
 
 
 class AfterPollsTests(TestCase):

@@ -24,7 +24,11 @@ from migrate.state import StateError, captureProtocolState
 from migrate.strategies import ReexecStrategy
 from migrate.strategies._reexec._incoming import ReexecInheritance, restoreReexec
 from migrate.strategies._reexec._late import StandIn, addressesOf
-from migrate.strategies._reexec._state import InheritedConnection, ReexecState
+from migrate.strategies._reexec._state import (
+    InheritedConnection,
+    PrecopiedConnection,
+    ReexecState,
+)
 
 from .test_reexec import Counter, Refusing
 
@@ -148,6 +152,7 @@ class LateAdoptionTests(TestCase):
             strategy="reexec",
             listeners={"tcp:0": listener.detach()},
             connections=state.connections,
+            precopied=state.precopied,
             frozenAt=1.0,
         )
         host = MigrationHost(
@@ -219,6 +224,45 @@ class LateAdoptionTests(TestCase):
         yield self.receive(clients[0], b"old1\nearly\nx 42\n")
         yield self.receive(clients[2], b"old3\n")
         self.assertTrue(all(isinstance(each.transport, Connection) for each in hosted))
+
+    @inlineCallbacks
+    def test_precopiedAfterDescribed(self) -> Any:
+        """
+        A connection from the pre-copy is restored, after those described
+        at the freeze, and its socket adopted later, as those are.
+        """
+        (copiedFd, copiedClient, copiedAddresses), (fd, client, addresses) = [
+            self.connection() for _ in range(2)
+        ]
+        old = Counter()
+        old.count = 9
+        copied = PrecopiedConnection(
+            1,
+            copiedFd,
+            "tcp:0",
+            copiedAddresses["family"],
+            captureProtocolState(old),
+            copiedAddresses["peer"],
+            copiedAddresses["local"],
+        )
+        state = ReexecState(
+            1,
+            1,
+            "r",
+            connections=(
+                InheritedConnection(fd, "tcp:0", self.entry(2, old, addresses, b"")),
+            ),
+            precopied=(copied,),
+        )
+        host = self.host(state, [Counter, Counter])
+        report = restoreReexec(host, host.inheritance)
+        self.assertEqual(report.listeners[0].moved, 2)
+        self.assertEqual(
+            [each.transport.getPeer().port for each in self.registry.members],
+            [addresses["peer"][1], copiedAddresses["peer"][1]],
+        )
+        copiedClient.sendall(b"a\n")
+        yield self.receive(copiedClient, b"a 10\n")
 
     @inlineCallbacks
     def test_touchingTheTransportAdoptsAtOnce(self) -> Any:

@@ -40,7 +40,7 @@ from ..._host._tracking import PendingAdoptionFactory
 from ..._report import ListenerReport, MigrationOutcome, MigrationReport
 from ...interfaces import IMigrationHost
 from ...state import ProtocolState, isMigratable, restoreProtocolState
-from ._late import LateAdoption, addressesOf
+from ._late import LateAdoption, addressesFrom, addressesOf
 from ._reports import ReportChannel
 from ._state import (
     EXEC_AT_VARIABLE,
@@ -346,39 +346,56 @@ class _NotRestored(Exception):
         self.descriptor = descriptor
 
 
-def _restoreLater(
-    host: IMigrationHost,
-    late: LateAdoption,
+def _entryState(
     inherited: InheritedConnection,
-    addresses: tuple[Any, Any],
-) -> None:
+) -> tuple[ProtocolState, bytes, socket.AddressFamily]:
     """
-    Restore one connection's protocol from its manifest entry onto a
-    stand-in transport; its socket is adopted later (see
-    L{migrate.strategies._reexec._late}).
+    The state, output and address family of a connection described at the
+    freeze, from its manifest entry.
 
     The entry comes from the sealed memory file this process's previous
     image wrote, parsed with non-finite numbers refused: its structure and
     types are checked strictly, its application state is not walked again
     (see L{ProtocolState.fromPlain}'s C{parsedJSON}).
 
-    @raise _NotRestored: if the new code cannot restore it.
+    @raise _NotRestored: if the entry is malformed.
     """
     entry = inherited.entry
-    descriptor = inherited.descriptor
     try:
-        listener = host.listenerNamed(inherited.listener)
         state = ProtocolState.fromPlain(entry["state"], owned=True, parsedJSON=True)
         text = entry["output"]
         output = base64.b64decode(text, validate=True) if text else b""
         family = _INET_FAMILIES[entry["family"]]
-        if not state.migratable:
-            raise StateError("the old protocol did not provide IMigratable")
     except Exception as e:
-        raise _NotRestored("bad manifest entry: " + _why(e), descriptor)
-    factory = listener.factory
+        raise _NotRestored("bad manifest entry: " + _why(e), inherited.descriptor)
+    return state, output, family
+
+
+def _restoreLater(
+    host: IMigrationHost,
+    late: LateAdoption,
+    listenerKey: str,
+    descriptor: int,
+    family: socket.AddressFamily,
+    state: ProtocolState,
+    output: bytes,
+    closing: bool,
+    addresses: tuple[Any, Any],
+) -> None:
+    """
+    Restore one connection's protocol onto a stand-in transport; its socket
+    is adopted later (see L{migrate.strategies._reexec._late}).
+
+    @param descriptor: the socket's, consumed.
+
+    @raise _NotRestored: if the new code cannot restore it.
+    """
     peer, local = addresses
     try:
+        listener = host.listenerNamed(listenerKey)
+        if not state.migratable:
+            raise StateError("the old protocol did not provide IMigratable")
+        factory = listener.factory
         protocol = factory.buildApplicationProtocol(peer)
         if protocol is None:
             raise StateError("the new factory refused the connection")
@@ -391,9 +408,7 @@ def _restoreLater(
     except Exception as e:
         raise _NotRestored(_why(e), descriptor)
     hosted = factory.buildPendingProtocol(peer)
-    standIn = late.standIn(
-        hosted, descriptor, family, peer, local, output, inherited.closing
-    )
+    standIn = late.standIn(hosted, descriptor, family, peer, local, output, closing)
     try:
         hosted.attach(protocol)
         restoreProtocolState(protocol, state, copyState=False)
@@ -595,29 +610,22 @@ def _restore(host: IMigrationHost, inheritance: ReexecInheritance) -> MigrationR
 
     adopted: list[tuple[AdoptedConnection, InheritedConnection]] = []
     late = LateAdoption(reactor)
-    for each in state.connections:
-        try:
-            addresses = None if each.fresh else addressesOf(each.entry)
-        except StateError:
-            addresses = None
-        if addresses is not None:
-            # Restored now, its socket adopted once this image serves.
-            try:
-                _restoreLater(host, late, each, addresses)
-            except _NotRestored as e:
-                _log.error(
-                    "Re-exec: a connection from {peer} on {listener} cannot be "
-                    "restored by the new code ({why}); closing it cleanly",
-                    peer=_peerOf(addresses[0]),
-                    listener=each.listener,
-                    why=e.why,
-                )
-                failed[each.listener] = failed.get(each.listener, 0) + 1
-                if e.descriptor is not None:
-                    closeCleanly(reactor, e.descriptor, _output(each.entry))
-            else:
-                moved[each.listener] = moved.get(each.listener, 0) + 1
-            continue
+
+    def notRestored(
+        listenerKey: str, addresses: Any, error: _NotRestored, output: bytes
+    ) -> None:
+        _log.error(
+            "Re-exec: a connection from {peer} on {listener} cannot be "
+            "restored by the new code ({why}); closing it cleanly",
+            peer=_peerOf(addresses[0]),
+            listener=listenerKey,
+            why=error.why,
+        )
+        failed[listenerKey] = failed.get(listenerKey, 0) + 1
+        if error.descriptor is not None:
+            closeCleanly(reactor, error.descriptor, output)
+
+    def adoptedNow(each: InheritedConnection) -> None:
         spare = os.dup(each.descriptor)
         try:
             if each.fresh:
@@ -638,6 +646,68 @@ def _restore(host: IMigrationHost, inheritance: ReexecInheritance) -> MigrationR
             os.close(spare)
             adopted.append((connection, each))
             moved[each.listener] = moved.get(each.listener, 0) + 1
+
+    # Those described at the freeze first: they were the active ones.
+    for each in state.connections:
+        try:
+            addresses = None if each.fresh else addressesOf(each.entry)
+        except StateError:
+            addresses = None
+        if addresses is None:
+            adoptedNow(each)
+            continue
+        # Restored now, its socket adopted once this image serves.
+        try:
+            restored, output, family = _entryState(each)
+            _restoreLater(
+                host,
+                late,
+                each.listener,
+                each.descriptor,
+                family,
+                restored,
+                output,
+                each.closing,
+                addresses,
+            )
+        except _NotRestored as e:
+            notRestored(each.listener, addresses, e, _output(each.entry))
+        else:
+            moved[each.listener] = moved.get(each.listener, 0) + 1
+    for copied in state.precopied:
+        if copied.peer is None:
+            adoptedNow(
+                InheritedConnection(copied.descriptor, copied.listener, copied.entry())
+            )
+            continue
+        try:
+            family = _INET_FAMILIES[copied.family]
+            addresses = addressesFrom(family, copied.peer, copied.local)
+        except (KeyError, StateError):
+            _log.error(
+                "Re-exec: a connection on {listener} cannot be restored (its "
+                "addresses are malformed); closing it cleanly",
+                listener=copied.listener,
+            )
+            failed[copied.listener] = failed.get(copied.listener, 0) + 1
+            closeCleanly(reactor, copied.descriptor, b"")
+            continue
+        try:
+            _restoreLater(
+                host,
+                late,
+                copied.listener,
+                copied.descriptor,
+                family,
+                copied.state,
+                b"",
+                False,
+                addresses,
+            )
+        except _NotRestored as e:
+            notRestored(copied.listener, addresses, e, b"")
+        else:
+            moved[copied.listener] = moved.get(copied.listener, 0) + 1
 
     _listenToReporters(host, state, notes)
     host.commitInheritance(state.generation + 1)

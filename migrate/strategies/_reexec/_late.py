@@ -52,7 +52,7 @@ from ..._handoff._transport import adoptConnection, resumeConnection
 from ..._host._tracking import HostedProtocol
 from ...state import StateError, replayBufferedInput
 
-__all__ = ["LateAdoption", "StandIn", "addressesOf"]
+__all__ = ["LateAdoption", "StandIn", "addressesFrom", "addressesOf"]
 
 _log = Logger()
 
@@ -75,7 +75,17 @@ def addressesOf(entry: dict[str, Any]) -> tuple[Any, Any] | None:
     local: Any = entry.get("local")
     if peer is None and local is None:
         return None
-    kind = _INET.get(entry.get("family"))  # type: ignore[arg-type]
+    return addressesFrom(entry.get("family"), peer, local)
+
+
+def addressesFrom(family: Any, peer: Any, local: Any) -> tuple[Any, Any]:
+    """
+    The peer's and the local address of a TCP connection of address family
+    C{family} from what C{getpeername} and C{getsockname} gave.
+
+    @raise StateError: if they are malformed.
+    """
+    kind = _INET.get(family)
     if kind is None:
         raise StateError("addresses given for a socket that is not TCP")
     size = 2 if kind is address.IPv4Address else 4

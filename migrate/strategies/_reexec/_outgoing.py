@@ -82,9 +82,8 @@ from ._state import (
     REEXEC_SIGNALS,
     STATE_FD_VARIABLE,
     InheritedConnection,
+    Precopy,
     ReexecState,
-    encodePrecopyPart,
-    writePrecopy,
     writeState,
 )
 
@@ -266,7 +265,7 @@ class _Kept:
     protocol: Any
     transport: Any
     state: ProtocolState
-    entry: dict[str, Any] = field(factory=dict, repr=False)
+    row: tuple[Any, ...] = field(default=(), repr=False)
 
     def unchanged(self, hosted: Any) -> bool:
         """
@@ -552,31 +551,30 @@ class ReexecMigration:
             cannot be captured.
         """
         connections = list(self.host.allConnections())
-        parts: list[str] = []
+        precopy = Precopy()
         kept: dict[int, _Kept] = {}
         for start in range(0, len(connections), PRECOPY_SLICE):
             if start:
                 yield deferLater(self.host.reactor, 0, lambda: None)
-            entries = []
+            rows = []
             for listener, hosted in connections[start : start + PRECOPY_SLICE]:
                 copied = self._copyOne(len(kept) + 1, listener.key, hosted)
                 if copied is not None:
                     kept[id(hosted)] = copied
-                    entries.append(copied.entry)
-            if entries:
-                try:
-                    parts.append(encodePrecopyPart(entries))
-                except StateError as e:
-                    _log.warn(
-                        "Re-exec: the connections could not be copied ahead "
-                        "({why}); all are described at the freeze",
-                        why=str(e),
-                    )
-                    return None
+                    rows.append(copied.row)
+            try:
+                precopy.add(rows)
+            except StateError as e:
+                _log.warn(
+                    "Re-exec: the connections could not be copied ahead "
+                    "({why}); all are described at the freeze",
+                    why=str(e),
+                )
+                return None
         if not kept:
             return None
         try:
-            descriptor = writePrecopy(parts)
+            descriptor = precopy.write()
         except Exception as e:
             _log.warn(
                 "Re-exec: the connections could not be copied ahead ({why}); "
@@ -585,7 +583,7 @@ class ReexecMigration:
             )
             return None
         for each in kept.values():
-            each.entry = {}
+            each.row = ()
         return _Precopy(descriptor, kept)
 
     def _copyOne(self, ident: int, key: str, hosted: Any) -> _Kept | None:
@@ -619,16 +617,17 @@ class ReexecMigration:
                 )
             return None
         descriptor = int(transport.fileno())
-        entry = {
-            "id": ident,
-            "listener": key,
-            "family": int(transport.socket.family),
-            "state": state.toPlain(),
-            "output": "",
-            "fd": descriptor,
-            **_addresses(transport),
-        }
-        return _Kept(ident, descriptor, hosted, protocol, transport, state, entry)
+        addresses = _addresses(transport)
+        row = (
+            ident,
+            descriptor,
+            key,
+            int(transport.socket.family),
+            state,
+            addresses.get("peer"),
+            addresses.get("local"),
+        )
+        return _Kept(ident, descriptor, hosted, protocol, transport, state, row)
 
     def _refuse(self, reason: str) -> MigrationReport:
         _log.warn("Re-exec refused: {reason}", reason=reason)

@@ -823,17 +823,51 @@ def unchangedSince(protocol: object, state: ProtocolState) -> bool:
         return False
     try:
         if app is not None:
-            if migrationBlocker(app) is not None:
+            if _mayBlock(app) and migrationBlocker(app) is not None:
                 return False
             if app.getMigrationState() != state.appState:
                 return False
         kept = state.buffers
-        found = 0
-        for kind in _KINDS:
-            if isinstance(protocol, kind.base):
-                found += 1
-                if kind.capture(protocol) != kept.get(kind.name):
-                    return False
-        return found == len(kept)
+        kinds = _kindsOf(type(protocol))
+        if len(kinds) != len(kept):
+            return False
+        for kind in kinds:
+            if kind.capture(protocol) != kept.get(kind.name):
+                return False
+        return True
     except Exception:
         return False
+
+
+_kindsByClass: dict[type, tuple[_BufferKind, ...]] = {}
+_blockingClasses: dict[type, bool] = {}
+
+
+def _mayBlock(app: object) -> bool:
+    """
+    Whether C{app} may have a C{migrationBlocker} (its class has one, or
+    the instance was given one), without the cost of a failed attribute
+    look-up on each of thousands of protocols.
+    """
+    cls = type(app)
+    try:
+        blocking = _blockingClasses[cls]
+    except KeyError:
+        blocking = _blockingClasses[cls] = hasattr(cls, "migrationBlocker") or hasattr(
+            cls, "__getattr__"
+        )
+    return blocking or "migrationBlocker" in getattr(app, "__dict__", ())
+
+
+def _kindsOf(cls: type) -> tuple[_BufferKind, ...]:
+    """
+    The base protocols whose buffers a protocol of class C{cls} holds
+    (looked up once per class).
+    """
+    try:
+        return _kindsByClass[cls]
+    except KeyError:
+        kinds = _kindsByClass[cls] = tuple(
+            kind for kind in _KINDS if issubclass(cls, kind.base)
+        )
+        return kinds

@@ -77,12 +77,21 @@ class HostedProtocol(ProtocolWrapper):
         self.awaitingTransport = True
         self.hold()
         self.factory.registerProtocol(self)
+        self.factory.awaiting.add(self)
+
+    def stopAwaiting(self) -> None:
+        """
+        The stand-in transport gave up: this connection waits no more for
+        its real transport (its socket turned out dead).
+        """
+        self.awaitingTransport = False
+        self.factory.awaiting.discard(self)
 
     def makeConnection(self, transport: ITransport) -> None:
         if self.awaitingTransport:
             from zope.interface import directlyProvides, providedBy
 
-            self.awaitingTransport = False
+            self.stopAwaiting()
             directlyProvides(self, providedBy(transport))
             self.transport = transport
             return
@@ -221,6 +230,9 @@ class TrackingFactory(WrappingFactory):
         WrappingFactory.__init__(self, wrappedFactory)  # type: ignore[arg-type]
         self.key = key
         self.onChange = onChange
+        #: the connections on a stand-in transport (see
+        #: L{HostedProtocol.awaitTransport})
+        self.awaiting: set[HostedProtocol] = set()
 
     @property
     def connections(self) -> list[HostedProtocol]:
@@ -229,9 +241,9 @@ class TrackingFactory(WrappingFactory):
         (a connection still on a stand-in transport has its socket adopted
         now: see L{HostedProtocol.awaitTransport}).
         """
-        for protocol in list(self.protocols):
-            if protocol.awaitingTransport:
-                protocol.transport.adoptNow()
+        for protocol in list(self.awaiting):
+            standIn: Any = protocol.transport
+            standIn.adoptNow()
         return list(self.protocols)
 
     def registerProtocol(self, p: Any) -> None:

@@ -284,6 +284,7 @@ class LateAdoption:
         except ValueError:
             pass
         standIn.hosted.release()
+        standIn.hosted.stopAwaiting()
         if standIn.transport is not None:
             from ..._handoff._transport import abandonConnection
 
@@ -295,6 +296,7 @@ class LateAdoption:
                 pass
             return None
         descriptor, standIn.descriptor = standIn.descriptor, -1
+        standIn.transport = _gone
         return descriptor if descriptor >= 0 else None
 
     def adopt(self, standIn: StandIn) -> Any:
@@ -327,7 +329,7 @@ class LateAdoption:
                 why=str(e),
             )
             hosted.factory.unregisterProtocol(hosted)
-            hosted.awaitingTransport = False
+            hosted.stopAwaiting()
             self.reactor.callLater(
                 0,
                 hosted.connectionLost,

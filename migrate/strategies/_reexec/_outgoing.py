@@ -267,21 +267,6 @@ class _Kept:
     state: ProtocolState
     row: tuple[Any, ...] = field(default=(), repr=False)
 
-    def unchanged(self, hosted: Any) -> bool:
-        """
-        Whether C{hosted} is this connection and its pre-copied entry still
-        describes it: same protocol and transport, no output held, not
-        closing, and the same state (L{unchangedSince}).
-        """
-        return (
-            hosted is self.hosted
-            and not hosted.released
-            and hosted.wrappedProtocol is self.protocol
-            and hosted.transport is self.transport
-            and quiet(self.transport)
-            and unchangedSince(self.protocol, self.state)
-        )
-
 
 def _addresses(transport: Any) -> dict[str, Any]:
     """
@@ -328,7 +313,17 @@ class _Precopy:
         kept = self.kept
         for listener, hosted in candidates:
             copied = kept.get(id(hosted))
-            if copied is not None and copied.unchanged(hosted):
+            # The same connection, no output held, not closing, the same
+            # state: this runs for every connection while the clients wait.
+            if (
+                copied is not None
+                and hosted is copied.hosted
+                and not hosted.released
+                and hosted.wrappedProtocol is copied.protocol
+                and hosted.transport is copied.transport
+                and quiet(copied.transport)
+                and unchangedSince(copied.protocol, copied.state)
+            ):
                 holding.add(id(hosted))
             else:
                 again.append((listener, hosted))

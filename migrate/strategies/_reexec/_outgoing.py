@@ -423,9 +423,22 @@ class ReexecMigration:
 
         self._attempt.enter(MigrationPhase.spawning)
         self._step("trying the new code in a child process: {}".format(" ".join(argv)))
-        cases = casesFrom(
+        # A slice of connections per reactor turn: copying and encoding
+        # every state at once would keep every client waiting.
+        connections = [
             (listener.key, hosted) for listener, hosted in host.allConnections()
-        )
+        ]
+        cases: list[Any] = []
+        for start in range(0, len(connections), PRECOPY_SLICE):
+            if start:
+                yield deferLater(host.reactor, 0, lambda: None)
+            cases.extend(
+                casesFrom(
+                    connections[start : start + PRECOPY_SLICE],
+                    len(cases) + 1,
+                    encode=True,
+                )
+            )
         environment = successorEnvironment(os.environ)
         environment[PREFLIGHT_VARIABLE] = "1"
         for name in (STATE_FD_VARIABLE, EXEC_AT_VARIABLE):

@@ -45,6 +45,16 @@ class Touching(Counter):
         self.noDelay = transport.getTcpNoDelay()
 
 
+class TouchingRefusing(Touching):
+    """
+    Touches its transport (its socket is adopted), then refuses its state.
+    """
+
+    def restoreMigrationState(self, state: Any) -> None:
+        Touching.restoreMigrationState(self, state)
+        raise ValueError("refused after touching")
+
+
 class Registry:
     """
     Cross-connection state, as a chat room's: every restored protocol
@@ -361,3 +371,39 @@ class LateAdoptionTests(TestCase):
         self.assertIn("refused", event["why"])
         self.assertEqual(host.listeners["tcp:0"].factory.protocols, {})
         yield self.receive(client, b"bye\n")
+
+    @inlineCallbacks
+    def test_refusedAfterAdoptionClosedCleanly(self) -> Any:
+        """
+        A connection whose socket was adopted during its restore (the
+        protocol touched its transport), then refused, is still closed
+        cleanly after the old output, and counted as failed.
+        """
+        fd, client, addresses = self.connection()
+        old = Counter()
+        old.count = 1
+        state = ReexecState(
+            1,
+            1,
+            "r",
+            connections=(
+                InheritedConnection(
+                    fd, "tcp:0", self.entry(1, old, addresses, b"last\n")
+                ),
+            ),
+        )
+        host = self.host(state, [TouchingRefusing])
+        report = restoreReexec(host, host.inheritance)
+        self.assertEqual(report.listeners[0].failed, 1)
+        self.assertEqual(host.listeners["tcp:0"].factory.protocols, {})
+        yield self.receive(client, b"last\n")
+        # Then the end (FIN, read as b""), within the deadline.
+        deadline = self.reactor.seconds() + 10
+        while True:
+            self.assertLess(self.reactor.seconds(), deadline)
+            yield deferLater(self.reactor, 0.01, lambda: None)
+            try:
+                self.assertEqual(client.recv(100), b"")
+            except BlockingIOError:
+                continue
+            break

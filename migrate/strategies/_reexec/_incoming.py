@@ -2,13 +2,15 @@
 """
 The new image's side of a re-exec: find the state the old image left
 (L{inheritedReexec}), keep twistd from redoing what the process has done
-already (L{adjustTwistdOptions}), and adopt the listening sockets, the
-control socket and every connection before serving anything
-(L{restoreReexec}).
+already (L{adjustTwistdOptions}), and adopt the listening sockets and the
+control socket and restore every connection's protocol before serving
+anything (L{restoreReexec}); the sockets of TCP connections are adopted
+afterwards (L{migrate.strategies._reexec._late}).
 
 There is no old image to give anything back to: a connection whose state
 the new code refuses is closed cleanly (its pending output written first)
-with a log line, and counted as failed in the report.
+with a log line naming its peer and listener, and counted as failed in the
+report.
 
 Also here: the preflight check the old image runs before it re-executes
 (L{finishPreflight}): the same command line, which stops once its options
@@ -532,10 +534,13 @@ def restoreReexec(
     """
     Take over what the previous image left, then serve: the listening
     sockets and the control socket (adopted paused), every connection
-    (restored or handed to a fresh protocol, held), then commit: the host
+    (restored or handed to a fresh protocol, held; a TCP connection's
+    protocol restored on a stand-in transport), then commit: the host
     serves generation + 1, listeners accept, connections resume.  No event
-    is processed in between, so nothing is served before everything is in
-    place.
+    is processed in between, so nothing is served before every protocol
+    is restored.  The sockets of the connections on stand-ins are adopted
+    from the next reactor turn on (L{LateAdoption}), those described at the
+    freeze (the active ones) before those copied ahead.
 
     @return: the report, also the host's C{lastReport}.
     """

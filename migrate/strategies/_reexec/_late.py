@@ -48,7 +48,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementedBy, implementer
 from zope.interface.declarations import Provides
 
-from ..._handoff._transport import adoptConnection, resumeConnection
+from ..._handoff._transport import (
+    abandonConnection,
+    adoptConnection,
+    resumeConnection,
+)
 from ..._host._tracking import HostedProtocol
 from ...state import StateError, replayBufferedInput
 
@@ -276,25 +280,32 @@ class LateAdoption:
         Give up a connection whose restore failed: its hosted protocol is
         released, and its descriptor, unless already adopted, handed back.
 
-        @return: the descriptor (the caller closes it), or L{None} if its
-            socket was adopted already (its transport was abandoned here).
+        @return: the descriptor (the caller closes it; a duplicate if the
+            socket was adopted already, its transport abandoned here), or
+            L{None} if there is none.
         """
         try:
             self._waiting.remove(standIn)
         except ValueError:
             pass
+        if standIn in self._early:
+            self._early.remove(standIn)
         standIn.hosted.release()
         standIn.hosted.stopAwaiting()
-        if standIn.transport is not None:
-            from ..._handoff._transport import abandonConnection
-
-            transport = standIn.transport
+        transport = standIn.transport
+        if transport is _gone:
+            return None
+        if transport is not None:
             standIn.transport = _gone
+            try:
+                descriptor: int | None = os.dup(transport.fileno())
+            except OSError:
+                descriptor = None
             try:
                 abandonConnection(transport)
             except ValueError:
                 pass
-            return None
+            return descriptor
         descriptor, standIn.descriptor = standIn.descriptor, -1
         standIn.transport = _gone
         return descriptor if descriptor >= 0 else None
@@ -410,17 +421,6 @@ class LateAdoption:
             dropped=self.dropped,
             ms=round((time.monotonic() - self._startedAt) * 1000, 1),
         )
-
-    def close(self) -> None:
-        """
-        Close every descriptor not adopted (the host stops before they
-        were).
-        """
-        while self._waiting:
-            standIn = self._waiting.popleft()
-            if standIn.descriptor >= 0:
-                os.close(standIn.descriptor)
-                standIn.descriptor = -1
 
 
 @implementer(IProtocolFactory)

@@ -9,9 +9,12 @@ Once C{execv} has succeeded there is no way back, so everything that can be
 checked is checked first, while the service goes on (see
 L{migrate.strategies._reexec._check}, and a dry run of every connection's state
 capture); any
-failure there refuses the migration and changes nothing.  Only then are the
+failure there refuses the migration and changes nothing.  That dry run is
+also the I{pre-copy}: every movable connection is described ahead, a slice
+at a time, while the service goes on (L{_Precopy}).  Only then are the
 connections that cannot be carried over closed (C{--reexec-unmovable
-close}), the others frozen and described in the state document
+close}), the others frozen, those whose state changed since their copy
+described again in the state document
 (L{migrate.strategies._reexec._state}), exactly the descriptors the new image needs made
 inheritable, and C{execv} called.  If C{execv} itself fails, everything is
 put back as it was and the migration reports a rollback.

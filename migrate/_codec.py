@@ -123,6 +123,39 @@ def _refuse(node: _PathNode, problem: str) -> NoReturn:
     raise StateError(f"{_renderPath(node)}: {problem}")
 
 
+def _flatAndPlain(value: object, maxBytes: int, maxDepth: int) -> bool:
+    """
+    The common case, checked quickly: a C{dict} of C{str} keys to scalars
+    (C{str}, C{bool}, C{None}, C{int} within the size limit, finite
+    C{float}), as most connections' states are.  Checking thousands of
+    them is on the path of a freeze, where every client waits.
+
+    @return: C{True} if C{value} is such a dict within the limits;
+        C{False} if it is not, or may not be: L{_checkPlain} then walks it
+        and says what is wrong, if anything.
+    """
+    if type(value) is not dict or maxDepth < 1:
+        return False
+    budget = 2
+    for key, item in value.items():
+        if type(key) is not str:
+            return False
+        kind = type(item)
+        if kind is str:
+            budget += len(key) + len(item) + 6
+        elif kind is int:
+            if item.bit_length() > _MAX_INT_BITS:
+                return False
+            budget += len(key) + 4
+        elif kind is bool or item is None:
+            budget += len(key) + 7
+        elif kind is float and math.isfinite(item):
+            budget += len(key) + 4
+        else:
+            return False
+    return budget <= maxBytes
+
+
 def _checkPlain(value: object, *, maxBytes: int, maxDepth: int) -> None:
     """
     Check that C{value} is plain data within the limits, without recursion.
@@ -137,6 +170,8 @@ def _checkPlain(value: object, *, maxBytes: int, maxDepth: int) -> None:
 
     @raise StateError: naming the first offending place found.
     """
+    if _flatAndPlain(value, maxBytes, maxDepth):
+        return
     # The walk keeps a lower bound of the encoded size, so that a huge value
     # is refused before being encoded.
     budget = 0

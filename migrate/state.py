@@ -36,6 +36,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import json
 from io import BytesIO
 from typing import Any, Callable, Mapping
 
@@ -62,6 +63,7 @@ __all__ = [
     "ProtocolState",
     "RestoreError",
     "StateError",
+    "StateFingerprint",
     "captureProtocolState",
     "isMigratable",
     "replayBufferedInput",
@@ -678,8 +680,151 @@ def captureProtocolState(protocol: object, *, snapshot: bool = True) -> Protocol
     return ProtocolState(name, migratable, version, appState, buffers)
 
 
+def _comparisonEncoder() -> Callable[[Any], str]:
+    """
+    Make the function that encodes application state for comparisons
+    (L{StateFingerprint}): compact JSON, ASCII, no C{NaN}, as the codec
+    writes it.
+
+    C{json.JSONEncoder.encode} builds a new C encoder at every call, which
+    is most of its cost for a small state; at a freeze it is called for
+    every connection while every client waits, so the C encoder is built
+    once here (without the circular-reference check: a cycle then fails
+    with C{RecursionError}, which a comparison takes for a change, and the
+    full capture that follows refuses it by name).  Where the C encoder is
+    missing or is called differently, the plain encoder does the same work.
+    """
+    plain = json.JSONEncoder(
+        ensure_ascii=True, allow_nan=False, separators=(",", ":")
+    ).encode
+
+    def refuse(value: object) -> Any:
+        raise TypeError(f"{type(value).__qualname__} is not plain data")
+
+    try:
+        from json.encoder import (  # type: ignore[attr-defined]
+            c_make_encoder,
+            encode_basestring_ascii,
+        )
+
+        if c_make_encoder is None:
+            return plain
+        iterencode = c_make_encoder(
+            None, refuse, encode_basestring_ascii, None, ":", ",", False, False, False
+        )
+        sample = {"a": [1, 2.5, True, None, "\u00e9"]}
+        if "".join(iterencode(sample, 0)) != plain(sample):
+            return plain
+    except Exception:
+        return plain
+
+    def encode(value: object) -> str:
+        return "".join(iterencode(value, 0))
+
+    return encode
+
+
+#: encodes application state the way the codec does, for comparisons only
+_encodeForComparison = _comparisonEncoder()
+
+
+@frozen
+class StateFingerprint:
+    """
+    What tells whether a protocol's state changed since it was captured,
+    cheaply enough to ask of every connection while all of them wait: its
+    application state as the codec would encode it, and the buffers of
+    Twisted's base protocols.
+
+    Pre-copy (see L{migrate._handoff._precopy}) sends a first copy of each
+    connection's state while the old process still serves; at the freeze,
+    only the connections whose fingerprint no longer matches travel again.
+    The comparison is exact: the encoded application state, not Python
+    equality (under which C{True == 1 == 1.0}), so what the new code
+    receives is byte for byte what a fresh capture would have sent.
+
+    @ivar migratable: as in the L{ProtocolState} taken.
+    @ivar version: as in the L{ProtocolState} taken.
+    @ivar encodedAppState: the application state, encoded as the codec
+        does; L{None} if not migratable.
+    @ivar buffers: the base protocols' buffers, as in the L{ProtocolState}.
+    """
+
+    migratable: bool
+    version: int | None
+    encodedAppState: str | None
+    buffers: dict[str, dict[str, Any]]
+
+    @classmethod
+    def of(cls, state: ProtocolState) -> StateFingerprint:
+        """
+        Take the fingerprint of a state just captured (before the
+        application runs again, if it was captured without a snapshot).
+
+        @param state: from L{captureProtocolState}.
+        """
+        return cls(
+            state.migratable,
+            state.version,
+            (_encodeForComparison(state.appState) if state.migratable else None),
+            state.buffers,
+        )
+
+    def matches(self, protocol: object) -> bool:
+        """
+        Would L{captureProtocolState} give the same state now?
+
+        Anything unusual (the application's C{getMigrationState} raised,
+        returned something the encoder refuses, a base protocol is busy)
+        counts as changed, so that a full capture runs and says what is
+        wrong.
+
+        @param protocol: the protocol the fingerprinted state was taken
+            from.
+
+        @raise NotAtSafePoint: if the protocol cannot move now (a request
+            in flight); it may at a later safe point.
+        """
+        app: Any = migratableFor(protocol)
+        if (app is not None) is not self.migratable:
+            return False
+        if app is not None:
+            try:
+                reason = migrationBlocker(app)
+            except StateError:
+                return False
+            if reason is not None:
+                raise NotAtSafePoint(
+                    f"{_className(type(protocol))} cannot move now: {reason}"
+                )
+            if getattr(app, "migrationVersion", None) != self.version:
+                return False
+            try:
+                encoded = _encodeForComparison(app.getMigrationState())
+            except Exception:
+                return False
+            if encoded != self.encodedAppState:
+                return False
+        buffers = self.buffers
+        found = 0
+        for kind in _KINDS:
+            if isinstance(protocol, kind.base):
+                saved = buffers.get(kind.name)
+                try:
+                    if saved is None or kind.capture(protocol) != saved:
+                        return False
+                except StateError:
+                    return False
+                found += 1
+        return found == len(buffers)
+
+
 def restoreProtocolState(
-    protocol: object, state: ProtocolState, *, copyState: bool = True
+    protocol: object,
+    state: ProtocolState,
+    *,
+    copyState: bool = True,
+    checked: bool = False,
 ) -> None:
     """
     Rebuild a freshly made protocol of the new code from a state taken from
@@ -707,6 +852,11 @@ def restoreProtocolState(
     @param copyState: C{False} when C{state} is used once and may be given
         to the application as it is (it was just decoded for this
         connection): saves a deep copy per connection.
+    @param checked: C{True} when C{state} was made by
+        L{ProtocolState.fromPlain} or L{captureProtocolState}, which check
+        its buffers, and nothing changed them since: saves checking them
+        again, which matters when thousands of connections are restored
+        while their clients wait.
 
     @raise RestoreError: if the new code refused the state (the original
         exception is the C{__cause__}), if migratable state meets a class
@@ -716,10 +866,13 @@ def restoreProtocolState(
         C{protocol} must then not be used.
     """
     name = _className(type(protocol))
-    try:
-        buffers = _validateBuffers(state.buffers, encoded=False)
-    except StateError as e:
-        raise RestoreError(f"cannot restore {name}: {e}") from e
+    if checked:
+        buffers = state.buffers
+    else:
+        try:
+            buffers = _validateBuffers(state.buffers, encoded=False)
+        except StateError as e:
+            raise RestoreError(f"cannot restore {name}: {e}") from e
     kinds: list[tuple[_BufferKind, Mapping[str, Any]]] = []
     for kind in _KINDS:
         if isinstance(protocol, kind.base):

@@ -17,7 +17,12 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.python import usage
 
-from ._host._daemon import isForeground, keepSuccessorInForeground
+from ._host._daemon import (
+    appendToLogFile,
+    isForeground,
+    keepSuccessorInForeground,
+    sharedLogFile,
+)
 from ._host._keeping import KEEPER_MODES
 from ._host._service import MigrationHost
 from ._host._settings import HostSettings
@@ -174,6 +179,14 @@ class Options(usage.Options):
             "before closing them cleanly (default: no deadline).",
         ],
         ["handoff-timeout", None, "60", "Seconds each step of a hand-off may take."],
+        [
+            "freeze-timeout",
+            None,
+            "5",
+            "Seconds the old process waits, with every connection standing "
+            "still, for its successor to restore them and commit (capability "
+            "transfer); past it the hand-off rolls back.",
+        ],
         [
             "safe-point-timeout",
             None,
@@ -359,6 +372,7 @@ class Options(usage.Options):
             )
         self["ready-timeout"] = _seconds("--ready-timeout", self["ready-timeout"])
         self["handoff-timeout"] = _seconds("--handoff-timeout", self["handoff-timeout"])
+        self["freeze-timeout"] = _seconds("--freeze-timeout", self["freeze-timeout"])
         if self["safe-point-timeout"] in ("0", 0):
             self["safe-point-timeout"] = 0.0
         else:
@@ -405,6 +419,7 @@ class Options(usage.Options):
                 "the serving process)"
             )
         keepSuccessorInForeground(getattr(self, "parent", None))
+        self["logfile"] = sharedLogFile(getattr(self, "parent", None))
         self._takePidfile()
         from .strategies._reexec._incoming import finishPreflight
 
@@ -536,6 +551,7 @@ def buildHost(
         controlPath=options["control"],
         readyTimeout=options["ready-timeout"],
         handoffTimeout=options["handoff-timeout"],
+        freezeTimeout=options["freeze-timeout"],
         drainTimeout=options["drain-timeout"],
         safePointTimeout=options["safe-point-timeout"],
         pidfile=options["pidfile"],
@@ -616,4 +632,7 @@ def makeService(options: Options) -> MigrationHost:
         options["keeper"], foreground=options["foreground"], environ=os.environ
     )
     keeper = keeperFor(reactor, choice, pidfile=options["pidfile"])
+    if options.get("logfile"):
+        # twistd opens it after this; generations share it.
+        reactor.callWhenRunning(appendToLogFile, options["logfile"])
     return buildHost(reactor, options, hostType=_TwistdHost, keeper=keeper)

@@ -24,10 +24,13 @@ import select
 import socket
 import struct
 import time
-from typing import Iterable
+from typing import Any, Callable, Iterable, Sequence
+
+from twisted.internet.defer import Deferred
 
 __all__ = [
     "SCM_MAX_FD",
+    "sendLiveDescriptors",
     "DescriptorTransferError",
     "sendDescriptors",
     "receiveDescriptors",
@@ -143,6 +146,97 @@ def sendDescriptors(sock: socket.socket, fds: Iterable[int], *, timeout: float) 
         # with the first byte, the rest of the header follows alone.
         while sent < len(header):
             sent += _sendSome(sock, header[sent:], [], deadline)
+
+
+def sendLiveDescriptors(
+    reactor: Any,
+    sock: socket.socket,
+    sources: Sequence[Callable[[], int | None]],
+    *,
+    timeout: float,
+) -> Deferred[None]:
+    """
+    Send the descriptors of connections this process goes on serving, as
+    L{sendDescriptors} does (the receiver uses L{receiveDescriptors}), but
+    from the reactor thread, one message per reactor turn.
+
+    Each message's descriptors are looked up just before it goes, in the
+    thread that closes them: a connection that closed meanwhile cannot
+    send a closed descriptor, or worse, the number a new connection was
+    just given.  A source that returns L{None} (its connection closed)
+    sends C{/dev/null} in its place, which the receiver finds is not a
+    socket.
+
+    @param reactor: the reactor (C{IReactorTime}).
+    @param sock: a connected C{AF_UNIX} socket, made non-blocking here.
+    @param sources: one callable per descriptor, in order.
+    @param timeout: seconds allowed for the whole transfer.
+
+    @return: a L{Deferred} firing once every message went out, or failing
+        with L{DescriptorTransferError} (the peer may then hold part of
+        them).
+    """
+    done: Deferred[None] = Deferred()
+    total = len(sources)
+    if not total:
+        done.callback(None)
+        return done
+    sock.setblocking(False)
+    deadline = time.monotonic() + timeout
+    placeholder = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    position = 0
+    unsent = b""
+
+    def finish(error: BaseException | None) -> None:
+        os.close(placeholder)
+        if error is None:
+            done.callback(None)
+        else:
+            done.errback(error)
+
+    def step() -> None:
+        nonlocal position, unsent
+        try:
+            if time.monotonic() > deadline:
+                raise DescriptorTransferError("timed out sending descriptors")
+            if unsent:
+                unsent = unsent[sock.send(unsent, _SEND_FLAGS) :]
+            elif position < total:
+                batch = [
+                    placeholder if fd is None else fd
+                    for fd in (
+                        source() for source in sources[position : position + SCM_MAX_FD]
+                    )
+                ]
+                header = _HEADER.pack(_MAGIC, total, len(batch))
+                ancillary = [
+                    (
+                        socket.SOL_SOCKET,
+                        socket.SCM_RIGHTS,
+                        array.array("i", batch).tobytes(),
+                    )
+                ]
+                sent = sock.sendmsg([header], ancillary, _SEND_FLAGS)
+                position += len(batch)
+                unsent = header[sent:]
+        except BlockingIOError:
+            # The receiver has not caught up: look again a little later
+            # rather than spin.
+            reactor.callLater(0.001, step)
+            return
+        except DescriptorTransferError as e:
+            finish(e)
+            return
+        except OSError as e:
+            finish(DescriptorTransferError(f"sendmsg failed: {e}"))
+            return
+        if position >= total and not unsent:
+            finish(None)
+            return
+        reactor.callLater(0, step)
+
+    step()
+    return done
 
 
 def _receiveSome(

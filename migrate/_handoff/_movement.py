@@ -41,11 +41,15 @@ from ._transport import (
 __all__ = [
     "AdoptedConnection",
     "DescribedConnection",
+    "StagedConnection",
     "MovingConnection",
     "Unmovable",
     "describePeer",
     "adoptEntry",
+    "stageEntry",
     "describeMovable",
+    "manifestEntry",
+    "movableCandidates",
     "freezeMovable",
 ]
 
@@ -130,7 +134,7 @@ def _describe(error: BaseException) -> str:
     return "{}: {}".format(type(error).__name__, text) if text else type(error).__name__
 
 
-def _candidates(
+def movableCandidates(
     connections: Iterable[tuple[Any, HostedProtocol]], staying: list[Unmovable]
 ) -> Iterator[tuple[str, HostedProtocol, Any, Any]]:
     """
@@ -158,7 +162,7 @@ def _candidates(
             yield key, hosted, protocol, transport
 
 
-def _manifestEntry(
+def manifestEntry(
     ident: int, key: str, transport: Any, state: ProtocolState, output: bytes
 ) -> dict[str, Any]:
     return {
@@ -214,7 +218,7 @@ def freezeMovable(
     """
     moving: list[MovingConnection] = []
     staying: list[Unmovable] = []
-    for key, hosted, protocol, transport in _candidates(connections, staying):
+    for key, hosted, protocol, transport in movableCandidates(connections, staying):
         try:
             frozen = freezeConnection(transport)
         except ValueError as e:
@@ -231,7 +235,7 @@ def freezeMovable(
             )
             continue
         ident = len(moving) + 1
-        entry = _manifestEntry(ident, key, transport, state, frozen.pendingOutput)
+        entry = manifestEntry(ident, key, transport, state, frozen.pendingOutput)
         moving.append(MovingConnection(ident, key, hosted, frozen, entry))
     return moving, staying
 
@@ -277,7 +281,7 @@ def describeMovable(
     """
     moving: list[DescribedConnection] = []
     staying: list[Unmovable] = []
-    for key, hosted, protocol, transport in _candidates(connections, staying):
+    for key, hosted, protocol, transport in movableCandidates(connections, staying):
         try:
             state = _captureState(key, protocol)
         except Exception as e:
@@ -289,7 +293,7 @@ def describeMovable(
         except ValueError as e:
             staying.append(Unmovable(key, hosted, str(e)))
             continue
-        entry = _manifestEntry(firstIdent + len(moving), key, transport, state, output)
+        entry = manifestEntry(firstIdent + len(moving), key, transport, state, output)
         moving.append(DescribedConnection(key, transport, entry))
     return moving, staying
 
@@ -327,10 +331,80 @@ class AdoptedConnection:
         self.hosted.release()
 
 
-def adoptEntry(host: IMigrationHost, entry: Any, descriptor: int) -> AdoptedConnection:
+@define
+class StagedConnection:
     """
-    Adopt one connection held, with the new code's protocol restored from
-    its manifest entry.
+    A connection adopted held, with the new code's protocol built and
+    attached but not restored yet: pre-copy stages connections while the
+    old process still serves them, and restores them at the commit, from
+    the state as it was then (see L{migrate._handoff._precopy}).
+
+    @ivar ident: its number in the manifest.
+    @ivar hosted: its L{HostedProtocol}, holding what the protocol writes.
+    @ivar transport: the adopted transport, not reading.
+    @ivar protocol: the new code's protocol, attached to C{hosted}.
+    @ivar state: the state to restore it from.
+    @ivar pendingOutput: what the old process had not written; sent first
+        when the connection is served.
+    """
+
+    ident: Any
+    hosted: HostedProtocol
+    transport: Any
+    protocol: Any
+    state: ProtocolState
+    pendingOutput: bytes = b""
+
+    def update(self, entry: Any) -> None:
+        """
+        Take what changed since the pre-copy, from a freeze's entry: a new
+        C{"state"} (if the state changed) and the C{"output"} still to send.
+
+        @raise StateError: if the entry is malformed; nothing changes then.
+        """
+        try:
+            if not isinstance(entry, dict):
+                raise StateError("not an object")
+            state = (
+                ProtocolState.fromPlain(entry["state"], owned=True)
+                if "state" in entry
+                else self.state
+            )
+            output = base64.b64decode(entry.get("output", ""), validate=True)
+        except Exception as e:
+            raise StateError(
+                "bad change for connection {}: {}".format(self.ident, _describe(e))
+            )
+        self.state = state
+        self.pendingOutput = output
+
+    def restore(self) -> AdoptedConnection:
+        """
+        Restore the protocol from its state, in place of C{connectionMade}.
+
+        @return: the connection, held until its commit.
+
+        @raise Exception: why the new code refused the state; the connection
+            must then be abandoned.
+        """
+        if not self.state.migratable:
+            raise StateError("the old protocol did not provide IMigratable")
+        # The state was checked as it was decoded (ProtocolState.fromPlain).
+        restoreProtocolState(self.protocol, self.state, copyState=False, checked=True)
+        return AdoptedConnection(self.hosted, self.transport, self.pendingOutput)
+
+    def abandon(self) -> None:
+        """
+        Give it back untouched: the old process keeps serving it.
+        """
+        abandonConnection(self.transport)
+        self.hosted.release()
+
+
+def stageEntry(host: IMigrationHost, entry: Any, descriptor: int) -> StagedConnection:
+    """
+    Adopt one connection held, with the new code's protocol built for it,
+    without restoring it yet.
 
     @param host: the L{migrate.MigrationHost} taking over.
     @param entry: the connection's manifest entry.
@@ -356,7 +430,6 @@ def adoptEntry(host: IMigrationHost, entry: Any, descriptor: int) -> AdoptedConn
     hosted = pending.built
     assert hosted is not None
     hosted.hold()
-    adopted = AdoptedConnection(hosted, transport, output)
     try:
         if not state.migratable:
             raise StateError("the old protocol did not provide IMigratable")
@@ -370,8 +443,28 @@ def adoptEntry(host: IMigrationHost, entry: Any, descriptor: int) -> AdoptedConn
                 )
             )
         hosted.attach(protocol)
-        restoreProtocolState(protocol, state, copyState=False)
     except Exception:
-        adopted.abandon()
+        abandonConnection(transport)
+        hosted.release()
         raise
-    return adopted
+    return StagedConnection(entry.get("id"), hosted, transport, protocol, state, output)
+
+
+def adoptEntry(host: IMigrationHost, entry: Any, descriptor: int) -> AdoptedConnection:
+    """
+    Adopt one connection held, with the new code's protocol restored from
+    its manifest entry.
+
+    @param host: the L{migrate.MigrationHost} taking over.
+    @param entry: the connection's manifest entry.
+    @param descriptor: its descriptor (always consumed).
+
+    @raise Exception: why it is refused; the connection is then let go of
+        without disturbing it.
+    """
+    staged = stageEntry(host, entry, descriptor)
+    try:
+        return staged.restore()
+    except Exception:
+        staged.abandon()
+        raise

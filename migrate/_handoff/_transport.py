@@ -38,6 +38,9 @@ __all__ = [
     "freezeConnection",
     "pendingOutput",
     "quiet",
+    "unsentOutput",
+    "stillMovable",
+    "letGo",
     "adoptConnection",
     "resumeConnection",
     "abandonConnection",
@@ -274,24 +277,7 @@ class FrozenConnection:
                 how=self.closeRequested,
             )
         self._unhook()
-        # Deregister before closing: a descriptor closed while registered
-        # leaves an epoll registration behind (the socket lives on in the
-        # other process), and unregistering it later fails with EBADF.
-        transport.stopReading()
-        transport.stopWriting()
-        try:
-            transport.socket.close()
-        except OSError:
-            pass
-        transport.dataBuffer = b""
-        transport.offset = 0
-        transport._tempDataBuffer = []
-        transport._tempDataLen = 0
-        transport.connected = 0
-        transport.disconnecting = 0
-        transport.disconnected = 1
-        for name in _HOOKED:
-            setattr(transport, name, _inert)
+        _letGo(transport)
 
 
 def _checkMovable(transport: Any) -> None:
@@ -347,6 +333,46 @@ def quiet(transport: Any) -> bool:
         and not getattr(transport, "_aborting", False)
         and not getattr(transport, "_sendmsgQueue", None)
     )
+
+
+def stillMovable(transport: Any) -> bool:
+    """
+    Can a connection that could move a moment ago still move, as far as its
+    transport goes?  The cheap checks only, for a connection already found
+    movable once (see L{_checkMovable}): it is still connected, not closing,
+    not being aborted, and has no descriptors queued for sending.
+    """
+    return bool(
+        transport.connected
+        and not transport.disconnected
+        and not transport.disconnecting
+        and not getattr(transport, "_aborting", False)
+        and not getattr(transport, "_sendmsgQueue", None)
+    )
+
+
+def unsentOutput(transport: Any) -> bytes:
+    """
+    The output Twisted holds for a connection and has not written: as
+    L{pendingOutput}, without its checks, and without building anything
+    when there is none (as for almost every connection).
+    """
+    if transport.offset >= len(transport.dataBuffer) and not (
+        transport._tempDataBuffer
+    ):
+        return b""
+    return _bufferedOutput(transport)
+
+
+def letGo(transport: Any) -> None:
+    """
+    Let go of a connection that was never frozen, once another process
+    holds its socket and before the reactor runs again: as
+    L{FrozenConnection.release} does, only this process's descriptor
+    closes, silently, and its buffers are dropped (the new holder sends
+    them).
+    """
+    _letGo(transport)
 
 
 def freezeConnection(transport: Any) -> FrozenConnection:
@@ -456,14 +482,29 @@ def adoptConnection(
 
 def _letGo(transport: Any) -> None:
     """
-    Let go of a transport whose protocol failed during adoption, as
-    L{FrozenConnection.release} does.
+    Let go of a transport that is not frozen (its protocol failed during
+    adoption, or pre-copy handed it over), as L{FrozenConnection.release}
+    does: deregister it, close only this process's descriptor, drop its
+    buffers, and make every later I/O call on it do nothing.
     """
+    # Deregister before closing: a descriptor closed while registered
+    # leaves an epoll registration behind (the socket lives on in the other
+    # process), and unregistering it later fails with EBADF.
     transport.stopReading()
     transport.stopWriting()
-    frozen = FrozenConnection(transport, b"", wasReading=False)
-    frozen._hook()
-    frozen.release()
+    try:
+        transport.socket.close()
+    except OSError:
+        pass
+    transport.dataBuffer = b""
+    transport.offset = 0
+    transport._tempDataBuffer = []
+    transport._tempDataLen = 0
+    transport.connected = 0
+    transport.disconnecting = 0
+    transport.disconnected = 1
+    for name in _HOOKED:
+        setattr(transport, name, _inert)
 
 
 def resumeConnection(transport: Any) -> None:

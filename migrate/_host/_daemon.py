@@ -12,11 +12,14 @@ in the foreground, logging where the daemon logs; the daemon did the rest
 
 from __future__ import annotations
 
+import fcntl
 import os
 from typing import Any, Mapping, MutableMapping
 
 __all__ = [
     "DAEMON_LOG_FILE",
+    "appendToLogFile",
+    "sharedLogFile",
     "isForeground",
     "keepSuccessorInForeground",
     "skipProcessSetUp",
@@ -89,3 +92,56 @@ def skipProcessSetUp(parent: MutableMapping[str, Any]) -> None:
             parent[name] = None
     if "rundir" in parent:
         parent["rundir"] = "."
+
+
+def sharedLogFile(parent: Mapping[str, Any] | None) -> str | None:
+    """
+    The file twistd logs to, which every generation of a lineage writes
+    (a successor logs where the daemon logs), if any.
+
+    @param parent: twistd's options.
+
+    @return: its absolute path; L{None} for standard output, syslog, or no
+        twistd.
+    """
+    if parent is None:
+        return None
+    path = parent.get("logfile")
+    if not path or path == "-" or parent.get("syslog"):
+        return None
+    return os.path.abspath(str(path))
+
+
+def appendToLogFile(path: str) -> int:
+    """
+    Make this process's writes to the log file at C{path} go to its end
+    (C{O_APPEND}), whatever another process wrote there since it was
+    opened.
+
+    twistd opens its log file for writing at the end as it was then, not in
+    append mode, so two generations writing it at once (the old one
+    draining, its successor serving) would each write over the other's
+    lines.  Set on every descriptor of this process open on that file, once
+    twistd has opened it (when the reactor runs).  A rotation opens the file
+    anew without it; so does every generation's own, which only matters
+    while two generations write at once.
+
+    @return: how many descriptors were set.
+    """
+    target = os.path.realpath(path)
+    done = 0
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return 0
+    for name in names:
+        try:
+            fd = int(name)
+            if os.readlink("/proc/self/fd/" + name) != target:
+                continue
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_APPEND)
+        except (OSError, ValueError):
+            continue
+        done += 1
+    return done

@@ -33,6 +33,10 @@ class HostSettings:
     @ivar readyTimeout: seconds a successor (or re-exec's preflight) may
         take to say it is ready.
     @ivar handoffTimeout: seconds each hand-off step may take.
+    @ivar freezeTimeout: seconds the old process of a capability transfer
+        waits, every connection standing still, for its successor to
+        restore the connections and commit; past it the hand-off rolls
+        back.
     @ivar drainTimeout: seconds an old generation keeps serving its
         remaining connections before closing them; L{None}: no deadline.
     @ivar successorArgv: the command line that starts a successor (default:
@@ -60,6 +64,7 @@ class HostSettings:
     controlPath: str | None = "migrate-host.sock"
     readyTimeout: float = 30.0
     handoffTimeout: float = 60.0
+    freezeTimeout: float = 5.0
     drainTimeout: float | None = None
     successorArgv: tuple[str, ...] | None = field(default=None, converter=_optionalList)
     pidfile: str | None = None

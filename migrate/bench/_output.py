@@ -7,7 +7,14 @@ from __future__ import annotations
 
 from typing import IO, Any
 
-__all__ = ["formatResults", "formatComparison", "handoffSeconds", "keyFigures", "write"]
+__all__ = [
+    "formatResults",
+    "formatComparison",
+    "formatStall",
+    "handoffSeconds",
+    "keyFigures",
+    "write",
+]
 
 
 def _ms(seconds: float | None) -> str:
@@ -52,13 +59,19 @@ def _ratio(value: float | None, floor: float | None) -> str:
 def handoffSeconds(durations: dict[str, float] | None) -> float | None:
     """
     How long established connections were frozen: the report's
-    I{connections} and I{commit} phases (capability transfer), or its
-    I{suspension} (re-exec).
+    I{connections}, I{freeze} (after a pre-copy) and I{commit} phases
+    (capability transfer), or its I{suspension} (re-exec).  From the
+    I{connections} phase on, the listeners do not accept: new connections
+    wait too.
     """
     if not durations:
         return None
     if "connections" in durations:
-        return durations["connections"] + durations.get("commit", 0.0)
+        return (
+            durations["connections"]
+            + durations.get("freeze", 0.0)
+            + durations.get("commit", 0.0)
+        )
     # Re-exec reports how long the service was suspended instead.
     suspension: float | None = durations.get("suspension")
     return suspension
@@ -218,6 +231,144 @@ def _idleBlock(
     )
 
 
+def _stallFloor(stall: dict[str, Any], count: int) -> dict[str, Any] | None:
+    """
+    The descriptor floor measured for C{count} idle connections and the
+    probes.
+    """
+    floors: list[dict[str, Any]] = stall.get("floors", [])
+    for floor in floors:
+        if int(floor["count"]) == count + stall["probes"]:
+            return floor
+    return None
+
+
+def _answered(row: dict[str, Any]) -> str:
+    after = row["idleAfter"]
+    return "{}/{}".format(after["answered"], row["idle"])
+
+
+def _answeredBy(row: dict[str, Any]) -> str:
+    after = row["idleAfter"]
+    servers = after["servers"]
+    if row["newPid"] == row["oldPid"]:
+        same = servers.get(str(row["newPid"]), 0)
+        others = after["answered"] - same
+        return "same pid {}{}".format(
+            same, ", other {}".format(others) if others else ""
+        )
+    old = servers.get(str(row["oldPid"]), 0)
+    return "new {}{}".format(after["onNew"], ", old {}".format(old) if old else "")
+
+
+def formatStall(stall: dict[str, Any]) -> list[str]:
+    """
+    The stall scenario's lines: one table per connection count, then each
+    upgrade's phases as its report gives them.
+    """
+    out: list[str] = []
+    if not stall["rows"]:
+        return [
+            "== stall: not measured (none of {} pauses connections)".format(
+                ", ".join(stall.get("measuredFrom") or ["the strategies asked for"])
+            )
+        ]
+    probes = stall["probes"]
+    startFloor = stall.get("startFloor")
+    columns = "  {:<11} {:>8} {:>9} {:>8} {:>8} {:>6} {:>13} {:>8} {:>13}  {}"
+    for count in stall["counts"]:
+        rows = [r for r in stall["rows"] if r["count"] == count]
+        if not rows:
+            continue
+        floor = _stallFloor(stall, count)
+        out.append(
+            "== stall: {:,} idle connections + {} probes (a line every {} each); "
+            "floor: {:,} descriptors by send_fds {}{}".format(
+                count,
+                probes,
+                _ms(stall["probeInterval"]),
+                count + probes,
+                _ms(floor["seconds"]) if floor else "not measured",
+                (
+                    "; re-exec floor (interpreter + twistd + reactor) {}".format(
+                        _ms(startFloor)
+                    )
+                    if startFloor is not None and "reexec" in stall["strategies"]
+                    else ""
+                ),
+            )
+        )
+        out.append(
+            columns.format(
+                "strategy",
+                "longest",
+                "p99 upgr",
+                "before",
+                "x floor",
+                "lost",
+                "answered",
+                "state",
+                "answered by",
+                "outcome",
+            )
+        )
+        phases = []
+        for row in rows:
+            if row.get("error"):
+                out.append("  {:<11} FAILED: {}".format(row["strategy"], row["error"]))
+                continue
+            report = row["report"]
+            lost = (
+                row["idleLost"]
+                + row["probeLost"]["connections"]
+                + row["probeLost"]["lines"]
+            )
+            out.append(
+                columns.format(
+                    row["strategy"],
+                    _ms(row["stall"]),
+                    _ms(row["during"]["p99"]),
+                    _ms(row["before"]["max"]),
+                    _ratio(row["stall"], floor["seconds"] if floor else None),
+                    lost,
+                    _answered(row),
+                    "{}/{}".format(row["idleAfter"]["stateIntact"], row["idle"]),
+                    _answeredBy(row),
+                    "{}{}".format(
+                        report.get("outcome"),
+                        (
+                            " ({})".format(report["reason"])
+                            if report.get("reason")
+                            else ""
+                        ),
+                    ),
+                )
+            )
+            extra = ""
+            if row["strategy"] == "reexec" and startFloor is not None:
+                extra = "; stall minus the re-exec floor {}".format(
+                    _ms(row["stall"] - startFloor) if row["stall"] is not None else "-"
+                )
+            phases.append(
+                "  {} phases: {} (command {}){}".format(
+                    row["strategy"],
+                    _durations(report.get("durations")),
+                    _ms(row["seconds"]),
+                    extra,
+                )
+            )
+        out.extend(phases)
+    if stall["rows"]:
+        out.append(
+            "  longest: the probes' longest wait from the upgrade command until "
+            "0.5 s after it returned; p99 upgr: their p99 while it ran; before: "
+            "their longest wait in the 0.5 s before; lost: connections and lines "
+            "lost; answered, state: idle connections answering afterwards, and "
+            "with their count gone on"
+        )
+    return out
+
+
 def formatResults(results: dict[str, Any]) -> str:
     """
     The human-readable report of a whole run.
@@ -246,6 +397,8 @@ def formatResults(results: dict[str, Any]) -> str:
             _idleBlock(result, floors, out)
         else:
             _loadBlock(result, floors, out)
+    if results.get("stall"):
+        out.extend(formatStall(results["stall"]))
     for floor in results.get("floors", []):
         out.append(
             "== floor: {} descriptors by send_fds in batches of 253 + socket objects: "
@@ -286,6 +439,18 @@ def keyFigures(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
         figures[result["name"]] = entry
     for floor in results.get("floors", []):
         figures["floor-{}".format(floor["count"])] = {"seconds": floor["seconds"]}
+    stall = results.get("stall") or {}
+    for row in stall.get("rows", []):
+        if row.get("error"):
+            continue
+        figures["stall-{}-{}".format(row["strategy"], row["count"])] = {
+            "longest s": row["stall"],
+            "p99 during s": row["during"]["p99"],
+        }
+    for floor in stall.get("floors", []):
+        figures["stall-floor-{}".format(floor["count"])] = {"seconds": floor["seconds"]}
+    if stall.get("startFloor") is not None:
+        figures["stall-reexec-floor"] = {"seconds": stall["startFloor"]}
     return figures
 
 

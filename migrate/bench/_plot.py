@@ -2,14 +2,16 @@
 The benchmark's timeline picture: for each load scenario, latency (p50,
 p99, max per 100 ms) and answers per second over time, with the migration
 window shaded, drawn with matplotlib (an optional dependency: the
-C{bench} extra).
+C{bench} extra); and the stall scenario's picture: the longest stall per
+strategy against the number of connections, beside the floors.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-__all__ = ["MissingMatplotlib", "plotTimeline"]
+__all__ = ["MissingMatplotlib", "plotStall", "plotTimeline", "stallPlotPath"]
 
 
 class MissingMatplotlib(Exception):
@@ -18,9 +20,9 @@ class MissingMatplotlib(Exception):
     """
 
 
-def plotTimeline(results: dict[str, Any], path: str) -> None:
+def _pyplot() -> Any:
     """
-    Draw the timeline of every load scenario in C{results} into a PNG.
+    matplotlib's C{pyplot}, drawing into files only.
 
     @raise MissingMatplotlib: with the command that installs it.
     """
@@ -29,12 +31,23 @@ def plotTimeline(results: dict[str, Any], path: str) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib import ticker
     except ImportError:
         raise MissingMatplotlib(
-            "drawing the timeline needs matplotlib: pip install 'migrate[bench]' "
+            "drawing the pictures needs matplotlib: pip install 'migrate[bench]' "
             "(or pip install matplotlib)"
         ) from None
+    return plt
+
+
+def plotTimeline(results: dict[str, Any], path: str) -> None:
+    """
+    Draw the timeline of every load scenario in C{results} into a PNG.
+
+    @raise MissingMatplotlib: with the command that installs it.
+    """
+    plt = _pyplot()
+    from matplotlib import ticker
+
     scenarios = [
         r
         for r in results.get("scenarios", [])
@@ -112,6 +125,98 @@ def plotTimeline(results: dict[str, Any], path: str) -> None:
         )
         row.set_ylim(top=row.get_ylim()[1] * 4)
     axes[-1, 0].set_xlabel("seconds since the load started")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    _shrink(path)
+
+
+def stallPlotPath(path: str) -> str:
+    """
+    Where the stall picture goes when the timeline goes to C{path}:
+    C{NAME-stall.png} beside C{NAME.png}.
+    """
+    stem, extension = os.path.splitext(path)
+    return "{}-stall{}".format(stem, extension or ".png")
+
+
+def plotStall(stall: dict[str, Any], path: str) -> None:
+    """
+    Draw the stall scenario's longest stall per strategy against the
+    number of idle connections, with the descriptor floor and, when
+    re-exec was measured, the new image's start, into a PNG.
+
+    @param stall: the scenario's results (C{results["stall"]}).
+    @raise MissingMatplotlib: with the command that installs it.
+    @raise ValueError: if no stall was measured.
+    """
+    rows = [
+        row
+        for row in stall.get("rows", [])
+        if not row.get("error") and row.get("stall") is not None
+    ]
+    if not rows:
+        raise ValueError("no stall measured")
+    plt = _pyplot()
+    from matplotlib import ticker
+
+    figure, axes = plt.subplots(figsize=(8.5, 4))
+    for strategy in stall["strategies"]:
+        points = sorted(
+            (row["count"], row["stall"] * 1000)
+            for row in rows
+            if row["strategy"] == strategy
+        )
+        if points:
+            axes.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                marker="o",
+                label=strategy,
+            )
+            for count, value in points:
+                axes.annotate(
+                    "{:.0f}".format(value),
+                    (count, value),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                )
+    floors = sorted(
+        (int(floor["count"]) - stall["probes"], floor["seconds"] * 1000)
+        for floor in stall.get("floors", [])
+    )
+    if floors:
+        axes.plot(
+            [f[0] for f in floors],
+            [f[1] for f in floors],
+            color="black",
+            ls="--",
+            marker="x",
+            label="floor: send_fds + socket objects",
+        )
+    if stall.get("startFloor") is not None and "reexec" in stall["strategies"]:
+        axes.axhline(
+            stall["startFloor"] * 1000,
+            color="grey",
+            ls=":",
+            label="re-exec floor: interpreter + twistd + reactor",
+        )
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    for axis in (axes.xaxis, axes.yaxis):
+        axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: "{:g}".format(v)))
+        axis.set_minor_formatter(ticker.NullFormatter())
+    axes.set_xticks(sorted({row["count"] for row in rows}))
+    axes.set_xlabel("idle connections (plus {} probes)".format(stall["probes"]))
+    axes.set_ylabel("longest stall a probe saw (ms)")
+    axes.set_title(
+        "One upgrade: the longest wait of probes sending a line every {:g} ms".format(
+            stall["probeInterval"] * 1000
+        ),
+        fontsize=9,
+    )
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
     figure.savefig(path, dpi=80)
     plt.close(figure)

@@ -22,9 +22,16 @@ from twisted.python import usage
 import twisted
 
 from ..strategies import strategyNames
-from ._floor import measureFloor
+from ._floor import byteCompile, measureFloor, startFloor
 from ._output import formatComparison, formatResults, write
 from ._scenarios import LoadSettings, migrateUnderLoad, moveIdle, restartUnderLoad
+from ._stall import (
+    STALL_STRATEGIES,
+    StallSettings,
+    addRatios,
+    measureStall,
+    parseCounts,
+)
 
 __all__ = ["BenchOptions", "main", "run"]
 
@@ -56,6 +63,11 @@ class BenchOptions(usage.Options):
     optFlags = [
         ["quick", "q", "Small numbers and short phases (a smoke run under a minute)."],
         ["no-baseline", None, "Skip the naive stop-and-start."],
+        [
+            "stall-only",
+            None,
+            "Run only the stall scenario (no load, baseline or idle scenario).",
+        ],
     ]
     optParameters = [
         [
@@ -100,12 +112,35 @@ class BenchOptions(usage.Options):
             "Seconds measured after it (default 5; quick 1.5).",
             _positive(float),
         ],
+        [
+            "stall",
+            None,
+            None,
+            "Idle connection counts for the stall scenario, comma-separated "
+            "(default 1000,10000; quick 1000; 0 skips).",
+        ],
+        [
+            "probes",
+            None,
+            50,
+            "Probe connections of the stall scenario.",
+            _positive(int),
+        ],
+        [
+            "probe-interval",
+            None,
+            0.005,
+            "Seconds between two lines of one probe.",
+            _positive(float),
+        ],
         ["json", None, None, "Write every result to this JSON file."],
         [
             "plot",
             None,
             None,
-            "Draw the timeline into this PNG file (needs matplotlib).",
+            "Draw the timeline into this PNG file, and the stall scenario's "
+            "longest stalls into NAME-stall.png (with --stall-only: into this "
+            "file; needs matplotlib).",
         ],
         ["compare", None, None, "Compare with the JSON file of an earlier run."],
     ]
@@ -136,6 +171,17 @@ class BenchOptions(usage.Options):
                 self[key] = value
         if self["interval"] <= 0:
             raise usage.UsageError("--interval must be positive")
+        if self["stall"] is None:
+            self["stallCounts"] = (1000,) if quick else (1000, 10000)
+        else:
+            try:
+                self["stallCounts"] = parseCounts(self["stall"])
+            except ValueError as e:
+                raise usage.UsageError("--stall {}: {}".format(self["stall"], e))
+        if self["probes"] < 1 or self["probe-interval"] <= 0:
+            raise usage.UsageError("--probes and --probe-interval must be positive")
+        if self["stall-only"] and not self["stallCounts"]:
+            raise usage.UsageError("--stall-only with --stall 0 measures nothing")
         if self["compare"] is not None:
             try:
                 with open(self["compare"]) as f:
@@ -221,8 +267,12 @@ async def run(
             )
             skipped.append(message)
             progress("skipping " + message)
-    idle = options["idle"]
-    nofile = raiseDescriptorLimit(max(options["connections"], idle) * 2 + 1024)
+    stallOnly = bool(options["stall-only"])
+    idle = 0 if stallOnly else options["idle"]
+    stallCounts = options["stallCounts"]
+    nofile = raiseDescriptorLimit(
+        max([options["connections"], idle] + list(stallCounts)) * 2 + 1024
+    )
     headroom = nofile - 512
     if idle > headroom:
         progress(
@@ -259,6 +309,10 @@ async def run(
             "idle": idle,
             "before": options["before"],
             "after": options["after"],
+            "stallOnly": stallOnly,
+            "stall": list(stallCounts),
+            "probes": options["probes"],
+            "probeInterval": options["probe-interval"],
         },
         "skipped": skipped,
         "scenarios": [],
@@ -279,14 +333,18 @@ async def run(
         results["scenarios"].append(result)
         progress.scenario = ""
 
-    for name in strategies:
+    for name in [] if stallOnly else strategies:
         await attempt(name, migrateUnderLoad(reactor, name, settings, progress))
-    if not options["no-baseline"]:
+    if not options["no-baseline"] and not stallOnly:
         await attempt("naive-restart", restartUnderLoad(reactor, settings, progress))
     if idle and "capability" in available:
         await attempt(
             "idle-capability",
             moveIdle(reactor, "capability", idle, progress, _upgradeTimeout(options)),
+        )
+    if stallCounts:
+        results["stall"] = await _stallScenario(
+            reactor, options, strategies, stallCounts, nofile, progress
         )
     # The floor for exactly as many connections as each hand-off moved.
     counts = sorted(
@@ -314,18 +372,117 @@ async def run(
             json.dump(results, f, indent=1, sort_keys=True)
         progress("results written to {}".format(options["json"]))
     if options["plot"]:
-        from ._plot import MissingMatplotlib, plotTimeline
-
-        try:
-            plotTimeline(results, options["plot"])
-        except MissingMatplotlib as e:
-            progress(str(e))
-        except ValueError as e:
-            progress("no picture: {}".format(e))
-        else:
-            progress("timeline drawn in {}".format(options["plot"]))
+        _draw(results, options["plot"], stallOnly, progress)
     progress("done")
     return results
+
+
+def _draw(
+    results: dict[str, Any], path: str, stallOnly: bool, progress: _Progress
+) -> None:
+    """
+    Draw the timeline into C{path}, and the stall scenario's picture beside
+    it (or into C{path} when only the stall was measured), as far as there
+    is something to draw and matplotlib to draw it.
+    """
+    from ._plot import MissingMatplotlib, plotStall, plotTimeline, stallPlotPath
+
+    pictures: list[tuple[str, Any, dict[str, Any], str]] = []
+    if not stallOnly:
+        pictures.append(("timeline", plotTimeline, results, path))
+    if results.get("stall"):
+        where = path if stallOnly else stallPlotPath(path)
+        pictures.append(("stall", plotStall, results["stall"], where))
+    for name, draw, data, where in pictures:
+        try:
+            draw(data, where)
+        except MissingMatplotlib as e:
+            progress(str(e))
+            return
+        except ValueError as e:
+            progress("no {} picture: {}".format(name, e))
+        else:
+            progress("{} drawn in {}".format(name, where))
+
+
+async def _stallScenario(
+    reactor: Any,
+    options: BenchOptions,
+    strategies: list[str],
+    counts: tuple[int, ...],
+    nofile: int,
+    progress: _Progress,
+) -> dict[str, Any]:
+    """
+    The stall scenario (L{migrate.bench._stall}) for every strategy that
+    pauses connections, and its floors.
+
+    @return: C{{"counts", "probes", "probeInterval", "strategies",
+        "rows", "floors", "startFloor"}}, as written with C{--json}.
+    """
+    probes = options["probes"]
+    # Each host, and this process, holds every connection once; a
+    # successor (capability) holds them in a process of its own.
+    headroom = nofile - probes - 512
+    capped = tuple(sorted({min(count, headroom) for count in counts}))
+    if capped != counts:
+        progress(
+            "stall: RLIMIT_NOFILE is {}: measuring {} connections, not {}".format(
+                nofile, ",".join(map(str, capped)), ",".join(map(str, counts))
+            )
+        )
+    measured = [name for name in strategies if name in STALL_STRATEGIES]
+    for name in strategies:
+        if name not in STALL_STRATEGIES:
+            progress("stall: {} pauses no connection: not measured".format(name))
+    stall: dict[str, Any] = {
+        "counts": list(capped),
+        "probes": probes,
+        "probeInterval": options["probe-interval"],
+        "strategies": measured,
+        "measuredFrom": strategies,
+        "rows": [],
+        "floors": [],
+        "startFloor": None,
+    }
+    settings = StallSettings(
+        counts=capped,
+        probes=probes,
+        probeInterval=options["probe-interval"],
+        before=0.5,
+        after=0.5,
+        upgradeTimeout=_upgradeTimeout(options),
+    )
+    if not measured:
+        return stall
+    progress.scenario = "stall"
+    # What a deployment has: every new image (re-exec's above all) loads
+    # bytecode instead of compiling the package again.
+    await deferToThread(byteCompile)
+    if "reexec" in measured:
+        progress("measuring the re-exec floor (interpreter + twistd + reactor)")
+        try:
+            stall["startFloor"] = await deferToThread(startFloor)
+        except Exception as e:
+            progress("FAILED: the re-exec floor: {}: {}".format(type(e).__name__, e))
+    for name in measured:
+        progress.scenario = "stall-" + name
+        stall["rows"].extend(await measureStall(reactor, name, settings, progress))
+    progress.scenario = "stall"
+    for count in capped:
+        moving = count + probes
+        progress("floor: passing {} descriptors with send_fds".format(moving))
+        try:
+            floor: dict[str, Any] = await deferToThread(measureFloor, moving)
+        except Exception as e:
+            progress(
+                "FAILED: the floor for {}: {}: {}".format(moving, type(e).__name__, e)
+            )
+            continue
+        stall["floors"].append(floor)
+    addRatios(stall)
+    progress.scenario = ""
+    return stall
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -341,7 +498,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     async def _main(reactor: Any) -> None:
         results = await run(reactor, options, sys.stdout, sys.stderr)
-        failed = [r["name"] for r in results["scenarios"] if r.get("error")]
+        failed = [r["name"] for r in results["scenarios"] if r.get("error")] + [
+            r["strategy"]
+            for r in results.get("stall", {}).get("rows", [])
+            if r.get("error") or r["report"].get("outcome") != "success"
+        ]
         if failed:
             raise SystemExit(1)
 

@@ -21,6 +21,7 @@ from attrs import frozen
 from twisted.internet.task import deferLater
 
 from ._load import LoadGenerator, latencyBins, summarize
+from ._output import handoffSeconds
 from ._process import BenchHost, freePort, pidAlive, readRSS, waitFor
 
 __all__ = ["LoadSettings", "migrateUnderLoad", "restartUnderLoad", "moveIdle"]
@@ -253,8 +254,8 @@ def _handoffWindow(
     report: dict[str, Any], start: float, end: float
 ) -> list[float] | None:
     """
-    When connections were frozen: from the end of the report's I{spawn}
-    and I{listeners} phases to the end of its I{commit} phase, or the
+    When connections were frozen: from the end of the report's I{spawn},
+    I{listeners} and I{precopy} phases to the end of its I{commit} phase, or the
     I{suspension} of a re-exec (an estimate: the report's clock is the
     host's).
     """
@@ -264,8 +265,13 @@ def _handoffWindow(
             # Re-exec: the report arrives once the new image has restored.
             return [max(start, end - durations["suspension"]), end]
         return None
-    frozenFrom = start + durations.get("spawn", 0.0) + durations.get("listeners", 0.0)
-    frozenTo = frozenFrom + durations["connections"] + durations.get("commit", 0.0)
+    frozenFrom = (
+        start
+        + durations.get("spawn", 0.0)
+        + durations.get("listeners", 0.0)
+        + durations.get("precopy", 0.0)
+    )
+    frozenTo = frozenFrom + (handoffSeconds(durations) or 0.0)
     return [frozenFrom, min(frozenTo, end)]
 
 

@@ -19,7 +19,6 @@ Figures are printed, never asserted.
 from __future__ import annotations
 
 import argparse
-import compileall
 import importlib.util
 import json
 import os
@@ -37,8 +36,7 @@ import threading
 import time
 from typing import Any, Sequence
 
-import migrate
-
+from ._floor import byteCompile, startFloor
 from ._process import LAUNCHER, SOURCE_ROOT
 
 __all__ = ["main"]
@@ -48,41 +46,6 @@ TARGET_MS = 300.0
 """
 The suspension aimed at for 1,000 connections, end to end.
 """
-
-
-def _byteCompile() -> None:
-    """
-    Byte-compile the package measured, as C{pip install} does: a new image
-    would otherwise compile every module it imports from source when
-    bytecode cannot be written (C{PYTHONDONTWRITEBYTECODE}, a read-only
-    tree), which is not what a deployment pays.
-    """
-    compileall.compile_dir(os.path.dirname(os.path.abspath(migrate.__file__)), quiet=2)
-
-
-def _twistedFloor(runs: int = 5) -> float:
-    """
-    How long this interpreter takes to start and import twistd and the
-    reactor, here and now (the median of C{runs}): the part of the exec
-    phase no code of migrate's can shorten, and a yardstick for how fast
-    the machine runs at the moment.
-
-    @return: seconds.
-    """
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "import twisted.scripts.twistd, twisted.internet.reactor",
-            ],
-            check=True,
-            env=_environment(),
-        )
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def _freePort() -> int:
@@ -373,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     options = parser.parse_args(argv)
     limit = _raiseDescriptorLimit(max(options.connections) + 200)
-    _byteCompile()
+    byteCompile()
     print(
         "re-exec: the suspension clients see, in ms (host-measured phases; "
         "Python {} at {}; RLIMIT_NOFILE {}; pyOpenSSL {})".format(
@@ -387,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             ),
         )
     )
-    floor = _twistedFloor()
+    floor = startFloor()
     print(
         "Python starting and importing twistd and the reactor takes {:.0f} ms "
         "here now: the floor of the exec phase".format(floor * 1000)

@@ -502,3 +502,10 @@ class QuickRunTests(TestCase):
         self.assertIn("idle-capability", names)
         self.assertIn(b"strategy capability: success", out)
         self.assertTrue(results["floors"])
+        # The stall scenario, at 1,000 connections only.
+        self.assertEqual(results["stall"]["counts"], [1000])
+        self.assertIn(b"== stall: 1,000 idle connections", out)
+        self.assertEqual(
+            {row["strategy"] for row in results["stall"]["rows"]},
+            {"capability", "reexec", "reload"},
+        )

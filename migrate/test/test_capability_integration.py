@@ -6,6 +6,7 @@ with their state and buffered bytes, to a new process running new code.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import textwrap
 from typing import Any
@@ -310,10 +311,10 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
     @inlineCallbacks
     def test_successorDiesMidHandoff(self):
         """
-        A successor that dies after adopting and restoring some connections
-        (here: one, then it exits while restoring the second) costs no
-        connection: nothing is carried, the report says why, and the old
-        process resumes them all with their state.
+        A successor that dies after the pre-copy, at the freeze, having
+        restored some connections (here: one, then it exits while restoring
+        the second) costs no connection: nothing is carried, the report
+        says why, and the old process serves them all on with their state.
         """
         status = yield self.startHost()
         oldPid = status["pid"]
@@ -335,7 +336,7 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
         self.assertNotEqual(code, 0)
         self.assertEqual(report["outcome"], "rolled-back")
         self.assertEqual(
-            report["reason"], "the hand-off channel closed while adopting connections"
+            report["reason"], "the hand-off channel closed while committing"
         )
         self.assertEqual((report["moved"], report["failed"]), (0, 0))
         # The successor had restored one connection when it died.
@@ -352,6 +353,125 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
         self.assertEqual(hello[0].split(b" ")[1], b"v1")
         for client in clients + [newClient]:
             client.transport.loseConnection()
+
+
+#: version 2, whose factory waits in the successor's pre-copy until the
+#: test opens the gate (after saying, with its process id, that it waits)
+GATED_V2 = MIGRATABLE_V2.replace(
+    """def makeFactory():
+    return Factory.forProtocol(Counter)""",
+    textwrap.dedent("""
+        import time
+
+        class GatedFactory(Factory):
+            protocol = Counter
+
+            def buildProtocol(self, addr):
+                if not os.path.exists("precopy.go"):
+                    with open("precopy.waiting", "w") as flag:
+                        flag.write(str(os.getpid()))
+                    deadline = time.monotonic() + 60
+                    while not os.path.exists("precopy.go"):
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("the test never opened the gate")
+                        time.sleep(0.01)
+                return Factory.buildProtocol(self, addr)
+
+        def makeFactory():
+            return GatedFactory()"""),
+)
+assert "GatedFactory" in GATED_V2
+
+
+class PrecopyIntegrationTests(LiveAppMixin, TestCase):
+    """
+    Pre-copy with real processes: what happens between the first copy of
+    the connections and the freeze.  The new code's factory holds the
+    successor inside the pre-copy until the test opens a gate.
+    """
+
+    timeout = 120
+    strategy = "capability"
+    initialApp = MIGRATABLE_V1
+
+    @inlineCallbacks
+    def successorInPrecopy(self) -> Any:
+        """
+        Start an upgrade to L{GATED_V2}; fire with its L{Deferred} and the
+        successor's process id once the successor waits in the pre-copy.
+        """
+        waiting = self.host.workdir.child("precopy.waiting")
+        writeModule(self.host.workdir, "liveapp", GATED_V2)
+        upgrade = self.host.upgrade()
+        yield waitFor(
+            lambda: waiting.exists() and waiting.getContent(),
+            what="the successor to wait in the pre-copy",
+        )
+        return upgrade, int(waiting.getContent())
+
+    @inlineCallbacks
+    def test_changesSinceTheCopyTravel(self):
+        """
+        Lines a client sends after its connection was pre-copied are
+        answered by the old process; at the freeze, the state they changed
+        and the half line it had read travel again: on the new process the
+        count goes on from the latest state, the half line completes, and
+        an untouched connection moves with its pre-copied state.
+        """
+        status = yield self.startHost()
+        oldPid = status["pid"]
+        active, quiet = yield self.connectClients(2)
+        yield self.exchange(quiet, b"q")
+        upgrade, _ = yield self.successorInPrecopy()
+        for n in range(3):
+            reply = yield self.exchange(active, b"meanwhile")
+            self.assertEqual(reply[:2], [b"v1", str(oldPid).encode()])
+            self.assertEqual(reply[3], b"%d" % (n + 1,))
+        active.transport.write(b"hal")
+        self.host.workdir.child("precopy.go").touch()
+        code, report, err = yield upgrade
+        self.assertEqual((code, report["outcome"]), (0, "success"), err)
+        self.assertEqual(report["moved"], 2)
+        self.assertIn("precopy", report["durations"])
+        newPid = str(report["newPid"]).encode()
+        reply = yield self.exchange(active, b"f")
+        self.assertEqual(reply, [b"v2", newPid, b"half", b"4"])
+        reply = yield self.exchange(quiet, b"q")
+        self.assertEqual(reply, [b"v2", newPid, b"q", b"2"])
+        # Exactly one answer per line: no duplicate from either process.
+        self.assertEqual(len(active.lines), 1 + 3 + 1)
+
+    @inlineCallbacks
+    def test_successorDiesDuringThePrecopy(self):
+        """
+        A successor that dies while it stages the pre-copied connections
+        costs nothing: the old process never stopped serving them, the
+        report says the hand-off rolled back, and every connection goes on
+        with its state.  (L{CapabilityTransferTests.test_successorDiesMidHandoff}
+        kills it later: after the pre-copy, while it restores at the
+        freeze.)
+        """
+        status = yield self.startHost()
+        oldPid = status["pid"]
+        clients = yield self.connectClients(3)
+        yield self.exchange(clients[0], b"x")
+        upgrade, successorPid = yield self.successorInPrecopy()
+        reply = yield self.exchange(clients[1], b"during")
+        self.assertEqual(reply[:2], [b"v1", str(oldPid).encode()])
+        os.kill(successorPid, signal.SIGKILL)
+        code, report, err = yield upgrade
+        self.assertNotEqual(code, 0)
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertEqual((report["moved"], report["failed"]), (0, 0))
+        self.assertEqual(
+            report["reason"],
+            "the hand-off channel closed while pre-copying connections",
+        )
+        for index, client in enumerate(clients):
+            reply = yield self.exchange(client, b"after")
+            self.assertEqual(reply[:2], [b"v1", str(oldPid).encode()])
+            self.assertEqual(reply[3], b"2" if index < 2 else b"1")
+            self.assertFalse(client.closed.called)
 
 
 def _descriptorCount(pid: int) -> int:

@@ -43,6 +43,7 @@ from ..strategies._transfer._channel import (
     DrainStatus,
     HandoffRefused,
     Hello,
+    PrecopyConnections,
     Prepare,
     Reported,
     TakeControl,
@@ -634,6 +635,28 @@ class CapabilityTests(SynchronousTestCase):
         )
         self.assertEqual(self.o.host.connectionCount(), 1)
 
+    def test_successorWithoutPrecopy(self) -> None:
+        """
+        A successor that does not know C{PrecopyConnections} (older code)
+        answers that it cannot handle it: every connection is then frozen
+        and adopted as before, and the hand-off succeeds.
+        """
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        precopied = [SimpleNamespace(hosted=object(), liveDescriptor=lambda: r)]
+        self.patch(
+            _outgoing, "precopyMovable", lambda connections, first: (precopied, "{}")
+        )
+        report = self.successResultOf(self.o.migrate())
+        self.assertEqual(report["outcome"], "success")
+        self.assertIn(
+            "the successor does not know pre-copy: connections move frozen",
+            self.o.progress,
+        )
+        self.assertEqual(self.sent, [[501, 502]])
+        self.assertEqual((report["moved"], report["draining"]), (2, 1))
+
     def test_busyWithOlderSuccessor(self) -> None:
         """
         A busy connection (not at a safe point) waits for the commit; a
@@ -815,6 +838,44 @@ class FakeAdopted:
         self.events.append("abandon")
 
 
+class FakeStaged:
+    """
+    Stands in for L{migrate._handoff._movement.StagedConnection}.
+
+    @ivar refuse: if set, L{restore} raises with this reason.
+    """
+
+    def __init__(self, entry: Any, restored: list[int]) -> None:
+        self.ident = entry["id"]
+        self.events: list[str] = []
+        self.updates: list[Any] = []
+        self.refuse: str | None = None
+        self._restored = restored
+
+    def update(self, entry: Any) -> None:
+        self.events.append("update")
+        self.updates.append(entry)
+
+    def restore(self) -> FakeAdopted:
+        if self.refuse is not None:
+            raise ValueError(self.refuse)
+        self.events.append("restore")
+        self._restored.append(self.ident)
+        staged = self
+
+        class Adopted(FakeAdopted):
+            def commit(self) -> None:
+                staged.events.append("commit")
+
+            def abandon(self) -> None:
+                staged.events.append("abandon")
+
+        return Adopted({"id": self.ident}, 0)
+
+    def abandon(self) -> None:
+        self.events.append("abandon")
+
+
 class IncomingChannelTests(SynchronousTestCase):
     """
     L{IncomingChannel}: the successor adopts what it is handed, serves once
@@ -980,6 +1041,182 @@ class IncomingChannelTests(SynchronousTestCase):
             [(a.entry["id"], a.descriptor) for a in self.adopted], [(1, 700), (3, 702)]
         )
         self.flushLoggedErrors()
+
+    def precopy(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        """
+        The old process hands over both listeners, then pre-copies
+        C{entries}; each is staged as a L{FakeStaged}.
+        """
+        self.connect()
+        for key in self.host.listeners:
+            self.successResultOf(self.call(TakeListener, key=key, socket=900))
+        self.staged: dict[int, FakeStaged] = {}
+        self.restored: list[int] = []
+        self.freezeListened: list[int] = []
+
+        def stageEntry(host: Any, entry: Any, descriptor: int) -> FakeStaged:
+            if entry.get("refuse"):
+                raise ValueError(entry["refuse"])
+            if entry.get("reset"):
+                raise OSError(errno.ENOTCONN, "reset")
+            staged = self.staged[entry["id"]] = FakeStaged(entry, self.restored)
+            return staged
+
+        def listenForFreeze(reactor: Any, fd: int, commit: Any) -> Any:
+            self.freezeListened.append(fd)
+            return commit
+
+        self.patch(_incoming, "stageEntry", stageEntry)
+        self.patch(_incoming, "listenForFreeze", listenForFreeze)
+        data = json.dumps(entries).encode()
+        manifest = writeMemfd(data, "test-manifest")
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        freezeOurs, freezeTheirs = socket.socketpair()
+        self.addCleanup(freezeOurs.close)
+        freeze = freezeTheirs.detach()
+        answer: dict[str, Any] = self.successResultOf(
+            self.call(
+                PrecopyConnections,
+                count=len(entries),
+                manifestSize=len(data),
+                manifest=manifest,
+                bulk=theirs.detach(),
+                freeze=freeze,
+            )
+        )
+        self.assertEqual(self.freezeListened, [freeze])
+        with self.assertRaises(OSError):
+            os.fstat(freeze)
+        return answer
+
+    def test_precopyThenFreeze(self) -> None:
+        """
+        Pre-copied connections are staged, not restored; at the freeze the
+        successor drops what the old process withdrew, updates what
+        changed, restores every staged connection (the changed first),
+        serves, and answers with its process id.  The changed ones are
+        served at once, the others after a reactor turn.
+        """
+        answer = self.precopy(
+            [
+                {"id": 1, "listener": "tcp:8000"},
+                {"id": 2, "listener": "tcp:8001"},
+                {"id": 3, "listener": "tcp:8000"},
+            ]
+        )
+        self.assertEqual(answer, {"staged": 3, "refusedCount": 0, "refused": "[]"})
+        self.assertEqual(self.restored, [])
+        self.assertFalse(self.host.serving)
+        change = {"id": 2, "output": ""}
+        answer = self.channel._freezeCommit({"changes": [change], "withdrawn": [3]})
+        self.assertEqual(answer, {"pid": os.getpid()})
+        self.assertTrue(self.host.serving)
+        self.assertEqual(self.restored, [2, 1])
+        self.assertEqual(self.staged[2].updates, [change])
+        self.assertEqual(self.staged[3].events, ["abandon"])
+        self.assertEqual(self.staged[2].events, ["update", "restore", "commit"])
+        self.assertEqual(self.staged[1].events, ["restore"])
+        self.h.reactor.advance(0)
+        self.assertEqual(self.staged[1].events, ["restore", "commit"])
+
+    def test_freezeRefusedRestore(self) -> None:
+        """
+        A state the new code refuses at the freeze refuses the commit,
+        naming the connection; every staged connection is abandoned and
+        nothing serves.
+        """
+        self.precopy(
+            [{"id": 1, "listener": "tcp:8000"}, {"id": 2, "listener": "tcp:8000"}]
+        )
+        self.staged[2].refuse = "version 9 is unknown"
+        error = self.assertRaises(
+            HandoffRefused,
+            self.channel._freezeCommit,
+            {"changes": [], "withdrawn": []},
+        )
+        self.assertEqual(
+            str(error), "the new code refused connection 2: version 9 is unknown"
+        )
+        self.assertEqual(getattr(error, "ident"), 2)
+        self.assertEqual(self.staged[1].events, ["restore", "abandon"])
+        self.assertEqual(self.staged[2].events, ["abandon"])
+        self.assertFalse(self.host.serving)
+
+    def test_freezeMalformed(self) -> None:
+        """
+        A malformed delta, or a change for a connection that was never
+        staged, is refused and abandons everything.
+        """
+        self.precopy([{"id": 1, "listener": "tcp:8000"}])
+        self.assertRaises(
+            HandoffRefused,
+            self.channel._freezeCommit,
+            {"changes": [{"id": 7}], "withdrawn": []},
+        )
+        self.assertEqual(self.staged[1].events, ["abandon"])
+        delta: Any
+        for delta in (
+            [],
+            {"changes": {}, "withdrawn": []},
+            {"changes": [{"id": "1"}], "withdrawn": []},
+            {"changes": [], "withdrawn": None},
+        ):
+            self.assertRaises(HandoffRefused, self.channel._freezeCommit, delta)
+        self.assertFalse(self.host.serving)
+
+    def test_precopyRefusals(self) -> None:
+        """
+        A connection the new code refuses is counted and described (the old
+        process then rolls everything back); one whose client reset it
+        meanwhile is not a refusal, and a change for it at the freeze is
+        ignored.
+        """
+        answer = self.precopy(
+            [
+                {"id": 1, "listener": "tcp:8000", "refuse": "not migratable"},
+                {"id": 2, "listener": "tcp:8000", "reset": True},
+                {"id": 3, "listener": "tcp:8000"},
+            ]
+        )
+        self.assertEqual((answer["staged"], answer["refusedCount"]), (1, 1))
+        self.assertEqual(
+            json.loads(answer["refused"]), [{"id": 1, "reason": "not migratable"}]
+        )
+        answer = self.channel._freezeCommit(
+            {"changes": [{"id": 2, "output": ""}], "withdrawn": []}
+        )
+        self.assertEqual(answer, {"pid": os.getpid()})
+        self.assertEqual(self.restored, [3])
+        self.flushLoggedErrors()
+
+    def test_lostBeforeFreeze(self) -> None:
+        """
+        If the old process goes away after the pre-copy, before the freeze,
+        every staged connection is abandoned: the old process keeps them.
+        """
+        self.precopy(
+            [{"id": 1, "listener": "tcp:8000"}, {"id": 2, "listener": "tcp:8001"}]
+        )
+        self.pump.serverIO.loseConnection()
+        self.pump.flush()
+        self.assertEqual(
+            [each.events for each in self.staged.values()], [["abandon"], ["abandon"]]
+        )
+        self.assertEqual(self.h.stops, [True])
+        self.assertFalse(self.host.serving)
+
+    def test_plainCommitRefusedWhileStaged(self) -> None:
+        """
+        Connections staged by a pre-copy are committed by the freeze only:
+        a plain C{Commit} is refused.
+        """
+        self.precopy([{"id": 1, "listener": "tcp:8000"}])
+        failure = self.failureResultOf(self.call(Commit), HandoffRefused)
+        self.assertEqual(
+            failure.getErrorMessage(), "pre-copied connections wait for the freeze"
+        )
+        self.assertFalse(self.host.serving)
 
     def test_answerBounded(self) -> None:
         """

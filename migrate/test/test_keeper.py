@@ -19,8 +19,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from .._host import _keeper
 from .._host._daemon import (
     DAEMON_LOG_FILE,
+    appendToLogFile,
     isForeground,
     keepSuccessorInForeground,
+    sharedLogFile,
 )
 from .._host._keeper import KeeperLogic, descendsFrom
 from .._host._keeping import (
@@ -583,6 +585,45 @@ class DaemonTests(SynchronousTestCase):
         parent = {"nodaemon": False, "logfile": "/var/log/app.log"}
         keepSuccessorInForeground(parent, {"MIGRATE_HANDOFF_FD": "3"})
         self.assertEqual(parent["logfile"], "/var/log/app.log")
+
+    def test_sharedLogFile(self) -> None:
+        """
+        The log file generations share is twistd's C{--logfile}, made
+        absolute; none for standard output, syslog or no twistd.
+        """
+        self.assertEqual(
+            sharedLogFile({"logfile": "twistd.log"}), os.path.abspath("twistd.log")
+        )
+        self.assertIsNone(sharedLogFile({"logfile": "-"}))
+        self.assertIsNone(sharedLogFile({"logfile": None}))
+        self.assertIsNone(sharedLogFile({"logfile": "x.log", "syslog": True}))
+        self.assertIsNone(sharedLogFile(None))
+
+    def test_appendToLogFile(self) -> None:
+        """
+        Two writers of the log file, each opened at its end as twistd opens
+        it: once both are made to append, neither writes over the other's
+        lines.
+        """
+        directory = tempfile.mkdtemp()
+        path = os.path.join(directory, "twistd.log")
+        with open(path, "wb") as f:
+            f.write(b"start\n")
+        first = open(path, "r+b", buffering=0)
+        second = open(path, "r+b", buffering=0)
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+        first.seek(0, 2)
+        second.seek(0, 2)
+        self.assertEqual(appendToLogFile(path), 2)
+        first.write(b"old generation\n")
+        second.write(b"new generation\n")
+        first.write(b"old again\n")
+        with open(path, "rb") as f:
+            self.assertEqual(
+                f.read(), b"start\nold generation\nnew generation\nold again\n"
+            )
+        self.assertEqual(appendToLogFile(os.path.join(directory, "other.log")), 0)
 
     def test_notSuccessor(self) -> None:
         parent = {"nodaemon": False}

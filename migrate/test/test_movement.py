@@ -100,10 +100,14 @@ class FakeHost:
                 yield listener, hosted
 
 
-class MovementTests(TestCase):
+class ServedSocketpairs(TestCase):
     """
-    L{freezeMovable} and L{adoptEntry} over real sockets.
+    A base for tests of moving connections: one end of a socketpair
+    served by a fake host, the other the client's.
     """
+
+    host: FakeHost
+    received: dict[socket.socket, bytes]
 
     def setUp(self) -> None:
         self.host = FakeHost(reactor)
@@ -145,6 +149,12 @@ class MovementTests(TestCase):
         lines = data.split(b"\n")
         self.received[client] = b"\n".join(lines[count:])
         return lines[:count]
+
+
+class MovementTests(ServedSocketpairs):
+    """
+    L{freezeMovable} and L{adoptEntry} over real sockets.
+    """
 
     def test_describesMovableConnections(self) -> None:
         """

@@ -113,10 +113,17 @@ class OptionsTests(SynchronousTestCase):
         """
         Timeouts are positive numbers of seconds.
         """
-        for option in ["--ready-timeout", "--drain-timeout", "--handoff-timeout"]:
+        for option in [
+            "--ready-timeout",
+            "--drain-timeout",
+            "--handoff-timeout",
+            "--freeze-timeout",
+        ]:
             for value in ["soon", "0", "-1", "nan", "inf"]:
                 self.assertRaises(usage.UsageError, self.parse, option, value)
         self.assertEqual(self.parse("--drain-timeout", "2.5")["drain-timeout"], 2.5)
+        self.assertEqual(self.parse()["freeze-timeout"], 5.0)
+        self.assertEqual(self.parse("--freeze-timeout", "0.5")["freeze-timeout"], 0.5)
 
     def test_safePointTimeout(self) -> None:
         """

@@ -9,8 +9,14 @@ The conversation, for capability and gradual transfer::
     old -> successor   TakeControl    (the control socket)
     old -> successor   TakeMetrics    (the metrics endpoint and its counters)
     old -> successor   Prepare        start the application
-    old -> successor   AdoptConnections   (capability: descriptors in bulk)
-    old -> successor   Commit         you serve now
+    old -> successor   PrecopyConnections (capability: descriptors in bulk
+                                      and a first copy of their state, while
+                                      the old process still serves them)
+    old -> successor   AdoptConnections   (capability: the connections the
+                                      pre-copy did not take, frozen)
+    old -> successor   Commit         you serve now (after a pre-copy: one
+                                      message on the freeze socketpair
+                                      instead, see _freeze.py)
     old -> successor   AdoptConnections, CommitAdopted
                                       (capability, repeated: connections that
                                       were busy, each batch as it reaches its
@@ -37,6 +43,7 @@ __all__ = [
     "DrainStatus",
     "HandoffRefused",
     "Hello",
+    "PrecopyConnections",
     "Prepare",
     "Reported",
     "TakeControl",
@@ -141,6 +148,39 @@ class AdoptConnections(amp.Command):
     ]
     response = [
         (b"adopted", amp.Integer()),
+        (b"refusedCount", amp.Integer()),
+        (b"refused", amp.Unicode()),
+    ]
+    errors = {HandoffRefused: b"HANDOFF_REFUSED"}
+
+
+class PrecopyConnections(amp.Command):
+    """
+    Stage C{count} established connections that the old process still
+    serves: adopt each held (not reading), build the new code's protocol,
+    check its state, but restore nothing yet.
+
+    As for L{AdoptConnections}, the manifest is a memfd and the descriptors
+    travel over C{bulk}.  C{freeze} is the successor's end of a socketpair
+    dedicated to the freeze: the old process sends what changed since this
+    copy there, and the successor restores every staged connection, serves,
+    and answers (see L{migrate.strategies._transfer._freeze}).  Until then
+    the old process may withdraw any of them.
+
+    An old successor that does not know this command answers
+    C{UNHANDLED}: the old process then hands connections over the way it
+    did before.
+    """
+
+    arguments = [
+        (b"count", amp.Integer()),
+        (b"manifestSize", amp.Integer()),
+        (b"manifest", amp.Descriptor()),
+        (b"bulk", amp.Descriptor()),
+        (b"freeze", amp.Descriptor()),
+    ]
+    response = [
+        (b"staged", amp.Integer()),
         (b"refusedCount", amp.Integer()),
         (b"refused", amp.Unicode()),
     ]

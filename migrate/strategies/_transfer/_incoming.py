@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import socket
+import time
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -22,7 +23,13 @@ from twisted.python.failure import Failure
 from ..._codec import StateError, decodeState
 from ..._handoff._fdpass import DescriptorTransferError, readMemfd, receiveDescriptors
 from ..._handoff._listeners import adoptListener
-from ..._handoff._movement import AdoptedConnection, adoptEntry
+from ..._handoff._movement import (
+    AdoptedConnection,
+    StagedConnection,
+    adoptEntry,
+    stageEntry,
+)
+from ..._handoff._precopy import collectionsPaused
 from ...interfaces import IMigrationHost
 from ._channel import (
     HANDOFF_PROTOCOL_VERSION,
@@ -32,6 +39,7 @@ from ._channel import (
     DrainStatus,
     HandoffRefused,
     Hello,
+    PrecopyConnections,
     Prepare,
     Reported,
     TakeControl,
@@ -39,6 +47,7 @@ from ._channel import (
     TakeMetrics,
     parseDrainStatus,
 )
+from ._freeze import FreezeReceiver, listenForFreeze
 
 __all__ = ["IncomingChannel", "startIncoming"]
 
@@ -47,6 +56,34 @@ _MAX_MANIFEST_BYTES = 512 * 1024 * 1024
 _REFUSALS_TOLD = 20
 _REASON_CHARS = 500
 _MAX_MANIFEST_DEPTH = 48
+#: connections restored at a freeze that start reading in one reactor turn
+_RESUME_SLICE = 500
+
+
+class _Refusals:
+    """
+    The connections of one batch the new code refused: all counted, the
+    first few described (bounded), each logged.
+    """
+
+    _log = Logger()
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._described: list[dict[str, Any]] = []
+
+    def add(self, ident: Any, error: BaseException) -> None:
+        reason = str(error) or type(error).__name__
+        self._log.warn("Refusing connection {ident}: {why}", ident=ident, why=reason)
+        self.count += 1
+        if len(self._described) < _REFUSALS_TOLD:
+            self._described.append({"id": ident, "reason": reason[:_REASON_CHARS]})
+
+    def answer(self) -> dict[str, Any]:
+        """
+        The refusals, as a batch's answer says them.
+        """
+        return {"refusedCount": self.count, "refused": json.dumps(self._described)}
 
 
 class IncomingChannel(amp.AMP):
@@ -68,6 +105,12 @@ class IncomingChannel(amp.AMP):
         self.generation: int | None = None
         self.oldPid = os.getppid()
         self._adopted: list[AdoptedConnection] = []
+        self._staged: dict[Any, StagedConnection] = {}
+        #: staged connections their clients reset during the pre-copy
+        self._reset: set[Any] = set()
+        #: restored at the freeze, served in slices after the commit
+        self._resuming: list[AdoptedConnection] = []
+        self._freeze: FreezeReceiver | None = None
 
     def connectionMade(self) -> None:
         amp.AMP.connectionMade(self)
@@ -149,11 +192,19 @@ class IncomingChannel(amp.AMP):
             )
         return {}
 
-    @AdoptConnections.responder
     @inlineCallbacks
-    def adoptConnections(
+    def _receiveBatch(
         self, count: int, manifestSize: int, manifest: int, bulk: int
     ) -> Any:
+        """
+        Read a batch's manifest and receive its descriptors.
+
+        @return: a L{Deferred} firing with the entries and the descriptors,
+            in the same order.
+
+        @raise HandoffRefused: if the manifest is unreadable or does not
+            match, or the descriptors did not all arrive.
+        """
         bulkSocket = socket.socket(fileno=bulk)
         try:
             if not 0 <= manifestSize <= _MAX_MANIFEST_BYTES:
@@ -188,24 +239,27 @@ class IncomingChannel(amp.AMP):
         finally:
             os.close(manifest)
             bulkSocket.close()
+        return entries, descriptors
+
+    @AdoptConnections.responder
+    @inlineCallbacks
+    def adoptConnections(
+        self, count: int, manifestSize: int, manifest: int, bulk: int
+    ) -> Any:
+        entries, descriptors = yield self._receiveBatch(
+            count, manifestSize, manifest, bulk
+        )
         adopted = 0
-        refused: list[dict[str, Any]] = []
-        refusedCount = 0
+        refusals = _Refusals()
         for entry, descriptor in zip(entries, descriptors):
             ident = entry.get("id") if isinstance(entry, dict) else None
             try:
                 self._adoptOne(entry, descriptor)
             except Exception as e:
-                reason = str(e) or type(e).__name__
-                self._log.warn(
-                    "Refusing connection {ident}: {why}", ident=ident, why=reason
-                )
-                refusedCount += 1
-                if len(refused) < _REFUSALS_TOLD:
-                    refused.append({"id": ident, "reason": reason[:_REASON_CHARS]})
+                refusals.add(ident, e)
             else:
                 adopted += 1
-        if self.committed and refusedCount:
+        if self.committed and refusals.count:
             # A later batch is all or nothing: the old process resumes it.
             for each in self._adopted:
                 each.abandon()
@@ -214,13 +268,152 @@ class IncomingChannel(amp.AMP):
         self._log.info(
             "Adopted {count} connections paused ({refused} refused)",
             count=adopted,
-            refused=refusedCount,
+            refused=refusals.count,
         )
-        return {
-            "adopted": adopted,
-            "refusedCount": refusedCount,
-            "refused": json.dumps(refused),
-        }
+        return dict(refusals.answer(), adopted=adopted)
+
+    @PrecopyConnections.responder
+    @inlineCallbacks
+    def precopyConnections(
+        self, count: int, manifestSize: int, manifest: int, bulk: int, freeze: int
+    ) -> Any:
+        """
+        Stage connections the old process still serves; restore them when
+        the freeze message arrives on C{freeze}.
+        """
+        try:
+            if self.committed or self._freeze is not None:
+                raise HandoffRefused("pre-copy after the commit or twice")
+            self._freeze = listenForFreeze(
+                self.host.reactor, freeze, self._freezeCommit
+            )
+        finally:
+            os.close(freeze)
+        entries, descriptors = yield self._receiveBatch(
+            count, manifestSize, manifest, bulk
+        )
+        refusals = _Refusals()
+        for entry, descriptor in zip(entries, descriptors):
+            ident = entry.get("id") if isinstance(entry, dict) else None
+            try:
+                if ident in self._staged:
+                    os.close(descriptor)
+                    raise HandoffRefused("connection {} staged twice".format(ident))
+                self._staged[ident] = stageEntry(self.host, entry, descriptor)
+            except OSError as e:
+                if e.errno not in (errno.ENOTCONN, errno.ENOTSOCK):
+                    refusals.add(ident, e)
+                else:
+                    # Reset by its client meanwhile (or closed before its
+                    # descriptor went: a stand-in came): nothing to serve,
+                    # nothing to give back.
+                    self._reset.add(ident)
+            except Exception as e:
+                refusals.add(ident, e)
+        self._log.info(
+            "Pre-copied {count} connections ({refused} refused)",
+            count=len(self._staged),
+            refused=refusals.count,
+        )
+        return dict(refusals.answer(), staged=len(self._staged))
+
+    def _freezeCommit(self, delta: Any) -> dict[str, Any]:
+        # Thousands of objects are made while every client waits: no
+        # collection of the whole heap in the middle.
+        with collectionsPaused():
+            return self._restoreAndCommit(delta)
+
+    def _restoreAndCommit(self, delta: Any) -> dict[str, Any]:
+        """
+        The old process froze: take what changed since the pre-copy, drop
+        what it withdrew, restore every staged connection (those that
+        changed first), and serve.
+
+        @raise HandoffRefused: naming the connection the new code refused,
+            or why this process cannot serve; the old process then ends this
+            one and keeps everything.
+        """
+        staged = self._staged
+        started = time.monotonic()
+        try:
+            if self.committed:
+                raise HandoffRefused("already serving")
+            changes, withdrawn = _parseDelta(delta)
+            for ident in withdrawn:
+                each = staged.pop(ident, None)
+                if each is not None:
+                    each.abandon()
+            first: list[StagedConnection] = []
+            for change in changes:
+                each = staged.get(change["id"])
+                if each is None and change["id"] in self._reset:
+                    continue
+                if each is None:
+                    raise HandoffRefused(
+                        "a change for connection {}, which is not staged".format(
+                            change["id"]
+                        )
+                    )
+                each.update(change)
+                first.append(each)
+            seen = set(id(each) for each in first)
+            order = first + [each for each in staged.values() if id(each) not in seen]
+            restored: list[AdoptedConnection] = []
+            for each in order:
+                try:
+                    restored.append(each.restore())
+                except Exception as e:
+                    refusal = HandoffRefused(
+                        "the new code refused connection {}: {}".format(
+                            each.ident, str(e) or type(e).__name__
+                        )[:_REASON_CHARS]
+                    )
+                    refusal.ident = each.ident  # type: ignore[attr-defined]
+                    raise refusal
+        except Exception:
+            for each in staged.values():
+                each.abandon()
+            staged.clear()
+            raise
+        staged.clear()
+        # Serve at once the connections adopted frozen since the pre-copy
+        # (the newest) and those that changed since it (the most active);
+        # the others, restored but held, start reading in slices right
+        # after: a busy client does not wait for thousands of idle ones.
+        # Every connection is restored already, so whatever the busy ones
+        # make the application write to the idle ones is kept, in order.
+        self._adopted = self._adopted + restored[: len(first)]
+        self._resuming = restored[len(first) :]
+        answer = self._commitNow()
+        self._log.info(
+            "Restored {count} connections at the freeze ({changed} changed since "
+            "the pre-copy) and committed in {ms:.1f} ms",
+            count=len(restored),
+            changed=len(first),
+            ms=(time.monotonic() - started) * 1000,
+        )
+        self.host.reactor.callLater(0, self._resumeSlice)
+        return answer
+
+    def _resumeSlice(self) -> None:
+        """
+        Serve the next few hundred connections restored at the freeze; come
+        back after a reactor turn for the rest.
+
+        A later migration cannot start meanwhile without noticing: every
+        strategy starts a successor or a trial run (hundreds of
+        milliseconds) before it looks at any connection, and all of them
+        are served within a few reactor turns.
+        """
+        batch = self._resuming[:_RESUME_SLICE]
+        del self._resuming[:_RESUME_SLICE]
+        for each in batch:
+            try:
+                each.commit()
+            except Exception:
+                self._log.failure("Serving a moved connection failed")
+        if self._resuming:
+            self.host.reactor.callLater(0, self._resumeSlice)
 
     def _adoptOne(self, entry: Any, descriptor: int) -> None:
         try:
@@ -240,6 +433,11 @@ class IncomingChannel(amp.AMP):
 
     @Commit.responder
     def commit(self) -> dict[str, Any]:
+        if self._staged:
+            raise HandoffRefused("pre-copied connections wait for the freeze")
+        return self._commitNow()
+
+    def _commitNow(self) -> dict[str, Any]:
         if self.generation is None:
             raise HandoffRefused("commit before hello")
         try:
@@ -263,7 +461,7 @@ class IncomingChannel(amp.AMP):
             "moved in",
             generation=self.generation,
             pid=os.getpid(),
-            count=len(adopted),
+            count=len(adopted) + len(self._resuming),
         )
         return {"pid": os.getpid()}
 
@@ -320,9 +518,33 @@ class IncomingChannel(amp.AMP):
         for each in self._adopted:
             each.abandon()
         self._adopted = []
+        for staged in self._staged.values():
+            staged.abandon()
+        self._staged.clear()
+        for restored in self._resuming:
+            restored.abandon()
+        self._resuming = []
         self.host.abandonInheritance(
             "the old process closed the hand-off channel before committing"
         )
+
+
+def _parseDelta(delta: Any) -> tuple[list[dict[str, Any]], list[Any]]:
+    """
+    Check a freeze's delta: C{{"changes": [{"id", ...}], "withdrawn": [id]}}.
+
+    @raise HandoffRefused: if it is malformed.
+    """
+    if not isinstance(delta, dict):
+        raise HandoffRefused("malformed freeze message")
+    changes = delta.get("changes")
+    withdrawn = delta.get("withdrawn")
+    if not isinstance(changes, list) or not isinstance(withdrawn, list):
+        raise HandoffRefused("malformed freeze message")
+    for change in changes:
+        if not isinstance(change, dict) or type(change.get("id")) is not int:
+            raise HandoffRefused("malformed change in the freeze message")
+    return changes, withdrawn
 
 
 def _loadJSON(text: str) -> Any:

@@ -27,13 +27,19 @@ from twisted.python.failure import Failure
 from ..._control._server import encodeReport
 from ..._handoff._attempt import MigrationAttempt, counted
 from ..._handoff._deadline import DeadlinePassed, firstOf
-from ..._handoff._fdpass import sendDescriptors, writeMemfd
+from ..._handoff._fdpass import sendDescriptors, sendLiveDescriptors, writeMemfd
 from ..._handoff._listeners import listenerDescriptor
 from ..._handoff._movement import (
     MovingConnection,
     Unmovable,
     describePeer,
     freezeMovable,
+)
+from ..._handoff._precopy import (
+    PrecopiedConnection,
+    collectionsPaused,
+    freezeDelta,
+    precopyMovable,
 )
 from ..._handoff._safepoint import SafePointWatch
 from ..._handoff._successor import (
@@ -53,17 +59,21 @@ from ._channel import (
     DrainStatus,
     HandoffRefused,
     Hello,
+    PrecopyConnections,
     Prepare,
     Reported,
     TakeControl,
     TakeListener,
     TakeMetrics,
 )
+from ._freeze import FreezeFailed, commitBlocking
 
 __all__ = ["OutgoingHandoff", "HandoffFailed"]
 
 #: seconds between two looks at the busy connections after the commit
 _LATER_INTERVAL = 0.005
+#: connections pre-copied in one reactor step (about 10 us each)
+_PRECOPY_BATCH = 500
 
 _log = Logger()
 
@@ -145,6 +155,8 @@ class OutgoingHandoff:
     channel: OutgoingChannel | None = None
     _hello: Deferred[int] = field(factory=Deferred)
     _moving: list[MovingConnection] = field(factory=list)
+    _precopied: list[PrecopiedConnection] = field(factory=list)
+    _freezeSocket: socket.socket | None = None
     _later: list[Unmovable] = field(factory=list)
     _staying: dict[str, int] = field(factory=dict)
     _failed: dict[str, int] = field(factory=dict)
@@ -199,11 +211,16 @@ class OutgoingHandoff:
             yield self._handListeners()
             attempt.phaseDone("listeners")
             if self.moveConnections:
+                yield self._precopy()
+                attempt.phaseDone("precopy")
                 yield self._handConnections()
                 attempt.phaseDone("connections")
             attempt.enter(MigrationPhase.committing)
+            frozenInOneStep = self._freezeSocket is not None
             newPid = yield self._commit()
-            attempt.phaseDone("commit")
+            if not frozenInOneStep:
+                # A freeze times its own phases: freeze, commit, letgo.
+                attempt.phaseDone("commit")
         except Exception as e:
             reason = self._abortReason or _describe(e)
             attempt.enter(MigrationPhase.rollingBack)
@@ -393,52 +410,75 @@ class OutgoingHandoff:
         yield self._sendConnections(self._moving)
 
     @inlineCallbacks
-    def _sendConnections(self, moving: list[MovingConnection]) -> Any:
+    def _sendBatch(
+        self,
+        command: type[amp.Command],
+        what: str,
+        doing: str,
+        entries: list[dict[str, Any]] | list[str],
+        descriptors: list[int] | None,
+        sources: list[Callable[[], int | None]] | None = None,
+        **arguments: Any,
+    ) -> Any:
         """
-        Send frozen connections to the successor, which adopts them held.
+        Send connections' manifest and descriptors with C{command}: the
+        C{descriptors} of frozen connections (from a thread), or those of
+        live connections looked up by C{sources} as they go (from the
+        reactor thread, see L{sendLiveDescriptors}).
 
-        @raise HandoffFailed: if it did not adopt every one.
+        @return: a L{Deferred} firing with the successor's answer.
+
+        @raise HandoffFailed: if the manifest is too large or the
+            descriptors could not be sent.
         """
         host = self.host
-        entries = [each.entry for each in moving]
-        # Each state was checked as it was captured: encode without walking
-        # every state a second time.
-        manifest = json.dumps(
-            entries, ensure_ascii=True, allow_nan=False, separators=(",", ":")
-        ).encode("ascii")
+        count = len(sources) if sources is not None else len(descriptors or ())
+        if entries and isinstance(entries[0], str):
+            # Encoded already, a batch of items at a time.
+            manifest = ("[" + ",".join(e for e in entries if e) + "]").encode("ascii")
+        else:
+            # Each state was checked as it was captured: encode without
+            # walking every state a second time.
+            manifest = json.dumps(
+                entries, ensure_ascii=True, allow_nan=False, separators=(",", ":")
+            ).encode("ascii")
         if len(manifest) > _MAX_MANIFEST_BYTES:
             raise HandoffFailed(
                 "{} connections' state is {} bytes, more than the {} a hand-off "
-                "carries".format(len(entries), len(manifest), _MAX_MANIFEST_BYTES)
+                "carries".format(count, len(manifest), _MAX_MANIFEST_BYTES)
             )
         manifestFd = writeMemfd(manifest, "migrate-manifest")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        descriptors = [each.frozen.descriptor() for each in moving]
         self._step(
-            "moving {} ({} bytes of state)".format(
-                counted(len(descriptors), "connection"), len(manifest)
+            "{} {} ({} bytes of state)".format(
+                doing, counted(count, "connection"), len(manifest)
             )
         )
         timeout = host.settings.handoffTimeout
-        sending = deferToThreadPool(
-            host.reactor,
-            host.reactor.getThreadPool(),
-            sendDescriptors,
-            ours,
-            descriptors,
-            timeout=timeout,
-        )
+        if sources is not None:
+            sending = sendLiveDescriptors(host.reactor, ours, sources, timeout=timeout)
+        else:
+            assert descriptors is not None
+            sending = deferToThreadPool(
+                host.reactor,
+                host.reactor.getThreadPool(),
+                sendDescriptors,
+                ours,
+                descriptors,
+                timeout=timeout,
+            )
         # A failure becomes a value (its message): read once the successor
         # has answered, and never left unhandled if the answer fails first.
         sending.addCallbacks(lambda _: None, lambda f: f.getErrorMessage())
         try:
             answer = yield self._call(
-                AdoptConnections,
-                "adopting connections",
-                count=len(descriptors),
+                command,
+                what,
+                count=count,
                 manifestSize=len(manifest),
                 manifest=manifestFd,
                 bulk=theirs.fileno(),
+                **arguments,
             )
             problem = yield sending
             if problem is not None:
@@ -448,10 +488,29 @@ class OutgoingHandoff:
             # went out, so our copies can close.
             os.close(manifestFd)
             theirs.close()
-            if not sending.called:
+            if not sending.called and sources is None:
+                # A thread still uses the socket.
                 sending.addBoth(lambda _: ours.close())
             else:
+                # The reactor-thread sender, if it is still at it (no answer
+                # came), fails at its next message.
                 ours.close()
+        return answer
+
+    @inlineCallbacks
+    def _sendConnections(self, moving: list[MovingConnection]) -> Any:
+        """
+        Send frozen connections to the successor, which adopts them held.
+
+        @raise HandoffFailed: if it did not adopt every one.
+        """
+        answer = yield self._sendBatch(
+            AdoptConnections,
+            "adopting connections",
+            "moving",
+            [each.entry for each in moving],
+            [each.frozen.descriptor() for each in moving],
+        )
         adopted = answer["adopted"]
         refused = _parseRefusals(answer["refused"])
         if answer["refusedCount"] or adopted != len(moving):
@@ -465,9 +524,129 @@ class OutgoingHandoff:
             )
         self._step("successor adopted {}".format(counted(adopted, "connection")))
 
-    def _firstRefused(
-        self, refused: dict[int, str], moving: list[MovingConnection]
-    ) -> str:
+    @inlineCallbacks
+    def _precopy(self) -> Any:
+        """
+        Send every connection that can move now, with a first copy of its
+        state, while this process goes on serving it; the successor stages
+        them.  A successor that does not know pre-copy (older code) makes
+        this a no-op: every connection is then frozen and sent as before.
+
+        @raise HandoffFailed: if the successor refused any (all or nothing).
+        """
+        clock = self.host.reactor
+        connections = list(self.host.allConnections())
+        precopied: list[PrecopiedConnection] = []
+        entries: list[str] = []
+        for start in range(0, len(connections), _PRECOPY_BATCH):
+            if start:
+                # This process serves its clients between two batches.
+                yield deferLater(clock, 0, lambda: None)
+            batch, encoded = precopyMovable(
+                connections[start : start + _PRECOPY_BATCH], len(precopied) + 1
+            )
+            precopied.extend(batch)
+            entries.append(encoded)
+        if not precopied:
+            return
+        freezeOurs, freezeTheirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            answer = yield self._sendBatch(
+                PrecopyConnections,
+                "pre-copying connections",
+                "pre-copying",
+                entries,
+                None,
+                [each.liveDescriptor for each in precopied],
+                freeze=freezeTheirs.fileno(),
+            )
+        except amp.UnhandledCommand:
+            freezeOurs.close()
+            self._step("the successor does not know pre-copy: connections move frozen")
+            return
+        except BaseException:
+            freezeOurs.close()
+            raise
+        finally:
+            freezeTheirs.close()
+        self._precopied = precopied
+        self._freezeSocket = freezeOurs
+        if answer["refusedCount"]:
+            raise HandoffFailed(
+                "the new code refused {} of {} (first: {}); the hand-off is "
+                "all or nothing".format(
+                    answer["refusedCount"],
+                    counted(len(precopied), "connection"),
+                    self._firstRefused(_parseRefusals(answer["refused"]), precopied),
+                )
+            )
+        self._step(
+            "successor staged {}; this process still serves them".format(
+                counted(answer["staged"], "connection")
+            )
+        )
+
+    def _freezeAndCommit(self) -> int:
+        with collectionsPaused():
+            return self._freezeAndCommitNow()
+
+    def _freezeAndCommitNow(self) -> int:
+        """
+        In one reactor step: compare every pre-copied connection with its
+        copy, send what changed and the commit, wait for the answer with the
+        reactor standing still, and let go of every moved connection before
+        it runs again.
+
+        @return: the successor's process id.
+
+        @raise HandoffFailed: if the successor did not commit; nothing was
+            touched here.
+        """
+        attempt = self._attempt
+        delta = freezeDelta(self._precopied)
+        attempt.phaseDone("freeze")
+        staying: list[Unmovable] = []
+        for _, why in delta.withdrawn:
+            if why is None:
+                continue
+            if why.later:
+                self._later.append(why)
+            else:
+                staying.append(why)
+        sock = self._freezeSocket
+        assert sock is not None
+        try:
+            answer = commitBlocking(
+                sock, delta.toPlain(), self.host.settings.freezeTimeout
+            )
+        except FreezeFailed as e:
+            self._precopied = []
+            reason = str(e)
+            if e.ident is not None:
+                reason = (
+                    "the new code refused {}; the hand-off is all or nothing".format(
+                        self._firstRefused({e.ident: reason}, delta.moving)
+                    )
+                )
+            raise HandoffFailed(reason)
+        finally:
+            sock.close()
+            self._freezeSocket = None
+        attempt.phaseDone("commit")
+        for each in delta.moving:
+            each.release()
+            self._moved[each.listenerKey] = self._moved.get(each.listenerKey, 0) + 1
+        self._precopied = []
+        attempt.phaseDone("letgo")
+        self._noteStaying(staying)
+        self._step(
+            "froze and committed: {} changed since the pre-copy".format(
+                counted(len(delta.changes), "connection")
+            )
+        )
+        return int(answer["pid"])
+
+    def _firstRefused(self, refused: dict[int, str], moving: list[Any]) -> str:
         """
         Name the first connection the successor refused, and why: its peer
         and listener, which an operator can find, not only its class.
@@ -483,17 +662,26 @@ class OutgoingHandoff:
         return "connection {}: {}".format(ident, why)
 
     def _freezeMovable(self) -> None:
-        self._moving, staying = freezeMovable(self.host.allConnections())
+        precopied = {id(each.hosted) for each in self._precopied}
+        self._moving, staying = freezeMovable(
+            (listener, hosted)
+            for listener, hosted in self.host.allConnections()
+            if id(hosted) not in precopied
+        )
         # Busy ones move after the commit, at their next safe point.
         self._later = [each for each in staying if each.later]
+        self._noteStaying([each for each in staying if not each.later])
+
+    def _noteStaying(self, staying: list[Unmovable]) -> None:
+        """
+        Count connections that stay and drain, and say in the report why
+        (a state over the codec's limit, a protocol that does not opt in,
+        TLS), bounded.
+        """
         reasons: dict[str, int] = {}
         for each in staying:
-            if each.later:
-                continue
             self._staying[each.listenerKey] = self._staying.get(each.listenerKey, 0) + 1
             reasons[each.reason] = reasons.get(each.reason, 0) + 1
-        # Say in the report why connections stay (a state over the codec's
-        # limit, a protocol that does not opt in, TLS), bounded.
         for reason, count in sorted(reasons.items())[:_MAX_STAY_NOTES]:
             self._attempt.notes.append(
                 "{} connection{} cannot move and stay{} on process {}: {}".format(
@@ -628,6 +816,10 @@ class OutgoingHandoff:
 
     @inlineCallbacks
     def _commit(self) -> Any:
+        if self._freezeSocket is not None:
+            # From a reactor step of its own, outside any read path.
+            pid = yield deferLater(self.host.reactor, 0, self._freezeAndCommit)
+            return pid
         answer = yield self._call(Commit, "committing")
         return answer["pid"]
 
@@ -662,6 +854,11 @@ class OutgoingHandoff:
                 )
         if self.channel is not None and self.channel.transport is not None:
             self.channel.transport.loseConnection()
+        if self._freezeSocket is not None:
+            self._freezeSocket.close()
+            self._freezeSocket = None
+        # Pre-copied connections were never frozen: nothing to resume.
+        self._precopied = []
         for each in self._moving:
             each.resume()
             self._staying[each.listenerKey] = self._staying.get(each.listenerKey, 0) + 1

@@ -1,0 +1,244 @@
+"""
+Pre-copy, on the side that lets go: hand the process taking over each
+connection's descriptor and a first copy of its state while this process
+still serves it, so that the freeze only has to carry what changed since.
+
+Live migration of virtual machines does the same with memory pages.  Here
+the "pages" are connections: L{precopyMovable} describes every connection
+that can move (without freezing it) and keeps a L{StateFingerprint} of the
+state it sent; at the freeze, L{freezeDelta} compares each connection with
+its fingerprint (its encoded application state, its base-protocol buffers)
+and describes again only those that changed, plus the output Twisted still
+holds for any of them.  A connection that closed meanwhile, started closing,
+or is busy (not at a safe point) is I{withdrawn}: the process taking over
+drops its copy, and this process keeps it.
+
+Nothing here freezes a connection: the caller does the freeze and the
+commit in one reactor step (nothing reads or writes any connection in
+between), and lets go of the moved ones (L{PrecopiedConnection.release})
+before the reactor runs again.
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import json
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
+
+from attrs import define, field
+from twisted.logger import Logger
+
+from .._host._tracking import HostedProtocol
+from ..state import (
+    NotAtSafePoint,
+    StateFingerprint,
+    captureProtocolState,
+)
+from ._movement import Unmovable, manifestEntry, movableCandidates
+from ._transport import letGo, stillMovable, unsentOutput
+
+__all__ = [
+    "FreezeDelta",
+    "PrecopiedConnection",
+    "collectionsPaused",
+    "freezeDelta",
+    "precopyMovable",
+]
+
+_log = Logger()
+
+
+@define
+class PrecopiedConnection:
+    """
+    A connection whose descriptor and first state copy went to the process
+    taking over, while this one goes on serving it.
+
+    @ivar ident: its number in the manifests.
+    @ivar listenerKey: the listener it was accepted on.
+    @ivar hosted: its L{HostedProtocol}.
+    @ivar transport: its transport, not frozen.
+    @ivar fingerprint: what decides, at the freeze, whether its state
+        changed since the copy.
+    """
+
+    ident: int
+    listenerKey: str
+    hosted: HostedProtocol
+    transport: Any
+    fingerprint: StateFingerprint
+
+    def liveDescriptor(self) -> int | None:
+        """
+        The connection's descriptor, to send now, or L{None} if it has
+        closed since the copy.
+        """
+        transport = self.transport
+        if transport.disconnected or not transport.connected:
+            return None
+        return int(transport.fileno())
+
+    def release(self) -> None:
+        """
+        The other process serves it now: let go silently, before the
+        reactor runs again.
+        """
+        letGo(self.transport)
+        self.hosted.release()
+
+
+def precopyMovable(
+    connections: Iterable[tuple[Any, HostedProtocol]], firstIdent: int = 1
+) -> tuple[list[PrecopiedConnection], str]:
+    """
+    Describe every connection of C{connections} that can move now, without
+    freezing any.
+
+    A connection that cannot move now (busy, or a state the codec refuses)
+    is left out: the freeze looks at it again, as it looks at connections
+    accepted after the pre-copy.  Call it for a few hundred connections at
+    a time, between reactor turns, so that the clients of this process do
+    not wait for all of them: each batch is encoded at once, as its
+    fingerprints are taken.
+
+    @param connections: (listener, hosted protocol) pairs, as from
+        L{migrate.MigrationHost.allConnections}.
+    @param firstIdent: the manifest number of the first one described.
+
+    @return: the pre-copied connections, and their manifest entries in the
+        same order, encoded as JSON array items without the brackets (each
+        carries no output: what Twisted holds then may still be written
+        here, and travels at the freeze).
+    """
+    precopied: list[PrecopiedConnection] = []
+    entries: list[dict[str, Any]] = []
+    ignored: list[Unmovable] = []
+    for key, hosted, protocol, transport in movableCandidates(connections, ignored):
+        if not stillMovable(transport):
+            continue
+        try:
+            # Encoded below (and fingerprinted) before the application runs
+            # again: no snapshot copy needed.
+            state = captureProtocolState(protocol, snapshot=False)
+        except Exception:
+            continue
+        ident = firstIdent + len(precopied)
+        entries.append(manifestEntry(ident, key, transport, state, b""))
+        precopied.append(
+            PrecopiedConnection(
+                ident, key, hosted, transport, StateFingerprint.of(state)
+            )
+        )
+    # Each state was checked as it was captured.
+    encoded = json.dumps(
+        entries, ensure_ascii=True, allow_nan=False, separators=(",", ":")
+    )
+    return precopied, encoded[1:-1]
+
+
+@define
+class FreezeDelta:
+    """
+    What the freeze found among the pre-copied connections.
+
+    @ivar moving: the connections that move at the commit, those that
+        changed first (they were active most recently).
+    @ivar changes: one entry per connection of C{moving} that changed or
+        has output to send: C{{"id", "output"}}, plus C{"state"} when the
+        state changed.
+    @ivar withdrawn: the connections that do not move with the commit:
+        closed or closing, busy (C{later}), or no longer capturable; the
+        other process drops its copy of each.  A closed one comes with
+        L{None}: it needs no report.
+    """
+
+    moving: list[PrecopiedConnection] = field(factory=list)
+    changes: list[dict[str, Any]] = field(factory=list)
+    withdrawn: list[tuple[PrecopiedConnection, Unmovable | None]] = field(factory=list)
+
+    def toPlain(self) -> dict[str, Any]:
+        """
+        The message the other process applies before it restores (it
+        serves the changed connections first).
+        """
+        return {
+            "changes": self.changes,
+            "withdrawn": [each.ident for each, _ in self.withdrawn],
+        }
+
+
+def freezeDelta(precopied: Iterable[PrecopiedConnection]) -> FreezeDelta:
+    """
+    Compare every pre-copied connection with its fingerprint, from outside
+    any connection's C{dataReceived}, in the reactor step that commits.
+
+    @return: what moves, what changed, and what stays here (with why, or
+        L{None} for a connection that has closed).
+    """
+    delta = FreezeDelta()
+    changed: list[PrecopiedConnection] = []
+    unchanged: list[PrecopiedConnection] = []
+    for each in precopied:
+        hosted = each.hosted
+        transport = each.transport
+        protocol = hosted.wrappedProtocol
+        if hosted.released or protocol is None or transport.disconnected:
+            delta.withdrawn.append((each, None))
+            continue
+        if not stillMovable(transport):
+            delta.withdrawn.append(
+                (each, Unmovable(each.listenerKey, hosted, "closing"))
+            )
+            continue
+        try:
+            same = each.fingerprint.matches(protocol)
+            state = None if same else captureProtocolState(protocol, snapshot=False)
+        except NotAtSafePoint as e:
+            delta.withdrawn.append(
+                (each, Unmovable(each.listenerKey, hosted, str(e), later=True))
+            )
+            continue
+        except Exception as e:
+            reason = (
+                "{}: {}".format(type(e).__name__, e) if str(e) else type(e).__name__
+            )
+            _log.warn(
+                "Connection on {listener} cannot move, it stays: {why}",
+                listener=each.listenerKey,
+                why=reason,
+            )
+            delta.withdrawn.append((each, Unmovable(each.listenerKey, hosted, reason)))
+            continue
+        output = unsentOutput(transport)
+        if state is None and not output:
+            unchanged.append(each)
+            continue
+        change: dict[str, Any] = {
+            "id": each.ident,
+            "output": base64.b64encode(output).decode("ascii"),
+        }
+        if state is not None:
+            change["state"] = state.toPlain()
+        delta.changes.append(change)
+        changed.append(each)
+    delta.moving = changed + unchanged
+    return delta
+
+
+@contextmanager
+def collectionsPaused() -> Iterator[None]:
+    """
+    No garbage collection inside: for the freeze, when every client waits
+    and thousands of objects are made or looked at, a collection of the
+    whole heap would cost them tens of milliseconds.  The collector runs
+    again as it was afterwards.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -1,0 +1,301 @@
+"""
+Tests for pre-copy (L{migrate._handoff._precopy}), the fingerprints it
+keeps (L{migrate.state.StateFingerprint}), and the staged connections the
+side taking over restores at the freeze (L{migrate._handoff._movement}).
+
+Real Unix socketpairs stand in for client connections, as in
+L{migrate.test.test_movement}.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase
+
+from .._handoff._movement import stageEntry
+from .._handoff._precopy import (
+    collectionsPaused,
+    freezeDelta,
+    precopyMovable,
+)
+from ..state import NotAtSafePoint, StateFingerprint, captureProtocolState
+from .test_movement import Counter, FakeHost, Plain, ServedSocketpairs
+
+
+class Busy(Counter):
+    """
+    A counter that is in the middle of something while C{busy} is set.
+    """
+
+    busy: str | None = None
+
+    def migrationBlocker(self) -> str | None:
+        return self.busy
+
+
+class FingerprintTests(SynchronousTestCase):
+    """
+    L{StateFingerprint.matches} says whether a fresh capture would differ.
+    """
+
+    def fingerprinted(self) -> tuple[Counter, StateFingerprint]:
+        protocol = Counter()
+        protocol.count = 1
+        return protocol, StateFingerprint.of(
+            captureProtocolState(protocol, snapshot=False)
+        )
+
+    def test_unchanged(self) -> None:
+        """
+        Nothing changed: it matches, however many times it is asked.
+        """
+        protocol, fingerprint = self.fingerprinted()
+        self.assertTrue(fingerprint.matches(protocol))
+        self.assertTrue(fingerprint.matches(protocol))
+
+    def test_applicationState(self) -> None:
+        """
+        A change of the application's state is seen, even one that Python
+        equality would miss (C{1 == True}): what the new code would receive
+        differs.
+        """
+        protocol, fingerprint = self.fingerprinted()
+        protocol.count = 2
+        self.assertFalse(fingerprint.matches(protocol))
+        protocol.count = True
+        self.assertFalse(fingerprint.matches(protocol))
+        protocol.count = 1
+        self.assertTrue(fingerprint.matches(protocol))
+
+    def test_bufferedInput(self) -> None:
+        """
+        Bytes a base protocol holds (half a line) count as a change.
+        """
+        protocol, fingerprint = self.fingerprinted()
+        protocol.dataReceived(b"hal")
+        self.assertFalse(fingerprint.matches(protocol))
+
+    def test_failingCapture(self) -> None:
+        """
+        A C{getMigrationState} that raises counts as changed (the full
+        capture then says why), rather than raising here.
+        """
+        protocol, fingerprint = self.fingerprinted()
+        protocol.count = -1
+        self.assertFalse(fingerprint.matches(protocol))
+
+    def test_notAtSafePoint(self) -> None:
+        """
+        A protocol busy now raises L{NotAtSafePoint}: it may move later.
+        """
+        protocol = Busy()
+        fingerprint = StateFingerprint.of(
+            captureProtocolState(protocol, snapshot=False)
+        )
+        protocol.busy = "a request is in flight"
+        self.assertRaises(NotAtSafePoint, fingerprint.matches, protocol)
+
+    def test_collectionsPaused(self) -> None:
+        """
+        The collector is off inside L{collectionsPaused} and back as it was
+        after, even when the block raises.
+        """
+        import gc
+
+        self.assertTrue(gc.isenabled())
+        with self.assertRaises(ZeroDivisionError):
+            with collectionsPaused():
+                self.assertFalse(gc.isenabled())
+                1 / 0
+        self.assertTrue(gc.isenabled())
+
+
+class PrecopyTests(ServedSocketpairs):
+    """
+    L{precopyMovable} and L{freezeDelta} over real sockets, and the side
+    taking over, from its staged copy to serving.
+    """
+
+    def precopy(self) -> tuple[list[Any], list[dict[str, Any]]]:
+        precopied, encoded = precopyMovable(self.host.allConnections())
+        return precopied, json.loads("[" + encoded + "]")
+
+    @inlineCallbacks
+    def test_precopyLeavesConnectionsServing(self) -> Any:
+        """
+        Pre-copy describes each movable connection (numbered from the given
+        first number) without freezing it: it goes on answering.  Those that
+        cannot move are left out.
+        """
+        self.serve("tcp:plain", Plain)
+        hosted, client = self.serve("tcp:1", Counter)
+        yield self.readLines(client, 1)
+        hosted.wrappedProtocol.count = 3
+        precopied, encoded = precopyMovable(self.host.allConnections(), 41)
+        (entry,) = json.loads("[" + encoded + "]")
+        (each,) = precopied
+        self.assertEqual((entry["id"], each.ident), (41, 41))
+        self.assertEqual(entry["listener"], "tcp:1")
+        self.assertEqual(entry["state"]["appState"], {"count": 3})
+        self.assertEqual(entry["output"], "")
+        self.assertEqual(each.liveDescriptor(), hosted.transport.fileno())
+        client.sendall(b"on\n")
+        lines = yield self.readLines(client, 1)
+        self.assertEqual(lines, [b"4 on"])
+
+    @inlineCallbacks
+    def test_freezeSendsOnlyWhatChanged(self) -> Any:
+        """
+        At the freeze, an untouched connection moves with nothing more; one
+        that answered a line since the copy has its new state sent again;
+        one with output Twisted has not written sends that output; those
+        that changed come first.
+        """
+        quiet, quietClient = self.serve("tcp:1", Counter)
+        active, activeClient = self.serve("tcp:1", Counter)
+        writing, writingClient = self.serve("tcp:1", Counter)
+        for client in (quietClient, activeClient, writingClient):
+            yield self.readLines(client, 1)
+        precopied, _ = self.precopy()
+        activeClient.sendall(b"x\n")
+        yield self.readLines(activeClient, 1)
+        writing.transport.stopWriting()
+        writing.transport.write(b"unsent\n")
+        delta = freezeDelta(precopied)
+        self.assertEqual(delta.withdrawn, [])
+        idents = {each.hosted: each.ident for each in precopied}
+        self.assertEqual(
+            [each.hosted for each in delta.moving], [active, writing, quiet]
+        )
+        changes = {change["id"]: change for change in delta.changes}
+        self.assertEqual(sorted(changes), sorted([idents[active], idents[writing]]))
+        self.assertEqual(changes[idents[active]]["state"]["appState"], {"count": 1})
+        self.assertNotIn("state", changes[idents[writing]])
+        self.assertEqual(
+            base64.b64decode(changes[idents[writing]]["output"]), b"unsent\n"
+        )
+        self.assertEqual(
+            delta.toPlain(),
+            {"changes": delta.changes, "withdrawn": []},
+        )
+        writing.transport.startWriting()
+
+    @inlineCallbacks
+    def test_withdrawn(self) -> Any:
+        """
+        A connection that closed since the copy is withdrawn without a
+        reason (nothing to report); one closing, with one; one busy, to
+        move later at its safe point.
+        """
+        closed, closedClient = self.serve("tcp:1", Counter)
+        closing, closingClient = self.serve("tcp:1", Counter)
+        busy, busyClient = self.serve("tcp:busy", Busy)
+        for client in (closedClient, closingClient, busyClient):
+            yield self.readLines(client, 1)
+        precopied, _ = self.precopy()
+        closedClient.close()
+        yield self.waitFor(lambda: closed.transport.disconnected)
+        closing.transport.stopWriting()
+        closing.transport.write(b"last words\n")
+        closing.transport.loseConnection()
+        busy.wrappedProtocol.busy = "a request is in flight"
+        delta = freezeDelta(precopied)
+        self.assertEqual(delta.moving, [])
+        why: dict[Any, Any] = {each.hosted: reason for each, reason in delta.withdrawn}
+        self.assertIsNone(why[closed])
+        self.assertEqual((why[closing].reason, why[closing].later), ("closing", False))
+        self.assertTrue(why[busy].later)
+        self.assertIn("a request is in flight", why[busy].reason)
+        self.assertEqual(
+            sorted(delta.toPlain()["withdrawn"]),
+            sorted(each.ident for each in precopied),
+        )
+        closing.transport.startWriting()
+        busy.wrappedProtocol.busy = None
+
+    @inlineCallbacks
+    def waitFor(self, condition: Any) -> Any:
+        deadline = reactor.seconds() + 10
+        while not condition():
+            if reactor.seconds() > deadline:
+                raise AssertionError("condition not met within 10 s")
+            yield self.afterTurn()
+
+    def afterTurn(self) -> Any:
+        from twisted.internet.task import deferLater
+
+        return deferLater(reactor, 0.005, lambda: None)
+
+    @inlineCallbacks
+    def test_nothingLostBetweenCopyAndFreeze(self) -> Any:
+        """
+        The whole way, in one process standing for two: a connection is
+        pre-copied and staged on the taking side; its client then sends a
+        line and a half that the old side answers; at the freeze, the
+        taking side receives the new state and the half line, restores,
+        and serves: the count goes on from the latest state, and the half
+        line completes with the next bytes.
+        """
+        hosted, client = self.serve("tcp:1", Counter)
+        yield self.readLines(client, 1)
+        precopied, entries = self.precopy()
+        (each,) = precopied
+        taker: Any = FakeHost(reactor)
+        taker.listen("tcp:1", Counter)
+        import os
+
+        staged = stageEntry(taker, entries[0], os.dup(each.liveDescriptor()))
+        self.assertEqual(staged.state.appState, {"count": 0})
+        client.sendall(b"one\ntw")
+        lines = yield self.readLines(client, 1)
+        self.assertEqual(lines, [b"1 one"])
+        delta = freezeDelta(precopied)
+        (change,) = delta.changes
+        staged.update(change)
+        adopted = staged.restore()
+        for moving in delta.moving:
+            moving.release()
+        adopted.commit()
+        client.sendall(b"o\n")
+        # "restored" is what the taking side's Counter says when restored.
+        lines = yield self.readLines(client, 2)
+        self.assertEqual(lines, [b"restored", b"2 two"])
+        adopted.transport.loseConnection()
+
+    def test_stagedBadChange(self) -> None:
+        """
+        A malformed change is refused with L{StateError} and changes
+        nothing.
+        """
+        from ..state import StateError
+
+        hosted, client = self.serve("tcp:1", Counter)
+        precopied, entries = self.precopy()
+        taker: Any = FakeHost(reactor)
+        taker.listen("tcp:1", Counter)
+        import os
+
+        staged = stageEntry(taker, entries[0], os.dup(precopied[0].liveDescriptor()))
+        before = staged.state
+        self.assertRaises(StateError, staged.update, {"id": 1, "output": "!!"})
+        self.assertRaises(StateError, staged.update, {"id": 1, "state": 3})
+        self.assertIs(staged.state, before)
+        staged.abandon()
+
+    @inlineCallbacks
+    def test_closedDescriptorNotSent(self) -> Any:
+        """
+        Once its connection has closed, a pre-copied connection has no
+        descriptor to send (its number may already belong to another
+        connection).
+        """
+        hosted, client = self.serve("tcp:1", Counter)
+        precopied, _ = self.precopy()
+        client.close()
+        yield self.waitFor(lambda: hosted.transport.disconnected)
+        self.assertIsNone(precopied[0].liveDescriptor())

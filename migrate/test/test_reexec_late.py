@@ -7,6 +7,7 @@ afterwards, on the real reactor with real TCP connections.
 from __future__ import annotations
 
 import base64
+import gc
 import os
 import socket
 import struct
@@ -218,7 +219,11 @@ class LateAdoptionTests(TestCase):
             for ident, (fd, each) in enumerate(zip(fds, addresses), 1)
         )
         host = self.host(ReexecState(1, 1, "r", connections=connections), [Counter] * 3)
+        self.assertTrue(gc.isenabled())
+        self.addCleanup(gc.enable)
         report = restoreReexec(host, host.inheritance)
+        # No collector passes until every socket is adopted.
+        self.assertFalse(gc.isenabled())
         self.assertEqual(report.listeners[0].moved, 3)
         hosted = list(host.listeners["tcp:0"].factory.protocols)
         self.assertEqual([each.wrappedProtocol.seen for each in hosted], [1, 2, 3])
@@ -234,6 +239,7 @@ class LateAdoptionTests(TestCase):
         yield self.receive(clients[0], b"old1\nearly\nx 42\n")
         yield self.receive(clients[2], b"old3\n")
         self.assertTrue(all(isinstance(each.transport, Connection) for each in hosted))
+        self.assertTrue(gc.isenabled())
 
     @inlineCallbacks
     def test_precopiedAfterDescribed(self) -> Any:

@@ -544,14 +544,25 @@ def restoreReexec(
 
     @return: the report, also the host's C{lastReport}.
     """
-    # As in the old image: no collector passes while the clients wait.
+    # As in the old image: no collector passes while the clients wait, nor
+    # until every socket is adopted (a first full pass over the thousands
+    # of objects the restore made would stall every client again, just
+    # after the image serves).
     collecting = gc.isenabled()
     gc.disable()
-    try:
-        return _restore(host, inheritance)
-    finally:
-        if collecting:
+    resumed: list[bool] = []
+
+    def resumeCollecting() -> None:
+        if collecting and not resumed:
+            resumed.append(True)
             gc.enable()
+
+    try:
+        return _restore(host, inheritance, resumeCollecting)
+    except BaseException:
+        resumeCollecting()
+        raise
+    finally:
         blocked = list(inheritance.state.blockedSignals)
         if blocked:
             # Once the reactor has installed its handlers (and the host its
@@ -562,7 +573,11 @@ def restoreReexec(
             )
 
 
-def _restore(host: IMigrationHost, inheritance: ReexecInheritance) -> MigrationReport:
+def _restore(
+    host: IMigrationHost,
+    inheritance: ReexecInheritance,
+    whenAdopted: Callable[[], None] = lambda: None,
+) -> MigrationReport:
     restoreStart = time.monotonic()
     state = inheritance.state
     reactor = host.reactor
@@ -722,7 +737,7 @@ def _restore(host: IMigrationHost, inheritance: ReexecInheritance) -> MigrationR
             connection.hosted.loseConnection()
     # The other sockets are adopted in slices from the next reactor turn,
     # the connections active last first.
-    late.commit()
+    late.commit(whenAdopted)
     finished = time.monotonic()
 
     durations = dict(state.durations)

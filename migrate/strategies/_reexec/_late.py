@@ -30,7 +30,7 @@ import socket
 import time
 from collections import deque
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 from attrs import define, field
 from twisted.internet import address
@@ -249,6 +249,7 @@ class LateAdoption:
     _startedAt: float = 0.0
     _early: list[StandIn] = field(factory=list)
     _poller: Any = None
+    _whenDone: Callable[[], None] = lambda: None
     _byDescriptor: dict[int, StandIn] = field(factory=dict)
 
     def __len__(self) -> int:
@@ -374,12 +375,15 @@ class LateAdoption:
             except Exception:
                 _log.failure("Replaying buffered input failed")
 
-    def commit(self) -> None:
+    def commit(self, whenDone: Callable[[], None] = lambda: None) -> None:
         """
         The image serves: serve the sockets adopted already, and adopt the
         others in slices, each slice first those a client has sent to (or
         closed) since.
+
+        @param whenDone: called once every socket is adopted.
         """
+        self._whenDone = whenDone
         self._committed = True
         self._startedAt = time.monotonic()
         early, self._early = self._early, []
@@ -387,6 +391,7 @@ class LateAdoption:
             if not standIn.dead:
                 self._serve(standIn)
         if not self._waiting:
+            whenDone()
             return
         poller = select.poll()
         byDescriptor = {}
@@ -414,6 +419,7 @@ class LateAdoption:
             return
         self._poller = None
         self._byDescriptor = {}
+        self._whenDone()
         _log.info(
             "Re-exec: adopted the sockets of {adopted} connections in {ms} ms "
             "after serving; {dropped} had ended meanwhile",

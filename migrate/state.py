@@ -874,12 +874,11 @@ def restoreProtocolState(
         except StateError as e:
             raise RestoreError(f"cannot restore {name}: {e}") from e
     kinds: list[tuple[_BufferKind, Mapping[str, Any]]] = []
-    for kind in _KINDS:
-        if isinstance(protocol, kind.base):
-            if kind.name in buffers:
-                kinds.append((kind, buffers[kind.name]))
-            elif kind.initial is not None:
-                kinds.append((kind, kind.initial))
+    for kind in _kindsOf(type(protocol)):
+        if kind.name in buffers:
+            kinds.append((kind, buffers[kind.name]))
+        elif kind.initial is not None:
+            kinds.append((kind, kind.initial))
     for kindName, saved in buffers.items():
         kind = _KINDS_BY_NAME[kindName]
         if not isinstance(protocol, kind.base) and saved["buffer"]:

@@ -260,6 +260,9 @@ class _Kept:
 
     @ivar ident: its number in the manifest.
     @ivar descriptor: its socket's descriptor.
+    @ivar state: its state as copied (a normalised snapshot, compared at
+        the freeze).
+    @ivar row: what L{Precopy.add} writes for it, until written.
     """
 
     ident: int
@@ -347,7 +350,6 @@ class _Precopy:
 class _Plan:
     """
     What happens to each connection, decided before anything is touched.
-
     """
 
     moving: int = 0

@@ -506,6 +506,7 @@ class ReexecMigration:
             inherited = (
                 3
                 + 1
+                + (1 if self._precopy is not None else 0)
                 + len(host.listeners)
                 + (1 if host.controlPort is not None else 0)
                 + (1 if host.metricsPort is not None else 0)

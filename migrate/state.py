@@ -368,6 +368,25 @@ _KINDS_BY_NAME = {kind.name: kind for kind in _KINDS}
 _kindsByClass: dict[type, tuple[_BufferKind, ...]] = {}
 
 
+_blockingClasses: dict[type, bool] = {}
+
+
+def _mayBlock(app: object) -> bool:
+    """
+    Whether C{app} may have a C{migrationBlocker} (its class has one, or
+    the instance was given one), without the cost of a failed attribute
+    look-up on each of thousands of protocols.
+    """
+    cls = type(app)
+    try:
+        blocking = _blockingClasses[cls]
+    except KeyError:
+        blocking = _blockingClasses[cls] = hasattr(cls, "migrationBlocker") or hasattr(
+            cls, "__getattr__"
+        )
+    return blocking or "migrationBlocker" in getattr(app, "__dict__", ())
+
+
 def _kindsOf(cls: type) -> tuple[_BufferKind, ...]:
     """
     The base protocols of L{_KINDS} that C{cls} inherits from, looked up
@@ -528,7 +547,9 @@ class ProtocolState:
         }
 
     @classmethod
-    def fromPlain(cls, data: object, *, owned: bool = False) -> ProtocolState:
+    def fromPlain(
+        cls, data: object, *, owned: bool = False, parsedJSON: bool = False
+    ) -> ProtocolState:
         """
         Convert back what L{toPlain} returned, validating it strictly: it
         comes from another process and may be corrupt or hostile.
@@ -539,6 +560,15 @@ class ProtocolState:
             just decoded and nothing else holds it): its application state
             is then checked in place instead of copied, which matters when
             thousands of connections move at once.
+        @param parsedJSON: C{True} (with C{owned}) when C{data} was just
+            parsed by C{json.loads} from a bounded document, non-finite
+            numbers refused: every value in it is then plain data by
+            construction, and the application state is not walked again
+            (the structure around it, the types and the buffers still are).
+            Its depth was checked when the state was captured; use it only
+            for a document that cannot have been changed since (the sealed
+            memory file a re-executed image inherits from its own previous
+            image).
 
         @return: the state.
 
@@ -569,9 +599,12 @@ class ProtocolState:
                     "protocol state: version of migratable state must be an int"
                 )
             try:
-                appState = (
-                    _checkApplicationState(appState) if owned else _normalise(appState)
-                )
+                if not (owned and parsedJSON):
+                    appState = (
+                        _checkApplicationState(appState)
+                        if owned
+                        else _normalise(appState)
+                    )
             except StateError as e:
                 raise StateError(f"protocol state: appState: {e}") from e
         elif version is not None or appState is not None:
@@ -793,7 +826,7 @@ class StateFingerprint:
             return False
         if app is not None:
             try:
-                reason = migrationBlocker(app)
+                reason = migrationBlocker(app) if _mayBlock(app) else None
             except StateError:
                 return False
             if reason is not None:
@@ -898,12 +931,11 @@ def restoreProtocolState(
     except StateError as e:
         raise RestoreError(f"cannot restore {name}: {e}") from e
     kinds: list[tuple[_BufferKind, Mapping[str, Any]]] = []
-    for kind in _KINDS:
-        if isinstance(protocol, kind.base):
-            if kind.name in buffers:
-                kinds.append((kind, buffers[kind.name]))
-            elif kind.initial is not None:
-                kinds.append((kind, kind.initial))
+    for kind in _kindsOf(type(protocol)):
+        if kind.name in buffers:
+            kinds.append((kind, buffers[kind.name]))
+        elif kind.initial is not None:
+            kinds.append((kind, kind.initial))
     for kindName, saved in buffers.items():
         kind = _KINDS_BY_NAME[kindName]
         if not isinstance(protocol, kind.base) and saved["buffer"]:

@@ -264,6 +264,7 @@ class DescribedConnection:
 
 def describeMovable(
     connections: Iterable[tuple[Any, HostedProtocol]],
+    firstIdent: int = 1,
 ) -> tuple[list[DescribedConnection], list[Unmovable]]:
     """
     Describe every connection that can move, as L{freezeMovable} does, but
@@ -272,6 +273,9 @@ def describeMovable(
     writes or serves a connection between its capture and the new image.
     Freezing each one would only cost the clients time, and if the C{exec}
     fails there is nothing to undo.
+
+    @param firstIdent: the number of the first connection described (the
+        ones before were described ahead, by a pre-copy).
 
     @return: the described connections, and those that stay.
     """
@@ -289,7 +293,7 @@ def describeMovable(
         except ValueError as e:
             staying.append(Unmovable(key, hosted, str(e)))
             continue
-        entry = manifestEntry(len(moving) + 1, key, transport, state, output)
+        entry = manifestEntry(firstIdent + len(moving), key, transport, state, output)
         moving.append(DescribedConnection(key, transport, entry))
     return moving, staying
 

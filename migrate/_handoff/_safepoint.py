@@ -217,9 +217,12 @@ def waitForSafePoints(
     @param interval: how often a connection is asked again.
     @param announce: called with the number of connections waited for,
         when there are any.
-    @param holdAll: hold the connections at their safe point even when
-        none is waited for (for a caller that captures them after giving
-        the reactor a few more turns).
+    @param holdAll: hold the connections that have safe points (their
+        protocol or mover has a C{migrationBlocker}) at them even when none
+        is waited for (for a caller that captures them after giving the
+        reactor a few more turns).  The others read on: nothing they read
+        can keep them from moving, and holding them would only make their
+        clients wait.
 
     @return: fires with the L{SafePoints} (never fails).  The caller
         captures the connections, then calls L{SafePoints.letGo}.
@@ -255,7 +258,8 @@ def waitForSafePoints(
     if not waiting or bound <= 0:
         if holdAll:
             for watched in ready:
-                hold(watched)
+                if getattr(watched.migratable, "migrationBlocker", None) is not None:
+                    hold(watched)
         result.missed = len(waiting)
         done.callback(result)
         return done

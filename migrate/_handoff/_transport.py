@@ -37,6 +37,7 @@ __all__ = [
     "FrozenConnection",
     "freezeConnection",
     "pendingOutput",
+    "quiet",
     "unsentOutput",
     "stillMovable",
     "letGo",
@@ -314,6 +315,24 @@ def pendingOutput(transport: Any) -> bytes:
     """
     _checkMovable(transport)
     return _bufferedOutput(transport)
+
+
+def quiet(transport: Any) -> bool:
+    """
+    Whether a connection could be taken over with no output to carry: it is
+    connected, not closing or aborting, and Twisted holds no output (nor
+    descriptors) for it.  The cheap check a pre-copy makes at the freeze
+    (a connection that is not quiet is described again, with its output).
+
+    @param transport: as for L{freezeConnection}.
+    """
+    return bool(
+        transport.connected
+        and not transport.disconnected
+        and not _mustFlush(transport)
+        and not getattr(transport, "_aborting", False)
+        and not getattr(transport, "_sendmsgQueue", None)
+    )
 
 
 def stillMovable(transport: Any) -> bool:

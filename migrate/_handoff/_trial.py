@@ -46,7 +46,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ProcessExitedAlready, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
@@ -120,6 +120,8 @@ class TrialCase:
     className: str
     state: dict[str, Any]
     connection: Any = field(default=None, eq=False, repr=False)
+    #: the encoded line, if encoded ahead (see L{casesFrom})
+    line: bytes | None = field(default=None, eq=False, repr=False)
 
     def describe(self) -> str:
         """
@@ -139,6 +141,8 @@ class TrialCase:
         """
         Encode for the child: one line of plain data.
         """
+        if self.line is not None:
+            return self.line
         return (
             encodeState(
                 {"id": self.ident, "peer": self.peer, "state": self.state},
@@ -238,7 +242,9 @@ def _qualified(cls: type) -> str:
     return "{}.{}".format(cls.__module__, cls.__qualname__)
 
 
-def casesFrom(connections: Iterable[tuple[str, Any]]) -> list[TrialCase]:
+def casesFrom(
+    connections: Iterable[tuple[str, Any]], firstIdent: int = 1, encode: bool = False
+) -> list[TrialCase]:
     """
     Copy the state of every live connection whose protocol provides
     L{migrate.IMigratable}, for a trial.
@@ -247,6 +253,11 @@ def casesFrom(connections: Iterable[tuple[str, Any]]) -> list[TrialCase]:
     say so, with its own policy.
 
     @param connections: (listener key, L{HostedProtocol}) pairs.
+    @param firstIdent: the number of the first case (for a caller that
+        copies thousands of connections a slice at a time, between reactor
+        turns).
+    @param encode: whether to encode each case's line now (the same
+        caller: the trial would otherwise encode them all at once).
 
     @return: one case per connection to try.
     """
@@ -263,16 +274,20 @@ def casesFrom(connections: Iterable[tuple[str, Any]]) -> list[TrialCase]:
             state = captureProtocolState(protocol)
         except Exception:
             continue
-        cases.append(
-            TrialCase(
-                len(cases) + 1,
-                key,
-                _peerOf(hosted),
-                _qualified(type(protocol)),
-                state.toPlain(),
-                hosted,
-            )
+        case = TrialCase(
+            firstIdent + len(cases),
+            key,
+            _peerOf(hosted),
+            _qualified(type(protocol)),
+            state.toPlain(),
+            hosted,
         )
+        if encode:
+            try:
+                case = evolve(case, line=case.toLine())
+            except StateError:
+                pass  # said when the trial starts
+        cases.append(case)
     return cases
 
 

@@ -35,6 +35,10 @@ class HostedProtocol(ProtocolWrapper):
     C{makeConnection} then records the transport and tells the application
     nothing, because the application's protocol will be restored from
     state rather than told C{connectionMade}.
+
+    It may also start on a I{stand-in} transport (L{awaitTransport}) while
+    its socket waits to be adopted: what the application writes is held
+    meanwhile, and the real transport's C{makeConnection} swaps it in.
     """
 
     factory: "TrackingFactory"
@@ -53,8 +57,46 @@ class HostedProtocol(ProtocolWrapper):
         self._held: list[bytes] = []
         self._heldClose: str | None = None
         self._finish: Callable[[], None] | None = None
+        self.awaitingTransport = False
+
+    def awaitTransport(self, standIn: ITransport, provides: Any) -> None:
+        """
+        Connect this pending protocol to C{standIn}, a transport that stands
+        in for the real one until its socket is adopted, and L{hold} what
+        the application writes.  The real transport's C{makeConnection}
+        then replaces the stand-in without telling the application
+        anything; the caller L{unhold}s.  Anything that needs every
+        connection's real transport (L{TrackingFactory.connections}) asks
+        the stand-in to adopt its socket at once: C{standIn.adoptNow()}.
+
+        @param provides: C{Provides(HostedProtocol, providedBy(standIn))},
+            computed once for many connections (as C{directlyProvides}
+            would for each).
+        """
+        self.__provides__ = provides
+        self.connected = 1
+        self.transport = standIn
+        self.awaitingTransport = True
+        self.hold()
+        self.factory.registerProtocol(self)
+        self.factory.awaiting.add(self)
+
+    def stopAwaiting(self) -> None:
+        """
+        The stand-in transport gave up: this connection waits no more for
+        its real transport (its socket turned out dead).
+        """
+        self.awaitingTransport = False
+        self.factory.awaiting.discard(self)
 
     def makeConnection(self, transport: ITransport) -> None:
+        if self.awaitingTransport:
+            from zope.interface import directlyProvides, providedBy
+
+            self.stopAwaiting()
+            directlyProvides(self, providedBy(transport))
+            self.transport = transport
+            return
         if not self.pending:
             ProtocolWrapper.makeConnection(self, transport)
             return
@@ -223,12 +265,20 @@ class TrackingFactory(WrappingFactory):
         WrappingFactory.__init__(self, wrappedFactory)  # type: ignore[arg-type]
         self.key = key
         self.onChange = onChange
+        #: the connections on a stand-in transport (see
+        #: L{HostedProtocol.awaitTransport})
+        self.awaiting: set[HostedProtocol] = set()
 
     @property
     def connections(self) -> list[HostedProtocol]:
         """
-        The live connections, oldest first.
+        The live connections, oldest first, each with its real transport
+        (a connection still on a stand-in transport has its socket adopted
+        now: see L{HostedProtocol.awaitTransport}).
         """
+        for protocol in list(self.awaiting):
+            standIn: Any = protocol.transport
+            standIn.adoptNow()
         return list(self.protocols)
 
     def registerProtocol(self, p: Any) -> None:

@@ -201,6 +201,8 @@ class _Probe(threading.Thread):
         threading.Thread.__init__(self, daemon=True)
         self.sockets = sockets
         self.latencies: list[float] = []
+        #: when each request was sent (C{time.perf_counter()})
+        self.sentAt: list[float] = []
         self.stopping = threading.Event()
         self.error: str | None = None
 
@@ -222,6 +224,7 @@ class _Probe(threading.Thread):
                         raise ConnectionError("probe connection closed")
                     received += chunk
                 self.latencies.append(time.perf_counter() - started)
+                self.sentAt.append(started)
                 time.sleep(0.001)
         except Exception as e:
             self.error = "{}: {}".format(type(e).__name__, e)
@@ -272,6 +275,9 @@ def _measure(count: int, probes: int) -> dict[str, Any]:
                 "the re-exec failed: {}\n{}".format(report, host.logTail())
             )
         during = probe.latencies[before:]
+        longest = sorted(
+            zip(during, probe.sentAt[before:]), key=lambda each: each[0], reverse=True
+        )[:3]
         kept = _checkAll(clients, pid)
         durations = report["durations"]
         return {
@@ -289,6 +295,9 @@ def _measure(count: int, probes: int) -> dict[str, Any]:
             "kept": kept,
             "command": elapsed,
             "durations": durations,
+            # The longest waits, and when each began, from the upgrade
+            # command's start.
+            "longest": [(wait, at - started) for wait, at in longest],
         }
     finally:
         for client in clients:
@@ -379,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     **{
                         key: (value * 1000 if isinstance(value, float) else value)
                         for key, value in result.items()
-                        if key != "durations"
+                        if key not in ("durations", "longest")
                     }
                 )
             )
@@ -389,6 +398,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                     + ", ".join(
                         "{} {:.1f}".format(name, seconds * 1000)
                         for name, seconds in result["durations"].items()
+                    )
+                )
+                print(
+                    "    longest client waits: "
+                    + ", ".join(
+                        "{:.1f} from {:.1f}".format(wait * 1000, at * 1000)
+                        for wait, at in result["longest"]
                     )
                 )
             if result["probeError"]:

@@ -16,6 +16,7 @@ import signal
 import socket
 from typing import Any
 
+from attrs import evolve
 from twisted.internet import tcp, unix
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.error import ConnectionDone
@@ -69,7 +70,9 @@ from migrate.strategies._reexec._state import (
     REEXEC_SIGNALS,
     STATE_FD_VARIABLE,
     InheritedConnection,
+    Precopy,
     ReexecState,
+    mergePrecopy,
     readState,
     writeState,
 )
@@ -361,14 +364,30 @@ class _Harness:
         Record what C{execv} would pass on, then fail as C{execv} can.
         """
         fd = int(env[STATE_FD_VARIABLE])
-        state = ReexecState.fromPlain(json.loads(readMemfd(fd, maxBytes=1 << 30)))
+        document = ReexecState.fromPlain(json.loads(readMemfd(fd, maxBytes=1 << 30)))
+        state = document
+        precopyFd = state.precopy
+        if precopyFd is not None:
+            state = mergePrecopy(state, readMemfd(precopyFd, maxBytes=1 << 30))
+            # As manifest entries, after those described at the freeze.
+            state = evolve(
+                state,
+                connections=state.connections
+                + tuple(
+                    InheritedConnection(each.descriptor, each.listener, each.entry())
+                    for each in state.precopied
+                ),
+                precopied=(),
+            )
         self.executed.append(
             {
+                "document": document,
                 "path": path,
                 "argv": argv,
                 "env": env,
                 "state": state,
                 "stateFd": fd,
+                "precopyFd": precopyFd,
                 "inheritable": inheritableDescriptors(),
                 "blocked": set(signal.pthread_sigmask(signal.SIG_BLOCK, [])),
                 "pending": set(signal.sigpending()),
@@ -582,7 +601,9 @@ class ReexecMigrationTests(SynchronousTestCase):
         report = harness.run(harness.migration())
         self.assertEqual(report.outcome.value, "rolled-back")
         self.assertIn("cannot be carried over", report.reason)
-        self.assertEqual((len(captures), harness.executed), (3, []))
+        # The trial's copy, the dry run (the pre-copy), the freeze's
+        # comparison with it, and the capture again, which fails.
+        self.assertEqual((len(captures), harness.executed), (4, []))
         self.assertTrue(_reading(harness.reactor, hosted))
         harness.assertServesOn(other, b"pending")
 
@@ -663,6 +684,73 @@ class ReexecMigrationTests(SynchronousTestCase):
         report = harness.run(harness.migration(unmovable="keep"))
         self.assertEqual(report.outcome.value, "refused")
 
+    def test_precopyChangedStateSentAgain(self) -> None:
+        """
+        Every connection is copied ahead while the old image serves; at the
+        freeze one whose state changed since is described again (and its
+        copy superseded), one that did not is not: the new image gets each
+        once, with its current state.
+        """
+        harness = _Harness(self)
+        changing = harness.connect()
+        idle = harness.connect()
+        changing.wrappedProtocol.count = 1
+        idle.wrappedProtocol.count = 7
+
+        def change() -> None:
+            changing.wrappedProtocol.count = 2
+
+        # Runs after the pre-copy, before the freeze.
+        harness.reactor.callLater(0, change)
+        harness.run(harness.migration())
+        (executed,) = harness.executed
+        document = executed["document"]
+        self.assertIsNotNone(document.precopy)
+        self.assertEqual(
+            [each.descriptor for each in document.connections],
+            [changing.transport.fileno()],
+        )
+        self.assertEqual(len(document.superseded), 1)
+        entries = {
+            each.descriptor: each.entry["state"]["appState"]
+            for each in executed["state"].connections
+        }
+        self.assertEqual(
+            entries,
+            {
+                changing.transport.fileno(): {"count": 2},
+                idle.transport.fileno(): {"count": 7},
+            },
+        )
+        # The changed connection comes first: it was active last.
+        self.assertEqual(
+            executed["state"].connections[0].descriptor, changing.transport.fileno()
+        )
+
+    def test_dataBetweenCopyAndFreezeNotLost(self) -> None:
+        """
+        A connection that receives data between the pre-copy and the freeze
+        travels with the state and the buffered input it has at the freeze,
+        and with its output, not with its copy.
+        """
+        harness = _Harness(self)
+        busy = harness.connect()
+        busy.wrappedProtocol.count = 5
+        harness.reactor.callLater(0, busy.dataReceived, b"one\npart")
+        harness.run(harness.migration())
+        (executed,) = harness.executed
+        [entry] = [
+            each.entry
+            for each in executed["state"].connections
+            if each.descriptor == busy.transport.fileno()
+        ]
+        self.assertEqual(entry["state"]["appState"], {"count": 6})
+        self.assertEqual(
+            base64.b64decode(entry["state"]["buffers"]["LineReceiver"]["buffer"]),
+            b"part",
+        )
+        self.assertEqual(base64.b64decode(entry["output"]), b"one 6\n")
+
     def test_stateDocumentAndInheritedDescriptors(self) -> None:
         """
         What C{execv} gets: the same command line, the state descriptor in
@@ -704,7 +792,15 @@ class ReexecMigrationTests(SynchronousTestCase):
         self.assertEqual(
             executed["inheritable"],
             sorted(
-                [0, 1, 2, executed["stateFd"], harness.port.fileno()] + list(entries)
+                [
+                    0,
+                    1,
+                    2,
+                    executed["stateFd"],
+                    executed["precopyFd"],
+                    harness.port.fileno(),
+                ]
+                + list(entries)
             ),
         )
         self.assertLessEqual(set(REEXEC_SIGNALS), executed["blocked"])
@@ -875,6 +971,105 @@ class StateDocumentTests(SynchronousTestCase):
             error = self.assertRaises(StateError, ReexecState.fromPlain, broken)
             self.assertIn(message, str(error))
         self.assertRaises(StateError, ReexecState.fromPlain, [])
+
+
+class PrecopyTests(SynchronousTestCase):
+    """
+    The compact pre-copy: written by L{Precopy}, read back strictly by
+    L{mergePrecopy}, after the connections described at the freeze.
+    """
+
+    def precopy(self, rows: list[Any]) -> bytes:
+        precopy = Precopy()
+        precopy.add(rows)
+        fd = precopy.write()
+        try:
+            return readMemfd(fd, maxBytes=1 << 20)
+        finally:
+            os.close(fd)
+
+    def state(self, **kwargs: Any) -> ReexecState:
+        return ReexecState(pid=1, generation=1, strategy="reexec", precopy=20, **kwargs)
+
+    def test_roundTrip(self) -> None:
+        """
+        Each connection comes back with its state (buffers decoded) and
+        addresses; a superseded one does not; those described at the
+        freeze stay first.
+        """
+        first = Counter()
+        first.count = 3
+        first.dataReceived(b"par")
+        second = Counter()
+        second.count = 4
+        firstState = captureProtocolState(first)
+        data = self.precopy(
+            [
+                (1, 10, "tcp:0", 2, firstState, ["1.2.3.4", 5], ["5.6.7.8", 9]),
+                (2, 11, "tcp:0", 2, captureProtocolState(second), None, None),
+            ]
+        )
+        frozen = InheritedConnection(12, "tcp:0", {"id": 3})
+        merged = mergePrecopy(self.state(connections=(frozen,)), data)
+        self.assertEqual(merged.connections, (frozen,))
+        self.assertIsNone(merged.precopy)
+        self.assertEqual(
+            [(each.ident, each.descriptor, each.peer) for each in merged.precopied],
+            [(1, 10, ["1.2.3.4", 5]), (2, 11, None)],
+        )
+        self.assertEqual(merged.precopied[0].state, firstState)
+        self.assertEqual(
+            merged.precopied[0].state.buffers["LineReceiver"]["buffer"], b"par"
+        )
+        superseded = mergePrecopy(self.state(superseded=(1,)), data)
+        self.assertEqual([each.ident for each in superseded.precopied], [2])
+
+    def test_refused(self) -> None:
+        """
+        A malformed pre-copy, one naming a connection or a descriptor twice,
+        or holding a non-finite number, is refused.
+        """
+        counter = Counter()
+        counter.count = 0
+        state = captureProtocolState(counter)
+        good = self.precopy([(1, 10, "tcp:0", 2, state, None, None)])
+        document = json.loads(good)
+        row = document["connections"][0]
+        broken: list[tuple[Any, str]] = [
+            (dict(document, connections=[row[:6]]), "malformed"),
+            (dict(document, connections=[[1, 2] + row[2:]]), "malformed"),
+            (dict(document, connections=[row[:2] + [5] + row[3:]]), "malformed"),
+            (dict(document, connections=[row, row]), "twice"),
+            (
+                dict(document, connections=[row[:4] + [[["%%", True]]] + row[5:]]),
+                "base64",
+            ),
+            (dict(document, connections=[row[:4] + [[]] + row[5:]]), "buffers"),
+            (
+                dict(document, shapes=[dict(document["shapes"][0], listener=1)]),
+                "listener",
+            ),
+        ]
+        for each, message in broken:
+            error = self.assertRaises(
+                StateError,
+                mergePrecopy,
+                self.state(),
+                json.dumps(each).encode(),
+            )
+            self.assertIn(message, str(error))
+        self.assertRaises(
+            StateError,
+            mergePrecopy,
+            self.state(connections=(InheritedConnection(10, "tcp:0", {"id": 7}),)),
+            good,
+        )
+        self.assertRaises(
+            StateError,
+            mergePrecopy,
+            self.state(),
+            good.replace(b'"count":0', b'"count":NaN'),
+        )
 
 
 class AfterPollsTests(TestCase):

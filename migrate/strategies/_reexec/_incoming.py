@@ -2,13 +2,15 @@
 """
 The new image's side of a re-exec: find the state the old image left
 (L{inheritedReexec}), keep twistd from redoing what the process has done
-already (L{adjustTwistdOptions}), and adopt the listening sockets, the
-control socket and every connection before serving anything
-(L{restoreReexec}).
+already (L{adjustTwistdOptions}), and adopt the listening sockets and the
+control socket and restore every connection's protocol before serving
+anything (L{restoreReexec}); the sockets of TCP connections are adopted
+afterwards (L{migrate.strategies._reexec._late}).
 
 There is no old image to give anything back to: a connection whose state
 the new code refuses is closed cleanly (its pending output written first)
-with a log line, and counted as failed in the report.
+with a log line naming its peer and listener, and counted as failed in the
+report.
 
 Also here: the preflight check the old image runs before it re-executes
 (L{finishPreflight}): the same command line, which stops once its options
@@ -39,7 +41,8 @@ from ..._host._daemon import DAEMON_LOG_FILE, skipProcessSetUp, stayInForeground
 from ..._host._tracking import PendingAdoptionFactory
 from ..._report import ListenerReport, MigrationOutcome, MigrationReport
 from ...interfaces import IMigrationHost
-from ...state import ProtocolState, restoreProtocolState
+from ...state import ProtocolState, isMigratable, restoreProtocolState
+from ._late import LateAdoption, addressesFrom, addressesOf
 from ._reports import ReportChannel
 from ._state import (
     EXEC_AT_VARIABLE,
@@ -130,7 +133,15 @@ def inheritedReexec(
             raise StateError(
                 "{}={!r} is not a descriptor".format(STATE_FD_VARIABLE, raw)
             )
-        state = readState(int(raw))
+        # No collector passes over the thousands of objects the document
+        # is parsed into: the clients wait.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            state = readState(int(raw))
+        finally:
+            if collecting:
+                gc.enable()
     except StateError as e:
         lost = inherited()
         for fd in lost:
@@ -319,6 +330,118 @@ class _Closing(Protocol):
             self._deadline.cancel()
 
 
+_INET_FAMILIES = {int(each): each for each in (socket.AF_INET, socket.AF_INET6)}
+
+
+class _NotRestored(Exception):
+    """
+    A connection the new code could not restore.
+
+    @ivar why: the reason, for the log.
+    @ivar descriptor: its socket's descriptor, to close cleanly, or L{None}
+        if it was let go of already.
+    """
+
+    def __init__(self, why: str, descriptor: int | None) -> None:
+        Exception.__init__(self, why)
+        self.why = why
+        self.descriptor = descriptor
+
+
+def _entryState(
+    inherited: InheritedConnection,
+) -> tuple[ProtocolState, bytes, socket.AddressFamily]:
+    """
+    The state, output and address family of a connection described at the
+    freeze, from its manifest entry.
+
+    The entry comes from the sealed memory file this process's previous
+    image wrote, parsed with non-finite numbers refused: its structure and
+    types are checked strictly, its application state is not walked again
+    (see L{ProtocolState.fromPlain}'s C{parsedJSON}).
+
+    @raise _NotRestored: if the entry is malformed.
+    """
+    entry = inherited.entry
+    try:
+        state = ProtocolState.fromPlain(entry["state"], owned=True, parsedJSON=True)
+        text = entry["output"]
+        output = base64.b64decode(text, validate=True) if text else b""
+        family = _INET_FAMILIES[entry["family"]]
+    except Exception as e:
+        raise _NotRestored("bad manifest entry: " + _why(e), inherited.descriptor)
+    return state, output, family
+
+
+def _restoreLater(
+    host: IMigrationHost,
+    late: LateAdoption,
+    listenerKey: str,
+    descriptor: int,
+    family: socket.AddressFamily,
+    state: ProtocolState,
+    output: bytes,
+    closing: bool,
+    addresses: tuple[Any, Any],
+) -> None:
+    """
+    Restore one connection's protocol onto a stand-in transport; its socket
+    is adopted later (see L{migrate.strategies._reexec._late}).
+
+    @param descriptor: the socket's, consumed.
+
+    @raise _NotRestored: if the new code cannot restore it.
+    """
+    peer, local = addresses
+    try:
+        listener = host.listenerNamed(listenerKey)
+        if not state.migratable:
+            raise StateError("the old protocol did not provide IMigratable")
+        factory = listener.factory
+        protocol = factory.buildApplicationProtocol(peer)
+        if protocol is None:
+            raise StateError("the new factory refused the connection")
+        if not isMigratable(protocol):
+            raise StateError(
+                "the new code's {} does not provide IMigratable".format(
+                    type(protocol).__name__
+                )
+            )
+    except Exception as e:
+        raise _NotRestored(_why(e), descriptor)
+    hosted = factory.buildPendingProtocol(peer)
+    standIn = late.standIn(hosted, descriptor, family, peer, local, output, closing)
+    try:
+        hosted.attach(protocol)
+        restoreProtocolState(protocol, state, copyState=False)
+    except Exception as e:
+        raise _NotRestored(_why(e), late.forget(standIn))
+
+
+def _why(error: BaseException) -> str:
+    return "{}: {}".format(type(error).__name__, error)
+
+
+def _peerOf(peer: Any) -> str:
+    return "{}:{}".format(peer.host, peer.port)
+
+
+def _peerOfDescriptor(descriptor: int) -> str:
+    """
+    Who is at the other end of a socket, for a log line.
+    """
+    try:
+        with socket.socket(fileno=os.dup(descriptor)) as probe:
+            name = probe.getpeername()
+    except OSError:
+        return "an unknown peer"
+    if isinstance(name, tuple):
+        return "{}:{}".format(name[0], name[1])
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    return "unix:" + str(name) if name else "an unnamed Unix peer"
+
+
 def closeCleanly(reactor: Any, descriptor: int, output: bytes) -> None:
     """
     Close a connection nobody can serve: write C{output}, then close it
@@ -411,21 +534,35 @@ def restoreReexec(
     """
     Take over what the previous image left, then serve: the listening
     sockets and the control socket (adopted paused), every connection
-    (restored or handed to a fresh protocol, held), then commit: the host
+    (restored or handed to a fresh protocol, held; a TCP connection's
+    protocol restored on a stand-in transport), then commit: the host
     serves generation + 1, listeners accept, connections resume.  No event
-    is processed in between, so nothing is served before everything is in
-    place.
+    is processed in between, so nothing is served before every protocol
+    is restored.  The sockets of the connections on stand-ins are adopted
+    from the next reactor turn on (L{LateAdoption}), those described at the
+    freeze (the active ones) before those copied ahead.
 
     @return: the report, also the host's C{lastReport}.
     """
-    # As in the old image: no collector passes while the clients wait.
+    # As in the old image: no collector passes while the clients wait, nor
+    # until every socket is adopted (a first full pass over the thousands
+    # of objects the restore made would stall every client again, just
+    # after the image serves).
     collecting = gc.isenabled()
     gc.disable()
-    try:
-        return _restore(host, inheritance)
-    finally:
-        if collecting:
+    resumed: list[bool] = []
+
+    def resumeCollecting() -> None:
+        if collecting and not resumed:
+            resumed.append(True)
             gc.enable()
+
+    try:
+        return _restore(host, inheritance, resumeCollecting)
+    except BaseException:
+        resumeCollecting()
+        raise
+    finally:
         blocked = list(inheritance.state.blockedSignals)
         if blocked:
             # Once the reactor has installed its handlers (and the host its
@@ -436,7 +573,11 @@ def restoreReexec(
             )
 
 
-def _restore(host: IMigrationHost, inheritance: ReexecInheritance) -> MigrationReport:
+def _restore(
+    host: IMigrationHost,
+    inheritance: ReexecInheritance,
+    whenAdopted: Callable[[], None] = lambda: None,
+) -> MigrationReport:
     restoreStart = time.monotonic()
     state = inheritance.state
     reactor = host.reactor
@@ -488,7 +629,23 @@ def _restore(host: IMigrationHost, inheritance: ReexecInheritance) -> MigrationR
             )
 
     adopted: list[tuple[AdoptedConnection, InheritedConnection]] = []
-    for each in state.connections:
+    late = LateAdoption(reactor)
+
+    def notRestored(
+        listenerKey: str, addresses: Any, error: _NotRestored, output: bytes
+    ) -> None:
+        _log.error(
+            "Re-exec: a connection from {peer} on {listener} cannot be "
+            "restored by the new code ({why}); closing it cleanly",
+            peer=_peerOf(addresses[0]),
+            listener=listenerKey,
+            why=error.why,
+        )
+        failed[listenerKey] = failed.get(listenerKey, 0) + 1
+        if error.descriptor is not None:
+            closeCleanly(reactor, error.descriptor, output)
+
+    def adoptedNow(each: InheritedConnection) -> None:
         spare = os.dup(each.descriptor)
         try:
             if each.fresh:
@@ -497,8 +654,9 @@ def _restore(host: IMigrationHost, inheritance: ReexecInheritance) -> MigrationR
                 connection = adoptEntry(host, each.entry, each.descriptor)
         except Exception as e:
             _log.error(
-                "Re-exec: a connection on {listener} cannot be restored by the "
-                "new code ({why}); closing it cleanly",
+                "Re-exec: a connection from {peer} on {listener} cannot be "
+                "restored by the new code ({why}); closing it cleanly",
+                peer=_peerOfDescriptor(spare),
                 listener=each.listener,
                 why="{}: {}".format(type(e).__name__, e),
             )
@@ -509,12 +667,77 @@ def _restore(host: IMigrationHost, inheritance: ReexecInheritance) -> MigrationR
             adopted.append((connection, each))
             moved[each.listener] = moved.get(each.listener, 0) + 1
 
+    # Those described at the freeze first: they were the active ones.
+    for each in state.connections:
+        try:
+            addresses = None if each.fresh else addressesOf(each.entry)
+        except StateError:
+            addresses = None
+        if addresses is None:
+            adoptedNow(each)
+            continue
+        # Restored now, its socket adopted once this image serves.
+        try:
+            restored, output, family = _entryState(each)
+            _restoreLater(
+                host,
+                late,
+                each.listener,
+                each.descriptor,
+                family,
+                restored,
+                output,
+                each.closing,
+                addresses,
+            )
+        except _NotRestored as e:
+            notRestored(each.listener, addresses, e, _output(each.entry))
+        else:
+            moved[each.listener] = moved.get(each.listener, 0) + 1
+    for copied in state.precopied:
+        if copied.peer is None:
+            adoptedNow(
+                InheritedConnection(copied.descriptor, copied.listener, copied.entry())
+            )
+            continue
+        try:
+            family = _INET_FAMILIES[copied.family]
+            addresses = addressesFrom(family, copied.peer, copied.local)
+        except (KeyError, StateError):
+            _log.error(
+                "Re-exec: a connection on {listener} cannot be restored (its "
+                "addresses are malformed); closing it cleanly",
+                listener=copied.listener,
+            )
+            failed[copied.listener] = failed.get(copied.listener, 0) + 1
+            closeCleanly(reactor, copied.descriptor, b"")
+            continue
+        try:
+            _restoreLater(
+                host,
+                late,
+                copied.listener,
+                copied.descriptor,
+                family,
+                copied.state,
+                b"",
+                False,
+                addresses,
+            )
+        except _NotRestored as e:
+            notRestored(copied.listener, addresses, e, b"")
+        else:
+            moved[copied.listener] = moved.get(copied.listener, 0) + 1
+
     _listenToReporters(host, state, notes)
     host.commitInheritance(state.generation + 1)
     for connection, each in adopted:
         connection.commit()
         if each.closing:
             connection.hosted.loseConnection()
+    # The other sockets are adopted in slices from the next reactor turn,
+    # the connections active last first.
+    late.commit(whenAdopted)
     finished = time.monotonic()
 
     durations = dict(state.durations)

@@ -9,9 +9,12 @@ Once C{execv} has succeeded there is no way back, so everything that can be
 checked is checked first, while the service goes on (see
 L{migrate.strategies._reexec._check}, and a dry run of every connection's state
 capture); any
-failure there refuses the migration and changes nothing.  Only then are the
+failure there refuses the migration and changes nothing.  That dry run is
+also the I{pre-copy}: every movable connection is described ahead, a slice
+at a time, while the service goes on (L{_Precopy}).  Only then are the
 connections that cannot be carried over closed (C{--reexec-unmovable
-close}), the others frozen and described in the state document
+close}), the others frozen, those whose state changed since their copy
+described again in the state document
 (L{migrate.strategies._reexec._state}), exactly the descriptors the new image needs made
 inheritable, and C{execv} called.  If C{execv} itself fails, everything is
 put back as it was and the migration reports a rollback.
@@ -39,6 +42,7 @@ import errno
 import gc
 import os
 import signal
+import socket
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -54,12 +58,20 @@ from ..._handoff._movement import describeMovable
 from ..._handoff._movers._endings import closePolitely
 from ..._handoff._safepoint import atSafePoints
 from ..._handoff._successor import flushPythonOutput, successorCommandLine
-from ..._handoff._transport import pendingOutput
+from ..._handoff._transport import pendingOutput, quiet
 from ..._handoff._trial import TrialOutcome, casesFrom, runTrial
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
 from ..._systemd import successorEnvironment
 from ...interfaces import IMigratable, IMigrationHost
-from ...state import NotAtSafePoint, captureProtocolState, isMigratable
+from ...state import (
+    NotAtSafePoint,
+    ProtocolState,
+    StateError,
+    StateFingerprint,
+    captureProtocolState,
+    isMigratable,
+    unchangedSince,
+)
 from ._check import (
     checkDescriptorLimit,
     checkProgram,
@@ -74,6 +86,7 @@ from ._state import (
     REEXEC_SIGNALS,
     STATE_FD_VARIABLE,
     InheritedConnection,
+    Precopy,
     ReexecState,
     writeState,
 )
@@ -189,6 +202,12 @@ def inheritableDescriptors(
     return sorted(found)
 
 
+PRECOPY_SLICE = 500
+"""
+How many connections the pre-copy describes per reactor turn.
+"""
+
+
 class _Rollback(Exception):
     """
     The re-exec cannot go on; the message says why.
@@ -236,6 +255,100 @@ def _stillOpen(hosted: Any) -> bool:
 
 
 @define
+class _Kept:
+    """
+    A connection copied ahead of the freeze (see L{_Precopy}).
+
+    @ivar ident: its number in the manifest.
+    @ivar descriptor: its socket's descriptor.
+    @ivar state: its state as copied (a normalised snapshot).
+    @ivar fingerprint: what tells, at the freeze, whether it changed since.
+    @ivar row: what L{Precopy.add} writes for it, until written.
+    """
+
+    ident: int
+    descriptor: int
+    hosted: Any
+    protocol: Any
+    transport: Any
+    state: ProtocolState
+    fingerprint: StateFingerprint
+    row: tuple[Any, ...] = field(default=(), repr=False)
+
+
+def _addresses(transport: Any) -> dict[str, Any]:
+    """
+    The addresses of a TCP connection for its manifest entry (the new image
+    answers C{getPeer} and C{getHost} from them until it adopts the socket),
+    or nothing for another kind of socket (adopted at once).
+    """
+    sock = transport.socket
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return {}
+    try:
+        return {"peer": list(sock.getpeername()), "local": list(sock.getsockname())}
+    except OSError:
+        return {}
+
+
+@define
+class _Precopy:
+    """
+    Every movable connection described while the old image still serves,
+    written ahead into a memory file: at the freeze only the connections
+    whose state changed since (or that have output to carry, or are new)
+    are described again.
+
+    @ivar descriptor: the memory file's.
+    @ivar kept: by C{id()} of the hosted protocol, what was copied.
+    """
+
+    descriptor: int
+    kept: dict[int, _Kept]
+
+    def sort(
+        self, candidates: list[tuple[Any, Any]]
+    ) -> tuple[list[tuple[Any, Any]], list[int], list[int]]:
+        """
+        Compare every connection with its copy.
+
+        @return: the connections to describe again (changed or new), the
+            numbers of the copied ones superseded (changed or gone), and the
+            descriptors of the copied ones that still hold.
+        """
+        again = []
+        holding = set()
+        kept = self.kept
+        for listener, hosted in candidates:
+            copied = kept.get(id(hosted))
+            # The same connection, no output held, not closing, the same
+            # state: this runs for every connection while the clients wait.
+            if (
+                copied is not None
+                and hosted is copied.hosted
+                and not hosted.released
+                and hosted.wrappedProtocol is copied.protocol
+                and hosted.transport is copied.transport
+                and quiet(copied.transport)
+                and unchangedSince(copied.protocol, copied.fingerprint)
+            ):
+                holding.add(id(hosted))
+            else:
+                again.append((listener, hosted))
+        superseded = []
+        descriptors = []
+        for key, copied in kept.items():
+            if key in holding:
+                descriptors.append(copied.descriptor)
+            else:
+                superseded.append(copied.ident)
+        return again, superseded, descriptors
+
+    def close(self) -> None:
+        os.close(self.descriptor)
+
+
+@define
 class _Plan:
     """
     What happens to each connection, decided before anything is touched.
@@ -279,6 +392,7 @@ class ReexecMigration:
     closeTimeout: float | None = None
     _closed: dict[str, int] = field(factory=dict)
     _trialClosing: dict[int, tuple[Any, str]] = field(factory=dict)
+    _precopy: _Precopy | None = field(default=None, init=False)
     _attempt: MigrationAttempt = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -316,9 +430,22 @@ class ReexecMigration:
 
         self._attempt.enter(MigrationPhase.spawning)
         self._step("trying the new code in a child process: {}".format(" ".join(argv)))
-        cases = casesFrom(
+        # A slice of connections per reactor turn: copying and encoding
+        # every state at once would keep every client waiting.
+        connections = [
             (listener.key, hosted) for listener, hosted in host.allConnections()
-        )
+        ]
+        cases: list[Any] = []
+        for start in range(0, len(connections), PRECOPY_SLICE):
+            if start:
+                yield deferLater(host.reactor, 0, lambda: None)
+            cases.extend(
+                casesFrom(
+                    connections[start : start + PRECOPY_SLICE],
+                    len(cases) + 1,
+                    encode=True,
+                )
+            )
         environment = successorEnvironment(os.environ)
         environment[PREFLIGHT_VARIABLE] = "1"
         for name in (STATE_FD_VARIABLE, EXEC_AT_VARIABLE):
@@ -344,7 +471,27 @@ class ReexecMigration:
         }
         if not host.serving:
             return self._refuse("the host stopped serving during the checks")
+        try:
+            self._precopy = yield self._copyAhead()
+        except _Rollback as e:
+            phaseDone("precopy")
+            return self._refuse(str(e))
+        phaseDone("precopy")
+        try:
+            result = yield self._handOver(argv)
+        finally:
+            if self._precopy is not None:
+                self._precopy.close()
+                self._precopy = None
+        return result
 
+    @inlineCallbacks
+    def _handOver(self, argv: list[str]) -> Any:
+        """
+        From the safe points to the exec (or its rollback).
+        """
+        host = self.host
+        phaseDone = self._attempt.phaseDone
         self._attempt.enter(MigrationPhase.handingOff)
         host.pauseAccepting()
         # Every connection that moves stays at its safe point from the plan
@@ -361,6 +508,7 @@ class ReexecMigration:
             inherited = (
                 3
                 + 1
+                + (1 if self._precopy is not None else 0)
                 + len(host.listeners)
                 + (1 if host.controlPort is not None else 0)
                 + (1 if host.metricsPort is not None else 0)
@@ -400,6 +548,112 @@ class ReexecMigration:
         self._step("rolled back: this image keeps serving")
         return self._report(MigrationOutcome.rolledBack, reason)
 
+    @inlineCallbacks
+    def _copyAhead(self) -> Any:
+        """
+        Describe every movable connection now, while this image still
+        serves (a slice of L{PRECOPY_SLICE} connections per reactor turn),
+        and write the descriptions ahead (see L{_Precopy}).  Capturing each
+        state is also the dry run: an application state that cannot be
+        captured refuses the re-exec here.  A connection not at a safe point
+        now, with output Twisted holds, or closing, is left to the plan and
+        the freeze.
+
+        @return: a L{Deferred} firing with the L{_Precopy}, or with L{None}
+            if there is nothing to copy or it could not be written (the
+            freeze then describes every connection).
+
+        @raise _Rollback: (asynchronously) if a migratable protocol's state
+            cannot be captured.
+        """
+        connections = list(self.host.allConnections())
+        precopy = Precopy()
+        kept: dict[int, _Kept] = {}
+        for start in range(0, len(connections), PRECOPY_SLICE):
+            if start:
+                yield deferLater(self.host.reactor, 0, lambda: None)
+            rows = []
+            for listener, hosted in connections[start : start + PRECOPY_SLICE]:
+                copied = self._copyOne(len(kept) + 1, listener.key, hosted)
+                if copied is not None:
+                    kept[id(hosted)] = copied
+                    rows.append(copied.row)
+            try:
+                precopy.add(rows)
+            except StateError as e:
+                _log.warn(
+                    "Re-exec: the connections could not be copied ahead "
+                    "({why}); all are described at the freeze",
+                    why=str(e),
+                )
+                return None
+        if not kept:
+            return None
+        try:
+            descriptor = precopy.write()
+        except Exception as e:
+            _log.warn(
+                "Re-exec: the connections could not be copied ahead ({why}); "
+                "all are described at the freeze",
+                why=_describe(e),
+            )
+            return None
+        for each in kept.values():
+            each.row = ()
+        return _Precopy(descriptor, kept)
+
+    def _copyOne(self, ident: int, key: str, hosted: Any) -> _Kept | None:
+        """
+        Copy one connection ahead, if it can be.
+
+        @raise _Rollback: if its protocol provides L{IMigratable} and its
+            state cannot be captured.
+        """
+        protocol = hosted.wrappedProtocol
+        transport = hosted.transport
+        if (
+            protocol is None
+            or hosted.released
+            or id(hosted) in self._trialClosing
+            or not isinstance(transport, Connection)
+            or getattr(transport, "TLS", False)
+            or not quiet(transport)
+            or not isMigratable(protocol)
+        ):
+            return None
+        try:
+            state = captureProtocolState(protocol)
+        except NotAtSafePoint:
+            return None
+        except Exception as e:
+            if IMigratable.providedBy(protocol):
+                raise _Rollback(
+                    "the state of a connection on {} cannot be carried "
+                    "over: {}".format(key, _describe(e))
+                )
+            return None
+        descriptor = int(transport.fileno())
+        addresses = _addresses(transport)
+        row = (
+            ident,
+            descriptor,
+            key,
+            int(transport.socket.family),
+            state,
+            addresses.get("peer"),
+            addresses.get("local"),
+        )
+        return _Kept(
+            ident,
+            descriptor,
+            hosted,
+            protocol,
+            transport,
+            state,
+            StateFingerprint.of(state),
+            row,
+        )
+
     def _refuse(self, reason: str) -> MigrationReport:
         _log.warn("Re-exec refused: {reason}", reason=reason)
         self._step("refused: " + reason)
@@ -414,6 +668,7 @@ class ReexecMigration:
             captured.
         """
         plan = _Plan()
+        precopied = self._precopy.kept if self._precopy is not None else {}
         for listener, hosted in self.host.allConnections():
             protocol = hosted.wrappedProtocol
             transport = hosted.transport
@@ -428,6 +683,12 @@ class ReexecMigration:
                         "the new code failed on it in the trial: " + why,
                     )
                 )
+                continue
+            copied = precopied.get(id(hosted))
+            if copied is not None and copied.hosted is hosted:
+                # Captured ahead: at the freeze it is compared, and
+                # captured again if it changed.
+                plan.moving += 1
                 continue
             plain = isinstance(transport, Connection) and not getattr(
                 transport, "TLS", False
@@ -566,18 +827,27 @@ class ReexecMigration:
                 for listener, hosted in host.allConnections()
                 if id(hosted) not in leaving
             ]
-            moving, staying = describeMovable(candidates)
+            precopy = self._precopy
+            superseded: list[int] = []
+            precopied: list[int] = []
+            firstIdent = 1
+            if precopy is not None:
+                candidates, superseded, precopied = precopy.sort(candidates)
+                firstIdent = len(precopy.kept) + 1
+            moving, staying = describeMovable(candidates, firstIdent)
             closed = dict(self._closed)
             connections = [
                 InheritedConnection(
                     each.descriptor(),
                     each.listenerKey,
-                    each.entry,
+                    dict(each.entry, **_addresses(each.transport)),
                     closing=bool(each.transport.disconnecting),
                 )
                 for each in moving
             ]
-            connections.extend(self._describeFresh(staying, len(moving), closed))
+            connections.extend(
+                self._describeFresh(staying, firstIdent - 1 + len(moving), closed)
+            )
             state = ReexecState(
                 pid=host.pid,
                 generation=host.generation,
@@ -608,9 +878,11 @@ class ReexecMigration:
                 blockedSignals=tuple(blocked),
                 reporters=self._reporters(),
                 draining=tuple(dict(each) for each in host.draining.values()),
+                precopy=None if precopy is None else precopy.descriptor,
+                superseded=tuple(superseded),
             )
             stateFd = writeState(state, validate=False)
-            marks = DescriptorMarks.apply(state.descriptors() + [stateFd])
+            marks = DescriptorMarks.apply(state.descriptors() + precopied + [stateFd])
             if marks.strays:
                 _log.warn(
                     "Re-exec: descriptors {fds} were inheritable though nothing "
@@ -623,10 +895,11 @@ class ReexecMigration:
             environment = successorEnvironment(os.environ)
             environment[STATE_FD_VARIABLE] = str(stateFd)
             _log.info(
-                "Re-exec: execv {argv} with {count} connections, state in "
-                "descriptor {fd}",
+                "Re-exec: execv {argv} with {count} connections ({again} "
+                "described at the freeze), state in descriptor {fd}",
                 argv=argv,
-                count=len(connections),
+                count=len(connections) + len(precopied),
+                again=len(connections),
                 fd=stateFd,
             )
             flushPythonOutput()

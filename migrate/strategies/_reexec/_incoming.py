@@ -38,6 +38,7 @@ from ..._handoff._listeners import adoptListener
 from ..._handoff._movement import AdoptedConnection, adoptEntry
 from ..._handoff._transport import adoptConnection
 from ..._host._daemon import DAEMON_LOG_FILE, skipProcessSetUp, stayInForeground
+from ..._host._heap import collectionsPaused
 from ..._host._tracking import PendingAdoptionFactory
 from ..._report import ListenerReport, MigrationOutcome, MigrationReport
 from ...interfaces import IMigrationHost
@@ -135,13 +136,8 @@ def inheritedReexec(
             )
         # No collector passes over the thousands of objects the document
         # is parsed into: the clients wait.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        with collectionsPaused():
             state = readState(int(raw))
-        finally:
-            if collecting:
-                gc.enable()
     except StateError as e:
         lost = inherited()
         for fd in lost:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import base64
 import errno
-import gc
 import os
 import signal
 import socket
@@ -60,6 +59,7 @@ from ..._handoff._safepoint import atSafePoints
 from ..._handoff._successor import flushPythonOutput, successorCommandLine
 from ..._handoff._transport import pendingOutput, quiet
 from ..._handoff._trial import TrialOutcome, casesFrom, runTrial
+from ..._host._heap import collectionsPaused
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
 from ..._systemd import successorEnvironment
 from ...interfaces import IMigratable, IMigrationHost
@@ -798,13 +798,8 @@ class ReexecMigration:
         frozenAt = time.monotonic()
         # The cyclic collector's passes over a heap this size would add to
         # the clients' wait; nothing here makes garbage worth collecting.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        with collectionsPaused():
             return self._freezeAndExecUncollected(argv, stillClosing, frozenAt)
-        finally:
-            if collecting:
-                gc.enable()
 
     def _freezeAndExecUncollected(
         self, argv: list[str], stillClosing: list[Any], frozenAt: float

@@ -53,7 +53,6 @@ cannot be complete.
 
 from __future__ import annotations
 
-import gc
 import sys
 from collections import Counter
 from functools import partial
@@ -69,6 +68,7 @@ from ..._handoff._movement import describePeer
 from ..._handoff._movers._registry import movers
 from ..._handoff._trial import TrialCase, TrialOutcome
 from ..._handoff._trial import _peerOf as peerOf
+from ..._host._heap import collectionsPaused
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
 from ...interfaces import IMigratable, IMigrationHost
 from ...state import (
@@ -447,16 +447,12 @@ class ReloadAttempt:
         # A full collection in the pause, which creates thousands of
         # objects, would lengthen it by tens of milliseconds: the collector
         # waits for the next turn.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            early = self._finish()
-        except Exception as e:
-            _log.failure("Reload failed unexpectedly")
-            early = self.rollBack("internal error: {}".format(describeError(e)))
-        finally:
-            if collecting:
-                gc.enable()
+        with collectionsPaused():
+            try:
+                early = self._finish()
+            except Exception as e:
+                _log.failure("Reload failed unexpectedly")
+                early = self.rollBack("internal error: {}".format(describeError(e)))
         if early is not None:
             return succeed(early)
         return self._switchAll()

@@ -58,7 +58,7 @@ from collections import Counter
 from functools import partial
 from typing import Any, Callable
 
-from attrs import define, field
+from attrs import define, evolve, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
@@ -394,16 +394,21 @@ class ReloadAttempt:
                     StateFingerprint.of(state),
                 ),
             )
-        cases.append(
-            TrialCase(
-                len(cases) + 1,
-                key,
-                peerOf(hosted),
-                _qualified(type(protocol)),
-                state.toPlain(),
-                hosted,
-            )
+        case = TrialCase(
+            len(cases) + 1,
+            key,
+            peerOf(hosted),
+            _qualified(type(protocol)),
+            state.toPlain(),
+            hosted,
         )
+        try:
+            # Encoded now, a slice at a time: the trial would otherwise
+            # encode every case at once while the clients wait.
+            case = evolve(case, line=case.toLine())
+        except StateError:
+            pass  # Said when the trial starts.
+        cases.append(case)
 
     def tried(self, outcome: TrialOutcome) -> Deferred[MigrationReport]:
         """

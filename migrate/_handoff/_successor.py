@@ -448,6 +448,32 @@ class SuccessorProcess:
         except ProcessExitedAlready:
             pass
 
+    def outputPipes(self) -> dict[int, int]:
+        """
+        The descriptors this process reads the successor's standard output
+        and error from, by the successor's descriptor number, for a caller
+        that stops the reactor for a while and must keep reading them (a
+        successor writing to a full pipe would wait for it): see
+        L{deliverOutput}.
+        """
+        pipes = getattr(self._transport, "pipes", {})
+        found = {}
+        for childFD in (1, 2):
+            reader = pipes.get(childFD)
+            if reader is not None:
+                try:
+                    found[childFD] = int(reader.fileno())
+                except (AttributeError, OSError, ValueError):
+                    continue
+        return found
+
+    def deliverOutput(self, childFD: int, data: bytes) -> None:
+        """
+        Output read from one of L{outputPipes} by such a caller: handled as
+        if the reactor had read it.
+        """
+        self._protocol.childDataReceived(childFD, data)
+
     def _whenOutputClosed(self) -> Deferred[None]:
         """
         Wait until the process has ended and its output pipes are closed.

@@ -442,6 +442,37 @@ class PrecopyIntegrationTests(LiveAppMixin, TestCase):
         self.assertEqual(len(active.lines), 1 + 3 + 1)
 
     @inlineCallbacks
+    def test_successorLogsALotAtTheFreeze(self):
+        """
+        New code that writes more at the freeze than a pipe holds (here:
+        100 KiB per connection it restores) does not stall the hand-off:
+        the old process, standing still, keeps reading the successor's
+        output, and logs it.
+        """
+        status = yield self.startHost("--freeze-timeout", "20")
+        clients = yield self.connectClients(3)
+        writeModule(
+            self.host.workdir,
+            "liveapp",
+            MIGRATABLE_V2.replace(
+                'self.count = state["total"]',
+                'self.count = state["total"]\n'
+                "        import sys\n"
+                '        sys.stdout.write(("restoring %d " % self.count) * 8000 + "\\n")\n'
+                '        sys.stdout.write("restored one\\n")\n'
+                "        sys.stdout.flush()",
+            ),
+        )
+        code, report, err = yield self.host.upgrade()
+        self.assertEqual((code, report["outcome"]), (0, "success"), err)
+        self.assertEqual(report["moved"], 3)
+        self.assertEqual(self.host.output().count("restored one"), 3)
+        for client in clients:
+            reply = yield self.exchange(client, b"after")
+            self.assertEqual(reply[:2], [b"v2", str(report["newPid"]).encode()])
+        self.assertNotEqual(status["pid"], report["newPid"])
+
+    @inlineCallbacks
     def test_successorDiesDuringThePrecopy(self):
         """
         A successor that dies while it stages the pre-copied connections

@@ -136,6 +136,48 @@ class CommitBlockingTests(SynchronousTestCase):
             str(error), "successor did not answer within 0.2 s while committing"
         )
 
+    def test_successorOutputRead(self) -> None:
+        """
+        While it waits, the old process keeps reading the successor's output
+        pipes: a successor that writes more than a pipe holds before it
+        answers (an application logging each connection it restores) is
+        not left waiting for it.  What was read is handed on, in order.
+        """
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        os.set_blocking(r, False)
+        lines = b"".join(b"restored connection %d\n" % n for n in range(20000))
+        self.assertGreater(len(lines), 4 * 65536)
+
+        def answer(sock: socket.socket, message: Any) -> None:
+            with os.fdopen(w, "wb") as output:
+                output.write(lines)
+            sock.sendall(_frame(b'{"pid":42}'))
+
+        peer = _Peer(answer)
+        self.addCleanup(peer.close)
+        read: list[tuple[int, bytes]] = []
+        result = commitBlocking(
+            peer.ours,
+            {"changes": [], "withdrawn": []},
+            10.0,
+            outputPipes={1: r},
+            onOutput=lambda childFD, data: read.append((childFD, data)),
+        )
+        self.assertEqual(result, {"pid": 42})
+        self.assertEqual({childFD for childFD, _ in read}, {1})
+        received = b"".join(data for _, data in read)
+        # The rest, if any, is still in the pipe for the reactor.
+        while True:
+            try:
+                more = os.read(r, 65536)
+            except BlockingIOError:
+                break
+            if not more:
+                break
+            received += more
+        self.assertEqual(received, lines)
+
     def test_unencodable(self) -> None:
         """
         A delta that is not JSON is refused before anything is sent.

@@ -21,10 +21,12 @@ own parser and then checked state by state (see L{_loadDelta}).
 from __future__ import annotations
 
 import json
+import os
+import select
 import socket
 import struct
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -63,14 +65,70 @@ class FreezeFailed(Exception):
         self.ident = ident
 
 
-def _receiveExactly(sock: socket.socket, count: int, deadline: float) -> bytes:
+class _OutputDrain:
+    """
+    Keeps reading the successor's output pipes while the reactor stands
+    still: a successor that logs more than a pipe holds (an application
+    logging each connection it restores) would otherwise wait for this
+    process, which waits for it.
+
+    @ivar pipes: the read ends, by the successor's descriptor number.
+    @ivar read: what was read, in order, for the caller to deliver.
+    """
+
+    def __init__(self, pipes: Mapping[int, int]) -> None:
+        self.pipes = dict(pipes)
+        self.read: list[tuple[int, bytes]] = []
+
+    def wait(self, sock: socket.socket, event: int, deadline: float) -> None:
+        """
+        Wait until C{sock} is ready for C{event}, reading the pipes
+        meanwhile.
+
+        @raise socket.timeout: if C{deadline} passes first.
+        """
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout()
+            poller = select.poll()
+            poller.register(sock.fileno(), event)
+            byDescriptor = {fd: childFD for childFD, fd in self.pipes.items()}
+            for fd in byDescriptor:
+                poller.register(fd, select.POLLIN)
+            ready = False
+            for fd, events in poller.poll(max(1, int(remaining * 1000))):
+                if fd == sock.fileno():
+                    ready = True
+                elif fd in byDescriptor:
+                    self._readPipe(byDescriptor[fd], fd)
+            if ready:
+                return
+
+    def _readPipe(self, childFD: int, fd: int) -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.read.append((childFD, data))
+        else:
+            # Closed: the reactor sees it too, later.
+            del self.pipes[childFD]
+
+
+def _receiveExactly(
+    sock: socket.socket, count: int, deadline: float, drain: _OutputDrain
+) -> bytes:
     chunks = []
     while count:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise socket.timeout()
-        sock.settimeout(remaining)
-        chunk = sock.recv(min(count, 65536))
+        drain.wait(sock, select.POLLIN, deadline)
+        try:
+            chunk = sock.recv(min(count, 65536))
+        except BlockingIOError:
+            continue
         if not chunk:
             raise FreezeFailed("the hand-off channel closed while committing")
         chunks.append(chunk)
@@ -78,14 +136,39 @@ def _receiveExactly(sock: socket.socket, count: int, deadline: float) -> bytes:
     return b"".join(chunks)
 
 
-def commitBlocking(sock: socket.socket, delta: Any, timeout: float) -> dict[str, Any]:
+def _sendAll(
+    sock: socket.socket, data: bytes, deadline: float, drain: _OutputDrain
+) -> None:
+    view = memoryview(data)
+    while view:
+        drain.wait(sock, select.POLLOUT, deadline)
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            continue
+        view = view[sent:]
+
+
+def commitBlocking(
+    sock: socket.socket,
+    delta: Any,
+    timeout: float,
+    outputPipes: Mapping[int, int] | None = None,
+    onOutput: Callable[[int, bytes], None] = lambda childFD, data: None,
+) -> dict[str, Any]:
     """
     Send the freeze's delta and wait for the successor's answer, blocking
-    this process (its reactor included) for at most C{timeout} seconds.
+    this process (its reactor included) for at most C{timeout} seconds,
+    reading the successor's output pipes meanwhile.
 
     @param sock: the old process's end of the freeze socketpair.
     @param delta: plain data: what changed since the pre-copy.
     @param timeout: seconds.
+    @param outputPipes: the successor's output pipes to keep reading, by
+        its descriptor number (see
+        L{migrate._handoff._successor.SuccessorProcess.outputPipes}).
+    @param onOutput: called, once the wait is over, with everything read
+        from them, in order.
 
     @return: the answer: C{{"pid": int}} when the successor serves.
 
@@ -107,14 +190,15 @@ def commitBlocking(sock: socket.socket, delta: Any, timeout: float) -> dict[str,
             "freeze carries".format(len(payload), MAX_DELTA_BYTES)
         )
     deadline = time.monotonic() + timeout
+    drain = _OutputDrain(outputPipes or {})
     try:
-        sock.settimeout(timeout)
-        sock.sendall(struct.pack("!I", len(payload)) + payload)
-        (size,) = struct.unpack("!I", _receiveExactly(sock, 4, deadline))
+        sock.setblocking(False)
+        _sendAll(sock, struct.pack("!I", len(payload)) + payload, deadline, drain)
+        (size,) = struct.unpack("!I", _receiveExactly(sock, 4, deadline, drain))
         if size > MAX_ANSWER_BYTES:
             raise FreezeFailed("the successor's answer is {} bytes".format(size))
         answer = decodeState(
-            _receiveExactly(sock, size, deadline),
+            _receiveExactly(sock, size, deadline, drain),
             maxBytes=MAX_ANSWER_BYTES,
             maxDepth=4,
         )
@@ -126,6 +210,9 @@ def commitBlocking(sock: socket.socket, delta: Any, timeout: float) -> dict[str,
         raise FreezeFailed("the hand-off channel closed while committing")
     except StateError as e:
         raise FreezeFailed("unreadable answer from the successor: {}".format(e))
+    finally:
+        for childFD, data in drain.read:
+            onOutput(childFD, data)
     if not isinstance(answer, dict):
         raise FreezeFailed("unreadable answer from the successor")
     refused = answer.get("refused")

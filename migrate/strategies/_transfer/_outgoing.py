@@ -612,8 +612,17 @@ class OutgoingHandoff:
         sock = self._freezeSocket
         assert sock is not None
         try:
+            successor = self.successor
             answer = commitBlocking(
-                sock, delta.toPlain(), self.host.settings.freezeTimeout
+                sock,
+                delta.toPlain(),
+                self.host.settings.freezeTimeout,
+                outputPipes=None if successor is None else successor.outputPipes(),
+                onOutput=(
+                    (lambda childFD, data: None)
+                    if successor is None
+                    else successor.deliverOutput
+                ),
             )
         except FreezeFailed as e:
             self._precopied = []

@@ -79,7 +79,8 @@ def clientWait(report: MigrationReport) -> float | None:
     connections in the kernel's backlog for the listeners' hand-off).
 
     Re-exec measures its suspension; capability transfer holds the
-    connections it moves from their freeze (C{connections}) to the commit;
+    connections it moves from their freeze (C{connections}, then after a
+    pre-copy C{freeze}) to the commit;
     module reload serves nothing during its C{pause} (import, prepare,
     commit) and the longest of its slices before and after it (older
     reports: its commit).
@@ -94,7 +95,11 @@ def clientWait(report: MigrationReport) -> float | None:
     if "suspension" in durations:
         return durations["suspension"]
     if "connections" in durations:
-        return durations["connections"] + durations.get("commit", 0.0)
+        return (
+            durations["connections"]
+            + durations.get("freeze", 0.0)
+            + durations.get("commit", 0.0)
+        )
     if report.strategy == "reload" and "commit" in durations:
         return durations["commit"]
     return None

@@ -88,6 +88,21 @@ class ClientWaitTests(SynchronousTestCase):
         self.assertEqual(
             clientWait(_report("capability", connections=0.5, commit=0.25)), 0.75
         )
+        # After a pre-copy: the freeze too, not the pre-copy nor the let-go
+        # (the successor serves by then).
+        self.assertEqual(
+            clientWait(
+                _report(
+                    "capability",
+                    precopy=4.0,
+                    connections=0.125,
+                    freeze=0.25,
+                    commit=0.5,
+                    letgo=2.0,
+                )
+            ),
+            0.875,
+        )
         self.assertEqual(clientWait(_report("reload", commit=0.125)), 0.125)
         self.assertEqual(
             clientWait(

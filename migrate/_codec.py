@@ -30,6 +30,7 @@ __all__ = [
     "StateError",
     "decodeState",
     "encodeState",
+    "encodeCheckedState",
 ]
 
 MAX_STATE_BYTES = 1 << 20
@@ -280,6 +281,29 @@ def encodeState(
         raise StateError(
             f"state: encodes to {len(data)} bytes, more than the limit of "
             f"{maxBytes} bytes"
+        )
+    return data
+
+
+def encodeCheckedState(value: object, *, maxBytes: int) -> bytes:
+    """
+    Encode, as L{encodeState} does, plain data whose every state was
+    already checked as it was captured: without walking it again, for a
+    step where every client waits (a freeze's delta, re-exec's state
+    document).
+
+    @raise StateError: if it cannot be encoded after all, or encodes to
+        more than C{maxBytes}.
+    """
+    try:
+        data = json.dumps(
+            value, ensure_ascii=True, allow_nan=False, separators=(",", ":")
+        ).encode("ascii")
+    except (TypeError, ValueError, RecursionError) as e:
+        raise StateError(f"not plain data: {e}") from e
+    if len(data) > maxBytes:
+        raise StateError(
+            f"encodes to {len(data)} bytes, more than the limit of {maxBytes}"
         )
     return data
 

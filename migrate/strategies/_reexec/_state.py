@@ -38,7 +38,7 @@ from typing import Any, Mapping
 
 from attrs import evolve, field, frozen
 
-from ..._codec import StateError, encodeState
+from ..._codec import StateError, encodeCheckedState, encodeState
 from ..._handoff._fdpass import readMemfd, writeMemfd
 from ...state import ProtocolState
 
@@ -427,16 +427,9 @@ def writeState(state: ReexecState, *, validate: bool = True) -> int:
         # state again: it was checked when it was captured, and this runs
         # while the clients wait.
         try:
-            data = json.dumps(
-                plain, ensure_ascii=True, allow_nan=False, separators=(",", ":")
-            ).encode("ascii")
-        except (TypeError, ValueError) as e:
-            raise StateError("the state document is not plain data: {}".format(e))
-        if len(data) > MAX_STATE_BYTES:
-            raise StateError(
-                "the state document takes {} bytes, more than the limit of "
-                "{}".format(len(data), MAX_STATE_BYTES)
-            )
+            data = encodeCheckedState(plain, maxBytes=MAX_STATE_BYTES)
+        except StateError as e:
+            raise StateError("the state document: {}".format(e))
     return writeMemfd(data, "migrate-reexec-state", inheritable=True)
 
 

@@ -32,7 +32,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 
-from ..._codec import StateError, decodeState, encodeState
+from ..._codec import StateError, decodeState, encodeCheckedState, encodeState
 
 __all__ = [
     "FreezeFailed",
@@ -179,16 +179,9 @@ def commitBlocking(
     # Every state in it was checked as it was captured: encode it without
     # walking each one again (the clients are waiting).
     try:
-        payload = json.dumps(
-            delta, ensure_ascii=True, allow_nan=False, separators=(",", ":")
-        ).encode("ascii")
-    except (TypeError, ValueError) as e:
-        raise FreezeFailed("cannot encode what changed: {}".format(e))
-    if len(payload) > MAX_DELTA_BYTES:
-        raise FreezeFailed(
-            "what changed since the pre-copy is {} bytes, more than the {} a "
-            "freeze carries".format(len(payload), MAX_DELTA_BYTES)
-        )
+        payload = encodeCheckedState(delta, maxBytes=MAX_DELTA_BYTES)
+    except StateError as e:
+        raise FreezeFailed("what changed since the pre-copy: {}".format(e))
     deadline = time.monotonic() + timeout
     drain = _OutputDrain(outputPipes or {})
     try:

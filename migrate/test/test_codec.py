@@ -22,6 +22,7 @@ from migrate._codec import (
     MAX_STATE_BYTES,
     StateError,
     decodeState,
+    encodeCheckedState,
     encodeState,
 )
 
@@ -89,6 +90,28 @@ class _Point(NamedTuple):
 
 class _Text(str):
     pass
+
+
+class EncodeCheckedTests(SynchronousTestCase):
+    """
+    L{encodeCheckedState} encodes checked data as L{encodeState} does,
+    within its bound.
+    """
+
+    def test_sameEncoding(self) -> None:
+        value = {"count": 3, "names": ["a", "\u00e9"], "f": 1.5, "n": None}
+        self.assertEqual(encodeCheckedState(value, maxBytes=1000), encodeState(value))
+
+    def test_refused(self) -> None:
+        """
+        Not JSON (C{NaN}, bytes), or over the bound: L{StateError}.
+        """
+        for value in ({"x": float("nan")}, {"x": b"1"}):
+            self.assertRaises(StateError, encodeCheckedState, value, maxBytes=100)
+        error = self.assertRaises(
+            StateError, encodeCheckedState, {"x": "y" * 50}, maxBytes=20
+        )
+        self.assertIn("more than the limit of 20", str(error))
 
 
 class RoundTripTests(SynchronousTestCase):

@@ -183,6 +183,12 @@ class FakeSuccessor:
     def terminate(self) -> None:
         self._signal("TERM")
 
+    def outputPipes(self) -> dict[int, int]:
+        return {}
+
+    def deliverOutput(self, childFD: int, data: bytes) -> None:
+        self.tail.extend(data.decode("utf-8", "replace").splitlines())
+
     def _signal(self, name: str) -> None:
         if self.exited:
             return

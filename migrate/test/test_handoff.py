@@ -90,7 +90,16 @@ class FakeSuccessorTests(SynchronousTestCase):
                 self.assertEqual(inspect.signature(fake), inspect.signature(real), name)
         self.assertEqual(
             sorted(checked),
-            ["exited", "kill", "logTail", "pid", "terminate", "whenEnded"],
+            [
+                "deliverOutput",
+                "exited",
+                "kill",
+                "logTail",
+                "outputPipes",
+                "pid",
+                "terminate",
+                "whenEnded",
+            ],
         )
 
 

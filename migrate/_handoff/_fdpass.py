@@ -230,6 +230,10 @@ def sendLiveDescriptors(
         except OSError as e:
             finish(DescriptorTransferError(f"sendmsg failed: {e}"))
             return
+        except Exception as e:
+            # A source that failed: the transfer fails, it never hangs.
+            finish(DescriptorTransferError(f"looking up a descriptor failed: {e!r}"))
+            return
         if position >= total and not unsent:
             finish(None)
             return

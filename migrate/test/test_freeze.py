@@ -307,6 +307,22 @@ class SendLiveDescriptorsTests(TestCase):
         self.assertEqual(got[270], os.stat(os.devnull).st_ino)
 
     @inlineCallbacks
+    def test_failingSource(self) -> Any:
+        """
+        A source that raises fails the transfer with
+        L{DescriptorTransferError}; it never hangs.
+        """
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+
+        def broken() -> int | None:
+            raise RuntimeError("no such connection")
+
+        with self.assertRaises(DescriptorTransferError):
+            yield sendLiveDescriptors(reactor, ours, [broken], timeout=5)
+
+    @inlineCallbacks
     def test_peerGone(self) -> Any:
         """
         A peer that closed its end fails the transfer with

@@ -1170,6 +1170,7 @@ class IncomingChannelTests(SynchronousTestCase):
             {"changes": {}, "withdrawn": []},
             {"changes": [{"id": "1"}], "withdrawn": []},
             {"changes": [], "withdrawn": None},
+            {"changes": [{"id": 1}, {"id": 1}], "withdrawn": []},
         ):
             self.assertRaises(HandoffRefused, self.channel._freezeCommit, delta)
         self.assertFalse(self.host.serving)

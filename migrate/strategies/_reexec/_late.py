@@ -328,18 +328,26 @@ class LateAdoption:
                 self.reactor, descriptor, _Reattach(hosted), standIn.family, hold=False
             )
         except Exception as e:
-            # The peer went away since the old image described it (reset:
-            # no peer address any more).  Dropped quietly, counted; its
-            # protocol hears of it as of any ended connection.
+            # Usually the peer went away since the old image described it
+            # (reset: no peer address any more): dropped quietly, counted;
+            # its protocol hears of it as of any ended connection.  Anything
+            # else is a fault, said as one, and ends the connection alike.
             standIn.transport = _gone
             standIn.dead = True
             self.dropped += 1
-            _log.debug(
-                "Re-exec: a carried-over connection from {peer} ended before "
-                "its socket was adopted: {why}",
-                peer=standIn.peer,
-                why=str(e),
-            )
+            if isinstance(e, (OSError, ValueError)):
+                _log.debug(
+                    "Re-exec: a carried-over connection from {peer} ended "
+                    "before its socket was adopted: {why}",
+                    peer=standIn.peer,
+                    why=str(e),
+                )
+            else:
+                _log.failure(
+                    "Re-exec: adopting the socket of the connection from {peer} "
+                    "failed; it ends",
+                    peer=standIn.peer,
+                )
             hosted.factory.unregisterProtocol(hosted)
             hosted.stopAwaiting()
             self.reactor.callLater(
@@ -403,6 +411,19 @@ class LateAdoption:
         self._byDescriptor = byDescriptor
         self.reactor.callLater(0, self._slice)
 
+    def _adoptGuarded(self, standIn: StandIn) -> None:
+        """
+        Adopt one socket; a fault is logged, never left to stop the slices
+        (the connections after it would never be served).
+        """
+        try:
+            self.adopt(standIn)
+        except Exception:
+            _log.failure(
+                "Re-exec: serving the connection from {peer} failed",
+                peer=standIn.peer,
+            )
+
     def _slice(self) -> None:
         waiting = self._waiting
         byDescriptor = self._byDescriptor
@@ -411,9 +432,9 @@ class LateAdoption:
         for descriptor, events in self._poller.poll(0):
             standIn = byDescriptor.get(descriptor)
             if standIn is not None:
-                self.adopt(standIn)
+                self._adoptGuarded(standIn)
         for _ in range(min(self.sliceSize, len(waiting))):
-            self.adopt(waiting.popleft())
+            self._adoptGuarded(waiting.popleft())
         if waiting:
             self.reactor.callLater(0, self._slice)
             return

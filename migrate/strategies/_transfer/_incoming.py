@@ -283,6 +283,8 @@ class IncomingChannel(amp.AMP):
         """
         try:
             if self.committed or self._freeze is not None:
+                os.close(manifest)
+                os.close(bulk)
                 raise HandoffRefused("pre-copy after the commit or twice")
             self._freeze = listenForFreeze(
                 self.host.reactor, freeze, self._freezeCommit
@@ -541,9 +543,15 @@ def _parseDelta(delta: Any) -> tuple[list[dict[str, Any]], list[Any]]:
     withdrawn = delta.get("withdrawn")
     if not isinstance(changes, list) or not isinstance(withdrawn, list):
         raise HandoffRefused("malformed freeze message")
+    seen = set()
     for change in changes:
         if not isinstance(change, dict) or type(change.get("id")) is not int:
             raise HandoffRefused("malformed change in the freeze message")
+        if change["id"] in seen:
+            raise HandoffRefused(
+                "connection {} changed twice in the freeze message".format(change["id"])
+            )
+        seen.add(change["id"])
     return changes, withdrawn
 
 

@@ -31,6 +31,7 @@ import re
 import signal
 import stat
 import sys
+import time
 from collections import deque
 from typing import (
     Any,
@@ -439,6 +440,31 @@ class SuccessorProcess:
         Ask the process to end (C{SIGTERM}) if it still runs.
         """
         self._signal("TERM")
+
+    def killNow(self, timeout: float) -> bool:
+        """
+        Kill the process (C{SIGKILL}) and wait for it to be dead, blocking
+        this process (its reactor included) for at most C{timeout} seconds:
+        for a caller that must not read a socket the successor might still
+        be reading.  The process is not reaped (C{WNOWAIT}): the reactor
+        hears of its end as usual.
+
+        @return: whether it is dead.
+        """
+        self._signal("KILL")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ended = os.waitid(
+                    os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT
+                )
+            except ChildProcessError:
+                return True
+            if ended is not None:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
 
     def _signal(self, name: str) -> None:
         if self.exited:

@@ -183,6 +183,10 @@ class FakeSuccessor:
     def terminate(self) -> None:
         self._signal("TERM")
 
+    def killNow(self, timeout: float) -> bool:
+        self._signal("KILL")
+        return self.exited
+
     def outputPipes(self) -> dict[int, int]:
         return {}
 

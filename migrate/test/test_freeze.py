@@ -24,7 +24,12 @@ from .._handoff._fdpass import (
     receiveDescriptors,
     sendLiveDescriptors,
 )
-from ..strategies._transfer._freeze import FreezeFailed, FreezeReceiver, commitBlocking
+from ..strategies._transfer._freeze import (
+    FreezeFailed,
+    FreezeReceiver,
+    commitBlocking,
+    lateAnswer,
+)
 
 
 def _frame(data: bytes) -> bytes:
@@ -190,12 +195,28 @@ class CommitBlockingTests(SynchronousTestCase):
         self.assertRaises(BlockingIOError, theirs.recv, 1)
 
 
+class LateAnswerTests(SynchronousTestCase):
+    """
+    L{lateAnswer} finds an answer that came just as the wait ended.
+    """
+
+    def test_answerOrNothing(self) -> None:
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        self.assertIsNone(lateAnswer(ours))
+        theirs.sendall(_frame(b'{"pid":9}'))
+        self.assertEqual(lateAnswer(ours), {"pid": 9})
+        theirs.sendall(_frame(b"[not an answer"))
+        self.assertIsNone(lateAnswer(ours))
+
+
 class FreezeReceiverTests(SynchronousTestCase):
     """
     L{FreezeReceiver} hands the one delta to its commit and answers.
     """
 
-    def receive(self, data: bytes, commit: Callable[[Any], Any]) -> Any:
+    def receive(self, data: bytes, commit: Callable[[Any, Any], Any]) -> Any:
         receiver = FreezeReceiver(commit)
         transport = StringTransport()
         receiver.makeConnection(transport)
@@ -211,7 +232,7 @@ class FreezeReceiverTests(SynchronousTestCase):
         """
         seen: list[Any] = []
 
-        def commit(delta: Any) -> Any:
+        def commit(delta: Any, answerNow: Any) -> Any:
             seen.append(delta)
             return {"pid": 5}
 
@@ -226,7 +247,7 @@ class FreezeReceiverTests(SynchronousTestCase):
         connection it names.
         """
 
-        def refuse(delta: Any) -> Any:
+        def refuse(delta: Any, answerNow: Any) -> Any:
             error = ValueError("no such thing")
             error.ident = 9  # type: ignore[attr-defined]
             raise error
@@ -241,8 +262,21 @@ class FreezeReceiverTests(SynchronousTestCase):
         calling the commit.
         """
         for bad in (b"{nope", b'{"x":NaN}'):
-            answer = self.receive(bad, lambda delta: self.fail("called"))
+            answer = self.receive(bad, lambda delta, answerNow: self.fail("called"))
             self.assertIn("malformed freeze message", answer["refused"])
+
+    def test_answeredBeforeServing(self) -> None:
+        """
+        A commit that answers as it starts serving is answered once, then; a
+        failure after that is logged, never answered as a refusal.
+        """
+
+        def commit(delta: Any, answerNow: Any) -> Any:
+            answerNow({"pid": 7})
+            raise RuntimeError("after the answer")
+
+        self.assertEqual(self.receive(b"{}", commit), {"pid": 7})
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_once(self) -> None:
         """
@@ -250,7 +284,7 @@ class FreezeReceiverTests(SynchronousTestCase):
         """
         calls: list[Any] = []
 
-        def commit(delta: Any) -> Any:
+        def commit(delta: Any, answerNow: Any) -> Any:
             calls.append(delta)
             return {"pid": 1}
 

@@ -94,6 +94,7 @@ class FakeSuccessorTests(SynchronousTestCase):
                 "deliverOutput",
                 "exited",
                 "kill",
+                "killNow",
                 "logTail",
                 "outputPipes",
                 "pid",
@@ -1118,13 +1119,25 @@ class IncomingChannelTests(SynchronousTestCase):
         self.assertEqual(self.restored, [])
         self.assertFalse(self.host.serving)
         change = {"id": 2, "output": ""}
-        answer = self.channel._freezeCommit({"changes": [change], "withdrawn": [3]})
+        answers: list[Any] = []
+
+        def answerNow(answer: Any) -> None:
+            # Said before any connection serves.
+            answers.append(answer)
+            self.staged[2].events.append("answered")
+
+        answer = self.channel._freezeCommit(
+            {"changes": [change], "withdrawn": [3]}, answerNow
+        )
         self.assertEqual(answer, {"pid": os.getpid()})
+        self.assertEqual(answers, [answer])
         self.assertTrue(self.host.serving)
         self.assertEqual(self.restored, [2, 1])
         self.assertEqual(self.staged[2].updates, [change])
         self.assertEqual(self.staged[3].events, ["abandon"])
-        self.assertEqual(self.staged[2].events, ["update", "restore", "commit"])
+        self.assertEqual(
+            self.staged[2].events, ["update", "restore", "answered", "commit"]
+        )
         self.assertEqual(self.staged[1].events, ["restore"])
         self.h.reactor.advance(0)
         self.assertEqual(self.staged[1].events, ["restore", "commit"])
@@ -1143,6 +1156,7 @@ class IncomingChannelTests(SynchronousTestCase):
             HandoffRefused,
             self.channel._freezeCommit,
             {"changes": [], "withdrawn": []},
+            self.fail,
         )
         self.assertEqual(
             str(error), "the new code refused connection 2: version 9 is unknown"
@@ -1162,6 +1176,7 @@ class IncomingChannelTests(SynchronousTestCase):
             HandoffRefused,
             self.channel._freezeCommit,
             {"changes": [{"id": 7}], "withdrawn": []},
+            self.fail,
         )
         self.assertEqual(self.staged[1].events, ["abandon"])
         delta: Any
@@ -1172,7 +1187,9 @@ class IncomingChannelTests(SynchronousTestCase):
             {"changes": [], "withdrawn": None},
             {"changes": [{"id": 1}, {"id": 1}], "withdrawn": []},
         ):
-            self.assertRaises(HandoffRefused, self.channel._freezeCommit, delta)
+            self.assertRaises(
+                HandoffRefused, self.channel._freezeCommit, delta, self.fail
+            )
         self.assertFalse(self.host.serving)
 
     def test_precopyRefusals(self) -> None:
@@ -1194,7 +1211,7 @@ class IncomingChannelTests(SynchronousTestCase):
             json.loads(answer["refused"]), [{"id": 1, "reason": "not migratable"}]
         )
         answer = self.channel._freezeCommit(
-            {"changes": [{"id": 2, "output": ""}], "withdrawn": []}
+            {"changes": [{"id": 2, "output": ""}], "withdrawn": []}, lambda a: None
         )
         self.assertEqual(answer, {"pid": os.getpid()})
         self.assertEqual(self.restored, [3])

@@ -1005,3 +1005,37 @@ class InheritedHandoffTests(SynchronousTestCase):
             self.environ(handoff, f"{self.stdout},{self.stdout}"), "twice"
         )
         self.assertRejected(self.environ(handoff, f"{self.stdout},{handoff}"), "twice")
+
+
+class KillNowTests(SynchronousTestCase):
+    """
+    L{SuccessorProcess.killNow} kills a successor and waits until it is
+    dead, without reaping it.
+    """
+
+    def test_deadNotReaped(self) -> None:
+        """
+        After it returns C{True}, the process is dead (a zombie until its
+        parent reaps it, as the reactor does).
+        """
+        import subprocess
+
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        self.addCleanup(child.wait)
+
+        class Transport:
+            pid = child.pid
+
+            def signalProcess(self, name: str) -> None:
+                os.kill(child.pid, getattr(signal, "SIG" + name))
+
+        class Protocol:
+            exit = None
+
+        successor = _successor.SuccessorProcess(
+            child.pid, Transport(), Protocol()  # type: ignore[arg-type]
+        )
+        self.assertTrue(successor.killNow(10.0))
+        with open("/proc/{}/stat".format(child.pid)) as stat:
+            self.assertEqual(stat.read().rsplit(")", 1)[1].split()[0], "Z")
+        self.assertEqual(child.wait(), -signal.SIGKILL)

@@ -33,11 +33,13 @@ from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 
 from ..._codec import StateError, decodeState, encodeCheckedState, encodeState
+from ..._handoff._transport import writeNow
 
 __all__ = [
     "FreezeFailed",
     "FreezeReceiver",
     "commitBlocking",
+    "lateAnswer",
     "listenForFreeze",
     "MAX_DELTA_BYTES",
 ]
@@ -60,9 +62,12 @@ class FreezeFailed(Exception):
         refused, if it named one.
     """
 
-    def __init__(self, reason: str, ident: int | None = None) -> None:
+    def __init__(
+        self, reason: str, ident: int | None = None, timedOut: bool = False
+    ) -> None:
         Exception.__init__(self, reason)
         self.ident = ident
+        self.timedOut = timedOut
 
 
 class _OutputDrain:
@@ -197,7 +202,8 @@ def commitBlocking(
         )
     except socket.timeout:
         raise FreezeFailed(
-            "successor did not answer within {} s while committing".format(timeout)
+            "successor did not answer within {} s while committing".format(timeout),
+            timedOut=True,
         )
     except (ConnectionError, BrokenPipeError):
         raise FreezeFailed("the hand-off channel closed while committing")
@@ -242,35 +248,78 @@ def _loadDelta(data: bytes) -> Any:
         raise StateError("malformed freeze message: {}".format(e))
 
 
+def lateAnswer(sock: socket.socket) -> dict[str, Any] | None:
+    """
+    The successor's answer, if it is waiting on C{sock} after all (it came
+    just as the wait ended): whether the successor had begun to serve.
+    Never blocks.
+    """
+    try:
+        sock.setblocking(False)
+        header = sock.recv(4, socket.MSG_PEEK)
+        if len(header) < 4:
+            return None
+        (size,) = struct.unpack("!I", header)
+        if size > MAX_ANSWER_BYTES:
+            return None
+        data = sock.recv(4 + size)
+        answer = decodeState(data[4:], maxBytes=MAX_ANSWER_BYTES, maxDepth=4)
+    except (OSError, StateError, struct.error):
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
 class FreezeReceiver(Int32StringReceiver):
     """
     The successor's end of the freeze socketpair: reads the one delta,
-    hands it to C{commit}, and answers with what C{commit} returned.
+    hands it to C{commit}, and answers.
 
-    @ivar commit: called with the decoded delta; returns the answer (plain
-        data).  An exception it raises is answered as a refusal.
+    @ivar commit: called with the decoded delta and L{answerNow}; it either
+        calls L{answerNow} once it serves, I{before} it reads any
+        connection, or returns the answer (plain data) to send.  An
+        exception it raises before answering is answered as a refusal.
     """
 
     MAX_LENGTH = MAX_DELTA_BYTES
 
-    def __init__(self, commit: Callable[[Any], dict[str, Any]]) -> None:
+    def __init__(
+        self, commit: Callable[[Any, Callable[[dict[str, Any]], None]], Any]
+    ) -> None:
         self.commit = commit
         self.answered = False
+        self._received = False
 
     def stringReceived(self, data: bytes) -> None:
-        if self.answered:
+        if self._received:
             _log.warn("Ignoring a second freeze message")
             return
-        self.answered = True
+        self._received = True
         try:
             delta = _loadDelta(data)
-            answer = self.commit(delta)
+            answer = self.commit(delta, self.answerNow)
         except Exception as e:
+            if self.answered:
+                _log.failure("Serving after the commit failed")
+                return
             answer = {"refused": (str(e) or type(e).__name__)[:500]}
             ident = getattr(e, "ident", None)
             if type(ident) is int:
                 answer["id"] = ident
-        self.sendString(encodeState(answer, maxBytes=MAX_ANSWER_BYTES, maxDepth=4))
+        if not self.answered:
+            self.answerNow(answer)
+
+    def answerNow(self, answer: dict[str, Any]) -> None:
+        """
+        Send C{answer} at once, with one C{send()} where the socket takes
+        it, not on the reactor's next turn: the successor says it serves
+        before it reads any connection, so that an old process whose wait
+        ended just then finds the answer.  Only the first answer is sent.
+        """
+        if self.answered:
+            return
+        self.answered = True
+        data = encodeState(answer, maxBytes=MAX_ANSWER_BYTES, maxDepth=4)
+        writeNow(self.transport, struct.pack("!I", len(data)) + data)
 
     def lengthLimitExceeded(self, length: int) -> None:
         _log.warn("Refusing a freeze message of {length} bytes", length=length)
@@ -279,7 +328,9 @@ class FreezeReceiver(Int32StringReceiver):
 
 
 def listenForFreeze(
-    reactor: Any, descriptor: int, commit: Callable[[Any], dict[str, Any]]
+    reactor: Any,
+    descriptor: int,
+    commit: Callable[[Any, Callable[[dict[str, Any]], None]], Any],
 ) -> FreezeReceiver:
     """
     Serve the successor's end of a freeze socketpair.

@@ -11,7 +11,7 @@ import json
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import Factory, connectionDone
@@ -319,17 +319,22 @@ class IncomingChannel(amp.AMP):
         )
         return dict(refusals.answer(), staged=len(self._staged))
 
-    def _freezeCommit(self, delta: Any) -> dict[str, Any]:
+    def _freezeCommit(
+        self, delta: Any, answerNow: Callable[[dict[str, Any]], None]
+    ) -> dict[str, Any]:
         # Thousands of objects are made while every client waits: no
         # collection of the whole heap in the middle.
         with collectionsPaused():
-            return self._restoreAndCommit(delta)
+            return self._restoreAndCommit(delta, answerNow)
 
-    def _restoreAndCommit(self, delta: Any) -> dict[str, Any]:
+    def _restoreAndCommit(
+        self, delta: Any, answerNow: Callable[[dict[str, Any]], None]
+    ) -> dict[str, Any]:
         """
         The old process froze: take what changed since the pre-copy, drop
         what it withdrew, restore every staged connection (those that
-        changed first), and serve.
+        changed first), and serve, saying so (C{answerNow}) before any
+        connection is read.
 
         @raise HandoffRefused: naming the connection the new code refused,
             or why this process cannot serve; the old process then ends this
@@ -386,7 +391,7 @@ class IncomingChannel(amp.AMP):
         # make the application write to the idle ones is kept, in order.
         self._adopted = self._adopted + restored[: len(first)]
         self._resuming = restored[len(first) :]
-        answer = self._commitNow()
+        answer = self._commitNow(beforeServing=answerNow)
         self._log.info(
             "Restored {count} connections at the freeze ({changed} changed since "
             "the pre-copy) and committed in {ms:.1f} ms",
@@ -439,7 +444,16 @@ class IncomingChannel(amp.AMP):
             raise HandoffRefused("pre-copied connections wait for the freeze")
         return self._commitNow()
 
-    def _commitNow(self) -> dict[str, Any]:
+    def _commitNow(
+        self, beforeServing: Callable[[dict[str, Any]], None] = lambda answer: None
+    ) -> dict[str, Any]:
+        """
+        Serve: take over the pidfile, the listeners, the output; then tell
+        C{beforeServing} the answer, before any adopted connection reads.
+
+        @raise HandoffRefused: if this process cannot serve; nothing serves
+            then.
+        """
         if self.generation is None:
             raise HandoffRefused("commit before hello")
         try:
@@ -455,6 +469,8 @@ class IncomingChannel(amp.AMP):
         # a re-exec of this process carries across exec.
         self.host.reportChannels[self._peerPid()] = self
         self.inheritance.takeOverOutput()
+        answer = {"pid": os.getpid()}
+        beforeServing(answer)
         adopted, self._adopted = self._adopted, []
         for each in adopted:
             each.commit()
@@ -465,7 +481,7 @@ class IncomingChannel(amp.AMP):
             pid=os.getpid(),
             count=len(adopted) + len(self._resuming),
         )
-        return {"pid": os.getpid()}
+        return answer
 
     @CommitAdopted.responder
     def commitAdopted(self) -> dict[str, Any]:

@@ -62,7 +62,7 @@ from ._channel import (
     TakeListener,
     TakeMetrics,
 )
-from ._freeze import FreezeFailed, commitBlocking
+from ._freeze import FreezeFailed, commitBlocking, lateAnswer
 
 __all__ = ["OutgoingHandoff", "HandoffFailed"]
 
@@ -70,6 +70,8 @@ __all__ = ["OutgoingHandoff", "HandoffFailed"]
 _LATER_INTERVAL = 0.005
 #: connections pre-copied in one reactor step (about 10 us each)
 _PRECOPY_BATCH = 500
+#: seconds a timed-out freeze waits for its successor to die after SIGKILL
+_KILL_WAIT = 5.0
 
 _log = Logger()
 
@@ -582,6 +584,35 @@ class OutgoingHandoff:
             )
         )
 
+    def _stopLateSuccessor(self, sock: socket.socket) -> None:
+        """
+        The freeze timed out: before this process reads its connections
+        again, make sure the successor is dead, since it may have begun to
+        serve just as the wait ended (it answers before it reads anything).
+        Say so if it had: what it read in that moment is lost.
+        """
+        successor = self.successor
+        if successor is None:
+            return
+        if not successor.killNow(_KILL_WAIT):
+            _log.error(
+                "Successor {pid} was not dead {seconds} s after SIGKILL",
+                pid=successor.pid,
+                seconds=_KILL_WAIT,
+            )
+        late = lateAnswer(sock)
+        if late is not None and "pid" in late:
+            _log.error(
+                "Successor {pid} had begun to serve just as the freeze timed out; "
+                "it is killed, and what it read from clients in that moment is lost",
+                pid=successor.pid,
+            )
+            self._attempt.notes.append(
+                "successor {} answered just after the freeze timed out and was "
+                "killed: what it read from clients in that moment is "
+                "lost".format(successor.pid)
+            )
+
     def _freezeAndCommit(self) -> int:
         with collectionsPaused():
             return self._freezeAndCommitNow()
@@ -625,6 +656,8 @@ class OutgoingHandoff:
                 ),
             )
         except FreezeFailed as e:
+            if e.timedOut:
+                self._stopLateSuccessor(sock)
             self._precopied = []
             reason = str(e)
             if e.ident is not None:

@@ -31,6 +31,7 @@ __all__ = [
     "decodeState",
     "encodeState",
     "encodeCheckedState",
+    "loadCheckedJSON",
 ]
 
 MAX_STATE_BYTES = 1 << 20
@@ -306,6 +307,31 @@ def encodeCheckedState(value: object, *, maxBytes: int) -> bytes:
             f"encodes to {len(data)} bytes, more than the limit of {maxBytes}"
         )
     return data
+
+
+def _refuseJSONConstant(name: str) -> Any:
+    raise ValueError(f"{name} is not plain data")
+
+
+def loadCheckedJSON(data: bytes | str, what: str) -> Any:
+    """
+    Parse JSON written by this process or its predecessor, whose every
+    state is then checked on its own (L{migrate.state.ProtocolState.fromPlain}
+    and the caller's checks of the structure): JSON's own parser, refusing
+    C{NaN} and infinities, not L{decodeState}, whose checks in Python of
+    every value cost thousands of waiting clients microseconds each.
+    Duplicate keys, which L{decodeState} refuses, are harmless here: the
+    last one wins and is checked like any other.
+
+    @param what: names the document in the error.
+
+    @raise StateError: if C{data} is not such JSON (also beyond the
+        interpreter's limits: digits of an integer, nesting).
+    """
+    try:
+        return json.loads(data, parse_constant=_refuseJSONConstant)
+    except (ValueError, RecursionError) as e:
+        raise StateError(f"the {what} is not JSON: {e}") from e
 
 
 def _checkDepth(data: bytes, maxDepth: int) -> None:

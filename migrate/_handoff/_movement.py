@@ -44,6 +44,8 @@ __all__ = [
     "StagedConnection",
     "MovingConnection",
     "Unmovable",
+    "captureToMove",
+    "describeFailure",
     "describePeer",
     "adoptEntry",
     "stageEntry",
@@ -129,7 +131,7 @@ class Unmovable:
     later: bool = False
 
 
-def _describe(error: BaseException) -> str:
+def describeFailure(error: BaseException) -> str:
     text = str(error)
     return "{}: {}".format(type(error).__name__, text) if text else type(error).__name__
 
@@ -174,7 +176,7 @@ def manifestEntry(
     }
 
 
-def _captureState(key: str, protocol: Any) -> ProtocolState:
+def captureToMove(key: str, protocol: Any) -> ProtocolState:
     """
     Capture a migratable protocol's state for the manifest, logging why not.
 
@@ -195,7 +197,7 @@ def _captureState(key: str, protocol: Any) -> ProtocolState:
         _log.warn(
             "Connection on {listener} cannot move, it stays: {why}",
             listener=key,
-            why=_describe(e),
+            why=describeFailure(e),
         )
         raise
 
@@ -225,12 +227,12 @@ def freezeMovable(
             staying.append(Unmovable(key, hosted, str(e)))
             continue
         try:
-            state = _captureState(key, protocol)
+            state = captureToMove(key, protocol)
         except Exception as e:
             frozen.resume()
             staying.append(
                 Unmovable(
-                    key, hosted, _describe(e), later=isinstance(e, NotAtSafePoint)
+                    key, hosted, describeFailure(e), later=isinstance(e, NotAtSafePoint)
                 )
             )
             continue
@@ -283,9 +285,9 @@ def describeMovable(
     staying: list[Unmovable] = []
     for key, hosted, protocol, transport in movableCandidates(connections, staying):
         try:
-            state = _captureState(key, protocol)
+            state = captureToMove(key, protocol)
         except Exception as e:
-            staying.append(Unmovable(key, hosted, _describe(e)))
+            staying.append(Unmovable(key, hosted, describeFailure(e)))
             continue
         try:
             # After the state: output its capture wrote is not lost.
@@ -373,7 +375,9 @@ class StagedConnection:
             output = base64.b64decode(entry.get("output", ""), validate=True)
         except Exception as e:
             raise StateError(
-                "bad change for connection {}: {}".format(self.ident, _describe(e))
+                "bad change for connection {}: {}".format(
+                    self.ident, describeFailure(e)
+                )
             )
         self.state = state
         self.pendingOutput = output
@@ -424,7 +428,7 @@ def stageEntry(host: IMigrationHost, entry: Any, descriptor: int) -> StagedConne
         import os
 
         os.close(descriptor)
-        raise StateError("bad manifest entry: {}".format(_describe(e)))
+        raise StateError("bad manifest entry: {}".format(describeFailure(e)))
     pending = PendingAdoptionFactory(listener.factory)
     transport = adoptConnection(host.reactor, descriptor, pending, family, hold=False)
     hosted = pending.built

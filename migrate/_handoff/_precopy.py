@@ -26,7 +26,6 @@ import json
 from typing import Any, Iterable
 
 from attrs import define, field
-from twisted.logger import Logger
 
 from .._host._tracking import HostedProtocol
 from ..state import (
@@ -34,7 +33,13 @@ from ..state import (
     StateFingerprint,
     captureProtocolState,
 )
-from ._movement import Unmovable, manifestEntry, movableCandidates
+from ._movement import (
+    Unmovable,
+    captureToMove,
+    describeFailure,
+    manifestEntry,
+    movableCandidates,
+)
 from ._transport import letGo, stillMovable, unsentOutput
 
 __all__ = [
@@ -43,8 +48,6 @@ __all__ = [
     "freezeDelta",
     "precopyMovable",
 ]
-
-_log = Logger()
 
 
 @define
@@ -191,22 +194,16 @@ def freezeDelta(precopied: Iterable[PrecopiedConnection]) -> FreezeDelta:
             continue
         try:
             same = each.fingerprint.matches(protocol)
-            state = None if same else captureProtocolState(protocol, snapshot=False)
+            state = None if same else captureToMove(each.listenerKey, protocol)
         except NotAtSafePoint as e:
             delta.withdrawn.append(
                 (each, Unmovable(each.listenerKey, hosted, str(e), later=True))
             )
             continue
         except Exception as e:
-            reason = (
-                "{}: {}".format(type(e).__name__, e) if str(e) else type(e).__name__
+            delta.withdrawn.append(
+                (each, Unmovable(each.listenerKey, hosted, describeFailure(e)))
             )
-            _log.warn(
-                "Connection on {listener} cannot move, it stays: {why}",
-                listener=each.listenerKey,
-                why=reason,
-            )
-            delta.withdrawn.append((each, Unmovable(each.listenerKey, hosted, reason)))
             continue
         output = unsentOutput(transport)
         if state is None and not output:

@@ -277,7 +277,7 @@ class FrozenConnection:
                 how=self.closeRequested,
             )
         self._unhook()
-        _letGo(transport)
+        letGo(transport)
 
 
 def _checkMovable(transport: Any) -> None:
@@ -362,17 +362,6 @@ def unsentOutput(transport: Any) -> bytes:
     ):
         return b""
     return _bufferedOutput(transport)
-
-
-def letGo(transport: Any) -> None:
-    """
-    Let go of a connection that was never frozen, once another process
-    holds its socket and before the reactor runs again: as
-    L{FrozenConnection.release} does, only this process's descriptor
-    closes, silently, and its buffers are dropped (the new holder sends
-    them).
-    """
-    _letGo(transport)
 
 
 def freezeConnection(transport: Any) -> FrozenConnection:
@@ -460,7 +449,7 @@ def adoptConnection(
         except BaseException:
             built = getattr(recorder.built, "transport", None)
             if isinstance(built, FileDescriptor) and hasattr(built, "socket"):
-                _letGo(built)
+                letGo(built)
             raise
     finally:
         os.close(fd)
@@ -474,18 +463,20 @@ def adoptConnection(
     except BaseException:
         # For example, the protocol aborted the connection: its abort would
         # set SO_LINGER on the socket the old process still serves.
-        _letGo(transport)
+        letGo(transport)
         raise
     setattr(transport, _HOLD, frozen)
     return transport
 
 
-def _letGo(transport: Any) -> None:
+def letGo(transport: Any) -> None:
     """
-    Let go of a transport that is not frozen (its protocol failed during
-    adoption, or pre-copy handed it over), as L{FrozenConnection.release}
-    does: deregister it, close only this process's descriptor, drop its
-    buffers, and make every later I/O call on it do nothing.
+    Let go of a connection that is not frozen, once another process holds
+    its socket (pre-copy) or its protocol failed during adoption, before the
+    reactor runs again: as L{FrozenConnection.release} does, deregister it,
+    close only this process's descriptor (no C{shutdown()}: the peer sees
+    nothing), drop its buffers (the new holder sends them), and make every
+    later I/O call on it do nothing.
     """
     # Deregister before closing: a descriptor closed while registered
     # leaves an epoll registration behind (the socket lives on in the other
@@ -535,7 +526,7 @@ def abandonConnection(transport: Any) -> None:
     if frozen is None:
         if not transport.connected or _isReading(transport):
             raise ValueError(f"{transport!r} is not an adopted, held connection")
-        _letGo(transport)
+        letGo(transport)
         return
     frozen.release()
 

@@ -263,7 +263,7 @@ class FreezeReceiverTests(SynchronousTestCase):
         """
         for bad in (b"{nope", b'{"x":NaN}'):
             answer = self.receive(bad, lambda delta, answerNow: self.fail("called"))
-            self.assertIn("malformed freeze message", answer["refused"])
+            self.assertIn("the freeze message is not JSON", answer["refused"])
 
     def test_answeredBeforeServing(self) -> None:
         """

@@ -38,7 +38,7 @@ from typing import Any, Mapping
 
 from attrs import evolve, field, frozen
 
-from ..._codec import StateError, encodeCheckedState, encodeState
+from ..._codec import StateError, encodeCheckedState, encodeState, loadCheckedJSON
 from ..._handoff._fdpass import readMemfd, writeMemfd
 from ...state import ProtocolState
 
@@ -433,19 +433,12 @@ def writeState(state: ReexecState, *, validate: bool = True) -> int:
     return writeMemfd(data, "migrate-reexec-state", inheritable=True)
 
 
-def _refuseConstant(name: str) -> None:
-    raise StateError("the document holds {}, which is not plain data".format(name))
-
-
 def _parse(data: bytes, what: str) -> Any:
     """
     Parse JSON text of a document, strictly: C{NaN} and infinities are
     refused, so that every value is plain data.
     """
-    try:
-        return json.loads(data, parse_constant=_refuseConstant)
-    except (ValueError, RecursionError) as e:
-        raise StateError("the {} is not JSON: {}".format(what, e)) from e
+    return loadCheckedJSON(data, what)
 
 
 class PrecopiedConnection:

@@ -20,7 +20,6 @@ own parser and then checked state by state (see L{_loadDelta}).
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import socket
@@ -32,7 +31,13 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 
-from ..._codec import StateError, decodeState, encodeCheckedState, encodeState
+from ..._codec import (
+    StateError,
+    decodeState,
+    encodeCheckedState,
+    encodeState,
+    loadCheckedJSON,
+)
 from ..._handoff._transport import writeNow
 
 __all__ = [
@@ -223,29 +228,15 @@ def commitBlocking(
     return answer
 
 
-def _refuseConstant(name: str) -> Any:
-    raise ValueError("{} is not plain data".format(name))
-
-
 def _loadDelta(data: bytes) -> Any:
     """
-    Read a freeze's delta.
-
-    Not with the codec's strict decoder (L{decodeState}): its checks run
-    in Python for every value, and here every client waits.  JSON's own
-    parser, refusing C{NaN} and C{Infinity}, gives plain data within the
-    interpreter's limits (its integer-digits limit, its recursion limit);
-    every state in it is then checked as strictly as ever by
+    Read a freeze's delta, with L{loadCheckedJSON}: every state in it is
+    then checked as strictly as ever by
     L{migrate.state.ProtocolState.fromPlain}, the rest by the commit.
-    Duplicate keys, which the codec refuses, are harmless here: the last
-    one wins and is checked like any other.
 
     @raise StateError: if C{data} is not such JSON.
     """
-    try:
-        return json.loads(data, parse_constant=_refuseConstant)
-    except (ValueError, RecursionError) as e:
-        raise StateError("malformed freeze message: {}".format(e))
+    return loadCheckedJSON(data, "freeze message")
 
 
 def lateAnswer(sock: socket.socket) -> dict[str, Any] | None:

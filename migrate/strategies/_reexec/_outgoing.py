@@ -65,7 +65,6 @@ from ..._systemd import successorEnvironment
 from ...interfaces import IMigratable, IMigrationHost
 from ...state import (
     NotAtSafePoint,
-    ProtocolState,
     StateError,
     StateFingerprint,
     captureProtocolState,
@@ -261,7 +260,6 @@ class _Kept:
 
     @ivar ident: its number in the manifest.
     @ivar descriptor: its socket's descriptor.
-    @ivar state: its state as copied (a normalised snapshot).
     @ivar fingerprint: what tells, at the freeze, whether it changed since.
     @ivar row: what L{Precopy.add} writes for it, until written.
     """
@@ -271,7 +269,6 @@ class _Kept:
     hosted: Any
     protocol: Any
     transport: Any
-    state: ProtocolState
     fingerprint: StateFingerprint
     row: tuple[Any, ...] = field(default=(), repr=False)
 
@@ -622,7 +619,9 @@ class ReexecMigration:
         ):
             return None
         try:
-            state = captureProtocolState(protocol)
+            # Encoded (Precopy.add) and fingerprinted in this same slice,
+            # before the application runs again: no snapshot copy needed.
+            state = captureProtocolState(protocol, snapshot=False)
         except NotAtSafePoint:
             return None
         except Exception as e:
@@ -649,7 +648,6 @@ class ReexecMigration:
             hosted,
             protocol,
             transport,
-            state,
             StateFingerprint.of(state),
             row,
         )

@@ -526,7 +526,8 @@ class Precopy:
 
         @param rows: (id, descriptor, listener key, family, captured state,
             peer, local) of each; the states must be migratable and captured
-            with a snapshot (plain data).
+            just now (their plain data is encoded here, before the
+            application runs again).
 
         @raise StateError: if a state is not plain data.
         """

@@ -326,13 +326,7 @@ def quiet(transport: Any) -> bool:
 
     @param transport: as for L{freezeConnection}.
     """
-    return bool(
-        transport.connected
-        and not transport.disconnected
-        and not _mustFlush(transport)
-        and not getattr(transport, "_aborting", False)
-        and not getattr(transport, "_sendmsgQueue", None)
-    )
+    return stillMovable(transport) and not _mustFlush(transport)
 
 
 def stillMovable(transport: Any) -> bool:

@@ -413,16 +413,17 @@ class OutgoingHandoff:
         command: type[amp.Command],
         what: str,
         doing: str,
-        entries: list[dict[str, Any]] | list[str],
+        manifest: bytes,
         descriptors: list[int] | None,
         sources: list[Callable[[], int | None]] | None = None,
         **arguments: Any,
     ) -> Any:
         """
-        Send connections' manifest and descriptors with C{command}: the
-        C{descriptors} of frozen connections (from a thread), or those of
-        live connections looked up by C{sources} as they go (from the
-        reactor thread, see L{sendLiveDescriptors}).
+        Send connections' manifest (encoded JSON, one entry per connection)
+        and descriptors with C{command}: the C{descriptors} of frozen
+        connections (from a thread), or those of live connections looked up
+        by C{sources} as they go (from the reactor thread, see
+        L{sendLiveDescriptors}).
 
         @return: a L{Deferred} firing with the successor's answer.
 
@@ -431,15 +432,6 @@ class OutgoingHandoff:
         """
         host = self.host
         count = len(sources) if sources is not None else len(descriptors or ())
-        if entries and isinstance(entries[0], str):
-            # Encoded already, a batch of items at a time.
-            manifest = ("[" + ",".join(e for e in entries if e) + "]").encode("ascii")
-        else:
-            # Each state was checked as it was captured: encode without
-            # walking every state a second time.
-            manifest = json.dumps(
-                entries, ensure_ascii=True, allow_nan=False, separators=(",", ":")
-            ).encode("ascii")
         if len(manifest) > _MAX_MANIFEST_BYTES:
             raise HandoffFailed(
                 "{} connections' state is {} bytes, more than the {} a hand-off "
@@ -506,7 +498,14 @@ class OutgoingHandoff:
             AdoptConnections,
             "adopting connections",
             "moving",
-            [each.entry for each in moving],
+            # Each state was checked as it was captured: encoded without
+            # walking every state a second time.
+            json.dumps(
+                [each.entry for each in moving],
+                ensure_ascii=True,
+                allow_nan=False,
+                separators=(",", ":"),
+            ).encode("ascii"),
             [each.frozen.descriptor() for each in moving],
         )
         adopted = answer["adopted"]
@@ -553,7 +552,10 @@ class OutgoingHandoff:
                 PrecopyConnections,
                 "pre-copying connections",
                 "pre-copying",
-                entries,
+                # Encoded already, a batch of entries at a time.
+                ("[" + ",".join(each for each in entries if each) + "]").encode(
+                    "ascii"
+                ),
                 None,
                 [each.liveDescriptor for each in precopied],
                 freeze=freezeTheirs.fileno(),

@@ -294,6 +294,42 @@ class FreezeReceiverTests(SynchronousTestCase):
         receiver.dataReceived(_frame(b"{}") + _frame(b"{}"))
         self.assertEqual(len(calls), 1)
 
+    def test_inPieces(self) -> None:
+        """
+        A delta that arrives a few bytes at a time, its length prefix split
+        too, is read whole and committed once, when its last byte comes.
+        """
+        calls: list[Any] = []
+
+        def commit(delta: Any, answerNow: Any) -> Any:
+            calls.append(delta)
+            return {"pid": 3}
+
+        receiver = FreezeReceiver(commit)
+        transport = StringTransport()
+        receiver.makeConnection(transport)
+        changes = [{"id": n, "output": "x" * 50} for n in range(200)]
+        data = _frame(json.dumps({"changes": changes, "withdrawn": [1]}).encode())
+        for start in range(0, len(data), 3):
+            self.assertEqual(calls, [])
+            receiver.dataReceived(data[start : start + 3])
+        self.assertEqual(calls, [{"changes": changes, "withdrawn": [1]}])
+        self.assertEqual(json.loads(transport.value()[4:]), {"pid": 3})
+
+    def test_tooLong(self) -> None:
+        """
+        A length over L{FreezeReceiver.MAX_LENGTH} closes the channel
+        without committing, and what follows is ignored.
+        """
+        receiver = FreezeReceiver(lambda delta, answerNow: self.fail("called"))
+        receiver.MAX_LENGTH = 10
+        transport = StringTransport()
+        receiver.makeConnection(transport)
+        receiver.dataReceived(_frame(b"[" + b"1," * 10 + b"1]"))
+        receiver.dataReceived(b"more")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+
 
 class SendLiveDescriptorsTests(TestCase):
     """

@@ -27,9 +27,8 @@ import struct
 import time
 from typing import Any, Callable, Mapping
 
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.basic import Int32StringReceiver
 
 from ..._codec import (
     StateError,
@@ -260,10 +259,17 @@ def lateAnswer(sock: socket.socket) -> dict[str, Any] | None:
     return answer if isinstance(answer, dict) else None
 
 
-class FreezeReceiver(Int32StringReceiver):
+class FreezeReceiver(Protocol):
     """
-    The successor's end of the freeze socketpair: reads the one delta,
-    hands it to C{commit}, and answers.
+    The successor's end of the freeze socketpair: reads the one delta (a
+    32-bit length, then that many bytes), hands it to C{commit}, and
+    answers.
+
+    The delta is collected in a list of chunks and joined once, not
+    appended to one growing string as C{Int32StringReceiver} does: a delta
+    carrying megabytes of output a client had not read arrives in hundreds
+    of reads, and copying everything received so far at each of them took
+    seconds while every client of the old process waited.
 
     @ivar commit: called with the decoded delta and L{answerNow}; it either
         calls L{answerNow} once it serves, I{before} it reads any
@@ -279,6 +285,35 @@ class FreezeReceiver(Int32StringReceiver):
         self.commit = commit
         self.answered = False
         self._received = False
+        self._chunks: list[bytes] = []
+        self._have = 0
+        self._length: int | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._received:
+            _log.warn("Ignoring a second freeze message")
+            return
+        self._chunks.append(data)
+        self._have += len(data)
+        if self._length is None:
+            if self._have < 4:
+                return
+            head = b"".join(self._chunks)
+            (self._length,) = struct.unpack("!I", head[:4])
+            self._chunks = [head[4:]]
+            self._have -= 4
+            if self._length > self.MAX_LENGTH:
+                self._received = True
+                self._chunks = []
+                self.lengthLimitExceeded(self._length)
+                return
+        if self._have < self._length:
+            return
+        message = b"".join(self._chunks)
+        self._chunks = []
+        if len(message) > self._length:
+            _log.warn("Ignoring what follows the freeze message")
+        self.stringReceived(message[: self._length])
 
     def stringReceived(self, data: bytes) -> None:
         if self._received:

@@ -1114,6 +1114,15 @@ class AfterPollsTests(TestCase):
         return done
 
 
+class _NeverRuns:
+    """
+    A migration that records nothing and never ends.
+    """
+
+    def run(self) -> Deferred[Any]:
+        return Deferred()
+
+
 class OptionsTests(SynchronousTestCase):
     """
     C{--reexec-unmovable} reaches the host's strategy options.
@@ -1130,13 +1139,47 @@ class OptionsTests(SynchronousTestCase):
         host = buildHost(MemoryReactorClock(), options)
         self.assertEqual(
             host.settings.strategyOptions,
-            {"reexec-unmovable": "adopt", "trial-failure": "refuse"},
+            {
+                "reexec-unmovable": "adopt",
+                "reexec-stand-in": "fork",
+                "trial-failure": "refuse",
+            },
         )
         default = Options()
         default.parseOptions(["--control", "c.sock"])
         self.assertEqual(default["reexec-unmovable"], "close")
         self.assertRaises(
             usage.UsageError, Options().parseOptions, ["--reexec-unmovable", "keep"]
+        )
+
+    def test_standInPolicy(self) -> None:
+        """
+        C{--reexec-stand-in} is C{fork} (the default) or C{none}; the
+        strategy asks for a stand-in unless it is C{none}.
+        """
+        from twisted.python import usage
+
+        from migrate.tap import Options, buildHost
+
+        options = Options()
+        options.parseOptions(["--reexec-stand-in", "none", "--control", "c.sock"])
+        host = buildHost(MemoryReactorClock(), options)
+        self.assertEqual(host.settings.strategyOptions["reexec-stand-in"], "none")
+        made = []
+
+        def migration(**kwargs: Any) -> Any:
+            made.append(kwargs["standIn"])
+            return _NeverRuns()
+
+        ReexecStrategy(migration).migrate(host, lambda line: None)
+        default = Options()
+        default.parseOptions(["--control", "c.sock"])
+        ReexecStrategy(migration).migrate(
+            buildHost(MemoryReactorClock(), default), lambda line: None
+        )
+        self.assertEqual(made, [False, True])
+        self.assertRaises(
+            usage.UsageError, Options().parseOptions, ["--reexec-stand-in", "thread"]
         )
 
 

@@ -68,6 +68,27 @@ def _descriptors(pid: int) -> dict[int, int]:
 _O_CLOEXEC = 0o2000000
 
 
+def _standInOf(pid: int):
+    """
+    The stand-in child of host process C{pid}, if it has one now: a child
+    that is not the preflight process.
+    """
+    try:
+        with open("/proc/{0}/task/{0}/children".format(pid)) as f:
+            children = [int(each) for each in f.read().split()]
+    except OSError:
+        return None
+    for child in children:
+        try:
+            with open("/proc/{}/environ".format(child), "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue
+        if b"MIGRATE_REEXEC_PREFLIGHT=" not in environ:
+            return child
+    return None
+
+
 class ReexecTests(LiveAppMixin, TestCase):
     """
     C{--strategy reexec} with real processes.
@@ -204,6 +225,121 @@ class ReexecTests(LiveAppMixin, TestCase):
         self.assertEqual([int(r[3]) for r in replies], list(range(1, sent[0] + 1)))
         self.assertEqual({r[0] for r in replies[-1:]}, {b"v2"})
         self.assertGreater(sent[0], 20)
+
+    @inlineCallbacks
+    def pumpDuring(self, client, upgrade):
+        """
+        Send five lines every 2 ms until C{upgrade} (a function returning a
+        L{Deferred}) has fired; fire with its result and every reply's
+        fields, once each line has its reply.
+        """
+        sent = [0]
+        upgrading = [True]
+
+        def pump():
+            if not upgrading[0] or client.closed.called:
+                return
+            for _ in range(5):
+                sent[0] += 1
+                client.sendLine(b"n%d" % (sent[0],))
+            reactor.callLater(0.002, pump)
+
+        before = len(client.lines)
+        pump()
+        try:
+            result = yield upgrade()
+        finally:
+            upgrading[0] = False
+        yield client.waitForLines(before + sent[0])
+        replies = [fields(line) for line in client.lines[before:]]
+        self.assertEqual([r[2] for r in replies], [b"n%d" % i for i in range(1, sent[0] + 1)])
+        return result, replies
+
+    @inlineCallbacks
+    def test_standInServesWhileTheImageStarts(self):
+        """
+        While the new image starts (here slowly: its code takes a second to
+        import), a child of the old image, the stand-in, goes on answering
+        with the old code; then the new image answers, counting on.  No
+        line is lost, duplicated or reordered, and the report shows the
+        clients waited for the hand-over only, not for the exec.
+        """
+        status = yield self.startHost()
+        pid = status["pid"]
+        (client,) = yield self.connectClients(1)
+        slow = "import time\ntime.sleep(1.0)\n" + MIGRATABLE_V2
+        (code, report, err), replies = yield self.pumpDuring(
+            client, lambda: self.upgradeTo(slow)
+        )
+        self.assertEqual((code, report["outcome"], report["moved"]), (0, "success", 1), err)
+        servers = [(r[0], r[1]) for r in replies]
+        standIns = {each for each in servers if each[1] != str(pid).encode()}
+        self.assertEqual(len(standIns), 1, servers[:3])
+        ((version, standIn),) = standIns
+        self.assertEqual(version, b"v1")
+        # The stand-in answered between the old image and the new one.
+        order = [each for i, each in enumerate(servers) if i == 0 or servers[i - 1] != each]
+        self.assertEqual(order[-2:], [(b"v1", standIn), (b"v2", str(pid).encode())])
+        self.assertEqual([int(r[3]) for r in replies], list(range(1, len(replies) + 1)))
+        self.assertIn("handover", report["durations"])
+        self.assertLess(report["durations"]["suspension"], report["durations"]["exec"])
+        # The new image collects it once it has committed.
+        yield waitFor(lambda: not pidAlive(int(standIn)), what="the stand-in gone")
+
+    @inlineCallbacks
+    def test_standInLostBeforeHandOver(self):
+        """
+        If the stand-in dies before it hands over (killed here while the
+        new image imports its code), the new image closes the connections
+        it served cleanly, counts them as failed, says why, and serves new
+        clients with the new code.
+        """
+        status = yield self.startHost()
+        pid = status["pid"]
+        clients = yield self.connectClients(2)
+        slow = "import time\ntime.sleep(2.0)\n" + MIGRATABLE_V2
+        killed = []
+
+        def killStandIn():
+            found = _standInOf(pid)
+            if found is not None:
+                os.kill(found, signal.SIGKILL)
+                killed.append(found)
+                return True
+            return False
+
+        upgrading = self.upgradeTo(slow)
+        yield waitFor(killStandIn, timeout=60)
+        code, report, err = yield upgrading
+        self.assertEqual(
+            (report["outcome"], report["moved"], report["failed"]), ("success", 0, 2), err
+        )
+        self.assertTrue(
+            any("stand-in did not hand the connections over" in n for n in report["notes"])
+        )
+        for client in clients:
+            yield client.closed
+            self.assertIsInstance(client.lostReason.value, ConnectionDone)
+        newClient = yield connectLineClient(self.port)
+        self.addCleanup(newClient.transport.loseConnection)
+        hello = yield newClient.waitForLines(1)
+        self.assertEqual(fields(hello[0]), [b"hello", b"v2", str(pid).encode()])
+
+    @inlineCallbacks
+    def test_withoutStandIn(self):
+        """
+        With C{--reexec-stand-in none} every client waits for the whole
+        exec: no reply comes from any process but the host's.
+        """
+        status = yield self.startHost("--reexec-stand-in", "none")
+        pid = status["pid"]
+        (client,) = yield self.connectClients(1)
+        (code, report, err), replies = yield self.pumpDuring(
+            client, lambda: self.upgradeTo(MIGRATABLE_V2)
+        )
+        self.assertEqual((code, report["outcome"], report["moved"]), (0, "success", 1), err)
+        self.assertEqual({r[1] for r in replies}, {str(pid).encode()})
+        self.assertNotIn("handover", report["durations"])
 
     @inlineCallbacks
     def test_execvFailureRollsBack(self):

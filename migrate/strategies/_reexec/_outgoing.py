@@ -42,10 +42,11 @@ import errno
 import os
 import signal
 import socket
+import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from attrs import define, field
+from attrs import define, evolve, field
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.tcp import Connection
@@ -78,6 +79,7 @@ from ._check import (
     workInFlight,
 )
 from ._reports import quietChannel
+from ._standin import STANDIN_VARIABLE, StandInChannel, StandInError, dieWithParent
 from ._state import (
     EXEC_AT_VARIABLE,
     PREFLIGHT_MARKER,
@@ -288,6 +290,104 @@ def _addresses(transport: Any) -> dict[str, Any]:
         return {}
 
 
+def _connectionDescriptors(host: IMigrationHost, leaving: set[int]) -> list[int]:
+    """
+    The descriptor of every connection the host serves, but those in
+    C{leaving} (by C{id()}): what a stand-in may hand over, so what the new
+    image inherits.
+    """
+    found = []
+    for listener, hosted in host.allConnections():
+        transport = hosted.transport
+        if id(hosted) in leaving or transport is None or hosted.released:
+            continue
+        try:
+            fd = int(transport.fileno())
+        except Exception:
+            continue
+        if fd > 2:
+            found.append(fd)
+    return found
+
+
+@define
+class _ForkedStandIn:
+    """
+    Forking the stand-in (see L{migrate.strategies._reexec._standin}), up
+    to the exec.
+
+    @ivar ours: the stand-in's end of the channel (close-on-exec).
+    @ivar theirs: the new image's end (inherited).
+    @ivar pid: the stand-in's process, once forked.
+    """
+
+    ours: socket.socket
+    theirs: socket.socket
+    pid: int = 0
+    _verdict: int = -1
+
+    @classmethod
+    def prepare(cls) -> _ForkedStandIn:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        return cls(ours, theirs)
+
+    def fork(self, fork: Callable[[], int]) -> bool:
+        """
+        Fork the stand-in.
+
+        @return: C{True} in the stand-in, once the parent's C{execv} has
+            succeeded (the parent's end of a close-on-exec pipe closed);
+            C{False} in the parent.  A stand-in whose parent's exec failed
+            or that could not wait exits at once.
+        """
+        parent = os.getpid()
+        readEnd, writeEnd = os.pipe()
+        pid = fork()
+        if pid == 0:
+            try:
+                os.close(writeEnd)
+                self.theirs.close()
+                # Once the exec succeeded there is no old image to return
+                # to: the stand-in must not outlive the new one.
+                dieWithParent()
+                verdict = os.read(readEnd, 1)
+                os.close(readEnd)
+            except BaseException:
+                os._exit(70)
+            if verdict or os.getppid() != parent:
+                os._exit(0)
+            return True
+        os.close(readEnd)
+        self.pid = pid
+        self._verdict = writeEnd
+        return False
+
+    def channel(self) -> StandInChannel:
+        """
+        In the stand-in: its end of the channel.
+        """
+        return StandInChannel(self.ours)
+
+    def abandon(self) -> None:
+        """
+        In the old image, when the exec failed or did not happen: end the
+        stand-in before it serves anything, and close the channel.
+        """
+        if self.pid:
+            try:
+                os.write(self._verdict, b"x")
+            except OSError:
+                pass
+            os.close(self._verdict)
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+            self.pid = 0
+        self.ours.close()
+        self.theirs.close()
+
+
 @define
 class _Precopy:
     """
@@ -375,6 +475,10 @@ class ReexecMigration:
     @ivar softLimit: returns the soft C{RLIMIT_NOFILE}.
     @ivar closeTimeout: seconds connections being closed may take to
         write their last output (default: the host's hand-off timeout).
+    @ivar standIn: whether a stand-in serves the connections while the new
+        image starts (see L{migrate.strategies._reexec._standin}), when no
+        thread runs.
+    @ivar fork: C{os.fork} or a stand-in.
     """
 
     host: IMigrationHost
@@ -387,6 +491,8 @@ class ReexecMigration:
     checkArgv: Callable[[Sequence[str]], str | None] = checkProgram
     softLimit: Callable[[], int] = _softLimit
     closeTimeout: float | None = None
+    standIn: bool = False
+    fork: Callable[[], int] = os.fork
     _closed: dict[str, int] = field(factory=dict)
     _trialClosing: dict[int, tuple[Any, str]] = field(factory=dict)
     _precopy: _Precopy | None = field(default=None, init=False)
@@ -539,6 +645,12 @@ class ReexecMigration:
         # protocol's dataReceived.
         yield afterPolls(host.reactor, 2)
         reason = self._freezeAndExec(argv, remaining)
+        if isinstance(reason, StandInChannel):
+            # The stand-in: the new image has started in this process's
+            # parent.  Serve until it asks for the connections; this never
+            # returns.
+            safePoints.letGo()
+            yield self._serveAsStandIn(reason)
         phaseDone("rollback")
         safePoints.letGo()
         host.resumeAccepting()
@@ -657,10 +769,14 @@ class ReexecMigration:
         self._step("refused: " + reason)
         return self._report(MigrationOutcome.refused, reason)
 
-    def _plan(self) -> _Plan:
+    def _plan(self, lenient: bool = False) -> _Plan:
         """
         Decide the fate of every connection, and check that the state of
         each one that moves can be captured (a dry run: nothing is frozen).
+
+        @param lenient: close a connection whose migratable protocol's
+            state cannot be captured, instead of raising (the stand-in
+            cannot roll back).
 
         @raise _Rollback: if a migratable protocol's state cannot be
             captured.
@@ -703,8 +819,10 @@ class ReexecMigration:
                     # politely instead; adopting it with a fresh protocol
                     # would answer its next request as if it were the one
                     # in flight.
-                    if IMigratable.providedBy(protocol) and not isinstance(
-                        e, NotAtSafePoint
+                    if (
+                        IMigratable.providedBy(protocol)
+                        and not isinstance(e, NotAtSafePoint)
+                        and not lenient
                     ):
                         raise _Rollback(
                             "the state of a connection on {} cannot be carried "
@@ -784,14 +902,17 @@ class ReexecMigration:
             self._attempt.notes.append(note)
         return [hosted for key, hosted, why in remaining]
 
-    def _freezeAndExec(self, argv: list[str], stillClosing: list[Any]) -> str:
+    def _freezeAndExec(
+        self, argv: list[str], stillClosing: list[Any]
+    ) -> str | StandInChannel:
         """
         Describe the connections, pass exactly the descriptors needed, and
         exec.  Runs without giving the reactor a turn: from here on nothing
         reads, writes or serves a connection in this image, which is what
         freezes them (see L{describeMovable}).
 
-        @return: why the exec did not happen; everything is as before.
+        @return: why the exec did not happen (everything is as before), or,
+            in the stand-in, its channel to the new image.
         """
         frozenAt = time.monotonic()
         # The cyclic collector's passes over a heap this size would add to
@@ -801,7 +922,7 @@ class ReexecMigration:
 
     def _freezeAndExecUncollected(
         self, argv: list[str], stillClosing: list[Any], frozenAt: float
-    ) -> str:
+    ) -> str | StandInChannel:
         host = self.host
         # From here on a signal waits, blocked, for the new image (which
         # unblocks it once its handlers are installed) or for a rollback:
@@ -813,69 +934,26 @@ class ReexecMigration:
         stateFd: int | None = None
         marks: DescriptorMarks | None = None
         executing = False
+        standIn: _ForkedStandIn | None = None
         try:
-            leaving = {id(each) for each in stillClosing}
-            candidates = [
-                (listener, hosted)
-                for listener, hosted in host.allConnections()
-                if id(hosted) not in leaving
-            ]
-            precopy = self._precopy
-            superseded: list[int] = []
-            precopied: list[int] = []
-            firstIdent = 1
-            if precopy is not None:
-                candidates, superseded, precopied = precopy.sort(candidates)
-                firstIdent = len(precopy.kept) + 1
-            moving, staying = describeMovable(candidates, firstIdent)
-            closed = dict(self._closed)
-            connections = [
-                InheritedConnection(
-                    each.descriptor(),
-                    each.listenerKey,
-                    dict(each.entry, **_addresses(each.transport)),
-                    closing=bool(each.transport.disconnecting),
+            forking = self._standInRefusal() is None
+            if forking:
+                # The stand-in describes the connections when the new image
+                # asks; this document only names what the new image can
+                # prepare meanwhile (the listeners, the pre-copy).
+                state, precopied = self._prelude(frozenAt, blocked), []
+            else:
+                state, precopied = self._describeFrozen(
+                    stillClosing, frozenAt, blocked, inStandIn=False
                 )
-                for each in moving
-            ]
-            connections.extend(
-                self._describeFresh(staying, firstIdent - 1 + len(moving), closed)
-            )
-            state = ReexecState(
-                pid=host.pid,
-                generation=host.generation,
-                strategy=self.strategyName,
-                listeners={
-                    key: listenerDescriptor(listener.port)
-                    for key, listener in host.listeners.items()
-                    if listener.port is not None
-                },
-                control=(
-                    listenerDescriptor(host.controlPort)
-                    if host.controlPort is not None
-                    else None
-                ),
-                metrics=(
-                    listenerDescriptor(host.metricsPort)
-                    if host.metricsPort is not None
-                    else None
-                ),
-                metricsCarried=(
-                    host.metrics.carried() if host.metrics is not None else None
-                ),
-                connections=tuple(connections),
-                closed=closed,
-                durations=dict(self._attempt.durations),
-                notes=tuple(self._attempt.notes),
-                frozenAt=frozenAt,
-                blockedSignals=tuple(blocked),
-                reporters=self._reporters(),
-                draining=tuple(dict(each) for each in host.draining.values()),
-                precopy=None if precopy is None else precopy.descriptor,
-                superseded=tuple(superseded),
-            )
             stateFd = writeState(state, validate=False)
-            marks = DescriptorMarks.apply(state.descriptors() + precopied + [stateFd])
+            keep = state.descriptors() + precopied + [stateFd]
+            if forking:
+                standIn = _ForkedStandIn.prepare()
+                leaving = {id(each) for each in stillClosing}
+                keep.append(standIn.theirs.fileno())
+                keep.extend(_connectionDescriptors(host, leaving))
+            marks = DescriptorMarks.apply(keep)
             if marks.strays:
                 _log.warn(
                     "Re-exec: descriptors {fds} were inheritable though nothing "
@@ -887,25 +965,42 @@ class ReexecMigration:
             # but the listeners travel in the state, not through LISTEN_FDS.
             environment = successorEnvironment(os.environ)
             environment[STATE_FD_VARIABLE] = str(stateFd)
-            _log.info(
-                "Re-exec: execv {argv} with {count} connections ({again} "
-                "described at the freeze), state in descriptor {fd}",
-                argv=argv,
-                count=len(connections) + len(precopied),
-                again=len(connections),
-                fd=stateFd,
-            )
+            if standIn is None:
+                _log.info(
+                    "Re-exec: execv {argv} with {count} connections ({again} "
+                    "described at the freeze), state in descriptor {fd}",
+                    argv=argv,
+                    count=len(state.connections) + len(precopied),
+                    again=len(state.connections),
+                    fd=stateFd,
+                )
+            else:
+                _log.info(
+                    "Re-exec: execv {argv}; a stand-in serves the connections "
+                    "meanwhile and hands them over when the new image asks",
+                    argv=argv,
+                )
             flushPythonOutput()
             # A signal caught by another thread still had its handler run
             # here, and a thread may have handed the reactor a result.
             lost = workInFlight(host.reactor)
             if lost is not None:
                 raise _Rollback(lost)
+            if standIn is not None:
+                if standIn.fork(self.fork):
+                    # The stand-in: the exec succeeded, serve again.
+                    os.close(stateFd)
+                    return standIn.channel()
+                environment[STANDIN_VARIABLE] = "{},{}".format(
+                    standIn.theirs.fileno(), standIn.pid
+                )
             environment[EXEC_AT_VARIABLE] = repr(time.monotonic())
             executing = True
             self.execv(argv[0], argv, environment)
             raise OSError(errno.EINVAL, "execv returned")
         except Exception as e:
+            if standIn is not None:
+                standIn.abandon()
             if blocked:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
             self._attempt.enter(MigrationPhase.rollingBack)
@@ -919,6 +1014,220 @@ class ReexecMigration:
                 os.close(stateFd)
             # Nothing was frozen: the connections carry on as they were.
             return reason
+
+    def _standInRefusal(self) -> str | None:
+        """
+        Why no stand-in can serve while the new image starts, if none can:
+        it is not asked for, or a thread runs (only the forking thread goes
+        on in a child; the reactor's thread pool would wait forever there).
+        """
+        if not self.standIn:
+            return "not asked for"
+        if threading.active_count() != 1:
+            return "{} threads run".format(threading.active_count())
+        return None
+
+    def _prelude(self, frozenAt: float, blocked: list[int]) -> ReexecState:
+        """
+        The document the new image reads as it starts when a stand-in
+        serves meanwhile: everything but the connections, and the
+        pre-copy, which it reads before asking the stand-in to freeze.
+        """
+        host = self.host
+        precopy = self._precopy
+        return ReexecState(
+            pid=host.pid,
+            generation=host.generation,
+            strategy=self.strategyName,
+            listeners=self._listenerDescriptors(),
+            control=(
+                listenerDescriptor(host.controlPort)
+                if host.controlPort is not None
+                else None
+            ),
+            metrics=(
+                listenerDescriptor(host.metricsPort)
+                if host.metricsPort is not None
+                else None
+            ),
+            closed=dict(self._closed),
+            durations=dict(self._attempt.durations),
+            notes=tuple(self._attempt.notes),
+            frozenAt=frozenAt,
+            blockedSignals=tuple(blocked),
+            reporters=self._reporters(),
+            draining=tuple(dict(each) for each in host.draining.values()),
+            precopy=None if precopy is None else precopy.descriptor,
+        )
+
+    def _listenerDescriptors(self) -> dict[str, int]:
+        return {
+            key: listenerDescriptor(listener.port)
+            for key, listener in self.host.listeners.items()
+            if listener.port is not None
+        }
+
+    def _describeFrozen(
+        self,
+        stillClosing: list[Any],
+        frozenAt: float,
+        blocked: list[int],
+        *,
+        inStandIn: bool,
+    ) -> tuple[ReexecState, list[int]]:
+        """
+        Describe every connection for the new image: those copied ahead
+        compared with their copy, the others and the changed ones
+        described now.
+
+        @param inStandIn: whether the stand-in describes them: it cannot
+            roll back, so a connection that cannot be described is left to
+            close rather than rolling back, and the new image has read the
+            pre-copy already.
+
+        @return: the state document and the descriptors of the pre-copied
+            connections that hold.
+        """
+        host = self.host
+        leaving = {id(each) for each in stillClosing}
+        candidates = [
+            (listener, hosted)
+            for listener, hosted in host.allConnections()
+            if id(hosted) not in leaving
+        ]
+        precopy = self._precopy
+        superseded: list[int] = []
+        precopied: list[int] = []
+        firstIdent = 1
+        if precopy is not None:
+            candidates, superseded, precopied = precopy.sort(candidates)
+            firstIdent = len(precopy.kept) + 1
+        moving, staying = describeMovable(candidates, firstIdent)
+        closed = dict(self._closed)
+        connections = [
+            InheritedConnection(
+                each.descriptor(),
+                each.listenerKey,
+                dict(each.entry, **_addresses(each.transport)),
+                closing=bool(each.transport.disconnecting),
+            )
+            for each in moving
+        ]
+        connections.extend(
+            self._describeFresh(
+                staying, firstIdent - 1 + len(moving), closed, lenient=inStandIn
+            )
+        )
+        state = ReexecState(
+            pid=host.pid,
+            generation=host.generation,
+            strategy=self.strategyName,
+            listeners=self._listenerDescriptors(),
+            control=(
+                listenerDescriptor(host.controlPort)
+                if host.controlPort is not None
+                else None
+            ),
+            metrics=(
+                listenerDescriptor(host.metricsPort)
+                if host.metricsPort is not None
+                else None
+            ),
+            metricsCarried=(
+                host.metrics.carried() if host.metrics is not None else None
+            ),
+            connections=tuple(connections),
+            closed=closed,
+            durations=dict(self._attempt.durations),
+            notes=tuple(self._attempt.notes),
+            frozenAt=frozenAt,
+            blockedSignals=tuple(blocked),
+            reporters=self._reporters(),
+            draining=tuple(dict(each) for each in host.draining.values()),
+            precopy=None if precopy is None or inStandIn else precopy.descriptor,
+            superseded=tuple(superseded),
+        )
+        return state, precopied
+
+    @inlineCallbacks
+    def _serveAsStandIn(self, channel: StandInChannel) -> Any:
+        """
+        In the stand-in: serve until the new image asks for the
+        connections, bring them to their safe points, describe them, hand
+        them over and exit once the new image has committed.  Never
+        returns: the new image reports the migration.
+        """
+        host = self.host
+        attempt = self._attempt
+        _log.info(
+            "Re-exec: the new image starts in process {pid}; stand-in "
+            "process {standIn} serves its connections meanwhile",
+            pid=os.getppid(),
+            standIn=os.getpid(),
+        )
+        attempt.step(
+            "the new image starts; stand-in process {} serves meanwhile".format(
+                os.getpid()
+            )
+        )
+        servedFrom = time.monotonic()
+        try:
+            yield channel.freezeRequested(host.reactor)
+        except StandInError as e:
+            _log.critical(
+                "Re-exec: the new image will not take the connections ({why}); "
+                "the stand-in exits",
+                why=str(e),
+            )
+            flushPythonOutput()
+            os._exit(1)
+        attempt.durations["standin"] = time.monotonic() - servedFrom
+        # Held at their safe points until the exchange ends: this process
+        # then exits, and never serves them again.
+        yield atSafePoints(
+            host,
+            attempt,
+            holdAll=True,
+            missedFate="they are closed before the hand-over",
+        )
+        attempt.phaseDone("safepoints")
+        plan = self._plan(lenient=True)
+        remaining = yield self._closeUnmovable(plan.closing)
+        attempt.phaseDone("close")
+        yield afterPolls(host.reactor, 2)
+        frozenAt = time.monotonic()
+        timeout = max(host.settings.handoffTimeout, 5.0)
+        with collectionsPaused():
+            try:
+                state, precopied = self._describeFrozen(
+                    remaining, frozenAt, [], inStandIn=True
+                )
+                durations = dict(state.durations)
+                durations["capture"] = time.monotonic() - frozenAt
+                document = writeState(evolve(state, durations=durations), validate=False)
+            except Exception:
+                _log.failure(
+                    "Re-exec: the stand-in could not describe its connections; "
+                    "the new image closes them"
+                )
+                flushPythonOutput()
+                os._exit(1)
+            _log.info(
+                "Re-exec: the stand-in hands over {count} connections ({again} "
+                "described again)",
+                count=len(state.connections) + len(precopied),
+                again=len(state.connections),
+            )
+            flushPythonOutput()
+            why = channel.handOver(document, timeout)
+        if why is not None:
+            _log.critical(
+                "Re-exec: the stand-in handed over, but {why}; it exits",
+                why=why,
+            )
+
+        flushPythonOutput()
+        os._exit(0)
 
     def _reporters(self) -> tuple[tuple[int, int], ...]:
         """
@@ -939,7 +1248,12 @@ class ReexecMigration:
         return tuple(found)
 
     def _describeFresh(
-        self, staying: list[Any], numbered: int, closed: dict[str, int]
+        self,
+        staying: list[Any],
+        numbered: int,
+        closed: dict[str, int],
+        *,
+        lenient: bool = False,
     ) -> list[InheritedConnection]:
         """
         Describe the connections handed to a fresh protocol of the new code
@@ -947,6 +1261,9 @@ class ReexecMigration:
         C{closed} those left for C{exec} to close.
 
         @param numbered: how many connections the manifest numbers already.
+        @param lenient: leave a migratable protocol whose state cannot be
+            captured to close, instead of raising (the stand-in cannot roll
+            back).
 
         @raise _Rollback: if a migratable protocol's state could not be
             captured after all (it changed since the dry run).
@@ -954,7 +1271,7 @@ class ReexecMigration:
         described: list[InheritedConnection] = []
         for each in staying:
             protocol = each.hosted.wrappedProtocol
-            if IMigratable.providedBy(protocol):
+            if IMigratable.providedBy(protocol) and not lenient:
                 raise _Rollback(
                     "the state of a connection on {} cannot be carried over: "
                     "{}".format(each.listenerKey, each.reason)

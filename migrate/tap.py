@@ -204,7 +204,7 @@ class Options(usage.Options):
             "(a fresh protocol of the new code takes them over).",
         ],
         [
-            "reexec-stand-in",
+            "reexec-caretaker",
             None,
             "fork",
             "Re-exec: fork (a child of the old image goes on serving the "
@@ -399,10 +399,10 @@ class Options(usage.Options):
                     self["reexec-unmovable"]
                 )
             )
-        if self["reexec-stand-in"] not in ("fork", "none"):
+        if self["reexec-caretaker"] not in ("fork", "none"):
             raise usage.UsageError(
-                "--reexec-stand-in must be fork or none, not {!r}".format(
-                    self["reexec-stand-in"]
+                "--reexec-caretaker must be fork or none, not {!r}".format(
+                    self["reexec-caretaker"]
                 )
             )
         if self["max-draining"] is not None:
@@ -573,7 +573,7 @@ def buildHost(
         applicationSpec=options["app"] if applicationService is None else None,
         strategyOptions={
             "reexec-unmovable": options["reexec-unmovable"],
-            "reexec-stand-in": options["reexec-stand-in"],
+            "reexec-caretaker": options["reexec-caretaker"],
             "trial-failure": options["trial-failure"],
         },
         reloadModules=options["reload-modules"],

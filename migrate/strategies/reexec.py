@@ -34,11 +34,11 @@ class ReexecStrategy:
     closed cleanly before the exec) or C{"adopt"} (a fresh protocol of the
     new code takes them over and is told C{connectionMade}).
 
-    While the new image starts, a child of the old image (the I{stand-in})
+    While the new image starts, a child of the old image (the I{caretaker})
     goes on serving the connections with the old code, and hands them over
-    once the new image is ready to restore them (the C{reexec-stand-in}
+    once the new image is ready to restore them (the C{reexec-caretaker}
     option: C{"fork"}, the default, or C{"none"}); see
-    L{migrate.strategies._reexec._standin}.
+    L{migrate.strategies._reexec._caretaker}.
 
     @ivar _migration: makes the L{ReexecMigration} that runs one re-exec
         (tests give it stand-ins for C{execv} and the preflight).
@@ -55,7 +55,7 @@ class ReexecStrategy:
             progress=progress,
             unmovable=host.settings.strategyOptions.get("reexec-unmovable", "close"),
             trialFailure=host.settings.strategyOptions.get("trial-failure", "refuse"),
-            standIn=host.settings.strategyOptions.get("reexec-stand-in", "fork")
+            caretaker=host.settings.strategyOptions.get("reexec-caretaker", "fork")
             == "fork",
             strategyName=self.name,
         )

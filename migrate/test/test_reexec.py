@@ -1141,7 +1141,7 @@ class OptionsTests(SynchronousTestCase):
             host.settings.strategyOptions,
             {
                 "reexec-unmovable": "adopt",
-                "reexec-stand-in": "fork",
+                "reexec-caretaker": "fork",
                 "trial-failure": "refuse",
             },
         )
@@ -1152,23 +1152,23 @@ class OptionsTests(SynchronousTestCase):
             usage.UsageError, Options().parseOptions, ["--reexec-unmovable", "keep"]
         )
 
-    def test_standInPolicy(self) -> None:
+    def test_caretakerPolicy(self) -> None:
         """
-        C{--reexec-stand-in} is C{fork} (the default) or C{none}; the
-        strategy asks for a stand-in unless it is C{none}.
+        C{--reexec-caretaker} is C{fork} (the default) or C{none}; the
+        strategy asks for a caretaker unless it is C{none}.
         """
         from twisted.python import usage
 
         from migrate.tap import Options, buildHost
 
         options = Options()
-        options.parseOptions(["--reexec-stand-in", "none", "--control", "c.sock"])
+        options.parseOptions(["--reexec-caretaker", "none", "--control", "c.sock"])
         host = buildHost(MemoryReactorClock(), options)
-        self.assertEqual(host.settings.strategyOptions["reexec-stand-in"], "none")
+        self.assertEqual(host.settings.strategyOptions["reexec-caretaker"], "none")
         made = []
 
         def migration(**kwargs: Any) -> Any:
-            made.append(kwargs["standIn"])
+            made.append(kwargs["caretaker"])
             return _NeverRuns()
 
         ReexecStrategy(migration).migrate(host, lambda line: None)
@@ -1179,7 +1179,7 @@ class OptionsTests(SynchronousTestCase):
         )
         self.assertEqual(made, [False, True])
         self.assertRaises(
-            usage.UsageError, Options().parseOptions, ["--reexec-stand-in", "thread"]
+            usage.UsageError, Options().parseOptions, ["--reexec-caretaker", "thread"]
         )
 
 

@@ -68,9 +68,9 @@ def _descriptors(pid: int) -> dict[int, int]:
 _O_CLOEXEC = 0o2000000
 
 
-def _standInOf(pid: int):
+def _caretakerOf(pid: int):
     """
-    The stand-in child of host process C{pid}, if it has one now: a child
+    The caretaker child of host process C{pid}, if it has one now: a child
     that is not the preflight process.
     """
     try:
@@ -252,14 +252,16 @@ class ReexecTests(LiveAppMixin, TestCase):
             upgrading[0] = False
         yield client.waitForLines(before + sent[0])
         replies = [fields(line) for line in client.lines[before:]]
-        self.assertEqual([r[2] for r in replies], [b"n%d" % i for i in range(1, sent[0] + 1)])
+        self.assertEqual(
+            [r[2] for r in replies], [b"n%d" % i for i in range(1, sent[0] + 1)]
+        )
         return result, replies
 
     @inlineCallbacks
-    def test_standInServesWhileTheImageStarts(self):
+    def test_caretakerServesWhileTheImageStarts(self):
         """
         While the new image starts (here slowly: its code takes a second to
-        import), a child of the old image, the stand-in, goes on answering
+        import), a child of the old image, the caretaker, goes on answering
         with the old code; then the new image answers, counting on.  No
         line is lost, duplicated or reordered, and the report shows the
         clients waited for the hand-over only, not for the exec.
@@ -271,25 +273,29 @@ class ReexecTests(LiveAppMixin, TestCase):
         (code, report, err), replies = yield self.pumpDuring(
             client, lambda: self.upgradeTo(slow)
         )
-        self.assertEqual((code, report["outcome"], report["moved"]), (0, "success", 1), err)
+        self.assertEqual(
+            (code, report["outcome"], report["moved"]), (0, "success", 1), err
+        )
         servers = [(r[0], r[1]) for r in replies]
-        standIns = {each for each in servers if each[1] != str(pid).encode()}
-        self.assertEqual(len(standIns), 1, servers[:3])
-        ((version, standIn),) = standIns
+        caretakers = {each for each in servers if each[1] != str(pid).encode()}
+        self.assertEqual(len(caretakers), 1, servers[:3])
+        ((version, caretaker),) = caretakers
         self.assertEqual(version, b"v1")
-        # The stand-in answered between the old image and the new one.
-        order = [each for i, each in enumerate(servers) if i == 0 or servers[i - 1] != each]
-        self.assertEqual(order[-2:], [(b"v1", standIn), (b"v2", str(pid).encode())])
+        # The caretaker answered between the old image and the new one.
+        order = [
+            each for i, each in enumerate(servers) if i == 0 or servers[i - 1] != each
+        ]
+        self.assertEqual(order[-2:], [(b"v1", caretaker), (b"v2", str(pid).encode())])
         self.assertEqual([int(r[3]) for r in replies], list(range(1, len(replies) + 1)))
         self.assertIn("handover", report["durations"])
         self.assertLess(report["durations"]["suspension"], report["durations"]["exec"])
         # The new image collects it once it has committed.
-        yield waitFor(lambda: not pidAlive(int(standIn)), what="the stand-in gone")
+        yield waitFor(lambda: not pidAlive(int(caretaker)), what="the caretaker gone")
 
     @inlineCallbacks
-    def test_standInLostBeforeHandOver(self):
+    def test_caretakerLostBeforeHandOver(self):
         """
-        If the stand-in dies before it hands over (killed here while the
+        If the caretaker dies before it hands over (killed here while the
         new image imports its code), the new image closes the connections
         it served cleanly, counts them as failed, says why, and serves new
         clients with the new code.
@@ -300,8 +306,8 @@ class ReexecTests(LiveAppMixin, TestCase):
         slow = "import time\ntime.sleep(2.0)\n" + MIGRATABLE_V2
         killed = []
 
-        def killStandIn():
-            found = _standInOf(pid)
+        def killCaretaker():
+            found = _caretakerOf(pid)
             if found is not None:
                 os.kill(found, signal.SIGKILL)
                 killed.append(found)
@@ -309,13 +315,18 @@ class ReexecTests(LiveAppMixin, TestCase):
             return False
 
         upgrading = self.upgradeTo(slow)
-        yield waitFor(killStandIn, timeout=60)
+        yield waitFor(killCaretaker, timeout=60)
         code, report, err = yield upgrading
         self.assertEqual(
-            (report["outcome"], report["moved"], report["failed"]), ("success", 0, 2), err
+            (report["outcome"], report["moved"], report["failed"]),
+            ("success", 0, 2),
+            err,
         )
         self.assertTrue(
-            any("stand-in did not hand the connections over" in n for n in report["notes"])
+            any(
+                "caretaker did not hand the connections over" in n
+                for n in report["notes"]
+            )
         )
         for client in clients:
             yield client.closed
@@ -326,18 +337,20 @@ class ReexecTests(LiveAppMixin, TestCase):
         self.assertEqual(fields(hello[0]), [b"hello", b"v2", str(pid).encode()])
 
     @inlineCallbacks
-    def test_withoutStandIn(self):
+    def test_withoutCaretaker(self):
         """
-        With C{--reexec-stand-in none} every client waits for the whole
+        With C{--reexec-caretaker none} every client waits for the whole
         exec: no reply comes from any process but the host's.
         """
-        status = yield self.startHost("--reexec-stand-in", "none")
+        status = yield self.startHost("--reexec-caretaker", "none")
         pid = status["pid"]
         (client,) = yield self.connectClients(1)
         (code, report, err), replies = yield self.pumpDuring(
             client, lambda: self.upgradeTo(MIGRATABLE_V2)
         )
-        self.assertEqual((code, report["outcome"], report["moved"]), (0, "success", 1), err)
+        self.assertEqual(
+            (code, report["outcome"], report["moved"]), (0, "success", 1), err
+        )
         self.assertEqual({r[1] for r in replies}, {str(pid).encode()})
         self.assertNotIn("handover", report["durations"])
 

@@ -33,8 +33,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from ..._codec import StateError
-from ..._handoff._attempt import counted
 from ..._control._server import adoptControl
+from ..._handoff._attempt import counted
 from ..._handoff._listeners import adoptListener
 from ..._handoff._movement import AdoptedConnection, adoptEntry
 from ..._handoff._transport import adoptConnection
@@ -44,9 +44,9 @@ from ..._host._tracking import PendingAdoptionFactory
 from ..._report import ListenerReport, MigrationOutcome, MigrationReport
 from ...interfaces import IMigrationHost
 from ...state import ProtocolState, isMigratable, restoreProtocolState
+from ._caretaker import Caretaker, CaretakerError
 from ._late import LateAdoption, addressesFrom, addressesOf
 from ._reports import ReportChannel
-from ._standin import StandIn, StandInError
 from ._state import (
     EXEC_AT_VARIABLE,
     PREFLIGHT_MARKER,
@@ -55,7 +55,7 @@ from ._state import (
     STATE_FD_VARIABLE,
     InheritedConnection,
     ReexecState,
-    afterStandIn,
+    afterCaretaker,
     readState,
 )
 
@@ -81,19 +81,19 @@ class ReexecInheritance:
     @ivar foundAt: C{time.monotonic()} when this image read it.
     @ivar execAt: C{time.monotonic()} when the old image called C{execv},
         if known.
-    @ivar standIn: the old image's stand-in, serving the connections until
-        this image asks for them (see L{migrate.strategies._reexec._standin}),
+    @ivar caretaker: the old image's caretaker, serving the connections until
+        this image asks for them (see L{migrate.strategies._reexec._caretaker}),
         if it left one; L{state} is then the old image's prelude until
-        L{restoreReexec} replaces it with the stand-in's document.
-    @ivar inherited: with a stand-in, every descriptor this image
-        inherited for it: those the stand-in's document does not name are
+        L{restoreReexec} replaces it with the caretaker's document.
+    @ivar inherited: with a caretaker, every descriptor this image
+        inherited for it: those the caretaker's document does not name are
         closed.
     """
 
     state: ReexecState
     foundAt: float
     execAt: float | None = None
-    standIn: StandIn | None = None
+    caretaker: Caretaker | None = None
     inherited: list[int] = field(factory=list)
     askedAt: float | None = None
 
@@ -142,20 +142,20 @@ def inheritedReexec(
         execAt = float(rawExecAt) if rawExecAt is not None else None
     except ValueError:
         execAt = None
-    standIn: StandIn | None = None
+    caretaker: Caretaker | None = None
     try:
-        standIn = StandIn.fromEnvironment(environ)
+        caretaker = Caretaker.fromEnvironment(environ)
         if not raw.isdigit():
             raise StateError(
                 "{}={!r} is not a descriptor".format(STATE_FD_VARIABLE, raw)
             )
         # No collector passes over the thousands of objects the document
-        # is parsed into: the clients wait (unless a stand-in serves them).
+        # is parsed into: the clients wait (unless a caretaker serves them).
         with collectionsPaused():
             state = readState(int(raw))
-    except (StateError, StandInError) as e:
-        if standIn is not None:
-            standIn.kill()
+    except (StateError, CaretakerError) as e:
+        if caretaker is not None:
+            caretaker.kill()
         lost = inherited()
         for fd in lost:
             os.close(fd)
@@ -167,13 +167,13 @@ def inheritedReexec(
             count=len(lost),
         )
         return None
-    if standIn is None:
+    if caretaker is None:
         return ReexecInheritance(state, foundAt, execAt)
-    # The connections' sockets, among others: those the stand-in's
+    # The connections' sockets, among others: those the caretaker's
     # document will not name are closed then.  Listed now, while the
-    # stand-in serves.
+    # caretaker serves.
     return ReexecInheritance(
-        state, foundAt, execAt, standIn=standIn, inherited=inherited()
+        state, foundAt, execAt, caretaker=caretaker, inherited=inherited()
     )
 
 
@@ -577,21 +577,21 @@ def restoreReexec(
             resumed.append(True)
             gc.enable()
 
-    standIn = inheritance.standIn
+    caretaker = inheritance.caretaker
     try:
-        if standIn is not None:
-            _takeFromStandIn(host, inheritance, standIn)
+        if caretaker is not None:
+            _takeFromCaretaker(host, inheritance, caretaker)
         report = _restore(host, inheritance, resumeCollecting)
-        if standIn is not None:
+        if caretaker is not None:
             # Every connection is this image's now, before it serves any:
-            # the stand-in exits without touching a socket.
-            standIn.committed()
-            standIn.reap(host.reactor)
+            # the caretaker exits without touching a socket.
+            caretaker.committed()
+            caretaker.reap(host.reactor)
         return report
     except BaseException:
         resumeCollecting()
-        if standIn is not None:
-            standIn.kill()
+        if caretaker is not None:
+            caretaker.kill()
         raise
     finally:
         blocked = list(inheritance.state.blockedSignals)
@@ -604,17 +604,17 @@ def restoreReexec(
             )
 
 
-def _takeFromStandIn(
-    host: IMigrationHost, inheritance: ReexecInheritance, standIn: StandIn
+def _takeFromCaretaker(
+    host: IMigrationHost, inheritance: ReexecInheritance, caretaker: Caretaker
 ) -> None:
     """
-    Ask the stand-in for the connections (it freezes them, and describes
+    Ask the caretaker for the connections (it freezes them, and describes
     those that changed since the pre-copy), and make its document, with
     what the pre-copy still holds, the state this image restores.  The
-    descriptors inherited for the stand-in that the document does not name
+    descriptors inherited for the caretaker that the document does not name
     are closed.
 
-    If the stand-in does not hand over in time, it is ended and every
+    If the caretaker does not hand over in time, it is ended and every
     connection closed cleanly, with a critical log line: the old code's
     latest state is lost with it, and the pre-copy may be stale.
     """
@@ -624,14 +624,14 @@ def _takeFromStandIn(
     timeout = settings.safePointTimeout + settings.handoffTimeout + 10.0
     try:
         with collectionsPaused():
-            state = afterStandIn(prelude, readState(standIn.freeze(timeout)))
-    except (StandInError, StateError) as e:
-        standIn.kill()
+            state = afterCaretaker(prelude, readState(caretaker.freeze(timeout)))
+    except (CaretakerError, StateError) as e:
+        caretaker.kill()
         state = evolve(prelude, precopied=(), connections=(), superseded=())
         named = set(state.descriptors())
         lost = [fd for fd in inheritance.inherited if fd not in named]
         _log.critical(
-            "Re-exec: the stand-in did not hand the connections over ({why}); "
+            "Re-exec: the caretaker did not hand the connections over ({why}); "
             "closing the {count} it served",
             why=str(e),
             count=len(lost),
@@ -649,7 +649,7 @@ def _takeFromStandIn(
             closed=closed,
             notes=state.notes
             + (
-                "the stand-in did not hand the connections over ({}); {} "
+                "the caretaker did not hand the connections over ({}); {} "
                 "closed".format(e, counted(len(lost), "connection")),
             ),
         )
@@ -657,7 +657,7 @@ def _takeFromStandIn(
     named = set(state.descriptors())
     for fd in inheritance.inherited:
         if fd not in named:
-            # Left to close (the stand-in closed its own copy or exits).
+            # Left to close (the caretaker closed its own copy or exits).
             os.close(fd)
     inheritance.state = state
 
@@ -831,7 +831,7 @@ def _restore(
 
     durations = dict(state.durations)
     if inheritance.askedAt is not None and inheritance.execAt is not None:
-        # A stand-in served while this image started: the clients waited
+        # A caretaker served while this image started: the clients waited
         # from its freeze ("capture", its own figure) to the end of the
         # restore, not for the exec.
         durations["exec"] = inheritance.askedAt - inheritance.execAt
@@ -857,7 +857,7 @@ def _restore(
             + sum(
                 seconds
                 for name, seconds in state.durations.items()
-                if name in ("checks", "preflight", "plan", "close", "standin")
+                if name in ("checks", "preflight", "plan", "close", "caretaker")
             )
         )
     keys = list(host.listeners)

@@ -72,6 +72,12 @@ from ...state import (
     isMigratable,
     unchangedSince,
 )
+from ._caretaker import (
+    CARETAKER_VARIABLE,
+    CaretakerChannel,
+    CaretakerError,
+    dieWithParent,
+)
 from ._check import (
     checkDescriptorLimit,
     checkProgram,
@@ -79,7 +85,6 @@ from ._check import (
     workInFlight,
 )
 from ._reports import quietChannel
-from ._standin import STANDIN_VARIABLE, StandInChannel, StandInError, dieWithParent
 from ._state import (
     EXEC_AT_VARIABLE,
     PREFLIGHT_MARKER,
@@ -293,7 +298,7 @@ def _addresses(transport: Any) -> dict[str, Any]:
 def _connectionDescriptors(host: IMigrationHost, leaving: set[int]) -> list[int]:
     """
     The descriptor of every connection the host serves, but those in
-    C{leaving} (by C{id()}): what a stand-in may hand over, so what the new
+    C{leaving} (by C{id()}): what a caretaker may hand over, so what the new
     image inherits.
     """
     found = []
@@ -311,14 +316,14 @@ def _connectionDescriptors(host: IMigrationHost, leaving: set[int]) -> list[int]
 
 
 @define
-class _ForkedStandIn:
+class _ForkedCaretaker:
     """
-    Forking the stand-in (see L{migrate.strategies._reexec._standin}), up
+    Forking the caretaker (see L{migrate.strategies._reexec._caretaker}), up
     to the exec.
 
-    @ivar ours: the stand-in's end of the channel (close-on-exec).
+    @ivar ours: the caretaker's end of the channel (close-on-exec).
     @ivar theirs: the new image's end (inherited).
-    @ivar pid: the stand-in's process, once forked.
+    @ivar pid: the caretaker's process, once forked.
     """
 
     ours: socket.socket
@@ -327,17 +332,17 @@ class _ForkedStandIn:
     _verdict: int = -1
 
     @classmethod
-    def prepare(cls) -> _ForkedStandIn:
+    def prepare(cls) -> _ForkedCaretaker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         return cls(ours, theirs)
 
     def fork(self, fork: Callable[[], int]) -> bool:
         """
-        Fork the stand-in.
+        Fork the caretaker.
 
-        @return: C{True} in the stand-in, once the parent's C{execv} has
+        @return: C{True} in the caretaker, once the parent's C{execv} has
             succeeded (the parent's end of a close-on-exec pipe closed);
-            C{False} in the parent.  A stand-in whose parent's exec failed
+            C{False} in the parent.  A caretaker whose parent's exec failed
             or that could not wait exits at once.
         """
         parent = os.getpid()
@@ -348,7 +353,7 @@ class _ForkedStandIn:
                 os.close(writeEnd)
                 self.theirs.close()
                 # Once the exec succeeded there is no old image to return
-                # to: the stand-in must not outlive the new one.
+                # to: the caretaker must not outlive the new one.
                 dieWithParent()
                 verdict = os.read(readEnd, 1)
                 os.close(readEnd)
@@ -362,16 +367,16 @@ class _ForkedStandIn:
         self._verdict = writeEnd
         return False
 
-    def channel(self) -> StandInChannel:
+    def channel(self) -> CaretakerChannel:
         """
-        In the stand-in: its end of the channel.
+        In the caretaker: its end of the channel.
         """
-        return StandInChannel(self.ours)
+        return CaretakerChannel(self.ours)
 
     def abandon(self) -> None:
         """
         In the old image, when the exec failed or did not happen: end the
-        stand-in before it serves anything, and close the channel.
+        caretaker before it serves anything, and close the channel.
         """
         if self.pid:
             try:
@@ -475,10 +480,10 @@ class ReexecMigration:
     @ivar softLimit: returns the soft C{RLIMIT_NOFILE}.
     @ivar closeTimeout: seconds connections being closed may take to
         write their last output (default: the host's hand-off timeout).
-    @ivar standIn: whether a stand-in serves the connections while the new
-        image starts (see L{migrate.strategies._reexec._standin}), when no
+    @ivar caretaker: whether a caretaker serves the connections while the new
+        image starts (see L{migrate.strategies._reexec._caretaker}), when no
         thread runs.
-    @ivar fork: C{os.fork} or a stand-in.
+    @ivar fork: C{os.fork} or a caretaker.
     """
 
     host: IMigrationHost
@@ -491,7 +496,7 @@ class ReexecMigration:
     checkArgv: Callable[[Sequence[str]], str | None] = checkProgram
     softLimit: Callable[[], int] = _softLimit
     closeTimeout: float | None = None
-    standIn: bool = False
+    caretaker: bool = False
     fork: Callable[[], int] = os.fork
     _closed: dict[str, int] = field(factory=dict)
     _trialClosing: dict[int, tuple[Any, str]] = field(factory=dict)
@@ -645,12 +650,13 @@ class ReexecMigration:
         # protocol's dataReceived.
         yield afterPolls(host.reactor, 2)
         reason = self._freezeAndExec(argv, remaining)
-        if isinstance(reason, StandInChannel):
-            # The stand-in: the new image has started in this process's
+        if isinstance(reason, CaretakerChannel):
+            # The caretaker: the new image has started in this process's
             # parent.  Serve until it asks for the connections; this never
             # returns.
             safePoints.letGo()
-            yield self._serveAsStandIn(reason)
+            yield self._serveAsCaretaker(reason)
+            raise AssertionError("the caretaker returned")
         phaseDone("rollback")
         safePoints.letGo()
         host.resumeAccepting()
@@ -775,7 +781,7 @@ class ReexecMigration:
         each one that moves can be captured (a dry run: nothing is frozen).
 
         @param lenient: close a connection whose migratable protocol's
-            state cannot be captured, instead of raising (the stand-in
+            state cannot be captured, instead of raising (the caretaker
             cannot roll back).
 
         @raise _Rollback: if a migratable protocol's state cannot be
@@ -904,7 +910,7 @@ class ReexecMigration:
 
     def _freezeAndExec(
         self, argv: list[str], stillClosing: list[Any]
-    ) -> str | StandInChannel:
+    ) -> str | CaretakerChannel:
         """
         Describe the connections, pass exactly the descriptors needed, and
         exec.  Runs without giving the reactor a turn: from here on nothing
@@ -912,7 +918,7 @@ class ReexecMigration:
         freezes them (see L{describeMovable}).
 
         @return: why the exec did not happen (everything is as before), or,
-            in the stand-in, its channel to the new image.
+            in the caretaker, its channel to the new image.
         """
         frozenAt = time.monotonic()
         # The cyclic collector's passes over a heap this size would add to
@@ -922,7 +928,7 @@ class ReexecMigration:
 
     def _freezeAndExecUncollected(
         self, argv: list[str], stillClosing: list[Any], frozenAt: float
-    ) -> str | StandInChannel:
+    ) -> str | CaretakerChannel:
         host = self.host
         # From here on a signal waits, blocked, for the new image (which
         # unblocks it once its handlers are installed) or for a rollback:
@@ -934,24 +940,25 @@ class ReexecMigration:
         stateFd: int | None = None
         marks: DescriptorMarks | None = None
         executing = False
-        standIn: _ForkedStandIn | None = None
+        caretaker: _ForkedCaretaker | None = None
         try:
-            forking = self._standInRefusal() is None
+            forking = self._caretakerRefusal() is None
+            precopied: list[int]
             if forking:
-                # The stand-in describes the connections when the new image
+                # The caretaker describes the connections when the new image
                 # asks; this document only names what the new image can
                 # prepare meanwhile (the listeners, the pre-copy).
                 state, precopied = self._prelude(frozenAt, blocked), []
             else:
                 state, precopied = self._describeFrozen(
-                    stillClosing, frozenAt, blocked, inStandIn=False
+                    stillClosing, frozenAt, blocked, inCaretaker=False
                 )
             stateFd = writeState(state, validate=False)
             keep = state.descriptors() + precopied + [stateFd]
             if forking:
-                standIn = _ForkedStandIn.prepare()
+                caretaker = _ForkedCaretaker.prepare()
                 leaving = {id(each) for each in stillClosing}
-                keep.append(standIn.theirs.fileno())
+                keep.append(caretaker.theirs.fileno())
                 keep.extend(_connectionDescriptors(host, leaving))
             marks = DescriptorMarks.apply(keep)
             if marks.strays:
@@ -965,7 +972,7 @@ class ReexecMigration:
             # but the listeners travel in the state, not through LISTEN_FDS.
             environment = successorEnvironment(os.environ)
             environment[STATE_FD_VARIABLE] = str(stateFd)
-            if standIn is None:
+            if caretaker is None:
                 _log.info(
                     "Re-exec: execv {argv} with {count} connections ({again} "
                     "described at the freeze), state in descriptor {fd}",
@@ -976,7 +983,7 @@ class ReexecMigration:
                 )
             else:
                 _log.info(
-                    "Re-exec: execv {argv}; a stand-in serves the connections "
+                    "Re-exec: execv {argv}; a caretaker serves the connections "
                     "meanwhile and hands them over when the new image asks",
                     argv=argv,
                 )
@@ -986,21 +993,21 @@ class ReexecMigration:
             lost = workInFlight(host.reactor)
             if lost is not None:
                 raise _Rollback(lost)
-            if standIn is not None:
-                if standIn.fork(self.fork):
-                    # The stand-in: the exec succeeded, serve again.
+            if caretaker is not None:
+                if caretaker.fork(self.fork):
+                    # The caretaker: the exec succeeded, serve again.
                     os.close(stateFd)
-                    return standIn.channel()
-                environment[STANDIN_VARIABLE] = "{},{}".format(
-                    standIn.theirs.fileno(), standIn.pid
+                    return caretaker.channel()
+                environment[CARETAKER_VARIABLE] = "{},{}".format(
+                    caretaker.theirs.fileno(), caretaker.pid
                 )
             environment[EXEC_AT_VARIABLE] = repr(time.monotonic())
             executing = True
             self.execv(argv[0], argv, environment)
             raise OSError(errno.EINVAL, "execv returned")
         except Exception as e:
-            if standIn is not None:
-                standIn.abandon()
+            if caretaker is not None:
+                caretaker.abandon()
             if blocked:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
             self._attempt.enter(MigrationPhase.rollingBack)
@@ -1015,23 +1022,23 @@ class ReexecMigration:
             # Nothing was frozen: the connections carry on as they were.
             return reason
 
-    def _standInRefusal(self) -> str | None:
+    def _caretakerRefusal(self) -> str | None:
         """
-        Why no stand-in can serve while the new image starts, if none can:
+        Why no caretaker can serve while the new image starts, if none can:
         it is not asked for, or a thread runs (only the forking thread goes
         on in a child; the reactor's thread pool would wait forever there).
         """
-        if not self.standIn:
+        if not self.caretaker:
             return "not asked for"
         if threading.active_count() != 1:
             return "{} threads run".format(threading.active_count())
         return None
 
-    def _prelude(self, frozenAt: float, blocked: list[int]) -> ReexecState:
+    def _prelude(self, frozenAt: float, blocked: Sequence[int]) -> ReexecState:
         """
-        The document the new image reads as it starts when a stand-in
+        The document the new image reads as it starts when a caretaker
         serves meanwhile: everything but the connections, and the
-        pre-copy, which it reads before asking the stand-in to freeze.
+        pre-copy, which it reads before asking the caretaker to freeze.
         """
         host = self.host
         precopy = self._precopy
@@ -1071,16 +1078,16 @@ class ReexecMigration:
         self,
         stillClosing: list[Any],
         frozenAt: float,
-        blocked: list[int],
+        blocked: Sequence[int],
         *,
-        inStandIn: bool,
+        inCaretaker: bool,
     ) -> tuple[ReexecState, list[int]]:
         """
         Describe every connection for the new image: those copied ahead
         compared with their copy, the others and the changed ones
         described now.
 
-        @param inStandIn: whether the stand-in describes them: it cannot
+        @param inCaretaker: whether the caretaker describes them: it cannot
             roll back, so a connection that cannot be described is left to
             close rather than rolling back, and the new image has read the
             pre-copy already.
@@ -1115,7 +1122,7 @@ class ReexecMigration:
         ]
         connections.extend(
             self._describeFresh(
-                staying, firstIdent - 1 + len(moving), closed, lenient=inStandIn
+                staying, firstIdent - 1 + len(moving), closed, lenient=inCaretaker
             )
         )
         state = ReexecState(
@@ -1144,15 +1151,15 @@ class ReexecMigration:
             blockedSignals=tuple(blocked),
             reporters=self._reporters(),
             draining=tuple(dict(each) for each in host.draining.values()),
-            precopy=None if precopy is None or inStandIn else precopy.descriptor,
+            precopy=None if precopy is None or inCaretaker else precopy.descriptor,
             superseded=tuple(superseded),
         )
         return state, precopied
 
     @inlineCallbacks
-    def _serveAsStandIn(self, channel: StandInChannel) -> Any:
+    def _serveAsCaretaker(self, channel: CaretakerChannel) -> Any:
         """
-        In the stand-in: serve until the new image asks for the
+        In the caretaker: serve until the new image asks for the
         connections, bring them to their safe points, describe them, hand
         them over and exit once the new image has committed.  Never
         returns: the new image reports the migration.
@@ -1160,28 +1167,28 @@ class ReexecMigration:
         host = self.host
         attempt = self._attempt
         _log.info(
-            "Re-exec: the new image starts in process {pid}; stand-in "
-            "process {standIn} serves its connections meanwhile",
+            "Re-exec: the new image starts in process {pid}; caretaker "
+            "process {caretaker} serves its connections meanwhile",
             pid=os.getppid(),
-            standIn=os.getpid(),
+            caretaker=os.getpid(),
         )
         attempt.step(
-            "the new image starts; stand-in process {} serves meanwhile".format(
+            "the new image starts; caretaker process {} serves meanwhile".format(
                 os.getpid()
             )
         )
         servedFrom = time.monotonic()
         try:
             yield channel.freezeRequested(host.reactor)
-        except StandInError as e:
+        except CaretakerError as e:
             _log.critical(
                 "Re-exec: the new image will not take the connections ({why}); "
-                "the stand-in exits",
+                "the caretaker exits",
                 why=str(e),
             )
             flushPythonOutput()
             os._exit(1)
-        attempt.durations["standin"] = time.monotonic() - servedFrom
+        attempt.durations["caretaker"] = time.monotonic() - servedFrom
         # Held at their safe points until the exchange ends: this process
         # then exits, and never serves them again.
         yield atSafePoints(
@@ -1200,20 +1207,22 @@ class ReexecMigration:
         with collectionsPaused():
             try:
                 state, precopied = self._describeFrozen(
-                    remaining, frozenAt, [], inStandIn=True
+                    remaining, frozenAt, [], inCaretaker=True
                 )
                 durations = dict(state.durations)
                 durations["capture"] = time.monotonic() - frozenAt
-                document = writeState(evolve(state, durations=durations), validate=False)
+                document = writeState(
+                    evolve(state, durations=durations), validate=False
+                )
             except Exception:
                 _log.failure(
-                    "Re-exec: the stand-in could not describe its connections; "
+                    "Re-exec: the caretaker could not describe its connections; "
                     "the new image closes them"
                 )
                 flushPythonOutput()
                 os._exit(1)
             _log.info(
-                "Re-exec: the stand-in hands over {count} connections ({again} "
+                "Re-exec: the caretaker hands over {count} connections ({again} "
                 "described again)",
                 count=len(state.connections) + len(precopied),
                 again=len(state.connections),
@@ -1222,7 +1231,7 @@ class ReexecMigration:
             why = channel.handOver(document, timeout)
         if why is not None:
             _log.critical(
-                "Re-exec: the stand-in handed over, but {why}; it exits",
+                "Re-exec: the caretaker handed over, but {why}; it exits",
                 why=why,
             )
 
@@ -1262,7 +1271,7 @@ class ReexecMigration:
 
         @param numbered: how many connections the manifest numbers already.
         @param lenient: leave a migratable protocol whose state cannot be
-            captured to close, instead of raising (the stand-in cannot roll
+            captured to close, instead of raising (the caretaker cannot roll
             back).
 
         @raise _Rollback: if a migratable protocol's state could not be

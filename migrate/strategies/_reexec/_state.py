@@ -50,7 +50,7 @@ __all__ = [
     "PREFLIGHT_VARIABLE",
     "REEXEC_SIGNALS",
     "STATE_FD_VARIABLE",
-    "afterStandIn",
+    "afterCaretaker",
     "InheritedConnection",
     "ReexecState",
     "mergePrecopy",
@@ -297,7 +297,7 @@ class ReexecState:
                 else {}
             ),
             **({"precopy": self.precopy} if self.precopy is not None else {}),
-            # A stand-in's document names no pre-copy (the new image read
+            # A caretaker's document names no pre-copy (the new image read
             # it from the old image's prelude) but supersedes some of it.
             **(
                 {"superseded": list(self.superseded)}
@@ -740,19 +740,19 @@ def mergePrecopy(state: ReexecState, data: bytes) -> ReexecState:
     return merged
 
 
-def afterStandIn(prelude: ReexecState, final: ReexecState) -> ReexecState:
+def afterCaretaker(prelude: ReexecState, final: ReexecState) -> ReexecState:
     """
-    What the new image restores when a stand-in served while it started
-    (see L{migrate.strategies._reexec._standin}): the stand-in's document,
+    What the new image restores when a caretaker served while it started
+    (see L{migrate.strategies._reexec._caretaker}): the caretaker's document,
     and the connections of the pre-copy the new image read from the old
-    image's C{prelude} that still hold (not superseded by the stand-in).
+    image's C{prelude} that still hold (not superseded by the caretaker).
 
     @raise StateError: if the two do not fit together.
     """
     if final.precopy is not None or final.precopied:
-        raise StateError("the stand-in's document names a pre-copy")
+        raise StateError("the caretaker's document names a pre-copy")
     if (final.pid, final.generation) != (prelude.pid, prelude.generation):
-        raise StateError("the stand-in's document is of another generation")
+        raise StateError("the caretaker's document is of another generation")
     superseded = set(final.superseded)
     merged = evolve(
         final,

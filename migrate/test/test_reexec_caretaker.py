@@ -1,8 +1,8 @@
 """
-Tests for L{migrate.strategies._reexec._standin}: the channel between a
-re-executed image and the stand-in that serves while it starts, and
-L{migrate.strategies._reexec._state.afterStandIn}, which joins the
-stand-in's document to the pre-copy the new image read.
+Tests for L{migrate.strategies._reexec._caretaker}: the channel between a
+re-executed image and the caretaker that serves while it starts, and
+L{migrate.strategies._reexec._state.afterCaretaker}, which joins the
+caretaker's document to the pre-copy the new image read.
 """
 
 from __future__ import annotations
@@ -20,21 +20,21 @@ from twisted.trial.unittest import SynchronousTestCase
 from migrate._codec import StateError
 from migrate._handoff._fdpass import readMemfd, writeMemfd
 from migrate.state import ProtocolState
-from migrate.strategies._reexec._standin import (
+from migrate.strategies._reexec._caretaker import (
+    CARETAKER_VARIABLE,
     COMMITTED,
     DOCUMENT,
     FREEZE,
-    STANDIN_VARIABLE,
-    StandIn,
-    StandInChannel,
-    StandInError,
+    Caretaker,
+    CaretakerChannel,
+    CaretakerError,
     dieWithParent,
 )
 from migrate.strategies._reexec._state import (
     InheritedConnection,
     PrecopiedConnection,
     ReexecState,
-    afterStandIn,
+    afterCaretaker,
 )
 
 
@@ -45,31 +45,31 @@ def _pair(case: SynchronousTestCase) -> tuple[socket.socket, socket.socket]:
     return ours, theirs
 
 
-class StandInFromEnvironmentTests(SynchronousTestCase):
+class CaretakerFromEnvironmentTests(SynchronousTestCase):
     """
-    L{StandIn.fromEnvironment} finds the stand-in the old image left.
+    L{Caretaker.fromEnvironment} finds the caretaker the old image left.
     """
 
     def test_none(self) -> None:
         """
-        Without the variable there is no stand-in.
+        Without the variable there is no caretaker.
         """
-        self.assertIsNone(StandIn.fromEnvironment({}))
+        self.assertIsNone(Caretaker.fromEnvironment({}))
 
     def test_found(self) -> None:
         """
-        The variable names the channel's descriptor and the stand-in's
+        The variable names the channel's descriptor and the caretaker's
         process; it is removed, and the channel made close-on-exec.
         """
         ours, theirs = socket.socketpair()
         self.addCleanup(ours.close)
         fd = theirs.detach()
         os.set_inheritable(fd, True)
-        environ = {STANDIN_VARIABLE: "{},{}".format(fd, 4321), "OTHER": "1"}
-        standIn = StandIn.fromEnvironment(environ)
-        assert standIn is not None
-        self.addCleanup(standIn.socket.close)
-        self.assertEqual((standIn.socket.fileno(), standIn.pid), (fd, 4321))
+        environ = {CARETAKER_VARIABLE: "{},{}".format(fd, 4321), "OTHER": "1"}
+        caretaker = Caretaker.fromEnvironment(environ)
+        assert caretaker is not None
+        self.addCleanup(caretaker.socket.close)
+        self.assertEqual((caretaker.socket.fileno(), caretaker.pid), (fd, 4321))
         self.assertEqual(environ, {"OTHER": "1"})
         self.assertFalse(os.get_inheritable(fd))
 
@@ -79,25 +79,25 @@ class StandInFromEnvironmentTests(SynchronousTestCase):
         """
         for raw in ("", "7", "x,1", "7,", "2,100", "7,-1"):
             error = self.assertRaises(
-                StandInError, StandIn.fromEnvironment, {STANDIN_VARIABLE: raw}
+                CaretakerError, Caretaker.fromEnvironment, {CARETAKER_VARIABLE: raw}
             )
-            self.assertIn(STANDIN_VARIABLE, str(error))
+            self.assertIn(CARETAKER_VARIABLE, str(error))
 
 
 class ExchangeTests(SynchronousTestCase):
     """
-    The exchange: the new image asks for a freeze, the stand-in passes its
+    The exchange: the new image asks for a freeze, the caretaker passes its
     document and waits until the new image has committed.
     """
 
     def test_freezeRequested(self) -> None:
         """
-        The stand-in's end watches the channel from the reactor and fires
+        The caretaker's end watches the channel from the reactor and fires
         once the new image sends L{FREEZE}; it stops watching then.
         """
         ours, theirs = _pair(self)
         reactor = MemoryReactor()
-        channel = StandInChannel(ours)
+        channel = CaretakerChannel(ours)
         asked = channel.freezeRequested(reactor)
         (watcher,) = reactor.readers
         watcher.doRead()
@@ -110,32 +110,32 @@ class ExchangeTests(SynchronousTestCase):
     def test_newImageGone(self) -> None:
         """
         If the new image closes the channel, or sends anything else, the
-        wait fails with L{StandInError}.
+        wait fails with L{CaretakerError}.
         """
         for send, why in ((b"", "closed"), (b"?", "sent")):
             ours, theirs = _pair(self)
             reactor = MemoryReactor()
-            asked = StandInChannel(ours).freezeRequested(reactor)
+            asked = CaretakerChannel(ours).freezeRequested(reactor)
             if send:
                 theirs.sendall(send)
             else:
                 theirs.shutdown(socket.SHUT_WR)
             (watcher,) = reactor.readers
             watcher.doRead()
-            self.assertIn(why, str(self.failureResultOf(asked, StandInError).value))
+            self.assertIn(why, str(self.failureResultOf(asked, CaretakerError).value))
             self.assertEqual(list(reactor.readers), [])
 
     def test_handOver(self) -> None:
         """
         The new image receives the document's descriptor with L{DOCUMENT};
-        the stand-in's L{StandInChannel.handOver} returns L{None} once the
+        the caretaker's L{CaretakerChannel.handOver} returns L{None} once the
         new image has committed.
         """
         ours, theirs = _pair(self)
         document = writeMemfd(b"{}", "test", inheritable=False)
         self.addCleanup(os.close, document)
         theirs.sendall(COMMITTED)
-        self.assertIsNone(StandInChannel(ours).handOver(document, timeout=5))
+        self.assertIsNone(CaretakerChannel(ours).handOver(document, timeout=5))
         message, descriptors, flags, address = socket.recv_fds(theirs, 2, 4)
         self.assertEqual(message, DOCUMENT)
         (received,) = descriptors
@@ -144,85 +144,85 @@ class ExchangeTests(SynchronousTestCase):
 
     def test_freeze(self) -> None:
         """
-        L{StandIn.freeze} sends L{FREEZE} and returns the descriptor that
+        L{Caretaker.freeze} sends L{FREEZE} and returns the descriptor that
         comes with L{DOCUMENT}.
         """
         ours, theirs = _pair(self)
         document = writeMemfd(b"[1]", "test", inheritable=False)
         self.addCleanup(os.close, document)
         socket.send_fds(ours, [DOCUMENT], [document])
-        received = StandIn(theirs, 1).freeze(timeout=5)
+        received = Caretaker(theirs, 1).freeze(timeout=5)
         self.addCleanup(os.close, received)
         self.assertEqual(readMemfd(received, maxBytes=10), b"[1]")
         self.assertEqual(ours.recv(1), FREEZE)
 
-    def test_freezeStandInGone(self) -> None:
+    def test_freezeCaretakerGone(self) -> None:
         """
-        A stand-in that exited, or answered something else, or did not
-        answer in time, is an L{StandInError} naming its process.
+        A caretaker that exited, or answered something else, or did not
+        answer in time, is an L{CaretakerError} naming its process.
         """
         ours, theirs = _pair(self)
         ours.close()
-        error = self.assertRaises(StandInError, StandIn(theirs, 77).freeze, 5)
+        error = self.assertRaises(CaretakerError, Caretaker(theirs, 77).freeze, 5)
         self.assertIn("77", str(error))
 
         ours, theirs = _pair(self)
         ours.sendall(b"?")
-        error = self.assertRaises(StandInError, StandIn(theirs, 78).freeze, 5)
+        error = self.assertRaises(CaretakerError, Caretaker(theirs, 78).freeze, 5)
         self.assertIn("sent", str(error))
 
         ours, theirs = _pair(self)
-        error = self.assertRaises(StandInError, StandIn(theirs, 79).freeze, 0.01)
+        error = self.assertRaises(CaretakerError, Caretaker(theirs, 79).freeze, 0.01)
         self.assertIn("did not hand over", str(error))
 
     def test_handOverNoCommit(self) -> None:
         """
-        If the new image goes away instead of committing, the stand-in is
+        If the new image goes away instead of committing, the caretaker is
         told why.
         """
         ours, theirs = _pair(self)
         document = writeMemfd(b"{}", "test", inheritable=False)
         self.addCleanup(os.close, document)
         theirs.shutdown(socket.SHUT_WR)
-        why = StandInChannel(ours).handOver(document, timeout=5)
+        why = CaretakerChannel(ours).handOver(document, timeout=5)
         self.assertIn("before it committed", str(why))
 
     def test_committed(self) -> None:
         """
-        L{StandIn.committed} says so and closes the channel.
+        L{Caretaker.committed} says so and closes the channel.
         """
         ours, theirs = _pair(self)
-        standIn = StandIn(theirs, os.getpid())
-        standIn.committed()
+        caretaker = Caretaker(theirs, os.getpid())
+        caretaker.committed()
         self.assertEqual(ours.recv(2), COMMITTED)
         self.assertEqual(theirs.fileno(), -1)
 
 
 class ProcessTests(SynchronousTestCase):
     """
-    The stand-in's process: ended at once, or collected from the reactor.
+    The caretaker's process: ended at once, or collected from the reactor.
     """
 
     def test_kill(self) -> None:
         """
-        L{StandIn.kill} ends the process and collects it.
+        L{Caretaker.kill} ends the process and collects it.
         """
         child = subprocess.Popen(["sleep", "60"])
         self.addCleanup(child.poll)
         ours, theirs = _pair(self)
-        StandIn(theirs, child.pid).kill()
+        Caretaker(theirs, child.pid).kill()
         self.assertRaises(ChildProcessError, os.waitpid, child.pid, os.WNOHANG)
 
     def test_reap(self) -> None:
         """
-        L{StandIn.reap} collects the process once it has exited, polling
+        L{Caretaker.reap} collects the process once it has exited, polling
         from the reactor; one still there at the deadline is killed.
         """
         child = subprocess.Popen(["true"])
         os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
         clock = Clock()
         ours, theirs = _pair(self)
-        done = StandIn(theirs, child.pid).reap(clock)
+        done = Caretaker(theirs, child.pid).reap(clock)
         self.assertNoResult(done)
         clock.advance(0)
         self.successResultOf(done)
@@ -231,7 +231,7 @@ class ProcessTests(SynchronousTestCase):
         stuck = subprocess.Popen(["sleep", "60"])
         self.addCleanup(stuck.poll)
         ours, theirs = _pair(self)
-        done = StandIn(theirs, stuck.pid).reap(clock, timeout=0)
+        done = Caretaker(theirs, stuck.pid).reap(clock, timeout=0)
         clock.advance(0)
         self.successResultOf(done)
         self.assertRaises(ChildProcessError, os.waitpid, stuck.pid, os.WNOHANG)
@@ -264,9 +264,9 @@ def _precopied(ident: int, fd: int) -> PrecopiedConnection:
     )
 
 
-class AfterStandInTests(SynchronousTestCase):
+class AfterCaretakerTests(SynchronousTestCase):
     """
-    L{afterStandIn} joins the stand-in's document and the pre-copy.
+    L{afterCaretaker} joins the caretaker's document and the pre-copy.
     """
 
     def prelude(self, **kwargs: Any) -> ReexecState:
@@ -282,7 +282,7 @@ class AfterStandInTests(SynchronousTestCase):
 
     def test_supersededLeftOut(self) -> None:
         """
-        The pre-copied connections the stand-in superseded are left out;
+        The pre-copied connections the caretaker superseded are left out;
         its own connections, counts and notes are kept; the signals are
         those the old image blocked.
         """
@@ -294,21 +294,21 @@ class AfterStandInTests(SynchronousTestCase):
             listeners={"tcp:1": 5},
             connections=(again,),
             closed={"tcp:1": 1},
-            notes=("stand-in",),
+            notes=("caretaker",),
             superseded=(2, 3),
         )
-        merged = afterStandIn(self.prelude(), final)
+        merged = afterCaretaker(self.prelude(), final)
         self.assertEqual([each.ident for each in merged.precopied], [1])
         self.assertEqual(merged.connections, (again,))
         self.assertEqual(
             (merged.closed, merged.notes, merged.superseded, merged.blockedSignals),
-            ({"tcp:1": 1}, ("stand-in",), (), (int(signal.SIGHUP),)),
+            ({"tcp:1": 1}, ("caretaker",), (), (int(signal.SIGHUP),)),
         )
         self.assertEqual(sorted(merged.descriptors()), [5, 20, 21])
 
     def test_descriptorTwice(self) -> None:
         """
-        A descriptor the stand-in describes again though its pre-copy was
+        A descriptor the caretaker describes again though its pre-copy was
         not superseded is refused.
         """
         final = ReexecState(
@@ -317,7 +317,7 @@ class AfterStandInTests(SynchronousTestCase):
             strategy="reexec",
             connections=(InheritedConnection(21, "tcp:1", {"id": 4, "state": {}}),),
         )
-        self.assertRaises(StateError, afterStandIn, self.prelude(), final)
+        self.assertRaises(StateError, afterCaretaker, self.prelude(), final)
 
     def test_otherGeneration(self) -> None:
         """
@@ -329,14 +329,12 @@ class AfterStandInTests(SynchronousTestCase):
             ReexecState(pid=10, generation=2, strategy="reexec"),
             ReexecState(pid=10, generation=3, strategy="reexec", precopy=9),
         ):
-            self.assertRaises(StateError, afterStandIn, self.prelude(), final)
+            self.assertRaises(StateError, afterCaretaker, self.prelude(), final)
 
     def test_supersededTravelsWithoutPrecopy(self) -> None:
         """
-        The stand-in's document names no pre-copy but keeps what it
+        The caretaker's document names no pre-copy but keeps what it
         superseded across its plain form.
         """
         state = ReexecState(pid=10, generation=3, strategy="reexec", superseded=(2, 5))
-        self.assertEqual(
-            ReexecState.fromPlain(state.toPlain()).superseded, (2, 5)
-        )
+        self.assertEqual(ReexecState.fromPlain(state.toPlain()).superseded, (2, 5))

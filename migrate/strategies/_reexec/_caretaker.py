@@ -1,33 +1,33 @@
-# -*- test-case-name: migrate.test.test_reexec_standin -*-
+# -*- test-case-name: migrate.test.test_reexec_caretaker -*-
 """
-The stand-in: while a re-executed image starts, a child of the old image
+The caretaker: while a re-executed image starts, a child of the old image
 goes on serving every established connection with the old code.
 
-Re-exec replaces the process image in place, so without a stand-in every
+Re-exec replaces the process image in place, so without a caretaker every
 client waits for the new image to start Python, import Twisted and the
 application, and restore every connection: at 10,000 connections more than
 half a second.  Just before C{execv} the old image forks.  The parent (the
-PID the supervisor watches) re-executes at once; the child, the I{stand-in},
+PID the supervisor watches) re-executes at once; the child, the I{caretaker},
 waits until the exec has succeeded, then serves again with the old code,
 holding its own copy of every socket.  Once the new image is ready to
 restore (its imports done, its options parsed, the pre-copy read), it asks
-the stand-in to freeze: the stand-in brings its connections to their safe
+the caretaker to freeze: the caretaker brings its connections to their safe
 points, describes those that changed since the pre-copy in a state document
 and passes it over their socketpair; the new image restores, commits and
-says so; only then does the stand-in exit, without shutting down a socket
+says so; only then does the caretaker exit, without shutting down a socket
 (the new image holds them).  The clients wait for that exchange only, not
 for the interpreter's start.
 
 The channel is an inherited C{socketpair}; every message is one byte (the
 document travels as a sealed memory file by C{SCM_RIGHTS}):
 
-  - L{FREEZE}, new image to stand-in: freeze and describe now;
-  - L{DOCUMENT}, stand-in to new image, with the document's descriptor;
-  - L{COMMITTED}, new image to stand-in: every connection is the new
+  - L{FREEZE}, new image to caretaker: freeze and describe now;
+  - L{DOCUMENT}, caretaker to new image, with the document's descriptor;
+  - L{COMMITTED}, new image to caretaker: every connection is the new
     image's; exit.
 
-The stand-in dies with the new image (C{PR_SET_PDEATHSIG}): once C{execv}
-has succeeded there is no old image to go back to, and a stand-in left
+The caretaker dies with the new image (C{PR_SET_PDEATHSIG}): once C{execv}
+has succeeded there is no old image to go back to, and a caretaker left
 behind would serve forever.
 """
 
@@ -51,19 +51,19 @@ __all__ = [
     "COMMITTED",
     "DOCUMENT",
     "FREEZE",
-    "STANDIN_VARIABLE",
-    "StandIn",
-    "StandInChannel",
-    "StandInError",
+    "CARETAKER_VARIABLE",
+    "Caretaker",
+    "CaretakerChannel",
+    "CaretakerError",
     "dieWithParent",
 ]
 
 _log = Logger()
 
-STANDIN_VARIABLE = "MIGRATE_REEXEC_STAND_IN"
+CARETAKER_VARIABLE = "MIGRATE_REEXEC_CARETAKER"
 """
 In a re-executed image's environment: C{"DESCRIPTOR,PID"}, its end of the
-channel to the stand-in and the stand-in's process.
+channel to the caretaker and the caretaker's process.
 """
 
 FREEZE = b"F"
@@ -73,9 +73,9 @@ COMMITTED = b"C"
 _PR_SET_PDEATHSIG = 1
 
 
-class StandInError(Exception):
+class CaretakerError(Exception):
     """
-    The stand-in did not hand over; the message says why.
+    The caretaker did not hand over; the message says why.
     """
 
 
@@ -105,9 +105,9 @@ def dieWithParent(
 
 
 @define
-class StandInChannel:
+class CaretakerChannel:
     """
-    The stand-in's end of its channel to the new image.
+    The caretaker's end of its channel to the new image.
 
     @ivar socket: the connected Unix socket.
     """
@@ -120,7 +120,7 @@ class StandInChannel:
         Wait, while the reactor serves, until the new image asks to freeze.
 
         @return: a L{Deferred} firing with L{None} on L{FREEZE}, or failing
-            with L{StandInError} if the new image went away or sent
+            with L{CaretakerError} if the new image went away or sent
             something else.
         """
         asked: Deferred[None] = Deferred()
@@ -156,7 +156,7 @@ class StandInChannel:
 @define(eq=False)
 class _Watcher:
     """
-    Reads the one request the stand-in waits for, from the reactor.
+    Reads the one request the caretaker waits for, from the reactor.
     """
 
     socket: socket.socket
@@ -167,7 +167,7 @@ class _Watcher:
         return self.socket.fileno()
 
     def logPrefix(self) -> str:
-        return "migrate-stand-in"
+        return "migrate-caretaker"
 
     def doRead(self) -> None:
         try:
@@ -175,17 +175,17 @@ class _Watcher:
         except BlockingIOError:
             return
         except OSError as e:
-            self._done(StandInError("the channel failed: {}".format(e)))
+            self._done(CaretakerError("the channel failed: {}".format(e)))
             return
         if data == FREEZE:
             self._done(None)
         elif not data:
-            self._done(StandInError("the new image closed the channel"))
+            self._done(CaretakerError("the new image closed the channel"))
         else:
-            self._done(StandInError("the new image sent {!r}".format(data)))
+            self._done(CaretakerError("the new image sent {!r}".format(data)))
 
     def connectionLost(self, reason: Any) -> None:
-        self._done(StandInError("the channel was lost"))
+        self._done(CaretakerError("the channel was lost"))
 
     def _done(self, error: Exception | None) -> None:
         if self.asked.called:
@@ -198,12 +198,12 @@ class _Watcher:
 
 
 @define
-class StandIn:
+class Caretaker:
     """
-    The stand-in as the new image sees it.
+    The caretaker as the new image sees it.
 
     @ivar socket: the new image's end of the channel.
-    @ivar pid: the stand-in's process.
+    @ivar pid: the caretaker's process.
     """
 
     socket: socket.socket
@@ -213,40 +213,40 @@ class StandIn:
     @classmethod
     def fromEnvironment(
         cls, environ: MutableMapping[str, str] | None = None
-    ) -> StandIn | None:
+    ) -> Caretaker | None:
         """
-        The stand-in the old image left, if it left one; the variable is
+        The caretaker the old image left, if it left one; the variable is
         removed, and the channel made close-on-exec.
 
-        @raise StandInError: if the variable is malformed.
+        @raise CaretakerError: if the variable is malformed.
         """
         if environ is None:
             environ = os.environ
-        raw = environ.pop(STANDIN_VARIABLE, None)
+        raw = environ.pop(CARETAKER_VARIABLE, None)
         if raw is None:
             return None
         fd, comma, pid = raw.partition(",")
         if not (comma and fd.isdigit() and pid.isdigit() and int(fd) > 2):
-            raise StandInError("{}={!r} is malformed".format(STANDIN_VARIABLE, raw))
+            raise CaretakerError("{}={!r} is malformed".format(CARETAKER_VARIABLE, raw))
         os.set_inheritable(int(fd), False)
         return cls(socket.socket(fileno=int(fd)), int(pid))
 
     def freeze(self, timeout: float) -> int:
         """
-        Ask the stand-in to freeze, and wait (blocking: this image serves
+        Ask the caretaker to freeze, and wait (blocking: this image serves
         nothing yet) for its state document.
 
         @return: the document's descriptor.
 
-        @raise StandInError: if it did not come within C{timeout} seconds.
+        @raise CaretakerError: if it did not come within C{timeout} seconds.
         """
         self.socket.settimeout(timeout)
         try:
             self.socket.sendall(FREEZE)
             message, descriptors, flags, address = socket.recv_fds(self.socket, 1, 4)
         except OSError as e:
-            raise StandInError(
-                "the stand-in (process {}) did not hand over: {}".format(
+            raise CaretakerError(
+                "the caretaker (process {}) did not hand over: {}".format(
                     self.pid, e or type(e).__name__
                 )
             )
@@ -255,24 +255,24 @@ class StandIn:
         for fd in descriptors:
             os.close(fd)
         if not message:
-            raise StandInError(
-                "the stand-in (process {}) exited before it handed over".format(
+            raise CaretakerError(
+                "the caretaker (process {}) exited before it handed over".format(
                     self.pid
                 )
             )
-        raise StandInError(
-            "the stand-in (process {}) sent {!r}".format(self.pid, message)
+        raise CaretakerError(
+            "the caretaker (process {}) sent {!r}".format(self.pid, message)
         )
 
     def committed(self) -> None:
         """
-        Tell the stand-in every connection is this image's: it exits.
+        Tell the caretaker every connection is this image's: it exits.
         """
         try:
             self.socket.sendall(COMMITTED)
         except OSError as e:
             _log.warn(
-                "Re-exec: could not tell the stand-in (process {pid}) to exit "
+                "Re-exec: could not tell the caretaker (process {pid}) to exit "
                 "({why}); ending it",
                 pid=self.pid,
                 why=str(e),
@@ -282,7 +282,7 @@ class StandIn:
 
     def kill(self) -> None:
         """
-        End the stand-in now, and wait until it is gone (it has stopped
+        End the caretaker now, and wait until it is gone (it has stopped
         serving: it waits on the channel or is frozen).
         """
         try:
@@ -294,7 +294,7 @@ class StandIn:
 
     def reap(self, reactor: Any, timeout: float = 10.0) -> Deferred[None]:
         """
-        Collect the stand-in's exit from the reactor (it exits right after
+        Collect the caretaker's exit from the reactor (it exits right after
         L{committed}); one still there after C{timeout} seconds is killed.
         """
         done: Deferred[None] = Deferred()
@@ -305,7 +305,7 @@ class StandIn:
                 done.callback(None)
             elif time.monotonic() >= deadline:
                 _log.warn(
-                    "Re-exec: the stand-in (process {pid}) did not exit; "
+                    "Re-exec: the caretaker (process {pid}) did not exit; "
                     "killing it",
                     pid=self.pid,
                 )

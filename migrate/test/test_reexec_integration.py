@@ -337,6 +337,25 @@ class ReexecTests(LiveAppMixin, TestCase):
         self.assertEqual(fields(hello[0]), [b"hello", b"v2", str(pid).encode()])
 
     @inlineCallbacks
+    def test_caretakerBesideTheKeeper(self):
+        """
+        The first process of a supervised service holds the keeper's socket
+        name: its caretaker lets go of it at once, so that the new image
+        binds it again; two re-execs in a row keep every client.
+        """
+        status = yield self.startHost("--keeper", "on")
+        pid = status["pid"]
+        self.assertEqual(status["keeper"]["mode"], "on")
+        (client,) = yield self.connectClients(1)
+        for version, count in ((MIGRATABLE_V2, 1), (MIGRATABLE_V2, 2)):
+            code, report, err = yield self.upgradeTo(version)
+            self.assertEqual(
+                (code, report["outcome"], report["moved"]), (0, "success", 1), err
+            )
+            reply = yield self.exchange(client, b"x")
+            self.assertEqual(reply, [b"v2", str(pid).encode(), b"x", b"%d" % count])
+
+    @inlineCallbacks
     def test_withoutCaretaker(self):
         """
         With C{--reexec-caretaker none} every client waits for the whole

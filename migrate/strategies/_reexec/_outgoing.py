@@ -336,7 +336,9 @@ class _ForkedCaretaker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         return cls(ours, theirs)
 
-    def fork(self, fork: Callable[[], int]) -> bool:
+    def fork(
+        self, fork: Callable[[], int], release: Callable[[], None] = lambda: None
+    ) -> bool:
         """
         Fork the caretaker.
 
@@ -344,6 +346,9 @@ class _ForkedCaretaker:
             succeeded (the parent's end of a close-on-exec pipe closed);
             C{False} in the parent.  A caretaker whose parent's exec failed
             or that could not wait exits at once.
+
+        @param release: called in the caretaker at once: lets go of what
+            the new image binds again under the same name.
         """
         parent = os.getpid()
         readEnd, writeEnd = os.pipe()
@@ -352,6 +357,7 @@ class _ForkedCaretaker:
             try:
                 os.close(writeEnd)
                 self.theirs.close()
+                release()
                 # Once the exec succeeded there is no old image to return
                 # to: the caretaker must not outlive the new one.
                 dieWithParent()
@@ -994,7 +1000,7 @@ class ReexecMigration:
             if lost is not None:
                 raise _Rollback(lost)
             if caretaker is not None:
-                if caretaker.fork(self.fork):
+                if caretaker.fork(self.fork, self._releaseForNewImage):
                     # The caretaker: the exec succeeded, serve again.
                     os.close(stateFd)
                     return caretaker.channel()
@@ -1021,6 +1027,16 @@ class ReexecMigration:
                 os.close(stateFd)
             # Nothing was frozen: the connections carry on as they were.
             return reason
+
+    def _releaseForNewImage(self) -> None:
+        """
+        In the caretaker, before the new image starts: let go of what the
+        new image binds again under the same name (the keeper's socket, see
+        L{migrate._host._keeping.KeeperHome.releaseName}).
+        """
+        release = getattr(getattr(self.host, "keeper", None), "releaseName", None)
+        if release is not None:
+            release()
 
     def _caretakerRefusal(self) -> str | None:
         """

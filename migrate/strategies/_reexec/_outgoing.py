@@ -1165,7 +1165,7 @@ class ReexecMigration:
             notes=tuple(self._attempt.notes),
             frozenAt=frozenAt,
             blockedSignals=tuple(blocked),
-            reporters=self._reporters(),
+            reporters=self._reporters(lenient=inCaretaker),
             draining=tuple(dict(each) for each in host.draining.values()),
             precopy=None if precopy is None or inCaretaker else precopy.descriptor,
             superseded=tuple(superseded),
@@ -1254,16 +1254,29 @@ class ReexecMigration:
         flushPythonOutput()
         os._exit(0)
 
-    def _reporters(self) -> tuple[tuple[int, int], ...]:
+    def _reporters(self, lenient: bool = False) -> tuple[tuple[int, int], ...]:
         """
         The channels older generations report their draining over, for
         the new image.
+
+        @param lenient: leave out, with a log line, a channel that cannot
+            cross now (the caretaker cannot roll back; the new image then
+            no longer shows that generation's draining).
 
         @raise _Rollback: if one cannot cross C{exec} now.
         """
         found = []
         for viaPid, channel in sorted(self.host.reportChannels.items()):
             why = quietChannel(channel)
+            if why is not None and lenient:
+                _log.warn(
+                    "Re-exec: process {pid} reports its draining over a channel "
+                    "that cannot be handed over now ({why}); the new image will "
+                    "not show it",
+                    pid=viaPid,
+                    why=why,
+                )
+                continue
             if why is not None:
                 raise _Rollback(
                     "process {} reports its draining over a channel that "

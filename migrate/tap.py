@@ -204,6 +204,15 @@ class Options(usage.Options):
             "(a fresh protocol of the new code takes them over).",
         ],
         [
+            "reexec-caretaker",
+            None,
+            "fork",
+            "Re-exec: fork (a child of the old image goes on serving the "
+            "connections while the new image starts, and hands them over when "
+            "it is ready: clients wait only for that) or none (every client "
+            "waits for the whole exec).",
+        ],
+        [
             "keeper",
             None,
             "auto",
@@ -390,6 +399,12 @@ class Options(usage.Options):
                     self["reexec-unmovable"]
                 )
             )
+        if self["reexec-caretaker"] not in ("fork", "none"):
+            raise usage.UsageError(
+                "--reexec-caretaker must be fork or none, not {!r}".format(
+                    self["reexec-caretaker"]
+                )
+            )
         if self["max-draining"] is not None:
             try:
                 self["max-draining"] = int(self["max-draining"])
@@ -558,6 +573,7 @@ def buildHost(
         applicationSpec=options["app"] if applicationService is None else None,
         strategyOptions={
             "reexec-unmovable": options["reexec-unmovable"],
+            "reexec-caretaker": options["reexec-caretaker"],
             "trial-failure": options["trial-failure"],
         },
         reloadModules=options["reload-modules"],

@@ -355,6 +355,20 @@ class KeeperHome:
     def logPrefix(self) -> str:
         return "keeper"
 
+    def releaseName(self) -> None:
+        """
+        In a child forked from this process that goes on without the
+        keeper's part (re-exec's caretaker): let go of the socket's name, so
+        that this process, re-executed, can bind it again.  The descriptor
+        stays open on C{/dev/null}, so the reactor (whose C{epoll} the
+        child may still share with this process) is not touched.
+        """
+        nothing = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.dup2(nothing, self.sock.fileno(), inheritable=False)
+        finally:
+            os.close(nothing)
+
     def listen(self) -> None:
         """
         Read announcements as they come.

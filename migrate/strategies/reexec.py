@@ -34,6 +34,12 @@ class ReexecStrategy:
     closed cleanly before the exec) or C{"adopt"} (a fresh protocol of the
     new code takes them over and is told C{connectionMade}).
 
+    While the new image starts, a child of the old image (the I{caretaker})
+    goes on serving the connections with the old code, and hands them over
+    once the new image is ready to restore them (the C{reexec-caretaker}
+    option: C{"fork"}, the default, or C{"none"}); see
+    L{migrate.strategies._reexec._caretaker}.
+
     @ivar _migration: makes the L{ReexecMigration} that runs one re-exec
         (tests give it stand-ins for C{execv} and the preflight).
     """
@@ -49,6 +55,8 @@ class ReexecStrategy:
             progress=progress,
             unmovable=host.settings.strategyOptions.get("reexec-unmovable", "close"),
             trialFailure=host.settings.strategyOptions.get("trial-failure", "refuse"),
+            caretaker=host.settings.strategyOptions.get("reexec-caretaker", "fork")
+            == "fork",
             strategyName=self.name,
         )
         result: Deferred[Any] = migration.run()

@@ -431,6 +431,25 @@ class KeeperHomeTests(SynchronousTestCase):
         self.reapers.append(pid)
         return self.orphans
 
+    def test_releaseName(self) -> None:
+        """
+        L{KeeperHome.releaseName} lets go of the socket's name, so that
+        another socket can bind it, and keeps its descriptor open (on
+        C{/dev/null}) without touching the reactor.
+        """
+        name = "\0migrate-test-keeper-{}".format(os.getpid())
+        bound = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(bound.close)
+        bound.bind(name)
+        self.home.sock = bound
+        self.home.listen()
+        self.home.releaseName()
+        again = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(again.close)
+        again.bind(name)
+        self.assertEqual(os.fstat(bound.fileno()).st_rdev, os.stat(os.devnull).st_rdev)
+        self.assertIn(self.home, self.reactor.getReaders())
+
     def test_interface(self) -> None:
         """
         L{KeeperHome} is a reader the reactor can watch.

@@ -1114,6 +1114,15 @@ class AfterPollsTests(TestCase):
         return done
 
 
+class _NeverRuns:
+    """
+    A migration that records nothing and never ends.
+    """
+
+    def run(self) -> Deferred[Any]:
+        return Deferred()
+
+
 class OptionsTests(SynchronousTestCase):
     """
     C{--reexec-unmovable} reaches the host's strategy options.
@@ -1130,13 +1139,47 @@ class OptionsTests(SynchronousTestCase):
         host = buildHost(MemoryReactorClock(), options)
         self.assertEqual(
             host.settings.strategyOptions,
-            {"reexec-unmovable": "adopt", "trial-failure": "refuse"},
+            {
+                "reexec-unmovable": "adopt",
+                "reexec-caretaker": "fork",
+                "trial-failure": "refuse",
+            },
         )
         default = Options()
         default.parseOptions(["--control", "c.sock"])
         self.assertEqual(default["reexec-unmovable"], "close")
         self.assertRaises(
             usage.UsageError, Options().parseOptions, ["--reexec-unmovable", "keep"]
+        )
+
+    def test_caretakerPolicy(self) -> None:
+        """
+        C{--reexec-caretaker} is C{fork} (the default) or C{none}; the
+        strategy asks for a caretaker unless it is C{none}.
+        """
+        from twisted.python import usage
+
+        from migrate.tap import Options, buildHost
+
+        options = Options()
+        options.parseOptions(["--reexec-caretaker", "none", "--control", "c.sock"])
+        host = buildHost(MemoryReactorClock(), options)
+        self.assertEqual(host.settings.strategyOptions["reexec-caretaker"], "none")
+        made = []
+
+        def migration(**kwargs: Any) -> Any:
+            made.append(kwargs["caretaker"])
+            return _NeverRuns()
+
+        ReexecStrategy(migration).migrate(host, lambda line: None)
+        default = Options()
+        default.parseOptions(["--control", "c.sock"])
+        ReexecStrategy(migration).migrate(
+            buildHost(MemoryReactorClock(), default), lambda line: None
+        )
+        self.assertEqual(made, [False, True])
+        self.assertRaises(
+            usage.UsageError, Options().parseOptions, ["--reexec-caretaker", "thread"]
         )
 
 

@@ -68,6 +68,27 @@ def _descriptors(pid: int) -> dict[int, int]:
 _O_CLOEXEC = 0o2000000
 
 
+def _caretakerOf(pid: int):
+    """
+    The caretaker child of host process C{pid}, if it has one now: a child
+    that is not the preflight process.
+    """
+    try:
+        with open("/proc/{0}/task/{0}/children".format(pid)) as f:
+            children = [int(each) for each in f.read().split()]
+    except OSError:
+        return None
+    for child in children:
+        try:
+            with open("/proc/{}/environ".format(child), "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue
+        if b"MIGRATE_REEXEC_PREFLIGHT=" not in environ:
+            return child
+    return None
+
+
 class ReexecTests(LiveAppMixin, TestCase):
     """
     C{--strategy reexec} with real processes.
@@ -204,6 +225,153 @@ class ReexecTests(LiveAppMixin, TestCase):
         self.assertEqual([int(r[3]) for r in replies], list(range(1, sent[0] + 1)))
         self.assertEqual({r[0] for r in replies[-1:]}, {b"v2"})
         self.assertGreater(sent[0], 20)
+
+    @inlineCallbacks
+    def pumpDuring(self, client, upgrade):
+        """
+        Send five lines every 2 ms until C{upgrade} (a function returning a
+        L{Deferred}) has fired; fire with its result and every reply's
+        fields, once each line has its reply.
+        """
+        sent = [0]
+        upgrading = [True]
+
+        def pump():
+            if not upgrading[0] or client.closed.called:
+                return
+            for _ in range(5):
+                sent[0] += 1
+                client.sendLine(b"n%d" % (sent[0],))
+            reactor.callLater(0.002, pump)
+
+        before = len(client.lines)
+        pump()
+        try:
+            result = yield upgrade()
+        finally:
+            upgrading[0] = False
+        yield client.waitForLines(before + sent[0])
+        replies = [fields(line) for line in client.lines[before:]]
+        self.assertEqual(
+            [r[2] for r in replies], [b"n%d" % i for i in range(1, sent[0] + 1)]
+        )
+        return result, replies
+
+    @inlineCallbacks
+    def test_caretakerServesWhileTheImageStarts(self):
+        """
+        While the new image starts (here slowly: its code takes a second to
+        import), a child of the old image, the caretaker, goes on answering
+        with the old code; then the new image answers, counting on.  No
+        line is lost, duplicated or reordered, and the report shows the
+        clients waited for the hand-over only, not for the exec.
+        """
+        status = yield self.startHost()
+        pid = status["pid"]
+        (client,) = yield self.connectClients(1)
+        slow = "import time\ntime.sleep(1.0)\n" + MIGRATABLE_V2
+        (code, report, err), replies = yield self.pumpDuring(
+            client, lambda: self.upgradeTo(slow)
+        )
+        self.assertEqual(
+            (code, report["outcome"], report["moved"]), (0, "success", 1), err
+        )
+        servers = [(r[0], r[1]) for r in replies]
+        caretakers = {each for each in servers if each[1] != str(pid).encode()}
+        self.assertEqual(len(caretakers), 1, servers[:3])
+        ((version, caretaker),) = caretakers
+        self.assertEqual(version, b"v1")
+        # The caretaker answered between the old image and the new one.
+        order = [
+            each for i, each in enumerate(servers) if i == 0 or servers[i - 1] != each
+        ]
+        self.assertEqual(order[-2:], [(b"v1", caretaker), (b"v2", str(pid).encode())])
+        self.assertEqual([int(r[3]) for r in replies], list(range(1, len(replies) + 1)))
+        self.assertIn("handover", report["durations"])
+        self.assertLess(report["durations"]["suspension"], report["durations"]["exec"])
+        # The new image collects it once it has committed.
+        yield waitFor(lambda: not pidAlive(int(caretaker)), what="the caretaker gone")
+
+    @inlineCallbacks
+    def test_caretakerLostBeforeHandOver(self):
+        """
+        If the caretaker dies before it hands over (killed here while the
+        new image imports its code), the new image closes the connections
+        it served cleanly, counts them as failed, says why, and serves new
+        clients with the new code.
+        """
+        status = yield self.startHost()
+        pid = status["pid"]
+        clients = yield self.connectClients(2)
+        slow = "import time\ntime.sleep(2.0)\n" + MIGRATABLE_V2
+        killed = []
+
+        def killCaretaker():
+            found = _caretakerOf(pid)
+            if found is not None:
+                os.kill(found, signal.SIGKILL)
+                killed.append(found)
+                return True
+            return False
+
+        upgrading = self.upgradeTo(slow)
+        yield waitFor(killCaretaker, timeout=60)
+        code, report, err = yield upgrading
+        self.assertEqual(
+            (report["outcome"], report["moved"], report["failed"]),
+            ("success", 0, 2),
+            err,
+        )
+        self.assertTrue(
+            any(
+                "caretaker did not hand the connections over" in n
+                for n in report["notes"]
+            )
+        )
+        for client in clients:
+            yield client.closed
+            self.assertIsInstance(client.lostReason.value, ConnectionDone)
+        newClient = yield connectLineClient(self.port)
+        self.addCleanup(newClient.transport.loseConnection)
+        hello = yield newClient.waitForLines(1)
+        self.assertEqual(fields(hello[0]), [b"hello", b"v2", str(pid).encode()])
+
+    @inlineCallbacks
+    def test_caretakerBesideTheKeeper(self):
+        """
+        The first process of a supervised service holds the keeper's socket
+        name: its caretaker lets go of it at once, so that the new image
+        binds it again; two re-execs in a row keep every client.
+        """
+        status = yield self.startHost("--keeper", "on")
+        pid = status["pid"]
+        self.assertEqual(status["keeper"]["mode"], "on")
+        (client,) = yield self.connectClients(1)
+        for version, count in ((MIGRATABLE_V2, 1), (MIGRATABLE_V2, 2)):
+            code, report, err = yield self.upgradeTo(version)
+            self.assertEqual(
+                (code, report["outcome"], report["moved"]), (0, "success", 1), err
+            )
+            reply = yield self.exchange(client, b"x")
+            self.assertEqual(reply, [b"v2", str(pid).encode(), b"x", b"%d" % count])
+
+    @inlineCallbacks
+    def test_withoutCaretaker(self):
+        """
+        With C{--reexec-caretaker none} every client waits for the whole
+        exec: no reply comes from any process but the host's.
+        """
+        status = yield self.startHost("--reexec-caretaker", "none")
+        pid = status["pid"]
+        (client,) = yield self.connectClients(1)
+        (code, report, err), replies = yield self.pumpDuring(
+            client, lambda: self.upgradeTo(MIGRATABLE_V2)
+        )
+        self.assertEqual(
+            (code, report["outcome"], report["moved"]), (0, "success", 1), err
+        )
+        self.assertEqual({r[1] for r in replies}, {str(pid).encode()})
+        self.assertNotIn("handover", report["durations"])
 
     @inlineCallbacks
     def test_execvFailureRollsBack(self):

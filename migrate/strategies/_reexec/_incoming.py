@@ -28,12 +28,13 @@ import sys
 import time
 from typing import Any, Callable, Mapping, MutableMapping, TextIO
 
-from attrs import define
+from attrs import define, evolve, field
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from ..._codec import StateError
 from ..._control._server import adoptControl
+from ..._handoff._attempt import counted
 from ..._handoff._listeners import adoptListener
 from ..._handoff._movement import AdoptedConnection, adoptEntry
 from ..._handoff._transport import adoptConnection
@@ -43,6 +44,7 @@ from ..._host._tracking import PendingAdoptionFactory
 from ..._report import ListenerReport, MigrationOutcome, MigrationReport
 from ...interfaces import IMigrationHost
 from ...state import ProtocolState, isMigratable, restoreProtocolState
+from ._caretaker import Caretaker, CaretakerError
 from ._late import LateAdoption, addressesFrom, addressesOf
 from ._reports import ReportChannel
 from ._state import (
@@ -53,6 +55,7 @@ from ._state import (
     STATE_FD_VARIABLE,
     InheritedConnection,
     ReexecState,
+    afterCaretaker,
     readState,
 )
 
@@ -78,11 +81,21 @@ class ReexecInheritance:
     @ivar foundAt: C{time.monotonic()} when this image read it.
     @ivar execAt: C{time.monotonic()} when the old image called C{execv},
         if known.
+    @ivar caretaker: the old image's caretaker, serving the connections until
+        this image asks for them (see L{migrate.strategies._reexec._caretaker}),
+        if it left one; L{state} is then the old image's prelude until
+        L{restoreReexec} replaces it with the caretaker's document.
+    @ivar inherited: with a caretaker, every descriptor this image
+        inherited for it: those the caretaker's document does not name are
+        closed.
     """
 
     state: ReexecState
     foundAt: float
     execAt: float | None = None
+    caretaker: Caretaker | None = None
+    inherited: list[int] = field(factory=list)
+    askedAt: float | None = None
 
 
 def _inheritableDescriptors() -> list[int]:
@@ -129,16 +142,20 @@ def inheritedReexec(
         execAt = float(rawExecAt) if rawExecAt is not None else None
     except ValueError:
         execAt = None
+    caretaker: Caretaker | None = None
     try:
+        caretaker = Caretaker.fromEnvironment(environ)
         if not raw.isdigit():
             raise StateError(
                 "{}={!r} is not a descriptor".format(STATE_FD_VARIABLE, raw)
             )
         # No collector passes over the thousands of objects the document
-        # is parsed into: the clients wait.
+        # is parsed into: the clients wait (unless a caretaker serves them).
         with collectionsPaused():
             state = readState(int(raw))
-    except StateError as e:
+    except (StateError, CaretakerError) as e:
+        if caretaker is not None:
+            caretaker.kill()
         lost = inherited()
         for fd in lost:
             os.close(fd)
@@ -150,7 +167,14 @@ def inheritedReexec(
             count=len(lost),
         )
         return None
-    return ReexecInheritance(state, foundAt, execAt)
+    if caretaker is None:
+        return ReexecInheritance(state, foundAt, execAt)
+    # The connections' sockets, among others: those the caretaker's
+    # document will not name are closed then.  Listed now, while the
+    # caretaker serves.
+    return ReexecInheritance(
+        state, foundAt, execAt, caretaker=caretaker, inherited=inherited()
+    )
 
 
 def adjustTwistdOptions(
@@ -553,10 +577,21 @@ def restoreReexec(
             resumed.append(True)
             gc.enable()
 
+    caretaker = inheritance.caretaker
     try:
-        return _restore(host, inheritance, resumeCollecting)
+        if caretaker is not None:
+            _takeFromCaretaker(host, inheritance, caretaker)
+        report = _restore(host, inheritance, resumeCollecting)
+        if caretaker is not None:
+            # Every connection is this image's now, before it serves any:
+            # the caretaker exits without touching a socket.
+            caretaker.committed()
+            caretaker.reap(host.reactor)
+        return report
     except BaseException:
         resumeCollecting()
+        if caretaker is not None:
+            caretaker.kill()
         raise
     finally:
         blocked = list(inheritance.state.blockedSignals)
@@ -567,6 +602,64 @@ def restoreReexec(
             host.reactor.callWhenRunning(
                 signal.pthread_sigmask, signal.SIG_UNBLOCK, blocked
             )
+
+
+def _takeFromCaretaker(
+    host: IMigrationHost, inheritance: ReexecInheritance, caretaker: Caretaker
+) -> None:
+    """
+    Ask the caretaker for the connections (it freezes them, and describes
+    those that changed since the pre-copy), and make its document, with
+    what the pre-copy still holds, the state this image restores.  The
+    descriptors inherited for the caretaker that the document does not name
+    are closed.
+
+    If the caretaker does not hand over in time, it is ended and every
+    connection closed cleanly, with a critical log line: the old code's
+    latest state is lost with it, and the pre-copy may be stale.
+    """
+    prelude = inheritance.state
+    inheritance.askedAt = time.monotonic()
+    settings = host.settings
+    timeout = settings.safePointTimeout + settings.handoffTimeout + 10.0
+    try:
+        with collectionsPaused():
+            state = afterCaretaker(prelude, readState(caretaker.freeze(timeout)))
+    except (CaretakerError, StateError) as e:
+        caretaker.kill()
+        state = evolve(prelude, precopied=(), connections=(), superseded=())
+        named = set(state.descriptors())
+        lost = [fd for fd in inheritance.inherited if fd not in named]
+        _log.critical(
+            "Re-exec: the caretaker did not hand the connections over ({why}); "
+            "closing the {count} it served",
+            why=str(e),
+            count=len(lost),
+        )
+        listenerOf = {each.descriptor: each.listener for each in prelude.precopied}
+        closed = dict(state.closed)
+        for fd in lost:
+            # Counted as failed on the listener the pre-copy names, where
+            # it does.
+            key = listenerOf.get(fd, "(connections not copied ahead)")
+            closed[key] = closed.get(key, 0) + 1
+            closeCleanly(host.reactor, fd, b"")
+        inheritance.state = evolve(
+            state,
+            closed=closed,
+            notes=state.notes
+            + (
+                "the caretaker did not hand the connections over ({}); {} "
+                "closed".format(e, counted(len(lost), "connection")),
+            ),
+        )
+        return
+    named = set(state.descriptors())
+    for fd in inheritance.inherited:
+        if fd not in named:
+            # Left to close (the caretaker closed its own copy or exits).
+            os.close(fd)
+    inheritance.state = state
 
 
 def _restore(
@@ -737,7 +830,14 @@ def _restore(
     finished = time.monotonic()
 
     durations = dict(state.durations)
-    if inheritance.execAt is not None:
+    if inheritance.askedAt is not None and inheritance.execAt is not None:
+        # A caretaker served while this image started: the clients waited
+        # from its freeze ("capture", its own figure) to the end of the
+        # restore, not for the exec.
+        durations["exec"] = inheritance.askedAt - inheritance.execAt
+        durations["load"] = inheritance.foundAt - inheritance.execAt
+        durations["handover"] = restoreStart - inheritance.askedAt
+    elif inheritance.execAt is not None:
         if state.frozenAt:
             # From the freeze until the old image's last act, execv: every
             # connection described and the state written.
@@ -757,7 +857,7 @@ def _restore(
             + sum(
                 seconds
                 for name, seconds in state.durations.items()
-                if name in ("checks", "preflight", "plan", "close")
+                if name in ("checks", "preflight", "plan", "close", "caretaker")
             )
         )
     keys = list(host.listeners)

@@ -42,10 +42,11 @@ import errno
 import os
 import signal
 import socket
+import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from attrs import define, field
+from attrs import define, evolve, field
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.tcp import Connection
@@ -70,6 +71,12 @@ from ...state import (
     captureProtocolState,
     isMigratable,
     unchangedSince,
+)
+from ._caretaker import (
+    CARETAKER_VARIABLE,
+    CaretakerChannel,
+    CaretakerError,
+    dieWithParent,
 )
 from ._check import (
     checkDescriptorLimit,
@@ -288,6 +295,110 @@ def _addresses(transport: Any) -> dict[str, Any]:
         return {}
 
 
+def _connectionDescriptors(host: IMigrationHost, leaving: set[int]) -> list[int]:
+    """
+    The descriptor of every connection the host serves, but those in
+    C{leaving} (by C{id()}): what a caretaker may hand over, so what the new
+    image inherits.
+    """
+    found = []
+    for listener, hosted in host.allConnections():
+        transport = hosted.transport
+        if id(hosted) in leaving or transport is None or hosted.released:
+            continue
+        try:
+            fd = int(transport.fileno())
+        except Exception:
+            continue
+        if fd > 2:
+            found.append(fd)
+    return found
+
+
+@define
+class _ForkedCaretaker:
+    """
+    Forking the caretaker (see L{migrate.strategies._reexec._caretaker}), up
+    to the exec.
+
+    @ivar ours: the caretaker's end of the channel (close-on-exec).
+    @ivar theirs: the new image's end (inherited).
+    @ivar pid: the caretaker's process, once forked.
+    """
+
+    ours: socket.socket
+    theirs: socket.socket
+    pid: int = 0
+    _verdict: int = -1
+
+    @classmethod
+    def prepare(cls) -> _ForkedCaretaker:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        return cls(ours, theirs)
+
+    def fork(
+        self, fork: Callable[[], int], release: Callable[[], None] = lambda: None
+    ) -> bool:
+        """
+        Fork the caretaker.
+
+        @return: C{True} in the caretaker, once the parent's C{execv} has
+            succeeded (the parent's end of a close-on-exec pipe closed);
+            C{False} in the parent.  A caretaker whose parent's exec failed
+            or that could not wait exits at once.
+
+        @param release: called in the caretaker at once: lets go of what
+            the new image binds again under the same name.
+        """
+        parent = os.getpid()
+        readEnd, writeEnd = os.pipe()
+        pid = fork()
+        if pid == 0:
+            try:
+                os.close(writeEnd)
+                self.theirs.close()
+                release()
+                # Once the exec succeeded there is no old image to return
+                # to: the caretaker must not outlive the new one.
+                dieWithParent()
+                verdict = os.read(readEnd, 1)
+                os.close(readEnd)
+            except BaseException:
+                os._exit(70)
+            if verdict or os.getppid() != parent:
+                os._exit(0)
+            return True
+        os.close(readEnd)
+        self.pid = pid
+        self._verdict = writeEnd
+        return False
+
+    def channel(self) -> CaretakerChannel:
+        """
+        In the caretaker: its end of the channel.
+        """
+        return CaretakerChannel(self.ours)
+
+    def abandon(self) -> None:
+        """
+        In the old image, when the exec failed or did not happen: end the
+        caretaker before it serves anything, and close the channel.
+        """
+        if self.pid:
+            try:
+                os.write(self._verdict, b"x")
+            except OSError:
+                pass
+            os.close(self._verdict)
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+            self.pid = 0
+        self.ours.close()
+        self.theirs.close()
+
+
 @define
 class _Precopy:
     """
@@ -375,6 +486,10 @@ class ReexecMigration:
     @ivar softLimit: returns the soft C{RLIMIT_NOFILE}.
     @ivar closeTimeout: seconds connections being closed may take to
         write their last output (default: the host's hand-off timeout).
+    @ivar caretaker: whether a caretaker serves the connections while the new
+        image starts (see L{migrate.strategies._reexec._caretaker}), when no
+        thread runs.
+    @ivar fork: C{os.fork} or a caretaker.
     """
 
     host: IMigrationHost
@@ -387,6 +502,8 @@ class ReexecMigration:
     checkArgv: Callable[[Sequence[str]], str | None] = checkProgram
     softLimit: Callable[[], int] = _softLimit
     closeTimeout: float | None = None
+    caretaker: bool = False
+    fork: Callable[[], int] = os.fork
     _closed: dict[str, int] = field(factory=dict)
     _trialClosing: dict[int, tuple[Any, str]] = field(factory=dict)
     _precopy: _Precopy | None = field(default=None, init=False)
@@ -539,6 +656,13 @@ class ReexecMigration:
         # protocol's dataReceived.
         yield afterPolls(host.reactor, 2)
         reason = self._freezeAndExec(argv, remaining)
+        if isinstance(reason, CaretakerChannel):
+            # The caretaker: the new image has started in this process's
+            # parent.  Serve until it asks for the connections; this never
+            # returns.
+            safePoints.letGo()
+            yield self._serveAsCaretaker(reason)
+            raise AssertionError("the caretaker returned")
         phaseDone("rollback")
         safePoints.letGo()
         host.resumeAccepting()
@@ -657,10 +781,14 @@ class ReexecMigration:
         self._step("refused: " + reason)
         return self._report(MigrationOutcome.refused, reason)
 
-    def _plan(self) -> _Plan:
+    def _plan(self, lenient: bool = False) -> _Plan:
         """
         Decide the fate of every connection, and check that the state of
         each one that moves can be captured (a dry run: nothing is frozen).
+
+        @param lenient: close a connection whose migratable protocol's
+            state cannot be captured, instead of raising (the caretaker
+            cannot roll back).
 
         @raise _Rollback: if a migratable protocol's state cannot be
             captured.
@@ -703,8 +831,10 @@ class ReexecMigration:
                     # politely instead; adopting it with a fresh protocol
                     # would answer its next request as if it were the one
                     # in flight.
-                    if IMigratable.providedBy(protocol) and not isinstance(
-                        e, NotAtSafePoint
+                    if (
+                        IMigratable.providedBy(protocol)
+                        and not isinstance(e, NotAtSafePoint)
+                        and not lenient
                     ):
                         raise _Rollback(
                             "the state of a connection on {} cannot be carried "
@@ -784,14 +914,17 @@ class ReexecMigration:
             self._attempt.notes.append(note)
         return [hosted for key, hosted, why in remaining]
 
-    def _freezeAndExec(self, argv: list[str], stillClosing: list[Any]) -> str:
+    def _freezeAndExec(
+        self, argv: list[str], stillClosing: list[Any]
+    ) -> str | CaretakerChannel:
         """
         Describe the connections, pass exactly the descriptors needed, and
         exec.  Runs without giving the reactor a turn: from here on nothing
         reads, writes or serves a connection in this image, which is what
         freezes them (see L{describeMovable}).
 
-        @return: why the exec did not happen; everything is as before.
+        @return: why the exec did not happen (everything is as before), or,
+            in the caretaker, its channel to the new image.
         """
         frozenAt = time.monotonic()
         # The cyclic collector's passes over a heap this size would add to
@@ -801,7 +934,7 @@ class ReexecMigration:
 
     def _freezeAndExecUncollected(
         self, argv: list[str], stillClosing: list[Any], frozenAt: float
-    ) -> str:
+    ) -> str | CaretakerChannel:
         host = self.host
         # From here on a signal waits, blocked, for the new image (which
         # unblocks it once its handlers are installed) or for a rollback:
@@ -813,69 +946,27 @@ class ReexecMigration:
         stateFd: int | None = None
         marks: DescriptorMarks | None = None
         executing = False
+        caretaker: _ForkedCaretaker | None = None
         try:
-            leaving = {id(each) for each in stillClosing}
-            candidates = [
-                (listener, hosted)
-                for listener, hosted in host.allConnections()
-                if id(hosted) not in leaving
-            ]
-            precopy = self._precopy
-            superseded: list[int] = []
-            precopied: list[int] = []
-            firstIdent = 1
-            if precopy is not None:
-                candidates, superseded, precopied = precopy.sort(candidates)
-                firstIdent = len(precopy.kept) + 1
-            moving, staying = describeMovable(candidates, firstIdent)
-            closed = dict(self._closed)
-            connections = [
-                InheritedConnection(
-                    each.descriptor(),
-                    each.listenerKey,
-                    dict(each.entry, **_addresses(each.transport)),
-                    closing=bool(each.transport.disconnecting),
+            forking = self._caretakerRefusal() is None
+            precopied: list[int]
+            if forking:
+                # The caretaker describes the connections when the new image
+                # asks; this document only names what the new image can
+                # prepare meanwhile (the listeners, the pre-copy).
+                state, precopied = self._prelude(frozenAt, blocked), []
+            else:
+                state, precopied = self._describeFrozen(
+                    stillClosing, frozenAt, blocked, inCaretaker=False
                 )
-                for each in moving
-            ]
-            connections.extend(
-                self._describeFresh(staying, firstIdent - 1 + len(moving), closed)
-            )
-            state = ReexecState(
-                pid=host.pid,
-                generation=host.generation,
-                strategy=self.strategyName,
-                listeners={
-                    key: listenerDescriptor(listener.port)
-                    for key, listener in host.listeners.items()
-                    if listener.port is not None
-                },
-                control=(
-                    listenerDescriptor(host.controlPort)
-                    if host.controlPort is not None
-                    else None
-                ),
-                metrics=(
-                    listenerDescriptor(host.metricsPort)
-                    if host.metricsPort is not None
-                    else None
-                ),
-                metricsCarried=(
-                    host.metrics.carried() if host.metrics is not None else None
-                ),
-                connections=tuple(connections),
-                closed=closed,
-                durations=dict(self._attempt.durations),
-                notes=tuple(self._attempt.notes),
-                frozenAt=frozenAt,
-                blockedSignals=tuple(blocked),
-                reporters=self._reporters(),
-                draining=tuple(dict(each) for each in host.draining.values()),
-                precopy=None if precopy is None else precopy.descriptor,
-                superseded=tuple(superseded),
-            )
             stateFd = writeState(state, validate=False)
-            marks = DescriptorMarks.apply(state.descriptors() + precopied + [stateFd])
+            keep = state.descriptors() + precopied + [stateFd]
+            if forking:
+                caretaker = _ForkedCaretaker.prepare()
+                leaving = {id(each) for each in stillClosing}
+                keep.append(caretaker.theirs.fileno())
+                keep.extend(_connectionDescriptors(host, leaving))
+            marks = DescriptorMarks.apply(keep)
             if marks.strays:
                 _log.warn(
                     "Re-exec: descriptors {fds} were inheritable though nothing "
@@ -887,25 +978,42 @@ class ReexecMigration:
             # but the listeners travel in the state, not through LISTEN_FDS.
             environment = successorEnvironment(os.environ)
             environment[STATE_FD_VARIABLE] = str(stateFd)
-            _log.info(
-                "Re-exec: execv {argv} with {count} connections ({again} "
-                "described at the freeze), state in descriptor {fd}",
-                argv=argv,
-                count=len(connections) + len(precopied),
-                again=len(connections),
-                fd=stateFd,
-            )
+            if caretaker is None:
+                _log.info(
+                    "Re-exec: execv {argv} with {count} connections ({again} "
+                    "described at the freeze), state in descriptor {fd}",
+                    argv=argv,
+                    count=len(state.connections) + len(precopied),
+                    again=len(state.connections),
+                    fd=stateFd,
+                )
+            else:
+                _log.info(
+                    "Re-exec: execv {argv}; a caretaker serves the connections "
+                    "meanwhile and hands them over when the new image asks",
+                    argv=argv,
+                )
             flushPythonOutput()
             # A signal caught by another thread still had its handler run
             # here, and a thread may have handed the reactor a result.
             lost = workInFlight(host.reactor)
             if lost is not None:
                 raise _Rollback(lost)
+            if caretaker is not None:
+                if caretaker.fork(self.fork, self._releaseForNewImage):
+                    # The caretaker: the exec succeeded, serve again.
+                    os.close(stateFd)
+                    return caretaker.channel()
+                environment[CARETAKER_VARIABLE] = "{},{}".format(
+                    caretaker.theirs.fileno(), caretaker.pid
+                )
             environment[EXEC_AT_VARIABLE] = repr(time.monotonic())
             executing = True
             self.execv(argv[0], argv, environment)
             raise OSError(errno.EINVAL, "execv returned")
         except Exception as e:
+            if caretaker is not None:
+                caretaker.abandon()
             if blocked:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
             self._attempt.enter(MigrationPhase.rollingBack)
@@ -920,16 +1028,255 @@ class ReexecMigration:
             # Nothing was frozen: the connections carry on as they were.
             return reason
 
-    def _reporters(self) -> tuple[tuple[int, int], ...]:
+    def _releaseForNewImage(self) -> None:
+        """
+        In the caretaker, before the new image starts: let go of what the
+        new image binds again under the same name (the keeper's socket, see
+        L{migrate._host._keeping.KeeperHome.releaseName}).
+        """
+        release = getattr(getattr(self.host, "keeper", None), "releaseName", None)
+        if release is not None:
+            release()
+
+    def _caretakerRefusal(self) -> str | None:
+        """
+        Why no caretaker can serve while the new image starts, if none can:
+        it is not asked for, or a thread runs (only the forking thread goes
+        on in a child; the reactor's thread pool would wait forever there).
+        """
+        if not self.caretaker:
+            return "not asked for"
+        if threading.active_count() != 1:
+            return "{} threads run".format(threading.active_count())
+        return None
+
+    def _prelude(self, frozenAt: float, blocked: Sequence[int]) -> ReexecState:
+        """
+        The document the new image reads as it starts when a caretaker
+        serves meanwhile: everything but the connections, and the
+        pre-copy, which it reads before asking the caretaker to freeze.
+        """
+        host = self.host
+        precopy = self._precopy
+        return ReexecState(
+            pid=host.pid,
+            generation=host.generation,
+            strategy=self.strategyName,
+            listeners=self._listenerDescriptors(),
+            control=(
+                listenerDescriptor(host.controlPort)
+                if host.controlPort is not None
+                else None
+            ),
+            metrics=(
+                listenerDescriptor(host.metricsPort)
+                if host.metricsPort is not None
+                else None
+            ),
+            closed=dict(self._closed),
+            durations=dict(self._attempt.durations),
+            notes=tuple(self._attempt.notes),
+            frozenAt=frozenAt,
+            blockedSignals=tuple(blocked),
+            reporters=self._reporters(),
+            draining=tuple(dict(each) for each in host.draining.values()),
+            precopy=None if precopy is None else precopy.descriptor,
+        )
+
+    def _listenerDescriptors(self) -> dict[str, int]:
+        return {
+            key: listenerDescriptor(listener.port)
+            for key, listener in self.host.listeners.items()
+            if listener.port is not None
+        }
+
+    def _describeFrozen(
+        self,
+        stillClosing: list[Any],
+        frozenAt: float,
+        blocked: Sequence[int],
+        *,
+        inCaretaker: bool,
+    ) -> tuple[ReexecState, list[int]]:
+        """
+        Describe every connection for the new image: those copied ahead
+        compared with their copy, the others and the changed ones
+        described now.
+
+        @param inCaretaker: whether the caretaker describes them: it cannot
+            roll back, so a connection that cannot be described is left to
+            close rather than rolling back, and the new image has read the
+            pre-copy already.
+
+        @return: the state document and the descriptors of the pre-copied
+            connections that hold.
+        """
+        host = self.host
+        leaving = {id(each) for each in stillClosing}
+        candidates = [
+            (listener, hosted)
+            for listener, hosted in host.allConnections()
+            if id(hosted) not in leaving
+        ]
+        precopy = self._precopy
+        superseded: list[int] = []
+        precopied: list[int] = []
+        firstIdent = 1
+        if precopy is not None:
+            candidates, superseded, precopied = precopy.sort(candidates)
+            firstIdent = len(precopy.kept) + 1
+        moving, staying = describeMovable(candidates, firstIdent)
+        closed = dict(self._closed)
+        connections = [
+            InheritedConnection(
+                each.descriptor(),
+                each.listenerKey,
+                dict(each.entry, **_addresses(each.transport)),
+                closing=bool(each.transport.disconnecting),
+            )
+            for each in moving
+        ]
+        connections.extend(
+            self._describeFresh(
+                staying, firstIdent - 1 + len(moving), closed, lenient=inCaretaker
+            )
+        )
+        state = ReexecState(
+            pid=host.pid,
+            generation=host.generation,
+            strategy=self.strategyName,
+            listeners=self._listenerDescriptors(),
+            control=(
+                listenerDescriptor(host.controlPort)
+                if host.controlPort is not None
+                else None
+            ),
+            metrics=(
+                listenerDescriptor(host.metricsPort)
+                if host.metricsPort is not None
+                else None
+            ),
+            metricsCarried=(
+                host.metrics.carried() if host.metrics is not None else None
+            ),
+            connections=tuple(connections),
+            closed=closed,
+            durations=dict(self._attempt.durations),
+            notes=tuple(self._attempt.notes),
+            frozenAt=frozenAt,
+            blockedSignals=tuple(blocked),
+            reporters=self._reporters(lenient=inCaretaker),
+            draining=tuple(dict(each) for each in host.draining.values()),
+            precopy=None if precopy is None or inCaretaker else precopy.descriptor,
+            superseded=tuple(superseded),
+        )
+        return state, precopied
+
+    @inlineCallbacks
+    def _serveAsCaretaker(self, channel: CaretakerChannel) -> Any:
+        """
+        In the caretaker: serve until the new image asks for the
+        connections, bring them to their safe points, describe them, hand
+        them over and exit once the new image has committed.  Never
+        returns: the new image reports the migration.
+        """
+        host = self.host
+        attempt = self._attempt
+        _log.info(
+            "Re-exec: the new image starts in process {pid}; caretaker "
+            "process {caretaker} serves its connections meanwhile",
+            pid=os.getppid(),
+            caretaker=os.getpid(),
+        )
+        attempt.step(
+            "the new image starts; caretaker process {} serves meanwhile".format(
+                os.getpid()
+            )
+        )
+        servedFrom = time.monotonic()
+        try:
+            yield channel.freezeRequested(host.reactor)
+        except CaretakerError as e:
+            _log.critical(
+                "Re-exec: the new image will not take the connections ({why}); "
+                "the caretaker exits",
+                why=str(e),
+            )
+            flushPythonOutput()
+            os._exit(1)
+        attempt.durations["caretaker"] = time.monotonic() - servedFrom
+        # Held at their safe points until the exchange ends: this process
+        # then exits, and never serves them again.
+        yield atSafePoints(
+            host,
+            attempt,
+            holdAll=True,
+            missedFate="they are closed before the hand-over",
+        )
+        attempt.phaseDone("safepoints")
+        plan = self._plan(lenient=True)
+        remaining = yield self._closeUnmovable(plan.closing)
+        attempt.phaseDone("close")
+        yield afterPolls(host.reactor, 2)
+        frozenAt = time.monotonic()
+        timeout = max(host.settings.handoffTimeout, 5.0)
+        with collectionsPaused():
+            try:
+                state, precopied = self._describeFrozen(
+                    remaining, frozenAt, [], inCaretaker=True
+                )
+                durations = dict(state.durations)
+                durations["capture"] = time.monotonic() - frozenAt
+                document = writeState(
+                    evolve(state, durations=durations), validate=False
+                )
+            except Exception:
+                _log.failure(
+                    "Re-exec: the caretaker could not describe its connections; "
+                    "the new image closes them"
+                )
+                flushPythonOutput()
+                os._exit(1)
+            _log.info(
+                "Re-exec: the caretaker hands over {count} connections ({again} "
+                "described again)",
+                count=len(state.connections) + len(precopied),
+                again=len(state.connections),
+            )
+            flushPythonOutput()
+            why = channel.handOver(document, timeout)
+        if why is not None:
+            _log.critical(
+                "Re-exec: the caretaker handed over, but {why}; it exits",
+                why=why,
+            )
+
+        flushPythonOutput()
+        os._exit(0)
+
+    def _reporters(self, lenient: bool = False) -> tuple[tuple[int, int], ...]:
         """
         The channels older generations report their draining over, for
         the new image.
+
+        @param lenient: leave out, with a log line, a channel that cannot
+            cross now (the caretaker cannot roll back; the new image then
+            no longer shows that generation's draining).
 
         @raise _Rollback: if one cannot cross C{exec} now.
         """
         found = []
         for viaPid, channel in sorted(self.host.reportChannels.items()):
             why = quietChannel(channel)
+            if why is not None and lenient:
+                _log.warn(
+                    "Re-exec: process {pid} reports its draining over a channel "
+                    "that cannot be handed over now ({why}); the new image will "
+                    "not show it",
+                    pid=viaPid,
+                    why=why,
+                )
+                continue
             if why is not None:
                 raise _Rollback(
                     "process {} reports its draining over a channel that "
@@ -939,7 +1286,12 @@ class ReexecMigration:
         return tuple(found)
 
     def _describeFresh(
-        self, staying: list[Any], numbered: int, closed: dict[str, int]
+        self,
+        staying: list[Any],
+        numbered: int,
+        closed: dict[str, int],
+        *,
+        lenient: bool = False,
     ) -> list[InheritedConnection]:
         """
         Describe the connections handed to a fresh protocol of the new code
@@ -947,6 +1299,9 @@ class ReexecMigration:
         C{closed} those left for C{exec} to close.
 
         @param numbered: how many connections the manifest numbers already.
+        @param lenient: leave a migratable protocol whose state cannot be
+            captured to close, instead of raising (the caretaker cannot roll
+            back).
 
         @raise _Rollback: if a migratable protocol's state could not be
             captured after all (it changed since the dry run).
@@ -954,7 +1309,7 @@ class ReexecMigration:
         described: list[InheritedConnection] = []
         for each in staying:
             protocol = each.hosted.wrappedProtocol
-            if IMigratable.providedBy(protocol):
+            if IMigratable.providedBy(protocol) and not lenient:
                 raise _Rollback(
                     "the state of a connection on {} cannot be carried over: "
                     "{}".format(each.listenerKey, each.reason)

@@ -50,6 +50,7 @@ __all__ = [
     "PREFLIGHT_VARIABLE",
     "REEXEC_SIGNALS",
     "STATE_FD_VARIABLE",
+    "afterCaretaker",
     "InheritedConnection",
     "ReexecState",
     "mergePrecopy",
@@ -295,9 +296,12 @@ class ReexecState:
                 if self.reporters
                 else {}
             ),
+            **({"precopy": self.precopy} if self.precopy is not None else {}),
+            # A caretaker's document names no pre-copy (the new image read
+            # it from the old image's prelude) but supersedes some of it.
             **(
-                {"precopy": self.precopy, "superseded": list(self.superseded)}
-                if self.precopy is not None
+                {"superseded": list(self.superseded)}
+                if self.precopy is not None or self.superseded
                 else {}
             ),
         }
@@ -730,6 +734,34 @@ def mergePrecopy(state: ReexecState, data: bytes) -> ReexecState:
             )
         )
     merged = evolve(state, precopied=tuple(precopied), precopy=None)
+    named = merged.descriptors()
+    if len(set(named)) != len(named):
+        raise StateError("a descriptor is named twice")
+    return merged
+
+
+def afterCaretaker(prelude: ReexecState, final: ReexecState) -> ReexecState:
+    """
+    What the new image restores when a caretaker served while it started
+    (see L{migrate.strategies._reexec._caretaker}): the caretaker's document,
+    and the connections of the pre-copy the new image read from the old
+    image's C{prelude} that still hold (not superseded by the caretaker).
+
+    @raise StateError: if the two do not fit together.
+    """
+    if final.precopy is not None or final.precopied:
+        raise StateError("the caretaker's document names a pre-copy")
+    if (final.pid, final.generation) != (prelude.pid, prelude.generation):
+        raise StateError("the caretaker's document is of another generation")
+    superseded = set(final.superseded)
+    merged = evolve(
+        final,
+        precopied=tuple(
+            each for each in prelude.precopied if each.ident not in superseded
+        ),
+        superseded=(),
+        blockedSignals=prelude.blockedSignals,
+    )
     named = merged.descriptors()
     if len(set(named)) != len(named):
         raise StateError("a descriptor is named twice")

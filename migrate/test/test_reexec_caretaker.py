@@ -1,0 +1,340 @@
+"""
+Tests for L{migrate.strategies._reexec._caretaker}: the channel between a
+re-executed image and the caretaker that serves while it starts, and
+L{migrate.strategies._reexec._state.afterCaretaker}, which joins the
+caretaker's document to the pre-copy the new image read.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
+from twisted.trial.unittest import SynchronousTestCase
+
+from migrate._codec import StateError
+from migrate._handoff._fdpass import readMemfd, writeMemfd
+from migrate.state import ProtocolState
+from migrate.strategies._reexec._caretaker import (
+    CARETAKER_VARIABLE,
+    COMMITTED,
+    DOCUMENT,
+    FREEZE,
+    Caretaker,
+    CaretakerChannel,
+    CaretakerError,
+    dieWithParent,
+)
+from migrate.strategies._reexec._state import (
+    InheritedConnection,
+    PrecopiedConnection,
+    ReexecState,
+    afterCaretaker,
+)
+
+
+def _pair(case: SynchronousTestCase) -> tuple[socket.socket, socket.socket]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    case.addCleanup(ours.close)
+    case.addCleanup(theirs.close)
+    return ours, theirs
+
+
+class CaretakerFromEnvironmentTests(SynchronousTestCase):
+    """
+    L{Caretaker.fromEnvironment} finds the caretaker the old image left.
+    """
+
+    def test_none(self) -> None:
+        """
+        Without the variable there is no caretaker.
+        """
+        self.assertIsNone(Caretaker.fromEnvironment({}))
+
+    def test_found(self) -> None:
+        """
+        The variable names the channel's descriptor and the caretaker's
+        process; it is removed, and the channel made close-on-exec.
+        """
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        fd = theirs.detach()
+        os.set_inheritable(fd, True)
+        environ = {CARETAKER_VARIABLE: "{},{}".format(fd, 4321), "OTHER": "1"}
+        caretaker = Caretaker.fromEnvironment(environ)
+        assert caretaker is not None
+        self.addCleanup(caretaker.socket.close)
+        self.assertEqual((caretaker.socket.fileno(), caretaker.pid), (fd, 4321))
+        self.assertEqual(environ, {"OTHER": "1"})
+        self.assertFalse(os.get_inheritable(fd))
+
+    def test_malformed(self) -> None:
+        """
+        A malformed variable is an error naming it.
+        """
+        for raw in ("", "7", "x,1", "7,", "2,100", "7,-1"):
+            error = self.assertRaises(
+                CaretakerError, Caretaker.fromEnvironment, {CARETAKER_VARIABLE: raw}
+            )
+            self.assertIn(CARETAKER_VARIABLE, str(error))
+
+
+class ExchangeTests(SynchronousTestCase):
+    """
+    The exchange: the new image asks for a freeze, the caretaker passes its
+    document and waits until the new image has committed.
+    """
+
+    def test_freezeRequested(self) -> None:
+        """
+        The caretaker's end watches the channel from the reactor and fires
+        once the new image sends L{FREEZE}; it stops watching then.
+        """
+        ours, theirs = _pair(self)
+        reactor = MemoryReactor()
+        channel = CaretakerChannel(ours)
+        asked = channel.freezeRequested(reactor)
+        (watcher,) = reactor.readers
+        watcher.doRead()
+        self.assertNoResult(asked)
+        theirs.sendall(FREEZE)
+        watcher.doRead()
+        self.assertIsNone(self.successResultOf(asked))
+        self.assertEqual(list(reactor.readers), [])
+
+    def test_newImageGone(self) -> None:
+        """
+        If the new image closes the channel, or sends anything else, the
+        wait fails with L{CaretakerError}.
+        """
+        for send, why in ((b"", "closed"), (b"?", "sent")):
+            ours, theirs = _pair(self)
+            reactor = MemoryReactor()
+            asked = CaretakerChannel(ours).freezeRequested(reactor)
+            if send:
+                theirs.sendall(send)
+            else:
+                theirs.shutdown(socket.SHUT_WR)
+            (watcher,) = reactor.readers
+            watcher.doRead()
+            self.assertIn(why, str(self.failureResultOf(asked, CaretakerError).value))
+            self.assertEqual(list(reactor.readers), [])
+
+    def test_handOver(self) -> None:
+        """
+        The new image receives the document's descriptor with L{DOCUMENT};
+        the caretaker's L{CaretakerChannel.handOver} returns L{None} once the
+        new image has committed.
+        """
+        ours, theirs = _pair(self)
+        document = writeMemfd(b"{}", "test", inheritable=False)
+        self.addCleanup(os.close, document)
+        theirs.sendall(COMMITTED)
+        self.assertIsNone(CaretakerChannel(ours).handOver(document, timeout=5))
+        message, descriptors, flags, address = socket.recv_fds(theirs, 2, 4)
+        self.assertEqual(message, DOCUMENT)
+        (received,) = descriptors
+        self.addCleanup(os.close, received)
+        self.assertEqual(readMemfd(received, maxBytes=10), b"{}")
+
+    def test_freeze(self) -> None:
+        """
+        L{Caretaker.freeze} sends L{FREEZE} and returns the descriptor that
+        comes with L{DOCUMENT}.
+        """
+        ours, theirs = _pair(self)
+        document = writeMemfd(b"[1]", "test", inheritable=False)
+        self.addCleanup(os.close, document)
+        socket.send_fds(ours, [DOCUMENT], [document])
+        received = Caretaker(theirs, 1).freeze(timeout=5)
+        self.addCleanup(os.close, received)
+        self.assertEqual(readMemfd(received, maxBytes=10), b"[1]")
+        self.assertEqual(ours.recv(1), FREEZE)
+
+    def test_freezeCaretakerGone(self) -> None:
+        """
+        A caretaker that exited, or answered something else, or did not
+        answer in time, is an L{CaretakerError} naming its process.
+        """
+        ours, theirs = _pair(self)
+        ours.close()
+        error = self.assertRaises(CaretakerError, Caretaker(theirs, 77).freeze, 5)
+        self.assertIn("77", str(error))
+
+        ours, theirs = _pair(self)
+        ours.sendall(b"?")
+        error = self.assertRaises(CaretakerError, Caretaker(theirs, 78).freeze, 5)
+        self.assertIn("sent", str(error))
+
+        ours, theirs = _pair(self)
+        error = self.assertRaises(CaretakerError, Caretaker(theirs, 79).freeze, 0.01)
+        self.assertIn("did not hand over", str(error))
+
+    def test_handOverNoCommit(self) -> None:
+        """
+        If the new image goes away instead of committing, the caretaker is
+        told why.
+        """
+        ours, theirs = _pair(self)
+        document = writeMemfd(b"{}", "test", inheritable=False)
+        self.addCleanup(os.close, document)
+        theirs.shutdown(socket.SHUT_WR)
+        why = CaretakerChannel(ours).handOver(document, timeout=5)
+        self.assertIn("before it committed", str(why))
+
+    def test_committed(self) -> None:
+        """
+        L{Caretaker.committed} says so and closes the channel.
+        """
+        ours, theirs = _pair(self)
+        caretaker = Caretaker(theirs, os.getpid())
+        caretaker.committed()
+        self.assertEqual(ours.recv(2), COMMITTED)
+        self.assertEqual(theirs.fileno(), -1)
+
+
+class ProcessTests(SynchronousTestCase):
+    """
+    The caretaker's process: ended at once, or collected from the reactor.
+    """
+
+    def test_kill(self) -> None:
+        """
+        L{Caretaker.kill} ends the process and collects it.
+        """
+        child = subprocess.Popen(["sleep", "60"])
+        self.addCleanup(child.poll)
+        ours, theirs = _pair(self)
+        Caretaker(theirs, child.pid).kill()
+        self.assertRaises(ChildProcessError, os.waitpid, child.pid, os.WNOHANG)
+
+    def test_reap(self) -> None:
+        """
+        L{Caretaker.reap} collects the process once it has exited, polling
+        from the reactor; one still there at the deadline is killed.
+        """
+        child = subprocess.Popen(["true"])
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+        clock = Clock()
+        ours, theirs = _pair(self)
+        done = Caretaker(theirs, child.pid).reap(clock)
+        self.assertNoResult(done)
+        clock.advance(0)
+        self.successResultOf(done)
+        self.assertRaises(ChildProcessError, os.waitpid, child.pid, os.WNOHANG)
+
+        stuck = subprocess.Popen(["sleep", "60"])
+        self.addCleanup(stuck.poll)
+        ours, theirs = _pair(self)
+        done = Caretaker(theirs, stuck.pid).reap(clock, timeout=0)
+        clock.advance(0)
+        self.successResultOf(done)
+        self.assertRaises(ChildProcessError, os.waitpid, stuck.pid, os.WNOHANG)
+
+    def test_dieWithParent(self) -> None:
+        """
+        L{dieWithParent} asks C{prctl(PR_SET_PDEATHSIG)} for the signal,
+        and says whether it could.
+        """
+        calls: list[tuple[int, int]] = []
+
+        def prctl(option: int, value: int) -> int:
+            calls.append((option, value))
+            return 0
+
+        self.assertTrue(dieWithParent(signal.SIGKILL, prctl=prctl))
+        self.assertEqual(calls, [(1, int(signal.SIGKILL))])
+        self.assertFalse(dieWithParent(prctl=lambda option, value: -1))
+
+
+def _precopied(ident: int, fd: int) -> PrecopiedConnection:
+    return PrecopiedConnection(
+        ident,
+        fd,
+        "tcp:1",
+        int(socket.AF_INET),
+        ProtocolState("app.P", True, 1, {"n": ident}, {}),
+        ["127.0.0.1", 1000 + ident],
+        ["127.0.0.1", 1],
+    )
+
+
+class AfterCaretakerTests(SynchronousTestCase):
+    """
+    L{afterCaretaker} joins the caretaker's document and the pre-copy.
+    """
+
+    def prelude(self, **kwargs: Any) -> ReexecState:
+        return ReexecState(
+            pid=10,
+            generation=3,
+            strategy="reexec",
+            listeners={"tcp:1": 5},
+            blockedSignals=(int(signal.SIGHUP),),
+            precopied=(_precopied(1, 20), _precopied(2, 21), _precopied(3, 22)),
+            **kwargs,
+        )
+
+    def test_supersededLeftOut(self) -> None:
+        """
+        The pre-copied connections the caretaker superseded are left out;
+        its own connections, counts and notes are kept; the signals are
+        those the old image blocked.
+        """
+        again = InheritedConnection(21, "tcp:1", {"id": 4, "state": {}})
+        final = ReexecState(
+            pid=10,
+            generation=3,
+            strategy="reexec",
+            listeners={"tcp:1": 5},
+            connections=(again,),
+            closed={"tcp:1": 1},
+            notes=("caretaker",),
+            superseded=(2, 3),
+        )
+        merged = afterCaretaker(self.prelude(), final)
+        self.assertEqual([each.ident for each in merged.precopied], [1])
+        self.assertEqual(merged.connections, (again,))
+        self.assertEqual(
+            (merged.closed, merged.notes, merged.superseded, merged.blockedSignals),
+            ({"tcp:1": 1}, ("caretaker",), (), (int(signal.SIGHUP),)),
+        )
+        self.assertEqual(sorted(merged.descriptors()), [5, 20, 21])
+
+    def test_descriptorTwice(self) -> None:
+        """
+        A descriptor the caretaker describes again though its pre-copy was
+        not superseded is refused.
+        """
+        final = ReexecState(
+            pid=10,
+            generation=3,
+            strategy="reexec",
+            connections=(InheritedConnection(21, "tcp:1", {"id": 4, "state": {}}),),
+        )
+        self.assertRaises(StateError, afterCaretaker, self.prelude(), final)
+
+    def test_otherGeneration(self) -> None:
+        """
+        A document of another process or generation is refused, as is one
+        that names a pre-copy of its own.
+        """
+        for final in (
+            ReexecState(pid=11, generation=3, strategy="reexec"),
+            ReexecState(pid=10, generation=2, strategy="reexec"),
+            ReexecState(pid=10, generation=3, strategy="reexec", precopy=9),
+        ):
+            self.assertRaises(StateError, afterCaretaker, self.prelude(), final)
+
+    def test_supersededTravelsWithoutPrecopy(self) -> None:
+        """
+        The caretaker's document names no pre-copy but keeps what it
+        superseded across its plain form.
+        """
+        state = ReexecState(pid=10, generation=3, strategy="reexec", superseded=(2, 5))
+        self.assertEqual(ReexecState.fromPlain(state.toPlain()).superseded, (2, 5))

@@ -58,7 +58,7 @@ from collections import Counter
 from functools import partial
 from typing import Any, Callable
 
-from attrs import define, evolve, field
+from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
@@ -66,6 +66,7 @@ from twisted.logger import Logger
 from ..._handoff._attempt import MigrationAttempt, counted
 from ..._handoff._movement import describePeer
 from ..._handoff._movers._registry import movers
+from ..._handoff._trial import _MAX_LINE as MAX_CASE_LINE
 from ..._handoff._trial import TrialCase, TrialOutcome
 from ..._handoff._trial import _peerOf as peerOf
 from ..._host._heap import collectionsPaused
@@ -81,6 +82,7 @@ from ...state import (
     restoreProtocolState,
     unchangedSince,
 )
+from ...state import _encodeForComparison as encodePlain
 from ._modules import (
     DetachedTransport,
     HeldTransport,
@@ -96,7 +98,7 @@ from ._modules import (
 )
 from ._safety import boundedImport
 
-__all__ = ["FINGERPRINTS", "ReloadAttempt"]
+__all__ = ["FINGERPRINTS", "PRECOPY_SLICE_SECONDS", "ReloadAttempt"]
 
 #: what this process knows about the source of the modules it reloaded
 FINGERPRINTS = ModuleFingerprints()
@@ -117,6 +119,10 @@ _MAX_LISTED = 12
 #: reactor (a few milliseconds of work: the connections are served between
 #: two slices)
 PRECOPY_SLICE = 250
+
+#: the longest a pre-copy slice runs, in seconds, before the reactor
+#: serves the connections again (a client waits for about two slices)
+PRECOPY_SLICE_SECONDS = 0.004
 
 #: how many connections are switched to their new protocol object in one
 #: turn of the reactor after the commit
@@ -253,6 +259,8 @@ class ReloadAttempt:
     _kept: dict[int, tuple[Any, _Kept]] = field(factory=dict)
     reused: int = 0
     switchSlice: int = SWITCH_SLICE
+    sliceSeconds: float = PRECOPY_SLICE_SECONDS
+    precopySlices: int = 0
     _oldFactories: list[tuple[Any, Any]] = field(factory=list)
 
     def __attrs_post_init__(self) -> None:
@@ -329,31 +337,50 @@ class ReloadAttempt:
             if not hosted.pending
         ]
 
-    def copyStates(self, sliceSize: int = PRECOPY_SLICE) -> Deferred[list[TrialCase]]:
+    def copyStates(
+        self, sliceSize: int = PRECOPY_SLICE, sliceSeconds: float | None = None
+    ) -> Deferred[list[TrialCase]]:
         """
         The pre-copy: take a copy of every migratable connection's state
-        while the old code serves, C{sliceSize} connections per turn of
-        the reactor (the first slice at once), for the trial and for the
+        while the old code serves, a slice of connections per turn of the
+        reactor (the first slice at once), for the trial and for the
         pause, which reuses each copy whose connection did not change
         since (L{unchangedSince}) instead of capturing it again.
+
+        A slice ends after C{sliceSize} connections or once it has taken
+        C{sliceSeconds} (by the reactor's clock), whichever comes first,
+        and takes at least one connection: a client waits for at most about
+        two slices (its line is read between two slices and answered
+        between the next two), however costly the states are to copy.
 
         A state that cannot be captured now is left out: the pause captures
         it, with its own errors.
 
+        @param sliceSeconds: the longest slice, in seconds; L{None} for
+            L{sliceSeconds}.
+
         @return: a L{Deferred} firing with the trial's cases (every
-            connection whose protocol L{isMigratable}), at once when there
-            are at most C{sliceSize} connections; it never fails.
+            connection whose protocol L{isMigratable}), at once when one
+            slice takes them all; it never fails.
         """
         self.attempt.startPhase()
         todo = self.connections()
         cases: list[TrialCase] = []
         done: Deferred[list[TrialCase]] = Deferred()
+        reactor = self.host.reactor
+        budget = self.sliceSeconds if sliceSeconds is None else sliceSeconds
         longest = 0.0
+        slices = 0
 
         def copySlice(start: int) -> None:
-            nonlocal longest
-            began = self.host.reactor.seconds()
-            for key, hosted in todo[start : start + sliceSize]:
+            nonlocal longest, slices
+            began = reactor.seconds()
+            deadline = began + budget
+            end = min(start + sliceSize, len(todo))
+            index = start
+            while index < end:
+                key, hosted = todo[index]
+                index += 1
                 try:
                     self._copyState(key, hosted, cases)
                 except Exception:
@@ -361,12 +388,16 @@ class ReloadAttempt:
                         "Reload: could not copy the state of {connection}",
                         connection=describePeer(hosted),
                     )
-            longest = max(longest, self.host.reactor.seconds() - began)
-            if start + sliceSize < len(todo):
-                self.host.reactor.callLater(0, copySlice, start + sliceSize)
+                if reactor.seconds() >= deadline:
+                    break
+            slices += 1
+            longest = max(longest, reactor.seconds() - began)
+            if index < len(todo):
+                reactor.callLater(0, copySlice, index)
                 return
             self.attempt.phaseDone("precopy")
             self.attempt.durations["precopy slice"] = longest
+            self.precopySlices = slices
             done.callback(cases)
 
         copySlice(0)
@@ -379,36 +410,57 @@ class ReloadAttempt:
         if not isMigratable(protocol):
             return
         try:
-            state = captureProtocolState(protocol)
+            # Checked without a copy, and fingerprinted before the
+            # application runs again; then copied without a JSON round trip
+            # (as the pause does), and encoded for the trial without
+            # walking it again.
+            taken = captureProtocolState(protocol, snapshot=False)
+            fingerprint = StateFingerprint.of(taken)
         except Exception:
             return
+        state = ProtocolState(
+            taken.className,
+            taken.migratable,
+            taken.version,
+            _plainCopy(taken.appState),
+            taken.buffers,
+        )
         peer = hosted.getPeer()
         if IMigratable.providedBy(protocol):
             self._kept[id(hosted)] = (
                 hosted,
-                _Kept(
-                    protocol,
-                    state,
-                    peer,
-                    hosted.getHost(),
-                    StateFingerprint.of(state),
-                ),
+                _Kept(protocol, state, peer, hosted.getHost(), fingerprint),
             )
-        case = TrialCase(
-            len(cases) + 1,
-            key,
-            peerOf(hosted),
-            _qualified(type(protocol)),
-            state.toPlain(),
-            hosted,
-        )
+        ident = len(cases) + 1
+        peerPlain = peerOf(hosted)
+        plain = state.toPlain()
+        line: bytes | None
         try:
             # Encoded now, a slice at a time: the trial would otherwise
-            # encode every case at once while the clients wait.
-            case = evolve(case, line=case.toLine())
-        except StateError:
-            pass  # Said when the trial starts.
-        cases.append(case)
+            # encode every case at once while the clients wait.  The state
+            # was checked as it was captured, so the encoder built once for
+            # fingerprints writes the very bytes the codec would.
+            line = (
+                encodePlain({"id": ident, "peer": peerPlain, "state": plain}).encode(
+                    "ascii"
+                )
+                + b"\n"
+            )
+        except (TypeError, ValueError, RecursionError):
+            line = None  # The trial encodes it again, and says why.
+        if line is not None and len(line) > MAX_CASE_LINE + 1:
+            line = None  # Said when the trial starts.
+        cases.append(
+            TrialCase(
+                ident,
+                key,
+                peerPlain,
+                _qualified(type(protocol)),
+                plain,
+                hosted,
+                line,
+            )
+        )
 
     def tried(self, outcome: TrialOutcome) -> Deferred[MigrationReport]:
         """

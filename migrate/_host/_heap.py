@@ -27,8 +27,9 @@ from twisted.internet.defer import Deferred
 
 __all__ = ["collectionsPaused", "freezeNewObjects", "heapFrozenUntil"]
 
-#: how many L{heapFrozenUntil} holds the heap frozen for now
-_holding = 0
+#: what the latest L{heapFrozenUntil} froze the heap for, until it ends;
+#: L{None} if it did not freeze it (it was frozen already) or it ended
+_holder: object | None = None
 
 
 @contextmanager
@@ -58,15 +59,17 @@ def heapFrozenUntil(done: Deferred[Any]) -> Deferred[Any]:
 
     @return: C{done}.
     """
-    global _holding
+    global _holder
     if gc.get_freeze_count():
+        _holder = None
         return done
     gc.freeze()
-    _holding += 1
+    holder = _holder = object()
 
     def unfreeze(result: Any) -> Any:
-        global _holding
-        _holding -= 1
+        global _holder
+        if _holder is holder:
+            _holder = None
         gc.unfreeze()
         return result
 
@@ -81,14 +84,14 @@ def freezeNewObjects() -> bool:
     step walks only what was made since the previous one, not everything
     the migration made so far (tens of milliseconds with thousands of
     connections).  They are collected as usual once the heap is unfrozen.
-    Nothing happens otherwise (the heap is not frozen, or the application
-    froze it itself).
+    Nothing happens otherwise (the heap is not frozen, or the application,
+    or a migration that has not ended, froze it).
 
     @return: whether it froze them.
     """
     # Not gc.get_freeze_count(): it counts the frozen objects one by one
     # (10 to 30 ms with thousands of connections).
-    if not _holding:
+    if _holder is None:
         return False
     gc.freeze()
     return True

@@ -22,6 +22,7 @@ from ..interfaces import IMigrationHost, IMigrationStrategy
 from ._reload._attempt import (
     FINGERPRINTS,
     PRECOPY_SLICE,
+    PRECOPY_SLICE_SECONDS,
     SWITCH_SLICE,
     ReloadAttempt,
 )
@@ -52,7 +53,8 @@ class ModuleReload:
 
     The states are copied first, a slice of connections per turn of the
     reactor while the old code serves (the pre-copy, which the trial
-    uses); the pause (import, prepare, commit) reuses each copy whose
+    uses; a slice ends after a number of connections or a few
+    milliseconds, whichever comes first); the pause (import, prepare, commit) reuses each copy whose
     connection did not change since; after it, each rebuilt connection
     switches to its new protocol object in slices, or before its next
     event if that comes first.
@@ -64,6 +66,7 @@ class ModuleReload:
         default=trialInChild
     )
     _sliceSizes: tuple[int, int] = field(default=(PRECOPY_SLICE, SWITCH_SLICE))
+    _sliceSeconds: float = field(default=PRECOPY_SLICE_SECONDS)
 
     def migrate(
         self, host: IMigrationHost, progress: Callable[[str], None]
@@ -79,6 +82,7 @@ class ModuleReload:
             self.name,
             importTimeout=host.settings.readyTimeout,
             switchSlice=self._sliceSizes[1],
+            sliceSeconds=self._sliceSeconds,
         )
         early = attempt.begin()
         if early is not None:

@@ -10,7 +10,7 @@ import gc
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from .._host._heap import collectionsPaused, heapFrozenUntil
+from .._host._heap import collectionsPaused, freezeNewObjects, heapFrozenUntil
 
 
 class CollectionsPausedTests(SynchronousTestCase):
@@ -74,3 +74,46 @@ class HeapFrozenUntilTests(SynchronousTestCase):
         heapFrozenUntil(done)
         done.callback(None)
         self.assertEqual(gc.get_freeze_count(), frozen)
+
+
+class FreezeNewObjectsTests(SynchronousTestCase):
+    """
+    L{freezeNewObjects} freezes what a migration made since, while
+    L{heapFrozenUntil} holds the heap frozen, and only then.
+    """
+
+    def setUp(self) -> None:
+        self.addCleanup(gc.unfreeze)
+        gc.unfreeze()
+
+    def test_whileHeld(self) -> None:
+        """
+        While the heap is held frozen, objects made since are frozen too;
+        all of them are unfrozen when the migration ends.
+        """
+        done: Deferred[object] = Deferred()
+        heapFrozenUntil(done)
+        frozen = gc.get_freeze_count()
+        made = [[n] for n in range(100)]
+        self.assertTrue(freezeNewObjects())
+        self.assertGreaterEqual(gc.get_freeze_count(), frozen + len(made))
+        done.callback(None)
+        self.assertEqual(gc.get_freeze_count(), 0)
+        self.assertFalse(freezeNewObjects())
+        self.assertEqual(gc.get_freeze_count(), 0)
+
+    def test_notHeld(self) -> None:
+        """
+        Outside a migration, or where the application froze the heap
+        itself (which L{heapFrozenUntil} leaves alone), nothing is frozen.
+        """
+        self.assertFalse(freezeNewObjects())
+        self.assertEqual(gc.get_freeze_count(), 0)
+        gc.freeze()
+        frozen = gc.get_freeze_count()
+        done: Deferred[object] = Deferred()
+        heapFrozenUntil(done)
+        made = [[n] for n in range(100)]
+        self.assertFalse(freezeNewObjects())
+        self.assertEqual(gc.get_freeze_count(), frozen)
+        done.callback(made)

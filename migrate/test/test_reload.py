@@ -36,6 +36,7 @@ from .._host._metrics import HostMetrics
 from .._host._service import MigrationHost
 from .._report import MigrationPhase
 from ..strategies import ModuleReload, strategyNamed, strategyNames
+from ..strategies._reload._attempt import PRECOPY_SLICE_SECONDS, ReloadAttempt
 from ..strategies._reload._modules import (
     DetachedTransport,
     Fingerprint,
@@ -1755,6 +1756,93 @@ class ReloadSliceTests(ModulesUnchangedMixin, SynchronousTestCase):
         self.assertEqual(transport.value(), b"restored 2\n")
         self.assertEqual(exchange(hosted, transport, b"z"), b"v2 z 3\n")
         self.assertLessEqual({"precopy", "precopy slice"}, set(report["durations"]))
+
+    def ticking(self, live: Any, step: float) -> None:
+        """
+        Make the host's clock move on by C{step} seconds each time it is
+        read, as a real clock does while a slice works.
+        """
+        clock = live.host.reactor
+
+        def seconds() -> float:
+            clock.rightNow += step
+            return float(clock.rightNow)
+
+        clock.seconds = seconds
+
+    def test_precopySliceBoundedInTime(self) -> None:
+        """
+        A pre-copy slice ends once it has taken the slice's time, even with
+        connections left within its count: the rest are copied in the next
+        turns of the reactor, and the reload ends once they are.
+        """
+        live = self.live(MIGRATABLE, (500, 500), 3)
+        # Two reads of the clock (one per connection copied) per 4 ms.
+        self.ticking(live, PRECOPY_SLICE_SECONDS * 0.75)
+        live.change(MIGRATABLE_V2)
+        d = live.host.requestUpgrade(None, live.progress.append)
+        self.assertNoResult(d)
+        self.assertEqual(len(live.host.reactor.calls), 1)
+        runOne(live.host.reactor)
+        report = self.successResultOf(d)
+        self.assertEqual((report["outcome"], report["moved"]), ("success", 3))
+        self.assertIn(
+            "3 states of 3 migratable connections taken before the pause, while "
+            "the old code served, and unchanged since; the others were taken "
+            "in the pause",
+            report["notes"],
+        )
+
+    def test_precopySliceTakesOneAtLeast(self) -> None:
+        """
+        A slice copies one connection at least, however long that one
+        takes: the pre-copy always ends.
+        """
+        live = self.live(MIGRATABLE, (500, 500), 3)
+        self.ticking(live, PRECOPY_SLICE_SECONDS * 2)
+        live.change(MIGRATABLE_V2)
+        d = live.host.requestUpgrade(None, live.progress.append)
+        for _ in range(2):
+            self.assertNoResult(d)
+            runOne(live.host.reactor)
+        self.assertEqual(self.successResultOf(d)["moved"], 3)
+
+    def test_precopyChangedBetweenSlices(self) -> None:
+        """
+        A connection copied in an earlier slice that changes before the
+        pause is taken again in the pause: what it did in between is kept.
+        """
+        live = self.live(MIGRATABLE, (500, 500), 3)
+        self.ticking(live, PRECOPY_SLICE_SECONDS * 2)
+        live.change(MIGRATABLE_V2)
+        d = live.host.requestUpgrade(None, live.progress.append)
+        hosted, transport = live.connections[0]
+        self.assertEqual(exchange(hosted, transport, b"y"), b"v1 y 2\n")
+        runOne(live.host.reactor)
+        runOne(live.host.reactor)
+        report = self.successResultOf(d)
+        self.assertIn(
+            "2 states of 3 migratable connections taken before the pause, while "
+            "the old code served, and unchanged since; the others were taken "
+            "in the pause",
+            report["notes"],
+        )
+        self.assertEqual(exchange(hosted, transport, b"z"), b"v2 z 3\n")
+
+    def test_trialLinesAsTheCodecWrites(self) -> None:
+        """
+        The trial's cases are encoded by the pre-copy, a slice at a time, to
+        the very bytes L{TrialCase.toLine} writes.
+        """
+        live = self.live(MIGRATABLE, (500, 500), 2)
+        attempt = ReloadAttempt(
+            live.host, live.progress.append, live.fingerprints, "reload"
+        )
+        cases = self.successResultOf(attempt.copyStates())
+        self.assertEqual(len(cases), 2)
+        for case in cases:
+            self.assertIsNotNone(case.line)
+            self.assertEqual(case.line, evolve(case, line=None).toLine())
 
 
 #: a migratable protocol whose state is its own list, which the new code

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from ..._codec import StateError, decodeState
+from ..._codec import StateError, loadCheckedJSON
 from ..._handoff._fdpass import DescriptorTransferError, readMemfd, receiveDescriptors
 from ..._handoff._listeners import adoptListener
 from ..._handoff._movement import (
@@ -55,7 +55,6 @@ _MAX_MANIFEST_BYTES = 512 * 1024 * 1024
 #: how many refusals an answer describes, and how long each reason may be
 _REFUSALS_TOLD = 20
 _REASON_CHARS = 500
-_MAX_MANIFEST_DEPTH = 48
 #: connections restored at a freeze that start reading in one reactor turn
 _RESUME_SLICE = 500
 
@@ -213,9 +212,11 @@ class IncomingChannel(amp.AMP):
                 )
             try:
                 data = readMemfd(manifest, maxBytes=manifestSize)
-                entries = decodeState(
-                    data, maxBytes=_MAX_MANIFEST_BYTES, maxDepth=_MAX_MANIFEST_DEPTH
-                )
+                # Every entry's state is checked as it is staged
+                # (ProtocolState.fromPlain), the rest of the entry as it is
+                # used: JSON's own parser, not decodeState's checks in
+                # Python of every value (about 60 microseconds an entry).
+                entries = loadCheckedJSON(data, "manifest")
             except (StateError, OSError, ValueError, DescriptorTransferError) as e:
                 raise HandoffRefused("unreadable manifest: {}".format(e))
             if not isinstance(entries, list) or len(entries) != count:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import gc
 import io
 import json
 import os
@@ -1320,6 +1321,13 @@ class SignalTests(SynchronousTestCase):
     the new image's reactor runs (its handlers installed), not before.
     """
 
+    def setUp(self) -> None:
+        # restoreReexec keeps the collector off until every socket is
+        # adopted, which a test's fake reactor never finishes: the next
+        # test must find it as this one did.
+        if gc.isenabled():
+            self.addCleanup(gc.enable)
+
     def test_unblockedWhenRunning(self) -> None:
         before = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
         self.addCleanup(signal.pthread_sigmask, signal.SIG_SETMASK, before)
@@ -1363,6 +1371,9 @@ class RestoreTests(TestCase):
         from twisted.internet import reactor
 
         self.reactor = reactor
+        # See SignalTests.setUp.
+        if gc.isenabled():
+            self.addCleanup(gc.enable)
 
     def connection(self) -> tuple[int, socket.socket]:
         ours, theirs = socket.socketpair()

@@ -202,29 +202,13 @@ class ReexecTests(LiveAppMixin, TestCase):
         """
         yield self.startHost()
         (client,) = yield self.connectClients(1)
-        sent = [0]
-        upgrading = [True]
-
-        def pump():
-            if not upgrading[0] or client.closed.called:
-                return
-            for _ in range(5):
-                sent[0] += 1
-                client.sendLine(b"n%d" % (sent[0],))
-            reactor.callLater(0.002, pump)
-
-        pump()
-        code, report, err = yield self.upgradeTo(MIGRATABLE_V2)
-        upgrading[0] = False
-        self.assertEqual(code, 0, err)
-        yield client.waitForLines(1 + sent[0])
-        replies = [fields(line) for line in client.lines[1:]]
-        self.assertEqual(
-            [r[2] for r in replies], [b"n%d" % i for i in range(1, sent[0] + 1)]
+        (code, report, err), replies = yield self.pumpDuring(
+            client, lambda: self.upgradeTo(MIGRATABLE_V2)
         )
-        self.assertEqual([int(r[3]) for r in replies], list(range(1, sent[0] + 1)))
+        self.assertEqual(code, 0, err)
+        self.assertEqual([int(r[3]) for r in replies], list(range(1, len(replies) + 1)))
         self.assertEqual({r[0] for r in replies[-1:]}, {b"v2"})
-        self.assertGreater(sent[0], 20)
+        self.assertGreater(len(replies), 20)
 
     @inlineCallbacks
     def pumpDuring(self, client, upgrade):

@@ -1056,9 +1056,23 @@ class ReexecMigration:
         serves meanwhile: everything but the connections, and the
         pre-copy, which it reads before asking the caretaker to freeze.
         """
-        host = self.host
         precopy = self._precopy
         return ReexecState(
+            **self._documentFields(frozenAt, blocked, lenient=False),
+            closed=dict(self._closed),
+            precopy=None if precopy is None else precopy.descriptor,
+        )
+
+    def _documentFields(
+        self, frozenAt: float, blocked: Sequence[int], *, lenient: bool
+    ) -> dict[str, Any]:
+        """
+        What every state document of this image says besides the
+        connections: the process, the listeners, the control socket and
+        metrics endpoint, the report so far, the draining generations.
+        """
+        host = self.host
+        return dict(
             pid=host.pid,
             generation=host.generation,
             strategy=self.strategyName,
@@ -1073,14 +1087,12 @@ class ReexecMigration:
                 if host.metricsPort is not None
                 else None
             ),
-            closed=dict(self._closed),
             durations=dict(self._attempt.durations),
             notes=tuple(self._attempt.notes),
             frozenAt=frozenAt,
             blockedSignals=tuple(blocked),
-            reporters=self._reporters(),
+            reporters=self._reporters(lenient=lenient),
             draining=tuple(dict(each) for each in host.draining.values()),
-            precopy=None if precopy is None else precopy.descriptor,
         )
 
     def _listenerDescriptors(self) -> dict[str, int]:
@@ -1142,31 +1154,12 @@ class ReexecMigration:
             )
         )
         state = ReexecState(
-            pid=host.pid,
-            generation=host.generation,
-            strategy=self.strategyName,
-            listeners=self._listenerDescriptors(),
-            control=(
-                listenerDescriptor(host.controlPort)
-                if host.controlPort is not None
-                else None
-            ),
-            metrics=(
-                listenerDescriptor(host.metricsPort)
-                if host.metricsPort is not None
-                else None
-            ),
+            **self._documentFields(frozenAt, blocked, lenient=inCaretaker),
             metricsCarried=(
                 host.metrics.carried() if host.metrics is not None else None
             ),
             connections=tuple(connections),
             closed=closed,
-            durations=dict(self._attempt.durations),
-            notes=tuple(self._attempt.notes),
-            frozenAt=frozenAt,
-            blockedSignals=tuple(blocked),
-            reporters=self._reporters(lenient=inCaretaker),
-            draining=tuple(dict(each) for each in host.draining.values()),
             precopy=None if precopy is None or inCaretaker else precopy.descriptor,
             superseded=tuple(superseded),
         )

@@ -29,6 +29,7 @@ from migrate.strategies._reexec._caretaker import (
     CaretakerChannel,
     CaretakerError,
     dieWithParent,
+    libcPrctl,
 )
 from migrate.strategies._reexec._state import (
     InheritedConnection,
@@ -250,6 +251,16 @@ class ProcessTests(SynchronousTestCase):
         self.assertTrue(dieWithParent(signal.SIGKILL, prctl=prctl))
         self.assertEqual(calls, [(1, int(signal.SIGKILL))])
         self.assertFalse(dieWithParent(prctl=lambda option, value: -1))
+        self.assertFalse(dieWithParent(prctl=None))
+
+    def test_libcPrctl(self) -> None:
+        """
+        L{libcPrctl} finds C{prctl} in the C library this process loaded:
+        asking for a signal that does not exist fails, as the kernel says.
+        """
+        prctl = libcPrctl()
+        assert prctl is not None
+        self.assertNotEqual(prctl(1, 100000), 0)
 
 
 def _precopied(ident: int, fd: int) -> PrecopiedConnection:
@@ -318,6 +329,27 @@ class AfterCaretakerTests(SynchronousTestCase):
             connections=(InheritedConnection(21, "tcp:1", {"id": 4, "state": {}}),),
         )
         self.assertRaises(StateError, afterCaretaker, self.prelude(), final)
+
+    def test_notInherited(self) -> None:
+        """
+        A document that names a descriptor the new image did not inherit
+        is refused: that number may be anything in this image.
+        """
+        final = ReexecState(
+            pid=10,
+            generation=3,
+            strategy="reexec",
+            listeners={"tcp:1": 5},
+            connections=(InheritedConnection(30, "tcp:1", {"id": 4, "state": {}}),),
+        )
+        self.assertEqual(
+            len(afterCaretaker(self.prelude(), final, [5, 20, 21, 22, 30]).connections),
+            1,
+        )
+        error = self.assertRaises(
+            StateError, afterCaretaker, self.prelude(), final, [5, 20, 21, 22]
+        )
+        self.assertIn("[30]", str(error))
 
     def test_otherGeneration(self) -> None:
         """

@@ -384,6 +384,7 @@ class ReexecTests(LiveAppMixin, TestCase):
         status = yield self.host.status()
         self.assertEqual((status["pid"], status["generation"]), (pid, 1))
         after = _descriptors(pid)
+        self.assertIsNone(_caretakerOf(pid))
         self.assertEqual(sorted(after), sorted(before))
         self.assertEqual(
             [fd for fd, flags in after.items() if fd > 2 and not flags & _O_CLOEXEC], []

@@ -34,7 +34,6 @@ behind would serve forever.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import signal
@@ -56,6 +55,7 @@ __all__ = [
     "CaretakerChannel",
     "CaretakerError",
     "dieWithParent",
+    "libcPrctl",
 ]
 
 _log = Logger()
@@ -79,6 +79,19 @@ class CaretakerError(Exception):
     """
 
 
+def libcPrctl() -> Callable[[int, int], int] | None:
+    """
+    C{prctl(2)} from the C library this process already loaded, or
+    L{None} where there is none.  Looked up before forking: finding the
+    library by name runs C{ldconfig}, a child process of its own.
+    """
+    try:
+        prctl: Callable[[int, int], int] = ctypes.CDLL(None, use_errno=True).prctl
+        return prctl
+    except (OSError, AttributeError):
+        return None
+
+
 def dieWithParent(
     sig: int = signal.SIGKILL,
     *,
@@ -87,17 +100,12 @@ def dieWithParent(
     """
     Ask the kernel to send C{sig} to this process when its parent dies.
 
+    @param prctl: C{prctl(2)} (see L{libcPrctl}); L{None}: unavailable.
+
     @return: whether it could be asked (Linux only).
     """
     if prctl is None:
-        name = ctypes.util.find_library("c")
-        if name is None:
-            return False
-        try:
-            libc = ctypes.CDLL(name, use_errno=True)
-        except OSError:
-            return False
-        prctl = libc.prctl
+        return False
     try:
         return prctl(_PR_SET_PDEATHSIG, int(sig)) == 0
     except Exception:
@@ -130,12 +138,13 @@ class CaretakerChannel:
         reactor.addReader(watcher)
         return asked
 
-    def handOver(self, document: int, timeout: float) -> str | None:
+    def handOver(self, document: int, timeout: float | None) -> str | None:
         """
         Pass the state document, and wait (blocking: nothing is served any
         more) until the new image has committed.
 
         @param document: the sealed memory file's descriptor (not closed).
+        @param timeout: seconds, or L{None} to wait as long as it takes.
 
         @return: L{None} once the new image committed, else why not.
         """
@@ -162,6 +171,7 @@ class _Watcher:
     socket: socket.socket
     asked: Deferred[None]
     reactor: Any
+    finished: bool = False
 
     def fileno(self) -> int:
         return self.socket.fileno()
@@ -188,9 +198,13 @@ class _Watcher:
         self._done(CaretakerError("the channel was lost"))
 
     def _done(self, error: Exception | None) -> None:
-        if self.asked.called:
+        if self.finished:
             return
+        self.finished = True
         self.reactor.removeReader(self)
+        if self.asked.called:
+            # Given up on already (a deadline): nothing more to read.
+            return
         if error is None:
             self.asked.callback(None)
         else:

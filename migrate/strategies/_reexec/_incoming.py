@@ -624,7 +624,9 @@ def _takeFromCaretaker(
     timeout = settings.safePointTimeout + settings.handoffTimeout + 10.0
     try:
         with collectionsPaused():
-            state = afterCaretaker(prelude, readState(caretaker.freeze(timeout)))
+            state = afterCaretaker(
+                prelude, readState(caretaker.freeze(timeout)), inheritance.inherited
+            )
     except (CaretakerError, StateError) as e:
         caretaker.kill()
         state = evolve(prelude, precopied=(), connections=(), superseded=())

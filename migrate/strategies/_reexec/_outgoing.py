@@ -53,7 +53,7 @@ from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 
 from ..._handoff._attempt import MigrationAttempt, counted
-from ..._handoff._listeners import listenerDescriptor
+from ..._handoff._listeners import listenerDescriptor, pauseListener
 from ..._handoff._movement import describeMovable
 from ..._handoff._movers._endings import closePolitely
 from ..._handoff._safepoint import atSafePoints
@@ -77,6 +77,7 @@ from ._caretaker import (
     CaretakerChannel,
     CaretakerError,
     dieWithParent,
+    libcPrctl,
 )
 from ._check import (
     checkDescriptorLimit,
@@ -351,8 +352,15 @@ class _ForkedCaretaker:
             the new image binds again under the same name.
         """
         parent = os.getpid()
+        # Looked up here: find_library would run ldconfig in the child.
+        prctl = libcPrctl()
         readEnd, writeEnd = os.pipe()
-        pid = fork()
+        try:
+            pid = fork()
+        except BaseException:
+            os.close(readEnd)
+            os.close(writeEnd)
+            raise
         if pid == 0:
             try:
                 os.close(writeEnd)
@@ -360,7 +368,7 @@ class _ForkedCaretaker:
                 release()
                 # Once the exec succeeded there is no old image to return
                 # to: the caretaker must not outlive the new one.
-                dieWithParent()
+                dieWithParent(prctl=prctl)
                 verdict = os.read(readEnd, 1)
                 os.close(readEnd)
             except BaseException:
@@ -505,6 +513,9 @@ class ReexecMigration:
     caretaker: bool = False
     fork: Callable[[], int] = os.fork
     _closed: dict[str, int] = field(factory=dict)
+    #: by C{id()}, the connections still closing at the exec, which the
+    #: new image does not inherit: a caretaker leaves them out
+    _notInherited: set[int] = field(factory=set)
     _trialClosing: dict[int, tuple[Any, str]] = field(factory=dict)
     _precopy: _Precopy | None = field(default=None, init=False)
     _attempt: MigrationAttempt = field(init=False)
@@ -798,7 +809,7 @@ class ReexecMigration:
         for listener, hosted in self.host.allConnections():
             protocol = hosted.wrappedProtocol
             transport = hosted.transport
-            if protocol is None or hosted.released:
+            if protocol is None or hosted.released or id(hosted) in self._notInherited:
                 continue
             tripped, why = self._trialClosing.get(id(hosted), (None, ""))
             if tripped is hosted:
@@ -948,7 +959,12 @@ class ReexecMigration:
         executing = False
         caretaker: _ForkedCaretaker | None = None
         try:
-            forking = self._caretakerRefusal() is None
+            refusal = self._caretakerRefusal()
+            forking = refusal is None
+            if refusal is not None and self.caretaker:
+                note = "no caretaker served during the exec: {}".format(refusal)
+                _log.info("Re-exec: {note}", note=note)
+                self._attempt.notes.append(note)
             precopied: list[int]
             if forking:
                 # The caretaker describes the connections when the new image
@@ -963,9 +979,9 @@ class ReexecMigration:
             keep = state.descriptors() + precopied + [stateFd]
             if forking:
                 caretaker = _ForkedCaretaker.prepare()
-                leaving = {id(each) for each in stillClosing}
+                self._notInherited = {id(each) for each in stillClosing}
                 keep.append(caretaker.theirs.fileno())
-                keep.extend(_connectionDescriptors(host, leaving))
+                keep.extend(_connectionDescriptors(host, self._notInherited))
             marks = DescriptorMarks.apply(keep)
             if marks.strays:
                 _log.warn(
@@ -1124,7 +1140,7 @@ class ReexecMigration:
             connections that hold.
         """
         host = self.host
-        leaving = {id(each) for each in stillClosing}
+        leaving = {id(each) for each in stillClosing} | self._notInherited
         candidates = [
             (listener, hosted)
             for listener, hosted in host.allConnections()
@@ -1171,10 +1187,28 @@ class ReexecMigration:
         In the caretaker: serve until the new image asks for the
         connections, bring them to their safe points, describe them, hand
         them over and exit once the new image has committed.  Never
-        returns: the new image reports the migration.
+        returns: the new image reports the migration.  Whatever fails
+        here ends this process (with a critical log line): it must never
+        go on as a host beside the new image.
         """
+        try:
+            yield self._caretake(channel)
+        except BaseException:
+            _log.failure("Re-exec: the caretaker failed; it exits")
+        flushPythonOutput()
+        os._exit(1)
+
+    @inlineCallbacks
+    def _caretake(self, channel: CaretakerChannel) -> Any:
         host = self.host
         attempt = self._attempt
+        reactor = host.reactor
+        # The new image accepts on them once it serves: a control or
+        # metrics client accepted here would be cut off when this process
+        # exits.  (Its epoll is this process's own since the exec.)
+        for port in (host.controlPort, host.metricsPort):
+            if port is not None:
+                pauseListener(port)
         _log.info(
             "Re-exec: the new image starts in process {pid}; caretaker "
             "process {caretaker} serves its connections meanwhile",
@@ -1187,17 +1221,40 @@ class ReexecMigration:
             )
         )
         servedFrom = time.monotonic()
+        asked = channel.freezeRequested(reactor)
+        limit = host.settings.readyTimeout
+
+        def giveUp() -> None:
+            if not asked.called:
+                asked.errback(
+                    CaretakerError("it did not ask for them within {} s".format(limit))
+                )
+
+        timer = reactor.callLater(limit, giveUp)
         try:
-            yield channel.freezeRequested(host.reactor)
+            yield asked
         except CaretakerError as e:
+            # An image that cannot take them (it failed, or is a version
+            # without a caretaker's counterpart): end them politely, so
+            # that their clients come back to the new image.
             _log.critical(
                 "Re-exec: the new image will not take the connections ({why}); "
-                "the caretaker exits",
+                "the caretaker closes them politely and exits",
                 why=str(e),
             )
-            flushPythonOutput()
-            os._exit(1)
+            yield self._closeUnmovable(
+                [
+                    (listener.key, hosted, "the new image did not take it")
+                    for listener, hosted in host.allConnections()
+                    if id(hosted) not in self._notInherited
+                ]
+            )
+            return
+        finally:
+            if timer.active():
+                timer.cancel()
         attempt.durations["caretaker"] = time.monotonic() - servedFrom
+        attempt.startPhase()
         # Held at their safe points until the exchange ends: this process
         # then exits, and never serves them again.
         yield atSafePoints(
@@ -1206,30 +1263,20 @@ class ReexecMigration:
             holdAll=True,
             missedFate="they are closed before the hand-over",
         )
-        attempt.phaseDone("safepoints")
         plan = self._plan(lenient=True)
         remaining = yield self._closeUnmovable(plan.closing)
-        attempt.phaseDone("close")
-        yield afterPolls(host.reactor, 2)
+        yield afterPolls(reactor, 2)
+        # Safe points, closing what cannot move, two polls: the
+        # caretaker's own, not the old image's phases of the same names.
+        attempt.phaseDone("settle")
         frozenAt = time.monotonic()
-        timeout = max(host.settings.handoffTimeout, 5.0)
         with collectionsPaused():
-            try:
-                state, precopied = self._describeFrozen(
-                    remaining, frozenAt, [], inCaretaker=True
-                )
-                durations = dict(state.durations)
-                durations["capture"] = time.monotonic() - frozenAt
-                document = writeState(
-                    evolve(state, durations=durations), validate=False
-                )
-            except Exception:
-                _log.failure(
-                    "Re-exec: the caretaker could not describe its connections; "
-                    "the new image closes them"
-                )
-                flushPythonOutput()
-                os._exit(1)
+            state, precopied = self._describeFrozen(
+                remaining, frozenAt, [], inCaretaker=True
+            )
+            durations = dict(state.durations)
+            durations["capture"] = time.monotonic() - frozenAt
+            document = writeState(evolve(state, durations=durations), validate=False)
             _log.info(
                 "Re-exec: the caretaker hands over {count} connections ({again} "
                 "described again)",
@@ -1237,13 +1284,15 @@ class ReexecMigration:
                 again=len(state.connections),
             )
             flushPythonOutput()
-            why = channel.handOver(document, timeout)
+            # No deadline: the new image holds every socket already, and
+            # this process dies with it (PR_SET_PDEATHSIG).
+            why = channel.handOver(document, None)
         if why is not None:
-            _log.critical(
-                "Re-exec: the caretaker handed over, but {why}; it exits",
+            _log.warn(
+                "Re-exec: the caretaker handed over, but {why}; it exits (the "
+                "new image holds every socket)",
                 why=why,
             )
-
         flushPythonOutput()
         os._exit(0)
 

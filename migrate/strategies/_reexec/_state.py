@@ -34,7 +34,7 @@ import json
 import math
 import os
 import signal
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from attrs import evolve, field, frozen
 
@@ -740,12 +740,17 @@ def mergePrecopy(state: ReexecState, data: bytes) -> ReexecState:
     return merged
 
 
-def afterCaretaker(prelude: ReexecState, final: ReexecState) -> ReexecState:
+def afterCaretaker(
+    prelude: ReexecState, final: ReexecState, inherited: Iterable[int] | None = None
+) -> ReexecState:
     """
     What the new image restores when a caretaker served while it started
     (see L{migrate.strategies._reexec._caretaker}): the caretaker's document,
     and the connections of the pre-copy the new image read from the old
     image's C{prelude} that still hold (not superseded by the caretaker).
+
+    @param inherited: the descriptors the new image inherited, if known:
+        the caretaker's document may name no other.
 
     @raise StateError: if the two do not fit together.
     """
@@ -765,6 +770,13 @@ def afterCaretaker(prelude: ReexecState, final: ReexecState) -> ReexecState:
     named = merged.descriptors()
     if len(set(named)) != len(named):
         raise StateError("a descriptor is named twice")
+    if inherited is not None:
+        strangers = set(named) - set(inherited)
+        if strangers:
+            raise StateError(
+                "the caretaker's document names descriptors this image did not "
+                "inherit: {}".format(sorted(strangers)[:10])
+            )
     return merged
 
 

@@ -340,6 +340,37 @@ class ReexecTests(LiveAppMixin, TestCase):
             self.assertEqual(reply, [b"v2", str(pid).encode(), b"x", b"%d" % count])
 
     @inlineCallbacks
+    def test_caretakerNotAskedInTime(self):
+        """
+        A new image that does not ask for the connections within
+        C{--ready-timeout} (here its code takes longer than that to import)
+        finds them closed: the caretaker ended them politely, so their
+        clients see a clean close and can come back to the new image,
+        which counts them as failed and serves.
+        """
+        status = yield self.startHost("--ready-timeout", "3")
+        pid = status["pid"]
+        clients = yield self.connectClients(2)
+        slow = (
+            "import os, time\n"
+            "if 'MIGRATE_REEXEC_PREFLIGHT' not in os.environ:\n"
+            "    time.sleep(6.0)\n"
+        ) + MIGRATABLE_V2
+        code, report, err = yield self.upgradeTo(slow)
+        self.assertEqual(
+            (report["outcome"], report["moved"], report["failed"]),
+            ("success", 0, 2),
+            err,
+        )
+        for client in clients:
+            yield client.closed
+            self.assertIsInstance(client.lostReason.value, ConnectionDone)
+        newClient = yield connectLineClient(self.port)
+        self.addCleanup(newClient.transport.loseConnection)
+        hello = yield newClient.waitForLines(1)
+        self.assertEqual(fields(hello[0]), [b"hello", b"v2", str(pid).encode()])
+
+    @inlineCallbacks
     def test_withoutCaretaker(self):
         """
         With C{--reexec-caretaker none} every client waits for the whole

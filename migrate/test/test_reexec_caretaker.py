@@ -211,8 +211,14 @@ class ProcessTests(SynchronousTestCase):
         child = subprocess.Popen(["sleep", "60"])
         self.addCleanup(child.poll)
         ours, theirs = _pair(self)
-        Caretaker(theirs, child.pid).kill()
+        caretaker = Caretaker(theirs, child.pid)
+        caretaker.kill()
         self.assertRaises(ChildProcessError, os.waitpid, child.pid, os.WNOHANG)
+        # Collected: its number may be another process's now.
+        signalled: list[int] = []
+        self.patch(os, "kill", lambda pid, sig: signalled.append(pid))
+        caretaker.kill()
+        self.assertEqual(signalled, [])
 
     def test_reap(self) -> None:
         """

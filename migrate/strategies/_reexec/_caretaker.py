@@ -297,13 +297,16 @@ class Caretaker:
     def kill(self) -> None:
         """
         End the caretaker now, and wait until it is gone (it has stopped
-        serving: it waits on the channel or is frozen).
+        serving: it waits on the channel or is frozen).  Once collected, it
+        is never signalled again: its process id may name another process
+        by then.
         """
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self._wait(0)
+        if not self._reaped:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._wait(0)
         self.socket.close()
 
     def reap(self, reactor: Any, timeout: float = 10.0) -> Deferred[None]:

@@ -242,6 +242,20 @@ class ReexecTests(LiveAppMixin, TestCase):
         return result, replies
 
     @inlineCallbacks
+    def closedCleanlyThenServed(self, clients, pid):
+        """
+        Every one of C{clients} was closed cleanly (no reset), and a new
+        client is greeted by the new code in process C{pid}.
+        """
+        for client in clients:
+            yield client.closed
+            self.assertIsInstance(client.lostReason.value, ConnectionDone)
+        newClient = yield connectLineClient(self.port)
+        self.addCleanup(newClient.transport.loseConnection)
+        hello = yield newClient.waitForLines(1)
+        self.assertEqual(fields(hello[0]), [b"hello", b"v2", str(pid).encode()])
+
+    @inlineCallbacks
     def test_caretakerServesWhileTheImageStarts(self):
         """
         While the new image starts (here slowly: its code takes a second to
@@ -312,13 +326,7 @@ class ReexecTests(LiveAppMixin, TestCase):
                 for n in report["notes"]
             )
         )
-        for client in clients:
-            yield client.closed
-            self.assertIsInstance(client.lostReason.value, ConnectionDone)
-        newClient = yield connectLineClient(self.port)
-        self.addCleanup(newClient.transport.loseConnection)
-        hello = yield newClient.waitForLines(1)
-        self.assertEqual(fields(hello[0]), [b"hello", b"v2", str(pid).encode()])
+        yield self.closedCleanlyThenServed(clients, pid)
 
     @inlineCallbacks
     def test_caretakerBesideTheKeeper(self):
@@ -362,13 +370,7 @@ class ReexecTests(LiveAppMixin, TestCase):
             ("success", 0, 2),
             err,
         )
-        for client in clients:
-            yield client.closed
-            self.assertIsInstance(client.lostReason.value, ConnectionDone)
-        newClient = yield connectLineClient(self.port)
-        self.addCleanup(newClient.transport.loseConnection)
-        hello = yield newClient.waitForLines(1)
-        self.assertEqual(fields(hello[0]), [b"hello", b"v2", str(pid).encode()])
+        yield self.closedCleanlyThenServed(clients, pid)
 
     @inlineCallbacks
     def test_withoutCaretaker(self):

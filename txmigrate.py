@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2)
     from migrate._cli import main as cliMain
 
-    cliMain(argv)
+    cliMain(argv, program="txmigrate")
 
 
 if __name__ == "__main__":

@@ -249,6 +249,10 @@ class MigrateOptions(VersionOption, usage.Options):
 
     synopsis = "Usage: python -m migrate"
 
+    def __init__(self, program: str = "python -m migrate") -> None:
+        super().__init__()
+        self.synopsis = "Usage: " + program
+
     def getSynopsis(self) -> str:
         if self.subCommand is None:
             return self.synopsis + " COMMAND [options]"
@@ -416,26 +420,27 @@ def run(
     connect: Connector = connectControl,
     stdout: IO[str] | None = None,
     stderr: IO[str] | None = None,
+    program: str = "python -m migrate",
 ) -> Deferred[int]:
     """
     Run one C{python -m migrate} command.
 
     @param reactor: the reactor (a clock and a connector's reactor).
     @param argv: the arguments after the program name.
+    @param program: how the user ran it (C{python -m migrate} or
+        C{txmigrate}), for the usage and the hint after a usage error.
     @param connect: the L{Connector} (L{connectControl} unless testing).
     @return: a L{Deferred} firing with the exit status; it never fails.
     """
     out = Output(stdout or sys.stdout, stderr or sys.stderr)
-    options = MigrateOptions()
+    options = MigrateOptions(program)
     try:
         options.parseOptions(list(argv))
     except usage.UsageError as e:
         # A coercer's own message says what is wrong: usage's prefix adds
         # nothing.
         out.error(str(e).replace(_TYPE_ENFORCEMENT, "", 1))
-        out.stderr.write(
-            "Try 'python -m migrate --help' or 'python -m migrate COMMAND --help'.\n"
-        )
+        out.stderr.write("Try '{0} --help' or '{0} COMMAND --help'.\n".format(program))
         return succeed(EXIT_USAGE)
     except SystemExit as e:  # --help
         return succeed(e.code if isinstance(e.code, int) else EXIT_OK)
@@ -462,14 +467,16 @@ def run(
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, program: str = "python -m migrate") -> None:
     """
     The C{python -m migrate} entry point: run and exit with the status.
+
+    @param program: how the user ran it, for the usage text.
     """
     arguments = list(sys.argv[1:] if argv is None else argv)
 
     async def _main(reactor: Any) -> None:
-        code = await run(reactor, arguments)
+        code = await run(reactor, arguments, program=program)
         if code:
             raise SystemExit(code)
 

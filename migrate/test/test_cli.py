@@ -246,6 +246,42 @@ class UsageTests(CommandTestsMixin, SynchronousTestCase):
         )
         self.assertNotIn("enforcement", outcome.stderr)
 
+    def test_programNamed(self) -> None:
+        """
+        The hint after a usage error names the command the user ran:
+        C{python -m migrate} unless told otherwise (the C{txmigrate}
+        command says C{txmigrate}).
+        """
+        outcome = self.runCommand(["frobnicate"])
+        self.assertIn("Try 'python -m migrate --help'", outcome.stderr)
+        self.setUp()
+        run(
+            self.clock,
+            ["frobnicate"],
+            connect=FakeConnector([]),
+            stdout=self.stdout,
+            stderr=self.stderr,
+            program="txmigrate",
+        ).addCallback(self.codes.append)
+        self.assertEqual(self.outcome.code, EXIT_USAGE)
+        self.assertIn(
+            "Try 'txmigrate --help' or 'txmigrate COMMAND --help'.",
+            self.outcome.stderr,
+        )
+
+    def test_synopsisNamesProgram(self) -> None:
+        """
+        The usage line of C{--help}, the command's and each subcommand's,
+        names the program it was given.
+        """
+        options = MigrateOptions("txmigrate")
+        self.assertEqual(options.getSynopsis(), "Usage: txmigrate COMMAND [options]")
+        options.parseOptions(["status"])
+        self.assertIn("Usage: txmigrate status", str(options.subOptions))
+        self.assertEqual(
+            MigrateOptions().getSynopsis(), "Usage: python -m migrate COMMAND [options]"
+        )
+
     def test_emptyStrategy(self) -> None:
         self.assertUsage(["upgrade", "--strategy", " "], "--strategy")
 

@@ -27,6 +27,7 @@ from ._draining import ANSWER_GRACE_SECONDS, DrainTracker
 from ._heap import heapFrozenUntil
 from ._metrics import HostMetrics
 from ._pidfile import removePidfileNaming, writePidfile
+from ._platform import checkPlatform
 from ._settings import HostSettings
 from ._tracking import TrackingFactory, unclaimedFactory
 
@@ -336,6 +337,9 @@ class MigrationHost(MultiService):
     # Service
 
     def privilegedStartService(self) -> None:
+        # An embedding application's host is checked here, before it
+        # listens (twistd's plugin checks earlier, before it daemonises).
+        checkPlatform(self.reactor)
         # twistd daemonises between building the service and starting it:
         # the process that serves is the one that starts it.
         self.pid = os.getpid()
@@ -348,6 +352,7 @@ class MigrationHost(MultiService):
             Service.privilegedStartService(self)
 
     def startService(self) -> None:
+        checkPlatform(self.reactor)
         self.pid = os.getpid()
         if self.inheritance is None:
             # Listen here too when privilegedStartService was not called

@@ -12,7 +12,11 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IUNIXTransport
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IReactorProcess,
+    IUNIXTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
@@ -23,6 +27,7 @@ from .._handoff._successor import SuccessorExit
 
 __all__ = [
     "FakeReactor",
+    "HostReactor",
     "FakeSuccessor",
     "RecordingFactory",
     "RecordingPort",
@@ -73,7 +78,19 @@ class RecordingPort:
         return self.address
 
 
-class FakeReactor(MemoryReactorClock):
+@implementer(IReactorProcess)
+class HostReactor(MemoryReactorClock):
+    """
+    A L{MemoryReactorClock} that a host accepts (it checks, as it starts,
+    that its reactor can start processes): starting one fails, as a test
+    that needs a successor fakes it elsewhere.
+    """
+
+    def spawnProcess(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("a memory reactor starts no process")
+
+
+class FakeReactor(HostReactor):
     """
     A L{MemoryReactorClock} whose TCP ports are L{RecordingPort}s (still
     recorded in C{tcpServers}), which runs C{callFromThread} calls at the
@@ -82,7 +99,7 @@ class FakeReactor(MemoryReactorClock):
     """
 
     def __init__(self) -> None:
-        MemoryReactorClock.__init__(self)
+        HostReactor.__init__(self)
         self.ports: list[RecordingPort] = []
 
     def listenTCP(

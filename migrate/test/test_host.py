@@ -16,7 +16,7 @@ from attrs import define, field
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -24,6 +24,7 @@ from zope.interface.verify import verifyObject
 
 from .._control._commands import MigrationInProgress, UnknownStrategy
 from .._host import _service as _host
+from .._host._platform import PlatformUnsupported
 from .._host._service import MigrationHost
 from .._host._settings import HostSettings
 from .._host._tracking import HostedProtocol
@@ -359,6 +360,37 @@ class MigrationHostInterfaceTests(SynchronousTestCase):
         )
         with self.assertRaises(TypeError):
             harness(self, readyTimeOut=7.0)
+
+
+class PlatformCheckTests(SynchronousTestCase):
+    """
+    An embedding application's host checks its reactor as it starts, as
+    C{twistd migrate-host} does before it builds one.
+    """
+
+    def test_unsuitableReactorRefused(self) -> None:
+        """
+        On a reactor that cannot start processes, the host refuses to
+        start, saying what is missing, before it listens.
+        """
+        reactor = MemoryReactorClock()
+        h = harness(self, reactor=reactor)
+        for start in (h.host.privilegedStartService, h.host.startService):
+            with self.assertRaises(PlatformUnsupported) as raised:
+                start()
+            self.assertIn("IReactorProcess", str(raised.exception))
+            self.assertIn("starting a successor", str(raised.exception))
+        self.assertEqual(reactor.tcpServers, [])
+        self.assertFalse(h.host.running)
+
+    def test_suitableReactorStarts(self) -> None:
+        """
+        A reactor with what migrate needs passes the check: the host
+        listens.
+        """
+        h = started(self)
+        self.assertTrue(h.host.running)
+        self.assertEqual(len(h.reactor.tcpServers), 1)
 
 
 class FakeStrategyTests(SynchronousTestCase):

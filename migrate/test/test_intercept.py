@@ -17,6 +17,7 @@ from .._host._intercept import (
 )
 from .._host._service import CannotListenTwice, MigrationHost
 from ..strategies import GradualTransfer
+from ._fakes import HostReactor
 
 
 def _host(reactor: MemoryReactorClock) -> MigrationHost:
@@ -51,7 +52,7 @@ class ListeningInterceptorTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.reactor = MemoryReactorClock()
+        self.reactor = HostReactor()
         self.host = _host(self.reactor)
         self.interceptor = ListeningInterceptor(self.reactor, self.host)
         self.interceptor.install()

@@ -12,13 +12,14 @@ from typing import Any
 import attrs
 from attrs import define, field
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from .._host._metrics import HostMetrics, clientWait, metricsSite
 from .._report import ListenerReport, MigrationOutcome, MigrationReport
+from ._fakes import HostReactor
 
 #: whether the metrics extra is installed
 _PROMETHEUS = importlib.util.find_spec("prometheus_client") is not None
@@ -295,7 +296,7 @@ class MetricsOptionTests(SynchronousTestCase):
 
         options = self.parse()
         self.assertIsNone(options["metrics"])
-        host = tap.buildHost(MemoryReactorClock(), options)
+        host = tap.buildHost(HostReactor(), options)
         self.assertIsNone(host.metrics)
 
     def test_endpoint(self) -> None:
@@ -309,7 +310,7 @@ class MetricsOptionTests(SynchronousTestCase):
 
         options = self.parse("--listen", "tcp:0", "--metrics", "tcp:9123")
         self.assertEqual(options["metrics"], "tcp:9123")
-        reactor = MemoryReactorClock()
+        reactor = HostReactor()
         host = tap.buildHost(reactor, options)
         self.assertEqual(host.settings.metricsEndpoint, "tcp:9123")
         self.assertIsInstance(host.metrics, HostMetrics)

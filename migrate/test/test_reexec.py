@@ -78,6 +78,7 @@ from migrate.strategies._reexec._state import (
     writeState,
 )
 from migrate.strategies.reexec import ReexecStrategy
+from ._fakes import HostReactor
 
 
 @implementer(IMigratable)
@@ -327,7 +328,7 @@ class _Harness:
 
     def __init__(self, case: SynchronousTestCase, protocol: type = Counter) -> None:
         self.case = case
-        self.reactor = MemoryReactorClock()
+        self.reactor = HostReactor()
         self.host = MigrationHost(
             self.reactor,
             Factory.forProtocol(protocol),
@@ -1137,7 +1138,7 @@ class OptionsTests(SynchronousTestCase):
         options = Options()
         options.parseOptions(["--reexec-unmovable", "adopt", "--control", "c.sock"])
         self.assertEqual(options["reexec-unmovable"], "adopt")
-        host = buildHost(MemoryReactorClock(), options)
+        host = buildHost(HostReactor(), options)
         self.assertEqual(
             host.settings.strategyOptions,
             {
@@ -1164,7 +1165,7 @@ class OptionsTests(SynchronousTestCase):
 
         options = Options()
         options.parseOptions(["--reexec-caretaker", "none", "--control", "c.sock"])
-        host = buildHost(MemoryReactorClock(), options)
+        host = buildHost(HostReactor(), options)
         self.assertEqual(host.settings.strategyOptions["reexec-caretaker"], "none")
         made = []
 
@@ -1176,7 +1177,7 @@ class OptionsTests(SynchronousTestCase):
         default = Options()
         default.parseOptions(["--control", "c.sock"])
         ReexecStrategy(migration).migrate(
-            buildHost(MemoryReactorClock(), default), lambda line: None
+            buildHost(HostReactor(), default), lambda line: None
         )
         self.assertEqual(made, [False, True])
         self.assertRaises(
@@ -1331,7 +1332,7 @@ class SignalTests(SynchronousTestCase):
     def test_unblockedWhenRunning(self) -> None:
         before = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
         self.addCleanup(signal.pthread_sigmask, signal.SIG_SETMASK, before)
-        reactor = MemoryReactorClock()
+        reactor = HostReactor()
         state = ReexecState(
             pid=os.getpid(),
             generation=1,

@@ -51,7 +51,7 @@ from ..strategies._reload._modules import (
     modulesToReload,
 )
 from ..strategies.reload import NoIncomingHalf
-from ._fakes import RecordingPort
+from ._fakes import HostReactor, RecordingPort
 from .test_host import MigrationStrategyContractMixin
 
 _serial = itertools.count()
@@ -296,10 +296,10 @@ class Live:
         )
 
 
-class _NoReactor(Clock):
+class _NoReactor(HostReactor):
     """
     The host's reactor: module reload uses only its clock, which times the
-    phases.
+    phases (a memory reactor, which a host accepts as it starts).
     """
 
     def stop(self) -> None:

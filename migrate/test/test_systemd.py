@@ -24,7 +24,6 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import _SystemdParser
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.python.systemd import ListenFDs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -60,6 +59,7 @@ from ._hostprocess import (
     writeModule,
 )
 from .test_capability_integration import MIGRATABLE_V1, MIGRATABLE_V2
+from ._fakes import HostReactor
 
 
 def parse(message: bytes) -> dict[str, str]:
@@ -223,7 +223,7 @@ class FakeHost:
     """
 
     def __init__(self, pid: int = 100) -> None:
-        self.reactor = MemoryReactorClock()
+        self.reactor = HostReactor()
         self.pid = pid
         self.serving = True
         self.snapshot = {
@@ -434,7 +434,7 @@ class HostObserverTests(SynchronousTestCase):
         self.sender = FakeSender()
         self.strategy = FakeStrategy()
         self.host = MigrationHost(
-            MemoryReactorClock(),
+            HostReactor(),
             _Factory(),
             [],
             self.strategy,
@@ -584,7 +584,7 @@ class EnvironmentTests(SynchronousTestCase):
             options.parseOptions(
                 ["--control", "/nonexistent/c.sock", "--listen", "tcp:0"]
             )
-            host = tap.buildHost(MemoryReactorClock(), options)
+            host = tap.buildHost(HostReactor(), options)
             notifiers = [o for o in host.observers if isinstance(o, SystemdNotifier)]
             self.assertEqual(len(notifiers), expected, environ)
 

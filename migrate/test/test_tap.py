@@ -9,13 +9,13 @@ import os
 import sys
 
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from .. import tap
 from .._host._service import MigrationHost
 from ..examples.chat import ChatFactory
+from ._fakes import HostReactor
 
 #: a factory tests can name with --app
 factoryInstance = Factory.forProtocol(Protocol)
@@ -197,7 +197,7 @@ class BuildHostTests(SynchronousTestCase):
         options.parseOptions(
             ["--listen", "tcp:0", "--strategy", "capability", "--ready-timeout", "5"]
         )
-        host = tap.buildHost(MemoryReactorClock(), options)
+        host = tap.buildHost(HostReactor(), options)
         self.assertIsInstance(host, MigrationHost)
         self.assertEqual(list(host.listeners), ["tcp:0"])
         self.assertEqual(host.strategy.name, "capability")

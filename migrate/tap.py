@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from ._host._daemon import (
+    AppendingLogFile,
     appendToLogFile,
     isForeground,
     keepSuccessorInForeground,
@@ -601,6 +602,8 @@ def buildHost(
     notifier = notifierFromEnvironment()
     if notifier is not None:
         host.addObserver(notifier)
+    if options.get("logfile"):
+        host.addObserver(AppendingLogFile(options["logfile"]))
     return host
 
 

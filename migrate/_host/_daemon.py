@@ -18,6 +18,7 @@ from typing import Any, Mapping, MutableMapping
 
 __all__ = [
     "DAEMON_LOG_FILE",
+    "AppendingLogFile",
     "appendToLogFile",
     "sharedLogFile",
     "isForeground",
@@ -122,9 +123,9 @@ def appendToLogFile(path: str) -> int:
     append mode, so two generations writing it at once (the old one
     draining, its successor serving) would each write over the other's
     lines.  Set on every descriptor of this process open on that file, once
-    twistd has opened it (when the reactor runs).  A rotation opens the file
-    anew without it; so does every generation's own, which only matters
-    while two generations write at once.
+    twistd has opened it (when the reactor runs), and again as each
+    migration starts (L{AppendingLogFile}): a rotation opens the file anew
+    without it.
 
     The descriptors are recognised by the file they are open on (its device
     and inode), with one C{fstat} each: a re-executed image holds thousands
@@ -153,3 +154,23 @@ def appendToLogFile(path: str) -> int:
             continue
         done += 1
     return done
+
+
+class AppendingLogFile:
+    """
+    A host's lifecycle observer that makes this process append to the log
+    file generations share again as each migration starts.
+
+    twistd's log file reopens the file without C{O_APPEND} when it rotates
+    (by size, or on C{SIGUSR1}); a process that rotated while it served
+    alone would otherwise write over its successor's lines while it drains.
+    """
+
+    def __init__(self, path: str) -> None:
+        """
+        @param path: the shared log file's absolute path.
+        """
+        self.path = path
+
+    def migrationStarted(self, host: Any) -> None:
+        appendToLogFile(self.path)

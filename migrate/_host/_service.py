@@ -511,9 +511,12 @@ class MigrationHost(MultiService):
         self.metricsPort = listenMetrics(self.reactor, endpoint, self.metrics)
         self._log.info("Metrics on {endpoint}", endpoint=endpoint)
 
-    def addObserver(self, observer: ILifecycleObserver) -> None:
+    def addObserver(self, observer: object) -> None:
         """
         Tell C{observer} about this host's lifecycle from now on.
+
+        @param observer: has any of L{ILifecycleObserver}'s methods (each
+            is optional).
         """
         self.observers.append(observer)
 

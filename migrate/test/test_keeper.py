@@ -7,6 +7,7 @@ which part each process plays, and the keeper-to-be with fakes.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from .._host import _keeper
 from .._host._daemon import (
     DAEMON_LOG_FILE,
+    AppendingLogFile,
     appendToLogFile,
     isForeground,
     keepSuccessorInForeground,
@@ -643,6 +645,33 @@ class DaemonTests(SynchronousTestCase):
                 f.read(), b"start\nold generation\nnew generation\nold again\n"
             )
         self.assertEqual(appendToLogFile(os.path.join(directory, "other.log")), 0)
+
+    def test_appendAgainAfterRotation(self) -> None:
+        """
+        A rotation reopens the log file without C{O_APPEND}, as twistd's
+        log file does; L{AppendingLogFile} sets it again as a migration
+        starts, so that the old generation, draining, does not write over
+        its successor's lines.
+        """
+        directory = tempfile.mkdtemp()
+        path = os.path.join(directory, "twistd.log")
+        with open(path, "wb") as f:
+            f.write(b"before\n")
+        os.rename(path, path + ".1")
+        rotated = open(path, "w+b", buffering=0)
+        self.addCleanup(rotated.close)
+        rotated.write(b"after rotation\n")
+        self.assertFalse(fcntl.fcntl(rotated.fileno(), fcntl.F_GETFL) & os.O_APPEND)
+        AppendingLogFile(path).migrationStarted(None)
+        self.assertTrue(fcntl.fcntl(rotated.fileno(), fcntl.F_GETFL) & os.O_APPEND)
+        successor = open(path, "ab", buffering=0)
+        self.addCleanup(successor.close)
+        successor.write(b"new generation\n")
+        rotated.write(b"old draining\n")
+        with open(path, "rb") as f:
+            self.assertEqual(
+                f.read(), b"after rotation\nnew generation\nold draining\n"
+            )
 
     def test_notSuccessor(self) -> None:
         parent = {"nodaemon": False}

@@ -16,6 +16,7 @@ from .. import tap
 from .._host._service import MigrationHost
 from ..examples.chat import ChatFactory
 from ._fakes import HostReactor
+from .._host._daemon import AppendingLogFile
 
 #: a factory tests can name with --app
 factoryInstance = Factory.forProtocol(Protocol)
@@ -203,6 +204,26 @@ class BuildHostTests(SynchronousTestCase):
         self.assertEqual(host.strategy.name, "capability")
         self.assertEqual(host.settings.readyTimeout, 5.0)
         self.assertIsNone(host.inheritance)
+
+    def test_sharedLogFileAppendedAtEachMigration(self) -> None:
+        """
+        With a log file the generations share, the host makes this process
+        append to it again as each migration starts (a rotation reopened
+        it without C{O_APPEND}); without one it has no such observer.
+        """
+        options = tap.Options()
+        options.parseOptions(["--listen", "tcp:0"])
+        options["logfile"] = "/var/log/app/twistd.log"
+        host = tap.buildHost(HostReactor(), options)
+        [appending] = [
+            each for each in host.observers if isinstance(each, AppendingLogFile)
+        ]
+        self.assertEqual(appending.path, "/var/log/app/twistd.log")
+        options["logfile"] = None
+        host = tap.buildHost(HostReactor(), options)
+        self.assertFalse(
+            [each for each in host.observers if isinstance(each, AppendingLogFile)]
+        )
 
 
 class PluginOptionsTests(SynchronousTestCase):

@@ -89,6 +89,47 @@ def _caretakerOf(pid: int):
     return None
 
 
+#: version 1 that answers "thread" from the reactor's thread pool, and
+#: "wait" from a pool thread once the test creates the file "release"
+THREADED_V1 = MIGRATABLE_V1.replace(
+    '        if line.startswith(b"flood "):',
+    '        if line == b"thread":\n'
+    "            from twisted.internet.threads import deferToThread\n"
+    "            deferToThread(os.getpid).addCallback(\n"
+    '                lambda pid: self.sendLine(b"thread %d" % pid))\n'
+    "            return\n"
+    '        if line == b"wait":\n'
+    "            from twisted.internet.threads import deferToThread\n"
+    "            deferToThread(_released).addCallback(\n"
+    '                lambda pid: self.sendLine(b"waited %d" % pid))\n'
+    "            return\n"
+    '        if line.startswith(b"flood "):',
+).replace(
+    "def makeFactory():",
+    "def _released():\n"
+    "    import time\n"
+    '    open("waiting", "w").close()\n'
+    "    for _ in range(6000):\n"
+    '        if os.path.exists("release"):\n'
+    "            return os.getpid()\n"
+    "        time.sleep(0.01)\n"
+    "    return -1\n"
+    "\n"
+    "def makeFactory():",
+)
+
+#: version 2 of L{THREADED_V1}, whose import in the new image (not in the
+#: preflight child) waits until the test creates the file "go"
+THREADED_V2_HELD = (
+    "import os, time\n"
+    "if 'MIGRATE_REEXEC_PREFLIGHT' not in os.environ:\n"
+    "    for _ in range(6000):\n"
+    "        if os.path.exists('go'):\n"
+    "            break\n"
+    "        time.sleep(0.01)\n"
+) + THREADED_V1.replace('VERSION = b"v1"', 'VERSION = b"v2"')
+
+
 class ReexecTests(LiveAppMixin, TestCase):
     """
     C{--strategy reexec} with real processes.
@@ -103,6 +144,23 @@ class ReexecTests(LiveAppMixin, TestCase):
         writeModule(self.host.workdir, "liveapp", source)
         result = yield self.host.upgrade()
         return result
+
+    @inlineCallbacks
+    def caretakerServing(self, pid: int):
+        """
+        Fire with the process id of host C{pid}'s caretaker once it has
+        one.
+        """
+        found: list[int] = []
+
+        def serving() -> bool:
+            caretaker = _caretakerOf(pid)
+            if caretaker is not None:
+                found.append(caretaker)
+            return caretaker is not None
+
+        yield waitFor(serving, timeout=60, what="the caretaker")
+        return found[-1]
 
     @inlineCallbacks
     def test_samePidConnectionsAndUpgradedState(self):
@@ -371,6 +429,84 @@ class ReexecTests(LiveAppMixin, TestCase):
             err,
         )
         yield self.closedCleanlyThenServed(clients, pid)
+
+    @inlineCallbacks
+    def test_caretakerBesideTheReactorThreadPool(self):
+        """
+        An application that uses the reactor's thread pool (idle when the
+        exec comes) still gets a caretaker, which answers with a thread
+        pool of its own; then the new image answers.
+        """
+        status = yield self.startHost(app=THREADED_V1)
+        pid = status["pid"]
+        (client,) = yield self.connectClients(1)
+        self.assertEqual(
+            (yield self.exchange(client, b"thread")), [b"thread", b"%d" % pid]
+        )
+        upgrading = self.upgradeTo(THREADED_V2_HELD)
+        caretaker = yield self.caretakerServing(pid)
+        reply = yield self.exchange(client, b"thread")
+        self.host.workdir.child("go").touch()
+        code, report, err = yield upgrading
+        self.assertEqual(
+            (code, report["outcome"], report["moved"]), (0, "success", 1), err
+        )
+        self.assertFalse(
+            [n for n in report["notes"] if "no caretaker" in n], report["notes"]
+        )
+        # The new image was still importing its code: the caretaker
+        # answered, from a thread pool of its own (the old image's workers
+        # are not in it).
+        self.assertEqual(reply, [b"thread", b"%d" % caretaker])
+        self.assertEqual(
+            (yield self.exchange(client, b"thread")), [b"thread", b"%d" % pid]
+        )
+        self.assertEqual(
+            (yield self.exchange(client, b"x"))[:3], [b"v2", b"%d" % pid, b"x"]
+        )
+
+    @inlineCallbacks
+    def test_caretakerFinishesThreadWork(self):
+        """
+        Work a pool thread does for a client when the new image asks for
+        the connections is finished, and its answer delivered, before the
+        caretaker hands over: it is neither lost nor duplicated.
+        """
+        status = yield self.startHost(app=THREADED_V1)
+        pid = status["pid"]
+        (client,) = yield self.connectClients(1)
+        self.assertEqual(
+            (yield self.exchange(client, b"thread")), [b"thread", b"%d" % pid]
+        )
+        upgrading = self.upgradeTo(THREADED_V2_HELD)
+        caretaker = yield self.caretakerServing(pid)
+        before = len(client.lines)
+        client.sendLine(b"wait")
+        yield waitFor(
+            lambda: self.host.workdir.child("waiting").exists(),
+            timeout=30,
+            what="the caretaker's thread to start",
+        )
+        self.host.workdir.child("go").touch()
+        yield waitFor(
+            lambda: "caretaker waits up to" in self.host.output(),
+            timeout=60,
+            what="the caretaker to wait for the thread",
+        )
+        self.host.workdir.child("release").touch()
+        lines = yield client.waitForLines(before + 1)
+        self.assertEqual(fields(lines[before]), [b"waited", b"%d" % caretaker])
+        code, report, err = yield upgrading
+        self.assertEqual(
+            (code, report["outcome"], report["moved"]), (0, "success", 1), err
+        )
+        self.assertFalse(
+            [n for n in report["notes"] if "in flight" in n], report["notes"]
+        )
+        self.assertEqual(
+            (yield self.exchange(client, b"x"))[:3], [b"v2", b"%d" % pid, b"x"]
+        )
+        self.assertEqual(len(client.lines), before + 2)
 
     @inlineCallbacks
     def test_withoutCaretaker(self):

@@ -42,8 +42,8 @@ import errno
 import os
 import signal
 import socket
-import threading
 import time
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 from attrs import define, evolve, field
@@ -86,6 +86,7 @@ from ._check import (
     workInFlight,
 )
 from ._reports import quietChannel
+from ._threads import forkRefusal, freshThreadPool
 from ._state import (
     EXEC_AT_VARIABLE,
     PREFLIGHT_MARKER,
@@ -109,6 +110,12 @@ __all__ = [
 _log = Logger()
 
 UNMOVABLE_POLICIES = ("close", "adopt")
+
+_THREAD_WORK_POLL = 0.005
+"""
+Seconds between two looks, in the caretaker, for thread pool work still
+in flight before it hands over.
+"""
 """
 What C{--reexec-unmovable} accepts: I{close} connections whose protocol
 does not provide L{migrate.IMigratable} cleanly before the exec, or
@@ -356,7 +363,14 @@ class _ForkedCaretaker:
         prctl = libcPrctl()
         readEnd, writeEnd = os.pipe()
         try:
-            pid = fork()
+            with warnings.catch_warnings():
+                # Python 3.12 on warns of any fork beside other threads: the
+                # only ones allowed here are idle workers of the reactor's
+                # thread pool, which the caretaker does not use (forkRefusal).
+                warnings.filterwarnings(
+                    "ignore", ".*multi-threaded.*fork", DeprecationWarning
+                )
+                pid = fork()
         except BaseException:
             os.close(readEnd)
             os.close(writeEnd)
@@ -1057,14 +1071,12 @@ class ReexecMigration:
     def _caretakerRefusal(self) -> str | None:
         """
         Why no caretaker can serve while the new image starts, if none can:
-        it is not asked for, or a thread runs (only the forking thread goes
-        on in a child; the reactor's thread pool would wait forever there).
+        it is not asked for, or a thread other than an idle worker of the
+        reactor's thread pool runs (see L{forkRefusal}).
         """
         if not self.caretaker:
             return "not asked for"
-        if threading.active_count() != 1:
-            return "{} threads run".format(threading.active_count())
-        return None
+        return forkRefusal(self.host.reactor)
 
     def _prelude(self, frozenAt: float, blocked: Sequence[int]) -> ReexecState:
         """
@@ -1209,6 +1221,7 @@ class ReexecMigration:
         for port in (host.controlPort, host.metricsPort):
             if port is not None:
                 pauseListener(port)
+        freshThreadPool(reactor)
         _log.info(
             "Re-exec: the new image starts in process {pid}; caretaker "
             "process {caretaker} serves its connections meanwhile",
@@ -1266,6 +1279,7 @@ class ReexecMigration:
         plan = self._plan(lenient=True)
         remaining = yield self._closeUnmovable(plan.closing)
         yield afterPolls(reactor, 2)
+        yield self._threadWorkDone(host.settings.safePointTimeout)
         # Safe points, closing what cannot move, two polls: the
         # caretaker's own, not the old image's phases of the same names.
         attempt.phaseDone("settle")
@@ -1295,6 +1309,37 @@ class ReexecMigration:
             )
         flushPythonOutput()
         os._exit(0)
+
+    @inlineCallbacks
+    def _threadWorkDone(self, timeout: float) -> Any:
+        """
+        In the caretaker, its connections held: go on running the reactor
+        until no thread pool job runs and no call from another thread
+        waits for it, within C{timeout} seconds.  This process exits after
+        the hand-over: a thread's result it had not delivered by then
+        would be lost (the old image refuses to exec for the same reason;
+        the caretaker cannot roll back, so it waits).
+        """
+        reactor = self.host.reactor
+        lost = workInFlight(reactor)
+        if lost is None:
+            return
+        _log.info(
+            "Re-exec: the caretaker waits up to {timeout} s for work in flight: {why}",
+            timeout=timeout,
+            why=lost,
+        )
+        deadline = reactor.seconds() + timeout
+        while lost is not None and reactor.seconds() < deadline:
+            yield deferLater(reactor, _THREAD_WORK_POLL, lambda: None)
+            lost = workInFlight(reactor)
+        if lost is not None:
+            note = (
+                "the caretaker handed over with work still in flight after "
+                "{} s, whose results are lost: {}".format(timeout, lost)
+            )
+            _log.critical("Re-exec: {note}", note=note)
+            self._attempt.notes.append(note)
 
     def _reporters(self, lenient: bool = False) -> tuple[tuple[int, int], ...]:
         """

@@ -11,16 +11,22 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 from typing import Any
 
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from migrate._codec import StateError
 from migrate._handoff._fdpass import readMemfd, writeMemfd
+from migrate._handoff._trial import TrialOutcome
 from migrate.state import ProtocolState
+from migrate.strategies._reexec import _outgoing
 from migrate.strategies._reexec._caretaker import (
+    CARETAKER_PROTOCOL,
     CARETAKER_VARIABLE,
     COMMITTED,
     DOCUMENT,
@@ -31,12 +37,16 @@ from migrate.strategies._reexec._caretaker import (
     dieWithParent,
     libcPrctl,
 )
+from migrate.strategies._reexec._incoming import newImageSpeaks
 from migrate.strategies._reexec._state import (
+    FORMAT_VERSION,
     InheritedConnection,
     PrecopiedConnection,
     ReexecState,
     afterCaretaker,
 )
+
+from .test_reexec import _Harness
 
 
 def _pair(case: SynchronousTestCase) -> tuple[socket.socket, socket.socket]:
@@ -376,3 +386,103 @@ class AfterCaretakerTests(SynchronousTestCase):
         """
         state = ReexecState(pid=10, generation=3, strategy="reexec", superseded=(2, 5))
         self.assertEqual(ReexecState.fromPlain(state.toPlain()).superseded, (2, 5))
+
+
+#: a process number that is nobody's child here
+_NOT_A_CHILD = (1 << 22) + 12345
+
+
+class WhatTheNewCodeSpeaksTests(SynchronousTestCase):
+    """
+    The old image forks a caretaker only for new code that says, in its
+    trial, that it speaks the caretaker's protocol, and re-executes only
+    into code that reads the state document it writes.
+    """
+
+    def setUp(self) -> None:
+        # Whatever the test runner's threads: only the new code decides.
+        self.patch(threading, "active_count", lambda: 1)
+        self.forked: list[bool] = []
+
+    def fork(self) -> int:
+        self.forked.append(True)
+        return _NOT_A_CHILD
+
+    def migrate(self, about: dict[str, int]) -> tuple[_Harness, Any]:
+        harness = _Harness(self)
+        harness.connect()
+        migration = harness.migration(
+            caretaker=True,
+            fork=self.fork,
+            preflight=lambda *a, **k: succeed(TrialOutcome(None, about=about)),
+        )
+        return harness, harness.run(migration)
+
+    def test_newImageSpeaks(self) -> None:
+        """
+        This code says it reads this code's format and speaks this code's
+        caretaker's protocol.
+        """
+        self.assertEqual(
+            newImageSpeaks(), {"format": FORMAT_VERSION, "caretaker": CARETAKER_PROTOCOL}
+        )
+
+    def test_speaksIt(self) -> None:
+        """
+        New code that speaks the caretaker's protocol gets a caretaker: the
+        old image forks, and tells the new image where it is.
+        """
+        harness, report = self.migrate(newImageSpeaks())
+        self.assertEqual(self.forked, [True])
+        (executed,) = harness.executed
+        self.assertEqual(
+            executed["env"][CARETAKER_VARIABLE].split(",")[1], str(_NOT_A_CHILD)
+        )
+        self.assertEqual(report.outcome.value, "rolled-back")
+
+    def test_olderCode(self) -> None:
+        """
+        New code that says nothing about the caretaker (an older migrate,
+        which would restore the pre-copy beside the caretaker and leave it
+        to close every connection) gets none: the old image re-executes as
+        with C{--reexec-caretaker none}, with a log line and a note.
+        """
+        for about, why in (
+            ({}, "an older migrate"),
+            ({"format": FORMAT_VERSION}, "an older migrate"),
+            ({"format": FORMAT_VERSION, "caretaker": 1}, "older than this image's"),
+        ):
+            # As if this image's protocol were newer than the new code's.
+            self.patch(_outgoing, "CARETAKER_PROTOCOL", 2)
+            with capturedLogs() as events:
+                harness, report = self.migrate(about)
+            self.assertEqual(self.forked, [])
+            (executed,) = harness.executed
+            self.assertNotIn(CARETAKER_VARIABLE, executed["env"])
+            # The connections travel in the document execv passes.
+            self.assertEqual(len(executed["state"].connections), 1)
+            notes = [n for n in report.notes if "no caretaker served" in n]
+            self.assertEqual(len(notes), 1, report.notes)
+            self.assertIn(why, notes[0])
+            self.assertTrue(
+                any(
+                    "no caretaker served" in formatEvent(event)
+                    and event["log_level"] is LogLevel.warn
+                    for event in events
+                )
+            )
+
+    def test_olderFormat(self) -> None:
+        """
+        New code that reads only older state documents than this image
+        writes refuses the re-exec before anything is touched: it would
+        start afresh, every connection lost.
+        """
+        self.patch(_outgoing, "FORMAT_VERSION", FORMAT_VERSION + 1)
+        harness, report = self.migrate(newImageSpeaks())
+        self.assertEqual(report.outcome.value, "refused")
+        self.assertIn(
+            "reads state documents up to format {}".format(FORMAT_VERSION),
+            report.reason,
+        )
+        self.assertEqual((harness.executed, self.forked), ([], []))

@@ -50,6 +50,7 @@ __all__ = [
     "COMMITTED",
     "DOCUMENT",
     "FREEZE",
+    "CARETAKER_PROTOCOL",
     "CARETAKER_VARIABLE",
     "Caretaker",
     "CaretakerChannel",
@@ -64,6 +65,18 @@ CARETAKER_VARIABLE = "MIGRATE_REEXEC_CARETAKER"
 """
 In a re-executed image's environment: C{"DESCRIPTOR,PID"}, its end of the
 channel to the caretaker and the caretaker's process.
+"""
+
+CARETAKER_PROTOCOL = 1
+"""
+The version of the exchange below this code speaks, as a new image and as
+a caretaker.  The re-exec preflight reports it (see
+L{migrate.strategies._reexec._incoming.finishPreflight}), and the old image
+forks a caretaker only for new code that speaks at least its own: code
+that does not know L{CARETAKER_VARIABLE} (an older migrate) would restore
+the pre-copy's stale states beside the caretaker serving the same
+connections.  A later version must go on speaking this one as a new image,
+as a reader goes on reading older state documents.
 """
 
 FREEZE = b"F"

@@ -44,11 +44,12 @@ from ..._host._tracking import PendingAdoptionFactory
 from ..._report import ListenerReport, MigrationOutcome, MigrationReport
 from ...interfaces import IMigrationHost
 from ...state import ProtocolState, isMigratable, restoreProtocolState
-from ._caretaker import Caretaker, CaretakerError
+from ._caretaker import CARETAKER_PROTOCOL, Caretaker, CaretakerError
 from ._late import LateAdoption, addressesFrom, addressesOf
 from ._reports import ReportChannel
 from ._state import (
     EXEC_AT_VARIABLE,
+    FORMAT_VERSION,
     PREFLIGHT_MARKER,
     PREFLIGHT_VARIABLE,
     REEXEC_SIGNALS,
@@ -66,6 +67,7 @@ __all__ = [
     "finishPreflight",
     "inheritedReexec",
     "logFileAfterExec",
+    "newImageSpeaks",
     "restoreReexec",
 ]
 
@@ -239,6 +241,17 @@ def _logFileProblem(parent: Mapping[str, Any]) -> str | None:
     return None
 
 
+def newImageSpeaks() -> dict[str, int]:
+    """
+    What this code, as a re-executed image, can take from the image it
+    replaces, for the old image's preflight (L{finishPreflight}): the
+    newest state document format it reads (it reads every older one) and
+    the caretaker's protocol it speaks (see
+    L{migrate.strategies._reexec._caretaker.CARETAKER_PROTOCOL}).
+    """
+    return {"format": FORMAT_VERSION, "caretaker": CARETAKER_PROTOCOL}
+
+
 def finishPreflight(
     environ: MutableMapping[str, str] | None = None,
     out: TextIO | None = None,
@@ -251,7 +264,8 @@ def finishPreflight(
     application is loaded: the old image only wanted to know the new code
     gets that far, that the new image will be able to open twistd's log
     file, and (when it asks for a trial, L{migrate._handoff._trial}) that
-    the new code restores every connection's state.
+    the new code restores every connection's state.  It tells the old
+    image what it speaks (L{newImageSpeaks}) with its first answer.
 
     @param twistdOptions: twistd's options, if known.
     @param factory: the new code's protocol factory, for the trial
@@ -272,7 +286,7 @@ def finishPreflight(
         raise SystemExit(1)
     from ..._handoff._trial import runChild
 
-    runChild(factory, environ)
+    runChild(factory, environ, about=newImageSpeaks())
     stream.write(PREFLIGHT_MARKER + "\n")
     stream.flush()
     raise SystemExit(0)

@@ -73,6 +73,7 @@ from ...state import (
     unchangedSince,
 )
 from ._caretaker import (
+    CARETAKER_PROTOCOL,
     CARETAKER_VARIABLE,
     CaretakerChannel,
     CaretakerError,
@@ -88,6 +89,7 @@ from ._check import (
 from ._reports import quietChannel
 from ._state import (
     EXEC_AT_VARIABLE,
+    FORMAT_VERSION,
     PREFLIGHT_MARKER,
     PREFLIGHT_VARIABLE,
     REEXEC_SIGNALS,
@@ -518,6 +520,8 @@ class ReexecMigration:
     _notInherited: set[int] = field(factory=set)
     _trialClosing: dict[int, tuple[Any, str]] = field(factory=dict)
     _precopy: _Precopy | None = field(default=None, init=False)
+    #: the caretaker's protocol the new code speaks, as its trial said
+    _newCaretaker: int = field(default=0, init=False)
     _attempt: MigrationAttempt = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -591,6 +595,15 @@ class ReexecMigration:
             self._attempt.successorLog[:] = list(outcome.output)
             return self._refuse(outcome.reason or "the trial failed")
         self._attempt.notes.extend(outcome.notes())
+        # What the new image can take from this one: an older migrate
+        # says nothing (it reads format 1, and knows no caretaker).
+        reads = outcome.about.get("format", 1)
+        if reads < FORMAT_VERSION:
+            return self._refuse(
+                "the new code reads state documents up to format {}; this "
+                "image writes format {}".format(reads, FORMAT_VERSION)
+            )
+        self._newCaretaker = outcome.about.get("caretaker", 0)
         self._trialClosing = {
             id(case.connection): (case.connection, why) for case, why in outcome.closing
         }
@@ -963,7 +976,7 @@ class ReexecMigration:
             forking = refusal is None
             if refusal is not None and self.caretaker:
                 note = "no caretaker served during the exec: {}".format(refusal)
-                _log.info("Re-exec: {note}", note=note)
+                _log.warn("Re-exec: {note}", note=note)
                 self._attempt.notes.append(note)
             precopied: list[int]
             if forking:
@@ -1057,11 +1070,24 @@ class ReexecMigration:
     def _caretakerRefusal(self) -> str | None:
         """
         Why no caretaker can serve while the new image starts, if none can:
-        it is not asked for, or a thread runs (only the forking thread goes
-        on in a child; the reactor's thread pool would wait forever there).
+        it is not asked for, the new code does not speak its protocol (an
+        older migrate: it would restore the pre-copy's stale states beside
+        the caretaker, and leave it to close every connection), or a thread
+        runs (only the forking thread goes on in a child; the reactor's
+        thread pool would wait forever there).
         """
         if not self.caretaker:
             return "not asked for"
+        if self._newCaretaker < CARETAKER_PROTOCOL:
+            if not self._newCaretaker:
+                return (
+                    "the new code does not speak the caretaker's protocol (an "
+                    "older migrate)"
+                )
+            return (
+                "the new code speaks the caretaker's protocol {}, older than "
+                "this image's {}".format(self._newCaretaker, CARETAKER_PROTOCOL)
+            )
         if threading.active_count() != 1:
             return "{} threads run".format(threading.active_count())
         return None

@@ -7,6 +7,7 @@ caretaker's document to the pre-copy the new image read.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -14,18 +15,23 @@ import subprocess
 import threading
 from typing import Any
 
+from attrs import evolve
+
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from migrate._codec import StateError
 from migrate._handoff._fdpass import readMemfd, writeMemfd
 from migrate._handoff._trial import TrialOutcome
+from migrate._host._service import MigrationHost
 from migrate.state import ProtocolState
 from migrate.strategies._reexec import _outgoing
 from migrate.strategies._reexec._caretaker import (
+    ABORT,
     CARETAKER_PROTOCOL,
     CARETAKER_VARIABLE,
     COMMITTED,
@@ -34,10 +40,17 @@ from migrate.strategies._reexec._caretaker import (
     Caretaker,
     CaretakerChannel,
     CaretakerError,
+    HandOverAborted,
     dieWithParent,
     libcPrctl,
 )
-from migrate.strategies._reexec._incoming import newImageSpeaks
+from migrate.strategies._reexec._incoming import (
+    ReexecInheritance,
+    _takeFromCaretaker,
+    newImageSpeaks,
+    restoreReexec,
+)
+from migrate.strategies.reexec import ReexecStrategy
 from migrate.strategies._reexec._state import (
     FORMAT_VERSION,
     InheritedConnection,
@@ -197,6 +210,58 @@ class ExchangeTests(SynchronousTestCase):
         theirs.shutdown(socket.SHUT_WR)
         why = CaretakerChannel(ours).handOver(document, timeout=5)
         self.assertIn("before it committed", str(why))
+
+    def test_handOverAborted(self) -> None:
+        """
+        If the new image could not take the document, the caretaker's
+        L{CaretakerChannel.handOver} raises L{HandOverAborted}: the
+        connections are its own again.
+        """
+        ours, theirs = _pair(self)
+        document = writeMemfd(b"{}", "test", inheritable=False)
+        self.addCleanup(os.close, document)
+        theirs.sendall(ABORT)
+        self.assertRaises(
+            HandOverAborted, CaretakerChannel(ours).handOver, document, timeout=5
+        )
+
+    def test_abort(self) -> None:
+        """
+        L{Caretaker.abort} says so and closes the channel, leaving the
+        caretaker to close its connections; if it cannot be told, it is
+        ended.
+        """
+        child = subprocess.Popen(["sleep", "60"])
+        self.addCleanup(child.wait)
+        self.addCleanup(child.kill)
+        ours, theirs = _pair(self)
+        self.assertTrue(Caretaker(theirs, child.pid).abort())
+        self.assertEqual(ours.recv(2), ABORT)
+        self.assertEqual(theirs.fileno(), -1)
+        self.assertIsNone(child.poll())
+
+        ours, theirs = _pair(self)
+        ours.close()
+        theirs.shutdown(socket.SHUT_WR)
+        self.assertFalse(Caretaker(theirs, child.pid).abort())
+        self.assertRaises(ChildProcessError, os.waitpid, child.pid, os.WNOHANG)
+
+    def test_handedOver(self) -> None:
+        """
+        L{Caretaker.handedOver} tells whether the caretaker sent its
+        document (and so waits for an answer), even one that did not
+        arrive whole.
+        """
+        ours, theirs = _pair(self)
+        ours.sendall(DOCUMENT)
+        caretaker = Caretaker(theirs, 1)
+        self.assertRaises(CaretakerError, caretaker.freeze, 5)
+        self.assertTrue(caretaker.handedOver)
+        ours, theirs = _pair(self)
+        ours.close()
+        caretaker = Caretaker(theirs, 1)
+        self.assertRaises(CaretakerError, caretaker.freeze, 5)
+        self.assertFalse(caretaker.handedOver)
 
     def test_committed(self) -> None:
         """
@@ -424,7 +489,8 @@ class WhatTheNewCodeSpeaksTests(SynchronousTestCase):
         caretaker's protocol.
         """
         self.assertEqual(
-            newImageSpeaks(), {"format": FORMAT_VERSION, "caretaker": CARETAKER_PROTOCOL}
+            newImageSpeaks(),
+            {"format": FORMAT_VERSION, "caretaker": CARETAKER_PROTOCOL},
         )
 
     def test_speaksIt(self) -> None:
@@ -486,3 +552,124 @@ class WhatTheNewCodeSpeaksTests(SynchronousTestCase):
             report.reason,
         )
         self.assertEqual((harness.executed, self.forked), ([], []))
+
+
+class NewImageGivesUpTests(SynchronousTestCase):
+    """
+    When the new image cannot take the caretaker's connections, every one
+    is closed, counted as failed on its listener, and the image serves.
+    """
+
+    def setUp(self) -> None:
+        # restoreReexec keeps the collector off until every socket is
+        # adopted, which a fake reactor never finishes.
+        if gc.isenabled():
+            self.addCleanup(gc.enable)
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(5)
+        self.client = socket.create_connection(listening.getsockname())
+        self.addCleanup(self.client.close)
+        # The caretaker's copy of the connection, and the new image's.
+        self.served, address = listening.accept()
+        self.addCleanup(self.served.close)
+        self.inherited = os.dup(self.served.fileno())
+        self.listenerFd = os.dup(listening.fileno())
+        self.addCleanup(os.close, self.listenerFd)
+        self.clock = MemoryReactorClock()
+        self.host = MigrationHost(
+            self.clock,
+            Factory.forProtocol(Protocol),
+            [],
+            ReexecStrategy(),
+            controlPath=None,
+            installSignalHandlers=False,
+        )
+        prelude = ReexecState(pid=10, generation=3, strategy="reexec")
+        self.inheritance = ReexecInheritance(
+            prelude, 0.0, inherited=[self.listenerFd, self.inherited]
+        )
+        self.child = subprocess.Popen(["sleep", "60"])
+        self.addCleanup(self.child.wait)
+        self.addCleanup(self.child.kill)
+        self.ours, theirs = _pair(self)
+        self.caretaker = Caretaker(theirs, self.child.pid)
+        # The listener's descriptor is the prelude's: the connection is
+        # counted on it, found by its port.
+        self.inheritance.state = evolve(prelude, listeners={"tcp:x": self.listenerFd})
+
+    def take(self) -> Any:
+        self.assertFalse(
+            _takeFromCaretaker(self.host, self.inheritance, self.caretaker)
+        )
+        return self.inheritance.state
+
+    def test_unreadableDocument(self) -> None:
+        """
+        A document the new image cannot read: the caretaker, which waits
+        for the answer, is told L{ABORT} and closes its connections
+        politely itself; the new image lets go of its copies without
+        shutting them down (the client sees nothing yet), counts them as
+        failed on their listener, says so in a critical log line and a
+        note, and collects the caretaker once it has exited.
+        """
+        document = writeMemfd(b"not a document", "test", inheritable=False)
+        socket.send_fds(self.ours, [DOCUMENT], [document])
+        os.close(document)
+        with capturedLogs() as events:
+            state = self.take()
+        self.assertEqual(self.ours.recv(2) + self.ours.recv(2), FREEZE + ABORT)
+        # Still the caretaker's, untouched.
+        self.assertIsNone(self.child.poll())
+        self.assertRaises(OSError, os.fstat, self.inherited)
+        self.client.setblocking(False)
+        self.assertRaises(BlockingIOError, self.client.recv, 1)
+        self.assertEqual(state.closed, {"tcp:x": 1})
+        self.assertIn("closed politely by the caretaker", state.notes[-1])
+        self.assertTrue(
+            any(
+                event["log_level"] is LogLevel.critical
+                and "it closes the 1 it served" in formatEvent(event)
+                for event in events
+            )
+        )
+        self.assertEqual(state.listeners, {"tcp:x": self.listenerFd})
+        # Collected once it exits.
+        self.child.kill()
+        os.waitid(os.P_PID, self.child.pid, os.WEXITED | os.WNOWAIT)
+        self.clock.advance(0.02)
+        self.assertRaises(ChildProcessError, os.waitpid, self.child.pid, os.WNOHANG)
+
+    def test_caretakerGone(self) -> None:
+        """
+        A caretaker that exits before it hands over is ended (collected),
+        and the new image closes the connections cleanly itself, counted
+        on their listener.
+        """
+        self.ours.close()
+        state = self.take()
+        self.assertRaises(ChildProcessError, os.waitpid, self.child.pid, os.WNOHANG)
+        ((fd, family, factory),) = self.clock.adoptedStreamConnections
+        self.assertEqual((fd, family), (self.inherited, socket.AF_INET))
+        self.assertEqual(state.closed, {"tcp:x": 1})
+        self.assertNotIn("politely", state.notes[-1])
+
+    def test_notCommitted(self) -> None:
+        """
+        L{restoreReexec} does not tell a caretaker that did not hand over
+        that the new image committed, and serves.
+        """
+        document = writeMemfd(b"not a document", "test", inheritable=False)
+        socket.send_fds(self.ours, [DOCUMENT], [document])
+        os.close(document)
+        self.inheritance.state = evolve(self.inheritance.state, listeners={})
+        self.inheritance.inherited = [self.inherited]
+        self.inheritance.caretaker = self.caretaker
+        report = restoreReexec(self.host, self.inheritance)
+        self.assertEqual(self.ours.recv(2) + self.ours.recv(2), FREEZE + ABORT)
+        self.assertEqual(self.ours.recv(2), b"")
+        self.assertEqual(report.outcome.value, "success")
+        self.assertEqual(
+            sum(each.failed for each in report.listeners), 1, report.listeners
+        )

@@ -593,8 +593,11 @@ def restoreReexec(
 
     caretaker = inheritance.caretaker
     try:
-        if caretaker is not None:
-            _takeFromCaretaker(host, inheritance, caretaker)
+        if caretaker is not None and not _takeFromCaretaker(
+            host, inheritance, caretaker
+        ):
+            # Ended, or closing the connections itself.
+            caretaker = None
         report = _restore(host, inheritance, resumeCollecting)
         if caretaker is not None:
             # Every connection is this image's now, before it serves any:
@@ -620,7 +623,7 @@ def restoreReexec(
 
 def _takeFromCaretaker(
     host: IMigrationHost, inheritance: ReexecInheritance, caretaker: Caretaker
-) -> None:
+) -> bool:
     """
     Ask the caretaker for the connections (it freezes them, and describes
     those that changed since the pre-copy), and make its document, with
@@ -628,54 +631,132 @@ def _takeFromCaretaker(
     descriptors inherited for the caretaker that the document does not name
     are closed.
 
-    If the caretaker does not hand over in time, it is ended and every
-    connection closed cleanly, with a critical log line: the old code's
-    latest state is lost with it, and the pre-copy may be stale.
+    If the caretaker's document cannot be read, the caretaker is told so
+    (L{Caretaker.abort}) and closes every connection politely itself (it
+    still holds their protocols and unwritten output), while this image
+    lets go of its copies.  If the caretaker does not hand over in time,
+    it is ended and every connection closed cleanly here.  Either way,
+    with a critical log line, the connections are counted as failed: the
+    old code's latest state is lost, and the pre-copy may be stale.
+
+    @return: whether the connections are this image's (if not, the
+        caretaker was ended or is closing them: do not tell it
+        L{Caretaker.committed}).
     """
     prelude = inheritance.state
     inheritance.askedAt = time.monotonic()
     settings = host.settings
     timeout = settings.safePointTimeout + settings.handoffTimeout + 10.0
     try:
+        document = caretaker.freeze(timeout)
         with collectionsPaused():
-            state = afterCaretaker(
-                prelude, readState(caretaker.freeze(timeout)), inheritance.inherited
-            )
+            state = afterCaretaker(prelude, readState(document), inheritance.inherited)
     except (CaretakerError, StateError) as e:
-        caretaker.kill()
-        state = evolve(prelude, precopied=(), connections=(), superseded=())
-        named = set(state.descriptors())
-        lost = [fd for fd in inheritance.inherited if fd not in named]
-        _log.critical(
-            "Re-exec: the caretaker did not hand the connections over ({why}); "
-            "closing the {count} it served",
-            why=str(e),
-            count=len(lost),
-        )
-        listenerOf = {each.descriptor: each.listener for each in prelude.precopied}
-        closed = dict(state.closed)
-        for fd in lost:
-            # Counted as failed on the listener the pre-copy names, where
-            # it does.
-            key = listenerOf.get(fd, "(connections not copied ahead)")
-            closed[key] = closed.get(key, 0) + 1
-            closeCleanly(host.reactor, fd, b"")
-        inheritance.state = evolve(
-            state,
-            closed=closed,
-            notes=state.notes
-            + (
-                "the caretaker did not hand the connections over ({}); {} "
-                "closed".format(e, counted(len(lost), "connection")),
-            ),
-        )
-        return
+        # One that handed over waits for the answer, and can still close
+        # its connections politely; one that did not is ended.
+        politely = caretaker.handedOver and caretaker.abort()
+        if politely:
+            # It closes them, then exits: collected once it has had the
+            # time its own closing may take.
+            caretaker.reap(host.reactor, settings.handoffTimeout + 10.0)
+        else:
+            caretaker.kill()
+        _giveUpConnections(host, inheritance, str(e), politely)
+        return False
     named = set(state.descriptors())
     for fd in inheritance.inherited:
         if fd not in named:
             # Left to close (the caretaker closed its own copy or exits).
             os.close(fd)
     inheritance.state = state
+    return True
+
+
+def _giveUpConnections(
+    host: IMigrationHost, inheritance: ReexecInheritance, why: str, politely: bool
+) -> None:
+    """
+    The caretaker did not hand the connections over: let go of this
+    image's copies (when the caretaker closes them politely) or close them
+    cleanly here (when it was ended), count them as failed, and serve the
+    rest of the prelude (the listeners, the control socket).
+    """
+    prelude = inheritance.state
+    state = evolve(prelude, precopied=(), connections=(), superseded=())
+    named = set(state.descriptors())
+    lost = [fd for fd in inheritance.inherited if fd not in named]
+    _log.critical(
+        "Re-exec: the caretaker did not hand the connections over ({why}); "
+        "{who} the {count} it served",
+        why=why,
+        who="it closes" if politely else "closing",
+        count=len(lost),
+    )
+    listenerOf = _listenersOfConnections(lost, prelude)
+    closed = dict(state.closed)
+    for fd in lost:
+        key = listenerOf.get(fd, "(connections not copied ahead)")
+        closed[key] = closed.get(key, 0) + 1
+        if politely:
+            # Not shut down: the caretaker writes what it holds for the
+            # client and closes it.
+            os.close(fd)
+        else:
+            closeCleanly(host.reactor, fd, b"")
+    inheritance.state = evolve(
+        state,
+        closed=closed,
+        notes=state.notes
+        + (
+            "the caretaker did not hand the connections over ({}); {} closed{}".format(
+                why,
+                counted(len(lost), "connection"),
+                " politely by the caretaker" if politely else "",
+            ),
+        ),
+    )
+
+
+def _listenersOfConnections(
+    descriptors: list[int], prelude: ReexecState
+) -> dict[int, str]:
+    """
+    The key of the listener each connection came from, as far as it can be
+    told: the pre-copy names it, or else the connection's own address is
+    on the same port (TCP) or path (Unix) as exactly one listener's.
+    """
+    found = {each.descriptor: each.listener for each in prelude.precopied}
+    listening: dict[Any, list[str]] = {}
+    for key, fd in prelude.listeners.items():
+        where = _boundAt(fd)
+        if where is not None:
+            listening.setdefault(where, []).append(key)
+    for fd in descriptors:
+        if fd in found:
+            continue
+        keys = listening.get(_boundAt(fd), [])
+        if len(keys) == 1:
+            found[fd] = keys[0]
+    return found
+
+
+def _boundAt(descriptor: int) -> Any:
+    """
+    What ties a connection to the listener that accepted it: the address
+    family and port of a TCP socket, the path of a Unix one; L{None} if
+    it cannot be told.
+    """
+    try:
+        with socket.socket(fileno=os.dup(descriptor)) as probe:
+            family = probe.family
+            name = probe.getsockname()
+    except OSError:
+        return None
+    if family in (socket.AF_INET, socket.AF_INET6):
+        return (int(family), name[1])
+    if family == socket.AF_UNIX and name:
+        return (int(family), name)
+    return None
 
 
 def _restore(

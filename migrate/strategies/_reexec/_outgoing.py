@@ -77,6 +77,7 @@ from ._caretaker import (
     CARETAKER_VARIABLE,
     CaretakerChannel,
     CaretakerError,
+    HandOverAborted,
     dieWithParent,
     libcPrctl,
 )
@@ -499,7 +500,8 @@ class ReexecMigration:
     @ivar caretaker: whether a caretaker serves the connections while the new
         image starts (see L{migrate.strategies._reexec._caretaker}), when no
         thread runs.
-    @ivar fork: C{os.fork} or a caretaker.
+    @ivar fork: C{os.fork} or a stand-in.
+    @ivar exitProcess: C{os._exit} or a stand-in: how the caretaker ends.
     """
 
     host: IMigrationHost
@@ -514,6 +516,7 @@ class ReexecMigration:
     closeTimeout: float | None = None
     caretaker: bool = False
     fork: Callable[[], int] = os.fork
+    exitProcess: Callable[[int], None] = os._exit
     _closed: dict[str, int] = field(factory=dict)
     #: by C{id()}, the connections still closing at the exec, which the
     #: new image does not inherit: a caretaker leaves them out
@@ -1212,20 +1215,27 @@ class ReexecMigration:
         """
         In the caretaker: serve until the new image asks for the
         connections, bring them to their safe points, describe them, hand
-        them over and exit once the new image has committed.  Never
-        returns: the new image reports the migration.  Whatever fails
-        here ends this process (with a critical log line): it must never
-        go on as a host beside the new image.
+        them over and exit once the new image has committed (or, if it
+        could not take them, once they are closed politely).  Never
+        returns (L{exitProcess}): the new image reports the migration.
+        Whatever fails here ends this process (with a critical log line):
+        it must never go on as a host beside the new image.
         """
+        code = 1
         try:
-            yield self._caretake(channel)
+            code = yield self._caretake(channel)
         except BaseException:
             _log.failure("Re-exec: the caretaker failed; it exits")
         flushPythonOutput()
-        os._exit(1)
+        self.exitProcess(code)
 
     @inlineCallbacks
     def _caretake(self, channel: CaretakerChannel) -> Any:
+        """
+        The caretaker's work (see L{_serveAsCaretaker}).
+
+        @return: a L{Deferred} firing with this process's exit status.
+        """
         host = self.host
         attempt = self._attempt
         reactor = host.reactor
@@ -1260,22 +1270,15 @@ class ReexecMigration:
         try:
             yield asked
         except CaretakerError as e:
-            # An image that cannot take them (it failed, or is a version
-            # without a caretaker's counterpart): end them politely, so
-            # that their clients come back to the new image.
+            # An image that cannot take them (it failed): end them
+            # politely, so that their clients come back to the new image.
             _log.critical(
                 "Re-exec: the new image will not take the connections ({why}); "
                 "the caretaker closes them politely and exits",
                 why=str(e),
             )
-            yield self._closeUnmovable(
-                [
-                    (listener.key, hosted, "the new image did not take it")
-                    for listener, hosted in host.allConnections()
-                    if id(hosted) not in self._notInherited
-                ]
-            )
-            return
+            yield self._closeEverything("the new image did not take it")
+            return 1
         finally:
             if timer.active():
                 timer.cancel()
@@ -1283,7 +1286,7 @@ class ReexecMigration:
         attempt.startPhase()
         # Held at their safe points until the exchange ends: this process
         # then exits, and never serves them again.
-        yield atSafePoints(
+        safePoints = yield atSafePoints(
             host,
             attempt,
             holdAll=True,
@@ -1310,17 +1313,53 @@ class ReexecMigration:
                 again=len(state.connections),
             )
             flushPythonOutput()
-            # No deadline: the new image holds every socket already, and
-            # this process dies with it (PR_SET_PDEATHSIG).
-            why = channel.handOver(document, None)
+            try:
+                # No deadline: the new image holds every socket already,
+                # and this process dies with it (PR_SET_PDEATHSIG).
+                why = channel.handOver(document, None)
+            except HandOverAborted as e:
+                why = str(e)
+                aborted = True
+            else:
+                aborted = False
+            finally:
+                os.close(document)
+        if aborted:
+            # Nothing was let go of here: the connections are as they were
+            # at their safe points, with their output.  The new image has
+            # closed its copies; end them politely, as if it never asked.
+            _log.critical(
+                "Re-exec: {why}; the caretaker closes the connections politely "
+                "and exits",
+                why=why,
+            )
+            safePoints.letGo()
+            yield self._closeEverything("the new image could not take it")
+            return 1
         if why is not None:
             _log.warn(
                 "Re-exec: the caretaker handed over, but {why}; it exits (the "
                 "new image holds every socket)",
                 why=why,
             )
-        flushPythonOutput()
-        os._exit(0)
+        return 0
+
+    def _closeEverything(self, why: str) -> Any:
+        """
+        In the caretaker, when the new image does not take the
+        connections: close politely every one it serves, so that their
+        clients come back to the new image.
+
+        @return: a L{Deferred} firing once they are gone (or the close
+            timeout passed).
+        """
+        return self._closeUnmovable(
+            [
+                (listener.key, hosted, why)
+                for listener, hosted in self.host.allConnections()
+                if id(hosted) not in self._notInherited
+            ]
+        )
 
     def _reporters(self, lenient: bool = False) -> tuple[tuple[int, int], ...]:
         """

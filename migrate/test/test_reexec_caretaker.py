@@ -57,6 +57,7 @@ from migrate.strategies._reexec._state import (
     PrecopiedConnection,
     ReexecState,
     afterCaretaker,
+    writeState,
 )
 
 from .test_reexec import _Harness
@@ -672,4 +673,64 @@ class NewImageGivesUpTests(SynchronousTestCase):
         self.assertEqual(report.outcome.value, "success")
         self.assertEqual(
             sum(each.failed for each in report.listeners), 1, report.listeners
+        )
+
+
+class NumberReusedTests(SynchronousTestCase):
+    """
+    The new image closes the inherited descriptors the caretaker's
+    document does not name only if each is still what it inherited under
+    that number.
+    """
+
+    def setUp(self) -> None:
+        self.host = MigrationHost(
+            MemoryReactorClock(),
+            Factory.forProtocol(Protocol),
+            [],
+            ReexecStrategy(),
+            controlPath=None,
+            installSignalHandlers=False,
+        )
+        self.ours, theirs = _pair(self)
+        self.caretaker = Caretaker(theirs, 1)
+
+    def test_reusedNumberLeftOpen(self) -> None:
+        """
+        A descriptor closed and its number reused (here by a pipe) since
+        it was listed is left open, with a log line; one still the same
+        socket is closed.
+        """
+        first, second = socket.socketpair()
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+        gone, stays = os.dup(first.fileno()), os.dup(second.fileno())
+        inheritance = ReexecInheritance(
+            ReexecState(pid=10, generation=3, strategy="reexec"),
+            0.0,
+            inherited=[gone, stays],
+        )
+        # The application closes the first meanwhile, and its number is
+        # given to a pipe.
+        os.close(gone)
+        readEnd, writeEnd = os.pipe()
+        self.addCleanup(os.close, writeEnd)
+        if readEnd != gone:
+            os.dup2(readEnd, gone)
+            os.close(readEnd)
+        self.addCleanup(os.close, gone)
+        document = writeState(ReexecState(pid=10, generation=3, strategy="reexec"))
+        socket.send_fds(self.ours, [DOCUMENT], [document])
+        os.close(document)
+        with capturedLogs() as events:
+            self.assertTrue(_takeFromCaretaker(self.host, inheritance, self.caretaker))
+        # The pipe is still open: what is written to it arrives.
+        os.write(writeEnd, b"x")
+        self.assertEqual(os.read(gone, 1), b"x")
+        self.assertRaises(OSError, os.fstat, stays)
+        self.assertTrue(
+            any(
+                "descriptor {} is no longer".format(gone) in formatEvent(event)
+                for event in events
+            )
         )

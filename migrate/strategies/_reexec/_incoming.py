@@ -90,6 +90,9 @@ class ReexecInheritance:
     @ivar inherited: with a caretaker, every descriptor this image
         inherited for it: those the caretaker's document does not name are
         closed.
+    @ivar identities: by descriptor, the device and inode each of
+        L{inherited} had when listed (C{fstat}): one whose number names
+        something else by the time it would be closed is left alone.
     """
 
     state: ReexecState
@@ -98,6 +101,44 @@ class ReexecInheritance:
     caretaker: Caretaker | None = None
     inherited: list[int] = field(factory=list)
     askedAt: float | None = None
+    identities: dict[int, tuple[int, int]] = field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        for fd in self.inherited:
+            if fd not in self.identities:
+                identity = _identity(fd)
+                if identity is not None:
+                    self.identities[fd] = identity
+
+    def stillInherited(self, fd: int) -> bool:
+        """
+        Whether descriptor C{fd} is still what this image inherited under
+        that number (the same device and inode), so that closing it closes
+        nothing else: between the listing and the caretaker's hand-over,
+        the application's start may have closed it and opened another
+        file under the same number.  One that is not is logged.
+        """
+        identity = self.identities.get(fd)
+        if identity is not None and _identity(fd) == identity:
+            return True
+        _log.warn(
+            "Re-exec: descriptor {fd} is no longer the one this image "
+            "inherited under that number; left open",
+            fd=fd,
+        )
+        return False
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    """
+    The device and inode descriptor C{fd} names, or L{None} if it is not
+    open.
+    """
+    try:
+        status = os.fstat(fd)
+    except OSError:
+        return None
+    return (status.st_dev, status.st_ino)
 
 
 def _inheritableDescriptors() -> list[int]:
@@ -665,7 +706,7 @@ def _takeFromCaretaker(
         return False
     named = set(state.descriptors())
     for fd in inheritance.inherited:
-        if fd not in named:
+        if fd not in named and inheritance.stillInherited(fd):
             # Left to close (the caretaker closed its own copy or exits).
             os.close(fd)
     inheritance.state = state
@@ -684,7 +725,11 @@ def _giveUpConnections(
     prelude = inheritance.state
     state = evolve(prelude, precopied=(), connections=(), superseded=())
     named = set(state.descriptors())
-    lost = [fd for fd in inheritance.inherited if fd not in named]
+    lost = [
+        fd
+        for fd in inheritance.inherited
+        if fd not in named and inheritance.stillInherited(fd)
+    ]
     _log.critical(
         "Re-exec: the caretaker did not hand the connections over ({why}); "
         "{who} the {count} it served",

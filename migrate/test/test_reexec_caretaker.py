@@ -27,6 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from migrate._codec import StateError
 from migrate._handoff._fdpass import readMemfd, writeMemfd
 from migrate._handoff._trial import TrialOutcome
+from migrate._host._metrics import HostMetrics
 from migrate._host._service import MigrationHost
 from migrate.state import ProtocolState
 from migrate.strategies._reexec import _outgoing
@@ -263,6 +264,41 @@ class ExchangeTests(SynchronousTestCase):
         caretaker = Caretaker(theirs, 1)
         self.assertRaises(CaretakerError, caretaker.freeze, 5)
         self.assertFalse(caretaker.handedOver)
+
+    def test_freezeDescriptorDropped(self) -> None:
+        """
+        A document whose descriptor the kernel dropped (this image at its
+        C{RLIMIT_NOFILE}: C{MSG_CTRUNC}) is an error saying so, and the
+        caretaker counts as having handed over (it waits for the answer).
+        """
+        import resource
+
+        ours, theirs = _pair(self)
+        document = writeMemfd(b"{}", "test", inheritable=False)
+        self.addCleanup(os.close, document)
+        socket.send_fds(ours, [DOCUMENT], [document])
+        caretaker = Caretaker(theirs, 81)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        lowest = os.dup(0)
+        os.close(lowest)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+        try:
+            error = self.assertRaises(CaretakerError, caretaker.freeze, 5)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        self.assertIn("MSG_CTRUNC", str(error))
+        self.assertTrue(caretaker.handedOver)
+
+    def test_freezeUnexpected(self) -> None:
+        """
+        Anything but L{DOCUMENT} with one descriptor is an error saying
+        what was expected and what came.
+        """
+        ours, theirs = _pair(self)
+        ours.sendall(DOCUMENT)
+        error = self.assertRaises(CaretakerError, Caretaker(theirs, 82).freeze, 5)
+        self.assertIn("expected to send b'D' with one descriptor", str(error))
+        self.assertIn("sent b'D' with 0", str(error))
 
     def test_committed(self) -> None:
         """
@@ -506,6 +542,48 @@ class WhatTheNewCodeSpeaksTests(SynchronousTestCase):
             executed["env"][CARETAKER_VARIABLE].split(",")[1], str(_NOT_A_CHILD)
         )
         self.assertEqual(report.outcome.value, "rolled-back")
+
+    def test_preludeCarriesMetrics(self) -> None:
+        """
+        The prelude carries the metrics' counters, as every document does:
+        a new image whose caretaker does not hand over serves from it (and
+        its metrics endpoint counts on from them).
+        """
+        harness = _Harness(self)
+        harness.host.metrics = HostMetrics(harness.host, harness.reactor.seconds)
+        harness.host.metrics.recordTrialRun("reexec", True)
+        prelude = harness.migration(caretaker=True)._prelude(0.0, [])
+        self.assertEqual(prelude.connections, ())
+        self.assertEqual(prelude.metricsCarried, harness.host.metrics.carried())
+        self.assertIsNotNone(prelude.metricsCarried)
+
+    def test_descriptorLimitCountsTheCaretaker(self) -> None:
+        """
+        The new image's descriptor limit is checked with the caretaker's
+        channel and document counted: a limit that suffices without a
+        caretaker refuses the re-exec with one.
+        """
+
+        def needed(about: dict[str, int], limit: int) -> Any:
+            harness = _Harness(self)
+            harness.connect()
+            return harness.run(
+                harness.migration(
+                    caretaker=True,
+                    fork=self.fork,
+                    softLimit=lambda: limit,
+                    preflight=lambda *a, **k: succeed(TrialOutcome(None, about=about)),
+                )
+            )
+
+        refused = needed({}, 10)
+        self.assertEqual(refused.outcome.value, "refused")
+        alone = int(refused.reason.split("would need ")[1].split()[0])
+        withCaretaker = needed(newImageSpeaks(), 10)
+        self.assertIn("would need {} ".format(alone + 2), withCaretaker.reason)
+        self.assertEqual(needed({}, alone).outcome.value, "rolled-back")
+        self.assertEqual(needed(newImageSpeaks(), alone).outcome.value, "refused")
+        self.assertEqual(self.forked, [])
 
     def test_olderCode(self) -> None:
         """

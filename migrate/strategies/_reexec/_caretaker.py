@@ -91,6 +91,7 @@ COMMITTED = b"C"
 ABORT = b"A"
 
 _PR_SET_PDEATHSIG = 1
+_CTRUNC = getattr(socket, "MSG_CTRUNC", 0)
 
 
 class CaretakerError(Exception):
@@ -302,7 +303,7 @@ class Caretaker:
                 )
             )
         self.handedOver = message == DOCUMENT
-        if message == DOCUMENT and len(descriptors) == 1:
+        if message == DOCUMENT and len(descriptors) == 1 and not flags & _CTRUNC:
             return descriptors[0]
         for fd in descriptors:
             os.close(fd)
@@ -312,8 +313,17 @@ class Caretaker:
                     self.pid
                 )
             )
+        if flags & _CTRUNC:
+            raise CaretakerError(
+                "the caretaker (process {}) passed its document, but the "
+                "descriptor was dropped (MSG_CTRUNC: this image is at its "
+                "RLIMIT_NOFILE)".format(self.pid)
+            )
         raise CaretakerError(
-            "the caretaker (process {}) sent {!r}".format(self.pid, message)
+            "the caretaker (process {}) was expected to send {!r} with one "
+            "descriptor, and sent {!r} with {}".format(
+                self.pid, DOCUMENT, message, len(descriptors)
+            )
         )
 
     def abort(self) -> bool:

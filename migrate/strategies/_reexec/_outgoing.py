@@ -656,6 +656,9 @@ class ReexecMigration:
                 + plan.moving
                 + plan.fresh
                 + len(host.reportChannels)
+                # With a caretaker: the channel to it, and the document it
+                # passes at the hand-over.
+                + (2 if self._caretakerRefusal() is None else 0)
             )
             limit = checkDescriptorLimit(inherited, self.softLimit())
             if limit is not None:
@@ -1114,7 +1117,9 @@ class ReexecMigration:
         """
         What every state document of this image says besides the
         connections: the process, the listeners, the control socket and
-        metrics endpoint, the report so far, the draining generations.
+        metrics endpoint (and its counters), the report so far, the
+        draining generations.  The prelude says it too: a new image whose
+        caretaker does not hand over serves from the prelude alone.
         """
         host = self.host
         return dict(
@@ -1138,6 +1143,9 @@ class ReexecMigration:
             blockedSignals=tuple(blocked),
             reporters=self._reporters(lenient=lenient),
             draining=tuple(dict(each) for each in host.draining.values()),
+            metricsCarried=(
+                host.metrics.carried() if host.metrics is not None else None
+            ),
         )
 
     def _listenerDescriptors(self) -> dict[str, int]:
@@ -1200,9 +1208,6 @@ class ReexecMigration:
         )
         state = ReexecState(
             **self._documentFields(frozenAt, blocked, lenient=inCaretaker),
-            metricsCarried=(
-                host.metrics.carried() if host.metrics is not None else None
-            ),
             connections=tuple(connections),
             closed=closed,
             precopy=None if precopy is None or inCaretaker else precopy.descriptor,

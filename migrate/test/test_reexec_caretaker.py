@@ -8,6 +8,7 @@ caretaker's document to the pre-copy the new image read.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import signal
 import socket
@@ -31,6 +32,7 @@ from migrate._host._metrics import HostMetrics
 from migrate._host._service import MigrationHost
 from migrate.state import ProtocolState
 from migrate.strategies._reexec import _outgoing
+from migrate.strategies._reexec._outgoing import _ForkedCaretaker
 from migrate.strategies._reexec._caretaker import (
     ABORT,
     CARETAKER_PROTOCOL,
@@ -42,6 +44,7 @@ from migrate.strategies._reexec._caretaker import (
     CaretakerChannel,
     CaretakerError,
     HandOverAborted,
+    _Watcher,
     dieWithParent,
     libcPrctl,
 )
@@ -811,4 +814,159 @@ class NumberReusedTests(SynchronousTestCase):
                 "descriptor {} is no longer".format(gone) in formatEvent(event)
                 for event in events
             )
+        )
+
+
+def _openDescriptors() -> set[int]:
+    found = set()
+    # Without the directory's own, closed once listed.
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            os.fstat(int(name))
+        except OSError:
+            continue
+        found.add(int(name))
+    return found
+
+
+class ForkedCaretakerTests(SynchronousTestCase):
+    """
+    L{_ForkedCaretaker} forks the caretaker, which serves only once the
+    parent's C{execv} has succeeded.
+    """
+
+    def test_forkFails(self) -> None:
+        """
+        A fork that fails raises, and leaves no descriptor of the pipe
+        behind.
+        """
+        caretaker = _ForkedCaretaker.prepare()
+        self.addCleanup(caretaker.abandon)
+        before = _openDescriptors()
+
+        def fork() -> int:
+            raise OSError(11, "Resource temporarily unavailable")
+
+        self.assertRaises(OSError, caretaker.fork, fork)
+        self.assertEqual(_openDescriptors(), before)
+        self.assertEqual(caretaker.pid, 0)
+
+    def test_parent(self) -> None:
+        """
+        In the parent, L{_ForkedCaretaker.fork} returns C{False} and keeps
+        the child's process and the pipe's writing end (close-on-exec: the
+        exec closing it is what tells the child); L{_ForkedCaretaker.abandon}
+        tells the child to exit, collects it, and closes everything.
+        """
+        caretaker = _ForkedCaretaker.prepare()
+        before = _openDescriptors()
+        self.assertFalse(caretaker.fork(lambda: _NOT_A_CHILD))
+        self.assertEqual(caretaker.pid, _NOT_A_CHILD)
+        (verdict,) = _openDescriptors() - before
+        self.assertFalse(os.get_inheritable(verdict))
+        self.assertFalse(os.get_inheritable(caretaker.ours.fileno()))
+        channel = {caretaker.ours.fileno(), caretaker.theirs.fileno()}
+        caretaker.abandon()
+        self.assertEqual(caretaker.pid, 0)
+        self.assertEqual(_openDescriptors(), before - channel)
+
+
+class ServeAsCaretakerTests(SynchronousTestCase):
+    """
+    L{ReexecMigration._serveAsCaretaker}, in the caretaker: serve until the
+    new image asks, hand over, and end the process whatever happens.
+    """
+
+    def setUp(self) -> None:
+        self.harness = _Harness(self)
+        self.hosted = self.harness.connect()
+        self.hosted.dataReceived(b"a\n")
+        self.exits: list[int] = []
+        self.migration = self.harness.migration(
+            caretaker=True, exitProcess=self.exits.append
+        )
+        self.ours, self.theirs = _pair(self)
+        self.theirs.settimeout(5)
+
+    def serve(self, *sent: bytes) -> Any:
+        """
+        Serve as the caretaker, the new image having sent C{sent}.
+        """
+        reactor = self.harness.reactor
+        with capturedLogs() as events:
+            self.migration._serveAsCaretaker(CaretakerChannel(self.ours))
+            for each in sent:
+                self.theirs.sendall(each)
+            for watcher in [r for r in reactor.readers if isinstance(r, _Watcher)]:
+                watcher.doRead()
+            # The safe points, the polls, and the polite closes' deadline.
+            for i in range(100):
+                if self.exits:
+                    break
+                reactor.advance(1)
+        return events
+
+    def document(self) -> ReexecState:
+        message, descriptors, flags, address = socket.recv_fds(self.theirs, 1, 2)
+        self.assertEqual(message, DOCUMENT)
+        (fd,) = descriptors
+        return ReexecState.fromPlain(json.loads(readMemfd(fd, maxBytes=1 << 20)))
+
+    def test_committed(self) -> None:
+        """
+        Asked to freeze, the caretaker describes its connections in its
+        document, and exits with status 0 once the new image committed,
+        without closing a connection.
+        """
+        self.serve(FREEZE, COMMITTED)
+        self.assertEqual(self.exits, [0])
+        (connection,) = self.document().connections
+        self.assertEqual(connection.entry["state"]["appState"], {"count": 1})
+        self.assertFalse(self.hosted.transport.disconnecting)
+
+    def test_aborted(self) -> None:
+        """
+        If the new image could not take the document, the caretaker closes
+        every connection politely itself, says so critically, and exits
+        with status 1.
+        """
+        events = self.serve(FREEZE, ABORT)
+        self.document()
+        self.assertEqual(self.exits, [1])
+        self.assertTrue(self.hosted.transport.disconnecting)
+        self.assertTrue(
+            any(
+                event["log_level"] is LogLevel.critical
+                and "closes the connections politely" in formatEvent(event)
+                for event in events
+            )
+        )
+
+    def test_notAsked(self) -> None:
+        """
+        A new image that does not ask within the ready timeout finds the
+        connections closed politely; the caretaker exits with status 1.
+        """
+        self.serve()
+        self.assertEqual(self.exits, [1])
+        self.assertTrue(self.hosted.transport.disconnecting)
+        # Nothing was handed over.
+        self.theirs.setblocking(False)
+        self.assertRaises(BlockingIOError, self.theirs.recv, 1)
+
+    def test_failure(self) -> None:
+        """
+        Whatever fails in the caretaker ends it (status 1), with the
+        failure logged: it never goes on as a host.
+        """
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("broken")
+
+        self.patch(_outgoing, "writeState", broken)
+        events = self.serve(FREEZE, COMMITTED)
+        self.assertEqual(self.exits, [1])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(
+            any("the caretaker failed" in formatEvent(event) for event in events)
         )

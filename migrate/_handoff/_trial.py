@@ -98,6 +98,9 @@ _MAX_LINE = 4 * MAX_STATE_BYTES + 4096
 #: a case nests its state two levels deeper than the state itself
 _MAX_CASE_DEPTH = MAX_DEPTH + 2
 
+#: how many things a child may say about itself (L{TrialOutcome.about})
+_MAX_ABOUT = 16
+
 
 @frozen
 class TrialCase:
@@ -176,6 +179,10 @@ class TrialOutcome:
     @ivar skipped: why connections were not tried although the code
         loaded, if they were not (a hosted plugin builds its factories
         only when it starts).
+    @ivar about: what the new code said about itself as it loaded (see
+        L{runChild}'s C{about}): names and whole numbers, such as the
+        versions of the formats it reads; empty for code that says
+        nothing (an older migrate).
     """
 
     reason: str | None
@@ -188,6 +195,7 @@ class TrialOutcome:
     output: tuple[str, ...] = ()
     loaded: bool = False
     skipped: str | None = None
+    about: dict[str, int] = field(factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -316,6 +324,7 @@ class _TrialProtocol(ProcessProtocol):
         self.ready = False
         self.loaded = False
         self.factory = True
+        self.about: dict[str, int] = {}
         self.failed: str | None = None
         self.trying: int | None = None
         self.refused: list[tuple[int, str]] = []
@@ -372,6 +381,7 @@ class _TrialProtocol(ProcessProtocol):
         if "loaded" in answer:
             self.loaded = True
             self.factory = bool(answer.get("factory", True))
+            self.about = _about(answer.get("about"))
             self.onLoaded()
         elif "trying" in answer:
             self.trying = answer["trying"]
@@ -508,6 +518,20 @@ def _runOnce(
     return protocol, code, None, None
 
 
+def _about(said: object) -> dict[str, int]:
+    """
+    What a child said about itself, kept only as far as it is names and
+    whole numbers (and at most L{_MAX_ABOUT} of them).
+    """
+    if not isinstance(said, dict):
+        return {}
+    return {
+        name: value
+        for name, value in list(said.items())[:_MAX_ABOUT]
+        if isinstance(name, str) and type(value) is int
+    }
+
+
 def _ending(code: int | None) -> str:
     if code is None:
         return "ended"
@@ -576,6 +600,7 @@ def runTrial(
                 restoring=restoring,
                 output=output,
                 loaded=protocol.loaded,
+                about=dict(protocol.about),
                 **more,
             )
 
@@ -684,6 +709,7 @@ def tryConnection(factory: Any, case: object) -> None:
 def runChild(
     factory: Any,
     environ: Mapping[str, str] | None = None,
+    about: Mapping[str, int] | None = None,
 ) -> bool:
     """
     The child's half: if this process is a trial child (L{TRIAL_VARIABLE}),
@@ -692,6 +718,9 @@ def runChild(
 
     @param factory: the new code's protocol factory, or L{None} if this
         process cannot build one before it starts (a hosted plugin).
+    @param about: what the new code says about itself to the parent, with
+        its first answer (the re-exec preflight: which state document
+        format and caretaker protocol it speaks; see L{TrialOutcome.about}).
 
     @return: whether this process is a trial child (it then has nothing
         else to do but exit).
@@ -703,7 +732,10 @@ def runChild(
         return False
     inFd, outFd = (int(each) for each in spec.split(","))
     answers = _Answers(outFd)
-    answers.send({"loaded": True, "factory": factory is not None})
+    loaded: dict[str, Any] = {"loaded": True, "factory": factory is not None}
+    if about:
+        loaded["about"] = dict(about)
+    answers.send(loaded)
     if factory is None:
         os.close(inFd)
         answers.send({"done": 0})

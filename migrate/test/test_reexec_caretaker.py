@@ -7,20 +7,35 @@ caretaker's document to the pre-copy the new image read.
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 import signal
 import socket
 import subprocess
+import threading
 from typing import Any
 
+from attrs import evolve
+
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from migrate._codec import StateError
 from migrate._handoff._fdpass import readMemfd, writeMemfd
+from migrate._handoff._trial import TrialOutcome
+from migrate._host._metrics import HostMetrics
+from migrate._host._service import MigrationHost
 from migrate.state import ProtocolState
+from migrate.strategies._reexec import _outgoing
+from migrate.strategies._reexec._outgoing import _ForkedCaretaker
 from migrate.strategies._reexec._caretaker import (
+    ABORT,
+    CARETAKER_PROTOCOL,
     CARETAKER_VARIABLE,
     COMMITTED,
     DOCUMENT,
@@ -28,15 +43,28 @@ from migrate.strategies._reexec._caretaker import (
     Caretaker,
     CaretakerChannel,
     CaretakerError,
+    HandOverAborted,
+    _Watcher,
     dieWithParent,
     libcPrctl,
 )
+from migrate.strategies._reexec._incoming import (
+    ReexecInheritance,
+    _takeFromCaretaker,
+    newImageSpeaks,
+    restoreReexec,
+)
+from migrate.strategies.reexec import ReexecStrategy
 from migrate.strategies._reexec._state import (
+    FORMAT_VERSION,
     InheritedConnection,
     PrecopiedConnection,
     ReexecState,
     afterCaretaker,
+    writeState,
 )
+
+from .test_reexec import _Harness
 
 
 def _pair(case: SynchronousTestCase) -> tuple[socket.socket, socket.socket]:
@@ -187,6 +215,93 @@ class ExchangeTests(SynchronousTestCase):
         theirs.shutdown(socket.SHUT_WR)
         why = CaretakerChannel(ours).handOver(document, timeout=5)
         self.assertIn("before it committed", str(why))
+
+    def test_handOverAborted(self) -> None:
+        """
+        If the new image could not take the document, the caretaker's
+        L{CaretakerChannel.handOver} raises L{HandOverAborted}: the
+        connections are its own again.
+        """
+        ours, theirs = _pair(self)
+        document = writeMemfd(b"{}", "test", inheritable=False)
+        self.addCleanup(os.close, document)
+        theirs.sendall(ABORT)
+        self.assertRaises(
+            HandOverAborted, CaretakerChannel(ours).handOver, document, timeout=5
+        )
+
+    def test_abort(self) -> None:
+        """
+        L{Caretaker.abort} says so and closes the channel, leaving the
+        caretaker to close its connections; if it cannot be told, it is
+        ended.
+        """
+        child = subprocess.Popen(["sleep", "60"])
+        self.addCleanup(child.wait)
+        self.addCleanup(child.kill)
+        ours, theirs = _pair(self)
+        self.assertTrue(Caretaker(theirs, child.pid).abort())
+        self.assertEqual(ours.recv(2), ABORT)
+        self.assertEqual(theirs.fileno(), -1)
+        self.assertIsNone(child.poll())
+
+        ours, theirs = _pair(self)
+        ours.close()
+        theirs.shutdown(socket.SHUT_WR)
+        self.assertFalse(Caretaker(theirs, child.pid).abort())
+        self.assertRaises(ChildProcessError, os.waitpid, child.pid, os.WNOHANG)
+
+    def test_handedOver(self) -> None:
+        """
+        L{Caretaker.handedOver} tells whether the caretaker sent its
+        document (and so waits for an answer), even one that did not
+        arrive whole.
+        """
+        ours, theirs = _pair(self)
+        ours.sendall(DOCUMENT)
+        caretaker = Caretaker(theirs, 1)
+        self.assertRaises(CaretakerError, caretaker.freeze, 5)
+        self.assertTrue(caretaker.handedOver)
+        ours, theirs = _pair(self)
+        ours.close()
+        caretaker = Caretaker(theirs, 1)
+        self.assertRaises(CaretakerError, caretaker.freeze, 5)
+        self.assertFalse(caretaker.handedOver)
+
+    def test_freezeDescriptorDropped(self) -> None:
+        """
+        A document whose descriptor the kernel dropped (this image at its
+        C{RLIMIT_NOFILE}: C{MSG_CTRUNC}) is an error saying so, and the
+        caretaker counts as having handed over (it waits for the answer).
+        """
+        import resource
+
+        ours, theirs = _pair(self)
+        document = writeMemfd(b"{}", "test", inheritable=False)
+        self.addCleanup(os.close, document)
+        socket.send_fds(ours, [DOCUMENT], [document])
+        caretaker = Caretaker(theirs, 81)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        lowest = os.dup(0)
+        os.close(lowest)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+        try:
+            error = self.assertRaises(CaretakerError, caretaker.freeze, 5)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        self.assertIn("MSG_CTRUNC", str(error))
+        self.assertTrue(caretaker.handedOver)
+
+    def test_freezeUnexpected(self) -> None:
+        """
+        Anything but L{DOCUMENT} with one descriptor is an error saying
+        what was expected and what came.
+        """
+        ours, theirs = _pair(self)
+        ours.sendall(DOCUMENT)
+        error = self.assertRaises(CaretakerError, Caretaker(theirs, 82).freeze, 5)
+        self.assertIn("expected to send b'D' with one descriptor", str(error))
+        self.assertIn("sent b'D' with 0", str(error))
 
     def test_committed(self) -> None:
         """
@@ -376,3 +491,482 @@ class AfterCaretakerTests(SynchronousTestCase):
         """
         state = ReexecState(pid=10, generation=3, strategy="reexec", superseded=(2, 5))
         self.assertEqual(ReexecState.fromPlain(state.toPlain()).superseded, (2, 5))
+
+
+#: a process number that is nobody's child here
+_NOT_A_CHILD = (1 << 22) + 12345
+
+
+class WhatTheNewCodeSpeaksTests(SynchronousTestCase):
+    """
+    The old image forks a caretaker only for new code that says, in its
+    trial, that it speaks the caretaker's protocol, and re-executes only
+    into code that reads the state document it writes.
+    """
+
+    def setUp(self) -> None:
+        # Whatever the test runner's threads: only the new code decides.
+        self.patch(threading, "active_count", lambda: 1)
+        self.forked: list[bool] = []
+
+    def fork(self) -> int:
+        self.forked.append(True)
+        return _NOT_A_CHILD
+
+    def migrate(self, about: dict[str, int]) -> tuple[_Harness, Any]:
+        harness = _Harness(self)
+        harness.connect()
+        migration = harness.migration(
+            caretaker=True,
+            fork=self.fork,
+            preflight=lambda *a, **k: succeed(TrialOutcome(None, about=about)),
+        )
+        return harness, harness.run(migration)
+
+    def test_newImageSpeaks(self) -> None:
+        """
+        This code says it reads this code's format and speaks this code's
+        caretaker's protocol.
+        """
+        self.assertEqual(
+            newImageSpeaks(),
+            {"format": FORMAT_VERSION, "caretaker": CARETAKER_PROTOCOL},
+        )
+
+    def test_speaksIt(self) -> None:
+        """
+        New code that speaks the caretaker's protocol gets a caretaker: the
+        old image forks, and tells the new image where it is.
+        """
+        harness, report = self.migrate(newImageSpeaks())
+        self.assertEqual(self.forked, [True])
+        (executed,) = harness.executed
+        self.assertEqual(
+            executed["env"][CARETAKER_VARIABLE].split(",")[1], str(_NOT_A_CHILD)
+        )
+        self.assertEqual(report.outcome.value, "rolled-back")
+
+    def test_preludeCarriesMetrics(self) -> None:
+        """
+        The prelude carries the metrics' counters, as every document does:
+        a new image whose caretaker does not hand over serves from it (and
+        its metrics endpoint counts on from them).
+        """
+        harness = _Harness(self)
+        harness.host.metrics = HostMetrics(harness.host, harness.reactor.seconds)
+        harness.host.metrics.recordTrialRun("reexec", True)
+        prelude = harness.migration(caretaker=True)._prelude(0.0, [])
+        self.assertEqual(prelude.connections, ())
+        self.assertEqual(prelude.metricsCarried, harness.host.metrics.carried())
+        self.assertIsNotNone(prelude.metricsCarried)
+
+    def test_descriptorLimitCountsTheCaretaker(self) -> None:
+        """
+        The new image's descriptor limit is checked with the caretaker's
+        channel and document counted: a limit that suffices without a
+        caretaker refuses the re-exec with one.
+        """
+
+        def needed(about: dict[str, int], limit: int) -> Any:
+            harness = _Harness(self)
+            harness.connect()
+            return harness.run(
+                harness.migration(
+                    caretaker=True,
+                    fork=self.fork,
+                    softLimit=lambda: limit,
+                    preflight=lambda *a, **k: succeed(TrialOutcome(None, about=about)),
+                )
+            )
+
+        refused = needed({}, 10)
+        self.assertEqual(refused.outcome.value, "refused")
+        alone = int(refused.reason.split("would need ")[1].split()[0])
+        withCaretaker = needed(newImageSpeaks(), 10)
+        self.assertIn("would need {} ".format(alone + 2), withCaretaker.reason)
+        self.assertEqual(needed({}, alone).outcome.value, "rolled-back")
+        self.assertEqual(needed(newImageSpeaks(), alone).outcome.value, "refused")
+        self.assertEqual(self.forked, [])
+
+    def test_olderCode(self) -> None:
+        """
+        New code that says nothing about the caretaker (an older migrate,
+        which would restore the pre-copy beside the caretaker and leave it
+        to close every connection) gets none: the old image re-executes as
+        with C{--reexec-caretaker none}, with a log line and a note.
+        """
+        for about, why in (
+            ({}, "an older migrate"),
+            ({"format": FORMAT_VERSION}, "an older migrate"),
+            ({"format": FORMAT_VERSION, "caretaker": 1}, "older than this image's"),
+        ):
+            # As if this image's protocol were newer than the new code's.
+            self.patch(_outgoing, "CARETAKER_PROTOCOL", 2)
+            with capturedLogs() as events:
+                harness, report = self.migrate(about)
+            self.assertEqual(self.forked, [])
+            (executed,) = harness.executed
+            self.assertNotIn(CARETAKER_VARIABLE, executed["env"])
+            # The connections travel in the document execv passes.
+            self.assertEqual(len(executed["state"].connections), 1)
+            notes = [n for n in report.notes if "no caretaker served" in n]
+            self.assertEqual(len(notes), 1, report.notes)
+            self.assertIn(why, notes[0])
+            self.assertTrue(
+                any(
+                    "no caretaker served" in formatEvent(event)
+                    and event["log_level"] is LogLevel.warn
+                    for event in events
+                )
+            )
+
+    def test_olderFormat(self) -> None:
+        """
+        New code that reads only older state documents than this image
+        writes refuses the re-exec before anything is touched: it would
+        start afresh, every connection lost.
+        """
+        self.patch(_outgoing, "FORMAT_VERSION", FORMAT_VERSION + 1)
+        harness, report = self.migrate(newImageSpeaks())
+        self.assertEqual(report.outcome.value, "refused")
+        self.assertIn(
+            "reads state documents up to format {}".format(FORMAT_VERSION),
+            report.reason,
+        )
+        self.assertEqual((harness.executed, self.forked), ([], []))
+
+
+class NewImageGivesUpTests(SynchronousTestCase):
+    """
+    When the new image cannot take the caretaker's connections, every one
+    is closed, counted as failed on its listener, and the image serves.
+    """
+
+    def setUp(self) -> None:
+        # restoreReexec keeps the collector off until every socket is
+        # adopted, which a fake reactor never finishes.
+        if gc.isenabled():
+            self.addCleanup(gc.enable)
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(5)
+        self.client = socket.create_connection(listening.getsockname())
+        self.addCleanup(self.client.close)
+        # The caretaker's copy of the connection, and the new image's.
+        self.served, address = listening.accept()
+        self.addCleanup(self.served.close)
+        self.inherited = os.dup(self.served.fileno())
+        self.listenerFd = os.dup(listening.fileno())
+        self.addCleanup(os.close, self.listenerFd)
+        self.clock = MemoryReactorClock()
+        self.host = MigrationHost(
+            self.clock,
+            Factory.forProtocol(Protocol),
+            [],
+            ReexecStrategy(),
+            controlPath=None,
+            installSignalHandlers=False,
+        )
+        prelude = ReexecState(pid=10, generation=3, strategy="reexec")
+        self.inheritance = ReexecInheritance(
+            prelude, 0.0, inherited=[self.listenerFd, self.inherited]
+        )
+        self.child = subprocess.Popen(["sleep", "60"])
+        self.addCleanup(self.child.wait)
+        self.addCleanup(self.child.kill)
+        self.ours, theirs = _pair(self)
+        self.caretaker = Caretaker(theirs, self.child.pid)
+        # The listener's descriptor is the prelude's: the connection is
+        # counted on it, found by its port.
+        self.inheritance.state = evolve(prelude, listeners={"tcp:x": self.listenerFd})
+
+    def take(self) -> Any:
+        self.assertFalse(
+            _takeFromCaretaker(self.host, self.inheritance, self.caretaker)
+        )
+        return self.inheritance.state
+
+    def test_unreadableDocument(self) -> None:
+        """
+        A document the new image cannot read: the caretaker, which waits
+        for the answer, is told L{ABORT} and closes its connections
+        politely itself; the new image lets go of its copies without
+        shutting them down (the client sees nothing yet), counts them as
+        failed on their listener, says so in a critical log line and a
+        note, and collects the caretaker once it has exited.
+        """
+        document = writeMemfd(b"not a document", "test", inheritable=False)
+        socket.send_fds(self.ours, [DOCUMENT], [document])
+        os.close(document)
+        with capturedLogs() as events:
+            state = self.take()
+        self.assertEqual(self.ours.recv(2) + self.ours.recv(2), FREEZE + ABORT)
+        # Still the caretaker's, untouched.
+        self.assertIsNone(self.child.poll())
+        self.assertRaises(OSError, os.fstat, self.inherited)
+        self.client.setblocking(False)
+        self.assertRaises(BlockingIOError, self.client.recv, 1)
+        self.assertEqual(state.closed, {"tcp:x": 1})
+        self.assertIn("closed politely by the caretaker", state.notes[-1])
+        self.assertTrue(
+            any(
+                event["log_level"] is LogLevel.critical
+                and "it closes the 1 it served" in formatEvent(event)
+                for event in events
+            )
+        )
+        self.assertEqual(state.listeners, {"tcp:x": self.listenerFd})
+        # Collected once it exits.
+        self.child.kill()
+        os.waitid(os.P_PID, self.child.pid, os.WEXITED | os.WNOWAIT)
+        self.clock.advance(0.02)
+        self.assertRaises(ChildProcessError, os.waitpid, self.child.pid, os.WNOHANG)
+
+    def test_caretakerGone(self) -> None:
+        """
+        A caretaker that exits before it hands over is ended (collected),
+        and the new image closes the connections cleanly itself, counted
+        on their listener.
+        """
+        self.ours.close()
+        state = self.take()
+        self.assertRaises(ChildProcessError, os.waitpid, self.child.pid, os.WNOHANG)
+        ((fd, family, factory),) = self.clock.adoptedStreamConnections
+        self.assertEqual((fd, family), (self.inherited, socket.AF_INET))
+        self.assertEqual(state.closed, {"tcp:x": 1})
+        self.assertNotIn("politely", state.notes[-1])
+
+    def test_notCommitted(self) -> None:
+        """
+        L{restoreReexec} does not tell a caretaker that did not hand over
+        that the new image committed, and serves.
+        """
+        document = writeMemfd(b"not a document", "test", inheritable=False)
+        socket.send_fds(self.ours, [DOCUMENT], [document])
+        os.close(document)
+        self.inheritance.state = evolve(self.inheritance.state, listeners={})
+        self.inheritance.inherited = [self.inherited]
+        self.inheritance.caretaker = self.caretaker
+        report = restoreReexec(self.host, self.inheritance)
+        self.assertEqual(self.ours.recv(2) + self.ours.recv(2), FREEZE + ABORT)
+        self.assertEqual(self.ours.recv(2), b"")
+        self.assertEqual(report.outcome.value, "success")
+        self.assertEqual(
+            sum(each.failed for each in report.listeners), 1, report.listeners
+        )
+
+
+class NumberReusedTests(SynchronousTestCase):
+    """
+    The new image closes the inherited descriptors the caretaker's
+    document does not name only if each is still what it inherited under
+    that number.
+    """
+
+    def setUp(self) -> None:
+        self.host = MigrationHost(
+            MemoryReactorClock(),
+            Factory.forProtocol(Protocol),
+            [],
+            ReexecStrategy(),
+            controlPath=None,
+            installSignalHandlers=False,
+        )
+        self.ours, theirs = _pair(self)
+        self.caretaker = Caretaker(theirs, 1)
+
+    def test_reusedNumberLeftOpen(self) -> None:
+        """
+        A descriptor closed and its number reused (here by a pipe) since
+        it was listed is left open, with a log line; one still the same
+        socket is closed.
+        """
+        first, second = socket.socketpair()
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+        gone, stays = os.dup(first.fileno()), os.dup(second.fileno())
+        inheritance = ReexecInheritance(
+            ReexecState(pid=10, generation=3, strategy="reexec"),
+            0.0,
+            inherited=[gone, stays],
+        )
+        # The application closes the first meanwhile, and its number is
+        # given to a pipe.
+        os.close(gone)
+        readEnd, writeEnd = os.pipe()
+        self.addCleanup(os.close, writeEnd)
+        if readEnd != gone:
+            os.dup2(readEnd, gone)
+            os.close(readEnd)
+        self.addCleanup(os.close, gone)
+        document = writeState(ReexecState(pid=10, generation=3, strategy="reexec"))
+        socket.send_fds(self.ours, [DOCUMENT], [document])
+        os.close(document)
+        with capturedLogs() as events:
+            self.assertTrue(_takeFromCaretaker(self.host, inheritance, self.caretaker))
+        # The pipe is still open: what is written to it arrives.
+        os.write(writeEnd, b"x")
+        self.assertEqual(os.read(gone, 1), b"x")
+        self.assertRaises(OSError, os.fstat, stays)
+        self.assertTrue(
+            any(
+                "descriptor {} is no longer".format(gone) in formatEvent(event)
+                for event in events
+            )
+        )
+
+
+def _openDescriptors() -> set[int]:
+    found = set()
+    # Without the directory's own, closed once listed.
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            os.fstat(int(name))
+        except OSError:
+            continue
+        found.add(int(name))
+    return found
+
+
+class ForkedCaretakerTests(SynchronousTestCase):
+    """
+    L{_ForkedCaretaker} forks the caretaker, which serves only once the
+    parent's C{execv} has succeeded.
+    """
+
+    def test_forkFails(self) -> None:
+        """
+        A fork that fails raises, and leaves no descriptor of the pipe
+        behind.
+        """
+        caretaker = _ForkedCaretaker.prepare()
+        self.addCleanup(caretaker.abandon)
+        before = _openDescriptors()
+
+        def fork() -> int:
+            raise OSError(11, "Resource temporarily unavailable")
+
+        self.assertRaises(OSError, caretaker.fork, fork)
+        self.assertEqual(_openDescriptors(), before)
+        self.assertEqual(caretaker.pid, 0)
+
+    def test_parent(self) -> None:
+        """
+        In the parent, L{_ForkedCaretaker.fork} returns C{False} and keeps
+        the child's process and the pipe's writing end (close-on-exec: the
+        exec closing it is what tells the child); L{_ForkedCaretaker.abandon}
+        tells the child to exit, collects it, and closes everything.
+        """
+        caretaker = _ForkedCaretaker.prepare()
+        before = _openDescriptors()
+        self.assertFalse(caretaker.fork(lambda: _NOT_A_CHILD))
+        self.assertEqual(caretaker.pid, _NOT_A_CHILD)
+        (verdict,) = _openDescriptors() - before
+        self.assertFalse(os.get_inheritable(verdict))
+        self.assertFalse(os.get_inheritable(caretaker.ours.fileno()))
+        channel = {caretaker.ours.fileno(), caretaker.theirs.fileno()}
+        caretaker.abandon()
+        self.assertEqual(caretaker.pid, 0)
+        self.assertEqual(_openDescriptors(), before - channel)
+
+
+class ServeAsCaretakerTests(SynchronousTestCase):
+    """
+    L{ReexecMigration._serveAsCaretaker}, in the caretaker: serve until the
+    new image asks, hand over, and end the process whatever happens.
+    """
+
+    def setUp(self) -> None:
+        self.harness = _Harness(self)
+        self.hosted = self.harness.connect()
+        self.hosted.dataReceived(b"a\n")
+        self.exits: list[int] = []
+        self.migration = self.harness.migration(
+            caretaker=True, exitProcess=self.exits.append
+        )
+        self.ours, self.theirs = _pair(self)
+        self.theirs.settimeout(5)
+
+    def serve(self, *sent: bytes) -> Any:
+        """
+        Serve as the caretaker, the new image having sent C{sent}.
+        """
+        reactor = self.harness.reactor
+        with capturedLogs() as events:
+            self.migration._serveAsCaretaker(CaretakerChannel(self.ours))
+            for each in sent:
+                self.theirs.sendall(each)
+            for watcher in [r for r in reactor.readers if isinstance(r, _Watcher)]:
+                watcher.doRead()
+            # The safe points, the polls, and the polite closes' deadline.
+            for i in range(100):
+                if self.exits:
+                    break
+                reactor.advance(1)
+        return events
+
+    def document(self) -> ReexecState:
+        message, descriptors, flags, address = socket.recv_fds(self.theirs, 1, 2)
+        self.assertEqual(message, DOCUMENT)
+        (fd,) = descriptors
+        return ReexecState.fromPlain(json.loads(readMemfd(fd, maxBytes=1 << 20)))
+
+    def test_committed(self) -> None:
+        """
+        Asked to freeze, the caretaker describes its connections in its
+        document, and exits with status 0 once the new image committed,
+        without closing a connection.
+        """
+        self.serve(FREEZE, COMMITTED)
+        self.assertEqual(self.exits, [0])
+        (connection,) = self.document().connections
+        self.assertEqual(connection.entry["state"]["appState"], {"count": 1})
+        self.assertFalse(self.hosted.transport.disconnecting)
+
+    def test_aborted(self) -> None:
+        """
+        If the new image could not take the document, the caretaker closes
+        every connection politely itself, says so critically, and exits
+        with status 1.
+        """
+        events = self.serve(FREEZE, ABORT)
+        self.document()
+        self.assertEqual(self.exits, [1])
+        self.assertTrue(self.hosted.transport.disconnecting)
+        self.assertTrue(
+            any(
+                event["log_level"] is LogLevel.critical
+                and "closes the connections politely" in formatEvent(event)
+                for event in events
+            )
+        )
+
+    def test_notAsked(self) -> None:
+        """
+        A new image that does not ask within the ready timeout finds the
+        connections closed politely; the caretaker exits with status 1.
+        """
+        self.serve()
+        self.assertEqual(self.exits, [1])
+        self.assertTrue(self.hosted.transport.disconnecting)
+        # Nothing was handed over.
+        self.theirs.setblocking(False)
+        self.assertRaises(BlockingIOError, self.theirs.recv, 1)
+
+    def test_failure(self) -> None:
+        """
+        Whatever fails in the caretaker ends it (status 1), with the
+        failure logged: it never goes on as a host.
+        """
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("broken")
+
+        self.patch(_outgoing, "writeState", broken)
+        events = self.serve(FREEZE, COMMITTED)
+        self.assertEqual(self.exits, [1])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(
+            any("the caretaker failed" in formatEvent(event) for event in events)
+        )

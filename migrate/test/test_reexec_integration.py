@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import textwrap
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectionDone
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from migrate.strategies._reexec._outgoing import _ForkedCaretaker
 
 from ._hostprocess import (
     LiveAppMixin,
@@ -509,6 +512,73 @@ class ReexecTests(LiveAppMixin, TestCase):
         self.assertEqual(len(client.lines), before + 2)
 
     @inlineCallbacks
+    def test_caretakerDocumentUnreadable(self):
+        """
+        A new image that cannot read the caretaker's document (here its
+        code refuses it) tells the caretaker so: the caretaker closes the
+        connections politely itself and exits, and the new image counts
+        them as failed on their listener, says why, and serves new
+        clients with the new code.
+        """
+        status = yield self.startHost()
+        pid = status["pid"]
+        clients = yield self.connectClients(2)
+        refusing = MIGRATABLE_V2 + textwrap.dedent("""
+            from migrate._codec import StateError
+            from migrate.strategies._reexec import _incoming
+
+            def _refuse(*args, **kwargs):
+                raise StateError("injected: cannot read it")
+
+            _incoming.afterCaretaker = _refuse
+            """)
+        code, report, err = yield self.upgradeTo(refusing)
+        self.assertEqual(
+            (report["outcome"], report["moved"], report["failed"]),
+            ("success", 0, 2),
+            err,
+        )
+        self.assertTrue(
+            any(
+                "injected: cannot read it" in n and "politely by the caretaker" in n
+                for n in report["notes"]
+            ),
+            report["notes"],
+        )
+        yield self.closedCleanlyThenServed(clients, pid)
+        yield waitFor(lambda: _caretakerOf(pid) is None, what="the caretaker gone")
+
+    @inlineCallbacks
+    def test_downgradeWithoutCaretaker(self):
+        """
+        New code that does not say it speaks the caretaker's protocol (as
+        an older migrate would not) gets no caretaker: every client waits
+        for the whole exec, and is carried over; the report says why.
+        """
+        status = yield self.startHost()
+        pid = status["pid"]
+        (client,) = yield self.connectClients(1)
+        older = MIGRATABLE_V2 + textwrap.dedent("""
+            from migrate.strategies._reexec import _incoming
+
+            _incoming.newImageSpeaks = lambda: {}
+            """)
+        (code, report, err), replies = yield self.pumpDuring(
+            client, lambda: self.upgradeTo(older)
+        )
+        self.assertEqual(
+            (code, report["outcome"], report["moved"]), (0, "success", 1), err
+        )
+        self.assertEqual({r[1] for r in replies}, {str(pid).encode()})
+        self.assertTrue(
+            any(
+                "no caretaker served" in n and "older migrate" in n
+                for n in report["notes"]
+            ),
+            report["notes"],
+        )
+
+    @inlineCallbacks
     def test_withoutCaretaker(self):
         """
         With C{--reexec-caretaker none} every client waits for the whole
@@ -730,3 +800,61 @@ class ReexecTests(LiveAppMixin, TestCase):
         except AssertionError:
             return False
         return status["generation"] == generation and status["phase"] == "idle"
+
+
+class ForkedCaretakerProcessTests(SynchronousTestCase):
+    """
+    L{_ForkedCaretaker} with a real fork (of the test process: the child
+    only answers on its channel and exits, within a bounded wait).
+    """
+
+    def _forked(self, exec: bool) -> tuple[_ForkedCaretaker, socket.socket]:
+        """
+        Fork a real caretaker: once it serves it says so on its channel,
+        with whether it let go of what the new image binds again, and
+        exits.
+        """
+        caretaker = _ForkedCaretaker.prepare()
+        released: list[bool] = []
+        listening = caretaker.theirs.dup()
+        self.addCleanup(listening.close)
+        listening.settimeout(30)
+        if caretaker.fork(os.fork, lambda: released.append(True)):
+            try:
+                caretaker.ours.sendall(b"served %d" % len(released))
+            finally:
+                os._exit(0)
+        self.addCleanup(self._collect, caretaker.pid)
+        if exec:
+            # What a successful execv does: the close-on-exec end closes
+            # without a word.
+            os.close(caretaker._verdict)
+            caretaker.ours.close()
+            caretaker.theirs.close()
+        return caretaker, listening
+
+    def _collect(self, pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+    def test_servesOnceExecuted(self) -> None:
+        """
+        Once the parent's end of the pipe closes without a word (the exec
+        succeeded), the child returns C{True}, having let go of what the
+        new image binds again: it serves.
+        """
+        caretaker, listening = self._forked(exec=True)
+        self.assertEqual(listening.recv(20), b"served 1")
+        pid, status = os.waitpid(caretaker.pid, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+
+    def test_abandoned(self) -> None:
+        """
+        A caretaker abandoned (the exec failed) exits without serving.
+        """
+        caretaker, listening = self._forked(exec=False)
+        caretaker.abandon()
+        self.assertEqual(listening.recv(20), b"")

@@ -238,6 +238,28 @@ class RunChildTests(SynchronousTestCase):
             {"failed": "the new factory does not start: RuntimeError: no database"},
         )
 
+    def test_about(self) -> None:
+        """
+        What the child says about itself comes with its first answer.
+        """
+        caseRead, caseWrite = os.pipe()
+        os.close(caseWrite)
+        answerRead, answerWrite = os.pipe()
+        self.addCleanup(os.close, answerRead)
+        try:
+            runChild(
+                None,
+                {TRIAL_VARIABLE: "{},{}".format(caseRead, answerWrite)},
+                about={"format": 3, "caretaker": 2},
+            )
+        finally:
+            os.close(answerWrite)
+        first = os.read(answerRead, 65536).splitlines()[0]
+        self.assertEqual(
+            decodeState(first),
+            {"loaded": True, "factory": False, "about": {"format": 3, "caretaker": 2}},
+        )
+
     def test_noFactory(self) -> None:
         """
         A process that cannot build a factory before it starts (a hosted
@@ -503,6 +525,30 @@ class RunTrialTests(SynchronousTestCase):
         _end(protocol)
         outcome = self.successResultOf(d)
         self.assertIn("before trying every connection", outcome.reason)
+
+    def test_about(self) -> None:
+        """
+        The outcome keeps what the child said about itself as it loaded,
+        as far as it is names and whole numbers; a child that says nothing
+        (older code) leaves it empty.
+        """
+        d = self._trial()
+        protocol = self.reactor.spawned[0][0]
+        _say(
+            protocol,
+            {
+                "loaded": True,
+                "about": {"format": 2, "caretaker": 1, "x": "y", "b": True, "f": 1.5},
+            },
+            {"done": 0},
+        )
+        _end(protocol)
+        self.assertEqual(self.successResultOf(d).about, {"format": 2, "caretaker": 1})
+        d = self._trial()
+        protocol = self.reactor.spawned[1][0]
+        _say(protocol, {"loaded": True, "about": [1]}, {"done": 0})
+        _end(protocol)
+        self.assertEqual(self.successResultOf(d).about, {})
 
     def test_readyMarker(self) -> None:
         """

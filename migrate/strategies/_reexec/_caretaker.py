@@ -24,7 +24,11 @@ document travels as a sealed memory file by C{SCM_RIGHTS}):
   - L{FREEZE}, new image to caretaker: freeze and describe now;
   - L{DOCUMENT}, caretaker to new image, with the document's descriptor;
   - L{COMMITTED}, new image to caretaker: every connection is the new
-    image's; exit.
+    image's; exit;
+  - or L{ABORT}, new image to caretaker, instead: the document could not
+    be read; the new image has let go of its copies of the connections,
+    and the caretaker closes them politely itself (it still holds their
+    protocols and unwritten output), then exits.
 
 The caretaker dies with the new image (C{PR_SET_PDEATHSIG}): once C{execv}
 has succeeded there is no old image to go back to, and a caretaker left
@@ -47,13 +51,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 __all__ = [
+    "ABORT",
     "COMMITTED",
     "DOCUMENT",
     "FREEZE",
+    "CARETAKER_PROTOCOL",
     "CARETAKER_VARIABLE",
     "Caretaker",
     "CaretakerChannel",
     "CaretakerError",
+    "HandOverAborted",
     "dieWithParent",
     "libcPrctl",
 ]
@@ -66,16 +73,37 @@ In a re-executed image's environment: C{"DESCRIPTOR,PID"}, its end of the
 channel to the caretaker and the caretaker's process.
 """
 
+CARETAKER_PROTOCOL = 1
+"""
+The version of the exchange below this code speaks, as a new image and as
+a caretaker.  The re-exec preflight reports it (see
+L{migrate.strategies._reexec._incoming.finishPreflight}), and the old image
+forks a caretaker only for new code that speaks at least its own: code
+that does not know L{CARETAKER_VARIABLE} (an older migrate) would restore
+the pre-copy's stale states beside the caretaker serving the same
+connections.  A later version must go on speaking this one as a new image,
+as a reader goes on reading older state documents.
+"""
+
 FREEZE = b"F"
 DOCUMENT = b"D"
 COMMITTED = b"C"
+ABORT = b"A"
 
 _PR_SET_PDEATHSIG = 1
+_CTRUNC = getattr(socket, "MSG_CTRUNC", 0)
 
 
 class CaretakerError(Exception):
     """
     The caretaker did not hand over; the message says why.
+    """
+
+
+class HandOverAborted(CaretakerError):
+    """
+    The new image could not take the caretaker's document (L{ABORT}): the
+    connections are the caretaker's again, to close politely.
     """
 
 
@@ -147,6 +175,10 @@ class CaretakerChannel:
         @param timeout: seconds, or L{None} to wait as long as it takes.
 
         @return: L{None} once the new image committed, else why not.
+
+        @raise HandOverAborted: if the new image could not take the
+            document (it has let go of every connection the caretaker
+            serves).
         """
         self.socket.setblocking(True)
         self.socket.settimeout(timeout)
@@ -157,6 +189,8 @@ class CaretakerChannel:
             return "the new image did not answer: {}".format(e)
         if answer == COMMITTED:
             return None
+        if answer == ABORT:
+            raise HandOverAborted("the new image could not take the document")
         if not answer:
             return "the new image went away before it committed"
         return "the new image answered {!r}".format(answer)
@@ -218,10 +252,14 @@ class Caretaker:
 
     @ivar socket: the new image's end of the channel.
     @ivar pid: the caretaker's process.
+    @ivar handedOver: whether it sent L{DOCUMENT} (it then waits for
+        L{COMMITTED} or L{ABORT}), even if its document did not arrive
+        whole.
     """
 
     socket: socket.socket
     pid: int
+    handedOver: bool = field(default=False, init=False)
     _reaped: bool = field(default=False, init=False)
 
     @classmethod
@@ -264,7 +302,8 @@ class Caretaker:
                     self.pid, e or type(e).__name__
                 )
             )
-        if message == DOCUMENT and len(descriptors) == 1:
+        self.handedOver = message == DOCUMENT
+        if message == DOCUMENT and len(descriptors) == 1 and not flags & _CTRUNC:
             return descriptors[0]
         for fd in descriptors:
             os.close(fd)
@@ -274,9 +313,41 @@ class Caretaker:
                     self.pid
                 )
             )
+        if flags & _CTRUNC:
+            raise CaretakerError(
+                "the caretaker (process {}) passed its document, but the "
+                "descriptor was dropped (MSG_CTRUNC: this image is at its "
+                "RLIMIT_NOFILE)".format(self.pid)
+            )
         raise CaretakerError(
-            "the caretaker (process {}) sent {!r}".format(self.pid, message)
+            "the caretaker (process {}) was expected to send {!r} with one "
+            "descriptor, and sent {!r} with {}".format(
+                self.pid, DOCUMENT, message, len(descriptors)
+            )
         )
+
+    def abort(self) -> bool:
+        """
+        Tell the caretaker, which handed its document over and waits, that
+        this image cannot take the connections: it closes them politely
+        itself, then exits (L{reap} it).  This image must let go of its
+        copies of them, without shutting them down.
+
+        @return: whether it could be told (if not, it was ended: L{kill}).
+        """
+        try:
+            self.socket.sendall(ABORT)
+        except OSError as e:
+            _log.warn(
+                "Re-exec: could not tell the caretaker (process {pid}) to close "
+                "its connections ({why}); ending it",
+                pid=self.pid,
+                why=str(e),
+            )
+            self.kill()
+            return False
+        self.socket.close()
+        return True
 
     def committed(self) -> None:
         """

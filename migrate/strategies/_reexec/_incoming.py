@@ -44,11 +44,12 @@ from ..._host._tracking import PendingAdoptionFactory
 from ..._report import ListenerReport, MigrationOutcome, MigrationReport
 from ...interfaces import IMigrationHost
 from ...state import ProtocolState, isMigratable, restoreProtocolState
-from ._caretaker import Caretaker, CaretakerError
+from ._caretaker import CARETAKER_PROTOCOL, Caretaker, CaretakerError
 from ._late import LateAdoption, addressesFrom, addressesOf
 from ._reports import ReportChannel
 from ._state import (
     EXEC_AT_VARIABLE,
+    FORMAT_VERSION,
     PREFLIGHT_MARKER,
     PREFLIGHT_VARIABLE,
     REEXEC_SIGNALS,
@@ -66,6 +67,7 @@ __all__ = [
     "finishPreflight",
     "inheritedReexec",
     "logFileAfterExec",
+    "newImageSpeaks",
     "restoreReexec",
 ]
 
@@ -88,6 +90,9 @@ class ReexecInheritance:
     @ivar inherited: with a caretaker, every descriptor this image
         inherited for it: those the caretaker's document does not name are
         closed.
+    @ivar identities: by descriptor, the device and inode each of
+        L{inherited} had when listed (C{fstat}): one whose number names
+        something else by the time it would be closed is left alone.
     """
 
     state: ReexecState
@@ -96,6 +101,44 @@ class ReexecInheritance:
     caretaker: Caretaker | None = None
     inherited: list[int] = field(factory=list)
     askedAt: float | None = None
+    identities: dict[int, tuple[int, int]] = field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        for fd in self.inherited:
+            if fd not in self.identities:
+                identity = _identity(fd)
+                if identity is not None:
+                    self.identities[fd] = identity
+
+    def stillInherited(self, fd: int) -> bool:
+        """
+        Whether descriptor C{fd} is still what this image inherited under
+        that number (the same device and inode), so that closing it closes
+        nothing else: between the listing and the caretaker's hand-over,
+        the application's start may have closed it and opened another
+        file under the same number.  One that is not is logged.
+        """
+        identity = self.identities.get(fd)
+        if identity is not None and _identity(fd) == identity:
+            return True
+        _log.warn(
+            "Re-exec: descriptor {fd} is no longer the one this image "
+            "inherited under that number; left open",
+            fd=fd,
+        )
+        return False
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    """
+    The device and inode descriptor C{fd} names, or L{None} if it is not
+    open.
+    """
+    try:
+        status = os.fstat(fd)
+    except OSError:
+        return None
+    return (status.st_dev, status.st_ino)
 
 
 def _inheritableDescriptors() -> list[int]:
@@ -239,6 +282,17 @@ def _logFileProblem(parent: Mapping[str, Any]) -> str | None:
     return None
 
 
+def newImageSpeaks() -> dict[str, int]:
+    """
+    What this code, as a re-executed image, can take from the image it
+    replaces, for the old image's preflight (L{finishPreflight}): the
+    newest state document format it reads (it reads every older one) and
+    the caretaker's protocol it speaks (see
+    L{migrate.strategies._reexec._caretaker.CARETAKER_PROTOCOL}).
+    """
+    return {"format": FORMAT_VERSION, "caretaker": CARETAKER_PROTOCOL}
+
+
 def finishPreflight(
     environ: MutableMapping[str, str] | None = None,
     out: TextIO | None = None,
@@ -251,7 +305,8 @@ def finishPreflight(
     application is loaded: the old image only wanted to know the new code
     gets that far, that the new image will be able to open twistd's log
     file, and (when it asks for a trial, L{migrate._handoff._trial}) that
-    the new code restores every connection's state.
+    the new code restores every connection's state.  It tells the old
+    image what it speaks (L{newImageSpeaks}) with its first answer.
 
     @param twistdOptions: twistd's options, if known.
     @param factory: the new code's protocol factory, for the trial
@@ -272,7 +327,7 @@ def finishPreflight(
         raise SystemExit(1)
     from ..._handoff._trial import runChild
 
-    runChild(factory, environ)
+    runChild(factory, environ, about=newImageSpeaks())
     stream.write(PREFLIGHT_MARKER + "\n")
     stream.flush()
     raise SystemExit(0)
@@ -579,8 +634,11 @@ def restoreReexec(
 
     caretaker = inheritance.caretaker
     try:
-        if caretaker is not None:
-            _takeFromCaretaker(host, inheritance, caretaker)
+        if caretaker is not None and not _takeFromCaretaker(
+            host, inheritance, caretaker
+        ):
+            # Ended, or closing the connections itself.
+            caretaker = None
         report = _restore(host, inheritance, resumeCollecting)
         if caretaker is not None:
             # Every connection is this image's now, before it serves any:
@@ -606,7 +664,7 @@ def restoreReexec(
 
 def _takeFromCaretaker(
     host: IMigrationHost, inheritance: ReexecInheritance, caretaker: Caretaker
-) -> None:
+) -> bool:
     """
     Ask the caretaker for the connections (it freezes them, and describes
     those that changed since the pre-copy), and make its document, with
@@ -614,54 +672,136 @@ def _takeFromCaretaker(
     descriptors inherited for the caretaker that the document does not name
     are closed.
 
-    If the caretaker does not hand over in time, it is ended and every
-    connection closed cleanly, with a critical log line: the old code's
-    latest state is lost with it, and the pre-copy may be stale.
+    If the caretaker's document cannot be read, the caretaker is told so
+    (L{Caretaker.abort}) and closes every connection politely itself (it
+    still holds their protocols and unwritten output), while this image
+    lets go of its copies.  If the caretaker does not hand over in time,
+    it is ended and every connection closed cleanly here.  Either way,
+    with a critical log line, the connections are counted as failed: the
+    old code's latest state is lost, and the pre-copy may be stale.
+
+    @return: whether the connections are this image's (if not, the
+        caretaker was ended or is closing them: do not tell it
+        L{Caretaker.committed}).
     """
     prelude = inheritance.state
     inheritance.askedAt = time.monotonic()
     settings = host.settings
     timeout = settings.safePointTimeout + settings.handoffTimeout + 10.0
     try:
+        document = caretaker.freeze(timeout)
         with collectionsPaused():
-            state = afterCaretaker(
-                prelude, readState(caretaker.freeze(timeout)), inheritance.inherited
-            )
+            state = afterCaretaker(prelude, readState(document), inheritance.inherited)
     except (CaretakerError, StateError) as e:
-        caretaker.kill()
-        state = evolve(prelude, precopied=(), connections=(), superseded=())
-        named = set(state.descriptors())
-        lost = [fd for fd in inheritance.inherited if fd not in named]
-        _log.critical(
-            "Re-exec: the caretaker did not hand the connections over ({why}); "
-            "closing the {count} it served",
-            why=str(e),
-            count=len(lost),
-        )
-        listenerOf = {each.descriptor: each.listener for each in prelude.precopied}
-        closed = dict(state.closed)
-        for fd in lost:
-            # Counted as failed on the listener the pre-copy names, where
-            # it does.
-            key = listenerOf.get(fd, "(connections not copied ahead)")
-            closed[key] = closed.get(key, 0) + 1
-            closeCleanly(host.reactor, fd, b"")
-        inheritance.state = evolve(
-            state,
-            closed=closed,
-            notes=state.notes
-            + (
-                "the caretaker did not hand the connections over ({}); {} "
-                "closed".format(e, counted(len(lost), "connection")),
-            ),
-        )
-        return
+        # One that handed over waits for the answer, and can still close
+        # its connections politely; one that did not is ended.
+        politely = caretaker.handedOver and caretaker.abort()
+        if politely:
+            # It closes them, then exits: collected once it has had the
+            # time its own closing may take.
+            caretaker.reap(host.reactor, settings.handoffTimeout + 10.0)
+        else:
+            caretaker.kill()
+        _giveUpConnections(host, inheritance, str(e), politely)
+        return False
     named = set(state.descriptors())
     for fd in inheritance.inherited:
-        if fd not in named:
+        if fd not in named and inheritance.stillInherited(fd):
             # Left to close (the caretaker closed its own copy or exits).
             os.close(fd)
     inheritance.state = state
+    return True
+
+
+def _giveUpConnections(
+    host: IMigrationHost, inheritance: ReexecInheritance, why: str, politely: bool
+) -> None:
+    """
+    The caretaker did not hand the connections over: let go of this
+    image's copies (when the caretaker closes them politely) or close them
+    cleanly here (when it was ended), count them as failed, and serve the
+    rest of the prelude (the listeners, the control socket).
+    """
+    prelude = inheritance.state
+    state = evolve(prelude, precopied=(), connections=(), superseded=())
+    named = set(state.descriptors())
+    lost = [
+        fd
+        for fd in inheritance.inherited
+        if fd not in named and inheritance.stillInherited(fd)
+    ]
+    _log.critical(
+        "Re-exec: the caretaker did not hand the connections over ({why}); "
+        "{who} the {count} it served",
+        why=why,
+        who="it closes" if politely else "closing",
+        count=len(lost),
+    )
+    listenerOf = _listenersOfConnections(lost, prelude)
+    closed = dict(state.closed)
+    for fd in lost:
+        key = listenerOf.get(fd, "(connections not copied ahead)")
+        closed[key] = closed.get(key, 0) + 1
+        if politely:
+            # Not shut down: the caretaker writes what it holds for the
+            # client and closes it.
+            os.close(fd)
+        else:
+            closeCleanly(host.reactor, fd, b"")
+    inheritance.state = evolve(
+        state,
+        closed=closed,
+        notes=state.notes
+        + (
+            "the caretaker did not hand the connections over ({}); {} closed{}".format(
+                why,
+                counted(len(lost), "connection"),
+                " politely by the caretaker" if politely else "",
+            ),
+        ),
+    )
+
+
+def _listenersOfConnections(
+    descriptors: list[int], prelude: ReexecState
+) -> dict[int, str]:
+    """
+    The key of the listener each connection came from, as far as it can be
+    told: the pre-copy names it, or else the connection's own address is
+    on the same port (TCP) or path (Unix) as exactly one listener's.
+    """
+    found = {each.descriptor: each.listener for each in prelude.precopied}
+    listening: dict[Any, list[str]] = {}
+    for key, fd in prelude.listeners.items():
+        where = _boundAt(fd)
+        if where is not None:
+            listening.setdefault(where, []).append(key)
+    for fd in descriptors:
+        if fd in found:
+            continue
+        keys = listening.get(_boundAt(fd), [])
+        if len(keys) == 1:
+            found[fd] = keys[0]
+    return found
+
+
+def _boundAt(descriptor: int) -> Any:
+    """
+    What ties a connection to the listener that accepted it: the address
+    family and port of a TCP socket, the path of a Unix one; L{None} if
+    it cannot be told.
+    """
+    try:
+        with socket.socket(fileno=os.dup(descriptor)) as probe:
+            family = probe.family
+            name = probe.getsockname()
+    except OSError:
+        return None
+    if family in (socket.AF_INET, socket.AF_INET6):
+        return (int(family), name[1])
+    if family == socket.AF_UNIX and name:
+        return (int(family), name)
+    return None
 
 
 def _restore(

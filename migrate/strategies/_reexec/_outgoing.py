@@ -73,9 +73,11 @@ from ...state import (
     unchangedSince,
 )
 from ._caretaker import (
+    CARETAKER_PROTOCOL,
     CARETAKER_VARIABLE,
     CaretakerChannel,
     CaretakerError,
+    HandOverAborted,
     dieWithParent,
     libcPrctl,
 )
@@ -89,6 +91,7 @@ from ._reports import quietChannel
 from ._threads import forkRefusal, freshThreadPool
 from ._state import (
     EXEC_AT_VARIABLE,
+    FORMAT_VERSION,
     PREFLIGHT_MARKER,
     PREFLIGHT_VARIABLE,
     REEXEC_SIGNALS,
@@ -511,7 +514,8 @@ class ReexecMigration:
     @ivar caretaker: whether a caretaker serves the connections while the new
         image starts (see L{migrate.strategies._reexec._caretaker}), when no
         thread runs.
-    @ivar fork: C{os.fork} or a caretaker.
+    @ivar fork: C{os.fork} or a stand-in.
+    @ivar exitProcess: C{os._exit} or a stand-in: how the caretaker ends.
     """
 
     host: IMigrationHost
@@ -526,12 +530,15 @@ class ReexecMigration:
     closeTimeout: float | None = None
     caretaker: bool = False
     fork: Callable[[], int] = os.fork
+    exitProcess: Callable[[int], None] = os._exit
     _closed: dict[str, int] = field(factory=dict)
     #: by C{id()}, the connections still closing at the exec, which the
     #: new image does not inherit: a caretaker leaves them out
     _notInherited: set[int] = field(factory=set)
     _trialClosing: dict[int, tuple[Any, str]] = field(factory=dict)
     _precopy: _Precopy | None = field(default=None, init=False)
+    #: the caretaker's protocol the new code speaks, as its trial said
+    _newCaretaker: int = field(default=0, init=False)
     _attempt: MigrationAttempt = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -605,6 +612,15 @@ class ReexecMigration:
             self._attempt.successorLog[:] = list(outcome.output)
             return self._refuse(outcome.reason or "the trial failed")
         self._attempt.notes.extend(outcome.notes())
+        # What the new image can take from this one: an older migrate
+        # says nothing (it reads format 1, and knows no caretaker).
+        reads = outcome.about.get("format", 1)
+        if reads < FORMAT_VERSION:
+            return self._refuse(
+                "the new code reads state documents up to format {}; this "
+                "image writes format {}".format(reads, FORMAT_VERSION)
+            )
+        self._newCaretaker = outcome.about.get("caretaker", 0)
         self._trialClosing = {
             id(case.connection): (case.connection, why) for case, why in outcome.closing
         }
@@ -654,6 +670,9 @@ class ReexecMigration:
                 + plan.moving
                 + plan.fresh
                 + len(host.reportChannels)
+                # With a caretaker: the channel to it, and the document it
+                # passes at the hand-over.
+                + (2 if self._caretakerRefusal() is None else 0)
             )
             limit = checkDescriptorLimit(inherited, self.softLimit())
             if limit is not None:
@@ -977,7 +996,7 @@ class ReexecMigration:
             forking = refusal is None
             if refusal is not None and self.caretaker:
                 note = "no caretaker served during the exec: {}".format(refusal)
-                _log.info("Re-exec: {note}", note=note)
+                _log.warn("Re-exec: {note}", note=note)
                 self._attempt.notes.append(note)
             precopied: list[int]
             if forking:
@@ -1071,11 +1090,24 @@ class ReexecMigration:
     def _caretakerRefusal(self) -> str | None:
         """
         Why no caretaker can serve while the new image starts, if none can:
-        it is not asked for, or a thread other than an idle worker of the
-        reactor's thread pool runs (see L{forkRefusal}).
+        it is not asked for, the new code does not speak its protocol (an
+        older migrate: it would restore the pre-copy's stale states beside
+        the caretaker, and leave it to close every connection), or a thread
+        other than an idle worker of the reactor's thread pool runs (see
+        L{forkRefusal}).
         """
         if not self.caretaker:
             return "not asked for"
+        if self._newCaretaker < CARETAKER_PROTOCOL:
+            if not self._newCaretaker:
+                return (
+                    "the new code does not speak the caretaker's protocol (an "
+                    "older migrate)"
+                )
+            return (
+                "the new code speaks the caretaker's protocol {}, older than "
+                "this image's {}".format(self._newCaretaker, CARETAKER_PROTOCOL)
+            )
         return forkRefusal(self.host.reactor)
 
     def _prelude(self, frozenAt: float, blocked: Sequence[int]) -> ReexecState:
@@ -1097,7 +1129,9 @@ class ReexecMigration:
         """
         What every state document of this image says besides the
         connections: the process, the listeners, the control socket and
-        metrics endpoint, the report so far, the draining generations.
+        metrics endpoint (and its counters), the report so far, the
+        draining generations.  The prelude says it too: a new image whose
+        caretaker does not hand over serves from the prelude alone.
         """
         host = self.host
         return dict(
@@ -1121,6 +1155,9 @@ class ReexecMigration:
             blockedSignals=tuple(blocked),
             reporters=self._reporters(lenient=lenient),
             draining=tuple(dict(each) for each in host.draining.values()),
+            metricsCarried=(
+                host.metrics.carried() if host.metrics is not None else None
+            ),
         )
 
     def _listenerDescriptors(self) -> dict[str, int]:
@@ -1183,9 +1220,6 @@ class ReexecMigration:
         )
         state = ReexecState(
             **self._documentFields(frozenAt, blocked, lenient=inCaretaker),
-            metricsCarried=(
-                host.metrics.carried() if host.metrics is not None else None
-            ),
             connections=tuple(connections),
             closed=closed,
             precopy=None if precopy is None or inCaretaker else precopy.descriptor,
@@ -1198,20 +1232,27 @@ class ReexecMigration:
         """
         In the caretaker: serve until the new image asks for the
         connections, bring them to their safe points, describe them, hand
-        them over and exit once the new image has committed.  Never
-        returns: the new image reports the migration.  Whatever fails
-        here ends this process (with a critical log line): it must never
-        go on as a host beside the new image.
+        them over and exit once the new image has committed (or, if it
+        could not take them, once they are closed politely).  Never
+        returns (L{exitProcess}): the new image reports the migration.
+        Whatever fails here ends this process (with a critical log line):
+        it must never go on as a host beside the new image.
         """
+        code = 1
         try:
-            yield self._caretake(channel)
+            code = yield self._caretake(channel)
         except BaseException:
             _log.failure("Re-exec: the caretaker failed; it exits")
         flushPythonOutput()
-        os._exit(1)
+        self.exitProcess(code)
 
     @inlineCallbacks
     def _caretake(self, channel: CaretakerChannel) -> Any:
+        """
+        The caretaker's work (see L{_serveAsCaretaker}).
+
+        @return: a L{Deferred} firing with this process's exit status.
+        """
         host = self.host
         attempt = self._attempt
         reactor = host.reactor
@@ -1247,22 +1288,15 @@ class ReexecMigration:
         try:
             yield asked
         except CaretakerError as e:
-            # An image that cannot take them (it failed, or is a version
-            # without a caretaker's counterpart): end them politely, so
-            # that their clients come back to the new image.
+            # An image that cannot take them (it failed): end them
+            # politely, so that their clients come back to the new image.
             _log.critical(
                 "Re-exec: the new image will not take the connections ({why}); "
                 "the caretaker closes them politely and exits",
                 why=str(e),
             )
-            yield self._closeUnmovable(
-                [
-                    (listener.key, hosted, "the new image did not take it")
-                    for listener, hosted in host.allConnections()
-                    if id(hosted) not in self._notInherited
-                ]
-            )
-            return
+            yield self._closeEverything("the new image did not take it")
+            return 1
         finally:
             if timer.active():
                 timer.cancel()
@@ -1270,7 +1304,7 @@ class ReexecMigration:
         attempt.startPhase()
         # Held at their safe points until the exchange ends: this process
         # then exits, and never serves them again.
-        yield atSafePoints(
+        safePoints = yield atSafePoints(
             host,
             attempt,
             holdAll=True,
@@ -1298,17 +1332,53 @@ class ReexecMigration:
                 again=len(state.connections),
             )
             flushPythonOutput()
-            # No deadline: the new image holds every socket already, and
-            # this process dies with it (PR_SET_PDEATHSIG).
-            why = channel.handOver(document, None)
+            try:
+                # No deadline: the new image holds every socket already,
+                # and this process dies with it (PR_SET_PDEATHSIG).
+                why = channel.handOver(document, None)
+            except HandOverAborted as e:
+                why = str(e)
+                aborted = True
+            else:
+                aborted = False
+            finally:
+                os.close(document)
+        if aborted:
+            # Nothing was let go of here: the connections are as they were
+            # at their safe points, with their output.  The new image has
+            # closed its copies; end them politely, as if it never asked.
+            _log.critical(
+                "Re-exec: {why}; the caretaker closes the connections politely "
+                "and exits",
+                why=why,
+            )
+            safePoints.letGo()
+            yield self._closeEverything("the new image could not take it")
+            return 1
         if why is not None:
             _log.warn(
                 "Re-exec: the caretaker handed over, but {why}; it exits (the "
                 "new image holds every socket)",
                 why=why,
             )
-        flushPythonOutput()
-        os._exit(0)
+        return 0
+
+    def _closeEverything(self, why: str) -> Any:
+        """
+        In the caretaker, when the new image does not take the
+        connections: close politely every one it serves, so that their
+        clients come back to the new image.
+
+        @return: a L{Deferred} firing once they are gone (or the close
+            timeout passed).
+        """
+        return self._closeUnmovable(
+            [
+                (listener.key, hosted, why)
+                for listener, hosted in self.host.allConnections()
+                if id(hosted) not in self._notInherited
+            ]
+        )
 
     @inlineCallbacks
     def _threadWorkDone(self, timeout: float) -> Any:

@@ -26,7 +26,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Callable, Mapping, MutableMapping, TextIO
+from typing import Any, Callable, Mapping, MutableMapping, Sequence, TextIO
 
 from attrs import define, evolve, field
 from twisted.internet.protocol import Factory, Protocol
@@ -634,12 +634,14 @@ def restoreReexec(
 
     caretaker = inheritance.caretaker
     try:
+        # While a caretaker still serves the connections.
+        listenerNotes = _adoptListeners(host, inheritance.state)
         if caretaker is not None and not _takeFromCaretaker(
             host, inheritance, caretaker
         ):
             # Ended, or closing the connections itself.
             caretaker = None
-        report = _restore(host, inheritance, resumeCollecting)
+        report = _restore(host, inheritance, resumeCollecting, listenerNotes)
         if caretaker is not None:
             # Every connection is this image's now, before it serves any:
             # the caretaker exits without touching a socket.
@@ -804,23 +806,23 @@ def _boundAt(descriptor: int) -> Any:
     return None
 
 
-def _restore(
-    host: IMigrationHost,
-    inheritance: ReexecInheritance,
-    whenAdopted: Callable[[], None] = lambda: None,
-) -> MigrationReport:
-    restoreStart = time.monotonic()
-    state = inheritance.state
-    reactor = host.reactor
-    notes = list(state.notes)
-    failed: dict[str, int] = dict(state.closed)
-    moved: dict[str, int] = {}
+def _adoptListeners(host: IMigrationHost, state: ReexecState) -> list[str]:
+    """
+    Adopt the listening sockets the old image left (paused), and start a
+    hosted twistd plugin on them: its ports claim them before connections
+    are adopted on them.  Done before the caretaker is asked for the
+    connections, so that its clients do not wait for the application to
+    start.
 
+    @return: the notes for the report (what could not be adopted or
+        started).
+    """
+    notes: list[str] = []
     for key, fd in state.listeners.items():
         try:
             listener = host.listenerNamed(key)
             listener.port = adoptListener(
-                reactor, fd, listener.factory, accepting=False
+                host.reactor, fd, listener.factory, accepting=False
             )
         except Exception as e:
             if isinstance(e, KeyError):
@@ -830,6 +832,34 @@ def _restore(
             )
             _log.error("Re-exec: {note}", note=note)
             notes.append(note)
+    prepare = getattr(host, "prepareApplication", None)
+    if prepare is not None:
+        try:
+            prepare()
+        except Exception as e:
+            _log.failure("Re-exec: the hosted application did not start")
+            notes.append(
+                "the hosted application did not start: {}: {}".format(
+                    type(e).__name__, e
+                )
+            )
+    return notes
+
+
+def _restore(
+    host: IMigrationHost,
+    inheritance: ReexecInheritance,
+    whenAdopted: Callable[[], None] = lambda: None,
+    listenerNotes: Sequence[str] = (),
+) -> MigrationReport:
+    restoreStart = time.monotonic()
+    state = inheritance.state
+    reactor = host.reactor
+    notes = list(state.notes)
+    failed: dict[str, int] = dict(state.closed)
+    moved: dict[str, int] = {}
+
+    notes.extend(listenerNotes)
     if state.control is not None:
         try:
             port = adoptControl(reactor, state.control, host, accepting=False)
@@ -844,20 +874,6 @@ def _restore(
             host.adoptControlPort(port)
     if state.metrics is not None:
         _adoptMetrics(host, state.metrics, state.metricsCarried, notes)
-
-    prepare = getattr(host, "prepareApplication", None)
-    if prepare is not None:
-        # A hosted twistd plugin: it opens its ports again and claims the
-        # inherited listeners before connections are adopted on them.
-        try:
-            prepare()
-        except Exception as e:
-            _log.failure("Re-exec: the hosted application did not start")
-            notes.append(
-                "the hosted application did not start: {}: {}".format(
-                    type(e).__name__, e
-                )
-            )
 
     adopted: list[tuple[AdoptedConnection, InheritedConnection]] = []
     late = LateAdoption(reactor)

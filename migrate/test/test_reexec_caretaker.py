@@ -756,6 +756,34 @@ class NewImageGivesUpTests(SynchronousTestCase):
             sum(each.failed for each in report.listeners), 1, report.listeners
         )
 
+    def test_applicationStartedBeforeTheCaretakerIsAsked(self) -> None:
+        """
+        The new image starts a hosted application (on the listeners it
+        adopted) before it asks the caretaker for the connections, so that
+        their clients do not wait for it.
+        """
+        seen: list[bytes | None] = []
+
+        def prepareApplication() -> None:
+            self.ours.setblocking(False)
+            try:
+                seen.append(self.ours.recv(1))
+            except BlockingIOError:
+                seen.append(None)
+            finally:
+                self.ours.setblocking(True)
+
+        self.patch(self.host, "prepareApplication", prepareApplication)
+        document = writeMemfd(b"not a document", "test", inheritable=False)
+        socket.send_fds(self.ours, [DOCUMENT], [document])
+        os.close(document)
+        self.inheritance.state = evolve(self.inheritance.state, listeners={})
+        self.inheritance.inherited = [self.inherited]
+        self.inheritance.caretaker = self.caretaker
+        restoreReexec(self.host, self.inheritance)
+        self.assertEqual(seen, [None])
+        self.assertEqual(self.ours.recv(1), FREEZE)
+
 
 class NumberReusedTests(SynchronousTestCase):
     """

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import attrs
 from attrs import evolve
 from twisted.internet.address import UNIXAddress
+from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import capturedLogs
 from twisted.protocols import amp
@@ -1144,6 +1145,7 @@ class IncomingChannelTests(SynchronousTestCase):
         # the reactor's next turn runs the call due now, and only the one
         # after runs what that call schedules (a Clock would run both).
         [nextTurn] = self.h.reactor.getDelayedCalls()
+        assert isinstance(nextTurn, DelayedCall)
         call, args = nextTurn.func, nextTurn.args
         nextTurn.cancel()
         call(*args)

@@ -537,6 +537,7 @@ def buildHost(
     *,
     hostType: type[MigrationHost] = MigrationHost,
     keeper: Any = None,
+    yieldWhenHandedOn: bool = False,
 ) -> MigrationHost:
     """
     Build the host service from parsed options.
@@ -546,6 +547,8 @@ def buildHost(
     @param hostType: L{MigrationHost} or a subclass.
     @param keeper: this process's part in keeping the process a supervisor
         started (see L{migrate._host._keeping.keeperFor}); none by default.
+    @param yieldWhenHandedOn: see L{HostSettings.yieldWhenHandedOn}: for a
+        process that ends once it has handed everything on.
     """
     from ._host._inheritance import UnknownInheritedStrategy, inheritedGeneration
 
@@ -580,6 +583,7 @@ def buildHost(
         reloadModules=options["reload-modules"],
         metricsEndpoint=options["metrics"],
         maxDraining=options["max-draining"],
+        yieldWhenHandedOn=yieldWhenHandedOn,
     )
     host = hostType(
         reactor,
@@ -640,7 +644,7 @@ def makeService(options: Options) -> MigrationHost:
     """
     from twisted.internet import reactor
 
-    from ._host._keeping import chooseKeeper, keeperFor
+    from ._host._keeping import KeeperHome, chooseKeeper, keeperFor
     from ._host._platform import PlatformUnsupported, checkPlatform
 
     try:
@@ -654,4 +658,12 @@ def makeService(options: Options) -> MigrationHost:
     if options.get("logfile"):
         # twistd opens it after this; generations share it.
         reactor.callWhenRunning(appendToLogFile, options["logfile"])
-    return buildHost(reactor, options, hostType=_TwistdHost, keeper=keeper)
+    return buildHost(
+        reactor,
+        options,
+        hostType=_TwistdHost,
+        keeper=keeper,
+        # This process ends once it has handed everything on, unless it
+        # stays as the keeper.
+        yieldWhenHandedOn=not isinstance(keeper, KeeperHome),
+    )

@@ -11,7 +11,11 @@ from typing import Any, Mapping, Sequence
 
 from attrs import field, frozen
 
-__all__ = ["HostSettings"]
+__all__ = ["HANDED_ON_NICENESS", "HostSettings"]
+
+#: the nice value a process that handed everything on takes (the lowest
+#: priority) when L{HostSettings.yieldWhenHandedOn} says so
+HANDED_ON_NICENESS = 19
 
 
 def _optionalList(value: Sequence[str] | None) -> tuple[str, ...] | None:
@@ -25,8 +29,8 @@ def _options(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
 @frozen
 class HostSettings:
     """
-    How a host runs and migrates; every field has the default
-    C{twistd migrate-host} uses.
+    How a host runs and migrates; every field but C{yieldWhenHandedOn} has
+    the default C{twistd migrate-host} uses.
 
     @ivar controlPath: where the control channel listens, or L{None} for no
         control channel.
@@ -59,6 +63,15 @@ class HostSettings:
     @ivar maxDraining: the most older generations left draining at once;
         a hand-off to a successor that would leave more first has the
         oldest close their connections cleanly.  L{None}: no limit.
+    @ivar yieldWhenHandedOn: whether this process, once a capability
+        transfer committed with nothing left to drain here, lowers its own
+        CPU priority (to L{HANDED_ON_NICENESS}) before it lets go of the
+        moved connections and exits, so that this work takes no CPU from
+        the successor serving them.  For a process that ends once handed
+        on: the priority is never raised again.  C{twistd migrate-host}
+        sets it, unless this process is the one that stays as the keeper;
+        off by default (an embedding application's process may go on
+        doing other work).
     """
 
     controlPath: str | None = "migrate-host.sock"
@@ -75,3 +88,4 @@ class HostSettings:
     safePointTimeout: float = 3.0
     metricsEndpoint: str | None = None
     maxDraining: int | None = None
+    yieldWhenHandedOn: bool = False

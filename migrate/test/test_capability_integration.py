@@ -89,6 +89,36 @@ MIGRATABLE_V2 = (
 )
 
 
+#: a migratable protocol for every other connection, a plain one (which
+#: stays and drains) for the others
+MIXED_V1 = MIGRATABLE_V1 + textwrap.dedent("""
+    class Plain(LineReceiver):
+        delimiter = b"\\n"
+
+        def connectionMade(self):
+            # State of its own, which nothing knows how to carry: it stays.
+            self.count = 0
+            self.sendLine(b"hello plain %d" % os.getpid())
+
+        def lineReceived(self, line):
+            self.count += 1
+            self.sendLine(b"plain %d %s %d" % (os.getpid(), line, self.count))
+
+    class Alternating(Factory):
+        built = 0
+
+        def buildProtocol(self, addr):
+            self.built += 1
+            return (Counter if self.built % 2 else Plain)()
+
+    def makeFactory():
+        return Alternating()
+""")
+
+#: what the old process logs when it yields the processor to its successor
+YIELDED = "connections and exits at nice 19"
+
+
 class CapabilityTransferTests(LiveAppMixin, TestCase):
     """
     C{--strategy capability} with real processes.
@@ -128,6 +158,54 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
         self.assertEqual(status["connections"], 5)
         for client in clients:
             client.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_handedOnProcessYields(self):
+        """
+        Once its successor committed and nothing is left to drain, the old
+        process (which ends once handed on: C{--keeper off}) lowers its own
+        priority before it lets go of the moved connections, so that this
+        and its exit take no processor from the successor serving them.
+        """
+        status = yield self.startHost()
+        oldPid = status["pid"]
+        clients = yield self.connectClients(3)
+        for client in clients:
+            yield self.exchange(client, b"before")
+        code, report, err = yield self.host.upgrade()
+        self.assertEqual((code, report["moved"], report["draining"]), (0, 3, 0), err)
+        yield waitFor(lambda: not pidAlive(oldPid), what="the old process to exit")
+        self.assertIn(
+            "process {} lets go of 3 {}".format(oldPid, YIELDED), self.host.output()
+        )
+        for client in clients:
+            reply = yield self.exchange(client, b"after")
+            self.assertEqual(
+                reply[1:], [str(report["newPid"]).encode(), b"after", b"2"]
+            )
+            client.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_drainingProcessKeepsItsPriority(self):
+        """
+        An old process that still serves a connection after the commit (its
+        protocol cannot move) keeps its priority: its clients are not slowed.
+        """
+        status = yield self.startHost(app=MIXED_V1)
+        oldPid = status["pid"]
+        before = os.getpriority(os.PRIO_PROCESS, oldPid)
+        moving, staying = yield self.connectClients(2)
+        code, report, err = yield self.host.upgrade()
+        self.assertEqual((code, report["moved"], report["draining"]), (0, 1, 1), err)
+        self.assertEqual(os.getpriority(os.PRIO_PROCESS, oldPid), before)
+        self.assertNotIn(YIELDED, self.host.output())
+        reply = yield self.exchange(staying, b"still")
+        self.assertEqual(reply, [b"plain", str(oldPid).encode(), b"still", b"1"])
+        reply = yield self.exchange(moving, b"moved")
+        self.assertEqual(reply[1:], [str(report["newPid"]).encode(), b"moved", b"1"])
+        for client in (moving, staying):
+            client.transport.loseConnection()
+        yield waitFor(lambda: not pidAlive(oldPid), what="the old process to exit")
 
     @inlineCallbacks
     def test_repeatedUpgradesUnderTraffic(self):

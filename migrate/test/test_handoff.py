@@ -23,6 +23,7 @@ from typing import Any, Callable
 import attrs
 from attrs import evolve
 from twisted.internet.address import UNIXAddress
+from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import capturedLogs
 from twisted.protocols import amp
@@ -1106,7 +1107,8 @@ class IncomingChannelTests(SynchronousTestCase):
         successor drops what the old process withdrew, updates what
         changed, restores every staged connection (the changed first),
         serves, and answers with its process id.  The changed ones are
-        served at once, the others after a reactor turn.
+        served at once, the others after a whole reactor turn (the changed
+        ones read before any of them is resumed).
         """
         answer = self.precopy(
             [
@@ -1138,6 +1140,15 @@ class IncomingChannelTests(SynchronousTestCase):
         self.assertEqual(
             self.staged[2].events, ["update", "restore", "answered", "commit"]
         )
+        self.assertEqual(self.staged[1].events, ["restore"])
+        # The changed ones have a reactor turn (a poll) to themselves first:
+        # the reactor's next turn runs the call due now, and only the one
+        # after runs what that call schedules (a Clock would run both).
+        [nextTurn] = self.h.reactor.getDelayedCalls()
+        assert isinstance(nextTurn, DelayedCall)
+        call, args = nextTurn.func, nextTurn.args
+        nextTurn.cancel()
+        call(*args)
         self.assertEqual(self.staged[1].events, ["restore"])
         self.h.reactor.advance(0)
         self.assertEqual(self.staged[1].events, ["restore", "commit"])

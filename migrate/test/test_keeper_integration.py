@@ -402,6 +402,12 @@ class _NamespaceMixin:
             len(lineage.output().split("keeps the service")), 2, lineage.output()
         )
         keeperOuter = self.keeperProcess()["outer"]
+        # It handed everything on with capability transfer and stays: it
+        # kept its priority (only a process that ends lowers its own).
+        self.assertEqual(  # type: ignore[attr-defined]
+            os.getpriority(os.PRIO_PROCESS, keeperOuter),
+            os.getpriority(os.PRIO_PROCESS, 0),
+        )
         os.kill(keeperOuter, signal.SIGTERM)
         code = yield lineage.ended(timeout=25)
         self.assertEqual(code, 143, lineage.output())  # type: ignore[attr-defined]

@@ -225,6 +225,20 @@ class BuildHostTests(SynchronousTestCase):
             [each for each in host.observers if isinstance(each, AppendingLogFile)]
         )
 
+    def test_yieldWhenHandedOn(self) -> None:
+        """
+        A host lowers its priority once handed on only when told to, as
+        C{twistd migrate-host} does for a process that ends then: an
+        embedding application's process may go on with other work.
+        """
+        options = tap.Options()
+        options.parseOptions(["--listen", "tcp:0", "--strategy", "capability"])
+        self.assertFalse(
+            tap.buildHost(HostReactor(), options).settings.yieldWhenHandedOn
+        )
+        host = tap.buildHost(HostReactor(), options, yieldWhenHandedOn=True)
+        self.assertTrue(host.settings.yieldWhenHandedOn)
+
 
 class PluginOptionsTests(SynchronousTestCase):
     """

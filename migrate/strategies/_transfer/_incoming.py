@@ -386,8 +386,9 @@ class IncomingChannel(amp.AMP):
         staged.clear()
         # Serve at once the connections adopted frozen since the pre-copy
         # (the newest) and those that changed since it (the most active);
-        # the others, restored but held, start reading in slices right
-        # after: a busy client does not wait for thousands of idle ones.
+        # the others, restored but held, start reading in slices from the
+        # next reactor turn: a busy client does not wait for thousands of
+        # idle ones.
         # Every connection is restored already, so whatever the busy ones
         # make the application write to the idle ones is kept, in order.
         self._adopted = self._adopted + restored[: len(first)]
@@ -400,7 +401,12 @@ class IncomingChannel(amp.AMP):
             changed=len(first),
             ms=(time.monotonic() - started) * 1000,
         )
-        self.host.reactor.callLater(0, self._resumeSlice)
+        # The first slice waits for one whole reactor turn: the connections
+        # served at once read (and answer, on the turn after) before any
+        # slice delays them.  A call made now would run before the reactor
+        # polls; one it makes runs after.
+        reactor = self.host.reactor
+        reactor.callLater(0, reactor.callLater, 0, self._resumeSlice)
         return answer
 
     def _resumeSlice(self) -> None:

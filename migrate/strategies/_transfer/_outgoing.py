@@ -43,6 +43,7 @@ from ..._handoff._successor import (
     successorCommandLine,
 )
 from ..._host._heap import collectionsPaused
+from ..._host._settings import HANDED_ON_NICENESS
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
 from ..._systemd import successorEnvironment
 from ...interfaces import IMigrationHost
@@ -673,6 +674,10 @@ class OutgoingHandoff:
             sock.close()
             self._freezeSocket = None
         attempt.phaseDone("commit")
+        if not staying and not self._later and not any(self._staying.values()):
+            # The successor serves every connection now; what is left here
+            # (letting go of them, exiting) must not take its CPU.
+            self._yieldProcessor(len(delta.moving) + len(self._moving))
         for each in delta.moving:
             each.release()
             self._moved[each.listenerKey] = self._moved.get(each.listenerKey, 0) + 1
@@ -685,6 +690,32 @@ class OutgoingHandoff:
             )
         )
         return int(answer["pid"])
+
+    def _yieldProcessor(self, moved: int) -> None:
+        """
+        The successor committed and no connection stays here: if the host's
+        settings say this process ends once handed on, lower its CPU
+        priority for the rest of its life (never raised again), so that
+        letting go of the C{moved} connections and exiting yield the
+        processor to the successor, which serves them already.
+        """
+        if not self.host.settings.yieldWhenHandedOn:
+            return
+        try:
+            lowerOwnPriority(HANDED_ON_NICENESS)
+        except OSError as e:
+            _log.warn(
+                "Could not lower this process's priority after handing on: {error}",
+                error=e,
+            )
+            return
+        _log.info(
+            "Handed on every connection; process {pid} lets go of {count} "
+            "connections and exits at nice {niceness}",
+            pid=os.getpid(),
+            count=moved,
+            niceness=HANDED_ON_NICENESS,
+        )
 
     def _firstRefused(self, refused: dict[int, str], moving: list[Any]) -> str:
         """
@@ -1023,6 +1054,19 @@ _MAX_MANIFEST_BYTES = 512 * 1024 * 1024
 _MAX_MANIFEST_DEPTH = 48
 #: the most distinct reasons for connections staying behind a report lists
 _MAX_STAY_NOTES = 10
+
+
+def lowerOwnPriority(niceness: int) -> None:
+    """
+    Raise the calling thread's nice value to C{niceness}, if it is lower.
+    On Linux the nice value belongs to the thread: the reactor's thread,
+    which lets go of the connections, is the one that calls.  Raising it
+    needs no privilege; lowering it again would.
+
+    @raise OSError: if the system refuses.
+    """
+    if os.getpriority(os.PRIO_PROCESS, 0) < niceness:
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
 
 
 def _describe(error: BaseException) -> str:

@@ -805,20 +805,26 @@ class ReloadAttempt:
         staying: Counter[str] = Counter()
         unchanged: Counter[str] = Counter()
         swapped: Counter[str] = Counter()
+        # Looked up once: the loop runs for every connection while every
+        # client waits.
+        rebuild = self._rebuild
+        migratable = IMigratable.providedBy
+        closing = self._closing
         for listener in self.host.listeners.values():
-            counts = self.counts.setdefault(listener.key, _Listener())
+            key = listener.key
+            counts = self.counts.setdefault(key, _Listener())
             for hosted in listener.factory.connections:
                 protocol = hosted.wrappedProtocol
                 if protocol is None or hosted.pending or hosted.released:
                     continue
-                if self._closing and self._isClosing(hosted):
+                if closing and self._isClosing(hosted):
                     counts.failed += 1
                     continue
                 # The application's own opt-in only: a protocol migrate has a
                 # mover for (twisted.web's channel) is not rebuilt in the same
                 # process; it keeps its objects, as before movers existed.
-                if IMigratable.providedBy(protocol):
-                    self._rebuild(listener.key, hosted, protocol)
+                if migratable(protocol):
+                    rebuild(key, hosted, protocol)
                     counts.moved += 1
                     continue
                 self._notRebuilt.append((listener, hosted))

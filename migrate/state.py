@@ -910,13 +910,13 @@ class StateFingerprint:
                 return False
             packed = self.packedAppState
             try:
-                same = (
+                samePacked = (
                     packed is not None
                     and _packForComparison(appState, _PACK_VERSION) == packed
                 )
             except Exception:
-                same = False
-            if not same:
+                samePacked = False
+            if not samePacked:
                 # The JSON encodings decide (a tuple now where a list was,
                 # say, encodes the same).
                 try:
@@ -935,10 +935,10 @@ class StateFingerprint:
             saved = buffers.get(kind.name)
             if saved is None:
                 return False
-            same = kind.same
+            compare = kind.same
             try:
-                if same is not None:
-                    if not same(protocol, saved):
+                if compare is not None:
+                    if not compare(protocol, saved):
                         return False
                 elif kind.capture(protocol) != saved:
                     return False
@@ -1055,14 +1055,14 @@ def restoreProtocolState(
     if state.migratable:
         if app is None:
             raise RestoreError(
-                f"cannot restore {_className(cls)}: it does not provide IMigratable, and "
-                f"{state.className} left application state"
+                f"cannot restore {_className(cls)}: it does not provide "
+                f"IMigratable, and {state.className} left application state"
             )
         newVersion = getattr(app, "migrationVersion", None)
         if type(newVersion) is not int:
             raise RestoreError(
-                f"cannot restore {_className(cls)}: its migrationVersion must be an int, "
-                f"not {type(newVersion).__qualname__}"
+                f"cannot restore {_className(cls)}: its migrationVersion must "
+                f"be an int, not {type(newVersion).__qualname__}"
             )
         # The application may change what it is given; the state stays as
         # it was taken.
@@ -1072,8 +1072,9 @@ def restoreProtocolState(
                 appState = app.upgradeMigrationState(state.version, appState)
             except Exception as e:
                 raise RestoreError(
-                    f"{_className(cls)}.upgradeMigrationState() refused state version "
-                    f"{state.version} (this code reads version {newVersion}): "
+                    f"{_className(cls)}.upgradeMigrationState() refused state "
+                    f"version {state.version} (this code reads version "
+                    f"{newVersion}): "
                     f"{_describe(e)}"
                 ) from e
 

@@ -37,6 +37,7 @@ import base64
 import binascii
 import copy
 import json
+import marshal
 from io import BytesIO
 from typing import Any, Callable, Mapping
 
@@ -55,6 +56,7 @@ from migrate._handoff._movers._registry import (
     NotAtSafePoint,
     migratableFor,
     migrationBlocker,
+    movers,
 )
 from migrate.interfaces import IMigratable
 
@@ -149,6 +151,11 @@ class _BufferKind:
         C{makeConnection} (which a restored protocol does not go through),
         the values to restore when the old protocol had no such buffer;
         L{None} when the class's own defaults do.
+    @ivar same: whether C{capture} would now return values equal to
+        saved ones, answered without building them (C{False} where
+        C{capture} would raise L{StateError}); for the comparisons made of
+        every connection while every client waits (L{StateFingerprint}).
+        L{None}: C{capture} and compare.
     """
 
     name: str
@@ -158,6 +165,7 @@ class _BufferKind:
     restore: Callable[[Any, Mapping[str, Any]], None]
     pending: Callable[[Any], bytes]
     initial: Mapping[str, Any] | None = None
+    same: Callable[[Any, Mapping[str, Any]], bool] | None = None
 
 
 def _captureLineReceiver(protocol: basic.LineReceiver) -> dict[str, Any]:
@@ -181,6 +189,23 @@ def _captureLineReceiver(protocol: basic.LineReceiver) -> dict[str, Any]:
         "buffer": _bytesAttribute(protocol, "_buffer"),
         "lineMode": bool(protocol.line_mode),
     }
+
+
+def _sameLineReceiver(protocol: basic.LineReceiver, saved: Mapping[str, Any]) -> bool:
+    """
+    Whether L{_captureLineReceiver} would now return C{saved}: the same
+    test as comparing a new capture with it (C{False} where the capture
+    would raise), without building the capture.
+    """
+    if protocol._busyReceiving:
+        return False
+    buffer = getattr(protocol, "_buffer", b"")
+    return (
+        type(buffer) is bytes
+        and len(saved) == 2
+        and saved.get("buffer") == buffer
+        and saved.get("lineMode", None) == bool(protocol.line_mode)
+    )
 
 
 def _restoreLineReceiver(
@@ -334,6 +359,7 @@ _KINDS: tuple[_BufferKind, ...] = (
         capture=_captureLineReceiver,
         restore=_restoreLineReceiver,
         pending=lambda protocol: protocol._buffer,
+        same=_sameLineReceiver,
     ),
     _BufferKind(
         name="LineOnlyReceiver",
@@ -763,6 +789,17 @@ def _comparisonEncoder() -> Callable[[Any], str]:
 #: encodes application state the way the codec does, for comparisons only
 _encodeForComparison = _comparisonEncoder()
 
+#: a cheaper comparison key for application state (L{StateFingerprint}):
+#: C{marshal}'s form, only ever compared in this process, never loaded
+_packForComparison = marshal.dumps
+
+#: C{marshal}'s format 2: no references between objects (format 3 on marks
+#: an object shared or not by its reference count, so that equal values
+#: could differ), no interned strings (format 3 on marks them), floats in
+#: binary; every exact type of plain data has a code of its own (C{True}
+#: is not C{1}, a C{tuple} not a C{list}) and containers keep their order
+_PACK_VERSION = 2
+
 
 @frozen
 class StateFingerprint:
@@ -781,15 +818,29 @@ class StateFingerprint:
 
     @ivar migratable: as in the L{ProtocolState} taken.
     @ivar version: as in the L{ProtocolState} taken.
+    The application state is first compared by its C{marshal} form
+    (L{_packForComparison}), which is several times cheaper to make than
+    its JSON encoding for a small state: two trees of the exact JSON types
+    (as a captured state is) with the same C{marshal} form are the same
+    tree, types, values and key order, so they encode to the same JSON.
+    Where the two forms differ (or C{marshal} refuses the value), the JSON
+    encodings decide, as before.  The C{marshal} form is a comparison key
+    kept in this process, never sent anywhere nor loaded.
+
+    @ivar migratable: as in the L{ProtocolState} taken.
+    @ivar version: as in the L{ProtocolState} taken.
     @ivar encodedAppState: the application state, encoded as the codec
         does; L{None} if not migratable.
     @ivar buffers: the base protocols' buffers, as in the L{ProtocolState}.
+    @ivar packedAppState: the application state's C{marshal} form, for the
+        cheap comparison; L{None} if not migratable or C{marshal} refused it.
     """
 
     migratable: bool
     version: int | None
     encodedAppState: str | None
     buffers: dict[str, dict[str, Any]]
+    packedAppState: bytes | None = None
 
     @classmethod
     def of(cls, state: ProtocolState) -> StateFingerprint:
@@ -799,11 +850,18 @@ class StateFingerprint:
 
         @param state: from L{captureProtocolState}.
         """
+        packed = None
+        if state.migratable:
+            try:
+                packed = _packForComparison(state.appState, _PACK_VERSION)
+            except Exception:
+                packed = None
         return cls(
             state.migratable,
             state.version,
             (_encodeForComparison(state.appState) if state.migratable else None),
             state.buffers,
+            packed,
         )
 
     def matches(self, protocol: object) -> bool:
@@ -821,34 +879,68 @@ class StateFingerprint:
         @raise NotAtSafePoint: if the protocol cannot move now (a request
             in flight); it may at a later safe point.
         """
-        app: Any = migratableFor(protocol)
+        # Asked of every connection while every client waits: the look-ups
+        # of migratableFor, _mayBlock and _kindsOf are made inline, and a
+        # base protocol's buffers compared without building a capture.
+        app: Any = (
+            protocol if IMigratable.providedBy(protocol) else movers.moverFor(protocol)
+        )
         if (app is not None) is not self.migratable:
             return False
         if app is not None:
-            try:
-                reason = migrationBlocker(app) if _mayBlock(app) else None
-            except StateError:
-                return False
-            if reason is not None:
-                raise NotAtSafePoint(
-                    f"{_className(type(protocol))} cannot move now: {reason}"
-                )
+            blocking = _blockingClasses.get(type(app))
+            if (
+                blocking is None
+                or blocking
+                or "migrationBlocker" in getattr(app, "__dict__", ())
+            ):
+                try:
+                    reason = migrationBlocker(app) if _mayBlock(app) else None
+                except StateError:
+                    return False
+                if reason is not None:
+                    raise NotAtSafePoint(
+                        f"{_className(type(protocol))} cannot move now: {reason}"
+                    )
             if getattr(app, "migrationVersion", None) != self.version:
                 return False
             try:
-                encoded = _encodeForComparison(app.getMigrationState())
+                appState = app.getMigrationState()
             except Exception:
                 return False
-            if encoded != self.encodedAppState:
-                return False
+            packed = self.packedAppState
+            try:
+                samePacked = (
+                    packed is not None
+                    and _packForComparison(appState, _PACK_VERSION) == packed
+                )
+            except Exception:
+                samePacked = False
+            if not samePacked:
+                # The JSON encodings decide (a tuple now where a list was,
+                # say, encodes the same).
+                try:
+                    if _encodeForComparison(appState) != self.encodedAppState:
+                        return False
+                except Exception:
+                    return False
         buffers = self.buffers
-        kinds = _kindsOf(type(protocol))
+        cls = type(protocol)
+        kinds = _kindsByClass.get(cls)
+        if kinds is None:
+            kinds = _kindsOf(cls)
         if len(kinds) != len(buffers):
             return False
         for kind in kinds:
             saved = buffers.get(kind.name)
+            if saved is None:
+                return False
+            compare = kind.same
             try:
-                if saved is None or kind.capture(protocol) != saved:
+                if compare is not None:
+                    if not compare(protocol, saved):
+                        return False
+                elif kind.capture(protocol) != saved:
                     return False
             except StateError:
                 return False
@@ -921,7 +1013,11 @@ def restoreProtocolState(
         new class no longer inherits from the base class that held it.
         C{protocol} must then not be used.
     """
-    name = _className(type(protocol))
+    # Run for every connection while every client waits (module reload's
+    # pause, the commit of a transfer): the protocol's name is made only
+    # for an error, and the common case (the saved buffers are exactly
+    # those of the new class's base protocols) walks them once.
+    cls = type(protocol)
     try:
         buffers = (
             _validateBuffers(state.buffers, encoded=False)
@@ -929,35 +1025,44 @@ def restoreProtocolState(
             else state.buffers
         )
     except StateError as e:
-        raise RestoreError(f"cannot restore {name}: {e}") from e
+        raise RestoreError(f"cannot restore {_className(cls)}: {e}") from e
+    classKinds = _kindsByClass.get(cls)
+    if classKinds is None:
+        classKinds = _kindsOf(cls)
     kinds: list[tuple[_BufferKind, Mapping[str, Any]]] = []
-    for kind in _kindsOf(type(protocol)):
+    found = 0
+    for kind in classKinds:
         if kind.name in buffers:
             kinds.append((kind, buffers[kind.name]))
+            found += 1
         elif kind.initial is not None:
             kinds.append((kind, kind.initial))
-    for kindName, saved in buffers.items():
-        kind = _KINDS_BY_NAME[kindName]
-        if not isinstance(protocol, kind.base) and saved["buffer"]:
-            raise RestoreError(
-                f"cannot restore {name}: it is not a {kind.name}, and the "
-                f"{len(saved['buffer'])} bytes {state.className} had buffered "
-                "as one would be lost"
-            )
+    if found != len(buffers):
+        # Some buffer belongs to a base protocol the new class lacks.
+        for kindName, saved in buffers.items():
+            kind = _KINDS_BY_NAME[kindName]
+            if not isinstance(protocol, kind.base) and saved["buffer"]:
+                raise RestoreError(
+                    f"cannot restore {_className(cls)}: it is not a "
+                    f"{kind.name}, and the {len(saved['buffer'])} bytes "
+                    f"{state.className} had buffered as one would be lost"
+                )
 
     appState: Any = None
-    app: Any = migratableFor(protocol)
+    app: Any = (
+        protocol if IMigratable.providedBy(protocol) else movers.moverFor(protocol)
+    )
     if state.migratable:
         if app is None:
             raise RestoreError(
-                f"cannot restore {name}: it does not provide IMigratable, and "
-                f"{state.className} left application state"
+                f"cannot restore {_className(cls)}: it does not provide "
+                f"IMigratable, and {state.className} left application state"
             )
         newVersion = getattr(app, "migrationVersion", None)
         if type(newVersion) is not int:
             raise RestoreError(
-                f"cannot restore {name}: its migrationVersion must be an int, "
-                f"not {type(newVersion).__qualname__}"
+                f"cannot restore {_className(cls)}: its migrationVersion must "
+                f"be an int, not {type(newVersion).__qualname__}"
             )
         # The application may change what it is given; the state stays as
         # it was taken.
@@ -967,8 +1072,9 @@ def restoreProtocolState(
                 appState = app.upgradeMigrationState(state.version, appState)
             except Exception as e:
                 raise RestoreError(
-                    f"{name}.upgradeMigrationState() refused state version "
-                    f"{state.version} (this code reads version {newVersion}): "
+                    f"{_className(cls)}.upgradeMigrationState() refused state "
+                    f"version {state.version} (this code reads version "
+                    f"{newVersion}): "
                     f"{_describe(e)}"
                 ) from e
 
@@ -980,7 +1086,7 @@ def restoreProtocolState(
             app.restoreMigrationState(appState)
         except Exception as e:
             raise RestoreError(
-                f"{name}.restoreMigrationState() failed: {_describe(e)}"
+                f"{_className(cls)}.restoreMigrationState() failed: {_describe(e)}"
             ) from e
 
 

@@ -1829,6 +1829,31 @@ class ReloadSliceTests(ModulesUnchangedMixin, SynchronousTestCase):
         )
         self.assertEqual(exchange(hosted, transport, b"z"), b"v2 z 3\n")
 
+    def test_precopyChangedWithoutInput(self) -> None:
+        """
+        A connection whose state changes after its copy without any byte
+        on it (a timer, another connection's event) is taken again in the
+        pause: the new code gets the state as it is at the pause, not the
+        copy.
+        """
+        live = self.live(MIGRATABLE, (500, 500), 3)
+        self.ticking(live, PRECOPY_SLICE_SECONDS * 2)
+        live.change(MIGRATABLE_V2)
+        d = live.host.requestUpgrade(None, live.progress.append)
+        hosted, transport = live.connections[0]
+        hosted.wrappedProtocol.count = 41
+        runOne(live.host.reactor)
+        runOne(live.host.reactor)
+        report = self.successResultOf(d)
+        self.assertIn(
+            "2 states of 3 migratable connections taken before the pause, while "
+            "the old code served, and unchanged since; the others were taken "
+            "in the pause",
+            report["notes"],
+        )
+        self.assertEqual(transport.value(), b"restored 41\n")
+        self.assertEqual(exchange(hosted, transport, b"z"), b"v2 z 42\n")
+
     def test_trialLinesAsTheCodecWrites(self) -> None:
         """
         The trial's cases are encoded by the pre-copy, a slice at a time, to

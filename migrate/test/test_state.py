@@ -267,6 +267,22 @@ class _BaseProtocolTestsMixin:
         empty = captureProtocolState(connected(self.protocolClass))
         restoreProtocolState(fresh(Protocol), empty)
 
+    def test_homelessBytesRefusedBesideOtherKind(self: Any) -> None:
+        """
+        Buffered bytes are refused as lost also when the new class has as
+        many base protocols of its own as the state has buffers (here one,
+        which it restores from its initial values).
+        """
+        old = connected(self.protocolClass)
+        old.dataReceived(self.frame(b"hello")[:2])
+        state = captureProtocolState(old)
+        other = OnlyLines if self.protocolClass is not OnlyLines else Netstrings
+        error = self.assertRaises(
+            RestoreError, restoreProtocolState, fresh(other), state
+        )
+        self.assertIn(f"not a {self.kind}", str(error))
+        self.assertIn("2 bytes", str(error))
+
     def test_notBytesRefused(self: Any) -> None:
         """
         A buffer that is not C{bytes} (an application wrote to it) is
@@ -1431,3 +1447,91 @@ class UnchangedSinceTests(SynchronousTestCase):
         fingerprint = StateFingerprint.of(captureProtocolState(self.protocol))
         self.protocol.rooms = [True]
         self.assertFalse(unchangedSince(self.protocol, fingerprint))
+
+    def test_packedForm(self) -> None:
+        """
+        A fingerprint keeps the application state's C{marshal} form, and an
+        unchanged state is recognised by it.
+        """
+        fingerprint = StateFingerprint.of(self.state)
+        self.assertIsNotNone(fingerprint.packedAppState)
+        self.assertTrue(unchangedSince(self.protocol, fingerprint))
+
+    def test_packedExact(self) -> None:
+        """
+        What the JSON encoding tells apart, the C{marshal} form does too: an
+        integer become a float, or a key order changed, is a change.
+        """
+        self.protocol.rooms = [1]
+        fingerprint = StateFingerprint.of(captureProtocolState(self.protocol))
+        self.protocol.rooms = [1.0]
+        self.assertFalse(unchangedSince(self.protocol, fingerprint))
+        self.protocol.rooms = {"a": 1, "b": 2}
+        fingerprint = StateFingerprint.of(captureProtocolState(self.protocol))
+        self.protocol.rooms = {"b": 2, "a": 1}
+        self.assertFalse(unchangedSince(self.protocol, fingerprint))
+
+    def test_packedDiffersEncodingDecides(self) -> None:
+        """
+        Where the C{marshal} forms differ but the JSON encodings do not (a
+        tuple where the state captured had a list), the encodings decide,
+        as before there was a C{marshal} form: unchanged.
+        """
+        self.protocol.rooms = ("lobby", "kitchen")
+        fingerprint = StateFingerprint.of(captureProtocolState(self.protocol))
+        self.assertTrue(unchangedSince(self.protocol, fingerprint))
+
+    def test_unpackableEncodingDecides(self) -> None:
+        """
+        A value C{marshal} refuses (a C{str} subclass, which the JSON
+        encoder writes as a C{str}) leaves the decision to the JSON
+        encodings, on either side.
+        """
+
+        class Name(str):
+            pass
+
+        fingerprint = StateFingerprint.of(self.state)
+        self.protocol.nick = Name(self.protocol.nick)
+        self.assertTrue(unchangedSince(self.protocol, fingerprint))
+        refused = StateFingerprint.of(
+            attrs.evolve(
+                self.state, appState={"nick": Name("guest"), "rooms": ["lobby"]}
+            )
+        )
+        self.assertIsNone(refused.packedAppState)
+        self.protocol.nick = "guest"
+        self.assertTrue(unchangedSince(self.protocol, refused))
+        self.protocol.nick = "host"
+        self.assertFalse(unchangedSince(self.protocol, refused))
+
+    def test_busyLineReceiver(self) -> None:
+        """
+        A L{basic.LineReceiver} inside C{dataReceived} is a change (its
+        buffer is not consistent), as is a buffer that is not C{bytes}.
+        """
+        fingerprint = StateFingerprint.of(self.state)
+        self.protocol._busyReceiving = True
+        self.assertFalse(unchangedSince(self.protocol, fingerprint))
+        self.protocol._busyReceiving = False
+        self.assertTrue(unchangedSince(self.protocol, fingerprint))
+        self.protocol._buffer = bytearray(self.protocol._buffer)
+        self.assertFalse(unchangedSince(self.protocol, fingerprint))
+
+    def test_lineModeAsSaved(self) -> None:
+        """
+        The saved mode compares as a capture compares it: a saved C{1} is
+        line mode.
+        """
+        state = attrs.evolve(
+            self.state,
+            buffers={"LineReceiver": {"buffer": b"half a li", "lineMode": 1}},
+        )
+        self.assertTrue(unchangedSince(self.protocol, StateFingerprint.of(state)))
+        state = attrs.evolve(
+            self.state,
+            buffers={
+                "LineReceiver": {"buffer": b"half a li", "lineMode": True, "x": 1}
+            },
+        )
+        self.assertFalse(unchangedSince(self.protocol, StateFingerprint.of(state)))

@@ -190,7 +190,26 @@ def _versionProblem(old: type, new: type) -> str | None:
 @define
 class _Rebuilt:
     """
-    A migratable connection whose protocol the new code rebuilt.
+    A migratable connection whose protocol the new code rebuilds.
+
+    Made before the pause, while the old code serves, with the copy of
+    the state the pre-copy took (L{ReloadAttempt.copyStates}), so that the
+    pause, if that copy is still what the protocol would give, only builds
+    and restores the new protocol object; or made in the pause, from a
+    state taken there.
+
+    @ivar key: the connection's listener.
+    @ivar hosted: the connection.
+    @ivar peer: its peer address.
+    @ivar local: its local address.
+    @ivar old: the application protocol the state was taken from.
+    @ivar held: the new protocol's transport until the switch.
+    @ivar state: the state the new protocol is restored from (a snapshot
+        no one else holds).
+    @ivar fingerprint: what tells, in the pause, whether the pre-copy's
+        state still describes C{old}; L{None} for a state taken in the
+        pause.
+    @ivar new: the new protocol object, once the pause built it.
     """
 
     key: str
@@ -198,10 +217,10 @@ class _Rebuilt:
     peer: Any
     local: Any
     old: Any
-    new: Any
     held: HeldTransport
-    fromVersion: int | None
-    toVersion: int | None
+    state: ProtocolState
+    fingerprint: StateFingerprint | None = None
+    new: Any = None
 
     def switch(self) -> None:
         """
@@ -227,26 +246,6 @@ class _Rebuilt:
             replayBufferedInput(self.new)
         except Exception:
             _log.failure("Replaying buffered input failed")
-
-
-@define
-class _Kept:
-    """
-    A migratable connection's state, copied before the pause while the old
-    code still served it: reused in the pause if nothing changed since.
-
-    @ivar protocol: the application protocol it was taken from.
-    @ivar state: the copy (a snapshot no one else holds).
-    @ivar peer: the connection's peer address.
-    @ivar local: its local address.
-    @ivar fingerprint: what tells, in the pause, whether it changed since.
-    """
-
-    protocol: Any
-    state: ProtocolState
-    peer: Any
-    local: Any
-    fingerprint: StateFingerprint
 
 
 @define
@@ -282,7 +281,8 @@ class ReloadAttempt:
     _swapProblems: dict[type, str | None] = field(factory=dict)
     _plan: tuple[Any, ...] | None = None
     _closing: dict[int, tuple[Any, str]] = field(factory=dict)
-    _kept: dict[int, tuple[Any, _Kept]] = field(factory=dict)
+    #: the pre-copy's records, by the id of their connection
+    _kept: dict[int, _Rebuilt] = field(factory=dict)
     reused: int = 0
     switchSlice: int = SWITCH_SLICE
     sliceSeconds: float = PRECOPY_SLICE_SECONDS
@@ -458,9 +458,17 @@ class ReloadAttempt:
         )
         peer = hosted.getPeer()
         if IMigratable.providedBy(protocol):
-            self._kept[id(hosted)] = (
+            # All the pause needs but the new protocol object, made while
+            # the old code serves.
+            self._kept[id(hosted)] = _Rebuilt(
+                key,
                 hosted,
-                _Kept(protocol, state, peer, hosted.getHost(), fingerprint),
+                peer,
+                hosted.getHost(),
+                protocol,
+                HeldTransport(hosted),
+                state,
+                fingerprint,
             )
         ident = len(cases) + 1
         peerPlain = peerOf(hosted)
@@ -797,20 +805,26 @@ class ReloadAttempt:
         staying: Counter[str] = Counter()
         unchanged: Counter[str] = Counter()
         swapped: Counter[str] = Counter()
+        # Looked up once: the loop runs for every connection while every
+        # client waits.
+        rebuild = self._rebuild
+        migratable = IMigratable.providedBy
+        closing = self._closing
         for listener in self.host.listeners.values():
-            counts = self.counts.setdefault(listener.key, _Listener())
+            key = listener.key
+            counts = self.counts.setdefault(key, _Listener())
             for hosted in listener.factory.connections:
                 protocol = hosted.wrappedProtocol
                 if protocol is None or hosted.pending or hosted.released:
                     continue
-                if self._closing and self._isClosing(hosted):
+                if closing and self._isClosing(hosted):
                     counts.failed += 1
                     continue
                 # The application's own opt-in only: a protocol migrate has a
                 # mover for (twisted.web's channel) is not rebuilt in the same
                 # process; it keeps its objects, as before movers existed.
-                if IMigratable.providedBy(protocol):
-                    self._rebuild(listener.key, hosted, protocol)
+                if migratable(protocol):
+                    rebuild(key, hosted, protocol)
                     counts.moved += 1
                     continue
                 self._notRebuilt.append((listener, hosted))
@@ -854,32 +868,48 @@ class ReloadAttempt:
         the new factory builds, whose writes are held until the commit.
 
         It runs for every connection while every client waits: the
-        pre-copy's state is reused when the connection did not change since
-        (L{_reusable}), and nothing is made that only a failure needs.
+        pre-copy's record (its state, addresses and held transport) is
+        reused when the connection did not change since (L{unchangedSince}),
+        and nothing is made that only a failure needs.
 
         @raise _Refused: naming the connection, if that fails.
         """
-        kept = self._reusable(hosted, old)
-        if kept is not None:
-            state, peer, local = kept.state, kept.peer, kept.local
+        record = self._kept.get(id(hosted))
+        if (
+            record is not None
+            and record.hosted is hosted
+            and record.old is old
+            and record.fingerprint is not None
+            and unchangedSince(old, record.fingerprint)
+        ):
+            # The pre-copy's state (left in place: freed after the pause,
+            # with the old protocols) still describes the protocol, which
+            # the trial then restored.
             self.reused += 1
         else:
             try:
                 # Checked without a copy, then copied without encoding: no
                 # JSON round trip in the same process.
-                state = captureProtocolState(old, snapshot=False)
+                taken = captureProtocolState(old, snapshot=False)
             except StateError as e:
                 raise _refusedConnection(hosted, key, str(e))
-            state = ProtocolState(
-                state.className,
-                state.migratable,
-                state.version,
-                _plainCopy(state.appState),
-                state.buffers,
+            record = _Rebuilt(
+                key,
+                hosted,
+                hosted.getPeer(),
+                hosted.getHost(),
+                old,
+                HeldTransport(hosted),
+                ProtocolState(
+                    taken.className,
+                    taken.migratable,
+                    taken.version,
+                    _plainCopy(taken.appState),
+                    taken.buffers,
+                ),
             )
-            peer, local = hosted.getPeer(), hosted.getHost()
         try:
-            new = self.newFactory.buildProtocol(peer)
+            new = self.newFactory.buildProtocol(record.peer)
         except Exception as e:
             raise _refusedConnection(
                 hosted,
@@ -890,47 +920,17 @@ class ReloadAttempt:
             raise _refusedConnection(
                 hosted, key, "the new factory refused it (buildProtocol returned None)"
             )
-        held = HeldTransport(hosted)
-        self.rebuilt.append(
-            _Rebuilt(
-                key,
-                hosted,
-                peer,
-                local,
-                old,
-                new,
-                held,
-                state.version,
-                getattr(new, "migrationVersion", None),
-            )
-        )
-        new.transport = held
+        record.new = new
+        self.rebuilt.append(record)
+        new.transport = record.held
         new.connected = 1
         try:
             # The state is a snapshot this attempt alone holds (the
             # pre-copy's, or just captured): no copy of it is needed to keep
             # the old protocol as it was.
-            restoreProtocolState(new, state, copyState=False, validate=False)
+            restoreProtocolState(new, record.state, copyState=False, validate=False)
         except StateError as e:
             raise _refusedConnection(hosted, key, str(e))
-
-    def _reusable(self, hosted: Any, old: Any) -> _Kept | None:
-        """
-        The pre-copy's state of a connection, if it still describes the
-        connection's protocol (which the trial then restored): the same
-        connection, the same protocol object, and nothing changed since
-        (L{unchangedSince}).
-        """
-        # Left in place (freed after the pause, with the old protocols).
-        entry = self._kept.get(id(hosted))
-        if entry is None:
-            return None
-        keptHosted, kept = entry
-        if keptHosted is not hosted or kept.protocol is not old:
-            return None
-        if not unchangedSince(old, kept.fingerprint):
-            return None
-        return kept
 
     def _planInPlace(
         self, protocol: Any, staged: dict[str, Any]
@@ -1107,7 +1107,9 @@ class ReloadAttempt:
         """
         upgrades: Counter[tuple[Any, Any]] = Counter()
         for each in self.rebuilt:
-            upgrades[(each.fromVersion, each.toVersion)] += 1
+            upgrades[
+                (each.state.version, getattr(each.new, "migrationVersion", None))
+            ] += 1
         for (fromVersion, toVersion), count in sorted(upgrades.items(), key=repr):
             self.attempt.notes.append(
                 "{} migratable connection{} rebuilt by the new code from state "

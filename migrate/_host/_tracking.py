@@ -147,13 +147,13 @@ class HostedProtocol(ProtocolWrapper):
         if self.held:
             self._held.append(data)
         else:
-            self.transport.write(data)
+            self.transport.write(data)  # type: ignore[union-attr]
 
     def writeSequence(self, data: Any) -> None:
         if self.held:
             self._held.extend(data)
         else:
-            self.transport.writeSequence(data)
+            self.transport.writeSequence(data)  # type: ignore[union-attr]
 
     def loseConnection(self) -> None:
         if self.held:

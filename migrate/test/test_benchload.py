@@ -28,7 +28,8 @@ from ..bench._load import (
     summarize,
 )
 from ..bench._output import formatComparison, formatResults, keyFigures
-from ..bench._process import freePort, waitFor
+from ..bench._process import freePort, readCPU, waitFor
+from ..bench._scenarios import _cpuPerRequest
 
 
 def _poll(
@@ -96,6 +97,39 @@ class StatisticsTests(SynchronousTestCase):
         rows = latencyBins(samples, 10.0, 0.1)
         self.assertEqual([(r[0], r[1]) for r in rows], [(0.0, 2), (0.2, 1)])
         self.assertEqual(rows[0][4], 0.05)
+
+
+class CPUTests(SynchronousTestCase):
+    """
+    L{readCPU} and L{_cpuPerRequest}: what the host and the load generator
+    spend per request.
+    """
+
+    def test_readCPU(self) -> None:
+        """
+        A process's processor time from C{/proc} agrees with this process's
+        own (C{os.times()}) to a clock tick; a process that is gone has
+        none.
+        """
+        own = readCPU()
+        fromProc = readCPU(os.getpid())
+        assert own is not None and fromProc is not None
+        self.assertAlmostEqual(own, fromProc, delta=0.05)
+        self.assertIsNone(readCPU(2**22 + 1))
+
+    def test_perRequest(self) -> None:
+        """
+        Each side's time divided by the requests answered meanwhile;
+        L{None} when unknown or nothing was answered.
+        """
+        self.assertEqual(
+            _cpuPerRequest((1.0, 2.0, 100), (1.5, 2.25, 200)),
+            {"host": 0.005, "generator": 0.0025, "answered": 100},
+        )
+        self.assertEqual(
+            _cpuPerRequest((None, 2.0, 100), (1.5, 2.25, 100)),
+            {"host": None, "generator": None, "answered": 0},
+        )
 
 
 def _fakeClients(load: LoadGenerator, count: int) -> list[StringTransport]:
@@ -525,6 +559,7 @@ class OutputTests(SynchronousTestCase):
                     "stall": stall,
                     "phases": {"before": phase, "during": phase, "after": phase},
                     "rss": {"old": 30e6, "new": 31e6},
+                    "cpu": {"host": 31e-6, "generator": 24.56e-6, "answered": 9},
                 }
             ],
             "floors": [{"count": 10, "seconds": 0.001, "perSecond": 10000.0}],
@@ -538,6 +573,10 @@ class OutputTests(SynchronousTestCase):
         self.assertIn("strategy capability: success", text)
         self.assertIn("longest client stall: 250 ms", text)
         self.assertIn("60.0x", text)
+        self.assertIn(
+            "CPU per request answered before: host 31.0 us, load generator 24.6 us",
+            text,
+        )
 
     def test_compare(self) -> None:
         """
@@ -585,6 +624,14 @@ class QuickRunTests(TestCase):
         self.assertIn("naive-restart", names)
         self.assertIn("idle-capability", names)
         self.assertIn(b"strategy capability: success", out)
+        # What the host and the load generator spent per request before the
+        # migration, read from /proc and os.times().
+        (capability,) = [
+            each for each in results["scenarios"] if each["name"] == "capability"
+        ]
+        self.assertGreater(capability["cpu"]["answered"], 0)
+        self.assertGreater(capability["cpu"]["host"], 0)
+        self.assertGreater(capability["cpu"]["generator"], 0)
         self.assertTrue(results["floors"])
         # The stall scenario, at 1,000 connections only.
         self.assertEqual(results["stall"]["counts"], [1000])

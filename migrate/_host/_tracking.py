@@ -58,6 +58,9 @@ class HostedProtocol(ProtocolWrapper):
         self._heldClose: str | None = None
         self._finish: Callable[[], None] | None = None
         self.awaitingTransport = False
+        #: whether C{pending}, C{released} or C{_finish} is set, so that
+        #: L{dataReceived} tests one attribute for all three
+        self._unusual = pending
 
     def awaitTransport(self, standIn: ITransport, provides: Any) -> None:
         """
@@ -139,16 +142,18 @@ class HostedProtocol(ProtocolWrapper):
             self._realTransport().loseConnection()
 
     def write(self, data: bytes) -> None:
+        # Every answer the application sends passes here: one attribute
+        # test, then straight to the real transport.
         if self.held:
             self._held.append(data)
         else:
-            self._realTransport().write(data)
+            self.transport.write(data)  # type: ignore[union-attr]
 
     def writeSequence(self, data: Any) -> None:
         if self.held:
             self._held.extend(data)
         else:
-            self._realTransport().writeSequence(data)
+            self.transport.writeSequence(data)  # type: ignore[union-attr]
 
     def loseConnection(self) -> None:
         if self.held:
@@ -177,6 +182,7 @@ class HostedProtocol(ProtocolWrapper):
         protocol.connected = 1  # type: ignore[attr-defined]
         protocol.transport = self  # type: ignore[attr-defined]
         self.pending = False
+        self._noteUnusual()
 
     def replaceProtocol(self, protocol: IProtocol) -> IProtocol:
         """
@@ -199,6 +205,7 @@ class HostedProtocol(ProtocolWrapper):
             the event is delivered all the same.
         """
         self._finish = finish
+        self._noteUnusual()
 
     def finishNow(self) -> bool:
         """
@@ -208,6 +215,7 @@ class HostedProtocol(ProtocolWrapper):
         @return: whether it was called now.
         """
         finish, self._finish = self._finish, None
+        self._noteUnusual()
         if finish is None:
             return False
         try:
@@ -216,11 +224,17 @@ class HostedProtocol(ProtocolWrapper):
             self._log.failure("Finishing the work left for later failed")
         return True
 
+    def _noteUnusual(self) -> None:
+        self._unusual = self.pending or self.released or self._finish is not None
+
     def dataReceived(self, data: bytes) -> None:
-        if self.pending or self.released:
-            return
-        if self._finish is not None:
-            self.finishNow()
+        # Every request passes here: the usual case (serving, nothing left
+        # for later) costs one attribute test.
+        if self._unusual:
+            if self.pending or self.released:
+                return
+            if self._finish is not None:
+                self.finishNow()
         self.wrappedProtocol.dataReceived(data)
 
     def release(self) -> None:
@@ -229,6 +243,7 @@ class HostedProtocol(ProtocolWrapper):
         process (or another protocol object) now serves it.
         """
         self.released = True
+        self._unusual = True
         self.factory.unregisterProtocol(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:

@@ -29,6 +29,10 @@ def _ms(seconds: float | None) -> str:
     )
 
 
+def _us(seconds: float | None) -> str:
+    return "-" if seconds is None else "{:.1f} us".format(seconds * 1e6)
+
+
 def _mb(size: int | None) -> str:
     return "-" if size is None else "{:.1f} MB".format(size / 1e6)
 
@@ -139,6 +143,13 @@ def _loadBlock(
     for name in ("before", "during", "after"):
         phase = result["phases"][name]
         out.append("  latency p50/p99/max {:6}: {}".format(name, _latency(phase)))
+    cpu = result.get("cpu") or {}
+    if cpu.get("host") is not None:
+        out.append(
+            "  CPU per request answered before: host {}, load generator {}".format(
+                _us(cpu["host"]), _us(cpu.get("generator"))
+            )
+        )
     out.append(
         "  new connections' connect+answer p99 before/during/after: {}".format(
             " / ".join(

@@ -45,6 +45,7 @@ __all__ = [
     "freePort",
     "lastJSON",
     "pidAlive",
+    "readCPU",
     "readRSS",
     "twistdCommandLine",
     "waitFor",
@@ -127,6 +128,25 @@ def pidAlive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
+
+
+def readCPU(pid: int | None = None) -> float | None:
+    """
+    The processor time (user and system, every thread) process C{pid} has
+    used so far, in seconds (C{utime} and C{stime} in C{/proc/PID/stat}),
+    or L{None} if it is gone; this process's own with no C{pid}.
+    """
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    try:
+        with open("/proc/{}/stat".format(pid)) as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name, in parentheses, may hold spaces.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def readRSS(pid: int | None) -> int | None:

@@ -22,7 +22,7 @@ from twisted.internet.task import deferLater
 
 from ._load import LoadGenerator, latencyBins, summarize
 from ._output import handoffSeconds
-from ._process import BenchHost, freePort, pidAlive, readRSS, waitFor
+from ._process import BenchHost, freePort, pidAlive, readCPU, readRSS, waitFor
 
 __all__ = ["LoadSettings", "migrateUnderLoad", "restartUnderLoad", "moveIdle"]
 
@@ -184,7 +184,9 @@ async def migrateUnderLoad(
         load = await _startLoad(reactor, host, settings, progress)
         origin = load._started or reactor.seconds()
         measured = reactor.seconds()
+        cpuFrom = _cpu(load, oldPid)
         await _sleep(reactor, settings.before)
+        cpu = _cpuPerRequest(cpuFrom, _cpu(load, oldPid))
         rssOld = readRSS(oldPid)
         progress("migrating with {}".format(strategy))
         start = reactor.seconds()
@@ -228,6 +230,7 @@ async def migrateUnderLoad(
             "stall": _stall(load),
             "phases": _phases(load, start, end, stop, measured),
             "rss": {"old": rssOld, "new": rssNew, "oldAfter": rssOldAfter},
+            "cpu": cpu,
             "timeline": _timeline(load, origin),
         }
         await load.closeAll()
@@ -248,6 +251,41 @@ async def migrateUnderLoad(
     finally:
         await host.stop()
         host.cleanup()
+
+
+def _cpu(load: LoadGenerator, hostPid: int) -> tuple[float | None, float | None, int]:
+    """
+    The processor time the host and this process (the load generator) have
+    used so far, and the requests answered so far.
+    """
+    return readCPU(hostPid), readCPU(), load.answered
+
+
+def _cpuPerRequest(
+    start: tuple[float | None, float | None, int],
+    end: tuple[float | None, float | None, int],
+) -> dict[str, Any]:
+    """
+    The processor time the host and the load generator spent per request
+    answered between C{start} and C{end} (from L{_cpu}): what serving a
+    request costs each side in the steady state, which other work on the
+    machine disturbs less than it disturbs latencies.
+
+    @return: C{host} and C{generator} in seconds per request (L{None} if
+        unknown), and C{answered}.
+    """
+    answered = end[2] - start[2]
+
+    def per(before: float | None, after: float | None) -> float | None:
+        if before is None or after is None or answered <= 0:
+            return None
+        return (after - before) / answered
+
+    return {
+        "host": per(start[0], end[0]),
+        "generator": per(start[1], end[1]),
+        "answered": answered,
+    }
 
 
 def _handoffWindow(

@@ -23,13 +23,13 @@ from ..bench._load import (
     LoadGenerator,
     LongLivedClient,
     Samples,
-    _parseReply,
     latencyBins,
     percentile,
     summarize,
 )
 from ..bench._output import formatComparison, formatResults, keyFigures
-from ..bench._process import freePort, waitFor
+from ..bench._process import freePort, readCPU, waitFor
+from ..bench._scenarios import _cpuPerRequest
 
 
 def _poll(
@@ -98,15 +98,38 @@ class StatisticsTests(SynchronousTestCase):
         self.assertEqual([(r[0], r[1]) for r in rows], [(0.0, 2), (0.2, 1)])
         self.assertEqual(rows[0][4], 0.05)
 
-    def test_parseReply(self) -> None:
+
+class CPUTests(SynchronousTestCase):
+    """
+    L{readCPU} and L{_cpuPerRequest}: what the host and the load generator
+    spend per request.
+    """
+
+    def test_readCPU(self) -> None:
         """
-        A reply is a number, then optionally a server and a count.
+        A process's processor time from C{/proc} agrees with this process's
+        own (C{os.times()}) to a clock tick; a process that is gone has
+        none.
         """
-        self.assertEqual(_parseReply(b"12 345 6"), (12, b"345", 6))
-        self.assertEqual(_parseReply(b"12"), (12, None, None))
-        self.assertEqual(_parseReply(b"12 x y"), (12, b"x", None))
-        self.assertIsNone(_parseReply(b"hello"))
-        self.assertIsNone(_parseReply(b""))
+        own = readCPU()
+        fromProc = readCPU(os.getpid())
+        assert own is not None and fromProc is not None
+        self.assertAlmostEqual(own, fromProc, delta=0.05)
+        self.assertIsNone(readCPU(2**22 + 1))
+
+    def test_perRequest(self) -> None:
+        """
+        Each side's time divided by the requests answered meanwhile;
+        L{None} when unknown or nothing was answered.
+        """
+        self.assertEqual(
+            _cpuPerRequest((1.0, 2.0, 100), (1.5, 2.25, 200)),
+            {"host": 0.005, "generator": 0.0025, "answered": 100},
+        )
+        self.assertEqual(
+            _cpuPerRequest((None, 2.0, 100), (1.5, 2.25, 100)),
+            {"host": None, "generator": None, "answered": 0},
+        )
 
 
 def _fakeClients(load: LoadGenerator, count: int) -> list[StringTransport]:
@@ -121,6 +144,101 @@ def _fakeClients(load: LoadGenerator, count: int) -> list[StringTransport]:
         client.makeConnection(transport)
         transports.append(transport)
     return transports
+
+
+class LongLivedClientTests(SynchronousTestCase):
+    """
+    How a long-lived client reads its replies: in lines however the bytes
+    are cut, each checked against its request.
+    """
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.load = LoadGenerator(self.clock, 1234)
+        (self.transport,) = _fakeClients(self.load, 1)
+        self.client = self.load.clients[0]
+
+    def test_reply(self) -> None:
+        """
+        A reply is a number, then optionally a server and a count: the
+        number answers the request, the server and the count are kept.
+        """
+        self.client.request(0.0)
+        self.clock.advance(0.25)
+        self.client.dataReceived(b"0 345 6\n")
+        self.assertEqual(self.transport.value(), b"0\n")
+        self.assertEqual(list(self.load.samples.latency), [0.25])
+        self.assertEqual((self.client.server, self.client.lastCount), (b"345", 6))
+        self.assertEqual(self.load.answered, 1)
+
+    def test_numberOnly(self) -> None:
+        """
+        A reply may be only the number (an echo server), or have a count
+        that is not a number: the request is answered, nothing else kept.
+        """
+        self.client.request(0.0)
+        self.client.request(0.0)
+        self.client.dataReceived(b"0\n1 x y\n")
+        self.assertEqual(self.load.answered, 2)
+        self.assertEqual((self.client.server, self.client.lastCount), (b"x", None))
+        self.assertEqual((self.load.malformed, self.load.stateErrors), (0, 0))
+
+    def test_malformed(self) -> None:
+        """
+        A reply that is empty or does not start with a number is counted
+        malformed and answers nothing.
+        """
+        self.client.request(0.0)
+        self.client.dataReceived(b"\nhello 1 2\n")
+        self.assertEqual((self.load.malformed, self.load.answered), (2, 0))
+        self.assertEqual(len(self.client.pending), 1)
+
+    def test_linesCutAnywhere(self) -> None:
+        """
+        Replies cut anywhere, or several in one read, are read as lines.
+        """
+        for _ in range(3):
+            self.client.request(0.0)
+        for chunk in [b"0 s", b" 1\n1 s 2", b"\n", b"2 s 3\n"]:
+            self.client.dataReceived(chunk)
+        self.assertEqual(self.load.answered, 3)
+        self.assertEqual(self.client.lastCount, 3)
+        self.assertEqual(self.load.stateErrors, 0)
+
+    def test_countMustGoOn(self) -> None:
+        """
+        A count that does not follow the previous one is a state error.
+        """
+        for _ in range(2):
+            self.client.request(0.0)
+        self.client.dataReceived(b"0 s 1\n1 s 7\n")
+        self.assertEqual(self.load.stateErrors, 1)
+
+    def test_tooLong(self) -> None:
+        """
+        A line longer than C{MAX_LENGTH}, complete or not, is counted
+        malformed and ends the connection; the lines before it are read.
+        """
+        for _ in range(2):
+            self.client.request(0.0)
+        self.client.dataReceived(b"0 s 1\n" + b"1" * 5000)
+        self.assertEqual((self.load.answered, self.load.malformed), (1, 1))
+        self.assertTrue(self.transport.disconnecting)
+        (other,) = _fakeClients(self.load, 1)
+        self.load.clients[1].dataReceived(b"1" * 5000 + b"\n0 s 1\n")
+        self.assertEqual((self.load.answered, self.load.malformed), (1, 2))
+        self.assertTrue(other.disconnecting)
+
+    def test_stopsReadingOnceClosing(self) -> None:
+        """
+        Once the connection is closing, the lines still in the same read
+        are not read.
+        """
+        for _ in range(2):
+            self.client.request(0.0)
+        self.transport.loseConnection()
+        self.client.dataReceived(b"0 s 1\n1 s 2\n")
+        self.assertEqual(self.load.answered, 1)
 
 
 class PacingTests(SynchronousTestCase):
@@ -441,6 +559,7 @@ class OutputTests(SynchronousTestCase):
                     "stall": stall,
                     "phases": {"before": phase, "during": phase, "after": phase},
                     "rss": {"old": 30e6, "new": 31e6},
+                    "cpu": {"host": 31e-6, "generator": 24.56e-6, "answered": 9},
                 }
             ],
             "floors": [{"count": 10, "seconds": 0.001, "perSecond": 10000.0}],
@@ -454,6 +573,10 @@ class OutputTests(SynchronousTestCase):
         self.assertIn("strategy capability: success", text)
         self.assertIn("longest client stall: 250 ms", text)
         self.assertIn("60.0x", text)
+        self.assertIn(
+            "CPU per request answered before: host 31.0 us, load generator 24.6 us",
+            text,
+        )
 
     def test_compare(self) -> None:
         """
@@ -501,6 +624,14 @@ class QuickRunTests(TestCase):
         self.assertIn("naive-restart", names)
         self.assertIn("idle-capability", names)
         self.assertIn(b"strategy capability: success", out)
+        # What the host and the load generator spent per request before the
+        # migration, read from /proc and os.times().
+        (capability,) = [
+            each for each in results["scenarios"] if each["name"] == "capability"
+        ]
+        self.assertGreater(capability["cpu"]["answered"], 0)
+        self.assertGreater(capability["cpu"]["host"], 0)
+        self.assertGreater(capability["cpu"]["generator"], 0)
         self.assertTrue(results["floors"])
         # The stall scenario, at 1,000 connections only.
         self.assertEqual(results["stall"]["counts"], [1000])

@@ -166,6 +166,26 @@ class ReexecTests(LiveAppMixin, TestCase):
         return found[-1]
 
     @inlineCallbacks
+    def threadedUpgrading(self):
+        """
+        Start L{THREADED_V1} (its thread pool started by a first answer),
+        upgrade it to L{THREADED_V2_HELD}, and wait for the caretaker.
+
+        @return: a L{Deferred} firing with the host's process id, the
+            client, the upgrade's L{Deferred} and the caretaker's process
+            id.
+        """
+        status = yield self.startHost(app=THREADED_V1)
+        pid = status["pid"]
+        (client,) = yield self.connectClients(1)
+        self.assertEqual(
+            (yield self.exchange(client, b"thread")), [b"thread", b"%d" % pid]
+        )
+        upgrading = self.upgradeTo(THREADED_V2_HELD)
+        caretaker = yield self.caretakerServing(pid)
+        return pid, client, upgrading, caretaker
+
+    @inlineCallbacks
     def test_samePidConnectionsAndUpgradedState(self):
         """
         The process re-executes with the new code and keeps its PID: every
@@ -440,14 +460,7 @@ class ReexecTests(LiveAppMixin, TestCase):
         exec comes) still gets a caretaker, which answers with a thread
         pool of its own; then the new image answers.
         """
-        status = yield self.startHost(app=THREADED_V1)
-        pid = status["pid"]
-        (client,) = yield self.connectClients(1)
-        self.assertEqual(
-            (yield self.exchange(client, b"thread")), [b"thread", b"%d" % pid]
-        )
-        upgrading = self.upgradeTo(THREADED_V2_HELD)
-        caretaker = yield self.caretakerServing(pid)
+        pid, client, upgrading, caretaker = yield self.threadedUpgrading()
         reply = yield self.exchange(client, b"thread")
         self.host.workdir.child("go").touch()
         code, report, err = yield upgrading
@@ -475,14 +488,7 @@ class ReexecTests(LiveAppMixin, TestCase):
         the connections is finished, and its answer delivered, before the
         caretaker hands over: it is neither lost nor duplicated.
         """
-        status = yield self.startHost(app=THREADED_V1)
-        pid = status["pid"]
-        (client,) = yield self.connectClients(1)
-        self.assertEqual(
-            (yield self.exchange(client, b"thread")), [b"thread", b"%d" % pid]
-        )
-        upgrading = self.upgradeTo(THREADED_V2_HELD)
-        caretaker = yield self.caretakerServing(pid)
+        pid, client, upgrading, caretaker = yield self.threadedUpgrading()
         before = len(client.lines)
         client.sendLine(b"wait")
         yield waitFor(

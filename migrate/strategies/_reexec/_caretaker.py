@@ -335,16 +335,7 @@ class Caretaker:
 
         @return: whether it could be told (if not, it was ended: L{kill}).
         """
-        try:
-            self.socket.sendall(ABORT)
-        except OSError as e:
-            _log.warn(
-                "Re-exec: could not tell the caretaker (process {pid}) to close "
-                "its connections ({why}); ending it",
-                pid=self.pid,
-                why=str(e),
-            )
-            self.kill()
+        if not self._tell(ABORT, "close its connections"):
             return False
         self.socket.close()
         return True
@@ -353,17 +344,29 @@ class Caretaker:
         """
         Tell the caretaker every connection is this image's: it exits.
         """
+        self._tell(COMMITTED, "exit")
+        self.socket.close()
+
+    def _tell(self, message: bytes, doing: str) -> bool:
+        """
+        Send the caretaker C{message}, asking it to do C{doing}; if that
+        fails, end it.
+
+        @return: whether it was told.
+        """
         try:
-            self.socket.sendall(COMMITTED)
+            self.socket.sendall(message)
         except OSError as e:
             _log.warn(
-                "Re-exec: could not tell the caretaker (process {pid}) to exit "
-                "({why}); ending it",
+                "Re-exec: could not tell the caretaker (process {pid}) to "
+                "{doing} ({why}); ending it",
                 pid=self.pid,
+                doing=doing,
                 why=str(e),
             )
             self.kill()
-        self.socket.close()
+            return False
+        return True
 
     def kill(self) -> None:
         """

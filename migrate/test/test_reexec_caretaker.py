@@ -737,10 +737,12 @@ class NewImageGivesUpTests(SynchronousTestCase):
         self.assertEqual(state.closed, {"tcp:x": 1})
         self.assertNotIn("politely", state.notes[-1])
 
-    def test_notCommitted(self) -> None:
+    def restoreUnreadable(self) -> Any:
         """
-        L{restoreReexec} does not tell a caretaker that did not hand over
-        that the new image committed, and serves.
+        Restore the new image (no listener) with a caretaker whose
+        document it cannot read.
+
+        @return: the report.
         """
         document = writeMemfd(b"not a document", "test", inheritable=False)
         socket.send_fds(self.ours, [DOCUMENT], [document])
@@ -748,7 +750,14 @@ class NewImageGivesUpTests(SynchronousTestCase):
         self.inheritance.state = evolve(self.inheritance.state, listeners={})
         self.inheritance.inherited = [self.inherited]
         self.inheritance.caretaker = self.caretaker
-        report = restoreReexec(self.host, self.inheritance)
+        return restoreReexec(self.host, self.inheritance)
+
+    def test_notCommitted(self) -> None:
+        """
+        L{restoreReexec} does not tell a caretaker that did not hand over
+        that the new image committed, and serves.
+        """
+        report = self.restoreUnreadable()
         self.assertEqual(self.ours.recv(2) + self.ours.recv(2), FREEZE + ABORT)
         self.assertEqual(self.ours.recv(2), b"")
         self.assertEqual(report.outcome.value, "success")
@@ -774,13 +783,7 @@ class NewImageGivesUpTests(SynchronousTestCase):
                 self.ours.setblocking(True)
 
         self.patch(self.host, "prepareApplication", prepareApplication)
-        document = writeMemfd(b"not a document", "test", inheritable=False)
-        socket.send_fds(self.ours, [DOCUMENT], [document])
-        os.close(document)
-        self.inheritance.state = evolve(self.inheritance.state, listeners={})
-        self.inheritance.inherited = [self.inherited]
-        self.inheritance.caretaker = self.caretaker
-        restoreReexec(self.host, self.inheritance)
+        self.restoreUnreadable()
         self.assertEqual(seen, [None])
         self.assertEqual(self.ours.recv(1), FREEZE)
 

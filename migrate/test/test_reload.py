@@ -1807,19 +1807,27 @@ class ReloadSliceTests(ModulesUnchangedMixin, SynchronousTestCase):
             runOne(live.host.reactor)
         self.assertEqual(self.successResultOf(d)["moved"], 3)
 
-    def test_precopyChangedBetweenSlices(self) -> None:
+    def reloadWithTwoSlices(self) -> Any:
         """
-        A connection copied in an earlier slice that changes before the
-        pause is taken again in the pause: what it did in between is kept.
+        Three migratable connections, the pre-copy's slices two ticks long
+        (so that a connection is copied in each), and a reload to version
+        2 requested.
+
+        @return: the live host, the upgrade's L{Deferred}, and the first
+            connection's protocol and transport.
         """
         live = self.live(MIGRATABLE, (500, 500), 3)
         self.ticking(live, PRECOPY_SLICE_SECONDS * 2)
         live.change(MIGRATABLE_V2)
         d = live.host.requestUpgrade(None, live.progress.append)
         hosted, transport = live.connections[0]
-        self.assertEqual(exchange(hosted, transport, b"y"), b"v1 y 2\n")
-        runOne(live.host.reactor)
-        runOne(live.host.reactor)
+        return live, d, hosted, transport
+
+    def assertTakenBeforeThePause(self, d: Any) -> None:
+        """
+        The reload succeeded, two of the three states taken before its
+        pause and unchanged since.
+        """
         report = self.successResultOf(d)
         self.assertIn(
             "2 states of 3 migratable connections taken before the pause, while "
@@ -1827,6 +1835,17 @@ class ReloadSliceTests(ModulesUnchangedMixin, SynchronousTestCase):
             "in the pause",
             report["notes"],
         )
+
+    def test_precopyChangedBetweenSlices(self) -> None:
+        """
+        A connection copied in an earlier slice that changes before the
+        pause is taken again in the pause: what it did in between is kept.
+        """
+        live, d, hosted, transport = self.reloadWithTwoSlices()
+        self.assertEqual(exchange(hosted, transport, b"y"), b"v1 y 2\n")
+        runOne(live.host.reactor)
+        runOne(live.host.reactor)
+        self.assertTakenBeforeThePause(d)
         self.assertEqual(exchange(hosted, transport, b"z"), b"v2 z 3\n")
 
     def test_precopyChangedWithoutInput(self) -> None:
@@ -1836,21 +1855,11 @@ class ReloadSliceTests(ModulesUnchangedMixin, SynchronousTestCase):
         pause: the new code gets the state as it is at the pause, not the
         copy.
         """
-        live = self.live(MIGRATABLE, (500, 500), 3)
-        self.ticking(live, PRECOPY_SLICE_SECONDS * 2)
-        live.change(MIGRATABLE_V2)
-        d = live.host.requestUpgrade(None, live.progress.append)
-        hosted, transport = live.connections[0]
+        live, d, hosted, transport = self.reloadWithTwoSlices()
         hosted.wrappedProtocol.count = 41
         runOne(live.host.reactor)
         runOne(live.host.reactor)
-        report = self.successResultOf(d)
-        self.assertIn(
-            "2 states of 3 migratable connections taken before the pause, while "
-            "the old code served, and unchanged since; the others were taken "
-            "in the pause",
-            report["notes"],
-        )
+        self.assertTakenBeforeThePause(d)
         self.assertEqual(transport.value(), b"restored 41\n")
         self.assertEqual(exchange(hosted, transport, b"z"), b"v2 z 42\n")
 

@@ -78,6 +78,7 @@ from migrate.strategies._reexec._state import (
     writeState,
 )
 from migrate.strategies.reexec import ReexecStrategy
+
 from ._fakes import HostReactor
 
 

@@ -17,10 +17,9 @@ import threading
 from typing import Any
 
 from attrs import evolve
-
 from twisted.internet.defer import succeed
-from twisted.internet.task import Clock
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
@@ -32,7 +31,6 @@ from migrate._host._metrics import HostMetrics
 from migrate._host._service import MigrationHost
 from migrate.state import ProtocolState
 from migrate.strategies._reexec import _outgoing
-from migrate.strategies._reexec._outgoing import _ForkedCaretaker
 from migrate.strategies._reexec._caretaker import (
     ABORT,
     CARETAKER_PROTOCOL,
@@ -54,7 +52,7 @@ from migrate.strategies._reexec._incoming import (
     newImageSpeaks,
     restoreReexec,
 )
-from migrate.strategies.reexec import ReexecStrategy
+from migrate.strategies._reexec._outgoing import _ForkedCaretaker
 from migrate.strategies._reexec._state import (
     FORMAT_VERSION,
     InheritedConnection,
@@ -63,6 +61,7 @@ from migrate.strategies._reexec._state import (
     afterCaretaker,
     writeState,
 )
+from migrate.strategies.reexec import ReexecStrategy
 
 from .test_reexec import _Harness
 

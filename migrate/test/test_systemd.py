@@ -50,6 +50,7 @@ from .._systemd import (
     successorEnvironment,
 )
 from ..testing import FakeStrategy
+from ._fakes import HostReactor
 from ._hostprocess import (
     HostProcess,
     connectLineClient,
@@ -59,7 +60,6 @@ from ._hostprocess import (
     writeModule,
 )
 from .test_capability_integration import MIGRATABLE_V1, MIGRATABLE_V2
-from ._fakes import HostReactor
 
 
 def parse(message: bytes) -> dict[str, str]:

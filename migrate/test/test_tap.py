@@ -13,10 +13,10 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from .. import tap
+from .._host._daemon import AppendingLogFile
 from .._host._service import MigrationHost
 from ..examples.chat import ChatFactory
 from ._fakes import HostReactor
-from .._host._daemon import AppendingLogFile
 
 #: a factory tests can name with --app
 factoryInstance = Factory.forProtocol(Protocol)

@@ -88,7 +88,6 @@ from ._check import (
     workInFlight,
 )
 from ._reports import quietChannel
-from ._threads import forkRefusal, freshThreadPool
 from ._state import (
     EXEC_AT_VARIABLE,
     FORMAT_VERSION,
@@ -101,6 +100,7 @@ from ._state import (
     ReexecState,
     writeState,
 )
+from ._threads import forkRefusal, freshThreadPool
 
 __all__ = [
     "UNMOVABLE_POLICIES",

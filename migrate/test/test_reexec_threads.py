@@ -5,8 +5,11 @@ caretaker beside other threads, and the caretaker's own thread pool.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
-from typing import Any
+from typing import Any, Sequence
 
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
@@ -54,6 +57,21 @@ def _waitUntil(case: SynchronousTestCase, condition: Any, what: str) -> None:
     case.fail("timed out waiting for " + what)
 
 
+def _refusal(pool: Any, others: Sequence[threading.Thread] = ()) -> str | None:
+    """
+    L{forkRefusal} for a reactor with C{pool}, seeing this thread, the
+    pool's workers and C{others}: not the threads other tests of this
+    process may have left running.
+    """
+    current = threading.current_thread()
+    workers = list(getattr(pool, "threads", ()))
+
+    def threads() -> list[threading.Thread]:
+        return [current, *workers, *others]
+
+    return forkRefusal(_Reactor(pool), threads=threads, countOSThreads=lambda: None)
+
+
 class ForkRefusalTests(SynchronousTestCase):
     """
     L{forkRefusal} allows the fork beside idle workers of the reactor's
@@ -75,7 +93,7 @@ class ForkRefusalTests(SynchronousTestCase):
         """
         pool = _startedPool(self)
         self.assertTrue(pool.threads)
-        self.assertIsNone(forkRefusal(_Reactor(pool)))
+        self.assertIsNone(_refusal(pool))
 
     def test_busyPoolRefused(self) -> None:
         """
@@ -94,12 +112,12 @@ class ForkRefusalTests(SynchronousTestCase):
         pool.callInThread(work)
         self.assertTrue(running.wait(_WAIT))
         self.assertEqual(
-            forkRefusal(_Reactor(pool)),
+            _refusal(pool),
             "the reactor's thread pool is busy (1 working)",
         )
         release.set()
         _waitUntil(self, lambda: not pool.working, "the worker idle again")
-        self.assertIsNone(forkRefusal(_Reactor(pool)))
+        self.assertIsNone(_refusal(pool))
 
     def test_otherThreadRefused(self) -> None:
         """
@@ -115,10 +133,10 @@ class ForkRefusalTests(SynchronousTestCase):
         # Run last to first: released, then joined.
         self.addCleanup(stranger.join)
         self.addCleanup(release.set)
-        reason = forkRefusal(_Reactor(pool))
+        reason = _refusal(pool, [stranger])
         self.assertIsNotNone(reason)
         self.assertIn("application-poller", str(reason))
-        self.assertIn("application-poller", str(forkRefusal(_Reactor(None))))
+        self.assertIn("application-poller", str(_refusal(None, [stranger])))
 
     def test_threadsPythonDoesNotKnowRefused(self) -> None:
         """
@@ -140,19 +158,33 @@ class ForkRefusalTests(SynchronousTestCase):
 
     def test_osThreadCount(self) -> None:
         """
-        The kernel's count includes a thread just started.
+        The kernel's count includes a thread just started: counted in a
+        process of its own, where no other test's threads come and go.
         """
-        before = osThreadCount()
-        if before is None:
+        if osThreadCount() is None:
             self.skipTest("no /proc/self/task here")
-        release = threading.Event()
-        thread = threading.Thread(target=release.wait, args=(_WAIT,))
-        thread.start()
-        try:
-            self.assertEqual(osThreadCount(), before + 1)
-        finally:
-            release.set()
-            thread.join()
+        counted = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import threading\n"
+                "from migrate.strategies._reexec._threads import osThreadCount\n"
+                "before = osThreadCount()\n"
+                "release = threading.Event()\n"
+                "thread = threading.Thread(target=release.wait)\n"
+                "thread.start()\n"
+                "print(before, osThreadCount())\n"
+                "release.set()\n"
+                "thread.join()\n",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+        )
+        self.assertEqual(counted.returncode, 0, counted.stderr)
+        before, after = (int(each) for each in counted.stdout.split())
+        self.assertEqual(after, before + 1)
 
 
 class FreshThreadPoolTests(SynchronousTestCase):

@@ -1,4 +1,4 @@
-# -*- test-case-name: migrate.test.test_reexec_caretaker -*-
+# -*- test-case-name: migrate.test.test_reexec_threads -*-
 """
 Threads and the caretaker's fork: when forking the old image is safe, and
 the thread pool the caretaker serves with.

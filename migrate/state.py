@@ -38,6 +38,7 @@ import binascii
 import copy
 import json
 import marshal
+import weakref
 from io import BytesIO
 from typing import Any, Callable, Mapping
 
@@ -390,11 +391,49 @@ _KINDS: tuple[_BufferKind, ...] = (
 
 _KINDS_BY_NAME = {kind.name: kind for kind in _KINDS}
 
-#: the buffer kinds of each protocol class seen, for comparisons
-_kindsByClass: dict[type, tuple[_BufferKind, ...]] = {}
+#: the buffer kinds of each protocol class seen, by the class's C{id}
+_kindsByClass: dict[int, tuple[_BufferKind, ...]] = {}
+
+#: whether each protocol class seen may have a C{migrationBlocker}, by the
+#: class's C{id}
+_blockingClasses: dict[int, bool] = {}
+
+#: a weak reference to each class the caches above know, by its C{id}
+_classesSeen: dict[int, weakref.ref[type]] = {}
 
 
-_blockingClasses: dict[type, bool] = {}
+def _forget(key: int) -> None:
+    """
+    A class the caches knew is gone (a module reload replaced it and its
+    last instance ended): forget it, since its C{id} may be reused.
+    """
+    _kindsByClass.pop(key, None)
+    _blockingClasses.pop(key, None)
+    _classesSeen.pop(key, None)
+
+
+def _remember(cache: dict[int, Any], cls: type, value: Any) -> Any:
+    """
+    Cache C{value} for C{cls} without keeping C{cls} alive.
+
+    The caches are keyed by C{id(cls)}, with a weak reference whose
+    callback forgets the class when it goes, rather than by the class
+    itself: a dictionary keyed by classes would keep every class of every
+    reloaded module alive (with its module's globals), and a
+    C{WeakKeyDictionary} costs two and a half times a plain dictionary's
+    look-up, which the freeze makes for each of thousands of connections.
+
+    @return: C{value}
+    """
+    key = id(cls)
+    if key not in _classesSeen:
+
+        def gone(reference: weakref.ref[type]) -> None:
+            _forget(key)
+
+        _classesSeen[key] = weakref.ref(cls, gone)
+    cache[key] = value
+    return value
 
 
 def _mayBlock(app: object) -> bool:
@@ -405,10 +444,12 @@ def _mayBlock(app: object) -> bool:
     """
     cls = type(app)
     try:
-        blocking = _blockingClasses[cls]
+        blocking = _blockingClasses[id(cls)]
     except KeyError:
-        blocking = _blockingClasses[cls] = hasattr(cls, "migrationBlocker") or hasattr(
-            cls, "__getattr__"
+        blocking = _remember(
+            _blockingClasses,
+            cls,
+            hasattr(cls, "migrationBlocker") or hasattr(cls, "__getattr__"),
         )
     return blocking or "migrationBlocker" in getattr(app, "__dict__", ())
 
@@ -418,10 +459,12 @@ def _kindsOf(cls: type) -> tuple[_BufferKind, ...]:
     The base protocols of L{_KINDS} that C{cls} inherits from, looked up
     once per class.
     """
-    kinds = _kindsByClass.get(cls)
+    kinds = _kindsByClass.get(id(cls))
     if kinds is None:
-        kinds = _kindsByClass[cls] = tuple(
-            kind for kind in _KINDS if issubclass(cls, kind.base)
+        kinds = _remember(
+            _kindsByClass,
+            cls,
+            tuple(kind for kind in _KINDS if issubclass(cls, kind.base)),
         )
     return kinds
 
@@ -888,7 +931,7 @@ class StateFingerprint:
         if (app is not None) is not self.migratable:
             return False
         if app is not None:
-            blocking = _blockingClasses.get(type(app))
+            blocking = _blockingClasses.get(id(type(app)))
             if (
                 blocking is None
                 or blocking
@@ -926,7 +969,7 @@ class StateFingerprint:
                     return False
         buffers = self.buffers
         cls = type(protocol)
-        kinds = _kindsByClass.get(cls)
+        kinds = _kindsByClass.get(id(cls))
         if kinds is None:
             kinds = _kindsOf(cls)
         if len(kinds) != len(buffers):
@@ -1026,7 +1069,7 @@ def restoreProtocolState(
         )
     except StateError as e:
         raise RestoreError(f"cannot restore {_className(cls)}: {e}") from e
-    classKinds = _kindsByClass.get(cls)
+    classKinds = _kindsByClass.get(id(cls))
     if classKinds is None:
         classKinds = _kindsOf(cls)
     kinds: list[tuple[_BufferKind, Mapping[str, Any]]] = []

@@ -4,7 +4,9 @@ Tests for L{migrate.state}, protocol-state persistence.
 
 from __future__ import annotations
 
+import gc
 import struct
+import weakref
 from typing import Any, ClassVar
 
 import attrs
@@ -17,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from migrate import state as state_
 from migrate._codec import MAX_DEPTH, StateError, decodeState, encodeState
 from migrate.interfaces import IMigratable
 from migrate.state import (
@@ -1535,3 +1538,46 @@ class UnchangedSinceTests(SynchronousTestCase):
             },
         )
         self.assertFalse(unchangedSince(self.protocol, StateFingerprint.of(state)))
+
+
+class ClassCacheTests(SynchronousTestCase):
+    """
+    What the state layer caches about each protocol class does not keep
+    the class alive: after a module reload, the old classes (and their
+    modules' globals) can be freed once their last connection ends.
+    """
+
+    def test_classFreed(self) -> None:
+        """
+        A class captured, compared and restored is freed when nothing else
+        holds it, and the caches forget it.
+        """
+
+        class Replaced(ChatV1):
+            pass
+
+        protocol = connected(Replaced)
+        protocol.dataReceived(b"half a li")
+        state = captureProtocolState(protocol)
+        self.assertTrue(unchangedSince(protocol, StateFingerprint.of(state)))
+        restoreProtocolState(fresh(Replaced), state)
+        key = id(Replaced)
+        self.assertIn(key, state_._kindsByClass)
+        self.assertIn(key, state_._blockingClasses)
+        gone = weakref.ref(Replaced)
+        del Replaced, protocol, state
+        gc.collect()
+        self.assertIsNone(gone())
+        self.assertNotIn(key, state_._kindsByClass)
+        self.assertNotIn(key, state_._blockingClasses)
+        self.assertNotIn(key, state_._classesSeen)
+
+    def test_cachedWhileAlive(self) -> None:
+        """
+        A class still alive keeps its entries: the look-up is made once.
+        """
+        state = captureProtocolState(connected(ChatV2))
+        self.assertTrue(unchangedSince(connected(ChatV2), StateFingerprint.of(state)))
+        gc.collect()
+        self.assertIn(id(ChatV2), state_._kindsByClass)
+        self.assertIs(state_._classesSeen[id(ChatV2)](), ChatV2)

@@ -24,7 +24,15 @@ from ._load import LoadGenerator, latencyBins, summarize
 from ._output import handoffSeconds
 from ._process import BenchHost, freePort, pidAlive, readCPU, readRSS, waitFor
 
-__all__ = ["LoadSettings", "migrateUnderLoad", "restartUnderLoad", "moveIdle"]
+__all__ = [
+    "LoadSettings",
+    "migrateUnderLoad",
+    "restartUnderLoad",
+    "moveIdle",
+    "REPORT_KEYS",
+    "relayProgress",
+    "sleep",
+]
 
 TIMELINE_BIN = 0.1
 """
@@ -32,7 +40,7 @@ Seconds per point of the timeline.
 """
 
 #: what a scenario keeps of a migration's report
-_REPORT_KEYS = (
+REPORT_KEYS = (
     "outcome",
     "reason",
     "moved",
@@ -68,7 +76,7 @@ class LoadSettings:
     upgradeTimeout: float = 120.0
 
 
-def _relay(progress: Callable[[str], None]) -> Callable[[str], None]:
+def relayProgress(progress: Callable[[str], None]) -> Callable[[str], None]:
     """
     Pass on the upgrade command's progress lines, shortened (a successor's
     command line can span many lines).
@@ -81,7 +89,10 @@ def _relay(progress: Callable[[str], None]) -> Callable[[str], None]:
     return relay
 
 
-def _sleep(reactor: Any, seconds: float) -> Any:
+def sleep(reactor: Any, seconds: float) -> Any:
+    """
+    @return: a L{Deferred} that fires after C{seconds} on C{reactor}.
+    """
     return deferLater(reactor, seconds, lambda: None)
 
 
@@ -163,7 +174,7 @@ async def _startLoad(
         "load running: {} connections, a request every {} ms each, {} new "
         "connections/s".format(connected, int(settings.interval * 1000), settings.rate)
     )
-    await _sleep(reactor, settings.warmup)
+    await sleep(reactor, settings.warmup)
     return load
 
 
@@ -185,7 +196,7 @@ async def migrateUnderLoad(
         origin = load._started or reactor.seconds()
         measured = reactor.seconds()
         cpuFrom = _cpu(load, oldPid)
-        await _sleep(reactor, settings.before)
+        await sleep(reactor, settings.before)
         cpu = _cpuPerRequest(cpuFrom, _cpu(load, oldPid))
         rssOld = readRSS(oldPid)
         progress("migrating with {}".format(strategy))
@@ -195,7 +206,7 @@ async def migrateUnderLoad(
             strategy,
             "--timeout",
             str(settings.upgradeTimeout),
-            progress=_relay(progress),
+            progress=relayProgress(progress),
         )
         end = reactor.seconds()
         newPid = report.get("newPid") or oldPid
@@ -204,7 +215,7 @@ async def migrateUnderLoad(
                 report.get("outcome"), (end - start) * 1000
             )
         )
-        await _sleep(reactor, settings.after)
+        await sleep(reactor, settings.after)
         stop = reactor.seconds()
         unanswered = await load.stop()
         rssNew = readRSS(newPid)
@@ -215,7 +226,7 @@ async def migrateUnderLoad(
             "kind": "migration",
             "strategy": strategy,
             "exitCode": code,
-            "report": {key: report.get(key) for key in _REPORT_KEYS + ("notes",)},
+            "report": {key: report.get(key) for key in REPORT_KEYS + ("notes",)},
             "window": [start - origin, end - origin],
             "handoffWindow": _handoffWindow(report, start - origin, end - origin),
             "seconds": end - start,
@@ -332,7 +343,7 @@ async def restartUnderLoad(
         load = await _startLoad(reactor, host, settings, progress)
         origin = load._started or reactor.seconds()
         measured = reactor.seconds()
-        await _sleep(reactor, settings.before)
+        await sleep(reactor, settings.before)
         rssOld = readRSS(oldPid)
         progress("stopping the host (SIGTERM) and starting it again")
         start = reactor.seconds()
@@ -354,7 +365,7 @@ async def restartUnderLoad(
                 (end - start) * 1000
             )
         )
-        await _sleep(reactor, settings.after)
+        await sleep(reactor, settings.after)
         stop = reactor.seconds()
         unanswered = await load.stop()
         result: dict[str, Any] = {
@@ -434,7 +445,7 @@ async def moveIdle(
                 connected, reactor.seconds() - started, missing
             )
         )
-        await _sleep(reactor, 0.5)
+        await sleep(reactor, 0.5)
         rssOld = readRSS(oldPid)
         progress("moving them with {}".format(strategy))
         start = reactor.seconds()
@@ -443,13 +454,13 @@ async def moveIdle(
             strategy,
             "--timeout",
             str(upgradeTimeout),
-            progress=_relay(progress),
+            progress=relayProgress(progress),
         )
         end = reactor.seconds()
         newPid = report.get("newPid") or oldPid
         moved = newPid != oldPid
         missingAfter = await load.pingAll(timeout=60.0)
-        await _sleep(reactor, 0.5)
+        await sleep(reactor, 0.5)
         rssNew = readRSS(newPid)
         servers = load.servers()
         result = {
@@ -459,7 +470,7 @@ async def moveIdle(
             "count": count,
             "connected": connected,
             "exitCode": code,
-            "report": {key: report.get(key) for key in _REPORT_KEYS},
+            "report": {key: report.get(key) for key in REPORT_KEYS},
             "seconds": end - start,
             "answeredAfter": connected - missingAfter,
             "onNew": servers.get(b"%d" % newPid, 0) if moved else 0,

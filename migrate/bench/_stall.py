@@ -36,7 +36,7 @@ from twisted.internet import defer
 from ._app import APP_MODULE
 from ._load import LoadGenerator, LongLivedClient, summarize
 from ._process import BenchHost, HostFailed, freePort
-from ._scenarios import _REPORT_KEYS, _relay, _sleep
+from ._scenarios import REPORT_KEYS, relayProgress, sleep
 
 __all__ = [
     "STALL_STRATEGIES",
@@ -228,7 +228,7 @@ async def _measureOne(
     probeDuplicatesBefore = probes.duplicatedLines
     _changeCode(host, "{} connections".format(count))
     probes.start()
-    await _sleep(reactor, settings.before)
+    await sleep(reactor, settings.before)
     progress(
         "upgrading with {} ({} idle, {} probes)".format(strategy, held, settings.probes)
     )
@@ -238,7 +238,7 @@ async def _measureOne(
         strategy,
         "--timeout",
         str(settings.upgradeTimeout),
-        progress=_relay(progress),
+        progress=relayProgress(progress),
     )
     # The command has its own deadline; this one bounds the benchmark even
     # if the command's does not fire.
@@ -249,7 +249,7 @@ async def _measureOne(
     except defer.TimeoutError:
         raise HostFailed("the upgrade command did not end within {} s".format(bound))
     end = reactor.seconds()
-    await _sleep(reactor, settings.after)
+    await sleep(reactor, settings.after)
     stop = reactor.seconds()
     unanswered = await probes.stop(settleTimeout=settings.answerTimeout)
     newPid = report.get("newPid") or oldPid
@@ -274,7 +274,7 @@ async def _measureOne(
         "probes": len(probes.alive()),
         "probeInterval": settings.probeInterval,
         "exitCode": code,
-        "report": {key: report.get(key) for key in _REPORT_KEYS},
+        "report": {key: report.get(key) for key in REPORT_KEYS},
         "seconds": end - start,
         "stall": max(longest) if longest else None,
         "probeAnswers": len(longest),

@@ -6,14 +6,24 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
+import sys
 import tempfile
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from ._hostprocess import CLITimedOut, pidAlive, runCLI
+from ._hostprocess import (
+    SOURCE_ROOT,
+    CLITimedOut,
+    ProcessOutput,
+    pidAlive,
+    runCLI,
+    waitFor,
+)
 
 
 class RunCLITests(TestCase):
@@ -45,3 +55,87 @@ class RunCLITests(TestCase):
             )
         self.assertIn("did not end within 2.0 s", str(caught.exception))
         self.assertFalse(pidAlive(caught.exception.pid))
+
+
+#: a process standing in for trial: it starts a host through the harness,
+#: prints the host's process id, and waits to be killed (its cleanups, which
+#: would end the host, never run)
+_PARENT = """
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+
+from migrate.test._hostprocess import HostProcess, freePort
+
+
+class Case:
+    def addCleanup(self, *args, **kwargs):
+        pass
+
+
+async def main():
+    host = HostProcess(
+        Case(),
+        [
+            "--app", "migrate.bench._app:makeFactory",
+            "--listen", "tcp:{}:interface=127.0.0.1".format(freePort()),
+        ],
+    )
+    status = await host.start()
+    print(status["pid"], host.workdir.path, flush=True)
+
+
+reactor.callWhenRunning(lambda: ensureDeferred(main()))
+reactor.run()
+"""
+
+
+class WatchdogTests(TestCase):
+    """
+    The hosts the harness starts end with the test process, however it
+    ends.
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_hostEndsWithItsTestProcess(self) -> Any:
+        """
+        When the process that started a host through L{HostProcess} is
+        killed (C{SIGKILL}: no cleanup runs), the host ends too.
+        """
+        parent = ProcessOutput()
+        env = dict(os.environ, PYTHONPATH=SOURCE_ROOT)
+        process = reactor.spawnProcess(
+            parent, sys.executable, [sys.executable, "-c", _PARENT], env=env
+        )
+        parentPid = process.pid
+        hostPids: list[int] = []
+
+        def killAll() -> None:
+            # Only if the test failed: neither should be left behind.
+            for pid in [parentPid] + hostPids:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+        self.addCleanup(lambda: parent.ended)
+        self.addCleanup(killAll)
+        yield waitFor(
+            lambda: parent.ended.called or b"\n" in parent.output,
+            timeout=60,
+            what="the parent to start its host",
+        )
+        self.assertFalse(parent.ended.called, parent.output.decode())
+        pid, workdir = parent.output.split(b"\n")[0].split()
+        self.addCleanup(shutil.rmtree, workdir.decode(), True)
+        hostPids.append(int(pid))
+        self.assertTrue(pidAlive(hostPids[0]))
+        os.kill(parentPid, signal.SIGKILL)
+        yield waitFor(
+            lambda: not pidAlive(hostPids[0]), timeout=30, what="the host to end"
+        )

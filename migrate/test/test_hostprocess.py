@@ -58,8 +58,8 @@ class RunCLITests(TestCase):
 
 
 #: a process standing in for trial: it starts a host through the harness,
-#: prints the host's process id, and waits to be killed (its cleanups, which
-#: would end the host, never run)
+#: upgrades it, prints the first and the new process ids, and waits to be
+#: killed (its cleanups, which would end the host, never run)
 _PARENT = """
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
@@ -78,10 +78,13 @@ async def main():
         [
             "--app", "migrate.bench._app:makeFactory",
             "--listen", "tcp:{}:interface=127.0.0.1".format(freePort()),
+            "--strategy", "capability",
         ],
     )
     status = await host.start()
-    print(status["pid"], host.workdir.path, flush=True)
+    # A successor: its parent is the first host, not this process.
+    code, report, err = await host.upgrade()
+    print("HOSTS", status["pid"], report.get("newPid"), host.workdir.path, flush=True)
 
 
 reactor.callWhenRunning(lambda: ensureDeferred(main()))
@@ -101,7 +104,8 @@ class WatchdogTests(TestCase):
     def test_hostEndsWithItsTestProcess(self) -> Any:
         """
         When the process that started a host through L{HostProcess} is
-        killed (C{SIGKILL}: no cleanup runs), the host ends too.
+        killed (C{SIGKILL}: no cleanup runs), the host ends too, and so
+        does its successor, whose parent is the host.
         """
         parent = ProcessOutput()
         env = dict(os.environ, PYTHONPATH=SOURCE_ROOT)
@@ -112,30 +116,36 @@ class WatchdogTests(TestCase):
         hostPids: list[int] = []
 
         def killAll() -> None:
-            # Only if the test failed: neither should be left behind.
-            for pid in [parentPid] + hostPids:
+            # Only if the test failed: none should be left behind.
+            for kill, pid in [(os.kill, parentPid)] + [
+                (kill, pid) for pid in hostPids for kill in (os.killpg, os.kill)
+            ]:
                 try:
-                    os.killpg(pid, signal.SIGKILL)
+                    kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+
+        def hosts() -> list[bytes] | None:
+            for line in bytes(parent.output).split(b"\n")[:-1]:
+                if line.startswith(b"HOSTS "):
+                    return line.split()[1:]
+            return None
 
         self.addCleanup(lambda: parent.ended)
         self.addCleanup(killAll)
         yield waitFor(
-            lambda: parent.ended.called or b"\n" in parent.output,
+            lambda: parent.ended.called or hosts(),
             timeout=60,
-            what="the parent to start its host",
+            what="the parent to start and upgrade its host",
         )
         self.assertFalse(parent.ended.called, parent.output.decode())
-        pid, workdir = parent.output.split(b"\n")[0].split()
+        first, successor, workdir = hosts() or []
         self.addCleanup(shutil.rmtree, workdir.decode(), True)
-        hostPids.append(int(pid))
-        self.assertTrue(pidAlive(hostPids[0]))
+        hostPids.extend([int(first), int(successor)])
+        self.assertTrue(pidAlive(hostPids[1]), parent.output.decode())
         os.kill(parentPid, signal.SIGKILL)
         yield waitFor(
-            lambda: not pidAlive(hostPids[0]), timeout=30, what="the host to end"
+            lambda: not any(pidAlive(pid) for pid in hostPids),
+            timeout=30,
+            what="the host and its successor to end",
         )

@@ -39,9 +39,10 @@ _H2APP = """
 import os
 
 from twisted.internet import ssl
+from twisted.internet.task import LoopingCall
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 VERSION = {version!r}
 PEM = {pem!r}
@@ -51,9 +52,22 @@ class Answer(Resource):
     isLeaf = True
 
     def render_GET(self, request):
-        return b" ".join(
+        answer = b" ".join(
             [VERSION, b"%d" % (os.getpid(),), request.clientproto, request.path]
         )
+        if request.path != b"/slow":
+            return answer
+
+        # Answered once the test creates the file "release".
+        def check():
+            if os.path.exists("release"):
+                poll.stop()
+                request.write(answer)
+                request.finish()
+
+        poll = LoopingCall(check)
+        poll.start(0.01)
+        return NOT_DONE_YET
 
 
 def makeFactory():
@@ -76,8 +90,9 @@ class HTTP2Client(Protocol):
     and the end of the connection; it never closes the connection itself,
     so that the test sees the server close it.
 
-    @ivar events: C{("goaway", last stream id, error code)} and
-        C{("lost", reason)} in the order they happened.
+    @ivar events: C{("answer", stream id)} (a response complete),
+        C{("goaway", last stream id, error code)} and C{("lost", reason)}
+        in the order they happened.
     """
 
     def __init__(self) -> None:
@@ -122,6 +137,7 @@ class HTTP2Client(Protocol):
                     event.flow_controlled_length, event.stream_id
                 )
             elif isinstance(event, StreamEnded):
+                self.events.append(("answer", event.stream_id))
                 self._waiting.pop(event.stream_id).callback(
                     self._bodies.pop(event.stream_id)
                 )
@@ -187,13 +203,10 @@ class HTTP2DrainTests(TestCase):
         return client.lost
 
     @inlineCallbacks
-    def test_goAwayAtTheDrainDeadline(self) -> Any:
+    def startHost(self) -> Any:
         """
-        An HTTP/2 connection over TLS stays on the old process, which
-        answers it until the drain deadline, then sends GOAWAY (NO_ERROR,
-        naming the last stream it answered) and closes the connection
-        cleanly: a TLS close and a FIN, no reset.  A new connection is
-        served by the new process.
+        Start a host serving C{h2app} (version v0) over TLS, with a drain
+        deadline of one second; fire with its process id.
         """
         self.port = freePort()
         self.host = HostProcess(
@@ -211,12 +224,14 @@ class HTTP2DrainTests(TestCase):
         )
         self.setVersion(b"v0")
         status = yield self.host.start()
-        oldPid = status["pid"]
-        client = yield self.connect()
-        self.assertEqual((yield client.get(b"/a")), b"v0 %d HTTP/2 /a" % (oldPid,))
-        self.assertEqual(client.transport.negotiatedProtocol, b"h2")
-        self.assertEqual((yield client.get(b"/b")), b"v0 %d HTTP/2 /b" % (oldPid,))
+        return status["pid"]
 
+    @inlineCallbacks
+    def upgrade(self) -> Any:
+        """
+        Upgrade to version v1, whose process serves new connections, the
+        HTTP/2 connection staying; fire with the new process id.
+        """
         self.setVersion(b"v1")
         code, report, err = yield self.host.upgrade()
         self.assertEqual(
@@ -224,17 +239,60 @@ class HTTP2DrainTests(TestCase):
             (0, 0, 1),
             err + self.host.output(),
         )
-        newPid = report["newPid"]
+        return report["newPid"]
 
+    @inlineCallbacks
+    def assertEndedPolitely(self, client: HTTP2Client, answered: int) -> Any:
+        """
+        Wait for the client's connection to end; it must have been told
+        GOAWAY, NO_ERROR, with the last stream it was answered, after its
+        last answer and before a clean end (TLS close and FIN; a reset or
+        a TCP close under TLS is a L{ConnectionLost}).
+        """
         yield client.lost
         reason = client.events[-1][1]
         self.assertEqual(
-            client.events,
-            [("goaway", 3, ErrorCodes.NO_ERROR), ("lost", reason)],
+            client.events[-3:],
+            [("answer", answered), ("goaway", answered, ErrorCodes.NO_ERROR)]
+            + [("lost", reason)],
             self.host.output(),
         )
         self.assertIsInstance(reason.value, ConnectionDone, self.host.output())
 
+    @inlineCallbacks
+    def test_goAwayAtTheDrainDeadline(self) -> Any:
+        """
+        An HTTP/2 connection over TLS stays on the old process, which
+        answers it until the drain deadline, then sends GOAWAY (NO_ERROR,
+        naming the last stream it answered) and closes the connection
+        cleanly.  A new connection is served by the new process.
+        """
+        oldPid = yield self.startHost()
+        client = yield self.connect()
+        self.assertEqual((yield client.get(b"/a")), b"v0 %d HTTP/2 /a" % (oldPid,))
+        self.assertEqual(client.transport.negotiatedProtocol, b"h2")
+        self.assertEqual((yield client.get(b"/b")), b"v0 %d HTTP/2 /b" % (oldPid,))
+        newPid = yield self.upgrade()
+        yield self.assertEndedPolitely(client, 3)
         fresh = yield self.connect()
         self.assertEqual((yield fresh.get(b"/c")), b"v1 %d HTTP/2 /c" % (newPid,))
         yield waitFor(lambda: not pidAlive(oldPid), what="the old process to exit")
+
+    @inlineCallbacks
+    def test_streamInFlightFinishesFirst(self) -> Any:
+        """
+        A stream still in flight at the drain deadline is answered first:
+        the GOAWAY and the close come after its answer.
+        """
+        oldPid = yield self.startHost()
+        client = yield self.connect()
+        self.assertEqual((yield client.get(b"/a")), b"v0 %d HTTP/2 /a" % (oldPid,))
+        slow = client.get(b"/slow")
+        yield self.upgrade()
+        yield waitFor(
+            lambda: "Drain deadline" in self.host.output(), what="the drain deadline"
+        )
+        self.host.workdir.child("release").touch()
+        self.assertEqual((yield slow), b"v0 %d HTTP/2 /slow" % (oldPid,))
+        yield self.assertEndedPolitely(client, 3)
+        self.assertEqual(client.events[0], ("answer", 1))

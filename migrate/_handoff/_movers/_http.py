@@ -308,10 +308,16 @@ def _goAway(channel: Any) -> bool:
     Not before: C{h2} counts any frame received after its GOAWAY (a
     window update for a response still being sent, a request's body) as a
     protocol error, and Twisted would then end the streams in flight with
-    a second GOAWAY, PROTOCOL_ERROR.  The channel is the transport's
-    producer, which a TLS transport waits for before its close_notify: it
-    is unregistered first, as C{HTTPChannel.loseConnection} does for
-    HTTP/1.1.
+    a second GOAWAY, PROTOCOL_ERROR.  Nor as an early announcement (RFC
+    9113, 6.8: a first GOAWAY naming stream 2**31-1): a client built on
+    C{h2} (httpx is) fails the same way on the response frames that follow
+    it.  A client that always keeps a stream open is therefore never
+    between streams, and is aborted after the grace that follows the drain
+    deadline, as any connection still open then.
+
+    The channel is the transport's producer, which a TLS transport waits
+    for before its close_notify: it is unregistered first, as
+    C{HTTPChannel.loseConnection} does for HTTP/1.1.
 
     @return: whether the connection was ended; C{False} while streams are
         in flight (ask again).

@@ -3,7 +3,9 @@ Running real C{twistd migrate-host} processes, the control CLI and line
 clients for integration tests, with bounded waits and full cleanup.
 
 The host processes are the benchmark's (L{migrate.bench._process}), with
-what a test needs on top.
+what a test needs on top: among it, a L{Watchdog} beside each, so that a
+test process that dies without its cleanups (killed, or a crash) takes
+its hosts with it instead of leaving them serving.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import textwrap
 from typing import Any, Callable
 
 from twisted.internet import reactor as _globalReactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.protocols.basic import LineReceiver
 from twisted.python.filepath import FilePath
 
@@ -38,6 +40,7 @@ __all__ = [
     "HostProcess",
     "LiveAppMixin",
     "LineClient",
+    "Watchdog",
     "ProcessOutput",
     "connectLineClient",
     "fields",
@@ -153,6 +156,78 @@ def runCLI(arguments: list[str], *, cwd: str, timeout: float = 120.0) -> Any:
     return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
+_WATCHDOG = textwrap.dedent("""
+    import os, signal, sys
+    # Out of the test process's group and deaf to its signals (Ctrl-C), so
+    # that it outlives the test process; it ends when its input does.
+    os.setsid()
+    for each in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(each, signal.SIG_IGN)
+    if not sys.stdin.buffer.read(1):
+        # The test process died without releasing the host: end its
+        # session (the host and every successor), and the first process
+        # itself in case it had not made its session yet.
+        pid = int(sys.argv[1])
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    """)
+
+
+class Watchdog(ProcessProtocol):
+    """
+    A small process that kills a host's whole session when the test
+    process dies without having released it.
+
+    The watchdog waits for its standard input, a pipe only the test
+    process holds: the kernel closes it whenever the test process ends,
+    C{SIGKILL} included.  An end without the release byte means the test
+    process died: the watchdog kills the session.  Nothing changes in the
+    host itself (unlike C{PR_SET_PDEATHSIG}, which would cover only the
+    first process: a successor's parent is the old host, which exits
+    after every hand-off), and the lineage stays in the session the
+    launcher made (L{migrate.bench._process.LAUNCHER}).
+
+    @ivar ended: fires once the watchdog has exited.
+    """
+
+    def __init__(self) -> None:
+        self.ended: Deferred[None] = Deferred()
+
+    @classmethod
+    def watch(cls, pid: int) -> "Watchdog":
+        """
+        Start a watchdog for the session that process C{pid} leads.
+        """
+        watchdog = cls()
+        _globalReactor.spawnProcess(
+            watchdog,
+            sys.executable,
+            [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(pid)],
+            env={},
+            childFDs={0: "w"},
+        )
+        return watchdog
+
+    def release(self) -> Deferred[None]:
+        """
+        The test ends the host itself: let the watchdog go without killing
+        anything (the session's number may be reused by then).
+
+        @return: L{ended}.
+        """
+        if not self.ended.called:
+            assert self.transport is not None
+            self.transport.write(b"x")
+            self.transport.closeStdin()
+        return self.ended
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
+
+
 class HostProcess(_process.HostProcess):
     """
     A L{migrate.bench._process.HostProcess} for one test: on the global
@@ -191,7 +266,17 @@ class HostProcess(_process.HostProcess):
             echo=bool(os.environ.get("MIGRATE_TEST_ECHO")),
         )
         self.testCase = testCase
+        self.watchdogs: list[Watchdog] = []
         testCase.addCleanup(self.stopAll)
+
+    def spawn(self) -> Deferred[int]:
+        """
+        Start the host, with a L{Watchdog} for its session.
+        """
+        ended = super().spawn()
+        assert self.sessionId is not None
+        self.watchdogs.append(Watchdog.watch(self.sessionId))
+        return ended
 
     def start(self, timeout: float = 30.0) -> Deferred[dict[str, Any]]:
         """
@@ -251,7 +336,16 @@ class HostProcess(_process.HostProcess):
         self.kill()
         d: Deferred[None] = Deferred()
         self.ended.addBoth(lambda _: d.callback(None))
-        return d.addCallback(lambda _: self.cleanup())
+        d.addCallback(lambda _: self.cleanup())
+        return d.addCallback(lambda _: self.releaseWatchdogs())
+
+    def releaseWatchdogs(self) -> Deferred[None]:
+        """
+        Let every watchdog go (the host is ended); fire once they have.
+        """
+        released = [each.release() for each in self.watchdogs]
+        self.watchdogs = []
+        return gatherResults(released).addCallback(lambda _: None)
 
 
 class LineClient(LineReceiver):

@@ -21,6 +21,7 @@ from twisted.trial.unittest import TestCase
 from ._hostprocess import (
     SOURCE_ROOT,
     ProcessOutput,
+    Watchdog,
     connectLineClient,
     freePort,
     lastJSON,
@@ -79,6 +80,8 @@ class EmbeddedHostTests(TestCase):
                 pass
             return protocol.ended
 
+        # Let go once the session is killed (cleanups run last first).
+        self.addCleanup(Watchdog.watch(session).release)
         self.addCleanup(stopAll)
         self.addCleanup(shutil.rmtree, workdir, True)
 

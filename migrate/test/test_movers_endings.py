@@ -11,6 +11,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -122,4 +123,41 @@ class PoliteEndingTests(SynchronousTestCase):
         transport = StringTransport()
         hosted.makeConnection(transport)
         self.assertTrue(closePolitely(hosted))
+        self.assertTrue(transport.disconnecting)
+
+    def test_underAWrapper(self) -> None:
+        """
+        An application protocol under a protocol wrapper (TLS, when the
+        application wraps its own factory) is ended by its mover: an
+        HTTP/1.1 response being written is not cut short.
+        """
+        self.tracking = TrackingFactory(
+            "tcp:0", WrappingFactory(self.tracking.wrappedFactory)
+        )
+        hosted, transport = self.connect()
+        hosted.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.slow.held[0].write(b"partial")
+        self.assertFalse(closePolitely(hosted))
+        self.assertFalse(transport.disconnecting)
+        self.slow.held.pop().finish()
+        self.assertTrue(closePolitely(hosted))
+        self.assertTrue(transport.disconnecting)
+
+    def test_otherProtocolsUnderAWrapper(self) -> None:
+        """
+        A protocol without a mover under a protocol wrapper is closed
+        through the wrapper, so that the wrapper ends its own layer (TLS
+        sends its close_notify) instead of having the connection closed
+        under it.
+        """
+        tracking = TrackingFactory(
+            "tcp:0", WrappingFactory(Factory.forProtocol(Protocol))
+        )
+        hosted = tracking.buildProtocol(_ADDRESS)
+        assert hosted is not None
+        transport = StringTransport()
+        hosted.makeConnection(transport)
+        self.assertTrue(closePolitely(hosted))
+        wrapper: Any = hosted.wrappedProtocol
+        self.assertTrue(wrapper.disconnecting)
         self.assertTrue(transport.disconnecting)

@@ -6,6 +6,7 @@ channel moves between requests to the new code's L{Site}.
 from __future__ import annotations
 
 from typing import Any
+from unittest import SkipTest
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -252,31 +253,97 @@ class GenericChannelMoverTests(SynchronousTestCase):
         error = self.assertRaises(StateError, captureProtocolState, protocol)
         self.assertIn("HTTP/2", str(error))
 
+    def _h2(self) -> tuple[Any, Any, StringTransport, Any]:
+        """
+        A channel switched to HTTP/2 (Twisted's own C{H2Connection}, as
+        after ALPN C{h2}) and an C{h2} client connected to it.
+
+        @return: the channel's generic protocol, its HTTP/2 channel, the
+            transport and the client's C{h2} connection.
+        """
+        try:
+            from h2.config import H2Configuration
+            from h2.connection import H2Connection as Client
+            from twisted.web._http2 import H2Connection
+        except ImportError:
+            raise SkipTest("h2 is not installed (the test and dev extras install it)")
+        protocol, ignored = _connect(self.oldSite)
+        channel: Any = H2Connection(reactor=self.clock)
+        channel.requestFactory = self.oldSite.requestFactory
+        channel.site = self.oldSite
+        channel.factory = self.oldSite
+        channel.timeOut = None
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        # As _GenericHTTPChannelProtocol does after ALPN h2.
+        transport.registerProducer(channel, True)
+        protocol._channel = channel
+        client = Client(H2Configuration(client_side=True))
+        client.initiate_connection()
+        channel.dataReceived(client.data_to_send())
+        client.receive_data(transport.value())
+        transport.clear()
+        return protocol, channel, transport, client
+
+    def _get(self, channel: Any, client: Any, path: str) -> None:
+        streamID = client.get_next_available_stream_id()
+        client.send_headers(
+            streamID,
+            [
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":authority", "x"),
+                (":path", path),
+            ],
+            end_stream=True,
+        )
+        channel.dataReceived(client.data_to_send())
+
+    def _goAways(self, client: Any, transport: StringTransport) -> list[Any]:
+        from h2.events import ConnectionTerminated
+
+        events = client.receive_data(transport.value())
+        transport.clear()
+        return [
+            (event.last_stream_id, event.error_code)
+            for event in events
+            if isinstance(event, ConnectionTerminated)
+        ]
+
     def test_http2GoAway(self) -> None:
         """
-        An HTTP/2 connection is ended politely with GOAWAY: the streams in
-        flight finish.
+        An idle HTTP/2 connection is ended politely: GOAWAY, NO_ERROR,
+        naming the last stream it answered, then a clean close (the channel,
+        the transport's producer, let go first: a TLS transport waits for
+        its producer before its close_notify).
         """
-
-        class Connection:
-            closed = False
-
-            def close_connection(self) -> None:
-                self.closed = True
-
-            def data_to_send(self) -> bytes:
-                return b"GOAWAY"
-
-        class H2:
-            conn = Connection()
-            transport = StringTransport()
-
-        protocol, transport = _connect(self.oldSite)
-        channel = H2()
-        protocol._channel = channel
+        protocol, channel, transport, client = self._h2()
+        self._get(channel, client, "/one")
+        self.clock.advance(0)
         self.assertTrue(GenericChannelMover(protocol).closePolitely(1001))
-        self.assertTrue(channel.conn.closed)
-        self.assertEqual(channel.transport.value(), b"GOAWAY")
+        self.assertEqual(self._goAways(client, transport), [(1, 0)])
+        self.assertTrue(transport.disconnecting)
+        self.assertIsNone(transport.producer)
+
+    def test_http2StreamsInFlightFinish(self) -> None:
+        """
+        An HTTP/2 connection with a stream in flight is asked again until
+        the stream finishes (C{h2} would count a frame received after its
+        GOAWAY, a window update for the response, as a protocol error);
+        then it gets its GOAWAY, once, and is closed.
+        """
+        self.old.hold = True
+        protocol, channel, transport, client = self._h2()
+        self._get(channel, client, "/one")
+        mover = GenericChannelMover(protocol)
+        self.assertFalse(mover.closePolitely(1001))
+        self.assertEqual(self._goAways(client, transport), [])
+        self.assertFalse(transport.disconnecting)
+        self.old.held.pop().finish()
+        self.clock.advance(0)
+        self.assertTrue(mover.closePolitely(1001))
+        self.assertEqual(self._goAways(client, transport), [(1, 0)])
+        self.assertTrue(transport.disconnecting)
 
     def test_useFactory(self) -> None:
         """

@@ -10,6 +10,14 @@ with a close frame carrying code 1001 ("going away", which tells a client
 to reconnect calmly; a bare close shows as 1006).  A connection that
 cannot be ended now (a response being written) is asked again until it
 can.  Every other connection is closed as before (C{loseConnection}).
+
+The application's protocol may sit under protocol wrappers inside the
+hosted protocol: TLS when the application wraps its own factory (a
+C{TLSMemoryBIOFactory} given with C{--app}, or a hosted plugin's
+C{listenSSL}), or another C{ProtocolWrapper}.  The mover is then looked up
+on the innermost protocol, and a connection without one is closed through
+the outermost wrapper, so that every layer ends properly (TLS with its
+close_notify, which closing the hosted protocol would skip).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from typing import Any, Callable, Iterable
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 
 from migrate.interfaces import IMigratable
 
@@ -43,17 +52,20 @@ def closePolitely(hosted: Any, code: int = GOING_AWAY) -> bool:
         must be asked again later.
     """
     protocol = getattr(hosted, "wrappedProtocol", None)
+    closer = protocol if isinstance(protocol, ProtocolWrapper) else hosted
+    while isinstance(protocol, ProtocolWrapper):
+        protocol = protocol.wrappedProtocol
     mover = None
     if protocol is not None and not IMigratable.providedBy(protocol):
         mover = movers.moverFor(protocol)
     if mover is None:
-        hosted.loseConnection()
+        closer.loseConnection()
         return True
     try:
         return bool(mover.closePolitely(code))
     except Exception:
         _log.failure("Could not end {protocol} politely", protocol=protocol)
-        hosted.loseConnection()
+        closer.loseConnection()
         return True
 
 

@@ -21,7 +21,9 @@ C{_HTTPChannel__header}, C{_command}, C{_path}, C{_version},
 C{requestDone} (wrapped while a safe point is
 awaited), the C{LineReceiver}'s C{_buffer},
 C{_busyReceiving} and C{line_mode}, and C{TimeoutMixin}'s
-C{_TimeoutMixin__timeoutCall}.
+C{_TimeoutMixin__timeoutCall}; of an HTTP/2 channel (C{H2Connection}),
+its C{conn} (the C{h2} connection, whose state says whether a GOAWAY was
+sent or received) and C{streams} (the streams in flight).
 """
 
 from __future__ import annotations
@@ -299,15 +301,38 @@ class GenericChannelMover:
 
 def _goAway(channel: Any) -> bool:
     """
-    Tell an HTTP/2 client to open no more streams (GOAWAY); the streams in
-    flight finish.
+    End an HTTP/2 connection once no stream is in flight: GOAWAY (NO_ERROR,
+    naming the last stream the channel received, so that a client knows
+    any later one was not processed and may retry it), then a clean close.
+
+    Not before: C{h2} counts any frame received after its GOAWAY (a
+    window update for a response still being sent, a request's body) as a
+    protocol error, and Twisted would then end the streams in flight with
+    a second GOAWAY, PROTOCOL_ERROR.  Nor as an early announcement (RFC
+    9113, 6.8: a first GOAWAY naming stream 2**31-1): a client built on
+    C{h2} (httpx is) fails the same way on the response frames that follow
+    it.  A client that always keeps a stream open is therefore never
+    between streams, and is aborted after the grace that follows the drain
+    deadline, as any connection still open then.
+
+    The channel is the transport's producer, which a TLS transport waits
+    for before its close_notify: it is unregistered first, as
+    C{HTTPChannel.loseConnection} does for HTTP/1.1.
+
+    @return: whether the connection was ended; C{False} while streams are
+        in flight (ask again).
     """
     conn = getattr(channel, "conn", None)
     transport = getattr(channel, "transport", None)
-    if conn is None or transport is None:
+    if conn is None or transport is None or channel.streams:
         return False
-    conn.close_connection()
-    transport.write(conn.data_to_send())
+    from h2.connection import ConnectionState
+
+    if conn.state_machine.state is not ConnectionState.CLOSED:
+        conn.close_connection()
+        transport.write(conn.data_to_send())
+    transport.unregisterProducer()
+    transport.loseConnection()
     return True
 
 

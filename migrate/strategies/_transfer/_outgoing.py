@@ -42,6 +42,7 @@ from ..._handoff._successor import (
     spawnSuccessor,
     successorCommandLine,
 )
+from ..._handoff._threadwork import waitForThreadWork, workInFlight
 from ..._host._heap import collectionsPaused
 from ..._host._settings import HANDED_ON_NICENESS
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
@@ -162,6 +163,7 @@ class OutgoingHandoff:
     _moved: dict[str, int] = field(factory=dict)
     _pausedAccepting: bool = False
     _abortReason: str | None = None
+    _threadDeadline: float | None = None
     _attempt: MigrationAttempt = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -402,6 +404,8 @@ class OutgoingHandoff:
         host = self.host
         host.pauseAccepting()
         self._pausedAccepting = True
+        if self._notPrecopied():
+            yield self._threadWorkDone()
         self._freezeMovable()
         if not self._moving:
             self._step("no connection can move now")
@@ -616,22 +620,26 @@ class OutgoingHandoff:
                 "lost".format(successor.pid)
             )
 
-    def _freezeAndCommit(self) -> int:
+    def _freezeAndCommit(self) -> int | None:
         with collectionsPaused():
             return self._freezeAndCommitNow()
 
-    def _freezeAndCommitNow(self) -> int:
+    def _freezeAndCommitNow(self) -> int | None:
         """
         In one reactor step: compare every pre-copied connection with its
         copy, send what changed and the commit, wait for the answer with the
         reactor standing still, and let go of every moved connection before
         it runs again.
 
-        @return: the successor's process id.
+        @return: the successor's process id; L{None}, having touched
+            nothing, if a thread handed the reactor work (or a thread pool
+            job started) since the last look: it must land first.
 
         @raise HandoffFailed: if the successor did not commit; nothing was
             touched here.
         """
+        if workInFlight(self.host.reactor) is not None:
+            return None
         attempt = self._attempt
         delta = freezeDelta(self._precopied)
         attempt.phaseDone("freeze")
@@ -732,13 +740,20 @@ class OutgoingHandoff:
                 )
         return "connection {}: {}".format(ident, why)
 
-    def _freezeMovable(self) -> None:
+    def _notPrecopied(self) -> list[tuple[Any, Any]]:
+        """
+        The connections (listener and hosted connection) that were not
+        pre-copied: those that freeze now, or stay.
+        """
         precopied = {id(each.hosted) for each in self._precopied}
-        self._moving, staying = freezeMovable(
+        return [
             (listener, hosted)
             for listener, hosted in self.host.allConnections()
             if id(hosted) not in precopied
-        )
+        ]
+
+    def _freezeMovable(self) -> None:
+        self._moving, staying = freezeMovable(self._notPrecopied())
         # Busy ones move after the commit, at their next safe point.
         self._later = [each for each in staying if each.later]
         self._noteStaying([each for each in staying if not each.later])
@@ -824,6 +839,10 @@ class OutgoingHandoff:
                 if clock.seconds() - started >= bound:
                     break
                 yield deferLater(clock, _LATER_INTERVAL, lambda: None)
+                if workInFlight(clock) is not None:
+                    # A thread's answer may be on its way to one of them:
+                    # none freezes before it has landed.
+                    continue
                 ready = watch.takeReady()
                 if not ready:
                     continue
@@ -887,12 +906,58 @@ class OutgoingHandoff:
 
     @inlineCallbacks
     def _commit(self) -> Any:
-        if self._freezeSocket is not None:
-            # From a reactor step of its own, outside any read path.
+        while self._freezeSocket is not None:
+            yield self._threadWorkDone()
+            # From a reactor step of its own, outside any read path; a
+            # thread that handed the reactor work since makes it wait again.
             pid = yield deferLater(self.host.reactor, 0, self._freezeAndCommit)
-            return pid
+            if pid is not None:
+                return pid
         answer = yield self._call(Commit, "committing")
         return answer["pid"]
+
+    @inlineCallbacks
+    def _threadWorkDone(self) -> Any:
+        """
+        Before connections freeze: let the reactor deliver every answer
+        its threads owe it (C{deferToThread} jobs running, calls they
+        queued with C{callFromThread}), waiting at most
+        C{--safe-point-timeout} seconds from the first wait of this
+        hand-off.  Such an answer belongs to no connection this process
+        can see, and would otherwise land here after its connection moved:
+        lost.  When it returns, nothing is in flight in this reactor step.
+
+        @raise HandoffFailed: if work is still in flight at the bound: the
+            hand-off rolls back, every connection still served here.
+        """
+        reactor = self.host.reactor
+        work = workInFlight(reactor)
+        if work is None:
+            return
+        bound = float(self.host.settings.safePointTimeout)
+        started = reactor.seconds()
+        if self._threadDeadline is None:
+            self._threadDeadline = started + bound
+        self._step(
+            "waiting up to {:g} s for {} to finish before the freeze".format(
+                max(0.0, self._threadDeadline - started), work.describe()
+            )
+        )
+        _log.info("Waiting for threads before the freeze: {work}", work=work.describe())
+        left = yield waitForThreadWork(reactor, self._threadDeadline)
+        if left is not None:
+            raise HandoffFailed(
+                "threads still owed answers after {:g} s ({}), which would "
+                "reach this process after their connections moved: try again "
+                "once they are done, or raise --safe-point-timeout".format(
+                    bound, left.describe()
+                )
+            )
+        self._step(
+            "the threads' work finished after {:.3f} s".format(
+                reactor.seconds() - started
+            )
+        )
 
     def _releaseMoved(self) -> None:
         for each in self._moving:

@@ -22,10 +22,11 @@ from typing import Any, Callable
 
 import attrs
 from attrs import evolve
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import UNIXAddress
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -996,11 +997,11 @@ class LaterThreadWorkTests(CapabilityFixture):
         self.assertEqual(self.outputAtFreeze[-1], [b"", b"", b"answer\r\n"])
 
 
-class PrecopyThreadWorkTests(CapabilityFixture):
+class PrecopyFixture(CapabilityFixture):
     """
-    The same when connections were pre-copied, and freeze in one reactor
-    step of their own: a job that starts in that very step (a timer of the
-    application's) makes the freeze wait again.
+    A capability transfer whose first two connections were pre-copied (and
+    freeze in one reactor step of their own); the last one was not, and
+    stays.
     """
 
     def setUp(self) -> None:
@@ -1015,6 +1016,7 @@ class PrecopyThreadWorkTests(CapabilityFixture):
                 hosted=hosted,
                 listenerKey="tcp:8000",
                 liveDescriptor=lambda: 0,
+                transport=None,
                 release=lambda ident=ident: self.released.append(ident),
             )
             for ident, hosted in enumerate(self.connections[:2], 1)
@@ -1051,6 +1053,85 @@ class PrecopyThreadWorkTests(CapabilityFixture):
     def poll(self, seconds: float) -> None:
         for _ in range(int(round(seconds / 0.005))):
             self.o.advance(0.005)
+
+
+class RecordingWriter(FileDescriptor):
+    """
+    A descriptor registered for writing that records, at each write, what
+    C{seen} returns.
+    """
+
+    def __init__(self, reactor: Any, seen: Callable[[], Any]) -> None:
+        FileDescriptor.__init__(self, reactor)
+        self.seen = seen
+        self.writes: list[Any] = []
+
+    def doWrite(self) -> None:
+        self.writes.append(self.seen())
+
+
+class ReportBeforeLetGoTests(PrecopyFixture):
+    """
+    Once the successor committed, the report is made, told to the
+    successor and answered to whoever asked, and what this process buffers
+    for them written out, before it lets go of the moved connections (which
+    may take seconds on a busy machine, at a low priority).
+    """
+
+    def releasedSoFar(self) -> list[int]:
+        return list(self.released)
+
+    def test_reportedBeforeLettingGo(self) -> None:
+        """
+        The migration's result fires, and every writer but the moved
+        connections is written to, before any moved connection is let go
+        of; all in the reactor step of the freeze.
+        """
+        control = RecordingWriter(self.reactor, self.releasedSoFar)
+        self.reactor.addWriter(control)
+        moved = RecordingWriter(self.reactor, self.releasedSoFar)
+        self.reactor.addWriter(moved)
+        self.precopied[0].transport = moved
+        answered: list[list[int]] = []
+        self.o.host.addObserver(
+            SimpleNamespace(
+                migrationEnded=lambda host, report: answered.append(
+                    self.releasedSoFar()
+                )
+            )
+        )
+        d = self.o.migrate()
+        self.o.advance(0)
+        self.assertEqual(self.successResultOf(d)["outcome"], "success")
+        self.assertEqual(answered, [[]])
+        self.assertEqual((control.writes, moved.writes), ([[]], []))
+        self.assertEqual(self.released, [1, 2])
+        self.o.flush()
+        self.assertIn("Reported", self.o.incoming.names())
+
+    def test_durations(self) -> None:
+        """
+        The report times the freeze and the commit; the let-go, which comes
+        after it, is only logged.
+        """
+        with capturedLogs() as events:
+            d = self.o.migrate()
+            self.o.advance(0)
+        report = self.successResultOf(d)
+        self.assertIn("commit", report["durations"])
+        self.assertNotIn("letgo", report["durations"])
+        self.assertIn(
+            "Let go of 2 moved connections in 0.000 s",
+            [formatEvent(event) for event in events],
+        )
+
+
+class PrecopyThreadWorkTests(PrecopyFixture):
+    """
+    The same when connections were pre-copied, and freeze in one reactor
+    step of their own: a job that starts in that very step (a timer of the
+    application's) makes the freeze wait again.
+    """
 
     def freezeMovable(
         self, connections: Any

@@ -845,15 +845,17 @@ class ThreadWorkTests(CapabilityFixture):
     def test_answerLandsBeforeTheFreeze(self) -> None:
         """
         With a thread pool job running, no connection freezes: the hand-off
-        waits, saying so, until the job's answer has been delivered here,
-        and only then freezes (the answer is in the connection's output that
-        moves) and commits.
+        waits, saying so and still accepting, until the job's answer has
+        been delivered here, and only then freezes (the answer is in the
+        connection's output that moves) and commits.
         """
         finish = self.startAnswering()
         d = self.o.migrate()
         self.poll(0.5)
         self.assertNoResult(d)
         self.assertEqual(self.reading, [])
+        # Meanwhile this process still accepts.
+        self.assertEqual([port.reading for port in self.o.ports], [True, True])
         self.assertIn(
             "waiting up to 3 s for 1 job of the reactor's thread pool "
             "(deferToThread) running to finish before the freeze",

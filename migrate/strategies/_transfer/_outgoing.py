@@ -405,10 +405,11 @@ class OutgoingHandoff:
     @inlineCallbacks
     def _handConnections(self) -> Any:
         host = self.host
+        # While this process still accepts: usually the only wait, the
+        # freeze's own step looking again.
+        yield self._threadWorkDone()
         host.pauseAccepting()
         self._pausedAccepting = True
-        if self._notPrecopied():
-            yield self._threadWorkDone()
         self._freezeMovable()
         if not self._moving:
             self._step("no connection can move now")

@@ -13,7 +13,10 @@ until it resumes it (L{resumeConnection}) or gives it back
 freezes nothing: it only reads the output Twisted holds
 (L{pendingOutput}), since the reactor never runs again before the exec.
 L{writeNow} writes around the reactor's write path when nothing is queued
-(the benchmark's load generator uses it).
+(the benchmark's load generator uses it); L{flushWriters} writes what
+Twisted buffers now, without waiting for the reactor's next turn (a
+transfer's report goes out before the old process lets go of its moved
+connections).
 
 This is the one module that reaches into the private parts of Twisted's
 C{twisted.internet.tcp.Connection} (C{dataBuffer}, C{offset},
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from attrs import define, field
 from twisted.internet.abstract import FileDescriptor
@@ -44,8 +47,11 @@ __all__ = [
     "adoptConnection",
     "resumeConnection",
     "abandonConnection",
+    "flushWriters",
     "writeNow",
 ]
+
+_log = Logger()
 
 _FROZEN, _RESUMED, _RELEASED = "frozen", "resumed", "released"
 
@@ -569,3 +575,42 @@ def writeNow(transport: Any, data: bytes) -> None:
         return
     if sent < len(data):
         transport.write(data[sent:])
+
+
+def flushWriters(reactor: Any, exclude: Collection[Any] = ()) -> int:
+    """
+    Write, now, as much of what the reactor's writers (its descriptors
+    registered for writing) buffer as the kernel takes, as its next turn
+    would, without waiting for that turn.  Left to that turn: the writers
+    in C{exclude}, those asked to close or half-close (their last write
+    makes the reactor end them) and those with a producer (their writes
+    resume it).  A write that finds its connection lost keeps it registered,
+    so that the next turn finds the loss again and ends it as usual.
+
+    @param exclude: writers (transports) not to touch.
+
+    @return: how many writers were written to.
+    """
+    getWriters = getattr(reactor, "getWriters", None)
+    if getWriters is None:
+        return 0
+    written = 0
+    for writer in list(getWriters()):
+        if (
+            writer in exclude
+            or not isinstance(writer, FileDescriptor)
+            or "doWrite" in vars(writer)
+            or writer.disconnecting
+            or getattr(writer, "_writeDisconnecting", False)
+            or writer.producer is not None
+        ):
+            continue
+        try:
+            lost = writer.doWrite()
+        except Exception:
+            _log.failure("Writing early to {writer} failed", writer=writer)
+            continue
+        written += 1
+        if lost is not None:
+            writer.startWriting()
+    return written

@@ -8,7 +8,7 @@ in-memory AMP connection that carries descriptors.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
@@ -32,6 +32,8 @@ __all__ = [
     "RecordingFactory",
     "RecordingPort",
     "RecordingProtocol",
+    "FakeThreadPool",
+    "ThreadedFakeReactor",
     "connectAMP",
 ]
 
@@ -118,6 +120,58 @@ class FakeReactor(HostReactor):
 
     def getThreadPool(self) -> Any:
         return None
+
+
+class FakeThreadPool:
+    """
+    What migrate looks at in a reactor's thread pool
+    (L{twisted.python.threadpool.ThreadPool}): the jobs its workers run.
+
+    @ivar working: one entry per job running.
+    """
+
+    def __init__(self) -> None:
+        self.working: list[str] = []
+
+
+class ThreadedFakeReactor(FakeReactor):
+    """
+    A L{FakeReactor} with a thread pool whose jobs a test starts and
+    finishes by hand (L{startJob}), and a queue of calls from threads
+    (C{threadCallQueue}) that each C{advance} runs first, before the timed
+    calls due, as a real reactor's C{runUntilCurrent} does.
+    """
+
+    def __init__(self) -> None:
+        FakeReactor.__init__(self)
+        self.threadpool = FakeThreadPool()
+        self.threadCallQueue: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
+
+    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
+        self.threadCallQueue.append((f, args, kwargs))
+
+    def startJob(self, name: str, deliver: Any) -> Callable[[Any], None]:
+        """
+        Start a job in the pool, as C{deferToThread} would.
+
+        @param deliver: what the job's answer is handed to, in the reactor.
+
+        @return: a callable taking the answer: the job ends, and its answer
+            is queued for the reactor (C{callFromThread}), as a worker does.
+        """
+        self.threadpool.working.append(name)
+
+        def finish(answer: Any) -> None:
+            self.callFromThread(deliver, answer)
+            self.threadpool.working.remove(name)
+
+        return finish
+
+    def advance(self, amount: float) -> None:
+        queued, self.threadCallQueue[:] = list(self.threadCallQueue), []
+        for f, args, kwargs in queued:
+            f(*args, **kwargs)
+        FakeReactor.advance(self, amount)
 
 
 class RecordingProtocol(Protocol):

@@ -175,9 +175,11 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
         code, report, err = yield self.host.upgrade()
         self.assertEqual((code, report["moved"], report["draining"]), (0, 3, 0), err)
         yield waitFor(lambda: not pidAlive(oldPid), what="the old process to exit")
-        self.assertIn(
-            "process {} lets go of 3 {}".format(oldPid, YIELDED), self.host.output()
-        )
+        output = self.host.output()
+        yielded = output.index("process {} lets go of 3 {}".format(oldPid, YIELDED))
+        # The report was made and answered before the let-go.
+        self.assertLess(output.index("Migration ended: success"), yielded)
+        self.assertIn("Let go of 3 moved connections in", output[yielded:])
         for client in clients:
             reply = yield self.exchange(client, b"after")
             self.assertEqual(
@@ -732,3 +734,114 @@ class CapabilityFamiliesTests(LiveAppMixin, TestCase):
         secure.transport.loseConnection()
         plain.transport.loseConnection()
         yield waitFor(lambda: not pidAlive(oldPid), what="the old process to exit")
+
+
+#: C{slow} is answered from a thread of the reactor's pool (deferToThread),
+#: once the test creates C{thread.go}; C{thread.started} says it waits
+THREADED_V1 = MIGRATABLE_V1.replace(
+    """    def lineReceived(self, line):
+""",
+    """    def lineReceived(self, line):
+        if line == b"slow":
+            from twisted.internet.threads import deferToThread
+
+            deferToThread(self.slowly).addCallback(self.sendLine)
+            return
+""",
+).replace(
+    """    def getMigrationState(self):""",
+    """    def slowly(self):
+        import time
+
+        with open("thread.started", "w") as flag:
+            flag.write(str(os.getpid()))
+        deadline = time.monotonic() + 60
+        while not os.path.exists("thread.go"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the test never opened the gate")
+            time.sleep(0.01)
+        return b"%s %d slow" % (VERSION, os.getpid())
+
+    def getMigrationState(self):""",
+)
+assert "deferToThread" in THREADED_V1 and "def slowly" in THREADED_V1
+
+
+class ThreadWorkIntegrationTests(LiveAppMixin, TestCase):
+    """
+    A connection whose answer a thread computes (C{deferToThread}) looks
+    idle: capability transfer waits for the answer before it freezes, and
+    rolls back rather than lose it.
+    """
+
+    timeout = 120
+    strategy = "capability"
+    initialApp = THREADED_V1
+
+    @inlineCallbacks
+    def threadAnswering(self) -> Any:
+        """
+        Connect a client and ask for a slow answer; fire with the client
+        once the old process's thread computes it.
+        """
+        [client] = yield self.connectClients(1)
+        yield self.exchange(client, b"before")
+        client.sendLine(b"slow")
+        started = self.host.workdir.child("thread.started")
+        yield waitFor(
+            lambda: started.exists() and started.getContent(),
+            what="the thread to compute the answer",
+        )
+        return client
+
+    @inlineCallbacks
+    def test_answerArrivesBeforeTheMove(self):
+        """
+        The upgrade waits, saying so, until the thread's answer has been
+        sent from the old process; then the connection moves, and the new
+        code answers the next line with the state carried over.  The
+        client gets each answer exactly once.
+        """
+        status = yield self.startHost()
+        oldPid = status["pid"]
+        client = yield self.threadAnswering()
+        writeModule(self.host.workdir, "liveapp", MIGRATABLE_V2)
+        upgrade = self.host.upgrade()
+        yield waitFor(
+            lambda: upgrade.called
+            or "Waiting for threads before the freeze" in self.host.output(),
+            what="the old process to wait for its thread",
+        )
+        self.assertEqual(len(client.lines), 2)
+        self.host.workdir.child("thread.go").touch()
+        code, report, err = yield upgrade
+        self.assertEqual((code, report["outcome"]), (0, "success"), err)
+        self.assertEqual(report["moved"], 1)
+        lines = yield client.waitForLines(3, timeout=10)
+        self.assertEqual(fields(lines[2]), [b"v1", str(oldPid).encode(), b"slow"])
+        self.assertIn("before the freeze", err)
+        reply = yield self.exchange(client, b"after")
+        self.assertEqual(reply, [b"v2", str(report["newPid"]).encode(), b"after", b"2"])
+        self.assertEqual(len(client.lines), 4)
+        self.assertFalse(client.closed.called)
+
+    @inlineCallbacks
+    def test_answerTooSlowRollsBack(self):
+        """
+        A thread still computing at C{--safe-point-timeout} rolls the
+        upgrade back: the old process serves on, and the answer, when it
+        comes, reaches the client from there.
+        """
+        status = yield self.startHost("--safe-point-timeout", "0.5")
+        oldPid = status["pid"]
+        client = yield self.threadAnswering()
+        writeModule(self.host.workdir, "liveapp", MIGRATABLE_V2)
+        code, report, err = yield self.host.upgrade()
+        self.assertNotEqual(code, 0)
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertIn("threads still owed answers after 0.5 s", report["reason"])
+        self.host.workdir.child("thread.go").touch()
+        lines = yield client.waitForLines(3)
+        self.assertEqual(fields(lines[2]), [b"v1", str(oldPid).encode(), b"slow"])
+        reply = yield self.exchange(client, b"after")
+        self.assertEqual(reply, [b"v1", str(oldPid).encode(), b"after", b"2"])

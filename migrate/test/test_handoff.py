@@ -22,16 +22,18 @@ from typing import Any, Callable
 
 import attrs
 from attrs import evolve
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import UNIXAddress
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from .._handoff._fdpass import DescriptorTransferError, writeMemfd
 from .._handoff._movement import MovingConnection, Unmovable
+from .._handoff._precopy import FreezeDelta
 from .._handoff._successor import SuccessorExit, SuccessorProcess
 from .._host import _service
 from ..strategies import CapabilityTransfer, GradualTransfer
@@ -51,7 +53,7 @@ from ..strategies._transfer._channel import (
     TakeListener,
 )
 from ..strategies._transfer._incoming import IncomingChannel
-from ._fakes import FakeSuccessor, RecordingPort, connectAMP
+from ._fakes import FakeSuccessor, RecordingPort, ThreadedFakeReactor, connectAMP
 from .test_host import Harness, harness
 
 SUCCESSOR_PID = 4242
@@ -562,13 +564,15 @@ class OutgoingSuccessTests(SynchronousTestCase):
         self.assertEqual(o.h.stops, [])
 
 
-class CapabilityTests(SynchronousTestCase):
+class CapabilityFixture(SynchronousTestCase):
     """
-    Capability transfer moves the frozen connections all or nothing.
+    A capability transfer from a host serving three connections, whose
+    freezing, descriptor sending and thread pool are fakes.
     """
 
     def setUp(self) -> None:
-        self.o = OutgoingHarness(self, CapabilityTransfer())
+        self.reactor = ThreadedFakeReactor()
+        self.o = OutgoingHarness(self, CapabilityTransfer(), reactor=self.reactor)
         self.frozen: list[FakeFrozen] = []
         self.sent: list[list[int]] = []
         self.patch(_outgoing, "freezeMovable", self.freezeMovable)
@@ -577,6 +581,7 @@ class CapabilityTests(SynchronousTestCase):
         self.patch(_outgoing, "sendDescriptors", self.sendDescriptors)
         self.connections = self.o.connect(3)
         self.reading: list[list[bool]] = []
+        self.outputAtFreeze: list[list[bytes]] = []
 
     def freezeMovable(
         self, connections: Any
@@ -586,6 +591,9 @@ class CapabilityTests(SynchronousTestCase):
         while the listeners are paused.
         """
         self.reading.append([port.reading for port in self.o.ports])
+        self.outputAtFreeze.append(
+            [each.transport.value() for each in self.connections]
+        )
         pairs = list(connections)
         moving = []
         for ident, (listener, hosted) in enumerate(pairs[:-1], 1):
@@ -614,6 +622,12 @@ class CapabilityTests(SynchronousTestCase):
 
     def sendDescriptors(self, sock: Any, fds: list[int], *, timeout: float) -> None:
         self.sent.append(list(fds))
+
+
+class CapabilityTests(CapabilityFixture):
+    """
+    Capability transfer moves the frozen connections all or nothing.
+    """
 
     def test_moved(self) -> None:
         """
@@ -788,6 +802,387 @@ class CapabilityTests(SynchronousTestCase):
         self.assertResumed()
         [sending] = self.sendings
         self.successResultOf(sending)
+
+
+class PrecopyingIncoming(FakeIncoming):
+    """
+    A L{FakeIncoming} that stages pre-copied connections.
+    """
+
+    @PrecopyConnections.responder
+    def precopyConnections(
+        self, count: int, manifestSize: int, manifest: int, bulk: int, freeze: int
+    ) -> Any:
+        return self._answer(
+            "PrecopyConnections",
+            {"staged": count, "refusedCount": 0, "refused": "[]"},
+            count=count,
+        )
+
+
+class ThreadWorkTests(CapabilityFixture):
+    """
+    A connection whose answer a thread of the reactor's pool still
+    computes (C{deferToThread}) looks idle; capability transfer lets every
+    such answer land here before it freezes any connection, and rolls back
+    rather than lose one.
+    """
+
+    def startAnswering(self, index: int = 0) -> Callable[[bytes], None]:
+        """
+        Start a thread pool job whose answer the connection C{index} writes
+        to its client.
+
+        @return: what finishes the job with an answer.
+        """
+        transport = self.connections[index].transport
+        return self.reactor.startJob("answer", transport.write)
+
+    def poll(self, seconds: float) -> None:
+        for _ in range(int(round(seconds / 0.005))):
+            self.o.advance(0.005)
+
+    def test_answerLandsBeforeTheFreeze(self) -> None:
+        """
+        With a thread pool job running, no connection freezes: the hand-off
+        waits, saying so and still accepting, until the job's answer has
+        been delivered here, and only then freezes (the answer is in the
+        connection's output that moves) and commits.
+        """
+        finish = self.startAnswering()
+        d = self.o.migrate()
+        self.poll(0.5)
+        self.assertNoResult(d)
+        self.assertEqual(self.reading, [])
+        # Meanwhile this process still accepts.
+        self.assertEqual([port.reading for port in self.o.ports], [True, True])
+        self.assertIn(
+            "waiting up to 3 s for 1 job of the reactor's thread pool "
+            "(deferToThread) running to finish before the freeze",
+            self.o.progress,
+        )
+        finish(b"answer\r\n")
+        self.poll(0.005)
+        report = self.successResultOf(d)
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual(self.outputAtFreeze, [[b"answer\r\n", b"", b""]])
+        self.assertEqual((report["moved"], report["draining"]), (2, 1))
+        self.assertTrue(
+            any(
+                step.startswith("the threads' work finished after")
+                for step in self.o.progress
+            ),
+            self.o.progress,
+        )
+
+    def test_answerStillComputedRollsBack(self) -> None:
+        """
+        A job still running after C{--safe-point-timeout} rolls the hand-off
+        back before anything froze: the reason says why, every connection
+        serves on here, and the job's answer, when it comes, reaches its
+        client from here.
+        """
+        finish = self.startAnswering()
+        d = self.o.migrate()
+        self.poll(3.1)
+        report = self.successResultOf(d)
+        self.o.assertRolledBack(
+            report,
+            "threads still owed answers after 3 s (1 job of the reactor's "
+            "thread pool (deferToThread) running), which would reach this "
+            "process after their connections moved: try again once they are "
+            "done, or raise --safe-point-timeout",
+        )
+        self.assertEqual((self.reading, self.frozen), ([], []))
+        self.assertEqual([each.released for each in self.connections], [False] * 3)
+        finish(b"answer\r\n")
+        self.poll(0.005)
+        self.assertEqual(self.connections[0].transport.value(), b"answer\r\n")
+
+    def test_noWaitWithoutThreadWork(self) -> None:
+        """
+        A hand-off with nothing in flight neither waits nor says so.
+        """
+        self.successResultOf(self.o.migrate())
+        self.assertFalse(
+            any("before the freeze" in step for step in self.o.progress),
+            self.o.progress,
+        )
+
+
+class LaterIncoming(FakeIncoming):
+    """
+    A L{FakeIncoming} that takes connections after the commit.
+    """
+
+    @CommitAdopted.responder
+    def commitAdopted(self) -> Any:
+        return self._answer("CommitAdopted", {"committed": 0})
+
+
+class FakeWatch:
+    """
+    Stands in for L{migrate._handoff._safepoint.SafePointWatch}: every
+    watched connection is ready at the first look, which records the jobs
+    of the reactor's thread pool running then.
+    """
+
+    def __init__(self, reactor: ThreadedFakeReactor, connections: Any) -> None:
+        self.reactor = reactor
+        self.pending = [
+            SimpleNamespace(listenerKey=key, hosted=hosted, letGo=lambda: None)
+            for key, hosted in connections
+        ]
+        self.workingAtLooks: list[int] = []
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self.pending)
+
+    def takeReady(self) -> list[Any]:
+        self.workingAtLooks.append(len(self.reactor.threadpool.working))
+        ready, self.pending = self.pending, []
+        return ready
+
+    def stop(self) -> list[Any]:
+        return self.pending
+
+
+class LaterThreadWorkTests(CapabilityFixture):
+    """
+    After the commit, a busy connection that reaches its safe point is not
+    taken while a thread job is in flight: its answer may be for it.
+    """
+
+    lastBusy = True
+
+    def setUp(self) -> None:
+        CapabilityFixture.setUp(self)
+        self.o.incoming = LaterIncoming(["tcp:8000", "tcp:8001"])
+        self.watches: list[FakeWatch] = []
+
+        def watch(connections: Any) -> FakeWatch:
+            self.watches.append(FakeWatch(self.reactor, connections))
+            return self.watches[-1]
+
+        self.patch(_outgoing, "SafePointWatch", watch)
+        self.finish: list[Callable[[bytes], None]] = []
+
+    def freezeMovable(
+        self, connections: Any
+    ) -> tuple[list[MovingConnection], list[Unmovable]]:
+        """
+        As the first connections freeze, the busy one (the last) starts a
+        thread job.
+        """
+        if not self.finish:
+            transport = self.connections[2].transport
+            self.finish.append(self.reactor.startJob("answer", transport.write))
+        return CapabilityFixture.freezeMovable(self, connections)
+
+    def test_busyConnectionWaitsForTheAnswer(self) -> None:
+        """
+        The busy connection is looked at only once the job's answer has
+        landed here, and freezes with it.
+        """
+        d = self.o.migrate()
+        for _ in range(10):
+            self.o.advance(0.005)
+        [watch] = self.watches
+        self.assertEqual(watch.workingAtLooks, [])
+        self.finish[0](b"answer\r\n")
+        self.o.advance(0.005)
+        self.o.advance(0.005)
+        report = self.successResultOf(d)
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual(watch.workingAtLooks, [0])
+        self.assertEqual(self.outputAtFreeze[-1], [b"", b"", b"answer\r\n"])
+
+
+class PrecopyFixture(CapabilityFixture):
+    """
+    A capability transfer whose first two connections were pre-copied (and
+    freeze in one reactor step of their own); the last one was not, and
+    stays.
+    """
+
+    def setUp(self) -> None:
+        CapabilityFixture.setUp(self)
+        self.o.incoming = PrecopyingIncoming(["tcp:8000", "tcp:8001"])
+        # The first two are pre-copied (and still served); the last one is
+        # not, and stays (see freezeMovable).
+        self.released: list[int] = []
+        self.precopied = [
+            SimpleNamespace(
+                ident=ident,
+                hosted=hosted,
+                listenerKey="tcp:8000",
+                liveDescriptor=lambda: 0,
+                transport=None,
+                release=lambda ident=ident: self.released.append(ident),
+            )
+            for ident, hosted in enumerate(self.connections[:2], 1)
+        ]
+        self.patch(
+            _outgoing,
+            "precopyMovable",
+            lambda connections, first: (self.precopied, "{}"),
+        )
+        self.patch(
+            _outgoing,
+            "sendLiveDescriptors",
+            lambda reactor, sock, sources, timeout: maybeDeferred(lambda: None),
+        )
+        self.patch(_outgoing, "freezeDelta", self.freezeDelta)
+        self.patch(
+            _outgoing,
+            "commitBlocking",
+            lambda sock, delta, timeout, **kw: {"pid": SUCCESSOR_PID},
+        )
+        self.outputAtCommit: list[list[bytes]] = []
+        self.finish: list[Callable[[bytes], None]] = []
+
+    def freezeDelta(self, precopied: list[Any]) -> FreezeDelta:
+        self.outputAtCommit.append(
+            [each.transport.value() for each in self.connections]
+        )
+        return FreezeDelta(moving=list(precopied))
+
+    def startAnswering(self) -> None:
+        transport = self.connections[0].transport
+        self.finish.append(self.reactor.startJob("answer", transport.write))
+
+    def poll(self, seconds: float) -> None:
+        for _ in range(int(round(seconds / 0.005))):
+            self.o.advance(0.005)
+
+
+class RecordingWriter(FileDescriptor):
+    """
+    A descriptor registered for writing that records, at each write, what
+    C{seen} returns.
+    """
+
+    def __init__(self, reactor: Any, seen: Callable[[], Any]) -> None:
+        FileDescriptor.__init__(self, reactor)
+        self.seen = seen
+        self.writes: list[Any] = []
+
+    def doWrite(self) -> None:
+        self.writes.append(self.seen())
+
+
+class ReportBeforeLetGoTests(PrecopyFixture):
+    """
+    Once the successor committed, the report is made, told to the
+    successor and answered to whoever asked, and what this process buffers
+    for them written out, before it lets go of the moved connections (which
+    may take seconds on a busy machine, at a low priority).
+    """
+
+    def releasedSoFar(self) -> list[int]:
+        return list(self.released)
+
+    def test_reportedBeforeLettingGo(self) -> None:
+        """
+        The migration's result fires, and every writer but the moved
+        connections is written to, before any moved connection is let go
+        of; all in the reactor step of the freeze.
+        """
+        control = RecordingWriter(self.reactor, self.releasedSoFar)
+        self.reactor.addWriter(control)
+        moved = RecordingWriter(self.reactor, self.releasedSoFar)
+        self.reactor.addWriter(moved)
+        self.precopied[0].transport = moved
+        answered: list[list[int]] = []
+        self.o.host.addObserver(
+            SimpleNamespace(
+                migrationEnded=lambda host, report: answered.append(
+                    self.releasedSoFar()
+                )
+            )
+        )
+        d = self.o.migrate()
+        self.o.advance(0)
+        self.assertEqual(self.successResultOf(d)["outcome"], "success")
+        self.assertEqual(answered, [[]])
+        self.assertEqual((control.writes, moved.writes), ([[]], []))
+        self.assertEqual(self.released, [1, 2])
+        self.o.flush()
+        self.assertIn("Reported", self.o.incoming.names())
+
+    def test_durations(self) -> None:
+        """
+        The report times the freeze and the commit; the let-go, which comes
+        after it, is only logged.
+        """
+        with capturedLogs() as events:
+            d = self.o.migrate()
+            self.o.advance(0)
+        report = self.successResultOf(d)
+        self.assertIn("commit", report["durations"])
+        self.assertNotIn("letgo", report["durations"])
+        self.assertIn(
+            "Let go of 2 moved connections in 0.000 s",
+            [formatEvent(event) for event in events],
+        )
+
+
+class PrecopyThreadWorkTests(PrecopyFixture):
+    """
+    The same when connections were pre-copied, and freeze in one reactor
+    step of their own: a job that starts in that very step (a timer of the
+    application's) makes the freeze wait again.
+    """
+
+    def freezeMovable(
+        self, connections: Any
+    ) -> tuple[list[MovingConnection], list[Unmovable]]:
+        """
+        As the connections that were not pre-copied freeze, a timer of the
+        application's is due in the same turn as the freeze that follows,
+        and starts a job for a pre-copied connection.
+        """
+        self.reactor.callLater(0, self.startAnswering)
+        return CapabilityFixture.freezeMovable(self, connections)
+
+    def test_jobStartedInTheFreezeStep(self) -> None:
+        """
+        A job that starts in the reactor turn of the freeze, before it,
+        makes the freeze stand down, having touched nothing, until the
+        answer has landed; then the pre-copied connections freeze, with the
+        answer in their output, and move.
+        """
+        d = self.o.migrate()
+        self.o.advance(0)
+        self.assertNoResult(d)
+        self.assertEqual(self.outputAtCommit, [])
+        self.assertEqual(len(self.finish), 1)
+        self.poll(0.5)
+        self.assertNoResult(d)
+        self.finish[0](b"answer\r\n")
+        self.poll(0.005)
+        report = self.successResultOf(d)
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual(self.outputAtCommit, [[b"answer\r\n", b"", b""]])
+        self.assertEqual(self.released, [1, 2])
+        self.assertEqual((report["moved"], report["draining"]), (2, 1))
+
+    def test_jobOutlastsTheBound(self) -> None:
+        """
+        A job still running at C{--safe-point-timeout} rolls back before
+        the freeze: the pre-copied connections were never frozen, and serve
+        on here.
+        """
+        d = self.o.migrate()
+        self.poll(3.1)
+        report = self.successResultOf(d)
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertIn("threads still owed answers after 3 s", report["reason"])
+        self.assertEqual((self.outputAtCommit, self.released), ([], []))
+        self.finish[0](b"answer\r\n")
+        self.poll(0.005)
+        self.assertEqual(self.connections[0].transport.value(), b"answer\r\n")
 
 
 class FakeOutgoing(amp.AMP):

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import threading
+from types import SimpleNamespace
 from typing import Any
 
 from attrs import evolve
@@ -26,11 +27,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from migrate._codec import StateError
 from migrate._handoff._fdpass import readMemfd, writeMemfd
+from migrate._handoff._movement import AdoptedConnection
 from migrate._handoff._trial import TrialOutcome
 from migrate._host._metrics import HostMetrics
 from migrate._host._service import MigrationHost
 from migrate.state import ProtocolState
-from migrate.strategies._reexec import _outgoing
+from migrate.strategies._reexec import _incoming, _outgoing
 from migrate.strategies._reexec._caretaker import (
     ABORT,
     CARETAKER_PROTOCOL,
@@ -635,10 +637,11 @@ class WhatTheNewCodeSpeaksTests(SynchronousTestCase):
         self.assertEqual((harness.executed, self.forked), ([], []))
 
 
-class NewImageGivesUpTests(SynchronousTestCase):
+class CaretakerFixture(SynchronousTestCase):
     """
-    When the new image cannot take the caretaker's connections, every one
-    is closed, counted as failed on its listener, and the image serves.
+    A new image on a fake reactor with one connection inherited, whose
+    other copy a caretaker (here a stand-in process) holds, and the
+    caretaker's end of their channel.
     """
 
     def setUp(self) -> None:
@@ -679,6 +682,13 @@ class NewImageGivesUpTests(SynchronousTestCase):
         # The listener's descriptor is the prelude's: the connection is
         # counted on it, found by its port.
         self.inheritance.state = evolve(prelude, listeners={"tcp:x": self.listenerFd})
+
+
+class NewImageGivesUpTests(CaretakerFixture):
+    """
+    When the new image cannot take the caretaker's connections, every one
+    is closed, counted as failed on its listener, and the image serves.
+    """
 
     def take(self) -> Any:
         self.assertFalse(
@@ -785,6 +795,112 @@ class NewImageGivesUpTests(SynchronousTestCase):
         self.restoreUnreadable()
         self.assertEqual(seen, [None])
         self.assertEqual(self.ours.recv(1), FREEZE)
+
+
+class RestoreFailsAfterHandOverTests(CaretakerFixture):
+    """
+    Restoring that fails after the caretaker handed the connections over
+    ends with every connection closed politely by the caretaker, with a
+    critical log line: none is left half adopted, none reset by a killed
+    caretaker.
+    """
+
+    def handOver(self) -> None:
+        """
+        The caretaker hands over a document naming the connection.
+        """
+        self.inheritance.state = evolve(self.inheritance.state, listeners={})
+        self.inheritance.inherited = [self.inherited]
+        self.inheritance.caretaker = self.caretaker
+        document = writeState(
+            ReexecState(
+                pid=10,
+                generation=3,
+                strategy="reexec",
+                connections=(
+                    InheritedConnection(
+                        self.inherited,
+                        "tcp:x",
+                        {"id": 1, "listener": "tcp:x"},
+                        fresh=True,
+                    ),
+                ),
+            )
+        )
+        socket.send_fds(self.ours, [DOCUMENT], [document])
+        os.close(document)
+
+    def test_beforeServingHandsBack(self) -> None:
+        """
+        A failure before this image serves any connection: it lets go of
+        its copy without shutting it down (the client sees nothing), tells
+        the caretaker L{ABORT} (it closes its connections politely, then
+        exits) rather than killing it, says so in a critical log line, and
+        fails as before.
+        """
+        self.handOver()
+        reached: list[int] = []
+
+        def failing(host: Any, state: Any, notes: Any) -> None:
+            reached.append(len(state.connections))
+            raise RuntimeError("a bug")
+
+        # After the connections were adopted, before the image serves.
+        self.patch(_incoming, "_listenToReporters", failing)
+        with capturedLogs() as events:
+            failure = self.assertRaises(
+                Exception, restoreReexec, self.host, self.inheritance
+            )
+        self.assertIn("a bug", str(failure))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(reached, [1])
+        self.assertEqual(self.ours.recv(2) + self.ours.recv(2), FREEZE + ABORT)
+        self.assertIsNone(self.child.poll())
+        self.assertRaises(OSError, os.fstat, self.inherited)
+        self.client.setblocking(False)
+        self.assertRaises(BlockingIOError, self.client.recv, 1)
+        self.assertTrue(
+            any(
+                event["log_level"] is LogLevel.critical
+                and "the caretaker closes the 1 connections politely"
+                in formatEvent(event)
+                and "RuntimeError: a bug" in formatEvent(event)
+                for event in events
+            ),
+            [formatEvent(event) for event in events],
+        )
+
+    def test_servingFailureClosesPolitely(self) -> None:
+        """
+        A connection whose serving fails once this image serves is closed
+        politely here and counted as failed; the caretaker is told the
+        image committed (every connection is this image's), and the image
+        serves on.
+        """
+        self.handOver()
+        closed: list[bool] = []
+
+        def adoptFresh(host: Any, entry: Any, descriptor: int) -> Any:
+            os.close(descriptor)
+            return AdoptedConnection(
+                SimpleNamespace(),  # type: ignore[arg-type]
+                SimpleNamespace(loseConnection=lambda: closed.append(True)),
+            )
+
+        def failing(adopted: AdoptedConnection) -> None:
+            raise RuntimeError("a bug")
+
+        self.patch(_incoming, "adoptFresh", adoptFresh)
+        self.patch(AdoptedConnection, "commit", failing)
+        report = restoreReexec(self.host, self.inheritance)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(len(closed), 1)
+        self.assertEqual(
+            [(each.key, each.moved, each.failed) for each in report.listeners],
+            [("tcp:x", 0, 1)],
+        )
+        self.assertEqual(self.ours.recv(2) + self.ours.recv(2), FREEZE + COMMITTED)
+        self.assertTrue(self.host.serving)
 
 
 class NumberReusedTests(SynchronousTestCase):

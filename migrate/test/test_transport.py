@@ -19,11 +19,13 @@ import tempfile
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet import protocol
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.epollreactor import EPOLLIN, EPOLLOUT
 from twisted.internet.error import ConnectionDone
 from twisted.internet.posixbase import _PollLikeMixin
 from twisted.internet.protocol import connectionDone
+from twisted.internet.testing import MemoryReactor
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
@@ -31,6 +33,7 @@ from migrate._handoff._transport import (
     FrozenConnection,
     abandonConnection,
     adoptConnection,
+    flushWriters,
     freezeConnection,
     pendingOutput,
     resumeConnection,
@@ -818,3 +821,82 @@ class AdoptionArgumentTests(SynchronousTestCase):
             [(passed, passedFamily, factory)] = reactor.adoptedStreamConnections
             self.assertEqual(passedFamily, family)
             self.assertRaises(OSError, os.fstat, fd)
+
+
+class _Writer(FileDescriptor):
+    """
+    A descriptor registered for writing whose writes are recorded, and
+    answer C{lost}.
+    """
+
+    def __init__(self, reactor: Any, lost: Any = None) -> None:
+        FileDescriptor.__init__(self, reactor)
+        self.lost = lost
+        self.writes = 0
+
+    def doWrite(self) -> Any:
+        self.writes += 1
+        self.stopWriting()
+        return self.lost
+
+
+class FlushWritersTests(SynchronousTestCase):
+    """
+    L{flushWriters} writes what the reactor's writers buffer now, but
+    leaves alone those whose write the reactor must follow up.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactor()
+
+    def writer(self, lost: Any = None) -> _Writer:
+        writer = _Writer(self.reactor, lost)
+        writer.startWriting()
+        return writer
+
+    def test_written(self) -> None:
+        """
+        Every plain writer is written to once, but the excluded ones.
+        """
+        first, second, moved = self.writer(), self.writer(), self.writer()
+        self.assertEqual(flushWriters(self.reactor, exclude={moved}), 2)
+        self.assertEqual((first.writes, second.writes, moved.writes), (1, 1, 0))
+        self.assertEqual(self.reactor.getWriters(), [moved])
+
+    def test_leftToTheReactor(self) -> None:
+        """
+        A writer asked to close or half-close, one with a producer, and one
+        that is not a L{FileDescriptor} (nothing known of its write), are
+        left to the reactor's next turn.
+        """
+        closing, halfClosing, producing = self.writer(), self.writer(), self.writer()
+        closing.disconnecting = True
+        halfClosing._writeDisconnecting = True
+        producing.producer = object()  # type: ignore[assignment]
+        testCase = self
+
+        class Other:
+            def doWrite(self) -> None:
+                testCase.fail("written")
+
+        self.reactor.addWriter(Other())
+        self.assertEqual(flushWriters(self.reactor), 0)
+        self.assertEqual(
+            [closing.writes, halfClosing.writes, producing.writes], [0] * 3
+        )
+
+    def test_lostStaysRegistered(self) -> None:
+        """
+        A write that finds the connection lost leaves it registered, for
+        the reactor to find the loss again and end it.
+        """
+        lost = self.writer(lost=ConnectionDone())
+        self.assertEqual(flushWriters(self.reactor), 1)
+        self.assertEqual(self.reactor.getWriters(), [lost])
+
+    def test_noWriters(self) -> None:
+        """
+        A reactor that does not say which descriptors write has none
+        written to.
+        """
+        self.assertEqual(flushWriters(object()), 0)

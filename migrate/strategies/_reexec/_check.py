@@ -20,6 +20,8 @@ from typing import Any, Callable, Sequence
 from attrs import frozen
 from twisted.logger import Logger
 
+from ..._handoff._threadwork import workInFlight as threadWorkInFlight
+from ..._handoff._threadwork import workingThreads
 from ...interfaces import IMigrationHost
 from ._reports import quietChannel
 
@@ -199,35 +201,29 @@ def _isStreamPort(port: Any) -> bool:
     return isinstance(port, (tcp.Port, unix.Port))
 
 
-def _workingThreads(reactor: Any) -> int:
-    pool = getattr(reactor, "threadpool", None)
-    return len(getattr(pool, "working", ()) or ()) if pool is not None else 0
-
-
 def workInFlight(reactor: Any) -> str | None:
     """
     Check, at the last moment before C{exec}, for work the reactor has been
     handed since the checks and would do after this turn, which C{exec}
     would lose: calls queued from other threads or from signal handlers
     (a stop request on C{SIGTERM}, a thread's result), and thread pool jobs
-    started meanwhile.
+    started meanwhile (see L{migrate._handoff._threadwork}).
 
     @return: what would be lost, or L{None}.
     """
-    queued = len(getattr(reactor, "threadCallQueue", ()) or ())
-    if queued:
+    work = threadWorkInFlight(reactor)
+    if work is None:
+        return None
+    if work.queued:
         return (
             "{} calls are queued for the reactor (from a thread or a signal "
             "handler, a stop request for one), which exec would lose; they "
-            "run now instead".format(queued)
+            "run now instead".format(work.queued)
         )
-    working = _workingThreads(reactor)
-    if working:
-        return (
-            "{} thread pool jobs started during the migration are still "
-            "running, and exec keeps no threads".format(working)
-        )
-    return None
+    return (
+        "{} thread pool jobs started during the migration are still "
+        "running, and exec keeps no threads".format(work.working)
+    )
 
 
 def checkHost(host: IMigrationHost) -> str | None:
@@ -250,7 +246,7 @@ def checkHost(host: IMigrationHost) -> str | None:
                     generation, entry.get("pid", "?"), why
                 )
             )
-    working = _workingThreads(host.reactor)
+    working = workingThreads(host.reactor)
     if working:
         return (
             "{} thread pool jobs are running, and exec keeps no threads: try "

@@ -37,7 +37,7 @@ from ..._control._server import adoptControl
 from ..._handoff._attempt import counted
 from ..._handoff._listeners import adoptListener
 from ..._handoff._movement import AdoptedConnection, adoptEntry
-from ..._handoff._transport import adoptConnection
+from ..._handoff._transport import adoptConnection, resumeConnection
 from ..._host._daemon import DAEMON_LOG_FILE, skipProcessSetUp, stayInForeground
 from ..._host._heap import collectionsPaused
 from ..._host._tracking import PendingAdoptionFactory
@@ -493,6 +493,138 @@ def _restoreLater(
         raise _NotRestored(_why(e), late.forget(standIn))
 
 
+def _restoreConnections(
+    host: IMigrationHost,
+    state: ReexecState,
+    late: LateAdoption,
+    adoptedNow: Callable[[InheritedConnection], None],
+    notRestored: Callable[[str, Any, _NotRestored, bytes], None],
+    moved: dict[str, int],
+    failed: dict[str, int],
+    consumed: set[int],
+) -> None:
+    """
+    Restore every connection of C{state}, held: those described at the
+    freeze first (they were the active ones), adopted now or restored on a
+    stand-in whose socket is adopted once this image serves (C{late}); then
+    those copied ahead.  A connection the new code cannot restore is closed
+    cleanly and counted in C{failed}; the others are counted in C{moved}.
+
+    @param consumed: gains each descriptor as it is handed on.
+    """
+    reactor = host.reactor
+    for each in state.connections:
+        consumed.add(each.descriptor)
+        try:
+            addresses = None if each.fresh else addressesOf(each.entry)
+        except StateError:
+            addresses = None
+        if addresses is None:
+            adoptedNow(each)
+            continue
+        # Restored now, its socket adopted once this image serves.
+        try:
+            restored, output, family = _entryState(each)
+            _restoreLater(
+                host,
+                late,
+                each.listener,
+                each.descriptor,
+                family,
+                restored,
+                output,
+                each.closing,
+                addresses,
+            )
+        except _NotRestored as e:
+            notRestored(each.listener, addresses, e, _output(each.entry))
+        else:
+            moved[each.listener] = moved.get(each.listener, 0) + 1
+    for copied in state.precopied:
+        consumed.add(copied.descriptor)
+        if copied.peer is None:
+            adoptedNow(
+                InheritedConnection(copied.descriptor, copied.listener, copied.entry())
+            )
+            continue
+        try:
+            family = _INET_FAMILIES[copied.family]
+            addresses = addressesFrom(family, copied.peer, copied.local)
+        except (KeyError, StateError):
+            _log.error(
+                "Re-exec: a connection on {listener} cannot be restored (its "
+                "addresses are malformed); closing it cleanly",
+                listener=copied.listener,
+            )
+            failed[copied.listener] = failed.get(copied.listener, 0) + 1
+            closeCleanly(reactor, copied.descriptor, b"")
+            continue
+        try:
+            _restoreLater(
+                host,
+                late,
+                copied.listener,
+                copied.descriptor,
+                family,
+                copied.state,
+                b"",
+                False,
+                addresses,
+            )
+        except _NotRestored as e:
+            notRestored(copied.listener, addresses, e, b"")
+        else:
+            moved[copied.listener] = moved.get(copied.listener, 0) + 1
+
+
+def _letGoOfCopies(
+    inheritance: ReexecInheritance,
+    state: ReexecState,
+    adopted: list[tuple[AdoptedConnection, InheritedConnection]],
+    late: LateAdoption,
+    consumed: set[int],
+) -> int:
+    """
+    Restoring failed before this image served: let go of its copies of
+    every connection, adopted (held), restored on a stand-in, or not
+    reached yet, without shutting any down (the caretaker, which holds
+    them too, closes them politely).
+
+    @return: how many connections there were.
+    """
+    for connection, _ in adopted:
+        try:
+            connection.abandon()
+        except Exception:
+            _log.failure("Re-exec: letting go of an adopted connection failed")
+    for descriptor in late.forgetAll():
+        os.close(descriptor)
+    descriptors = [each.descriptor for each in state.connections] + [
+        each.descriptor for each in state.precopied
+    ]
+    for descriptor in descriptors:
+        if descriptor not in consumed and inheritance.stillInherited(descriptor):
+            os.close(descriptor)
+    return len(descriptors)
+
+
+def _closePolitely(transport: Any) -> None:
+    """
+    Close a connection whose serving failed half way, after what it holds
+    for the client (C{loseConnection}); it is resumed first, if it was
+    still held, so that its output can leave.  A failure is logged.
+    """
+    try:
+        resumeConnection(transport)
+    except Exception:
+        # Resumed already, or never held: closing is what matters.
+        pass
+    try:
+        transport.loseConnection()
+    except Exception:
+        _log.failure("Re-exec: closing a connection failed")
+
+
 def _why(error: BaseException) -> str:
     return "{}: {}".format(type(error).__name__, error)
 
@@ -641,7 +773,38 @@ def restoreReexec(
         ):
             # Ended, or closing the connections itself.
             caretaker = None
-        report = _restore(host, inheritance, resumeCollecting, listenerNotes)
+        try:
+            report = _restore(
+                host,
+                inheritance,
+                resumeCollecting,
+                listenerNotes,
+                handBack=caretaker is not None,
+            )
+        except _HandedBack as e:
+            # This image let go of its copies: the caretaker, which still
+            # holds the protocols and their unwritten output, closes every
+            # connection politely, then exits.
+            assert caretaker is not None
+            if caretaker.abort():
+                _log.critical(
+                    "Re-exec: restoring failed after the caretaker handed the "
+                    "connections over ({why}); the caretaker closes the {count} "
+                    "connections politely",
+                    why=e.why,
+                    count=e.count,
+                )
+                caretaker.reap(host.reactor, host.settings.handoffTimeout + 10.0)
+            else:
+                _log.critical(
+                    "Re-exec: restoring failed after the caretaker handed the "
+                    "connections over ({why}), and the caretaker could not be "
+                    "told to close them: the {count} connections are lost",
+                    why=e.why,
+                    count=e.count,
+                )
+            caretaker = None
+            raise
         if caretaker is not None:
             # Every connection is this image's now, before it serves any:
             # the caretaker exits without touching a socket.
@@ -846,12 +1009,40 @@ def _adoptListeners(host: IMigrationHost, state: ReexecState) -> list[str]:
     return notes
 
 
+class _HandedBack(Exception):
+    """
+    Restoring failed before this image served any connection, after a
+    caretaker had handed them over: this image let go of its copies of
+    every one (closed its descriptors, never shut down), for the caretaker
+    to close them politely.
+
+    @ivar why: what failed.
+    @ivar count: how many connections.
+    """
+
+    def __init__(self, why: str, count: int) -> None:
+        Exception.__init__(self, why)
+        self.why = why
+        self.count = count
+
+
 def _restore(
     host: IMigrationHost,
     inheritance: ReexecInheritance,
     whenAdopted: Callable[[], None] = lambda: None,
     listenerNotes: Sequence[str] = (),
+    handBack: bool = False,
 ) -> MigrationReport:
+    """
+    Restore what L{ReexecInheritance.state} describes, and serve.
+
+    @param handBack: whether a caretaker still holds every connection: if
+        restoring fails before this image serves one, let go of this
+        image's copies and raise L{_HandedBack}, so that the caretaker
+        closes them politely; a failure once this image serves never
+        stops it serving the connections it could restore, nor leaves one
+        half adopted.
+    """
     restoreStart = time.monotonic()
     state = inheritance.state
     reactor = host.reactor
@@ -877,6 +1068,9 @@ def _restore(
 
     adopted: list[tuple[AdoptedConnection, InheritedConnection]] = []
     late = LateAdoption(reactor)
+    # The connections' descriptors handed to an adoption, a restore or a
+    # clean close: the others are still this image's copies to let go of.
+    consumed: set[int] = set()
 
     def notRestored(
         listenerKey: str, addresses: Any, error: _NotRestored, output: bytes
@@ -914,77 +1108,46 @@ def _restore(
             adopted.append((connection, each))
             moved[each.listener] = moved.get(each.listener, 0) + 1
 
-    # Those described at the freeze first: they were the active ones.
-    for each in state.connections:
-        try:
-            addresses = None if each.fresh else addressesOf(each.entry)
-        except StateError:
-            addresses = None
-        if addresses is None:
-            adoptedNow(each)
-            continue
-        # Restored now, its socket adopted once this image serves.
-        try:
-            restored, output, family = _entryState(each)
-            _restoreLater(
-                host,
-                late,
-                each.listener,
-                each.descriptor,
-                family,
-                restored,
-                output,
-                each.closing,
-                addresses,
-            )
-        except _NotRestored as e:
-            notRestored(each.listener, addresses, e, _output(each.entry))
-        else:
-            moved[each.listener] = moved.get(each.listener, 0) + 1
-    for copied in state.precopied:
-        if copied.peer is None:
-            adoptedNow(
-                InheritedConnection(copied.descriptor, copied.listener, copied.entry())
-            )
-            continue
-        try:
-            family = _INET_FAMILIES[copied.family]
-            addresses = addressesFrom(family, copied.peer, copied.local)
-        except (KeyError, StateError):
-            _log.error(
-                "Re-exec: a connection on {listener} cannot be restored (its "
-                "addresses are malformed); closing it cleanly",
-                listener=copied.listener,
-            )
-            failed[copied.listener] = failed.get(copied.listener, 0) + 1
-            closeCleanly(reactor, copied.descriptor, b"")
-            continue
-        try:
-            _restoreLater(
-                host,
-                late,
-                copied.listener,
-                copied.descriptor,
-                family,
-                copied.state,
-                b"",
-                False,
-                addresses,
-            )
-        except _NotRestored as e:
-            notRestored(copied.listener, addresses, e, b"")
-        else:
-            moved[copied.listener] = moved.get(copied.listener, 0) + 1
-
-    _listenToReporters(host, state, notes)
-    host.commitInheritance(state.generation + 1)
+    try:
+        _restoreConnections(
+            host, state, late, adoptedNow, notRestored, moved, failed, consumed
+        )
+        _listenToReporters(host, state, notes)
+        host.commitInheritance(state.generation + 1)
+    except Exception as e:
+        if not handBack:
+            raise
+        _log.failure("Re-exec: restoring failed before serving")
+        count = _letGoOfCopies(inheritance, state, adopted, late, consumed)
+        raise _HandedBack(_why(e), count) from e
     for connection, each in adopted:
-        connection.commit()
-        if each.closing:
-            connection.hosted.loseConnection()
+        try:
+            connection.commit()
+            if each.closing:
+                connection.hosted.loseConnection()
+        except Exception:
+            _log.failure(
+                "Re-exec: serving a connection on {listener} failed; closing it",
+                listener=each.listener,
+            )
+            moved[each.listener] -= 1
+            failed[each.listener] = failed.get(each.listener, 0) + 1
+            _closePolitely(connection.transport)
     # The other sockets are adopted in slices from the next reactor turn,
     # the connections active last first.
-    late.commit(whenAdopted)
+    try:
+        late.commit(whenAdopted)
+    except Exception:
+        _log.failure("Re-exec: serving the restored connections failed")
+        descriptors = late.forgetAll()
+        note = "serving the restored connections failed; {} closed " "cleanly".format(
+            counted(len(descriptors), "connection")
+        )
+        _log.critical("Re-exec: {note}", note=note)
+        notes.append(note)
+        for descriptor in descriptors:
+            closeCleanly(reactor, descriptor, b"")
+        whenAdopted()
     finished = time.monotonic()
 
     durations = dict(state.durations)

@@ -311,6 +311,20 @@ class LateAdoption:
         standIn.transport = _gone
         return descriptor if descriptor >= 0 else None
 
+    def forgetAll(self) -> list[int]:
+        """
+        Give up every connection still waiting (or adopted early and held):
+        see L{forget}.
+
+        @return: their descriptors, for the caller to close.
+        """
+        descriptors = []
+        for standIn in list(self._waiting) + list(self._early):
+            descriptor = self.forget(standIn)
+            if descriptor is not None:
+                descriptors.append(descriptor)
+        return descriptors
+
     def adopt(self, standIn: StandIn) -> Any:
         """
         Adopt one socket now (held until L{commit}), unless it was already.

@@ -58,6 +58,7 @@ from ..._handoff._movement import describeMovable
 from ..._handoff._movers._endings import closePolitely
 from ..._handoff._safepoint import atSafePoints
 from ..._handoff._successor import flushPythonOutput, successorCommandLine
+from ..._handoff._threadwork import waitForThreadWork
 from ..._handoff._transport import pendingOutput, quiet
 from ..._handoff._trial import TrialOutcome, casesFrom, runTrial
 from ..._host._heap import collectionsPaused
@@ -113,12 +114,6 @@ __all__ = [
 _log = Logger()
 
 UNMOVABLE_POLICIES = ("close", "adopt")
-
-_THREAD_WORK_POLL = 0.005
-"""
-Seconds between two looks, in the caretaker, for thread pool work still
-in flight before it hands over.
-"""
 """
 What C{--reexec-unmovable} accepts: I{close} connections whose protocol
 does not provide L{migrate.IMigratable} cleanly before the exec, or
@@ -1399,14 +1394,11 @@ class ReexecMigration:
             timeout=timeout,
             why=lost,
         )
-        deadline = reactor.seconds() + timeout
-        while lost is not None and reactor.seconds() < deadline:
-            yield deferLater(reactor, _THREAD_WORK_POLL, lambda: None)
-            lost = workInFlight(reactor)
-        if lost is not None:
+        left = yield waitForThreadWork(reactor, reactor.seconds() + timeout)
+        if left is not None:
             note = (
                 "the caretaker handed over with work still in flight after "
-                "{} s, whose results are lost: {}".format(timeout, lost)
+                "{} s, whose results are lost: {}".format(timeout, left.describe())
             )
             _log.critical("Re-exec: {note}", note=note)
             self._attempt.notes.append(note)

@@ -42,6 +42,8 @@ from ..._handoff._successor import (
     spawnSuccessor,
     successorCommandLine,
 )
+from ..._handoff._threadwork import waitForThreadWork, workInFlight
+from ..._handoff._transport import flushWriters
 from ..._host._heap import collectionsPaused
 from ..._host._settings import HANDED_ON_NICENESS
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
@@ -162,6 +164,9 @@ class OutgoingHandoff:
     _moved: dict[str, int] = field(factory=dict)
     _pausedAccepting: bool = False
     _abortReason: str | None = None
+    _threadDeadline: float | None = None
+    _committedMoves: list[Any] = field(factory=list)
+    _yieldWhenLetGo: bool = False
     _attempt: MigrationAttempt = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -218,7 +223,7 @@ class OutgoingHandoff:
             frozenInOneStep = self._freezeSocket is not None
             newPid = yield self._commit()
             if not frozenInOneStep:
-                # A freeze times its own phases: freeze, commit, letgo.
+                # A freeze times its own phases: freeze, commit.
                 attempt.phaseDone("commit")
         except Exception as e:
             reason = self._abortReason or _describe(e)
@@ -400,6 +405,9 @@ class OutgoingHandoff:
     @inlineCallbacks
     def _handConnections(self) -> Any:
         host = self.host
+        # While this process still accepts: usually the only wait, the
+        # freeze's own step looking again.
+        yield self._threadWorkDone()
         host.pauseAccepting()
         self._pausedAccepting = True
         self._freezeMovable()
@@ -616,22 +624,23 @@ class OutgoingHandoff:
                 "lost".format(successor.pid)
             )
 
-    def _freezeAndCommit(self) -> int:
-        with collectionsPaused():
-            return self._freezeAndCommitNow()
-
-    def _freezeAndCommitNow(self) -> int:
+    def _freezeAndCommitNow(self) -> int | None:
         """
         In one reactor step: compare every pre-copied connection with its
-        copy, send what changed and the commit, wait for the answer with the
-        reactor standing still, and let go of every moved connection before
-        it runs again.
+        copy, send what changed and the commit, and wait for the answer with
+        the reactor standing still.  Every moved connection is then the
+        successor's: this process forgets it, and lets go of its socket
+        before the reactor runs again (L{_carryOn}).
 
-        @return: the successor's process id.
+        @return: the successor's process id; L{None}, having touched
+            nothing, if a thread handed the reactor work (or a thread pool
+            job started) since the last look: it must land first.
 
         @raise HandoffFailed: if the successor did not commit; nothing was
             touched here.
         """
+        if workInFlight(self.host.reactor) is not None:
+            return None
         attempt = self._attempt
         delta = freezeDelta(self._precopied)
         attempt.phaseDone("freeze")
@@ -674,15 +683,17 @@ class OutgoingHandoff:
             sock.close()
             self._freezeSocket = None
         attempt.phaseDone("commit")
-        if not staying and not self._later and not any(self._staying.values()):
-            # The successor serves every connection now; what is left here
-            # (letting go of them, exiting) must not take its CPU.
-            self._yieldProcessor(len(delta.moving) + len(self._moving))
+        # The successor serves every connection now; if none is left here,
+        # what this process still does (letting go of them, exiting) must
+        # not take its CPU.
+        self._yieldWhenLetGo = not (
+            staying or self._later or any(self._staying.values())
+        )
         for each in delta.moving:
-            each.release()
+            each.hosted.release()
             self._moved[each.listenerKey] = self._moved.get(each.listenerKey, 0) + 1
+        self._committedMoves.extend(delta.moving)
         self._precopied = []
-        attempt.phaseDone("letgo")
         self._noteStaying(staying)
         self._step(
             "froze and committed: {} changed since the pre-copy".format(
@@ -732,13 +743,20 @@ class OutgoingHandoff:
                 )
         return "connection {}: {}".format(ident, why)
 
-    def _freezeMovable(self) -> None:
+    def _notPrecopied(self) -> list[tuple[Any, Any]]:
+        """
+        The connections (listener and hosted connection) that were not
+        pre-copied: those that freeze now, or stay.
+        """
         precopied = {id(each.hosted) for each in self._precopied}
-        self._moving, staying = freezeMovable(
+        return [
             (listener, hosted)
             for listener, hosted in self.host.allConnections()
             if id(hosted) not in precopied
-        )
+        ]
+
+    def _freezeMovable(self) -> None:
+        self._moving, staying = freezeMovable(self._notPrecopied())
         # Busy ones move after the commit, at their next safe point.
         self._later = [each for each in staying if each.later]
         self._noteStaying([each for each in staying if not each.later])
@@ -824,6 +842,10 @@ class OutgoingHandoff:
                 if clock.seconds() - started >= bound:
                     break
                 yield deferLater(clock, _LATER_INTERVAL, lambda: None)
+                if workInFlight(clock) is not None:
+                    # A thread's answer may be on its way to one of them:
+                    # none freezes before it has landed.
+                    continue
                 ready = watch.takeReady()
                 if not ready:
                     continue
@@ -887,17 +909,135 @@ class OutgoingHandoff:
 
     @inlineCallbacks
     def _commit(self) -> Any:
-        if self._freezeSocket is not None:
-            # From a reactor step of its own, outside any read path.
-            pid = yield deferLater(self.host.reactor, 0, self._freezeAndCommit)
-            return pid
-        answer = yield self._call(Commit, "committing")
-        return answer["pid"]
+        """
+        Have the successor commit: with a freeze in one step of its own
+        after pre-copy, or with L{Commit}.  Either way, the migration
+        carries on from the step in which the commit was answered, and this
+        process lets go of the moved connections at the end of that step
+        (L{_carryOn}).
+
+        @return: a L{Deferred} firing with the successor's process id.
+        """
+        while self._freezeSocket is not None:
+            yield self._threadWorkDone()
+            committed: Deferred[int | None] = Deferred()
+            # From a reactor step of its own, outside any read path; a
+            # thread that handed the reactor work since makes it wait again.
+            self.host.reactor.callLater(0, self._freezeStep, committed)
+            pid = yield committed
+            if pid is not None:
+                return pid
+        committed = Deferred()
+        self._call(Commit, "committing").addCallbacks(
+            lambda answer: self._carryOn(committed, answer["pid"]),
+            committed.errback,
+        )
+        pid = yield committed
+        return pid
+
+    def _freezeStep(self, committed: Deferred[int | None]) -> None:
+        with collectionsPaused():
+            try:
+                pid = self._freezeAndCommitNow()
+            except BaseException:
+                committed.errback()
+                return
+            self._carryOn(committed, pid)
+
+    def _carryOn(self, committed: Deferred[int | None], pid: int | None) -> None:
+        """
+        The successor committed (or, for L{None}, the freeze stood down):
+        carry on with the migration, which, unless busy connections are
+        still to move, makes its report in this same reactor step, tells
+        the successor, and answers whoever asked; then have those answers
+        leave now, and only then let go of the moved connections, before
+        the reactor runs again.  The successor serves them already: letting
+        go of thousands, at a low priority on a busy machine, took seconds
+        that the upgrade command waited for.
+        """
+        committed.callback(pid)
+        if pid is None:
+            return
+        try:
+            self._letGoCommitted()
+        except Exception:
+            _log.failure("Letting go of the moved connections failed")
+
+    def _letGoCommitted(self) -> None:
+        """
+        Write out what this process buffers for anything but the moved
+        connections (the report for the control client and for the
+        successor), then let go of the moved connections.
+        """
+        moved, self._committedMoves = self._committedMoves, []
+        if not moved:
+            return
+        reactor = self.host.reactor
+        started = reactor.seconds()
+        flushWriters(reactor, exclude={_transportOf(each) for each in moved})
+        if self._yieldWhenLetGo:
+            self._yieldProcessor(len(moved))
+        for each in moved:
+            each.release()
+        _log.info(
+            "Let go of {count} moved connections in {seconds:.3f} s",
+            count=len(moved),
+            seconds=reactor.seconds() - started,
+        )
+
+    @inlineCallbacks
+    def _threadWorkDone(self) -> Any:
+        """
+        Before connections freeze: let the reactor deliver every answer
+        its threads owe it (C{deferToThread} jobs running, calls they
+        queued with C{callFromThread}), waiting at most
+        C{--safe-point-timeout} seconds from the first wait of this
+        hand-off.  Such an answer belongs to no connection this process
+        can see, and would otherwise land here after its connection moved:
+        lost.  When it returns, nothing is in flight in this reactor step.
+
+        @raise HandoffFailed: if work is still in flight at the bound: the
+            hand-off rolls back, every connection still served here.
+        """
+        reactor = self.host.reactor
+        work = workInFlight(reactor)
+        if work is None:
+            return
+        bound = float(self.host.settings.safePointTimeout)
+        started = reactor.seconds()
+        if self._threadDeadline is None:
+            self._threadDeadline = started + bound
+        self._step(
+            "waiting up to {:g} s for {} to finish before the freeze".format(
+                max(0.0, self._threadDeadline - started), work.describe()
+            )
+        )
+        _log.info("Waiting for threads before the freeze: {work}", work=work.describe())
+        left = yield waitForThreadWork(reactor, self._threadDeadline)
+        if left is not None:
+            raise HandoffFailed(
+                "threads still owed answers after {:g} s ({}), which would "
+                "reach this process after their connections moved: try again "
+                "once they are done, or raise --safe-point-timeout".format(
+                    bound, left.describe()
+                )
+            )
+        self._step(
+            "the threads' work finished after {:.3f} s".format(
+                reactor.seconds() - started
+            )
+        )
 
     def _releaseMoved(self) -> None:
+        """
+        The successor committed: the frozen connections it adopted are its
+        own; this process forgets them now, and lets go of their sockets at
+        the end of this reactor step (L{_carryOn}).
+        """
         for each in self._moving:
-            each.release()
+            each.hosted.release()
             self._moved[each.listenerKey] = self._moved.get(each.listenerKey, 0) + 1
+        self._committedMoves.extend(self._moving)
         self._moving = []
         if self._pausedAccepting:
             self._pausedAccepting = False
@@ -1054,6 +1194,16 @@ _MAX_MANIFEST_BYTES = 512 * 1024 * 1024
 _MAX_MANIFEST_DEPTH = 48
 #: the most distinct reasons for connections staying behind a report lists
 _MAX_STAY_NOTES = 10
+
+
+def _transportOf(connection: Any) -> Any:
+    """
+    The transport of a committed connection: pre-copied (live) or frozen.
+    """
+    transport = getattr(connection, "transport", None)
+    if transport is None:
+        transport = getattr(getattr(connection, "frozen", None), "transport", None)
+    return transport
 
 
 def lowerOwnPriority(niceness: int) -> None:

@@ -71,6 +71,9 @@ _APP = textwrap.dedent("""
             self.count = state["count"]
             self.history = list(state["history"])
 
+        def abandonMigrationState(self):
+            pass
+
         def upgradeMigrationState(self, fromVersion, state):
             return state
 

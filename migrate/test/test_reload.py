@@ -2088,6 +2088,32 @@ class RestoreAheadTests(ModulesUnchangedMixin, SynchronousTestCase):
             self.assertEqual(transport.value(), b"restored %d\n" % (n,))
             self.assertEqual(exchange(hosted, transport, b"z"), b"v2 z %d\n" % (n + 1))
 
+    def test_switchedBeforeNextEventAfterCommit(self) -> None:
+        """
+        A connection restored ahead and kept is switched, after the commit,
+        before its next event when that comes before its slice: what its
+        new object wrote when restored, then the answer of the new code.
+        Before the commit, its events are the old code's.
+        """
+        live: Any = Live(self, ABANDONING, sliceSizes=(500, 1))
+        connections = [live.connect() for _ in range(3)]
+        for hosted, transport in connections:
+            exchange(hosted, transport, b"x")
+        live.change(ABANDONING_V2)
+        d = live.host.requestUpgrade(None, live.progress.append)
+        runOne(live.host.reactor)
+        second, secondTransport = connections[1]
+        self.assertEqual(exchange(second, secondTransport, b"w"), b"v1 w 2\n")
+        runOne(live.host.reactor)
+        self.assertNoResult(d)
+        hosted, transport = connections[2]
+        transport.clear()
+        self.assertEqual(exchange(hosted, transport, b"y"), b"restored 1\nv2 y 2\n")
+        live.host.reactor.advance(0)
+        self.assertEqual(self.successResultOf(d)["moved"], 3)
+        first, firstTransport = connections[0]
+        self.assertEqual(firstTransport.value(), b"v1 x 1\nrestored 1\n")
+
     def test_changedRestoredAgain(self) -> None:
         """
         A connection whose state changed between its restore ahead and the
@@ -2174,6 +2200,9 @@ class RestoreAheadTests(ModulesUnchangedMixin, SynchronousTestCase):
         self.assertModulesAre(live.before)
         self.assertEqual(live.host.reactor.calls, [])
         for (hosted, transport), n in zip(live.connections, [1, 2, 3]):
+            # Nothing left for its next event: the object restored ahead is
+            # let go of.
+            self.assertFalse(hosted.finishNow())
             self.assertEqual(transport.value(), b"")
             self.assertEqual(exchange(hosted, transport, b"y"), b"v1 y %d\n" % (n + 1))
 
@@ -2197,5 +2226,6 @@ class RestoreAheadTests(ModulesUnchangedMixin, SynchronousTestCase):
         self.assertIn("cannot abandon", report["reason"])
         self.assertModulesAre(live.before)
         for (hosted, transport), n in zip(live.connections, [2, 2, 3]):
+            self.assertFalse(hosted.finishNow())
             transport.clear()
             self.assertEqual(exchange(hosted, transport, b"z"), b"v1 z %d\n" % (n + 1))

@@ -205,6 +205,17 @@ def _versionProblem(old: type, new: type) -> str | None:
     )
 
 
+@define
+class _Gate:
+    """
+    Whether a reload committed, or was rolled back, for the connections
+    restored ahead of its pause.
+    """
+
+    committed: bool = False
+    dropped: bool = False
+
+
 def _canAbandon(cls: type) -> bool:
     """
     Whether the protocols of C{cls} can abandon a restore (they define
@@ -241,6 +252,7 @@ class _Rebuilt:
     @ivar restored: whether C{new} was restored from C{state} ahead of
         the pause (L{ReloadAttempt.restoreAhead}), and not abandoned since.
     @ivar chosen: whether the pause kept the object restored ahead.
+    @ivar gate: whether the reload committed, shared by its records.
     """
 
     key: str
@@ -254,6 +266,23 @@ class _Rebuilt:
     new: Any = None
     restored: bool = False
     chosen: bool = False
+    gate: _Gate | None = None
+
+    def switchOnceCommitted(self) -> None:
+        """
+        What a connection restored ahead of the pause does before each of
+        its events (registered ahead, so that the commit need not register
+        thousands): until the reload is decided, nothing but wait for the
+        next event; once it committed, L{switch} if the pause kept the
+        object restored ahead; otherwise nothing more.
+        """
+        gate = self.gate
+        if gate is None or not self.restored:
+            return
+        if gate.committed:
+            self.switch()
+        elif not gate.dropped:
+            self.hosted.finishBeforeNextEvent(self.switchOnceCommitted)
 
     def switch(self) -> None:
         """
@@ -327,6 +356,9 @@ class ReloadAttempt:
     _ahead: list[_Rebuilt] = field(factory=list)
     #: how many objects restored ahead were abandoned
     abandoned: int = 0
+    _gate: _Gate = field(factory=_Gate)
+    #: the records whose switch the commit registers (not restored ahead)
+    _toRegister: list[_Rebuilt] = field(factory=list)
 
     def __attrs_post_init__(self) -> None:
         self.attempt = MigrationAttempt(
@@ -753,7 +785,9 @@ class ReloadAttempt:
         except StateError as e:
             raise _refusedConnection(hosted, record.key, str(e))
         record.restored = True
+        record.gate = self._gate
         self._ahead.append(record)
+        hosted.finishBeforeNextEvent(record.switchOnceCommitted)
 
     def _buildNew(self, record: _Rebuilt) -> Any:
         try:
@@ -973,10 +1007,16 @@ class ReloadAttempt:
         """
         self.attempt.enter(MigrationPhase.rollingBack)
         self._kept = {}
+        self._gate.dropped = True
         for each in self.rebuilt + self._ahead:
             each.held.discard()
+        for each in self._ahead:
+            # Drop the switch it registered ahead (which now does nothing),
+            # and with it the new objects.
+            each.hosted.finishNow()
         self.rebuilt = []
         self._ahead = []
+        self._toRegister = []
         self._oldFactories = []
         self.swaps = []
         while self.started:
@@ -1177,6 +1217,7 @@ class ReloadAttempt:
         if new is None:
             new = record.new = self._buildNew(record)
         self.rebuilt.append(record)
+        self._toRegister.append(record)
         new.transport = record.held
         new.connected = 1
         try:
@@ -1276,8 +1317,12 @@ class ReloadAttempt:
         assert self.staging is not None
         self.staging.commit(self.fingerprints)
         self.staging = None
-        for each in self.rebuilt:
+        # The connections restored ahead, and kept, registered their switch
+        # then; it now sees the gate open.
+        self._gate.committed = True
+        for each in self._toRegister:
             each.hosted.finishBeforeNextEvent(each.switch)
+        self._toRegister = []
         oldFactories = []
         for listener in host.listeners.values():
             oldFactories.append((listener, listener.factory.wrappedFactory))

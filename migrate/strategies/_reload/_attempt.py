@@ -1104,9 +1104,12 @@ class ReloadAttempt:
         rebuild = self._rebuild
         migratable = IMigratable.providedBy
         closing = self._closing
+        ahead = self._kept if self._ahead else {}
+        rebuilt = self.rebuilt
         for listener in self.host.listeners.values():
             key = listener.key
             counts = self.counts.setdefault(key, _Listener())
+            kept = 0
             for hosted in listener.factory.connections:
                 protocol = hosted.wrappedProtocol
                 if protocol is None or hosted.pending or hosted.released:
@@ -1114,6 +1117,22 @@ class ReloadAttempt:
                 if closing and self._isClosing(hosted):
                     counts.failed += 1
                     continue
+                if ahead:
+                    # Most connections were restored ahead and did not change:
+                    # kept with as little as can be done for each.
+                    record = ahead.get(id(hosted))
+                    if (
+                        record is not None
+                        and record.restored
+                        and record.hosted is hosted
+                        and record.old is protocol
+                        and record.fingerprint is not None
+                        and unchangedSince(protocol, record.fingerprint)
+                    ):
+                        record.chosen = True
+                        rebuilt.append(record)
+                        kept += 1
+                        continue
                 # The application's own opt-in only: a protocol migrate has a
                 # mover for (twisted.web's channel) is not rebuilt in the same
                 # process; it keeps its objects, as before movers existed.
@@ -1133,6 +1152,8 @@ class ReloadAttempt:
                 else:
                     unchanged[_qualified(type(protocol))] += 1
                     counts.moved += 1
+            counts.moved += kept
+            self.reused += kept
         for record in self._ahead:
             if record.restored and not record.chosen:
                 # Its connection closed (or is closing) since.

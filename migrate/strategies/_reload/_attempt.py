@@ -655,6 +655,18 @@ class ReloadAttempt:
 
         @return: the report if that failed (rolled back), or L{None}.
         """
+        early = self._stage()
+        if early is None:
+            assert self.staging is not None
+            self.staging.park()
+        return early
+
+    def _stage(self) -> MigrationReport | None:
+        """
+        Import the new code and build its factory.
+
+        @return: the report if that failed (rolled back), or L{None}.
+        """
         assert self._plan is not None
         app, names, entry, attribute, spec = self._plan
         self.attempt.enter(MigrationPhase.handingOff)
@@ -662,17 +674,18 @@ class ReloadAttempt:
         self.attempt.startPhase()
         self.staging = ModuleStaging(app, names)
         try:
+            # It passed the trial; should it block in this process alone,
+            # the bound interrupts it (see _safety).
             with boundedImport(self.importTimeout):
                 self.staging.stage()
         except ReloadFailed as e:
             self.staging = None
             return self.rollBack(e.reason)
+        self.attempt.phaseDone("import")
         try:
             self.newFactory = self._buildFactory(entry, attribute, spec)
         except _Refused as e:
             return self.rollBack(str(e))
-        self.staging.park()
-        self.attempt.phaseDone("import")
         return None
 
     def restoreAhead(self, records: list[_Rebuilt]) -> Deferred[MigrationReport | None]:
@@ -884,27 +897,15 @@ class ReloadAttempt:
         ahead = self.staging is not None
         if ahead:
             # Imported, and its factory built, ahead of the pause.
-            assert self.staging is not None
             self.attempt.startPhase()
-            self.staging.unpark()
-            staged = self.staging.staged
         else:
-            self.attempt.enter(MigrationPhase.handingOff)
-            self.step("importing the new code of {}".format(_listed(names)))
-            self.attempt.startPhase()
-            self.staging = ModuleStaging(app, names)
-            try:
-                # It passed the trial; should it block in this process alone,
-                # the bound interrupts it (see _safety).
-                with boundedImport(self.importTimeout):
-                    staged = self.staging.stage()
-            except ReloadFailed as e:
-                self.staging = None
-                return self.rollBack(e.reason)
-            self.attempt.phaseDone("import")
+            early = self._stage()
+            if early is not None:
+                return early
+        assert self.staging is not None
+        self.staging.unpark()
+        staged = self.staging.staged
         try:
-            if not ahead:
-                self.newFactory = self._buildFactory(entry, attribute, spec)
             self._prepareConnections(staged)
             self._startFactory()
         except _Refused as e:

@@ -18,7 +18,8 @@ here:
     C{__pycache__} that may be stale), so that the new modules import each
     other in whatever order they need, exactly as in a fresh process; until
     it commits, L{ModuleStaging.restore} puts C{sys.modules} back exactly as
-    it was;
+    it was, and L{ModuleStaging.park} sets the new modules aside while the
+    old code serves between two steps of a reload;
 
   - I{live objects}: L{HeldTransport} holds what a new protocol writes while
     it is restored, until the reload commits; L{DetachedTransport} is what
@@ -581,13 +582,17 @@ class ModuleStaging:
     else they need) on demand, in the order they need, as in a fresh
     process, while modules outside the set stay as they are.  Until
     L{commit}, L{restore} puts C{sys.modules} (and the attributes the import
-    system set on packages outside the set) back exactly as they were.
+    system set on packages outside the set) back exactly as they were, and
+    L{park} sets the new modules aside (the old ones back in their place)
+    while the old code serves between two steps of a reload, until
+    L{unpark}.
 
     @ivar app: the application's modules.
     @ivar names: the modules to reload, in import order.
     @ivar staged: the modules the staging loaded from the application's
         source, by name (C{names} and any new application module the new
         code imported).
+    @ivar parked: whether the staged modules are set aside (L{park}).
     """
 
     app: ApplicationModules

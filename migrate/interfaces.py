@@ -44,6 +44,22 @@ class IMigratable(Interface):
     ready by then.  twisted.web's HTTP/1.1 channel and C{twisted.web.websocket}
     connections need no opt-in for HTTP: migrate provides their state
     itself (a WebSocket's own protocol opts in for its state).
+
+    Optionally, a protocol may also define C{abandonMigrationState()}:
+    module reload then restores its connections into the new code's
+    protocol objects I{ahead of} its pause, while the old code still
+    serves, and its pause only checks that each connection's state did not
+    change since.  Where one did change (or the connection closed), the
+    object restored ahead will never serve: it is told
+    C{abandonMigrationState()} instead of C{connectionLost}, what it wrote
+    to its transport is dropped, and a fresh object is restored in its
+    place.  C{abandonMigrationState} undoes, silently, what
+    C{restoreMigrationState} did outside the object (a chat user leaves
+    the room it joined, telling no one) and cancels the timers it started;
+    what C{restoreMigrationState} wrote to I{other} connections cannot be
+    taken back, so a protocol that defines it must not do that.  If it
+    raises, the reload rolls back.  Without it, every restore happens in
+    the pause, as before.
     """
 
     migrationVersion = Attribute("""

@@ -341,8 +341,9 @@ class _TrialProtocol(ProcessProtocol):
     def connectionMade(self) -> None:
         transport: Any = self.transport
         transport.closeStdin()
-        for line in self.lines:
-            transport.writeToChild(_CHILD_IN, line)
+        # One write of every case: writing them one by one cost the
+        # serving process 22 to 64 ms at 10,000 cases, in one reactor step.
+        transport.writeToChild(_CHILD_IN, b"".join(self.lines))
         transport.closeChildFD(_CHILD_IN)
         self.lines = []
 

@@ -29,6 +29,7 @@ from ._metrics import HostMetrics
 from ._pidfile import removePidfileNaming, writePidfile
 from ._platform import checkPlatform
 from ._settings import HostSettings
+from ._spawning import prepareSpawning
 from ._tracking import TrackingFactory, unclaimedFactory
 
 __all__ = ["MigrationHost", "HostedListener", "NotServing"]
@@ -340,6 +341,8 @@ class MigrationHost(MultiService):
         # An embedding application's host is checked here, before it
         # listens (twistd's plugin checks earlier, before it daemonises).
         checkPlatform(self.reactor)
+        # While few descriptors are open (see _spawning).
+        prepareSpawning()
         # twistd daemonises between building the service and starting it:
         # the process that serves is the one that starts it.
         self.pid = os.getpid()
@@ -353,6 +356,7 @@ class MigrationHost(MultiService):
 
     def startService(self) -> None:
         checkPlatform(self.reactor)
+        prepareSpawning()
         self.pid = os.getpid()
         if self.inheritance is None:
             # Listen here too when privilegedStartService was not called

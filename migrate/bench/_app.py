@@ -76,6 +76,12 @@ class BenchLine(LineReceiver):
         """
         self.count = int(state["count"])
 
+    def abandonMigrationState(self) -> None:
+        """
+        Nothing to undo: a restore registers the connection nowhere, so a
+        reload may restore it ahead of its pause.
+        """
+
     def upgradeMigrationState(self, fromVersion: int, state: Any) -> Any:
         """
         Only version 1 exists.

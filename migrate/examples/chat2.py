@@ -282,6 +282,14 @@ class ChatProtocol(LineReceiver):
         self.factory.join(self)
         self._flushUnread()
 
+    def abandonMigrationState(self) -> None:
+        """
+        This object was restored by a module reload ahead of its pause but
+        will never serve (its connection changed, and is restored again, or
+        closed): leave the room it joined, telling no one.
+        """
+        self.factory.leave(self)
+
     def upgradeMigrationState(self, fromVersion: int, state: Any) -> Any:
         """
         Read state written by other versions of this code.

@@ -688,6 +688,36 @@ class StagingTests(ModulesUnchangedMixin, SynchronousTestCase):
         self.assertFalse(hasattr(sys.modules[self.pkg], "extra"))
         self.assertEqual(sys.modules[self.pkg + ".server"].VALUE, 1)
 
+    def test_parkAndUnpark(self) -> None:
+        """
+        L{ModuleStaging.park} puts the old modules back in C{sys.modules}
+        and on their package while the staged ones wait, including a module
+        only the new code imports; L{ModuleStaging.unpark} puts the staged
+        ones back; L{ModuleStaging.restore} works on parked modules too.
+        """
+        before = snapshotModules()
+        package = sys.modules[self.pkg]
+        oldHelper = sys.modules[self.pkg + ".helper"]
+        self.app.write(self.pkg + ".helper", "from . import extra\nVALUE = 2\n")
+        self.app.write(self.pkg + ".extra", "")
+        app = findApplicationModules(self.pkg + ".server")
+        staging = ModuleStaging(app, [self.pkg + ".helper"])
+        staged = staging.stage()
+        newHelper = staged[self.pkg + ".helper"]
+        staging.park()
+        self.assertModulesAre(before)
+        self.assertIs(package.helper, oldHelper)
+        self.assertFalse(hasattr(package, "extra"))
+        staging.unpark()
+        self.assertIs(sys.modules[self.pkg + ".helper"], newHelper)
+        self.assertIs(package.helper, newHelper)
+        self.assertIs(package.extra, sys.modules[self.pkg + ".extra"])
+        staging.park()
+        staging.restore()
+        self.assertModulesAre(before)
+        self.assertIs(package.helper, oldHelper)
+        self.assertFalse(hasattr(package, "extra"))
+
     def test_syntaxError(self) -> None:
         """
         A module that does not compile fails the staging, naming it and the
@@ -1950,3 +1980,252 @@ class ReloadCopyTests(ModulesUnchangedMixin, SynchronousTestCase):
         self.assertModulesAre(before)
         self.assertEqual(exchange(first, firstTransport, b"c"), b"v1 a,b,c\n")
         self.assertEqual(exchange(second, secondTransport, b"d"), b"v1 refuse,d\n")
+
+
+def _versionTwo(source: str) -> str:
+    """
+    The version 2 of a source derived from L{MIGRATABLE}, as
+    L{MIGRATABLE_V2} is of it: its restore writes C{restored N}.
+    """
+    return (
+        source.replace('VERSION = b"v1"', 'VERSION = b"v2"')
+        .replace("migrationVersion = 1", "migrationVersion = 2")
+        .replace('return {"count": self.count}', 'return {"total": self.count}')
+        .replace(
+            'self.count = state["count"]',
+            'self.count = state["total"]\n'
+            '        self.sendLine(b"restored %d" % (self.count,))',
+        )
+        .replace(
+            'raise ValueError("cannot read version %r" % (fromVersion,))',
+            'return {"total": state["count"]} if fromVersion == 1 else state',
+        )
+    )
+
+
+#: L{MIGRATABLE} whose protocol can abandon a restore (noting its count)
+ABANDONING = MIGRATABLE.replace(
+    'VERSION = b"v1"\n', 'VERSION = b"v1"\nABANDONED = []\n'
+).replace(
+    "    def upgradeMigrationState(self, fromVersion, state):",
+    "    def abandonMigrationState(self):\n"
+    "        ABANDONED.append(self.count)\n\n"
+    "    def upgradeMigrationState(self, fromVersion, state):",
+)
+ABANDONING_V2 = _versionTwo(ABANDONING)
+
+
+class RestoreAheadTests(ModulesUnchangedMixin, SynchronousTestCase):
+    """
+    Connections whose protocol can abandon a restore
+    (C{abandonMigrationState}) are restored into their new protocol object
+    ahead of the pause, while the old code serves; the pause keeps each
+    one whose connection did not change since, and restores the others
+    again.
+    """
+
+    def live(self, source: str = ABANDONING, count: int = 3) -> Any:
+        """
+        A host with C{count} connections of C{source}, the C{n}th having
+        said C{n} lines, and a reload to version 2 requested: the new code
+        is imported and parked, the restores ahead wait for the next turn.
+        """
+        live: Any = Live(self, source)
+        live.connections = [live.connect() for _ in range(count)]
+        for n, (hosted, transport) in enumerate(live.connections):
+            for _ in range(n + 1):
+                exchange(hosted, transport, b"x")
+            transport.clear()
+        live.oldModule = sys.modules[live.module]
+        live.before = snapshotModules()
+        live.change(_versionTwo(source))
+        live.d = live.host.requestUpgrade(None, live.progress.append)
+        self.assertNoResult(live.d)
+        return live
+
+    def test_restoredAhead(self) -> None:
+        """
+        The new code is imported first and waits outside C{sys.modules}
+        while the old code serves; every connection is restored ahead of
+        the pause, its new object's writes held until the commit; the pause
+        keeps them all.
+        """
+        live = self.live()
+        self.assertModulesAre(live.before)
+        runOne(live.host.reactor)
+        self.assertModulesAre(live.before)
+        for (hosted, transport), n in zip(live.connections, [1, 2, 3]):
+            self.assertIsInstance(hosted.wrappedProtocol, live.oldModule.Counter)
+            self.assertEqual(exchange(hosted, transport, b"y"), b"v1 y %d\n" % (n + 1))
+        # They changed: restored again in the pause.
+        runOne(live.host.reactor)
+        report = self.successResultOf(live.d)
+        self.assertEqual((report["outcome"], report["moved"]), ("success", 3))
+        newModule = sys.modules[live.module]
+        self.assertIsNot(newModule, live.oldModule)
+        self.assertEqual(newModule.ABANDONED, [1, 2, 3])
+
+    def test_unchangedKept(self) -> None:
+        """
+        A connection unchanged between its restore ahead and the pause
+        keeps the object restored ahead: what it wrote then reaches the
+        client once, after the commit, and it goes on from its state.
+        """
+        live = self.live()
+        runOne(live.host.reactor)
+        for _, transport in live.connections:
+            self.assertEqual(transport.value(), b"")
+        runOne(live.host.reactor)
+        report = self.successResultOf(live.d)
+        self.assertIn(
+            "3 connections restored by the new code ahead of the pause, while "
+            "the old code served; 0 of them abandoned (abandonMigrationState): "
+            "their connection changed or closed before the pause",
+            report["notes"],
+        )
+        self.assertEqual(sys.modules[live.module].ABANDONED, [])
+        for (hosted, transport), n in zip(live.connections, [1, 2, 3]):
+            self.assertEqual(transport.value(), b"restored %d\n" % (n,))
+            self.assertEqual(exchange(hosted, transport, b"z"), b"v2 z %d\n" % (n + 1))
+
+    def test_switchedBeforeNextEventAfterCommit(self) -> None:
+        """
+        A connection restored ahead and kept is switched, after the commit,
+        before its next event when that comes before its slice: what its
+        new object wrote when restored, then the answer of the new code.
+        Before the commit, its events are the old code's.
+        """
+        live: Any = Live(self, ABANDONING, sliceSizes=(500, 1))
+        connections = [live.connect() for _ in range(3)]
+        for hosted, transport in connections:
+            exchange(hosted, transport, b"x")
+        live.change(ABANDONING_V2)
+        d = live.host.requestUpgrade(None, live.progress.append)
+        runOne(live.host.reactor)
+        second, secondTransport = connections[1]
+        self.assertEqual(exchange(second, secondTransport, b"w"), b"v1 w 2\n")
+        runOne(live.host.reactor)
+        self.assertNoResult(d)
+        hosted, transport = connections[2]
+        transport.clear()
+        self.assertEqual(exchange(hosted, transport, b"y"), b"restored 1\nv2 y 2\n")
+        live.host.reactor.advance(0)
+        self.assertEqual(self.successResultOf(d)["moved"], 3)
+        first, firstTransport = connections[0]
+        self.assertEqual(firstTransport.value(), b"v1 x 1\nrestored 1\n")
+
+    def test_changedRestoredAgain(self) -> None:
+        """
+        A connection whose state changed between its restore ahead and the
+        pause is restored again in the pause from its new state, into a
+        fresh object; the stale object is abandoned and what it wrote is
+        dropped: nothing the connection did is lost, nothing doubled.
+        """
+        live = self.live()
+        runOne(live.host.reactor)
+        hosted, transport = live.connections[1]
+        self.assertEqual(exchange(hosted, transport, b"y"), b"v1 y 3\n")
+        transport.clear()
+        runOne(live.host.reactor)
+        report = self.successResultOf(live.d)
+        self.assertEqual((report["outcome"], report["moved"]), ("success", 3))
+        self.assertIn(
+            "3 connections restored by the new code ahead of the pause, while "
+            "the old code served; 1 of them abandoned (abandonMigrationState): "
+            "their connection changed or closed before the pause",
+            report["notes"],
+        )
+        self.assertEqual(sys.modules[live.module].ABANDONED, [2])
+        self.assertEqual(transport.value(), b"restored 3\n")
+        self.assertEqual(exchange(hosted, transport, b"z"), b"v2 z 4\n")
+        other, otherTransport = live.connections[2]
+        self.assertEqual(otherTransport.value(), b"restored 3\n")
+
+    def test_closedAbandoned(self) -> None:
+        """
+        A connection lost between its restore ahead and the pause has its
+        object abandoned; the others are switched.
+        """
+        live = self.live()
+        runOne(live.host.reactor)
+        hosted, transport = live.connections[0]
+        hosted.connectionLost(Failure(ConnectionDone()))
+        runOne(live.host.reactor)
+        report = self.successResultOf(live.d)
+        self.assertEqual((report["outcome"], report["moved"]), ("success", 2))
+        self.assertEqual(sys.modules[live.module].ABANDONED, [1])
+        self.assertEqual(transport.value(), b"")
+
+    def test_chatKnowsEveryoneOnce(self) -> None:
+        """
+        The chat example's users are in the new code's room once each,
+        with their latest nickname, whether they changed between their
+        restore ahead and the pause, left, or did nothing.
+        """
+        live = Live(self, chatSource())
+        users = [live.connect() for _ in range(4)]
+        for _, transport in users:
+            transport.clear()
+        live.change(chatSource("Hello"))
+        d = live.host.requestUpgrade(None, live.progress.append)
+        runOne(live.host.reactor)
+        first, firstTransport = users[0]
+        first.dataReceived(b"/nick alice\n")
+        users[3][0].connectionLost(Failure(ConnectionDone()))
+        runOne(live.host.reactor)
+        live.host.reactor.advance(0)
+        self.assertEqual(self.successResultOf(d)["moved"], 3)
+        firstTransport.clear()
+        first.dataReceived(b"/who\n")
+        self.assertEqual(firstTransport.value(), b"* In lobby: alice, guest2, guest3\n")
+
+    def test_refusedAheadRollsBack(self) -> None:
+        """
+        A state the new code refuses while restoring ahead rolls everything
+        back: C{sys.modules} exactly as before, every connection on the old
+        code, nothing written by the new objects.
+        """
+        live = self.live(
+            ABANDONING.replace(
+                "    def restoreMigrationState(self, state):\n",
+                "    def restoreMigrationState(self, state):\n"
+                "        if VERSION == b'v2' and state['total'] == 2:\n"
+                "            raise ValueError('not two')\n",
+            )
+        )
+        runOne(live.host.reactor)
+        report = self.successResultOf(live.d)
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertIn("not two", report["reason"])
+        self.assertModulesAre(live.before)
+        self.assertEqual(live.host.reactor.calls, [])
+        for (hosted, transport), n in zip(live.connections, [1, 2, 3]):
+            # Nothing left for its next event: the object restored ahead is
+            # let go of.
+            self.assertFalse(hosted.finishNow())
+            self.assertEqual(transport.value(), b"")
+            self.assertEqual(exchange(hosted, transport, b"y"), b"v1 y %d\n" % (n + 1))
+
+    def test_failedAbandonRollsBack(self) -> None:
+        """
+        If the new code fails to abandon a stale object, the reload rolls
+        back: the new code's shared state cannot be trusted.
+        """
+        live = self.live(
+            ABANDONING.replace(
+                "        ABANDONED.append(self.count)\n",
+                "        raise RuntimeError('cannot abandon')\n",
+            )
+        )
+        runOne(live.host.reactor)
+        hosted, transport = live.connections[0]
+        self.assertEqual(exchange(hosted, transport, b"y"), b"v1 y 2\n")
+        runOne(live.host.reactor)
+        report = self.successResultOf(live.d)
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertIn("cannot abandon", report["reason"])
+        self.assertModulesAre(live.before)
+        for (hosted, transport), n in zip(live.connections, [2, 2, 3]):
+            self.assertFalse(hosted.finishNow())
+            transport.clear()
+            self.assertEqual(exchange(hosted, transport, b"z"), b"v1 z %d\n" % (n + 1))

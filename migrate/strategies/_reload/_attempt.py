@@ -18,8 +18,8 @@ object, upgraded and restored into a new one (whose writes are held).  A
 module that does not import, a factory that cannot be built, or a state the
 new code refuses rolls it all back: C{sys.modules} exactly as it was, every
 protocol on the old code, and a report naming what failed.  Only then does
-it commit, in the same step of the reactor (the I{pause}): new modules
-stay, classes are swapped, factories swapped.
+it commit, in one step of the reactor (the I{pause}): new modules stay,
+classes are swapped, factories swapped.
 
 Around the pause: before it, while the old code serves, every migratable
 connection's state is copied, a slice of connections per turn of the
@@ -31,10 +31,28 @@ protocol object (transport re-pointed, held writes written, buffered
 input replayed), a slice per turn of the reactor, or before its next event
 if that comes first (L{HostedProtocol.finishBeforeNextEvent
 <migrate._host._tracking.HostedProtocol.finishBeforeNextEvent>}); the
-report is made once every connection is switched.  Every restore stays in
-the pause: an application that registers each connection in shared state
-in C{restoreMigrationState} (a chat room) must know every connection
-before the new code serves any.
+report is made once every connection is switched.
+
+An application that registers each connection in shared state in
+C{restoreMigrationState} (a chat room) must know every connection before
+the new code serves any, so every restore happens before the commit.  By
+default it happens in the pause.  A protocol that can I{abandon} a restore
+(it defines C{abandonMigrationState}, see L{IMigratable}) is restored
+I{ahead} of the pause instead (L{ReloadAttempt.restoreAhead}): the new
+code is imported and its factory built in a step of their own, the new
+modules then wait outside C{sys.modules} (L{ModuleStaging.park}: the old
+code, which serves meanwhile, finds what it always found), and each
+connection is restored into its new object a slice per turn of the
+reactor, its writes held, no event reaching it.  The pause then only
+checks each connection against the state its new object was restored
+from (L{migrate.state.unchangedSince}); for one that changed since, the
+object restored ahead is abandoned (its held writes dropped,
+C{abandonMigrationState} undoing its registrations) and a fresh one is
+restored from the state taken in the pause; an object restored ahead for
+a connection closed since is abandoned too.  A refusal, ahead or in the
+pause, or an abandon that fails, rolls everything back as before: the
+new factory and every object restored ahead are dropped with the new
+modules.
 
 Why replace migratable protocol objects rather than swap their class (as
 L{twisted.python.rebuild} does)?  A new object built by the new factory
@@ -188,6 +206,26 @@ def _versionProblem(old: type, new: type) -> str | None:
 
 
 @define
+class _Gate:
+    """
+    Whether a reload committed, or was rolled back, for the connections
+    restored ahead of its pause.
+    """
+
+    committed: bool = False
+    dropped: bool = False
+
+
+def _canAbandon(cls: type) -> bool:
+    """
+    Whether the protocols of C{cls} can abandon a restore (they define
+    C{abandonMigrationState}, see L{IMigratable}): only they are restored
+    ahead of the pause.
+    """
+    return callable(getattr(cls, "abandonMigrationState", None))
+
+
+@define
 class _Rebuilt:
     """
     A migratable connection whose protocol the new code rebuilds.
@@ -209,7 +247,12 @@ class _Rebuilt:
     @ivar fingerprint: what tells, in the pause, whether the pre-copy's
         state still describes C{old}; L{None} for a state taken in the
         pause.
-    @ivar new: the new protocol object, once the pause built it.
+    @ivar new: the new protocol object, once built (in the pause, or
+        ahead of it).
+    @ivar restored: whether C{new} was restored from C{state} ahead of
+        the pause (L{ReloadAttempt.restoreAhead}), and not abandoned since.
+    @ivar chosen: whether the pause kept the object restored ahead.
+    @ivar gate: whether the reload committed, shared by its records.
     """
 
     key: str
@@ -221,6 +264,25 @@ class _Rebuilt:
     state: ProtocolState
     fingerprint: StateFingerprint | None = None
     new: Any = None
+    restored: bool = False
+    chosen: bool = False
+    gate: _Gate | None = None
+
+    def switchOnceCommitted(self) -> None:
+        """
+        What a connection restored ahead of the pause does before each of
+        its events (registered ahead, so that the commit need not register
+        thousands): until the reload is decided, nothing but wait for the
+        next event; once it committed, L{switch} if the pause kept the
+        object restored ahead; otherwise nothing more.
+        """
+        gate = self.gate
+        if gate is None or not self.restored:
+            return
+        if gate.committed:
+            self.switch()
+        elif not gate.dropped:
+            self.hosted.finishBeforeNextEvent(self.switchOnceCommitted)
 
     def switch(self) -> None:
         """
@@ -290,6 +352,13 @@ class ReloadAttempt:
     _oldFactories: list[tuple[Any, Any]] = field(factory=list)
     #: the connections the pause did not rebuild, with their listener
     _notRebuilt: list[tuple[Any, Any]] = field(factory=list)
+    #: the records whose new protocol object was restored ahead of the pause
+    _ahead: list[_Rebuilt] = field(factory=list)
+    #: how many objects restored ahead were abandoned
+    abandoned: int = 0
+    _gate: _Gate = field(factory=_Gate)
+    #: the records whose switch the commit registers (not restored ahead)
+    _toRegister: list[_Rebuilt] = field(factory=list)
 
     def __attrs_post_init__(self) -> None:
         self.attempt = MigrationAttempt(
@@ -540,6 +609,31 @@ class ReloadAttempt:
             is switched (at once when nothing is left to switch); it never
             fails.
         """
+        abandons: dict[type, bool] = {}
+        ahead = []
+        for record in self._kept.values():
+            cls = type(record.old)
+            can = abandons.get(cls)
+            if can is None:
+                can = abandons[cls] = _canAbandon(cls)
+            if can:
+                ahead.append(record)
+        if not ahead:
+            return self._pause()
+        with collectionsPaused():
+            try:
+                early = self._stageAhead()
+            except Exception as e:
+                _log.failure("Reload failed unexpectedly")
+                early = self.rollBack("internal error: {}".format(describeError(e)))
+        if early is not None:
+            return succeed(early)
+        restored = self.restoreAhead(ahead)
+        return restored.addCallback(
+            lambda early: self._pause() if early is None else early
+        )
+
+    def _pause(self) -> Deferred[MigrationReport]:
         # A full collection in the pause, which creates thousands of
         # objects, would lengthen it by tens of milliseconds: the collector
         # waits for the next turn.
@@ -552,6 +646,201 @@ class ReloadAttempt:
         if early is not None:
             return succeed(early)
         return self._switchAll()
+
+    def _stageAhead(self) -> MigrationReport | None:
+        """
+        Import the new code and build its factory in a turn of the reactor
+        of their own, ahead of the pause; then park the new modules
+        (L{ModuleStaging.park}) while the old code serves.
+
+        @return: the report if that failed (rolled back), or L{None}.
+        """
+        early = self._stage()
+        if early is None:
+            assert self.staging is not None
+            self.staging.park()
+        return early
+
+    def _stage(self) -> MigrationReport | None:
+        """
+        Import the new code and build its factory.
+
+        @return: the report if that failed (rolled back), or L{None}.
+        """
+        assert self._plan is not None
+        app, names, entry, attribute, spec = self._plan
+        self.attempt.enter(MigrationPhase.handingOff)
+        self.step("importing the new code of {}".format(_listed(names)))
+        self.attempt.startPhase()
+        self.staging = ModuleStaging(app, names)
+        try:
+            # It passed the trial; should it block in this process alone,
+            # the bound interrupts it (see _safety).
+            with boundedImport(self.importTimeout):
+                self.staging.stage()
+        except ReloadFailed as e:
+            self.staging = None
+            return self.rollBack(e.reason)
+        self.attempt.phaseDone("import")
+        try:
+            self.newFactory = self._buildFactory(entry, attribute, spec)
+        except _Refused as e:
+            return self.rollBack(str(e))
+        return None
+
+    def restoreAhead(self, records: list[_Rebuilt]) -> Deferred[MigrationReport | None]:
+        """
+        Restore, ahead of the pause, each of C{records} whose application
+        can abandon an object so restored (its protocol defines
+        C{abandonMigrationState}) into a protocol object of the new code,
+        a slice of connections per turn of the reactor (bounded as the
+        pre-copy's), while the old code serves: the pause then only checks
+        that each connection did not change since (L{unchangedSince}).  In
+        each slice the new modules are in C{sys.modules}; between slices
+        the old ones are.  Nothing the new objects write reaches a client
+        before the commit, and no event reaches them.
+
+        @return: a L{Deferred} firing with L{None} once every record is
+            restored, or with the report if the new code refused one (the
+            reload is then rolled back).
+        """
+        done: Deferred[MigrationReport | None] = Deferred()
+        reactor = self.host.reactor
+        budget = self.sliceSeconds
+        self.attempt.startPhase()
+        longest = 0.0
+
+        def aheadSlice(start: int) -> None:
+            nonlocal longest
+            began = reactor.seconds()
+            deadline = began + budget
+            end = min(start + PRECOPY_SLICE, len(records))
+            index = start
+            staging = self.staging
+            assert staging is not None
+            staging.unpark()
+            try:
+                while index < end:
+                    record = records[index]
+                    index += 1
+                    self._restoreOneAhead(record)
+                    if reactor.seconds() >= deadline:
+                        break
+            except _Refused as e:
+                done.callback(self.rollBack(str(e)))
+                return
+            except Exception as e:
+                _log.failure("Reload failed unexpectedly")
+                done.callback(
+                    self.rollBack("internal error: {}".format(describeError(e)))
+                )
+                return
+            finally:
+                if self.staging is not None:
+                    self.staging.park()
+            freezeNewObjects()
+            longest = max(longest, reactor.seconds() - began)
+            if index < len(records):
+                reactor.callLater(0, aheadSlice, index)
+                return
+            self.attempt.phaseDone("restore ahead")
+            self.attempt.durations["restore ahead slice"] = longest
+            # The pause in a turn of its own: the clients are served between
+            # the last slice and it.
+            reactor.callLater(0, done.callback, None)
+
+        reactor.callLater(0, aheadSlice, 0)
+        return done
+
+    def _restoreOneAhead(self, record: _Rebuilt) -> None:
+        """
+        Restore one connection's new protocol object ahead of the pause,
+        from its state as it is now (taken again if it changed since the
+        pre-copy).
+
+        @raise _Refused: if the new code refuses it.
+        """
+        hosted = record.hosted
+        old = record.old
+        if (
+            hosted.wrappedProtocol is not old
+            or hosted.pending
+            or hosted.released
+            or not hosted.connected
+            or (self._closing and self._isClosing(hosted))
+        ):
+            return
+        if record.fingerprint is None or not unchangedSince(old, record.fingerprint):
+            try:
+                taken = captureProtocolState(old, snapshot=False)
+                fingerprint = StateFingerprint.of(taken)
+            except Exception:
+                # The pause captures it, with that capture's own errors.
+                record.fingerprint = None
+                return
+            record.state = ProtocolState(
+                taken.className,
+                taken.migratable,
+                taken.version,
+                _plainCopy(taken.appState),
+                taken.buffers,
+            )
+            record.fingerprint = fingerprint
+        new = self._buildNew(record)
+        record.new = new
+        if not _canAbandon(type(new)):
+            # The new code could not take it back: restored in the pause.
+            return
+        new.transport = record.held
+        new.connected = 1
+        try:
+            restoreProtocolState(new, record.state, copyState=False, validate=False)
+        except StateError as e:
+            raise _refusedConnection(hosted, record.key, str(e))
+        record.restored = True
+        record.gate = self._gate
+        self._ahead.append(record)
+        hosted.finishBeforeNextEvent(record.switchOnceCommitted)
+
+    def _buildNew(self, record: _Rebuilt) -> Any:
+        try:
+            new = self.newFactory.buildProtocol(record.peer)
+        except Exception as e:
+            raise _refusedConnection(
+                record.hosted,
+                record.key,
+                "the new factory's buildProtocol failed: {}".format(describeError(e)),
+            )
+        if new is None:
+            raise _refusedConnection(
+                record.hosted,
+                record.key,
+                "the new factory refused it (buildProtocol returned None)",
+            )
+        return new
+
+    def _abandon(self, record: _Rebuilt) -> None:
+        """
+        Let go of an object restored ahead of the pause whose connection
+        changed or closed since: what it wrote is dropped, and the new
+        code undoes what its restore did (C{abandonMigrationState}).
+
+        @raise _Refused: if the new code fails to.
+        """
+        record.held.discard()
+        record.restored = False
+        self.abandoned += 1
+        try:
+            record.new.abandonMigrationState()
+        except Exception as e:
+            raise _refusedConnection(
+                record.hosted,
+                record.key,
+                "the new code failed to abandon the object restored ahead of "
+                "the pause (the connection changed or closed since): {}".format(
+                    describeError(e)
+                ),
+            )
 
     def _begin(self) -> MigrationReport | None:
         host = self.host
@@ -605,21 +894,18 @@ class ReloadAttempt:
     def _finish(self) -> MigrationReport | None:
         assert self._plan is not None
         app, names, entry, attribute, spec = self._plan
-        self.attempt.enter(MigrationPhase.handingOff)
-        self.step("importing the new code of {}".format(_listed(names)))
-        self.attempt.startPhase()
-        self.staging = ModuleStaging(app, names)
+        ahead = self.staging is not None
+        if ahead:
+            # Imported, and its factory built, ahead of the pause.
+            self.attempt.startPhase()
+        else:
+            early = self._stage()
+            if early is not None:
+                return early
+        assert self.staging is not None
+        self.staging.unpark()
+        staged = self.staging.staged
         try:
-            # It passed the trial; should it block in this process alone,
-            # the bound interrupts it (see _safety).
-            with boundedImport(self.importTimeout):
-                staged = self.staging.stage()
-        except ReloadFailed as e:
-            self.staging = None
-            return self.rollBack(e.reason)
-        self.attempt.phaseDone("import")
-        try:
-            self.newFactory = self._buildFactory(entry, attribute, spec)
             self._prepareConnections(staged)
             self._startFactory()
         except _Refused as e:
@@ -640,8 +926,9 @@ class ReloadAttempt:
         self.attempt.phaseDone("commit")
         durations = self.attempt.durations
         # The one step of the reactor in which nothing else is served.
-        durations["pause"] = durations["import"] + durations["prepare"]
-        durations["pause"] += durations["commit"]
+        durations["pause"] = durations["prepare"] + durations["commit"]
+        if not ahead:
+            durations["pause"] += durations["import"]
         return None
 
     def _switchAll(self) -> Deferred[MigrationReport]:
@@ -695,6 +982,7 @@ class ReloadAttempt:
         # than free thousands of objects while every client waited.
         self.rebuilt = []
         self._kept = {}
+        self._ahead = []
         self.attempt.durations["total"] = self.attempt.elapsed()
         moved = sum(each.moved for each in self.counts.values())
         drained = sum(each.drained for each in self.counts.values())
@@ -720,9 +1008,16 @@ class ReloadAttempt:
         """
         self.attempt.enter(MigrationPhase.rollingBack)
         self._kept = {}
-        for each in self.rebuilt:
+        self._gate.dropped = True
+        for each in self.rebuilt + self._ahead:
             each.held.discard()
+        for each in self._ahead:
+            # Drop the switch it registered ahead (which now does nothing),
+            # and with it the new objects.
+            each.hosted.finishNow()
         self.rebuilt = []
+        self._ahead = []
+        self._toRegister = []
         self._oldFactories = []
         self.swaps = []
         while self.started:
@@ -810,9 +1105,12 @@ class ReloadAttempt:
         rebuild = self._rebuild
         migratable = IMigratable.providedBy
         closing = self._closing
+        ahead = self._kept if self._ahead else {}
+        rebuilt = self.rebuilt
         for listener in self.host.listeners.values():
             key = listener.key
             counts = self.counts.setdefault(key, _Listener())
+            kept = 0
             for hosted in listener.factory.connections:
                 protocol = hosted.wrappedProtocol
                 if protocol is None or hosted.pending or hosted.released:
@@ -820,6 +1118,22 @@ class ReloadAttempt:
                 if closing and self._isClosing(hosted):
                     counts.failed += 1
                     continue
+                if ahead:
+                    # Most connections were restored ahead and did not change:
+                    # kept with as little as can be done for each.
+                    record = ahead.get(id(hosted))
+                    if (
+                        record is not None
+                        and record.restored
+                        and record.hosted is hosted
+                        and record.old is protocol
+                        and record.fingerprint is not None
+                        and unchangedSince(protocol, record.fingerprint)
+                    ):
+                        record.chosen = True
+                        rebuilt.append(record)
+                        kept += 1
+                        continue
                 # The application's own opt-in only: a protocol migrate has a
                 # mover for (twisted.web's channel) is not rebuilt in the same
                 # process; it keeps its objects, as before movers existed.
@@ -839,6 +1153,12 @@ class ReloadAttempt:
                 else:
                     unchanged[_qualified(type(protocol))] += 1
                     counts.moved += 1
+            counts.moved += kept
+            self.reused += kept
+        for record in self._ahead:
+            if record.restored and not record.chosen:
+                # Its connection closed (or is closing) since.
+                self._abandon(record)
         for why, count in sorted(staying.items()):
             self.attempt.notes.append(
                 "{} connection{} stay{} on the old code: {}".format(
@@ -886,7 +1206,14 @@ class ReloadAttempt:
             # with the old protocols) still describes the protocol, which
             # the trial then restored.
             self.reused += 1
+            if record.restored:
+                # And the new object was restored from it ahead of the pause.
+                record.chosen = True
+                self.rebuilt.append(record)
+                return
         else:
+            if record is not None and record.restored:
+                self._abandon(record)
             try:
                 # Checked without a copy, then copied without encoding: no
                 # JSON round trip in the same process.
@@ -908,20 +1235,11 @@ class ReloadAttempt:
                     taken.buffers,
                 ),
             )
-        try:
-            new = self.newFactory.buildProtocol(record.peer)
-        except Exception as e:
-            raise _refusedConnection(
-                hosted,
-                key,
-                "the new factory's buildProtocol failed: {}".format(describeError(e)),
-            )
+        new = record.new
         if new is None:
-            raise _refusedConnection(
-                hosted, key, "the new factory refused it (buildProtocol returned None)"
-            )
-        record.new = new
+            new = record.new = self._buildNew(record)
         self.rebuilt.append(record)
+        self._toRegister.append(record)
         new.transport = record.held
         new.connected = 1
         try:
@@ -1021,8 +1339,12 @@ class ReloadAttempt:
         assert self.staging is not None
         self.staging.commit(self.fingerprints)
         self.staging = None
-        for each in self.rebuilt:
+        # The connections restored ahead, and kept, registered their switch
+        # then; it now sees the gate open.
+        self._gate.committed = True
+        for each in self._toRegister:
             each.hosted.finishBeforeNextEvent(each.switch)
+        self._toRegister = []
         oldFactories = []
         for listener in host.listeners.values():
             oldFactories.append((listener, listener.factory.wrappedFactory))
@@ -1097,6 +1419,14 @@ class ReloadAttempt:
                 "pause".format(
                     counted(self.reused, "state"),
                     counted(len(self.rebuilt), "migratable connection"),
+                )
+            )
+        if self._ahead:
+            self.attempt.notes.append(
+                "{} restored by the new code ahead of the pause, while the old "
+                "code served; {} of them abandoned (abandonMigrationState): "
+                "their connection changed or closed before the pause".format(
+                    counted(len(self._ahead), "connection"), self.abandoned
                 )
             )
 

@@ -18,7 +18,8 @@ here:
     C{__pycache__} that may be stale), so that the new modules import each
     other in whatever order they need, exactly as in a fresh process; until
     it commits, L{ModuleStaging.restore} puts C{sys.modules} back exactly as
-    it was;
+    it was, and L{ModuleStaging.park} sets the new modules aside while the
+    old code serves between two steps of a reload;
 
   - I{live objects}: L{HeldTransport} holds what a new protocol writes while
     it is restored, until the reload commits; L{DetachedTransport} is what
@@ -581,13 +582,17 @@ class ModuleStaging:
     else they need) on demand, in the order they need, as in a fresh
     process, while modules outside the set stay as they are.  Until
     L{commit}, L{restore} puts C{sys.modules} (and the attributes the import
-    system set on packages outside the set) back exactly as they were.
+    system set on packages outside the set) back exactly as they were, and
+    L{park} sets the new modules aside (the old ones back in their place)
+    while the old code serves between two steps of a reload, until
+    L{unpark}.
 
     @ivar app: the application's modules.
     @ivar names: the modules to reload, in import order.
     @ivar staged: the modules the staging loaded from the application's
         source, by name (C{names} and any new application module the new
         code imported).
+    @ivar parked: whether the staged modules are set aside (L{park}).
     """
 
     app: ApplicationModules
@@ -597,6 +602,10 @@ class ModuleStaging:
     _snapshot: dict[str, Any] | None = None
     _parents: list[tuple[ModuleType, str, Any]] = field(factory=list)
     _loaders: list[_SourceOnlyLoader] = field(factory=list)
+    #: the staged modules' links from packages outside the staged set:
+    #: (package, name, before the staging, after it)
+    _links: list[tuple[ModuleType, str, Any, Any]] = field(factory=list)
+    parked: bool = False
 
     def stage(self) -> dict[str, ModuleType]:
         """
@@ -661,7 +670,54 @@ class ModuleStaging:
                     missing[0]
                 ),
             )
+        before = {(id(parent), child): value for parent, child, value in self._parents}
+        for name, module in self.staged.items():
+            parentName, _, child = name.rpartition(".")
+            parent = modules.get(parentName) if parentName else None
+            if isinstance(parent, ModuleType) and parentName not in self.staged:
+                self._links.append(
+                    (
+                        parent,
+                        child,
+                        before.get((id(parent), child), _MISSING),
+                        vars(parent).get(child, _MISSING),
+                    )
+                )
         return self.staged
+
+    def park(self) -> None:
+        """
+        Put the old modules back in C{sys.modules} (and on the packages
+        outside the staged set) while the staged ones wait, not committed:
+        between the turns of the reactor in which a reload works ahead of
+        its pause, the old code serves, and must find what it always found.
+        L{unpark} puts the staged modules back; L{restore} and L{commit}
+        work either way.
+        """
+        snapshot = self._snapshot
+        if snapshot is None or self.parked:
+            return
+        modules = self.modules
+        for name, module in self.staged.items():
+            old = snapshot.get(name, _MISSING)
+            if old is not _MISSING:
+                modules[name] = old
+            elif modules.get(name) is module:
+                del modules[name]
+        for parent, child, old, _ in self._links:
+            _setLink(parent, child, old)
+        self.parked = True
+
+    def unpark(self) -> None:
+        """
+        Undo L{park}: the staged modules are in C{sys.modules} again.
+        """
+        if self._snapshot is None or not self.parked:
+            return
+        self.modules.update(self.staged)
+        for parent, child, _, new in self._links:
+            _setLink(parent, child, new)
+        self.parked = False
 
     def restore(self) -> None:
         """
@@ -670,6 +726,7 @@ class ModuleStaging:
         snapshot = self._snapshot
         if snapshot is None:
             return
+        self.unpark()
         modules = self.modules
         added = [name for name in list(modules) if name not in snapshot]
         for name in added:
@@ -695,6 +752,7 @@ class ModuleStaging:
         """
         Keep the new code, and remember which source it was compiled from.
         """
+        self.unpark()
         for loader in self._loaders:
             module = self.staged.get(loader.name)
             if module is not None and loader.fingerprint is not None:
@@ -707,6 +765,15 @@ class ModuleStaging:
         self._snapshot = None
         self._parents = []
         self._loaders = []
+        self._links = []
+        self.parked = False
+
+
+def _setLink(parent: ModuleType, child: str, value: Any) -> None:
+    if value is _MISSING:
+        vars(parent).pop(child, None)
+    else:
+        setattr(parent, child, value)
 
 
 def counterpart(cls: type, staged: Mapping[str, ModuleType]) -> Any:

@@ -35,6 +35,7 @@ from ..._handoff._movement import (
     describePeer,
     freezeMovable,
 )
+from ..._handoff._polls import afterPolls
 from ..._handoff._precopy import PrecopiedConnection, freezeDelta, precopyMovable
 from ..._handoff._safepoint import SafePointWatch
 from ..._handoff._successor import (
@@ -920,6 +921,11 @@ class OutgoingHandoff:
         """
         while self._freezeSocket is not None:
             yield self._threadWorkDone()
+            # Two polls first: one reads the requests that arrived while
+            # the connections not pre-copied were frozen (or the threads
+            # were waited for), the next writes the answers, which would
+            # otherwise wait, queued, through the whole freeze.
+            yield afterPolls(self.host.reactor, 2)
             committed: Deferred[int | None] = Deferred()
             # From a reactor step of its own, outside any read path; a
             # thread that handed the reactor work since makes it wait again.

@@ -1494,6 +1494,9 @@ class IncomingChannelTests(SynchronousTestCase):
         self.assertEqual(self.freezeListened, [freeze])
         with self.assertRaises(OSError):
             os.fstat(freeze)
+        # The pre-copy froze the heap until every connection is served, or
+        # the hand-off ends without: not all tests go that far.
+        self.addCleanup(self.channel._thawHeap)
         return answer
 
     def test_precopyThenFreeze(self) -> None:
@@ -1545,8 +1548,13 @@ class IncomingChannelTests(SynchronousTestCase):
         nextTurn.cancel()
         call(*args)
         self.assertEqual(self.staged[1].events, ["restore"])
+        # The staged copies are freed, and the heap thaws, as the last of
+        # them is served.
+        self.assertFalse(self.channel._heapThawed.called)
         self.h.reactor.advance(0)
         self.assertEqual(self.staged[1].events, ["restore", "commit"])
+        self.assertEqual(self.channel._spent, [])
+        self.assertTrue(self.channel._heapThawed.called)
 
     def test_freezeRefusedRestore(self) -> None:
         """
@@ -1571,6 +1579,7 @@ class IncomingChannelTests(SynchronousTestCase):
         self.assertEqual(self.staged[1].events, ["restore", "abandon"])
         self.assertEqual(self.staged[2].events, ["abandon"])
         self.assertFalse(self.host.serving)
+        self.assertTrue(self.channel._heapThawed.called)
 
     def test_freezeMalformed(self) -> None:
         """
@@ -1638,6 +1647,7 @@ class IncomingChannelTests(SynchronousTestCase):
         )
         self.assertEqual(self.h.stops, [True])
         self.assertFalse(self.host.serving)
+        self.assertTrue(self.channel._heapThawed.called)
 
     def test_plainCommitRefusedWhileStaged(self) -> None:
         """

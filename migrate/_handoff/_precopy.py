@@ -128,7 +128,7 @@ def precopyMovable(
         entries.append(manifestEntry(ident, key, transport, state, b""))
         precopied.append(
             PrecopiedConnection(
-                ident, key, hosted, transport, StateFingerprint.of(state)
+                ident, key, hosted, transport, StateFingerprint.of(state, protocol)
             )
         )
     # Each state was checked as it was captured.

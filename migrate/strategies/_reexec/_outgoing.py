@@ -796,7 +796,7 @@ class ReexecMigration:
             hosted,
             protocol,
             transport,
-            StateFingerprint.of(state),
+            StateFingerprint.of(state, protocol),
             row,
         )
 

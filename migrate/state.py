@@ -398,6 +398,11 @@ _kindsByClass: dict[int, tuple[_BufferKind, ...]] = {}
 #: class's C{id}
 _blockingClasses: dict[int, bool] = {}
 
+#: for each protocol class seen, by the class's C{id}, its buffer kinds if
+#: L{StateFingerprint} may compare its instances the quick way (and a
+#: restore may take the quick way), else L{None}
+_quickKindsByClass: dict[int, tuple[_BufferKind, ...] | None] = {}
+
 #: a weak reference to each class the caches above know, by its C{id}
 _classesSeen: dict[int, weakref.ref[type]] = {}
 
@@ -409,6 +414,7 @@ def _forget(key: int) -> None:
     """
     _kindsByClass.pop(key, None)
     _blockingClasses.pop(key, None)
+    _quickKindsByClass.pop(key, None)
     _classesSeen.pop(key, None)
 
 
@@ -859,8 +865,6 @@ class StateFingerprint:
     equality (under which C{True == 1 == 1.0}), so what the new code
     receives is byte for byte what a fresh capture would have sent.
 
-    @ivar migratable: as in the L{ProtocolState} taken.
-    @ivar version: as in the L{ProtocolState} taken.
     The application state is first compared by its C{marshal} form
     (L{_packForComparison}), which is several times cheaper to make than
     its JSON encoding for a small state: two trees of the exact JSON types
@@ -877,6 +881,12 @@ class StateFingerprint:
     @ivar buffers: the base protocols' buffers, as in the L{ProtocolState}.
     @ivar packedAppState: the application state's C{marshal} form, for the
         cheap comparison; L{None} if not migratable or C{marshal} refused it.
+    @ivar quickClass: the class of the protocol the state was taken from,
+        when a protocol of exactly that class can be compared the quick way
+        (see L{_quickKinds}); L{None} otherwise.
+    @ivar lineBuffer: with C{quickClass}, the C{LineReceiver} buffer
+        taken, or L{None} if the class is no C{LineReceiver}.
+    @ivar lineMode: with C{lineBuffer}, the C{LineReceiver} mode taken.
     """
 
     migratable: bool
@@ -884,14 +894,22 @@ class StateFingerprint:
     encodedAppState: str | None
     buffers: dict[str, dict[str, Any]]
     packedAppState: bytes | None = None
+    quickClass: type | None = None
+    lineBuffer: bytes | None = None
+    lineMode: bool | None = None
 
     @classmethod
-    def of(cls, state: ProtocolState) -> StateFingerprint:
+    def of(
+        cls, state: ProtocolState, protocol: object | None = None
+    ) -> StateFingerprint:
         """
         Take the fingerprint of a state just captured (before the
         application runs again, if it was captured without a snapshot).
 
         @param state: from L{captureProtocolState}.
+        @param protocol: the protocol it was captured from, if the caller
+            knows it: L{matches} then compares a protocol of the same
+            class the quick way, when the class allows it.
         """
         packed = None
         if state.migratable:
@@ -899,12 +917,31 @@ class StateFingerprint:
                 packed = _packForComparison(state.appState, _PACK_VERSION)
             except Exception:
                 packed = None
+        quickClass = lineBuffer = lineMode = None
+        if packed is not None and protocol is not None:
+            kinds = _quickKinds(type(protocol))
+            saved = state.buffers.get("LineReceiver")
+            if kinds is not None and len(kinds) == len(state.buffers):
+                if not kinds:
+                    quickClass = type(protocol)
+                elif (
+                    saved is not None
+                    and len(saved) == 2
+                    and type(saved.get("buffer")) is bytes
+                    and type(saved.get("lineMode")) is bool
+                ):
+                    quickClass = type(protocol)
+                    lineBuffer = saved["buffer"]
+                    lineMode = saved["lineMode"]
         return cls(
             state.migratable,
             state.version,
             (_encodeForComparison(state.appState) if state.migratable else None),
             state.buffers,
             packed,
+            quickClass,
+            lineBuffer,
+            lineMode,
         )
 
     def matches(self, protocol: object) -> bool:
@@ -922,6 +959,10 @@ class StateFingerprint:
         @raise NotAtSafePoint: if the protocol cannot move now (a request
             in flight); it may at a later safe point.
         """
+        if type(protocol) is self.quickClass and "migrationBlocker" not in (
+            protocol.__dict__
+        ):
+            return self._matchesQuickly(protocol)
         # Asked of every connection while every client waits: the look-ups
         # of migratableFor, _mayBlock and _kindsOf are made inline, and a
         # base protocol's buffers compared without building a capture.
@@ -988,6 +1029,70 @@ class StateFingerprint:
             except StateError:
                 return False
         return True
+
+    def _matchesQuickly(self, protocol: Any) -> bool:
+        """
+        L{matches}, for a protocol of C{quickClass} without a
+        C{migrationBlocker} of its own: the same comparisons, minus the
+        look-ups its class settled once (it provides L{IMigratable} itself,
+        has no blocker, and its only base protocol buffer, if any, is a
+        C{LineReceiver}'s).  A few microseconds less per connection, for
+        ten thousand connections while every client waits.
+        """
+        if getattr(protocol, "migrationVersion", None) != self.version:
+            return False
+        try:
+            appState = protocol.getMigrationState()
+        except Exception:
+            return False
+        try:
+            same = _packForComparison(appState, _PACK_VERSION) == self.packedAppState
+        except Exception:
+            same = False
+        if not same:
+            try:
+                if _encodeForComparison(appState) != self.encodedAppState:
+                    return False
+            except Exception:
+                return False
+        lineBuffer = self.lineBuffer
+        if lineBuffer is None:
+            return True
+        if protocol._busyReceiving:
+            return False
+        buffer = getattr(protocol, "_buffer", b"")
+        return (
+            type(buffer) is bytes
+            and buffer == lineBuffer
+            and bool(protocol.line_mode) is self.lineMode
+        )
+
+
+def _quickKinds(cls: type) -> tuple[_BufferKind, ...] | None:
+    """
+    The base protocol buffer kinds of C{cls} if L{StateFingerprint} may
+    compare its instances the quick way (L{StateFingerprint._matchesQuickly}),
+    L{None} if not: the class itself provides L{IMigratable} (so every
+    instance does: an interface a class implements cannot be taken from
+    an instance), defines no C{migrationBlocker} and no C{__getattr__} (an
+    instance may still have a C{migrationBlocker} of its own: that one
+    takes the full comparison), its instances have a C{__dict__}, and it
+    inherits from no base protocol but C{LineReceiver}.
+    """
+    try:
+        return _quickKindsByClass[id(cls)]
+    except KeyError:
+        pass
+    kinds: tuple[_BufferKind, ...] | None = _kindsOf(cls)
+    if (
+        not IMigratable.implementedBy(cls)
+        or hasattr(cls, "migrationBlocker")
+        or hasattr(cls, "__getattr__")
+        or "__dict__" not in dir(cls)
+        or any(kind.name != "LineReceiver" for kind in kinds or ())
+    ):
+        kinds = None
+    return _remember(_quickKindsByClass, cls, kinds)  # type: ignore[no-any-return]
 
 
 def unchangedSince(protocol: object, fingerprint: StateFingerprint) -> bool:
@@ -1061,6 +1166,10 @@ def restoreProtocolState(
     # for an error, and the common case (the saved buffers are exactly
     # those of the new class's base protocols) walks them once.
     cls = type(protocol)
+    if not (validate or copyState) and state.migratable:
+        quick = _quickKinds(cls)
+        if quick is not None and _restoreQuickly(protocol, state, quick):
+            return
     try:
         buffers = (
             _validateBuffers(state.buffers, encoded=False)
@@ -1131,6 +1240,43 @@ def restoreProtocolState(
             raise RestoreError(
                 f"{_className(cls)}.restoreMigrationState() failed: {_describe(e)}"
             ) from e
+
+
+def _restoreQuickly(
+    protocol: Any, state: ProtocolState, kinds: tuple[_BufferKind, ...]
+) -> bool:
+    """
+    L{restoreProtocolState} without a copy or a check of C{state}, for a
+    protocol whose class L{_quickKinds} accepts (C{kinds} are its buffer
+    kinds), in the common case only: the state is of the new class's
+    version and carries exactly the buffers of its base protocols.  The
+    same steps, minus the look-ups the class settled once: ten thousand
+    connections are restored so while every client waits.
+
+    @return: whether it restored C{protocol}; if not, nothing was done and
+        the caller takes the general way.
+
+    @raise RestoreError: as L{restoreProtocolState}.
+    """
+    buffers = state.buffers
+    if len(buffers) != len(kinds):
+        return False
+    version = getattr(protocol, "migrationVersion", None)
+    if type(version) is not int or version != state.version:
+        return False
+    if kinds:
+        saved = buffers.get("LineReceiver")
+        if saved is None:
+            return False
+        _restoreLineReceiver(protocol, saved)
+    try:
+        protocol.restoreMigrationState(state.appState)
+    except Exception as e:
+        raise RestoreError(
+            f"{_className(type(protocol))}.restoreMigrationState() failed: "
+            f"{_describe(e)}"
+        ) from e
+    return True
 
 
 def replayBufferedInput(protocol: object) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from attrs import define, field
 
@@ -46,6 +46,7 @@ __all__ = [
     "FreezeDelta",
     "PrecopiedConnection",
     "freezeDelta",
+    "freezeInParts",
     "precopyMovable",
 ]
 
@@ -128,7 +129,7 @@ def precopyMovable(
         entries.append(manifestEntry(ident, key, transport, state, b""))
         precopied.append(
             PrecopiedConnection(
-                ident, key, hosted, transport, StateFingerprint.of(state)
+                ident, key, hosted, transport, StateFingerprint.of(state, protocol)
             )
         )
     # Each state was checked as it was captured.
@@ -157,6 +158,14 @@ class FreezeDelta:
     moving: list[PrecopiedConnection] = field(factory=list)
     changes: list[dict[str, Any]] = field(factory=list)
     withdrawn: list[tuple[PrecopiedConnection, Unmovable | None]] = field(factory=list)
+
+    def absorb(self, part: FreezeDelta) -> None:
+        """
+        Add what the freeze found in another part of the connections.
+        """
+        self.moving.extend(part.moving)
+        self.changes.extend(part.changes)
+        self.withdrawn.extend(part.withdrawn)
 
     def toPlain(self) -> dict[str, Any]:
         """
@@ -219,3 +228,45 @@ def freezeDelta(precopied: Iterable[PrecopiedConnection]) -> FreezeDelta:
         changed.append(each)
     delta.moving = changed + unchanged
     return delta
+
+
+def freezeInParts(
+    precopied: Sequence[PrecopiedConnection],
+    size: int,
+    compare: Callable[[Sequence[PrecopiedConnection]], FreezeDelta] = freezeDelta,
+) -> tuple[FreezeDelta, Iterator[dict[str, Any]], Callable[[], dict[str, Any]]]:
+    """
+    L{freezeDelta} a part at a time, for a freeze that streams its delta:
+    the process taking over restores the connections of one part while
+    this one compares the next.
+
+    @param precopied: the pre-copied connections, in the order of their
+        manifest numbers.
+    @param size: how many connections a part covers.
+    @param compare: makes the delta of a part (L{freezeDelta}).
+
+    @return: the whole delta (filled in as the parts are made), the
+        messages of the parts before the last (each made when it is asked
+        for, saying C{"more": true} and, as C{"upTo"}, the manifest number
+        of the last connection it covers), and a callable making the last
+        message, the one the other process commits with.
+    """
+    delta = FreezeDelta()
+    starts = list(range(0, len(precopied), size))
+
+    def partFrom(start: int) -> FreezeDelta:
+        part = compare(precopied[start : start + size])
+        delta.absorb(part)
+        return part
+
+    def parts() -> Iterator[dict[str, Any]]:
+        for start in starts[:-1]:
+            plain = partFrom(start).toPlain()
+            plain["more"] = True
+            plain["upTo"] = precopied[start + size - 1].ident
+            yield plain
+
+    def last() -> dict[str, Any]:
+        return (partFrom(starts[-1]) if starts else FreezeDelta()).toPlain()
+
+    return delta, parts(), last

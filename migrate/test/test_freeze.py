@@ -38,8 +38,9 @@ def _frame(data: bytes) -> bytes:
 
 class _Peer:
     """
-    The successor's end of a freeze socketpair, in a thread: reads one
-    message and does what C{answer} says with it.
+    The successor's end of a freeze socketpair, in a thread: reads the
+    messages up to the first that does not say C{"more"} and does what
+    C{answer} says with that one.
     """
 
     def __init__(self, answer: Callable[[socket.socket, Any], None]) -> None:
@@ -51,15 +52,18 @@ class _Peer:
 
     def _run(self) -> None:
         sock = self.theirs
-        header = b""
-        while len(header) < 4:
-            header += sock.recv(4 - len(header))
-        (size,) = struct.unpack("!I", header)
-        data = b""
-        while len(data) < size:
-            data += sock.recv(size - len(data))
-        message = json.loads(data)
-        self.received.append(message)
+        while True:
+            header = b""
+            while len(header) < 4:
+                header += sock.recv(4 - len(header))
+            (size,) = struct.unpack("!I", header)
+            data = b""
+            while len(data) < size:
+                data += sock.recv(size - len(data))
+            message = json.loads(data)
+            self.received.append(message)
+            if not (isinstance(message, dict) and message.get("more")):
+                break
         self._answer(sock, message)
 
     def close(self) -> None:
@@ -81,6 +85,34 @@ class CommitBlockingTests(SynchronousTestCase):
             return commitBlocking(peer.ours, {"changes": [], "withdrawn": [3]}, 5.0)
         finally:
             self.assertEqual(peer.received, [{"changes": [], "withdrawn": [3]}])
+
+    def test_parts(self) -> None:
+        """
+        A streamed freeze's parts go first, in order, each made only when
+        its turn comes; then the last message, made (given as a callable)
+        once every part is sent; then the answer comes back.
+        """
+        made: list[Any] = []
+
+        def parts() -> Any:
+            for upTo in (2, 4):
+                made.append(upTo)
+                yield {"changes": [], "withdrawn": [], "more": True, "upTo": upTo}
+
+        def last() -> Any:
+            made.append("last")
+            return {"changes": [], "withdrawn": [5]}
+
+        peer = _Peer(lambda sock, _: sock.sendall(_frame(b'{"pid":8}')))
+        self.addCleanup(peer.close)
+        answer = commitBlocking(peer.ours, last, 5.0, parts=parts())
+        self.assertEqual(answer, {"pid": 8})
+        self.assertEqual(made, [2, 4, "last"])
+        peer.close()
+        self.assertEqual(
+            [(each.get("upTo"), each["withdrawn"]) for each in peer.received],
+            [(2, []), (4, []), (None, [5])],
+        )
 
     def test_committed(self) -> None:
         """
@@ -315,6 +347,69 @@ class FreezeReceiverTests(SynchronousTestCase):
             receiver.dataReceived(data[start : start + 3])
         self.assertEqual(calls, [{"changes": changes, "withdrawn": [1]}])
         self.assertEqual(json.loads(transport.value()[4:]), {"pid": 3})
+
+    def test_parts(self) -> None:
+        """
+        With a C{part} callable, each message saying C{"more": true} goes to
+        it, in order, whether the messages come together or a few bytes at
+        a time; the first that does not goes to the commit, which answers.
+        """
+        data = (
+            _frame(b'{"changes":[],"withdrawn":[],"more":true,"upTo":2}')
+            + _frame(b'{"changes":[],"withdrawn":[],"more":true,"upTo":4}')
+            + _frame(b'{"changes":[],"withdrawn":[]}')
+        )
+        for piece in (len(data), 5):
+            events: list[Any] = []
+
+            def commit(delta: Any, answerNow: Any) -> Any:
+                events.append(("commit", delta))
+                return {"pid": 4}
+
+            receiver = FreezeReceiver(
+                commit, lambda delta: events.append(("part", delta["upTo"]))
+            )
+            transport = StringTransport()
+            receiver.makeConnection(transport)
+            for start in range(0, len(data), piece):
+                self.assertEqual(transport.value(), b"")
+                receiver.dataReceived(data[start : start + piece])
+            self.assertEqual(
+                events,
+                [
+                    ("part", 2),
+                    ("part", 4),
+                    ("commit", {"changes": [], "withdrawn": []}),
+                ],
+            )
+            self.assertEqual(json.loads(transport.value()[4:]), {"pid": 4})
+
+    def test_partRefused(self) -> None:
+        """
+        A part its callable refuses is answered at once, with the reason
+        and the connection it names; what follows, the last part included,
+        is ignored: nothing commits.
+        """
+
+        class Refused(Exception):
+            ident = 7
+
+        def part(delta: Any) -> None:
+            raise Refused("the new code refused connection 7")
+
+        receiver = FreezeReceiver(lambda delta, answerNow: self.fail("committed"), part)
+        transport = StringTransport()
+        receiver.makeConnection(transport)
+        receiver.dataReceived(
+            _frame(b'{"changes":[],"withdrawn":[],"more":true,"upTo":2}')
+        )
+        answered = transport.value()
+        self.assertEqual(
+            json.loads(answered[4:]),
+            {"refused": "the new code refused connection 7", "id": 7},
+        )
+        receiver.dataReceived(_frame(b'{"changes":[],"withdrawn":[]}'))
+        self.assertEqual(transport.value(), answered)
 
     def test_tooLong(self) -> None:
         """

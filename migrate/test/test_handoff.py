@@ -1468,7 +1468,7 @@ class IncomingChannelTests(SynchronousTestCase):
             staged = self.staged[entry["id"]] = FakeStaged(entry, self.restored)
             return staged
 
-        def listenForFreeze(reactor: Any, fd: int, commit: Any) -> Any:
+        def listenForFreeze(reactor: Any, fd: int, commit: Any, part: Any) -> Any:
             self.freezeListened.append(fd)
             return commit
 
@@ -1494,6 +1494,9 @@ class IncomingChannelTests(SynchronousTestCase):
         self.assertEqual(self.freezeListened, [freeze])
         with self.assertRaises(OSError):
             os.fstat(freeze)
+        # The pre-copy froze the heap until every connection is served, or
+        # the hand-off ends without: not all tests go that far.
+        self.addCleanup(self.channel._thawHeap)
         return answer
 
     def test_precopyThenFreeze(self) -> None:
@@ -1512,7 +1515,10 @@ class IncomingChannelTests(SynchronousTestCase):
                 {"id": 3, "listener": "tcp:8000"},
             ]
         )
-        self.assertEqual(answer, {"staged": 3, "refusedCount": 0, "refused": "[]"})
+        self.assertEqual(
+            answer,
+            {"staged": 3, "refusedCount": 0, "refused": "[]", "streamed": True},
+        )
         self.assertEqual(self.restored, [])
         self.assertFalse(self.host.serving)
         change = {"id": 2, "output": ""}
@@ -1545,8 +1551,87 @@ class IncomingChannelTests(SynchronousTestCase):
         nextTurn.cancel()
         call(*args)
         self.assertEqual(self.staged[1].events, ["restore"])
+        # The staged copies are freed, and the heap thaws, as the last of
+        # them is served.
+        self.assertFalse(self.channel._heapThawed.called)
         self.h.reactor.advance(0)
         self.assertEqual(self.staged[1].events, ["restore", "commit"])
+        self.assertEqual(self.channel._spent, [])
+        self.assertTrue(self.channel._heapThawed.called)
+
+    def test_streamedFreeze(self) -> None:
+        """
+        The successor says it takes the freeze in parts.  A part restores
+        the connections it covers (up to its C{upTo}, those that changed
+        first) and serves nothing; the last restores the rest, commits and
+        answers: the changed ones of every part are served at once, the
+        others in the slices after.
+        """
+        answer = self.precopy([{"id": n, "listener": "tcp:8000"} for n in (1, 2, 3, 4)])
+        self.assertIs(answer["streamed"], True)
+        self.channel._freezePart(
+            {
+                "changes": [{"id": 2, "output": ""}],
+                "withdrawn": [],
+                "more": True,
+                "upTo": 2,
+            }
+        )
+        self.assertEqual(self.restored, [2, 1])
+        self.assertFalse(self.host.serving)
+        answer = self.channel._freezeCommit(
+            {"changes": [{"id": 4, "output": ""}], "withdrawn": [3]}, lambda a: None
+        )
+        self.assertEqual(answer, {"pid": os.getpid()})
+        self.assertTrue(self.host.serving)
+        self.assertEqual(self.restored, [2, 1, 4])
+        self.assertEqual(self.staged[3].events, ["abandon"])
+        self.assertEqual(self.staged[2].events, ["update", "restore", "commit"])
+        self.assertEqual(self.staged[4].events, ["update", "restore", "commit"])
+        self.assertEqual(self.staged[1].events, ["restore"])
+
+    def test_streamedFreezeRefused(self) -> None:
+        """
+        A change for a connection an earlier part restored refuses the
+        freeze: every staged connection, restored or not, is abandoned,
+        nothing serves, and the heap thaws.
+        """
+        self.precopy([{"id": n, "listener": "tcp:8000"} for n in (1, 2, 3)])
+        self.channel._freezePart(
+            {"changes": [], "withdrawn": [], "more": True, "upTo": 1}
+        )
+        error = self.assertRaises(
+            HandoffRefused,
+            self.channel._freezeCommit,
+            {"changes": [{"id": 1, "output": ""}], "withdrawn": []},
+            self.fail,
+        )
+        self.assertIn("restored already", str(error))
+        self.assertEqual(
+            [each.events for each in self.staged.values()],
+            [["restore", "abandon"], ["abandon"], ["abandon"]],
+        )
+        self.assertFalse(self.host.serving)
+        self.assertTrue(self.channel._heapThawed.called)
+
+    def test_streamedFreezePartRefused(self) -> None:
+        """
+        A connection the new code refuses in a part refuses the freeze at
+        once, naming it: every staged connection is abandoned.
+        """
+        self.precopy([{"id": n, "listener": "tcp:8000"} for n in (1, 2)])
+        self.staged[2].refuse = "version 9 is unknown"
+        error = self.assertRaises(
+            HandoffRefused,
+            self.channel._freezePart,
+            {"changes": [], "withdrawn": [], "more": True, "upTo": 2},
+        )
+        self.assertEqual(getattr(error, "ident"), 2)
+        self.assertEqual(
+            [each.events for each in self.staged.values()],
+            [["restore", "abandon"], ["abandon"]],
+        )
+        self.assertFalse(self.host.serving)
 
     def test_freezeRefusedRestore(self) -> None:
         """
@@ -1571,6 +1656,7 @@ class IncomingChannelTests(SynchronousTestCase):
         self.assertEqual(self.staged[1].events, ["restore", "abandon"])
         self.assertEqual(self.staged[2].events, ["abandon"])
         self.assertFalse(self.host.serving)
+        self.assertTrue(self.channel._heapThawed.called)
 
     def test_freezeMalformed(self) -> None:
         """
@@ -1638,6 +1724,7 @@ class IncomingChannelTests(SynchronousTestCase):
         )
         self.assertEqual(self.h.stops, [True])
         self.assertFalse(self.host.serving)
+        self.assertTrue(self.channel._heapThawed.called)
 
     def test_plainCommitRefusedWhileStaged(self) -> None:
         """

@@ -23,10 +23,10 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from .._handoff._movement import adoptEntry, describeMovable, freezeMovable
+from .._handoff._polls import afterPolls
 from .._host._tracking import TrackingFactory
 from ..interfaces import IMigratable
 from ..state import StateError
-from ..strategies._reexec._outgoing import afterPolls
 
 
 @implementer(IMigratable)

@@ -18,7 +18,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase
 
 from .._handoff._movement import stageEntry
-from .._handoff._precopy import freezeDelta, precopyMovable
+from .._handoff._precopy import freezeDelta, freezeInParts, precopyMovable
 from ..state import NotAtSafePoint, StateFingerprint, captureProtocolState
 from .test_movement import Counter, FakeHost, Plain, ServedSocketpairs
 
@@ -166,6 +166,38 @@ class PrecopyTests(ServedSocketpairs):
             {"changes": delta.changes, "withdrawn": []},
         )
         writing.transport.startWriting()
+
+    @inlineCallbacks
+    def test_freezeInParts(self) -> Any:
+        """
+        A freeze in parts compares the connections a part at a time, as the
+        parts are asked for: each part but the last says C{"more"} and the
+        manifest number of the last connection it covers, and carries the
+        changes of its own connections; the whole delta gathers them.
+        """
+        served = [self.serve("tcp:1", Counter) for _ in range(5)]
+        for _, client in served:
+            yield self.readLines(client, 1)
+        precopied, _ = self.precopy()
+        active, activeClient = served[2]
+        activeClient.sendall(b"x\n")
+        yield self.readLines(activeClient, 1)
+        delta, parts, last = freezeInParts(precopied, 2)
+        self.assertEqual(delta.moving, [])
+        first = next(parts)
+        self.assertEqual(len(delta.moving), 2)
+        second = next(parts)
+        self.assertRaises(StopIteration, next, parts)
+        final = last()
+        idents = [each.ident for each in precopied]
+        self.assertEqual(
+            (first["more"], first["upTo"], first["changes"]), (True, idents[1], [])
+        )
+        self.assertEqual((second["more"], second["upTo"]), (True, idents[3]))
+        self.assertEqual([change["id"] for change in second["changes"]], [idents[2]])
+        self.assertEqual(final, {"changes": [], "withdrawn": []})
+        self.assertEqual(len(delta.moving), 5)
+        self.assertEqual([change["id"] for change in delta.changes], [idents[2]])
 
     @inlineCallbacks
     def test_withdrawn(self) -> Any:

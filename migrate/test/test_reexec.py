@@ -32,6 +32,7 @@ from zope.interface.verify import verifyObject
 
 from migrate._codec import StateError
 from migrate._handoff._fdpass import readMemfd
+from migrate._handoff._polls import afterPolls
 from migrate._handoff._trial import TrialOutcome
 from migrate._host._metrics import HostMetrics
 from migrate._host._service import HostedListener, MigrationHost
@@ -59,7 +60,6 @@ from migrate.strategies._reexec._incoming import (
 from migrate.strategies._reexec._outgoing import (
     DescriptorMarks,
     ReexecMigration,
-    afterPolls,
     inheritableDescriptors,
 )
 from migrate.strategies._reexec._reports import ReportChannel

@@ -1375,6 +1375,62 @@ class BulkPathTests(SynchronousTestCase):
         self.assertIsNot(copied.state, state.appState)
         self.assertIs(shared.state, state.appState)
 
+    def test_quickRestore(self) -> None:
+        """
+        Restoring without a copy or a check (as a transfer's freeze does)
+        into a C{LineReceiver} that provides L{IMigratable} itself, from a
+        state of its own version: the buffer and mode first, then the
+        application state itself, as the general way does.
+        """
+        old = connected(ChatV1)
+        old.nick = "ann"
+        old.dataReceived(b"half a li")
+        old.setRawMode()
+        state = captureProtocolState(old)
+        new = fresh(ChatV1)
+        restoreProtocolState(new, state, copyState=False, validate=False)
+        self.assertEqual(new.calls, [("restore", state.appState, b"half a li")])
+        self.assertIs(new.calls[0][1], state.appState)
+        self.assertEqual(
+            (new.nick, new._buffer, new.line_mode), ("ann", b"half a li", 0)
+        )
+
+    def test_quickRestoreRefused(self) -> None:
+        """
+        A refusal of C{restoreMigrationState} is a L{RestoreError} naming
+        the class, there too.
+        """
+        state = captureProtocolState(connected(ChatV2))
+        new = fresh(ChatV2)
+        failure = RuntimeError("no nick")
+
+        def restore(state: Any) -> None:
+            raise failure
+
+        new.restoreMigrationState = restore
+        error = self.assertRaises(
+            RestoreError,
+            restoreProtocolState,
+            new,
+            state,
+            copyState=False,
+            validate=False,
+        )
+        self.assertIn(f"{__name__}.ChatV2.restoreMigrationState() failed", str(error))
+        self.assertIs(error.__cause__, failure)
+
+    def test_quickRestoreUpgrades(self) -> None:
+        """
+        A state of another version is upgraded first, as always.
+        """
+        old = connected(ChatV1)
+        old.dataReceived(b"half")
+        state = captureProtocolState(old)
+        new = fresh(ChatV2)
+        restoreProtocolState(new, state, copyState=False, validate=False)
+        self.assertEqual([call[0] for call in new.calls], ["upgrade", "restore"])
+        self.assertEqual((new.nick, new._buffer), ("guest", b"half"))
+
 
 class UnchangedSinceTests(SynchronousTestCase):
     """
@@ -1387,36 +1443,46 @@ class UnchangedSinceTests(SynchronousTestCase):
         self.protocol.dataReceived(b"half a li")
         self.state = captureProtocolState(self.protocol)
 
+    def fingerprintOf(
+        self, state: ProtocolState, protocol: Any = None
+    ) -> StateFingerprint:
+        """
+        The fingerprint of C{state}, taken without saying what protocol it
+        was captured from: every comparison takes the full way.
+        """
+        return StateFingerprint.of(state)
+
     def test_unchanged(self) -> None:
         """
         Nothing changed: the state still describes the protocol.
         """
-        self.assertTrue(unchangedSince(self.protocol, StateFingerprint.of(self.state)))
+        self.assertTrue(unchangedSince(self.protocol, self.fingerprintOf(self.state)))
 
     def test_applicationState(self) -> None:
         """
         A change in the application's state is seen, also deep inside it.
         """
         self.protocol.rooms.append("kitchen")
-        self.assertFalse(unchangedSince(self.protocol, StateFingerprint.of(self.state)))
+        self.assertFalse(unchangedSince(self.protocol, self.fingerprintOf(self.state)))
 
     def test_buffer(self) -> None:
         """
         Bytes received since are seen, as is a change of mode.
         """
         self.protocol.dataReceived(b"ne")
-        self.assertFalse(unchangedSince(self.protocol, StateFingerprint.of(self.state)))
+        self.assertFalse(unchangedSince(self.protocol, self.fingerprintOf(self.state)))
         protocol = connected(ChatV2)
         state = captureProtocolState(protocol)
+        fingerprint = self.fingerprintOf(state, protocol)
         protocol.setRawMode()
-        self.assertFalse(unchangedSince(protocol, StateFingerprint.of(state)))
+        self.assertFalse(unchangedSince(protocol, fingerprint))
 
     def test_version(self) -> None:
         """
         Another C{migrationVersion} means another state.
         """
         self.protocol.migrationVersion = 3
-        self.assertFalse(unchangedSince(self.protocol, StateFingerprint.of(self.state)))
+        self.assertFalse(unchangedSince(self.protocol, self.fingerprintOf(self.state)))
 
     def test_failureIsChange(self) -> None:
         """
@@ -1428,10 +1494,10 @@ class UnchangedSinceTests(SynchronousTestCase):
             raise ValueError("broken")
 
         self.protocol.getMigrationState = broken
-        self.assertFalse(unchangedSince(self.protocol, StateFingerprint.of(self.state)))
+        self.assertFalse(unchangedSince(self.protocol, self.fingerprintOf(self.state)))
         del self.protocol.getMigrationState
         self.protocol.migrationBlocker = lambda: "busy"
-        self.assertFalse(unchangedSince(self.protocol, StateFingerprint.of(self.state)))
+        self.assertFalse(unchangedSince(self.protocol, self.fingerprintOf(self.state)))
 
     def test_otherBuffers(self) -> None:
         """
@@ -1439,7 +1505,7 @@ class UnchangedSinceTests(SynchronousTestCase):
         state.
         """
         state = attrs.evolve(self.state, buffers={})
-        self.assertFalse(unchangedSince(self.protocol, StateFingerprint.of(state)))
+        self.assertFalse(unchangedSince(self.protocol, self.fingerprintOf(state)))
 
     def test_exact(self) -> None:
         """
@@ -1447,7 +1513,7 @@ class UnchangedSinceTests(SynchronousTestCase):
         would receive as another type (C{1} to C{True}) is a change.
         """
         self.protocol.rooms = [1]
-        fingerprint = StateFingerprint.of(captureProtocolState(self.protocol))
+        fingerprint = self.fingerprintOf(captureProtocolState(self.protocol))
         self.protocol.rooms = [True]
         self.assertFalse(unchangedSince(self.protocol, fingerprint))
 
@@ -1456,7 +1522,7 @@ class UnchangedSinceTests(SynchronousTestCase):
         A fingerprint keeps the application state's C{marshal} form, and an
         unchanged state is recognised by it.
         """
-        fingerprint = StateFingerprint.of(self.state)
+        fingerprint = self.fingerprintOf(self.state)
         self.assertIsNotNone(fingerprint.packedAppState)
         self.assertTrue(unchangedSince(self.protocol, fingerprint))
 
@@ -1466,11 +1532,11 @@ class UnchangedSinceTests(SynchronousTestCase):
         integer become a float, or a key order changed, is a change.
         """
         self.protocol.rooms = [1]
-        fingerprint = StateFingerprint.of(captureProtocolState(self.protocol))
+        fingerprint = self.fingerprintOf(captureProtocolState(self.protocol))
         self.protocol.rooms = [1.0]
         self.assertFalse(unchangedSince(self.protocol, fingerprint))
         self.protocol.rooms = {"a": 1, "b": 2}
-        fingerprint = StateFingerprint.of(captureProtocolState(self.protocol))
+        fingerprint = self.fingerprintOf(captureProtocolState(self.protocol))
         self.protocol.rooms = {"b": 2, "a": 1}
         self.assertFalse(unchangedSince(self.protocol, fingerprint))
 
@@ -1481,7 +1547,7 @@ class UnchangedSinceTests(SynchronousTestCase):
         as before there was a C{marshal} form: unchanged.
         """
         self.protocol.rooms = ("lobby", "kitchen")
-        fingerprint = StateFingerprint.of(captureProtocolState(self.protocol))
+        fingerprint = self.fingerprintOf(captureProtocolState(self.protocol))
         self.assertTrue(unchangedSince(self.protocol, fingerprint))
 
     def test_unpackableEncodingDecides(self) -> None:
@@ -1494,10 +1560,10 @@ class UnchangedSinceTests(SynchronousTestCase):
         class Name(str):
             pass
 
-        fingerprint = StateFingerprint.of(self.state)
+        fingerprint = self.fingerprintOf(self.state)
         self.protocol.nick = Name(self.protocol.nick)
         self.assertTrue(unchangedSince(self.protocol, fingerprint))
-        refused = StateFingerprint.of(
+        refused = self.fingerprintOf(
             attrs.evolve(
                 self.state, appState={"nick": Name("guest"), "rooms": ["lobby"]}
             )
@@ -1513,7 +1579,7 @@ class UnchangedSinceTests(SynchronousTestCase):
         A L{basic.LineReceiver} inside C{dataReceived} is a change (its
         buffer is not consistent), as is a buffer that is not C{bytes}.
         """
-        fingerprint = StateFingerprint.of(self.state)
+        fingerprint = self.fingerprintOf(self.state)
         self.protocol._busyReceiving = True
         self.assertFalse(unchangedSince(self.protocol, fingerprint))
         self.protocol._busyReceiving = False
@@ -1530,14 +1596,14 @@ class UnchangedSinceTests(SynchronousTestCase):
             self.state,
             buffers={"LineReceiver": {"buffer": b"half a li", "lineMode": 1}},
         )
-        self.assertTrue(unchangedSince(self.protocol, StateFingerprint.of(state)))
+        self.assertTrue(unchangedSince(self.protocol, self.fingerprintOf(state)))
         state = attrs.evolve(
             self.state,
             buffers={
                 "LineReceiver": {"buffer": b"half a li", "lineMode": True, "x": 1}
             },
         )
-        self.assertFalse(unchangedSince(self.protocol, StateFingerprint.of(state)))
+        self.assertFalse(unchangedSince(self.protocol, self.fingerprintOf(state)))
 
 
 class ClassCacheTests(SynchronousTestCase):
@@ -1581,3 +1647,108 @@ class ClassCacheTests(SynchronousTestCase):
         gc.collect()
         self.assertIn(id(ChatV2), state_._kindsByClass)
         self.assertIs(state_._classesSeen[id(ChatV2)](), ChatV2)
+
+
+class QuickUnchangedSinceTests(UnchangedSinceTests):
+    """
+    The same, with fingerprints that know the protocol they were taken
+    from: a protocol of its class (a C{LineReceiver} that provides
+    L{IMigratable} itself and has no blocker) is compared the quick way,
+    with the same answers.
+    """
+
+    def fingerprintOf(
+        self, state: ProtocolState, protocol: Any = None
+    ) -> StateFingerprint:
+        """
+        The fingerprint of C{state}, taken from C{protocol} (by default
+        the test's protocol).
+        """
+        return StateFingerprint.of(
+            state, self.protocol if protocol is None else protocol
+        )
+
+    def test_quickClass(self) -> None:
+        """
+        The fingerprint knows the class it may compare the quick way, and
+        the buffer taken.
+        """
+        fingerprint = self.fingerprintOf(self.state)
+        self.assertIs(fingerprint.quickClass, ChatV2)
+        self.assertEqual(
+            (fingerprint.lineBuffer, fingerprint.lineMode), (b"half a li", True)
+        )
+
+    def test_notQuick(self) -> None:
+        """
+        A class with a C{migrationBlocker}, or built on another base
+        protocol than C{LineReceiver}, takes the full way.
+        """
+
+        @implementer(IMigratable)
+        class Blocking(ChatV2):
+            def migrationBlocker(self) -> str | None:
+                return None
+
+        @implementer(IMigratable)
+        class Framed(_Strings, basic.Int32StringReceiver):
+            migrationVersion = 1
+
+            def __init__(self) -> None:
+                self.received = []
+
+            def getMigrationState(self) -> Any:
+                return {}
+
+            def restoreMigrationState(self, state: Any) -> None:
+                pass
+
+            def upgradeMigrationState(self, fromVersion: int, state: Any) -> Any:
+                return state
+
+        for protocol in (connected(Blocking), connected(Framed)):
+            fingerprint = self.fingerprintOf(captureProtocolState(protocol), protocol)
+            self.assertIsNone(fingerprint.quickClass)
+            self.assertTrue(unchangedSince(protocol, fingerprint))
+
+    def test_classFreed(self) -> None:
+        """
+        A class compared and restored the quick way is freed when nothing
+        else holds it (its fingerprint included), and the quick way's cache
+        forgets it.
+        """
+
+        @implementer(IMigratable)
+        class Replaced(ChatV1):
+            pass
+
+        protocol = connected(Replaced)
+        state = captureProtocolState(protocol)
+        fingerprint = self.fingerprintOf(state, protocol)
+        self.assertIs(fingerprint.quickClass, Replaced)
+        self.assertTrue(unchangedSince(protocol, fingerprint))
+        restoreProtocolState(fresh(Replaced), state, copyState=False, validate=False)
+        key = id(Replaced)
+        self.assertIn(key, state_._quickKindsByClass)
+        gone = weakref.ref(Replaced)
+        del Replaced, protocol, state, fingerprint
+        gc.collect()
+        self.assertIsNone(gone())
+        self.assertNotIn(key, state_._quickKindsByClass)
+
+    def test_otherClass(self) -> None:
+        """
+        A protocol of another class than the one the fingerprint was taken
+        from is compared the full way.
+        """
+
+        @implementer(IMigratable)
+        class Other(ChatV2):
+            pass
+
+        fingerprint = self.fingerprintOf(self.state)
+        other = connected(Other)
+        other.dataReceived(b"half a li")
+        self.assertTrue(unchangedSince(other, fingerprint))
+        other.nick = "someone"
+        self.assertFalse(unchangedSince(other, fingerprint))

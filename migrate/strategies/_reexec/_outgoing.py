@@ -56,6 +56,7 @@ from ..._handoff._attempt import MigrationAttempt, counted
 from ..._handoff._listeners import listenerDescriptor, pauseListener
 from ..._handoff._movement import describeMovable
 from ..._handoff._movers._endings import closePolitely
+from ..._handoff._polls import afterPolls
 from ..._handoff._safepoint import atSafePoints
 from ..._handoff._successor import flushPythonOutput, successorCommandLine
 from ..._handoff._threadwork import waitForThreadWork
@@ -107,7 +108,6 @@ __all__ = [
     "UNMOVABLE_POLICIES",
     "DescriptorMarks",
     "ReexecMigration",
-    "afterPolls",
     "inheritableDescriptors",
 ]
 
@@ -231,21 +231,6 @@ def _describe(error: BaseException) -> str:
         return str(error)
     text = str(error)
     return "{}: {}".format(type(error).__name__, text) if text else type(error).__name__
-
-
-@inlineCallbacks
-def afterPolls(reactor: Any, polls: int) -> Any:
-    """
-    Wait until the reactor has polled for input and output C{polls} times.
-
-    A call made with C{callLater(0)} may run before the next poll: from a
-    process or I/O event, the reactor runs its due calls first.  Each call
-    made from the previous one runs only after the poll in between.
-
-    @return: a L{Deferred} firing with L{None}.
-    """
-    for _ in range(polls + 1):
-        yield deferLater(reactor, 0, lambda: None)
 
 
 def _execve(path: str, argv: list[str], env: dict[str, str]) -> None:
@@ -811,7 +796,7 @@ class ReexecMigration:
             hosted,
             protocol,
             transport,
-            StateFingerprint.of(state),
+            StateFingerprint.of(state, protocol),
             row,
         )
 

@@ -515,7 +515,7 @@ class ReloadAttempt:
             # (as the pause does), and encoded for the trial without
             # walking it again.
             taken = captureProtocolState(protocol, snapshot=False)
-            fingerprint = StateFingerprint.of(taken)
+            fingerprint = StateFingerprint.of(taken, protocol)
         except Exception:
             return
         state = ProtocolState(

@@ -169,7 +169,10 @@ class PrecopyConnections(amp.Command):
 
     An old successor that does not know this command answers
     C{UNHANDLED}: the old process then hands connections over the way it
-    did before.
+    did before.  A successor that answers C{streamed} takes the freeze's
+    delta in parts (see L{migrate.strategies._transfer._freeze.FreezeReceiver});
+    one that does not (older code) takes the first message for the whole
+    delta, so it is sent one.
     """
 
     arguments = [
@@ -183,6 +186,7 @@ class PrecopyConnections(amp.Command):
         (b"staged", amp.Integer()),
         (b"refusedCount", amp.Integer()),
         (b"refused", amp.Unicode()),
+        (b"streamed", amp.Boolean(optional=True)),
     ]
     errors = {HandoffRefused: b"HANDOFF_REFUSED"}
 

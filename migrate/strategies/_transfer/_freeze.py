@@ -25,7 +25,7 @@ import select
 import socket
 import struct
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -158,12 +158,23 @@ def _sendAll(
         view = view[sent:]
 
 
+def _encodeDelta(delta: Any) -> bytes:
+    # Every state in it was checked as it was captured: encode it without
+    # walking each one again (the clients are waiting).
+    try:
+        payload = encodeCheckedState(delta, maxBytes=MAX_DELTA_BYTES)
+    except StateError as e:
+        raise FreezeFailed("what changed since the pre-copy: {}".format(e))
+    return struct.pack("!I", len(payload)) + payload
+
+
 def commitBlocking(
     sock: socket.socket,
     delta: Any,
     timeout: float,
     outputPipes: Mapping[int, int] | None = None,
     onOutput: Callable[[int, bytes], None] = lambda childFD, data: None,
+    parts: Iterable[Any] = (),
 ) -> dict[str, Any]:
     """
     Send the freeze's delta and wait for the successor's answer, blocking
@@ -171,7 +182,13 @@ def commitBlocking(
     reading the successor's output pipes meanwhile.
 
     @param sock: the old process's end of the freeze socketpair.
-    @param delta: plain data: what changed since the pre-copy.
+    @param delta: plain data: what changed since the pre-copy (the last
+        part, when there are C{parts}); or a callable returning it, called
+        once every part is sent.
+    @param parts: the parts of a streamed freeze before the last (see
+        L{FreezeReceiver}), each sent as soon as the iteration makes it, so
+        that the successor restores the connections of one while this
+        process compares those of the next.
     @param timeout: seconds.
     @param outputPipes: the successor's output pipes to keep reading, by
         its descriptor number (see
@@ -185,17 +202,15 @@ def commitBlocking(
         the channel (it died), did not answer in time, or answered
         something malformed.
     """
-    # Every state in it was checked as it was captured: encode it without
-    # walking each one again (the clients are waiting).
-    try:
-        payload = encodeCheckedState(delta, maxBytes=MAX_DELTA_BYTES)
-    except StateError as e:
-        raise FreezeFailed("what changed since the pre-copy: {}".format(e))
     deadline = time.monotonic() + timeout
     drain = _OutputDrain(outputPipes or {})
     try:
         sock.setblocking(False)
-        _sendAll(sock, struct.pack("!I", len(payload)) + payload, deadline, drain)
+        for part in parts:
+            _sendAll(sock, _encodeDelta(part), deadline, drain)
+        _sendAll(
+            sock, _encodeDelta(delta() if callable(delta) else delta), deadline, drain
+        )
         (size,) = struct.unpack("!I", _receiveExactly(sock, 4, deadline, drain))
         if size > MAX_ANSWER_BYTES:
             raise FreezeFailed("the successor's answer is {} bytes".format(size))
@@ -261,11 +276,18 @@ def lateAnswer(sock: socket.socket) -> dict[str, Any] | None:
 
 class FreezeReceiver(Protocol):
     """
-    The successor's end of the freeze socketpair: reads the one delta (a
-    32-bit length, then that many bytes), hands it to C{commit}, and
-    answers.
+    The successor's end of the freeze socketpair: reads the delta (each
+    message a 32-bit length, then that many bytes), hands it to C{commit},
+    and answers.
 
-    The delta is collected in a list of chunks and joined once, not
+    A streamed freeze sends the delta in parts, in the order the old
+    process compares its connections: each part but the last says
+    C{"more": true} and goes to C{part} (which restores the connections it
+    covers while the old process compares the next ones); the last goes to
+    C{commit}.  Without a C{part} callable, every message is taken for the
+    whole delta.
+
+    Each message is collected in a list of chunks and joined once, not
     appended to one growing string as C{Int32StringReceiver} does: a delta
     carrying megabytes of output a client had not read arrives in hundreds
     of reads, and copying everything received so far at each of them took
@@ -275,14 +297,20 @@ class FreezeReceiver(Protocol):
         calls L{answerNow} once it serves, I{before} it reads any
         connection, or returns the answer (plain data) to send.  An
         exception it raises before answering is answered as a refusal.
+    @ivar part: called with each decoded part before the last, or L{None};
+        an exception it raises is answered as a refusal at once, and what
+        follows is ignored.
     """
 
     MAX_LENGTH = MAX_DELTA_BYTES
 
     def __init__(
-        self, commit: Callable[[Any, Callable[[dict[str, Any]], None]], Any]
+        self,
+        commit: Callable[[Any, Callable[[dict[str, Any]], None]], Any],
+        part: Callable[[Any], None] | None = None,
     ) -> None:
         self.commit = commit
+        self.part = part
         self.answered = False
         self._received = False
         self._chunks: list[bytes] = []
@@ -291,39 +319,53 @@ class FreezeReceiver(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._received:
-            _log.warn("Ignoring a second freeze message")
+            if not self.answered:
+                _log.warn("Ignoring a second freeze message")
             return
         self._chunks.append(data)
         self._have += len(data)
-        if self._length is None:
-            if self._have < 4:
+        while not self._received:
+            if self._length is None:
+                if self._have < 4:
+                    return
+                head = b"".join(self._chunks)
+                (self._length,) = struct.unpack("!I", head[:4])
+                self._chunks = [head[4:]]
+                self._have -= 4
+                if self._length > self.MAX_LENGTH:
+                    self._received = True
+                    self._chunks = []
+                    self.lengthLimitExceeded(self._length)
+                    return
+            if self._have < self._length:
                 return
-            head = b"".join(self._chunks)
-            (self._length,) = struct.unpack("!I", head[:4])
-            self._chunks = [head[4:]]
-            self._have -= 4
-            if self._length > self.MAX_LENGTH:
-                self._received = True
-                self._chunks = []
-                self.lengthLimitExceeded(self._length)
-                return
-        if self._have < self._length:
-            return
-        message = b"".join(self._chunks)
-        self._chunks = []
-        if len(message) > self._length:
+            joined = b"".join(self._chunks)
+            message, rest = joined[: self._length], joined[self._length :]
+            self._chunks = [rest] if rest else []
+            self._have = len(rest)
+            self._length = None
+            self.stringReceived(message)
+        if self._chunks and not self.answered:
             _log.warn("Ignoring what follows the freeze message")
-        self.stringReceived(message[: self._length])
+        self._chunks = []
 
     def stringReceived(self, data: bytes) -> None:
         if self._received:
             _log.warn("Ignoring a second freeze message")
             return
-        self._received = True
         try:
             delta = _loadDelta(data)
+            if (
+                self.part is not None
+                and isinstance(delta, dict)
+                and delta.get("more") is True
+            ):
+                self.part(delta)
+                return
+            self._received = True
             answer = self.commit(delta, self.answerNow)
         except Exception as e:
+            self._received = True
             if self.answered:
                 _log.failure("Serving after the commit failed")
                 return
@@ -357,6 +399,7 @@ def listenForFreeze(
     reactor: Any,
     descriptor: int,
     commit: Callable[[Any, Callable[[dict[str, Any]], None]], Any],
+    part: Callable[[Any], None] | None = None,
 ) -> FreezeReceiver:
     """
     Serve the successor's end of a freeze socketpair.
@@ -365,8 +408,9 @@ def listenForFreeze(
     @param descriptor: the socket's descriptor; the caller closes it (the
         reactor works on a duplicate).
     @param commit: see L{FreezeReceiver}.
+    @param part: see L{FreezeReceiver}.
     """
-    receiver = FreezeReceiver(commit)
+    receiver = FreezeReceiver(commit, part)
     reactor.adoptStreamConnection(
         descriptor, socket.AF_UNIX, Factory.forProtocol(lambda: receiver)
     )

@@ -35,7 +35,13 @@ from ..._handoff._movement import (
     describePeer,
     freezeMovable,
 )
-from ..._handoff._precopy import PrecopiedConnection, freezeDelta, precopyMovable
+from ..._handoff._polls import afterPolls
+from ..._handoff._precopy import (
+    PrecopiedConnection,
+    freezeDelta,
+    freezeInParts,
+    precopyMovable,
+)
 from ..._handoff._safepoint import SafePointWatch
 from ..._handoff._successor import (
     SuccessorProcess,
@@ -75,6 +81,10 @@ _LATER_INTERVAL = 0.005
 _PRECOPY_BATCH = 500
 #: seconds a timed-out freeze waits for its successor to die after SIGKILL
 _KILL_WAIT = 5.0
+#: pre-copied connections compared per part of a streamed freeze: the
+#: successor restores one part (about 5 ms) while this process compares
+#: the next
+_FREEZE_PART = 1000
 
 _log = Logger()
 
@@ -158,6 +168,7 @@ class OutgoingHandoff:
     _moving: list[MovingConnection] = field(factory=list)
     _precopied: list[PrecopiedConnection] = field(factory=list)
     _freezeSocket: socket.socket | None = None
+    _streamedFreeze: bool = False
     _later: list[Unmovable] = field(factory=list)
     _staying: dict[str, int] = field(factory=dict)
     _failed: dict[str, int] = field(factory=dict)
@@ -580,6 +591,7 @@ class OutgoingHandoff:
             freezeTheirs.close()
         self._precopied = precopied
         self._freezeSocket = freezeOurs
+        self._streamedFreeze = answer.get("streamed") is True
         if answer["refusedCount"]:
             raise HandoffFailed(
                 "the new code refused {} of {} (first: {}); the hand-off is "
@@ -642,23 +654,43 @@ class OutgoingHandoff:
         if workInFlight(self.host.reactor) is not None:
             return None
         attempt = self._attempt
-        delta = freezeDelta(self._precopied)
-        attempt.phaseDone("freeze")
+        precopied = self._precopied
+        final: Any
+        if self._streamedFreeze:
+            # The successor restores the connections of one part while this
+            # process compares the next (each part is compared as it is
+            # sent, the last one included).
+            delta, parts, lastPart = freezeInParts(precopied, _FREEZE_PART, freezeDelta)
+
+            def final() -> dict[str, Any]:
+                plain = lastPart()
+                attempt.phaseDone("freeze")
+                return plain
+
+        else:
+            delta = freezeDelta(precopied)
+            attempt.phaseDone("freeze")
+            parts = iter(())
+            final = delta.toPlain()
+
         staying: list[Unmovable] = []
-        for _, why in delta.withdrawn:
-            if why is None:
-                continue
-            if why.later:
-                self._later.append(why)
-            else:
-                staying.append(why)
+
+        def sortWithdrawn() -> None:
+            for _, why in delta.withdrawn:
+                if why is None:
+                    continue
+                if why.later:
+                    self._later.append(why)
+                else:
+                    staying.append(why)
+
         sock = self._freezeSocket
         assert sock is not None
         try:
             successor = self.successor
             answer = commitBlocking(
                 sock,
-                delta.toPlain(),
+                final,
                 self.host.settings.freezeTimeout,
                 outputPipes=None if successor is None else successor.outputPipes(),
                 onOutput=(
@@ -666,8 +698,10 @@ class OutgoingHandoff:
                     if successor is None
                     else successor.deliverOutput
                 ),
+                parts=parts,
             )
         except FreezeFailed as e:
+            sortWithdrawn()
             if e.timedOut:
                 self._stopLateSuccessor(sock)
             self._precopied = []
@@ -682,6 +716,7 @@ class OutgoingHandoff:
         finally:
             sock.close()
             self._freezeSocket = None
+        sortWithdrawn()
         attempt.phaseDone("commit")
         # The successor serves every connection now; if none is left here,
         # what this process still does (letting go of them, exiting) must
@@ -920,6 +955,11 @@ class OutgoingHandoff:
         """
         while self._freezeSocket is not None:
             yield self._threadWorkDone()
+            # Two polls first: one reads the requests that arrived while
+            # the connections not pre-copied were frozen (or the threads
+            # were waited for), the next writes the answers, which would
+            # otherwise wait, queued, through the whole freeze.
+            yield afterPolls(self.host.reactor, 2)
             committed: Deferred[int | None] = Deferred()
             # From a reactor step of its own, outside any read path; a
             # thread that handed the reactor work since makes it wait again.

@@ -420,8 +420,17 @@ class ReloadAttempt:
         try:
             return self._begin()
         except Exception as e:
-            _log.failure("Reload failed unexpectedly")
-            return self.rollBack("internal error: {}".format(describeError(e)))
+            return self._internalError(e)
+
+    def _internalError(self, error: Exception) -> MigrationReport:
+        """
+        A step failed unexpectedly: log it (from its C{except} block) and
+        roll everything back.
+
+        @return: the report of the rollback.
+        """
+        _log.failure("Reload failed unexpectedly")
+        return self.rollBack("internal error: {}".format(describeError(error)))
 
     def connections(self) -> list[tuple[str, Any]]:
         """
@@ -624,8 +633,7 @@ class ReloadAttempt:
             try:
                 early = self._stageAhead()
             except Exception as e:
-                _log.failure("Reload failed unexpectedly")
-                early = self.rollBack("internal error: {}".format(describeError(e)))
+                early = self._internalError(e)
         if early is not None:
             return succeed(early)
         restored = self.restoreAhead(ahead)
@@ -641,8 +649,7 @@ class ReloadAttempt:
             try:
                 early = self._finish()
             except Exception as e:
-                _log.failure("Reload failed unexpectedly")
-                early = self.rollBack("internal error: {}".format(describeError(e)))
+                early = self._internalError(e)
         if early is not None:
             return succeed(early)
         return self._switchAll()
@@ -730,10 +737,7 @@ class ReloadAttempt:
                 done.callback(self.rollBack(str(e)))
                 return
             except Exception as e:
-                _log.failure("Reload failed unexpectedly")
-                done.callback(
-                    self.rollBack("internal error: {}".format(describeError(e)))
-                )
+                done.callback(self._internalError(e))
                 return
             finally:
                 if self.staging is not None:

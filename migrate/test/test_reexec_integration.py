@@ -14,11 +14,13 @@ import textwrap
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from migrate.strategies._reexec._outgoing import _ForkedCaretaker
 
 from ._hostprocess import (
+    HostFailed,
     LiveAppMixin,
     connectLineClient,
     fields,
@@ -164,6 +166,18 @@ class ReexecTests(LiveAppMixin, TestCase):
 
         yield waitFor(serving, timeout=60, what="the caretaker")
         return found[-1]
+
+    def withHostOutput(self, failure: Failure) -> None:
+        """
+        Fail with C{failure}'s message and the end of the host's output
+        (its log, the caretaker's included): what a timeout alone does not
+        say.
+        """
+        raise HostFailed(
+            "{}\n--- the host's output, last 6000 characters ---\n{}".format(
+                failure.getErrorMessage(), self.host.output()[-6000:]
+            )
+        )
 
     @inlineCallbacks
     def threadedUpgrading(self):
@@ -501,7 +515,7 @@ class ReexecTests(LiveAppMixin, TestCase):
             lambda: "caretaker waits up to" in self.host.output(),
             timeout=60,
             what="the caretaker to wait for the thread",
-        )
+        ).addErrback(self.withHostOutput)
         self.host.workdir.child("release").touch()
         lines = yield client.waitForLines(before + 1)
         self.assertEqual(fields(lines[before]), [b"waited", b"%d" % caretaker])

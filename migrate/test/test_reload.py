@@ -128,21 +128,30 @@ def makeFactory():
     return CountingFactory()
 """
 
+
+def _versionTwo(source: str) -> str:
+    """
+    The version 2 of a source derived from L{MIGRATABLE}: the state's
+    field renamed, and its restore writes C{restored N}.
+    """
+    return (
+        source.replace('VERSION = b"v1"', 'VERSION = b"v2"')
+        .replace("migrationVersion = 1", "migrationVersion = 2")
+        .replace('return {"count": self.count}', 'return {"total": self.count}')
+        .replace(
+            'self.count = state["count"]',
+            'self.count = state["total"]\n'
+            '        self.sendLine(b"restored %d" % (self.count,))',
+        )
+        .replace(
+            'raise ValueError("cannot read version %r" % (fromVersion,))',
+            'return {"total": state["count"]} if fromVersion == 1 else state',
+        )
+    )
+
+
 #: version 2 renames the state's field, and says hello when restored
-MIGRATABLE_V2 = (
-    MIGRATABLE.replace('VERSION = b"v1"', 'VERSION = b"v2"')
-    .replace("migrationVersion = 1", "migrationVersion = 2")
-    .replace('return {"count": self.count}', 'return {"total": self.count}')
-    .replace(
-        'self.count = state["count"]',
-        'self.count = state["total"]\n'
-        '        self.sendLine(b"restored %d" % (self.count,))',
-    )
-    .replace(
-        'raise ValueError("cannot read version %r" % (fromVersion,))',
-        'return {"total": state["count"]} if fromVersion == 1 else state',
-    )
-)
+MIGRATABLE_V2 = _versionTwo(MIGRATABLE)
 
 
 class AppDirectory:
@@ -1980,27 +1989,6 @@ class ReloadCopyTests(ModulesUnchangedMixin, SynchronousTestCase):
         self.assertModulesAre(before)
         self.assertEqual(exchange(first, firstTransport, b"c"), b"v1 a,b,c\n")
         self.assertEqual(exchange(second, secondTransport, b"d"), b"v1 refuse,d\n")
-
-
-def _versionTwo(source: str) -> str:
-    """
-    The version 2 of a source derived from L{MIGRATABLE}, as
-    L{MIGRATABLE_V2} is of it: its restore writes C{restored N}.
-    """
-    return (
-        source.replace('VERSION = b"v1"', 'VERSION = b"v2"')
-        .replace("migrationVersion = 1", "migrationVersion = 2")
-        .replace('return {"count": self.count}', 'return {"total": self.count}')
-        .replace(
-            'self.count = state["count"]',
-            'self.count = state["total"]\n'
-            '        self.sendLine(b"restored %d" % (self.count,))',
-        )
-        .replace(
-            'raise ValueError("cannot read version %r" % (fromVersion,))',
-            'return {"total": state["count"]} if fromVersion == 1 else state',
-        )
-    )
 
 
 #: L{MIGRATABLE} whose protocol can abandon a restore (noting its count)

@@ -111,6 +111,17 @@ class Samples:
             if (start is None or sentAt >= start) and (end is None or sentAt < end)
         ]
 
+    def longest(self, start: float, end: float) -> tuple[float, float] | None:
+        """
+        When the slowest request sent in [C{start}, C{end}) was sent, and
+        how long its answer took; L{None} if none was sent then.
+        """
+        found: tuple[float, float] | None = None
+        for sentAt, latency in zip(self.sent, self.latency):
+            if start <= sentAt < end and (found is None or latency > found[1]):
+                found = (sentAt, latency)
+        return found
+
     def bins(self, origin: float, width: float) -> dict[int, list[float]]:
         """
         The latencies grouped by the C{width}-second bin (counted from

@@ -360,6 +360,10 @@ def formatStall(stall: dict[str, Any]) -> list[str]:
                 extra = "; stall minus the re-exec floor {}".format(
                     _ms(row["stall"] - startFloor) if row["stall"] is not None else "-"
                 )
+            if row.get("stallAt") is not None:
+                extra += "; longest wait began {} after the command".format(
+                    _ms(row["stallAt"])
+                )
             phases.append(
                 "  {} phases: {} (command {}){}".format(
                     row["strategy"],

@@ -277,6 +277,7 @@ async def _measureOne(
         "report": {key: report.get(key) for key in REPORT_KEYS},
         "seconds": end - start,
         "stall": max(longest) if longest else None,
+        "stallAt": _sentAfter(samples.longest(start, stop), start),
         "probeAnswers": len(longest),
         "during": summarize(samples.within(start, end)),
         "before": summarize(samples.within(start - settings.before, start)),
@@ -300,6 +301,13 @@ async def _measureOne(
             code, ": " + said[-1].strip() if said else ""
         )
     return result
+
+
+def _sentAfter(longest: tuple[float, float] | None, start: float) -> float | None:
+    """
+    How long after C{start} the slowest request of C{longest} was sent.
+    """
+    return None if longest is None else longest[0] - start
 
 
 def _failed(strategy: str, count: int, error: str) -> dict[str, Any]:

@@ -56,6 +56,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .._host._spawning import spawnProcess
+
 __all__ = [
     "flushPythonOutput",
     "HANDOFF_FD_VARIABLE",
@@ -610,7 +612,8 @@ def spawnSuccessor(
     }
     protocol = _SuccessorProtocol(reactor, tailLines)
     try:
-        transport = reactor.spawnProcess(
+        transport = spawnProcess(
+            reactor,
             protocol,
             argv[0],
             list(argv),

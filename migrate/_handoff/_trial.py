@@ -54,6 +54,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._codec import MAX_DEPTH, MAX_STATE_BYTES, StateError, decodeState, encodeState
+from .._host._spawning import spawnProcess
 
 __all__ = [
     "MAX_RESTARTS",
@@ -432,7 +433,8 @@ def _runOnce(
     environment = dict(env)
     environment[TRIAL_VARIABLE] = "{},{}".format(_CHILD_IN, _CHILD_OUT)
     try:
-        process = reactor.spawnProcess(
+        process = spawnProcess(
+            reactor,
             protocol,
             argv[0],
             list(argv),

@@ -4,12 +4,22 @@ Tests for L{migrate._host._spawning}.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
+import sys
+from typing import Any, Generator
+from unittest import SkipTest
 
 from twisted.internet import process
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.error import ProcessDone
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from .._host._spawning import prepareSpawning
+from .._host._spawning import prepareSpawning, spawnProcess
 
 
 class _CountingDetector(process._FDDetector):
@@ -55,3 +65,304 @@ class PrepareSpawningTests(SynchronousTestCase):
 
         self.assertFalse(prepareSpawning(Broken()))
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+
+_REPORTER = """\
+import json, os, sys
+fds = []
+for fd in range(int(sys.argv[1])):
+    try:
+        os.fstat(fd)
+    except OSError:
+        continue
+    fds.append(fd)
+# Python's locale coercion changes os.environ: read the environment the
+# process was executed with.
+with open("/proc/self/environ", "rb") as environ:
+    entries = [entry.decode() for entry in environ.read().split(bytes(1)) if entry]
+report = dict(
+    fds=fds,
+    stats=dict((fd, list(os.fstat(fd)[1:3])) for fd in fds),
+    cwd=os.getcwd(),
+    argv=sys.argv[1:],
+    env=dict(entry.split("=", 1) for entry in entries),
+    pid=os.getpid(),
+)
+os.write(1, json.dumps(report).encode())
+"""
+
+
+class _Collecting(ProcessProtocol):
+    """
+    Collects a child's standard output and error and says when it ended.
+    """
+
+    def __init__(self) -> None:
+        self.output: dict[int, bytes] = {1: b"", 2: b""}
+        self.reason: Failure | None = None
+        self.ended: Deferred[None] = Deferred()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self.output[childFD] = self.output.get(childFD, b"") + data
+
+    def processEnded(self, reason: Failure) -> None:
+        self.reason = reason
+        self.ended.callback(None)
+
+
+def _twistedSpawn(reactor: Any, *args: Any, **kwargs: Any) -> Any:
+    return reactor.spawnProcess(*args, **kwargs)
+
+
+class _CountingListing:
+    """
+    Stands in for the detector's listing of open descriptors, and counts
+    the listings.
+    """
+
+    def __init__(self, listing: Any) -> None:
+        self.listing = listing
+        self.calls = 0
+
+    def __call__(self) -> Any:
+        self.calls += 1
+        return self.listing()
+
+
+class SpawnProcessTests(TestCase):
+    """
+    L{spawnProcess} starts a real child with exactly the descriptors,
+    environment, directory and signals Twisted's own start gives it,
+    without listing this process's descriptors.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        detector = process.detector
+        prepareSpawning(detector)
+        self.listing = _CountingListing(detector._listOpenFDs)
+        self.patch(detector, "_listOpenFDs", self.listing)
+
+    def _descriptor(self, inheritable: bool) -> int:
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        self.addCleanup(os.close, write)
+        os.set_inheritable(read, inheritable)
+        return read
+
+    @inlineCallbacks
+    def _start(
+        self, executable: str, args: list[str], **kwargs: Any
+    ) -> Generator[Any, Any, tuple[_Collecting, Failure]]:
+        protocol = _Collecting()
+        kwargs.setdefault("env", {"PATH": os.environ.get("PATH", "")})
+        kwargs.setdefault("childFDs", {0: "w", 1: "r", 2: "r"})
+        transport = spawnProcess(self.reactor, protocol, executable, args, **kwargs)
+        self.assertIsNotNone(transport.pid)
+        yield protocol.ended.addTimeout(30, self.reactor)
+        assert protocol.reason is not None
+        return protocol, protocol.reason
+
+    @inlineCallbacks
+    def _report(
+        self, childFDs: dict[int, Any], **kwargs: Any
+    ) -> Generator[Any, Any, dict[str, Any]]:
+        stray = self._descriptor(inheritable=True)
+        top = max([stray, *childFDs]) + 1
+        protocol, reason = yield self._start(
+            sys.executable,
+            [sys.executable, "-c", _REPORTER, str(top)],
+            childFDs=childFDs,
+            **kwargs,
+        )
+        reason.trap(ProcessDone)
+        report: dict[str, Any] = json.loads(protocol.output[1])
+        self.assertNotIn(stray, report["fds"])
+        return report
+
+    @inlineCallbacks
+    def test_onlyTheDescriptorsAskedFor(self) -> Generator[Any, Any, None]:
+        """
+        The child has the descriptors of C{childFDs} at their numbers, and
+        not a descriptor of ours that is inheritable; Twisted's listing of
+        our descriptors is not used.
+        """
+        passed = self._descriptor(inheritable=False)
+        report = yield self._report({0: "w", 1: "r", 2: "r", 4: passed})
+        self.assertEqual(report["fds"], [0, 1, 2, 4])
+        self.assertEqual(report["stats"]["4"], list(os.fstat(passed)[1:3]))
+        self.assertEqual(self.listing.calls, 0)
+
+    @inlineCallbacks
+    def test_sameProcess(self) -> Generator[Any, Any, None]:
+        """
+        The transport's process ID is the command's: the trampoline runs it
+        in place.
+        """
+        protocol = _Collecting()
+        transport = spawnProcess(
+            self.reactor,
+            protocol,
+            sys.executable,
+            [sys.executable, "-c", _REPORTER, "3"],
+            env={},
+            childFDs={0: "w", 1: "r", 2: "r"},
+        )
+        pid = transport.pid
+        yield protocol.ended.addTimeout(30, self.reactor)
+        assert protocol.reason is not None
+        protocol.reason.trap(ProcessDone)
+        self.assertEqual(json.loads(protocol.output[1])["pid"], pid)
+
+    @inlineCallbacks
+    def test_environmentDirectoryArguments(self) -> Generator[Any, Any, None]:
+        """
+        The child gets the environment as given (no C{LC_CTYPE} added by the
+        trampoline's locale coercion), runs in C{path} and gets the
+        command line whole.
+        """
+        directory = self.mktemp()
+        os.mkdir(directory)
+        report = yield self._report(
+            {0: "w", 1: "r", 2: "r"}, env={"LANG": "C", "A": "b"}, path=directory
+        )
+        self.assertEqual(report["env"], {"LANG": "C", "A": "b"})
+        self.assertEqual(report["cwd"], os.path.abspath(directory))
+        self.assertEqual(report["argv"][1:], [])
+
+    @inlineCallbacks
+    def test_givenLocaleKept(self) -> Generator[Any, Any, None]:
+        """
+        An C{LC_CTYPE} of C{C} in the environment reaches the child as it
+        was, though Python coerces it in the trampoline.
+        """
+        report = yield self._report({0: "w", 1: "r", 2: "r"}, env={"LC_CTYPE": "C"})
+        self.assertEqual(report["env"], {"LC_CTYPE": "C"})
+
+    @inlineCallbacks
+    def test_signalsAsTwistedLeavesThem(self) -> Generator[Any, Any, None]:
+        """
+        The child ignores the signals a child started by Twisted ignores,
+        and not C{SIGPIPE} or C{SIGXFSZ}, which the trampoline's Python
+        ignores.
+        """
+        cat = shutil.which("cat")
+        if cat is None:
+            raise SkipTest("no cat")
+        ignored = []
+        for start in [spawnProcess, _twistedSpawn]:
+            protocol = _Collecting()
+            start(
+                self.reactor,
+                protocol,
+                cat,
+                ["cat", "/proc/self/status"],
+                env={},
+                childFDs={0: "w", 1: "r", 2: "r"},
+            )
+            yield protocol.ended.addTimeout(30, self.reactor)
+            assert protocol.reason is not None
+            protocol.reason.trap(ProcessDone)
+            [mask] = [
+                line.split()[1]
+                for line in protocol.output[1].decode().splitlines()
+                if line.startswith("SigIgn:")
+            ]
+            ignored.append(int(mask, 16))
+        self.assertEqual(ignored[0], ignored[1])
+        for number in [signal.SIGPIPE, signal.SIGXFSZ]:
+            self.assertFalse(ignored[0] & (1 << (number - 1)))
+
+    @inlineCallbacks
+    def test_lookedUpInPath(self) -> Generator[Any, Any, None]:
+        """
+        An executable without a slash is looked up in this process's
+        C{PATH}.
+        """
+        if shutil.which("true") is None:
+            raise SkipTest("no true")
+        protocol, reason = yield self._start("true", ["true"], env={})
+        reason.trap(ProcessDone)
+
+    def test_missingExecutable(self) -> None:
+        """
+        A command that does not exist raises L{FileNotFoundError} and starts
+        nothing; one that is not executable raises L{PermissionError}.
+        """
+        spawned: list[object] = []
+        self.patch(self.reactor, "spawnProcess", lambda *a, **k: spawned.append(a))
+        notExecutable = self.mktemp()
+        with open(notExecutable, "w"):
+            pass
+        for executable, error in [
+            (self.mktemp(), FileNotFoundError),
+            ("no-such-command-for-migrate", FileNotFoundError),
+            (notExecutable, PermissionError),
+            (os.path.dirname(sys.executable), PermissionError),
+        ]:
+            self.assertRaises(
+                error,
+                spawnProcess,
+                self.reactor,
+                ProcessProtocol(),
+                executable,
+                [executable],
+                env={},
+                childFDs={0: "w", 1: "r", 2: "r"},
+            )
+        self.assertEqual(spawned, [])
+
+    def test_otherReactorAsked(self) -> None:
+        """
+        A reactor that is not one of Twisted's POSIX reactors is asked to
+        spawn the command itself.
+        """
+        asked: list[tuple[Any, ...]] = []
+
+        class Fake:
+            def spawnProcess(self, *args: Any, **kwargs: Any) -> str:
+                asked.append((args, kwargs))
+                return "transport"
+
+        protocol = ProcessProtocol()
+        self.assertEqual(
+            spawnProcess(
+                Fake(), protocol, "prog", ["prog", "x"], env={"A": "b"}, childFDs={0: 0}
+            ),
+            "transport",
+        )
+        self.assertEqual(
+            asked,
+            [
+                (
+                    (protocol, "prog", ["prog", "x"]),
+                    dict(env={"A": "b"}, path=None, childFDs={0: 0}),
+                )
+            ],
+        )
+
+    def test_listingRestored(self) -> None:
+        """
+        Twisted's listing is back in place after a start, and after a start
+        that failed.
+        """
+        detector = process.detector
+
+        def failing(*args: Any, **kwargs: Any) -> None:
+            self.assertIsNot(detector._listOpenFDs, self.listing)
+            raise OSError("cannot")
+
+        self.patch(self.reactor, "spawnProcess", failing)
+        self.assertRaises(
+            OSError,
+            spawnProcess,
+            self.reactor,
+            ProcessProtocol(),
+            sys.executable,
+            [sys.executable],
+            env={},
+            childFDs={0: "w"},
+        )
+        self.assertIs(detector._listOpenFDs, self.listing)

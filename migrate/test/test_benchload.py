@@ -86,6 +86,18 @@ class StatisticsTests(SynchronousTestCase):
         self.assertEqual(samples.within(None, None), [0.1, 0.2, 0.3])
         self.assertEqual(samples.within(2.5, None), [0.3])
 
+    def test_samplesLongest(self) -> None:
+        """
+        L{Samples.longest} is when the slowest request sent in the window
+        was sent, and its latency; L{None} for an empty window.
+        """
+        samples = Samples()
+        for sent, latency in [(1.0, 0.5), (2.0, 0.2), (3.0, 0.3), (4.0, 0.9)]:
+            samples.add(sent, latency)
+        self.assertEqual(samples.longest(1.5, 4.0), (3.0, 0.3))
+        self.assertEqual(samples.longest(0.0, 5.0), (4.0, 0.9))
+        self.assertIsNone(samples.longest(5.0, 6.0))
+
     def test_bins(self) -> None:
         """
         L{latencyBins} groups answers by when they arrived.

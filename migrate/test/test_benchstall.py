@@ -129,6 +129,7 @@ def _row(strategy: str, count: int, stall: float) -> dict[str, Any]:
         },
         "seconds": stall * 2,
         "stall": stall,
+        "stallAt": stall * 1.5,
         "probeAnswers": 100,
         "during": summary,
         "before": normal,
@@ -191,7 +192,8 @@ class StallOutputTests(SynchronousTestCase):
         One table per count: each strategy's longest stall, its ratio to
         the floor, the idle connections answering afterwards and with their
         state, which process answered, and the phases; re-exec's stall
-        minus the new image's start; a failure as a FAILED line.
+        minus the new image's start; when the longest wait began; a failure
+        as a FAILED line.
         """
         text = "\n".join(formatStall(_stall()))
         self.assertIn("== stall: 1,000 idle connections + 5 probes", text)
@@ -222,7 +224,11 @@ class StallOutputTests(SynchronousTestCase):
             ],
         )
         self.assertIn("same pid 1000", text)
-        self.assertIn("capability phases: connections 200 ms, commit 10.0 ms", text)
+        self.assertIn(
+            "capability phases: connections 200 ms, commit 10.0 ms (command 500 ms)"
+            "; longest wait began 375 ms after the command",
+            text,
+        )
         self.assertIn("stall minus the re-exec floor 150 ms", text)
         self.assertIn("== stall: 10,000 idle connections", text)
         self.assertIn("capability  FAILED: HostFailed: gone", text)

@@ -26,7 +26,12 @@ from ..interfaces import IMigrationHost, IMigrationStrategy
 from ._draining import ANSWER_GRACE_SECONDS, DrainTracker
 from ._heap import heapFrozenUntil
 from ._metrics import HostMetrics
-from ._pidfile import removePidfileNaming, writePidfile
+from ._pidfile import (
+    PreparedPidfile,
+    preparePidfile,
+    removePidfileNaming,
+    writePidfile,
+)
 from ._platform import checkPlatform
 from ._settings import HostSettings
 from ._spawning import prepareSpawning
@@ -292,6 +297,7 @@ class MigrationHost(MultiService):
         self._migration: Deferred[Any] | None = None
         self._abortMigration: Callable[[str], None] | None = None
         self._previousHangup: Any = None
+        self._pidfileAhead: PreparedPidfile | None = None
         self.pid = os.getpid()
         #: this process's part in keeping the process a supervisor started
         #: (L{migrate._host._keeping}), if any
@@ -372,6 +378,7 @@ class MigrationHost(MultiService):
                 "Generation successor {pid} starting: inheriting the service",
                 pid=self.pid,
             )
+            self._preparePidfile()
             d = maybeDeferred(self.inheritWith.inherit, self, self.inheritance)
             d.addErrback(self._inheritFailed)
 
@@ -648,6 +655,25 @@ class MigrationHost(MultiService):
         self.metricsPort = port
         self.metrics.carry(carried)
 
+    def _preparePidfile(self) -> None:
+        """
+        Write and flush the pidfile this successor will put in place when
+        it commits, so that the commit, while every client waits, only
+        names it (see L{migrate._host._pidfile}).  Should it fail, the
+        commit writes it, and fails if it still cannot.
+        """
+        if not self.settings.pidfile:
+            return
+        try:
+            self._pidfileAhead = preparePidfile(self.settings.pidfile, self.pid)
+        except OSError as e:
+            self._log.warn(
+                "Cannot write the pidfile {path} ahead ({error}); the commit "
+                "will try again",
+                path=self.settings.pidfile,
+                error=e,
+            )
+
     def commitInheritance(self, generation: int) -> None:
         """
         Serve: the previous generation has handed everything on.
@@ -656,8 +682,17 @@ class MigrationHost(MultiService):
         """
         # First what can fail (a full disk, no room to grow a file): should
         # it, nothing serves yet and the old process keeps everything.
+        ahead, self._pidfileAhead = self._pidfileAhead, None
         if self.settings.pidfile:
-            writePidfile(self.settings.pidfile, self.pid)
+            if ahead is not None and (ahead.path, ahead.pid) == (
+                self.settings.pidfile,
+                self.pid,
+            ):
+                ahead.install()
+            else:
+                writePidfile(self.settings.pidfile, self.pid)
+        if ahead is not None:
+            ahead.discard()
         self.generation = generation
         for key, listener in list(self.listeners.items()):
             if listener.port is not None and listener.factory.unclaimed:
@@ -699,6 +734,9 @@ class MigrationHost(MultiService):
         self._log.error(
             "Successor {pid} gives up: {reason}", pid=self.pid, reason=reason
         )
+        if self._pidfileAhead is not None:
+            self._pidfileAhead.discard()
+            self._pidfileAhead = None
         self.handingOn = True
         self._releaseSockets()
         for listener in self.listeners.values():

@@ -6,6 +6,7 @@ L{migrate.testing.FakeStrategy} and the strategies that ship with migrate.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -1111,6 +1112,55 @@ class InheritanceTests(SynchronousTestCase):
         self.assertEqual(h.host.statusSnapshot()["generation"], 5)
         h.host.requestUpgrade(None, ignore)
         self.assertEqual(len(h.strategy.migrations), 1)
+
+    def test_pidfileWrittenAhead(self) -> None:
+        """
+        A successor writes its pidfile's content as it starts, and the
+        commit only puts it in place: it does not write it then.
+        """
+        pidfile = os.path.abspath(self.mktemp())
+        h = self.inheriting(pidfile=pidfile)
+        self.assertFalse(os.path.exists(pidfile))
+
+        def notNow(path: str, pid: int) -> None:
+            self.fail("the pidfile was written at the commit")
+
+        self.patch(_host, "writePidfile", notNow)
+        h.host.commitInheritance(2)
+        with open(pidfile, "rb") as f:
+            self.assertEqual(f.read(), b"%d\n" % (os.getpid(),))
+
+    def test_pidfileAheadFails(self) -> None:
+        """
+        A pidfile that cannot be written ahead is logged; the commit writes
+        it.
+        """
+        pidfile = os.path.abspath(self.mktemp())
+
+        def full(path: str, pid: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(_host, "preparePidfile", full)
+        h = self.inheriting(pidfile=pidfile)
+        h.host.commitInheritance(2)
+        with open(pidfile, "rb") as f:
+            self.assertEqual(f.read(), b"%d\n" % (os.getpid(),))
+
+    def test_abandonLeavesPidfile(self) -> None:
+        """
+        A successor that gives up leaves the pidfile as it was.
+        """
+        pidfile = os.path.abspath(self.mktemp())
+        with open(pidfile, "wb") as f:
+            f.write(b"1\n")
+        h = self.inheriting(pidfile=pidfile)
+        h.host.abandonInheritance("the old process went away")
+        with open(pidfile, "rb") as f:
+            self.assertEqual(f.read(), b"1\n")
+        self.assertEqual(
+            os.listdir(os.path.dirname(pidfile)),
+            [os.path.basename(pidfile)],
+        )
 
     def test_commitWithoutPidfile(self) -> None:
         """

@@ -2453,3 +2453,24 @@ class ReloadThreadWorkTests(ModulesUnchangedMixin, SynchronousTestCase):
             "--safe-point-timeout",
         )
         self.assertModulesAre(live.before)
+        hosted, transport = live.connections[0]
+        self.assertEqual(exchange(hosted, transport, b"y"), b"v1 y 2\n")
+
+    def test_pauseGoesOnWithoutRebuilds(self) -> None:
+        """
+        The pause's own look rolls nothing back when no connection is
+        rebuilt: an object upgraded in place receives its answer.
+        """
+        live = self.live(PLAIN)
+        attempt = ReloadAttempt(
+            live.host, live.progress.append, live.fingerprints, "reload"
+        )
+        self.assertIsNone(attempt.begin())
+        self.successResultOf(attempt.copyStates())
+        finish = self.owe(live)
+        report = self.successResultOf(attempt._pause())
+        self.assertEqual(report.outcome.value, "success")
+        hosted, transport = live.connections[0]
+        finish(b"answer")
+        live.reactor.advance(0)
+        self.assertEqual(transport.value(), b"answer\n")

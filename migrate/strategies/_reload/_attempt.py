@@ -679,8 +679,8 @@ class ReloadAttempt:
         deliver every answer its threads owe the old protocol objects
         (L{_threadWorkOwed}), waiting at most C{--safe-point-timeout}
         seconds, as capability transfer does before it freezes; then
-        L{_pause}, in the reactor step of the last look, which checks
-        again.  Work still in flight at the bound rolls the reload back:
+        L{_pause}, in the reactor step of the last look, which looks
+        again as it begins.  Work still in flight at the bound rolls the reload back:
         the answers then reach their clients from the old code.
         """
         work = self._threadWorkOwed()
@@ -989,14 +989,13 @@ class ReloadAttempt:
     def _finish(self) -> MigrationReport | None:
         assert self._plan is not None
         app, names, entry, attribute, spec = self._plan
-        # Checked as the pause begins, before any code runs in it (the new
-        # code may start thread work of its own there: its objects receive
-        # those answers).  L{_pauseOnceThreadsDone} waited for this in
-        # this very step; should work be in flight all the same, no old
-        # object may be replaced now.
-        work = self._threadWorkOwed()
-        if work is not None:
-            return self.rollBack(self._threadsOwed("as the pause began", work))
+        # Looked at as the pause begins, before any code runs in it (the
+        # new code may start thread work of its own there, whose answers
+        # its objects receive); L{_pauseOnceThreadsDone} waited for it in
+        # this very step.  Should the old code's be in flight all the same,
+        # no old object may be replaced: decided once the connections the
+        # pause rebuilds are known, without looking at each one again.
+        owed = workInFlight(self.host.reactor)
         ahead = self.staging is not None
         if ahead:
             # Imported, and its factory built, ahead of the pause.
@@ -1010,6 +1009,8 @@ class ReloadAttempt:
         staged = self.staging.staged
         try:
             self._prepareConnections(staged)
+            if owed is not None and self.rebuilt:
+                raise _Refused(self._threadsOwed("as the pause began", owed))
             self._startFactory()
         except _Refused as e:
             return self.rollBack(str(e))

@@ -98,8 +98,12 @@ def workInFlight(reactor: Any) -> ThreadWork | None:
 
     @return: the work in flight, or L{None} when there is none.
     """
-    queued = len(getattr(reactor, "threadCallQueue", ()) or ())
+    # The pool first, the queue last: a worker of Twisted's pool queues its
+    # answer (callFromThread) before it stops counting as busy, so a job
+    # ending between the two looks is seen by the second; the other way
+    # round, it would be seen by neither.
     working = workingThreads(reactor)
+    queued = len(getattr(reactor, "threadCallQueue", ()) or ())
     if queued or working:
         return ThreadWork(queued, working)
     return None

@@ -31,6 +31,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from .. import tap
+from .._handoff._threadwork import THREAD_WORK_POLL
 from .._handoff._trial import TrialOutcome
 from .._host._metrics import HostMetrics
 from .._host._service import MigrationHost
@@ -51,7 +52,7 @@ from ..strategies._reload._modules import (
     modulesToReload,
 )
 from ..strategies.reload import NoIncomingHalf
-from ._fakes import HostReactor, RecordingPort
+from ._fakes import HostReactor, RecordingPort, ThreadedFakeReactor
 from .test_host import MigrationStrategyContractMixin
 
 _serial = itertools.count()
@@ -238,6 +239,7 @@ class Live:
         extra: dict[str, str] | None = None,
         trial: Any = None,
         sliceSizes: tuple[int, int] | None = None,
+        reactor: Any = None,
     ) -> None:
         """
         @param source: the application module's source (C{PREFIX} stands
@@ -246,6 +248,8 @@ class Live:
             (in a package) rather than C{PREFIX}.
         @param extra: other modules to write first, by name (C{PREFIX}
             expanded).
+        @param reactor: the host's reactor; by default a memory reactor
+            with no threads.
         """
         self.testCase = testCase
         self.app = AppDirectory(testCase)
@@ -262,7 +266,7 @@ class Live:
             )
         factory = importlib.import_module(self.module).makeFactory()
         self.host = MigrationHost(
-            _NoReactor(),
+            _NoReactor() if reactor is None else reactor,
             factory,
             listen,
             self.strategy,
@@ -2217,3 +2221,256 @@ class RestoreAheadTests(ModulesUnchangedMixin, SynchronousTestCase):
             self.assertFalse(hosted.finishNow())
             transport.clear()
             self.assertEqual(exchange(hosted, transport, b"z"), b"v1 z %d\n" % (n + 1))
+
+
+class ReloadThreadWorkTests(ModulesUnchangedMixin, SynchronousTestCase):
+    """
+    An answer a thread owes the reactor (C{deferToThread}, C{callFromThread})
+    while a migratable connection is live would reach its I{old} protocol
+    object after the pause, once the new object (restored from the state
+    taken before) serves the connection: lost.  A reload waits for such
+    work before the pause, while the old code serves, at most
+    C{--safe-point-timeout} seconds (3 by default), and rolls back rather
+    than pause with work in flight.
+    """
+
+    def live(self, source: str, count: int = 1) -> Any:
+        """
+        A host on a reactor with threads, with C{count} connections of
+        C{source}, the C{n}th having said C{n} lines, and the version 2 of
+        C{source} written.
+        """
+        live: Any = Live(self, source, reactor=ThreadedFakeReactor())
+        live.reactor = live.host.reactor
+        live.connections = [live.connect() for _ in range(count)]
+        for n, (hosted, transport) in enumerate(live.connections):
+            for _ in range(n + 1):
+                exchange(hosted, transport, b"x")
+            transport.clear()
+        live.before = snapshotModules()
+        live.change(_versionTwo(source))
+        return live
+
+    def owe(self, live: Any, index: int = 0) -> Any:
+        """
+        Start a thread job whose answer the C{index}th connection's
+        protocol object (as it is now) counts, and writes, when the
+        reactor gets it, as a C{deferToThread} callback would.
+
+        @return: the callable ending the job with an answer.
+        """
+        hosted, _ = live.connections[index]
+        protocol = hosted.wrappedProtocol
+
+        def answered(answer: bytes) -> None:
+            protocol.count += 1
+            protocol.sendLine(answer)
+
+        return live.reactor.startJob("answer", answered)
+
+    def waitOut(self, live: Any, d: Any, seconds: float) -> None:
+        """
+        Let the reactor's clock run to just before C{seconds}, with C{d}
+        still waiting, then to C{seconds}.
+        """
+        live.reactor.advance(seconds - THREAD_WORK_POLL)
+        self.assertNoResult(d)
+        live.reactor.advance(THREAD_WORK_POLL)
+
+    def test_answerDeliveredBeforeThePause(self) -> None:
+        """
+        The reload waits, saying so, while the old code serves; the
+        answer reaches the client from the old object, and the new object
+        is restored from the state that includes it.
+        """
+        live = self.live(MIGRATABLE)
+        finish = self.owe(live)
+        hosted, transport = live.connections[0]
+        old = hosted.wrappedProtocol
+        d = live.host.requestUpgrade(None, live.progress.append)
+        self.assertNoResult(d)
+        self.assertIn(
+            "waiting up to 3 s for 1 job of the reactor's thread pool "
+            "(deferToThread) running to finish before the pause",
+            live.progress,
+        )
+        # Nothing imported yet, and the old code serves.
+        self.assertModulesAre(live.before)
+        self.assertEqual(exchange(hosted, transport, b"y"), b"v1 y 2\n")
+        live.reactor.advance(1)
+        self.assertNoResult(d)
+        transport.clear()
+        finish(b"answer")
+        live.reactor.advance(THREAD_WORK_POLL)
+        report = self.successResultOf(d)
+        self.assertEqual((report["outcome"], report["moved"]), ("success", 1))
+        self.assertEqual(transport.value(), b"answer\nrestored 3\n")
+        self.assertIsNot(hosted.wrappedProtocol, old)
+        self.assertEqual(exchange(hosted, transport, b"z"), b"v2 z 4\n")
+        self.assertTrue(
+            any(
+                "the threads' work finished after 1.0" in step for step in live.progress
+            ),
+            live.progress,
+        )
+
+    def test_answerTooSlowRollsBack(self) -> None:
+        """
+        Work still in flight at C{--safe-point-timeout} rolls the reload
+        back, naming it; the answer, when it comes, reaches the client from
+        the old code, which serves on.
+        """
+        live = self.live(MIGRATABLE)
+        finish = self.owe(live)
+        hosted, transport = live.connections[0]
+        d = live.host.requestUpgrade(None, live.progress.append)
+        self.waitOut(live, d, 3.0)
+        report = self.successResultOf(d)
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertEqual(
+            report["reason"],
+            "threads still owed answers after 3 s (1 job of the reactor's "
+            "thread pool (deferToThread) running), which would reach the old "
+            "protocol objects after the new code took their connections: try "
+            "again once they are done, or raise --safe-point-timeout",
+        )
+        self.assertModulesAre(live.before)
+        self.assertEqual(live.host.generation, 1)
+        finish(b"late")
+        live.reactor.advance(0)
+        self.assertEqual(transport.value(), b"late\n")
+        self.assertEqual(exchange(hosted, transport, b"y"), b"v1 y 3\n")
+
+    def test_inPlaceDoesNotWait(self) -> None:
+        """
+        Protocols upgraded in place keep their object and its transport:
+        an answer on its way reaches the client all the same, so the reload
+        does not wait for it.
+        """
+        live = self.live(PLAIN)
+        finish = self.owe(live)
+        hosted, transport = live.connections[0]
+        old = hosted.wrappedProtocol
+        report = live.upgrade()
+        self.assertEqual((report["outcome"], report["moved"]), ("success", 1))
+        self.assertFalse(any("waiting" in step for step in live.progress))
+        finish(b"answer")
+        live.reactor.advance(0)
+        self.assertIs(hosted.wrappedProtocol, old)
+        self.assertEqual(transport.value(), b"answer\n")
+        self.assertEqual(exchange(hosted, transport, b"y"), b"v2 y 3\n")
+
+    def test_callFromThreadWaitedFor(self) -> None:
+        """
+        A call another thread queued for the reactor (C{callFromThread})
+        is delivered before the pause too.
+        """
+        live = self.live(MIGRATABLE)
+        hosted, transport = live.connections[0]
+        protocol = hosted.wrappedProtocol
+        live.reactor.callFromThread(protocol.lineReceived, b"queued")
+        d = live.host.requestUpgrade(None, live.progress.append)
+        self.assertNoResult(d)
+        live.reactor.advance(THREAD_WORK_POLL)
+        report = self.successResultOf(d)
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual(transport.value(), b"v1 queued 2\nrestored 2\n")
+
+    def test_restoredAheadThenAnswered(self) -> None:
+        """
+        With restores ahead of the pause, the wait comes after them, right
+        before the pause: an answer that changes a connection meanwhile has
+        its object restored ahead abandoned, and the connection restored
+        again in the pause from its state with the answer.
+        """
+        live = self.live(ABANDONING, count=2)
+        finish = self.owe(live, 1)
+        d = live.host.requestUpgrade(None, live.progress.append)
+        # The restores ahead, then the start of the wait.
+        runOne(live.reactor)
+        runOne(live.reactor)
+        self.assertNoResult(d)
+        self.assertTrue(any("before the pause" in step for step in live.progress))
+        self.assertModulesAre(live.before)
+        finish(b"answer")
+        live.reactor.advance(THREAD_WORK_POLL)
+        report = self.successResultOf(d)
+        self.assertEqual((report["outcome"], report["moved"]), ("success", 2))
+        self.assertEqual(sys.modules[live.module].ABANDONED, [2])
+        hosted, transport = live.connections[1]
+        self.assertEqual(transport.value(), b"answer\nrestored 3\n")
+        self.assertEqual(exchange(hosted, transport, b"z"), b"v2 z 4\n")
+        first, firstTransport = live.connections[0]
+        self.assertEqual(firstTransport.value(), b"restored 1\n")
+
+    def test_restoredAheadRolledBack(self) -> None:
+        """
+        A rollback for work still in flight after restores ahead drops the
+        new code and every object restored ahead: each connection stays
+        on its old object, and the answer reaches it there.
+        """
+        live = self.live(ABANDONING, count=2)
+        finish = self.owe(live, 0)
+        d = live.host.requestUpgrade(None, live.progress.append)
+        runOne(live.reactor)
+        runOne(live.reactor)
+        self.waitOut(live, d, 3.0)
+        report = self.successResultOf(d)
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertIn("threads still owed answers after 3 s", report["reason"])
+        self.assertModulesAre(live.before)
+        finish(b"late")
+        live.reactor.advance(0)
+        self.assertEqual(live.connections[0][1].value(), b"late\n")
+        for hosted, transport in live.connections:
+            # Nothing left for its next event: the object restored ahead is
+            # let go of.
+            self.assertFalse(hosted.finishNow())
+            self.assertEqual(exchange(hosted, transport, b"y"), b"v1 y 3\n")
+        self.assertEqual(sys.modules[live.module].ABANDONED, [])
+
+    def test_pauseChecksAgain(self) -> None:
+        """
+        The pause itself, as it begins, refuses to replace a protocol
+        object while thread work is in flight (the wait before it, in the
+        same reactor step, rules that out; this is the last guard).
+        """
+        live = self.live(MIGRATABLE)
+        attempt = ReloadAttempt(
+            live.host, live.progress.append, live.fingerprints, "reload"
+        )
+        self.assertIsNone(attempt.begin())
+        self.successResultOf(attempt.copyStates())
+        self.owe(live)
+        report = self.successResultOf(attempt._pause())
+        self.assertEqual(report.outcome.value, "rolled-back")
+        self.assertEqual(
+            report.reason,
+            "threads still owed answers as the pause began (1 job of the "
+            "reactor's thread pool (deferToThread) running), which would reach "
+            "the old protocol objects after the new code took their "
+            "connections: try again once they are done, or raise "
+            "--safe-point-timeout",
+        )
+        self.assertModulesAre(live.before)
+        hosted, transport = live.connections[0]
+        self.assertEqual(exchange(hosted, transport, b"y"), b"v1 y 2\n")
+
+    def test_pauseGoesOnWithoutRebuilds(self) -> None:
+        """
+        The pause's own look rolls nothing back when no connection is
+        rebuilt: an object upgraded in place receives its answer.
+        """
+        live = self.live(PLAIN)
+        attempt = ReloadAttempt(
+            live.host, live.progress.append, live.fingerprints, "reload"
+        )
+        self.assertIsNone(attempt.begin())
+        self.successResultOf(attempt.copyStates())
+        finish = self.owe(live)
+        report = self.successResultOf(attempt._pause())
+        self.assertEqual(report.outcome.value, "success")
+        hosted, transport = live.connections[0]
+        finish(b"answer")
+        live.reactor.advance(0)
+        self.assertEqual(transport.value(), b"answer\n")

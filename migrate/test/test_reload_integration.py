@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
@@ -20,7 +21,7 @@ from ._hostprocess import (
     waitFor,
     writeModule,
 )
-from .test_capability_integration import MIGRATABLE_V1, MIGRATABLE_V2
+from .test_capability_integration import MIGRATABLE_V1, MIGRATABLE_V2, THREADED_V1
 from .test_gradual_integration import APP_V1
 
 
@@ -237,3 +238,89 @@ class ModuleReloadTests(LiveAppMixin, TestCase):
         alice.sendLine(b"still here")
         lines = yield bob.waitForLines(before + 1)
         self.assertEqual(lines[-1], b"<alice> still here")
+
+
+class ReloadThreadWorkTests(LiveAppMixin, TestCase):
+    """
+    A migratable connection whose answer a thread computes
+    (C{deferToThread}) looks idle, but its old protocol object owes the
+    client that answer: module reload waits for it before the pause, and
+    rolls back rather than have it written by an object already replaced
+    (into nowhere).
+    """
+
+    timeout = 120
+    strategy = "reload"
+    initialApp = THREADED_V1
+
+    @inlineCallbacks
+    def threadAnswering(self) -> Any:
+        """
+        Connect a client and ask for a slow answer; fire with the client
+        once the thread computes it.
+        """
+        [client] = yield self.connectClients(1)
+        yield self.exchange(client, b"before")
+        client.sendLine(b"slow")
+        started = self.host.workdir.child("thread.started")
+        yield waitFor(
+            lambda: started.exists() and started.getContent(),
+            what="the thread to compute the answer",
+        )
+        return client
+
+    @inlineCallbacks
+    def test_answerArrivesBeforeThePause(self):
+        """
+        The reload waits, saying so, until the old protocol object has
+        written the thread's answer; then the connection is rebuilt by the
+        new code, which answers the next line with the state carried over.
+        The client gets each answer exactly once.
+        """
+        status = yield self.startHost()
+        pid = str(status["pid"]).encode()
+        client = yield self.threadAnswering()
+        writeModule(self.host.workdir, "liveapp", MIGRATABLE_V2)
+        upgrade = self.host.upgrade()
+        yield waitFor(
+            lambda: upgrade.called
+            or "waiting for threads before the pause" in self.host.output(),
+            what="the reload to wait for the thread",
+        )
+        self.assertEqual(len(client.lines), 2)
+        self.host.workdir.child("thread.go").touch()
+        code, report, err = yield upgrade
+        self.assertEqual((code, report["outcome"]), (0, "success"), err)
+        self.assertEqual(report["moved"], 1)
+        # Written by the old object before the pause (it would otherwise be
+        # written into nowhere, once the connection is the new object's).
+        lines = yield client.waitForLines(3, timeout=10)
+        self.assertEqual(fields(lines[2]), [b"v1", pid, b"slow"])
+        self.assertIn("before the pause", err)
+        reply = yield self.exchange(client, b"after")
+        self.assertEqual(reply, [b"v2", pid, b"after", b"2"])
+        self.assertEqual(len(client.lines), 4)
+        self.assertFalse(client.closed.called)
+
+    @inlineCallbacks
+    def test_answerTooSlowRollsBack(self):
+        """
+        A thread still computing at C{--safe-point-timeout} rolls the
+        reload back: the old code serves on, and the answer, when it
+        comes, reaches the client.
+        """
+        status = yield self.startHost("--safe-point-timeout", "0.5")
+        pid = str(status["pid"]).encode()
+        client = yield self.threadAnswering()
+        writeModule(self.host.workdir, "liveapp", MIGRATABLE_V2)
+        code, report, err = yield self.host.upgrade()
+        self.assertNotEqual(code, 0)
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertIn("threads still owed answers after 0.5 s", report["reason"])
+        self.host.workdir.child("thread.go").touch()
+        lines = yield client.waitForLines(3)
+        self.assertEqual(fields(lines[2]), [b"v1", pid, b"slow"])
+        reply = yield self.exchange(client, b"after")
+        self.assertEqual(reply, [b"v1", pid, b"after", b"2"])
+        status = yield self.host.status()
+        self.assertEqual(status["generation"], 1)

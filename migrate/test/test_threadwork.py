@@ -20,6 +20,42 @@ from .._handoff._threadwork import (
 from ._fakes import ThreadedFakeReactor
 
 
+class _EndsWhenLookedAt:
+    """
+    A reactor whose one thread job ends, its answer queued, right after
+    the first look at either the pool's busy workers or the queue of calls
+    from threads: as a worker thread may, between two looks of the
+    reactor's thread.
+
+    @ivar looks: what was looked at, in order.
+    """
+
+    def __init__(self) -> None:
+        self.looks: list[str] = []
+        self._working = ["job"]
+        self._queued: list[Any] = []
+        reactor = self
+
+        class Pool:
+            @property
+            def working(self) -> list[str]:
+                return reactor._look("working", reactor._working)
+
+        self.threadpool = Pool()
+
+    @property
+    def threadCallQueue(self) -> list[Any]:
+        return self._look("threadCallQueue", self._queued)
+
+    def _look(self, name: str, seen: list[Any]) -> list[Any]:
+        self.looks.append(name)
+        snapshot = list(seen)
+        if self._working:
+            self._queued.append("answer")
+            del self._working[:]
+        return snapshot
+
+
 class WorkInFlightTests(SynchronousTestCase):
     """
     L{workInFlight} and L{workingThreads} count the calls queued from
@@ -68,6 +104,17 @@ class WorkInFlightTests(SynchronousTestCase):
             threadpool = pool
 
         self.assertEqual(workingThreads(Reactor()), 1)
+
+    def test_jobEndingBetweenTheLooks(self) -> None:
+        """
+        A job that ends between the look at the pool and the look at the
+        reactor's queue is still seen: a worker of Twisted's pool queues
+        its answer (C{callFromThread}) before it stops counting as busy, so
+        the pool is looked at first, the queue last.
+        """
+        reactor = _EndsWhenLookedAt()
+        self.assertEqual(workInFlight(reactor), ThreadWork(queued=1, working=1))
+        self.assertEqual(reactor.looks, ["working", "threadCallQueue"])
 
 
 class WaitForThreadWorkTests(SynchronousTestCase):

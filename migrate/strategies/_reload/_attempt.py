@@ -33,6 +33,13 @@ if that comes first (L{HostedProtocol.finishBeforeNextEvent
 <migrate._host._tracking.HostedProtocol.finishBeforeNextEvent>}); the
 report is made once every connection is switched.
 
+Right before the pause, while the old code serves, the reload lets the
+answers the reactor's threads owe (C{deferToThread}, C{callFromThread})
+land, as capability transfer does before its freeze
+(L{migrate._handoff._threadwork}): their callbacks are bound to the old
+protocol objects, which the pause replaces
+(L{ReloadAttempt._pauseOnceThreadsDone}).
+
 An application that registers each connection in shared state in
 C{restoreMigrationState} (a chat room) must know every connection before
 the new code serves any, so every restore happens before the commit.  By
@@ -79,10 +86,12 @@ from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ..._handoff._attempt import MigrationAttempt, counted
 from ..._handoff._movement import describePeer
 from ..._handoff._movers._registry import movers
+from ..._handoff._threadwork import ThreadWork, waitForThreadWork, workInFlight
 from ..._handoff._trial import _MAX_LINE as MAX_CASE_LINE
 from ..._handoff._trial import TrialCase, TrialOutcome
 from ..._handoff._trial import _peerOf as peerOf
@@ -628,7 +637,7 @@ class ReloadAttempt:
             if can:
                 ahead.append(record)
         if not ahead:
-            return self._pause()
+            return self._pauseOnceThreadsDone()
         with collectionsPaused():
             try:
                 early = self._stageAhead()
@@ -638,7 +647,89 @@ class ReloadAttempt:
             return succeed(early)
         restored = self.restoreAhead(ahead)
         return restored.addCallback(
-            lambda early: self._pause() if early is None else early
+            lambda early: self._pauseOnceThreadsDone() if early is None else early
+        )
+
+    def _threadWorkOwed(self) -> ThreadWork | None:
+        """
+        What the reactor's threads still owe it, if anything, when it
+        matters: while a connection the pause would rebuild is live.  Such
+        an answer (a C{deferToThread} job's, a call queued with
+        C{callFromThread}) would reach the I{old} protocol object after
+        the pause: the new object, restored from the state taken before,
+        would never know of it, and what the old one writes once replaced
+        goes nowhere.  A protocol upgraded in place keeps its object and
+        its transport: its answers reach the client as before.
+        """
+        work = workInFlight(self.host.reactor)
+        if work is None:
+            return None
+        migratable = IMigratable.providedBy
+        for listener in self.host.listeners.values():
+            for hosted in listener.factory.connections:
+                if hosted.pending or hosted.released:
+                    continue
+                if migratable(hosted.wrappedProtocol):
+                    return work
+        return None
+
+    def _pauseOnceThreadsDone(self) -> Deferred[MigrationReport]:
+        """
+        Before the pause, while the old code serves: let the reactor
+        deliver every answer its threads owe the old protocol objects
+        (L{_threadWorkOwed}), waiting at most C{--safe-point-timeout}
+        seconds, as capability transfer does before it freezes; then
+        L{_pause}, in the reactor step of the last look, which looks
+        again as it begins.  Work still in flight at the bound rolls the reload back:
+        the answers then reach their clients from the old code.
+        """
+        work = self._threadWorkOwed()
+        if work is None:
+            return self._pause()
+        reactor = self.host.reactor
+        bound = float(self.host.settings.safePointTimeout)
+        started = reactor.seconds()
+        self.step(
+            "waiting up to {:g} s for {} to finish before the pause".format(
+                bound, work.describe()
+            )
+        )
+        _log.info(
+            "Reload: waiting for threads before the pause: {work}",
+            work=work.describe(),
+        )
+        waited: Deferred[Any] = waitForThreadWork(reactor, started + bound)
+
+        def lookedAgain(left: ThreadWork | None) -> Any:
+            if left is not None:
+                return self.rollBack(
+                    self._threadsOwed("after {:g} s".format(bound), left)
+                )
+            self.step(
+                "the threads' work finished after {:.3f} s".format(
+                    reactor.seconds() - started
+                )
+            )
+            return self._pause()
+
+        def failed(failure: Failure) -> MigrationReport:
+            # The wait itself failed (the pause did not begin): roll back.
+            _log.failure("Reload failed unexpectedly", failure=failure)
+            return self.rollBack("internal error: {}".format(failure.getErrorMessage()))
+
+        return waited.addCallbacks(lookedAgain, failed)
+
+    @staticmethod
+    def _threadsOwed(when: str, work: ThreadWork) -> str:
+        """
+        Why a reload rolls back for thread work in flight C{when}.
+        """
+        return (
+            "threads still owed answers {} ({}), which would reach the old "
+            "protocol objects after the new code took their connections: try "
+            "again once they are done, or raise --safe-point-timeout".format(
+                when, work.describe()
+            )
         )
 
     def _pause(self) -> Deferred[MigrationReport]:
@@ -898,6 +989,13 @@ class ReloadAttempt:
     def _finish(self) -> MigrationReport | None:
         assert self._plan is not None
         app, names, entry, attribute, spec = self._plan
+        # Looked at as the pause begins, before any code runs in it (the
+        # new code may start thread work of its own there, whose answers
+        # its objects receive); L{_pauseOnceThreadsDone} waited for it in
+        # this very step.  Should the old code's be in flight all the same,
+        # no old object may be replaced: decided once the connections the
+        # pause rebuilds are known, without looking at each one again.
+        owed = workInFlight(self.host.reactor)
         ahead = self.staging is not None
         if ahead:
             # Imported, and its factory built, ahead of the pause.
@@ -911,6 +1009,8 @@ class ReloadAttempt:
         staged = self.staging.staged
         try:
             self._prepareConnections(staged)
+            if owed is not None and self.rebuilt:
+                raise _Refused(self._threadsOwed("as the pause began", owed))
             self._startFactory()
         except _Refused as e:
             return self.rollBack(str(e))

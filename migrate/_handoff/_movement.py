@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import socket
+import sys
 from typing import Any, Iterable, Iterator
 
 from attrs import define
@@ -136,6 +137,27 @@ def describeFailure(error: BaseException) -> str:
     return "{}: {}".format(type(error).__name__, text) if text else type(error).__name__
 
 
+def whyNotMigratable(protocol: Any) -> str:
+    """
+    Why a connection whose protocol does not provide L{IMigratable} stays,
+    in words an operator can act on.
+
+    TLS inside the application (its factory wraps its protocol with
+    Twisted's C{TLSMemoryBIOProtocol}, to offer ALPN, say) is named as
+    such: a TLS session's keys live in OpenSSL and cannot move.
+    """
+    # Twisted's TLS needs pyOpenSSL, which the core does not: no instance
+    # exists unless its module was imported.
+    tls = sys.modules.get("twisted.protocols.tls")
+    if tls is not None and isinstance(protocol, tls.TLSMemoryBIOProtocol):
+        inner = getattr(protocol, "wrappedProtocol", None)
+        return (
+            "TLS in the application ({} over TLSMemoryBIOProtocol): a TLS "
+            "session cannot move".format(type(inner).__name__)
+        )
+    return "{} does not provide IMigratable".format(type(protocol).__name__)
+
+
 def movableCandidates(
     connections: Iterable[tuple[Any, HostedProtocol]], staying: list[Unmovable]
 ) -> Iterator[tuple[str, HostedProtocol, Any, Any]]:
@@ -153,13 +175,7 @@ def movableCandidates(
         if not isinstance(transport, Connection) or getattr(transport, "TLS", False):
             staying.append(Unmovable(key, hosted, "not a plain stream socket"))
         elif not isMigratable(protocol):
-            staying.append(
-                Unmovable(
-                    key,
-                    hosted,
-                    "{} does not provide IMigratable".format(type(protocol).__name__),
-                )
-            )
+            staying.append(Unmovable(key, hosted, whyNotMigratable(protocol)))
         else:
             yield key, hosted, protocol, transport
 

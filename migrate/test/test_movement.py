@@ -12,6 +12,7 @@ import base64
 import os
 import socket
 from typing import Any
+from unittest import SkipTest
 
 from attrs import define, field
 from twisted.internet import reactor
@@ -19,10 +20,15 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.protocols.basic import LineReceiver
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from .._handoff._movement import adoptEntry, describeMovable, freezeMovable
+from .._handoff._movement import (
+    adoptEntry,
+    describeMovable,
+    freezeMovable,
+    whyNotMigratable,
+)
 from .._handoff._polls import afterPolls
 from .._host._tracking import TrackingFactory
 from ..interfaces import IMigratable
@@ -318,3 +324,39 @@ class MovementTests(ServedSocketpairs):
             self.assertIn(expected, str(raised.exception))
             self.assertRaises(OSError, os.fstat, descriptor)
         each.resume()
+
+
+class WhyNotMigratableTests(SynchronousTestCase):
+    """
+    L{whyNotMigratable} says why a connection stays in words an operator
+    can act on.
+    """
+
+    def test_plain(self) -> None:
+        """
+        A protocol that does not provide L{IMigratable} is named.
+        """
+        self.assertEqual(
+            whyNotMigratable(Plain()), "Plain does not provide IMigratable"
+        )
+
+    def test_tlsInTheApplication(self) -> None:
+        """
+        TLS inside the application is named as such, with the protocol it
+        wraps.
+        """
+        try:
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+        except ImportError:
+            raise SkipTest("no pyOpenSSL")
+        from twisted.internet.ssl import CertificateOptions
+
+        factory = TLSMemoryBIOFactory(
+            CertificateOptions(), False, Factory.forProtocol(Plain)
+        )
+        protocol = factory.buildProtocol(None)
+        self.assertEqual(
+            whyNotMigratable(protocol),
+            "TLS in the application (Plain over TLSMemoryBIOProtocol): a TLS "
+            "session cannot move",
+        )

@@ -54,7 +54,7 @@ from twisted.logger import Logger
 
 from ..._handoff._attempt import MigrationAttempt, counted
 from ..._handoff._listeners import listenerDescriptor, pauseListener
-from ..._handoff._movement import describeMovable
+from ..._handoff._movement import describeMovable, whyNotMigratable
 from ..._handoff._movers._endings import closePolitely
 from ..._handoff._polls import afterPolls
 from ..._handoff._safepoint import atSafePoints
@@ -884,15 +884,7 @@ class ReexecMigration:
             elif not plain:
                 plan.closing.append((listener.key, hosted, "not a plain stream socket"))
             else:
-                plan.closing.append(
-                    (
-                        listener.key,
-                        hosted,
-                        "{} does not provide IMigratable".format(
-                            type(protocol).__name__
-                        ),
-                    )
-                )
+                plan.closing.append((listener.key, hosted, whyNotMigratable(protocol)))
         return plan
 
     @inlineCallbacks

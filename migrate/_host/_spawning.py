@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import stat
 import sys
@@ -46,6 +47,9 @@ from twisted.logger import Logger
 __all__ = ["prepareSpawning", "spawnProcess"]
 
 _log = Logger()
+
+#: what an interpreter that takes Python's command-line options is called
+_INTERPRETER_NAME = re.compile(r"(python|pypy)[0-9.]*\Z")
 
 # Runs as C{python -I -S -c _TRAMPOLINE KEEP DIRECTORY CTYPE EXECUTABLE
 # ARGS...}.  Written for every Python 3 the host may find on disk after an
@@ -166,7 +170,8 @@ def _trampolineInterpreter(reactor: Any) -> str | None:
     """
     The Python to run the trampoline with, or L{None} when C{reactor} does
     not start processes through Twisted's POSIX process support or this
-    process's Python cannot be run again.
+    process's executable is not a Python interpreter that can be run
+    again (Twisted's own start is used then).
     """
     if not sys.platform.startswith("linux"):
         return None
@@ -177,7 +182,14 @@ def _trampolineInterpreter(reactor: Any) -> str | None:
     if not isinstance(reactor, PosixReactorBase):
         return None
     interpreter = sys.executable
-    if not interpreter or not os.access(interpreter, os.X_OK):
+    if (
+        not interpreter
+        or getattr(sys, "frozen", False)
+        or _INTERPRETER_NAME.match(os.path.basename(interpreter)) is None
+        or not os.access(interpreter, os.X_OK)
+    ):
+        # A frozen application's or an embedding program's executable
+        # (uWSGI's, say) would not take Python's options.
         return None
     return interpreter
 

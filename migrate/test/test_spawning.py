@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import sys
+from types import SimpleNamespace
 from typing import Any, Generator
 from unittest import SkipTest
 
@@ -342,6 +343,46 @@ class SpawnProcessTests(TestCase):
                 )
             ],
         )
+
+    def test_notAnInterpreter(self) -> None:
+        """
+        When this process's executable is not a Python interpreter (a
+        frozen application, a program embedding Python) or cannot be run,
+        Twisted starts the command itself.
+        """
+        from .._host import _spawning
+
+        asked: list[Any] = []
+
+        def spawn(*args: Any, **kwargs: Any) -> str:
+            asked.append(args)
+            return "started"
+
+        self.patch(self.reactor, "spawnProcess", spawn)
+        for executable, frozen in [
+            ("/usr/bin/uwsgi", False),
+            (sys.executable, True),
+            ("", False),
+            (os.path.join(self.mktemp(), "python3"), False),
+        ]:
+            self.patch(
+                _spawning,
+                "sys",
+                SimpleNamespace(
+                    platform=sys.platform, executable=executable, frozen=frozen
+                ),
+            )
+            del asked[:]
+            spawnProcess(
+                self.reactor,
+                ProcessProtocol(),
+                "/bin/true",
+                ["true"],
+                env={},
+                childFDs={0: "w"},
+            )
+            [(protocol, executable_, args)] = asked
+            self.assertEqual((executable_, args), ("/bin/true", ["true"]))
 
     def test_listingRestored(self) -> None:
         """

@@ -135,8 +135,15 @@ def _loadBlock(
         )
     )
     out.append(
-        "  longest client stall: {}{}".format(
+        "  longest client stall: {}{}{}".format(
             _ms(result["stall"]),
+            (
+                ", sent {} after the upgrade command began".format(
+                    _ms(result["stallAt"])
+                )
+                if result.get("stallAt") is not None
+                else ""
+            ),
             " (among answers; {} connections were lost)".format(lost) if lost else "",
         )
     )

@@ -146,6 +146,15 @@ def _stall(load: LoadGenerator) -> float | None:
     return max(latencies) if len(latencies) else None
 
 
+def _stallAt(load: LoadGenerator, start: float) -> float | None:
+    """
+    When the slowest request was sent, counted from C{start} (the upgrade
+    command), negative if before it.
+    """
+    longest = load.samples.longest(float("-inf"), float("inf"))
+    return None if longest is None else longest[0] - start
+
+
 async def _startLoad(
     reactor: Any,
     host: BenchHost,
@@ -239,6 +248,7 @@ async def migrateUnderLoad(
             },
             "load": load.outcomes(),
             "stall": _stall(load),
+            "stallAt": _stallAt(load, start),
             "phases": _phases(load, start, end, stop, measured),
             "rss": {"old": rssOld, "new": rssNew, "oldAfter": rssOldAfter},
             "cpu": cpu,

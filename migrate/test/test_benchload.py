@@ -569,6 +569,7 @@ class OutputTests(SynchronousTestCase):
                         },
                     },
                     "stall": stall,
+                    "stallAt": 1.25,
                     "phases": {"before": phase, "during": phase, "after": phase},
                     "rss": {"old": 30e6, "new": 31e6},
                     "cpu": {"host": 31e-6, "generator": 24.56e-6, "answered": 9},
@@ -579,11 +580,16 @@ class OutputTests(SynchronousTestCase):
 
     def test_format(self) -> None:
         """
-        The report names the strategy, the stall and the ratio to the floor.
+        The report names the strategy, the stall, when its request was sent
+        and the ratio to the floor.
         """
         text = formatResults(self.results(0.25))
         self.assertIn("strategy capability: success", text)
-        self.assertIn("longest client stall: 250 ms", text)
+        self.assertIn(
+            "longest client stall: 250 ms, sent 1250 ms after the upgrade command "
+            "began",
+            text,
+        )
         self.assertIn("60.0x", text)
         self.assertIn(
             "CPU per request answered before: host 31.0 us, load generator 24.6 us",

@@ -433,7 +433,8 @@ class StagedConnection:
     def abandonAhead(self) -> None:
         """
         Let go of the protocol restored ahead of the freeze, which will
-        never serve: what it wrote is dropped, it is told
+        never serve: what it wrote is dropped (and a producer it registered
+        on the connection unregistered), it is told
         C{abandonMigrationState()} (undoing what its restore registered
         outside the object, cancelling its timers), and it is left with a
         transport that goes nowhere.  A fresh protocol of the new code is
@@ -449,6 +450,10 @@ class StagedConnection:
         stale = self.protocol
         # What it wrote (and any close it asked for) never leaves.
         self.hosted.hold()
+        # The connection was adopted with no producer: one registered since
+        # was registered by that restore (or its timers), for it.
+        if getattr(self.transport, "producer", None) is not None:
+            self.transport.unregisterProducer()
         try:
             stale.abandonMigrationState()
         finally:

@@ -78,8 +78,23 @@ class AbandoningCounter(Counter):
 
     abandoned: list["AbandoningCounter"] = []
 
+    def restoreMigrationState(self, state: Any) -> None:
+        Counter.restoreMigrationState(self, state)
+        # As a protocol that streams to its client would.
+        transport: Any = self.transport
+        transport.registerProducer(self, True)
+
     def abandonMigrationState(self) -> None:
         AbandoningCounter.abandoned.append(self)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
 class Plain(Protocol):
@@ -322,6 +337,7 @@ class MovementTests(ServedSocketpairs):
         self.assertFalse(staged.restoredAhead)
         self.assertEqual(AbandoningCounter.abandoned, [stale])
         self.assertIsInstance(stale.transport, DetachedTransport)
+        self.assertIsNone(staged.transport.producer)
         stale.sendLine(b"from the stale object")
         staged.rebuild()
         fresh = staged.protocol
@@ -329,6 +345,7 @@ class MovementTests(ServedSocketpairs):
         self.assertIs(staged.hosted.wrappedProtocol, fresh)
         adopted = staged.restore()
         self.assertEqual(fresh.count, 5)
+        self.assertIs(staged.transport.producer, fresh)
         adopted.commit()
         client.sendall(b"x\n")
         lines = yield self.readLines(client, 2)

@@ -2005,6 +2005,35 @@ class IncomingChannelTests(SynchronousTestCase):
         self.assertEqual(self.h.stops, [True])
         self.failureResultOf(answer)
 
+    def test_freezeBeforeRestoresAheadDone(self) -> None:
+        """
+        A freeze that begins before the restores ahead are done (no old
+        process sends it before the pre-copy's answer) stops them: it
+        restores the rest itself, each connection once.
+        """
+        self.patch(_incoming, "_AHEAD_SLICE", 2)
+        turns: list[Deferred[None]] = []
+
+        def deferLater(reactor: Any, delay: float, f: Any) -> Deferred[None]:
+            turn: Deferred[None] = Deferred()
+            turns.append(turn)
+            return turn
+
+        self.patch(_incoming, "deferLater", deferLater)
+        self.startPrecopy(
+            [{"id": n, "listener": "tcp:8000", "abandons": True} for n in (1, 2, 3)]
+        )
+        self.channel._freezePart(
+            {"changes": [], "withdrawn": [], "more": True, "upTo": 3}
+        )
+        turns.pop().callback(None)
+        self.channel._freezeCommit({"changes": [], "withdrawn": []}, lambda a: None)
+        self.h.reactor.advance(0)
+        self.assertEqual(
+            [each.events for each in self.staged.values()],
+            [["restore ahead", "commit"]] * 2 + [["restore", "commit"]],
+        )
+
     def test_plainCommitRefusedWhileStaged(self) -> None:
         """
         Connections staged by a pre-copy are committed by the freeze only:

@@ -389,6 +389,10 @@ class IncomingChannel(amp.AMP):
             if start:
                 # The successor's reactor runs between two slices.
                 yield deferLater(reactor, 0, lambda: None)
+            if self._order is not None or self.committed:
+                # The freeze began before the answer (no old process sends
+                # it so): it restores the rest itself.
+                break
             with collectionsPaused():
                 for each in ahead[start : start + _AHEAD_SLICE]:
                     if staged.get(each.ident) is not each:
@@ -624,13 +628,14 @@ class IncomingChannel(amp.AMP):
         # served anyone: they go a slice at a time with the served ones.
         self._spent, self._order = self._order or [], []
         answer = self._commitNow(beforeServing=answerNow)
+        kept = self._aheadCount - self._aheadAbandoned
         self._log.info(
             "Restored {count} connections at the freeze ({changed} changed since "
-            "the pre-copy; {ahead} restored ahead, of which {abandoned} abandoned) "
-            "and committed in {ms:.1f} ms",
-            count=len(first) + len(rest),
+            "the pre-copy) and took {kept} restored ahead of it ({abandoned} "
+            "objects restored ahead abandoned); committed in {ms:.1f} ms",
+            count=len(first) + len(rest) - kept,
             changed=len(first),
-            ahead=self._aheadCount,
+            kept=kept,
             abandoned=self._aheadAbandoned,
             ms=(time.monotonic() - started) * 1000,
         )

@@ -607,6 +607,72 @@ class PrecopyIntegrationTests(LiveAppMixin, TestCase):
         self.assertEqual(len(quiet.lines), 1 + 1 + 1)
 
     @inlineCallbacks
+    def test_successorDiesRestoringAhead(self):
+        """
+        A successor that dies while it restores connections ahead of the
+        freeze costs nothing: the hand-off rolls back, and the old process,
+        which never stopped serving them, goes on with every connection and
+        its state.
+        """
+        status = yield self.startHost()
+        oldPid = str(status["pid"]).encode()
+        clients = yield self.connectClients(2)
+        yield self.exchange(clients[0], b"x")
+        waiting = self.host.workdir.child("ahead.waiting")
+        writeModule(self.host.workdir, "liveapp", AHEAD_V2)
+        upgrade = self.host.upgrade()
+        yield waitFor(
+            lambda: waiting.exists() and waiting.getContent(),
+            what="the successor to wait in its first restore ahead",
+        )
+        os.kill(int(waiting.getContent()), signal.SIGKILL)
+        code, report, err = yield upgrade
+        self.assertNotEqual(code, 0)
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertEqual((report["moved"], report["failed"]), (0, 0))
+        for index, client in enumerate(clients):
+            reply = yield self.exchange(client, b"after")
+            self.assertEqual(reply, [b"v1", oldPid, b"after", b"%d" % (2 - index,)])
+            self.assertFalse(client.closed.called)
+
+    @inlineCallbacks
+    def test_refusedAheadRollsBack(self):
+        """
+        A restore ahead of the freeze that the new code refuses refuses the
+        whole hand-off, naming the connection: every connection stays
+        served by the old code with its state.
+        """
+        status = yield self.startHost()
+        oldPid = str(status["pid"]).encode()
+        clients = yield self.connectClients(3)
+        yield self.exchange(clients[1], b"poison")
+        self.host.workdir.child("ahead.go").touch()
+        writeModule(
+            self.host.workdir,
+            "liveapp",
+            AHEAD_V2.replace(
+                'self.count = state["total"]',
+                'self.count = state["total"]\n'
+                '        if self.count == 1: raise RuntimeError("state refused")',
+            ),
+        )
+        code, report, err = yield self.host.upgrade()
+        self.assertNotEqual(code, 0)
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertIn("state refused", report["reason"])
+        self.assertIn(
+            "the new code refused 1 of 3 connections (first: connection from",
+            report["reason"],
+        )
+        self.assertEqual((report["moved"], report["failed"]), (0, 0))
+        for index, client in enumerate(clients):
+            reply = yield self.exchange(client, b"ok")
+            self.assertEqual(
+                reply, [b"v1", oldPid, b"ok", b"2" if index == 1 else b"1"]
+            )
+            self.assertFalse(client.closed.called)
+
+    @inlineCallbacks
     def test_successorLogsALotAtTheFreeze(self):
         """
         New code that writes more at the freeze than a pipe holds (here:

@@ -49,8 +49,11 @@ class IMigratable(Interface):
     module reload then restores its connections into the new code's
     protocol objects I{ahead of} its pause, while the old code still
     serves, and its pause only checks that each connection's state did not
-    change since.  Where one did change (or the connection closed), the
-    object restored ahead will never serve: it is told
+    change since; capability transfer's successor likewise restores them
+    during the pre-copy, and its freeze restores again only those whose
+    state changed since (the new code's class decides there).  Where one
+    did change (or the connection closed, or stays with the old process),
+    the object restored ahead will never serve: it is told
     C{abandonMigrationState()} instead of C{connectionLost}, what it wrote
     to its transport is dropped, and a fresh object is restored in its
     place.  C{abandonMigrationState} undoes, silently, what
@@ -58,8 +61,9 @@ class IMigratable(Interface):
     the room it joined, telling no one) and cancels the timers it started;
     what C{restoreMigrationState} wrote to I{other} connections cannot be
     taken back, so a protocol that defines it must not do that.  If it
-    raises, the reload rolls back.  Without it, every restore happens in
-    the pause, as before.
+    raises, the reload rolls back, and the hand-off fails (the old process
+    keeps every connection).  Without it, every restore happens in the
+    pause or the freeze, as before.
     """
 
     migrationVersion = Attribute("""

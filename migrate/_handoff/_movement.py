@@ -31,6 +31,7 @@ from ..state import (
     restoreProtocolState,
 )
 from ._transport import (
+    DetachedTransport,
     FrozenConnection,
     abandonConnection,
     adoptConnection,
@@ -372,6 +373,17 @@ class StagedConnection:
     protocol: Any
     state: ProtocolState
     pendingOutput: bytes = b""
+    #: whether C{protocol} was restored ahead of the freeze (see
+    #: L{restoreAhead}) and not abandoned since
+    restoredAhead: bool = False
+
+    def canRestoreAhead(self) -> bool:
+        """
+        Whether the new code's protocol can abandon a restore (its class
+        defines C{abandonMigrationState}, see L{migrate.IMigratable}): only
+        then may it be restored ahead of the freeze.
+        """
+        return callable(getattr(type(self.protocol), "abandonMigrationState", None))
 
     def update(self, entry: Any) -> None:
         """
@@ -413,10 +425,100 @@ class StagedConnection:
         restoreProtocolState(self.protocol, self.state, copyState=False, validate=False)
         return AdoptedConnection(self.hosted, self.transport, self.pendingOutput)
 
+    def restoreAhead(self) -> None:
+        """
+        Restore the protocol now, from the state pre-copied, ahead of the
+        freeze: what it writes is held, nothing reaches it, and nothing is
+        served.  At the freeze, L{held} serves it as it is, if its
+        connection did not change since; or L{abandonAhead} lets go of it
+        and a fresh protocol is restored from the new state.
+
+        @raise Exception: why the new code refused the state; the
+            connection must then be abandoned (L{abandonAhead} first).
+        """
+        self.restore()
+        self.restoredAhead = True
+
+    def held(self) -> AdoptedConnection:
+        """
+        The connection restored ahead (L{restoreAhead}), held until its
+        commit: nothing to restore again.
+        """
+        return AdoptedConnection(self.hosted, self.transport, self.pendingOutput)
+
+    def abandonAhead(self) -> None:
+        """
+        Let go of the protocol restored ahead of the freeze, which will
+        never serve: what it wrote is dropped (and a producer it registered
+        on the connection unregistered), it is told
+        C{abandonMigrationState()} (undoing what its restore registered
+        outside the object, cancelling its timers), and it is left with a
+        transport that goes nowhere.  A fresh protocol of the new code is
+        then attached in its place (L{rebuild}), or the connection is
+        abandoned.
+
+        @raise Exception: what C{abandonMigrationState} raised; the object
+            is let go of all the same.
+        """
+        if not self.restoredAhead:
+            return
+        self.restoredAhead = False
+        stale = self.protocol
+        # What it wrote (and any close it asked for) never leaves.
+        self.hosted.hold()
+        # The connection was adopted with no producer: one registered since
+        # was registered by that restore (or its timers), for it.
+        if getattr(self.transport, "producer", None) is not None:
+            self.transport.unregisterProducer()
+        try:
+            stale.abandonMigrationState()
+        finally:
+            stale.transport = DetachedTransport(
+                self.transport.getPeer(), self.transport.getHost()
+            )
+            stale.connected = 0
+
+    def rebuild(self) -> None:
+        """
+        Attach a fresh protocol of the new code, built by its factory as
+        for a new connection, for L{restore} to restore from the state now
+        (after L{abandonAhead}).
+
+        @raise StateError: if the new factory refuses the connection.
+        """
+        peer = self.transport.getPeer()
+        try:
+            protocol = self.hosted.factory.buildApplicationProtocol(peer)
+        except Exception as e:
+            raise StateError(
+                "the new factory's buildProtocol failed: {}".format(describeFailure(e))
+            )
+        if protocol is None:
+            raise StateError("the new factory refused the connection")
+        if not isMigratable(protocol):
+            raise StateError(
+                "the new code's {} does not provide IMigratable".format(
+                    type(protocol).__name__
+                )
+            )
+        self.hosted.attach(protocol)
+        self.protocol = protocol
+
     def abandon(self) -> None:
         """
-        Give it back untouched: the old process keeps serving it.
+        Give it back untouched: the old process keeps serving it.  A
+        protocol restored ahead is let go of first (L{abandonAhead}); if
+        its C{abandonMigrationState} fails, that is logged, and the
+        connection is given back all the same.
         """
+        try:
+            self.abandonAhead()
+        except Exception:
+            _log.failure(
+                "The new code failed to abandon connection {ident}, restored "
+                "ahead of the freeze",
+                ident=self.ident,
+            )
         abandonConnection(self.transport)
         self.hosted.release()
 

@@ -16,7 +16,9 @@ L{writeNow} writes around the reactor's write path when nothing is queued
 (the benchmark's load generator uses it); L{flushWriters} writes what
 Twisted buffers now, without waiting for the reactor's next turn (a
 transfer's report goes out before the old process lets go of its moved
-connections).
+connections).  L{DetachedTransport} is what a protocol object that no
+longer serves its connection is left with (replaced by a reload, or
+restored ahead of a freeze and abandoned).
 
 This is the one module that reaches into the private parts of Twisted's
 C{twisted.internet.tcp.Connection} (C{dataBuffer}, C{offset},
@@ -29,14 +31,21 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Callable, Collection
+from typing import Any, Callable, Collection, Iterable
 
 from attrs import define, field
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory
+from twisted.internet.interfaces import (
+    IAddress,
+    IProtocol,
+    IProtocolFactory,
+    ITransport,
+)
 from twisted.logger import Logger
+from zope.interface import implementer
 
 __all__ = [
+    "DetachedTransport",
     "FrozenConnection",
     "freezeConnection",
     "pendingOutput",
@@ -614,3 +623,55 @@ def flushWriters(reactor: Any, exclude: Collection[Any] = ()) -> int:
         if lost is not None:
             writer.startWriting()
     return written
+
+
+@implementer(ITransport)
+class DetachedTransport:
+    """
+    What a replaced protocol is left with: its connection is served by
+    another protocol object now.  Timers and callbacks the old code
+    scheduled may still run; what they write goes nowhere rather than
+    into a connection the old object no longer owns.
+
+    @ivar discarded: how many bytes were written to it.
+    """
+
+    def __init__(self, peer: Any, host: Any) -> None:
+        self._peer = peer
+        self._host = host
+        self.discarded = 0
+        self.disconnecting = False
+
+    def write(self, data: bytes) -> None:
+        self.discarded += len(data)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        for each in data:
+            self.write(each)
+
+    def loseConnection(self) -> None:
+        pass
+
+    def abortConnection(self) -> None:
+        pass
+
+    def getPeer(self) -> Any:
+        return self._peer
+
+    def getHost(self) -> Any:
+        return self._host
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass

@@ -79,7 +79,8 @@ class BenchLine(LineReceiver):
     def abandonMigrationState(self) -> None:
         """
         Nothing to undo: a restore registers the connection nowhere, so a
-        reload may restore it ahead of its pause.
+        reload may restore it ahead of its pause, and a capability
+        transfer's successor ahead of its freeze.
         """
 
     def upgradeMigrationState(self, fromVersion: int, state: Any) -> Any:

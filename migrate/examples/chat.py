@@ -242,9 +242,10 @@ class ChatProtocol(LineReceiver):
 
     def abandonMigrationState(self) -> None:
         """
-        This object was restored by a module reload ahead of its pause but
-        will never serve (its connection changed, and is restored again, or
-        closed): leave the room it joined, telling no one.
+        This object was restored ahead of a module reload's pause (or of a
+        capability transfer's freeze, in the successor) but will never serve
+        (its connection changed, and is restored again, or closed, or stays
+        with the old process): leave the room it joined, telling no one.
         """
         self.factory.leave(self)
 

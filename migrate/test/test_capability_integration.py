@@ -463,6 +463,43 @@ GATED_V2 = MIGRATABLE_V2.replace(
 assert "GatedFactory" in GATED_V2
 
 
+#: version 2, whose protocol can abandon a restore: the successor restores
+#: its connections ahead of the freeze, the first one waiting until the
+#: test opens a gate (after saying, with its process id, that it waits);
+#: each restore registers the connection (as a chat room would), each
+#: abandon unregisters it and says so, and each reply says how many are
+#: registered
+AHEAD_V2 = (
+    MIGRATABLE_V2.replace(
+        'self.count = state["total"]',
+        textwrap.dedent(
+            """\
+            self.count = state["total"]
+                    if not os.path.exists("ahead.go"):
+                        with open("ahead.waiting", "w") as flag:
+                            flag.write(str(os.getpid()))
+                        deadline = time.monotonic() + 60
+                        while not os.path.exists("ahead.go"):
+                            if time.monotonic() > deadline:
+                                raise RuntimeError("the test never opened the gate")
+                            time.sleep(0.01)
+                    REGISTERED.add(self)
+
+                def abandonMigrationState(self):
+                    REGISTERED.discard(self)
+                    print("abandoned a restore of count %d" % self.count, flush=True)"""
+        ),
+    )
+    .replace(
+        'self.sendLine(b"%s %d %s %d" % (VERSION, os.getpid(), line, self.count))',
+        'self.sendLine(b"%s %d %s %d %d" % (VERSION, os.getpid(), line, self.count, '
+        "len(REGISTERED)))",
+    )
+    .replace('VERSION = b"v2"', 'VERSION = b"v2"\nREGISTERED = set()\nimport time')
+)
+assert "abandonMigrationState" in AHEAD_V2 and "len(REGISTERED)" in AHEAD_V2
+
+
 class PrecopyIntegrationTests(LiveAppMixin, TestCase):
     """
     Pre-copy with real processes: what happens between the first copy of
@@ -520,6 +557,120 @@ class PrecopyIntegrationTests(LiveAppMixin, TestCase):
         self.assertEqual(reply, [b"v2", newPid, b"q", b"2"])
         # Exactly one answer per line: no duplicate from either process.
         self.assertEqual(len(active.lines), 1 + 3 + 1)
+
+    @inlineCallbacks
+    def test_restoredAheadOfTheFreeze(self):
+        """
+        New code whose protocol defines C{abandonMigrationState} is
+        restored ahead of the freeze, while the old process serves.  Lines
+        two clients send meanwhile are answered by the old process; at the
+        freeze, their objects restored ahead are abandoned (unregistered)
+        and fresh ones restored from the latest state; the untouched
+        connection keeps its object restored ahead.  Nothing is lost or
+        answered twice, every count goes on, and the application knows
+        each connection once.
+        """
+        status = yield self.startHost()
+        oldPid = status["pid"]
+        first, second, quiet = yield self.connectClients(3)
+        yield self.exchange(quiet, b"q")
+        waiting = self.host.workdir.child("ahead.waiting")
+        writeModule(self.host.workdir, "liveapp", AHEAD_V2)
+        upgrade = self.host.upgrade()
+        yield waitFor(
+            lambda: waiting.exists() and waiting.getContent(),
+            what="the successor to wait in its first restore ahead",
+        )
+        for n in range(2):
+            for client in (first, second):
+                reply = yield self.exchange(client, b"meanwhile")
+                self.assertEqual(reply[:2], [b"v1", str(oldPid).encode()])
+                self.assertEqual(reply[3], b"%d" % (n + 1,))
+        first.transport.write(b"hal")
+        self.host.workdir.child("ahead.go").touch()
+        code, report, err = yield upgrade
+        self.assertEqual((code, report["outcome"]), (0, "success"), err)
+        self.assertEqual(report["moved"], 3)
+        newPid = str(report["newPid"]).encode()
+        reply = yield self.exchange(first, b"f")
+        self.assertEqual(reply, [b"v2", newPid, b"half", b"3", b"3"])
+        reply = yield self.exchange(second, b"s")
+        self.assertEqual(reply, [b"v2", newPid, b"s", b"3", b"3"])
+        reply = yield self.exchange(quiet, b"q")
+        self.assertEqual(reply, [b"v2", newPid, b"q", b"2", b"3"])
+        output = self.host.output()
+        self.assertEqual(output.count("abandoned a restore of count 0"), 2, output)
+        self.assertEqual(output.count("abandoned a restore"), 2, output)
+        # Exactly one answer per line: no duplicate from either process.
+        self.assertEqual(len(first.lines), 1 + 2 + 1)
+        self.assertEqual(len(second.lines), 1 + 2 + 1)
+        self.assertEqual(len(quiet.lines), 1 + 1 + 1)
+
+    @inlineCallbacks
+    def test_successorDiesRestoringAhead(self):
+        """
+        A successor that dies while it restores connections ahead of the
+        freeze costs nothing: the hand-off rolls back, and the old process,
+        which never stopped serving them, goes on with every connection and
+        its state.
+        """
+        status = yield self.startHost()
+        oldPid = str(status["pid"]).encode()
+        clients = yield self.connectClients(2)
+        yield self.exchange(clients[0], b"x")
+        waiting = self.host.workdir.child("ahead.waiting")
+        writeModule(self.host.workdir, "liveapp", AHEAD_V2)
+        upgrade = self.host.upgrade()
+        yield waitFor(
+            lambda: waiting.exists() and waiting.getContent(),
+            what="the successor to wait in its first restore ahead",
+        )
+        os.kill(int(waiting.getContent()), signal.SIGKILL)
+        code, report, err = yield upgrade
+        self.assertNotEqual(code, 0)
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertEqual((report["moved"], report["failed"]), (0, 0))
+        for index, client in enumerate(clients):
+            reply = yield self.exchange(client, b"after")
+            self.assertEqual(reply, [b"v1", oldPid, b"after", b"%d" % (2 - index,)])
+            self.assertFalse(client.closed.called)
+
+    @inlineCallbacks
+    def test_refusedAheadRollsBack(self):
+        """
+        A restore ahead of the freeze that the new code refuses refuses the
+        whole hand-off, naming the connection: every connection stays
+        served by the old code with its state.
+        """
+        status = yield self.startHost()
+        oldPid = str(status["pid"]).encode()
+        clients = yield self.connectClients(3)
+        yield self.exchange(clients[1], b"poison")
+        self.host.workdir.child("ahead.go").touch()
+        writeModule(
+            self.host.workdir,
+            "liveapp",
+            AHEAD_V2.replace(
+                'self.count = state["total"]',
+                'self.count = state["total"]\n'
+                '        if self.count == 1: raise RuntimeError("state refused")',
+            ),
+        )
+        code, report, err = yield self.host.upgrade()
+        self.assertNotEqual(code, 0)
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertIn("state refused", report["reason"])
+        self.assertIn(
+            "the new code refused 1 of 3 connections (first: connection from",
+            report["reason"],
+        )
+        self.assertEqual((report["moved"], report["failed"]), (0, 0))
+        for index, client in enumerate(clients):
+            reply = yield self.exchange(client, b"ok")
+            self.assertEqual(
+                reply, [b"v1", oldPid, b"ok", b"2" if index == 1 else b"1"]
+            )
+            self.assertFalse(client.closed.called)
 
     @inlineCallbacks
     def test_successorLogsALotAtTheFreeze(self):

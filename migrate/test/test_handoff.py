@@ -1244,19 +1244,39 @@ class FakeAdopted:
         self.events.append("abandon")
 
 
+class FakeAbandoningProtocol:
+    """
+    A new code's protocol whose class defines C{abandonMigrationState}.
+    """
+
+    def abandonMigrationState(self) -> None:
+        pass
+
+
 class FakeStaged:
     """
     Stands in for L{migrate._handoff._movement.StagedConnection}.
 
     @ivar refuse: if set, L{restore} raises with this reason.
+    @ivar refuseAbandon: if set, L{abandonAhead} raises with this reason.
+    @ivar protocol: the new code's protocol: a L{FakeAbandoningProtocol}
+        if the entry says C{"abandons": true}.
     """
 
     def __init__(self, entry: Any, restored: list[int]) -> None:
         self.ident = entry["id"]
         self.events: list[str] = []
         self.updates: list[Any] = []
-        self.refuse: str | None = None
+        self.refuse: str | None = entry.get("refuseAhead")
+        self.refuseAbandon: str | None = None
+        self.restoredAhead = False
+        self.protocol: Any = (
+            FakeAbandoningProtocol() if entry.get("abandons") else object()
+        )
         self._restored = restored
+
+    def canRestoreAhead(self) -> bool:
+        return isinstance(self.protocol, FakeAbandoningProtocol)
 
     def update(self, entry: Any) -> None:
         self.events.append("update")
@@ -1267,6 +1287,15 @@ class FakeStaged:
             raise ValueError(self.refuse)
         self.events.append("restore")
         self._restored.append(self.ident)
+        return self.held()
+
+    def restoreAhead(self) -> None:
+        if self.refuse is not None:
+            raise ValueError(self.refuse)
+        self.events.append("restore ahead")
+        self.restoredAhead = True
+
+    def held(self) -> FakeAdopted:
         staged = self
 
         class Adopted(FakeAdopted):
@@ -1278,7 +1307,22 @@ class FakeStaged:
 
         return Adopted({"id": self.ident}, 0)
 
+    def abandonAhead(self) -> None:
+        if not self.restoredAhead:
+            return
+        self.restoredAhead = False
+        self.events.append("abandon ahead")
+        if self.refuseAbandon is not None:
+            raise ValueError(self.refuseAbandon)
+
+    def rebuild(self) -> None:
+        self.events.append("rebuild")
+
     def abandon(self) -> None:
+        try:
+            self.abandonAhead()
+        except ValueError:
+            pass
         self.events.append("abandon")
 
 
@@ -1452,6 +1496,17 @@ class IncomingChannelTests(SynchronousTestCase):
         """
         The old process hands over both listeners, then pre-copies
         C{entries}; each is staged as a L{FakeStaged}.
+
+        @return: the answer.
+        """
+        answer: dict[str, Any] = self.successResultOf(self.startPrecopy(entries))
+        return answer
+
+    def startPrecopy(self, entries: list[dict[str, Any]]) -> Deferred[Any]:
+        """
+        As L{precopy}, without waiting for the answer.
+
+        @return: a L{Deferred} firing with the answer.
         """
         self.connect()
         for key in self.host.listeners:
@@ -1481,15 +1536,13 @@ class IncomingChannelTests(SynchronousTestCase):
         freezeOurs, freezeTheirs = socket.socketpair()
         self.addCleanup(freezeOurs.close)
         freeze = freezeTheirs.detach()
-        answer: dict[str, Any] = self.successResultOf(
-            self.call(
-                PrecopyConnections,
-                count=len(entries),
-                manifestSize=len(data),
-                manifest=manifest,
-                bulk=theirs.detach(),
-                freeze=freeze,
-            )
+        answer = self.call(
+            PrecopyConnections,
+            count=len(entries),
+            manifestSize=len(data),
+            manifest=manifest,
+            bulk=theirs.detach(),
+            freeze=freeze,
         )
         self.assertEqual(self.freezeListened, [freeze])
         with self.assertRaises(OSError):
@@ -1725,6 +1778,261 @@ class IncomingChannelTests(SynchronousTestCase):
         self.assertEqual(self.h.stops, [True])
         self.assertFalse(self.host.serving)
         self.assertTrue(self.channel._heapThawed.called)
+
+    def test_restoredAheadOnce(self) -> None:
+        """
+        A staged connection whose new protocol can abandon a restore
+        (its class defines C{abandonMigrationState}) is restored ahead of
+        the freeze, before the pre-copy is answered; at the freeze, if it
+        did not change, it is served as it is, not restored again.  The
+        others are restored at the freeze, as before.
+        """
+        answer = self.precopy(
+            [
+                {"id": 1, "listener": "tcp:8000", "abandons": True},
+                {"id": 2, "listener": "tcp:8000"},
+                {"id": 3, "listener": "tcp:8001", "abandons": True},
+            ]
+        )
+        self.assertEqual(answer["staged"], 3)
+        self.assertEqual(
+            [each.events for each in self.staged.values()],
+            [["restore ahead"], [], ["restore ahead"]],
+        )
+        self.assertFalse(self.host.serving)
+        answer = self.channel._freezeCommit(
+            {"changes": [], "withdrawn": []}, lambda a: None
+        )
+        self.assertEqual(answer, {"pid": os.getpid()})
+        self.assertEqual(self.restored, [2])
+        self.h.reactor.advance(0)
+        self.assertEqual(
+            [each.events for each in self.staged.values()],
+            [
+                ["restore ahead", "commit"],
+                ["restore", "commit"],
+                ["restore ahead", "commit"],
+            ],
+        )
+        self.assertTrue(self.channel._heapThawed.called)
+
+    def test_restoredAheadChanged(self) -> None:
+        """
+        A connection restored ahead whose state changed since the pre-copy
+        has its object restored ahead abandoned, a fresh protocol attached
+        and restored from the new state, and is served at once with the
+        other changed ones; one whose only change is output to send keeps
+        its object restored ahead.
+        """
+        self.precopy(
+            [{"id": n, "listener": "tcp:8000", "abandons": True} for n in (1, 2, 3)]
+        )
+        stateChange = {"id": 1, "output": "", "state": {"n": 2}}
+        outputChange = {"id": 2, "output": "aGk="}
+        answers: list[Any] = []
+
+        def answerNow(answer: Any) -> None:
+            answers.append(answer)
+            for each in self.staged.values():
+                each.events.append("answered")
+
+        self.channel._freezeCommit(
+            {"changes": [stateChange, outputChange], "withdrawn": []}, answerNow
+        )
+        self.assertEqual(answers, [{"pid": os.getpid()}])
+        self.assertEqual(self.staged[1].updates, [stateChange])
+        self.assertEqual(self.staged[2].updates, [outputChange])
+        self.assertEqual(self.restored, [1])
+        self.assertEqual(
+            self.staged[1].events,
+            [
+                "restore ahead",
+                "update",
+                "abandon ahead",
+                "rebuild",
+                "restore",
+                "answered",
+                "commit",
+            ],
+        )
+        self.assertEqual(
+            self.staged[2].events, ["restore ahead", "update", "answered", "commit"]
+        )
+        self.assertEqual(self.staged[3].events, ["restore ahead", "answered"])
+        self.h.reactor.advance(0)
+        self.assertEqual(self.staged[3].events, ["restore ahead", "answered", "commit"])
+
+    def test_restoredAheadWithdrawn(self) -> None:
+        """
+        A connection restored ahead that the old process withdraws at the
+        freeze has its object restored ahead abandoned, and is given back.
+        """
+        self.precopy(
+            [{"id": n, "listener": "tcp:8000", "abandons": True} for n in (1, 2)]
+        )
+        self.channel._freezeCommit({"changes": [], "withdrawn": [1]}, lambda a: None)
+        self.assertEqual(
+            self.staged[1].events, ["restore ahead", "abandon ahead", "abandon"]
+        )
+        self.h.reactor.advance(0)
+        self.assertEqual(self.staged[2].events, ["restore ahead", "commit"])
+        self.assertTrue(self.host.serving)
+
+    def test_restoreAheadRefused(self) -> None:
+        """
+        A restore ahead the new code refuses is a refusal of the pre-copy
+        (all or nothing): every staged connection is given back, each
+        object restored ahead abandoned first, and a freeze that came all
+        the same is refused; nothing serves.
+        """
+        answer = self.precopy(
+            [
+                {"id": 1, "listener": "tcp:8000", "abandons": True},
+                {
+                    "id": 2,
+                    "listener": "tcp:8000",
+                    "abandons": True,
+                    "refuseAhead": "version 9 is unknown",
+                },
+                {"id": 3, "listener": "tcp:8000", "abandons": True},
+                {"id": 4, "listener": "tcp:8000"},
+            ]
+        )
+        self.assertEqual(answer["refusedCount"], 1)
+        self.assertEqual(
+            json.loads(answer["refused"]), [{"id": 2, "reason": "version 9 is unknown"}]
+        )
+        self.assertEqual(
+            [each.events for each in self.staged.values()],
+            [
+                ["restore ahead", "abandon ahead", "abandon"],
+                ["abandon"],
+                ["abandon"],
+                ["abandon"],
+            ],
+        )
+        error = self.assertRaises(
+            HandoffRefused,
+            self.channel._freezeCommit,
+            {"changes": [], "withdrawn": []},
+            self.fail,
+        )
+        self.assertEqual(str(error), "the new code refused connection 2")
+        self.assertFalse(self.host.serving)
+        self.flushLoggedErrors()
+
+    def test_abandonAheadFails(self) -> None:
+        """
+        An C{abandonMigrationState} that raises at the freeze refuses the
+        hand-off, saying so: every staged connection is given back and
+        nothing serves.
+        """
+        self.precopy(
+            [{"id": n, "listener": "tcp:8000", "abandons": True} for n in (1, 2)]
+        )
+        self.staged[1].refuseAbandon = "the room is gone"
+        with capturedLogs() as events:
+            error = self.assertRaises(
+                HandoffRefused,
+                self.channel._freezeCommit,
+                {"changes": [{"id": 1, "output": "", "state": {}}], "withdrawn": []},
+                self.fail,
+            )
+        self.assertEqual(
+            str(error),
+            "the new code failed to abandon the object restored ahead of the freeze "
+            "for connection 1 (changed since the pre-copy): abandonMigrationState "
+            "raised the room is gone",
+        )
+        self.assertIsNone(getattr(error, "ident", None))
+        self.assertIn(
+            "The new code failed to abandon connection 1, restored ahead of the freeze",
+            [formatEvent(event) for event in events],
+        )
+        self.assertEqual(
+            [each.events for each in self.staged.values()],
+            [
+                ["restore ahead", "update", "abandon ahead", "abandon"],
+                ["restore ahead", "abandon ahead", "abandon"],
+            ],
+        )
+        self.assertFalse(self.host.serving)
+        self.assertTrue(self.channel._heapThawed.called)
+        self.flushLoggedErrors()
+
+    def test_restoreAheadInSlices(self) -> None:
+        """
+        Restores ahead run a slice per turn of the successor's reactor; the
+        pre-copy is answered once they are all done.  If the old process
+        goes away meanwhile, every staged connection is given back (each
+        object restored ahead abandoned) and no more is restored.
+        """
+        self.patch(_incoming, "_AHEAD_SLICE", 2)
+        turns: list[Deferred[None]] = []
+
+        def deferLater(reactor: Any, delay: float, f: Any) -> Deferred[None]:
+            # The next turn of the reactor, when the test says so.
+            self.assertEqual((reactor, delay), (self.h.reactor, 0))
+            turn: Deferred[None] = Deferred()
+            turns.append(turn)
+            return turn
+
+        self.patch(_incoming, "deferLater", deferLater)
+        entries = [
+            {"id": n, "listener": "tcp:8000", "abandons": True} for n in range(1, 6)
+        ]
+        answer = self.startPrecopy(entries)
+        self.assertNoResult(answer)
+        self.assertEqual(
+            [each.events for each in self.staged.values()],
+            [["restore ahead"]] * 2 + [[]] * 3,
+        )
+        turns.pop().callback(None)
+        self.assertNoResult(answer)
+        self.assertEqual(
+            [each.events for each in self.staged.values()],
+            [["restore ahead"]] * 4 + [[]],
+        )
+        self.pump.serverIO.loseConnection()
+        self.pump.flush()
+        turns.pop().callback(None)
+        self.assertEqual(turns, [])
+        self.assertEqual(
+            [each.events for each in self.staged.values()],
+            [["restore ahead", "abandon ahead", "abandon"]] * 4 + [["abandon"]],
+        )
+        self.assertFalse(self.host.serving)
+        self.assertEqual(self.h.stops, [True])
+        self.failureResultOf(answer)
+
+    def test_freezeBeforeRestoresAheadDone(self) -> None:
+        """
+        A freeze that begins before the restores ahead are done (no old
+        process sends it before the pre-copy's answer) stops them: it
+        restores the rest itself, each connection once.
+        """
+        self.patch(_incoming, "_AHEAD_SLICE", 2)
+        turns: list[Deferred[None]] = []
+
+        def deferLater(reactor: Any, delay: float, f: Any) -> Deferred[None]:
+            turn: Deferred[None] = Deferred()
+            turns.append(turn)
+            return turn
+
+        self.patch(_incoming, "deferLater", deferLater)
+        self.startPrecopy(
+            [{"id": n, "listener": "tcp:8000", "abandons": True} for n in (1, 2, 3)]
+        )
+        self.channel._freezePart(
+            {"changes": [], "withdrawn": [], "more": True, "upTo": 3}
+        )
+        turns.pop().callback(None)
+        self.channel._freezeCommit({"changes": [], "withdrawn": []}, lambda a: None)
+        self.h.reactor.advance(0)
+        self.assertEqual(
+            [each.events for each in self.staged.values()],
+            [["restore ahead", "commit"]] * 2 + [["restore", "commit"]],
+        )
 
     def test_plainCommitRefusedWhileStaged(self) -> None:
         """

@@ -27,9 +27,11 @@ from .._handoff._movement import (
     adoptEntry,
     describeMovable,
     freezeMovable,
+    stageEntry,
     whyNotMigratable,
 )
 from .._handoff._polls import afterPolls
+from .._handoff._transport import DetachedTransport
 from .._host._tracking import TrackingFactory
 from ..interfaces import IMigratable
 from ..state import StateError
@@ -69,6 +71,32 @@ class Counter(LineReceiver):
 
     def upgradeMigrationState(self, fromVersion: int, state: Any) -> Any:
         return state
+
+
+class AbandoningCounter(Counter):
+    """
+    A L{Counter} that can abandon a restore: it records that it was told.
+    """
+
+    abandoned: list["AbandoningCounter"] = []
+
+    def restoreMigrationState(self, state: Any) -> None:
+        Counter.restoreMigrationState(self, state)
+        # As a protocol that streams to its client would.
+        transport: Any = self.transport
+        transport.registerProducer(self, True)
+
+    def abandonMigrationState(self) -> None:
+        AbandoningCounter.abandoned.append(self)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
 class Plain(Protocol):
@@ -283,6 +311,89 @@ class MovementTests(ServedSocketpairs):
         lines = yield self.readLines(client, 3)
         self.assertEqual(lines, [b"pending", b"restored", b"8 half"])
         adopted.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_restoreAheadThenAgain(self) -> Any:
+        """
+        A staged connection whose new protocol can abandon a restore is
+        restored ahead, held; abandoned, that object is told so, what it
+        wrote is dropped and what it writes later goes nowhere; a fresh
+        protocol is attached and restored from the new state, and only
+        what the fresh one wrote reaches the client at the commit.
+        """
+        self.patch(AbandoningCounter, "abandoned", [])
+        hosted, client = self.serve("tcp:1", Counter)
+        yield self.readLines(client, 1)
+        hosted.wrappedProtocol.count = 3
+        (each,), _ = freezeMovable(self.host.allConnections())
+        taker: Any = FakeHost(reactor)
+        taker.listen("tcp:1", AbandoningCounter)
+        staged = stageEntry(taker, each.entry, os.dup(each.frozen.descriptor()))
+        each.release()
+        self.assertTrue(staged.canRestoreAhead())
+        staged.restoreAhead()
+        stale = staged.protocol
+        self.assertEqual((staged.restoredAhead, stale.count), (True, 3))
+        staged.update({"state": dict(each.entry["state"], appState={"count": 5})})
+        staged.abandonAhead()
+        self.assertFalse(staged.restoredAhead)
+        self.assertEqual(AbandoningCounter.abandoned, [stale])
+        self.assertIsInstance(stale.transport, DetachedTransport)
+        self.assertIsNone(staged.transport.producer)
+        stale.sendLine(b"from the stale object")
+        staged.rebuild()
+        fresh = staged.protocol
+        self.assertIsNot(fresh, stale)
+        self.assertIs(staged.hosted.wrappedProtocol, fresh)
+        adopted = staged.restore()
+        self.assertEqual(fresh.count, 5)
+        self.assertIs(staged.transport.producer, fresh)
+        adopted.commit()
+        client.sendall(b"x\n")
+        lines = yield self.readLines(client, 2)
+        self.assertEqual(lines, [b"restored", b"6 x"])
+        adopted.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_restoredAheadKept(self) -> Any:
+        """
+        A connection restored ahead and unchanged is served by the object
+        restored ahead, with what it wrote; one whose new protocol cannot
+        abandon a restore is not restored ahead.
+        """
+        hosted, client = self.serve("tcp:1", Counter)
+        other, otherClient = self.serve("tcp:2", Counter)
+        yield self.readLines(client, 1)
+        yield self.readLines(otherClient, 1)
+        moving, _ = freezeMovable(self.host.allConnections())
+        taker: Any = FakeHost(reactor)
+        taker.listen("tcp:1", AbandoningCounter)
+        taker.listen("tcp:2", Counter)
+        staged = [
+            stageEntry(taker, each.entry, os.dup(each.frozen.descriptor()))
+            for each in moving
+        ]
+        self.assertEqual(
+            sorted(each.canRestoreAhead() for each in staged), [False, True]
+        )
+        for each in moving:
+            if each.listenerKey == "tcp:2":
+                each.resume()
+            else:
+                each.release()
+        [ahead] = [each for each in staged if each.canRestoreAhead()]
+        [plain] = [each for each in staged if not each.canRestoreAhead()]
+        plain.abandon()
+        ahead.restoreAhead()
+        adopted = ahead.held()
+        adopted.commit()
+        client.sendall(b"x\n")
+        lines = yield self.readLines(client, 2)
+        self.assertEqual(lines, [b"restored", b"1 x"])
+        adopted.transport.loseConnection()
+        otherClient.sendall(b"y\n")
+        lines = yield self.readLines(otherClient, 1)
+        self.assertEqual(lines, [b"1 y"])
 
     @inlineCallbacks
     def test_abandonLeavesTheOriginalServing(self) -> Any:

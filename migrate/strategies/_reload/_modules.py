@@ -45,6 +45,8 @@ from attrs import define, field, frozen
 from twisted.internet.interfaces import ITransport
 from zope.interface import implementer
 
+from ..._handoff._transport import DetachedTransport
+
 __all__ = [
     "ApplicationModules",
     "DetachedTransport",
@@ -905,55 +907,3 @@ class HeldTransport:
         """
         self._calls = None
         self._discarded = True
-
-
-@implementer(ITransport)
-class DetachedTransport:
-    """
-    What a replaced protocol is left with: its connection is served by
-    another protocol object now.  Timers and callbacks the old code
-    scheduled may still run; what they write goes nowhere rather than
-    into a connection the old object no longer owns.
-
-    @ivar discarded: how many bytes were written to it.
-    """
-
-    def __init__(self, peer: Any, host: Any) -> None:
-        self._peer = peer
-        self._host = host
-        self.discarded = 0
-        self.disconnecting = False
-
-    def write(self, data: bytes) -> None:
-        self.discarded += len(data)
-
-    def writeSequence(self, data: Iterable[bytes]) -> None:
-        for each in data:
-            self.write(each)
-
-    def loseConnection(self) -> None:
-        pass
-
-    def abortConnection(self) -> None:
-        pass
-
-    def getPeer(self) -> Any:
-        return self._peer
-
-    def getHost(self) -> Any:
-        return self._host
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        pass
-
-    def unregisterProducer(self) -> None:
-        pass
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -57,6 +58,9 @@ _REFUSALS_TOLD = 20
 _REASON_CHARS = 500
 #: connections restored at a freeze that start reading in one reactor turn
 _RESUME_SLICE = 500
+#: connections restored ahead of the freeze in one reactor turn (a few
+#: milliseconds)
+_AHEAD_SLICE = 500
 
 
 class _Refusals:
@@ -128,6 +132,13 @@ class IncomingChannel(amp.AMP):
         self._restoredIds: set[int] = set()
         self._restoredFirst: list[AdoptedConnection] = []
         self._restoredRest: list[AdoptedConnection] = []
+        #: why a restore ahead of the freeze was refused (the freeze is
+        #: then refused too)
+        self._refusedAhead: str | None = None
+        #: restored ahead of the freeze, and of those the objects abandoned
+        #: at the freeze (their connection changed or was withdrawn)
+        self._aheadCount = 0
+        self._aheadAbandoned = 0
 
     def connectionMade(self) -> None:
         amp.AMP.connectionMade(self)
@@ -337,7 +348,72 @@ class IncomingChannel(amp.AMP):
             count=len(self._staged),
             refused=refusals.count,
         )
+        if not refusals.count:
+            yield self._restoreAhead(refusals)
         return dict(refusals.answer(), staged=len(self._staged), streamed=True)
+
+    @inlineCallbacks
+    def _restoreAhead(self, refusals: _Refusals) -> Any:
+        """
+        Restore, ahead of the freeze, every staged connection whose new
+        protocol can abandon a restore (its class defines
+        C{abandonMigrationState}, see L{migrate.IMigratable}), a slice of
+        them per turn of this process's reactor, before the pre-copy is
+        answered: the old process serves them meanwhile, and the freeze
+        then restores only those that changed since (L{_restorePart}).
+        What they write is held; nothing is read or served before the
+        commit, and the application knows every connection before it
+        serves any, as before.  The others are restored at the freeze.
+
+        A refusal abandons every connection staged (each object restored
+        ahead told C{abandonMigrationState()}) and is added to
+        C{refusals}: the old process keeps everything.
+
+        @return: a L{Deferred} firing once done.
+        """
+        canAbandon: dict[type, bool] = {}
+        ahead: list[StagedConnection] = []
+        for each in self._staged.values():
+            cls = type(each.protocol)
+            can = canAbandon.get(cls)
+            if can is None:
+                can = canAbandon[cls] = each.canRestoreAhead()
+            if can:
+                ahead.append(each)
+        if not ahead:
+            return
+        started = time.monotonic()
+        reactor = self.host.reactor
+        staged = self._staged
+        for start in range(0, len(ahead), _AHEAD_SLICE):
+            if start:
+                # The successor's reactor runs between two slices.
+                yield deferLater(reactor, 0, lambda: None)
+            if self._order is not None or self.committed:
+                # The freeze began before the answer (no old process sends
+                # it so): it restores the rest itself.
+                break
+            with collectionsPaused():
+                for each in ahead[start : start + _AHEAD_SLICE]:
+                    if staged.get(each.ident) is not each:
+                        # Given back meanwhile: the channel closed.
+                        continue
+                    try:
+                        each.restoreAhead()
+                    except Exception as e:
+                        refusals.add(each.ident, e)
+                        self._refusedAhead = (
+                            "the new code refused connection {}".format(each.ident)
+                        )
+                        self._abandonStaged()
+                        return
+                    self._aheadCount += 1
+                freezeNewObjects()
+        self._log.info(
+            "Restored {count} connections ahead of the freeze in {ms:.1f} ms",
+            count=self._aheadCount,
+            ms=(time.monotonic() - started) * 1000,
+        )
 
     def _freezeCommit(
         self, delta: Any, answerNow: Callable[[dict[str, Any]], None]
@@ -387,6 +463,8 @@ class IncomingChannel(amp.AMP):
         """
         if self.committed:
             raise HandoffRefused("already serving")
+        if self._refusedAhead is not None:
+            raise HandoffRefused(self._refusedAhead)
         changes, withdrawn = _parseDelta(delta)
         upTo = None if final else delta.get("upTo")
         if not final and type(upTo) is not int:
@@ -402,7 +480,10 @@ class IncomingChannel(amp.AMP):
                     raise HandoffRefused(
                         "connection {} withdrawn after it was restored".format(ident)
                     )
-                each.abandon()
+                try:
+                    self._abandonAhead(each, "withdrawn")
+                finally:
+                    each.abandon()
         changed: list[StagedConnection] = []
         for change in changes:
             each = staged.get(change["id"])
@@ -419,6 +500,14 @@ class IncomingChannel(amp.AMP):
                     "a change for connection {}, restored already".format(change["id"])
                 )
             each.update(change)
+            if each.restoredAhead and "state" in change:
+                # Restored ahead from the state pre-copied: again, into a
+                # fresh object, from the state now.
+                self._abandonAhead(each, "changed")
+                try:
+                    each.rebuild()
+                except Exception as e:
+                    raise self._refusal(each, e)
             changed.append(each)
         for each in changed:
             self._restoreOne(each, self._restoredFirst)
@@ -438,17 +527,55 @@ class IncomingChannel(amp.AMP):
     def _restoreOne(
         self, each: StagedConnection, into: list[AdoptedConnection]
     ) -> None:
+        if each.restoredAhead:
+            # Unchanged since its restore ahead of the freeze.
+            into.append(each.held())
+        else:
+            try:
+                into.append(each.restore())
+            except Exception as e:
+                raise self._refusal(each, e)
+        self._restoredIds.add(id(each))
+
+    @staticmethod
+    def _refusal(each: StagedConnection, error: Exception) -> HandoffRefused:
+        """
+        The refusal naming the connection the new code refused, and why.
+        """
+        refusal = HandoffRefused(
+            "the new code refused connection {}: {}".format(
+                each.ident, str(error) or type(error).__name__
+            )[:_REASON_CHARS]
+        )
+        refusal.ident = each.ident  # type: ignore[attr-defined]
+        return refusal
+
+    def _abandonAhead(self, each: StagedConnection, why: str) -> None:
+        """
+        Let go of the object restored ahead of the freeze for C{each}, if
+        there is one: its connection C{why} ("changed", "withdrawn") since.
+
+        @raise HandoffRefused: if the new code failed to
+            (C{abandonMigrationState} raised); the hand-off is refused.
+        """
+        if not each.restoredAhead:
+            return
+        self._aheadAbandoned += 1
         try:
-            into.append(each.restore())
+            each.abandonAhead()
         except Exception as e:
-            refusal = HandoffRefused(
-                "the new code refused connection {}: {}".format(
-                    each.ident, str(e) or type(e).__name__
+            self._log.failure(
+                "The new code failed to abandon connection {ident}, restored "
+                "ahead of the freeze",
+                ident=each.ident,
+            )
+            raise HandoffRefused(
+                "the new code failed to abandon the object restored ahead of the "
+                "freeze for connection {} ({} since the pre-copy): "
+                "abandonMigrationState raised {}".format(
+                    each.ident, why, str(e) or type(e).__name__
                 )[:_REASON_CHARS]
             )
-            refusal.ident = each.ident  # type: ignore[attr-defined]
-            raise refusal
-        self._restoredIds.add(id(each))
 
     def _abandonStaged(self) -> None:
         """
@@ -501,11 +628,15 @@ class IncomingChannel(amp.AMP):
         # served anyone: they go a slice at a time with the served ones.
         self._spent, self._order = self._order or [], []
         answer = self._commitNow(beforeServing=answerNow)
+        kept = self._aheadCount - self._aheadAbandoned
         self._log.info(
             "Restored {count} connections at the freeze ({changed} changed since "
-            "the pre-copy) and committed in {ms:.1f} ms",
-            count=len(first) + len(rest),
+            "the pre-copy) and took {kept} restored ahead of it ({abandoned} "
+            "objects restored ahead abandoned); committed in {ms:.1f} ms",
+            count=len(first) + len(rest) - kept,
             changed=len(first),
+            kept=kept,
+            abandoned=self._aheadAbandoned,
             ms=(time.monotonic() - started) * 1000,
         )
         # The first slice waits for one whole reactor turn: the connections

@@ -730,6 +730,70 @@ class ReexecMigrationTests(SynchronousTestCase):
             executed["state"].connections[0].descriptor, changing.transport.fileno()
         )
 
+    def test_slicesApartByTwoPolls(self) -> None:
+        """
+        The trial's cases and the pre-copy are described a slice of
+        connections at a time, and the reactor polls twice between two
+        slices (it reads the requests that arrived during a slice, then
+        writes their answers) rather than running the next slice at once.
+        """
+        from migrate._handoff import _trial
+        from migrate.strategies._reexec import _outgoing
+
+        self.patch(_outgoing, "PRECOPY_SLICE", 1)
+        harness = _Harness(self)
+        for _ in range(3):
+            harness.connect()
+        reactor = harness.reactor
+        turns = [0]
+        casesAt: list[int] = []
+        copiesAt: list[int] = []
+
+        def casesFrom(*args: Any, **kwargs: Any) -> Any:
+            casesAt.append(turns[0])
+            return _trial.casesFrom(*args, **kwargs)
+
+        self.patch(_outgoing, "casesFrom", casesFrom)
+        copyOne = ReexecMigration._copyOne
+
+        def copying(self: ReexecMigration, *args: Any) -> Any:
+            copiesAt.append(turns[0])
+            return copyOne(self, *args)
+
+        self.patch(ReexecMigration, "_copyOne", copying)
+
+        def turn() -> None:
+            # One reactor iteration: the calls due now, not those they
+            # schedule (a poll comes first).
+            due = [
+                call for call in reactor.calls if call.getTime() <= reactor.seconds()
+            ]
+            if not due:
+                reactor.advance(
+                    min(call.getTime() for call in reactor.calls) - reactor.seconds()
+                )
+                return
+            turns[0] += 1
+            for call in due:
+                if call.active():
+                    reactor.calls.remove(call)
+                    call.called = 1
+                    call.func(*call.args, **call.kw)
+
+        d = harness.migration().run()
+        for _ in range(1000):
+            if d.called:
+                break
+            turn()
+        self.successResultOf(d)
+        self.assertEqual(len(casesAt), 3)
+        self.assertEqual(len(copiesAt), 3)
+        for at in (casesAt, copiesAt):
+            self.assertTrue(
+                all(later - earlier >= 3 for earlier, later in zip(at, at[1:])),
+                at,
+            )
+
     def test_dataBetweenCopyAndFreezeNotLost(self) -> None:
         """
         A connection that receives data between the pre-copy and the freeze

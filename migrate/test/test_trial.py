@@ -120,6 +120,22 @@ class CasesFromTests(SynchronousTestCase):
         self.assertIn("127.0.0.1:4321 on tcp:1", case.describe())
         self.assertIn("Counting", case.describe())
 
+    def test_encodedAhead(self) -> None:
+        """
+        With C{encode}, each case's line is encoded as the state is
+        captured: a later change of the application's state does not reach
+        the child.
+        """
+        counting = Counting()
+        counting.count = 7
+        [case] = casesFrom([("tcp:1", FakeHosted(counting))], 5, encode=True)
+        counting.count = 8
+        line = case.toLine()
+        self.assertTrue(line.endswith(b"\n"))
+        decoded = decodeState(line)
+        self.assertEqual(decoded["id"], 5)
+        self.assertEqual(decoded["state"]["appState"], {"count": 7})
+
     def test_uncapturableLeftOut(self) -> None:
         """
         A state that cannot be captured is not tried (the strategy's own

@@ -59,7 +59,9 @@ class IMigratable(Interface):
     what C{restoreMigrationState} wrote to I{other} connections cannot be
     taken back, so a protocol that defines it must not do that.  If it
     raises, the reload rolls back.  Without it, every restore happens in
-    the pause, as before.
+    the pause, as before.  L{migrate.testing.abandonedRestore} tests it:
+    it restores and abandons one protocol as the reload does, and says
+    what the abandoned object left behind.
     """
 
     migrationVersion = Attribute("""

@@ -63,7 +63,9 @@ class IMigratable(Interface):
     taken back, so a protocol that defines it must not do that.  If it
     raises, the reload rolls back, and the hand-off fails (the old process
     keeps every connection).  Without it, every restore happens in the
-    pause or the freeze, as before.
+    pause or the freeze, as before.  L{migrate.testing.abandonedRestore}
+    tests it: it restores and abandons one protocol as module reload and
+    capability transfer do, and says what the abandoned object left behind.
     """
 
     migrationVersion = Attribute("""

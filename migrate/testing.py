@@ -10,21 +10,33 @@ ship with migrate (see C{migrate.test.test_host}).
 L{roundTrip} moves one protocol to new code the way a migration moves a
 connection (capture, encoding, version upgrade, restore), in the test's own
 process: a unit test of an L{migrate.interfaces.IMigratable} implementation
-needs no process and no socket.
+needs no process and no socket.  L{abandonedRestore} tests the optional
+C{abandonMigrationState}: it restores a protocol into new code as module
+reload does ahead of its pause, abandons it as the pause does when the
+connection changed meanwhile, and says what the abandoned object left
+behind (timers, registrations in its factory, bytes written to other
+connections).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from attrs import define, field, frozen
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IProtocol,
+    IProtocolFactory,
+)
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from ._codec import decodeState, encodeState
+from ._leftovers import Snapshot, referencesTo
 from .interfaces import IMigrationHost, IMigrationStrategy
 from .state import (
     ProtocolState,
@@ -41,6 +53,8 @@ __all__ = [
     "FakeInheritance",
     "RoundTrip",
     "roundTrip",
+    "AbandonedRestore",
+    "abandonedRestore",
 ]
 
 
@@ -211,3 +225,263 @@ def roundTrip(
     if replay:
         replayBufferedInput(new)
     return RoundTrip(new, transport, arrived, len(encoded))
+
+
+@frozen
+class AbandonedRestore:
+    """
+    What L{abandonedRestore} saw: a protocol restored into new code ahead
+    of a reload's pause, then abandoned.
+
+    @ivar protocol: the new code's protocol object, restored then
+        abandoned.
+    @ivar state: the state it was restored from.
+    @ivar held: the calls it made on its transport before it was abandoned
+        (C{("write", (b"...",), {})}, ...): the reload held them, then
+        dropped them when it abandoned the object.  Not a problem: what an
+        abandoned object writes never reaches its client.
+    @ivar written: the bytes of the C{write} and C{writeSequence} calls in
+        L{held}.
+    @ivar timers: the delayed calls pending on the clock after the abandon
+        that were not pending before the new factory built the object:
+        timers the object started and did not cancel.
+    @ivar references: where the new factory (its attributes, their
+        containers, the objects they hold) still refers to the abandoned
+        object, as Python would write it (C{factory.rooms['games']}).
+    @ivar changed: the names of the new factory's attributes that are not
+        as they were before the new factory built the object (a container
+        with other contents, another value).
+    @ivar othersWritten: the bytes written to each of the other
+        connections' transports given to L{abandonedRestore}, in their
+        order (C{b""} for one left alone).
+    @ivar problems: one sentence for each thing the abandoned object left
+        behind, from the above; empty when the abandon undid everything
+        this helper can see.
+    """
+
+    protocol: Any
+    state: ProtocolState
+    held: tuple[tuple[str, tuple[Any, ...], dict[str, Any]], ...]
+    written: bytes
+    timers: tuple[IDelayedCall, ...]
+    references: tuple[str, ...]
+    changed: tuple[str, ...]
+    othersWritten: tuple[bytes, ...]
+    problems: tuple[str, ...]
+
+
+def _writtenIn(calls: Iterable[tuple[str, tuple[Any, ...], dict[str, Any]]]) -> bytes:
+    """
+    The bytes of the C{write} and C{writeSequence} calls among C{calls}.
+    """
+    data = []
+    for name, args, kwargs in calls:
+        if name == "write":
+            data.append(bytes(args[0] if args else kwargs.get("data", b"")))
+        elif name == "writeSequence":
+            data.extend(bytes(each) for each in (args[0] if args else ()))
+    return b"".join(data)
+
+
+def _startedBy(
+    call: IDelayedCall, objects: tuple[object, ...], skip: tuple[object, ...]
+) -> bool:
+    """
+    Whether a delayed call made while the clock advanced (timers of other
+    objects fire and start again too) belongs to one of C{objects}: its
+    function or arguments refer to it (a bound method, a C{LoopingCall}
+    calling one).
+    """
+    return any(referencesTo(each, call, "call", skip=skip) for each in objects)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def abandonedRestore(
+    protocol: IProtocol,
+    newFactory: IProtocolFactory,
+    *,
+    clock: Clock | None = None,
+    elapsed: float = 0.0,
+    others: Iterable[StringTransport] = (),
+    peer: IAddress | None = None,
+) -> AbandonedRestore:
+    """
+    Restore a protocol into new code the way module reload does ahead of
+    its pause, then abandon the new object the way the pause does when the
+    connection changed (or closed) meanwhile, and say what the abandoned
+    object left behind: for unit tests of C{abandonMigrationState} (see
+    L{IMigratable<migrate.interfaces.IMigratable>}).
+
+    In order, as C{reload} does: the old protocol's state is captured and
+    copied (in one process: no encoding); C{newFactory} builds the new
+    protocol for the same peer; its transport is one that holds every
+    call (C{write}, C{loseConnection}, ...) until the reload commits,
+    without C{connectionMade}; C{upgradeMigrationState} runs if the
+    versions differ, then C{restoreMigrationState}; the buffered input is
+    not replayed (no event reaches an object restored ahead).  If
+    C{elapsed} is given, C{clock} advances by that much (the reload's
+    pause comes later, and timers the restore started may run the new
+    code meanwhile).  Then the held calls are dropped and
+    C{abandonMigrationState()} is called, as the pause does.
+
+    After it, this helper looks at what it can see: C{clock}'s delayed
+    calls, C{newFactory}'s attributes and what they hold, and the
+    transports in C{others}, each compared with what it was before
+    C{newFactory} built the object (a fresh object for the connection is
+    built and restored next, by the same factory: a registration left
+    behind would count that connection twice).  What the abandoned object
+    changed elsewhere (module globals, objects the factory does not hold)
+    is the test's to check.  Follow with L{roundTrip} into the same
+    factory to check the fresh object's restore.
+
+    The old protocol is left as the reload leaves it meanwhile: serving,
+    untouched.
+
+    @param protocol: the old code's protocol, connected (its transport's
+        C{getPeer()} names the peer unless C{peer} is given).  Its class
+        must define C{abandonMigrationState}, as the new one's must: a
+        reload restores a connection ahead of its pause only if the code
+        serving it can abandon it too.
+    @param newFactory: the new code's factory.
+    @param clock: the clock the new code starts its timers on (a
+        L{Clock} the test gives the factory), or L{None} if it starts
+        none.
+    @param elapsed: how many seconds C{clock} advances between the restore
+        and the abandon.
+    @param others: the transports of other connections (L{StringTransport}
+        instances) that neither the restore nor the abandon may write to:
+        what C{restoreMigrationState} writes to another connection cannot
+        be taken back.
+    @param peer: the peer address to give C{newFactory.buildProtocol}; by
+        default the old transport's peer, or 127.0.0.1 port 40000.
+
+    @return: what the abandoned object left behind; C{problems} is empty
+        when it left nothing this helper can see.
+
+    @raise StateError: what a reload would refuse or roll back for: the
+        old state is not plain data, a protocol (old or new) does not
+        provide C{IMigratable} or does not define C{abandonMigrationState}
+        (the reload restores such a connection in its pause, and never
+        abandons it), the new factory returns L{None}, the new code refuses
+        the state (a L{migrate.state.RestoreError}), or
+        C{abandonMigrationState} raises (its exception is the
+        C{__cause__}).
+    @raise ValueError: if C{elapsed} is given without C{clock}.
+    """
+    from .strategies._reload._attempt import _canAbandon as canAbandon
+    from .strategies._reload._attempt import _plainCopy as plainCopy
+    from .strategies._reload._modules import HeldTransport
+
+    if elapsed and clock is None:
+        raise ValueError("elapsed needs the clock to advance")
+    if not canAbandon(type(protocol)):
+        raise StateError(
+            f"{type(protocol).__qualname__} does not define abandonMigrationState: "
+            "a reload restores its connections in its pause, never ahead of it"
+        )
+    taken = captureProtocolState(protocol, snapshot=False)
+    if not taken.migratable:
+        raise StateError(
+            f"{taken.className} does not provide IMigratable: its connections "
+            "are not restored"
+        )
+    state = ProtocolState(
+        taken.className,
+        taken.migratable,
+        taken.version,
+        plainCopy(taken.appState),
+        taken.buffers,
+    )
+    oldTransport = getattr(protocol, "transport", None)
+    hostAddress = None
+    if peer is None and oldTransport is not None:
+        peer = oldTransport.getPeer()
+        hostAddress = oldTransport.getHost()
+    if peer is None:
+        peer = IPv4Address("TCP", "127.0.0.1", 40000)
+    watched = list(others)
+    before = [each.value() for each in watched]
+    pending = set() if clock is None else set(clock.getDelayedCalls())
+    factoryBefore = Snapshot.of(newFactory)
+    new = newFactory.buildProtocol(peer)
+    if new is None:
+        raise StateError(
+            "the new factory refused the connection (buildProtocol returned None)"
+        )
+    if not isMigratable(new):
+        raise StateError(
+            f"the new code's {type(new).__qualname__} does not provide IMigratable"
+        )
+    if not canAbandon(type(new)):
+        raise StateError(
+            f"the new code's {type(new).__qualname__} does not define "
+            "abandonMigrationState: a reload restores its connections in its "
+            "pause, never ahead of it"
+        )
+    held = HeldTransport(StringTransport(hostAddress=hostAddress, peerAddress=peer))
+    app: Any = new
+    app.transport = held
+    app.connected = 1
+    restoreProtocolState(new, state, copyState=False, validate=False)
+    started = set() if clock is None else set(clock.getDelayedCalls()) - pending
+    if clock is not None and elapsed:
+        clock.advance(elapsed)
+    calls = tuple(held.held)
+    held.discard()
+    try:
+        app.abandonMigrationState()
+    except Exception as e:
+        raise StateError(
+            f"{type(new).__qualname__}.abandonMigrationState() failed: {e!r} "
+            "(a reload rolls back)"
+        ) from e
+
+    problems = []
+    timers = tuple(
+        call
+        for call in (() if clock is None else clock.getDelayedCalls())
+        if call.active()
+        and call not in pending
+        and (call in started or _startedBy(call, (new, held), (clock, newFactory)))
+    )
+    for call in timers:
+        problems.append(
+            "a timer is still pending on the clock: {}".format(_short(call))
+        )
+    references = tuple(
+        referencesTo(new, newFactory, "factory", skip=(clock,) if clock else ())
+    )
+    for place in references:
+        problems.append("the factory still refers to the object: {}".format(place))
+    changed = tuple(factoryBefore.changed(newFactory))
+    for name in changed:
+        problems.append(
+            "factory.{} is not as it was before the restore: {}".format(
+                name, _short(getattr(newFactory, name, "(removed)"))
+            )
+        )
+    othersWritten = tuple(
+        each.value()[len(was) :] if each.value().startswith(was) else each.value()
+        for each, was in zip(watched, before)
+    )
+    for index, data in enumerate(othersWritten):
+        if data:
+            problems.append(
+                "the restore or the abandon wrote to another connection "
+                "(others[{}]): {}".format(index, _short(data))
+            )
+    return AbandonedRestore(
+        new,
+        state,
+        calls,
+        _writtenIn(calls),
+        timers,
+        references,
+        changed,
+        othersWritten,
+        tuple(problems),
+    )

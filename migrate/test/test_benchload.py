@@ -30,6 +30,7 @@ from ..bench._load import (
 from ..bench._output import formatComparison, formatResults, keyFigures
 from ..bench._process import freePort, readCPU, waitFor
 from ..bench._scenarios import _cpuPerRequest
+from ..testing import abandonedRestore
 
 
 def _poll(
@@ -156,6 +157,27 @@ def _fakeClients(load: LoadGenerator, count: int) -> list[StringTransport]:
         client.makeConnection(transport)
         transports.append(transport)
     return transports
+
+
+class ApplicationTests(SynchronousTestCase):
+    """
+    Tests for the benchmark's application, L{BenchLine}.
+    """
+
+    def test_abandon(self) -> None:
+        """
+        A connection restored by a module reload ahead of its pause can be
+        abandoned there: its restore registers it nowhere, so there is
+        nothing to undo.
+        """
+        old: Any = Factory.forProtocol(BenchLine).buildProtocol(None)
+        transport = StringTransport()
+        transport.setTcpNoDelay = lambda flag: None  # type: ignore[attr-defined]
+        old.makeConnection(transport)
+        old.dataReceived(b"1\n2\n")
+        abandoned = abandonedRestore(old, Factory.forProtocol(BenchLine))
+        self.assertEqual(abandoned.problems, ())
+        self.assertEqual(abandoned.protocol.count, 2)
 
 
 class LongLivedClientTests(SynchronousTestCase):

@@ -15,7 +15,7 @@ from zope.interface.verify import verifyObject
 
 from migrate.examples import chat, chat2
 from migrate.interfaces import IMigratable
-from migrate.testing import roundTrip
+from migrate.testing import abandonedRestore, roundTrip
 
 from .test_examples import received, say
 
@@ -136,6 +136,23 @@ class ChatVersion2Tests(SynchronousTestCase):
         say(self.alice, "/away lunch")
         moved = roundTrip(self.alice, chat2.makeFactory())
         self.assertEqual(moved.protocol.away, "lunch")
+
+    def test_abandon(self) -> None:
+        """
+        A version 1 user restored into version 2 by a module reload ahead of
+        its pause, then abandoned, leaves no trace: the room and its
+        nicknames are as they were, and nobody heard anything.
+        """
+        old = chat.makeFactory()
+        carol, _ = connect(old)
+        say(carol, "/nick carol")
+        abandoned = abandonedRestore(
+            carol, self.factory, others=[self.aliceOut, self.bobOut]
+        )
+        self.assertEqual(abandoned.problems, ())
+        self.assertEqual(abandoned.protocol.nick, "carol")
+        self.assertEqual(self.factory.nicks("lobby"), ["alice", "bob"])
+        self.assertFalse(self.factory.nickInUse("carol"))
 
     def test_refusesNewerVersions(self) -> None:
         """

@@ -16,6 +16,7 @@ from zope.interface.verify import verifyObject
 from migrate.examples.chat import ChatFactory, ChatProtocol, makeFactory
 from migrate.examples.echo import Echo, EchoFactory
 from migrate.interfaces import IMigratable
+from migrate.testing import abandonedRestore, roundTrip
 
 _ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
 
@@ -384,6 +385,26 @@ class ChatMigrationTests(SynchronousTestCase):
         for state in states:
             self.assertRaises(ValueError, self.restore, state)
         self.assertEqual(self.newFactory.rooms, {})
+
+    def test_abandon(self) -> None:
+        """
+        A user restored by a module reload ahead of its pause and abandoned
+        there (its connection changed meanwhile) leaves the room it joined
+        without a word; the fresh object restored in its place is then the
+        room's only alice.
+        """
+        carol, carolOut = connect(self.newFactory)
+        say(carol, "/nick carol")
+        say(carol, "/join games")
+        received(carolOut)
+        abandoned = abandonedRestore(self.alice, self.newFactory, others=[carolOut])
+        self.assertEqual(abandoned.problems, ())
+        self.assertEqual(self.newFactory.rooms, {"games": {carol}})
+        say(self.alice, "/nick alicia")
+        moved = roundTrip(self.alice, self.newFactory)
+        self.assertEqual(self.newFactory.rooms, {"games": {carol, moved.protocol}})
+        self.assertEqual(self.newFactory.nicks("games"), ["alicia", "carol"])
+        self.assertEqual(received(carolOut), [])
 
     def test_upgradeVersion1(self) -> None:
         """

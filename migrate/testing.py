@@ -314,7 +314,9 @@ def abandonedRestore(
     its pause, then abandon the new object the way the pause does when the
     connection changed (or closed) meanwhile, and say what the abandoned
     object left behind: for unit tests of C{abandonMigrationState} (see
-    L{IMigratable<migrate.interfaces.IMigratable>}).
+    L{IMigratable<migrate.interfaces.IMigratable>}).  Capability
+    transfer's successor restores ahead of its freeze and abandons in the
+    same way, from the state decoded off the hand-off channel.
 
     In order, as C{reload} does: the old protocol's state is captured and
     copied (in one process: no encoding); C{newFactory} builds the new

@@ -17,6 +17,18 @@ __all__ = [
 ]
 
 
+def _sentWhen(stallAt: float | None) -> str:
+    """
+    When the request that waited longest was sent, against the upgrade
+    command's start.
+    """
+    if stallAt is None:
+        return ""
+    if stallAt < 0:
+        return ", sent {} before the upgrade command began".format(_ms(-stallAt))
+    return ", sent {} after the upgrade command began".format(_ms(stallAt))
+
+
 def _ms(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -137,13 +149,7 @@ def _loadBlock(
     out.append(
         "  longest client stall: {}{}{}".format(
             _ms(result["stall"]),
-            (
-                ", sent {} after the upgrade command began".format(
-                    _ms(result["stallAt"])
-                )
-                if result.get("stallAt") is not None
-                else ""
-            ),
+            _sentWhen(result.get("stallAt")),
             " (among answers; {} connections were lost)".format(lost) if lost else "",
         )
     )

@@ -612,6 +612,13 @@ class OutputTests(SynchronousTestCase):
             "began",
             text,
         )
+        before = self.results(0.25)
+        before["scenarios"][0]["stallAt"] = -0.5
+        self.assertIn(
+            "longest client stall: 250 ms, sent 500 ms before the upgrade command "
+            "began",
+            formatResults(before),
+        )
         self.assertIn("60.0x", text)
         self.assertIn(
             "CPU per request answered before: host 31.0 us, load generator 24.6 us",

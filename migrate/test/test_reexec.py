@@ -408,6 +408,8 @@ class _Harness:
         kwargs.setdefault("preflight", lambda *a, **k: succeed(TrialOutcome(None)))
         kwargs.setdefault("checkArgv", lambda argv: None)
         kwargs.setdefault("execv", self.failingExec)
+        # Not the test runner's heap.
+        kwargs.setdefault("freezeHeap", lambda: None)
         return ReexecMigration(self.host, lambda line: None, **kwargs)
 
     def failingExec(self, path: str, argv: list[str], env: dict[str, str]) -> None:
@@ -980,6 +982,81 @@ class ReexecMigrationTests(SynchronousTestCase):
         self.assertEqual(at["planned"].moving, 0)
         self.assertEqual([hosted for key, hosted, why in at["planned"].closing], [busy])
         self.assertTrue(busy.transport.disconnecting)
+
+    def test_precopySliceTimeLimit(self) -> None:
+        """
+        A pre-copy slice ends once it has run C{PRECOPY_SLICE_SECONDS}, even
+        short of C{PRECOPY_SLICE} connections, after one connection at
+        least; every connection is still copied ahead.
+        """
+        from migrate.strategies._reexec import _outgoing
+
+        harness = _Harness(self)
+        for _ in range(5):
+            harness.connect()
+        driver = _TurnByTurn(harness.reactor)
+        copiesAt: list[int] = []
+        copyOne = ReexecMigration._copyOne
+        step = [0.0]
+
+        def copying(self: ReexecMigration, *args: Any) -> Any:
+            copiesAt.append(driver.turns)
+            # Each copy takes this long on the reactor's clock.
+            harness.reactor.rightNow += step[0]
+            return copyOne(self, *args)
+
+        self.patch(ReexecMigration, "_copyOne", copying)
+        self.patch(_outgoing, "PRECOPY_SLICE_SECONDS", 0.004)
+        # Two copies a slice (the second reaches the limit), then one a
+        # slice when each takes longer than the limit.
+        step[0] = 0.002
+        d = harness.migration().run()
+        driver.until(d)
+        self.successResultOf(d)
+        self.assertEqual(len(copiesAt), 5)
+        self.assertEqual(len(set(copiesAt)), 3, copiesAt)
+        [executed] = harness.executed
+        self.assertIsNotNone(executed["precopyFd"])
+        self.assertEqual(len(executed["state"].connections), 5)
+        del copiesAt[:]
+        del harness.executed[:]
+        step[0] = 0.01
+        d = harness.migration().run()
+        driver.until(d)
+        self.successResultOf(d)
+        self.assertEqual(len(set(copiesAt)), 5, copiesAt)
+        self.assertEqual(len(harness.executed[0]["state"].connections), 5)
+
+    def test_precopyFreezesWhatItMade(self) -> None:
+        """
+        After each slice of the trial's cases and of the pre-copy, what was
+        made is left out of collections (L{freezeNewObjects}: while the
+        host holds the heap frozen).
+        """
+        from migrate.strategies._reexec import _outgoing
+
+        self.patch(_outgoing, "PRECOPY_SLICE", 2)
+        harness = _Harness(self)
+        for _ in range(3):
+            harness.connect()
+        freezes: list[int] = []
+        copies = [0]
+        copyOne = ReexecMigration._copyOne
+
+        def copying(self: ReexecMigration, *args: Any) -> Any:
+            copies[0] += 1
+            return copyOne(self, *args)
+
+        def freezeNewObjects() -> bool:
+            freezes.append(copies[0])
+            return True
+
+        self.patch(ReexecMigration, "_copyOne", copying)
+        self.patch(_outgoing, "freezeNewObjects", freezeNewObjects)
+        harness.run(harness.migration())
+        # After each of the two slices of cases (no copy yet), then after
+        # each of the two slices of copies.
+        self.assertEqual(freezes, [0, 0, 2, 3])
 
     def test_dataBetweenCopyAndFreezeNotLost(self) -> None:
         """

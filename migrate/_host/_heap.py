@@ -14,7 +14,10 @@ manifests, new protocols), which is what triggers full collections.  So:
   - a migration that makes many objects over many steps freezes them
     too as it goes (L{freezeNewObjects});
   - in the steps where every client waits (the freeze, the pause, the
-    restore), the collector does not run at all (L{collectionsPaused}).
+    restore), the collector does not run at all (L{collectionsPaused});
+  - a process that only hands its connections over and exits (re-exec's
+    caretaker) leaves everything it holds out of collections until then
+    (L{freezeUntilExit}).
 """
 
 from __future__ import annotations
@@ -25,7 +28,12 @@ from typing import Any, Iterator
 
 from twisted.internet.defer import Deferred
 
-__all__ = ["collectionsPaused", "freezeNewObjects", "heapFrozenUntil"]
+__all__ = [
+    "collectionsPaused",
+    "freezeNewObjects",
+    "freezeUntilExit",
+    "heapFrozenUntil",
+]
 
 #: what the latest L{heapFrozenUntil} froze the heap for, until it ends;
 #: L{None} if it did not freeze it (it was frozen already) or it ended
@@ -95,3 +103,17 @@ def freezeNewObjects() -> bool:
         return False
     gc.freeze()
     return True
+
+
+def freezeUntilExit() -> None:
+    """
+    Leave every object that exists now out of collections for good: for a
+    process that exits soon after, whatever happens (re-exec's caretaker,
+    once the new image asked for its connections), so that a full
+    collection in its last steps walks only what it made since, not every
+    connection's objects.  The objects made afterwards are collected as
+    usual; the frozen ones are freed (by reference counting, or with the
+    process) as they would be otherwise, only their cycles wait for the
+    exit.
+    """
+    gc.freeze()

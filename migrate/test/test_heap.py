@@ -10,7 +10,12 @@ import gc
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from .._host._heap import collectionsPaused, freezeNewObjects, heapFrozenUntil
+from .._host._heap import (
+    collectionsPaused,
+    freezeNewObjects,
+    freezeUntilExit,
+    heapFrozenUntil,
+)
 
 
 class CollectionsPausedTests(SynchronousTestCase):
@@ -117,3 +122,27 @@ class FreezeNewObjectsTests(SynchronousTestCase):
         self.assertFalse(freezeNewObjects())
         self.assertEqual(gc.get_freeze_count(), frozen)
         done.callback(made)
+
+
+class FreezeUntilExitTests(SynchronousTestCase):
+    """
+    L{freezeUntilExit} leaves what exists out of collections, for a process
+    about to exit.
+    """
+
+    def setUp(self) -> None:
+        self.addCleanup(gc.unfreeze)
+        gc.unfreeze()
+
+    def test_frozen(self) -> None:
+        """
+        What exists is frozen, whether a migration holds the heap or not;
+        what is made afterwards is not.
+        """
+        made = [[n] for n in range(100)]
+        freezeUntilExit()
+        frozen = gc.get_freeze_count()
+        self.assertGreaterEqual(frozen, len(made))
+        later = [[n] for n in range(100)]
+        self.assertTrue(gc.is_tracked(later[0]))
+        self.assertEqual(gc.get_freeze_count(), frozen)

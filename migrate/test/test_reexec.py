@@ -108,6 +108,17 @@ class Counter(LineReceiver):
         return state
 
 
+class Blocking(Counter):
+    """
+    A migratable line protocol that cannot move while C{busy}.
+    """
+
+    busy = False
+
+    def migrationBlocker(self) -> str | None:
+        return "busy" if self.busy else None
+
+
 class Plain(LineReceiver):
     """
     A line protocol that knows nothing about migrate.
@@ -321,6 +332,43 @@ def _socketPair(case: SynchronousTestCase) -> tuple[socket.socket, socket.socket
     return ours, theirs
 
 
+class _TurnByTurn:
+    """
+    Drive a memory reactor one iteration at a time: the calls due now, not
+    those they schedule (a real reactor polls first).
+
+    @ivar turns: how many iterations ran calls so far.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.turns = 0
+
+    def turn(self) -> None:
+        reactor = self.reactor
+        due = [call for call in reactor.calls if call.getTime() <= reactor.seconds()]
+        if not due:
+            reactor.advance(
+                min(call.getTime() for call in reactor.calls) - reactor.seconds()
+            )
+            return
+        self.turns += 1
+        for call in due:
+            if call.active():
+                reactor.calls.remove(call)
+                call.called = 1
+                call.func(*call.args, **call.kw)
+
+    def until(self, d: Deferred[Any]) -> None:
+        """
+        Run iterations until C{d} fires (at most 1,000).
+        """
+        for _ in range(1000):
+            if d.called:
+                return
+            self.turn()
+
+
 class _Harness:
     """
     A host on a memory reactor, with a real listening socket and real
@@ -360,6 +408,8 @@ class _Harness:
         kwargs.setdefault("preflight", lambda *a, **k: succeed(TrialOutcome(None)))
         kwargs.setdefault("checkArgv", lambda argv: None)
         kwargs.setdefault("execv", self.failingExec)
+        # Not the test runner's heap.
+        kwargs.setdefault("freezeHeap", lambda: None)
         return ReexecMigration(self.host, lambda line: None, **kwargs)
 
     def failingExec(self, path: str, argv: list[str], env: dict[str, str]) -> None:
@@ -744,47 +794,24 @@ class ReexecMigrationTests(SynchronousTestCase):
         harness = _Harness(self)
         for _ in range(3):
             harness.connect()
-        reactor = harness.reactor
-        turns = [0]
+        driver = _TurnByTurn(harness.reactor)
         casesAt: list[int] = []
         copiesAt: list[int] = []
 
         def casesFrom(*args: Any, **kwargs: Any) -> Any:
-            casesAt.append(turns[0])
+            casesAt.append(driver.turns)
             return _trial.casesFrom(*args, **kwargs)
 
         self.patch(_outgoing, "casesFrom", casesFrom)
         copyOne = ReexecMigration._copyOne
 
         def copying(self: ReexecMigration, *args: Any) -> Any:
-            copiesAt.append(turns[0])
+            copiesAt.append(driver.turns)
             return copyOne(self, *args)
 
         self.patch(ReexecMigration, "_copyOne", copying)
-
-        def turn() -> None:
-            # One reactor iteration: the calls due now, not those they
-            # schedule (a poll comes first).
-            due = [
-                call for call in reactor.calls if call.getTime() <= reactor.seconds()
-            ]
-            if not due:
-                reactor.advance(
-                    min(call.getTime() for call in reactor.calls) - reactor.seconds()
-                )
-                return
-            turns[0] += 1
-            for call in due:
-                if call.active():
-                    reactor.calls.remove(call)
-                    call.called = 1
-                    call.func(*call.args, **call.kw)
-
         d = harness.migration().run()
-        for _ in range(1000):
-            if d.called:
-                break
-            turn()
+        driver.until(d)
         self.successResultOf(d)
         self.assertEqual(len(casesAt), 3)
         self.assertEqual(len(copiesAt), 3)
@@ -793,6 +820,243 @@ class ReexecMigrationTests(SynchronousTestCase):
                 all(later - earlier >= 3 for earlier, later in zip(at, at[1:])),
                 at,
             )
+
+    def _handOverSteps(self, harness: _Harness) -> tuple[_TurnByTurn, dict[str, Any]]:
+        """
+        Record the reactor iteration in which the pre-copy copies its last
+        connection, writes, the safe points are asked, and the plan made.
+        """
+        from migrate.strategies._reexec import _outgoing
+
+        driver = _TurnByTurn(harness.reactor)
+        at: dict[str, Any] = {}
+        copyOne = ReexecMigration._copyOne
+        write = Precopy.write
+        plan = ReexecMigration._plan
+        safePoints = _outgoing.atSafePoints
+
+        def copying(self: ReexecMigration, *args: Any) -> Any:
+            at["copy"] = driver.turns
+            return copyOne(self, *args)
+
+        def writing(self: Precopy) -> Any:
+            at["write"] = driver.turns
+            return write(self)
+
+        def planning(self: ReexecMigration, *args: Any, **kwargs: Any) -> Any:
+            at["plan"] = driver.turns
+            at["planned"] = result = plan(self, *args, **kwargs)
+            return result
+
+        def asking(*args: Any, **kwargs: Any) -> Any:
+            at["safepoints"] = driver.turns
+            d = safePoints(*args, **kwargs)
+
+            def waited(result: Any) -> Any:
+                at["waited"] = driver.turns
+                at["result"] = result
+                return result
+
+            return d.addCallback(waited)
+
+        self.patch(ReexecMigration, "_copyOne", copying)
+        self.patch(Precopy, "write", writing)
+        self.patch(ReexecMigration, "_plan", planning)
+        self.patch(_outgoing, "atSafePoints", asking)
+        return driver, at
+
+    def test_handOverStepsApartByTwoPolls(self) -> None:
+        """
+        The pre-copy's last slice, its write, the wait for the safe points
+        and the plan each run in a reactor step of their own, the reactor
+        polling twice in between, rather than all in one step.
+        """
+        harness = _Harness(self)
+        for _ in range(3):
+            harness.connect()
+        driver, at = self._handOverSteps(harness)
+        d = harness.migration().run()
+        driver.until(d)
+        self.successResultOf(d)
+        order = [at["copy"], at["write"], at["safepoints"], at["plan"]]
+        self.assertTrue(
+            all(later - earlier >= 3 for earlier, later in zip(order, order[1:])),
+            order,
+        )
+        self.assertEqual(at["planned"].moving, 3)
+        self.assertEqual(len(harness.executed[0]["state"].connections), 3)
+
+    def test_openedAfterPrecopyMoves(self) -> None:
+        """
+        A connection accepted between the pre-copy and the safe points is
+        planned and described at the freeze, with the copied ones.
+        """
+        harness = _Harness(self)
+        copied = harness.connect()
+        driver, at = self._handOverSteps(harness)
+        late: list[Any] = []
+        write = Precopy.write
+
+        def writing(precopy: Precopy) -> Any:
+            harness.reactor.callLater(0, lambda: late.append(harness.connect()))
+            return write(precopy)
+
+        self.patch(Precopy, "write", writing)
+        d = harness.migration().run()
+        driver.until(d)
+        self.successResultOf(d)
+        [opened] = late
+        self.assertLess(at["copy"], at["safepoints"])
+        self.assertEqual(at["planned"].moving, 2)
+        [executed] = harness.executed
+        self.assertEqual(
+            sorted(each.descriptor for each in executed["state"].connections),
+            sorted([copied.transport.fileno(), opened.transport.fileno()]),
+        )
+
+    def test_closedBeforePlanNotPlanned(self) -> None:
+        """
+        A connection that ends between the safe points and the plan is
+        neither planned nor described at the freeze.
+        """
+        harness = _Harness(self)
+        kept = harness.connect()
+        gone = harness.connect()
+        driver, at = self._handOverSteps(harness)
+        from migrate.strategies._reexec import _outgoing
+
+        asking = _outgoing.atSafePoints
+
+        def closing(*args: Any, **kwargs: Any) -> Any:
+            def end(result: Any) -> Any:
+                harness.reactor.callLater(
+                    0, gone.transport.connectionLost, Failure(ConnectionDone())
+                )
+                return result
+
+            return asking(*args, **kwargs).addCallback(end)
+
+        self.patch(_outgoing, "atSafePoints", closing)
+        d = harness.migration().run()
+        driver.until(d)
+        self.successResultOf(d)
+        self.assertEqual(at["planned"].moving, 1)
+        self.assertEqual(at["planned"].closing, [])
+        [executed] = harness.executed
+        self.assertEqual(
+            [each.descriptor for each in executed["state"].connections],
+            [kept.transport.fileno()],
+        )
+
+    def test_missedSafePointPlannedAtOnce(self) -> None:
+        """
+        When a connection missed its safe point (it is not held there), the
+        plan follows the wait's end in the same step: a connection that
+        reaches its safe point just after is still closed politely, not
+        planned to move unheld (it could leave its safe point again before
+        the freeze).
+        """
+        harness = _Harness(self, protocol=Blocking)
+        harness.host.settings = evolve(harness.host.settings, safePointTimeout=0.05)
+        busy = harness.connect()
+        busy.wrappedProtocol.busy = True
+        driver, at = self._handOverSteps(harness)
+        from migrate.strategies._reexec import _outgoing
+
+        asking = _outgoing.atSafePoints
+
+        def freeing(*args: Any, **kwargs: Any) -> Any:
+            def free(result: Any) -> Any:
+                harness.reactor.callLater(
+                    0, setattr, busy.wrappedProtocol, "busy", False
+                )
+                return result
+
+            return asking(*args, **kwargs).addCallback(free)
+
+        self.patch(_outgoing, "atSafePoints", freeing)
+        d = harness.migration().run()
+        driver.until(d)
+        self.assertEqual(at["result"].missed, 1)
+        self.assertEqual(at["plan"], at["waited"])
+        self.assertEqual(at["planned"].moving, 0)
+        self.assertEqual([hosted for key, hosted, why in at["planned"].closing], [busy])
+        self.assertTrue(busy.transport.disconnecting)
+
+    def test_precopySliceTimeLimit(self) -> None:
+        """
+        A pre-copy slice ends once it has run C{PRECOPY_SLICE_SECONDS}, even
+        short of C{PRECOPY_SLICE} connections, after one connection at
+        least; every connection is still copied ahead.
+        """
+        from migrate.strategies._reexec import _outgoing
+
+        harness = _Harness(self)
+        for _ in range(5):
+            harness.connect()
+        driver = _TurnByTurn(harness.reactor)
+        copiesAt: list[int] = []
+        copyOne = ReexecMigration._copyOne
+        step = [0.0]
+
+        def copying(self: ReexecMigration, *args: Any) -> Any:
+            copiesAt.append(driver.turns)
+            # Each copy takes this long on the reactor's clock.
+            harness.reactor.rightNow += step[0]
+            return copyOne(self, *args)
+
+        self.patch(ReexecMigration, "_copyOne", copying)
+        self.patch(_outgoing, "PRECOPY_SLICE_SECONDS", 0.004)
+        # Two copies a slice (the second reaches the limit), then one a
+        # slice when each takes longer than the limit.
+        step[0] = 0.002
+        d = harness.migration().run()
+        driver.until(d)
+        self.successResultOf(d)
+        self.assertEqual(len(copiesAt), 5)
+        self.assertEqual(len(set(copiesAt)), 3, copiesAt)
+        [executed] = harness.executed
+        self.assertIsNotNone(executed["precopyFd"])
+        self.assertEqual(len(executed["state"].connections), 5)
+        del copiesAt[:]
+        del harness.executed[:]
+        step[0] = 0.01
+        d = harness.migration().run()
+        driver.until(d)
+        self.successResultOf(d)
+        self.assertEqual(len(set(copiesAt)), 5, copiesAt)
+        self.assertEqual(len(harness.executed[0]["state"].connections), 5)
+
+    def test_precopyFreezesWhatItMade(self) -> None:
+        """
+        After each slice of the trial's cases and of the pre-copy, what was
+        made is left out of collections (L{freezeNewObjects}: while the
+        host holds the heap frozen).
+        """
+        from migrate.strategies._reexec import _outgoing
+
+        self.patch(_outgoing, "PRECOPY_SLICE", 2)
+        harness = _Harness(self)
+        for _ in range(3):
+            harness.connect()
+        freezes: list[int] = []
+        copies = [0]
+        copyOne = ReexecMigration._copyOne
+
+        def copying(self: ReexecMigration, *args: Any) -> Any:
+            copies[0] += 1
+            return copyOne(self, *args)
+
+        def freezeNewObjects() -> bool:
+            freezes.append(copies[0])
+            return True
+
+        self.patch(ReexecMigration, "_copyOne", copying)
+        self.patch(_outgoing, "freezeNewObjects", freezeNewObjects)
+        harness.run(harness.migration())
+        # After each of the two slices of cases (no copy yet), then after
+        # each of the two slices of copies.
+        self.assertEqual(freezes, [0, 0, 2, 3])
 
     def test_dataBetweenCopyAndFreezeNotLost(self) -> None:
         """

@@ -1028,8 +1028,11 @@ class ServeAsCaretakerTests(SynchronousTestCase):
         self.hosted = self.harness.connect()
         self.hosted.dataReceived(b"a\n")
         self.exits: list[int] = []
+        self.freezes: list[int] = []
         self.migration = self.harness.migration(
-            caretaker=True, exitProcess=self.exits.append
+            caretaker=True,
+            exitProcess=self.exits.append,
+            freezeHeap=lambda: self.freezes.append(1),
         )
         self.ours, self.theirs = _pair(self)
         self.theirs.settimeout(5)
@@ -1088,6 +1091,26 @@ class ServeAsCaretakerTests(SynchronousTestCase):
             )
         )
 
+    def test_heapFrozenOnceAsked(self) -> None:
+        """
+        Once the new image asked for the connections, the caretaker
+        leaves every object it holds out of collections until it exits
+        (a full collection before its freeze would walk them all), before
+        it waits for the safe points.
+        """
+        order: list[str] = []
+        asking = _outgoing.atSafePoints
+
+        def atSafePoints(*args: Any, **kwargs: Any) -> Any:
+            order.append("safepoints after %d freeze" % len(self.freezes))
+            return asking(*args, **kwargs)
+
+        self.patch(_outgoing, "atSafePoints", atSafePoints)
+        self.serve(FREEZE, COMMITTED)
+        self.assertEqual(self.exits, [0])
+        self.assertEqual(len(self.freezes), 1)
+        self.assertEqual(order, ["safepoints after 1 freeze"])
+
     def test_notAsked(self) -> None:
         """
         A new image that does not ask within the ready timeout finds the
@@ -1095,6 +1118,7 @@ class ServeAsCaretakerTests(SynchronousTestCase):
         """
         self.serve()
         self.assertEqual(self.exits, [1])
+        self.assertEqual(self.freezes, [])
         self.assertTrue(self.hosted.transport.disconnecting)
         # Nothing was handed over.
         self.theirs.setblocking(False)

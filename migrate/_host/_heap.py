@@ -10,7 +10,8 @@ manifests, new protocols), which is what triggers full collections.  So:
 
   - while a migration runs, the objects that existed when it started are
     frozen out of collections (C{gc.freeze}): a collection then walks only
-    what the migration made, not the whole heap (L{heapFrozenUntil});
+    what the migration made, not the whole heap (L{heapFrozenDuring},
+    frozen before the migration's first step; L{heapFrozenUntil});
   - a migration that makes many objects over many steps freezes them
     too as it goes (L{freezeNewObjects});
   - in the steps where every client waits (the freeze, the pause, the
@@ -24,14 +25,15 @@ from __future__ import annotations
 
 import gc
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 
 __all__ = [
     "collectionsPaused",
     "freezeNewObjects",
     "freezeUntilExit",
+    "heapFrozenDuring",
     "heapFrozenUntil",
 ]
 
@@ -67,10 +69,42 @@ def heapFrozenUntil(done: Deferred[Any]) -> Deferred[Any]:
 
     @return: C{done}.
     """
+    unfreeze = _freezeHeld()
+    return done if unfreeze is None else done.addBoth(unfreeze)
+
+
+def heapFrozenDuring(
+    start: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Deferred[Any]:
+    """
+    Freeze the heap as L{heapFrozenUntil} does, I{then} start a migration
+    (C{start(*args, **kwargs)}), and hold it frozen until the migration
+    ends.
+
+    A migration's first steps run at once, inside the call: the objects
+    they make would otherwise trigger a full collection over a heap that
+    is not frozen yet (a module reload's first pre-copy slice took 42 ms
+    instead of 4 at 10,000 connections, the host having just opened 9,000
+    of them).
+
+    @return: a L{Deferred} firing with what C{start} returned or raised.
+    """
+    unfreeze = _freezeHeld()
+    done = maybeDeferred(start, *args, **kwargs)
+    return done if unfreeze is None else done.addBoth(unfreeze)
+
+
+def _freezeHeld() -> Callable[[Any], Any] | None:
+    """
+    Freeze the heap for a migration, unless the application froze it.
+
+    @return: what unfreezes it once the migration ends (its result passes
+        through), or L{None} if it was left alone.
+    """
     global _holder
     if gc.get_freeze_count():
         _holder = None
-        return done
+        return None
     gc.freeze()
     holder = _holder = object()
 
@@ -81,7 +115,7 @@ def heapFrozenUntil(done: Deferred[Any]) -> Deferred[Any]:
         gc.unfreeze()
         return result
 
-    return done.addBoth(unfreeze)
+    return unfreeze
 
 
 def freezeNewObjects() -> bool:

@@ -24,7 +24,7 @@ from .._report import MigrationPhase, MigrationReport
 from .._systemd import activatedEndpoint, isActivated
 from ..interfaces import IMigrationHost, IMigrationStrategy
 from ._draining import ANSWER_GRACE_SECONDS, DrainTracker
-from ._heap import heapFrozenUntil
+from ._heap import heapFrozenDuring
 from ._metrics import HostMetrics
 from ._pidfile import (
     PreparedPidfile,
@@ -913,8 +913,8 @@ class MigrationHost(MultiService):
         self._tell("migrationStarted")
         # A full collection over the whole heap, which the migration's many
         # new objects would trigger, stalls every client: it walks only
-        # what the migration makes.
-        d = heapFrozenUntil(maybeDeferred(strategy.migrate, self, progress))
+        # what the migration makes, from its first step on.
+        d = heapFrozenDuring(strategy.migrate, self, progress)
         self._migration = d
 
         def restoreSettings(result: Any) -> Any:

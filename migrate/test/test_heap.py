@@ -14,6 +14,7 @@ from .._host._heap import (
     collectionsPaused,
     freezeNewObjects,
     freezeUntilExit,
+    heapFrozenDuring,
     heapFrozenUntil,
 )
 
@@ -78,6 +79,61 @@ class HeapFrozenUntilTests(SynchronousTestCase):
         done: Deferred[object] = Deferred()
         heapFrozenUntil(done)
         done.callback(None)
+        self.assertEqual(gc.get_freeze_count(), frozen)
+
+
+class HeapFrozenDuringTests(SynchronousTestCase):
+    """
+    L{heapFrozenDuring} freezes the heap before it starts the migration,
+    and until the migration ends.
+    """
+
+    def setUp(self) -> None:
+        self.addCleanup(gc.unfreeze)
+        gc.unfreeze()
+
+    def test_frozenBeforeTheFirstStep(self) -> None:
+        """
+        The heap is frozen when the migration's first step runs (what it
+        makes is then frozen by L{freezeNewObjects}); it is unfrozen when
+        the migration ends, and its result passes through.
+        """
+        seen: list[tuple[int, bool]] = []
+        done: Deferred[object] = Deferred()
+
+        def start(first: str, *, second: str) -> Deferred[object]:
+            self.assertEqual((first, second), ("a", "b"))
+            seen.append((gc.get_freeze_count(), freezeNewObjects()))
+            return done
+
+        result = heapFrozenDuring(start, "a", second="b")
+        [(frozen, frozeNew)] = seen
+        self.assertGreater(frozen, 0)
+        self.assertTrue(frozeNew)
+        done.callback("report")
+        self.assertEqual(self.successResultOf(result), "report")
+        self.assertEqual(gc.get_freeze_count(), 0)
+
+    def test_firstStepRaises(self) -> None:
+        """
+        A migration whose first step raises fails, and the heap is
+        unfrozen.
+        """
+
+        def start() -> None:
+            raise ValueError("refused")
+
+        self.failureResultOf(heapFrozenDuring(start), ValueError)
+        self.assertEqual(gc.get_freeze_count(), 0)
+        self.assertFalse(freezeNewObjects())
+
+    def test_applicationFroze(self) -> None:
+        """
+        A heap the application froze itself stays frozen.
+        """
+        gc.freeze()
+        frozen = gc.get_freeze_count()
+        heapFrozenDuring(lambda: None)
         self.assertEqual(gc.get_freeze_count(), frozen)
 
 

@@ -159,6 +159,27 @@ def whyNotMigratable(protocol: Any) -> str:
     return "{} does not provide IMigratable".format(type(protocol).__name__)
 
 
+def newMigratableProtocol(factory: Any, peer: Any) -> Any:
+    """
+    The new code's protocol for a connection that moves in: built by its
+    listener's C{factory} (C{buildApplicationProtocol}) for C{peer}.
+
+    @raise StateError: if the factory refuses the connection, or its
+        protocol does not provide L{IMigratable}; what C{buildProtocol}
+        raises passes through.
+    """
+    protocol = factory.buildApplicationProtocol(peer)
+    if protocol is None:
+        raise StateError("the new factory refused the connection")
+    if not isMigratable(protocol):
+        raise StateError(
+            "the new code's {} does not provide IMigratable".format(
+                type(protocol).__name__
+            )
+        )
+    return protocol
+
+
 def movableCandidates(
     connections: Iterable[tuple[Any, HostedProtocol]], staying: list[Unmovable]
 ) -> Iterator[tuple[str, HostedProtocol, Any, Any]]:
@@ -488,18 +509,12 @@ class StagedConnection:
         """
         peer = self.transport.getPeer()
         try:
-            protocol = self.hosted.factory.buildApplicationProtocol(peer)
+            protocol = newMigratableProtocol(self.hosted.factory, peer)
+        except StateError:
+            raise
         except Exception as e:
             raise StateError(
                 "the new factory's buildProtocol failed: {}".format(describeFailure(e))
-            )
-        if protocol is None:
-            raise StateError("the new factory refused the connection")
-        if not isMigratable(protocol):
-            raise StateError(
-                "the new code's {} does not provide IMigratable".format(
-                    type(protocol).__name__
-                )
             )
         self.hosted.attach(protocol)
         self.protocol = protocol
@@ -555,15 +570,7 @@ def stageEntry(host: IMigrationHost, entry: Any, descriptor: int) -> StagedConne
     try:
         if not state.migratable:
             raise StateError("the old protocol did not provide IMigratable")
-        protocol = listener.factory.buildApplicationProtocol(transport.getPeer())
-        if protocol is None:
-            raise StateError("the new factory refused the connection")
-        if not isMigratable(protocol):
-            raise StateError(
-                "the new code's {} does not provide IMigratable".format(
-                    type(protocol).__name__
-                )
-            )
+        protocol = newMigratableProtocol(listener.factory, transport.getPeer())
         hosted.attach(protocol)
     except Exception:
         abandonConnection(transport)

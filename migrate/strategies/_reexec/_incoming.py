@@ -36,14 +36,18 @@ from ..._codec import StateError
 from ..._control._server import adoptControl
 from ..._handoff._attempt import counted
 from ..._handoff._listeners import adoptListener
-from ..._handoff._movement import AdoptedConnection, adoptEntry
+from ..._handoff._movement import (
+    AdoptedConnection,
+    adoptEntry,
+    newMigratableProtocol,
+)
 from ..._handoff._transport import adoptConnection, resumeConnection
 from ..._host._daemon import DAEMON_LOG_FILE, skipProcessSetUp, stayInForeground
 from ..._host._heap import collectionsPaused
 from ..._host._tracking import PendingAdoptionFactory
 from ..._report import ListenerReport, MigrationOutcome, MigrationReport
 from ...interfaces import IMigrationHost
-from ...state import ProtocolState, isMigratable, restoreProtocolState
+from ...state import ProtocolState, restoreProtocolState
 from ._caretaker import CARETAKER_PROTOCOL, Caretaker, CaretakerError
 from ._late import LateAdoption, addressesFrom, addressesOf
 from ._reports import ReportChannel
@@ -473,15 +477,7 @@ def _restoreLater(
         if not state.migratable:
             raise StateError("the old protocol did not provide IMigratable")
         factory = listener.factory
-        protocol = factory.buildApplicationProtocol(peer)
-        if protocol is None:
-            raise StateError("the new factory refused the connection")
-        if not isMigratable(protocol):
-            raise StateError(
-                "the new code's {} does not provide IMigratable".format(
-                    type(protocol).__name__
-                )
-            )
+        protocol = newMigratableProtocol(factory, peer)
     except Exception as e:
         raise _NotRestored(_why(e), descriptor)
     hosted = factory.buildPendingProtocol(peer)

@@ -145,6 +145,41 @@ class RoundTrip:
     size: int
 
 
+def _addresses(protocol: IProtocol, peer: IAddress | None) -> tuple[IAddress, Any]:
+    """
+    The peer to build the new protocol for, and the host address of its
+    transport: the old transport's, unless C{peer} is given; 127.0.0.1
+    port 40000 without either.
+    """
+    oldTransport = getattr(protocol, "transport", None)
+    hostAddress = None
+    if peer is None and oldTransport is not None:
+        peer = oldTransport.getPeer()
+        hostAddress = oldTransport.getHost()
+    if peer is None:
+        peer = IPv4Address("TCP", "127.0.0.1", 40000)
+    return peer, hostAddress
+
+
+def _buildNew(newFactory: IProtocolFactory, peer: IAddress) -> Any:
+    """
+    The new code's protocol for C{peer}.
+
+    @raise StateError: if C{newFactory} refuses the connection or its
+        protocol does not provide C{IMigratable}.
+    """
+    new = newFactory.buildProtocol(peer)
+    if new is None:
+        raise StateError(
+            "the new factory refused the connection (buildProtocol returned None)"
+        )
+    if not isMigratable(new):
+        raise StateError(
+            f"the new code's {type(new).__qualname__} does not provide IMigratable"
+        )
+    return new
+
+
 def roundTrip(
     protocol: IProtocol,
     newFactory: IProtocolFactory,
@@ -201,23 +236,9 @@ def roundTrip(
         )
     encoded = encodeState(state.toPlain())
     arrived = ProtocolState.fromPlain(decodeState(encoded), owned=True)
-    oldTransport = getattr(protocol, "transport", None)
-    hostAddress = None
-    if peer is None and oldTransport is not None:
-        peer = oldTransport.getPeer()
-        hostAddress = oldTransport.getHost()
-    if peer is None:
-        peer = IPv4Address("TCP", "127.0.0.1", 40000)
+    peer, hostAddress = _addresses(protocol, peer)
     transport = StringTransport(hostAddress=hostAddress, peerAddress=peer)
-    new = newFactory.buildProtocol(peer)
-    if new is None:
-        raise StateError(
-            "the new factory refused the connection (buildProtocol returned None)"
-        )
-    if not isMigratable(new):
-        raise StateError(
-            f"the new code's {type(new).__qualname__} does not provide IMigratable"
-        )
+    new = _buildNew(newFactory, peer)
     app: Any = new
     app.transport = transport
     app.connected = 1
@@ -398,26 +419,12 @@ def abandonedRestore(
         plainCopy(taken.appState),
         taken.buffers,
     )
-    oldTransport = getattr(protocol, "transport", None)
-    hostAddress = None
-    if peer is None and oldTransport is not None:
-        peer = oldTransport.getPeer()
-        hostAddress = oldTransport.getHost()
-    if peer is None:
-        peer = IPv4Address("TCP", "127.0.0.1", 40000)
+    peer, hostAddress = _addresses(protocol, peer)
     watched = list(others)
     before = [each.value() for each in watched]
     pending = set() if clock is None else set(clock.getDelayedCalls())
     factoryBefore = Snapshot.of(newFactory)
-    new = newFactory.buildProtocol(peer)
-    if new is None:
-        raise StateError(
-            "the new factory refused the connection (buildProtocol returned None)"
-        )
-    if not isMigratable(new):
-        raise StateError(
-            f"the new code's {type(new).__qualname__} does not provide IMigratable"
-        )
+    new = _buildNew(newFactory, peer)
     if not canAbandon(type(new)):
         raise StateError(
             f"the new code's {type(new).__qualname__} does not define "

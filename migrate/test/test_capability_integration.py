@@ -119,6 +119,18 @@ MIXED_V1 = MIGRATABLE_V1 + textwrap.dedent("""
 YIELDED = "connections and exits at nice 19"
 
 
+def _refusingCountOne(source: str) -> str:
+    """
+    C{source}, a version 2 of the live application, made to refuse in its
+    restore the connection whose count is 1.
+    """
+    return source.replace(
+        'self.count = state["total"]',
+        'self.count = state["total"]\n'
+        '        if self.count == 1: raise RuntimeError("state refused")',
+    )
+
+
 class CapabilityTransferTests(LiveAppMixin, TestCase):
     """
     C{--strategy capability} with real processes.
@@ -359,15 +371,7 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
         oldPid = status["pid"]
         clients = yield self.connectClients(3)
         yield self.exchange(clients[1], b"poison")
-        writeModule(
-            self.host.workdir,
-            "liveapp",
-            MIGRATABLE_V2.replace(
-                'self.count = state["total"]',
-                'self.count = state["total"]\n'
-                '        if self.count == 1: raise RuntimeError("state refused")',
-            ),
-        )
+        writeModule(self.host.workdir, "liveapp", _refusingCountOne(MIGRATABLE_V2))
         code, report, err = yield self.host.upgrade()
         self.assertNotEqual(code, 0)
         self.assertEqual(report["outcome"], "rolled-back")
@@ -647,15 +651,7 @@ class PrecopyIntegrationTests(LiveAppMixin, TestCase):
         clients = yield self.connectClients(3)
         yield self.exchange(clients[1], b"poison")
         self.host.workdir.child("ahead.go").touch()
-        writeModule(
-            self.host.workdir,
-            "liveapp",
-            AHEAD_V2.replace(
-                'self.count = state["total"]',
-                'self.count = state["total"]\n'
-                '        if self.count == 1: raise RuntimeError("state refused")',
-            ),
-        )
+        writeModule(self.host.workdir, "liveapp", _refusingCountOne(AHEAD_V2))
         code, report, err = yield self.host.upgrade()
         self.assertNotEqual(code, 0)
         self.assertEqual(report["outcome"], "rolled-back")

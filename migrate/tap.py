@@ -239,6 +239,18 @@ class Options(usage.Options):
             "migration (refuse) or close that connection cleanly and migrate "
             "the others (close).",
         ],
+        [
+            "child-start",
+            None,
+            "background",
+            "background or foreground: successors and trial processes start "
+            "at the lowest CPU priority (nice 19), so that their start takes "
+            "no CPU from the clients, and are brought forward to this "
+            "process's priority when clients wait for them or after a tenth "
+            "of --ready-timeout (background; only where this process may: "
+            "CAP_SYS_NICE or RLIMIT_NICE), or at this process's priority "
+            "(foreground).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -419,6 +431,12 @@ class Options(usage.Options):
                     self["trial-failure"]
                 )
             )
+        if self["child-start"] not in ("background", "foreground"):
+            raise usage.UsageError(
+                "--child-start must be background or foreground, not {!r}".format(
+                    self["child-start"]
+                )
+            )
         if self.subCommand is None:
             self["factory"] = loadFactory(self["app"])
         if self["keeper"] not in KEEPER_MODES:
@@ -584,6 +602,7 @@ def buildHost(
         metricsEndpoint=options["metrics"],
         maxDraining=options["max-draining"],
         yieldWhenHandedOn=yieldWhenHandedOn,
+        startInBackground=options["child-start"] == "background",
     )
     host = hostType(
         reactor,

@@ -56,6 +56,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .._host._priority import BackgroundStart
 from .._host._spawning import spawnProcess
 
 __all__ = [
@@ -402,6 +403,16 @@ class SuccessorProcess:
     pid: int
     _transport: IProcessTransport = field(repr=False)
     _protocol: _SuccessorProtocol = field(repr=False)
+    _background: BackgroundStart | None = field(default=None, repr=False)
+
+    def bringForward(self, why: str) -> None:
+        """
+        Give the process, if it started in the background, this process's
+        CPU priority (see L{migrate._host._priority}); C{why} goes to the
+        log.  Doing it again does nothing.
+        """
+        if self._background is not None:
+            self._background.bringForward(why)
 
     @property
     def exited(self) -> bool:
@@ -541,6 +552,7 @@ def spawnSuccessor(
     cwd: str | None = None,
     tailLines: int = 50,
     outputDescriptors: tuple[int, int] = (1, 2),
+    background: BackgroundStart | None = None,
 ) -> SuccessorProcess:
     """
     Start a successor process.
@@ -564,6 +576,8 @@ def spawnSuccessor(
     @param tailLines: How many of the last lines of output to keep.
     @param outputDescriptors: The descriptors the successor inherits as 4
         and 5, our standard output and error by default.
+    @param background: Start it at a low CPU priority, until
+        L{SuccessorProcess.bringForward} (or C{background}'s own deadline).
 
     @return: The started process.
 
@@ -620,13 +634,25 @@ def spawnSuccessor(
             env=environment,
             path=cwd,
             childFDs=childFDs,
+            background=background,
         )
     finally:
         for fd in opened:
             os.close(fd)
     assert transport.pid is not None
-    _log.info("Started successor {pid}: {argv}", pid=transport.pid, argv=list(argv))
-    return SuccessorProcess(transport.pid, transport, protocol)
+    if background is not None and background.pid is not None:
+        _log.info(
+            "Started successor {pid} at nice {nice}: {argv}",
+            pid=transport.pid,
+            nice=background.niceness,
+            argv=list(argv),
+        )
+        started = background
+        protocol.whenEnded().addCallback(lambda _: started.ended())
+    else:
+        background = None
+        _log.info("Started successor {pid}: {argv}", pid=transport.pid, argv=list(argv))
+    return SuccessorProcess(transport.pid, transport, protocol, background)
 
 
 class HandoffEnvironmentError(ValueError):

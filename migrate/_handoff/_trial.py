@@ -54,6 +54,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._codec import MAX_DEPTH, MAX_STATE_BYTES, StateError, decodeState, encodeState
+from .._host._priority import BackgroundStart
 from .._host._spawning import spawnProcess
 
 __all__ = [
@@ -424,9 +425,12 @@ def _runOnce(
     timeout: float,
     readyMarker: str | None,
     path: str | None,
+    background: bool = False,
 ) -> Any:
     """
-    Run one trial child on C{cases}.
+    Run one trial child on C{cases}, in the background if C{background}
+    and this process may bring it forward after a tenth of C{timeout}
+    (L{migrate._host._priority}).
 
     @return: a L{Deferred} firing with (the protocol, exit status, why it
         went wrong or L{None}, the case it went wrong on or L{None}).
@@ -434,6 +438,7 @@ def _runOnce(
     protocol = _TrialProtocol(cases, readyMarker)
     environment = dict(env)
     environment[TRIAL_VARIABLE] = "{},{}".format(_CHILD_IN, _CHILD_OUT)
+    starting = BackgroundStart.ifPossible(reactor, timeout) if background else None
     try:
         process = spawnProcess(
             reactor,
@@ -443,6 +448,7 @@ def _runOnce(
             env=environment,
             path=path,
             childFDs={0: "w", 1: "r", 2: "r", _CHILD_IN: "w", _CHILD_OUT: "r"},
+            background=starting,
         )
     except OSError as e:
         return protocol, None, "cannot start the trial process: {}".format(e), None
@@ -471,7 +477,11 @@ def _runOnce(
             protocol.restoring = reactor.seconds() - protocol.loadedAt
 
     protocol.onDone = done
-    code = yield protocol.ended
+    try:
+        code = yield protocol.ended
+    finally:
+        if starting is not None:
+            starting.ended()
     if protocol.loadedAt is not None and not protocol.done:
         protocol.restoring = reactor.seconds() - protocol.loadedAt
     if timer.active():
@@ -557,6 +567,7 @@ def runTrial(
     readyMarker: str | None = None,
     path: str | None = None,
     timer: Callable[[], float] = time.monotonic,
+    background: bool = False,
 ) -> Any:
     """
     Try the new code in a child process: C{argv} must load it and then call
@@ -570,6 +581,10 @@ def runTrial(
     @param policy: one of L{TRIAL_POLICIES}.
     @param readyMarker: a line the child must print on its standard output
         to pass, if any.
+    @param background: start each child at the lowest CPU priority, where
+        this process may bring it forward again (after a tenth of
+        C{timeout}): it serves nobody, and the clients of this process
+        should not wait for a CPU while it starts.
 
     @return: a L{Deferred} firing with a L{TrialOutcome}; never fails.
     """
@@ -584,7 +599,7 @@ def runTrial(
     while True:
         children += 1
         protocol, code, why, tripped = yield _runOnce(
-            reactor, argv, env, remaining, timeout, readyMarker, path
+            reactor, argv, env, remaining, timeout, readyMarker, path, background
         )
         tried += protocol.passed
         restoring += protocol.restoring

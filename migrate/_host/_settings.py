@@ -72,6 +72,13 @@ class HostSettings:
         sets it, unless this process is the one that stays as the keeper;
         off by default (an embedding application's process may go on
         doing other work).
+    @ivar startInBackground: whether successors (and the trial processes
+        of re-exec and module reload) start at the lowest CPU priority, so
+        that their start takes no CPU from the clients of this process, and
+        are brought forward to this process's priority when the clients
+        wait for them (the freeze) or after a tenth of C{readyTimeout} (a
+        trial: of its own timeout).  Only where this process may bring them
+        forward: see L{migrate._host._priority}.
     """
 
     controlPath: str | None = "migrate-host.sock"
@@ -89,3 +96,4 @@ class HostSettings:
     metricsEndpoint: str | None = None
     maxDraining: int | None = None
     yieldWhenHandedOn: bool = False
+    startInBackground: bool = True

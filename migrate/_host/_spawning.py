@@ -16,8 +16,9 @@ small trampoline (this process's Python, isolated, without C{site}) with
 only the descriptors asked for; the trampoline closes every other
 descriptor in the child with one C{close_range}, restores what its own
 interpreter changed (the dispositions of C{SIGPIPE} and C{SIGXFSZ}, the
-C{LC_CTYPE} that locale coercion sets), changes directory and executes
-the real command in place, under the same process ID.  The child's start
+C{LC_CTYPE} that locale coercion sets), changes directory, lowers its
+priority for a start in the background (L{migrate._host._priority}) and
+executes the real command in place, under the same process ID.  The child's start
 takes about 10 ms longer; this process pays for a C{posix_spawn} of a
 handful of descriptors.
 
@@ -44,6 +45,8 @@ from typing import Any, Iterator, Mapping, Sequence
 from twisted.internet.interfaces import IProcessProtocol, IProcessTransport
 from twisted.logger import Logger
 
+from ._priority import BackgroundStart
+
 __all__ = ["prepareSpawning", "spawnProcess"]
 
 _log = Logger()
@@ -51,12 +54,12 @@ _log = Logger()
 #: what an interpreter that takes Python's command-line options is called
 _INTERPRETER_NAME = re.compile(r"(python|pypy)[0-9.]*\Z")
 
-# Runs as C{python -I -S -c _TRAMPOLINE KEEP DIRECTORY CTYPE EXECUTABLE
-# ARGS...}.  Written for every Python 3 the host may find on disk after an
-# upgrade.
+# Runs as C{python -I -S -c _TRAMPOLINE KEEP DIRECTORY CTYPE NICE
+# EXECUTABLE ARGS...}.  Written for every Python 3 the host may find on disk
+# after an upgrade.
 _TRAMPOLINE = """\
 import os, signal, sys
-_, keep, directory, ctype, executable = sys.argv[:5]
+_, keep, directory, ctype, nice, executable = sys.argv[:6]
 keep = set(int(fd) for fd in keep.split(","))
 if ctype == "-":
     os.environ.pop("LC_CTYPE", None)
@@ -75,7 +78,9 @@ for fd in range(top):
         except OSError:
             pass
 os.closerange(top, max(os.sysconf("SC_OPEN_MAX"), top))
-os.execv(executable, sys.argv[5:])
+if nice != "-":
+    os.setpriority(os.PRIO_PROCESS, 0, int(nice))
+os.execv(executable, sys.argv[6:])
 """
 
 
@@ -112,6 +117,7 @@ def spawnProcess(
     env: Mapping[str, str],
     childFDs: Mapping[int, int | str],
     path: str | None = None,
+    background: BackgroundStart | None = None,
 ) -> IProcessTransport:
     """
     Start a process as C{reactor.spawnProcess} does, without listing this
@@ -123,6 +129,12 @@ def spawnProcess(
     path; C{executable} is looked up in this process's C{PATH} when it
     has no slash.  A reactor other than Twisted's POSIX reactors (a fake,
     say) is simply asked to spawn.
+
+    With C{background}, the child starts at its low priority (the
+    trampoline sets it before it executes the command) and
+    C{background.started} is told the child's process ID; a child Twisted
+    starts itself starts at this process's priority, and C{background} is
+    not told.
 
     @raise OSError: If C{executable} cannot be found or executed, or the
         process cannot be started.
@@ -149,6 +161,7 @@ def spawnProcess(
         ",".join(map(str, keep)),
         path or "",
         "-" if ctype is None else "=" + ctype,
+        "-" if background is None else str(background.niceness),
         target,
         *args,
     ]
@@ -156,7 +169,7 @@ def spawnProcess(
     # those a child descriptor is taken from when both numbers are equal;
     # every such number is at most the highest child descriptor.
     with _listingOnly(range(keep[-1] + 1)):
-        return reactor.spawnProcess(  # type: ignore[no-any-return]
+        transport: IProcessTransport = reactor.spawnProcess(
             protocol,
             interpreter,
             trampoline,
@@ -164,6 +177,9 @@ def spawnProcess(
             path=None,
             childFDs=dict(childFDs),
         )
+    if background is not None and transport.pid is not None:
+        background.started(transport.pid)
+    return transport
 
 
 def _trampolineInterpreter(reactor: Any) -> str | None:

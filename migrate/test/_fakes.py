@@ -231,6 +231,8 @@ class FakeSuccessor:
         self.diesOnKill = True
         self.status: SuccessorExit | None = None
         self._waiters: list[Deferred[SuccessorExit]] = []
+        #: why it was brought forward, each time
+        self.broughtForward: list[str] = []
 
     @property
     def exited(self) -> bool:
@@ -260,6 +262,9 @@ class FakeSuccessor:
 
     def outputPipes(self) -> dict[int, int]:
         return {}
+
+    def bringForward(self, why: str) -> None:
+        self.broughtForward.append(why)
 
     def deliverOutput(self, childFD: int, data: bytes) -> None:
         self.tail.extend(data.decode("utf-8", "replace").splitlines())

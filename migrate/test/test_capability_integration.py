@@ -22,6 +22,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import SkipTest, TestCase
 
+from .._host._priority import BackgroundStart
 from ._hostprocess import (
     LineClient,
     LiveAppMixin,
@@ -219,6 +220,59 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
         self.assertEqual(reply[1:], [str(report["newPid"]).encode(), b"moved", b"1"])
         for client in (moving, staying):
             client.transport.loseConnection()
+        yield waitFor(lambda: not pidAlive(oldPid), what="the old process to exit")
+
+    @inlineCallbacks
+    def test_successorStartsInBackground(self):
+        """
+        The successor starts at the lowest priority, so that its start takes
+        no processor from the clients still served, and is brought forward
+        to the old process's priority, every thread of it, when the freeze
+        begins: the new process then serves at the priority the service
+        had.  With C{--child-start foreground} it starts at that priority.
+        """
+        if BackgroundStart.ifPossible(None, 1.0) is None:
+            raise SkipTest("this process may not bring a child forward")
+        status = yield self.startHost()
+        oldPid = status["pid"]
+        before = os.getpriority(os.PRIO_PROCESS, oldPid)
+        [client] = yield self.connectClients(1)
+        code, report, err = yield self.host.upgrade()
+        self.assertEqual((code, report["moved"]), (0, 1), err)
+        newPid = report["newPid"]
+        output = self.host.output()
+        started = output.index("Started successor {} at nice 19".format(newPid))
+        forward = output.index(
+            "Brought process {} forward from nice 19 to {}: the freeze begins".format(
+                newPid, before
+            )
+        )
+        self.assertLess(started, forward)
+        self.assertLess(forward, output.index("froze and committed"))
+        threads = os.listdir("/proc/{}/task".format(newPid))
+        self.assertEqual(
+            {os.getpriority(os.PRIO_PROCESS, int(each)) for each in threads}, {before}
+        )
+        reply = yield self.exchange(client, b"after")
+        self.assertEqual(reply[1:3], [str(newPid).encode(), b"after"])
+        yield waitFor(lambda: not pidAlive(oldPid), what="the old process to exit")
+
+    @inlineCallbacks
+    def test_successorStartsInForeground(self):
+        """
+        With C{--child-start foreground} the successor starts at the old
+        process's priority: nothing is brought forward.
+        """
+        status = yield self.startHost("--child-start", "foreground")
+        oldPid = status["pid"]
+        before = os.getpriority(os.PRIO_PROCESS, oldPid)
+        code, report, err = yield self.host.upgrade()
+        self.assertEqual((code, report["outcome"]), (0, "success"), err)
+        newPid = report["newPid"]
+        output = self.host.output()
+        self.assertIn("Started successor {}: ".format(newPid), output)
+        self.assertNotIn("Brought process", output)
+        self.assertEqual(os.getpriority(os.PRIO_PROCESS, newPid), before)
         yield waitFor(lambda: not pidAlive(oldPid), what="the old process to exit")
 
     @inlineCallbacks

@@ -94,6 +94,7 @@ class FakeSuccessorTests(SynchronousTestCase):
         self.assertEqual(
             sorted(checked),
             [
+                "bringForward",
                 "deliverOutput",
                 "exited",
                 "kill",
@@ -563,6 +564,15 @@ class OutgoingSuccessTests(SynchronousTestCase):
         o.reactor.advance(1)
         self.assertEqual(o.h.stops, [])
 
+    def test_broughtForwardForTheCommit(self) -> None:
+        """
+        A successor that started in the background is brought forward to
+        this process's priority before the commit: it serves from then on.
+        """
+        o = OutgoingHarness(self, GradualTransfer())
+        self.successResultOf(o.migrate())
+        self.assertEqual(o.successor.broughtForward, ["the commit begins"])
+
 
 class CapabilityFixture(SynchronousTestCase):
     """
@@ -659,6 +669,24 @@ class CapabilityTests(CapabilityFixture):
             [each.released for each in self.connections], [True, True, False]
         )
         self.assertEqual(self.o.host.connectionCount(), 1)
+
+    def test_broughtForwardBeforeTheFreeze(self) -> None:
+        """
+        A successor that started in the background is brought forward to
+        this process's priority before the connections freeze: from then on
+        every client waits for it.
+        """
+        seen: list[list[str]] = []
+        freeze = self.freezeMovable
+
+        def freezing(connections: Any) -> Any:
+            seen.append(list(self.o.successor.broughtForward))
+            return freeze(connections)
+
+        self.patch(_outgoing, "freezeMovable", freezing)
+        report = self.successResultOf(self.o.migrate())
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual(seen, [["the freeze begins"]])
 
     def test_successorWithoutPrecopy(self) -> None:
         """

@@ -20,6 +20,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from .._host._priority import BACKGROUND_NICENESS, BackgroundStart
 from .._host._spawning import prepareSpawning, spawnProcess
 
 
@@ -88,8 +89,27 @@ report = dict(
     argv=sys.argv[1:],
     env=dict(entry.split("=", 1) for entry in entries),
     pid=os.getpid(),
+    nice=os.getpriority(os.PRIO_PROCESS, 0),
 )
 os.write(1, json.dumps(report).encode())
+"""
+
+# Starts a second thread, says "ready", waits for a line, and writes the
+# nice value of each of its two threads.
+_WAITER = """\
+import os, sys, threading
+tids = [threading.get_native_id()]
+go = threading.Event()
+def other():
+    tids.append(threading.get_native_id())
+    go.wait()
+threading.Thread(target=other, daemon=True).start()
+while len(tids) < 2:
+    pass
+os.write(1, b"ready\\n")
+sys.stdin.readline()
+os.write(1, (" ".join(str(os.getpriority(os.PRIO_PROCESS, t)) for t in tids) + "\\n").encode())
+go.set()
 """
 
 
@@ -197,10 +217,12 @@ class SpawnProcessTests(TestCase):
         self.assertEqual(self.listing.calls, 0)
 
     @inlineCallbacks
-    def test_sameProcess(self) -> Generator[Any, Any, None]:
+    def _reportInPlace(
+        self, **kwargs: Any
+    ) -> Generator[Any, Any, tuple[int, dict[str, Any]]]:
         """
-        The transport's process ID is the command's: the trampoline runs it
-        in place.
+        Start the reporter without an environment; fire with its process ID
+        (as the transport said it at the start) and its report.
         """
         protocol = _Collecting()
         transport = spawnProcess(
@@ -210,12 +232,82 @@ class SpawnProcessTests(TestCase):
             [sys.executable, "-c", _REPORTER, "3"],
             env={},
             childFDs={0: "w", 1: "r", 2: "r"},
+            **kwargs,
         )
         pid = transport.pid
         yield protocol.ended.addTimeout(30, self.reactor)
         assert protocol.reason is not None
         protocol.reason.trap(ProcessDone)
-        self.assertEqual(json.loads(protocol.output[1])["pid"], pid)
+        return pid, json.loads(protocol.output[1])
+
+    @inlineCallbacks
+    def test_sameProcess(self) -> Generator[Any, Any, None]:
+        """
+        The transport's process ID is the command's: the trampoline runs it
+        in place.
+        """
+        pid, report = yield self._reportInPlace()
+        self.assertEqual(report["pid"], pid)
+
+    @inlineCallbacks
+    def test_sameNiceness(self) -> Generator[Any, Any, None]:
+        """
+        Without a background start the child runs at this process's
+        priority.
+        """
+        report = yield self._report({0: "w", 1: "r", 2: "r"})
+        self.assertEqual(report["nice"], os.getpriority(os.PRIO_PROCESS, 0))
+
+    @inlineCallbacks
+    def test_background(self) -> Generator[Any, Any, None]:
+        """
+        With a background start, the command itself runs at the lowest
+        priority (the trampoline set it before executing it), and the
+        background start is told the child's process ID.
+        """
+        start = BackgroundStart(self.reactor, 0, 30.0)
+        self.addCleanup(start.ended)
+        pid, report = yield self._reportInPlace(background=start)
+        self.assertEqual(start.pid, pid)
+        self.assertEqual(report["nice"], BACKGROUND_NICENESS)
+
+    @inlineCallbacks
+    def test_broughtForward(self) -> Generator[Any, Any, None]:
+        """
+        A child started in the background and brought forward runs, every
+        thread of it, at this process's priority again.
+        """
+        foreground = os.getpriority(os.PRIO_PROCESS, 0)
+        start = BackgroundStart.ifPossible(self.reactor, 300.0)
+        if start is None:
+            raise SkipTest("this process may not bring a child forward")
+        self.addCleanup(start.ended)
+        protocol = _Collecting()
+        ready: Deferred[None] = Deferred()
+
+        def received(childFD: int, data: bytes) -> None:
+            _Collecting.childDataReceived(protocol, childFD, data)
+            if b"ready\n" in protocol.output[1] and not ready.called:
+                ready.callback(None)
+
+        protocol.childDataReceived = received  # type: ignore[method-assign]
+        transport = spawnProcess(
+            self.reactor,
+            protocol,
+            sys.executable,
+            [sys.executable, "-c", _WAITER],
+            env={},
+            childFDs={0: "w", 1: "r", 2: "r"},
+            background=start,
+        )
+        yield ready.addTimeout(30, self.reactor)
+        start.bringForward("the test says so")
+        transport.write(b"go\n")
+        yield protocol.ended.addTimeout(30, self.reactor)
+        assert protocol.reason is not None
+        protocol.reason.trap(ProcessDone)
+        niceness = protocol.output[1].split(b"ready\n", 1)[1].split()
+        self.assertEqual([int(each) for each in niceness], [foreground, foreground])
 
     @inlineCallbacks
     def test_environmentDirectoryArguments(self) -> Generator[Any, Any, None]:

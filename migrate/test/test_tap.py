@@ -239,6 +239,26 @@ class BuildHostTests(SynchronousTestCase):
         host = tap.buildHost(HostReactor(), options, yieldWhenHandedOn=True)
         self.assertTrue(host.settings.yieldWhenHandedOn)
 
+    def test_childStart(self) -> None:
+        """
+        Successors and trial processes start in the background unless
+        C{--child-start foreground} says otherwise; another value is a
+        usage error naming both.
+        """
+        options = tap.Options()
+        options.parseOptions(["--listen", "tcp:0"])
+        self.assertTrue(
+            tap.buildHost(HostReactor(), options).settings.startInBackground
+        )
+        options = tap.Options()
+        options.parseOptions(["--listen", "tcp:0", "--child-start", "foreground"])
+        self.assertFalse(
+            tap.buildHost(HostReactor(), options).settings.startInBackground
+        )
+        with self.assertRaises(usage.UsageError) as raised:
+            tap.Options().parseOptions(["--listen", "tcp:0", "--child-start", "idle"])
+        self.assertIn("background or foreground", str(raised.exception))
+
 
 class PluginOptionsTests(SynchronousTestCase):
     """

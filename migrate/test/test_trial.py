@@ -21,7 +21,7 @@ from twisted.logger import capturedLogs
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from .._codec import decodeState, encodeState
@@ -33,6 +33,7 @@ from .._handoff._trial import (
     runChild,
     runTrial,
 )
+from .._host._priority import BACKGROUND_NICENESS, BackgroundStart
 from ..interfaces import IMigratable
 from ..state import captureProtocolState
 from ..strategies._reload._safety import ImportTimedOut, boundedImport
@@ -618,7 +619,11 @@ class ChildProcessTests(TestCase):
         self.addCleanup(shutil.rmtree, self.workdir.path, True)
 
     def _trialOf(
-        self, source: str, cases: list[TrialCase], policy: str = "refuse"
+        self,
+        source: str,
+        cases: list[TrialCase],
+        policy: str = "refuse",
+        background: bool = False,
     ) -> Any:
         writeModule(self.workdir, "trialapp", source)
         env = dict(os.environ)
@@ -631,6 +636,7 @@ class ChildProcessTests(TestCase):
             env=env,
             timeout=10.0,
             policy=policy,
+            background=background,
         )
 
     _APP = """
@@ -670,6 +676,25 @@ class ChildProcessTests(TestCase):
         )
         self.assertIsNone(outcome.reason, outcome.output)
         self.assertEqual(outcome.tried, 2)
+
+    @inlineCallbacks
+    def test_background(self) -> Any:
+        """
+        With C{background}, the child tries the new code at the lowest
+        priority (it serves nobody); without, at this process's.
+        """
+        if BackgroundStart.ifPossible(None, 1.0) is None:
+            raise SkipTest("this process may not bring a child forward")
+        source = self._APP.format(
+            top="",
+            onTwo='raise ValueError("at nice %d" % os.getpriority(os.PRIO_PROCESS, 0))',
+        )
+        outcome = yield self._trialOf(source, [_case(2, 2)], background=True)
+        self.assertIn("at nice {}".format(BACKGROUND_NICENESS), outcome.reason)
+        outcome = yield self._trialOf(source, [_case(2, 2)])
+        self.assertIn(
+            "at nice {}".format(os.getpriority(os.PRIO_PROCESS, 0)), outcome.reason
+        )
 
     @inlineCallbacks
     def test_importHangs(self) -> Any:

@@ -619,6 +619,7 @@ class ReexecMigration:
             timeout=host.settings.readyTimeout,
             policy=self.trialFailure,
             readyMarker=PREFLIGHT_MARKER,
+            background=host.settings.startInBackground,
         )
         phaseDone("preflight")
         self._attempt.durations["trial"] = outcome.restoring

@@ -62,6 +62,7 @@ def trialInChild(
         timeout=host.settings.readyTimeout,
         policy=policy,
         path=os.getcwd(),
+        background=host.settings.startInBackground,
     )
     return result
 

@@ -51,6 +51,7 @@ from ..._handoff._successor import (
 from ..._handoff._threadwork import waitForThreadWork, workInFlight
 from ..._handoff._transport import flushWriters
 from ..._host._heap import collectionsPaused
+from ..._host._priority import BackgroundStart
 from ..._host._settings import HANDED_ON_NICENESS
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
 from ..._systemd import successorEnvironment
@@ -228,8 +229,10 @@ class OutgoingHandoff:
             if self.moveConnections:
                 yield self._precopy()
                 attempt.phaseDone("precopy")
+                self._bringSuccessorForward("the freeze begins")
                 yield self._handConnections()
                 attempt.phaseDone("connections")
+            self._bringSuccessorForward("the commit begins")
             attempt.enter(MigrationPhase.committing)
             frozenInOneStep = self._freezeSocket is not None
             newPid = yield self._commit()
@@ -361,6 +364,11 @@ class OutgoingHandoff:
                 env=successorEnvironment(os.environ),
                 handoffSocket=theirs,
                 extraEnv={"MIGRATE_HANDOFF_STRATEGY": self.strategyName},
+                background=(
+                    BackgroundStart.ifPossible(host.reactor, host.settings.readyTimeout)
+                    if host.settings.startInBackground
+                    else None
+                ),
             )
         except BaseException:
             ours.close()
@@ -736,6 +744,14 @@ class OutgoingHandoff:
             )
         )
         return int(answer["pid"])
+
+    def _bringSuccessorForward(self, why: str) -> None:
+        """
+        From here on the clients wait for the successor: if it started in
+        the background, give it this process's CPU priority.
+        """
+        if self.successor is not None:
+            self.successor.bringForward(why)
 
     def _yieldProcessor(self, moved: int) -> None:
         """

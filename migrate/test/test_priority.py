@@ -1,0 +1,284 @@
+"""
+Tests for L{migrate._host._priority}.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+from typing import Any, cast
+
+from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from .._host import _priority
+from .._host._priority import BACKGROUND_NICENESS, BackgroundStart, mayBringForward
+
+_NICE_BIT = 1 << 23
+
+
+def _status(capEff: int | str) -> str:
+    value = capEff if isinstance(capEff, str) else "{:016x}".format(capEff)
+    return "Name:\tpython\nCapInh:\t0000000000000000\nCapEff:\t{}\n".format(value)
+
+
+class MayBringForwardTests(SynchronousTestCase):
+    """
+    L{mayBringForward} says whether a child's nice value may be lowered
+    from the lowest priority back to this process's.
+    """
+
+    def test_rlimitAllows(self) -> None:
+        """
+        An C{RLIMIT_NICE} of C{n} allows nice values down to C{20 - n}:
+        enough, without any capability, when that reaches this process's.
+        """
+        self.assertTrue(mayBringForward(0, _status(0), rlimitNice=20))
+        self.assertTrue(mayBringForward(5, _status(0), rlimitNice=15))
+        self.assertTrue(
+            mayBringForward(-5, _status(0), rlimitNice=resource.RLIM_INFINITY)
+        )
+
+    def test_rlimitShort(self) -> None:
+        """
+        An C{RLIMIT_NICE} that stops short of this process's nice value,
+        without C{CAP_SYS_NICE}, is not enough.
+        """
+        self.assertFalse(mayBringForward(0, _status(0), rlimitNice=0))
+        self.assertFalse(mayBringForward(5, _status(0), rlimitNice=14))
+        self.assertFalse(
+            mayBringForward(0, _status(0xFFFFFFFF & ~_NICE_BIT), rlimitNice=19)
+        )
+
+    def test_capability(self) -> None:
+        """
+        C{CAP_SYS_NICE} among this process's effective capabilities is
+        enough, whatever the limit.
+        """
+        self.assertTrue(mayBringForward(0, _status(_NICE_BIT), rlimitNice=0))
+        self.assertTrue(mayBringForward(-10, _status(0x1FFFEFFFFFF), rlimitNice=0))
+
+    def test_unreadableStatus(self) -> None:
+        """
+        A status without a readable C{CapEff} line grants nothing.
+        """
+        self.assertFalse(mayBringForward(0, _status("zz"), rlimitNice=0))
+        self.assertFalse(mayBringForward(0, "Name:\tpython\n", rlimitNice=0))
+
+    def test_thisProcess(self) -> None:
+        """
+        Without a status or a limit given, this process's are read: the
+        answer agrees with what they say.
+        """
+        with open("/proc/self/status") as f:
+            status = f.read()
+        limit = resource.getrlimit(resource.RLIMIT_NICE)[0]
+        niceness = os.getpriority(os.PRIO_PROCESS, 0)
+        self.assertEqual(
+            mayBringForward(niceness), mayBringForward(niceness, status, limit)
+        )
+
+
+class _Priorities:
+    """
+    Stands in for C{os.setpriority} and the listing of a process's
+    threads: records what was set, and can refuse.
+    """
+
+    def __init__(self, threads: list[list[int]]) -> None:
+        self.listings = threads
+        self.set: list[tuple[int, int]] = []
+        self.refuse: dict[int, int] = {}
+
+    def setPriority(self, which: int, who: int, value: int) -> None:
+        assert which == os.PRIO_PROCESS
+        if who in self.refuse:
+            raise OSError(self.refuse[who], os.strerror(self.refuse[who]))
+        self.set.append((who, value))
+
+    def threadsOf(self, pid: int) -> list[int]:
+        if len(self.listings) > 1:
+            return self.listings.pop(0)
+        return self.listings[0]
+
+
+class BackgroundStartTests(SynchronousTestCase):
+    """
+    L{BackgroundStart} brings a child started at the lowest priority
+    forward, every thread of it, once: when told, or after its bounded
+    time in the background.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, self.events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    def _start(
+        self, threads: list[list[int]], foreground: int = 0
+    ) -> tuple[BackgroundStart, _Priorities]:
+        fake = _Priorities(threads)
+        start = BackgroundStart(
+            self.clock,
+            foreground,
+            3.0,
+            setPriority=fake.setPriority,
+            threadsOf=fake.threadsOf,
+        )
+        start.started(100)
+        return start, fake
+
+    def _logged(self, level: LogLevel) -> list[dict[str, Any]]:
+        return [
+            each
+            for each in self.events
+            if each.get("log_level") is level
+            and each.get("log_namespace", "").startswith("migrate._host._priority")
+        ]
+
+    def test_everyThreadMainFirst(self) -> None:
+        """
+        Bringing forward sets the main thread first (threads it starts
+        from then on inherit its priority), then every other thread, and
+        says so in the log with why.
+        """
+        start, fake = self._start([[100, 101, 102]], foreground=2)
+        start.bringForward("the freeze begins")
+        self.assertEqual(fake.set, [(100, 2), (101, 2), (102, 2)])
+        self.assertTrue(start.broughtForward)
+        [info] = self._logged(LogLevel.info)
+        self.assertEqual(info["why"], "the freeze begins")
+        self.assertEqual((info["pid"], info["low"], info["nice"]), (100, 19, 2))
+
+    def test_threadsStartedMeanwhile(self) -> None:
+        """
+        A thread that appears while the threads are brought forward (a
+        thread in the background started it) is brought forward too.
+        """
+        start, fake = self._start([[100, 101], [100, 101, 103], [100, 101, 103]])
+        start.bringForward("now")
+        self.assertEqual(fake.set, [(100, 0), (101, 0), (103, 0)])
+
+    def test_threadEndedMeanwhile(self) -> None:
+        """
+        A thread that ended between the listing and its turn is skipped.
+        """
+        start, fake = self._start([[100, 101, 102]])
+        fake.refuse[101] = errno.ESRCH
+        start.bringForward("now")
+        self.assertEqual(fake.set, [(100, 0), (102, 0)])
+        self.assertEqual(self._logged(LogLevel.error), [])
+
+    def test_once(self) -> None:
+        """
+        Doing it again does nothing.
+        """
+        start, fake = self._start([[100]])
+        start.bringForward("first")
+        start.bringForward("second")
+        self.assertEqual(fake.set, [(100, 0)])
+
+    def test_afterItsTime(self) -> None:
+        """
+        A child still in the background after its bounded time is brought
+        forward then, saying so.
+        """
+        start, fake = self._start([[100]])
+        self.clock.advance(2.9)
+        self.assertEqual(fake.set, [])
+        self.clock.advance(0.1)
+        self.assertEqual(fake.set, [(100, 0)])
+        [info] = self._logged(LogLevel.info)
+        self.assertEqual(info["why"], "still starting after 3 s")
+
+    def test_broughtForwardCancelsTimer(self) -> None:
+        """
+        Once brought forward, the deadline has nothing left to do.
+        """
+        start, fake = self._start([[100]])
+        start.bringForward("now")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_ended(self) -> None:
+        """
+        A child that ended is not touched again (its process ID may be
+        another process's by then), nor is a deadline left behind.
+        """
+        start, fake = self._start([[100]])
+        start.ended()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        start.bringForward("too late")
+        self.assertEqual(fake.set, [])
+
+    def test_goneMeanwhile(self) -> None:
+        """
+        A child that has ended before its end was noticed needs nothing,
+        and nothing is logged as an error.
+        """
+        start, fake = self._start([[100]])
+        fake.refuse[100] = errno.ESRCH
+        start.bringForward("now")
+        self.assertEqual(self._logged(LogLevel.error), [])
+
+    def test_refused(self) -> None:
+        """
+        A refusal is logged as an error saying the child runs on at the
+        low priority; nothing is raised.
+        """
+        start, fake = self._start([[100]])
+        fake.refuse[100] = errno.EACCES
+        start.bringForward("the freeze begins")
+        [error] = self._logged(LogLevel.error)
+        self.assertEqual(error["low"], BACKGROUND_NICENESS)
+        self.assertIn("Permission denied", error["error"])
+
+    def test_notStarted(self) -> None:
+        """
+        A background start never told of a child (Twisted started it, at
+        this process's priority) touches nothing.
+        """
+        fake = _Priorities([[100]])
+        start = BackgroundStart(
+            self.clock, 0, 3.0, setPriority=fake.setPriority, threadsOf=fake.threadsOf
+        )
+        start.bringForward("now")
+        self.assertEqual(fake.set, [])
+
+
+class IfPossibleTests(SynchronousTestCase):
+    """
+    L{BackgroundStart.ifPossible} gives a background start only where the
+    child can be brought forward again.
+    """
+
+    def test_possible(self) -> None:
+        """
+        Where it may, the start comes back to this process's nice value
+        after a tenth of the deadline.
+        """
+        self.patch(_priority, "mayBringForward", lambda niceness: True)
+        self.patch(os, "getpriority", lambda which, who: 3)
+        start = BackgroundStart.ifPossible(Clock(), 30.0)
+        assert start is not None
+        self.assertEqual((start.foreground, start.atMost), (3, 3.0))
+        self.assertEqual(start.niceness, BACKGROUND_NICENESS)
+
+    def test_notPermitted(self) -> None:
+        """
+        Where this process could not bring the child forward, there is no
+        background start: the child starts at this process's priority.
+        """
+        self.patch(_priority, "mayBringForward", lambda niceness: False)
+        self.assertIsNone(BackgroundStart.ifPossible(Clock(), 30.0))
+
+    def test_alreadyLowest(self) -> None:
+        """
+        A process at the lowest priority itself has nothing to gain.
+        """
+        self.patch(_priority, "mayBringForward", lambda niceness: True)
+        self.patch(os, "getpriority", lambda which, who: BACKGROUND_NICENESS)
+        self.assertIsNone(BackgroundStart.ifPossible(Clock(), 30.0))

@@ -234,16 +234,27 @@ def freezeInParts(
     precopied: Sequence[PrecopiedConnection],
     size: int,
     compare: Callable[[Sequence[PrecopiedConnection]], FreezeDelta] = freezeDelta,
+    changedPerPart: int | None = None,
+    step: int = 50,
 ) -> tuple[FreezeDelta, Iterator[dict[str, Any]], Callable[[], dict[str, Any]]]:
     """
     L{freezeDelta} a part at a time, for a freeze that streams its delta:
     the process taking over restores the connections of one part while
     this one compares the next.
 
+    A part ends after C{size} connections, or as soon as C{changedPerPart}
+    of them changed: restoring a changed connection costs the other process
+    far more than an unchanged one, so that under load (every connection
+    changed) the parts stay short and the two processes work side by side,
+    instead of the other waiting for this one to compare a thousand.
+
     @param precopied: the pre-copied connections, in the order of their
         manifest numbers.
-    @param size: how many connections a part covers.
+    @param size: the most connections a part covers.
     @param compare: makes the delta of a part (L{freezeDelta}).
+    @param changedPerPart: the most changed connections a part carries
+        (L{None}: no such bound); parts are then compared C{step}
+        connections at a time.
 
     @return: the whole delta (filled in as the parts are made), the
         messages of the parts before the last (each made when it is asked
@@ -252,21 +263,60 @@ def freezeInParts(
         message, the one the other process commits with.
     """
     delta = FreezeDelta()
-    starts = list(range(0, len(precopied), size))
+    compared = 0
 
-    def partFrom(start: int) -> FreezeDelta:
-        part = compare(precopied[start : start + size])
+    def nextPart() -> FreezeDelta:
+        nonlocal compared
+        end = min(compared + size, len(precopied))
+        if changedPerPart is None:
+            part = compare(precopied[compared:end])
+            compared = end
+        else:
+            pieces: list[FreezeDelta] = []
+            changed = 0
+            while compared < end and changed < changedPerPart:
+                piece = compare(precopied[compared : min(compared + step, end)])
+                compared = min(compared + step, end)
+                pieces.append(piece)
+                changed += len(piece.changes)
+            part = _joined(pieces)
         delta.absorb(part)
         return part
 
     def parts() -> Iterator[dict[str, Any]]:
-        for start in starts[:-1]:
-            plain = partFrom(start).toPlain()
+        while True:
+            part = nextPart()
+            if compared >= len(precopied):
+                # Compared to the end: the last message carries it.
+                parked.append(part)
+                return
+            plain = part.toPlain()
             plain["more"] = True
-            plain["upTo"] = precopied[start + size - 1].ident
+            plain["upTo"] = precopied[compared - 1].ident
             yield plain
 
+    parked: list[FreezeDelta] = []
+
     def last() -> dict[str, Any]:
-        return (partFrom(starts[-1]) if starts else FreezeDelta()).toPlain()
+        if parked:
+            return parked.pop().toPlain()
+        if compared < len(precopied):
+            raise RuntimeError("the last part asked for before the others")
+        return FreezeDelta().toPlain()
 
     return delta, parts(), last
+
+
+def _joined(pieces: Sequence[FreezeDelta]) -> FreezeDelta:
+    """
+    One part made of the deltas of consecutive runs of connections: the
+    changed ones first, as in each.
+    """
+    part = FreezeDelta()
+    for piece in pieces:
+        part.changes.extend(piece.changes)
+        part.withdrawn.extend(piece.withdrawn)
+        part.moving.extend(piece.moving[: len(piece.changes)])
+    for piece in pieces:
+        part.moving.extend(piece.moving[len(piece.changes) :])
+    return part

@@ -200,6 +200,40 @@ class PrecopyTests(ServedSocketpairs):
         self.assertEqual([change["id"] for change in delta.changes], [idents[2]])
 
     @inlineCallbacks
+    def test_freezeInPartsByChanges(self) -> Any:
+        """
+        With C{changedPerPart}, a part also ends once that many of its
+        connections changed (compared C{step} at a time), so that the other
+        process restores changed connections while this one compares the
+        next; the changed ones come first in each part, and the last
+        message covers the rest.
+        """
+        served = [self.serve("tcp:1", Counter) for _ in range(6)]
+        for _, client in served:
+            yield self.readLines(client, 1)
+        precopied, _ = self.precopy()
+        for index in (1, 2, 4):
+            client = served[index][1]
+            client.sendall(b"x\n")
+            yield self.readLines(client, 1)
+        delta, parts, last = freezeInParts(precopied, 10, changedPerPart=2, step=1)
+        self.assertRaises(RuntimeError, last)
+        messages = list(parts)
+        final = last()
+        idents = [each.ident for each in precopied]
+        self.assertEqual(
+            [(each["upTo"], [c["id"] for c in each["changes"]]) for each in messages],
+            [(idents[2], [idents[1], idents[2]])],
+        )
+        self.assertEqual([c["id"] for c in final["changes"]], [idents[4]])
+        self.assertNotIn("more", final)
+        hosted = [each for each, _ in served]
+        self.assertEqual(
+            [each.hosted for each in delta.moving],
+            [hosted[1], hosted[2], hosted[0], hosted[4], hosted[3], hosted[5]],
+        )
+
+    @inlineCallbacks
     def test_withdrawn(self) -> Any:
         """
         A connection that closed since the copy is withdrawn without a

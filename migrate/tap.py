@@ -246,8 +246,9 @@ class Options(usage.Options):
             "background or foreground: successors and trial processes start "
             "at the lowest CPU priority (nice 19), so that their start takes "
             "no CPU from the clients, and are brought forward to this "
-            "process's priority when clients wait for them or after a tenth "
-            "of --ready-timeout (background; only where this process may: "
+            "process's priority once started (a successor: when it is ready) "
+            "or after a tenth of --ready-timeout (background; only where "
+            "this process may: "
             "CAP_SYS_NICE or RLIMIT_NICE), or at this process's priority "
             "(foreground).",
         ],

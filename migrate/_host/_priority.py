@@ -9,16 +9,19 @@ competes with the process still serving: every client of it waits for a
 CPU while the successor imports, although nothing the clients need
 depends on the start being quick.  Measured on the two-CPU machine with
 1,000 clients each sending every 50 ms, the longest wait of a capability
-transfer fell from 93 to 103 ms (during the successor's start) to 50 to
+transfer fell from 93 to 103 ms (during the successor's start) to 47 to
 57 ms (the freeze's own), and the median wait during the migration from
 17 to under 5 ms, when the successor started at nice 19.
 
 A child started in the background (L{BackgroundStart}) runs at the lowest
 priority (L{BACKGROUND_NICENESS}) until it is brought forward to this
-process's priority: the successor when the freeze begins (from then on the
-clients wait for it), and any child once it has run in the background for
-a bounded time, so that a machine busy with other work does not stretch a
-start toward its deadline.
+process's priority: a successor once its start is done (it says it is
+ready: its interpreter and imports, the costly part, are behind it; the
+application's start, the pre-copy and the freeze follow at this process's
+priority, and so do the processes the application starts then), and any
+child once it has run in the background for a bounded time, so that a
+machine busy with other work does not stretch a start toward its
+deadline.
 
 Bringing a process forward again needs a privilege this process may not
 have (C{CAP_SYS_NICE}, or an C{RLIMIT_NICE} that allows this process's

@@ -75,9 +75,9 @@ class HostSettings:
     @ivar startInBackground: whether successors (and the trial processes
         of re-exec and module reload) start at the lowest CPU priority, so
         that their start takes no CPU from the clients of this process, and
-        are brought forward to this process's priority when the clients
-        wait for them (the freeze) or after a tenth of C{readyTimeout} (a
-        trial: of its own timeout).  Only where this process may bring them
+        are brought forward to this process's priority once started (a
+        successor: when it says it is ready) or after a tenth of
+        C{readyTimeout} (a trial: of its own timeout).  Only where this process may bring them
         forward: see L{migrate._host._priority}.
     """
 

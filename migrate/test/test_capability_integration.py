@@ -227,9 +227,9 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
         """
         The successor starts at the lowest priority, so that its start takes
         no processor from the clients still served, and is brought forward
-        to the old process's priority, every thread of it, when the freeze
-        begins: the new process then serves at the priority the service
-        had.  With C{--child-start foreground} it starts at that priority.
+        to the old process's priority, every thread of it, once it says it
+        is ready, before the freeze: the new process then serves at the
+        priority the service had.
         """
         if BackgroundStart.ifPossible(None, 1.0) is None:
             raise SkipTest("this process may not bring a child forward")
@@ -243,7 +243,7 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
         output = self.host.output()
         started = output.index("Started successor {} at nice 19".format(newPid))
         forward = output.index(
-            "Brought process {} forward from nice 19 to {}: the freeze begins".format(
+            "Brought process {} forward from nice 19 to {}: its start is done".format(
                 newPid, before
             )
         )

@@ -564,14 +564,25 @@ class OutgoingSuccessTests(SynchronousTestCase):
         o.reactor.advance(1)
         self.assertEqual(o.h.stops, [])
 
-    def test_broughtForwardForTheCommit(self) -> None:
+    def test_broughtForwardOnceReady(self) -> None:
         """
         A successor that started in the background is brought forward to
-        this process's priority before the commit: it serves from then on.
+        this process's priority once it says it is ready, before it is
+        handed anything: the application's start, and the processes it
+        may start, run at the service's priority.
         """
         o = OutgoingHarness(self, GradualTransfer())
+        seen: list[list[str]] = []
+        describe = _outgoing.listenerDescriptor
+
+        def listenerDescriptor(port: Any) -> int:
+            seen.append(list(o.successor.broughtForward))
+            return describe(port)
+
+        self.patch(_outgoing, "listenerDescriptor", listenerDescriptor)
         self.successResultOf(o.migrate())
-        self.assertEqual(o.successor.broughtForward, ["the commit begins"])
+        self.assertEqual(seen[0], ["its start is done"])
+        self.assertEqual(o.successor.broughtForward, ["its start is done"])
 
 
 class CapabilityFixture(SynchronousTestCase):
@@ -669,24 +680,6 @@ class CapabilityTests(CapabilityFixture):
             [each.released for each in self.connections], [True, True, False]
         )
         self.assertEqual(self.o.host.connectionCount(), 1)
-
-    def test_broughtForwardBeforeTheFreeze(self) -> None:
-        """
-        A successor that started in the background is brought forward to
-        this process's priority before the connections freeze: from then on
-        every client waits for it.
-        """
-        seen: list[list[str]] = []
-        freeze = self.freezeMovable
-
-        def freezing(connections: Any) -> Any:
-            seen.append(list(self.o.successor.broughtForward))
-            return freeze(connections)
-
-        self.patch(_outgoing, "freezeMovable", freezing)
-        report = self.successResultOf(self.o.migrate())
-        self.assertEqual(report["outcome"], "success")
-        self.assertEqual(seen, [["the freeze begins"]])
 
     def test_successorWithoutPrecopy(self) -> None:
         """

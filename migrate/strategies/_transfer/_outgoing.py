@@ -233,10 +233,8 @@ class OutgoingHandoff:
             if self.moveConnections:
                 yield self._precopy()
                 attempt.phaseDone("precopy")
-                self._bringSuccessorForward("the freeze begins")
                 yield self._handConnections()
                 attempt.phaseDone("connections")
-            self._bringSuccessorForward("the commit begins")
             attempt.enter(MigrationPhase.committing)
             frozenInOneStep = self._freezeSocket is not None
             newPid = yield self._commit()
@@ -395,6 +393,7 @@ class OutgoingHandoff:
             host.settings.readyTimeout,
             "not ready within {} s".format(host.settings.readyTimeout),
         )
+        self._bringSuccessorForward("its start is done")
         self._step("successor {} is ready".format(self.successor.pid))
 
     @inlineCallbacks
@@ -753,8 +752,11 @@ class OutgoingHandoff:
 
     def _bringSuccessorForward(self, why: str) -> None:
         """
-        From here on the clients wait for the successor: if it started in
-        the background, give it this process's CPU priority.
+        If the successor started in the background, give it this process's
+        CPU priority: once its interpreter and imports are done, since what
+        follows (the application's start, the pre-copy, the freeze) is
+        short, leads to the moment the clients wait for it, and may start
+        processes of the application's, which would keep the low priority.
         """
         if self.successor is not None:
             self.successor.bringForward(why)

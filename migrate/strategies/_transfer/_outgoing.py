@@ -41,6 +41,7 @@ from ..._handoff._precopy import (
     freezeDelta,
     freezeInParts,
     precopyMovable,
+    recopyChanged,
 )
 from ..._handoff._safepoint import SafePointWatch
 from ..._handoff._successor import (
@@ -66,6 +67,7 @@ from ._channel import (
     Hello,
     PrecopyConnections,
     Prepare,
+    RecopyConnections,
     Reported,
     TakeControl,
     TakeListener,
@@ -85,6 +87,13 @@ _KILL_WAIT = 5.0
 #: successor restores one part (about 5 ms) while this process compares
 #: the next
 _FREEZE_PART = 1000
+#: at most this many re-copy rounds between the pre-copy and the freeze
+_RECOPY_ROUNDS = 3
+#: a re-copy round after the first is sent only if it copies at most this
+#: fraction of what the round before copied: the changed set must shrink
+#: (each round is then quicker, so fewer connections change during it),
+#: or the freeze may as well carry it
+_RECOPY_SHRINK = 0.75
 
 _log = Logger()
 
@@ -228,6 +237,8 @@ class OutgoingHandoff:
             if self.moveConnections:
                 yield self._precopy()
                 attempt.phaseDone("precopy")
+                yield self._recopy()
+                attempt.phaseDone("recopy")
                 yield self._handConnections()
                 attempt.phaseDone("connections")
             attempt.enter(MigrationPhase.committing)
@@ -606,6 +617,101 @@ class OutgoingHandoff:
                 counted(answer["staged"], "connection")
             )
         )
+
+    @inlineCallbacks
+    def _recopy(self) -> Any:
+        """
+        After the pre-copy, before the freeze: a few rounds that send again
+        the state of every pre-copied connection that changed since its
+        last copy, a slice of connections per reactor turn while this
+        process goes on serving them, as live migration of virtual machines
+        copies the pages dirtied meanwhile.  Under load, every connection
+        changes between the pre-copy and the freeze (a client sending a
+        line every 50 ms, a pre-copy answered 100 ms before it); each round
+        is quicker than the one before, so that fewer change during it,
+        and the freeze carries only what changed since the last.
+
+        The rounds stop once nothing changed, after L{_RECOPY_ROUNDS}, or
+        when a round would not copy clearly fewer than the one before
+        (L{_RECOPY_SHRINK}: the clients change them as fast as they are
+        copied).  A successor that does not know re-copy (older code)
+        makes this a no-op: the freeze carries every change.
+
+        @raise HandoffFailed: if the successor refused a new state (all or
+            nothing: this process keeps every connection).
+        """
+        precopied = self._precopied
+        if self._freezeSocket is None or not precopied:
+            return
+        clock = self.host.reactor
+        previous: int | None = None
+        for number in range(1, _RECOPY_ROUNDS + 1):
+            recopied: list[tuple[PrecopiedConnection, Any]] = []
+            entries: list[str] = []
+            for start in range(0, len(precopied), _PRECOPY_BATCH):
+                if start:
+                    # This process serves its clients between two slices.
+                    yield deferLater(clock, 0, lambda: None)
+                batch, encoded = recopyChanged(
+                    precopied[start : start + _PRECOPY_BATCH]
+                )
+                recopied.extend(batch)
+                if encoded:
+                    entries.append(encoded)
+            if not recopied:
+                return
+            if previous is not None and len(recopied) > previous * _RECOPY_SHRINK:
+                self._step(
+                    "{} changed since re-copy round {}, which copied {}: the "
+                    "freeze carries them".format(
+                        counted(len(recopied), "connection"), number - 1, previous
+                    )
+                )
+                return
+            manifest = ("[" + ",".join(entries) + "]").encode("ascii")
+            if len(manifest) > _MAX_MANIFEST_BYTES:
+                # The freeze would refuse it too; say so there.
+                return
+            manifestFd = writeMemfd(manifest, "migrate-recopy")
+            self._step(
+                "re-copy round {}: {} changed since the last copy ({} bytes of "
+                "state)".format(
+                    number, counted(len(recopied), "connection"), len(manifest)
+                )
+            )
+            try:
+                answer = yield self._call(
+                    RecopyConnections,
+                    "re-copying connections",
+                    count=len(recopied),
+                    manifestSize=len(manifest),
+                    manifest=manifestFd,
+                )
+            except amp.UnhandledCommand:
+                self._step(
+                    "the successor does not know re-copy: the freeze carries "
+                    "every change"
+                )
+                return
+            finally:
+                os.close(manifestFd)
+            if answer["refusedCount"]:
+                raise HandoffFailed(
+                    "the new code refused the new state of {} of {} (first: {}); "
+                    "the hand-off is all or nothing".format(
+                        answer["refusedCount"],
+                        counted(len(recopied), "connection"),
+                        self._firstRefused(
+                            _parseRefusals(answer["refused"]),
+                            [each for each, _ in recopied],
+                        ),
+                    )
+                )
+            # The successor holds these states now: the freeze compares
+            # with them.
+            for each, fingerprint in recopied:
+                each.fingerprint = fingerprint
+            previous = len(recopied)
 
     def _stopLateSuccessor(self, sock: socket.socket) -> None:
         """

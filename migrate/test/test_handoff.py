@@ -1237,9 +1237,10 @@ class RecopyTests(PrecopyFixture):
     def test_slices(self) -> None:
         """
         A round looks at the connections a slice at a time, this process
-        serving (a reactor turn) between two slices, and sends them all.
+        serving (a reactor turn) between two slices, and sends each slice's
+        new states as soon as it has them.
         """
-        self.patch(_outgoing, "_PRECOPY_BATCH", 1)
+        self.patch(_outgoing, "_RECOPY_SLICE", 1)
         events: list[Any] = []
         changed = {1: 1, 2: 1}
 
@@ -1266,7 +1267,7 @@ class RecopyTests(PrecopyFixture):
         self.assertEqual(events[first : first + 3], [[1], "turn", [2]])
         self.assertEqual(
             self.incoming.recopies,
-            [[{"id": 1, "state": {}}, {"id": 2, "state": {}}]],
+            [[{"id": 1, "state": {}}], [{"id": 2, "state": {}}]],
         )
 
     def test_boundedRounds(self) -> None:
@@ -1298,8 +1299,8 @@ class RecopyTests(PrecopyFixture):
             self.fingerprintsAtFreeze, [["fingerprint 1", "fingerprint 1"]]
         )
         self.assertIn(
-            "2 connections changed since re-copy round 1, which copied 2: the freeze "
-            "carries them",
+            "re-copy round 2 stopped: more than 75% of the 2 connections round 1 "
+            "copied changed again; the freeze carries them",
             self.o.progress,
         )
 

@@ -15,7 +15,12 @@ import socket
 from typing import Any, Callable
 
 from attrs import define, field
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    inlineCallbacks,
+)
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.task import deferLater
@@ -87,9 +92,12 @@ _KILL_WAIT = 5.0
 #: successor restores one part (about 5 ms) while this process compares
 #: the next
 _FREEZE_PART = 1000
+#: pre-copied connections looked at, and re-copied, per reactor step of a
+#: re-copy round: each slice goes to the successor at once
+_RECOPY_SLICE = 250
 #: at most this many re-copy rounds between the pre-copy and the freeze
 _RECOPY_ROUNDS = 3
-#: a re-copy round after the first is sent only if it copies at most this
+#: a re-copy round after the first stops once it would copy more than this
 #: fraction of what the round before copied: the changed set must shrink
 #: (each round is then quicker, so fewer connections change during it),
 #: or the freeze may as well carry it
@@ -646,72 +654,98 @@ class OutgoingHandoff:
         clock = self.host.reactor
         previous: int | None = None
         for number in range(1, _RECOPY_ROUNDS + 1):
-            recopied: list[tuple[PrecopiedConnection, Any]] = []
-            entries: list[str] = []
-            for start in range(0, len(precopied), _PRECOPY_BATCH):
+            sent: list[tuple[list[tuple[PrecopiedConnection, Any]], Deferred[Any]]]
+            sent = []
+            count = size = 0
+            stopped = False
+            for start in range(0, len(precopied), _RECOPY_SLICE):
                 if start:
                     # This process serves its clients between two slices.
                     yield deferLater(clock, 0, lambda: None)
-                batch, encoded = recopyChanged(
-                    precopied[start : start + _PRECOPY_BATCH]
-                )
-                recopied.extend(batch)
-                if encoded:
-                    entries.append(encoded)
-            if not recopied:
-                return
-            if previous is not None and len(recopied) > previous * _RECOPY_SHRINK:
+                batch, encoded = recopyChanged(precopied[start : start + _RECOPY_SLICE])
+                if not batch:
+                    continue
+                if previous is not None and count + len(batch) > previous * (
+                    _RECOPY_SHRINK
+                ):
+                    stopped = True
+                    break
+                manifest = ("[" + encoded + "]").encode("ascii")
+                count += len(batch)
+                size += len(manifest)
+                # Sent at once: the successor takes this slice while this
+                # process serves, then copies the next.
+                sent.append((batch, self._sendRecopy(manifest, len(batch))))
+            if sent:
                 self._step(
-                    "{} changed since re-copy round {}, which copied {}: the "
-                    "freeze carries them".format(
-                        counted(len(recopied), "connection"), number - 1, previous
-                    )
+                    "re-copy round {}: {} changed since the last copy ({} bytes "
+                    "of state)".format(number, counted(count, "connection"), size)
                 )
-                return
-            manifest = ("[" + ",".join(entries) + "]").encode("ascii")
-            if len(manifest) > _MAX_MANIFEST_BYTES:
-                # The freeze would refuse it too; say so there.
-                return
-            manifestFd = writeMemfd(manifest, "migrate-recopy")
-            self._step(
-                "re-copy round {}: {} changed since the last copy ({} bytes of "
-                "state)".format(
-                    number, counted(len(recopied), "connection"), len(manifest)
-                )
+            outcomes = yield DeferredList(
+                [answer for _, answer in sent], consumeErrors=True
             )
-            try:
-                answer = yield self._call(
-                    RecopyConnections,
-                    "re-copying connections",
-                    count=len(recopied),
-                    manifestSize=len(manifest),
-                    manifest=manifestFd,
-                )
-            except amp.UnhandledCommand:
-                self._step(
-                    "the successor does not know re-copy: the freeze carries "
-                    "every change"
-                )
-                return
-            finally:
-                os.close(manifestFd)
-            if answer["refusedCount"]:
-                raise HandoffFailed(
-                    "the new code refused the new state of {} of {} (first: {}); "
-                    "the hand-off is all or nothing".format(
-                        answer["refusedCount"],
-                        counted(len(recopied), "connection"),
-                        self._firstRefused(
-                            _parseRefusals(answer["refused"]),
-                            [each for each, _ in recopied],
-                        ),
+            for (batch, _), (ok, outcome) in zip(sent, outcomes):
+                if not ok:
+                    if outcome.check(amp.UnhandledCommand):
+                        self._step(
+                            "the successor does not know re-copy: the freeze "
+                            "carries every change"
+                        )
+                        return
+                    outcome.raiseException()
+                if outcome["refusedCount"]:
+                    raise HandoffFailed(
+                        "the new code refused the new state of {} of {} (first: "
+                        "{}); the hand-off is all or nothing".format(
+                            outcome["refusedCount"],
+                            counted(len(batch), "connection"),
+                            self._firstRefused(
+                                _parseRefusals(outcome["refused"]),
+                                [each for each, _ in batch],
+                            ),
+                        )
                     )
-                )
             # The successor holds these states now: the freeze compares
             # with them.
-            for each, fingerprint in recopied:
-                each.fingerprint = fingerprint
-            previous = len(recopied)
+            for batch, _ in sent:
+                for each, fingerprint in batch:
+                    each.fingerprint = fingerprint
+            if stopped:
+                self._step(
+                    "re-copy round {} stopped: more than {:.0%} of the {} "
+                    "connections round {} copied changed again; the freeze "
+                    "carries them".format(number, _RECOPY_SHRINK, previous, number - 1)
+                )
+                return
+            if not sent:
+                return
+            previous = count
+
+    def _sendRecopy(self, manifest: bytes, count: int) -> Deferred[Any]:
+        """
+        Send the new state of C{count} pre-copied connections (their
+        entries, encoded) with L{RecopyConnections}.
+
+        @return: a L{Deferred} firing with the successor's answer.
+        """
+        manifestFd = writeMemfd(manifest, "migrate-recopy")
+
+        def close(result: Any) -> Any:
+            os.close(manifestFd)
+            return result
+
+        try:
+            answer = self._call(
+                RecopyConnections,
+                "re-copying connections",
+                count=count,
+                manifestSize=len(manifest),
+                manifest=manifestFd,
+            )
+        except BaseException:
+            os.close(manifestFd)
+            raise
+        return answer.addBoth(close)
 
     def _stopLateSuccessor(self, sock: socket.socket) -> None:
         """

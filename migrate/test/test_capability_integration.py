@@ -683,7 +683,7 @@ class PrecopyIntegrationTests(LiveAppMixin, TestCase):
             "re-copy round 1: 1 connection changed since the last copy", output
         )
         self.assertIn(
-            "froze and committed: 1 connection changed since the pre-copy", output
+            "froze and committed: 1 connection changed since their last copy", output
         )
         # Restored ahead from the pre-copy (count 0), then from the
         # re-copy (count 2): both abandoned, each once.
@@ -724,7 +724,7 @@ class PrecopyIntegrationTests(LiveAppMixin, TestCase):
             "re-copy round 1: 1 connection changed since the last copy", output
         )
         self.assertIn(
-            "froze and committed: 0 connections changed since the pre-copy", output
+            "froze and committed: 0 connections changed since their last copy", output
         )
         reply = yield self.exchange(once, b"x")
         self.assertEqual(reply, [b"v2", newPid, b"x", b"2", b"2"])

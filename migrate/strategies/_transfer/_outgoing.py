@@ -871,7 +871,7 @@ class OutgoingHandoff:
         self._precopied = []
         self._noteStaying(staying)
         self._step(
-            "froze and committed: {} changed since the pre-copy".format(
+            "froze and committed: {} changed since their last copy".format(
                 counted(len(delta.changes), "connection")
             )
         )

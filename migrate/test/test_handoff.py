@@ -1304,6 +1304,40 @@ class RecopyTests(PrecopyFixture):
             self.o.progress,
         )
 
+    def test_stopsMidRound(self) -> None:
+        """
+        A round stops as soon as it would copy more than three quarters of
+        what the round before copied: the slices it sent already count
+        (their connections take their new fingerprints), the rest is left
+        for the freeze.
+        """
+        self.patch(_outgoing, "_RECOPY_SLICE", 1)
+        copies = {1: 0, 2: 0}
+
+        def recopyChanged(precopied: list[Any]) -> tuple[list[Any], str]:
+            # Every connection changed again each time it is looked at.
+            picked = []
+            for each in precopied:
+                copies[each.ident] += 1
+                picked.append((each, "copy {}".format(copies[each.ident])))
+            return picked, ",".join(
+                json.dumps({"id": each.ident, "state": {"copy": copies[each.ident]}})
+                for each in precopied
+            )
+
+        self.patch(_outgoing, "recopyChanged", recopyChanged)
+        report = self.migrate()
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual(
+            self.incoming.recopies,
+            [
+                [{"id": 1, "state": {"copy": 1}}],
+                [{"id": 2, "state": {"copy": 1}}],
+                [{"id": 1, "state": {"copy": 2}}],
+            ],
+        )
+        self.assertEqual(self.fingerprintsAtFreeze, [["copy 2", "copy 1"]])
+
     def test_successorWithoutRecopy(self) -> None:
         """
         A successor that does not know C{RecopyConnections} (older code)

@@ -431,6 +431,24 @@ class StagedConnection:
         self.state = state
         self.pendingOutput = output
 
+    def updateState(self, plain: Any) -> None:
+        """
+        Take a fresh copy of the state (in plain form), from a re-copy
+        between the pre-copy and the freeze: the old process still serves
+        the connection, and still holds its output.
+
+        @raise StateError: if it is malformed; nothing changes then.
+        """
+        try:
+            state = ProtocolState.fromPlain(plain, owned=True)
+        except Exception as e:
+            raise StateError(
+                "bad re-copy of connection {}: {}".format(
+                    self.ident, describeFailure(e)
+                )
+            )
+        self.state = state
+
     def restore(self) -> AdoptedConnection:
         """
         Restore the protocol from its state, in place of C{connectionMade}.

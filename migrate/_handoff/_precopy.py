@@ -1,7 +1,11 @@
 """
 Pre-copy, on the side that lets go: hand the process taking over each
 connection's descriptor and a first copy of its state while this process
-still serves it, so that the freeze only has to carry what changed since.
+still serves it, so that the freeze only has to carry what changed since.  Between the two, a few
+re-copy rounds (L{recopyChanged}) send again the state of every connection
+that changed since its last copy, so that the freeze, under load, finds
+few changed: the longer since a connection's copy, the likelier its client
+has sent something since.
 
 Live migration of virtual machines does the same with memory pages.  Here
 the "pages" are connections: L{precopyMovable} describes every connection
@@ -48,6 +52,7 @@ __all__ = [
     "freezeDelta",
     "freezeInParts",
     "precopyMovable",
+    "recopyChanged",
 ]
 
 
@@ -137,6 +142,57 @@ def precopyMovable(
         entries, ensure_ascii=True, allow_nan=False, separators=(",", ":")
     )
     return precopied, encoded[1:-1]
+
+
+def recopyChanged(
+    precopied: Iterable[PrecopiedConnection],
+) -> tuple[list[tuple[PrecopiedConnection, StateFingerprint]], str]:
+    """
+    Copy again the state of every pre-copied connection whose state
+    changed since its last copy (its fingerprint no longer matches),
+    without freezing any: a re-copy round between the pre-copy and the
+    freeze.
+
+    A connection that closed, started closing, is busy (not at a safe
+    point) or whose state cannot be captured now is left for the freeze,
+    which looks at every connection again.  Nothing is changed here: the
+    caller sets each connection's new fingerprint once the other process
+    has taken the new states (if it never does, the freeze still compares
+    with the state it has).  Call it for a few hundred connections at a
+    time, between reactor turns, as L{precopyMovable}.
+
+    @return: each connection copied again with the fingerprint of the
+        state now copied, and their entries in the same order, encoded as
+        JSON array items without the brackets: C{{"id", "state"}}, no
+        descriptor and no output (what Twisted holds may still be written
+        here; it travels at the freeze).
+    """
+    recopied: list[tuple[PrecopiedConnection, StateFingerprint]] = []
+    entries: list[dict[str, Any]] = []
+    for each in precopied:
+        hosted = each.hosted
+        transport = each.transport
+        protocol = hosted.wrappedProtocol
+        if hosted.released or protocol is None or transport.disconnected:
+            continue
+        if not stillMovable(transport):
+            continue
+        try:
+            if each.fingerprint.matches(protocol):
+                continue
+            # Encoded below (and fingerprinted) before the application runs
+            # again: no snapshot copy needed.
+            state = captureProtocolState(protocol, snapshot=False)
+        except Exception:
+            # Busy, or failing now: the freeze says why, if it still is.
+            continue
+        entries.append({"id": each.ident, "state": state.toPlain()})
+        recopied.append((each, StateFingerprint.of(state, protocol)))
+    # Each state was checked as it was captured.
+    encoded = json.dumps(
+        entries, ensure_ascii=True, allow_nan=False, separators=(",", ":")
+    )
+    return recopied, encoded[1:-1]
 
 
 @define

@@ -560,6 +560,28 @@ AHEAD_V2 = (
 assert "abandonMigrationState" in AHEAD_V2 and "len(REGISTERED)" in AHEAD_V2
 
 
+#: L{AHEAD_V2}, whose restore of a count of 2 (the re-copy's, in
+#: L{PrecopyIntegrationTests.test_changesAroundTheRecopy}) also waits until
+#: the test opens a gate, after saying that it waits
+RECOPY_V2 = AHEAD_V2.replace(
+    "        REGISTERED.add(self)",
+    textwrap.indent(
+        textwrap.dedent("""\
+            if self.count == 2 and not os.path.exists("recopy.go"):
+                with open("recopy.waiting", "w") as flag:
+                    flag.write(str(os.getpid()))
+                deadline = time.monotonic() + 60
+                while not os.path.exists("recopy.go"):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the test never opened the gate")
+                    time.sleep(0.01)
+            REGISTERED.add(self)"""),
+        " " * 8,
+    ),
+)
+assert "recopy.go" in RECOPY_V2
+
+
 class PrecopyIntegrationTests(LiveAppMixin, TestCase):
     """
     Pre-copy with real processes: what happens between the first copy of
@@ -665,6 +687,105 @@ class PrecopyIntegrationTests(LiveAppMixin, TestCase):
         self.assertEqual(len(first.lines), 1 + 2 + 1)
         self.assertEqual(len(second.lines), 1 + 2 + 1)
         self.assertEqual(len(quiet.lines), 1 + 1 + 1)
+
+    @inlineCallbacks
+    def test_changesAroundTheRecopy(self):
+        """
+        A connection whose client sends lines after the pre-copy has its
+        new state re-copied before the freeze (its object restored ahead
+        abandoned, a fresh one restored ahead from the new state); lines
+        and a half line it sends after that re-copy travel at the freeze
+        (that object abandoned in turn).  Every line is answered once, by
+        the old process until the freeze, by the new one after; the count
+        goes on from the latest state, the half line completes, and the
+        untouched connection keeps its first copy.
+        """
+        status = yield self.startHost()
+        oldPid = str(status["pid"]).encode()
+        active, quiet = yield self.connectClients(2)
+        yield self.exchange(quiet, b"q")
+        workdir = self.host.workdir
+        writeModule(workdir, "liveapp", RECOPY_V2)
+        upgrade = self.host.upgrade()
+        yield waitFor(
+            lambda: workdir.child("ahead.waiting").exists()
+            and workdir.child("ahead.waiting").getContent(),
+            what="the successor to wait in its first restore ahead",
+        )
+        for n in (1, 2):
+            reply = yield self.exchange(active, b"before")
+            self.assertEqual(reply, [b"v1", oldPid, b"before", b"%d" % (n,)])
+        workdir.child("ahead.go").touch()
+        yield waitFor(
+            lambda: workdir.child("recopy.waiting").exists()
+            and workdir.child("recopy.waiting").getContent(),
+            what="the successor to wait in the re-copy's restore ahead",
+        )
+        reply = yield self.exchange(active, b"after")
+        self.assertEqual(reply, [b"v1", oldPid, b"after", b"3"])
+        active.transport.write(b"hal")
+        workdir.child("recopy.go").touch()
+        code, report, err = yield upgrade
+        self.assertEqual((code, report["outcome"]), (0, "success"), err)
+        self.assertEqual(report["moved"], 2)
+        self.assertIn("recopy", report["durations"])
+        newPid = str(report["newPid"]).encode()
+        reply = yield self.exchange(active, b"f")
+        self.assertEqual(reply, [b"v2", newPid, b"half", b"4", b"2"])
+        reply = yield self.exchange(quiet, b"q")
+        self.assertEqual(reply, [b"v2", newPid, b"q", b"2", b"2"])
+        output = self.host.output()
+        self.assertIn(
+            "re-copy round 1: 1 connection changed since the last copy", output
+        )
+        self.assertIn(
+            "froze and committed: 1 connection changed since their last copy", output
+        )
+        # Restored ahead from the pre-copy (count 0), then from the
+        # re-copy (count 2): both abandoned, each once.
+        self.assertEqual(output.count("abandoned a restore of count 0"), 1, output)
+        self.assertEqual(output.count("abandoned a restore of count 2"), 1, output)
+        self.assertEqual(output.count("abandoned a restore"), 2, output)
+        # Exactly one answer per line: no duplicate from either process.
+        self.assertEqual(len(active.lines), 1 + 3 + 1)
+        self.assertEqual(len(quiet.lines), 1 + 1 + 1)
+
+    @inlineCallbacks
+    def test_recopiedStateOnly(self):
+        """
+        A connection that changed after the pre-copy and not after the
+        re-copy reaches the new process with the re-copied state alone: the
+        freeze finds nothing changed.
+        """
+        status = yield self.startHost()
+        oldPid = str(status["pid"]).encode()
+        once, quiet = yield self.connectClients(2)
+        workdir = self.host.workdir
+        workdir.child("recopy.go").touch()
+        writeModule(workdir, "liveapp", RECOPY_V2)
+        upgrade = self.host.upgrade()
+        yield waitFor(
+            lambda: workdir.child("ahead.waiting").exists()
+            and workdir.child("ahead.waiting").getContent(),
+            what="the successor to wait in its first restore ahead",
+        )
+        reply = yield self.exchange(once, b"before")
+        self.assertEqual(reply, [b"v1", oldPid, b"before", b"1"])
+        workdir.child("ahead.go").touch()
+        code, report, err = yield upgrade
+        self.assertEqual((code, report["outcome"]), (0, "success"), err)
+        newPid = str(report["newPid"]).encode()
+        output = self.host.output()
+        self.assertIn(
+            "re-copy round 1: 1 connection changed since the last copy", output
+        )
+        self.assertIn(
+            "froze and committed: 0 connections changed since their last copy", output
+        )
+        reply = yield self.exchange(once, b"x")
+        self.assertEqual(reply, [b"v2", newPid, b"x", b"2", b"2"])
+        reply = yield self.exchange(quiet, b"q")
+        self.assertEqual(reply, [b"v2", newPid, b"q", b"1", b"2"])
 
     @inlineCallbacks
     def test_successorDiesRestoringAhead(self):

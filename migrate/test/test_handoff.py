@@ -48,6 +48,7 @@ from ..strategies._transfer._channel import (
     Hello,
     PrecopyConnections,
     Prepare,
+    RecopyConnections,
     Reported,
     TakeControl,
     TakeListener,
@@ -841,6 +842,34 @@ class PrecopyingIncoming(FakeIncoming):
         )
 
 
+class RecopyingIncoming(PrecopyingIncoming):
+    """
+    A L{PrecopyingIncoming} that takes re-copies, recording each manifest.
+
+    @ivar recopyAnswer: given a re-copy's entries, its answer (default:
+        every one updated).
+    """
+
+    def __init__(self, listeners: list[str]) -> None:
+        PrecopyingIncoming.__init__(self, listeners)
+        self.recopies: list[Any] = []
+        self.recopyAnswer: Callable[[list[dict[str, Any]]], dict[str, Any]] = (
+            lambda entries: {
+                "updated": len(entries),
+                "refusedCount": 0,
+                "refused": "[]",
+            }
+        )
+
+    @RecopyConnections.responder
+    def recopyConnections(self, count: int, manifestSize: int, manifest: int) -> Any:
+        entries = json.loads(os.pread(manifest, manifestSize, 0))
+        self.recopies.append(entries)
+        return self._answer(
+            "RecopyConnections", self.recopyAnswer(entries), count=count
+        )
+
+
 class ThreadWorkTests(CapabilityFixture):
     """
     A connection whose answer a thread of the reactor's pool still
@@ -1055,6 +1084,11 @@ class PrecopyFixture(CapabilityFixture):
             lambda reactor, sock, sources, timeout: maybeDeferred(lambda: None),
         )
         self.patch(_outgoing, "freezeDelta", self.freezeDelta)
+        # Each re-copy round's pick, by round (none changed once they run
+        # out), and the connections each pick was asked about.
+        self.recopyRounds: list[list[Any]] = []
+        self.recopyAsked: list[list[Any]] = []
+        self.patch(_outgoing, "recopyChanged", self.recopyChanged)
         self.patch(
             _outgoing,
             "commitBlocking",
@@ -1062,6 +1096,20 @@ class PrecopyFixture(CapabilityFixture):
         )
         self.outputAtCommit: list[list[bytes]] = []
         self.finish: list[Callable[[bytes], None]] = []
+
+    def recopyChanged(self, precopied: list[Any]) -> tuple[list[Any], str]:
+        """
+        Stands in for L{migrate._handoff._precopy.recopyChanged}: the
+        connections of this round's pick among C{precopied}, each with a
+        new fingerprint naming the round.
+        """
+        self.recopyAsked.append(list(precopied))
+        picked = self.recopyRounds.pop(0) if self.recopyRounds else []
+        chosen = [each for each in precopied if each.ident in picked]
+        round = len(self.recopyAsked)
+        return [(each, "fingerprint {}".format(round)) for each in chosen], ",".join(
+            json.dumps({"id": each.ident, "state": {"round": round}}) for each in chosen
+        )
 
     def freezeDelta(self, precopied: list[Any]) -> FreezeDelta:
         self.outputAtCommit.append(
@@ -1147,6 +1195,229 @@ class ReportBeforeLetGoTests(PrecopyFixture):
             "Let go of 2 moved connections in 0.000 s",
             [formatEvent(event) for event in events],
         )
+
+
+class RecopyTests(PrecopyFixture):
+    """
+    Between the pre-copy and the freeze, a few re-copy rounds send the new
+    state of the pre-copied connections that changed since their last
+    copy, while this process serves them.
+    """
+
+    def setUp(self) -> None:
+        PrecopyFixture.setUp(self)
+        self.incoming = self.o.incoming = RecopyingIncoming(["tcp:8000", "tcp:8001"])
+        for each in self.precopied:
+            each.fingerprint = "pre-copied"
+        self.fingerprintsAtFreeze: list[list[Any]] = []
+
+    def freezeDelta(self, precopied: list[Any]) -> FreezeDelta:
+        self.fingerprintsAtFreeze.append([each.fingerprint for each in precopied])
+        return PrecopyFixture.freezeDelta(self, precopied)
+
+    def migrate(self) -> dict[str, Any]:
+        d = self.o.migrate()
+        self.o.advance(0)
+        report: dict[str, Any] = self.successResultOf(d)
+        return report
+
+    def test_roundsWhileTheyShrink(self) -> None:
+        """
+        Each round sends the id and new state of the connections that
+        changed since their last copy (no descriptor, no output); once the
+        successor took them, the freeze compares each with its new copy.
+        The rounds end when nothing changed; the report times them.
+        """
+        self.recopyRounds = [[1, 2], [2]]
+        report = self.migrate()
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual(
+            self.incoming.recopies,
+            [
+                [{"id": 1, "state": {"round": 1}}, {"id": 2, "state": {"round": 1}}],
+                [{"id": 2, "state": {"round": 2}}],
+            ],
+        )
+        # A third round found nothing changed: nothing sent.
+        self.assertEqual(len(self.recopyAsked), 3)
+        self.assertEqual(
+            self.fingerprintsAtFreeze, [["fingerprint 1", "fingerprint 2"]]
+        )
+        names = self.o.incoming.names()
+        self.assertEqual(
+            names[names.index("PrecopyConnections") :][:3],
+            ["PrecopyConnections", "RecopyConnections", "RecopyConnections"],
+        )
+        self.assertIn(
+            "re-copy round 2: 1 connection changed since the last copy (34 bytes of "
+            "state)",
+            self.o.progress,
+        )
+        self.assertIn("recopy", report["durations"])
+
+    def test_slices(self) -> None:
+        """
+        A round looks at the connections a slice at a time, this process
+        serving (a reactor turn) between two slices, and sends each slice's
+        new states as soon as it has them.
+        """
+        self.patch(_outgoing, "_RECOPY_SLICE", 1)
+        events: list[Any] = []
+        changed = {1: 1, 2: 1}
+
+        def recopyChanged(precopied: list[Any]) -> tuple[list[Any], str]:
+            events.append([each.ident for each in precopied])
+            chosen = [each for each in precopied if changed.get(each.ident)]
+            for each in chosen:
+                changed[each.ident] -= 1
+            return [(each, "new") for each in chosen], ",".join(
+                json.dumps({"id": each.ident, "state": {}}) for each in chosen
+            )
+
+        deferLater = _outgoing.deferLater
+
+        def turn(clock: Any, delay: float, f: Any) -> Any:
+            events.append("turn")
+            return deferLater(clock, delay, f)
+
+        self.patch(_outgoing, "recopyChanged", recopyChanged)
+        self.patch(_outgoing, "deferLater", turn)
+        report = self.migrate()
+        self.assertEqual(report["outcome"], "success")
+        first = events.index([1])
+        self.assertEqual(events[first : first + 3], [[1], "turn", [2]])
+        self.assertEqual(
+            self.incoming.recopies,
+            [[{"id": 1, "state": {}}], [{"id": 2, "state": {}}]],
+        )
+
+    def test_boundedRounds(self) -> None:
+        """
+        However much keeps changing, at most three rounds are sent; the
+        freeze carries the rest.
+        """
+        self.recopyRounds = [[1, 2], [1], [1], [1]]
+        self.patch(_outgoing, "_RECOPY_SHRINK", 1.0)
+        report = self.migrate()
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual(len(self.incoming.recopies), 3)
+        self.assertEqual(len(self.recopyAsked), 3)
+        self.assertEqual(
+            self.fingerprintsAtFreeze, [["fingerprint 3", "fingerprint 1"]]
+        )
+
+    def test_stopsWhenNotShrinking(self) -> None:
+        """
+        A round after the first that would copy nearly as many as the one
+        before is not sent (the clients change them as fast as they are
+        copied): the freeze carries them, compared with their last copy.
+        """
+        self.recopyRounds = [[1, 2], [1, 2]]
+        report = self.migrate()
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual(len(self.incoming.recopies), 1)
+        self.assertEqual(
+            self.fingerprintsAtFreeze, [["fingerprint 1", "fingerprint 1"]]
+        )
+        self.assertIn(
+            "re-copy round 2 stopped: more than 75% of the 2 connections round 1 "
+            "copied changed again; the freeze carries them",
+            self.o.progress,
+        )
+
+    def test_stopsMidRound(self) -> None:
+        """
+        A round stops as soon as it would copy more than three quarters of
+        what the round before copied: the slices it sent already count
+        (their connections take their new fingerprints), the rest is left
+        for the freeze.
+        """
+        self.patch(_outgoing, "_RECOPY_SLICE", 1)
+        copies = {1: 0, 2: 0}
+
+        def recopyChanged(precopied: list[Any]) -> tuple[list[Any], str]:
+            # Every connection changed again each time it is looked at.
+            picked = []
+            for each in precopied:
+                copies[each.ident] += 1
+                picked.append((each, "copy {}".format(copies[each.ident])))
+            return picked, ",".join(
+                json.dumps({"id": each.ident, "state": {"copy": copies[each.ident]}})
+                for each in precopied
+            )
+
+        self.patch(_outgoing, "recopyChanged", recopyChanged)
+        report = self.migrate()
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual(
+            self.incoming.recopies,
+            [
+                [{"id": 1, "state": {"copy": 1}}],
+                [{"id": 2, "state": {"copy": 1}}],
+                [{"id": 1, "state": {"copy": 2}}],
+            ],
+        )
+        self.assertEqual(self.fingerprintsAtFreeze, [["copy 2", "copy 1"]])
+
+    def test_successorWithoutRecopy(self) -> None:
+        """
+        A successor that does not know C{RecopyConnections} (older code)
+        answers that it cannot handle it: the rounds are skipped, every
+        connection keeps the fingerprint of the state the successor has,
+        and the freeze carries every change.
+        """
+        self.o.incoming = PrecopyingIncoming(["tcp:8000", "tcp:8001"])
+        self.recopyRounds = [[1, 2]]
+        report = self.migrate()
+        self.assertEqual(report["outcome"], "success")
+        self.assertIn(
+            "the successor does not know re-copy: the freeze carries every change",
+            self.o.progress,
+        )
+        self.assertEqual(self.fingerprintsAtFreeze, [["pre-copied", "pre-copied"]])
+        self.assertEqual(report["moved"], 2)
+
+    def test_refusalRollsBack(self) -> None:
+        """
+        A new state the successor refuses rolls the hand-off back, naming
+        the connection: this process, which never stopped serving them,
+        keeps every connection; none is frozen or let go of.
+        """
+        self.recopyRounds = [[1, 2]]
+        self.incoming.recopyAnswer = lambda entries: {
+            "updated": 0,
+            "refusedCount": 1,
+            "refused": json.dumps([{"id": 2, "reason": "version 9 is unknown"}]),
+        }
+        report = self.migrate()
+        self.o.assertRolledBack(
+            report,
+            "the new code refused the new state of 1 of 2 connections (first: "
+            "connection from 192.168.1.1:54321 on tcp:8000: version 9 is unknown); "
+            "the hand-off is all or nothing",
+        )
+        self.assertEqual(self.fingerprintsAtFreeze, [])
+        self.assertEqual(self.released, [])
+        self.assertNotIn("AdoptConnections", self.o.incoming.names())
+        self.assertEqual(self.o.host.connectionCount(), 3)
+
+    def test_successorDiesDuringARound(self) -> None:
+        """
+        A successor that dies while it takes a re-copy costs nothing: the
+        hand-off rolls back, every connection still served here.
+        """
+        self.recopyRounds = [[1, 2]]
+        self.o.incoming.hang.add("RecopyConnections")
+        d = self.o.migrate()
+        self.o.advance(0)
+        self.assertNoResult(d)
+        self.o.successor.end(SuccessorExit(exitCode=None, signal=9))
+        self.o.advance(0)
+        report = self.successResultOf(d)
+        self.assertEqual(report["outcome"], "rolled-back")
+        self.assertEqual(self.fingerprintsAtFreeze, [])
+        self.assertEqual(self.released, [])
+        self.assertEqual(self.o.host.connectionCount(), 3)
 
 
 class PrecopyThreadWorkTests(PrecopyFixture):
@@ -1302,6 +1573,12 @@ class FakeStaged:
     def update(self, entry: Any) -> None:
         self.events.append("update")
         self.updates.append(entry)
+
+    def updateState(self, plain: Any) -> None:
+        if plain == "refused":
+            raise ValueError("bad re-copy of connection {}".format(self.ident))
+        self.events.append("update state")
+        self.updates.append(plain)
 
     def restore(self) -> FakeAdopted:
         if self.refuse is not None:
@@ -2025,6 +2302,178 @@ class IncomingChannelTests(SynchronousTestCase):
         self.assertFalse(self.host.serving)
         self.assertEqual(self.h.stops, [True])
         self.failureResultOf(answer)
+
+    def recopy(self, entries: list[dict[str, Any]]) -> Deferred[Any]:
+        """
+        The old process sends a re-copy of C{entries}.
+
+        @return: a L{Deferred} firing with the answer.
+        """
+        data = json.dumps(entries).encode()
+        manifest = writeMemfd(data, "test-recopy")
+        answer = self.call(
+            RecopyConnections,
+            count=len(entries),
+            manifestSize=len(data),
+            manifest=manifest,
+        )
+        with self.assertRaises(OSError):
+            os.fstat(manifest)
+        return answer
+
+    def test_recopy(self) -> None:
+        """
+        A re-copy updates the state of each connection it names: one
+        restored ahead of the freeze has that object abandoned, a fresh
+        protocol attached and restored ahead again from the new state; one
+        that was not is only updated.  At the freeze, neither changed since:
+        the one restored ahead is served as it is, the other restored from
+        the re-copied state.
+        """
+        self.precopy(
+            [
+                {"id": 1, "listener": "tcp:8000", "abandons": True},
+                {"id": 2, "listener": "tcp:8000"},
+                {"id": 3, "listener": "tcp:8000", "abandons": True},
+            ]
+        )
+        answer = self.successResultOf(
+            self.recopy([{"id": 1, "state": {"n": 1}}, {"id": 2, "state": {"n": 2}}])
+        )
+        self.assertEqual(answer, {"updated": 2, "refusedCount": 0, "refused": "[]"})
+        self.assertEqual(
+            [each.events for each in self.staged.values()],
+            [
+                [
+                    "restore ahead",
+                    "update state",
+                    "abandon ahead",
+                    "rebuild",
+                    "restore ahead",
+                ],
+                ["update state"],
+                ["restore ahead"],
+            ],
+        )
+        self.assertEqual(
+            [each.updates for each in self.staged.values()],
+            [[{"n": 1}], [{"n": 2}], []],
+        )
+        self.assertFalse(self.host.serving)
+        self.channel._freezeCommit({"changes": [], "withdrawn": []}, lambda a: None)
+        self.assertEqual(self.restored, [2])
+        self.h.reactor.advance(0)
+        self.assertEqual(
+            [each.events[-2:] for each in self.staged.values()],
+            [["restore ahead", "commit"], ["restore", "commit"]]
+            + [["restore ahead", "commit"]],
+        )
+        self.assertTrue(self.host.serving)
+
+    def test_recopyInSlices(self) -> None:
+        """
+        A re-copy restores ahead again a slice per turn of the successor's
+        reactor, and is answered once all are done.
+        """
+        self.precopy(
+            [{"id": n, "listener": "tcp:8000", "abandons": True} for n in (1, 2, 3)]
+        )
+        self.patch(_incoming, "_AHEAD_SLICE", 2)
+        turns: list[Deferred[None]] = []
+
+        def deferLater(reactor: Any, delay: float, f: Any) -> Deferred[None]:
+            turn: Deferred[None] = Deferred()
+            turns.append(turn)
+            return turn
+
+        self.patch(_incoming, "deferLater", deferLater)
+        answer = self.recopy([{"id": n, "state": {}} for n in (1, 2, 3)])
+        self.assertNoResult(answer)
+        self.assertEqual(
+            [each.events.count("restore ahead") for each in self.staged.values()],
+            [2, 2, 1],
+        )
+        turns.pop().callback(None)
+        self.pump.flush()
+        self.assertEqual(self.successResultOf(answer)["updated"], 3)
+        self.assertEqual(
+            [each.events.count("restore ahead") for each in self.staged.values()],
+            [2, 2, 2],
+        )
+
+    def test_recopyRefused(self) -> None:
+        """
+        A re-copied state the new code refuses (malformed, or its restore
+        ahead again refused) refuses the hand-off, all or nothing: every
+        staged connection is given back, each object restored ahead
+        abandoned, and the freeze that follows is refused; nothing serves.
+        """
+        for refused, reason in [
+            ({"id": 2, "state": "refused"}, "bad re-copy of connection 2"),
+            ({"id": 2, "state": {}, "refuse": True}, "version 9 is unknown"),
+        ]:
+            self.setUp()
+            self.precopy(
+                [{"id": n, "listener": "tcp:8000", "abandons": True} for n in (1, 2, 3)]
+            )
+            if refused.pop("refuse", False):
+                self.staged[2].refuse = "version 9 is unknown"
+            answer = self.successResultOf(
+                self.recopy([{"id": 1, "state": {}}, refused])
+            )
+            self.assertEqual(
+                (answer["updated"], answer["refusedCount"]), (0, 1), reason
+            )
+            self.assertEqual(
+                json.loads(answer["refused"]), [{"id": 2, "reason": reason}]
+            )
+            self.assertEqual(
+                [each.events[-1] for each in self.staged.values()], ["abandon"] * 3
+            )
+            self.assertNotIn(
+                "restore ahead", [each.events[-2] for each in self.staged.values()]
+            )
+            error = self.assertRaises(
+                HandoffRefused,
+                self.channel._freezeCommit,
+                {"changes": [], "withdrawn": []},
+                self.fail,
+            )
+            self.assertEqual(str(error), "the new code refused connection 2")
+            self.assertFalse(self.host.serving)
+        self.flushLoggedErrors()
+
+    def test_recopyOfUnknownConnection(self) -> None:
+        """
+        A re-copy naming a connection that is not staged is refused, all or
+        nothing.
+        """
+        self.precopy([{"id": 1, "listener": "tcp:8000"}])
+        answer = self.successResultOf(self.recopy([{"id": 7, "state": {}}]))
+        self.assertEqual(
+            json.loads(answer["refused"]),
+            [{"id": 7, "reason": "a re-copy of connection 7, which is not staged"}],
+        )
+        self.assertEqual(self.staged[1].events, ["abandon"])
+
+    def test_recopyAfterTheFreezeBegan(self) -> None:
+        """
+        A re-copy once the freeze has begun (no old process sends one) is
+        refused.
+        """
+        self.precopy(
+            [{"id": 1, "listener": "tcp:8000"}, {"id": 2, "listener": "tcp:8000"}]
+        )
+        self.channel._freezePart(
+            {"changes": [], "withdrawn": [], "more": True, "upTo": 1}
+        )
+        failure = self.failureResultOf(
+            self.recopy([{"id": 2, "state": {}}]), HandoffRefused
+        )
+        self.assertEqual(
+            failure.getErrorMessage(),
+            "re-copy outside a pre-copy's wait for the freeze",
+        )
 
     def test_freezeBeforeRestoresAheadDone(self) -> None:
         """

@@ -18,7 +18,12 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase
 
 from .._handoff._movement import stageEntry
-from .._handoff._precopy import freezeDelta, freezeInParts, precopyMovable
+from .._handoff._precopy import (
+    freezeDelta,
+    freezeInParts,
+    precopyMovable,
+    recopyChanged,
+)
 from ..state import NotAtSafePoint, StateFingerprint, captureProtocolState
 from .test_movement import Counter, FakeHost, Plain, ServedSocketpairs
 
@@ -265,6 +270,61 @@ class PrecopyTests(ServedSocketpairs):
         )
         closing.transport.startWriting()
         busy.wrappedProtocol.busy = None
+
+    @inlineCallbacks
+    def test_recopyChanged(self) -> Any:
+        """
+        A re-copy round describes again (its id and new state: no
+        descriptor, no output) each connection whose state changed since
+        its copy, with the fingerprint of the new copy, and touches
+        nothing: once the caller takes the new fingerprint, the freeze
+        compares with it.  Untouched, closed, closing and busy connections
+        are left for the freeze.
+        """
+        quiet, quietClient = self.serve("tcp:1", Counter)
+        active, activeClient = self.serve("tcp:1", Counter)
+        closed, closedClient = self.serve("tcp:1", Counter)
+        busy, busyClient = self.serve("tcp:busy", Busy)
+        for client in (quietClient, activeClient, closedClient, busyClient):
+            yield self.readLines(client, 1)
+        precopied, _ = self.precopy()
+        byHosted = {each.hosted: each for each in precopied}
+        before = [each.fingerprint for each in precopied]
+        for client in (activeClient, closedClient, busyClient):
+            client.sendall(b"x\n")
+            yield self.readLines(client, 1)
+        closedClient.close()
+        yield self.waitFor(lambda: closed.transport.disconnected)
+        busy.wrappedProtocol.busy = "a request is in flight"
+        activeClient.sendall(b"hal")
+        yield self.waitFor(lambda: active.wrappedProtocol._buffer == b"hal")
+        recopied, encoded = recopyChanged(precopied)
+        busy.wrappedProtocol.busy = None
+        ((each, fingerprint),) = recopied
+        self.assertIs(each, byHosted[active])
+        (entry,) = json.loads("[" + encoded + "]")
+        self.assertEqual(sorted(entry), ["id", "state"])
+        self.assertEqual(entry["id"], each.ident)
+        self.assertEqual(entry["state"]["appState"], {"count": 1})
+        self.assertEqual(
+            entry["state"]["buffers"]["LineReceiver"]["buffer"],
+            base64.b64encode(b"hal").decode("ascii"),
+        )
+        self.assertEqual([each.fingerprint for each in precopied], before)
+        each.fingerprint = fingerprint
+        # Nothing changed since the re-copy: the freeze sends nothing more
+        # for it; a change since is seen.
+        self.assertEqual(
+            [change["id"] for change in freezeDelta(precopied).changes],
+            [byHosted[busy].ident],
+        )
+        activeClient.sendall(b"f\n")
+        yield self.readLines(activeClient, 1)
+        self.assertEqual(
+            sorted(change["id"] for change in freezeDelta(precopied).changes),
+            sorted([byHosted[busy].ident, each.ident]),
+        )
+        self.assertEqual(recopyChanged([]), ([], ""))
 
     @inlineCallbacks
     def waitFor(self, condition: Any) -> Any:

@@ -12,6 +12,9 @@ The conversation, for capability and gradual transfer::
     old -> successor   PrecopyConnections (capability: descriptors in bulk
                                       and a first copy of their state, while
                                       the old process still serves them)
+    old -> successor   RecopyConnections  (capability, a few rounds: the
+                                      states of the pre-copied connections
+                                      that changed since their last copy)
     old -> successor   AdoptConnections   (capability: the connections the
                                       pre-copy did not take, frozen)
     old -> successor   Commit         you serve now (after a pre-copy: one
@@ -45,6 +48,7 @@ __all__ = [
     "Hello",
     "PrecopyConnections",
     "Prepare",
+    "RecopyConnections",
     "Reported",
     "TakeControl",
     "TakeListener",
@@ -187,6 +191,37 @@ class PrecopyConnections(amp.Command):
         (b"refusedCount", amp.Integer()),
         (b"refused", amp.Unicode()),
         (b"streamed", amp.Boolean(optional=True)),
+    ]
+    errors = {HandoffRefused: b"HANDOFF_REFUSED"}
+
+
+class RecopyConnections(amp.Command):
+    """
+    After L{PrecopyConnections}, before the freeze: a fresh copy of the
+    state of C{count} staged connections whose state changed since their
+    last copy (the old process still serves them).  The manifest (a memfd)
+    holds one C{{"id", "state"}} entry per connection: no descriptor, no
+    output (what Twisted holds then may still be written by the old
+    process, and travels at the freeze).  The successor takes each new
+    state and, for a connection it restored ahead of the freeze, abandons
+    that object and restores a fresh one from the new state.
+
+    A refusal (a state the new code refuses) abandons every staged
+    connection, as in L{PrecopyConnections}: the old process keeps
+    everything.  A successor that does not know this command (older code)
+    answers C{UNHANDLED}: the old process then goes to the freeze, which
+    carries every change.
+    """
+
+    arguments = [
+        (b"count", amp.Integer()),
+        (b"manifestSize", amp.Integer()),
+        (b"manifest", amp.Descriptor()),
+    ]
+    response = [
+        (b"updated", amp.Integer()),
+        (b"refusedCount", amp.Integer()),
+        (b"refused", amp.Unicode()),
     ]
     errors = {HandoffRefused: b"HANDOFF_REFUSED"}
 

@@ -42,6 +42,7 @@ from ._channel import (
     Hello,
     PrecopyConnections,
     Prepare,
+    RecopyConnections,
     Reported,
     TakeControl,
     TakeListener,
@@ -235,23 +236,7 @@ class IncomingChannel(amp.AMP):
         """
         bulkSocket = socket.socket(fileno=bulk)
         try:
-            if not 0 <= manifestSize <= _MAX_MANIFEST_BYTES:
-                raise HandoffRefused(
-                    "manifest of {} bytes refused".format(manifestSize)
-                )
-            try:
-                data = readMemfd(manifest, maxBytes=manifestSize)
-                # Every entry's state is checked as it is staged
-                # (ProtocolState.fromPlain), the rest of the entry as it is
-                # used: JSON's own parser, not decodeState's checks in
-                # Python of every value (about 60 microseconds an entry).
-                entries = loadCheckedJSON(data, "manifest")
-            except (StateError, OSError, ValueError, DescriptorTransferError) as e:
-                raise HandoffRefused("unreadable manifest: {}".format(e))
-            if not isinstance(entries, list) or len(entries) != count:
-                raise HandoffRefused(
-                    "manifest does not list {} connections".format(count)
-                )
+            entries = _readManifest(count, manifestSize, manifest)
             try:
                 descriptors = yield deferToThreadPool(
                     self.host.reactor,
@@ -353,7 +338,9 @@ class IncomingChannel(amp.AMP):
         return dict(refusals.answer(), staged=len(self._staged), streamed=True)
 
     @inlineCallbacks
-    def _restoreAhead(self, refusals: _Refusals) -> Any:
+    def _restoreAhead(
+        self, refusals: _Refusals, candidates: list[StagedConnection] | None = None
+    ) -> Any:
         """
         Restore, ahead of the freeze, every staged connection whose new
         protocol can abandon a restore (its class defines
@@ -369,11 +356,14 @@ class IncomingChannel(amp.AMP):
         ahead told C{abandonMigrationState()}) and is added to
         C{refusals}: the old process keeps everything.
 
+        @param candidates: the staged connections to look at (a re-copy's,
+            restored ahead again); every one staged if L{None}.
+
         @return: a L{Deferred} firing once done.
         """
         canAbandon: dict[type, bool] = {}
         ahead: list[StagedConnection] = []
-        for each in self._staged.values():
+        for each in self._staged.values() if candidates is None else candidates:
             cls = type(each.protocol)
             can = canAbandon.get(cls)
             if can is None:
@@ -385,6 +375,7 @@ class IncomingChannel(amp.AMP):
         started = time.monotonic()
         reactor = self.host.reactor
         staged = self._staged
+        restored = 0
         for start in range(0, len(ahead), _AHEAD_SLICE):
             if start:
                 # The successor's reactor runs between two slices.
@@ -408,12 +399,76 @@ class IncomingChannel(amp.AMP):
                         self._abandonStaged()
                         return
                     self._aheadCount += 1
+                    restored += 1
                 freezeNewObjects()
         self._log.info(
             "Restored {count} connections ahead of the freeze in {ms:.1f} ms",
-            count=self._aheadCount,
+            count=restored,
             ms=(time.monotonic() - started) * 1000,
         )
+
+    @RecopyConnections.responder
+    @inlineCallbacks
+    def recopyConnections(self, count: int, manifestSize: int, manifest: int) -> Any:
+        """
+        Take a fresh copy of the state of staged connections that changed
+        since their last copy, while the old process still serves them: for
+        each one restored ahead of the freeze, abandon that object and
+        restore a fresh one from the new state (a slice per reactor turn),
+        so that the freeze only restores what changed since this copy.
+
+        A refusal (a malformed or refused state, an unknown connection, an
+        C{abandonMigrationState} that raises) abandons every staged
+        connection: the old process keeps everything.
+        """
+        try:
+            if self.committed or self._freeze is None or self._order is not None:
+                raise HandoffRefused("re-copy outside a pre-copy's wait for the freeze")
+            if self._refusedAhead is not None:
+                raise HandoffRefused(self._refusedAhead)
+            entries = _readManifest(count, manifestSize, manifest)
+        finally:
+            os.close(manifest)
+        started = time.monotonic()
+        refusals = _Refusals()
+        again: list[StagedConnection] = []
+        staged = self._staged
+        with collectionsPaused():
+            for entry in entries:
+                ident = entry.get("id") if isinstance(entry, dict) else None
+                each = staged.get(ident)
+                try:
+                    if each is None:
+                        if ident in self._reset:
+                            continue
+                        raise HandoffRefused(
+                            "a re-copy of connection {}, which is not staged".format(
+                                ident
+                            )
+                        )
+                    each.updateState(entry.get("state"))
+                    if each.restoredAhead:
+                        self._abandonAhead(each, "changed")
+                        each.rebuild()
+                        again.append(each)
+                except Exception as e:
+                    refusals.add(ident, e)
+                    self._refusedAhead = "the new code refused connection {}".format(
+                        ident
+                    )
+                    self._abandonStaged()
+                    return dict(refusals.answer(), updated=0)
+            freezeNewObjects()
+        yield self._restoreAhead(refusals, again)
+        updated = 0 if refusals.count else len(entries)
+        self._log.info(
+            "Re-copied the state of {count} connections ({again} restored ahead "
+            "again) in {ms:.1f} ms",
+            count=updated,
+            again=len(again),
+            ms=(time.monotonic() - started) * 1000,
+        )
+        return dict(refusals.answer(), updated=updated)
 
     def _freezeCommit(
         self, delta: Any, answerNow: Callable[[dict[str, Any]], None]
@@ -799,6 +854,28 @@ class IncomingChannel(amp.AMP):
         self.host.abandonInheritance(
             "the old process closed the hand-off channel before committing"
         )
+
+
+def _readManifest(count: int, manifestSize: int, manifest: int) -> list[Any]:
+    """
+    Read a batch's manifest (a memfd, left open) of C{count} entries.
+
+    @raise HandoffRefused: if it is unreadable or does not list C{count}.
+    """
+    if not 0 <= manifestSize <= _MAX_MANIFEST_BYTES:
+        raise HandoffRefused("manifest of {} bytes refused".format(manifestSize))
+    try:
+        data = readMemfd(manifest, maxBytes=manifestSize)
+        # Every entry's state is checked as it is staged or updated
+        # (ProtocolState.fromPlain), the rest of the entry as it is used:
+        # JSON's own parser, not decodeState's checks in Python of every
+        # value (about 60 microseconds an entry).
+        entries = loadCheckedJSON(data, "manifest")
+    except (StateError, OSError, ValueError, DescriptorTransferError) as e:
+        raise HandoffRefused("unreadable manifest: {}".format(e))
+    if not isinstance(entries, list) or len(entries) != count:
+        raise HandoffRefused("manifest does not list {} connections".format(count))
+    return entries
 
 
 def _parseDelta(delta: Any) -> tuple[list[dict[str, Any]], list[Any]]:

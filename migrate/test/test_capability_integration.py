@@ -560,14 +560,14 @@ AHEAD_V2 = (
 assert "abandonMigrationState" in AHEAD_V2 and "len(REGISTERED)" in AHEAD_V2
 
 
-#: L{AHEAD_V2}, whose restore of a count of 2 (the re-copy's, in
-#: L{PrecopyIntegrationTests.test_changesAroundTheRecopy}) also waits until
-#: the test opens a gate, after saying that it waits
+#: L{AHEAD_V2}, whose abandon of a restore ahead (the re-copy's, in
+#: L{PrecopyIntegrationTests.test_changesAroundTheRecopy}) waits until the
+#: test opens a gate, after saying that it waits
 RECOPY_V2 = AHEAD_V2.replace(
-    "        REGISTERED.add(self)",
+    "        REGISTERED.discard(self)",
     textwrap.indent(
         textwrap.dedent("""\
-            if self.count == 2 and not os.path.exists("recopy.go"):
+            if not os.path.exists("recopy.go"):
                 with open("recopy.waiting", "w") as flag:
                     flag.write(str(os.getpid()))
                 deadline = time.monotonic() + 60
@@ -575,7 +575,7 @@ RECOPY_V2 = AHEAD_V2.replace(
                     if time.monotonic() > deadline:
                         raise RuntimeError("the test never opened the gate")
                     time.sleep(0.01)
-            REGISTERED.add(self)"""),
+            REGISTERED.discard(self)"""),
         " " * 8,
     ),
 )
@@ -693,12 +693,12 @@ class PrecopyIntegrationTests(LiveAppMixin, TestCase):
         """
         A connection whose client sends lines after the pre-copy has its
         new state re-copied before the freeze (its object restored ahead
-        abandoned, a fresh one restored ahead from the new state); lines
-        and a half line it sends after that re-copy travel at the freeze
-        (that object abandoned in turn).  Every line is answered once, by
-        the old process until the freeze, by the new one after; the count
-        goes on from the latest state, the half line completes, and the
-        untouched connection keeps its first copy.
+        abandoned, and not restored ahead again: it is active); lines and a
+        half line it sends after that re-copy travel at the freeze, where
+        it is restored.  Every line is answered once, by the old process
+        until the freeze, by the new one after; the count goes on from the
+        latest state, the half line completes, and the untouched connection
+        keeps its first copy, restored ahead.
         """
         status = yield self.startHost()
         oldPid = str(status["pid"]).encode()
@@ -719,7 +719,7 @@ class PrecopyIntegrationTests(LiveAppMixin, TestCase):
         yield waitFor(
             lambda: workdir.child("recopy.waiting").exists()
             and workdir.child("recopy.waiting").getContent(),
-            what="the successor to wait in the re-copy's restore ahead",
+            what="the successor to wait in the re-copy's abandon",
         )
         reply = yield self.exchange(active, b"after")
         self.assertEqual(reply, [b"v1", oldPid, b"after", b"3"])
@@ -741,11 +741,10 @@ class PrecopyIntegrationTests(LiveAppMixin, TestCase):
         self.assertIn(
             "froze and committed: 1 connection changed since their last copy", output
         )
-        # Restored ahead from the pre-copy (count 0), then from the
-        # re-copy (count 2): both abandoned, each once.
+        # Restored ahead from the pre-copy (count 0), abandoned at the
+        # re-copy, and restored at the freeze only.
         self.assertEqual(output.count("abandoned a restore of count 0"), 1, output)
-        self.assertEqual(output.count("abandoned a restore of count 2"), 1, output)
-        self.assertEqual(output.count("abandoned a restore"), 2, output)
+        self.assertEqual(output.count("abandoned a restore"), 1, output)
         # Exactly one answer per line: no duplicate from either process.
         self.assertEqual(len(active.lines), 1 + 3 + 1)
         self.assertEqual(len(quiet.lines), 1 + 1 + 1)

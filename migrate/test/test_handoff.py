@@ -1210,6 +1210,42 @@ class RecopyTests(PrecopyFixture):
         for each in self.precopied:
             each.fingerprint = "pre-copied"
         self.fingerprintsAtFreeze: list[list[Any]] = []
+        # Every connection of this fixture changes before the first round:
+        # the rounds are looked at as if they could converge, but for
+        # test_firstRoundStopsWhenAllChanged.
+        self.patch(_outgoing, "_RECOPY_FIRST_CHANGED", 1.0)
+
+    def test_firstRoundStopsWhenAllChanged(self) -> None:
+        """
+        The first round stops after a slice if more than
+        C{_RECOPY_FIRST_CHANGED} of the connections it looked at changed
+        since the pre-copy, and sends nothing: the clients change them
+        faster than a round copies them, so the rounds would only delay the
+        freeze, which carries them.
+        """
+        self.patch(_outgoing, "_RECOPY_FIRST_CHANGED", 0.9)
+        self.recopyRounds = [[1, 2], [2]]
+        report = self.migrate()
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual(self.incoming.recopies, [])
+        self.assertEqual(len(self.recopyAsked), 1)
+        self.assertEqual(self.fingerprintsAtFreeze, [["pre-copied", "pre-copied"]])
+        self.assertIn(
+            "re-copy round 1 stopped: 2 of the first 2 connections changed since "
+            "the pre-copy; the freeze carries them",
+            self.o.progress,
+        )
+
+    def test_firstRoundGoesOnWhenFewChanged(self) -> None:
+        """
+        A first round that finds at most C{_RECOPY_FIRST_CHANGED} of the
+        connections changed goes on.
+        """
+        self.patch(_outgoing, "_RECOPY_FIRST_CHANGED", 0.5)
+        self.recopyRounds = [[1], []]
+        report = self.migrate()
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual(self.incoming.recopies, [[{"id": 1, "state": {"round": 1}}]])
 
     def freezeDelta(self, precopied: list[Any]) -> FreezeDelta:
         self.fingerprintsAtFreeze.append([each.fingerprint for each in precopied])
@@ -2209,15 +2245,7 @@ class IncomingChannelTests(SynchronousTestCase):
                 ["abandon"],
             ],
         )
-        error = self.assertRaises(
-            HandoffRefused,
-            self.channel._freezeCommit,
-            {"changes": [], "withdrawn": []},
-            self.fail,
-        )
-        self.assertEqual(str(error), "the new code refused connection 2")
-        self.assertFalse(self.host.serving)
-        self.flushLoggedErrors()
+        self.assertFreezeRefused("the new code refused connection 2")
 
     def test_abandonAheadFails(self) -> None:
         """
@@ -2303,6 +2331,21 @@ class IncomingChannelTests(SynchronousTestCase):
         self.assertEqual(self.h.stops, [True])
         self.failureResultOf(answer)
 
+    def assertFreezeRefused(self, reason: str) -> None:
+        """
+        The freeze that follows a refusal is refused, with C{reason}, and
+        nothing serves.
+        """
+        error = self.assertRaises(
+            HandoffRefused,
+            self.channel._freezeCommit,
+            {"changes": [], "withdrawn": []},
+            self.fail,
+        )
+        self.assertEqual(str(error), reason)
+        self.assertFalse(self.host.serving)
+        self.flushLoggedErrors()
+
     def recopy(self, entries: list[dict[str, Any]]) -> Deferred[Any]:
         """
         The old process sends a re-copy of C{entries}.
@@ -2324,11 +2367,12 @@ class IncomingChannelTests(SynchronousTestCase):
     def test_recopy(self) -> None:
         """
         A re-copy updates the state of each connection it names: one
-        restored ahead of the freeze has that object abandoned, a fresh
-        protocol attached and restored ahead again from the new state; one
-        that was not is only updated.  At the freeze, neither changed since:
-        the one restored ahead is served as it is, the other restored from
-        the re-copied state.
+        restored ahead of the freeze has that object abandoned and a fresh
+        protocol attached, not restored ahead again (it is active: it would
+        most likely change again); one that was not is only updated.  At
+        the freeze, neither changed since: both are restored from the
+        re-copied state, and the one not re-copied is served as restored
+        ahead.
         """
         self.precopy(
             [
@@ -2344,13 +2388,7 @@ class IncomingChannelTests(SynchronousTestCase):
         self.assertEqual(
             [each.events for each in self.staged.values()],
             [
-                [
-                    "restore ahead",
-                    "update state",
-                    "abandon ahead",
-                    "rebuild",
-                    "restore ahead",
-                ],
+                ["restore ahead", "update state", "abandon ahead", "rebuild"],
                 ["update state"],
                 ["restore ahead"],
             ],
@@ -2361,87 +2399,68 @@ class IncomingChannelTests(SynchronousTestCase):
         )
         self.assertFalse(self.host.serving)
         self.channel._freezeCommit({"changes": [], "withdrawn": []}, lambda a: None)
-        self.assertEqual(self.restored, [2])
+        self.assertEqual(self.restored, [1, 2])
         self.h.reactor.advance(0)
         self.assertEqual(
             [each.events[-2:] for each in self.staged.values()],
-            [["restore ahead", "commit"], ["restore", "commit"]]
+            [["restore", "commit"], ["restore", "commit"]]
             + [["restore ahead", "commit"]],
         )
         self.assertTrue(self.host.serving)
 
-    def test_recopyInSlices(self) -> None:
+    def test_recopiedChangedAgain(self) -> None:
         """
-        A re-copy restores ahead again a slice per turn of the successor's
-        reactor, and is answered once all are done.
+        A connection re-copied (its object restored ahead let go of) that
+        changed again by the freeze is updated and restored there, with no
+        object to abandon while every client waits.
+        """
+        self.precopy([{"id": 1, "listener": "tcp:8000", "abandons": True}])
+        self.successResultOf(self.recopy([{"id": 1, "state": {"n": 1}}]))
+        self.channel._freezeCommit(
+            {"changes": [{"id": 1, "state": {"n": 2}, "output": ""}], "withdrawn": []},
+            lambda a: None,
+        )
+        self.h.reactor.advance(0)
+        [staged] = self.staged.values()
+        self.assertEqual(
+            staged.events,
+            [
+                "restore ahead",
+                "update state",
+                "abandon ahead",
+                "rebuild",
+                "update",
+                "restore",
+                "commit",
+            ],
+        )
+        self.assertTrue(self.host.serving)
+
+    def test_recopyRefused(self) -> None:
+        """
+        A re-copied state the new code refuses (malformed) refuses the
+        hand-off, all or nothing: every staged connection is given back,
+        each object restored ahead abandoned, and the freeze that follows
+        is refused; nothing serves.
         """
         self.precopy(
             [{"id": n, "listener": "tcp:8000", "abandons": True} for n in (1, 2, 3)]
         )
-        self.patch(_incoming, "_AHEAD_SLICE", 2)
-        turns: list[Deferred[None]] = []
-
-        def deferLater(reactor: Any, delay: float, f: Any) -> Deferred[None]:
-            turn: Deferred[None] = Deferred()
-            turns.append(turn)
-            return turn
-
-        self.patch(_incoming, "deferLater", deferLater)
-        answer = self.recopy([{"id": n, "state": {}} for n in (1, 2, 3)])
-        self.assertNoResult(answer)
-        self.assertEqual(
-            [each.events.count("restore ahead") for each in self.staged.values()],
-            [2, 2, 1],
+        answer = self.successResultOf(
+            self.recopy([{"id": 1, "state": {}}, {"id": 2, "state": "refused"}])
         )
-        turns.pop().callback(None)
-        self.pump.flush()
-        self.assertEqual(self.successResultOf(answer)["updated"], 3)
+        self.assertEqual((answer["updated"], answer["refusedCount"]), (0, 1))
         self.assertEqual(
-            [each.events.count("restore ahead") for each in self.staged.values()],
-            [2, 2, 2],
+            json.loads(answer["refused"]),
+            [{"id": 2, "reason": "bad re-copy of connection 2"}],
         )
-
-    def test_recopyRefused(self) -> None:
-        """
-        A re-copied state the new code refuses (malformed, or its restore
-        ahead again refused) refuses the hand-off, all or nothing: every
-        staged connection is given back, each object restored ahead
-        abandoned, and the freeze that follows is refused; nothing serves.
-        """
-        for refused, reason in [
-            ({"id": 2, "state": "refused"}, "bad re-copy of connection 2"),
-            ({"id": 2, "state": {}, "refuse": True}, "version 9 is unknown"),
-        ]:
-            self.setUp()
-            self.precopy(
-                [{"id": n, "listener": "tcp:8000", "abandons": True} for n in (1, 2, 3)]
-            )
-            if refused.pop("refuse", False):
-                self.staged[2].refuse = "version 9 is unknown"
-            answer = self.successResultOf(
-                self.recopy([{"id": 1, "state": {}}, refused])
-            )
-            self.assertEqual(
-                (answer["updated"], answer["refusedCount"]), (0, 1), reason
-            )
-            self.assertEqual(
-                json.loads(answer["refused"]), [{"id": 2, "reason": reason}]
-            )
-            self.assertEqual(
-                [each.events[-1] for each in self.staged.values()], ["abandon"] * 3
-            )
-            self.assertNotIn(
-                "restore ahead", [each.events[-2] for each in self.staged.values()]
-            )
-            error = self.assertRaises(
-                HandoffRefused,
-                self.channel._freezeCommit,
-                {"changes": [], "withdrawn": []},
-                self.fail,
-            )
-            self.assertEqual(str(error), "the new code refused connection 2")
-            self.assertFalse(self.host.serving)
-        self.flushLoggedErrors()
+        self.assertEqual(
+            [each.events[-1] for each in self.staged.values()], ["abandon"] * 3
+        )
+        self.assertNotIn(
+            "restore ahead", [each.events[-2] for each in self.staged.values()]
+        )
+        self.assertFreezeRefused("the new code refused connection 2")
 
     def test_recopyOfUnknownConnection(self) -> None:
         """

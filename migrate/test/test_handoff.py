@@ -1212,40 +1212,45 @@ class RecopyTests(PrecopyFixture):
         self.fingerprintsAtFreeze: list[list[Any]] = []
         # Every connection of this fixture changes before the first round:
         # the rounds are looked at as if they could converge, but for
-        # test_firstRoundStopsWhenAllChanged.
+        # test_onlyRoundWhenNearlyAllChanged.
         self.patch(_outgoing, "_RECOPY_FIRST_CHANGED", 1.0)
 
-    def test_firstRoundStopsWhenAllChanged(self) -> None:
+    def test_onlyRoundWhenNearlyAllChanged(self) -> None:
         """
-        The first round stops after a slice if more than
-        C{_RECOPY_FIRST_CHANGED} of the connections it looked at changed
-        since the pre-copy, and sends nothing: the clients change them
-        faster than a round copies them, so the rounds would only delay the
-        freeze, which carries them.
+        A first round that copied more than C{_RECOPY_FIRST_CHANGED} of the
+        pre-copied connections is the only one: the clients change them
+        faster than a round copies them.  What it copied was sent (the
+        successor lets go of what it restored ahead for them outside the
+        freeze), and the freeze compares with it.
         """
         self.patch(_outgoing, "_RECOPY_FIRST_CHANGED", 0.9)
         self.recopyRounds = [[1, 2], [2]]
         report = self.migrate()
         self.assertEqual(report["outcome"], "success")
-        self.assertEqual(self.incoming.recopies, [])
-        self.assertEqual(len(self.recopyAsked), 1)
-        self.assertEqual(self.fingerprintsAtFreeze, [["pre-copied", "pre-copied"]])
+        self.assertEqual(
+            self.incoming.recopies,
+            [[{"id": 1, "state": {"round": 1}}, {"id": 2, "state": {"round": 1}}]],
+        )
+        self.assertEqual(
+            self.fingerprintsAtFreeze, [["fingerprint 1", "fingerprint 1"]]
+        )
         self.assertIn(
-            "re-copy round 1 stopped: 2 of the first 2 connections changed since "
-            "the pre-copy; the freeze carries them",
+            "re-copy rounds end: 2 of 2 changed since the pre-copy, faster than a "
+            "round copies them; the freeze carries what changes next",
             self.o.progress,
         )
 
-    def test_firstRoundGoesOnWhenFewChanged(self) -> None:
+    def test_moreRoundsWhenFewerChanged(self) -> None:
         """
-        A first round that finds at most C{_RECOPY_FIRST_CHANGED} of the
-        connections changed goes on.
+        A first round that copied at most C{_RECOPY_FIRST_CHANGED} of them
+        is followed by another.
         """
         self.patch(_outgoing, "_RECOPY_FIRST_CHANGED", 0.5)
         self.recopyRounds = [[1], []]
         report = self.migrate()
         self.assertEqual(report["outcome"], "success")
         self.assertEqual(self.incoming.recopies, [[{"id": 1, "state": {"round": 1}}]])
+        self.assertEqual(len(self.recopyAsked), 2)
 
     def freezeDelta(self, precopied: list[Any]) -> FreezeDelta:
         self.fingerprintsAtFreeze.append([each.fingerprint for each in precopied])

@@ -107,11 +107,12 @@ _RECOPY_ROUNDS = 3
 #: (each round is then quicker, so fewer connections change during it),
 #: or the freeze may as well carry it
 _RECOPY_SHRINK = 0.75
-#: the first round stops once more than this fraction of the connections it
-#: looked at (a slice at least) changed since the pre-copy: the clients
-#: change them faster than a round copies them (1,000 clients sending
-#: every 50 ms: all of them; every 200 ms, where the rounds converge: 54 to
-#: 84%), and the rounds would only delay the freeze
+#: a first round that copied more than this fraction of the pre-copied
+#: connections is the only one: the clients change them faster than a
+#: round copies them (1,000 clients sending every 50 ms: all of them; every
+#: 200 ms, where the rounds converge: 39 to 84%), and more rounds would
+#: only delay the freeze.  That round still pays: the successor lets go of
+#: what it restored ahead for them outside the freeze, not in it
 _RECOPY_FIRST_CHANGED = 0.9
 
 _log = Logger()
@@ -662,8 +663,8 @@ class OutgoingHandoff:
         The rounds stop once nothing changed, after L{_RECOPY_ROUNDS}, or
         when a round would not copy clearly fewer than the one before
         (L{_RECOPY_SHRINK}: the clients change them as fast as they are
-        copied); the first stops after a slice if nearly all of it changed
-        since the pre-copy (L{_RECOPY_FIRST_CHANGED}).  A successor that does not know re-copy (older code)
+        copied); a first round that found nearly all of them changed is the
+        only one (L{_RECOPY_FIRST_CHANGED}).  A successor that does not know re-copy (older code)
         makes this a no-op: the freeze carries every change.
 
         @raise HandoffFailed: if the successor refused a new state (all or
@@ -684,16 +685,6 @@ class OutgoingHandoff:
                     # This process serves its clients between two slices.
                     yield deferLater(clock, 0, lambda: None)
                 batch, encoded = recopyChanged(precopied[start : start + _RECOPY_SLICE])
-                looked = min(start + _RECOPY_SLICE, len(precopied))
-                if previous is None and count + len(batch) > looked * (
-                    _RECOPY_FIRST_CHANGED
-                ):
-                    stopped = True
-                    why = (
-                        "{} of the first {} connections changed since the "
-                        "pre-copy".format(count + len(batch), looked)
-                    )
-                    break
                 if not batch:
                     continue
                 if previous is not None and count + len(batch) > previous * (
@@ -755,6 +746,13 @@ class OutgoingHandoff:
                 )
                 return
             if not sent:
+                return
+            if previous is None and count > len(precopied) * _RECOPY_FIRST_CHANGED:
+                self._step(
+                    "re-copy rounds end: {} of {} changed since the pre-copy, "
+                    "faster than a round copies them; the freeze carries what "
+                    "changes next".format(count, len(precopied))
+                )
                 return
             previous = count
 

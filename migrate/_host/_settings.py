@@ -77,8 +77,8 @@ class HostSettings:
         that their start takes no CPU from the clients of this process, and
         are brought forward to this process's priority once started (a
         successor: when it says it is ready) or after a tenth of
-        C{readyTimeout} (a trial: of its own timeout).  Only where this process may bring them
-        forward: see L{migrate._host._priority}.
+        C{readyTimeout} (a trial: of its own timeout).  Only where this
+        process may bring them forward: see L{migrate._host._priority}.
     """
 
     controlPath: str | None = "migrate-host.sock"

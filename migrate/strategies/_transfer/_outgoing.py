@@ -568,14 +568,7 @@ class OutgoingHandoff:
         adopted = answer["adopted"]
         refused = _parseRefusals(answer["refused"])
         if answer["refusedCount"] or adopted != len(moving):
-            raise HandoffFailed(
-                "the new code refused {} of {} (first: {}); the hand-off is "
-                "all or nothing".format(
-                    len(moving) - adopted,
-                    counted(len(moving), "connection"),
-                    self._firstRefused(refused, moving),
-                )
-            )
+            raise self._allOrNothing(len(moving) - adopted, moving, refused)
         self._step("successor adopted {}".format(counted(adopted, "connection")))
 
     @inlineCallbacks
@@ -630,13 +623,8 @@ class OutgoingHandoff:
         self._freezeSocket = freezeOurs
         self._streamedFreeze = answer.get("streamed") is True
         if answer["refusedCount"]:
-            raise HandoffFailed(
-                "the new code refused {} of {} (first: {}); the hand-off is "
-                "all or nothing".format(
-                    answer["refusedCount"],
-                    counted(len(precopied), "connection"),
-                    self._firstRefused(_parseRefusals(answer["refused"]), precopied),
-                )
+            raise self._allOrNothing(
+                answer["refusedCount"], precopied, _parseRefusals(answer["refused"])
             )
         self._step(
             "successor staged {}; this process still serves them".format(
@@ -723,16 +711,11 @@ class OutgoingHandoff:
                         return
                     outcome.raiseException()
                 if outcome["refusedCount"]:
-                    raise HandoffFailed(
-                        "the new code refused the new state of {} of {} (first: "
-                        "{}); the hand-off is all or nothing".format(
-                            outcome["refusedCount"],
-                            counted(len(batch), "connection"),
-                            self._firstRefused(
-                                _parseRefusals(outcome["refused"]),
-                                [each for each, _ in batch],
-                            ),
-                        )
+                    raise self._allOrNothing(
+                        outcome["refusedCount"],
+                        [each for each, _ in batch],
+                        _parseRefusals(outcome["refused"]),
+                        "the new state of ",
                     )
             # The successor holds these states now: the freeze compares
             # with them.
@@ -949,6 +932,28 @@ class OutgoingHandoff:
             pid=os.getpid(),
             count=moved,
             niceness=HANDED_ON_NICENESS,
+        )
+
+    def _allOrNothing(
+        self,
+        count: int,
+        connections: list[Any],
+        refused: dict[int, str],
+        what: str = "",
+    ) -> HandoffFailed:
+        """
+        Why the hand-off fails: the new code refused C{count} of
+        C{connections} (C{what} of them: C{"the new state of "}, say),
+        naming the first it refused, from C{refused}.
+        """
+        return HandoffFailed(
+            "the new code refused {}{} of {} (first: {}); the hand-off is all or "
+            "nothing".format(
+                what,
+                count,
+                counted(len(connections), "connection"),
+                self._firstRefused(refused, connections),
+            )
         )
 
     def _firstRefused(self, refused: dict[int, str], moving: list[Any]) -> str:

@@ -495,30 +495,42 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
             client.transport.loseConnection()
 
 
+def _gate(name: str, indent: int) -> str:
+    """
+    Source of a gate in a test application, indented by C{indent} spaces:
+    unless the test opened it (C{NAME.go} exists), say that this process
+    waits (C{NAME.waiting}, with its process id) and wait for the test to
+    open it, a minute at most.
+    """
+    return textwrap.indent(
+        textwrap.dedent(f"""\
+            if not os.path.exists("{name}.go"):
+                with open("{name}.waiting", "w") as flag:
+                    flag.write(str(os.getpid()))
+                deadline = time.monotonic() + 60
+                while not os.path.exists("{name}.go"):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the test never opened the gate")
+                    time.sleep(0.01)"""),
+        " " * indent,
+    )
+
+
 #: version 2, whose factory waits in the successor's pre-copy until the
 #: test opens the gate (after saying, with its process id, that it waits)
 GATED_V2 = MIGRATABLE_V2.replace(
     """def makeFactory():
     return Factory.forProtocol(Counter)""",
-    textwrap.dedent("""
-        import time
-
-        class GatedFactory(Factory):
-            protocol = Counter
-
-            def buildProtocol(self, addr):
-                if not os.path.exists("precopy.go"):
-                    with open("precopy.waiting", "w") as flag:
-                        flag.write(str(os.getpid()))
-                    deadline = time.monotonic() + 60
-                    while not os.path.exists("precopy.go"):
-                        if time.monotonic() > deadline:
-                            raise RuntimeError("the test never opened the gate")
-                        time.sleep(0.01)
-                return Factory.buildProtocol(self, addr)
-
-        def makeFactory():
-            return GatedFactory()"""),
+    "import time\n"
+    "\n"
+    "class GatedFactory(Factory):\n"
+    "    protocol = Counter\n"
+    "\n"
+    "    def buildProtocol(self, addr):\n" + _gate("precopy", 8) + "\n"
+    "        return Factory.buildProtocol(self, addr)\n"
+    "\n"
+    "def makeFactory():\n"
+    "    return GatedFactory()",
 )
 assert "GatedFactory" in GATED_V2
 
@@ -532,23 +544,12 @@ assert "GatedFactory" in GATED_V2
 AHEAD_V2 = (
     MIGRATABLE_V2.replace(
         'self.count = state["total"]',
-        textwrap.dedent(
-            """\
-            self.count = state["total"]
-                    if not os.path.exists("ahead.go"):
-                        with open("ahead.waiting", "w") as flag:
-                            flag.write(str(os.getpid()))
-                        deadline = time.monotonic() + 60
-                        while not os.path.exists("ahead.go"):
-                            if time.monotonic() > deadline:
-                                raise RuntimeError("the test never opened the gate")
-                            time.sleep(0.01)
-                    REGISTERED.add(self)
-
-                def abandonMigrationState(self):
-                    REGISTERED.discard(self)
-                    print("abandoned a restore of count %d" % self.count, flush=True)"""
-        ),
+        'self.count = state["total"]\n' + _gate("ahead", 8) + "\n"
+        "        REGISTERED.add(self)\n"
+        "\n"
+        "    def abandonMigrationState(self):\n"
+        "        REGISTERED.discard(self)\n"
+        '        print("abandoned a restore of count %d" % self.count, flush=True)',
     )
     .replace(
         'self.sendLine(b"%s %d %s %d" % (VERSION, os.getpid(), line, self.count))',
@@ -565,19 +566,7 @@ assert "abandonMigrationState" in AHEAD_V2 and "len(REGISTERED)" in AHEAD_V2
 #: test opens a gate, after saying that it waits
 RECOPY_V2 = AHEAD_V2.replace(
     "        REGISTERED.discard(self)",
-    textwrap.indent(
-        textwrap.dedent("""\
-            if not os.path.exists("recopy.go"):
-                with open("recopy.waiting", "w") as flag:
-                    flag.write(str(os.getpid()))
-                deadline = time.monotonic() + 60
-                while not os.path.exists("recopy.go"):
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the test never opened the gate")
-                    time.sleep(0.01)
-            REGISTERED.discard(self)"""),
-        " " * 8,
-    ),
+    _gate("recopy", 8) + "\n        REGISTERED.discard(self)",
 )
 assert "recopy.go" in RECOPY_V2
 
@@ -594,19 +583,29 @@ class PrecopyIntegrationTests(LiveAppMixin, TestCase):
     initialApp = MIGRATABLE_V1
 
     @inlineCallbacks
+    def atGate(self, name: str, where: str) -> Any:
+        """
+        Wait until the successor waits at the gate C{name} of its test
+        application (see L{_gate}), C{where} it is; fire with its process
+        id.
+        """
+        waiting = self.host.workdir.child(name + ".waiting")
+        yield waitFor(
+            lambda: waiting.exists() and waiting.getContent(),
+            what="the successor to wait " + where,
+        )
+        return int(waiting.getContent())
+
+    @inlineCallbacks
     def successorInPrecopy(self) -> Any:
         """
         Start an upgrade to L{GATED_V2}; fire with its L{Deferred} and the
         successor's process id once the successor waits in the pre-copy.
         """
-        waiting = self.host.workdir.child("precopy.waiting")
         writeModule(self.host.workdir, "liveapp", GATED_V2)
         upgrade = self.host.upgrade()
-        yield waitFor(
-            lambda: waiting.exists() and waiting.getContent(),
-            what="the successor to wait in the pre-copy",
-        )
-        return upgrade, int(waiting.getContent())
+        pid = yield self.atGate("precopy", "in the pre-copy")
+        return upgrade, pid
 
     @inlineCallbacks
     def test_changesSinceTheCopyTravel(self):
@@ -656,13 +655,9 @@ class PrecopyIntegrationTests(LiveAppMixin, TestCase):
         oldPid = status["pid"]
         first, second, quiet = yield self.connectClients(3)
         yield self.exchange(quiet, b"q")
-        waiting = self.host.workdir.child("ahead.waiting")
         writeModule(self.host.workdir, "liveapp", AHEAD_V2)
         upgrade = self.host.upgrade()
-        yield waitFor(
-            lambda: waiting.exists() and waiting.getContent(),
-            what="the successor to wait in its first restore ahead",
-        )
+        yield self.atGate("ahead", "in its first restore ahead")
         for n in range(2):
             for client in (first, second):
                 reply = yield self.exchange(client, b"meanwhile")
@@ -707,20 +702,12 @@ class PrecopyIntegrationTests(LiveAppMixin, TestCase):
         workdir = self.host.workdir
         writeModule(workdir, "liveapp", RECOPY_V2)
         upgrade = self.host.upgrade()
-        yield waitFor(
-            lambda: workdir.child("ahead.waiting").exists()
-            and workdir.child("ahead.waiting").getContent(),
-            what="the successor to wait in its first restore ahead",
-        )
+        yield self.atGate("ahead", "in its first restore ahead")
         for n in (1, 2):
             reply = yield self.exchange(active, b"before")
             self.assertEqual(reply, [b"v1", oldPid, b"before", b"%d" % (n,)])
         workdir.child("ahead.go").touch()
-        yield waitFor(
-            lambda: workdir.child("recopy.waiting").exists()
-            and workdir.child("recopy.waiting").getContent(),
-            what="the successor to wait in the re-copy's abandon",
-        )
+        yield self.atGate("recopy", "in the re-copy's abandon")
         reply = yield self.exchange(active, b"after")
         self.assertEqual(reply, [b"v1", oldPid, b"after", b"3"])
         active.transport.write(b"hal")
@@ -763,11 +750,7 @@ class PrecopyIntegrationTests(LiveAppMixin, TestCase):
         workdir.child("recopy.go").touch()
         writeModule(workdir, "liveapp", RECOPY_V2)
         upgrade = self.host.upgrade()
-        yield waitFor(
-            lambda: workdir.child("ahead.waiting").exists()
-            and workdir.child("ahead.waiting").getContent(),
-            what="the successor to wait in its first restore ahead",
-        )
+        yield self.atGate("ahead", "in its first restore ahead")
         reply = yield self.exchange(once, b"before")
         self.assertEqual(reply, [b"v1", oldPid, b"before", b"1"])
         workdir.child("ahead.go").touch()
@@ -798,14 +781,10 @@ class PrecopyIntegrationTests(LiveAppMixin, TestCase):
         oldPid = str(status["pid"]).encode()
         clients = yield self.connectClients(2)
         yield self.exchange(clients[0], b"x")
-        waiting = self.host.workdir.child("ahead.waiting")
         writeModule(self.host.workdir, "liveapp", AHEAD_V2)
         upgrade = self.host.upgrade()
-        yield waitFor(
-            lambda: waiting.exists() and waiting.getContent(),
-            what="the successor to wait in its first restore ahead",
-        )
-        os.kill(int(waiting.getContent()), signal.SIGKILL)
+        pid = yield self.atGate("ahead", "in its first restore ahead")
+        os.kill(pid, signal.SIGKILL)
         code, report, err = yield upgrade
         self.assertNotEqual(code, 0)
         self.assertEqual(report["outcome"], "rolled-back")

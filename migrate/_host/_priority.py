@@ -43,7 +43,12 @@ from typing import Any, Callable
 from attrs import define, field
 from twisted.logger import Logger
 
-__all__ = ["BACKGROUND_NICENESS", "BackgroundStart", "mayBringForward"]
+__all__ = [
+    "BACKGROUND_NICENESS",
+    "BackgroundStart",
+    "lowerOwnPriority",
+    "mayBringForward",
+]
 
 _log = Logger()
 
@@ -227,3 +232,16 @@ class BackgroundStart:
                     if e.errno != errno.ESRCH:
                         raise
                 done.add(thread)
+
+
+def lowerOwnPriority(niceness: int) -> None:
+    """
+    Raise the calling thread's nice value to C{niceness}, if it is lower.
+    On Linux the nice value belongs to the thread: the reactor's thread,
+    which lets go of the connections, is the one that calls.  Raising it
+    needs no privilege; lowering it again would.
+
+    @raise OSError: if the system refuses.
+    """
+    if os.getpriority(os.PRIO_PROCESS, 0) < niceness:
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)

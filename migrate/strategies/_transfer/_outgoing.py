@@ -57,7 +57,7 @@ from ..._handoff._successor import (
 from ..._handoff._threadwork import waitForThreadWork, workInFlight
 from ..._handoff._transport import flushWriters
 from ..._host._heap import collectionsPaused
-from ..._host._priority import BackgroundStart
+from ..._host._priority import BackgroundStart, lowerOwnPriority
 from ..._host._settings import HANDED_ON_NICENESS
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
 from ..._systemd import successorEnvironment
@@ -1437,19 +1437,6 @@ def _transportOf(connection: Any) -> Any:
     if transport is None:
         transport = getattr(getattr(connection, "frozen", None), "transport", None)
     return transport
-
-
-def lowerOwnPriority(niceness: int) -> None:
-    """
-    Raise the calling thread's nice value to C{niceness}, if it is lower.
-    On Linux the nice value belongs to the thread: the reactor's thread,
-    which lets go of the connections, is the one that calls.  Raising it
-    needs no privilege; lowering it again would.
-
-    @raise OSError: if the system refuses.
-    """
-    if os.getpriority(os.PRIO_PROCESS, 0) < niceness:
-        os.setpriority(os.PRIO_PROCESS, 0, niceness)
 
 
 def _describe(error: BaseException) -> str:

@@ -603,22 +603,25 @@ class ProtocolState:
         @return: a C{dict} of plain data, in which buffers are base64 text.
             Its C{"appState"} is this object's, not a copy.
         """
+        # Made for each changed connection while every client waits: no
+        # comprehension per buffer, and nothing to encode for an empty one.
+        buffers = {}
+        for name, saved in self.buffers.items():
+            plain = dict(saved)
+            if "buffer" in plain:
+                value = plain["buffer"]
+                plain["buffer"] = (
+                    binascii.b2a_base64(value, newline=False).decode("ascii")
+                    if value
+                    else ""
+                )
+            buffers[name] = plain
         return {
             "className": self.className,
             "migratable": self.migratable,
             "version": self.version,
             "appState": self.appState,
-            "buffers": {
-                name: {
-                    key: (
-                        base64.b64encode(value).decode("ascii")
-                        if key == "buffer"
-                        else value
-                    )
-                    for key, value in saved.items()
-                }
-                for name, saved in self.buffers.items()
-            },
+            "buffers": buffers,
         }
 
     @classmethod
@@ -850,6 +853,10 @@ _packForComparison = marshal.dumps
 _PACK_VERSION = 2
 
 
+#: L{StateFingerprint.captureIfChanged}'s answer when it cannot tell
+_UNSURE = object()
+
+
 @frozen
 class StateFingerprint:
     """
@@ -887,6 +894,8 @@ class StateFingerprint:
     @ivar lineBuffer: with C{quickClass}, the C{LineReceiver} buffer
         taken, or L{None} if the class is no C{LineReceiver}.
     @ivar lineMode: with C{lineBuffer}, the C{LineReceiver} mode taken.
+    @ivar className: with C{quickClass}, the state's C{className} (that
+        class's qualified name).
     """
 
     migratable: bool
@@ -897,6 +906,7 @@ class StateFingerprint:
     quickClass: type | None = None
     lineBuffer: bytes | None = None
     lineMode: bool | None = None
+    className: str | None = None
 
     @classmethod
     def of(
@@ -942,6 +952,7 @@ class StateFingerprint:
             quickClass,
             lineBuffer,
             lineMode,
+            state.className if quickClass is not None else None,
         )
 
     def matches(self, protocol: object) -> bool:
@@ -1029,6 +1040,77 @@ class StateFingerprint:
             except StateError:
                 return False
         return True
+
+    def captureIfChanged(self, protocol: object) -> ProtocolState | None | object:
+        """
+        L{matches} and, if it does not match, L{captureProtocolState}
+        (without a snapshot) in one, for a protocol of C{quickClass}
+        without a C{migrationBlocker} of its own: the application state is
+        asked for once, and the buffers read once, where the two calls ask
+        twice.  A pre-copy's freeze makes both for each of thousands of
+        changed connections while every client waits.
+
+        A state whose C{marshal} form differs from the one fingerprinted
+        is taken as changed without comparing the JSON encodings (the rare
+        state that differs only as a tuple differs from a list encodes the
+        same: it is sent again, as any change is, and restored the same).
+
+        It never raises: where anything is unusual (another class, a
+        blocker of its own, a version that is no longer the C{int} taken,
+        a failing C{getMigrationState}, a busy or odd buffer, state the
+        codec would refuse), it answers C{_UNSURE}, and the caller takes
+        the general way (L{matches}, then L{captureProtocolState}), with
+        its errors.
+
+        @param protocol: the protocol the fingerprinted state was taken
+            from.
+
+        @return: L{None} if the state did not change; the state captured
+            now if it did; or C{_UNSURE}.
+        """
+        cls = type(protocol)
+        if cls is not self.quickClass or "migrationBlocker" in protocol.__dict__:
+            return _UNSURE
+        # quickClass is set only for a class that provides IMigratable
+        # itself and defines no blocker, and only for a state that was
+        # fingerprinted with its marshal form (see _quickKinds).
+        app: Any = protocol
+        version = getattr(app, "migrationVersion", None)
+        if type(version) is not int or version != self.version:
+            return _UNSURE
+        try:
+            appState = app.getMigrationState()
+            samePacked = (
+                _packForComparison(appState, _PACK_VERSION) == self.packedAppState
+            )
+        except Exception:
+            return _UNSURE
+        lineBuffer = self.lineBuffer
+        buffers: dict[str, dict[str, Any]]
+        if lineBuffer is None:
+            if samePacked:
+                return None
+            buffers = {}
+        else:
+            if app._busyReceiving:
+                return _UNSURE
+            buffer = getattr(app, "_buffer", b"")
+            if type(buffer) is not bytes:
+                return _UNSURE
+            lineMode = bool(app.line_mode)
+            if samePacked and lineMode is self.lineMode and buffer == lineBuffer:
+                return None
+            # As _captureLineReceiver returns them.
+            buffers = {"LineReceiver": {"buffer": buffer, "lineMode": lineMode}}
+        try:
+            # As captureProtocolState checks it (the clients wait, and the
+            # state is encoded before the application runs again: no copy).
+            _checkApplicationState(appState)
+        except StateError:
+            return _UNSURE
+        return ProtocolState(
+            self.className or _className(cls), True, version, appState, buffers
+        )
 
     def _matchesQuickly(self, protocol: Any) -> bool:
         """

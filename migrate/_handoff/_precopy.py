@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, cast
 
 from attrs import define, field
 
 from .._host._tracking import HostedProtocol
 from ..state import (
+    _UNSURE,
     NotAtSafePoint,
+    ProtocolState,
     StateFingerprint,
     captureProtocolState,
 )
@@ -258,8 +260,13 @@ def freezeDelta(precopied: Iterable[PrecopiedConnection]) -> FreezeDelta:
             )
             continue
         try:
-            same = each.fingerprint.matches(protocol)
-            state = None if same else captureToMove(each.listenerKey, protocol)
+            # One look at the application state and the buffers where it
+            # can (a class whose instances the fingerprint compares the
+            # quick way); the general way where it cannot tell.
+            state = each.fingerprint.captureIfChanged(protocol)
+            if state is _UNSURE:
+                same = each.fingerprint.matches(protocol)
+                state = None if same else captureToMove(each.listenerKey, protocol)
         except NotAtSafePoint as e:
             delta.withdrawn.append(
                 (each, Unmovable(each.listenerKey, hosted, str(e), later=True))
@@ -276,10 +283,10 @@ def freezeDelta(precopied: Iterable[PrecopiedConnection]) -> FreezeDelta:
             continue
         change: dict[str, Any] = {
             "id": each.ident,
-            "output": base64.b64encode(output).decode("ascii"),
+            "output": base64.b64encode(output).decode("ascii") if output else "",
         }
         if state is not None:
-            change["state"] = state.toPlain()
+            change["state"] = cast(ProtocolState, state).toPlain()
         delta.changes.append(change)
         changed.append(each)
     delta.moving = changed + unchanged

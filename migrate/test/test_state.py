@@ -1606,6 +1606,96 @@ class UnchangedSinceTests(SynchronousTestCase):
         self.assertFalse(unchangedSince(self.protocol, self.fingerprintOf(state)))
 
 
+class CaptureIfChangedTests(SynchronousTestCase):
+    """
+    L{StateFingerprint.captureIfChanged} answers as L{StateFingerprint.matches}
+    and then L{captureProtocolState} would, asking the application once, or
+    says it cannot tell.
+    """
+
+    def setUp(self) -> None:
+        self.protocol = connected(ChatV2)
+        self.protocol.dataReceived(b"half a li")
+        self.fingerprint = StateFingerprint.of(
+            captureProtocolState(self.protocol), self.protocol
+        )
+
+    def assertCaptured(self) -> None:
+        """
+        It says the state changed, and gives the state a capture would.
+        """
+        self.assertEqual(
+            self.fingerprint.captureIfChanged(self.protocol),
+            captureProtocolState(self.protocol, snapshot=False),
+        )
+
+    def test_unchanged(self) -> None:
+        """
+        Nothing changed: L{None}.
+        """
+        self.assertIsNone(self.fingerprint.captureIfChanged(self.protocol))
+
+    def test_applicationState(self) -> None:
+        """
+        The application state changed: the state captured now, once even
+        where Python equality would see no change (C{1 == True}).
+        """
+        self.protocol.rooms = ["lobby", "kitchen"]
+        self.assertCaptured()
+        self.protocol.rooms = ["lobby", 1]
+        fingerprint = StateFingerprint.of(
+            captureProtocolState(self.protocol), self.protocol
+        )
+        self.protocol.rooms = ["lobby", True]
+        self.assertEqual(
+            fingerprint.captureIfChanged(self.protocol),
+            captureProtocolState(self.protocol, snapshot=False),
+        )
+
+    def test_buffers(self) -> None:
+        """
+        The line buffer or the mode changed: the state captured now.
+        """
+        self.protocol.dataReceived(b"ne")
+        self.assertCaptured()
+        self.protocol.dataReceived(b"\n")
+        self.assertCaptured()
+        self.protocol.setRawMode()
+        self.assertCaptured()
+
+    def test_unsure(self) -> None:
+        """
+        Where anything is unusual, it cannot tell (the general way then
+        says why), and it raises nothing.
+        """
+        unsure = state_._UNSURE
+        protocol = self.protocol
+        self.protocol.rooms = ["lobby", {"a", "set"}]
+        self.assertIs(self.fingerprint.captureIfChanged(protocol), unsure)
+        self.assertRaises(StateError, captureProtocolState, protocol)
+        self.protocol.rooms = ["lobby"]
+        protocol._busyReceiving = True
+        self.assertIs(self.fingerprint.captureIfChanged(protocol), unsure)
+        protocol._busyReceiving = False
+        protocol.migrationVersion = True
+        self.assertIs(self.fingerprint.captureIfChanged(protocol), unsure)
+        del protocol.migrationVersion
+        protocol.migrationBlocker = lambda: "a request is in flight"
+        self.assertIs(self.fingerprint.captureIfChanged(protocol), unsure)
+        del protocol.migrationBlocker
+        protocol.getMigrationState = lambda: 1 // 0
+        self.assertIs(self.fingerprint.captureIfChanged(protocol), unsure)
+        del protocol.getMigrationState
+        protocol._buffer = "text"
+        self.assertIs(self.fingerprint.captureIfChanged(protocol), unsure)
+        protocol._buffer = b"half a li"
+        self.assertIsNone(self.fingerprint.captureIfChanged(protocol))
+        other = connected(ChatV1)
+        self.assertIs(self.fingerprint.captureIfChanged(other), unsure)
+        general = StateFingerprint.of(captureProtocolState(protocol))
+        self.assertIs(general.captureIfChanged(protocol), unsure)
+
+
 class ClassCacheTests(SynchronousTestCase):
     """
     What the state layer caches about each protocol class does not keep

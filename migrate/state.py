@@ -391,6 +391,11 @@ _KINDS: tuple[_BufferKind, ...] = (
 
 _KINDS_BY_NAME = {kind.name: kind for kind in _KINDS}
 
+#: for each buffer kind's name, the keys its C{dict} holds, with their types
+_EXPECTED_BY_NAME: dict[str, dict[str, type]] = {
+    kind.name: {"buffer": bytes, **kind.fields} for kind in _KINDS
+}
+
 #: the buffer kinds of each protocol class seen, by the class's C{id}
 _kindsByClass: dict[int, tuple[_BufferKind, ...]] = {}
 
@@ -497,6 +502,8 @@ def _validateBuffers(buffers: object, *, encoded: bool) -> dict[str, dict[str, A
         raise StateError(
             f"protocol state: buffers must be a dict, not {type(buffers).__qualname__}"
         )
+    # Called for each connection restored while every client waits: the
+    # place named in an error message is made only for an error.
     result: dict[str, dict[str, Any]] = {}
     for name, saved in buffers.items():
         if type(name) is not str or name not in _KINDS_BY_NAME:
@@ -504,29 +511,46 @@ def _validateBuffers(buffers: object, *, encoded: bool) -> dict[str, dict[str, A
                 f"protocol state: unknown buffer kind {_safeRepr(name)}; "
                 f"known: {', '.join(sorted(_KINDS_BY_NAME))}"
             )
-        kind = _KINDS_BY_NAME[name]
-        where = f"protocol state: buffers[{name!r}]"
         if type(saved) is not dict:
-            raise StateError(f"{where} must be a dict, not {type(saved).__qualname__}")
-        expected = {"buffer": bytes, **kind.fields}
+            raise StateError(
+                f"{_bufferPlace(name)} must be a dict, not {type(saved).__qualname__}"
+            )
+        expected = _EXPECTED_BY_NAME[name]
         for key in saved:
             if type(key) is not str or key not in expected:
-                raise StateError(f"{where}: unexpected key {_safeRepr(key)}")
+                raise StateError(
+                    f"{_bufferPlace(name)}: unexpected key {_safeRepr(key)}"
+                )
         values: dict[str, Any] = {}
         for key, wanted in expected.items():
             if key not in saved:
-                raise StateError(f"{where}: missing {key!r}")
+                raise StateError(f"{_bufferPlace(name)}: missing {key!r}")
             value = saved[key]
             if key == "buffer" and encoded:
-                value = _decodeBase64(value, f"{where}[{key!r}]")
+                if type(value) is str and not value:
+                    # The canonical encoding of no bytes.
+                    value = b""
+                else:
+                    value = _decodeBase64(value, name, key)
             elif type(value) is not wanted:
                 raise StateError(
-                    f"{where}[{key!r}] must be {wanted.__qualname__}, not "
+                    f"{_bufferPlace(name, key)} must be {wanted.__qualname__}, not "
                     f"{type(value).__qualname__}"
                 )
             values[key] = value
         result[name] = values
     return result
+
+
+def _bufferPlace(name: str, key: str | None = None) -> str:
+    """
+    Name a place in L{ProtocolState.buffers} for an error message.
+
+    @param name: a buffer kind's name.
+    @param key: a key in that kind's C{dict}, if the place is one.
+    """
+    where = f"protocol state: buffers[{name!r}]"
+    return where if key is None else f"{where}[{key!r}]"
 
 
 def _safeRepr(value: object) -> str:
@@ -544,27 +568,31 @@ def _safeRepr(value: object) -> str:
     return f"of type {type(value).__qualname__}"
 
 
-def _decodeBase64(value: object, where: str) -> bytes:
+def _decodeBase64(value: object, name: str, key: str) -> bytes:
     """
     Decode base64 text strictly: only the canonical encoding of some bytes
     is accepted.
 
     @param value: the candidate text.
-    @param where: where it is, for the error message.
+    @param name: the buffer kind it is in, for the error message.
+    @param key: its key in that kind's C{dict}, for the error message.
 
     @return: the bytes.
 
     @raise StateError: if C{value} is not a C{str} holding canonical base64.
     """
     if type(value) is not str:
-        raise StateError(f"{where} must be base64 text, not {type(value).__qualname__}")
+        raise StateError(
+            f"{_bufferPlace(name, key)} must be base64 text, not "
+            f"{type(value).__qualname__}"
+        )
     try:
         encoded = value.encode("ascii")
         decoded = base64.b64decode(encoded, validate=True)
     except (UnicodeEncodeError, binascii.Error) as e:
-        raise StateError(f"{where} is not valid base64: {e}") from e
+        raise StateError(f"{_bufferPlace(name, key)} is not valid base64: {e}") from e
     if base64.b64encode(decoded) != encoded:
-        raise StateError(f"{where} is not canonical base64")
+        raise StateError(f"{_bufferPlace(name, key)} is not canonical base64")
     return decoded
 
 
@@ -660,8 +688,10 @@ class ProtocolState:
         for key in data:
             if type(key) is not str or key not in _PLAIN_KEYS:
                 raise StateError(f"protocol state: unexpected key {_safeRepr(key)}")
-        missing = _PLAIN_KEYS.difference(data)
-        if missing:
+        # Every key is a distinct expected one: as many as expected means
+        # none is missing (the set of those missing is made only then).
+        if len(data) != len(_PLAIN_KEYS):
+            missing = _PLAIN_KEYS.difference(data)
             raise StateError(f"protocol state: missing {', '.join(sorted(missing))}")
         className = data["className"]
         migratable = data["migratable"]

@@ -397,6 +397,18 @@ class StagedConnection:
     #: whether C{protocol} was restored ahead of the freeze (see
     #: L{restoreAhead}) and not abandoned since
     restoredAhead: bool = False
+    #: the peer's address, if known already (a connection's peer never
+    #: changes): L{rebuild} and L{abandonAhead} need it at the freeze
+    peer: Any = None
+
+    def _peer(self) -> Any:
+        """
+        The peer's address, asked of the transport once.
+        """
+        peer = self.peer
+        if peer is None:
+            peer = self.peer = self.transport.getPeer()
+        return peer
 
     def canRestoreAhead(self) -> bool:
         """
@@ -421,7 +433,13 @@ class StagedConnection:
                 if "state" in entry
                 else self.state
             )
-            output = base64.b64decode(entry.get("output", ""), validate=True)
+            output = entry.get("output", "")
+            # No output, as for almost every connection: nothing to decode.
+            output = (
+                b""
+                if type(output) is str and not output
+                else base64.b64decode(output, validate=True)
+            )
         except Exception as e:
             raise StateError(
                 "bad change for connection {}: {}".format(
@@ -512,9 +530,7 @@ class StagedConnection:
         try:
             stale.abandonMigrationState()
         finally:
-            stale.transport = DetachedTransport(
-                self.transport.getPeer(), self.transport.getHost()
-            )
+            stale.transport = DetachedTransport(self._peer(), self.transport.getHost())
             stale.connected = 0
 
     def rebuild(self) -> None:
@@ -525,9 +541,8 @@ class StagedConnection:
 
         @raise StateError: if the new factory refuses the connection.
         """
-        peer = self.transport.getPeer()
         try:
-            protocol = newMigratableProtocol(self.hosted.factory, peer)
+            protocol = newMigratableProtocol(self.hosted.factory, self._peer())
         except StateError:
             raise
         except Exception as e:
@@ -588,13 +603,16 @@ def stageEntry(host: IMigrationHost, entry: Any, descriptor: int) -> StagedConne
     try:
         if not state.migratable:
             raise StateError("the old protocol did not provide IMigratable")
-        protocol = newMigratableProtocol(listener.factory, transport.getPeer())
+        peer = transport.getPeer()
+        protocol = newMigratableProtocol(listener.factory, peer)
         hosted.attach(protocol)
     except Exception:
         abandonConnection(transport)
         hosted.release()
         raise
-    return StagedConnection(entry.get("id"), hosted, transport, protocol, state, output)
+    return StagedConnection(
+        entry.get("id"), hosted, transport, protocol, state, output, peer=peer
+    )
 
 
 def adoptEntry(host: IMigrationHost, entry: Any, descriptor: int) -> AdoptedConnection:

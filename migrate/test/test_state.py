@@ -1219,6 +1219,58 @@ class ProtocolStateTests(SynchronousTestCase):
             self.valid(buffers={"LineOnlyReceiver": {"buffer": b"QUJD"}}), "base64 text"
         )
 
+    def test_refusalsNameThePlace(self) -> None:
+        """
+        A refused buffer is named in full in the message, the key in it
+        included.
+        """
+        self.assertRefused(
+            self.valid(buffers={"LineReceiver": {"buffer": "", "lineMode": 1}}),
+            "protocol state: buffers['LineReceiver']['lineMode'] must be bool, "
+            "not int",
+        )
+        self.assertRefused(
+            self.valid(buffers={"LineOnlyReceiver": {"buffer": "QR=="}}),
+            "protocol state: buffers['LineOnlyReceiver']['buffer'] is not "
+            "canonical base64",
+        )
+        self.assertRefused(
+            self.valid(buffers={"LineOnlyReceiver": {"buffer": "QU=D"}}),
+            "protocol state: buffers['LineOnlyReceiver']['buffer'] is not "
+            "valid base64",
+        )
+        self.assertRefused(
+            self.valid(buffers={"LineOnlyReceiver": {"buffer": b""}}),
+            "protocol state: buffers['LineOnlyReceiver']['buffer'] must be "
+            "base64 text, not bytes",
+        )
+        self.assertRefused(
+            self.valid(buffers={"LineOnlyReceiver": {}}),
+            "protocol state: buffers['LineOnlyReceiver']: missing 'buffer'",
+        )
+        self.assertRefused(
+            self.valid(buffers={"LineOnlyReceiver": []}),
+            "protocol state: buffers['LineOnlyReceiver'] must be a dict, not list",
+        )
+
+    def test_emptyBuffer(self) -> None:
+        """
+        An empty buffer is the empty string, exactly: a C{str} subclass is
+        refused, however empty.
+        """
+
+        class Text(str):
+            pass
+
+        state = ProtocolState.fromPlain(
+            self.valid(buffers={"LineOnlyReceiver": {"buffer": ""}})
+        )
+        self.assertEqual(state.buffers, {"LineOnlyReceiver": {"buffer": b""}})
+        self.assertRefused(
+            self.valid(buffers={"LineOnlyReceiver": {"buffer": Text("")}}),
+            "must be base64 text, not ",
+        )
+
     def test_hostileObjectsNotTouched(self) -> None:
         """
         Objects that raise from every special method are refused without

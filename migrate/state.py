@@ -36,7 +36,6 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
-import json
 import marshal
 import weakref
 from io import BytesIO
@@ -50,6 +49,7 @@ from migrate._codec import (
     MAX_STATE_BYTES,
     StateError,
     _checkPlain,
+    _encodeCompact,
     decodeState,
     encodeState,
 )
@@ -824,52 +824,8 @@ def captureProtocolState(protocol: object, *, snapshot: bool = True) -> Protocol
     return ProtocolState(name, migratable, version, appState, buffers)
 
 
-def _comparisonEncoder() -> Callable[[Any], str]:
-    """
-    Make the function that encodes application state for comparisons
-    (L{StateFingerprint}): compact JSON, ASCII, no C{NaN}, as the codec
-    writes it.
-
-    C{json.JSONEncoder.encode} builds a new C encoder at every call, which
-    is most of its cost for a small state; at a freeze it is called for
-    every connection while every client waits, so the C encoder is built
-    once here (without the circular-reference check: a cycle then fails
-    with C{RecursionError}, which a comparison takes for a change, and the
-    full capture that follows refuses it by name).  Where the C encoder is
-    missing or is called differently, the plain encoder does the same work.
-    """
-    plain = json.JSONEncoder(
-        ensure_ascii=True, allow_nan=False, separators=(",", ":")
-    ).encode
-
-    def refuse(value: object) -> Any:
-        raise TypeError(f"{type(value).__qualname__} is not plain data")
-
-    try:
-        from json.encoder import (  # type: ignore[attr-defined]
-            c_make_encoder,
-            encode_basestring_ascii,
-        )
-
-        if c_make_encoder is None:
-            return plain
-        iterencode = c_make_encoder(
-            None, refuse, encode_basestring_ascii, None, ":", ",", False, False, False
-        )
-        sample = {"a": [1, 2.5, True, None, "\u00e9"]}
-        if "".join(iterencode(sample, 0)) != plain(sample):
-            return plain
-    except Exception:
-        return plain
-
-    def encode(value: object) -> str:
-        return "".join(iterencode(value, 0))
-
-    return encode
-
-
 #: encodes application state the way the codec does, for comparisons only
-_encodeForComparison = _comparisonEncoder()
+_encodeForComparison = _encodeCompact
 
 #: a cheaper comparison key for application state (L{StateFingerprint}):
 #: C{marshal}'s form, only ever compared in this process, never loaded
@@ -883,7 +839,7 @@ _packForComparison = marshal.dumps
 _PACK_VERSION = 2
 
 
-#: L{StateFingerprint.captureIfChanged}'s answer when it cannot tell
+#: L{StateFingerprint.plainIfChanged}'s answer when it cannot tell
 _UNSURE = object()
 
 
@@ -1071,14 +1027,15 @@ class StateFingerprint:
                 return False
         return True
 
-    def captureIfChanged(self, protocol: object) -> ProtocolState | None | object:
+    def plainIfChanged(self, protocol: object) -> dict[str, Any] | None | object:
         """
-        L{matches} and, if it does not match, L{captureProtocolState}
-        (without a snapshot) in one, for a protocol of C{quickClass}
-        without a C{migrationBlocker} of its own: the application state is
-        asked for once, and the buffers read once, where the two calls ask
-        twice.  A pre-copy's freeze makes both for each of thousands of
-        changed connections while every client waits.
+        L{matches} and, if it does not match, the plain form
+        (L{ProtocolState.toPlain}) of L{captureProtocolState} (without a
+        snapshot) in one, for a protocol of C{quickClass} without a
+        C{migrationBlocker} of its own: the application state is asked for
+        once, and the buffers read once, where the two calls ask twice, and
+        the plain form is made at once.  A pre-copy's freeze makes both for
+        each of thousands of changed connections while every client waits.
 
         A state whose C{marshal} form differs from the one fingerprinted
         is taken as changed without comparing the JSON encodings (the rare
@@ -1095,8 +1052,10 @@ class StateFingerprint:
         @param protocol: the protocol the fingerprinted state was taken
             from.
 
-        @return: L{None} if the state did not change; the state captured
-            now if it did; or C{_UNSURE}.
+        @return: L{None} if the state did not change; the plain form of the
+            state captured now if it did (its C{"appState"} is the
+            application's, not a copy: encode it before the application
+            runs again); or C{_UNSURE}.
         """
         cls = type(protocol)
         if cls is not self.quickClass or "migrationBlocker" in protocol.__dict__:
@@ -1130,17 +1089,30 @@ class StateFingerprint:
             lineMode = bool(app.line_mode)
             if samePacked and lineMode is self.lineMode and buffer == lineBuffer:
                 return None
-            # As _captureLineReceiver returns them.
-            buffers = {"LineReceiver": {"buffer": buffer, "lineMode": lineMode}}
+            # As _captureLineReceiver returns them, as toPlain writes them.
+            buffers = {
+                "LineReceiver": {
+                    "buffer": (
+                        binascii.b2a_base64(buffer, newline=False).decode("ascii")
+                        if buffer
+                        else ""
+                    ),
+                    "lineMode": lineMode,
+                }
+            }
         try:
             # As captureProtocolState checks it (the clients wait, and the
             # state is encoded before the application runs again: no copy).
             _checkApplicationState(appState)
         except StateError:
             return _UNSURE
-        return ProtocolState(
-            self.className or _className(cls), True, version, appState, buffers
-        )
+        return {
+            "className": self.className or _className(cls),
+            "migratable": True,
+            "version": version,
+            "appState": appState,
+            "buffers": buffers,
+        }
 
     def _matchesQuickly(self, protocol: Any) -> bool:
         """

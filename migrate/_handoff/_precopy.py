@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, Callable, Iterable, Iterator, Sequence, cast
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from attrs import define, field
 
@@ -35,7 +35,6 @@ from .._host._tracking import HostedProtocol
 from ..state import (
     _UNSURE,
     NotAtSafePoint,
-    ProtocolState,
     StateFingerprint,
     captureProtocolState,
 )
@@ -263,10 +262,14 @@ def freezeDelta(precopied: Iterable[PrecopiedConnection]) -> FreezeDelta:
             # One look at the application state and the buffers where it
             # can (a class whose instances the fingerprint compares the
             # quick way); the general way where it cannot tell.
-            state = each.fingerprint.captureIfChanged(protocol)
-            if state is _UNSURE:
+            plain = each.fingerprint.plainIfChanged(protocol)
+            if plain is _UNSURE:
                 same = each.fingerprint.matches(protocol)
-                state = None if same else captureToMove(each.listenerKey, protocol)
+                plain = (
+                    None
+                    if same
+                    else captureToMove(each.listenerKey, protocol).toPlain()
+                )
         except NotAtSafePoint as e:
             delta.withdrawn.append(
                 (each, Unmovable(each.listenerKey, hosted, str(e), later=True))
@@ -278,15 +281,15 @@ def freezeDelta(precopied: Iterable[PrecopiedConnection]) -> FreezeDelta:
             )
             continue
         output = unsentOutput(transport)
-        if state is None and not output:
+        if plain is None and not output:
             unchanged.append(each)
             continue
         change: dict[str, Any] = {
             "id": each.ident,
             "output": base64.b64encode(output).decode("ascii") if output else "",
         }
-        if state is not None:
-            change["state"] = cast(ProtocolState, state).toPlain()
+        if plain is not None:
+            change["state"] = plain
         delta.changes.append(change)
         changed.append(each)
     delta.moving = changed + unchanged

@@ -1658,11 +1658,11 @@ class UnchangedSinceTests(SynchronousTestCase):
         self.assertFalse(unchangedSince(self.protocol, self.fingerprintOf(state)))
 
 
-class CaptureIfChangedTests(SynchronousTestCase):
+class PlainIfChangedTests(SynchronousTestCase):
     """
-    L{StateFingerprint.captureIfChanged} answers as L{StateFingerprint.matches}
-    and then L{captureProtocolState} would, asking the application once, or
-    says it cannot tell.
+    L{StateFingerprint.plainIfChanged} answers as L{StateFingerprint.matches}
+    and then L{captureProtocolState} and L{ProtocolState.toPlain} would,
+    asking the application once, or says it cannot tell.
     """
 
     def setUp(self) -> None:
@@ -1674,18 +1674,19 @@ class CaptureIfChangedTests(SynchronousTestCase):
 
     def assertCaptured(self) -> None:
         """
-        It says the state changed, and gives the state a capture would.
+        It says the state changed, and gives the plain form of the state a
+        capture would, encoded the same.
         """
-        self.assertEqual(
-            self.fingerprint.captureIfChanged(self.protocol),
-            captureProtocolState(self.protocol, snapshot=False),
-        )
+        plain = self.fingerprint.plainIfChanged(self.protocol)
+        expected = captureProtocolState(self.protocol, snapshot=False).toPlain()
+        self.assertEqual(plain, expected)
+        self.assertEqual(encodeState(plain), encodeState(expected))
 
     def test_unchanged(self) -> None:
         """
         Nothing changed: L{None}.
         """
-        self.assertIsNone(self.fingerprint.captureIfChanged(self.protocol))
+        self.assertIsNone(self.fingerprint.plainIfChanged(self.protocol))
 
     def test_applicationState(self) -> None:
         """
@@ -1700,8 +1701,8 @@ class CaptureIfChangedTests(SynchronousTestCase):
         )
         self.protocol.rooms = ["lobby", True]
         self.assertEqual(
-            fingerprint.captureIfChanged(self.protocol),
-            captureProtocolState(self.protocol, snapshot=False),
+            encodeState(fingerprint.plainIfChanged(self.protocol)),
+            encodeState(captureProtocolState(self.protocol, snapshot=False).toPlain()),
         )
 
     def test_buffers(self) -> None:
@@ -1723,29 +1724,29 @@ class CaptureIfChangedTests(SynchronousTestCase):
         unsure = state_._UNSURE
         protocol = self.protocol
         self.protocol.rooms = ["lobby", {"a", "set"}]
-        self.assertIs(self.fingerprint.captureIfChanged(protocol), unsure)
+        self.assertIs(self.fingerprint.plainIfChanged(protocol), unsure)
         self.assertRaises(StateError, captureProtocolState, protocol)
         self.protocol.rooms = ["lobby"]
         protocol._busyReceiving = True
-        self.assertIs(self.fingerprint.captureIfChanged(protocol), unsure)
+        self.assertIs(self.fingerprint.plainIfChanged(protocol), unsure)
         protocol._busyReceiving = False
         protocol.migrationVersion = True
-        self.assertIs(self.fingerprint.captureIfChanged(protocol), unsure)
+        self.assertIs(self.fingerprint.plainIfChanged(protocol), unsure)
         del protocol.migrationVersion
         protocol.migrationBlocker = lambda: "a request is in flight"
-        self.assertIs(self.fingerprint.captureIfChanged(protocol), unsure)
+        self.assertIs(self.fingerprint.plainIfChanged(protocol), unsure)
         del protocol.migrationBlocker
         protocol.getMigrationState = lambda: 1 // 0
-        self.assertIs(self.fingerprint.captureIfChanged(protocol), unsure)
+        self.assertIs(self.fingerprint.plainIfChanged(protocol), unsure)
         del protocol.getMigrationState
         protocol._buffer = "text"
-        self.assertIs(self.fingerprint.captureIfChanged(protocol), unsure)
+        self.assertIs(self.fingerprint.plainIfChanged(protocol), unsure)
         protocol._buffer = b"half a li"
-        self.assertIsNone(self.fingerprint.captureIfChanged(protocol))
+        self.assertIsNone(self.fingerprint.plainIfChanged(protocol))
         other = connected(ChatV1)
-        self.assertIs(self.fingerprint.captureIfChanged(other), unsure)
+        self.assertIs(self.fingerprint.plainIfChanged(other), unsure)
         general = StateFingerprint.of(captureProtocolState(protocol))
-        self.assertIs(general.captureIfChanged(protocol), unsure)
+        self.assertIs(general.plainIfChanged(protocol), unsure)
 
 
 class ClassCacheTests(SynchronousTestCase):

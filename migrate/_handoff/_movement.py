@@ -530,7 +530,9 @@ class StagedConnection:
         try:
             stale.abandonMigrationState()
         finally:
-            stale.transport = DetachedTransport(self._peer(), self.transport.getHost())
+            stale.transport = DetachedTransport.lazily(
+                self._peer(), self.transport.getHost
+            )
             stale.connected = 0
 
     def rebuild(self) -> None:

@@ -722,6 +722,41 @@ class ProtocolState:
         buffers = _validateBuffers(data["buffers"], encoded=True)
         return cls(className, migratable, version, appState, buffers)
 
+    def withApplicationState(
+        self, appState: object, *, owned: bool = False
+    ) -> ProtocolState:
+        """
+        This state with another application state: what a freeze sends for
+        a connection of which only the application state changed since the
+        copy the process taking over holds (see
+        L{StateFingerprint.changeIfChanged}), checked as L{fromPlain} checks
+        one.
+
+        @param appState: the new application state, plain data, as decoded
+            by L{migrate._codec.decodeState} or L{json.loads}: it comes from
+            another process and may be corrupt or hostile.
+        @param owned: as for L{fromPlain}: C{appState} is checked in place
+            instead of copied.
+
+        @return: a new state, of the same class name, version and buffers.
+
+        @raise StateError: if this state is not migratable, or C{appState}
+            is not plain data within the codec's limits; never any other
+            exception.
+        """
+        if not self.migratable:
+            raise StateError(
+                "protocol state: an application state for a protocol that "
+                "did not provide IMigratable"
+            )
+        try:
+            appState = (
+                _checkApplicationState(appState) if owned else _normalise(appState)
+            )
+        except StateError as e:
+            raise StateError(f"protocol state: appState: {e}") from e
+        return ProtocolState(self.className, True, self.version, appState, self.buffers)
+
 
 def _checkApplicationState(appState: object) -> Any:
     """
@@ -839,7 +874,7 @@ _packForComparison = marshal.dumps
 _PACK_VERSION = 2
 
 
-#: L{StateFingerprint.plainIfChanged}'s answer when it cannot tell
+#: L{StateFingerprint.changeIfChanged}'s answer when it cannot tell
 _UNSURE = object()
 
 
@@ -1027,7 +1062,9 @@ class StateFingerprint:
                 return False
         return True
 
-    def plainIfChanged(self, protocol: object) -> dict[str, Any] | None | object:
+    def changeIfChanged(
+        self, protocol: object, appStateOnly: bool = False
+    ) -> dict[str, Any] | None | object:
         """
         L{matches} and, if it does not match, the plain form
         (L{ProtocolState.toPlain}) of L{captureProtocolState} (without a
@@ -1051,11 +1088,16 @@ class StateFingerprint:
 
         @param protocol: the protocol the fingerprinted state was taken
             from.
+        @param appStateOnly: whether the process taking over the connection
+            holds the state fingerprinted, and takes a new application
+            state alone (see L{ProtocolState.withApplicationState}): where
+            only the application state changed (not the version, nor the
+            buffers), only it is given then.
 
-        @return: L{None} if the state did not change; the plain form of the
-            state captured now if it did (its C{"appState"} is the
-            application's, not a copy: encode it before the application
-            runs again); or C{_UNSURE}.
+        @return: L{None} if the state did not change; if it did, what
+            changed: C{{"state": plain form}}, or C{{"appState":
+            application state}} (it is the application's, not a copy:
+            encode it before the application runs again); or C{_UNSURE}.
         """
         cls = type(protocol)
         if cls is not self.quickClass or "migrationBlocker" in protocol.__dict__:
@@ -1079,6 +1121,7 @@ class StateFingerprint:
         if lineBuffer is None:
             if samePacked:
                 return None
+            sameBuffers = True
             buffers = {}
         else:
             if app._busyReceiving:
@@ -1087,7 +1130,8 @@ class StateFingerprint:
             if type(buffer) is not bytes:
                 return _UNSURE
             lineMode = bool(app.line_mode)
-            if samePacked and lineMode is self.lineMode and buffer == lineBuffer:
+            sameBuffers = lineMode is self.lineMode and buffer == lineBuffer
+            if samePacked and sameBuffers:
                 return None
             # As _captureLineReceiver returns them, as toPlain writes them.
             buffers = {
@@ -1106,12 +1150,17 @@ class StateFingerprint:
             _checkApplicationState(appState)
         except StateError:
             return _UNSURE
+        if appStateOnly and sameBuffers:
+            # Same class (so same className), version and buffers.
+            return {"appState": appState}
         return {
-            "className": self.className or _className(cls),
-            "migratable": True,
-            "version": version,
-            "appState": appState,
-            "buffers": buffers,
+            "state": {
+                "className": self.className or _className(cls),
+                "migratable": True,
+                "version": version,
+                "appState": appState,
+                "buffers": buffers,
+            }
         }
 
     def _matchesQuickly(self, protocol: Any) -> bool:

@@ -418,21 +418,29 @@ class StagedConnection:
         """
         return callable(getattr(type(self.protocol), "abandonMigrationState", None))
 
-    def update(self, entry: Any) -> None:
+    def update(self, entry: Any) -> bool:
         """
         Take what changed since the pre-copy, from a freeze's entry: a new
-        C{"state"} (if the state changed) and the C{"output"} still to send.
+        C{"state"} (if the state changed), or a new C{"appState"} alone
+        (if only the application state did, see
+        L{migrate._handoff._precopy.freezeDelta}), and the C{"output"}
+        still to send.
+
+        @return: whether the state changed.
 
         @raise StateError: if the entry is malformed; nothing changes then.
         """
         try:
             if not isinstance(entry, dict):
                 raise StateError("not an object")
-            state = (
-                ProtocolState.fromPlain(entry["state"], owned=True)
-                if "state" in entry
-                else self.state
-            )
+            if "state" in entry:
+                if "appState" in entry:
+                    raise StateError("both a state and an application state")
+                state = ProtocolState.fromPlain(entry["state"], owned=True)
+            elif "appState" in entry:
+                state = self.state.withApplicationState(entry["appState"], owned=True)
+            else:
+                state = self.state
             output = entry.get("output", "")
             # No output, as for almost every connection: nothing to decode.
             output = (
@@ -446,8 +454,10 @@ class StagedConnection:
                     self.ident, describeFailure(e)
                 )
             )
+        changed = state is not self.state
         self.state = state
         self.pendingOutput = output
+        return changed
 
     def updateState(self, plain: Any) -> None:
         """

@@ -1111,7 +1111,9 @@ class PrecopyFixture(CapabilityFixture):
             json.dumps({"id": each.ident, "state": {"round": round}}) for each in chosen
         )
 
-    def freezeDelta(self, precopied: list[Any]) -> FreezeDelta:
+    def freezeDelta(
+        self, precopied: list[Any], appStateOnly: bool = False
+    ) -> FreezeDelta:
         self.outputAtCommit.append(
             [each.transport.value() for each in self.connections]
         )
@@ -1252,9 +1254,11 @@ class RecopyTests(PrecopyFixture):
         self.assertEqual(self.incoming.recopies, [[{"id": 1, "state": {"round": 1}}]])
         self.assertEqual(len(self.recopyAsked), 2)
 
-    def freezeDelta(self, precopied: list[Any]) -> FreezeDelta:
+    def freezeDelta(
+        self, precopied: list[Any], appStateOnly: bool = False
+    ) -> FreezeDelta:
         self.fingerprintsAtFreeze.append([each.fingerprint for each in precopied])
-        return PrecopyFixture.freezeDelta(self, precopied)
+        return PrecopyFixture.freezeDelta(self, precopied, appStateOnly)
 
     def migrate(self) -> dict[str, Any]:
         d = self.o.migrate()
@@ -1611,9 +1615,10 @@ class FakeStaged:
     def canRestoreAhead(self) -> bool:
         return isinstance(self.protocol, FakeAbandoningProtocol)
 
-    def update(self, entry: Any) -> None:
+    def update(self, entry: Any) -> bool:
         self.events.append("update")
         self.updates.append(entry)
+        return "state" in entry or "appState" in entry
 
     def updateState(self, plain: Any) -> None:
         if plain == "refused":
@@ -1909,7 +1914,13 @@ class IncomingChannelTests(SynchronousTestCase):
         )
         self.assertEqual(
             answer,
-            {"staged": 3, "refusedCount": 0, "refused": "[]", "streamed": True},
+            {
+                "staged": 3,
+                "refusedCount": 0,
+                "refused": "[]",
+                "streamed": True,
+                "appStateOnly": True,
+            },
         )
         self.assertEqual(self.restored, [])
         self.assertFalse(self.host.serving)
@@ -2200,6 +2211,35 @@ class IncomingChannelTests(SynchronousTestCase):
         self.assertEqual(self.staged[3].events, ["restore ahead", "answered"])
         self.h.reactor.advance(0)
         self.assertEqual(self.staged[3].events, ["restore ahead", "answered", "commit"])
+
+    def test_restoredAheadApplicationStateChanged(self) -> None:
+        """
+        A connection restored ahead of which only the application state
+        changed (the change carries C{"appState"} alone) has its object
+        restored ahead abandoned and a fresh one restored, as for a whole
+        new state.
+        """
+        self.precopy(
+            [{"id": n, "listener": "tcp:8000", "abandons": True} for n in (1, 2)]
+        )
+        change = {"id": 1, "output": "", "appState": {"n": 2}}
+        self.channel._freezeCommit(
+            {"changes": [change], "withdrawn": []}, lambda answer: None
+        )
+        self.assertEqual(self.staged[1].updates, [change])
+        self.assertEqual(self.restored, [1])
+        self.assertEqual(
+            self.staged[1].events,
+            [
+                "restore ahead",
+                "update",
+                "abandon ahead",
+                "rebuild",
+                "restore",
+                "commit",
+            ],
+        )
+        self.assertEqual(self.staged[2].events, ["restore ahead"])
 
     def test_restoredAheadWithdrawn(self) -> None:
         """

@@ -1271,6 +1271,39 @@ class ProtocolStateTests(SynchronousTestCase):
             "must be base64 text, not ",
         )
 
+    def test_withApplicationState(self) -> None:
+        """
+        L{ProtocolState.withApplicationState} gives the same state with
+        another application state, checked as L{ProtocolState.fromPlain}
+        checks one (copied unless owned); a state that is not migratable
+        takes none.
+        """
+        state = ProtocolState.fromPlain(self.valid())
+        new = {"rooms": ["a"]}
+        changed = state.withApplicationState(new)
+        self.assertEqual(changed, attrs.evolve(state, appState=new))
+        self.assertIsNot(changed.appState, new)
+        self.assertIs(state.withApplicationState(new, owned=True).appState, new)
+        for appState, fragment in [
+            (
+                {"a": {1, 2}},
+                "protocol state: appState: state['a']: set is not plain data",
+            ),
+            ({1: 1}, "key of type int"),
+            (_nested(MAX_DEPTH), "nested deeper"),
+            (_Hostile(), "protocol state: appState"),
+        ]:
+            for owned in (False, True):
+                error = self.assertRaises(
+                    StateError, state.withApplicationState, appState, owned=owned
+                )
+                self.assertIn(fragment, str(error))
+        plain = ProtocolState.fromPlain(
+            self.valid(migratable=False, version=None, appState=None)
+        )
+        error = self.assertRaises(StateError, plain.withApplicationState, {})
+        self.assertIn("did not provide IMigratable", str(error))
+
     def test_hostileObjectsNotTouched(self) -> None:
         """
         Objects that raise from every special method are refused without
@@ -1658,9 +1691,9 @@ class UnchangedSinceTests(SynchronousTestCase):
         self.assertFalse(unchangedSince(self.protocol, self.fingerprintOf(state)))
 
 
-class PlainIfChangedTests(SynchronousTestCase):
+class ChangeIfChangedTests(SynchronousTestCase):
     """
-    L{StateFingerprint.plainIfChanged} answers as L{StateFingerprint.matches}
+    L{StateFingerprint.changeIfChanged} answers as L{StateFingerprint.matches}
     and then L{captureProtocolState} and L{ProtocolState.toPlain} would,
     asking the application once, or says it cannot tell.
     """
@@ -1672,21 +1705,22 @@ class PlainIfChangedTests(SynchronousTestCase):
             captureProtocolState(self.protocol), self.protocol
         )
 
-    def assertCaptured(self) -> None:
+    def assertCaptured(self, appStateOnly: bool = False) -> None:
         """
         It says the state changed, and gives the plain form of the state a
         capture would, encoded the same.
         """
-        plain = self.fingerprint.plainIfChanged(self.protocol)
+        found: Any = self.fingerprint.changeIfChanged(self.protocol, appStateOnly)
         expected = captureProtocolState(self.protocol, snapshot=False).toPlain()
-        self.assertEqual(plain, expected)
-        self.assertEqual(encodeState(plain), encodeState(expected))
+        self.assertEqual(found, {"state": expected})
+        self.assertEqual(encodeState(found["state"]), encodeState(expected))
 
     def test_unchanged(self) -> None:
         """
         Nothing changed: L{None}.
         """
-        self.assertIsNone(self.fingerprint.plainIfChanged(self.protocol))
+        self.assertIsNone(self.fingerprint.changeIfChanged(self.protocol))
+        self.assertIsNone(self.fingerprint.changeIfChanged(self.protocol, True))
 
     def test_applicationState(self) -> None:
         """
@@ -1700,10 +1734,35 @@ class PlainIfChangedTests(SynchronousTestCase):
             captureProtocolState(self.protocol), self.protocol
         )
         self.protocol.rooms = ["lobby", True]
+        found: Any = fingerprint.changeIfChanged(self.protocol)
         self.assertEqual(
-            encodeState(fingerprint.plainIfChanged(self.protocol)),
+            encodeState(found["state"]),
             encodeState(captureProtocolState(self.protocol, snapshot=False).toPlain()),
         )
+
+    def test_applicationStateOnly(self) -> None:
+        """
+        Asked for the application state alone where only it changed, it
+        gives that (the state the other process holds, with it, is the
+        state captured now); where the buffers changed too, the whole
+        state.
+        """
+        self.protocol.rooms = ["lobby", "kitchen"]
+        found: Any = self.fingerprint.changeIfChanged(self.protocol, True)
+        self.assertEqual(
+            found, {"appState": {"nick": "guest", "rooms": self.protocol.rooms}}
+        )
+        held = captureProtocolState(self.protocol).withApplicationState(
+            {"nick": "guest", "rooms": ["lobby"]}
+        )
+        self.assertEqual(
+            held.withApplicationState(found["appState"]),
+            captureProtocolState(self.protocol),
+        )
+        self.protocol.dataReceived(b"ne")
+        self.assertCaptured(appStateOnly=True)
+        self.protocol.rooms = ["lobby"]
+        self.assertCaptured(appStateOnly=True)
 
     def test_buffers(self) -> None:
         """
@@ -1724,29 +1783,29 @@ class PlainIfChangedTests(SynchronousTestCase):
         unsure = state_._UNSURE
         protocol = self.protocol
         self.protocol.rooms = ["lobby", {"a", "set"}]
-        self.assertIs(self.fingerprint.plainIfChanged(protocol), unsure)
+        self.assertIs(self.fingerprint.changeIfChanged(protocol), unsure)
         self.assertRaises(StateError, captureProtocolState, protocol)
         self.protocol.rooms = ["lobby"]
         protocol._busyReceiving = True
-        self.assertIs(self.fingerprint.plainIfChanged(protocol), unsure)
+        self.assertIs(self.fingerprint.changeIfChanged(protocol), unsure)
         protocol._busyReceiving = False
         protocol.migrationVersion = True
-        self.assertIs(self.fingerprint.plainIfChanged(protocol), unsure)
+        self.assertIs(self.fingerprint.changeIfChanged(protocol), unsure)
         del protocol.migrationVersion
         protocol.migrationBlocker = lambda: "a request is in flight"
-        self.assertIs(self.fingerprint.plainIfChanged(protocol), unsure)
+        self.assertIs(self.fingerprint.changeIfChanged(protocol), unsure)
         del protocol.migrationBlocker
         protocol.getMigrationState = lambda: 1 // 0
-        self.assertIs(self.fingerprint.plainIfChanged(protocol), unsure)
+        self.assertIs(self.fingerprint.changeIfChanged(protocol), unsure)
         del protocol.getMigrationState
         protocol._buffer = "text"
-        self.assertIs(self.fingerprint.plainIfChanged(protocol), unsure)
+        self.assertIs(self.fingerprint.changeIfChanged(protocol), unsure)
         protocol._buffer = b"half a li"
-        self.assertIsNone(self.fingerprint.plainIfChanged(protocol))
+        self.assertIsNone(self.fingerprint.changeIfChanged(protocol))
         other = connected(ChatV1)
-        self.assertIs(self.fingerprint.plainIfChanged(other), unsure)
+        self.assertIs(self.fingerprint.changeIfChanged(other), unsure)
         general = StateFingerprint.of(captureProtocolState(protocol))
-        self.assertIs(general.plainIfChanged(protocol), unsure)
+        self.assertIs(general.changeIfChanged(protocol), unsure)
 
 
 class ClassCacheTests(SynchronousTestCase):

@@ -249,7 +249,7 @@ def freezeDelta(
         connection of which only the application state changed (not its
         version nor its buffers, as under load: whole lines answered) is
         then described by C{"appState"} instead of a whole C{"state"},
-        a third of the bytes to encode, send, decode and check.
+        a quarter of the bytes to encode, send, decode and check.
 
     @return: what moves, what changed, and what stays here (with why, or
         L{None} for a connection that has closed).

@@ -1084,6 +1084,7 @@ class PrecopyFixture(CapabilityFixture):
             lambda reactor, sock, sources, timeout: maybeDeferred(lambda: None),
         )
         self.patch(_outgoing, "freezeDelta", self.freezeDelta)
+        self.appStateOnlyAtFreeze: list[bool] = []
         # Each re-copy round's pick, by round (none changed once they run
         # out), and the connections each pick was asked about.
         self.recopyRounds: list[list[Any]] = []
@@ -1114,6 +1115,7 @@ class PrecopyFixture(CapabilityFixture):
     def freezeDelta(
         self, precopied: list[Any], appStateOnly: bool = False
     ) -> FreezeDelta:
+        self.appStateOnlyAtFreeze.append(appStateOnly)
         self.outputAtCommit.append(
             [each.transport.value() for each in self.connections]
         )
@@ -1197,6 +1199,41 @@ class ReportBeforeLetGoTests(PrecopyFixture):
             "Let go of 2 moved connections in 0.000 s",
             [formatEvent(event) for event in events],
         )
+
+
+class ApplicationStateOnlyTests(PrecopyFixture):
+    """
+    The freeze sends a change of the application state alone only to a
+    successor that said it takes one.
+    """
+
+    def test_olderSuccessor(self) -> None:
+        """
+        A successor that does not say so (older code) is sent whole states.
+        """
+        d = self.o.migrate()
+        self.o.advance(0)
+        self.assertEqual(self.successResultOf(d)["outcome"], "success")
+        self.assertEqual(self.appStateOnlyAtFreeze, [False])
+
+    def test_successorSaysSo(self) -> None:
+        """
+        A successor that answers the pre-copy with C{appStateOnly} is sent
+        the application state alone where only it changed.
+        """
+        incoming: Any = self.o.incoming
+        answer = incoming._answer
+
+        def saying(name: str, answer_: Any, **arguments: Any) -> Any:
+            if name == "PrecopyConnections":
+                answer_ = dict(answer_, appStateOnly=True)
+            return answer(name, answer_, **arguments)
+
+        incoming._answer = saying
+        d = self.o.migrate()
+        self.o.advance(0)
+        self.assertEqual(self.successResultOf(d)["outcome"], "success")
+        self.assertEqual(self.appStateOnlyAtFreeze, [True])
 
 
 class RecopyTests(PrecopyFixture):

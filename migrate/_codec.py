@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Iterable, NoReturn, Optional, Union
+from typing import Any, Callable, Iterable, NoReturn, Optional, Union
 
 __all__ = [
     "MAX_DEPTH",
@@ -286,6 +286,57 @@ def encodeState(
     return data
 
 
+def _compactEncoder() -> Callable[[Any], str]:
+    """
+    Make the function that encodes plain data already checked: compact
+    JSON, ASCII, no C{NaN}, as the codec writes it.
+
+    C{json.JSONEncoder.encode} builds a new C encoder at every call, which
+    is most of its cost for a small state, and the C encoder it builds
+    keeps a dictionary of every container it enters, to refuse a cycle.
+    For what is encoded while every client waits (each connection's
+    application state compared at a freeze, the freeze's delta), the C
+    encoder is built once here, without the circular-reference check: a
+    cycle then fails with C{RecursionError} (which every caller takes as
+    a refusal), and the data was checked for cycles as it was captured
+    anyway.  Where the C encoder is missing or is called differently, the
+    plain encoder does the same work.
+    """
+    plain = json.JSONEncoder(
+        ensure_ascii=True, allow_nan=False, separators=(",", ":")
+    ).encode
+
+    def refuse(value: object) -> Any:
+        raise TypeError(f"{type(value).__qualname__} is not plain data")
+
+    try:
+        from json.encoder import (  # type: ignore[attr-defined]
+            c_make_encoder,
+            encode_basestring_ascii,
+        )
+
+        if c_make_encoder is None:
+            return plain
+        iterencode = c_make_encoder(
+            None, refuse, encode_basestring_ascii, None, ":", ",", False, False, False
+        )
+        sample = {"a": [1, 2.5, True, None, "\u00e9"]}
+        if "".join(iterencode(sample, 0)) != plain(sample):
+            return plain
+    except Exception:
+        return plain
+
+    def encode(value: object) -> str:
+        return "".join(iterencode(value, 0))
+
+    return encode
+
+
+#: encodes plain data already checked, as the codec does (see
+#: L{_compactEncoder})
+_encodeCompact = _compactEncoder()
+
+
 def encodeCheckedState(value: object, *, maxBytes: int) -> bytes:
     """
     Encode, as L{encodeState} does, plain data whose every state was
@@ -297,9 +348,7 @@ def encodeCheckedState(value: object, *, maxBytes: int) -> bytes:
         more than C{maxBytes}.
     """
     try:
-        data = json.dumps(
-            value, ensure_ascii=True, allow_nan=False, separators=(",", ":")
-        ).encode("ascii")
+        data = _encodeCompact(value).encode("ascii")
     except (TypeError, ValueError, RecursionError) as e:
         raise StateError(f"not plain data: {e}") from e
     if len(data) > maxBytes:

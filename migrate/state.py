@@ -36,7 +36,6 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
-import json
 import marshal
 import weakref
 from io import BytesIO
@@ -50,6 +49,7 @@ from migrate._codec import (
     MAX_STATE_BYTES,
     StateError,
     _checkPlain,
+    _encodeCompact,
     decodeState,
     encodeState,
 )
@@ -391,6 +391,11 @@ _KINDS: tuple[_BufferKind, ...] = (
 
 _KINDS_BY_NAME = {kind.name: kind for kind in _KINDS}
 
+#: for each buffer kind's name, the keys its C{dict} holds, with their types
+_EXPECTED_BY_NAME: dict[str, dict[str, type]] = {
+    kind.name: {"buffer": bytes, **kind.fields} for kind in _KINDS
+}
+
 #: the buffer kinds of each protocol class seen, by the class's C{id}
 _kindsByClass: dict[int, tuple[_BufferKind, ...]] = {}
 
@@ -497,6 +502,8 @@ def _validateBuffers(buffers: object, *, encoded: bool) -> dict[str, dict[str, A
         raise StateError(
             f"protocol state: buffers must be a dict, not {type(buffers).__qualname__}"
         )
+    # Called for each connection restored while every client waits: the
+    # place named in an error message is made only for an error.
     result: dict[str, dict[str, Any]] = {}
     for name, saved in buffers.items():
         if type(name) is not str or name not in _KINDS_BY_NAME:
@@ -504,29 +511,46 @@ def _validateBuffers(buffers: object, *, encoded: bool) -> dict[str, dict[str, A
                 f"protocol state: unknown buffer kind {_safeRepr(name)}; "
                 f"known: {', '.join(sorted(_KINDS_BY_NAME))}"
             )
-        kind = _KINDS_BY_NAME[name]
-        where = f"protocol state: buffers[{name!r}]"
         if type(saved) is not dict:
-            raise StateError(f"{where} must be a dict, not {type(saved).__qualname__}")
-        expected = {"buffer": bytes, **kind.fields}
+            raise StateError(
+                f"{_bufferPlace(name)} must be a dict, not {type(saved).__qualname__}"
+            )
+        expected = _EXPECTED_BY_NAME[name]
         for key in saved:
             if type(key) is not str or key not in expected:
-                raise StateError(f"{where}: unexpected key {_safeRepr(key)}")
+                raise StateError(
+                    f"{_bufferPlace(name)}: unexpected key {_safeRepr(key)}"
+                )
         values: dict[str, Any] = {}
         for key, wanted in expected.items():
             if key not in saved:
-                raise StateError(f"{where}: missing {key!r}")
+                raise StateError(f"{_bufferPlace(name)}: missing {key!r}")
             value = saved[key]
             if key == "buffer" and encoded:
-                value = _decodeBase64(value, f"{where}[{key!r}]")
+                if type(value) is str and not value:
+                    # The canonical encoding of no bytes.
+                    value = b""
+                else:
+                    value = _decodeBase64(value, name, key)
             elif type(value) is not wanted:
                 raise StateError(
-                    f"{where}[{key!r}] must be {wanted.__qualname__}, not "
+                    f"{_bufferPlace(name, key)} must be {wanted.__qualname__}, not "
                     f"{type(value).__qualname__}"
                 )
             values[key] = value
         result[name] = values
     return result
+
+
+def _bufferPlace(name: str, key: str | None = None) -> str:
+    """
+    Name a place in L{ProtocolState.buffers} for an error message.
+
+    @param name: a buffer kind's name.
+    @param key: a key in that kind's C{dict}, if the place is one.
+    """
+    where = f"protocol state: buffers[{name!r}]"
+    return where if key is None else f"{where}[{key!r}]"
 
 
 def _safeRepr(value: object) -> str:
@@ -544,27 +568,31 @@ def _safeRepr(value: object) -> str:
     return f"of type {type(value).__qualname__}"
 
 
-def _decodeBase64(value: object, where: str) -> bytes:
+def _decodeBase64(value: object, name: str, key: str) -> bytes:
     """
     Decode base64 text strictly: only the canonical encoding of some bytes
     is accepted.
 
     @param value: the candidate text.
-    @param where: where it is, for the error message.
+    @param name: the buffer kind it is in, for the error message.
+    @param key: its key in that kind's C{dict}, for the error message.
 
     @return: the bytes.
 
     @raise StateError: if C{value} is not a C{str} holding canonical base64.
     """
     if type(value) is not str:
-        raise StateError(f"{where} must be base64 text, not {type(value).__qualname__}")
+        raise StateError(
+            f"{_bufferPlace(name, key)} must be base64 text, not "
+            f"{type(value).__qualname__}"
+        )
     try:
         encoded = value.encode("ascii")
         decoded = base64.b64decode(encoded, validate=True)
     except (UnicodeEncodeError, binascii.Error) as e:
-        raise StateError(f"{where} is not valid base64: {e}") from e
+        raise StateError(f"{_bufferPlace(name, key)} is not valid base64: {e}") from e
     if base64.b64encode(decoded) != encoded:
-        raise StateError(f"{where} is not canonical base64")
+        raise StateError(f"{_bufferPlace(name, key)} is not canonical base64")
     return decoded
 
 
@@ -603,22 +631,25 @@ class ProtocolState:
         @return: a C{dict} of plain data, in which buffers are base64 text.
             Its C{"appState"} is this object's, not a copy.
         """
+        # Made for each changed connection while every client waits: no
+        # comprehension per buffer, and nothing to encode for an empty one.
+        buffers = {}
+        for name, saved in self.buffers.items():
+            plain = dict(saved)
+            if "buffer" in plain:
+                value = plain["buffer"]
+                plain["buffer"] = (
+                    binascii.b2a_base64(value, newline=False).decode("ascii")
+                    if value
+                    else ""
+                )
+            buffers[name] = plain
         return {
             "className": self.className,
             "migratable": self.migratable,
             "version": self.version,
             "appState": self.appState,
-            "buffers": {
-                name: {
-                    key: (
-                        base64.b64encode(value).decode("ascii")
-                        if key == "buffer"
-                        else value
-                    )
-                    for key, value in saved.items()
-                }
-                for name, saved in self.buffers.items()
-            },
+            "buffers": buffers,
         }
 
     @classmethod
@@ -657,8 +688,10 @@ class ProtocolState:
         for key in data:
             if type(key) is not str or key not in _PLAIN_KEYS:
                 raise StateError(f"protocol state: unexpected key {_safeRepr(key)}")
-        missing = _PLAIN_KEYS.difference(data)
-        if missing:
+        # Every key is a distinct expected one: as many as expected means
+        # none is missing (the set of those missing is made only then).
+        if len(data) != len(_PLAIN_KEYS):
+            missing = _PLAIN_KEYS.difference(data)
             raise StateError(f"protocol state: missing {', '.join(sorted(missing))}")
         className = data["className"]
         migratable = data["migratable"]
@@ -688,6 +721,41 @@ class ProtocolState:
             )
         buffers = _validateBuffers(data["buffers"], encoded=True)
         return cls(className, migratable, version, appState, buffers)
+
+    def withApplicationState(
+        self, appState: object, *, owned: bool = False
+    ) -> ProtocolState:
+        """
+        This state with another application state: what a freeze sends for
+        a connection of which only the application state changed since the
+        copy the process taking over holds (see
+        L{StateFingerprint.changeIfChanged}), checked as L{fromPlain} checks
+        one.
+
+        @param appState: the new application state, plain data, as decoded
+            by L{migrate._codec.decodeState} or L{json.loads}: it comes from
+            another process and may be corrupt or hostile.
+        @param owned: as for L{fromPlain}: C{appState} is checked in place
+            instead of copied.
+
+        @return: a new state, of the same class name, version and buffers.
+
+        @raise StateError: if this state is not migratable, or C{appState}
+            is not plain data within the codec's limits; never any other
+            exception.
+        """
+        if not self.migratable:
+            raise StateError(
+                "protocol state: an application state for a protocol that "
+                "did not provide IMigratable"
+            )
+        try:
+            appState = (
+                _checkApplicationState(appState) if owned else _normalise(appState)
+            )
+        except StateError as e:
+            raise StateError(f"protocol state: appState: {e}") from e
+        return ProtocolState(self.className, True, self.version, appState, self.buffers)
 
 
 def _checkApplicationState(appState: object) -> Any:
@@ -791,52 +859,8 @@ def captureProtocolState(protocol: object, *, snapshot: bool = True) -> Protocol
     return ProtocolState(name, migratable, version, appState, buffers)
 
 
-def _comparisonEncoder() -> Callable[[Any], str]:
-    """
-    Make the function that encodes application state for comparisons
-    (L{StateFingerprint}): compact JSON, ASCII, no C{NaN}, as the codec
-    writes it.
-
-    C{json.JSONEncoder.encode} builds a new C encoder at every call, which
-    is most of its cost for a small state; at a freeze it is called for
-    every connection while every client waits, so the C encoder is built
-    once here (without the circular-reference check: a cycle then fails
-    with C{RecursionError}, which a comparison takes for a change, and the
-    full capture that follows refuses it by name).  Where the C encoder is
-    missing or is called differently, the plain encoder does the same work.
-    """
-    plain = json.JSONEncoder(
-        ensure_ascii=True, allow_nan=False, separators=(",", ":")
-    ).encode
-
-    def refuse(value: object) -> Any:
-        raise TypeError(f"{type(value).__qualname__} is not plain data")
-
-    try:
-        from json.encoder import (  # type: ignore[attr-defined]
-            c_make_encoder,
-            encode_basestring_ascii,
-        )
-
-        if c_make_encoder is None:
-            return plain
-        iterencode = c_make_encoder(
-            None, refuse, encode_basestring_ascii, None, ":", ",", False, False, False
-        )
-        sample = {"a": [1, 2.5, True, None, "\u00e9"]}
-        if "".join(iterencode(sample, 0)) != plain(sample):
-            return plain
-    except Exception:
-        return plain
-
-    def encode(value: object) -> str:
-        return "".join(iterencode(value, 0))
-
-    return encode
-
-
 #: encodes application state the way the codec does, for comparisons only
-_encodeForComparison = _comparisonEncoder()
+_encodeForComparison = _encodeCompact
 
 #: a cheaper comparison key for application state (L{StateFingerprint}):
 #: C{marshal}'s form, only ever compared in this process, never loaded
@@ -848,6 +872,10 @@ _packForComparison = marshal.dumps
 #: binary; every exact type of plain data has a code of its own (C{True}
 #: is not C{1}, a C{tuple} not a C{list}) and containers keep their order
 _PACK_VERSION = 2
+
+
+#: L{StateFingerprint.changeIfChanged}'s answer when it cannot tell
+_UNSURE = object()
 
 
 @frozen
@@ -887,6 +915,8 @@ class StateFingerprint:
     @ivar lineBuffer: with C{quickClass}, the C{LineReceiver} buffer
         taken, or L{None} if the class is no C{LineReceiver}.
     @ivar lineMode: with C{lineBuffer}, the C{LineReceiver} mode taken.
+    @ivar className: with C{quickClass}, the state's C{className} (that
+        class's qualified name).
     """
 
     migratable: bool
@@ -897,6 +927,7 @@ class StateFingerprint:
     quickClass: type | None = None
     lineBuffer: bytes | None = None
     lineMode: bool | None = None
+    className: str | None = None
 
     @classmethod
     def of(
@@ -942,6 +973,7 @@ class StateFingerprint:
             quickClass,
             lineBuffer,
             lineMode,
+            state.className if quickClass is not None else None,
         )
 
     def matches(self, protocol: object) -> bool:
@@ -1029,6 +1061,107 @@ class StateFingerprint:
             except StateError:
                 return False
         return True
+
+    def changeIfChanged(
+        self, protocol: object, appStateOnly: bool = False
+    ) -> dict[str, Any] | None | object:
+        """
+        L{matches} and, if it does not match, the plain form
+        (L{ProtocolState.toPlain}) of L{captureProtocolState} (without a
+        snapshot) in one, for a protocol of C{quickClass} without a
+        C{migrationBlocker} of its own: the application state is asked for
+        once, and the buffers read once, where the two calls ask twice, and
+        the plain form is made at once.  A pre-copy's freeze makes both for
+        each of thousands of changed connections while every client waits.
+
+        A state whose C{marshal} form differs from the one fingerprinted
+        is taken as changed without comparing the JSON encodings (the rare
+        state that differs only as a tuple differs from a list encodes the
+        same: it is sent again, as any change is, and restored the same).
+
+        It never raises: where anything is unusual (another class, a
+        blocker of its own, a version that is no longer the C{int} taken,
+        a failing C{getMigrationState}, a busy or odd buffer, state the
+        codec would refuse), it answers C{_UNSURE}, and the caller takes
+        the general way (L{matches}, then L{captureProtocolState}), with
+        its errors.
+
+        @param protocol: the protocol the fingerprinted state was taken
+            from.
+        @param appStateOnly: whether the process taking over the connection
+            holds the state fingerprinted, and takes a new application
+            state alone (see L{ProtocolState.withApplicationState}): where
+            only the application state changed (not the version, nor the
+            buffers), only it is given then.
+
+        @return: L{None} if the state did not change; if it did, what
+            changed: C{{"state": plain form}}, or C{{"appState":
+            application state}} (it is the application's, not a copy:
+            encode it before the application runs again); or C{_UNSURE}.
+        """
+        cls = type(protocol)
+        if cls is not self.quickClass or "migrationBlocker" in protocol.__dict__:
+            return _UNSURE
+        # quickClass is set only for a class that provides IMigratable
+        # itself and defines no blocker, and only for a state that was
+        # fingerprinted with its marshal form (see _quickKinds).
+        app: Any = protocol
+        version = getattr(app, "migrationVersion", None)
+        if type(version) is not int or version != self.version:
+            return _UNSURE
+        try:
+            appState = app.getMigrationState()
+            samePacked = (
+                _packForComparison(appState, _PACK_VERSION) == self.packedAppState
+            )
+        except Exception:
+            return _UNSURE
+        lineBuffer = self.lineBuffer
+        buffers: dict[str, dict[str, Any]]
+        if lineBuffer is None:
+            if samePacked:
+                return None
+            sameBuffers = True
+            buffers = {}
+        else:
+            if app._busyReceiving:
+                return _UNSURE
+            buffer = getattr(app, "_buffer", b"")
+            if type(buffer) is not bytes:
+                return _UNSURE
+            lineMode = bool(app.line_mode)
+            sameBuffers = lineMode is self.lineMode and buffer == lineBuffer
+            if samePacked and sameBuffers:
+                return None
+            # As _captureLineReceiver returns them, as toPlain writes them.
+            buffers = {
+                "LineReceiver": {
+                    "buffer": (
+                        binascii.b2a_base64(buffer, newline=False).decode("ascii")
+                        if buffer
+                        else ""
+                    ),
+                    "lineMode": lineMode,
+                }
+            }
+        try:
+            # As captureProtocolState checks it (the clients wait, and the
+            # state is encoded before the application runs again: no copy).
+            _checkApplicationState(appState)
+        except StateError:
+            return _UNSURE
+        if appStateOnly and sameBuffers:
+            # Same class (so same className), version and buffers.
+            return {"appState": appState}
+        return {
+            "state": {
+                "className": self.className or _className(cls),
+                "migratable": True,
+                "version": version,
+                "appState": appState,
+                "buffers": buffers,
+            }
+        }
 
     def _matchesQuickly(self, protocol: Any) -> bool:
         """

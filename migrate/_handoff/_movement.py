@@ -397,6 +397,18 @@ class StagedConnection:
     #: whether C{protocol} was restored ahead of the freeze (see
     #: L{restoreAhead}) and not abandoned since
     restoredAhead: bool = False
+    #: the peer's address, if known already (a connection's peer never
+    #: changes): L{rebuild} and L{abandonAhead} need it at the freeze
+    peer: Any = None
+
+    def _peer(self) -> Any:
+        """
+        The peer's address, asked of the transport once.
+        """
+        peer = self.peer
+        if peer is None:
+            peer = self.peer = self.transport.getPeer()
+        return peer
 
     def canRestoreAhead(self) -> bool:
         """
@@ -406,30 +418,46 @@ class StagedConnection:
         """
         return callable(getattr(type(self.protocol), "abandonMigrationState", None))
 
-    def update(self, entry: Any) -> None:
+    def update(self, entry: Any) -> bool:
         """
         Take what changed since the pre-copy, from a freeze's entry: a new
-        C{"state"} (if the state changed) and the C{"output"} still to send.
+        C{"state"} (if the state changed), or a new C{"appState"} alone
+        (if only the application state did, see
+        L{migrate._handoff._precopy.freezeDelta}), and the C{"output"}
+        still to send.
+
+        @return: whether the state changed.
 
         @raise StateError: if the entry is malformed; nothing changes then.
         """
         try:
             if not isinstance(entry, dict):
                 raise StateError("not an object")
-            state = (
-                ProtocolState.fromPlain(entry["state"], owned=True)
-                if "state" in entry
-                else self.state
+            if "state" in entry:
+                if "appState" in entry:
+                    raise StateError("both a state and an application state")
+                state = ProtocolState.fromPlain(entry["state"], owned=True)
+            elif "appState" in entry:
+                state = self.state.withApplicationState(entry["appState"], owned=True)
+            else:
+                state = self.state
+            output = entry.get("output", "")
+            # No output, as for almost every connection: nothing to decode.
+            output = (
+                b""
+                if type(output) is str and not output
+                else base64.b64decode(output, validate=True)
             )
-            output = base64.b64decode(entry.get("output", ""), validate=True)
         except Exception as e:
             raise StateError(
                 "bad change for connection {}: {}".format(
                     self.ident, describeFailure(e)
                 )
             )
+        changed = state is not self.state
         self.state = state
         self.pendingOutput = output
+        return changed
 
     def updateState(self, plain: Any) -> None:
         """
@@ -512,8 +540,8 @@ class StagedConnection:
         try:
             stale.abandonMigrationState()
         finally:
-            stale.transport = DetachedTransport(
-                self.transport.getPeer(), self.transport.getHost()
+            stale.transport = DetachedTransport.lazily(
+                self._peer(), self.transport.getHost
             )
             stale.connected = 0
 
@@ -525,9 +553,8 @@ class StagedConnection:
 
         @raise StateError: if the new factory refuses the connection.
         """
-        peer = self.transport.getPeer()
         try:
-            protocol = newMigratableProtocol(self.hosted.factory, peer)
+            protocol = newMigratableProtocol(self.hosted.factory, self._peer())
         except StateError:
             raise
         except Exception as e:
@@ -588,13 +615,16 @@ def stageEntry(host: IMigrationHost, entry: Any, descriptor: int) -> StagedConne
     try:
         if not state.migratable:
             raise StateError("the old protocol did not provide IMigratable")
-        protocol = newMigratableProtocol(listener.factory, transport.getPeer())
+        peer = transport.getPeer()
+        protocol = newMigratableProtocol(listener.factory, peer)
         hosted.attach(protocol)
     except Exception:
         abandonConnection(transport)
         hosted.release()
         raise
-    return StagedConnection(entry.get("id"), hosted, transport, protocol, state, output)
+    return StagedConnection(
+        entry.get("id"), hosted, transport, protocol, state, output, peer=peer
+    )
 
 
 def adoptEntry(host: IMigrationHost, entry: Any, descriptor: int) -> AdoptedConnection:

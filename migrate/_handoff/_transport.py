@@ -639,8 +639,26 @@ class DetachedTransport:
     def __init__(self, peer: Any, host: Any) -> None:
         self._peer = peer
         self._host = host
+        self._hostOf: Callable[[], Any] | None = None
         self.discarded = 0
         self.disconnecting = False
+
+    @classmethod
+    def lazily(cls, peer: Any, hostOf: Callable[[], Any]) -> DetachedTransport:
+        """
+        A detached transport whose host address is asked of C{hostOf} when
+        (and if) it is first asked for, not now: the old objects of
+        thousands of connections are detached while every client waits,
+        and almost none of them ever asks (C{getHost} of a TCP connection
+        is a system call and a new address object).
+
+        @param peer: the peer's address.
+        @param hostOf: returns the host's address (the C{getHost} of the
+            connection, which goes on being served by another object).
+        """
+        detached = cls(peer, None)
+        detached._hostOf = hostOf
+        return detached
 
     def write(self, data: bytes) -> None:
         self.discarded += len(data)
@@ -659,6 +677,10 @@ class DetachedTransport:
         return self._peer
 
     def getHost(self) -> Any:
+        hostOf = self._hostOf
+        if hostOf is not None:
+            self._host = hostOf()
+            self._hostOf = None
         return self._host
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:

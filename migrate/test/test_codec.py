@@ -113,6 +113,20 @@ class EncodeCheckedTests(SynchronousTestCase):
         )
         self.assertIn("more than the limit of 20", str(error))
 
+    def test_cycle(self) -> None:
+        """
+        A container that contains itself is refused with L{StateError}, as
+        is an object JSON has no form for.
+        """
+        cycle: list[Any] = []
+        cycle.append(cycle)
+        mapping: dict[str, Any] = {}
+        mapping["self"] = [mapping]
+        for value in (cycle, mapping, {"x": {1, 2}}, {"x": object()}):
+            self.assertRaises(
+                StateError, encodeCheckedState, value, maxBytes=MAX_STATE_BYTES
+            )
+
 
 class RoundTripTests(SynchronousTestCase):
     """

@@ -1084,6 +1084,7 @@ class PrecopyFixture(CapabilityFixture):
             lambda reactor, sock, sources, timeout: maybeDeferred(lambda: None),
         )
         self.patch(_outgoing, "freezeDelta", self.freezeDelta)
+        self.appStateOnlyAtFreeze: list[bool] = []
         # Each re-copy round's pick, by round (none changed once they run
         # out), and the connections each pick was asked about.
         self.recopyRounds: list[list[Any]] = []
@@ -1111,7 +1112,10 @@ class PrecopyFixture(CapabilityFixture):
             json.dumps({"id": each.ident, "state": {"round": round}}) for each in chosen
         )
 
-    def freezeDelta(self, precopied: list[Any]) -> FreezeDelta:
+    def freezeDelta(
+        self, precopied: list[Any], appStateOnly: bool = False
+    ) -> FreezeDelta:
+        self.appStateOnlyAtFreeze.append(appStateOnly)
         self.outputAtCommit.append(
             [each.transport.value() for each in self.connections]
         )
@@ -1197,6 +1201,41 @@ class ReportBeforeLetGoTests(PrecopyFixture):
         )
 
 
+class ApplicationStateOnlyTests(PrecopyFixture):
+    """
+    The freeze sends a change of the application state alone only to a
+    successor that said it takes one.
+    """
+
+    def test_olderSuccessor(self) -> None:
+        """
+        A successor that does not say so (older code) is sent whole states.
+        """
+        d = self.o.migrate()
+        self.o.advance(0)
+        self.assertEqual(self.successResultOf(d)["outcome"], "success")
+        self.assertEqual(self.appStateOnlyAtFreeze, [False])
+
+    def test_successorSaysSo(self) -> None:
+        """
+        A successor that answers the pre-copy with C{appStateOnly} is sent
+        the application state alone where only it changed.
+        """
+        incoming: Any = self.o.incoming
+        answer = incoming._answer
+
+        def saying(name: str, answer_: Any, **arguments: Any) -> Any:
+            if name == "PrecopyConnections":
+                answer_ = dict(answer_, appStateOnly=True)
+            return answer(name, answer_, **arguments)
+
+        incoming._answer = saying
+        d = self.o.migrate()
+        self.o.advance(0)
+        self.assertEqual(self.successResultOf(d)["outcome"], "success")
+        self.assertEqual(self.appStateOnlyAtFreeze, [True])
+
+
 class RecopyTests(PrecopyFixture):
     """
     Between the pre-copy and the freeze, a few re-copy rounds send the new
@@ -1252,9 +1291,11 @@ class RecopyTests(PrecopyFixture):
         self.assertEqual(self.incoming.recopies, [[{"id": 1, "state": {"round": 1}}]])
         self.assertEqual(len(self.recopyAsked), 2)
 
-    def freezeDelta(self, precopied: list[Any]) -> FreezeDelta:
+    def freezeDelta(
+        self, precopied: list[Any], appStateOnly: bool = False
+    ) -> FreezeDelta:
         self.fingerprintsAtFreeze.append([each.fingerprint for each in precopied])
-        return PrecopyFixture.freezeDelta(self, precopied)
+        return PrecopyFixture.freezeDelta(self, precopied, appStateOnly)
 
     def migrate(self) -> dict[str, Any]:
         d = self.o.migrate()
@@ -1611,9 +1652,10 @@ class FakeStaged:
     def canRestoreAhead(self) -> bool:
         return isinstance(self.protocol, FakeAbandoningProtocol)
 
-    def update(self, entry: Any) -> None:
+    def update(self, entry: Any) -> bool:
         self.events.append("update")
         self.updates.append(entry)
+        return "state" in entry or "appState" in entry
 
     def updateState(self, plain: Any) -> None:
         if plain == "refused":
@@ -1909,7 +1951,13 @@ class IncomingChannelTests(SynchronousTestCase):
         )
         self.assertEqual(
             answer,
-            {"staged": 3, "refusedCount": 0, "refused": "[]", "streamed": True},
+            {
+                "staged": 3,
+                "refusedCount": 0,
+                "refused": "[]",
+                "streamed": True,
+                "appStateOnly": True,
+            },
         )
         self.assertEqual(self.restored, [])
         self.assertFalse(self.host.serving)
@@ -2200,6 +2248,35 @@ class IncomingChannelTests(SynchronousTestCase):
         self.assertEqual(self.staged[3].events, ["restore ahead", "answered"])
         self.h.reactor.advance(0)
         self.assertEqual(self.staged[3].events, ["restore ahead", "answered", "commit"])
+
+    def test_restoredAheadApplicationStateChanged(self) -> None:
+        """
+        A connection restored ahead of which only the application state
+        changed (the change carries C{"appState"} alone) has its object
+        restored ahead abandoned and a fresh one restored, as for a whole
+        new state.
+        """
+        self.precopy(
+            [{"id": n, "listener": "tcp:8000", "abandons": True} for n in (1, 2)]
+        )
+        change = {"id": 1, "output": "", "appState": {"n": 2}}
+        self.channel._freezeCommit(
+            {"changes": [change], "withdrawn": []}, lambda answer: None
+        )
+        self.assertEqual(self.staged[1].updates, [change])
+        self.assertEqual(self.restored, [1])
+        self.assertEqual(
+            self.staged[1].events,
+            [
+                "restore ahead",
+                "update",
+                "abandon ahead",
+                "rebuild",
+                "restore",
+                "commit",
+            ],
+        )
+        self.assertEqual(self.staged[2].events, ["restore ahead"])
 
     def test_restoredAheadWithdrawn(self) -> None:
         """

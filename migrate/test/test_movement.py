@@ -339,6 +339,11 @@ class MovementTests(ServedSocketpairs):
         self.assertFalse(staged.restoredAhead)
         self.assertEqual(AbandoningCounter.abandoned, [stale])
         self.assertIsInstance(stale.transport, DetachedTransport)
+        # The connection's addresses, as the connection gives them.
+        self.assertEqual(
+            (stale.transport.getPeer(), stale.transport.getHost()),
+            (staged.transport.getPeer(), staged.transport.getHost()),
+        )
         self.assertIsNone(staged.transport.producer)
         stale.sendLine(b"from the stale object")
         staged.rebuild()

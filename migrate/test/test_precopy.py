@@ -17,6 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase
 
+from .._codec import MAX_DEPTH
 from .._handoff._movement import stageEntry
 from .._handoff._precopy import (
     freezeDelta,
@@ -25,6 +26,7 @@ from .._handoff._precopy import (
     recopyChanged,
 )
 from ..state import NotAtSafePoint, StateFingerprint, captureProtocolState
+from .test_codec import _nested
 from .test_movement import Counter, FakeHost, Plain, ServedSocketpairs
 
 
@@ -374,6 +376,101 @@ class PrecopyTests(ServedSocketpairs):
         lines = yield self.readLines(client, 2)
         self.assertEqual(lines, [b"restored", b"2 two"])
         adopted.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_applicationStateOnly(self) -> Any:
+        """
+        Where the other process takes a change of the application state
+        alone, a connection of which only that changed since its copy
+        carries C{"appState"}, not a whole C{"state"}; one whose buffers
+        changed too carries the whole state; the taking side restores each
+        from the state it holds with what changed, and the count goes on.
+        """
+        import os
+
+        answered, answeredClient = self.serve("tcp:1", Counter)
+        halfway, halfwayClient = self.serve("tcp:1", Counter)
+        for client in (answeredClient, halfwayClient):
+            yield self.readLines(client, 1)
+        precopied, entries = self.precopy()
+        taker: Any = FakeHost(reactor)
+        taker.listen("tcp:1", Counter)
+        staged = {
+            each.hosted: stageEntry(taker, entry, os.dup(each.liveDescriptor()))
+            for each, entry in zip(precopied, entries)
+        }
+        answeredClient.sendall(b"one\n")
+        halfwayClient.sendall(b"one\ntw")
+        for client in (answeredClient, halfwayClient):
+            yield self.readLines(client, 1)
+        self.assertEqual(
+            [sorted(change) for change in freezeDelta(precopied).changes],
+            [["id", "output", "state"], ["id", "output", "state"]],
+        )
+        delta = freezeDelta(precopied, appStateOnly=True)
+        changes = {change["id"]: change for change in delta.changes}
+        idents = {each.hosted: each.ident for each in precopied}
+        self.assertEqual(
+            changes[idents[answered]],
+            {"id": idents[answered], "output": "", "appState": {"count": 1}},
+        )
+        self.assertEqual(
+            changes[idents[halfway]]["state"]["buffers"],
+            {"LineReceiver": {"buffer": "dHc=", "lineMode": True}},
+        )
+        adopted = []
+        for hosted in (answered, halfway):
+            self.assertTrue(staged[hosted].update(changes[idents[hosted]]))
+            adopted.append(staged[hosted].restore())
+        for moving in delta.moving:
+            moving.release()
+        for each in adopted:
+            each.commit()
+        answeredClient.sendall(b"two\n")
+        halfwayClient.sendall(b"o\n")
+        self.assertEqual(
+            (yield self.readLines(answeredClient, 2)), [b"restored", b"2 two"]
+        )
+        self.assertEqual(
+            (yield self.readLines(halfwayClient, 2)), [b"restored", b"2 two"]
+        )
+        for each in adopted:
+            each.transport.loseConnection()
+
+    def test_stagedApplicationState(self) -> None:
+        """
+        A change carrying C{"appState"} gives the staged state that
+        application state, checked as strictly as a whole state; one that
+        carries both a state and an application state, or an application
+        state that is not plain data, is refused with L{StateError} and
+        changes nothing; a change of output alone changes no state.
+        """
+        from ..state import StateError
+
+        hosted, client = self.serve("tcp:1", Counter)
+        precopied, entries = self.precopy()
+        taker: Any = FakeHost(reactor)
+        taker.listen("tcp:1", Counter)
+        import os
+
+        staged = stageEntry(taker, entries[0], os.dup(precopied[0].liveDescriptor()))
+        before = staged.state
+        for bad in [
+            {"id": 1, "output": "", "appState": {"count": 2}, "state": 3},
+            {"id": 1, "output": "", "appState": {"count": {1, 2}}},
+            {"id": 1, "output": "", "appState": _nested(MAX_DEPTH)},
+            {"id": 1, "output": "!!", "appState": {"count": 2}},
+        ]:
+            error = self.assertRaises(StateError, staged.update, bad)
+            self.assertIn("bad change for connection 1", str(error))
+            self.assertIs(staged.state, before)
+        self.assertFalse(staged.update({"id": 1, "output": "aGk="}))
+        self.assertIs(staged.state, before)
+        self.assertTrue(
+            staged.update({"id": 1, "output": "", "appState": {"count": 2}})
+        )
+        self.assertEqual(staged.state, before.withApplicationState({"count": 2}))
+        staged.abandon()
 
     def test_stagedBadChange(self) -> None:
         """

@@ -905,6 +905,22 @@ class TransportTests(SynchronousTestCase):
         detached.loseConnection()
         self.assertEqual((detached.discarded, detached.getPeer()), (5, "peer"))
 
+    def test_detachedLazily(self) -> None:
+        """
+        A transport detached lazily asks for its host's address only when
+        (and the first time) it is asked for it.
+        """
+        asked: list[str] = []
+
+        def hostOf() -> str:
+            asked.append("host")
+            return "host"
+
+        detached = DetachedTransport.lazily("peer", hostOf)
+        self.assertEqual((detached.getPeer(), asked), ("peer", []))
+        self.assertEqual((detached.getHost(), detached.getHost()), ("host", "host"))
+        self.assertEqual(asked, ["host"])
+
 
 class ReloadTests(ModulesUnchangedMixin, SynchronousTestCase):
     """

@@ -1219,6 +1219,91 @@ class ProtocolStateTests(SynchronousTestCase):
             self.valid(buffers={"LineOnlyReceiver": {"buffer": b"QUJD"}}), "base64 text"
         )
 
+    def test_refusalsNameThePlace(self) -> None:
+        """
+        A refused buffer is named in full in the message, the key in it
+        included.
+        """
+        self.assertRefused(
+            self.valid(buffers={"LineReceiver": {"buffer": "", "lineMode": 1}}),
+            "protocol state: buffers['LineReceiver']['lineMode'] must be bool, "
+            "not int",
+        )
+        self.assertRefused(
+            self.valid(buffers={"LineOnlyReceiver": {"buffer": "QR=="}}),
+            "protocol state: buffers['LineOnlyReceiver']['buffer'] is not "
+            "canonical base64",
+        )
+        self.assertRefused(
+            self.valid(buffers={"LineOnlyReceiver": {"buffer": "QU=D"}}),
+            "protocol state: buffers['LineOnlyReceiver']['buffer'] is not "
+            "valid base64",
+        )
+        self.assertRefused(
+            self.valid(buffers={"LineOnlyReceiver": {"buffer": b""}}),
+            "protocol state: buffers['LineOnlyReceiver']['buffer'] must be "
+            "base64 text, not bytes",
+        )
+        self.assertRefused(
+            self.valid(buffers={"LineOnlyReceiver": {}}),
+            "protocol state: buffers['LineOnlyReceiver']: missing 'buffer'",
+        )
+        self.assertRefused(
+            self.valid(buffers={"LineOnlyReceiver": []}),
+            "protocol state: buffers['LineOnlyReceiver'] must be a dict, not list",
+        )
+
+    def test_emptyBuffer(self) -> None:
+        """
+        An empty buffer is the empty string, exactly: a C{str} subclass is
+        refused, however empty.
+        """
+
+        class Text(str):
+            pass
+
+        state = ProtocolState.fromPlain(
+            self.valid(buffers={"LineOnlyReceiver": {"buffer": ""}})
+        )
+        self.assertEqual(state.buffers, {"LineOnlyReceiver": {"buffer": b""}})
+        self.assertRefused(
+            self.valid(buffers={"LineOnlyReceiver": {"buffer": Text("")}}),
+            "must be base64 text, not ",
+        )
+
+    def test_withApplicationState(self) -> None:
+        """
+        L{ProtocolState.withApplicationState} gives the same state with
+        another application state, checked as L{ProtocolState.fromPlain}
+        checks one (copied unless owned); a state that is not migratable
+        takes none.
+        """
+        state = ProtocolState.fromPlain(self.valid())
+        new = {"rooms": ["a"]}
+        changed = state.withApplicationState(new)
+        self.assertEqual(changed, attrs.evolve(state, appState=new))
+        self.assertIsNot(changed.appState, new)
+        self.assertIs(state.withApplicationState(new, owned=True).appState, new)
+        for appState, fragment in [
+            (
+                {"a": {1, 2}},
+                "protocol state: appState: state['a']: set is not plain data",
+            ),
+            ({1: 1}, "key of type int"),
+            (_nested(MAX_DEPTH), "nested deeper"),
+            (_Hostile(), "protocol state: appState"),
+        ]:
+            for owned in (False, True):
+                error = self.assertRaises(
+                    StateError, state.withApplicationState, appState, owned=owned
+                )
+                self.assertIn(fragment, str(error))
+        plain = ProtocolState.fromPlain(
+            self.valid(migratable=False, version=None, appState=None)
+        )
+        error = self.assertRaises(StateError, plain.withApplicationState, {})
+        self.assertIn("did not provide IMigratable", str(error))
+
     def test_hostileObjectsNotTouched(self) -> None:
         """
         Objects that raise from every special method are refused without
@@ -1604,6 +1689,123 @@ class UnchangedSinceTests(SynchronousTestCase):
             },
         )
         self.assertFalse(unchangedSince(self.protocol, self.fingerprintOf(state)))
+
+
+class ChangeIfChangedTests(SynchronousTestCase):
+    """
+    L{StateFingerprint.changeIfChanged} answers as L{StateFingerprint.matches}
+    and then L{captureProtocolState} and L{ProtocolState.toPlain} would,
+    asking the application once, or says it cannot tell.
+    """
+
+    def setUp(self) -> None:
+        self.protocol = connected(ChatV2)
+        self.protocol.dataReceived(b"half a li")
+        self.fingerprint = StateFingerprint.of(
+            captureProtocolState(self.protocol), self.protocol
+        )
+
+    def assertCaptured(self, appStateOnly: bool = False) -> None:
+        """
+        It says the state changed, and gives the plain form of the state a
+        capture would, encoded the same.
+        """
+        found: Any = self.fingerprint.changeIfChanged(self.protocol, appStateOnly)
+        expected = captureProtocolState(self.protocol, snapshot=False).toPlain()
+        self.assertEqual(found, {"state": expected})
+        self.assertEqual(encodeState(found["state"]), encodeState(expected))
+
+    def test_unchanged(self) -> None:
+        """
+        Nothing changed: L{None}.
+        """
+        self.assertIsNone(self.fingerprint.changeIfChanged(self.protocol))
+        self.assertIsNone(self.fingerprint.changeIfChanged(self.protocol, True))
+
+    def test_applicationState(self) -> None:
+        """
+        The application state changed: the state captured now, once even
+        where Python equality would see no change (C{1 == True}).
+        """
+        self.protocol.rooms = ["lobby", "kitchen"]
+        self.assertCaptured()
+        self.protocol.rooms = ["lobby", 1]
+        fingerprint = StateFingerprint.of(
+            captureProtocolState(self.protocol), self.protocol
+        )
+        self.protocol.rooms = ["lobby", True]
+        found: Any = fingerprint.changeIfChanged(self.protocol)
+        self.assertEqual(
+            encodeState(found["state"]),
+            encodeState(captureProtocolState(self.protocol, snapshot=False).toPlain()),
+        )
+
+    def test_applicationStateOnly(self) -> None:
+        """
+        Asked for the application state alone where only it changed, it
+        gives that (the state the other process holds, with it, is the
+        state captured now); where the buffers changed too, the whole
+        state.
+        """
+        self.protocol.rooms = ["lobby", "kitchen"]
+        found: Any = self.fingerprint.changeIfChanged(self.protocol, True)
+        self.assertEqual(
+            found, {"appState": {"nick": "guest", "rooms": self.protocol.rooms}}
+        )
+        held = captureProtocolState(self.protocol).withApplicationState(
+            {"nick": "guest", "rooms": ["lobby"]}
+        )
+        self.assertEqual(
+            held.withApplicationState(found["appState"]),
+            captureProtocolState(self.protocol),
+        )
+        self.protocol.dataReceived(b"ne")
+        self.assertCaptured(appStateOnly=True)
+        self.protocol.rooms = ["lobby"]
+        self.assertCaptured(appStateOnly=True)
+
+    def test_buffers(self) -> None:
+        """
+        The line buffer or the mode changed: the state captured now.
+        """
+        self.protocol.dataReceived(b"ne")
+        self.assertCaptured()
+        self.protocol.dataReceived(b"\n")
+        self.assertCaptured()
+        self.protocol.setRawMode()
+        self.assertCaptured()
+
+    def test_unsure(self) -> None:
+        """
+        Where anything is unusual, it cannot tell (the general way then
+        says why), and it raises nothing.
+        """
+        unsure = state_._UNSURE
+        protocol = self.protocol
+        self.protocol.rooms = ["lobby", {"a", "set"}]
+        self.assertIs(self.fingerprint.changeIfChanged(protocol), unsure)
+        self.assertRaises(StateError, captureProtocolState, protocol)
+        self.protocol.rooms = ["lobby"]
+        protocol._busyReceiving = True
+        self.assertIs(self.fingerprint.changeIfChanged(protocol), unsure)
+        protocol._busyReceiving = False
+        protocol.migrationVersion = True
+        self.assertIs(self.fingerprint.changeIfChanged(protocol), unsure)
+        del protocol.migrationVersion
+        protocol.migrationBlocker = lambda: "a request is in flight"
+        self.assertIs(self.fingerprint.changeIfChanged(protocol), unsure)
+        del protocol.migrationBlocker
+        protocol.getMigrationState = lambda: 1 // 0
+        self.assertIs(self.fingerprint.changeIfChanged(protocol), unsure)
+        del protocol.getMigrationState
+        protocol._buffer = "text"
+        self.assertIs(self.fingerprint.changeIfChanged(protocol), unsure)
+        protocol._buffer = b"half a li"
+        self.assertIsNone(self.fingerprint.changeIfChanged(protocol))
+        other = connected(ChatV1)
+        self.assertIs(self.fingerprint.changeIfChanged(other), unsure)
+        general = StateFingerprint.of(captureProtocolState(protocol))
+        self.assertIs(general.changeIfChanged(protocol), unsure)
 
 
 class ClassCacheTests(SynchronousTestCase):

@@ -176,7 +176,10 @@ class PrecopyConnections(amp.Command):
     did before.  A successor that answers C{streamed} takes the freeze's
     delta in parts (see L{migrate.strategies._transfer._freeze.FreezeReceiver});
     one that does not (older code) takes the first message for the whole
-    delta, so it is sent one.
+    delta, so it is sent one.  A successor that answers C{appStateOnly}
+    takes, for a connection of which only the application state changed,
+    that alone (see L{migrate._handoff._precopy.freezeDelta}); one that
+    does not (older code) is sent every changed state whole.
     """
 
     arguments = [
@@ -191,6 +194,7 @@ class PrecopyConnections(amp.Command):
         (b"refusedCount", amp.Integer()),
         (b"refused", amp.Unicode()),
         (b"streamed", amp.Boolean(optional=True)),
+        (b"appStateOnly", amp.Boolean(optional=True)),
     ]
     errors = {HandoffRefused: b"HANDOFF_REFUSED"}
 

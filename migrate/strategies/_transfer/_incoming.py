@@ -335,7 +335,12 @@ class IncomingChannel(amp.AMP):
         )
         if not refusals.count:
             yield self._restoreAhead(refusals)
-        return dict(refusals.answer(), staged=len(self._staged), streamed=True)
+        return dict(
+            refusals.answer(),
+            staged=len(self._staged),
+            streamed=True,
+            appStateOnly=True,
+        )
 
     @inlineCallbacks
     def _restoreAhead(
@@ -558,8 +563,7 @@ class IncomingChannel(amp.AMP):
                 raise HandoffRefused(
                     "a change for connection {}, restored already".format(change["id"])
                 )
-            each.update(change)
-            if each.restoredAhead and "state" in change:
+            if each.update(change) and each.restoredAhead:
                 # Restored ahead from the state pre-copied: again, into a
                 # fresh object, from the state now.
                 self._abandonAhead(each, "changed")

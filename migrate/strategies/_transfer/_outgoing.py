@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from functools import partial
 from typing import Any, Callable
 
 from attrs import define, field
@@ -198,6 +199,9 @@ class OutgoingHandoff:
     _precopied: list[PrecopiedConnection] = field(factory=list)
     _freezeSocket: socket.socket | None = None
     _streamedFreeze: bool = False
+    #: whether the successor takes a change of the application state alone
+    #: (see L{freezeDelta})
+    _appStateOnly: bool = False
     _later: list[Unmovable] = field(factory=list)
     _staying: dict[str, int] = field(factory=dict)
     _failed: dict[str, int] = field(factory=dict)
@@ -622,6 +626,7 @@ class OutgoingHandoff:
         self._precopied = precopied
         self._freezeSocket = freezeOurs
         self._streamedFreeze = answer.get("streamed") is True
+        self._appStateOnly = answer.get("appStateOnly") is True
         if answer["refusedCount"]:
             raise self._allOrNothing(
                 answer["refusedCount"], precopied, _parseRefusals(answer["refused"])
@@ -819,7 +824,10 @@ class OutgoingHandoff:
             # process compares the next (each part is compared as it is
             # sent, the last one included).
             delta, parts, lastPart = freezeInParts(
-                precopied, _FREEZE_PART, freezeDelta, _CHANGED_PER_PART
+                precopied,
+                _FREEZE_PART,
+                partial(freezeDelta, appStateOnly=self._appStateOnly),
+                _CHANGED_PER_PART,
             )
 
             def final() -> dict[str, Any]:
@@ -828,7 +836,7 @@ class OutgoingHandoff:
                 return plain
 
         else:
-            delta = freezeDelta(precopied)
+            delta = freezeDelta(precopied, self._appStateOnly)
             attempt.phaseDone("freeze")
             parts = iter(())
             final = delta.toPlain()

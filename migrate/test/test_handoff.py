@@ -31,7 +31,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from .._handoff._fdpass import DescriptorTransferError, writeMemfd
+from .._handoff._fdpass import DescriptorTransferError, sendDescriptors, writeMemfd
 from .._handoff._movement import MovingConnection, Unmovable
 from .._handoff._precopy import FreezeDelta
 from .._handoff._successor import SuccessorExit, SuccessorProcess
@@ -601,6 +601,7 @@ class CapabilityFixture(SynchronousTestCase):
         self.sendings: list[Deferred[Any]] = []
         self.patch(_outgoing, "deferToThreadPool", self.threadPool)
         self.patch(_outgoing, "sendDescriptors", self.sendDescriptors)
+        self.patch(_outgoing, "sendDescriptorsNow", self.sendDescriptorsNow)
         self.connections = self.o.connect(3)
         self.reading: list[list[bool]] = []
         self.outputAtFreeze: list[list[bytes]] = []
@@ -644,6 +645,56 @@ class CapabilityFixture(SynchronousTestCase):
 
     def sendDescriptors(self, sock: Any, fds: list[int], *, timeout: float) -> None:
         self.sent.append(list(fds))
+
+    #: whether the descriptors go without a thread (as a few do on a real
+    #: socketpair), or need one (as more than a message's worth do)
+    atOnce = False
+
+    def sendDescriptorsNow(self, sock: Any, fds: list[int], *, timeout: float) -> bool:
+        """
+        Stands in for C{sendDescriptorsNow}: sends with C{sendDescriptors}
+        (whatever stands in for it) if L{atOnce}.
+        """
+        if not self.atOnce:
+            return False
+        _outgoing.sendDescriptors(sock, fds, timeout=timeout)
+        return True
+
+
+class AtOnceTests(CapabilityFixture):
+    """
+    Descriptors that go at once (a few connections, a socket with room)
+    need no thread.
+    """
+
+    atOnce = True
+
+    def test_moved(self) -> None:
+        """
+        The frozen connections' descriptors go without a thread, and the
+        hand-off goes on as with one.
+        """
+        report = self.successResultOf(self.o.migrate())
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual(self.sent, [[501, 502]])
+        self.assertEqual(self.sendings, [])
+
+    def test_sendingFails(self) -> None:
+        """
+        Descriptors that cannot be sent at once roll the hand-off back,
+        saying why.
+        """
+
+        def sendDescriptors(sock: Any, fds: list[int], *, timeout: float) -> None:
+            raise DescriptorTransferError("sendmsg: broken pipe")
+
+        self.patch(_outgoing, "sendDescriptors", sendDescriptors)
+        report = self.successResultOf(self.o.migrate())
+        self.o.assertRolledBack(report, "sending descriptors: sendmsg: broken pipe")
+        self.assertEqual(self.sendings, [])
+        self.assertEqual(
+            [each.events for each in self.frozen], [["resume"], ["resume"]]
+        )
 
 
 class CapabilityTests(CapabilityFixture):
@@ -1808,6 +1859,40 @@ class IncomingChannelTests(SynchronousTestCase):
         )
         with self.assertRaises(OSError):
             os.fstat(r)
+
+    def test_adoptConnectionsArrivedAlready(self) -> None:
+        """
+        Descriptors that arrived with (before) the command are received
+        without a thread.
+        """
+        self.connect()
+
+        def noThread(*a: Any, **kw: Any) -> None:
+            self.fail("a thread was asked for")
+
+        self.patch(_incoming, "deferToThreadPool", noThread)
+        readEnd, writeEnd = os.pipe()
+        self.addCleanup(os.close, readEnd)
+        self.addCleanup(os.close, writeEnd)
+        entries = [{"id": 1, "listener": "tcp:8000"}]
+        data = json.dumps(entries).encode()
+        manifest = writeMemfd(data, "test-manifest")
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        sendDescriptors(ours, [readEnd], timeout=5)
+        answer = self.successResultOf(
+            self.call(
+                AdoptConnections,
+                count=1,
+                manifestSize=len(data),
+                manifest=manifest,
+                bulk=theirs.detach(),
+            )
+        )
+        self.assertEqual(answer["adopted"], 1)
+        [adopted] = self.adopted
+        self.addCleanup(os.close, adopted.descriptor)
+        self.assertEqual(os.fstat(adopted.descriptor).st_ino, os.fstat(readEnd).st_ino)
 
     def test_adoptConnections(self) -> None:
         """

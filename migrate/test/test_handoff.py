@@ -26,10 +26,11 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import UNIXAddress
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.protocol import Factory
 from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols import amp
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from .._handoff._fdpass import DescriptorTransferError, sendDescriptors, writeMemfd
 from .._handoff._movement import MovingConnection, Unmovable
@@ -44,6 +45,7 @@ from ..strategies._transfer._channel import (
     Commit,
     CommitAdopted,
     DrainStatus,
+    HandoffAMP,
     HandoffRefused,
     Hello,
     PrecopyConnections,
@@ -55,6 +57,7 @@ from ..strategies._transfer._channel import (
 )
 from ..strategies._transfer._incoming import IncomingChannel
 from ._fakes import FakeSuccessor, RecordingPort, ThreadedFakeReactor, connectAMP
+from ._hostprocess import waitFor
 from .test_host import Harness, harness
 
 SUCCESSOR_PID = 4242
@@ -2850,3 +2853,68 @@ class IncomingChannelTests(SynchronousTestCase):
         self.assertEqual(failure.getErrorMessage(), "commit before hello")
         self.assertFalse(self.host.serving)
         self.assertEqual(self.inheritance.outputTaken, 0)
+
+
+class HandoffAMPTests(TestCase):
+    """
+    L{HandoffAMP} sends each box at once over a real Unix socketpair,
+    unless a descriptor goes with it.
+    """
+
+    def channel(self) -> tuple[HandoffAMP, socket.socket]:
+        """
+        A L{HandoffAMP} on one end of a socketpair served by the reactor,
+        and the other end, not read by anyone.
+        """
+        from twisted.internet import reactor
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(theirs.close)
+        channel = HandoffAMP()
+        transport = reactor.adoptStreamConnection(  # type: ignore[attr-defined]
+            ours.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: channel)
+        )
+        ours.close()
+        self.addCleanup(transport.abortConnection)
+        theirs.setblocking(False)
+        return channel, theirs
+
+    def test_atOnce(self) -> None:
+        """
+        A command's box is on the socket when C{callRemote} returns, before
+        the reactor runs again.
+        """
+        channel, theirs = self.channel()
+        channel.callRemote(Prepare).addErrback(lambda failure: None)
+        self.assertIn(b"Prepare", theirs.recv(65536))
+
+    def test_descriptorGoesWithItsBox(self) -> Deferred[None]:
+        """
+        A box with a descriptor attached goes through the transport, which
+        sends the descriptor with its bytes on the reactor's next turn.
+        """
+        readEnd, writeEnd = os.pipe()
+        self.addCleanup(os.close, readEnd)
+        self.addCleanup(os.close, writeEnd)
+        channel, theirs = self.channel()
+        channel.callRemote(TakeListener, key="tcp:1", socket=readEnd).addErrback(
+            lambda failure: None
+        )
+        self.assertRaises(BlockingIOError, theirs.recv, 1)
+        received: list[int] = []
+
+        def arrived() -> bool:
+            try:
+                data, fds, _, _ = socket.recv_fds(theirs, 65536, 4)
+            except BlockingIOError:
+                return False
+            received.extend(fds)
+            self.assertIn(b"TakeListener", data)
+            return True
+
+        def check(_: object) -> None:
+            [fd] = received
+            self.addCleanup(os.close, fd)
+            self.assertEqual(os.fstat(fd).st_ino, os.fstat(readEnd).st_ino)
+
+        return waitFor(arrived, timeout=10, what="the box").addCallback(check)

@@ -43,6 +43,7 @@ from ._channel import (
     Commit,
     CommitAdopted,
     DrainStatus,
+    HandoffAMP,
     HandoffRefused,
     Hello,
     PrecopyConnections,
@@ -95,7 +96,7 @@ class _Refusals:
         return {"refusedCount": self.count, "refused": json.dumps(self._described)}
 
 
-class IncomingChannel(amp.AMP):
+class IncomingChannel(HandoffAMP):
     """
     The successor's end of the hand-off channel.
 

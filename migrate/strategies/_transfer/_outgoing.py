@@ -77,6 +77,7 @@ from ._channel import (
     Commit,
     CommitAdopted,
     DrainStatus,
+    HandoffAMP,
     HandoffRefused,
     Hello,
     PrecopyConnections,
@@ -132,7 +133,7 @@ class HandoffFailed(Exception):
     """
 
 
-class OutgoingChannel(amp.AMP):
+class OutgoingChannel(HandoffAMP):
     """
     The old process's end of the hand-off channel.
     """

@@ -4,9 +4,11 @@ Moving file descriptors and bulk bytes between processes.
 Two blocking helpers move descriptors over a Unix socket with C{SCM_RIGHTS}
 in batches (L{sendDescriptors}, L{receiveDescriptors}); two more carry a
 large blob of bytes in an anonymous memory file that travels as one
-descriptor (L{writeMemfd}, L{readMemfd}).  Every function here blocks, so
-callers run them in a thread (C{deferToThread}) on a socket nobody else
-reads or writes meanwhile, never on a socket the reactor watches.
+descriptor (L{writeMemfd}, L{readMemfd}).  Those may block, so callers run
+them in a thread (C{deferToThread}) on a socket nobody else reads or writes
+meanwhile, never on a socket the reactor watches.  A transfer that fits one
+message, on a socket ready for it now, needs no thread: L{sendDescriptorsNow}
+and L{receiveDescriptorsNow} move it without waiting, or say they cannot.
 
 The kernel accepts at most L{SCM_MAX_FD} descriptors in one message, so a
 batch carries at most that many, each with a small header naming the total
@@ -33,7 +35,9 @@ __all__ = [
     "sendLiveDescriptors",
     "DescriptorTransferError",
     "sendDescriptors",
+    "sendDescriptorsNow",
     "receiveDescriptors",
+    "receiveDescriptorsNow",
     "writeMemfd",
     "readMemfd",
 ]
@@ -241,6 +245,66 @@ def sendLiveDescriptors(
 
     step()
     return done
+
+
+def _readyNow(sock: socket.socket, event: int) -> bool:
+    """
+    Is C{sock} ready for C{event} now, without waiting?
+    """
+    poller = select.poll()
+    poller.register(sock.fileno(), event)
+    return bool(poller.poll(0))
+
+
+def sendDescriptorsNow(
+    sock: socket.socket, fds: Sequence[int], *, timeout: float
+) -> bool:
+    """
+    Send descriptors as L{sendDescriptors} does, from the calling thread,
+    if they fit one message and the socket has room for it now (a fresh
+    socketpair always has: the message is a few bytes).
+
+    A thread would cost more than the transfer: on a busy process, each
+    hand-over between the threads waits for the interpreter's switch
+    interval (5 ms), and a few connections accepted after a pre-copy
+    waited 6 to 30 ms so.
+
+    @param timeout: seconds allowed, should the socket take only part of
+        the message's bytes (the descriptors go with the first).
+
+    @return: whether they were sent; if not, nothing was, and the caller
+        uses L{sendDescriptors} in a thread.
+
+    @raise DescriptorTransferError: as L{sendDescriptors}.
+    """
+    if len(fds) > SCM_MAX_FD or not _readyNow(sock, select.POLLOUT):
+        return False
+    sendDescriptors(sock, fds, timeout=timeout)
+    return True
+
+
+def receiveDescriptorsNow(
+    sock: socket.socket, count: int, *, timeout: float
+) -> list[int] | None:
+    """
+    Receive descriptors as L{receiveDescriptors} does, from the calling
+    thread, if the peer announced at most one message's worth and its
+    message has arrived (L{sendDescriptorsNow} sends before it announces).
+
+    @param timeout: seconds allowed, should only part of the message's
+        bytes have arrived.
+
+    @return: the descriptors; or L{None}, having read nothing, if they are
+        more than one message carries or have not arrived yet: the caller
+        then uses L{receiveDescriptors} in a thread.
+
+    @raise DescriptorTransferError: as L{receiveDescriptors}.
+    """
+    if count > SCM_MAX_FD:
+        return None
+    if count > 0 and not _readyNow(sock, select.POLLIN):
+        return None
+    return receiveDescriptors(sock, count, timeout=timeout)
 
 
 def _receiveSome(

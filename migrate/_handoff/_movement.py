@@ -352,8 +352,11 @@ class AdoptedConnection:
     def commit(self) -> None:
         """
         Serve it: send what was pending, read, and deliver complete
-        messages already buffered.
+        messages already buffered.  What the application answers to the
+        requests its client sent meanwhile goes out at once
+        (L{HostedProtocol.writeAtOnceUntilRead}).
         """
+        self.hosted.writeAtOnceUntilRead()
         self.hosted.unhold(self.pendingOutput)
         resumeConnection(self.transport)
         protocol = self.hosted.wrappedProtocol

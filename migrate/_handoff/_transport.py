@@ -567,12 +567,22 @@ def writeNow(transport: Any, data: bytes) -> None:
     A client sending small messages at a high rate saves most of the
     reactor's work per message by it.
 
+    Also through C{transport.write}: a connection that started TLS (the
+    bytes must be encrypted) and a Unix connection with descriptors queued
+    to go with its next bytes.
+
     @param transport: a connected stream transport (C{twisted.internet.tcp}
         or C{twisted.internet.unix}); anything else is simply written to.
     @param data: the bytes to send.
     """
     sock = getattr(transport, "socket", None)
-    if sock is None or "doWrite" in vars(transport) or _mustFlush(transport):
+    if (
+        sock is None
+        or "doWrite" in vars(transport)
+        or getattr(transport, "TLS", False)
+        or getattr(transport, "_sendmsgQueue", None)
+        or _mustFlush(transport)
+    ):
         transport.write(data)
         return
     try:

@@ -20,6 +20,8 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .._handoff._transport import writeNow
+
 __all__ = ["HostedProtocol", "TrackingFactory"]
 
 
@@ -39,6 +41,9 @@ class HostedProtocol(ProtocolWrapper):
     It may also start on a I{stand-in} transport (L{awaitTransport}) while
     its socket waits to be adopted: what the application writes is held
     meanwhile, and the real transport's C{makeConnection} swaps it in.
+
+    @ivar writesAtOnce: whether what the application writes goes out at
+        once (L{writeAtOnceUntilRead}).
     """
 
     factory: "TrackingFactory"
@@ -58,8 +63,9 @@ class HostedProtocol(ProtocolWrapper):
         self._heldClose: str | None = None
         self._finish: Callable[[], None] | None = None
         self.awaitingTransport = False
-        #: whether C{pending}, C{released} or C{_finish} is set, so that
-        #: L{dataReceived} tests one attribute for all three
+        self.writesAtOnce = False
+        #: whether C{pending}, C{released}, C{writesAtOnce} or C{_finish}
+        #: is set, so that L{dataReceived} tests one attribute for all
         self._unusual = pending
 
     def awaitTransport(self, standIn: ITransport, provides: Any) -> None:
@@ -135,25 +141,49 @@ class HostedProtocol(ProtocolWrapper):
         held, self._held = self._held, []
         data = pendingOutput + b"".join(held)
         if data:
-            self._realTransport().write(data)
+            if self.writesAtOnce:
+                writeNow(self._realTransport(), data)
+            else:
+                self._realTransport().write(data)
         if self._heldClose == "abort":
             self._realTransport().abortConnection()
         elif self._heldClose == "lose":
             self._realTransport().loseConnection()
 
     def write(self, data: bytes) -> None:
-        # Every answer the application sends passes here: one attribute
-        # test, then straight to the real transport.
+        # Every answer the application sends passes here: two attribute
+        # tests, then straight to the real transport.
         if self.held:
             self._held.append(data)
+        elif self.writesAtOnce:
+            writeNow(self.transport, data)
         else:
             self.transport.write(data)  # type: ignore[union-attr]
 
     def writeSequence(self, data: Any) -> None:
         if self.held:
             self._held.extend(data)
+        elif self.writesAtOnce:
+            writeNow(self.transport, b"".join(data))
         else:
             self.transport.writeSequence(data)  # type: ignore[union-attr]
+
+    def writeAtOnceUntilRead(self) -> None:
+        """
+        Until the application has taken the next bytes received, send what
+        it writes at once, with one C{send()} where the socket takes it
+        (L{writeNow}), not on the reactor's next turn.
+
+        For a connection that has just moved in: its client's requests
+        queued while it was frozen, and the process taking over reads
+        hundreds of such connections in its first turn.  Through the
+        reactor, each answer would wait for that whole turn and then for
+        the writes of all the others in the next; at once, each leaves as
+        it is made.  After that first read, the connection is written to
+        as any other.
+        """
+        self.writesAtOnce = True
+        self._noteUnusual()
 
     def loseConnection(self) -> None:
         if self.held:
@@ -225,7 +255,12 @@ class HostedProtocol(ProtocolWrapper):
         return True
 
     def _noteUnusual(self) -> None:
-        self._unusual = self.pending or self.released or self._finish is not None
+        self._unusual = (
+            self.pending
+            or self.released
+            or self.writesAtOnce
+            or self._finish is not None
+        )
 
     def dataReceived(self, data: bytes) -> None:
         # Every request passes here: the usual case (serving, nothing left
@@ -235,6 +270,13 @@ class HostedProtocol(ProtocolWrapper):
                 return
             if self._finish is not None:
                 self.finishNow()
+            if self.writesAtOnce:
+                try:
+                    self.wrappedProtocol.dataReceived(data)
+                finally:
+                    self.writesAtOnce = False
+                    self._noteUnusual()
+                return
         self.wrappedProtocol.dataReceived(data)
 
     def release(self) -> None:

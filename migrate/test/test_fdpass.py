@@ -11,7 +11,7 @@ import os
 import resource
 import socket
 import time
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -20,7 +20,9 @@ from migrate._handoff._fdpass import (
     DescriptorTransferError,
     readMemfd,
     receiveDescriptors,
+    receiveDescriptorsNow,
     sendDescriptors,
+    sendDescriptorsNow,
     writeMemfd,
 )
 
@@ -64,9 +66,9 @@ class _CountingSocket:
         return self._sock.sendmsg(buffers, ancillary, flags)
 
 
-class DescriptorPassingTests(SynchronousTestCase):
+class _SocketpairTestCase(SynchronousTestCase):
     """
-    L{sendDescriptors} and L{receiveDescriptors}.
+    A connected Unix socketpair, and descriptors to send over it.
     """
 
     def setUp(self) -> None:
@@ -95,6 +97,40 @@ class DescriptorPassingTests(SynchronousTestCase):
                 os.close(fd)
             except OSError:
                 pass
+
+    def assertWrongTotalRefused(
+        self, receive: Callable[..., Any], sent: int, expected: int
+    ) -> None:
+        """
+        C{receive}, expecting C{expected} descriptors when C{sent} were
+        sent, refuses them, saying why, and leaves none open.
+        """
+        sendDescriptors(self.sender, self.pipes(sent), timeout=_TIMEOUT)
+        before = _openDescriptors()
+        error = self.assertRaises(
+            DescriptorTransferError,
+            receive,
+            self.receiver,
+            expected,
+            timeout=_TIMEOUT,
+        )
+        self.assertIn(
+            "expected {} descriptors, the peer sends {}".format(expected, sent),
+            str(error),
+        )
+        self.assertNoneLeaked(before)
+
+    def assertNoneLeaked(self, before: set[int]) -> None:
+        """
+        No descriptor stayed open beyond C{before}.
+        """
+        self.assertEqual(_openDescriptors() - before, set())
+
+
+class DescriptorPassingTests(_SocketpairTestCase):
+    """
+    L{sendDescriptors} and L{receiveDescriptors}.
+    """
 
     def test_roundTrip(self) -> None:
         """
@@ -149,12 +185,6 @@ class DescriptorPassingTests(SynchronousTestCase):
         self.assertEqual(receiveDescriptors(self.receiver, 0, timeout=_TIMEOUT), [])
         self.receiver.setblocking(False)
         self.assertRaises(BlockingIOError, self.receiver.recv, 1)
-
-    def assertNoneLeaked(self, before: set[int]) -> None:
-        """
-        No descriptor stayed open beyond C{before}.
-        """
-        self.assertEqual(_openDescriptors() - before, set())
 
     def test_truncated(self) -> None:
         """
@@ -247,18 +277,7 @@ class DescriptorPassingTests(SynchronousTestCase):
         A transfer announcing another total than expected is refused and
         closed.
         """
-        fds = self.pipes(3)
-        sendDescriptors(self.sender, fds, timeout=_TIMEOUT)
-        before = _openDescriptors()
-        error = self.assertRaises(
-            DescriptorTransferError,
-            receiveDescriptors,
-            self.receiver,
-            2,
-            timeout=_TIMEOUT,
-        )
-        self.assertIn("expected 2", str(error))
-        self.assertNoneLeaked(before)
+        self.assertWrongTotalRefused(receiveDescriptors, 3, 2)
 
     def test_missingDescriptors(self) -> None:
         """
@@ -320,6 +339,90 @@ class DescriptorPassingTests(SynchronousTestCase):
         )
         self.assertIsInstance(error.__cause__, OSError)
         self.assertEqual(error.__cause__.errno, errno.EPIPE)
+
+
+class AtOnceTests(_SocketpairTestCase):
+    """
+    L{sendDescriptorsNow} and L{receiveDescriptorsNow} move one message's
+    worth of descriptors without waiting, or say they cannot, having moved
+    nothing.
+    """
+
+    def test_nowRoundTrip(self) -> None:
+        """
+        Up to L{SCM_MAX_FD} descriptors go at once, and arrive at once, in
+        order.
+        """
+        fds = self.pipes(SCM_MAX_FD)
+        self.assertTrue(sendDescriptorsNow(self.sender, fds, timeout=_TIMEOUT))
+        received = receiveDescriptorsNow(self.receiver, SCM_MAX_FD, timeout=_TIMEOUT)
+        assert received is not None
+        self.addCleanup(self.closeAll, received)
+        self.assertEqual(
+            [_identity(fd) for fd in received], [_identity(fd) for fd in fds]
+        )
+
+    def test_moreThanOneMessage(self) -> None:
+        """
+        More than one message's worth is left to the blocking helpers:
+        nothing is sent, nothing read.
+        """
+        fds = self.pipes(SCM_MAX_FD + 1)
+        self.assertFalse(sendDescriptorsNow(self.sender, fds, timeout=_TIMEOUT))
+        self.receiver.setblocking(False)
+        self.assertRaises(BlockingIOError, self.receiver.recv, 1)
+        sendDescriptors(self.sender, fds[:1], timeout=_TIMEOUT)
+        self.assertIsNone(
+            receiveDescriptorsNow(self.receiver, SCM_MAX_FD + 1, timeout=_TIMEOUT)
+        )
+        self.assertEqual(len(self.receiver.recv(100)), 12)
+
+    def test_noRoom(self) -> None:
+        """
+        A socket with no room now sends nothing, and says so.
+        """
+        self.sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        self.sender.setblocking(False)
+        filled = 0
+        try:
+            while True:
+                filled += self.sender.send(b"x" * 4096)
+        except BlockingIOError:
+            pass
+        fds = self.pipes(1)
+        self.assertFalse(sendDescriptorsNow(self.sender, fds, timeout=_TIMEOUT))
+        self.receiver.setblocking(False)
+        drained = 0
+        while drained < filled:
+            drained += len(self.receiver.recv(65536))
+        self.assertEqual(drained, filled)
+
+    def test_notArrived(self) -> None:
+        """
+        Descriptors not arrived yet are not waited for: L{None}, nothing
+        read; once they arrive, they are received.
+        """
+        self.assertIsNone(receiveDescriptorsNow(self.receiver, 2, timeout=_TIMEOUT))
+        fds = self.pipes(2)
+        sendDescriptors(self.sender, fds, timeout=_TIMEOUT)
+        received = receiveDescriptorsNow(self.receiver, 2, timeout=_TIMEOUT)
+        assert received is not None
+        self.addCleanup(self.closeAll, received)
+        self.assertEqual(
+            [_identity(fd) for fd in received], [_identity(fd) for fd in fds]
+        )
+
+    def test_nothingNow(self) -> None:
+        """
+        No descriptor announced: none received, nothing read.
+        """
+        self.assertEqual(receiveDescriptorsNow(self.receiver, 0, timeout=_TIMEOUT), [])
+
+    def test_nowWrongTotal(self) -> None:
+        """
+        What arrived is checked as L{receiveDescriptors} checks it.
+        """
+        self.assertWrongTotalRefused(receiveDescriptorsNow, 2, 3)
 
 
 class MemfdTests(SynchronousTestCase):

@@ -26,12 +26,13 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import UNIXAddress
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.protocol import Factory
 from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols import amp
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from .._handoff._fdpass import DescriptorTransferError, writeMemfd
+from .._handoff._fdpass import DescriptorTransferError, sendDescriptors, writeMemfd
 from .._handoff._movement import MovingConnection, Unmovable
 from .._handoff._precopy import FreezeDelta
 from .._handoff._successor import SuccessorExit, SuccessorProcess
@@ -44,6 +45,7 @@ from ..strategies._transfer._channel import (
     Commit,
     CommitAdopted,
     DrainStatus,
+    HandoffAMP,
     HandoffRefused,
     Hello,
     PrecopyConnections,
@@ -55,6 +57,7 @@ from ..strategies._transfer._channel import (
 )
 from ..strategies._transfer._incoming import IncomingChannel
 from ._fakes import FakeSuccessor, RecordingPort, ThreadedFakeReactor, connectAMP
+from ._hostprocess import waitFor
 from .test_host import Harness, harness
 
 SUCCESSOR_PID = 4242
@@ -601,6 +604,7 @@ class CapabilityFixture(SynchronousTestCase):
         self.sendings: list[Deferred[Any]] = []
         self.patch(_outgoing, "deferToThreadPool", self.threadPool)
         self.patch(_outgoing, "sendDescriptors", self.sendDescriptors)
+        self.patch(_outgoing, "sendDescriptorsNow", self.sendDescriptorsNow)
         self.connections = self.o.connect(3)
         self.reading: list[list[bool]] = []
         self.outputAtFreeze: list[list[bytes]] = []
@@ -644,6 +648,56 @@ class CapabilityFixture(SynchronousTestCase):
 
     def sendDescriptors(self, sock: Any, fds: list[int], *, timeout: float) -> None:
         self.sent.append(list(fds))
+
+    #: whether the descriptors go without a thread (as a few do on a real
+    #: socketpair), or need one (as more than a message's worth do)
+    atOnce = False
+
+    def sendDescriptorsNow(self, sock: Any, fds: list[int], *, timeout: float) -> bool:
+        """
+        Stands in for C{sendDescriptorsNow}: sends with C{sendDescriptors}
+        (whatever stands in for it) if L{atOnce}.
+        """
+        if not self.atOnce:
+            return False
+        _outgoing.sendDescriptors(sock, fds, timeout=timeout)
+        return True
+
+
+class AtOnceTests(CapabilityFixture):
+    """
+    Descriptors that go at once (a few connections, a socket with room)
+    need no thread.
+    """
+
+    atOnce = True
+
+    def test_moved(self) -> None:
+        """
+        The frozen connections' descriptors go without a thread, and the
+        hand-off goes on as with one.
+        """
+        report = self.successResultOf(self.o.migrate())
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual(self.sent, [[501, 502]])
+        self.assertEqual(self.sendings, [])
+
+    def test_sendingFails(self) -> None:
+        """
+        Descriptors that cannot be sent at once roll the hand-off back,
+        saying why.
+        """
+
+        def sendDescriptors(sock: Any, fds: list[int], *, timeout: float) -> None:
+            raise DescriptorTransferError("sendmsg: broken pipe")
+
+        self.patch(_outgoing, "sendDescriptors", sendDescriptors)
+        report = self.successResultOf(self.o.migrate())
+        self.o.assertRolledBack(report, "sending descriptors: sendmsg: broken pipe")
+        self.assertEqual(self.sendings, [])
+        self.assertEqual(
+            [each.events for each in self.frozen], [["resume"], ["resume"]]
+        )
 
 
 class CapabilityTests(CapabilityFixture):
@@ -1851,6 +1905,40 @@ class IncomingChannelTests(SynchronousTestCase):
         with self.assertRaises(OSError):
             os.fstat(r)
 
+    def test_adoptConnectionsArrivedAlready(self) -> None:
+        """
+        Descriptors that arrived with (before) the command are received
+        without a thread.
+        """
+        self.connect()
+
+        def noThread(*a: Any, **kw: Any) -> None:
+            self.fail("a thread was asked for")
+
+        self.patch(_incoming, "deferToThreadPool", noThread)
+        readEnd, writeEnd = os.pipe()
+        self.addCleanup(os.close, readEnd)
+        self.addCleanup(os.close, writeEnd)
+        entries = [{"id": 1, "listener": "tcp:8000"}]
+        data = json.dumps(entries).encode()
+        manifest = writeMemfd(data, "test-manifest")
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        sendDescriptors(ours, [readEnd], timeout=5)
+        answer = self.successResultOf(
+            self.call(
+                AdoptConnections,
+                count=1,
+                manifestSize=len(data),
+                manifest=manifest,
+                bulk=theirs.detach(),
+            )
+        )
+        self.assertEqual(answer["adopted"], 1)
+        [adopted] = self.adopted
+        self.addCleanup(os.close, adopted.descriptor)
+        self.assertEqual(os.fstat(adopted.descriptor).st_ino, os.fstat(readEnd).st_ino)
+
     def test_adoptConnections(self) -> None:
         """
         Connections are adopted from the manifest, each with its descriptor;
@@ -2842,3 +2930,68 @@ class IncomingChannelTests(SynchronousTestCase):
         self.assertEqual(failure.getErrorMessage(), "commit before hello")
         self.assertFalse(self.host.serving)
         self.assertEqual(self.inheritance.outputTaken, 0)
+
+
+class HandoffAMPTests(TestCase):
+    """
+    L{HandoffAMP} sends each box at once over a real Unix socketpair,
+    unless a descriptor goes with it.
+    """
+
+    def channel(self) -> tuple[HandoffAMP, socket.socket]:
+        """
+        A L{HandoffAMP} on one end of a socketpair served by the reactor,
+        and the other end, not read by anyone.
+        """
+        from twisted.internet import reactor
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(theirs.close)
+        channel = HandoffAMP()
+        transport = reactor.adoptStreamConnection(  # type: ignore[attr-defined]
+            ours.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: channel)
+        )
+        ours.close()
+        self.addCleanup(transport.abortConnection)
+        theirs.setblocking(False)
+        return channel, theirs
+
+    def test_atOnce(self) -> None:
+        """
+        A command's box is on the socket when C{callRemote} returns, before
+        the reactor runs again.
+        """
+        channel, theirs = self.channel()
+        channel.callRemote(Prepare).addErrback(lambda failure: None)
+        self.assertIn(b"Prepare", theirs.recv(65536))
+
+    def test_descriptorGoesWithItsBox(self) -> Deferred[None]:
+        """
+        A box with a descriptor attached goes through the transport, which
+        sends the descriptor with its bytes on the reactor's next turn.
+        """
+        readEnd, writeEnd = os.pipe()
+        self.addCleanup(os.close, readEnd)
+        self.addCleanup(os.close, writeEnd)
+        channel, theirs = self.channel()
+        channel.callRemote(TakeListener, key="tcp:1", socket=readEnd).addErrback(
+            lambda failure: None
+        )
+        self.assertRaises(BlockingIOError, theirs.recv, 1)
+        received: list[int] = []
+
+        def arrived() -> bool:
+            try:
+                data, fds, _, _ = socket.recv_fds(theirs, 65536, 4)
+            except BlockingIOError:
+                return False
+            received.extend(fds)
+            self.assertIn(b"TakeListener", data)
+            return True
+
+        def check(_: object) -> None:
+            [fd] = received
+            self.addCleanup(os.close, fd)
+            self.assertEqual(os.fstat(fd).st_ino, os.fstat(readEnd).st_ino)
+
+        return waitFor(arrived, timeout=10, what="the box").addCallback(check)

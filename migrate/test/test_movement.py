@@ -73,6 +73,22 @@ class Counter(LineReceiver):
         return state
 
 
+class WatchedCounter(Counter):
+    """
+    A L{Counter} that records, after each answer, whether its transport
+    waits for the reactor to write it.
+    """
+
+    def __init__(self) -> None:
+        Counter.__init__(self)
+        self.registered: list[bool] = []
+
+    def lineReceived(self, line: bytes) -> None:
+        Counter.lineReceived(self, line)
+        transport: Any = self.transport
+        self.registered.append(transport.transport in reactor.getWriters())
+
+
 class AbandoningCounter(Counter):
     """
     A L{Counter} that can abandon a restore: it records that it was told.
@@ -310,6 +326,35 @@ class MovementTests(ServedSocketpairs):
         client.sendall(b"f\n")
         lines = yield self.readLines(client, 3)
         self.assertEqual(lines, [b"pending", b"restored", b"8 half"])
+        adopted.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_firstAnswersLeaveAtOnce(self) -> Any:
+        """
+        Once committed, a moved connection answers what its client sent
+        meanwhile at once, each answer sent as it is written (the
+        transport never registered for writing); later answers go through
+        the reactor as usual.
+        """
+        hosted, client = self.serve("tcp:1", WatchedCounter)
+        yield self.readLines(client, 1)
+        (each,), _ = freezeMovable(self.host.allConnections())
+        descriptor = os.dup(each.frozen.descriptor())
+        # Sent while frozen, as a client whose connection is moving would.
+        client.sendall(b"a\nb\n")
+        taker: Any = FakeHost(reactor)
+        taker.listen("tcp:1", WatchedCounter)
+        adopted = adoptEntry(taker, each.entry, descriptor)
+        each.release()
+        protocol: Any = adopted.hosted.wrappedProtocol
+        adopted.commit()
+        lines = yield self.readLines(client, 3)
+        self.assertEqual(lines, [b"restored", b"1 a", b"2 b"])
+        self.assertEqual(protocol.registered, [False, False])
+        client.sendall(b"c\n")
+        lines = yield self.readLines(client, 1)
+        self.assertEqual(lines, [b"3 c"])
+        self.assertEqual(protocol.registered, [False, False, True])
         adopted.transport.loseConnection()
 
     @inlineCallbacks

@@ -5,14 +5,18 @@ swapping the protocol behind a live transport.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ITransport
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from .._host import _tracking
 from .._host._tracking import HostedProtocol, PendingAdoptionFactory, TrackingFactory
 from ._fakes import RecordingFactory, RecordingProtocol
 
@@ -409,3 +413,113 @@ class HoldTests(SynchronousTestCase):
         self.assertEqual(aborted, [])
         self.hosted.unhold(b"")
         self.assertEqual(aborted, [True])
+
+
+class _Echo(Protocol):
+    """
+    Answers each read with what it read, and fails on C{b"fail"}.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        if data == b"fail":
+            raise ValueError("the application failed")
+        self.transport.write(data)  # type: ignore[union-attr]
+
+
+class WriteAtOnceTests(SynchronousTestCase):
+    """
+    L{HostedProtocol.writeAtOnceUntilRead}: what the application writes
+    goes through L{migrate._handoff._transport.writeNow} until it has
+    taken the next bytes received, then through the transport as usual.
+    """
+
+    def setUp(self) -> None:
+        self.atOnce: list[bytes] = []
+
+        def writeNow(transport: Any, data: bytes) -> None:
+            self.atOnce.append(data)
+            transport.write(data)
+
+        self.patch(_tracking, "writeNow", writeNow)
+        factory = TrackingFactory("tcp:8000", Factory.forProtocol(_Echo), lambda: None)
+        hosted = factory.buildProtocol(ADDRESS)
+        assert hosted is not None
+        self.transport = StringTransport()
+        hosted.makeConnection(self.transport)
+        self.hosted = hosted
+
+    def test_untilRead(self) -> None:
+        """
+        The answer to the first read after it goes out at once; the answer
+        to the next one through the transport.
+        """
+        self.hosted.writeAtOnceUntilRead()
+        self.assertTrue(self.hosted.writesAtOnce)
+        self.hosted.dataReceived(b"first")
+        self.assertEqual(self.atOnce, [b"first"])
+        self.assertFalse(self.hosted.writesAtOnce)
+        self.hosted.dataReceived(b"second")
+        self.assertEqual(self.atOnce, [b"first"])
+        self.assertEqual(self.transport.value(), b"firstsecond")
+
+    def test_notAsked(self) -> None:
+        """
+        Without it, every write goes through the transport.
+        """
+        self.hosted.dataReceived(b"usual")
+        self.assertEqual(self.atOnce, [])
+        self.assertEqual(self.transport.value(), b"usual")
+
+    def test_writeSequence(self) -> None:
+        """
+        A sequence written meanwhile goes out at once, joined.
+        """
+        self.hosted.writeAtOnceUntilRead()
+        self.hosted.writeSequence([b"a", b"b"])
+        self.assertEqual(self.atOnce, [b"ab"])
+        self.assertEqual(self.transport.value(), b"ab")
+
+    def test_unheld(self) -> None:
+        """
+        What was pending and what the application wrote while held go out
+        at once, in that order, when the connection is unheld.
+        """
+        self.hosted.hold()
+        self.hosted.write(b"held")
+        self.hosted.writeAtOnceUntilRead()
+        self.assertEqual(self.atOnce, [])
+        self.hosted.unhold(b"pending ")
+        self.assertEqual(self.atOnce, [b"pending held"])
+        self.assertEqual(self.transport.value(), b"pending held")
+
+    def test_failingRead(self) -> None:
+        """
+        A read the application fails on still ends it: the failure reaches
+        the caller (the reactor logs it), and later writes go through the
+        transport.
+        """
+        self.hosted.writeAtOnceUntilRead()
+        self.assertRaises(ValueError, self.hosted.dataReceived, b"fail")
+        self.assertFalse(self.hosted.writesAtOnce)
+        self.hosted.dataReceived(b"after")
+        self.assertEqual(self.atOnce, [])
+
+    def test_finishFirst(self) -> None:
+        """
+        Work left for the next event is done before the read, which still
+        writes at once.
+        """
+        finished: list[bool] = []
+        self.hosted.finishBeforeNextEvent(lambda: finished.append(True))
+        self.hosted.writeAtOnceUntilRead()
+        self.hosted.dataReceived(b"x")
+        self.assertEqual((finished, self.atOnce), ([True], [b"x"]))
+
+    def test_releasedDropsData(self) -> None:
+        """
+        A released connection takes nothing, at once or not.
+        """
+        self.hosted.writeAtOnceUntilRead()
+        self.hosted.release()
+        self.hosted.dataReceived(b"gone")
+        self.assertEqual((self.atOnce, self.transport.value()), ([], b""))

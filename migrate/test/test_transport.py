@@ -786,6 +786,25 @@ class UNIXTransportTests(_TransportTestsMixin, TestCase):
     def connect(self, port: Any, factory: Any) -> None:
         self.reactor.connectUNIX(port.getHost().name, factory)
 
+    @inlineCallbacks
+    def test_writeNowAfterDescriptor(self) -> Any:
+        """
+        A descriptor queued to go with the connection's next bytes keeps
+        L{writeNow} from sending around it: the bytes go through Twisted's
+        write path, which sends the descriptor with them.
+        """
+        server, client = yield self.connection()
+        transport = server.transport
+        readEnd, writeEnd = os.pipe()
+        self.addCleanup(os.close, readEnd)
+        self.addCleanup(os.close, writeEnd)
+        transport.sendFileDescriptor(readEnd)
+        writeNow(transport, b"with it")
+        self.assertIn(transport, self.reactor.getWriters())
+        yield waitFor(self.reactor, lambda: len(client.received) >= 7, "the bytes")
+        self.assertEqual(bytes(client.received), b"with it")
+        self.assertEqual(transport._sendmsgQueue, [])
+
 
 class AdoptionArgumentTests(SynchronousTestCase):
     """
@@ -838,6 +857,38 @@ class _Writer(FileDescriptor):
         self.writes += 1
         self.stopWriting()
         return self.lost
+
+
+class WriteNowTests(SynchronousTestCase):
+    """
+    L{writeNow} leaves to the transport's own write what only it does
+    right.
+    """
+
+    def test_startedTLS(self) -> None:
+        """
+        A connection that started TLS is written to through the transport,
+        which encrypts: never in clear on its socket.
+        """
+        testCase = self
+
+        class Socket:
+            def send(self, data: bytes) -> int:
+                testCase.fail("sent in clear")
+
+        class StartedTLS:
+            socket = Socket()
+            TLS = True
+
+            def __init__(self) -> None:
+                self.written: list[bytes] = []
+
+            def write(self, data: bytes) -> None:
+                self.written.append(data)
+
+        transport = StartedTLS()
+        writeNow(transport, b"secret")
+        self.assertEqual(transport.written, [b"secret"])
 
 
 class FlushWritersTests(SynchronousTestCase):

@@ -38,6 +38,8 @@ from typing import Any
 
 from twisted.protocols import amp
 
+from ..._handoff._transport import writeNow
+
 __all__ = [
     "AdoptConnections",
     "CloseDraining",
@@ -45,6 +47,7 @@ __all__ = [
     "CommitAdopted",
     "DrainStatus",
     "HandoffRefused",
+    "HandoffAMP",
     "Hello",
     "PrecopyConnections",
     "Prepare",
@@ -58,6 +61,30 @@ __all__ = [
 ]
 
 HANDOFF_PROTOCOL_VERSION = 1
+
+
+class HandoffAMP(amp.AMP):
+    """
+    AMP whose boxes leave at once, with one C{send()} where the socket
+    takes them (L{writeNow}), not on the reactor's next turn.
+
+    The old process serves its clients throughout the hand-off: under
+    load, one of its reactor turns answers hundreds of requests (10 to 15
+    ms), and each command to the successor waited for the end of the turn
+    that made it.  A box with a descriptor attached (C{TakeListener}) still
+    goes through the transport, which sends the descriptor with its bytes.
+    """
+
+    def sendBox(self, box: amp.AmpBox) -> None:
+        transport = self.transport
+        if (
+            transport is None
+            or getattr(self, "_locked", False)
+            or getattr(self, "_startingTLSBuffer", None) is not None
+        ):
+            amp.AMP.sendBox(self, box)
+            return
+        writeNow(transport, box.serialize())
 
 
 class HandoffRefused(Exception):

@@ -22,7 +22,12 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from ..._codec import StateError, loadCheckedJSON
-from ..._handoff._fdpass import DescriptorTransferError, readMemfd, receiveDescriptors
+from ..._handoff._fdpass import (
+    DescriptorTransferError,
+    readMemfd,
+    receiveDescriptors,
+    receiveDescriptorsNow,
+)
 from ..._handoff._listeners import adoptListener
 from ..._handoff._movement import (
     AdoptedConnection,
@@ -38,6 +43,7 @@ from ._channel import (
     Commit,
     CommitAdopted,
     DrainStatus,
+    HandoffAMP,
     HandoffRefused,
     Hello,
     PrecopyConnections,
@@ -90,7 +96,7 @@ class _Refusals:
         return {"refusedCount": self.count, "refused": json.dumps(self._described)}
 
 
-class IncomingChannel(amp.AMP):
+class IncomingChannel(HandoffAMP):
     """
     The successor's end of the hand-off channel.
 
@@ -237,15 +243,20 @@ class IncomingChannel(amp.AMP):
         bulkSocket = socket.socket(fileno=bulk)
         try:
             entries = _readManifest(count, manifestSize, manifest)
+            timeout = self.host.settings.handoffTimeout
             try:
-                descriptors = yield deferToThreadPool(
-                    self.host.reactor,
-                    self.host.reactor.getThreadPool(),
-                    receiveDescriptors,
-                    bulkSocket,
-                    count,
-                    timeout=self.host.settings.handoffTimeout,
-                )
+                # A few connections' descriptors, sent before the command,
+                # are here already: no thread to wait for.
+                descriptors = receiveDescriptorsNow(bulkSocket, count, timeout=timeout)
+                if descriptors is None:
+                    descriptors = yield deferToThreadPool(
+                        self.host.reactor,
+                        self.host.reactor.getThreadPool(),
+                        receiveDescriptors,
+                        bulkSocket,
+                        count,
+                        timeout=timeout,
+                    )
             except DescriptorTransferError as e:
                 # Say why (out of descriptors: MSG_CTRUNC) instead of AMP's
                 # "Unknown Error".

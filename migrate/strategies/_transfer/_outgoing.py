@@ -20,7 +20,9 @@ from twisted.internet.defer import (
     CancelledError,
     Deferred,
     DeferredList,
+    fail,
     inlineCallbacks,
+    succeed,
 )
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, connectionDone
@@ -33,7 +35,13 @@ from twisted.python.failure import Failure
 from ..._control._server import encodeReport
 from ..._handoff._attempt import MigrationAttempt, counted
 from ..._handoff._deadline import DeadlinePassed, firstOf
-from ..._handoff._fdpass import sendDescriptors, sendLiveDescriptors, writeMemfd
+from ..._handoff._fdpass import (
+    DescriptorTransferError,
+    sendDescriptors,
+    sendDescriptorsNow,
+    sendLiveDescriptors,
+    writeMemfd,
+)
 from ..._handoff._listeners import listenerDescriptor
 from ..._handoff._movement import (
     MovingConnection,
@@ -70,6 +78,7 @@ from ._channel import (
     Commit,
     CommitAdopted,
     DrainStatus,
+    HandoffAMP,
     HandoffRefused,
     Hello,
     PrecopyConnections,
@@ -125,7 +134,7 @@ class HandoffFailed(Exception):
     """
 
 
-class OutgoingChannel(amp.AMP):
+class OutgoingChannel(HandoffAMP):
     """
     The old process's end of the hand-off channel.
     """
@@ -510,14 +519,25 @@ class OutgoingHandoff:
             sending = sendLiveDescriptors(host.reactor, ours, sources, timeout=timeout)
         else:
             assert descriptors is not None
-            sending = deferToThreadPool(
-                host.reactor,
-                host.reactor.getThreadPool(),
-                sendDescriptors,
-                ours,
-                descriptors,
-                timeout=timeout,
-            )
+            try:
+                # A few connections (accepted after the pre-copy) go at
+                # once, without waiting for a thread.
+                sentNow = sendDescriptorsNow(ours, descriptors, timeout=timeout)
+            except DescriptorTransferError as e:
+                sending = fail(e)
+            else:
+                sending = (
+                    succeed(None)
+                    if sentNow
+                    else deferToThreadPool(
+                        host.reactor,
+                        host.reactor.getThreadPool(),
+                        sendDescriptors,
+                        ours,
+                        descriptors,
+                        timeout=timeout,
+                    )
+                )
         # A failure becomes a value (its message): read once the successor
         # has answered, and never left unhandled if the answer fails first.
         sending.addCallbacks(lambda _: None, lambda f: f.getErrorMessage())

@@ -56,6 +56,7 @@ __all__ = [
     "adoptConnection",
     "resumeConnection",
     "abandonConnection",
+    "flushNow",
     "flushWriters",
     "writeNow",
 ]
@@ -600,11 +601,8 @@ def flushWriters(reactor: Any, exclude: Collection[Any] = ()) -> int:
     """
     Write, now, as much of what the reactor's writers (its descriptors
     registered for writing) buffer as the kernel takes, as its next turn
-    would, without waiting for that turn.  Left to that turn: the writers
-    in C{exclude}, those asked to close or half-close (their last write
-    makes the reactor end them) and those with a producer (their writes
-    resume it).  A write that finds its connection lost keeps it registered,
-    so that the next turn finds the loss again and ends it as usual.
+    would, without waiting for that turn (L{flushNow}, for each but the
+    writers in C{exclude}).
 
     @param exclude: writers (transports) not to touch.
 
@@ -615,24 +613,40 @@ def flushWriters(reactor: Any, exclude: Collection[Any] = ()) -> int:
         return 0
     written = 0
     for writer in list(getWriters()):
-        if (
-            writer in exclude
-            or not isinstance(writer, FileDescriptor)
-            or "doWrite" in vars(writer)
-            or writer.disconnecting
-            or getattr(writer, "_writeDisconnecting", False)
-            or writer.producer is not None
-        ):
-            continue
-        try:
-            lost = writer.doWrite()
-        except Exception:
-            _log.failure("Writing early to {writer} failed", writer=writer)
-            continue
-        written += 1
-        if lost is not None:
-            writer.startWriting()
+        if writer not in exclude and flushNow(writer):
+            written += 1
     return written
+
+
+def flushNow(writer: Any) -> bool:
+    """
+    Write, now, as much of what Twisted buffers for C{writer} (descriptors
+    queued to go with the bytes included) as the kernel takes, as the
+    reactor's next turn would.  Left to that turn: a writer asked to close
+    or half-close (its last write makes the reactor end it), one with a
+    producer (its writes resume it), one that is not a L{FileDescriptor}
+    (nothing is known of its write) and a frozen one.  A write that finds
+    its connection lost keeps it registered, so that the next turn finds
+    the loss again and ends it as usual.
+
+    @return: whether it was written to.
+    """
+    if (
+        not isinstance(writer, FileDescriptor)
+        or "doWrite" in vars(writer)
+        or writer.disconnecting
+        or getattr(writer, "_writeDisconnecting", False)
+        or writer.producer is not None
+    ):
+        return False
+    try:
+        lost = writer.doWrite()
+    except Exception:
+        _log.failure("Writing early to {writer} failed", writer=writer)
+        return False
+    if lost is not None:
+        writer.startWriting()
+    return True
 
 
 @implementer(ITransport)

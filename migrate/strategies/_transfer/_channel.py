@@ -38,7 +38,7 @@ from typing import Any
 
 from twisted.protocols import amp
 
-from ..._handoff._transport import writeNow
+from ..._handoff._transport import flushNow, writeNow
 
 __all__ = [
     "AdoptConnections",
@@ -71,8 +71,10 @@ class HandoffAMP(amp.AMP):
     The old process serves its clients throughout the hand-off: under
     load, one of its reactor turns answers hundreds of requests (10 to 15
     ms), and each command to the successor waited for the end of the turn
-    that made it.  A box with a descriptor attached (C{TakeListener}) still
-    goes through the transport, which sends the descriptor with its bytes.
+    that made it.  A box with descriptors attached (C{TakeListener},
+    C{AdoptConnections}) goes through the transport, which sends each
+    descriptor with its bytes, and is written out at once too
+    (L{flushNow}).
     """
 
     def sendBox(self, box: amp.AmpBox) -> None:
@@ -85,6 +87,10 @@ class HandoffAMP(amp.AMP):
             amp.AMP.sendBox(self, box)
             return
         writeNow(transport, box.serialize())
+        if getattr(transport, "_sendmsgQueue", None):
+            # Descriptors go with the box's first bytes: through the
+            # transport (writeNow left it there), written out now.
+            flushNow(transport)
 
 
 class HandoffRefused(Exception):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from typing import Any
 
 from twisted.internet import reactor
@@ -18,14 +19,19 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase
 
 from .._codec import MAX_DEPTH
-from .._handoff._movement import stageEntry
+from .._handoff._movement import StagedConnection, stageEntry
 from .._handoff._precopy import (
     freezeDelta,
     freezeInParts,
     precopyMovable,
     recopyChanged,
 )
-from ..state import NotAtSafePoint, StateFingerprint, captureProtocolState
+from ..state import (
+    NotAtSafePoint,
+    StateError,
+    StateFingerprint,
+    captureProtocolState,
+)
 from .test_codec import _nested
 from .test_movement import Counter, FakeHost, Plain, ServedSocketpairs
 
@@ -113,6 +119,21 @@ class PrecopyTests(ServedSocketpairs):
     def precopy(self) -> tuple[list[Any], list[dict[str, Any]]]:
         precopied, encoded = precopyMovable(self.host.allConnections())
         return precopied, json.loads("[" + encoded + "]")
+
+    def stage(
+        self, precopied: list[Any], entries: list[dict[str, Any]]
+    ) -> list[StagedConnection]:
+        """
+        Stage each pre-copied connection in a process standing for the one
+        taking over (its L{Counter} listener on C{tcp:1}), from a duplicate
+        of its descriptor.
+        """
+        taker: Any = FakeHost(reactor)
+        taker.listen("tcp:1", Counter)
+        return [
+            stageEntry(taker, entry, os.dup(each.liveDescriptor()))
+            for each, entry in zip(precopied, entries)
+        ]
 
     @inlineCallbacks
     def test_precopyLeavesConnectionsServing(self) -> Any:
@@ -354,12 +375,7 @@ class PrecopyTests(ServedSocketpairs):
         hosted, client = self.serve("tcp:1", Counter)
         yield self.readLines(client, 1)
         precopied, entries = self.precopy()
-        (each,) = precopied
-        taker: Any = FakeHost(reactor)
-        taker.listen("tcp:1", Counter)
-        import os
-
-        staged = stageEntry(taker, entries[0], os.dup(each.liveDescriptor()))
+        (staged,) = self.stage(precopied, entries)
         self.assertEqual(staged.state.appState, {"count": 0})
         client.sendall(b"one\ntw")
         lines = yield self.readLines(client, 1)
@@ -386,18 +402,14 @@ class PrecopyTests(ServedSocketpairs):
         changed too carries the whole state; the taking side restores each
         from the state it holds with what changed, and the count goes on.
         """
-        import os
-
         answered, answeredClient = self.serve("tcp:1", Counter)
         halfway, halfwayClient = self.serve("tcp:1", Counter)
         for client in (answeredClient, halfwayClient):
             yield self.readLines(client, 1)
         precopied, entries = self.precopy()
-        taker: Any = FakeHost(reactor)
-        taker.listen("tcp:1", Counter)
         staged = {
-            each.hosted: stageEntry(taker, entry, os.dup(each.liveDescriptor()))
-            for each, entry in zip(precopied, entries)
+            each.hosted: stagedOne
+            for each, stagedOne in zip(precopied, self.stage(precopied, entries))
         }
         answeredClient.sendall(b"one\n")
         halfwayClient.sendall(b"one\ntw")
@@ -445,15 +457,8 @@ class PrecopyTests(ServedSocketpairs):
         state that is not plain data, is refused with L{StateError} and
         changes nothing; a change of output alone changes no state.
         """
-        from ..state import StateError
-
         hosted, client = self.serve("tcp:1", Counter)
-        precopied, entries = self.precopy()
-        taker: Any = FakeHost(reactor)
-        taker.listen("tcp:1", Counter)
-        import os
-
-        staged = stageEntry(taker, entries[0], os.dup(precopied[0].liveDescriptor()))
+        (staged,) = self.stage(*self.precopy())
         before = staged.state
         for bad in [
             {"id": 1, "output": "", "appState": {"count": 2}, "state": 3},
@@ -477,15 +482,8 @@ class PrecopyTests(ServedSocketpairs):
         A malformed change is refused with L{StateError} and changes
         nothing.
         """
-        from ..state import StateError
-
         hosted, client = self.serve("tcp:1", Counter)
-        precopied, entries = self.precopy()
-        taker: Any = FakeHost(reactor)
-        taker.listen("tcp:1", Counter)
-        import os
-
-        staged = stageEntry(taker, entries[0], os.dup(precopied[0].liveDescriptor()))
+        (staged,) = self.stage(*self.precopy())
         before = staged.state
         self.assertRaises(StateError, staged.update, {"id": 1, "output": "!!"})
         self.assertRaises(StateError, staged.update, {"id": 1, "state": 3})

@@ -553,6 +553,15 @@ def _bufferPlace(name: str, key: str | None = None) -> str:
     return where if key is None else f"{where}[{key!r}]"
 
 
+def _plainBuffer(buffer: bytes) -> str:
+    """
+    A buffer's bytes as a state's plain form carries them: base64 text,
+    and no encoding at all for an empty one (the canonical encoding of no
+    bytes, which L{_validateBuffers} takes without decoding).
+    """
+    return binascii.b2a_base64(buffer, newline=False).decode("ascii") if buffer else ""
+
+
 def _safeRepr(value: object) -> str:
     """
     Describe a value of unknown type for an error message without running
@@ -637,12 +646,7 @@ class ProtocolState:
         for name, saved in self.buffers.items():
             plain = dict(saved)
             if "buffer" in plain:
-                value = plain["buffer"]
-                plain["buffer"] = (
-                    binascii.b2a_base64(value, newline=False).decode("ascii")
-                    if value
-                    else ""
-                )
+                plain["buffer"] = _plainBuffer(plain["buffer"])
             buffers[name] = plain
         return {
             "className": self.className,
@@ -1136,11 +1140,7 @@ class StateFingerprint:
             # As _captureLineReceiver returns them, as toPlain writes them.
             buffers = {
                 "LineReceiver": {
-                    "buffer": (
-                        binascii.b2a_base64(buffer, newline=False).decode("ascii")
-                        if buffer
-                        else ""
-                    ),
+                    "buffer": _plainBuffer(buffer),
                     "lineMode": lineMode,
                 }
             }

@@ -11,7 +11,11 @@ served it and whether the connection's state survived.  A plain echo server
 works too.  From the numbers the client knows which requests went
 unanswered (lost) and which were answered twice (duplicated), and how long
 each answer took (latency; the longest one is the longest stall a user
-saw).
+saw).  Latency runs from the request's send to its answer's arrival at
+the client's socket, as the kernel stamped it (L{migrate.bench._arrival}),
+not to the generator's reading it: one process plays all the clients, and
+its own queue of answers to read is not the server's stall.  The latency
+to the reading is kept beside it.
 
 A short client (L{ShortClient}) connects, sends one line, waits for one
 reply and closes: it ends as answered, refused, reset (closed cleanly or
@@ -38,6 +42,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from .._handoff._transport import writeNow
+from ._arrival import stampArrivals
 
 __all__ = [
     "LoadGenerator",
@@ -184,13 +189,19 @@ class LongLivedClient(LineReceiver):
         self.lost: str | None = None
         self.closing = False
         self.ended: Deferred[None] = Deferred()
+        self.arrivedAt: float | None = None
         self._partial = b""
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
         if self.load.noDelay:
             transport.setTcpNoDelay(True)
+        if self.load.stampArrivals:
+            stampArrivals(transport, self._arrived)
         self.load._connected(self)
+
+    def _arrived(self, when: float | None) -> None:
+        self.arrivedAt = when
 
     def request(self, now: float) -> None:
         """
@@ -253,7 +264,11 @@ class LongLivedClient(LineReceiver):
             load._lostRequest(pending.popleft()[2])
         if pending and pending[0][0] == number:
             sentAt = pending.popleft()[1]
+            arrivedAt = self.arrivedAt
             samples = load.samples
+            samples.sent.append(sentAt)
+            samples.latency.append((now if arrivedAt is None else arrivedAt) - sentAt)
+            samples = load.readSamples
             samples.sent.append(sentAt)
             samples.latency.append(now - sentAt)
             load.answered += 1
@@ -357,7 +372,12 @@ class LoadGenerator:
     request every C{interval} seconds, and C{rate} new short connections
     start each second.
 
-    @ivar samples: latencies of the long-lived clients' requests.
+    @ivar samples: latencies of the long-lived clients' requests, to their
+        answers' arrival (to their reading where the kernel gave no stamp).
+    @ivar readSamples: the same latencies to the generator's reading the
+        answers.
+    @ivar stampArrivals: whether new long-lived clients ask the kernel for
+        arrival stamps.
     @ivar shortSamples: how long each answered short connection took,
         from connecting to its answer.
     @ivar clients: the long-lived clients connected so far.
@@ -395,8 +415,10 @@ class LoadGenerator:
         self.maxConnecting = maxConnecting
         self.onProgress = onProgress
         self.noDelay = True
+        self.stampArrivals = True
         self.clients: list[LongLivedClient] = []
         self.samples = Samples()
+        self.readSamples = Samples()
         self.shortSamples = Samples()
         self.shortOutcomes: Counter[str] = Counter()
         self.shortOutcomeTimes: list[tuple[float, str]] = []
@@ -602,12 +624,15 @@ class LoadGenerator:
         if due - self._bucketsDone > self._buckets:
             self._bucketsDone = due - self._buckets
         clients = self.clients
+        # Each request is timed from its own send: a hundred sends take
+        # the generator about a millisecond, more if it is preempted.
+        seconds = self.clock.seconds
         while self._bucketsDone < due:
             bucket = self._bucketsDone % self._buckets
             self._bucketsDone += 1
             for client in clients[bucket :: self._buckets]:
                 if client.lost is None and not client.closing:
-                    client.request(now)
+                    client.request(seconds())
         if self.rate:
             wanted = int(elapsed * self.rate)
             starting = min(wanted - self.shortStarted, max(1, int(self.rate)))

@@ -147,15 +147,39 @@ def _loadBlock(
         )
     )
     out.append(
-        "  longest client stall: {}{}{}".format(
+        "  longest client stall: {}{}{}{}".format(
             _ms(result["stall"]),
             _sentWhen(result.get("stallAt")),
+            (
+                " (to its answer's arrival; {} as the load generator read it)".format(
+                    _ms(result["readStall"])
+                )
+                if result.get("readStall") is not None
+                else ""
+            ),
             " (among answers; {} connections were lost)".format(lost) if lost else "",
         )
     )
     for name in ("before", "during", "after"):
         phase = result["phases"][name]
         out.append("  latency p50/p99/max {:6}: {}".format(name, _latency(phase)))
+    during = result["phases"]["during"]
+    if "readLatency" in during:
+        out.append(
+            "  latency p50/p99/max during, as the load generator read the "
+            "answers: {}".format(_latency({"latency": during["readLatency"]}))
+        )
+    wholeRun = result.get("wholeRunStall")
+    if (
+        wholeRun is not None
+        and result["stall"] is not None
+        and wholeRun > result["stall"]
+    ):
+        out.append(
+            "  the whole run's longest wait: {}{} (not the migration's)".format(
+                _ms(wholeRun), _sentWhen(result.get("wholeRunStallAt"))
+            )
+        )
     cpu = result.get("cpu") or {}
     if cpu.get("host") is not None:
         out.append(

@@ -101,7 +101,9 @@ def _phases(
 ) -> dict[str, Any]:
     """
     Latency and short-connection outcomes before, during and after the
-    window [C{start}, C{end}).
+    window [C{start}, C{end}): the long-lived clients' latencies to their
+    answers' arrival (C{latency}) and to the load generator's reading them
+    (C{readLatency}).
     """
     windows = {
         "before": (measured, start),
@@ -113,6 +115,7 @@ def _phases(
         outcomes = load.shortOutcomesWithin(low, high)
         result[name] = {
             "latency": summarize(load.samples.within(low, high)),
+            "readLatency": summarize(load.readSamples.within(low, high)),
             "shortLatency": summarize(load.shortSamples.within(low, high)),
             "short": {
                 "answered": outcomes.get("answered", 0),
@@ -141,18 +144,25 @@ def _timeline(load: LoadGenerator, origin: float) -> dict[str, Any]:
     }
 
 
-def _stall(load: LoadGenerator) -> float | None:
-    latencies = load.samples.latency
-    return max(latencies) if len(latencies) else None
-
-
-def _stallAt(load: LoadGenerator, start: float) -> float | None:
+def _stalls(load: LoadGenerator, start: float, stop: float) -> dict[str, Any]:
     """
-    When the slowest request was sent, counted from C{start} (the upgrade
-    command), negative if before it.
+    The longest waits of the requests sent from the upgrade command
+    (C{start}) until the measurement ended (C{stop}), when their answers
+    arrived (C{stall}, the headline) and when the load generator read them
+    (C{readStall}), with when each request was sent against C{start}; and
+    the longest wait of the whole run (C{wholeRunStall}), which may fall
+    before the command and then says nothing about the migration.
     """
-    longest = load.samples.longest(float("-inf"), float("inf"))
-    return None if longest is None else longest[0] - start
+    figures: dict[str, Any] = {}
+    for name, samples, low, high in [
+        ("stall", load.samples, start, stop),
+        ("readStall", load.readSamples, start, stop),
+        ("wholeRunStall", load.samples, float("-inf"), float("inf")),
+    ]:
+        longest = samples.longest(low, high)
+        figures[name] = None if longest is None else longest[1]
+        figures[name + "At"] = None if longest is None else longest[0] - start
+    return figures
 
 
 async def _startLoad(
@@ -247,8 +257,7 @@ async def migrateUnderLoad(
                 "unansweredAtEnd": unanswered,
             },
             "load": load.outcomes(),
-            "stall": _stall(load),
-            "stallAt": _stallAt(load, start),
+            **_stalls(load, start, stop),
             "phases": _phases(load, start, end, stop, measured),
             "rss": {"old": rssOld, "new": rssNew, "oldAfter": rssOldAfter},
             "cpu": cpu,
@@ -409,7 +418,7 @@ async def restartUnderLoad(
                 "unansweredAtEnd": unanswered,
             },
             "load": load.outcomes(),
-            "stall": _stall(load),
+            **_stalls(load, start, stop),
             "phases": _phases(load, start, end, stop, measured),
             "rss": {"old": rssOld, "new": readRSS(newPid), "oldAfter": None},
             "timeline": _timeline(load, origin),

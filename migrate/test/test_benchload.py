@@ -206,6 +206,23 @@ class LongLivedClientTests(SynchronousTestCase):
         self.assertEqual((self.client.server, self.client.lastCount), (b"345", 6))
         self.assertEqual(self.load.answered, 1)
 
+    def test_latencyToArrival(self) -> None:
+        """
+        Where the read came with the kernel's arrival stamp, a request's
+        latency runs to the stamp; the latency to the reading is kept
+        beside it.  A read without a stamp is timed when read.
+        """
+        self.client.request(1.0)
+        self.client.request(1.0)
+        self.clock.advance(1.5)
+        self.client._arrived(1.25)
+        self.client.dataReceived(b"0 s 1\n")
+        self.client._arrived(None)
+        self.client.dataReceived(b"1 s 2\n")
+        self.assertEqual(list(self.load.samples.latency), [0.25, 0.5])
+        self.assertEqual(list(self.load.readSamples.latency), [0.5, 0.5])
+        self.assertEqual(list(self.load.readSamples.sent), [1.0, 1.0])
+
     def test_numberOnly(self) -> None:
         """
         A reply may be only the number (an echo server), or have a count
@@ -405,6 +422,11 @@ class LoadAgainstServerTests(TestCase):
         self.assertEqual((missing, missing2), (0, 0))
         self.assertEqual((load.sent, load.answered, len(load.samples)), (10, 10, 10))
         self.assertEqual(load.servers(), {b"%d" % os.getpid(): 5})
+        if sys.platform == "linux":
+            # Every answer was timed by its arrival, never after its reading.
+            self.assertTrue(all(c.arrivedAt is not None for c in load.clients))
+            pairs = list(zip(load.samples.latency, load.readSamples.latency))
+            self.assertTrue(all(0 < a <= r for a, r in pairs), pairs)
         outcomes = load.outcomes()["requests"]
         self.assertEqual(
             (
@@ -621,10 +643,47 @@ class OutputTests(SynchronousTestCase):
             formatResults(before),
         )
         self.assertIn("60.0x", text)
+        self.assertNotIn("as the load generator read", text)
+        self.assertNotIn("whole run", text)
         self.assertIn(
             "CPU per request answered before: host 31.0 us, load generator 24.6 us",
             text,
         )
+
+    def test_formatReadAndWholeRun(self) -> None:
+        """
+        Beside the stall to the answer's arrival, the report gives the
+        stall and the latencies as the load generator read the answers,
+        and the whole run's longest wait when it is longer than the
+        migration's.
+        """
+        results = self.results(0.025)
+        scenario = results["scenarios"][0]
+        scenario["readStall"] = 0.0412
+        scenario["phases"]["during"] = dict(
+            scenario["phases"]["during"],
+            readLatency={"count": 1, "p50": 0.004, "p99": 0.005, "max": 0.006},
+        )
+        scenario["wholeRunStall"] = 0.0562
+        scenario["wholeRunStallAt"] = -6.0
+        text = formatResults(results)
+        self.assertIn(
+            "longest client stall: 25.0 ms, sent 1250 ms after the upgrade command "
+            "began (to its answer's arrival; 41.2 ms as the load generator read it)",
+            text,
+        )
+        self.assertIn(
+            "latency p50/p99/max during, as the load generator read the answers: "
+            "4.0 ms / 5.0 ms / 6.0 ms  (1 answers)",
+            text,
+        )
+        self.assertIn(
+            "the whole run's longest wait: 56.2 ms, sent 6000 ms before the upgrade "
+            "command began (not the migration's)",
+            text,
+        )
+        scenario["wholeRunStall"] = 0.025
+        self.assertNotIn("whole run", formatResults(results))
 
     def test_compare(self) -> None:
         """

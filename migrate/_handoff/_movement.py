@@ -366,6 +366,13 @@ class AdoptedConnection:
             except Exception:
                 _log.failure("Replaying buffered input failed")
 
+    def hasOutput(self) -> bool:
+        """
+        Whether it has output to send once served: the old process's, or
+        what the new code wrote (or a close it asked for) while held.
+        """
+        return bool(self.pendingOutput) or self.hosted.holdsOutput()
+
     def abandon(self) -> None:
         """
         Give it back untouched: the other side keeps serving it.

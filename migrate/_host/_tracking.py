@@ -150,6 +150,13 @@ class HostedProtocol(ProtocolWrapper):
         elif self._heldClose == "lose":
             self._realTransport().loseConnection()
 
+    def holdsOutput(self) -> bool:
+        """
+        Whether it is held with output to send once unheld: the
+        application wrote, or asked for a close.
+        """
+        return self.held and (bool(self._held) or self._heldClose is not None)
+
     def write(self, data: bytes) -> None:
         # Every answer the application sends passes here: two attribute
         # tests, then straight to the real transport.

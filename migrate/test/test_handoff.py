@@ -1663,12 +1663,27 @@ class FakeAdopted:
         self.entry = entry
         self.descriptor = descriptor
         self.events: list[str] = []
+        #: whether its client waits for it (L{fakeServingOrder})
+        self.waiting = bool(entry.get("waiting"))
 
     def commit(self) -> None:
         self.events.append("commit")
 
     def abandon(self) -> None:
         self.events.append("abandon")
+
+
+def fakeServingOrder(
+    connections: list[FakeAdopted],
+) -> tuple[list[FakeAdopted], list[FakeAdopted]]:
+    """
+    Stands in for L{migrate._handoff._waiting.servingOrder}: those whose
+    client waits first, then the others, each in the order given.
+    """
+    return (
+        [each for each in connections if each.waiting],
+        [each for each in connections if not each.waiting],
+    )
 
 
 class FakeAbandoningProtocol:
@@ -1697,6 +1712,7 @@ class FakeStaged:
         self.refuse: str | None = entry.get("refuseAhead")
         self.refuseAbandon: str | None = None
         self.restoredAhead = False
+        self.waiting = bool(entry.get("waiting"))
         self.protocol: Any = (
             FakeAbandoningProtocol() if entry.get("abandons") else object()
         )
@@ -1739,7 +1755,7 @@ class FakeStaged:
             def abandon(self) -> None:
                 staged.events.append("abandon")
 
-        return Adopted({"id": self.ident}, 0)
+        return Adopted({"id": self.ident, "waiting": self.waiting}, 0)
 
     def abandonAhead(self) -> None:
         if not self.restoredAhead:
@@ -1791,6 +1807,7 @@ class IncomingChannelTests(SynchronousTestCase):
         self.patch(_incoming, "adoptEntry", self.adoptEntry)
         self.patch(_incoming, "deferToThreadPool", synchronousThreadPool)
         self.patch(_incoming, "receiveDescriptors", self.receiveDescriptors)
+        self.patch(_incoming, "servingOrder", fakeServingOrder)
         self.old = FakeOutgoing()
         self.channel = IncomingChannel(self.host, self.inheritance)
 
@@ -2039,14 +2056,14 @@ class IncomingChannelTests(SynchronousTestCase):
         Pre-copied connections are staged, not restored; at the freeze the
         successor drops what the old process withdrew, updates what
         changed, restores every staged connection (the changed first),
-        serves, and answers with its process id.  The changed ones are
-        served at once, the others after a whole reactor turn (the changed
-        ones read before any of them is resumed).
+        serves, and answers with its process id.  Those whose clients
+        wait (L{servingOrder}) are served at once, the others after a whole
+        reactor turn (the waiting ones read before any of them is resumed).
         """
         answer = self.precopy(
             [
                 {"id": 1, "listener": "tcp:8000"},
-                {"id": 2, "listener": "tcp:8001"},
+                {"id": 2, "listener": "tcp:8001", "waiting": True},
                 {"id": 3, "listener": "tcp:8000"},
             ]
         )
@@ -2083,7 +2100,7 @@ class IncomingChannelTests(SynchronousTestCase):
             self.staged[2].events, ["update", "restore", "answered", "commit"]
         )
         self.assertEqual(self.staged[1].events, ["restore"])
-        # The changed ones have a reactor turn (a poll) to themselves first:
+        # The waiting ones have a reactor turn (a poll) to themselves first:
         # the reactor's next turn runs the call due now, and only the one
         # after runs what that call schedules (a Clock would run both).
         [nextTurn] = self.h.reactor.getDelayedCalls()
@@ -2100,15 +2117,55 @@ class IncomingChannelTests(SynchronousTestCase):
         self.assertEqual(self.channel._spent, [])
         self.assertTrue(self.channel._heapThawed.called)
 
+    def test_waitingServedFirst(self) -> None:
+        """
+        At the freeze, of the connections that changed since the pre-copy,
+        those whose clients wait (by L{servingOrder}) are served at once;
+        the others, and those untouched since their copy (not asked, waiting
+        or not), after a whole reactor turn.
+        """
+        self.precopy(
+            [
+                {"id": 1, "listener": "tcp:8000", "abandons": True},
+                {"id": 2, "listener": "tcp:8000", "abandons": True, "waiting": True},
+                {"id": 3, "listener": "tcp:8000"},
+                {"id": 4, "listener": "tcp:8000", "waiting": True},
+            ]
+        )
+        changes = [{"id": 3, "output": ""}, {"id": 4, "output": ""}]
+        self.channel._freezeCommit(
+            {"changes": changes, "withdrawn": []}, lambda a: None
+        )
+        self.assertTrue(self.host.serving)
+        served = [n for n, each in self.staged.items() if "commit" in each.events]
+        self.assertEqual(served, [4])
+        [nextTurn] = self.h.reactor.getDelayedCalls()
+        assert isinstance(nextTurn, DelayedCall)
+        call, args = nextTurn.func, nextTurn.args
+        nextTurn.cancel()
+        call(*args)
+        served = [n for n, each in self.staged.items() if "commit" in each.events]
+        self.assertEqual(served, [4])
+        self.h.reactor.advance(0)
+        self.assertEqual(
+            [each.events.count("commit") for each in self.staged.values()],
+            [1, 1, 1, 1],
+        )
+
     def test_streamedFreeze(self) -> None:
         """
         The successor says it takes the freeze in parts.  A part restores
         the connections it covers (up to its C{upTo}, those that changed
         first) and serves nothing; the last restores the rest, commits and
-        answers: the changed ones of every part are served at once, the
+        answers: the waiting ones of every part are served at once, the
         others in the slices after.
         """
-        answer = self.precopy([{"id": n, "listener": "tcp:8000"} for n in (1, 2, 3, 4)])
+        answer = self.precopy(
+            [
+                {"id": n, "listener": "tcp:8000", "waiting": n in (2, 4)}
+                for n in range(1, 5)
+            ]
+        )
         self.assertIs(answer["streamed"], True)
         self.channel._freezePart(
             {
@@ -2313,7 +2370,10 @@ class IncomingChannelTests(SynchronousTestCase):
         its object restored ahead.
         """
         self.precopy(
-            [{"id": n, "listener": "tcp:8000", "abandons": True} for n in (1, 2, 3)]
+            [
+                {"id": n, "listener": "tcp:8000", "abandons": True, "waiting": n < 3}
+                for n in (1, 2, 3)
+            ]
         )
         stateChange = {"id": 1, "output": "", "state": {"n": 2}}
         outputChange = {"id": 2, "output": "aGk="}
@@ -2349,7 +2409,10 @@ class IncomingChannelTests(SynchronousTestCase):
         new state.
         """
         self.precopy(
-            [{"id": n, "listener": "tcp:8000", "abandons": True} for n in (1, 2)]
+            [
+                {"id": n, "listener": "tcp:8000", "abandons": True, "waiting": n == 1}
+                for n in (1, 2)
+            ]
         )
         change = {"id": 1, "output": "", "appState": {"n": 2}}
         self.channel._freezeCommit(

@@ -32,6 +32,7 @@ from .._handoff._movement import (
 )
 from .._handoff._polls import afterPolls
 from .._handoff._transport import DetachedTransport
+from .._handoff._waiting import servingOrder
 from .._host._tracking import TrackingFactory
 from ..interfaces import IMigratable
 from ..state import StateError
@@ -87,6 +88,16 @@ class WatchedCounter(Counter):
         Counter.lineReceived(self, line)
         transport: Any = self.transport
         self.registered.append(transport.transport in reactor.getWriters())
+
+
+class QuietCounter(Counter):
+    """
+    A L{Counter} that says nothing when restored.
+    """
+
+    def restoreMigrationState(self, state: Any) -> None:
+        self.restored = state
+        self.count = state["count"]
 
 
 class AbandoningCounter(Counter):
@@ -356,6 +367,42 @@ class MovementTests(ServedSocketpairs):
         self.assertEqual(lines, [b"3 c"])
         self.assertEqual(protocol.registered, [False, False, True])
         adopted.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_waitingServedFirst(self) -> Any:
+        """
+        Of the connections adopted held, L{servingOrder} puts first the one
+        whose client sent while it was frozen and leaves the quiet one for
+        later; served, the waiting one answers what its client sent.
+        """
+        served = [self.serve("tcp:1", QuietCounter) for _ in range(2)]
+        for count, (hosted, client) in zip((10, 20), served):
+            yield self.readLines(client, 1)
+            hosted.wrappedProtocol.count = count
+        moving, _ = freezeMovable(self.host.allConnections())
+        descriptors = [os.dup(each.frozen.descriptor()) for each in moving]
+        waitingClient = served[1][1]
+        waitingClient.sendall(b"a\n")
+        taker: Any = FakeHost(reactor)
+        taker.listen("tcp:1", QuietCounter)
+        adopted = [
+            adoptEntry(taker, each.entry, descriptor)
+            for each, descriptor in zip(moving, descriptors)
+        ]
+        for frozen in moving:
+            frozen.release()
+        waiting, quiet = servingOrder(adopted)
+
+        def counts(connections: list[Any]) -> list[int]:
+            return [each.hosted.wrappedProtocol.count for each in connections]
+
+        self.assertEqual((counts(waiting), counts(quiet)), ([20], [10]))
+        for held in waiting + quiet:
+            held.commit()
+        lines = yield self.readLines(waitingClient, 1)
+        self.assertEqual(lines, [b"21 a"])
+        for held in adopted:
+            held.transport.loseConnection()
 
     @inlineCallbacks
     def test_restoreAheadThenAgain(self) -> Any:

@@ -403,6 +403,20 @@ class HoldTests(SynchronousTestCase):
         self.assertEqual(self.transport.value(), b"bye")
         self.assertTrue(self.transport.disconnecting)
 
+    def test_holdsOutput(self) -> None:
+        """
+        L{HostedProtocol.holdsOutput} says whether the application wrote,
+        or asked for a close, while held; not once unheld.
+        """
+        self.assertFalse(self.hosted.holdsOutput())
+        self.hosted.write(b"a")
+        self.assertTrue(self.hosted.holdsOutput())
+        self.hosted.unhold(b"")
+        self.assertFalse(self.hosted.holdsOutput())
+        self.hosted.hold()
+        self.hosted.loseConnection()
+        self.assertTrue(self.hosted.holdsOutput())
+
     def test_abortWhileHeld(self) -> None:
         """
         An abort asked for while held is carried out on unhold, not before.

@@ -747,3 +747,44 @@ class QuickRunTests(TestCase):
             {row["strategy"] for row in results["stall"]["rows"]},
             {"capability", "reexec", "reload"},
         )
+
+
+class BacklogRunTests(TestCase):
+    """
+    C{python -m migrate.bench.backlog} end to end, small: every mode's
+    trial serves every queued request.
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_smallRun(self) -> Any:
+        """
+        A round of each mode answers every request and prints its figures.
+        """
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        from ..bench._process import SOURCE_ROOT
+
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([SOURCE_ROOT, env.get("PYTHONPATH", "")])
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable,
+            [
+                "-m",
+                "migrate.bench.backlog",
+                "--connections",
+                "40",
+                "--waiting",
+                "8",
+                "--rounds",
+                "1",
+            ],
+            env=env,
+        )
+        self.assertEqual(code, 0, err.decode("utf-8", "replace")[-3000:])
+        text = out.decode()
+        for mode in ("all", "split", "order"):
+            self.assertIn("round 1 {:5}: longest ".format(mode), text)
+            self.assertIn("{:5}: longest wait median ".format(mode), text)
+        self.assertNotIn("unanswered", text)

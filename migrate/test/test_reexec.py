@@ -51,6 +51,7 @@ from migrate.strategies._reexec._check import (
 )
 from migrate.strategies._reexec._incoming import (
     ReexecInheritance,
+    _waitingFirst,
     adjustTwistdOptions,
     finishPreflight,
     inheritedReexec,
@@ -1689,6 +1690,49 @@ class SignalTests(SynchronousTestCase):
 class Refusing(Counter):
     def restoreMigrationState(self, state: Any) -> None:
         raise ValueError("refused")
+
+
+class _Restored:
+    """
+    A restored connection as L{_waitingFirst} sees one (an
+    L{AdoptedConnection}): its transport, and no output to send.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.transport = sock
+
+    def hasOutput(self) -> bool:
+        return False
+
+
+class WaitingFirstTests(SynchronousTestCase):
+    """
+    L{_waitingFirst}: the order in which the new image serves the
+    connections it restored at once.
+    """
+
+    def test_waitingFirst(self) -> None:
+        """
+        The connections whose clients sent while the process re-executed
+        come first, each with its own inherited record, then the others
+        in the order given.
+        """
+        pairs = [socket.socketpair() for _ in range(3)]
+        for ours, theirs in pairs:
+            self.addCleanup(ours.close)
+            self.addCleanup(theirs.close)
+        pairs[2][1].sendall(b"waiting\n")
+        adopted: Any = [
+            (_Restored(ours), InheritedConnection(n, "tcp:0", {"id": n}))
+            for n, (ours, _) in enumerate(pairs)
+        ]
+        self.assertEqual(
+            [
+                (each.descriptor, connection.transport)
+                for connection, each in _waitingFirst(adopted)
+            ],
+            [(2, pairs[2][0]), (0, pairs[0][0]), (1, pairs[1][0])],
+        )
 
 
 class RestoreTests(TestCase):

@@ -42,6 +42,7 @@ from ..._handoff._movement import (
     newMigratableProtocol,
 )
 from ..._handoff._transport import adoptConnection, resumeConnection
+from ..._handoff._waiting import servingOrder
 from ..._host._daemon import DAEMON_LOG_FILE, skipProcessSetUp, stayInForeground
 from ..._host._heap import collectionsPaused
 from ..._host._tracking import PendingAdoptionFactory
@@ -629,6 +630,22 @@ def _peerOf(peer: Any) -> str:
     return "{}:{}".format(peer.host, peer.port)
 
 
+def _waitingFirst(
+    adopted: list[tuple[AdoptedConnection, InheritedConnection]],
+) -> list[tuple[AdoptedConnection, InheritedConnection]]:
+    """
+    The connections restored at once, in the order to serve them: those
+    whose clients are waiting first, the longest-waiting first, so that the
+    new image's first reactor turn answers them in that order (see
+    L{servingOrder}); then the others.
+    """
+    byConnection = {id(connection): each for connection, each in adopted}
+    waiting, quiet = servingOrder([connection for connection, _ in adopted])
+    return [
+        (connection, byConnection[id(connection)]) for connection in waiting + quiet
+    ]
+
+
 def _peerOfDescriptor(descriptor: int) -> str:
     """
     Who is at the other end of a socket, for a log line.
@@ -1116,7 +1133,7 @@ def _restore(
         _log.failure("Re-exec: restoring failed before serving")
         count = _letGoOfCopies(inheritance, state, adopted, late, consumed)
         raise _HandedBack(_why(e), count) from e
-    for connection, each in adopted:
+    for connection, each in _waitingFirst(adopted):
         try:
             connection.commit()
             if each.closing:

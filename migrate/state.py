@@ -68,6 +68,7 @@ __all__ = [
     "StateError",
     "StateFingerprint",
     "captureProtocolState",
+    "hasBufferedInput",
     "isMigratable",
     "replayBufferedInput",
     "restoreProtocolState",
@@ -1410,6 +1411,21 @@ def _restoreQuickly(
             f"{_describe(e)}"
         ) from e
     return True
+
+
+def hasBufferedInput(protocol: object) -> bool:
+    """
+    Whether L{replayBufferedInput} may have messages to deliver: a
+    restored protocol's buffers hold bytes not parsed yet (complete
+    messages among them, or only the start of one), or it is moved by a
+    registered mover, which cannot say.
+
+    @param protocol: a protocol restored by L{restoreProtocolState}.
+    """
+    for kind in _kindsOf(type(protocol)):
+        if kind.pending(protocol):
+            return True
+    return not IMigratable.providedBy(protocol) and migratableFor(protocol) is not None
 
 
 def replayBufferedInput(protocol: object) -> None:

@@ -26,6 +26,7 @@ from ..state import (
     ProtocolState,
     StateError,
     captureProtocolState,
+    hasBufferedInput,
     isMigratable,
     replayBufferedInput,
     restoreProtocolState,
@@ -366,12 +367,17 @@ class AdoptedConnection:
             except Exception:
                 _log.failure("Replaying buffered input failed")
 
-    def hasOutput(self) -> bool:
+    def hasWork(self) -> bool:
         """
-        Whether it has output to send once served: the old process's, or
-        what the new code wrote (or a close it asked for) while held.
+        Whether serving it does something for its client even if nothing
+        more arrives: output to send (the old process's, or what the new
+        code wrote, or a close it asked for, while held), or buffered input
+        to deliver (L{hasBufferedInput}).
         """
-        return bool(self.pendingOutput) or self.hosted.holdsOutput()
+        if self.pendingOutput or self.hosted.holdsOutput():
+            return True
+        protocol = self.hosted.wrappedProtocol
+        return protocol is not None and hasBufferedInput(protocol)
 
     def abandon(self) -> None:
         """

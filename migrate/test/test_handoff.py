@@ -2841,6 +2841,34 @@ class IncomingChannelTests(SynchronousTestCase):
             [each.events for each in self.adopted], [["commit"], ["commit"]]
         )
 
+    def test_commitWaitingFirst(self) -> None:
+        """
+        Without a pre-copy too, C{Commit} serves at once the adopted
+        connections whose clients wait (by L{servingOrder}), and the others
+        after a whole reactor turn.
+        """
+        self.connect()
+        for key in self.host.listeners:
+            self.successResultOf(self.call(TakeListener, key=key, socket=900))
+        self.adoptConnections(
+            [
+                {"id": 1, "listener": "tcp:8000"},
+                {"id": 2, "listener": "tcp:8001", "waiting": True},
+            ]
+        )
+        self.assertEqual(self.channel.commit(), {"pid": os.getpid()})
+        self.assertEqual([each.events for each in self.adopted], [[], ["commit"]])
+        [nextTurn] = self.h.reactor.getDelayedCalls()
+        assert isinstance(nextTurn, DelayedCall)
+        call, args = nextTurn.func, nextTurn.args
+        nextTurn.cancel()
+        call(*args)
+        self.assertEqual([each.events for each in self.adopted], [[], ["commit"]])
+        self.h.reactor.advance(0)
+        self.assertEqual(
+            [each.events for each in self.adopted], [["commit"], ["commit"]]
+        )
+
     def test_commitFailsSaysWhy(self) -> None:
         """
         A successor that cannot serve after all (its pidfile cannot be

@@ -405,6 +405,43 @@ class MovementTests(ServedSocketpairs):
             held.transport.loseConnection()
 
     @inlineCallbacks
+    def test_hasWork(self) -> Any:
+        """
+        An adopted connection has work of its own when the old process left
+        output unsent, or its protocol holds bytes not parsed yet; not
+        otherwise.
+        """
+        served = [self.serve("tcp:1", QuietCounter) for _ in range(3)]
+        for hosted, client in served:
+            yield self.readLines(client, 1)
+        unsent, partial = served[1][0], served[2][0]
+        unsent.transport.stopWriting()
+        unsent.transport.write(b"unsent\n")
+        partial.wrappedProtocol.dataReceived(b"hal")
+        for count, (hosted, _) in enumerate(served):
+            hosted.wrappedProtocol.count = count
+        moving, _ = freezeMovable(self.host.allConnections())
+        taker: Any = FakeHost(reactor)
+        taker.listen("tcp:1", QuietCounter)
+        adopted = [
+            adoptEntry(taker, each.entry, os.dup(each.frozen.descriptor()))
+            for each in moving
+        ]
+        for frozen in moving:
+            frozen.release()
+        protocols: list[Any] = [held.hosted.wrappedProtocol for held in adopted]
+        self.assertEqual(
+            sorted(
+                (protocol.count, held.hasWork())
+                for protocol, held in zip(protocols, adopted)
+            ),
+            [(0, False), (1, True), (2, True)],
+        )
+        for held in adopted:
+            held.commit()
+            held.transport.loseConnection()
+
+    @inlineCallbacks
     def test_restoreAheadThenAgain(self) -> Any:
         """
         A staged connection whose new protocol can abandon a restore is

@@ -1695,13 +1695,13 @@ class Refusing(Counter):
 class _Restored:
     """
     A restored connection as L{_waitingFirst} sees one (an
-    L{AdoptedConnection}): its transport, and no output to send.
+    L{AdoptedConnection}): its transport, and no work of its own.
     """
 
     def __init__(self, sock: socket.socket) -> None:
         self.transport = sock
 
-    def hasOutput(self) -> bool:
+    def hasWork(self) -> bool:
         return False
 
 

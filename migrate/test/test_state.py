@@ -27,6 +27,7 @@ from migrate.state import (
     RestoreError,
     StateFingerprint,
     captureProtocolState,
+    hasBufferedInput,
     isMigratable,
     replayBufferedInput,
     restoreProtocolState,
@@ -226,6 +227,23 @@ class _BaseProtocolTestsMixin:
         self.assertEqual(new.received, [b"a", b"b"])
         new.dataReceived(self.frame(b"cc")[2:])
         self.assertEqual(new.received, [b"a", b"b", b"cc"])
+
+    def test_hasBufferedInput(self: Any) -> None:
+        """
+        L{hasBufferedInput} says whether a restored protocol's buffer holds
+        bytes not parsed yet, the start of a message included.
+        """
+        for data, expected in [
+            (self.frame(b"a"), True),
+            (self.frame(b"cc")[:2], True),
+            (b"", False),
+        ]:
+            state = ProtocolState(
+                "Old", False, None, None, {self.kind: self.saved(data)}
+            )
+            new = fresh(self.protocolClass)
+            restoreProtocolState(new, transfer(state))
+            self.assertIs(hasBufferedInput(new), expected, data)
 
     def saved(self, data: bytes) -> dict[str, Any]:
         """

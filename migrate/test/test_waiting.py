@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from .._handoff import _waiting
 from .._handoff._waiting import lastArrivalAge, servingOrder
 
 
@@ -34,13 +35,13 @@ class _Held:
     Stands in for L{migrate._handoff._movement.AdoptedConnection}.
     """
 
-    def __init__(self, name: str, transport: Any, output: bool = False) -> None:
+    def __init__(self, name: str, transport: Any, work: bool = False) -> None:
         self.name = name
         self.transport = transport
-        self.output = output
+        self.work = work
 
-    def hasOutput(self) -> bool:
-        return self.output
+    def hasWork(self) -> bool:
+        return self.work
 
     def __repr__(self) -> str:
         return "<{}>".format(self.name)
@@ -68,12 +69,12 @@ class _Connections:
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(8)
 
-    def connect(self, name: str, output: bool = False) -> tuple[_Held, socket.socket]:
+    def connect(self, name: str, work: bool = False) -> tuple[_Held, socket.socket]:
         client = socket.create_connection(self.listener.getsockname())
         self.case.addCleanup(client.close)
         server, _ = self.listener.accept()
         self.case.addCleanup(server.close)
-        return _Held(name, _Transport(server), output), client
+        return _Held(name, _Transport(server), work), client
 
 
 def _names(connections: list[_Held]) -> list[str]:
@@ -151,29 +152,98 @@ class ServingOrderTests(SynchronousTestCase):
 
     def test_hangUp(self) -> None:
         """
-        A connection its client closed while it was held is served at
-        once: there is an end to read.
+        A connection its client closed without sending anything while it
+        was held is served at once, after those with a request however
+        old its close: there is only an end to read.
         """
         connections = _Connections(self)
-        a, _ = connections.connect("a")
-        b, bClient = connections.connect("b")
-        bClient.close()
-        _readable(b.transport.socket)
-        self.assertEqual(_names(servingOrder([a, b])[0]), ["b"])
+        quiet, _ = connections.connect("quiet")
+        closed, closedClient = connections.connect("closed")
+        asking, askingClient = connections.connect("asking")
+        closedClient.close()
+        _readable(closed.transport.socket)
+        askingClient.sendall(b"request\n")
+        _readable(asking.transport.socket)
+        waiting, others = servingOrder(
+            [quiet, closed, asking], age=lambda transport: 0.0
+        )
+        self.assertEqual(
+            (_names(waiting), _names(others)), (["asking", "closed"], ["quiet"])
+        )
 
-    def test_output(self) -> None:
+    def test_requestThenHangUp(self) -> None:
         """
-        A quiet connection with output to send is served at once, before
-        those with bytes to read.
+        A client that sent a request, then closed, is served with those
+        waiting for an answer, by its age.
+        """
+        connections = _Connections(self)
+        early, earlyClient = connections.connect("early")
+        late, lateClient = connections.connect("late")
+        lateClient.sendall(b"request\n")
+        lateClient.close()
+        earlyClient.sendall(b"request\n")
+        _readable(early.transport.socket)
+        _readable(late.transport.socket)
+        held = [early, late]
+        ages = {"early": 1.0, "late": 5.0}
+        waiting, _ = servingOrder(
+            held, age=lambda transport: ages[_nameOf(held, transport)]
+        )
+        self.assertEqual(_names(waiting), ["late", "early"])
+
+    def test_work(self) -> None:
+        """
+        A connection with nothing to read but work of its own (output to
+        send, buffered input) is served at once, before those with bytes
+        to read.
         """
         connections = _Connections(self)
         a, aClient = connections.connect("a")
-        b, _ = connections.connect("b", output=True)
+        b, _ = connections.connect("b", work=True)
         c, _ = connections.connect("c")
         aClient.sendall(b"request\n")
         _readable(a.transport.socket)
         waiting, quiet = servingOrder([a, b, c])
         self.assertEqual((_names(waiting), _names(quiet)), (["b", "a"], ["c"]))
+
+    def test_pollFails(self) -> None:
+        """
+        If asking the kernel fails, every connection is served at once, in
+        the order given, and the failure is logged.
+        """
+
+        class Broken:
+            def register(self, *args: Any) -> None:
+                pass
+
+            def poll(self, timeout: int) -> Any:
+                raise OSError("no poll today")
+
+        connections = _Connections(self)
+        held = [connections.connect(name)[0] for name in "ab"]
+        self.patch(_waiting.select, "poll", Broken)
+        self.assertEqual(servingOrder(held), (held, []))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_oddDescriptors(self) -> None:
+        """
+        A connection whose descriptor is not a plain number, or the same
+        as another's, is served at once, first.
+        """
+
+        class Odd:
+            def __init__(self, descriptor: Any) -> None:
+                self.descriptor = descriptor
+
+            def fileno(self) -> Any:
+                return self.descriptor
+
+        connections = _Connections(self)
+        a, _ = connections.connect("a")
+        text = _Held("text", Odd(str(a.transport.fileno())))
+        same = _Held("same", Odd(a.transport.fileno()))
+        waiting, quiet = servingOrder([a, text, same])
+        self.assertEqual((_names(waiting), _names(quiet)), (["text", "same"], ["a"]))
 
     def test_unixSocket(self) -> None:
         """

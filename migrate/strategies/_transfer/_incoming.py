@@ -689,21 +689,18 @@ class IncomingChannel(HandoffAMP):
         rest, self._restoredRest = self._restoredRest, []
         self._staged.clear()
         self._restoredIds.clear()
-        # Of the connections adopted frozen since the pre-copy (the newest)
-        # and those that changed since it (the most active), serve at once
-        # those whose clients are waiting (bytes queued while frozen, or
-        # output to send), the longest-waiting first; the others, and the
-        # ones untouched since their copy, start reading in slices from the
-        # next reactor turn: a waiting client does not wait for the
-        # registration of hundreds of quiet connections, nor, by chance,
-        # behind hundreds of answers (see migrate._handoff._waiting).  The
-        # untouched ones are not polled: at 10,000 idle connections that
-        # would cost the freeze 5 ms for the few that received meanwhile.
+        # Served at once in the commit: the connections adopted frozen since
+        # the pre-copy (the newest) and those that changed since it (the
+        # most active) whose clients are waiting (see _commitNow).  The
+        # ones untouched since their copy start reading in slices from the
+        # next reactor turn, after the others: a busy client does not wait
+        # for thousands of idle ones.  They are not asked whether a client
+        # waits: at 10,000 idle connections that would cost the freeze
+        # 5 ms, for the few that received meanwhile.
         # Every connection is restored already, so whatever the busy ones
         # make the application write to the idle ones is kept, in order.
-        waiting, quiet = servingOrder(self._adopted + first)
-        self._adopted = waiting
-        self._resuming = quiet + rest
+        self._adopted = self._adopted + first
+        self._resuming = rest
         # Freeing the staged copies (each with its state) took 20 ms for
         # 10,000 connections, after the answer but before the reactor
         # served anyone: they go a slice at a time with the served ones.
@@ -776,7 +773,13 @@ class IncomingChannel(HandoffAMP):
     def commit(self) -> dict[str, Any]:
         if self._staged:
             raise HandoffRefused("pre-copied connections wait for the freeze")
-        return self._commitNow()
+        answer = self._commitNow()
+        if self._resuming:
+            # The quiet ones, after a whole reactor turn (see
+            # _restoreAndCommit).
+            reactor = self.host.reactor
+            reactor.callLater(0, reactor.callLater, 0, self._resumeSlice)
+        return answer
 
     def _commitNow(
         self, beforeServing: Callable[[dict[str, Any]], None] = lambda answer: None
@@ -806,14 +809,22 @@ class IncomingChannel(HandoffAMP):
         answer = {"pid": os.getpid()}
         beforeServing(answer)
         adopted, self._adopted = self._adopted, []
-        for each in adopted:
+        count = len(adopted) + len(self._resuming)
+        # Asked now, as late as can be: those whose clients wait start
+        # reading at once, the longest-waiting first; the others in the
+        # slices from the next reactor turn, first (see
+        # migrate._handoff._waiting).
+        waiting, quiet = servingOrder(adopted)
+        for each in waiting:
             each.commit()
+        self._resuming[:0] = quiet
         self._log.info(
             "Generation {generation} serves in process {pid}; {count} connections "
-            "moved in",
+            "moved in ({now} served at once)",
             generation=self.generation,
             pid=os.getpid(),
-            count=len(adopted) + len(self._resuming),
+            count=count,
+            now=len(waiting),
         )
         return answer
 

@@ -31,17 +31,54 @@ from typing import Any, Callable
 
 from twisted.internet import main
 
-__all__ = ["stampArrivals"]
+__all__ = ["CONTROL_SPACE", "arrivalStamp", "enableStamps", "stampArrivals"]
 
-SO_TIMESTAMPNS = 35
+_SO_TIMESTAMPNS = 35
 """
 Linux's C{SO_TIMESTAMPNS} (C{SO_TIMESTAMPNS_OLD} in the generic ABI that
-x86 and ARM use): control messages carry a C{struct timespec} of
-C{CLOCK_REALTIME}, the clock of the reactor's C{seconds()}.
+x86 and ARM use; SPARC, PA-RISC and Alpha number it otherwise, and there
+reads simply come without stamps): control messages carry a C{struct
+timespec} of C{CLOCK_REALTIME}, the clock of the reactor's C{seconds()}.
 """
 
 _TIMESPEC = struct.Struct("@ll")
-_CONTROL_SPACE = socket.CMSG_SPACE(_TIMESPEC.size) if sys.platform == "linux" else 0
+
+CONTROL_SPACE = socket.CMSG_SPACE(_TIMESPEC.size) if sys.platform == "linux" else 0
+"""
+The room for a stamp to ask C{recvmsg} for (0 where there are none).
+"""
+
+
+def enableStamps(sock: Any) -> bool:
+    """
+    Ask the kernel to stamp what arrives on C{sock}.
+
+    @return: whether it will (Linux, and the socket took the option).
+    """
+    if not CONTROL_SPACE:
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    except OSError:
+        return False
+    return True
+
+
+def arrivalStamp(ancillary: list[tuple[int, int, bytes]]) -> float | None:
+    """
+    The arrival time a C{recvmsg} reported in its control messages, in
+    seconds since the epoch; L{None} if it reported none.
+    """
+    stamp = None
+    for level, kind, payload in ancillary:
+        if (
+            level == socket.SOL_SOCKET
+            and kind == _SO_TIMESTAMPNS
+            and len(payload) == _TIMESPEC.size
+        ):
+            seconds, nanoseconds = _TIMESPEC.unpack(payload)
+            stamp = seconds + nanoseconds * 1e-9
+    return stamp
 
 
 def stampArrivals(transport: Any, record: Callable[[float | None], None]) -> bool:
@@ -55,31 +92,19 @@ def stampArrivals(transport: Any, record: Callable[[float | None], None]) -> boo
         the socket took the option); if not, C{transport} is unchanged.
     """
     sock: Any = getattr(transport, "socket", None)
-    if not _CONTROL_SPACE or not hasattr(sock, "recvmsg"):
-        return False
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-    except OSError:
+    if not hasattr(sock, "recvmsg") or not enableStamps(sock):
         return False
     bufferSize = transport.bufferSize
     dataReceived = transport._dataReceived
-    solSocket = socket.SOL_SOCKET
-    size = _TIMESPEC.size
-    unpack = _TIMESPEC.unpack
 
     def doRead() -> Any:
         try:
-            data, ancillary, _, _ = sock.recvmsg(bufferSize, _CONTROL_SPACE)
+            data, ancillary, _, _ = sock.recvmsg(bufferSize, CONTROL_SPACE)
         except OSError as e:
             if e.args[0] in (EWOULDBLOCK, EAGAIN):
                 return None
             return main.CONNECTION_LOST
-        stamp = None
-        for level, kind, payload in ancillary:
-            if level == solSocket and kind == SO_TIMESTAMPNS and len(payload) == size:
-                seconds, nanoseconds = unpack(payload)
-                stamp = seconds + nanoseconds * 1e-9
-        record(stamp)
+        record(arrivalStamp(ancillary))
         return dataReceived(data)
 
     transport.doRead = doRead

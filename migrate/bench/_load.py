@@ -196,7 +196,7 @@ class LongLivedClient(LineReceiver):
         transport: Any = self.transport
         if self.load.noDelay:
             transport.setTcpNoDelay(True)
-        if self.load.stampArrivals:
+        if self.load.kernelStamps:
             stampArrivals(transport, self._arrived)
         self.load._connected(self)
 
@@ -376,7 +376,7 @@ class LoadGenerator:
         answers' arrival (to their reading where the kernel gave no stamp).
     @ivar readSamples: the same latencies to the generator's reading the
         answers.
-    @ivar stampArrivals: whether new long-lived clients ask the kernel for
+    @ivar kernelStamps: whether new long-lived clients ask the kernel for
         arrival stamps.
     @ivar shortSamples: how long each answered short connection took,
         from connecting to its answer.
@@ -415,7 +415,7 @@ class LoadGenerator:
         self.maxConnecting = maxConnecting
         self.onProgress = onProgress
         self.noDelay = True
-        self.stampArrivals = True
+        self.kernelStamps = True
         self.clients: list[LongLivedClient] = []
         self.samples = Samples()
         self.readSamples = Samples()

@@ -39,18 +39,17 @@ import resource
 import select
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import time
 from typing import Any, Sequence
 
+from ._arrival import CONTROL_SPACE, arrivalStamp, enableStamps
+
 __all__ = ["main"]
 
 MODES = ("all", "split", "order")
 
-_SO_TIMESTAMPNS = 35
-_TIMESPEC = struct.Struct("@ll")
 _SLICE = 500
 
 
@@ -65,7 +64,7 @@ def _clientSide(
     """
     chosen = random.sample(range(len(clients)), waiting)
     for each in clients:
-        each.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        enableStamps(each)
     os.read(go, 1)
     sentAt: dict[int, float] = {}
     start = time.time()
@@ -84,14 +83,9 @@ def _clientSide(
     deadline = time.time() + 10
     while len(waits) < waiting and time.time() < deadline:
         for descriptor, _ in poller.poll(1):
-            _, ancillary, _, _ = byDescriptor[descriptor].recvmsg(
-                4096, socket.CMSG_SPACE(_TIMESPEC.size)
-            )
-            arrived = time.time()
-            for _, kind, payload in ancillary:
-                if kind == _SO_TIMESTAMPNS and len(payload) == _TIMESPEC.size:
-                    seconds, nanoseconds = _TIMESPEC.unpack(payload)
-                    arrived = seconds + nanoseconds * 1e-9
+            _, ancillary, _, _ = byDescriptor[descriptor].recvmsg(4096, CONTROL_SPACE)
+            stamp = arrivalStamp(ancillary)
+            arrived = time.time() if stamp is None else stamp
             waits.append(arrived - sentAt[descriptor])
             poller.unregister(descriptor)
     waits.sort()
@@ -138,12 +132,20 @@ def trial(connections: int, waiting: int, spread: float, mode: str) -> dict[str,
     goRead, goWrite = os.pipe()
     child = os.fork()
     if child == 0:
+        status = 1
         try:
+            os.close(reportRead)
+            os.close(goWrite)
             for each in servers:
                 each.close()
             _clientSide(clients, waiting, spread, goRead, reportWrite)
+            status = 0
         finally:
-            os._exit(0)
+            os._exit(status)
+    # Only the child writes reports and reads the go: if it fails, this
+    # side reads the end of the pipe instead of waiting for ever.
+    os.close(reportWrite)
+    os.close(goRead)
     for each in clients:
         each.close()
     factory = TrackingFactory("tcp:bench", Factory.forProtocol(BenchLine))
@@ -168,28 +170,35 @@ def trial(connections: int, waiting: int, spread: float, mode: str) -> dict[str,
         for each in now:
             each.commit()
 
-        def slice() -> None:
+        def serveSlice() -> None:
             for each in later[:_SLICE]:
                 each.commit()
             del later[:_SLICE]
             if later:
-                reactor.callLater(0, slice)
+                reactor.callLater(0, serveSlice)
 
         if later:
-            reactor.callLater(0, reactor.callLater, 0, slice)
+            reactor.callLater(0, reactor.callLater, 0, serveSlice)
         waitForReport()
 
     def waitForReport() -> None:
         readable, _, _ = select.select([reportRead], [], [], 0)
         if readable:
-            result.update(json.loads(os.read(reportRead, 4096)))
+            report = os.read(reportRead, 4096)
+            if report:
+                result.update(json.loads(report))
+            else:
+                result["error"] = "the client process ended without a report"
             reactor.stop()
         else:
             reactor.callLater(0.001, waitForReport)
 
     def begin() -> None:
         os.write(goWrite, b"g")
-        os.read(reportRead, 1)
+        if os.read(reportRead, 1) != b"s":
+            result["error"] = "the client process ended before sending"
+            reactor.stop()
+            return
         reactor.callLater(0, serve)
 
     reactor.callWhenRunning(begin)
@@ -247,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     )
     longest: dict[str, list[float]] = {mode: [] for mode in modes}
-    for round in range(1, options.rounds + 1):
+    for number in range(1, options.rounds + 1):
         for mode in modes:
             done = subprocess.run(
                 [
@@ -271,9 +280,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("{}: failed: {}".format(mode, done.stderr.strip()[-2000:]))
                 return 1
             figures = json.loads(done.stdout.strip().splitlines()[-1])
+            if "error" in figures:
+                print("{}: failed: {}".format(mode, figures["error"]))
+                return 1
             print(
                 "round {} {:5}: longest {}, median {}{}".format(
-                    round,
+                    number,
                     mode,
                     _ms(figures["longest"]),
                     _ms(figures["median"]),

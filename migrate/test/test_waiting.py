@@ -56,6 +56,17 @@ def _readable(sock: socket.socket) -> None:
         raise AssertionError("nothing arrived within 10 s")
 
 
+def _waitForAge(case: SynchronousTestCase, transport: Any, milliseconds: float) -> None:
+    """
+    Wait (at most ten seconds) until the kernel says the newest bytes on
+    C{transport} arrived at least C{milliseconds} ago.
+    """
+    deadline = time.monotonic() + 10
+    while (lastArrivalAge(transport) or 0) < milliseconds:
+        case.assertLess(time.monotonic(), deadline, "the kernel's clock")
+        select.select([], [], [], 0.005)
+
+
 class _Connections:
     """
     Loopback TCP connections: the server ends held, the client ends to
@@ -139,10 +150,7 @@ class ServingOrderTests(SynchronousTestCase):
         newer, newerClient = connections.connect("newer")
         olderClient.sendall(b"first\n")
         _readable(older.transport.socket)
-        deadline = time.monotonic() + 10
-        while (lastArrivalAge(older.transport) or 0) < 20:
-            self.assertLess(time.monotonic(), deadline, "the kernel's clock")
-            select.select([], [], [], 0.005)
+        _waitForAge(self, older.transport, 20)
         newerClient.sendall(b"second\n")
         _readable(newer.transport.socket)
         self.assertEqual(_names(servingOrder([newer, older])[0]), ["older", "newer"])
@@ -302,10 +310,7 @@ class LastArrivalAgeTests(SynchronousTestCase):
         before = time.monotonic()
         client.sendall(b"request\n")
         _readable(held.transport.socket)
-        deadline = time.monotonic() + 10
-        while (lastArrivalAge(held.transport) or 0) < 30:
-            self.assertLess(time.monotonic(), deadline, "the kernel's clock")
-            select.select([], [], [], 0.005)
+        _waitForAge(self, held.transport, 30)
         age = lastArrivalAge(held.transport)
         assert age is not None
         # The kernel counts in ticks (up to 10 ms each).

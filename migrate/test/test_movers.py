@@ -25,6 +25,7 @@ from migrate._handoff._movers._registry import (
 from migrate.interfaces import IMigratable
 from migrate.state import (
     captureProtocolState,
+    hasBufferedInput,
     isMigratable,
     replayBufferedInput,
     restoreProtocolState,
@@ -252,6 +253,16 @@ class StateLayerTests(SynchronousTestCase):
         self.assertEqual(new.value, 7)
         replayBufferedInput(new)
         self.assertEqual(PlainMover.replayed, 1)
+
+    def test_bufferedInputUnknown(self) -> None:
+        """
+        A protocol moved by a mover may hold buffered input
+        (L{hasBufferedInput} says so): the mover cannot tell, so its
+        connection is served at once after a move.  An L{IMigratable}
+        protocol with nothing buffered has none.
+        """
+        self.assertTrue(hasBufferedInput(Plain()))
+        self.assertFalse(hasBufferedInput(Opted()))
 
     def test_notNow(self) -> None:
         """

@@ -5,7 +5,6 @@ Tests for the kernel's arrival stamps on the benchmark clients' reads
 
 from __future__ import annotations
 
-import select
 import socket
 import struct
 import sys
@@ -17,6 +16,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from ..bench._arrival import stampArrivals
+from ._sockets import LoopbackConnections, waitReadable
 
 
 class _TransportLike:
@@ -44,25 +44,9 @@ def _connectedPair(case: SynchronousTestCase) -> tuple[socket.socket, socket.soc
     Two ends of a loopback TCP connection, non-blocking on the reading
     end, closed at the end of the test.
     """
-    listener = socket.socket()
-    case.addCleanup(listener.close)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    reader = socket.create_connection(listener.getsockname())
-    case.addCleanup(reader.close)
-    writer, _ = listener.accept()
-    case.addCleanup(writer.close)
+    reader, writer = LoopbackConnections(case).connect()
     reader.setblocking(False)
     return reader, writer
-
-
-def _waitReadable(sock: socket.socket) -> None:
-    """
-    Block until C{sock} has something to read (at most ten seconds).
-    """
-    readable, _, _ = select.select([sock], [], [], 10.0)
-    if not readable:
-        raise AssertionError("nothing arrived within 10 s")
 
 
 class StampArrivalsTests(SynchronousTestCase):
@@ -91,7 +75,7 @@ class StampArrivalsTests(SynchronousTestCase):
         while not stamps or stamps[-1] is None:
             self.assertLess(time.monotonic(), deadline, "no stamp within 10 s")
             writer.sendall(b".")
-            _waitReadable(reader)
+            waitReadable(reader)
             transport.doRead()
         del stamps[:]
         del transport.received[:]
@@ -106,7 +90,7 @@ class StampArrivalsTests(SynchronousTestCase):
         transport, writer, stamps = self.stamped()
         before = time.time()
         writer.sendall(b"hello\n")
-        _waitReadable(transport.socket)
+        waitReadable(transport.socket)
         readAt = time.time()
         self.assertIsNone(transport.doRead())
         self.assertEqual(transport.received, [b"hello\n"])
@@ -122,13 +106,13 @@ class StampArrivalsTests(SynchronousTestCase):
         transport, writer, stamps = self.stamped()
         writer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         writer.sendall(b"one\n")
-        _waitReadable(transport.socket)
+        waitReadable(transport.socket)
         between = time.time()
         writer.sendall(b"two\n")
         deadline = time.monotonic() + 10
         while transport.socket.recv(16, socket.MSG_PEEK) != b"one\ntwo\n":
             self.assertLess(time.monotonic(), deadline, "the second segment")
-            _waitReadable(transport.socket)
+            waitReadable(transport.socket)
         readAt = time.time()
         transport.doRead()
         self.assertEqual(transport.received, [b"one\ntwo\n"])
@@ -151,7 +135,7 @@ class StampArrivalsTests(SynchronousTestCase):
         """
         transport, writer, stamps = self.stamped()
         writer.close()
-        _waitReadable(transport.socket)
+        waitReadable(transport.socket)
         self.assertIs(transport.doRead(), main.CONNECTION_DONE)
         self.assertEqual(transport.received, [b""])
 
@@ -162,7 +146,7 @@ class StampArrivalsTests(SynchronousTestCase):
         transport, writer, stamps = self.stamped()
         writer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.close()
-        _waitReadable(transport.socket)
+        waitReadable(transport.socket)
         self.assertIs(transport.doRead(), main.CONNECTION_LOST)
         self.assertEqual(transport.received, [])
 

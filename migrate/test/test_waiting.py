@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from .._handoff import _waiting
 from .._handoff._waiting import lastArrivalAge, servingOrder
+from ._sockets import LoopbackConnections, waitReadable
 
 
 class _Transport:
@@ -47,15 +48,6 @@ class _Held:
         return "<{}>".format(self.name)
 
 
-def _readable(sock: socket.socket) -> None:
-    """
-    Wait (at most ten seconds) until C{sock} has something to read.
-    """
-    readable, _, _ = select.select([sock], [], [], 10.0)
-    if not readable:
-        raise AssertionError("nothing arrived within 10 s")
-
-
 def _waitForAge(case: SynchronousTestCase, transport: Any, milliseconds: float) -> None:
     """
     Wait (at most ten seconds) until the kernel says the newest bytes on
@@ -70,21 +62,14 @@ def _waitForAge(case: SynchronousTestCase, transport: Any, milliseconds: float) 
 class _Connections:
     """
     Loopback TCP connections: the server ends held, the client ends to
-    send on; all closed at the end of the test.
+    send on.
     """
 
     def __init__(self, case: SynchronousTestCase) -> None:
-        self.case = case
-        self.listener = socket.socket()
-        case.addCleanup(self.listener.close)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
+        self.loopback = LoopbackConnections(case)
 
     def connect(self, name: str, work: bool = False) -> tuple[_Held, socket.socket]:
-        client = socket.create_connection(self.listener.getsockname())
-        self.case.addCleanup(client.close)
-        server, _ = self.listener.accept()
-        self.case.addCleanup(server.close)
+        server, client = self.loopback.connect()
         return _Held(name, _Transport(server), work), client
 
 
@@ -108,7 +93,7 @@ class ServingOrderTests(SynchronousTestCase):
         b, bClient = connections.connect("b")
         c, _ = connections.connect("c")
         bClient.sendall(b"request\n")
-        _readable(b.transport.socket)
+        waitReadable(b.transport.socket)
         waiting, quiet = servingOrder([a, b, c])
         self.assertEqual((_names(waiting), _names(quiet)), (["b"], ["a", "c"]))
 
@@ -131,7 +116,7 @@ class ServingOrderTests(SynchronousTestCase):
         for name in "abc":
             each, client = connections.connect(name)
             client.sendall(b"request\n")
-            _readable(each.transport.socket)
+            waitReadable(each.transport.socket)
             held.append(each)
         ages = {"a": 5.0, "b": 9.0, "c": None}
         waiting, quiet = servingOrder(
@@ -149,10 +134,10 @@ class ServingOrderTests(SynchronousTestCase):
         older, olderClient = connections.connect("older")
         newer, newerClient = connections.connect("newer")
         olderClient.sendall(b"first\n")
-        _readable(older.transport.socket)
+        waitReadable(older.transport.socket)
         _waitForAge(self, older.transport, 20)
         newerClient.sendall(b"second\n")
-        _readable(newer.transport.socket)
+        waitReadable(newer.transport.socket)
         self.assertEqual(_names(servingOrder([newer, older])[0]), ["older", "newer"])
 
     if sys.platform != "linux":
@@ -169,9 +154,9 @@ class ServingOrderTests(SynchronousTestCase):
         closed, closedClient = connections.connect("closed")
         asking, askingClient = connections.connect("asking")
         closedClient.close()
-        _readable(closed.transport.socket)
+        waitReadable(closed.transport.socket)
         askingClient.sendall(b"request\n")
-        _readable(asking.transport.socket)
+        waitReadable(asking.transport.socket)
         waiting, others = servingOrder(
             [quiet, closed, asking], age=lambda transport: 0.0
         )
@@ -190,8 +175,8 @@ class ServingOrderTests(SynchronousTestCase):
         lateClient.sendall(b"request\n")
         lateClient.close()
         earlyClient.sendall(b"request\n")
-        _readable(early.transport.socket)
-        _readable(late.transport.socket)
+        waitReadable(early.transport.socket)
+        waitReadable(late.transport.socket)
         held = [early, late]
         ages = {"early": 1.0, "late": 5.0}
         waiting, _ = servingOrder(
@@ -210,7 +195,7 @@ class ServingOrderTests(SynchronousTestCase):
         b, _ = connections.connect("b", work=True)
         c, _ = connections.connect("c")
         aClient.sendall(b"request\n")
-        _readable(a.transport.socket)
+        waitReadable(a.transport.socket)
         waiting, quiet = servingOrder([a, b, c])
         self.assertEqual((_names(waiting), _names(quiet)), (["b", "a"], ["c"]))
 
@@ -279,7 +264,7 @@ class ServingOrderTests(SynchronousTestCase):
         connections = _Connections(self)
         a, aClient = connections.connect("a")
         aClient.sendall(b"request\n")
-        _readable(a.transport.socket)
+        waitReadable(a.transport.socket)
         gone = _Held("gone", Closed())
         self.assertEqual(_names(servingOrder([a, gone])[0]), ["gone", "a"])
 
@@ -309,7 +294,7 @@ class LastArrivalAgeTests(SynchronousTestCase):
         held, client = connections.connect("a")
         before = time.monotonic()
         client.sendall(b"request\n")
-        _readable(held.transport.socket)
+        waitReadable(held.transport.socket)
         _waitForAge(self, held.transport, 30)
         age = lastArrivalAge(held.transport)
         assert age is not None

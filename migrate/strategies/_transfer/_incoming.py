@@ -717,13 +717,19 @@ class IncomingChannel(HandoffAMP):
             abandoned=self._aheadAbandoned,
             ms=(time.monotonic() - started) * 1000,
         )
-        # The first slice waits for one whole reactor turn: the connections
-        # served at once read (and answer, on the turn after) before any
-        # slice delays them.  A call made now would run before the reactor
-        # polls; one it makes runs after.
+        self._resumeAfterATurn()
+        return answer
+
+    def _resumeAfterATurn(self) -> None:
+        """
+        Start the slices that serve the connections left for later once
+        the reactor has had one whole turn: the connections served at once
+        read (and answer, on the turn after) before any slice delays them.
+        A call made now would run before the reactor polls; one it makes
+        runs after.
+        """
         reactor = self.host.reactor
         reactor.callLater(0, reactor.callLater, 0, self._resumeSlice)
-        return answer
 
     def _resumeSlice(self) -> None:
         """
@@ -775,10 +781,7 @@ class IncomingChannel(HandoffAMP):
             raise HandoffRefused("pre-copied connections wait for the freeze")
         answer = self._commitNow()
         if self._resuming:
-            # The quiet ones, after a whole reactor turn (see
-            # _restoreAndCommit).
-            reactor = self.host.reactor
-            reactor.callLater(0, reactor.callLater, 0, self._resumeSlice)
+            self._resumeAfterATurn()
         return answer
 
     def _commitNow(

@@ -194,8 +194,13 @@ def trial(connections: int, waiting: int, spread: float, mode: str) -> dict[str,
             reactor.callLater(0.001, waitForReport)
 
     def begin() -> None:
-        os.write(goWrite, b"g")
-        if os.read(reportRead, 1) != b"s":
+        try:
+            os.write(goWrite, b"g")
+            sent = os.read(reportRead, 1) == b"s"
+        except BrokenPipeError:
+            # It ended before reading the go.
+            sent = False
+        if not sent:
             result["error"] = "the client process ended before sending"
             reactor.stop()
             return

@@ -757,10 +757,13 @@ class BacklogRunTests(TestCase):
 
     timeout = 120
 
-    @inlineCallbacks
-    def test_smallRun(self) -> Any:
+    def python(self, arguments: list[str]) -> Deferred[tuple[bytes, bytes, int]]:
         """
-        A round of each mode answers every request and prints its figures.
+        Run this interpreter with C{arguments}, the C{migrate} source first
+        on its path.
+
+        @return: a L{Deferred} firing with its output, error output and
+            exit status.
         """
         from twisted.internet.utils import getProcessOutputAndValue
 
@@ -768,8 +771,17 @@ class BacklogRunTests(TestCase):
 
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([SOURCE_ROOT, env.get("PYTHONPATH", "")])
-        out, err, code = yield getProcessOutputAndValue(
-            sys.executable,
+        ran: Deferred[tuple[bytes, bytes, int]] = getProcessOutputAndValue(
+            sys.executable, arguments, env=env
+        )
+        return ran
+
+    @inlineCallbacks
+    def test_smallRun(self) -> Any:
+        """
+        A round of each mode answers every request and prints its figures.
+        """
+        out, err, code = yield self.python(
             [
                 "-m",
                 "migrate.bench.backlog",
@@ -779,8 +791,7 @@ class BacklogRunTests(TestCase):
                 "8",
                 "--rounds",
                 "1",
-            ],
-            env=env,
+            ]
         )
         self.assertEqual(code, 0, err.decode("utf-8", "replace")[-3000:])
         text = out.decode()
@@ -788,3 +799,131 @@ class BacklogRunTests(TestCase):
             self.assertIn("round 1 {:5}: longest ".format(mode), text)
             self.assertIn("{:5}: longest wait median ".format(mode), text)
         self.assertNotIn("unanswered", text)
+
+    @inlineCallbacks
+    def clientFails(self, clientSide: str) -> Any:
+        """
+        Run one trial whose client process runs C{clientSide} (the source
+        of a function taking the client side's arguments) instead of
+        sending and timing its requests.
+
+        @return: the trial's result.
+        """
+        out, err, code = yield self.python(
+            [
+                "-c",
+                # A trial that hangs ends with the alarm, not with the test.
+                "import json, os, signal\n"
+                "signal.alarm(60)\n"
+                "from migrate.bench import backlog\n"
+                + clientSide
+                + "backlog._clientSide = clientSide\n"
+                "print(json.dumps(backlog.trial(6, 2, 0.001, 'order')))\n",
+            ]
+        )
+        self.assertEqual(code, 0, err.decode("utf-8", "replace")[-3000:])
+        return json.loads(out.decode().strip().splitlines()[-1])
+
+    @inlineCallbacks
+    def test_clientFailsBeforeTheGo(self) -> Any:
+        """
+        A trial whose client process ended before the go (its end of the
+        go pipe closed first, so the go cannot be written) ends at once
+        and says so, without serving.
+        """
+        result = yield self.clientFails(
+            "def clientSide(clients, waiting, spread, go, report):\n"
+            "    os.close(go)\n"
+            "    raise RuntimeError('the client side failed')\n"
+        )
+        self.assertEqual(result, {"error": "the client process ended before sending"})
+
+    @inlineCallbacks
+    def test_clientFailsBeforeSending(self) -> Any:
+        """
+        A trial whose client process ends after the go, before it sends its
+        requests, ends at once and says so, without serving.
+        """
+        result = yield self.clientFails(
+            "def clientSide(clients, waiting, spread, go, report):\n"
+            "    os.read(go, 1)\n"
+            "    raise RuntimeError('the client side failed')\n"
+        )
+        self.assertEqual(result, {"error": "the client process ended before sending"})
+
+    @inlineCallbacks
+    def test_clientFailsBeforeReporting(self) -> Any:
+        """
+        A trial whose client process sends but ends without its report
+        ends once the connections are served, and says so.
+        """
+        result = yield self.clientFails(
+            "def clientSide(clients, waiting, spread, go, report):\n"
+            "    os.read(go, 1)\n"
+            "    os.write(report, b's')\n"
+        )
+        self.assertEqual(result, {"error": "the client process ended without a report"})
+
+
+class BacklogFailureTests(SynchronousTestCase):
+    """
+    C{python -m migrate.bench.backlog} stops at a trial that failed, and
+    says why.
+    """
+
+    def runWith(self, completed: Any) -> tuple[int, str]:
+        """
+        Run the benchmark with every trial's process answering C{completed}.
+
+        @return: its exit status and what it printed.
+        """
+        import io
+        import subprocess
+        from contextlib import redirect_stdout
+
+        from ..bench import backlog
+
+        ran: list[list[str]] = []
+
+        def run(argv: list[str], **options: Any) -> Any:
+            ran.append(argv)
+            return completed
+
+        self.patch(backlog.subprocess, "run", run)
+        printed = io.StringIO()
+        with redirect_stdout(printed):
+            status = backlog.main(["--rounds", "2"])
+        self.assertEqual(len(ran), 1)
+        self.assertIsInstance(completed, subprocess.CompletedProcess)
+        return status, printed.getvalue()
+
+    def test_trialProcessFailed(self) -> None:
+        """
+        A trial's process that exits with an error ends the run with status
+        1 and the end of its error output.
+        """
+        import subprocess
+
+        status, printed = self.runWith(
+            subprocess.CompletedProcess([], 1, stdout="", stderr="Traceback: boom\n")
+        )
+        self.assertEqual(status, 1)
+        self.assertIn("all: failed: Traceback: boom", printed)
+
+    def test_trialReportsError(self) -> None:
+        """
+        A trial that reports an error ends the run with status 1 and the
+        error.
+        """
+        import subprocess
+
+        status, printed = self.runWith(
+            subprocess.CompletedProcess(
+                [],
+                0,
+                stdout=json.dumps({"error": "the client process ended before sending"}),
+                stderr="",
+            )
+        )
+        self.assertEqual(status, 1)
+        self.assertIn("all: failed: the client process ended before sending", printed)

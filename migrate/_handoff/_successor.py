@@ -414,6 +414,15 @@ class SuccessorProcess:
         if self._background is not None:
             self._background.bringForward(why)
 
+    def sendBack(self, why: str) -> None:
+        """
+        Give the process, if it started in the background and was brought
+        forward, the lowest CPU priority again until L{bringForward} (see
+        L{migrate._host._priority}); C{why} goes to the log.
+        """
+        if self._background is not None:
+            self._background.sendBack(why)
+
     @property
     def exited(self) -> bool:
         """

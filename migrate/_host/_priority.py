@@ -17,11 +17,16 @@ A child started in the background (L{BackgroundStart}) runs at the lowest
 priority (L{BACKGROUND_NICENESS}) until it is brought forward to this
 process's priority: a successor once its start is done (it says it is
 ready: its interpreter and imports, the costly part, are behind it; the
-application's start, the pre-copy and the freeze follow at this process's
-priority, and so do the processes the application starts then), and any
-child once it has run in the background for a bounded time, so that a
-machine busy with other work does not stretch a start toward its
-deadline.
+application's start follows at this process's priority, and so do the
+processes the application starts then), and any child once it has run in
+the background for a bounded time, so that a machine busy with other work
+does not stretch a start toward its deadline.
+
+A successor is sent back to the background (L{BackgroundStart.sendBack})
+while it stages the pre-copy, the other work of its that the clients need
+not wait for, and brought forward again when the freeze begins (or after
+the same bound).  Its threads go back; the processes the application
+started stay where they are.
 
 Bringing a process forward again needs a privilege this process may not
 have (C{CAP_SYS_NICE}, or an C{RLIMIT_NICE} that allows this process's
@@ -120,7 +125,8 @@ class BackgroundStart:
     @ivar atMost: seconds the child may run in the background at most.
     @ivar niceness: the nice value the child starts at.
     @ivar pid: the child, once started in the background.
-    @ivar broughtForward: whether it was brought forward.
+    @ivar broughtForward: whether it runs at this process's priority (brought
+        forward, and not sent back since).
     """
 
     reactor: Any
@@ -166,10 +172,10 @@ class BackgroundStart:
 
     def bringForward(self, why: str) -> None:
         """
-        Give every thread of the child this process's priority, once; say
-        so in the log with C{why}.  A child that has ended meanwhile needs
-        nothing; a refusal is logged (the child runs on at the low
-        priority).
+        Give every thread of the child this process's priority, unless it
+        has it already; say so in the log with C{why}.  A child that has
+        ended meanwhile needs nothing; a refusal is logged (the child runs
+        on at the low priority).
         """
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -178,7 +184,7 @@ class BackgroundStart:
             return
         self.broughtForward = True
         try:
-            self._bringThreadsForward(self.pid)
+            self._setThreads(self.pid, self.foreground)
         except OSError as e:
             if e.errno == errno.ESRCH:
                 return
@@ -200,6 +206,48 @@ class BackgroundStart:
             why=why,
         )
 
+    def sendBack(self, why: str) -> None:
+        """
+        Give every thread of the child, brought forward already, the lowest
+        priority again, for work of its that nobody waits for; say so in
+        the log with C{why}.  L{bringForward} brings it forward again, and
+        so does a timer after L{atMost} seconds at the latest.  Nothing
+        happens for a child still in the background or ended; a refusal is
+        logged (the child runs on at this process's priority).
+        """
+        if self.pid is None or not self.broughtForward:
+            return
+        try:
+            self._setThreads(self.pid, self.niceness)
+        except OSError as e:
+            if e.errno != errno.ESRCH:
+                _log.error(
+                    "Could not send process {pid} back from nice {nice} to "
+                    "{low} ({why}): {error}; it runs on at nice {nice}",
+                    pid=self.pid,
+                    low=self.niceness,
+                    nice=self.foreground,
+                    why=why,
+                    error=os.strerror(e.errno) if e.errno else str(e),
+                )
+            # Some threads may have gone back: bring them all forward.
+            self.broughtForward = False
+            self.bringForward("sending it back failed")
+            return
+        self.broughtForward = False
+        self._timer = self.reactor.callLater(
+            self.atMost,
+            self.bringForward,
+            "in the background again for {:g} s".format(self.atMost),
+        )
+        _log.info(
+            "Sent process {pid} back from nice {nice} to {low}: {why}",
+            pid=self.pid,
+            low=self.niceness,
+            nice=self.foreground,
+            why=why,
+        )
+
     def ended(self) -> None:
         """
         The child ended: nothing left to bring forward.
@@ -209,10 +257,10 @@ class BackgroundStart:
         self._timer = None
         self.pid = None
 
-    def _bringThreadsForward(self, pid: int) -> None:
+    def _setThreads(self, pid: int, niceness: int) -> None:
         # The main thread first: the threads it starts from then on are
         # born at its priority.
-        self._setPriority(os.PRIO_PROCESS, pid, self.foreground)
+        self._setPriority(os.PRIO_PROCESS, pid, niceness)
         threadsOf = self._threadsOf
         done = {pid}
         for _ in range(_LISTINGS):
@@ -226,7 +274,7 @@ class BackgroundStart:
                 return
             for thread in threads:
                 try:
-                    self._setPriority(os.PRIO_PROCESS, thread, self.foreground)
+                    self._setPriority(os.PRIO_PROCESS, thread, niceness)
                 except OSError as e:
                     # A thread that ended meanwhile.
                     if e.errno != errno.ESRCH:

@@ -233,6 +233,11 @@ class FakeSuccessor:
         self._waiters: list[Deferred[SuccessorExit]] = []
         #: why it was brought forward, each time
         self.broughtForward: list[str] = []
+        #: why it was sent back, each time
+        self.sentBack: list[str] = []
+        #: what was done to its priority, in order: C{("forward", why)}
+        #: and C{("back", why)}
+        self.priorities: list[tuple[str, str]] = []
 
     @property
     def exited(self) -> bool:
@@ -265,6 +270,11 @@ class FakeSuccessor:
 
     def bringForward(self, why: str) -> None:
         self.broughtForward.append(why)
+        self.priorities.append(("forward", why))
+
+    def sendBack(self, why: str) -> None:
+        self.sentBack.append(why)
+        self.priorities.append(("back", why))
 
     def deliverOutput(self, childFD: int, data: bytes) -> None:
         self.tail.extend(data.decode("utf-8", "replace").splitlines())

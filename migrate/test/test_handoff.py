@@ -105,6 +105,7 @@ class FakeSuccessorTests(SynchronousTestCase):
                 "logTail",
                 "outputPipes",
                 "pid",
+                "sendBack",
                 "terminate",
                 "whenEnded",
             ],
@@ -1331,6 +1332,49 @@ class RecopyTests(PrecopyFixture):
             "round copies them; the freeze carries what changes next",
             self.o.progress,
         )
+
+    def test_successorInTheBackgroundWhileStaging(self) -> None:
+        """
+        A successor brought forward once started goes back to the
+        background before the pre-copy is sent, stays there through the
+        re-copies (its staging competes with this process, which serves
+        every client until the freeze), and is brought forward again
+        before the freeze.
+        """
+        seen: dict[str, list[tuple[str, str]]] = {}
+
+        def priorities() -> list[tuple[str, str]]:
+            return list(self.o.successor.priorities)
+
+        def sendLiveDescriptors(
+            reactor: Any, sock: Any, sources: Any, timeout: Any
+        ) -> Any:
+            seen["precopy"] = priorities()
+            return maybeDeferred(lambda: None)
+
+        self.patch(_outgoing, "sendLiveDescriptors", sendLiveDescriptors)
+        answer = self.incoming.recopyAnswer
+
+        def recopyAnswer(entries: list[dict[str, Any]]) -> dict[str, Any]:
+            seen["recopy"] = priorities()
+            return answer(entries)
+
+        self.incoming.recopyAnswer = recopyAnswer
+        freezeDelta = _outgoing.freezeDelta
+
+        def atTheFreeze(precopied: list[Any], appStateOnly: bool = False) -> Any:
+            seen["freeze"] = priorities()
+            return freezeDelta(precopied, appStateOnly)
+
+        self.patch(_outgoing, "freezeDelta", atTheFreeze)
+        self.recopyRounds = [[1, 2]]
+        report = self.migrate()
+        self.assertEqual(report["outcome"], "success")
+        staging = [("forward", "its start is done"), ("back", "it stages the pre-copy")]
+        self.assertEqual(seen["precopy"], staging)
+        self.assertEqual(seen["recopy"], staging)
+        self.assertEqual(seen["freeze"], staging + [("forward", "the freeze begins")])
+        self.assertEqual(self.o.successor.priorities, seen["freeze"])
 
     def test_moreRoundsWhenFewerChanged(self) -> None:
         """

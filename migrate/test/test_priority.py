@@ -104,11 +104,10 @@ class _Priorities:
         return self.listings[0]
 
 
-class BackgroundStartTests(SynchronousTestCase):
+class _BackgroundFixture(SynchronousTestCase):
     """
-    L{BackgroundStart} brings a child started at the lowest priority
-    forward, every thread of it, once: when told, or after its bounded
-    time in the background.
+    A L{BackgroundStart} of child 100 with fake priorities and threads,
+    and what it logs.
     """
 
     def setUp(self) -> None:
@@ -139,6 +138,14 @@ class BackgroundStartTests(SynchronousTestCase):
             if each.get("log_level") is level
             and each.get("log_namespace", "").startswith("migrate._host._priority")
         ]
+
+
+class BackgroundStartTests(_BackgroundFixture):
+    """
+    L{BackgroundStart} brings a child started at the lowest priority
+    forward, every thread of it, once: when told, or after its bounded
+    time in the background.
+    """
 
     def test_everyThreadMainFirst(self) -> None:
         """
@@ -247,6 +254,105 @@ class BackgroundStartTests(SynchronousTestCase):
         )
         start.bringForward("now")
         self.assertEqual(fake.set, [])
+
+
+class SendBackTests(_BackgroundFixture):
+    """
+    L{BackgroundStart.sendBack} puts a child brought forward back to the
+    lowest priority, every thread of it, until it is brought forward
+    again: when told, or after the same bounded time.
+    """
+
+    def _forward(self, threads: list[list[int]]) -> tuple[BackgroundStart, _Priorities]:
+        start, fake = self._start(threads, foreground=2)
+        start.bringForward("its start is done")
+        del fake.set[:]
+        del self.events[:]
+        return start, fake
+
+    def test_everyThreadBack(self) -> None:
+        """
+        Every thread goes back to the lowest priority, the main thread
+        first, and the log says so with why.
+        """
+        start, fake = self._forward([[100, 101, 102]])
+        start.sendBack("it stages the pre-copy")
+        self.assertEqual(fake.set, [(100, 19), (101, 19), (102, 19)])
+        self.assertFalse(start.broughtForward)
+        [info] = self._logged(LogLevel.info)
+        self.assertEqual(info["why"], "it stages the pre-copy")
+        self.assertEqual((info["pid"], info["low"], info["nice"]), (100, 19, 2))
+
+    def test_broughtForwardAgain(self) -> None:
+        """
+        Brought forward again, every thread (those started meanwhile too)
+        runs at this process's priority, and the deadline is cancelled.
+        """
+        start, fake = self._forward([[100, 101]])
+        start.sendBack("it stages the pre-copy")
+        fake.listings[:] = [[100, 101, 103]]
+        del fake.set[:]
+        start.bringForward("the freeze begins")
+        self.assertEqual(fake.set, [(100, 2), (101, 2), (103, 2)])
+        self.assertTrue(start.broughtForward)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_afterItsTime(self) -> None:
+        """
+        A child still sent back after the bounded time is brought forward
+        then, saying so.
+        """
+        start, fake = self._forward([[100]])
+        start.sendBack("it stages the pre-copy")
+        del fake.set[:]
+        self.clock.advance(2.9)
+        self.assertEqual(fake.set, [])
+        self.clock.advance(0.1)
+        self.assertEqual(fake.set, [(100, 2)])
+        self.assertEqual(
+            self._logged(LogLevel.info)[-1]["why"], "in the background again for 3 s"
+        )
+
+    def test_notForward(self) -> None:
+        """
+        A child still in the background, or ended, is not touched.
+        """
+        start, fake = self._start([[100]])
+        start.sendBack("too early")
+        self.assertEqual(fake.set, [])
+        start.bringForward("now")
+        start.ended()
+        del fake.set[:]
+        start.sendBack("too late")
+        self.assertEqual(fake.set, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_goneMeanwhile(self) -> None:
+        """
+        A child that has ended meanwhile needs nothing, and nothing is
+        logged as an error.
+        """
+        start, fake = self._forward([[100]])
+        fake.refuse[100] = errno.ESRCH
+        start.sendBack("it stages the pre-copy")
+        self.assertEqual(self._logged(LogLevel.error), [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_refused(self) -> None:
+        """
+        A refusal part way is logged as an error saying the child runs on
+        at this process's priority, and the threads sent back already are
+        brought forward again; nothing is raised.
+        """
+        start, fake = self._forward([[100, 101]])
+        fake.refuse[101] = errno.EPERM
+        start.sendBack("it stages the pre-copy")
+        error = self._logged(LogLevel.error)[0]
+        self.assertEqual((error["low"], error["nice"]), (19, 2))
+        self.assertIn("Operation not permitted", error["error"])
+        self.assertEqual(fake.set, [(100, 19), (100, 2)])
+        self.assertTrue(start.broughtForward)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class IfPossibleTests(SynchronousTestCase):

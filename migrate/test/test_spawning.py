@@ -272,12 +272,16 @@ class SpawnProcessTests(TestCase):
         self.assertEqual(report["nice"], BACKGROUND_NICENESS)
 
     @inlineCallbacks
-    def test_broughtForward(self) -> Generator[Any, Any, None]:
+    def _startWaiter(
+        self,
+    ) -> Generator[Any, Any, tuple[BackgroundStart, Any, _Collecting]]:
         """
-        A child started in the background and brought forward runs, every
-        thread of it, at this process's priority again.
+        Start L{_WAITER} in the background, and wait until both its threads
+        run.
+
+        @return: the background start, the process transport and its
+            protocol.
         """
-        foreground = os.getpriority(os.PRIO_PROCESS, 0)
         start = BackgroundStart.ifPossible(self.reactor, 300.0)
         if start is None:
             raise SkipTest("this process may not bring a child forward")
@@ -301,6 +305,16 @@ class SpawnProcessTests(TestCase):
             background=start,
         )
         yield ready.addTimeout(30, self.reactor)
+        return start, transport, protocol
+
+    @inlineCallbacks
+    def test_broughtForward(self) -> Generator[Any, Any, None]:
+        """
+        A child started in the background and brought forward runs, every
+        thread of it, at this process's priority again.
+        """
+        foreground = os.getpriority(os.PRIO_PROCESS, 0)
+        start, transport, protocol = yield self._startWaiter()
         start.bringForward("the test says so")
         transport.write(b"go\n")
         yield protocol.ended.addTimeout(30, self.reactor)
@@ -308,6 +322,33 @@ class SpawnProcessTests(TestCase):
         protocol.reason.trap(ProcessDone)
         niceness = protocol.output[1].split(b"ready\n", 1)[1].split()
         self.assertEqual([int(each) for each in niceness], [foreground, foreground])
+
+    @inlineCallbacks
+    def test_sentBack(self) -> Generator[Any, Any, None]:
+        """
+        A child brought forward and sent back runs, every thread of it, at
+        the lowest priority again, until it is brought forward again.
+        """
+        foreground = os.getpriority(os.PRIO_PROCESS, 0)
+        start, transport, protocol = yield self._startWaiter()
+
+        def niceness() -> list[int]:
+            return [
+                os.getpriority(os.PRIO_PROCESS, int(thread))
+                for thread in sorted(os.listdir("/proc/{}/task".format(start.pid)))
+            ]
+
+        start.bringForward("its start is done")
+        self.assertEqual(niceness(), [foreground, foreground])
+        start.sendBack("it stages the pre-copy")
+        self.assertEqual(niceness(), [BACKGROUND_NICENESS, BACKGROUND_NICENESS])
+        start.bringForward("the freeze begins")
+        transport.write(b"go\n")
+        yield protocol.ended.addTimeout(30, self.reactor)
+        assert protocol.reason is not None
+        protocol.reason.trap(ProcessDone)
+        reported = protocol.output[1].split(b"ready\n", 1)[1].split()
+        self.assertEqual([int(each) for each in reported], [foreground, foreground])
 
     @inlineCallbacks
     def test_environmentDirectoryArguments(self) -> Generator[Any, Any, None]:

@@ -272,6 +272,7 @@ class OutgoingHandoff:
                 attempt.phaseDone("precopy")
                 yield self._recopy()
                 attempt.phaseDone("recopy")
+                self._bringSuccessorForward("the freeze begins")
                 yield self._handConnections()
                 attempt.phaseDone("connections")
             attempt.enter(MigrationPhase.committing)
@@ -621,6 +622,9 @@ class OutgoingHandoff:
         if not precopied:
             return
         freezeOurs, freezeTheirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Staging the copies is the successor's work nobody waits for: the
+        # process serving the clients comes first until the freeze.
+        self._sendSuccessorBack("it stages the pre-copy")
         try:
             answer = yield self._sendBatch(
                 PrecopyConnections,
@@ -928,13 +932,26 @@ class OutgoingHandoff:
     def _bringSuccessorForward(self, why: str) -> None:
         """
         If the successor started in the background, give it this process's
-        CPU priority: once its interpreter and imports are done, since what
-        follows (the application's start, the pre-copy, the freeze) is
-        short, leads to the moment the clients wait for it, and may start
-        processes of the application's, which would keep the low priority.
+        CPU priority: once its interpreter and imports are done, since the
+        application's start follows, which may start processes of the
+        application's that would keep the low priority; and again when the
+        freeze begins, after the pre-copy sent it back (L{_sendSuccessorBack}),
+        since the clients wait for it from then on.
         """
         if self.successor is not None:
             self.successor.bringForward(why)
+
+    def _sendSuccessorBack(self, why: str) -> None:
+        """
+        If the successor started in the background, give it the lowest CPU
+        priority again while it stages the pre-copy and the re-copies: its
+        threads compete with this process's for the processor, and this
+        process serves every client until the freeze.  Processes the
+        application started stay at the service's priority.  The bound of
+        a background start holds (L{BackgroundStart.sendBack}).
+        """
+        if self.successor is not None:
+            self.successor.sendBack(why)
 
     def _yieldProcessor(self, moved: int) -> None:
         """

@@ -244,7 +244,8 @@ class Options(usage.Options):
             None,
             "background",
             "background or foreground: successors and trial processes start "
-            "at the lowest CPU priority (nice 19), so that their start takes "
+            "at the lowest CPU priority (nice 19, SCHED_IDLE), so that their "
+            "start takes "
             "no CPU from the clients, and are brought forward to this "
             "process's priority once started (a successor: when it is ready; "
             "it goes back while it stages the pre-copy, until the freeze) "

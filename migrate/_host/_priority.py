@@ -13,6 +13,19 @@ transfer fell from 93 to 103 ms (during the successor's start) to 47 to
 57 ms (the freeze's own), and the median wait during the migration from
 17 to under 5 ms, when the successor started at nice 19.
 
+The lowest priority is two settings.  Nice 19 alone gives a child a
+small share of a CPU it competes for, but the CPU it runs on still counts
+as busy when the kernel places a waking process: the serving process,
+woken by its clients' requests, is then put beside other work (on this
+machine, the load generator) while the child keeps the other CPU, and
+waits there for its turn.  Traced under load, the process serving every
+client waited for a processor up to 24 ms at a time while a successor
+started at nice 19.  A CPU that runs only C{SCHED_IDLE} threads counts as
+idle for that placement, and a waking thread of the normal policy takes
+it at once.  So a child in the background runs under C{SCHED_IDLE} at
+nice 19 (which C{ps} shows), and is brought forward to the normal policy
+(C{SCHED_OTHER}) at this process's nice value.
+
 A child started in the background (L{BackgroundStart}) runs at the lowest
 priority (L{BACKGROUND_NICENESS}) until it is brought forward to this
 process's priority: a successor once its start is done (it says it is
@@ -31,10 +44,11 @@ started stay where they are.
 Bringing a process forward again needs a privilege this process may not
 have (C{CAP_SYS_NICE}, or an C{RLIMIT_NICE} that allows this process's
 nice value: C{LimitNICE=} under systemd, C{--ulimit nice=} or
-C{--cap-add SYS_NICE} under Docker).  L{BackgroundStart.ifPossible}
-checks first and gives L{None} without it: the child then starts at this
-process's priority, as before.  On Linux the nice value belongs to each
-thread, so every thread of the child is brought forward.
+C{--cap-add SYS_NICE} under Docker); leaving C{SCHED_IDLE} needs the same
+since Linux 2.6.39.  L{BackgroundStart.ifPossible} checks first and gives
+L{None} without it: the child then starts at this process's priority, as
+before.  On Linux the nice value and the policy belong to each thread, so
+every thread of the child is brought forward.
 """
 
 from __future__ import annotations
@@ -59,6 +73,12 @@ _log = Logger()
 
 #: the nice value a child starts at in the background (the lowest priority)
 BACKGROUND_NICENESS = 19
+
+#: the scheduling policy of a child in the background, with
+#: L{BACKGROUND_NICENESS}, and of a normal one (Linux only; L{None}
+#: elsewhere)
+_IDLE_POLICY: int | None = getattr(os, "SCHED_IDLE", None)
+_NORMAL_POLICY: int | None = getattr(os, "SCHED_OTHER", None)
 
 #: the share of a child's deadline (the time it has to start) it may spend
 #: in the background before it is brought forward
@@ -107,6 +127,21 @@ def mayBringForward(
     return False
 
 
+def _setPolicy(thread: int, idle: bool) -> None:
+    """
+    Give C{thread} (0: the calling one) the scheduling policy of the
+    background (C{SCHED_IDLE}) or the normal one; nothing where the
+    system has no such policies.
+
+    @raise OSError: if the system refuses.
+    """
+    if _IDLE_POLICY is None or _NORMAL_POLICY is None:
+        return
+    os.sched_setscheduler(
+        thread, _IDLE_POLICY if idle else _NORMAL_POLICY, os.sched_param(0)
+    )
+
+
 def _threadsOf(pid: int) -> list[int]:
     """
     The thread IDs of process C{pid}.
@@ -140,6 +175,7 @@ class BackgroundStart:
         default=os.setpriority, repr=False
     )
     _threadsOf: Callable[[int], list[int]] = field(default=_threadsOf, repr=False)
+    _setPolicy: Callable[[int, bool], None] = field(default=_setPolicy, repr=False)
 
     @classmethod
     def ifPossible(cls, reactor: Any, deadline: float) -> BackgroundStart | None:
@@ -184,7 +220,7 @@ class BackgroundStart:
             return
         self.broughtForward = True
         try:
-            self._setThreads(self.pid, self.foreground)
+            self._setThreads(self.pid, background=False)
         except OSError as e:
             if e.errno == errno.ESRCH:
                 return
@@ -218,7 +254,7 @@ class BackgroundStart:
         if self.pid is None or not self.broughtForward:
             return
         try:
-            self._setThreads(self.pid, self.niceness)
+            self._setThreads(self.pid, background=True)
         except OSError as e:
             if e.errno != errno.ESRCH:
                 _log.error(
@@ -257,10 +293,10 @@ class BackgroundStart:
         self._timer = None
         self.pid = None
 
-    def _setThreads(self, pid: int, niceness: int) -> None:
+    def _setThreads(self, pid: int, background: bool) -> None:
         # The main thread first: the threads it starts from then on are
         # born at its priority.
-        self._setPriority(os.PRIO_PROCESS, pid, niceness)
+        self._setThread(pid, background)
         threadsOf = self._threadsOf
         done = {pid}
         for _ in range(_LISTINGS):
@@ -274,22 +310,37 @@ class BackgroundStart:
                 return
             for thread in threads:
                 try:
-                    self._setPriority(os.PRIO_PROCESS, thread, niceness)
+                    self._setThread(thread, background)
                 except OSError as e:
                     # A thread that ended meanwhile.
                     if e.errno != errno.ESRCH:
                         raise
                 done.add(thread)
 
+    def _setThread(self, thread: int, background: bool) -> None:
+        """
+        Give one thread the background's nice value and policy, or this
+        process's nice value and the normal policy.
+        """
+        if background:
+            self._setPriority(os.PRIO_PROCESS, thread, self.niceness)
+            self._setPolicy(thread, True)
+        else:
+            self._setPolicy(thread, False)
+            self._setPriority(os.PRIO_PROCESS, thread, self.foreground)
+
 
 def lowerOwnPriority(niceness: int) -> None:
     """
-    Raise the calling thread's nice value to C{niceness}, if it is lower.
-    On Linux the nice value belongs to the thread: the reactor's thread,
-    which lets go of the connections, is the one that calls.  Raising it
-    needs no privilege; lowering it again would.
+    Raise the calling thread's nice value to C{niceness}, if it is lower,
+    and give it the background's policy (C{SCHED_IDLE}): the processor it
+    runs on then counts as idle for the processes that must run (see the
+    module's docstring).  On Linux both belong to the thread: the reactor's
+    thread, which lets go of the connections, is the one that calls.
+    Neither needs a privilege; coming back would.
 
     @raise OSError: if the system refuses.
     """
     if os.getpriority(os.PRIO_PROCESS, 0) < niceness:
         os.setpriority(os.PRIO_PROCESS, 0, niceness)
+    _setPolicy(0, True)

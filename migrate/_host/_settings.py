@@ -65,7 +65,8 @@ class HostSettings:
         oldest close their connections cleanly.  L{None}: no limit.
     @ivar yieldWhenHandedOn: whether this process, once a capability
         transfer committed with nothing left to drain here, lowers its own
-        CPU priority (to L{HANDED_ON_NICENESS}) before it lets go of the
+        CPU priority (to L{HANDED_ON_NICENESS}, under C{SCHED_IDLE}; see
+        L{migrate._host._priority.lowerOwnPriority}) before it lets go of the
         moved connections and exits, so that this work takes no CPU from
         the successor serving them.  For a process that ends once handed
         on: the priority is never raised again.  C{twistd migrate-host}

@@ -80,6 +80,10 @@ for fd in range(top):
 os.closerange(top, max(os.sysconf("SC_OPEN_MAX"), top))
 if nice != "-":
     os.setpriority(os.PRIO_PROCESS, 0, int(nice))
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
 os.execv(executable, sys.argv[6:])
 """
 

@@ -7,14 +7,20 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import threading
 from typing import Any, cast
 
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from .._host import _priority
-from .._host._priority import BACKGROUND_NICENESS, BackgroundStart, mayBringForward
+from .._host._priority import (
+    BACKGROUND_NICENESS,
+    BackgroundStart,
+    lowerOwnPriority,
+    mayBringForward,
+)
 
 _NICE_BIT = 1 << 23
 
@@ -90,6 +96,8 @@ class _Priorities:
     def __init__(self, threads: list[list[int]]) -> None:
         self.listings = threads
         self.set: list[tuple[int, int]] = []
+        #: each thread's policy as set: whether the background's
+        self.policies: list[tuple[int, bool]] = []
         self.refuse: dict[int, int] = {}
 
     def setPriority(self, which: int, who: int, value: int) -> None:
@@ -97,6 +105,9 @@ class _Priorities:
         if who in self.refuse:
             raise OSError(self.refuse[who], os.strerror(self.refuse[who]))
         self.set.append((who, value))
+
+    def setPolicy(self, thread: int, idle: bool) -> None:
+        self.policies.append((thread, idle))
 
     def threadsOf(self, pid: int) -> list[int]:
         if len(self.listings) > 1:
@@ -127,6 +138,7 @@ class _BackgroundFixture(SynchronousTestCase):
             3.0,
             setPriority=fake.setPriority,
             threadsOf=fake.threadsOf,
+            setPolicy=fake.setPolicy,
         )
         start.started(100)
         return start, fake
@@ -156,6 +168,7 @@ class BackgroundStartTests(_BackgroundFixture):
         start, fake = self._start([[100, 101, 102]], foreground=2)
         start.bringForward("the freeze begins")
         self.assertEqual(fake.set, [(100, 2), (101, 2), (102, 2)])
+        self.assertEqual(fake.policies, [(100, False), (101, False), (102, False)])
         self.assertTrue(start.broughtForward)
         [info] = self._logged(LogLevel.info)
         self.assertEqual(info["why"], "the freeze begins")
@@ -276,8 +289,10 @@ class SendBackTests(_BackgroundFixture):
         first, and the log says so with why.
         """
         start, fake = self._forward([[100, 101, 102]])
+        del fake.policies[:]
         start.sendBack("it stages the pre-copy")
         self.assertEqual(fake.set, [(100, 19), (101, 19), (102, 19)])
+        self.assertEqual(fake.policies, [(100, True), (101, True), (102, True)])
         self.assertFalse(start.broughtForward)
         [info] = self._logged(LogLevel.info)
         self.assertEqual(info["why"], "it stages the pre-copy")
@@ -353,6 +368,36 @@ class SendBackTests(_BackgroundFixture):
         self.assertEqual(fake.set, [(100, 19), (100, 2)])
         self.assertTrue(start.broughtForward)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class LowerOwnPriorityTests(SynchronousTestCase):
+    """
+    L{lowerOwnPriority} gives the calling thread the background's nice
+    value and policy, for good.
+    """
+
+    def test_callingThread(self) -> None:
+        """
+        The calling thread (a thread of this test's own, which ends with
+        it) takes the nice value and C{SCHED_IDLE}; the other threads keep
+        theirs.
+        """
+        if not hasattr(os, "SCHED_IDLE"):
+            raise SkipTest("no SCHED_IDLE here")
+        seen: list[tuple[int, int]] = []
+
+        def lower() -> None:
+            lowerOwnPriority(BACKGROUND_NICENESS)
+            seen.append((os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0)))
+
+        before = (os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0))
+        thread = threading.Thread(target=lower)
+        thread.start()
+        thread.join(30)
+        self.assertEqual(seen, [(BACKGROUND_NICENESS, os.SCHED_IDLE)])
+        self.assertEqual(
+            (os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0)), before
+        )
 
 
 class IfPossibleTests(SynchronousTestCase):

@@ -90,6 +90,7 @@ report = dict(
     env=dict(entry.split("=", 1) for entry in entries),
     pid=os.getpid(),
     nice=os.getpriority(os.PRIO_PROCESS, 0),
+    policy=os.sched_getscheduler(0),
 )
 os.write(1, json.dumps(report).encode())
 """
@@ -257,6 +258,7 @@ class SpawnProcessTests(TestCase):
         """
         report = yield self._report({0: "w", 1: "r", 2: "r"})
         self.assertEqual(report["nice"], os.getpriority(os.PRIO_PROCESS, 0))
+        self.assertEqual(report["policy"], os.sched_getscheduler(0))
 
     @inlineCallbacks
     def test_background(self) -> Generator[Any, Any, None]:
@@ -270,6 +272,7 @@ class SpawnProcessTests(TestCase):
         pid, report = yield self._reportInPlace(background=start)
         self.assertEqual(start.pid, pid)
         self.assertEqual(report["nice"], BACKGROUND_NICENESS)
+        self.assertEqual(report["policy"], os.SCHED_IDLE)
 
     @inlineCallbacks
     def _startWaiter(
@@ -332,16 +335,22 @@ class SpawnProcessTests(TestCase):
         foreground = os.getpriority(os.PRIO_PROCESS, 0)
         start, transport, protocol = yield self._startWaiter()
 
-        def niceness() -> list[int]:
+        def priorities() -> list[tuple[int, int]]:
             return [
-                os.getpriority(os.PRIO_PROCESS, int(thread))
+                (
+                    os.getpriority(os.PRIO_PROCESS, int(thread)),
+                    os.sched_getscheduler(int(thread)),
+                )
                 for thread in sorted(os.listdir("/proc/{}/task".format(start.pid)))
             ]
 
+        background = (BACKGROUND_NICENESS, os.SCHED_IDLE)
+        self.assertEqual(priorities(), [background, background])
         start.bringForward("its start is done")
-        self.assertEqual(niceness(), [foreground, foreground])
+        normal = (foreground, os.SCHED_OTHER)
+        self.assertEqual(priorities(), [normal, normal])
         start.sendBack("it stages the pre-copy")
-        self.assertEqual(niceness(), [BACKGROUND_NICENESS, BACKGROUND_NICENESS])
+        self.assertEqual(priorities(), [background, background])
         start.bringForward("the freeze begins")
         transport.write(b"go\n")
         yield protocol.ended.addTimeout(30, self.reactor)

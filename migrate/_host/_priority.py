@@ -184,10 +184,13 @@ class BackgroundStart:
         start: it is brought forward after a tenth of them at the latest.
 
         @return: L{None} when this process could not bring the child
-            forward again (or runs at the lowest priority itself, or not
-            on Linux).
+            forward again (or runs at the lowest priority itself, or under
+            another policy than the normal one, which bringing forward
+            would not give back, or not on Linux).
         """
         if not sys.platform.startswith("linux"):
+            return None
+        if _NORMAL_POLICY is not None and os.sched_getscheduler(0) != _NORMAL_POLICY:
             return None
         foreground = os.getpriority(os.PRIO_PROCESS, 0)
         if foreground >= BACKGROUND_NICENESS or not mayBringForward(foreground):

@@ -413,6 +413,8 @@ class IfPossibleTests(SynchronousTestCase):
         """
         self.patch(_priority, "mayBringForward", lambda niceness: True)
         self.patch(os, "getpriority", lambda which, who: 3)
+        if hasattr(os, "SCHED_OTHER"):
+            self.patch(os, "sched_getscheduler", lambda pid: os.SCHED_OTHER)
         start = BackgroundStart.ifPossible(Clock(), 30.0)
         assert start is not None
         self.assertEqual((start.foreground, start.atMost), (3, 3.0))
@@ -433,3 +435,20 @@ class IfPossibleTests(SynchronousTestCase):
         self.patch(_priority, "mayBringForward", lambda niceness: True)
         self.patch(os, "getpriority", lambda which, who: BACKGROUND_NICENESS)
         self.assertIsNone(BackgroundStart.ifPossible(Clock(), 30.0))
+
+    def test_otherPolicy(self) -> None:
+        """
+        A process under another scheduling policy than the normal one
+        (C{SCHED_BATCH}, a real-time one, C{SCHED_IDLE}) gets no background
+        start: bringing a child forward gives the normal policy, not its
+        own.
+        """
+        if not hasattr(os, "SCHED_BATCH"):
+            raise SkipTest("no scheduling policies here")
+        self.patch(_priority, "mayBringForward", lambda niceness: True)
+        self.patch(os, "getpriority", lambda which, who: 0)
+        for policy in (os.SCHED_BATCH, os.SCHED_IDLE, os.SCHED_FIFO):
+            self.patch(os, "sched_getscheduler", lambda pid, policy=policy: policy)
+            self.assertIsNone(BackgroundStart.ifPossible(Clock(), 30.0), policy)
+        self.patch(os, "sched_getscheduler", lambda pid: os.SCHED_OTHER)
+        self.assertIsNotNone(BackgroundStart.ifPossible(Clock(), 30.0))

@@ -199,9 +199,19 @@ class BackgroundStart:
 
     def started(self, pid: int) -> None:
         """
-        The child C{pid} started at L{niceness}: bring it forward after
-        L{atMost} seconds at the latest.
+        The child C{pid} started: bring it forward after L{atMost} seconds
+        at the latest.
+
+        Its first thread takes the background's priority and policy (the
+        trampoline that starts it does too, once its own interpreter has
+        started: about 15 ms of a processor at this process's priority
+        otherwise); it may have ended already, or not be there yet for a
+        refusal, which changes nothing.
         """
+        try:
+            self._setThread(pid, background=True)
+        except OSError:
+            pass
         self.pid = pid
         self._timer = self.reactor.callLater(
             self.atMost,

@@ -141,6 +141,8 @@ class _BackgroundFixture(SynchronousTestCase):
             setPolicy=fake.setPolicy,
         )
         start.started(100)
+        # What the start did at once (test_startedInTheBackgroundAtOnce).
+        del fake.set[:], fake.policies[:]
         return start, fake
 
     def _logged(self, level: LogLevel) -> list[dict[str, Any]]:
@@ -173,6 +175,29 @@ class BackgroundStartTests(_BackgroundFixture):
         [info] = self._logged(LogLevel.info)
         self.assertEqual(info["why"], "the freeze begins")
         self.assertEqual((info["pid"], info["low"], info["nice"]), (100, 19, 2))
+
+    def test_startedInTheBackgroundAtOnce(self) -> None:
+        """
+        Told the child started, the start gives it the background's nice
+        value and policy at once (before the trampoline does), and says
+        nothing if that fails.
+        """
+        fake = _Priorities([[100]])
+        start = BackgroundStart(
+            self.clock,
+            0,
+            3.0,
+            setPriority=fake.setPriority,
+            threadsOf=fake.threadsOf,
+            setPolicy=fake.setPolicy,
+        )
+        start.started(100)
+        self.assertEqual((fake.set, fake.policies), ([(100, 19)], [(100, True)]))
+        fake.refuse[101] = errno.ESRCH
+        start.ended()
+        start.started(101)
+        self.assertEqual(start.pid, 101)
+        self.assertEqual(self._logged(LogLevel.error), [])
 
     def test_threadsStartedMeanwhile(self) -> None:
         """

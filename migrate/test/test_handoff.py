@@ -1453,22 +1453,55 @@ class RecopyTests(PrecopyFixture):
                 json.dumps({"id": each.ident, "state": {}}) for each in chosen
             )
 
-        deferLater = _outgoing.deferLater
+        afterPolls = _outgoing.afterPolls
 
-        def turn(clock: Any, delay: float, f: Any) -> Any:
-            events.append("turn")
-            return deferLater(clock, delay, f)
+        def polls(clock: Any, count: int) -> Any:
+            events.append("{} polls".format(count))
+            return afterPolls(clock, count)
 
         self.patch(_outgoing, "recopyChanged", recopyChanged)
-        self.patch(_outgoing, "deferLater", turn)
+        self.patch(_outgoing, "afterPolls", polls)
         report = self.migrate()
         self.assertEqual(report["outcome"], "success")
         first = events.index([1])
-        self.assertEqual(events[first : first + 3], [[1], "turn", [2]])
+        # Two polls: one reads the requests that came meanwhile, the next
+        # writes their answers.
+        self.assertEqual(events[first : first + 3], [[1], "2 polls", [2]])
         self.assertEqual(
             self.incoming.recopies,
             [[{"id": 1, "state": {}}], [{"id": 2, "state": {}}]],
         )
+
+    def test_precopyBatches(self) -> None:
+        """
+        The pre-copy describes the connections a batch at a time, the
+        reactor polling twice between two batches: one poll reads the
+        requests that came meanwhile, the next writes their answers.
+        """
+        self.patch(_outgoing, "_PRECOPY_BATCH", 1)
+        events: list[Any] = []
+        byProtocol = {id(each.hosted): each for each in self.precopied}
+
+        def precopyMovable(connections: Any, first: int) -> tuple[list[Any], str]:
+            batch = [
+                byProtocol[id(protocol)]
+                for _, protocol in connections
+                if id(protocol) in byProtocol
+            ]
+            events.append([each.ident for each in batch])
+            return batch, ",".join("{}" for _ in batch)
+
+        afterPolls = _outgoing.afterPolls
+
+        def polls(clock: Any, count: int) -> Any:
+            events.append("{} polls".format(count))
+            return afterPolls(clock, count)
+
+        self.patch(_outgoing, "precopyMovable", precopyMovable)
+        self.patch(_outgoing, "afterPolls", polls)
+        report = self.migrate()
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual(events[:5], [[1], "2 polls", [2], "2 polls", []])
 
     def test_boundedRounds(self) -> None:
         """

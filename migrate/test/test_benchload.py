@@ -831,12 +831,7 @@ class BacklogRunTests(TestCase):
         go pipe closed first, so the go cannot be written) ends at once
         and says so, without serving.
         """
-        result = yield self.clientFails(
-            "def clientSide(clients, waiting, spread, go, report):\n"
-            "    os.close(go)\n"
-            "    raise RuntimeError('the client side failed')\n"
-        )
-        self.assertEqual(result, {"error": "the client process ended before sending"})
+        yield self.assertEndsBeforeSending("os.close(go)")
 
     @inlineCallbacks
     def test_clientFailsBeforeSending(self) -> Any:
@@ -844,9 +839,17 @@ class BacklogRunTests(TestCase):
         A trial whose client process ends after the go, before it sends its
         requests, ends at once and says so, without serving.
         """
+        yield self.assertEndsBeforeSending("os.read(go, 1)")
+
+    @inlineCallbacks
+    def assertEndsBeforeSending(self, first: str) -> Any:
+        """
+        A trial whose client process does C{first} (a line of Python) and
+        fails ends, saying the client process ended before sending.
+        """
         result = yield self.clientFails(
             "def clientSide(clients, waiting, spread, go, report):\n"
-            "    os.read(go, 1)\n"
+            "    " + first + "\n"
             "    raise RuntimeError('the client side failed')\n"
         )
         self.assertEqual(result, {"error": "the client process ended before sending"})

@@ -319,12 +319,24 @@ class SpawnProcessTests(TestCase):
         foreground = os.getpriority(os.PRIO_PROCESS, 0)
         start, transport, protocol = yield self._startWaiter()
         start.bringForward("the test says so")
+        niceness = yield self._finishWaiter(transport, protocol)
+        self.assertEqual(niceness, [foreground, foreground])
+
+    @inlineCallbacks
+    def _finishWaiter(
+        self, transport: Any, protocol: _Collecting
+    ) -> Generator[Any, Any, list[int]]:
+        """
+        Tell L{_WAITER} to go on, and wait until it ended.
+
+        @return: the nice values its two threads reported.
+        """
         transport.write(b"go\n")
         yield protocol.ended.addTimeout(30, self.reactor)
         assert protocol.reason is not None
         protocol.reason.trap(ProcessDone)
-        niceness = protocol.output[1].split(b"ready\n", 1)[1].split()
-        self.assertEqual([int(each) for each in niceness], [foreground, foreground])
+        reported = protocol.output[1].split(b"ready\n", 1)[1].split()
+        return [int(each) for each in reported]
 
     @inlineCallbacks
     def test_sentBack(self) -> Generator[Any, Any, None]:
@@ -352,12 +364,8 @@ class SpawnProcessTests(TestCase):
         start.sendBack("it stages the pre-copy")
         self.assertEqual(priorities(), [background, background])
         start.bringForward("the freeze begins")
-        transport.write(b"go\n")
-        yield protocol.ended.addTimeout(30, self.reactor)
-        assert protocol.reason is not None
-        protocol.reason.trap(ProcessDone)
-        reported = protocol.output[1].split(b"ready\n", 1)[1].split()
-        self.assertEqual([int(each) for each in reported], [foreground, foreground])
+        niceness = yield self._finishWaiter(transport, protocol)
+        self.assertEqual(niceness, [foreground, foreground])
 
     @inlineCallbacks
     def test_environmentDirectoryArguments(self) -> Generator[Any, Any, None]:

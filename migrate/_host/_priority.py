@@ -202,11 +202,12 @@ class BackgroundStart:
         The child C{pid} started: bring it forward after L{atMost} seconds
         at the latest.
 
-        Its first thread takes the background's priority and policy (the
-        trampoline that starts it does too, once its own interpreter has
-        started: about 15 ms of a processor at this process's priority
-        otherwise); it may have ended already, or not be there yet for a
-        refusal, which changes nothing.
+        Its first thread takes the background's priority and policy at
+        once, for the trampoline's own interpreter start (about 15 ms of a
+        processor).  The trampoline sets them too before it executes the
+        command, so that the command runs at them however late this call
+        comes; so a failure here (the child ended already, say) changes
+        nothing.
         """
         try:
             self._setThread(pid, background=True)

@@ -245,8 +245,7 @@ class Options(usage.Options):
             "background",
             "background or foreground: successors and trial processes start "
             "at the lowest CPU priority (nice 19, SCHED_IDLE), so that their "
-            "start takes "
-            "no CPU from the clients, and are brought forward to this "
+            "start takes no CPU from the clients, and are brought forward to this "
             "process's priority once started (a successor: when it is ready; "
             "it goes back while it stages the pre-copy, until the freeze) "
             "or after a tenth of --ready-timeout (background; only where "

@@ -20,9 +20,10 @@ first: the kernel keeps that time for a TCP socket
 granularity of the kernel's tick).  A connection with nothing to read but
 work of its own (output to send, buffered input to deliver), or with bytes
 to read of unknown age, is served at once too, before them, and one whose
-client hung up without sending anything after them.  The others, whose clients wait for nothing, are served after
-that turn.  This is an optimisation only: if anything in it fails, every
-connection is served at once, in the order given, as before.
+client hung up without sending anything after them.  The others, whose
+clients wait for nothing, are served after that turn.  This is an
+optimisation only: if anything in it fails, every connection is served at
+once, in the order given, as before.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .._host._priority import BackgroundStart
+from .._host._priority import BackgroundStart, describePriority
 from .._host._spawning import spawnProcess
 
 __all__ = [
@@ -651,9 +651,9 @@ def spawnSuccessor(
     assert transport.pid is not None
     if background is not None and background.pid is not None:
         _log.info(
-            "Started successor {pid} at nice {nice}: {argv}",
+            "Started successor {pid} at {priority}: {argv}",
             pid=transport.pid,
-            nice=background.niceness,
+            priority=describePriority(background.niceness, True),
             argv=list(argv),
         )
         started = background

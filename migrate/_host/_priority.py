@@ -65,6 +65,7 @@ from twisted.logger import Logger
 __all__ = [
     "BACKGROUND_NICENESS",
     "BackgroundStart",
+    "describePriority",
     "lowerOwnPriority",
     "mayBringForward",
 ]
@@ -139,6 +140,23 @@ def _setPolicy(thread: int, idle: bool) -> None:
         return
     os.sched_setscheduler(
         thread, _IDLE_POLICY if idle else _NORMAL_POLICY, os.sched_param(0)
+    )
+
+
+def describePriority(niceness: int, background: bool) -> str:
+    """
+    A priority as the log names it: its nice value, and its policy where
+    the system has these policies (C{"nice 19 (SCHED_IDLE)"}, C{"nice 0
+    (SCHED_OTHER)"}), since C{ps} and C{top} show the one and C{chrt -p}
+    the other.
+
+    @param background: whether it is the background's policy
+        (C{SCHED_IDLE}) or the normal one.
+    """
+    if _IDLE_POLICY is None or _NORMAL_POLICY is None:
+        return "nice {}".format(niceness)
+    return "nice {} ({})".format(
+        niceness, "SCHED_IDLE" if background else "SCHED_OTHER"
     )
 
 
@@ -239,9 +257,11 @@ class BackgroundStart:
             if e.errno == errno.ESRCH:
                 return
             _log.error(
-                "Could not bring process {pid} forward from nice {low} to "
-                "{nice} ({why}): {error}; it runs on at nice {low}",
+                "Could not bring process {pid} forward from {background} to "
+                "{foreground} ({why}): {error}; it runs on at {background}",
                 pid=self.pid,
+                background=describePriority(self.niceness, True),
+                foreground=describePriority(self.foreground, False),
                 low=self.niceness,
                 nice=self.foreground,
                 why=why,
@@ -249,8 +269,10 @@ class BackgroundStart:
             )
             return
         _log.info(
-            "Brought process {pid} forward from nice {low} to {nice}: {why}",
+            "Brought process {pid} forward from {background} to {foreground}: " "{why}",
             pid=self.pid,
+            background=describePriority(self.niceness, True),
+            foreground=describePriority(self.foreground, False),
             low=self.niceness,
             nice=self.foreground,
             why=why,
@@ -272,9 +294,11 @@ class BackgroundStart:
         except OSError as e:
             if e.errno != errno.ESRCH:
                 _log.error(
-                    "Could not send process {pid} back from nice {nice} to "
-                    "{low} ({why}): {error}; it runs on at nice {nice}",
+                    "Could not send process {pid} back from {foreground} to "
+                    "{background} ({why}): {error}; it runs on at {foreground}",
                     pid=self.pid,
+                    background=describePriority(self.niceness, True),
+                    foreground=describePriority(self.foreground, False),
                     low=self.niceness,
                     nice=self.foreground,
                     why=why,
@@ -291,8 +315,10 @@ class BackgroundStart:
             "in the background again for {:g} s".format(self.atMost),
         )
         _log.info(
-            "Sent process {pid} back from nice {nice} to {low}: {why}",
+            "Sent process {pid} back from {foreground} to {background}: {why}",
             pid=self.pid,
+            background=describePriority(self.niceness, True),
+            foreground=describePriority(self.foreground, False),
             low=self.niceness,
             nice=self.foreground,
             why=why,

@@ -117,7 +117,7 @@ MIXED_V1 = MIGRATABLE_V1 + textwrap.dedent("""
 """)
 
 #: what the old process logs when it yields the processor to its successor
-YIELDED = "connections and exits at nice 19"
+YIELDED = "connections and exits at nice 19 (SCHED_IDLE)"
 
 
 def _refusingCountOne(source: str) -> str:
@@ -243,11 +243,12 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
         self.assertEqual((code, report["moved"]), (0, 1), err)
         newPid = report["newPid"]
         output = self.host.output()
-        started = output.index("Started successor {} at nice 19".format(newPid))
+        started = output.index(
+            "Started successor {} at nice 19 (SCHED_IDLE): ".format(newPid)
+        )
         forward = output.index(
-            "Brought process {} forward from nice 19 to {}: its start is done".format(
-                newPid, before
-            )
+            "Brought process {} forward from nice 19 (SCHED_IDLE) to nice {} "
+            "(SCHED_OTHER): its start is done".format(newPid, before)
         )
         self.assertLess(started, forward)
         self.assertLess(forward, output.index("froze and committed"))

@@ -11,13 +11,14 @@ import threading
 from typing import Any, cast
 
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from .._host import _priority
 from .._host._priority import (
     BACKGROUND_NICENESS,
     BackgroundStart,
+    describePriority,
     lowerOwnPriority,
     mayBringForward,
 )
@@ -239,6 +240,36 @@ class BackgroundStartTests(_BackgroundFixture):
         self.assertEqual(fake.set, [(100, 0)])
         [info] = self._logged(LogLevel.info)
         self.assertEqual(info["why"], "still starting after 3 s")
+
+    def test_logNamesPolicies(self) -> None:
+        """
+        The log names both the nice values and the policies (C{ps} shows
+        the one, C{chrt -p} the other), and so do its refusals.
+        """
+        start, fake = self._start([[100]])
+        start.bringForward("its start is done")
+        [info] = self._logged(LogLevel.info)
+        self.assertEqual(
+            formatEvent(info),
+            "Brought process 100 forward from nice 19 (SCHED_IDLE) to nice 0 "
+            "(SCHED_OTHER): its start is done",
+        )
+        start.sendBack("it stages the pre-copy")
+        [_, sent] = self._logged(LogLevel.info)
+        self.assertEqual(
+            formatEvent(sent),
+            "Sent process 100 back from nice 0 (SCHED_OTHER) to nice 19 "
+            "(SCHED_IDLE): it stages the pre-copy",
+        )
+        fake.refuse[100] = errno.EPERM
+        start.bringForward("the freeze begins")
+        [error] = self._logged(LogLevel.error)
+        self.assertEqual(
+            formatEvent(error),
+            "Could not bring process 100 forward from nice 19 (SCHED_IDLE) to "
+            "nice 0 (SCHED_OTHER) (the freeze begins): Operation not "
+            "permitted; it runs on at nice 19 (SCHED_IDLE)",
+        )
 
     def test_broughtForwardCancelsTimer(self) -> None:
         """
@@ -477,3 +508,26 @@ class IfPossibleTests(SynchronousTestCase):
             self.assertIsNone(BackgroundStart.ifPossible(Clock(), 30.0), policy)
         self.patch(os, "sched_getscheduler", lambda pid: os.SCHED_OTHER)
         self.assertIsNotNone(BackgroundStart.ifPossible(Clock(), 30.0))
+
+
+class DescribePriorityTests(SynchronousTestCase):
+    """
+    L{describePriority} names a nice value and, where the system has
+    them, its policy.
+    """
+
+    def test_policies(self) -> None:
+        """
+        The background's policy is C{SCHED_IDLE}, the other C{SCHED_OTHER}.
+        """
+        if not hasattr(os, "SCHED_IDLE"):
+            raise SkipTest("no SCHED_IDLE here")
+        self.assertEqual(describePriority(19, True), "nice 19 (SCHED_IDLE)")
+        self.assertEqual(describePriority(-5, False), "nice -5 (SCHED_OTHER)")
+
+    def test_noPolicies(self) -> None:
+        """
+        Where the system has no such policies, only the nice value.
+        """
+        self.patch(_priority, "_IDLE_POLICY", None)
+        self.assertEqual(describePriority(19, True), "nice 19")

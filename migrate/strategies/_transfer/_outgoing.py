@@ -66,7 +66,7 @@ from ..._handoff._successor import (
 from ..._handoff._threadwork import waitForThreadWork, workInFlight
 from ..._handoff._transport import flushWriters
 from ..._host._heap import collectionsPaused
-from ..._host._priority import BackgroundStart, lowerOwnPriority
+from ..._host._priority import BackgroundStart, describePriority, lowerOwnPriority
 from ..._host._settings import HANDED_ON_NICENESS
 from ..._report import ListenerReport, MigrationOutcome, MigrationPhase, MigrationReport
 from ..._systemd import successorEnvironment
@@ -980,10 +980,10 @@ class OutgoingHandoff:
             return
         _log.info(
             "Handed on every connection; process {pid} lets go of {count} "
-            "connections and exits at nice {niceness}",
+            "connections and exits at {priority}",
             pid=os.getpid(),
             count=moved,
-            niceness=HANDED_ON_NICENESS,
+            priority=describePriority(HANDED_ON_NICENESS, True),
         )
 
     def _allOrNothing(

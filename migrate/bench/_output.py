@@ -160,6 +160,13 @@ def _loadBlock(
             " (among answers; {} connections were lost)".format(lost) if lost else "",
         )
     )
+    trace = result.get("trace")
+    if trace is not None:
+        if trace:
+            out.append("  meanwhile, as traced:")
+            out.extend("    " + line for line in trace)
+        else:
+            out.append("  meanwhile, as traced: no long turn, wait or collection")
     for name in ("before", "during", "after"):
         phase = result["phases"][name]
         out.append("  latency p50/p99/max {:6}: {}".format(name, _latency(phase)))

@@ -34,6 +34,7 @@ import migrate
 
 from . import _app
 from ._app import APP_MODULE
+from ._trace import TRACE_VARIABLE
 
 __all__ = [
     "LAUNCHER",
@@ -60,6 +61,9 @@ LAUNCHER = textwrap.dedent("""
             "MIGRATE_HANDOFF_FD", "MIGRATE_REEXEC_STATE_FD",
             "MIGRATE_REEXEC_PREFLIGHT")):
         os.setsid()
+    if os.environ.get("MIGRATE_BENCH_TRACE"):
+        from migrate.bench._trace import traceThisProcess
+        traceThisProcess(os.environ["MIGRATE_BENCH_TRACE"])
     from twisted.scripts.twistd import run
     sys.argv[0] = "twistd"
     run()
@@ -68,7 +72,8 @@ LAUNCHER = textwrap.dedent("""
 How twistd is started (C{python -c LAUNCHER TWISTD-ARGUMENTS}): in a new
 session, so that the whole lineage of host processes can be ended together;
 a successor, a preflight check or a re-executed image (already the
-session's leader) stays in it.
+session's leader) stays in it.  In a traced run (C{--trace}), each of them
+records its reactor's turns (L{migrate.bench._trace}).
 """
 
 
@@ -369,11 +374,15 @@ class HostProcess:
 
     def environment(self) -> dict[str, str]:
         """
-        The first process's environment: this one's without C{MIGRATE_*},
-        with the working directory and the C{migrate} source first on
-        C{PYTHONPATH}.
+        The first process's environment: this one's without C{MIGRATE_*}
+        (but a traced run's directory, L{TRACE_VARIABLE}), with the working
+        directory and the C{migrate} source first on C{PYTHONPATH}.
         """
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MIGRATE_")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("MIGRATE_") or k == TRACE_VARIABLE
+        }
         env["PYTHONPATH"] = os.pathsep.join(
             [self.workdir.path, SOURCE_ROOT]
             + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]

@@ -143,6 +143,14 @@ class BenchOptions(usage.Options):
             "file; needs matplotlib).",
         ],
         ["compare", None, None, "Compare with the JSON file of an earlier run."],
+        [
+            "trace",
+            None,
+            None,
+            "Have every process record its long reactor turns, its waits for a "
+            "processor and its garbage collections into this directory, and show "
+            "those around each migration's longest wait.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -253,6 +261,8 @@ async def run(
     @return: the results (as written with C{--json}).
     """
     progress = _Progress(stderr)
+    if options["trace"]:
+        _startTracing(options["trace"], progress)
     available = strategyNames()
     wanted = options["strategies"] or available
     strategies = []
@@ -313,6 +323,7 @@ async def run(
             "stall": list(stallCounts),
             "probes": options["probes"],
             "probeInterval": options["probe-interval"],
+            "trace": options["trace"],
         },
         "skipped": skipped,
         "scenarios": [],
@@ -375,6 +386,20 @@ async def run(
         _draw(results, options["plot"], stallOnly, progress)
     progress("done")
     return results
+
+
+def _startTracing(directory: str, progress: _Progress) -> None:
+    """
+    Trace this process from now on, and every host the run starts (they
+    read the directory from the environment, see L{migrate.bench._trace}).
+    """
+    from ._trace import TRACE_VARIABLE, traceThisProcess
+
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    os.environ[TRACE_VARIABLE] = directory
+    traceThisProcess(directory)
+    progress("tracing every process into {}".format(directory))
 
 
 def _draw(

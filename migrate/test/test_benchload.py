@@ -706,7 +706,9 @@ class QuickRunTests(TestCase):
     def test_quickRun(self) -> Any:
         """
         The quick run succeeds and writes its results; its figures are
-        printed, never judged here.
+        printed, never judged here.  It is traced (C{--trace}): every
+        process records its reactor's turns, and each migration under load
+        shows what they recorded around its longest wait.
         """
         from twisted.internet.utils import getProcessOutputAndValue
 
@@ -715,11 +717,12 @@ class QuickRunTests(TestCase):
         directory = tempfile.mkdtemp(prefix="migrate-benchtest-")
         self.addCleanup(lambda: __import__("shutil").rmtree(directory, True))
         path = os.path.join(directory, "results.json")
+        traced = os.path.join(directory, "trace")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([SOURCE_ROOT, env.get("PYTHONPATH", "")])
         out, err, code = yield getProcessOutputAndValue(
             sys.executable,
-            ["-m", "migrate.bench", "--quick", "--json", path],
+            ["-m", "migrate.bench", "--quick", "--json", path, "--trace", traced],
             env=env,
             path=directory,
         )
@@ -740,6 +743,17 @@ class QuickRunTests(TestCase):
         self.assertGreater(capability["cpu"]["host"], 0)
         self.assertGreater(capability["cpu"]["generator"], 0)
         self.assertTrue(results["floors"])
+        # Traced: the benchmark, and each host it started, the successor
+        # included, wrote a file; each migration under load shows what
+        # they recorded (a list, empty when nothing long happened).
+        self.assertEqual(results["options"]["trace"], traced)
+        files = os.listdir(traced)
+        self.assertIn("{}.trace".format(capability["report"]["newPid"]), files)
+        for each in files:
+            with open(os.path.join(traced, each)) as f:
+                self.assertTrue(f.readline().startswith("# "), each)
+        self.assertIsInstance(capability["trace"], list)
+        self.assertIn(b"  meanwhile, as traced", out)
         # The stall scenario, at 1,000 connections only.
         self.assertEqual(results["stall"]["counts"], [1000])
         self.assertIn(b"== stall: 1,000 idle connections", out)

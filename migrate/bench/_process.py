@@ -61,13 +61,13 @@ LAUNCHER = textwrap.dedent("""
             "MIGRATE_HANDOFF_FD", "MIGRATE_REEXEC_STATE_FD",
             "MIGRATE_REEXEC_PREFLIGHT")):
         os.setsid()
-    if os.environ.get("MIGRATE_BENCH_TRACE"):
+    if os.environ.get("TRACE_VARIABLE"):
         from migrate.bench._trace import traceThisProcess
-        traceThisProcess(os.environ["MIGRATE_BENCH_TRACE"])
+        traceThisProcess(os.environ["TRACE_VARIABLE"])
     from twisted.scripts.twistd import run
     sys.argv[0] = "twistd"
     run()
-    """)
+    """).replace("TRACE_VARIABLE", TRACE_VARIABLE)
 """
 How twistd is started (C{python -c LAUNCHER TWISTD-ARGUMENTS}): in a new
 session, so that the whole lineage of host processes can be ended together;

@@ -229,8 +229,10 @@ def traceThisProcess(directory: str) -> TurnRecorder:
     """
     Record this process's reactor iterations and collections into
     C{directory} from now on (see the module's docstring): wraps
-    C{ReactorBase.runUntilCurrent}, which every reactor's main loop calls
-    once per iteration, and whichever reactor is installed later.
+    C{ReactorBase.runUntilCurrent}, which the main loop of every reactor
+    built on it (epoll, poll, select: whichever is installed later) calls
+    once per iteration.  The asyncio reactor calls it only when a timer is
+    due: there, an "iteration" spans from one timer to the next.
     """
     from twisted.internet.base import ReactorBase
 

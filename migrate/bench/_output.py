@@ -17,6 +17,21 @@ __all__ = [
 ]
 
 
+def _traced(trace: list[str] | None, who: str = "  ") -> list[str]:
+    """
+    The lines showing what a traced run recorded around a longest wait
+    (C{--trace}, L{migrate.bench._trace.aroundLongestWait}); none when the
+    run was not traced.
+
+    @param who: how the first line begins.
+    """
+    if trace is None:
+        return []
+    if not trace:
+        return [who + "meanwhile, as traced: no long turn, wait or collection"]
+    return [who + "meanwhile, as traced:"] + ["    " + line for line in trace]
+
+
 def _sentWhen(stallAt: float | None) -> str:
     """
     When the request that waited longest was sent, against the upgrade
@@ -160,13 +175,7 @@ def _loadBlock(
             " (among answers; {} connections were lost)".format(lost) if lost else "",
         )
     )
-    trace = result.get("trace")
-    if trace is not None:
-        if trace:
-            out.append("  meanwhile, as traced:")
-            out.extend("    " + line for line in trace)
-        else:
-            out.append("  meanwhile, as traced: no long turn, wait or collection")
+    out.extend(_traced(result.get("trace")))
     for name in ("before", "during", "after"):
         phase = result["phases"][name]
         out.append("  latency p50/p99/max {:6}: {}".format(name, _latency(phase)))
@@ -416,6 +425,7 @@ def formatStall(stall: dict[str, Any]) -> list[str]:
                     extra,
                 )
             )
+            phases.extend(_traced(row.get("trace"), "  {} ".format(row["strategy"])))
         out.extend(phases)
     if stall["rows"]:
         out.append(

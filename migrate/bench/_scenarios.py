@@ -23,7 +23,7 @@ from twisted.internet.task import deferLater
 from ._load import LoadGenerator, latencyBins, summarize
 from ._output import handoffSeconds
 from ._process import BenchHost, freePort, pidAlive, readCPU, readRSS, waitFor
-from ._trace import TRACE_VARIABLE, describeAround, readTraces
+from ._trace import aroundLongestWait, processNames
 
 __all__ = [
     "LoadSettings",
@@ -166,36 +166,6 @@ def _stalls(load: LoadGenerator, start: float, stop: float) -> dict[str, Any]:
     return figures
 
 
-#: the most traced events shown for one migration's longest wait (all are
-#: in the trace files)
-_TRACE_LINES = 40
-
-
-def _traceOfStall(
-    figures: dict[str, Any], start: float, names: dict[int, str]
-) -> list[str] | None:
-    """
-    In a traced run (C{--trace}), what each process recorded between the
-    send of the request that waited longest after the upgrade command
-    (C{start}) and its answer (see L{migrate.bench._trace}); L{None} when
-    the run is not traced or nothing was answered.
-
-    @param names: what to call each process, by process ID.
-    """
-    directory = os.environ.get(TRACE_VARIABLE)
-    if not directory or figures.get("stall") is None:
-        return None
-    sent = start + figures["stallAt"]
-    return describeAround(
-        readTraces(directory),
-        sent,
-        sent + figures["stall"],
-        start,
-        names,
-        limit=_TRACE_LINES,
-    )
-
-
 async def _startLoad(
     reactor: Any,
     host: BenchHost,
@@ -294,15 +264,7 @@ async def migrateUnderLoad(
             "cpu": cpu,
             "timeline": _timeline(load, origin),
         }
-        result["trace"] = _traceOfStall(
-            result,
-            start,
-            {
-                os.getpid(): "benchmark",
-                oldPid: "host" if newPid == oldPid else "old host",
-                newPid: "host" if newPid == oldPid else "new host",
-            },
-        )
+        result["trace"] = aroundLongestWait(result, start, processNames(oldPid, newPid))
         await load.closeAll()
         if newPid != oldPid:
             # Gradual: the old process exits once its clients have gone.

@@ -37,6 +37,7 @@ from ._app import APP_MODULE
 from ._load import LoadGenerator, LongLivedClient, summarize
 from ._process import BenchHost, HostFailed, freePort
 from ._scenarios import REPORT_KEYS, relayProgress, sleep
+from ._trace import aroundLongestWait, processNames
 
 __all__ = [
     "STALL_STRATEGIES",
@@ -295,6 +296,7 @@ async def _measureOne(
         "oldPid": oldPid,
         "newPid": newPid,
     }
+    result["trace"] = aroundLongestWait(result, start, processNames(oldPid, newPid))
     if not report.get("outcome"):
         said = [line for line in errors.splitlines() if line.strip()]
         result["error"] = "the upgrade gave no outcome (exit status {}){}".format(

@@ -18,9 +18,9 @@ started by the same launcher) records in C{DIR/PID.trace}:
   - each garbage collection of an older generation, or one longer than
     L{LONG_COLLECTION}.
 
-The results then list, for each migration under load, those events of
-every process between the send of the request that waited longest and
-its answer (L{describeAround}).  Tracing costs each iteration two clock
+The results then list, for each migration under load and each upgrade
+of the stall scenario, those events of every process between the send
+of the request that waited longest and its answer (L{aroundLongestWait}).  Tracing costs each iteration two clock
 reads and one C{pread(2)}, a few microseconds, which a traced run's
 figures include.
 """
@@ -42,7 +42,9 @@ __all__ = [
     "TRACE_VARIABLE",
     "TraceEvent",
     "TurnRecorder",
+    "aroundLongestWait",
     "describeAround",
+    "processNames",
     "readTraces",
     "traceThisProcess",
 ]
@@ -59,6 +61,9 @@ LONG_WAIT = 0.002
 #: seconds a collection of the youngest generation must take to be
 #: recorded (older generations always are)
 LONG_COLLECTION = 0.002
+
+#: the most events shown for one longest wait (all are in the files)
+SHOWN_EVENTS = 40
 
 #: what each kind of event is called in the results
 _KINDS = {
@@ -326,3 +331,52 @@ def describeAround(
     if more:
         lines.append("and {} more".format(more))
     return lines
+
+
+def aroundLongestWait(
+    figures: Mapping[str, Any], start: float, names: Mapping[int, str]
+) -> list[str] | None:
+    """
+    In a traced run (L{TRACE_VARIABLE} names a directory), what each
+    process recorded between the send of the request that waited longest
+    after the upgrade command and its answer: L{describeAround}, at most
+    L{SHOWN_EVENTS} of them.
+
+    @param figures: a scenario's results, with the longest wait
+        (C{"stall"}) and when its request was sent after the command
+        (C{"stallAt"}), in seconds.
+    @param start: when the upgrade command began.
+    @param names: what to call each process, by process ID.
+
+    @return: L{None} when the run is not traced or nothing was answered.
+    """
+    directory = os.environ.get(TRACE_VARIABLE)
+    if not directory or figures.get("stall") is None:
+        return None
+    if figures.get("stallAt") is None:
+        return None
+    sent = start + figures["stallAt"]
+    return describeAround(
+        readTraces(directory),
+        sent,
+        sent + figures["stall"],
+        start,
+        names,
+        limit=SHOWN_EVENTS,
+    )
+
+
+def processNames(oldPid: int | None, newPid: int | None) -> dict[int, str]:
+    """
+    What the results call the processes of one migration: this one (the
+    benchmark, with its load generator or probes), and the host, or the
+    old and the new host when the migration changed process (either
+    unknown: L{None}).
+    """
+    names = {os.getpid(): "benchmark"}
+    same = newPid == oldPid
+    if oldPid is not None:
+        names[oldPid] = "host" if same else "old host"
+    if newPid is not None:
+        names[newPid] = "host" if same else "new host"
+    return names

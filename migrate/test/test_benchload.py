@@ -761,6 +761,9 @@ class QuickRunTests(TestCase):
             {row["strategy"] for row in results["stall"]["rows"]},
             {"capability", "reexec", "reload"},
         )
+        for row in results["stall"]["rows"]:
+            self.assertIsInstance(row["trace"], list)
+        self.assertIn(b"  capability meanwhile, as traced", out)
 
 
 class BacklogRunTests(TestCase):

@@ -19,7 +19,9 @@ from ..bench._trace import (
     TRACE_VARIABLE,
     TraceEvent,
     TurnRecorder,
+    aroundLongestWait,
     describeAround,
+    processNames,
     readTraces,
     traceThisProcess,
 )
@@ -208,6 +210,51 @@ class ReadAndDescribeTests(SynchronousTestCase):
             describeAround(events, 100.020, 100.060, 100.0, {}, limit=1)[1:],
             ["and 2 more"],
         )
+
+
+class AroundLongestWaitTests(SynchronousTestCase):
+    """
+    L{aroundLongestWait} shows a scenario's traced events around its
+    longest wait, in a traced run only.
+    """
+
+    def test_traced(self) -> None:
+        """
+        With the directory in the environment, the events between the send
+        of the longest-waiting request and its answer are described, the
+        processes named by L{processNames}; without it, or without a
+        longest wait, there is nothing to show.
+        """
+        directory = tempfile.mkdtemp(prefix="migrate-trace-")
+        self.addCleanup(lambda: __import__("shutil").rmtree(directory, True))
+        with open(os.path.join(directory, "7.trace"), "w") as f:
+            f.write("100.010000 turn 0.020000 0.015000\n")
+            f.write("100.500000 turn 0.020000 0.015000\n")
+        figures = {"stall": 0.030, "stallAt": 0.020}
+        names = processNames(7, 8)
+        self.patch(os, "environ", {})
+        self.assertIsNone(aroundLongestWait(figures, 100.0, names))
+        self.patch(os, "environ", {TRACE_VARIABLE: directory})
+        self.assertEqual(
+            aroundLongestWait(figures, 100.0, names),
+            [
+                "old host (7): long turn at +10.0 ms: 20.0 ms, 15.0 ms of it "
+                "on a processor"
+            ],
+        )
+        self.assertIsNone(aroundLongestWait({"stall": None}, 100.0, names))
+
+    def test_processNames(self) -> None:
+        """
+        The benchmark is named, and the host; when the migration changed
+        process, the old and the new host; an unknown one is left out.
+        """
+        me = os.getpid()
+        self.assertEqual(
+            processNames(7, 8), {me: "benchmark", 7: "old host", 8: "new host"}
+        )
+        self.assertEqual(processNames(7, 7), {me: "benchmark", 7: "host"})
+        self.assertEqual(processNames(None, 8), {me: "benchmark", 8: "new host"})
 
 
 class TraceThisProcessTests(SynchronousTestCase):

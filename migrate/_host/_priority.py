@@ -238,6 +238,20 @@ class BackgroundStart:
             "still starting after {:g} s".format(self.atMost),
         )
 
+    def _priorities(self) -> dict[str, Any]:
+        """
+        What the log says of the child and its two priorities: named, with
+        their policies (L{describePriority}), and as numbers (C{low},
+        C{nice}).
+        """
+        return {
+            "pid": self.pid,
+            "background": describePriority(self.niceness, True),
+            "foreground": describePriority(self.foreground, False),
+            "low": self.niceness,
+            "nice": self.foreground,
+        }
+
     def bringForward(self, why: str) -> None:
         """
         Give every thread of the child this process's priority, unless it
@@ -259,22 +273,14 @@ class BackgroundStart:
             _log.error(
                 "Could not bring process {pid} forward from {background} to "
                 "{foreground} ({why}): {error}; it runs on at {background}",
-                pid=self.pid,
-                background=describePriority(self.niceness, True),
-                foreground=describePriority(self.foreground, False),
-                low=self.niceness,
-                nice=self.foreground,
+                **self._priorities(),
                 why=why,
                 error=os.strerror(e.errno) if e.errno else str(e),
             )
             return
         _log.info(
-            "Brought process {pid} forward from {background} to {foreground}: " "{why}",
-            pid=self.pid,
-            background=describePriority(self.niceness, True),
-            foreground=describePriority(self.foreground, False),
-            low=self.niceness,
-            nice=self.foreground,
+            "Brought process {pid} forward from {background} to {foreground}: {why}",
+            **self._priorities(),
             why=why,
         )
 
@@ -296,11 +302,7 @@ class BackgroundStart:
                 _log.error(
                     "Could not send process {pid} back from {foreground} to "
                     "{background} ({why}): {error}; it runs on at {foreground}",
-                    pid=self.pid,
-                    background=describePriority(self.niceness, True),
-                    foreground=describePriority(self.foreground, False),
-                    low=self.niceness,
-                    nice=self.foreground,
+                    **self._priorities(),
                     why=why,
                     error=os.strerror(e.errno) if e.errno else str(e),
                 )
@@ -316,11 +318,7 @@ class BackgroundStart:
         )
         _log.info(
             "Sent process {pid} back from {foreground} to {background}: {why}",
-            pid=self.pid,
-            background=describePriority(self.niceness, True),
-            foreground=describePriority(self.foreground, False),
-            low=self.niceness,
-            nice=self.foreground,
+            **self._priorities(),
             why=why,
         )
 

@@ -166,15 +166,17 @@ class TurnRecorder:
         self._last: tuple[int, float, float, float | None] | None = None
         self._collecting: float | None = None
 
+    def _path(self, pid: int) -> str:
+        """
+        The file of process C{pid}.
+        """
+        return os.path.join(self.directory, "{}.trace".format(pid))
+
     def _write(self, at: float, kind: str, seconds: float, detail: float) -> None:
         pid = self._pid()
         if self._file is None or self._filePid != pid:
             # A forked child starts a file of its own, saying so.
-            self._file = open(
-                os.path.join(self.directory, "{}.trace".format(pid)),
-                "a",
-                buffering=1,
-            )
+            self._file = open(self._path(pid), "a", buffering=1)
             self._filePid = pid
             if self._program is not None and self._program[0] != pid:
                 self._file.write(
@@ -190,7 +192,7 @@ class TurnRecorder:
         pid = self._pid()
         program = " ".join(argv)[:300].replace("\n", " ")
         self._program = (pid, program)
-        with open(os.path.join(self.directory, "{}.trace".format(pid)), "a") as f:
+        with open(self._path(pid), "a") as f:
             f.write("# {}\n".format(program))
 
     def iteration(self) -> None:

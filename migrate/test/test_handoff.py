@@ -1434,6 +1434,19 @@ class RecopyTests(PrecopyFixture):
         )
         self.assertIn("recopy", report["durations"])
 
+    def notePolls(self, events: list[Any]) -> None:
+        """
+        Have every wait for reactor polls between two steps noted in
+        C{events} (C{"2 polls"}), then waited for as before.
+        """
+        afterPolls = _outgoing.afterPolls
+
+        def polls(clock: Any, count: int) -> Any:
+            events.append("{} polls".format(count))
+            return afterPolls(clock, count)
+
+        self.patch(_outgoing, "afterPolls", polls)
+
     def test_slices(self) -> None:
         """
         A round looks at the connections a slice at a time, this process
@@ -1453,14 +1466,8 @@ class RecopyTests(PrecopyFixture):
                 json.dumps({"id": each.ident, "state": {}}) for each in chosen
             )
 
-        afterPolls = _outgoing.afterPolls
-
-        def polls(clock: Any, count: int) -> Any:
-            events.append("{} polls".format(count))
-            return afterPolls(clock, count)
-
         self.patch(_outgoing, "recopyChanged", recopyChanged)
-        self.patch(_outgoing, "afterPolls", polls)
+        self.notePolls(events)
         report = self.migrate()
         self.assertEqual(report["outcome"], "success")
         first = events.index([1])
@@ -1491,14 +1498,8 @@ class RecopyTests(PrecopyFixture):
             events.append([each.ident for each in batch])
             return batch, ",".join("{}" for _ in batch)
 
-        afterPolls = _outgoing.afterPolls
-
-        def polls(clock: Any, count: int) -> Any:
-            events.append("{} polls".format(count))
-            return afterPolls(clock, count)
-
         self.patch(_outgoing, "precopyMovable", precopyMovable)
-        self.patch(_outgoing, "afterPolls", polls)
+        self.notePolls(events)
         report = self.migrate()
         self.assertEqual(report["outcome"], "success")
         self.assertEqual(events[:5], [[1], "2 polls", [2], "2 polls", []])

@@ -33,7 +33,7 @@ def _pyplot() -> Any:
         import matplotlib.pyplot as plt
     except ImportError:
         raise MissingMatplotlib(
-            "drawing the pictures needs matplotlib: pip install 'migrate[bench]' "
+            "drawing the pictures needs matplotlib: pip install 'txmigrate[bench]' "
             "(or pip install matplotlib)"
         ) from None
     return plt

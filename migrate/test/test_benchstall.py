@@ -6,6 +6,7 @@ options, its output and one small run against real processes.
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any
 
 from twisted.internet import reactor as _reactor
@@ -16,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ..bench._load import LoadGenerator, LongLivedClient
 from ..bench._output import formatComparison, formatResults, formatStall, keyFigures
-from ..bench._plot import plotStall, stallPlotPath
+from ..bench._plot import MissingMatplotlib, _pyplot, plotStall, stallPlotPath
 from ..bench._process import pidAlive
 from ..bench._runner import BenchOptions
 from ..bench._stall import (
@@ -307,6 +308,15 @@ class StallOutputTests(SynchronousTestCase):
         stall = copy.deepcopy(_stall())
         stall["rows"] = stall["rows"][2:]
         self.assertRaises(ValueError, plotStall, stall, "unused.png")
+
+    def test_plotNeedsMatplotlib(self) -> None:
+        """
+        Without matplotlib, drawing says which extra of the distribution
+        brings it (the distribution is C{txmigrate}, not C{migrate}).
+        """
+        self.patch(sys, "modules", dict(sys.modules, matplotlib=None))
+        raised = self.assertRaises(MissingMatplotlib, _pyplot)
+        self.assertIn("pip install 'txmigrate[bench]'", str(raised))
 
 
 class CheckedTests(SynchronousTestCase):

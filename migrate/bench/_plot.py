@@ -11,7 +11,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["MissingMatplotlib", "plotStall", "plotTimeline", "stallPlotPath"]
+__all__ = [
+    "MissingMatplotlib",
+    "plotStall",
+    "plotTimeline",
+    "stallPlotPath",
+    "timelineTitle",
+]
 
 
 class MissingMatplotlib(Exception):
@@ -106,13 +112,7 @@ def plotTimeline(results: dict[str, Any], path: str) -> None:
         )
         throughput.set_ylabel("answers/s")
         throughput.set_ylim(bottom=0)
-        report = result["report"]
-        row.set_title(
-            "{}: {}, longest stall {:.0f} ms".format(
-                result["name"], report["outcome"], (result.get("stall") or 0) * 1000
-            ),
-            fontsize=9,
-        )
+        row.set_title(timelineTitle(result), fontsize=9)
         handles, labels = row.get_legend_handles_labels()
         more, moreLabels = throughput.get_legend_handles_labels()
         row.legend(
@@ -129,6 +129,25 @@ def plotTimeline(results: dict[str, Any], path: str) -> None:
     figure.savefig(path, dpi=80)
     plt.close(figure)
     _shrink(path)
+
+
+def timelineTitle(result: dict[str, Any]) -> str:
+    """
+    The title of one load scenario's timeline: its name, its outcome and
+    its longest stall, or, when no request sent from the command on was
+    answered (a naive restart loses every long-lived connection), how
+    many connections were lost rather than a stall of 0 ms.
+    """
+    head = "{}: {}".format(result["name"], result["report"]["outcome"])
+    lost = sum(result["load"]["lost"].values())
+    if result.get("stall") is None:
+        if lost:
+            return "{}, {} long-lived connections lost".format(head, lost)
+        return "{}, no answer during the migration".format(head)
+    title = "{}, longest stall {:.0f} ms".format(head, result["stall"] * 1000)
+    if lost:
+        title += ", {} long-lived connections lost".format(lost)
+    return title
 
 
 def stallPlotPath(path: str) -> str:

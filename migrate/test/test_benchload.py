@@ -28,6 +28,7 @@ from ..bench._load import (
     summarize,
 )
 from ..bench._output import formatComparison, formatResults, keyFigures
+from ..bench._plot import timelineTitle
 from ..bench._process import freePort, readCPU, waitFor
 from ..bench._scenarios import _cpuPerRequest
 from ..testing import abandonedRestore
@@ -684,6 +685,34 @@ class OutputTests(SynchronousTestCase):
         )
         scenario["wholeRunStall"] = 0.025
         self.assertNotIn("whole run", formatResults(results))
+
+    def test_timelineTitle(self) -> None:
+        """
+        A timeline's title gives the longest stall; when nothing was
+        answered during the migration (a naive restart), it says how many
+        connections were lost instead of showing a stall of 0 ms.
+        """
+        results = self.results(0.0125)
+        scenario = results["scenarios"][0]
+        self.assertEqual(
+            timelineTitle(scenario), "capability: success, longest stall 12 ms"
+        )
+        scenario["load"]["lost"] = {"reset": 2}
+        self.assertEqual(
+            timelineTitle(scenario),
+            "capability: success, longest stall 12 ms, 2 long-lived connections lost",
+        )
+        scenario["stall"] = None
+        scenario["load"]["lost"] = {"closed": 9, "reset": 1}
+        self.assertEqual(
+            timelineTitle(scenario),
+            "capability: success, 10 long-lived connections lost",
+        )
+        scenario["load"]["lost"] = {}
+        self.assertEqual(
+            timelineTitle(scenario),
+            "capability: success, no answer during the migration",
+        )
 
     def test_compare(self) -> None:
         """

@@ -275,8 +275,8 @@ def _idleBlock(
     floor = floors.get(result["count"])
     frozen = handoffSeconds(durations)
     out.append(
-        "  connections frozen {} (target <= 1 s); floor {} ({:.0f} connections/s) -> {} "
-        "(aim <= 5x)".format(
+        "  connections frozen {} (aim <= 100 ms); floor {} ({:.0f} connections/s) -> {} "
+        "(aim <= 4x)".format(
             _ms(frozen),
             _ms(floor["seconds"]) if floor else "-",
             floor["perSecond"] if floor else 0,

@@ -39,13 +39,77 @@ from typing import Any, Sequence
 from ._floor import byteCompile, startFloor
 from ._process import LAUNCHER, SOURCE_ROOT
 
-__all__ = ["main"]
+__all__ = ["main", "summarize"]
 
 
 TARGET_MS = 300.0
 """
 The suspension aimed at for 1,000 connections, end to end.
 """
+
+ABOVE_FLOOR_TARGET_MS = 50.0
+"""
+Issue 16's aim at 10,000 connections: the longest wait of a client at
+most this much above the floor (the new image's start).
+"""
+
+
+def _relativeToFloor(milliseconds: float) -> str:
+    """
+    A difference from the floor in words: C{"12 ms above the floor"} or
+    C{"208 ms below the floor"} (with the caretaker serving while the new
+    image starts, the clients wait less than that start).
+    """
+    return "{:.0f} ms {} the floor".format(
+        abs(milliseconds), "below" if milliseconds < 0 else "above"
+    )
+
+
+def summarize(count: int, rounds: Sequence[dict[str, Any]], floor: float) -> str:
+    """
+    One connection count's summary: the suspension's median and range with
+    its phases, the clients' longest wait (median), both against the floor,
+    and the verdicts: the suspension against L{TARGET_MS} at 1,000
+    connections, the clients' wait against the floor plus
+    L{ABOVE_FLOOR_TARGET_MS} at 10,000 (issue 16).
+
+    @param rounds: the rounds' results for C{count} (seconds).
+    @param floor: the new image's start (seconds; L{startFloor}).
+    """
+    suspensions = [result["suspension"] * 1000 for result in rounds]
+    median = statistics.median(suspensions)
+
+    def phase(name: str) -> float:
+        return statistics.median(float(result[name]) * 1000 for result in rounds)
+
+    wait = phase("clientMax")
+    summary = (
+        "{:,} connections: suspension {:.0f} ms (median of {} rounds, {:.0f} "
+        "to {:.0f}; capture {:.0f}, exec {:.0f}, restore {:.0f}), {}; longest "
+        "client wait {:.0f} ms (median), {}".format(
+            count,
+            median,
+            len(rounds),
+            min(suspensions),
+            max(suspensions),
+            phase("capture"),
+            phase("exec"),
+            phase("restore"),
+            _relativeToFloor(median - floor * 1000),
+            wait,
+            _relativeToFloor(wait - floor * 1000),
+        )
+    )
+    if count == 1000:
+        summary += "; the suspension {} the {:.0f} ms target".format(
+            "meets" if median <= TARGET_MS else "misses", TARGET_MS
+        )
+    if count == 10000:
+        summary += "; the wait {} the target (the floor + {:.0f} ms)".format(
+            "meets" if wait <= floor * 1000 + ABOVE_FLOOR_TARGET_MS else "misses",
+            ABOVE_FLOOR_TARGET_MS,
+        )
+    return summary
 
 
 def _freePort() -> int:
@@ -411,35 +475,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print("    probe: " + result["probeError"])
     for count in options.connections:
         rounds = [result for result in results if result["connections"] == count]
-        if not rounds:
-            continue
-        suspensions = [result["suspension"] * 1000 for result in rounds]
-        median = statistics.median(suspensions)
-
-        def phase(name: str) -> float:
-            return statistics.median(float(result[name]) * 1000 for result in rounds)
-
-        summary = (
-            "{:,} connections: suspension {:.0f} ms (median of {} rounds, {:.0f} "
-            "to {:.0f}; capture {:.0f}, exec {:.0f}, restore {:.0f}), longest "
-            "client wait {:.0f} ms (median); {:.0f} ms above the floor".format(
-                count,
-                median,
-                len(rounds),
-                min(suspensions),
-                max(suspensions),
-                phase("capture"),
-                phase("exec"),
-                phase("restore"),
-                phase("clientMax"),
-                median - floor * 1000,
-            )
-        )
-        if count == 1000:
-            summary += ": {} the {:.0f} ms target".format(
-                "meets" if median <= TARGET_MS else "misses", TARGET_MS
-            )
-        print(summary)
+        if rounds:
+            print(summarize(count, rounds, floor))
     sys.stdout.flush()
 
 

@@ -686,6 +686,37 @@ class OutputTests(SynchronousTestCase):
         scenario["wholeRunStall"] = 0.025
         self.assertNotIn("whole run", formatResults(results))
 
+    def test_formatIdle(self) -> None:
+        """
+        The idle scenario gives how long its connections were frozen and
+        its ratio to the floor of the same count, beside issue 16's aims.
+        """
+        results = self.results(0.025)
+        underLoad = results["scenarios"][0]
+        results["scenarios"].append(
+            {
+                "name": "idle-capability",
+                "kind": "idle",
+                "strategy": "capability",
+                "count": 10,
+                "seconds": 0.5,
+                "report": dict(
+                    underLoad["report"],
+                    durations={"connections": 0.001, "freeze": 0.003, "commit": 0.001},
+                ),
+                "answeredAfter": 10,
+                "connected": 10,
+                "onNew": 10,
+                "load": underLoad["load"],
+                "rss": {"empty": 30e6, "old": 40e6, "new": 44e6},
+            }
+        )
+        self.assertIn(
+            "connections frozen 5.0 ms (aim <= 100 ms); floor 1.0 ms (10000 "
+            "connections/s) -> 5.0x (aim <= 4x)",
+            formatResults(results),
+        )
+
     def test_timelineTitle(self) -> None:
         """
         A timeline's title gives the longest stall; when nothing was

@@ -66,6 +66,26 @@ class IMigratable(Interface):
     pause or the freeze, as before.  L{migrate.testing.abandonedRestore}
     tests it: it restores and abandons one protocol as module reload and
     capability transfer do, and says what the abandoned object left behind.
+
+    Optionally, a protocol may also define C{connectionMigrated()}: it is
+    called on the I{old} code's protocol object, instead of
+    C{connectionLost}, once its connection is served by the new code
+    (capability transfer: in the old process, right after it let go of the
+    connection at the commit, or when a busy one moved later; module
+    reload: when the connection switches to the new object).  The object
+    never serves again and its transport is detached (what is written to
+    it goes nowhere), but what it scheduled would go on running where it
+    is (with module reload, in the same process, for ever): it stops its
+    timers (a C{LoopingCall} heartbeat, a C{callLater} retry), producers
+    and subscriptions.  It must not announce a departure (its user did not
+    leave), and with module reload the new object already holds the
+    connection's place in the very same structures: remove this object by
+    identity, never by a key the two share.  A C{TimeoutMixin} timeout is
+    cancelled by migrate itself, before the call.  What it raises is
+    logged; the migration is done all the same.  Re-exec does not call it:
+    the old image, and everything it scheduled, end with the C{exec}.
+    Being old code's, it only helps from the upgrade after the one that
+    brings it in.
     """
 
     migrationVersion = Attribute("""

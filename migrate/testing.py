@@ -36,6 +36,7 @@ from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from ._codec import decodeState, encodeState
+from ._handoff._migrated import tellMigrated
 from ._leftovers import Snapshot, referencesTo
 from .interfaces import IMigrationHost, IMigrationStrategy
 from .state import (
@@ -203,10 +204,14 @@ def roundTrip(
     the restored buffers hold are delivered, as they are when the moved
     connection reads again.
 
-    The old protocol is left as a migration leaves it: nothing is called
-    on it after C{getMigrationState()} (no C{connectionLost}).  What it
-    wrote to its own transport stays there; a real migration would carry
-    output not yet sent, which a test's transport does not have.
+    The old protocol is then told as capability transfer and module
+    reload tell it (see L{IMigratable<migrate.interfaces.IMigratable>}): a
+    C{TimeoutMixin} timeout cancelled, its C{connectionMigrated()} called
+    if it defines one (what that raises is logged, which fails a trial
+    test unless flushed).  Nothing else is called on it (no
+    C{connectionLost}).  What it wrote to its own transport stays there; a
+    real migration would carry output not yet sent, which a test's
+    transport does not have.
 
     @param protocol: the old code's protocol, connected (its transport's
         C{getPeer()} names the peer unless C{peer} is given).  Call it
@@ -245,6 +250,7 @@ def roundTrip(
     restoreProtocolState(new, arrived)
     if replay:
         replayBufferedInput(new)
+    tellMigrated(protocol)
     return RoundTrip(new, transport, arrived, len(encoded))
 
 

@@ -116,6 +116,43 @@ MIXED_V1 = MIGRATABLE_V1 + textwrap.dedent("""
         return Alternating()
 """)
 
+#: L{MIXED_V1} whose migratable protocol beats every 20 ms into
+#: C{beats.log} ("PID beat"), from its start or its restore, and stops,
+#: logging "PID told", when told its connection moved
+HEARTBEAT_V1 = (
+    MIXED_V1.replace(
+        "    def getMigrationState(self):",
+        textwrap.indent(
+            textwrap.dedent("""
+            def startBeating(self):
+                from twisted.internet.task import LoopingCall
+                self.heartbeat = LoopingCall(self.note, "beat")
+                self.heartbeat.start(0.02, now=False)
+
+            def note(self, what):
+                with open("beats.log", "a") as log:
+                    log.write("%d %s\\n" % (os.getpid(), what))
+
+            def connectionMigrated(self):
+                self.heartbeat.stop()
+                self.note("told")
+
+        """),
+            "    ",
+        )
+        + "    def getMigrationState(self):",
+    )
+    .replace(
+        '        self.count = 0\n        self.sendLine(b"hello " + VERSION',
+        "        self.count = 0\n        self.startBeating()\n"
+        '        self.sendLine(b"hello " + VERSION',
+    )
+    .replace(
+        '        self.count = state["count"]',
+        '        self.count = state["count"]\n        self.startBeating()',
+    )
+)
+
 #: what the old process logs when it yields the processor to its successor
 YIELDED = "connections and exits at nice 19 (SCHED_IDLE)"
 
@@ -221,6 +258,39 @@ class CapabilityTransferTests(LiveAppMixin, TestCase):
         for client in (moving, staying):
             client.transport.loseConnection()
         yield waitFor(lambda: not pidAlive(oldPid), what="the old process to exit")
+
+    @inlineCallbacks
+    def test_oldProtocolsStopTheirTimers(self):
+        """
+        An old process that lives on after the commit (a connection that
+        cannot move drains there) tells each moved connection's old
+        protocol object, which stops its heartbeat: from the moment it is
+        told, only the successor's object beats for that connection.
+        """
+        status = yield self.startHost(app=HEARTBEAT_V1)
+        oldPid = status["pid"]
+        moving, staying = yield self.connectClients(2)
+        beats = self.host.workdir.child("beats.log")
+
+        def beatsOf(pid: int, what: bytes = b"beat") -> list[int]:
+            lines = beats.getContent().splitlines() if beats.exists() else []
+            mark = b"%d %s" % (pid, what)
+            return [index for index, line in enumerate(lines) if line == mark]
+
+        yield waitFor(lambda: beatsOf(oldPid), what="the old object to beat")
+        code, report, err = yield self.host.upgrade()
+        self.assertEqual((code, report["moved"], report["draining"]), (0, 1, 1), err)
+        newPid = report["newPid"]
+        yield waitFor(
+            lambda: len(beatsOf(newPid)) >= 5, what="the new object to beat 5 times"
+        )
+        [told] = beatsOf(oldPid, b"told")
+        self.assertLess(max(beatsOf(oldPid)), told)
+        self.assertTrue(pidAlive(oldPid))
+        reply = yield self.exchange(staying, b"still")
+        self.assertEqual(reply, [b"plain", str(oldPid).encode(), b"still", b"1"])
+        reply = yield self.exchange(moving, b"moved")
+        self.assertEqual(reply[1:], [str(newPid).encode(), b"moved", b"1"])
 
     @inlineCallbacks
     def test_successorStartsInBackground(self):

@@ -31,12 +31,14 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import directlyProvides
 
 from .._handoff._fdpass import DescriptorTransferError, sendDescriptors, writeMemfd
 from .._handoff._movement import MovingConnection, Unmovable
 from .._handoff._precopy import FreezeDelta
 from .._handoff._successor import SuccessorExit, SuccessorProcess
 from .._host import _service
+from ..interfaces import IMigratable
 from ..strategies import CapabilityTransfer, GradualTransfer
 from ..strategies._transfer import _incoming, _outgoing
 from ..strategies._transfer._channel import (
@@ -635,6 +637,23 @@ class CapabilityFixture(SynchronousTestCase):
     lastReason = "not IMigratable"
     lastBusy = False
 
+    def watchTold(self, when: Callable[[], Any] = lambda: None) -> list[Any]:
+        """
+        Make every connection's protocol migratable with a
+        C{connectionMigrated} that records, when called, its connection's
+        index and C{when()}.
+
+        @return: the records, as they come.
+        """
+        told: list[Any] = []
+        for index, hosted in enumerate(self.connections):
+            protocol = hosted.wrappedProtocol
+            directlyProvides(protocol, IMigratable)
+            protocol.connectionMigrated = lambda index=index: told.append(
+                (index, when())
+            )
+        return told
+
     def threadPool(
         self, reactor: Any, pool: Any, f: Callable[..., Any], *a: Any, **kw: Any
     ) -> Deferred[Any]:
@@ -735,6 +754,39 @@ class CapabilityTests(CapabilityFixture):
             [each.released for each in self.connections], [True, True, False]
         )
         self.assertEqual(self.o.host.connectionCount(), 1)
+
+    def test_oldProtocolsTold(self) -> None:
+        """
+        Once the successor committed, the old protocol object of each moved
+        connection is told C{connectionMigrated()}, after its connection
+        was let go of; the one that stays is not.
+        """
+        told = self.watchTold(
+            lambda: [each.events for each in self.frozen[:2]],
+        )
+        report = self.successResultOf(self.o.migrate())
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual(
+            told, [(0, [["release"], ["release"]]), (1, [["release"], ["release"]])]
+        )
+
+    def test_oldProtocolFailsToBeTold(self) -> None:
+        """
+        A C{connectionMigrated} that raises is logged; the migration has
+        succeeded all the same, and the other connection is told.
+        """
+        told = self.watchTold()
+        first = self.connections[0].wrappedProtocol
+
+        def broken() -> None:
+            raise RuntimeError("cannot stop the heartbeat")
+
+        first.connectionMigrated = broken
+        report = self.successResultOf(self.o.migrate())
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual(told, [(1, None)])
+        [failure] = self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(str(failure.value), "cannot stop the heartbeat")
 
     def test_successorWithoutPrecopy(self) -> None:
         """
@@ -1101,6 +1153,32 @@ class LaterThreadWorkTests(CapabilityFixture):
         self.assertEqual(report["outcome"], "success")
         self.assertEqual(watch.workingAtLooks, [0])
         self.assertEqual(self.outputAtFreeze[-1], [b"", b"", b"answer\r\n"])
+
+    def test_movedLaterTold(self) -> None:
+        """
+        A busy connection moved after the commit, at its safe point, has
+        its old protocol object told C{connectionMigrated()} then, once
+        its connection was let go of.
+        """
+        told = self.watchTold(lambda: self.connections[2].released)
+        d = self.o.migrate()
+        self.o.advance(0.005)
+        self.assertEqual(told, [(0, False), (1, False)])
+
+        def freezeAll(connections: Any) -> tuple[list[MovingConnection], list[Any]]:
+            moving = []
+            for listener, hosted in connections:
+                frozen = FakeFrozen(503)
+                entry = {"id": 3, "listener": listener.key, "state": {}, "output": ""}
+                moving.append(MovingConnection(3, listener.key, hosted, frozen, entry))  # type: ignore[arg-type]
+            return moving, []
+
+        self.patch(_outgoing, "freezeMovable", freezeAll)
+        self.finish[0](b"answer\r\n")
+        self.o.advance(0.005)
+        self.o.advance(0.005)
+        self.assertEqual(self.successResultOf(d)["moved"], 3)
+        self.assertEqual(told, [(0, False), (1, False), (2, True)])
 
 
 class PrecopyFixture(CapabilityFixture):

@@ -17,6 +17,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface.verify import verifyObject
 
 from migrate._codec import StateError, decodeState, encodeState
+from migrate._handoff._migrated import tellMigrated
 from migrate._handoff._movers._http import GenericChannelMover
 from migrate._handoff._movers._registry import IMover, NotAtSafePoint, movers
 from migrate.state import (
@@ -129,6 +130,21 @@ class GenericChannelMoverTests(SynchronousTestCase):
         new.dataReceived(_GET % b"two")
         self.assertIn(b"new /two", newTransport.value())
         self.assertNotIn(b"old", newTransport.value())
+
+    def test_oldChannelTold(self) -> None:
+        """
+        Once the new code serves the connection, the old channel is told
+        (L{tellMigrated}): its idle timeout, which would time the client
+        out from the old code and log that it did, is cancelled.
+        """
+        protocol, transport = _connect(self.oldSite)
+        protocol.dataReceived(_GET % b"one")
+        tellMigrated(protocol)
+        self.clock.advance(61)
+        self.assertFalse(transport.disconnecting)
+        control, controlTransport = _connect(self.oldSite)
+        self.clock.advance(61)
+        self.assertTrue(controlTransport.disconnecting)
 
     def test_halfReceivedRequestMoves(self) -> None:
         """

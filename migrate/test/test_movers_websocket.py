@@ -26,6 +26,7 @@ from wsproto.events import (
 from zope.interface import implementer
 
 from migrate._codec import StateError, decodeState, encodeState
+from migrate._handoff._migrated import tellMigrated
 from migrate._handoff._movers._registry import NotAtSafePoint, movers
 from migrate.interfaces import IMigratable
 from migrate.state import (
@@ -187,6 +188,17 @@ class WebSocketMoverTests(SynchronousTestCase):
         self.send(new, "b")
         self.client.read(transport)
         self.assertEqual(self.client.texts(), ["old 1 a", "new 2 b"])
+
+    def test_applicationTold(self) -> None:
+        """
+        Once the new code serves the connection, the old WebSocket's
+        application protocol is told C{connectionMigrated()} (through the
+        channel's mover), as any migratable protocol is.
+        """
+        [chat] = self.oldFactory.built
+        chat.connectionMigrated = lambda: chat.events.append("migrated")  # type: ignore[attr-defined]
+        tellMigrated(self.protocol)
+        self.assertEqual(chat.events[-1:], ["migrated"])
 
     def test_partialFrameHeader(self) -> None:
         """

@@ -999,6 +999,30 @@ class ReloadTests(ModulesUnchangedMixin, SynchronousTestCase):
             )
         )
 
+    def test_oldObjectTold(self) -> None:
+        """
+        Once its connection switched to the new protocol object, the old
+        object is told C{connectionMigrated()} (its transport detached by
+        then), and the new one is not: the old code stops its timers.
+        """
+        told = """
+    def connectionMigrated(self):
+        self.told = getattr(self, "told", []) + [type(self.transport).__name__]
+"""
+        source = MIGRATABLE.replace(
+            "    def getMigrationState(self):",
+            told + "\n    def getMigrationState(self):",
+        )
+        live = Live(self, source)
+        hosted, transport = live.connect()
+        old = hosted.wrappedProtocol
+        exchange(hosted, transport, b"a")
+        live.change(_versionTwo(source))
+        report = live.upgrade()
+        self.assertEqual((report["outcome"], report["moved"]), ("success", 1))
+        self.assertEqual(old.told, ["DetachedTransport"])
+        self.assertFalse(hasattr(hosted.wrappedProtocol, "told"))
+
     def test_bufferedInputReplayed(self) -> None:
         """
         Complete lines the old protocol held back while paused are

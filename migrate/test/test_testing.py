@@ -85,13 +85,28 @@ class RoundTripTests(SynchronousTestCase):
 
     def test_oldProtocolUntouched(self) -> None:
         """
-        Nothing is called on the old protocol after its state is taken: it
+        Nothing but C{connectionMigrated} (which the example does not
+        define) is called on the old protocol after its state is taken: it
         stays in its room, as a migrated connection's old protocol does
-        (the old process lets go of it without telling it).
+        (the old process lets go of it without telling its room).
         """
         roundTrip(self.alice, chat.makeFactory())
         self.assertIn(self.alice, self.oldFactory.rooms["games"])
         self.assertEqual(lines(self.bobOut), [])
+
+    def test_oldProtocolTold(self) -> None:
+        """
+        Once the new protocol is restored, the old one is told
+        C{connectionMigrated()}, as capability transfer and module reload
+        tell it.
+        """
+        newFactory = chat.makeFactory()
+        told: list[Any] = []
+        self.alice.connectionMigrated = lambda: told.append(
+            {each.nick for each in newFactory.rooms.get("games", ())}
+        )
+        roundTrip(self.alice, newFactory)
+        self.assertEqual(told, [{"alice"}])
 
     def test_versionUpgrade(self) -> None:
         """

@@ -37,6 +37,7 @@ from zope.interface import implementer
 
 from migrate._codec import StateError
 
+from .._migrated import cancelIdleTimeout, tellMigrated
 from . import _websocket
 from ._registry import IMover, NotAtSafePoint
 
@@ -245,6 +246,19 @@ class GenericChannelMover:
         elif channel._buffer and channel.line_mode:
             # The bytes already reset the idle timeout when they arrived.
             basic.LineReceiver.dataReceived(channel, b"")
+
+    def connectionMigrated(self) -> None:
+        """
+        The new code serves the connection now: the old channel's idle
+        timeout is cancelled (it would time the client out from here, and
+        log that it did), and a WebSocket's application protocol is told
+        as any protocol is (L{tellMigrated}).
+        """
+        channel = self._channel
+        cancelIdleTimeout(channel)
+        wire = self._wire()
+        if wire is not None:
+            tellMigrated(_websocket.application(wire))
 
     def useFactory(self, factory: Any) -> bool:
         """

@@ -43,7 +43,15 @@ from migrate.interfaces import IMigratable
 
 from ._registry import migrationBlocker
 
-__all__ = ["blocker", "capture", "close", "replay", "restore", "wireOf"]
+__all__ = [
+    "application",
+    "blocker",
+    "capture",
+    "close",
+    "replay",
+    "restore",
+    "wireOf",
+]
 
 
 def _impl() -> Any:
@@ -66,6 +74,14 @@ def wireOf(channel: HTTPChannel) -> Any:
     if wire is None or type(wire).__name__ != "_WebSocketWireProtocol":
         return None
     return wire
+
+
+def application(wire: Any) -> Any:
+    """
+    @return: the application's own protocol of a WebSocket connection
+        (the one C{WebSocketResource} built).
+    """
+    return wire._wsp
 
 
 def _isOpen(wire: Any) -> bool:

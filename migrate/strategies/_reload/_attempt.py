@@ -89,6 +89,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..._handoff._attempt import MigrationAttempt, counted
+from ..._handoff._migrated import tellMigrated
 from ..._handoff._movement import describePeer
 from ..._handoff._movers._registry import movers
 from ..._handoff._threadwork import ThreadWork, waitForThreadWork, workInFlight
@@ -297,7 +298,8 @@ class _Rebuilt:
         """
         Serve the connection with its new protocol object from now on:
         what the new protocol wrote since its restore is written, and the
-        input its state held is replayed.  A bound method rather than a
+        input its state held is replayed; then the old object is told
+        (L{tellMigrated}: its timers stop).  A bound method rather than a
         C{partial}: the commit registers one per connection while every
         client waits.
         """
@@ -317,6 +319,7 @@ class _Rebuilt:
             replayBufferedInput(self.new)
         except Exception:
             _log.failure("Replaying buffered input failed")
+        tellMigrated(old)
 
 
 @define

@@ -43,6 +43,7 @@ from ..._handoff._fdpass import (
     writeMemfd,
 )
 from ..._handoff._listeners import listenerDescriptor
+from ..._handoff._migrated import tellMigrated
 from ..._handoff._movement import (
     MovingConnection,
     Unmovable,
@@ -1150,6 +1151,7 @@ class OutgoingHandoff:
                 else:
                     for m in moving:
                         m.release()
+                        tellMigrated(m.hosted.wrappedProtocol)
                         self._moved[m.listenerKey] = (
                             self._moved.get(m.listenerKey, 0) + 1
                         )
@@ -1252,7 +1254,8 @@ class OutgoingHandoff:
         """
         Write out what this process buffers for anything but the moved
         connections (the report for the control client and for the
-        successor), then let go of the moved connections.
+        successor), then let go of the moved connections, and tell their
+        old protocol objects (L{tellMigrated}: their timers stop).
         """
         moved, self._committedMoves = self._committedMoves, []
         if not moved:
@@ -1264,6 +1267,8 @@ class OutgoingHandoff:
             self._yieldProcessor(len(moved))
         for each in moved:
             each.release()
+        for each in moved:
+            tellMigrated(each.hosted.wrappedProtocol)
         _log.info(
             "Let go of {count} moved connections in {seconds:.3f} s",
             count=len(moved),

@@ -80,7 +80,8 @@ def clientWait(report: MigrationReport) -> float | None:
 
     Re-exec measures its suspension; capability transfer holds the
     connections it moves from their freeze (C{connections}, then after a
-    pre-copy C{freeze}) to the commit;
+    pre-copy C{freeze}) to the commit, and every client for its longest
+    pre-copy step (C{precopy slice}, when longer);
     module reload serves nothing during its C{pause} (import, prepare,
     commit) and the longest of its slices before and after it (older
     reports: its commit).
@@ -95,10 +96,11 @@ def clientWait(report: MigrationReport) -> float | None:
     if "suspension" in durations:
         return durations["suspension"]
     if "connections" in durations:
-        return (
+        return max(
             durations["connections"]
             + durations.get("freeze", 0.0)
-            + durations.get("commit", 0.0)
+            + durations.get("commit", 0.0),
+            durations.get("precopy slice", 0.0),
         )
     if report.strategy == "reload" and "commit" in durations:
         return durations["commit"]

@@ -36,6 +36,7 @@ from zope.interface import directlyProvides
 from .._handoff._fdpass import DescriptorTransferError, sendDescriptors, writeMemfd
 from .._handoff._movement import MovingConnection, Unmovable
 from .._handoff._precopy import FreezeDelta
+from .._handoff._slices import timedChunks
 from .._handoff._successor import SuccessorExit, SuccessorProcess
 from .._host import _service
 from ..interfaces import IMigratable
@@ -1181,6 +1182,46 @@ class LaterThreadWorkTests(CapabilityFixture):
         self.assertEqual(told, [(0, False), (1, False), (2, True)])
 
 
+class PrecopyStepTests(CapabilityFixture):
+    """
+    The pre-copy copies its connections in steps that a count and a time
+    both bound, the reactor polling between two; the report gives the
+    longest step.
+    """
+
+    def test_stepsBoundedInTime(self) -> None:
+        """
+        Copying that takes long (here 3 ms per chunk of 10 connections)
+        ends a step after its time (4 ms), before its count (100), and the
+        next step starts only after the reactor has polled.
+        """
+        self.connections += self.o.connect(27)
+        events: list[str] = []
+        polls = _outgoing.afterPolls
+
+        def slowCopy(connections: Any, firstIdent: int) -> tuple[list[Any], str]:
+            events.append("copied {}".format(len(list(connections))))
+            self.reactor.advance(0.003)
+            return [], ""
+
+        def recordedPolls(reactor: Any, count: int) -> Deferred[Any]:
+            events.append("polls")
+            return polls(reactor, count)
+
+        self.patch(_outgoing, "precopyMovable", slowCopy)
+        self.patch(_outgoing, "afterPolls", recordedPolls)
+        d = self.o.migrate()
+        for _ in range(20):
+            self.o.advance(0)
+        report = self.successResultOf(d)
+        self.assertEqual(report["outcome"], "success")
+        # Two chunks make a step (6 ms is past 4 ms); the third is a step
+        # of its own, after the reactor polled.
+        self.assertEqual(events[:4], ["copied 10", "copied 10", "polls", "copied 10"])
+        self.assertNotIn("copied 10", events[4:])
+        self.assertAlmostEqual(report["durations"]["precopy slice"], 0.006)
+
+
 class PrecopyFixture(CapabilityFixture):
     """
     A capability transfer whose first two connections were pre-copied (and
@@ -1409,6 +1450,38 @@ class RecopyTests(PrecopyFixture):
             "re-copy rounds end: 2 of 2 changed since the pre-copy, faster than a "
             "round copies them; the freeze carries what changes next",
             self.o.progress,
+        )
+
+    def test_stepsBoundedInTime(self) -> None:
+        """
+        A re-copy round copies in steps that a time bounds too (here a
+        chunk of one connection takes 5 ms, past a step's 4), each step
+        sent to the successor at once.
+        """
+        self.patch(
+            _outgoing,
+            "timedChunks",
+            lambda items, start, limit, clock: timedChunks(
+                items, start, limit, clock, chunk=1
+            ),
+        )
+        asked: list[list[int]] = []
+
+        def slowRecopy(precopied: Any) -> tuple[list[Any], str]:
+            chunk = list(precopied)
+            asked.append([each.ident for each in chunk])
+            self.reactor.advance(0.005)
+            return [(each, "slow") for each in chunk], ",".join(
+                json.dumps({"id": each.ident, "state": {}}) for each in chunk
+            )
+
+        self.patch(_outgoing, "recopyChanged", slowRecopy)
+        report = self.migrate()
+        self.assertEqual(report["outcome"], "success")
+        self.assertEqual(asked[:2], [[1], [2]])
+        self.assertEqual(
+            self.incoming.recopies[:2],
+            [[{"id": 1, "state": {}}], [{"id": 2, "state": {}}]],
         )
 
     def test_successorInTheBackgroundWhileStaging(self) -> None:

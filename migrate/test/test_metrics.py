@@ -104,20 +104,21 @@ class ClientWaitTests(SynchronousTestCase):
             ),
             0.875,
         )
-        self.assertEqual(clientWait(_report("reload", commit=0.125)), 0.125)
+        # A pre-copy step longer than the freeze: every client waited for it.
+        slowStep = {"connections": 0.01, "freeze": 0.02, "precopy slice": 0.125}
         self.assertEqual(
-            clientWait(
-                attrs.evolve(
-                    _report("reload", pause=0.03, commit=0.01),
-                    durations={
-                        "pause": 0.03,
-                        "commit": 0.01,
-                        "precopy slice": 0.005,
-                        "switch slice": 0.04,
-                    },
-                )
-            ),
-            0.04,
+            clientWait(_report("capability", MigrationOutcome.success, **slowStep)),
+            0.125,
+        )
+        self.assertEqual(clientWait(_report("reload", commit=0.125)), 0.125)
+        slices = {
+            "pause": 0.03,
+            "commit": 0.01,
+            "precopy slice": 0.005,
+            "switch slice": 0.04,
+        }
+        self.assertEqual(
+            clientWait(_report("reload", MigrationOutcome.success, **slices)), 0.04
         )
         self.assertIsNone(clientWait(_report("gradual", listeners=0.1)))
 

@@ -59,6 +59,7 @@ from ..._handoff._precopy import (
     recopyChanged,
 )
 from ..._handoff._safepoint import SafePointWatch
+from ..._handoff._slices import timedChunks
 from ..._handoff._successor import (
     SuccessorProcess,
     spawnSuccessor,
@@ -96,7 +97,8 @@ __all__ = ["OutgoingHandoff", "HandoffFailed"]
 
 #: seconds between two looks at the busy connections after the commit
 _LATER_INTERVAL = 0.005
-#: connections pre-copied in one reactor step: 20 to 38 us each (2 to 4 ms a
+#: connections pre-copied in one reactor step (fewer once the step has run
+#: L{migrate._handoff._slices.STEP_SECONDS}): 20 to 38 us each (2 to 4 ms a
 #: step), the reactor polling twice between two steps (L{afterPolls}), as
 #: re-exec's pre-copy slices do (L{migrate.strategies._reexec._outgoing}):
 #: with 500 a step and one turn between, a step took 18 to 20 ms at 10,000
@@ -114,7 +116,8 @@ _FREEZE_PART = 1000
 #: process about 10 us
 _CHANGED_PER_PART = 200
 #: pre-copied connections looked at, and re-copied, per reactor step of a
-#: re-copy round, the reactor polling twice between two (as for
+#: re-copy round (fewer once the step has run its time), the reactor
+#: polling twice between two (as for
 #: L{_PRECOPY_BATCH}): each slice goes to the successor at once
 _RECOPY_SLICE = 100
 #: at most this many re-copy rounds between the pre-copy and the freeze
@@ -617,16 +620,23 @@ class OutgoingHandoff:
         connections = list(self.host.allConnections())
         precopied: list[PrecopiedConnection] = []
         entries: list[str] = []
-        for start in range(0, len(connections), _PRECOPY_BATCH):
-            if start:
-                # This process serves its clients between two batches: reads
+        index = 0
+        longest = 0.0
+        while index < len(connections):
+            if index:
+                # This process serves its clients between two steps: reads
                 # what arrived, then writes the answers.
                 yield afterPolls(clock, 2)
-            batch, encoded = precopyMovable(
-                connections[start : start + _PRECOPY_BATCH], len(precopied) + 1
-            )
-            precopied.extend(batch)
-            entries.append(encoded)
+            began = clock.seconds()
+            # _PRECOPY_BATCH connections at most, fewer once the step has
+            # run its time (large states, a busy machine).
+            for piece in timedChunks(connections, index, _PRECOPY_BATCH, clock):
+                index += len(piece)
+                batch, encoded = precopyMovable(piece, len(precopied) + 1)
+                precopied.extend(batch)
+                entries.append(encoded)
+            longest = max(longest, clock.seconds() - began)
+        self._attempt.durations["precopy slice"] = longest
         if not precopied:
             return
         freezeOurs, freezeTheirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -705,13 +715,24 @@ class OutgoingHandoff:
             sent = []
             count = size = 0
             stopped = False
-            for start in range(0, len(precopied), _RECOPY_SLICE):
-                if start:
+            index = 0
+            while index < len(precopied):
+                if index:
                     # This process serves its clients between two slices.
                     yield afterPolls(clock, 2)
-                batch, encoded = recopyChanged(precopied[start : start + _RECOPY_SLICE])
+                batch = []
+                parts = []
+                # _RECOPY_SLICE connections at most, fewer once the step
+                # has run its time.
+                for piece in timedChunks(precopied, index, _RECOPY_SLICE, clock):
+                    index += len(piece)
+                    found, encodedPiece = recopyChanged(piece)
+                    batch.extend(found)
+                    if encodedPiece:
+                        parts.append(encodedPiece)
                 if not batch:
                     continue
+                encoded = ",".join(parts)
                 if previous is not None and count + len(batch) > previous * (
                     _RECOPY_SHRINK
                 ):

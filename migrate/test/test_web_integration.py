@@ -17,23 +17,31 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import (
-    AcceptConnection,
-    CloseConnection,
-    Request,
-    TextMessage,
-)
 
 from ._hostprocess import HostProcess, freePort, waitFor, writeModule
+from .test_movers_websocket import NO_WEBSOCKET
+
+if NO_WEBSOCKET is None:
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import (
+        AcceptConnection,
+        CloseConnection,
+        Request,
+        TextMessage,
+    )
 
 _WEBAPP = """
 from twisted.internet import reactor
 from twisted.internet.task import LoopingCall
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
-from twisted.web.websocket import WebSocketResource
 from zope.interface import implementer
+
+try:
+    from twisted.web.websocket import WebSocketResource
+except ImportError:
+    # A Twisted without WebSockets: the HTTP resources only.
+    WebSocketResource = None
 
 from migrate import IMigratable
 
@@ -119,8 +127,9 @@ class Root(Resource):
         answer = Answer()
         for name in (b"a", b"b", b"c", b"slow", b"post", b"x"):
             self.putChild(name, answer)
-        self.putChild(b"chat", WebSocketResource(ChatFactory(Chat)))
-        self.putChild(b"plain", WebSocketResource(ChatFactory(Plain)))
+        if WebSocketResource is not None:
+            self.putChild(b"chat", WebSocketResource(ChatFactory(Chat)))
+            self.putChild(b"plain", WebSocketResource(ChatFactory(Plain)))
 
 
 def makeSite():
@@ -542,6 +551,8 @@ class WebSocketTests(WebTestsMixin):
     """
     twisted.web.websocket connections through upgrades.
     """
+
+    skip = NO_WEBSOCKET
 
     @inlineCallbacks
     def test_chatWithState(self) -> Any:

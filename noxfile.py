@@ -35,6 +35,12 @@ PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 #: the newest of each year since, and the newest
 TWISTEDS = ["24.7.0", "24.11.0", "25.5.0", "26.4.0", "26.10.0"]
 
+#: Twisted releases whose TLS sets a connection's ALPN protocols on a
+#: context already in use (Twisted issue 12500, fixed in 26.4), which
+#: pyOpenSSL 26.2 and later refuse: a TLS server offering ALPN (HTTP/2)
+#: fails every connection.  They are tested with the pyOpenSSL before.
+MUTATING_TLS = {"24.7.0", "24.11.0", "25.5.0"}
+
 #: twistd's names of the reactors migrate supports (epoll is the default)
 REACTORS = ["epoll", "poll", "select", "asyncio"]
 
@@ -75,6 +81,16 @@ def _install(session: nox.Session, *pins: str) -> None:
     session.install(".[test]", *pins)
 
 
+def _twisted(version: str) -> list[str]:
+    """
+    The pins that install Twisted C{version}, with a pyOpenSSL its TLS
+    works with (L{MUTATING_TLS}).
+    """
+    return ["twisted[tls]==" + version] + (
+        ["pyOpenSSL<26.2"] if version in MUTATING_TLS else []
+    )
+
+
 def _trial(
     session: nox.Session,
     modules: list[str],
@@ -112,7 +128,7 @@ def twisted(session: nox.Session, twisted: str) -> None:
     """
     The whole suite on the oldest Python with each Twisted release.
     """
-    _install(session, "twisted[tls]==" + twisted)
+    _install(session, *_twisted(twisted))
     _trial(session, ["migrate"])
 
 
@@ -133,8 +149,5 @@ def strategies(session: nox.Session) -> None:
     The strategies' integration tests on the oldest and the newest Python
     (with the oldest Twisted on the oldest Python).
     """
-    _install(
-        session,
-        *(["twisted[tls]==" + TWISTEDS[0]] if session.python == PYTHONS[0] else []),
-    )
+    _install(session, *(_twisted(TWISTEDS[0]) if session.python == PYTHONS[0] else []))
     _trial(session, STRATEGY_TESTS)

@@ -12,17 +12,19 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import WrappingFactory
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
-from twisted.web.websocket import WebSocketResource
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Request
 
 from migrate._handoff._movers._endings import closeAllPolitely, closePolitely
 from migrate._host._tracking import TrackingFactory
 
-from .test_movers_websocket import Chat, ChatFactory
+from .test_movers_websocket import NO_WEBSOCKET, Chat, ChatFactory
+
+if NO_WEBSOCKET is None:
+    from twisted.web.websocket import WebSocketResource
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, CloseConnection, Request
 
 _ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
 
@@ -49,7 +51,8 @@ class PoliteEndingTests(SynchronousTestCase):
         self.slow = Slow()
         root = Resource()
         root.putChild(b"slow", self.slow)
-        root.putChild(b"chat", WebSocketResource(ChatFactory(Chat, "old")))
+        if NO_WEBSOCKET is None:
+            root.putChild(b"chat", WebSocketResource(ChatFactory(Chat, "old")))
         self.tracking = TrackingFactory("tcp:0", Site(root, reactor=self.clock))
 
     def connect(self) -> tuple[Any, StringTransport]:
@@ -101,6 +104,8 @@ class PoliteEndingTests(SynchronousTestCase):
         A WebSocket connection that does not move is closed with a close
         frame, code 1001.
         """
+        if NO_WEBSOCKET is not None:
+            raise SkipTest(NO_WEBSOCKET)
         hosted, transport = self.connect()
         client = WSConnection(ConnectionType.CLIENT)
         hosted.dataReceived(client.send(Request(host="x", target="/chat")))

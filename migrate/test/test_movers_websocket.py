@@ -6,6 +6,7 @@ C{WebSocketResource}.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -20,6 +21,7 @@ from zope.interface import implementer
 from migrate._codec import StateError, decodeState, encodeState
 from migrate._handoff._migrated import tellMigrated
 from migrate._handoff._movers._registry import NotAtSafePoint, movers
+from migrate._handoff._movers._websocket import _holdsPart
 from migrate.interfaces import IMigratable
 from migrate.state import (
     ProtocolState,
@@ -211,6 +213,19 @@ class WebSocketMoverTests(SynchronousTestCase):
         chat.connectionMigrated = lambda: chat.events.append("migrated")  # type: ignore[attr-defined]
         tellMigrated(self.protocol)
         self.assertEqual(chat.events[-1:], ["migrated"])
+
+    def test_partOfAMessage(self) -> None:
+        """
+        Part of a message held in the wire protocol's reassembly buffer
+        (Twisted 26.4 and later) keeps the connection from moving; a wire
+        protocol without such buffers (Twisted 25.5, which hands the
+        application each chunk) holds no part.
+        """
+        self.assertFalse(_holdsPart(SimpleNamespace(), "_textBuffer"))
+        empty = SimpleNamespace(_textBuffer=SimpleNamespace(data=""))
+        self.assertFalse(_holdsPart(empty, "_textBuffer"))
+        part = SimpleNamespace(_bytesBuffer=SimpleNamespace(data=b"ab"))
+        self.assertTrue(_holdsPart(part, "_bytesBuffer"))
 
     def test_partialFrameHeader(self) -> None:
         """

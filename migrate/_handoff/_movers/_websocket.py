@@ -21,9 +21,10 @@ original method, URI and headers, the wire protocol hands it its transport
 through C{negotiationStarted}, and C{restoreMigrationState} is called in
 place of C{negotiationFinished}.
 
-This module reaches into these private attributes of Twisted 26.10 and
-wsproto 1.x, and is the only one to: C{_WebSocketWireProtocol} (its
-C{_wsconn}, C{_wsp}, C{_textBuffer}, C{_bytesBuffer}), C{HTTPChannel}'s
+This module reaches into these private attributes of Twisted 25.5 to
+26.10 and wsproto 1.x, and is the only one to: C{_WebSocketWireProtocol}
+(its C{_wsconn}, C{_wsp}, and from Twisted 26.4 C{_textBuffer} and
+C{_bytesBuffer}), C{HTTPChannel}'s
 C{_protocolUpgradeForWebsockets} and C{_handlingRequest}, and wsproto's
 C{Connection._events}, C{_proto}, C{FrameProtocol._frame_decoder},
 C{_message_decoder}, C{_outbound_opcode}, C{extensions}, and
@@ -101,7 +102,7 @@ def blocker(wire: Any) -> str | None:
         return None
     conn = wire._wsconn
     proto = conn._proto
-    if wire._textBuffer.data or wire._bytesBuffer.data:
+    if _holdsPart(wire, "_textBuffer") or _holdsPart(wire, "_bytesBuffer"):
         return "a WebSocket message is half received"
     if proto._frame_decoder.header is not None or proto._message_decoder.opcode:
         return "a WebSocket frame is half received"
@@ -110,6 +111,17 @@ def blocker(wire: Any) -> str | None:
     if proto._outbound_opcode is not None:
         return "a WebSocket message is half sent"
     return migrationBlocker(wire._wsp)
+
+
+def _holdsPart(wire: Any, name: str) -> bool:
+    """
+    Whether the wire protocol holds part of a message in its buffer
+    C{name}.  Twisted 26.4 and later reassemble a message from wsproto's
+    chunks there; Twisted 25.5 has no such buffer (it hands the
+    application each chunk as it comes), so it never holds a part.
+    """
+    buffer = getattr(wire, name, None)
+    return buffer is not None and bool(buffer.data)
 
 
 def _text(value: bytes) -> str:

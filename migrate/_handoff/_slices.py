@@ -21,8 +21,10 @@ T = TypeVar("T")
 
 STEP_SECONDS = 0.004
 """
-The longest a step runs, in seconds, before the reactor polls again (as
-re-exec's and module reload's pre-copy slices, L{PRECOPY_SLICE_SECONDS
+The longest a step of capability transfer's pre-copy or re-copy runs, in
+seconds, before the reactor polls again (as re-exec's and module
+reload's pre-copy slices, which take their own budget, one connection a
+chunk: L{PRECOPY_SLICE_SECONDS
 <migrate.strategies._reexec._outgoing.PRECOPY_SLICE_SECONDS>}).
 """
 

@@ -58,6 +58,7 @@ from ..._handoff._movement import describeMovable, whyNotMigratable
 from ..._handoff._movers._endings import closePolitely
 from ..._handoff._polls import afterPolls
 from ..._handoff._safepoint import atSafePoints
+from ..._handoff._slices import timedChunks
 from ..._handoff._successor import flushPythonOutput, successorCommandLine
 from ..._handoff._threadwork import waitForThreadWork
 from ..._handoff._transport import pendingOutput, quiet
@@ -770,18 +771,21 @@ class ReexecMigration:
                 yield afterPolls(reactor, 2)
             # PRECOPY_SLICE connections at most, and no more once the slice
             # has run PRECOPY_SLICE_SECONDS (one connection at least).
-            end = min(index + PRECOPY_SLICE, len(connections))
-            deadline = reactor.seconds() + PRECOPY_SLICE_SECONDS
             rows = []
-            while index < end:
-                listener, hosted = connections[index]
-                index += 1
-                copied = self._copyOne(len(kept) + 1, listener.key, hosted)
-                if copied is not None:
-                    kept[id(hosted)] = copied
-                    rows.append(copied.row)
-                if reactor.seconds() >= deadline:
-                    break
+            for piece in timedChunks(
+                connections,
+                index,
+                PRECOPY_SLICE,
+                reactor,
+                PRECOPY_SLICE_SECONDS,
+                chunk=1,
+            ):
+                index += len(piece)
+                for listener, hosted in piece:
+                    copied = self._copyOne(len(kept) + 1, listener.key, hosted)
+                    if copied is not None:
+                        kept[id(hosted)] = copied
+                        rows.append(copied.row)
             try:
                 precopy.add(rows)
             except StateError as e:

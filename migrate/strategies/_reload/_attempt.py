@@ -92,6 +92,7 @@ from ..._handoff._attempt import MigrationAttempt, counted
 from ..._handoff._migrated import tellMigrated
 from ..._handoff._movement import describePeer
 from ..._handoff._movers._registry import movers
+from ..._handoff._slices import timedChunks
 from ..._handoff._threadwork import ThreadWork, waitForThreadWork, workInFlight
 from ..._handoff._trial import _MAX_LINE as MAX_CASE_LINE
 from ..._handoff._trial import TrialCase, TrialOutcome
@@ -493,21 +494,19 @@ class ReloadAttempt:
         def copySlice(start: int) -> None:
             nonlocal longest, slices
             began = reactor.seconds()
-            deadline = began + budget
-            end = min(start + sliceSize, len(todo))
             index = start
-            while index < end:
-                key, hosted = todo[index]
-                index += 1
-                try:
-                    self._copyState(key, hosted, cases)
-                except Exception:
-                    _log.failure(
-                        "Reload: could not copy the state of {connection}",
-                        connection=describePeer(hosted),
-                    )
-                if reactor.seconds() >= deadline:
-                    break
+            # sliceSize connections at most, none more once the slice has
+            # run its budget (one at least).
+            for piece in timedChunks(todo, start, sliceSize, reactor, budget, chunk=1):
+                index += len(piece)
+                for key, hosted in piece:
+                    try:
+                        self._copyState(key, hosted, cases)
+                    except Exception:
+                        _log.failure(
+                            "Reload: could not copy the state of {connection}",
+                            connection=describePeer(hosted),
+                        )
             slices += 1
             # A full collection in a later slice would otherwise walk every
             # copy made so far (20 to 30 ms at 10,000 connections).

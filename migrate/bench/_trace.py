@@ -353,9 +353,7 @@ def aroundLongestWait(
     @return: L{None} when the run is not traced or nothing was answered.
     """
     directory = os.environ.get(TRACE_VARIABLE)
-    if not directory or figures.get("stall") is None:
-        return None
-    if figures.get("stallAt") is None:
+    if not directory or figures.get("stall") is None or figures.get("stallAt") is None:
         return None
     sent = start + figures["stallAt"]
     return describeAround(
